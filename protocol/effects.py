@@ -1,0 +1,136 @@
+"""What protocol calls return: sends, durable records and notifications for the host.
+
+Invariants:
+- Every entry point of `protocol.node.Node` returns one `Effects`; the host applies it fully
+  (persist first, then send, then deliver notifications) and re-arms one timer at `wake_at`.
+- Notifications are named in the past tense and are frozen, slotted values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Deliver `data` (one encoded envelope) to the peer listening at `addr`."""
+
+    addr: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Persist:
+    """Store `value` under (`kind`, `key`) durably before any send in the same Effects leaves."""
+
+    kind: str
+    key: bytes
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MemberJoined:
+    """A member became known and alive."""
+
+    node_id: bytes
+    addr: str
+    incarnation: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemberUpdated:
+    """A known member changed address, incarnation or advertised state while staying up."""
+
+    node_id: bytes
+    addr: str
+    incarnation: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemberSuspected:
+    """A member is suspected of having failed; it is not yet declared dead."""
+
+    node_id: bytes
+    incarnation: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemberDown:
+    """A member was declared dead (failed) or left gracefully (`left=True`)."""
+
+    node_id: bytes
+    incarnation: int
+    left: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRecovered:
+    """A member that was dead or left is alive again (restart, healed partition, refutation)."""
+
+    node_id: bytes
+    addr: str
+    incarnation: int
+
+
+@dataclass(frozen=True, slots=True)
+class JoinSucceeded:
+    """A seed answered our join request; we now hold its view of the network."""
+
+    seed_addr: str
+    members: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventReceived:
+    """A user event (application broadcast) reached this peer for the first time."""
+
+    origin: bytes
+    ltime: int
+    name: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StallDetected:
+    """The host did not call us for `gap` seconds; our own timeouts were reset, not trusted."""
+
+    gap: float
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """Input from `peer` was rejected for `reason`; no state changed."""
+
+    peer: str
+    reason: str
+
+
+Note = Union[
+    MemberJoined,
+    MemberUpdated,
+    MemberSuspected,
+    MemberDown,
+    MemberRecovered,
+    JoinSucceeded,
+    EventReceived,
+    StallDetected,
+    Dropped,
+]
+
+
+@dataclass(slots=True)
+class Effects:
+    """The result of one protocol call.
+
+    Attributes:
+        sends: envelopes to deliver, in order.
+        persists: records to make durable before `sends` leave.
+        notes: notifications for the host, in the order they happened.
+        wake_at: the earliest time the node must be ticked again (None: never).
+    """
+
+    sends: list[Send] = field(default_factory=list)
+    persists: list[Persist] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
+    wake_at: float | None = None

@@ -1,0 +1,417 @@
+"""One peer's protocol state: membership, dissemination, user events and peer state, composed.
+
+Theory of operation
+- The host calls `handle(now, src, data)` for every envelope received, `tick(now)` at or after
+  the `wake_at` it was last given, and the commands `join`, `leave`, `broadcast` (a user event), `set_state`.
+  Each returns `Effects`; the host persists, then sends, then reads the notifications.
+- Time only moves through `now`; randomness only through the injected rng. Same inputs, same
+  outputs, byte for byte: that is what lets the simulator replay a seed exactly.
+- Input from peers never raises: a bad envelope is dropped whole (`Dropped`, nothing applied);
+  a message that decodes but fails a semantic check (bad signature) is dropped alone.
+- Timers live in one heap. Stale timers are not cancelled; their handlers recognise them.
+- If `now` jumped by more than `stall_threshold` since the previous call, the host froze us
+  (GC pause, suspended VM): running timeouts are restarted instead of trusted.
+- Broadcast kinds (alive, suspect, dead, user event, peer state) are idempotent under their
+  merge rules, so byte-identical copies received recently are skipped before decoding: the
+  same fact arrives many times during dissemination, and re-applying it would change nothing.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Hashable
+
+from protocol.config import (
+    NodeConfig,
+    push_pull_interval_for,
+    retransmit_limit,
+)
+from protocol.effects import (
+    Dropped,
+    Effects,
+    EventReceived,
+    JoinSucceeded,
+    Note,
+    Persist,
+    Send,
+    StallDetected,
+)
+from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.gossip import MESSAGE_OVERHEAD, BroadcastQueue, EventDedup
+from protocol.identity import Signer, VerifiedCache
+from protocol.membership import Member, Membership, Rng
+from protocol.timers import (
+    GossipDue,
+    ProbeDue,
+    ProbeRoundEnd,
+    ProbeTimeout,
+    PushPullDue,
+    ReapDue,
+    ReconnectDue,
+    RelayTimeout,
+    SuspicionDue,
+    Timer,
+)
+from protocol.wire import (
+    MAX_EVENT_PAYLOAD,
+    MAX_NAME_CHARS,
+    MAX_ROLES,
+    Kind,
+    Message,
+    PeerState,
+    PushPull,
+    Status,
+    UserEvent,
+    decode_envelope,
+    decode_message,
+    encode_envelope,
+    encode_message,
+)
+
+_BROADCAST_KINDS = frozenset({Kind.ALIVE, Kind.SUSPECT, Kind.DEAD, Kind.USER_EVENT, Kind.PEER_STATE})
+_RECENT_CAPACITY = 4096
+_ENVELOPE_OVERHEAD = 64
+
+
+class Node:
+    """The sans-IO protocol state machine of one peer.
+
+    Args:
+        config: validated protocol configuration.
+        signer: this peer's identity key, bound to `config.network_id`.
+        addr: the address other peers reach us at ("host:port").
+        rng: a seeded `random.Random` (or anything with the same methods).
+        now: the current time (seconds, monotonic).
+        incarnation: start above every incarnation this identity used before; the host keeps
+            the last one durable (the `Persist("incarnation", ...)` effect) and passes it + 1.
+        cache: verified-signature cache; simulated peers may share one.
+
+    Raises:
+        LocalProtocolError: the configuration is invalid.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        signer: Signer,
+        addr: str,
+        rng: Rng,
+        now: float,
+        incarnation: int = 0,
+        cache: VerifiedCache | None = None,
+    ) -> None:
+        config.validate()
+        if signer.network_id != config.network_id:
+            raise LocalProtocolError("the signer is bound to a different network id")
+        self.config = config
+        self.addr = addr
+        self.rng = rng
+        self.node_id = signer.node_id
+        self.cache = cache if cache is not None else VerifiedCache()
+        self._fx = Effects()
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._timer_seq = 0
+        self._last_call = now
+        self.queue = BroadcastQueue()
+        self.events = EventDedup(config.gossip.event_dedup)
+        self.ltime = 0
+        self.states: dict[bytes, PeerState] = {}
+        self._state_version = incarnation << 32
+        self._seeds: list[str] = []
+        self._joining: set[str] = set()
+        self._recent: set[bytes] = set()
+        self._recent_old: set[bytes] = set()
+        self.leave_transmits = 0
+        self._leave_msg: bytes | None = None
+        self.dropped = 0
+        """Inputs rejected (each also reported as a `Dropped` notification)."""
+        self.membership = Membership(config, signer, addr, incarnation, rng, self.cache, self)
+        g = config.gossip
+        self.schedule(now + rng.random() * config.swim.probe_interval, ProbeDue())
+        self.schedule(now + rng.random() * g.gossip_interval, GossipDue())
+        self.schedule(now + g.push_pull_interval * (0.5 + rng.random()), PushPullDue())
+        self.schedule(now + g.reconnect_interval * (0.5 + rng.random()), ReconnectDue())
+        self.schedule(now + config.swim.gossip_to_the_dead, ReapDue())
+
+    # Port: what the machines use to act.
+
+    def send(self, addr: str, messages: list[bytes], piggyback: bool) -> None:
+        """Send `messages` to `addr` in one envelope, topped up with broadcasts if asked."""
+        if piggyback:
+            used = _ENVELOPE_OVERHEAD + sum(len(m) + MESSAGE_OVERHEAD for m in messages)
+            messages = messages + self._broadcasts(self.config.gossip.packet_budget - used)
+        self._fx.sends.append(Send(addr, encode_envelope(self.node_id, self.addr, messages)))
+
+    def gossip(self, key: Hashable, message: bytes) -> None:
+        """Queue a broadcast for piggybacking and gossip (see `protocol.gossip`)."""
+        self.queue.queue(key, message)
+
+    def note(self, note: Note) -> None:
+        """Report a notification to the host."""
+        if isinstance(note, Dropped):
+            self.dropped += 1
+        self._fx.notes.append(note)
+
+    def schedule(self, at: float, timer: Timer) -> None:
+        """Arm `timer` for `at`."""
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (at, self._timer_seq, timer))
+
+    def persist(self, kind: str, key: bytes, value: bytes) -> None:
+        """Ask the host to make a record durable before this call's sends leave."""
+        self._fx.persists.append(Persist(kind, key, value))
+
+    # Entry points.
+
+    def handle(self, now: float, src: str, data: bytes) -> Effects:
+        """Process one envelope received from the transport address `src`."""
+        self._enter(now)
+        try:
+            envelope = decode_envelope(data)
+            if envelope.sender == self.node_id:
+                raise RemoteProtocolError("envelope claims to come from this node")
+            decoded: list[tuple[Message, bytes]] = []
+            for raw in envelope.messages:
+                if self._seen_recently(raw):
+                    continue
+                decoded.append((decode_message(raw), raw))
+        except RemoteProtocolError as exc:
+            self.note(Dropped(src, str(exc)))
+            return self._exit()
+        reply_to = envelope.sender_addr
+        for msg, raw in decoded:
+            if not self.membership.dispatch(now, reply_to, msg, raw):
+                self._dispatch_other(now, reply_to, msg, raw)
+        return self._exit()
+
+    def tick(self, now: float) -> Effects:
+        """Fire every timer due at `now`."""
+        self._enter(now)
+        while self._timers and self._timers[0][0] <= now:
+            _, _, timer = heapq.heappop(self._timers)
+            self._fire(now, timer)
+        return self._exit()
+
+    def join(self, now: float, seeds: list[str]) -> Effects:
+        """Ask each seed address for its full state; `JoinSucceeded` reports the first answer.
+
+        Seeds are also remembered and retried by reconnect, so a partition that cut us off from
+        everyone but a seed still heals.
+        """
+        self._enter(now)
+        for seed in seeds:
+            if seed == self.addr:
+                continue
+            if seed not in self._seeds:
+                self._seeds.append(seed)
+            self._joining.add(seed)
+            self._push_pull(seed, join=True, reply=False)
+        return self._exit()
+
+    def leave(self, now: float) -> Effects:
+        """Leave gracefully: gossip our departure now. The host keeps ticking until
+        `leave_done()` (or its own timeout), then stops."""
+        self._enter(now)
+        self._leave_msg = self.membership.leave()
+        self._gossip_round()
+        return self._exit()
+
+    def leave_done(self) -> bool:
+        """True once the leave was sent to `gossip_fanout` peers, or there is no one to tell."""
+        if self._leave_msg is None:
+            return False
+        return (
+            self.leave_transmits >= self.config.gossip.gossip_fanout
+            or self.membership.alive_count() <= 1
+        )
+
+    def broadcast(self, now: float, name: str, payload: bytes) -> Effects:
+        """Broadcast a user event to every peer (delivered here too).
+
+        Raises:
+            LocalProtocolError: `name` or `payload` exceeds the wire limits.
+        """
+        if not 0 < len(name) <= MAX_NAME_CHARS:
+            raise LocalProtocolError(f"event name must be 1..{MAX_NAME_CHARS} characters")
+        if len(payload) > MAX_EVENT_PAYLOAD:
+            raise LocalProtocolError(f"event payload must be at most {MAX_EVENT_PAYLOAD} bytes")
+        self._enter(now)
+        self.ltime += 1
+        self._apply_event(UserEvent(self.node_id, self.ltime, name, payload), None)
+        return self._exit()
+
+    def set_state(
+        self, now: float, roles: tuple[str, ...], free_slots: int, queue_len: int, load: float
+    ) -> Effects:
+        """Advertise what this peer can run and how busy it is.
+
+        Raises:
+            LocalProtocolError: too many roles, a bad role name, or a negative number.
+        """
+        if len(roles) > MAX_ROLES or not all(0 < len(r) <= MAX_NAME_CHARS for r in roles):
+            raise LocalProtocolError(f"at most {MAX_ROLES} roles of 1..{MAX_NAME_CHARS} chars")
+        if free_slots < 0 or queue_len < 0 or not 0.0 <= load <= 1e9:
+            raise LocalProtocolError("free_slots, queue_len and load must be non-negative")
+        self._enter(now)
+        self._state_version += 1
+        state = PeerState(
+            self.node_id, self._state_version, tuple(roles), free_slots, queue_len, float(load)
+        )
+        self.states[self.node_id] = state
+        self.gossip(("state", self.node_id), encode_message(state))
+        return self._exit()
+
+    # Queries.
+
+    def members(self) -> list[Member]:
+        """Every member known, this peer included."""
+        return list(self.membership.members.values())
+
+    def member(self, node_id: bytes) -> Member | None:
+        """The member with `node_id`, if known."""
+        return self.membership.members.get(node_id)
+
+    @property
+    def incarnation(self) -> int:
+        """This peer's current incarnation."""
+        return self.membership.incarnation
+
+    # Internals.
+
+    def _enter(self, now: float) -> None:
+        gap = now - self._last_call
+        self._last_call = now
+        if gap > self.config.swim.stall_threshold:
+            self.note(StallDetected(gap))
+            self.membership.on_stall(now)
+
+    def _exit(self) -> Effects:
+        fx = self._fx
+        self._fx = Effects()
+        fx.wake_at = self._timers[0][0] if self._timers else None
+        return fx
+
+    def _seen_recently(self, raw: bytes) -> bool:
+        # Messages are fixarrays, so raw[1] is the kind (see the module docstring).
+        if len(raw) < 2 or raw[1] not in _BROADCAST_KINDS:
+            return False
+        if raw in self._recent or raw in self._recent_old:
+            return True
+        self._recent.add(raw)
+        if len(self._recent) >= _RECENT_CAPACITY:
+            self._recent_old, self._recent = self._recent, set()
+        return False
+
+    def _fire(self, now: float, timer: Timer) -> None:
+        m = self.membership
+        match timer:
+            case ProbeDue():
+                m.on_probe_due(now)
+            case ProbeTimeout(seq):
+                m.on_probe_timeout(now, seq)
+            case ProbeRoundEnd(seq):
+                m.on_probe_round_end(now, seq)
+            case RelayTimeout(seq):
+                m.on_relay_timeout(seq)
+            case SuspicionDue(node_id, generation):
+                m.on_suspicion_due(now, node_id, generation)
+            case GossipDue():
+                self.schedule(now + self.config.gossip.gossip_interval, GossipDue())
+                self._gossip_round()
+            case PushPullDue():
+                interval = push_pull_interval_for(
+                    self.config.gossip.push_pull_interval, m.alive_count()
+                )
+                self.schedule(now + interval, PushPullDue())
+                targets = m.random_members(1, lambda x: x.status == Status.ALIVE)
+                if targets:
+                    self._push_pull(targets[0].addr, join=False, reply=False)
+            case ReconnectDue():
+                self.schedule(now + self.config.gossip.reconnect_interval, ReconnectDue())
+                self._reconnect()
+            case ReapDue():
+                self.schedule(now + self.config.swim.gossip_to_the_dead, ReapDue())
+                for node_id in m.reap(now):
+                    self.states.pop(node_id, None)
+
+    def _dispatch_other(self, now: float, src: str, msg: Message, raw: bytes) -> None:
+        match msg:
+            case PushPull():
+                self.membership.merge(now, msg.members, src)
+                for state in msg.states:
+                    self._apply_state(state, None)
+                if not msg.reply:
+                    self._push_pull(src, join=False, reply=True)
+                elif self._joining:
+                    self._joining.clear()
+                    self.note(JoinSucceeded(src, self.membership.alive_count()))
+            case UserEvent():
+                self._apply_event(msg, raw)
+            case PeerState():
+                self._apply_state(msg, raw)
+            case _:
+                self.note(Dropped(src, f"unexpected {type(msg).__name__} message"))
+
+    def _apply_event(self, ev: UserEvent, raw: bytes | None) -> None:
+        self.ltime = max(self.ltime, ev.ltime)
+        if ev.ltime + self.config.gossip.event_dedup < self.ltime:
+            return  # older than anything we still remember: it may be a replay
+        if not self.events.first_time(ev.origin, ev.ltime):
+            return
+        self.gossip(("event", ev.origin, ev.ltime), raw or encode_message(ev))
+        self.note(EventReceived(ev.origin, ev.ltime, ev.name, ev.payload))
+
+    def _apply_state(self, state: PeerState, raw: bytes | None) -> None:
+        if state.node_id not in self.membership.members:
+            return
+        known = self.states.get(state.node_id)
+        if known is not None and known.version >= state.version:
+            return
+        if state.node_id == self.node_id:
+            # A record from an earlier life of ours: supersede it rather than adopt it.
+            self._state_version = state.version
+            return
+        self.states[state.node_id] = state
+        self.gossip(("state", state.node_id), raw or encode_message(state))
+
+    def _push_pull(self, addr: str, join: bool, reply: bool) -> None:
+        states = tuple(self.states.values())
+        msg = PushPull(join, reply, tuple(self.membership.entries()), states)
+        self.send(addr, [encode_message(msg)], piggyback=False)
+
+    def _reconnect(self) -> None:
+        m = self.membership
+        candidates = [x.addr for x in m.others() if x.status == Status.DEAD]
+        up_addrs = {x.addr for x in m.others() if x.up}
+        candidates += [s for s in self._seeds if s not in up_addrs]
+        if candidates:
+            self._push_pull(candidates[self.rng.randrange(len(candidates))], False, False)
+
+    def _gossip_targets(self) -> list[Member]:
+        now = self._last_call
+        grace = self.config.swim.gossip_to_the_dead
+
+        def reachable(m: Member) -> bool:
+            return m.up or (m.status == Status.DEAD and now - m.since < grace)
+
+        return self.membership.random_members(self.config.gossip.gossip_fanout, reachable)
+
+    def _gossip_round(self) -> None:
+        if not len(self.queue):
+            return
+        for target in self._gossip_targets():
+            messages = self._broadcasts(self.config.gossip.packet_budget - _ENVELOPE_OVERHEAD)
+            if not messages:
+                return
+            self._fx.sends.append(
+                Send(target.addr, encode_envelope(self.node_id, self.addr, messages))
+            )
+
+    def _broadcasts(self, budget: int) -> list[bytes]:
+        if not len(self.queue):
+            return []
+        limit = retransmit_limit(self.config.gossip.retransmit_mult, self.membership.alive_count())
+        out = self.queue.get(budget, limit)
+        if self._leave_msg is not None and self._leave_msg in out:
+            self.leave_transmits += 1
+        return out

@@ -1,0 +1,245 @@
+"""A deterministic discrete-event simulator that runs the real `protocol.node.Node`.
+
+Invariants:
+- Virtual time only: one event heap ordered by (time, sequence number); nothing reads a clock.
+- All randomness derives from the seed: the network's faults from one `random.Random(seed)`,
+  each peer's protocol choices from its own `random.Random("seed:index")`, identities from the
+  index. Same seed and same calls, same history, byte for byte.
+- Peers are driven exactly as the asyncio driver drives them: `handle` for each delivery, `tick`
+  at `wake_at`, effects applied in order (persist, then send, then notifications).
+- A crashed peer loses everything but its durable records (the `Persist` effects); it restarts
+  with the same identity and the next incarnation, as a real peer restarted on its data dir.
+- A paused peer is frozen: messages to it wait in its socket buffer and arrive when it resumes,
+  with the clock jumped forward, exactly what a GC pause or a suspended VM looks like.
+- Peers share one verified-signature cache: verification is deterministic, and 1,000 peers must
+  not pay 1,000 times for the same signature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from protocol.config import NodeConfig, sim
+from protocol.effects import Effects, JoinSucceeded, Note
+from protocol.identity import Signer, VerifiedCache
+from protocol.node import Node
+from protocol.sim.network import LinkModel, Network
+
+_DELIVER, _WAKE, _RESUME, _ACTION = 0, 1, 2, 3
+_PAUSE_BUFFER = 65536
+JOIN_RETRY = 2.0
+"""Seconds a simulated peer waits for a join answer before asking again (bootstrap's retry)."""
+
+Observer = Callable[[float, "SimPeer", Note], None]
+
+
+def sim_address(index: int) -> str:
+    """The simulated address of peer `index`."""
+    return f"sim-{index}:7946"
+
+
+@dataclass(slots=True)
+class SimPeer:
+    """One simulated machine: an identity, a durable store and, while running, a Node."""
+
+    index: int
+    addr: str
+    signer: Signer
+    node: Node | None = None
+    durable: dict[tuple[str, bytes], bytes] = field(default_factory=dict)
+    paused: bool = False
+    life: int = 0
+    next_wake: float | None = None
+    buffer: list[tuple[str, bytes]] = field(default_factory=list)
+    seeds: list[str] = field(default_factory=list)
+    joined: bool = False
+    started_at: float = 0.0
+
+    @property
+    def running(self) -> bool:
+        """Up and not paused: would answer a probe right now."""
+        return self.node is not None and not self.paused
+
+
+class Simulator:
+    """A simulated network of `n` peers.
+
+    Args:
+        n: number of peers (created stopped; see `start` and `start_all`).
+        seed: the seed every random choice derives from.
+        config: protocol configuration (default `protocol.config.sim()`).
+        link: the network's latency and fault model.
+    """
+
+    def __init__(
+        self, n: int, seed: int, config: NodeConfig | None = None, link: LinkModel | None = None
+    ) -> None:
+        self.config = config or sim()
+        self.seed = seed
+        self.now = 0.0
+        self.network = Network(link or LinkModel(), random.Random(seed))
+        self.cache = VerifiedCache(capacity=max(65536, 8 * n))
+        self.observers: list[Observer] = []
+        self.events_processed = 0
+        self._heap: list[tuple[float, int, int, int, object, object]] = []
+        self._seq = 0
+        self.peers = [
+            SimPeer(i, sim_address(i), Signer(_sim_key(i), self.config.network_id))
+            for i in range(n)
+        ]
+        self._by_addr = {p.addr: p for p in self.peers}
+
+    # Scenario control.
+
+    def start(self, index: int, seeds: list[int]) -> None:
+        """Start peer `index` now and join it through the peers `seeds` (may be empty)."""
+        p = self.peers[index]
+        if p.node is not None:
+            raise ValueError(f"peer {index} is already running")
+        stored = p.durable.get(("incarnation", b"self"))
+        incarnation = int.from_bytes(stored, "big") + 1 if stored else 0
+        rng = random.Random(f"{self.seed}:{index}:{p.life}")
+        p.life += 1
+        p.node = Node(self.config, p.signer, p.addr, rng, self.now, incarnation, self.cache)
+        p.paused, p.joined, p.started_at, p.next_wake = False, False, self.now, None
+        p.seeds = [self.peers[s].addr for s in seeds if s != index]
+        self._apply(p, p.node.tick(self.now))
+        self._join(p)
+
+    def start_all(self, spacing: float = 0.01) -> None:
+        """Start peer 0, then every other peer `spacing` seconds apart, joining through 0."""
+        self.start(0, [])
+        for i in range(1, len(self.peers)):
+            self.at(i * spacing, lambda i=i: self.start(i, [0]))
+
+    def crash(self, index: int) -> None:
+        """Kill peer `index` (kill -9): its in-memory state is gone, its durable records stay."""
+        p = self.peers[index]
+        p.node, p.paused, p.next_wake = None, False, None
+        p.buffer.clear()
+
+    def restart(self, index: int) -> None:
+        """Restart a crashed peer with its identity and durable records; it rejoins."""
+        seeds = [i for i in range(min(3, len(self.peers))) if i != index]
+        self.start(index, seeds)
+
+    def pause(self, index: int, duration: float) -> None:
+        """Freeze peer `index` for `duration` seconds."""
+        p = self.peers[index]
+        if p.node is None or p.paused:
+            return
+        p.paused = True
+        self._push(self.now + duration, _RESUME, index, p.life, None)
+
+    def partition(self, sides: list[list[int]]) -> None:
+        """Cut the network into sides of peer indices."""
+        self.network.partition([[self.peers[i].addr for i in side] for side in sides])
+
+    def heal(self) -> None:
+        """End every partition."""
+        self.network.heal()
+
+    def broadcast(self, index: int, name: str, payload: bytes) -> tuple[bytes, int]:
+        """Send a user event from peer `index`; returns its (origin, ltime) id."""
+        p = self.peers[index]
+        assert p.node is not None, "cannot broadcast from a stopped peer"
+        fx = p.node.broadcast(self.now, name, payload)
+        self._apply(p, fx)
+        return p.node.node_id, p.node.ltime
+
+    def at(self, when: float, action: Callable[[], object]) -> None:
+        """Run `action` at virtual time `when`."""
+        self._push(when, _ACTION, 0, action, None)
+
+    def run_until(self, until: float) -> None:
+        """Process every event up to virtual time `until`, then stop the clock there."""
+        heap = self._heap
+        while heap and heap[0][0] <= until:
+            t, _, kind, index, a, b = heapq.heappop(heap)
+            self.now = t
+            self.events_processed += 1
+            if kind == _DELIVER:
+                self._deliver(index, a, b)  # type: ignore[arg-type]
+            elif kind == _WAKE:
+                p = self.peers[index]
+                if p.node is not None and not p.paused and p.life == a and p.next_wake == t:
+                    p.next_wake = None
+                    self._apply(p, p.node.tick(t))
+            elif kind == _RESUME:
+                self._resume(index, a)  # type: ignore[arg-type]
+            else:
+                a()  # type: ignore[operator]
+        self.now = max(self.now, until)
+
+    # Queries.
+
+    def running(self) -> list[SimPeer]:
+        """Peers up and not paused."""
+        return [p for p in self.peers if p.running]
+
+    # Internals.
+
+    def _push(self, t: float, kind: int, index: int, a: object, b: object) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, kind, index, a, b))
+
+    def _join(self, p: SimPeer) -> None:
+        if p.node is None or p.joined or not p.seeds:
+            return
+        self._apply(p, p.node.join(self.now, p.seeds))
+        life = p.life
+        self.at(self.now + JOIN_RETRY, lambda: self._retry_join(p, life))
+
+    def _retry_join(self, p: SimPeer, life: int) -> None:
+        if p.life == life and not p.paused:
+            self._join(p)
+
+    def _deliver(self, index: int, src: str, data: bytes) -> None:
+        p = self.peers[index]
+        if p.node is None:
+            return
+        if p.paused:
+            if len(p.buffer) < _PAUSE_BUFFER:
+                p.buffer.append((src, data))
+            return
+        self._apply(p, p.node.handle(self.now, src, data))
+
+    def _resume(self, index: int, life: int) -> None:
+        p = self.peers[index]
+        if p.node is None or p.life != life or not p.paused:
+            return
+        p.paused = False
+        pending, p.buffer = p.buffer, []
+        self._apply(p, p.node.tick(self.now))
+        for src, data in pending:
+            if p.node is None or p.paused:
+                break
+            self._apply(p, p.node.handle(self.now, src, data))
+
+    def _apply(self, p: SimPeer, fx: Effects) -> None:
+        for rec in fx.persists:
+            p.durable[(rec.kind, rec.key)] = rec.value
+        net = self.network
+        for send in fx.sends:
+            dst = self._by_addr.get(send.addr)
+            for delay in net.delays(p.addr, send.addr, len(send.data)):
+                if dst is not None:
+                    self._push(self.now + delay, _DELIVER, dst.index, p.addr, send.data)
+        for note in fx.notes:
+            if isinstance(note, JoinSucceeded):
+                p.joined = True
+            for observe in self.observers:
+                observe(self.now, p, note)
+        if fx.wake_at is not None:
+            wake = max(fx.wake_at, self.now)
+            if wake != p.next_wake:
+                p.next_wake = wake
+                self._push(wake, _WAKE, p.index, p.life, None)
+
+
+def _sim_key(index: int) -> bytes:
+    return hashlib.sha256(b"grapevine-sim-identity:%d" % index).digest()

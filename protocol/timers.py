@@ -1,0 +1,78 @@
+"""Timers: the third vocabulary (besides wire messages and notifications), as foca keeps them.
+
+A timer is a typed value scheduled for a deadline. Timers that can go stale carry the sequence
+number or generation they were armed for; when one fires for a probe or suspicion that has since
+moved on, the handler sees the mismatch and ignores it. So nothing ever has to be cancelled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeDue:
+    """Time to probe the next member in the round-robin order."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeTimeout:
+    """The direct probe `seq` got no ack in time: try indirect probes."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeRoundEnd:
+    """The probe `seq` had its whole interval: without an ack, suspect the target."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class RelayTimeout:
+    """A ping we sent for someone else's indirect probe `seq` went unanswered: nack it."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class SuspicionDue:
+    """The suspicion `generation` of `node_id` may have run out."""
+
+    node_id: bytes
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class GossipDue:
+    """Time for a gossip round."""
+
+
+@dataclass(frozen=True, slots=True)
+class PushPullDue:
+    """Time for a full-state exchange with a random member."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectDue:
+    """Time to try a dead member or a seed, so partitions heal."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReapDue:
+    """Time to forget members dead for longer than the retention."""
+
+
+Timer = Union[
+    ProbeDue,
+    ProbeTimeout,
+    ProbeRoundEnd,
+    RelayTimeout,
+    SuspicionDue,
+    GossipDue,
+    PushPullDue,
+    ReconnectDue,
+    ReapDue,
+]
