@@ -9,7 +9,6 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,17 +105,17 @@ class Dropped:
     reason: str
 
 
-Note = Union[
-    MemberJoined,
-    MemberUpdated,
-    MemberSuspected,
-    MemberDown,
-    MemberRecovered,
-    JoinSucceeded,
-    EventReceived,
-    StallDetected,
-    Dropped,
-]
+Note = (
+    MemberJoined
+    | MemberUpdated
+    | MemberSuspected
+    | MemberDown
+    | MemberRecovered
+    | JoinSucceeded
+    | EventReceived
+    | StallDetected
+    | Dropped
+)
 
 
 @dataclass(slots=True)

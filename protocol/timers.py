@@ -8,7 +8,6 @@ moved on, the handler sees the mismatch and ignores it. So nothing ever has to b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,14 +64,14 @@ class ReapDue:
     """Time to forget members dead for longer than the retention."""
 
 
-Timer = Union[
-    ProbeDue,
-    ProbeTimeout,
-    ProbeRoundEnd,
-    RelayTimeout,
-    SuspicionDue,
-    GossipDue,
-    PushPullDue,
-    ReconnectDue,
-    ReapDue,
-]
+Timer = (
+    ProbeDue
+    | ProbeTimeout
+    | ProbeRoundEnd
+    | RelayTimeout
+    | SuspicionDue
+    | GossipDue
+    | PushPullDue
+    | ReconnectDue
+    | ReapDue
+)

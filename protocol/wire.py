@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Union
+from typing import Any
 
 import msgpack
 
@@ -173,7 +173,9 @@ class PeerState:
     load: float
 
 
-Message = Union[Ping, IndirectPing, Ack, Nack, Alive, Suspect, Dead, PushPull, UserEvent, PeerState]
+Message = (
+    Ping | IndirectPing | Ack | Nack | Alive | Suspect | Dead | PushPull | UserEvent | PeerState
+)
 
 
 @dataclass(frozen=True, slots=True)

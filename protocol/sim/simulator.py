@@ -17,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import random
@@ -114,7 +115,7 @@ class Simulator:
         """Start peer 0, then every other peer `spacing` seconds apart, joining through 0."""
         self.start(0, [])
         for i in range(1, len(self.peers)):
-            self.at(i * spacing, lambda i=i: self.start(i, [0]))
+            self.at(i * spacing, functools.partial(self.start, i, [0]))
 
     def crash(self, index: int) -> None:
         """Kill peer `index` (kill -9): its in-memory state is gone, its durable records stay."""

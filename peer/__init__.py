@@ -1,0 +1,1 @@
+"""The asyncio shell around protocol.Node: transport, sealing, storage, agents, API."""

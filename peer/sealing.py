@@ -1,0 +1,535 @@
+"""Per-hop sealing: ChaCha20-Poly1305 under the network key, with replay and clock windows.
+
+Invariants:
+- Every frame is sealed with the keyring's primary key; a frame opens under any key of the
+  receiver's keyring (primary or accepted) whose key id matches.
+- The header (magic .. timestamp) and the network id are associated data: no header field can
+  be changed, and no frame crosses from one network to another, without failing decryption.
+- Nothing a remote sends changes `Opener` state unless it authenticated: the replay windows,
+  the sender table and `accepted` move only after decryption succeeds; failures only count
+  in `rejected`.
+- Memory is bounded: at most `max_senders` replay windows of `window` bits each.
+- `Opener.open` raises nothing but `SealError`, whatever the input bytes.
+
+Theory of operation
+
+A network is defined by a 32-byte network key (`generate_network_key`, `grapevine keygen`).
+Every hop is sealed under it, so a peer without the key can neither read nor inject anything.
+
+Frame layout (all integers big-endian)::
+
+    magic "GV" (2) | version (1) | key_id (4) | boot_id (8) | seq (8) | timestamp_ms (8)
+    | nonce (12) | ciphertext + Poly1305 tag (16)
+
+- ``key_id`` is the first 4 bytes of SHA-256(key): it lets the receiver pick the key without
+  trial decryption and reveals nothing useful about the key.
+- ``boot_id`` is 8 random bytes a sender picks once per process start; ``seq`` counts that
+  sender's frames from 1. The receiver keeps, per boot id, a sliding window of the last
+  ``window`` sequence numbers (RFC 4303 section 3.4.3, as IPsec and WireGuard do): a sequence
+  number already seen, or older than the window, is a replay. A restarted sender has a new boot
+  id, so it needs no persisted counter.
+- ``timestamp_ms`` is the sender's wall clock. Frames outside ``now ± max_skew`` are refused,
+  which bounds how long a captured frame is useful even after its boot id's window has been
+  evicted from the (bounded, least-recently-used) sender table.
+- The nonce is 12 random bytes per frame. Random 96-bit nonces stay collision-safe for about
+  2**32 frames per key (NIST SP 800-38D section 8.3); rotate the key well before that.
+- Associated data is ``network_id || header``, so header fields are authenticated and a frame
+  sealed for one network never opens in another that happens to share a key.
+
+Network id and rotation
+
+The network id is ``SHA-256(b"grapevine/network-id/v1" || key)[:16]`` of the key the network was
+*created* with. It names the network in every signature (see `protocol.identity`), so it must
+never change. A `Keyring` derives it from its primary key when none is given; once a network
+rotates its key, the keyring carries the original id explicitly, and the keyring file stores
+it (``network <hex>``), so peers keep the same id for the life of the network.
+
+Rotation without downtime, in three rollouts:
+
+1. add the new key as ``accepted`` on every peer (everyone can now open it);
+2. make it ``primary`` everywhere, keeping the old one accepted (`Keyring.rotate`); peers that
+   still seal with the old key are understood by those that already switched, and vice versa;
+3. remove the old key once no peer seals with it (``rejected["unknown_key"]`` stays flat).
+
+Keyring file format (UTF-8 text, ``#`` comments and blank lines ignored)::
+
+    network <32 hex digits>      (optional; derived from the primary key when absent)
+    primary <base64 key>         (exactly one)
+    accepted <base64 key>        (zero or more)
+
+A file holding just one base64 key (the output of ``grapevine keygen``) is a keyring with that
+key as primary.
+
+Timestamps here are wall-clock seconds (``time.time()``), unlike the monotonic ``now`` the
+protocol machines take: the window compares clocks of two different machines.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+KEY_BYTES = 32
+NETWORK_ID_BYTES = 16
+KEY_ID_BYTES = 4
+BOOT_ID_BYTES = 8
+NONCE_BYTES = 12
+TAG_BYTES = 16
+
+MAGIC = b"GV"
+VERSION = 1
+HEADER_BYTES = len(MAGIC) + 1 + KEY_ID_BYTES + BOOT_ID_BYTES + 8 + 8
+"""Bytes covered as associated data, from the magic through the timestamp (31)."""
+OVERHEAD = HEADER_BYTES + NONCE_BYTES + TAG_BYTES
+"""Bytes a sealed frame adds to its plaintext (59); also the shortest valid frame."""
+MAX_FRAME_BYTES = 8 * 1024 * 1024
+"""Default largest frame `Opener` accepts; checked before any other work."""
+MAX_SEQ = 2**64 - 1
+
+_NETWORK_ID_DOMAIN = b"grapevine/network-id/v1"
+
+
+class SealError(Exception):
+    """A frame was refused; nothing in the `Opener` changed except its `rejected` counter.
+
+    Attributes:
+        reason: a short machine-readable cause: "too_large", "too_short", "bad_magic",
+            "bad_version", "unknown_key", "decrypt_failed", "stale_timestamp",
+            "future_timestamp" or "replay".
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def generate_network_key() -> bytes:
+    """Return a fresh 32-byte network key from the OS random source."""
+    return os.urandom(KEY_BYTES)
+
+
+def encode_key(key: bytes) -> str:
+    """Return the standard base64 text of a 32-byte key.
+
+    Raises:
+        ValueError: the key is not 32 bytes.
+    """
+    _check_key(key)
+    return base64.b64encode(key).decode("ascii")
+
+
+def decode_key(text: str) -> bytes:
+    """Parse the standard base64 text of a 32-byte key (surrounding whitespace ignored).
+
+    Raises:
+        ValueError: the text is not base64 or does not decode to exactly 32 bytes.
+    """
+    stripped = text.strip()
+    try:
+        key = base64.b64decode(stripped.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise ValueError(
+            f"a network key is {KEY_BYTES} bytes in standard base64 (as printed by "
+            "`grapevine keygen`); this text is not valid base64"
+        ) from None
+    if len(key) != KEY_BYTES:
+        raise ValueError(
+            f"a network key is {KEY_BYTES} bytes in standard base64; this one decodes to "
+            f"{len(key)} bytes"
+        )
+    return key
+
+
+def key_id_of(key: bytes) -> bytes:
+    """Return the 4-byte key id carried in frames sealed under `key`."""
+    return hashlib.sha256(key).digest()[:KEY_ID_BYTES]
+
+
+def network_id_of(key: bytes) -> bytes:
+    """Return the 16-byte network id of a network created with `key`.
+
+    Raises:
+        ValueError: the key is not 32 bytes.
+    """
+    _check_key(key)
+    return hashlib.sha256(_NETWORK_ID_DOMAIN + key).digest()[:NETWORK_ID_BYTES]
+
+
+def _check_key(key: bytes) -> None:
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"a network key is {KEY_BYTES} bytes, got {len(key)}")
+
+
+class Keyring:
+    """One primary key (seals and opens), accepted keys (open only) and the network id."""
+
+    __slots__ = ("accepted", "network_id", "primary")
+
+    def __init__(
+        self, primary: bytes, accepted: Sequence[bytes] = (), network_id: bytes | None = None
+    ) -> None:
+        """Build a keyring.
+
+        Args:
+            primary: the key every frame is sealed with.
+            accepted: further keys frames may be opened with; duplicates and the primary
+                itself are dropped, order is kept.
+            network_id: the network's 16-byte id; None derives it from `primary`, which is
+                right only for a network that has never rotated its key.
+
+        Raises:
+            ValueError: a key is not 32 bytes or the network id is not 16 bytes.
+        """
+        _check_key(primary)
+        unique: list[bytes] = []
+        for key in accepted:
+            _check_key(key)
+            if key != primary and key not in unique:
+                unique.append(key)
+        if network_id is None:
+            network_id = network_id_of(primary)
+        elif len(network_id) != NETWORK_ID_BYTES:
+            raise ValueError(f"a network id is {NETWORK_ID_BYTES} bytes, got {len(network_id)}")
+        self.primary = bytes(primary)
+        self.accepted: tuple[bytes, ...] = tuple(bytes(key) for key in unique)
+        self.network_id = bytes(network_id)
+
+    @property
+    def keys(self) -> tuple[bytes, ...]:
+        """The primary key followed by the accepted keys."""
+        return (self.primary, *self.accepted)
+
+    def rotate(self, new_primary: bytes) -> Keyring:
+        """Return a keyring sealing with `new_primary`, still opening the current keys.
+
+        Args:
+            new_primary: the key to seal with from now on.
+
+        Returns:
+            A keyring with `new_primary` as primary, the old primary first among the accepted
+            keys, and the same network id.
+
+        Raises:
+            ValueError: the new key is not 32 bytes.
+        """
+        return Keyring(new_primary, (self.primary, *self.accepted), self.network_id)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Keyring):
+            return NotImplemented
+        return (self.primary, self.accepted, self.network_id) == (
+            other.primary,
+            other.accepted,
+            other.network_id,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.primary, self.accepted, self.network_id))
+
+    def __repr__(self) -> str:
+        # Never print key material.
+        return (
+            f"Keyring(primary={key_id_of(self.primary).hex()}, "
+            f"accepted={[key_id_of(k).hex() for k in self.accepted]}, "
+            f"network_id={self.network_id.hex()})"
+        )
+
+
+def load_keyring_text(text: str) -> Keyring:
+    """Parse a keyring file (see the module docstring for its format).
+
+    Args:
+        text: the whole file.
+
+    Returns:
+        The keyring it describes.
+
+    Raises:
+        ValueError: the file is empty, has an unknown or malformed line, a bad key or network
+            id, or not exactly one primary key. The message names the line.
+    """
+    lines = [
+        (number, line.strip())
+        for number, line in enumerate(text.splitlines(), start=1)
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    if not lines:
+        raise ValueError("keyring file is empty: expected a base64 key or 'primary <key>' line")
+    if len(lines) == 1 and len(lines[0][1].split()) == 1:
+        number, line = lines[0]
+        return Keyring(_decode_at(number, line))
+    primary: bytes | None = None
+    accepted: list[bytes] = []
+    network_id: bytes | None = None
+    for number, line in lines:
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(f"keyring line {number}: expected '<field> <value>', got {line!r}")
+        field, value = parts
+        if field == "primary":
+            if primary is not None:
+                raise ValueError(f"keyring line {number}: a second primary key")
+            primary = _decode_at(number, value)
+        elif field == "accepted":
+            accepted.append(_decode_at(number, value))
+        elif field == "network":
+            if network_id is not None:
+                raise ValueError(f"keyring line {number}: a second network id")
+            try:
+                network_id = bytes.fromhex(value)
+            except ValueError:
+                raise ValueError(f"keyring line {number}: network id is not hex") from None
+            if len(network_id) != NETWORK_ID_BYTES:
+                raise ValueError(
+                    f"keyring line {number}: a network id is {NETWORK_ID_BYTES * 2} hex digits"
+                )
+        else:
+            raise ValueError(
+                f"keyring line {number}: unknown field {field!r} "
+                "(expected 'primary', 'accepted' or 'network')"
+            )
+    if primary is None:
+        raise ValueError("keyring file has no 'primary <key>' line")
+    return Keyring(primary, accepted, network_id)
+
+
+def _decode_at(number: int, text: str) -> bytes:
+    try:
+        return decode_key(text)
+    except ValueError as exc:
+        raise ValueError(f"keyring line {number}: {exc}") from None
+
+
+def dump_keyring_text(keyring: Keyring) -> str:
+    """Return the keyring file text for `keyring`; `load_keyring_text` reads it back equal.
+
+    The network id is always written, so a later rotation keeps it.
+    """
+    lines = [f"network {keyring.network_id.hex()}", f"primary {encode_key(keyring.primary)}"]
+    lines += [f"accepted {encode_key(key)}" for key in keyring.accepted]
+    return "\n".join(lines) + "\n"
+
+
+def _header(key_id: bytes, boot_id: bytes, seq: int, timestamp_ms: int) -> bytes:
+    return (
+        MAGIC
+        + bytes((VERSION,))
+        + key_id
+        + boot_id
+        + seq.to_bytes(8, "big")
+        + timestamp_ms.to_bytes(8, "big")
+    )
+
+
+class Sealer:
+    """Seals outgoing frames for one sender process (one boot id)."""
+
+    __slots__ = ("_aead", "_key_id", "_network_id", "_random_bytes", "boot_id", "seq")
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        boot_id: bytes,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        """Seal with `keyring.primary` as the sender `boot_id`.
+
+        Args:
+            keyring: the local keyring; only its primary key and network id are used.
+            boot_id: 8 random bytes chosen once per process start.
+            random_bytes: source of nonces (tests inject a deterministic one).
+
+        Raises:
+            ValueError: `boot_id` is not 8 bytes.
+        """
+        if len(boot_id) != BOOT_ID_BYTES:
+            raise ValueError(f"a boot id is {BOOT_ID_BYTES} bytes, got {len(boot_id)}")
+        self._aead = ChaCha20Poly1305(keyring.primary)
+        self._key_id = key_id_of(keyring.primary)
+        self._network_id = keyring.network_id
+        self._random_bytes = random_bytes
+        self.boot_id = bytes(boot_id)
+        self.seq = 0
+        """The sequence number of the last frame sealed (0: none yet)."""
+
+    def seal(self, plaintext: bytes, now: float) -> bytes:
+        """Seal `plaintext` as the next frame of this sender.
+
+        Args:
+            plaintext: the bytes to protect (one encoded envelope).
+            now: wall-clock seconds (``time.time()``), stamped into the frame.
+
+        Returns:
+            The sealed frame, `OVERHEAD` bytes longer than `plaintext`.
+
+        Raises:
+            OverflowError: the sequence space (2**64 - 1 frames) is exhausted, or `now` is
+                not representable as unsigned milliseconds.
+        """
+        if self.seq >= MAX_SEQ:
+            raise OverflowError("sequence numbers exhausted; restart with a new boot id")
+        timestamp_ms = int(now * 1000)
+        if not 0 <= timestamp_ms <= MAX_SEQ:
+            raise OverflowError(f"timestamp {now!r} is not unsigned 64-bit milliseconds")
+        self.seq += 1
+        header = _header(self._key_id, self.boot_id, self.seq, timestamp_ms)
+        nonce = self._random_bytes(NONCE_BYTES)
+        return header + nonce + self._aead.encrypt(nonce, plaintext, self._network_id + header)
+
+
+class _ReplayWindow:
+    """The highest sequence number seen and a bitmap of the `window` numbers up to it.
+
+    Bit i of `bitmap` is set when sequence number `highest - i` has been accepted.
+    """
+
+    __slots__ = ("bitmap", "highest")
+
+    def __init__(self) -> None:
+        self.highest = 0
+        self.bitmap = 0
+
+    def is_replay(self, seq: int, window: int) -> bool:
+        if seq > self.highest:
+            return False
+        behind = self.highest - seq
+        return behind >= window or bool(self.bitmap >> behind & 1)
+
+    def mark(self, seq: int, window: int) -> None:
+        if seq > self.highest:
+            self.bitmap = (self.bitmap << (seq - self.highest) | 1) & ((1 << window) - 1)
+            self.highest = seq
+        else:
+            self.bitmap |= 1 << (self.highest - seq)
+
+
+class Opener:
+    """Opens incoming frames: authenticates them, then refuses replays and stale clocks."""
+
+    __slots__ = (
+        "_ciphers",
+        "_network_id",
+        "_senders",
+        "accepted",
+        "max_frame",
+        "max_senders",
+        "max_skew",
+        "rejected",
+        "window",
+    )
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        max_skew: float = 60.0,
+        window: int = 1024,
+        max_frame: int = MAX_FRAME_BYTES,
+        max_senders: int = 4096,
+    ) -> None:
+        """Open frames sealed under any key of `keyring`.
+
+        Args:
+            keyring: the local keyring; frames may use its primary or any accepted key.
+            max_skew: seconds a frame's timestamp may differ from `now` either way. Larger
+                tolerates worse clock sync; it is also how long a captured frame stays
+                replayable once its sender's window has been evicted.
+            window: sequence numbers remembered per sender. Must exceed the reordering a
+                sender's frames suffer in flight; costs `window / 8` bytes per sender.
+            max_frame: largest frame accepted, checked before anything else.
+            max_senders: boot ids remembered (least recently used evicted first); memory is
+                about `max_senders * (window / 8 + 100)` bytes.
+
+        Raises:
+            ValueError: a limit is not positive.
+        """
+        if max_skew <= 0 or window <= 0 or max_frame < OVERHEAD or max_senders <= 0:
+            raise ValueError("max_skew, window and max_senders must be positive, max_frame >= 59")
+        self._ciphers: dict[bytes, list[ChaCha20Poly1305]] = {}
+        for key in keyring.keys:
+            self._ciphers.setdefault(key_id_of(key), []).append(ChaCha20Poly1305(key))
+        self._network_id = keyring.network_id
+        self._senders: OrderedDict[bytes, _ReplayWindow] = OrderedDict()
+        self.max_skew = max_skew
+        self.window = window
+        self.max_frame = max_frame
+        self.max_senders = max_senders
+        self.rejected: Counter[str] = Counter()
+        """Frames refused, by `SealError.reason`."""
+        self.accepted = 0
+        """Frames opened successfully."""
+
+    def open(self, frame: bytes, now: float) -> bytes:
+        """Authenticate and decrypt one frame.
+
+        Authentication comes first, so every reason after "decrypt_failed" describes a frame
+        that really was sealed with a network key (a genuine replay or a skewed clock), and
+        forged frames can never advance or poison a replay window.
+
+        Args:
+            frame: the sealed bytes as received.
+            now: wall-clock seconds (``time.time()``).
+
+        Returns:
+            The plaintext.
+
+        Raises:
+            SealError: the frame was refused; `reason` says why. No state changed except
+                `rejected`.
+        """
+        try:
+            plaintext, boot_id, seq = self._open(frame, now)
+        except SealError as exc:
+            self.rejected[exc.reason] += 1
+            raise
+        replay = self._senders.get(boot_id)
+        if replay is None:
+            replay = self._senders[boot_id] = _ReplayWindow()
+            if len(self._senders) > self.max_senders:
+                self._senders.popitem(last=False)
+        else:
+            self._senders.move_to_end(boot_id)
+        replay.mark(seq, self.window)
+        self.accepted += 1
+        return plaintext
+
+    def _open(self, frame: bytes, now: float) -> tuple[bytes, bytes, int]:
+        if len(frame) > self.max_frame:
+            raise SealError("too_large", f"{len(frame)} bytes > {self.max_frame}")
+        if len(frame) < OVERHEAD:
+            raise SealError("too_short", f"{len(frame)} bytes < {OVERHEAD}")
+        if frame[:2] != MAGIC:
+            raise SealError("bad_magic")
+        if frame[2] != VERSION:
+            raise SealError("bad_version", f"version {frame[2]}")
+        ciphers = self._ciphers.get(frame[3:7])
+        if ciphers is None:
+            raise SealError("unknown_key", f"key id {frame[3:7].hex()}")
+        header = frame[:HEADER_BYTES]
+        nonce = frame[HEADER_BYTES : HEADER_BYTES + NONCE_BYTES]
+        body = frame[HEADER_BYTES + NONCE_BYTES :]
+        for aead in ciphers:
+            try:
+                plaintext = aead.decrypt(nonce, body, self._network_id + header)
+                break
+            except InvalidTag:
+                continue
+        else:
+            raise SealError("decrypt_failed")
+        boot_id = frame[7:15]
+        seq = int.from_bytes(frame[15:23], "big")
+        sent = int.from_bytes(frame[23:31], "big") / 1000
+        if sent < now - self.max_skew:
+            raise SealError("stale_timestamp", f"{now - sent:.1f}s old")
+        if sent > now + self.max_skew:
+            raise SealError("future_timestamp", f"{sent - now:.1f}s ahead")
+        replay = self._senders.get(boot_id)
+        if replay is not None and replay.is_replay(seq, self.window):
+            raise SealError("replay", f"seq {seq}")
+        return bytes(plaintext), bytes(boot_id), seq

@@ -1,0 +1,375 @@
+"""Durable state of one peer: SQLite (WAL) in its data directory, plus its identity key file.
+
+Invariants:
+- One process owns a data directory at a time: `Store.open` takes an exclusive `flock` on
+  ``<data_dir>/lock`` and refuses a directory another process holds. The kernel drops the lock
+  when the process dies, even by SIGKILL.
+- Every public write is one transaction: it is wholly on disk or wholly absent, and it is
+  committed before the method returns.
+- The identity key file is created once, atomically (temporary file with mode 0600, fsync,
+  hard link into place), and never rewritten; a key file readable by group or others is
+  refused, not used.
+- The boot counter only increases, and the stored incarnation never decreases.
+- At most `MAX_MEMBERS` membership hints are kept, the most recently seen.
+
+Durability. The database runs with ``journal_mode=WAL`` and, by default, ``synchronous=NORMAL``:
+a committed transaction is in the write-ahead log (in the OS page cache) before `commit`
+returns, so it survives the crash of the process — kill -9, an exception, an OOM kill — which
+is our failure model. Only an OS crash or power loss can lose the last few transactions, and
+even then the database stays consistent. ``fsync_every_commit=True`` selects
+``synchronous=FULL`` and closes that gap at the cost of one fsync (milliseconds on most disks)
+per commit.
+
+Threading. A `Store` is used from the asyncio driver's single thread. Each call is one short
+transaction (well under a millisecond without fsync), so it runs inline on the event loop
+rather than in an executor; batches that grow large enough to stall the loop should move to a
+dedicated writer thread.
+
+Schema. `MIGRATIONS` is append-only: entry *i* brings the database from version *i* to *i + 1*.
+Add tables by appending an entry; never edit a released one. A database newer than this code
+is refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import fcntl
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from protocol.effects import Persist
+
+DB_NAME = "grapevine.db"
+IDENTITY_NAME = "identity.key"
+LOCK_NAME = "lock"
+PRIVATE_KEY_BYTES = 32
+MAX_MEMBERS = 1024
+"""Membership hints kept for re-joining after a restart; enough to find a live peer among
+a large network's most recently seen members."""
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
+        (
+            "CREATE TABLE members ("
+            " node_id BLOB PRIMARY KEY, addr TEXT NOT NULL, last_seen INTEGER NOT NULL"
+            ") WITHOUT ROWID"
+        ),
+        (
+            "CREATE TABLE records ("
+            " kind TEXT NOT NULL, key BLOB NOT NULL, value BLOB NOT NULL,"
+            " PRIMARY KEY (kind, key)"
+            ") WITHOUT ROWID"
+        ),
+    ),
+)
+"""Append-only schema migrations; each entry is the statements of one version step."""
+
+
+class StoreError(Exception):
+    """The data directory cannot be used as it is; the message says what to fix."""
+
+
+class Store:
+    """A peer's durable state; see the module docstring for its guarantees."""
+
+    __slots__ = ("_db", "_lock_fd", "data_dir")
+
+    def __init__(self, data_dir: Path, db: sqlite3.Connection, lock_fd: int) -> None:
+        """Wrap an already-open database; use `Store.open` instead."""
+        self.data_dir = data_dir
+        self._db = db
+        self._lock_fd = lock_fd
+
+    @classmethod
+    def open(cls, data_dir: Path, *, fsync_every_commit: bool = False) -> Store:
+        """Open (creating if needed) the store in `data_dir`.
+
+        Args:
+            data_dir: the peer's data directory; created with mode 0700 if missing.
+            fsync_every_commit: use ``synchronous=FULL`` so commits also survive power loss
+                (one fsync per commit) instead of ``NORMAL`` (survives process crashes).
+
+        Returns:
+            The open store, its schema migrated to the current version.
+
+        Raises:
+            StoreError: another process holds the directory, or the database was written by a
+                newer version of Grapevine.
+            OSError: the directory or database cannot be created or opened.
+        """
+        data_dir = Path(data_dir)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock_fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            raise StoreError(
+                f"data directory {data_dir} is in use by another process; "
+                "stop it or choose another --data-dir"
+            ) from None
+        try:
+            db = sqlite3.connect(data_dir / DB_NAME, isolation_level=None)
+            try:
+                mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if mode != "wal":
+                    raise StoreError(f"{data_dir / DB_NAME}: cannot enable WAL (got {mode!r})")
+                db.execute(f"PRAGMA synchronous={'FULL' if fsync_every_commit else 'NORMAL'}")
+                store = cls(data_dir, db, lock_fd)
+                store._migrate()
+            except BaseException:
+                db.close()
+                raise
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return store
+
+    def _migrate(self) -> None:
+        with self._transaction():
+            self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
+            row = self._db.execute("SELECT version FROM schema_version").fetchone()
+            version = 0 if row is None else int(row[0])
+            if version > len(MIGRATIONS):
+                raise StoreError(
+                    f"{self.data_dir / DB_NAME} has schema version {version}, newer than this "
+                    f"Grapevine understands ({len(MIGRATIONS)}); upgrade Grapevine"
+                )
+            for statements in MIGRATIONS[version:]:
+                for statement in statements:
+                    self._db.execute(statement)
+            self._db.execute("DELETE FROM schema_version")
+            self._db.execute("INSERT INTO schema_version VALUES (?)", (len(MIGRATIONS),))
+
+    def schema_version(self) -> int:
+        """Return the database's schema version (`len(MIGRATIONS)` once open)."""
+        return int(self._db.execute("SELECT version FROM schema_version").fetchone()[0])
+
+    def journal_mode(self) -> str:
+        """Return SQLite's journal mode for the database ("wal")."""
+        return str(self._db.execute("PRAGMA journal_mode").fetchone()[0])
+
+    # Identity
+
+    def load_or_create_identity(self) -> bytes:
+        """Return this peer's raw 32-byte Ed25519 private key, creating it on first use.
+
+        The key lives in ``<data_dir>/identity.key`` as base64 text, mode 0600.
+
+        Returns:
+            The private key bytes (feed them to `protocol.identity.Signer`).
+
+        Raises:
+            StoreError: the key file is readable or writable by group or others (chmod 600
+                it), or does not hold a base64 32-byte key.
+            OSError: the file cannot be read or created.
+        """
+        path = self.data_dir / IDENTITY_NAME
+        try:
+            return self._read_identity(path)
+        except FileNotFoundError:
+            pass
+        key = Ed25519PrivateKey.generate().private_bytes_raw()
+        tmp = path.with_name(f"{IDENTITY_NAME}.tmp-{os.getpid()}")
+        tmp.unlink(missing_ok=True)  # left by a crash; O_EXCL below guarantees mode 0600
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, base64.b64encode(key) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            # A hard link, unlike os.replace, never overwrites: if the file appeared meanwhile,
+            # the existing identity wins and ours is discarded.
+            os.link(tmp, path)
+        except FileExistsError:
+            return self._read_identity(path)
+        finally:
+            tmp.unlink()
+        _fsync_dir(self.data_dir)
+        return key
+
+    @staticmethod
+    def _read_identity(path: Path) -> bytes:
+        with open(path, "rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            if mode & 0o077:
+                raise StoreError(
+                    f"{path} is accessible by group or others (mode {mode & 0o777:o}); it holds "
+                    f"this peer's private key: run `chmod 600 {path}`"
+                )
+            text = file.read()
+        try:
+            key = base64.b64decode(text.strip(), validate=True)
+        except binascii.Error:
+            key = b""
+        if len(key) != PRIVATE_KEY_BYTES:
+            raise StoreError(
+                f"{path} does not hold a base64 {PRIVATE_KEY_BYTES}-byte Ed25519 private key; "
+                "restore it from backup, or delete it to start as a new peer"
+            )
+        return key
+
+    # Boot counter and incarnation
+
+    def next_boot(self) -> int:
+        """Increment and return the persisted boot counter (1 on the first boot).
+
+        Returns:
+            A number greater than any earlier call on this data directory returned.
+        """
+        with self._transaction():
+            row = self._db.execute(
+                "INSERT INTO counters VALUES ('boot', 1)"
+                " ON CONFLICT (name) DO UPDATE SET value = value + 1 RETURNING value"
+            ).fetchone()
+        return int(row[0])
+
+    def save_incarnation(self, incarnation: int) -> None:
+        """Record `incarnation` unless a greater one is already stored (max-merge).
+
+        Raises:
+            ValueError: `incarnation` is negative or does not fit in 63 bits.
+        """
+        if not 0 <= incarnation < 2**63:
+            raise ValueError(f"an incarnation is a non-negative 63-bit integer, got {incarnation}")
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO counters VALUES ('incarnation', ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
+                (incarnation,),
+            )
+
+    def load_incarnation(self) -> int:
+        """Return the greatest incarnation ever saved, or 0."""
+        row = self._db.execute("SELECT value FROM counters WHERE name = 'incarnation'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    # Membership hints
+
+    def save_members(self, rows: Iterable[tuple[bytes, str, int]]) -> None:
+        """Replace the membership hints with `rows`, keeping the `MAX_MEMBERS` most recent.
+
+        Args:
+            rows: ``(node_id, addr, last_seen_unix)``; for a node id given twice, the most
+                recently seen row wins.
+        """
+        latest: dict[bytes, tuple[bytes, str, int]] = {}
+        for node_id, addr, last_seen in rows:
+            known = latest.get(node_id)
+            if known is None or last_seen > known[2]:
+                latest[node_id] = (bytes(node_id), addr, int(last_seen))
+        kept = sorted(latest.values(), key=lambda row: row[2], reverse=True)[:MAX_MEMBERS]
+        with self._transaction():
+            self._db.execute("DELETE FROM members")
+            self._db.executemany("INSERT INTO members VALUES (?, ?, ?)", kept)
+
+    def load_members(self) -> list[tuple[bytes, str, int]]:
+        """Return the membership hints, most recently seen first."""
+        return [
+            (bytes(node_id), str(addr), int(last_seen))
+            for node_id, addr, last_seen in self._db.execute(
+                "SELECT node_id, addr, last_seen FROM members ORDER BY last_seen DESC, node_id"
+            )
+        ]
+
+    # Records: the durable key-value space behind protocol.effects.Persist
+
+    def put(self, kind: str, key: bytes, value: bytes) -> None:
+        """Store `value` under (`kind`, `key`), replacing any earlier value, and commit.
+
+        Raises:
+            TypeError: `kind` is not a str or `key`/`value` are not bytes.
+        """
+        self.put_many([Persist(kind, key, value)])
+
+    def put_many(self, records: Iterable[Persist]) -> None:
+        """Store every record in one transaction: all of them are committed, or none.
+
+        Args:
+            records: the `Persist` effects to apply, in order (a later record for the same
+                kind and key wins).
+
+        Raises:
+            TypeError: a record has a non-str kind or non-bytes key or value; nothing of the
+                batch is written.
+        """
+        with self._transaction():
+            for record in records:
+                kind, key, value = record.kind, record.key, record.value
+                if not isinstance(kind, str) or not isinstance(key, bytes | bytearray):
+                    raise TypeError(f"a record is (str kind, bytes key, ...), got {record!r:.200}")
+                if not isinstance(value, bytes | bytearray):
+                    raise TypeError(f"a record's value must be bytes, got {type(value).__name__}")
+                self._db.execute(
+                    "INSERT OR REPLACE INTO records VALUES (?, ?, ?)",
+                    (kind, bytes(key), bytes(value)),
+                )
+
+    def get(self, kind: str, key: bytes) -> bytes | None:
+        """Return the value stored under (`kind`, `key`), or None."""
+        row = self._db.execute(
+            "SELECT value FROM records WHERE kind = ? AND key = ?", (kind, bytes(key))
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def scan(self, kind: str) -> Iterator[tuple[bytes, bytes]]:
+        """Return every (key, value) of `kind`, ordered by key.
+
+        The rows are read when this is called, so writing to the store while iterating is
+        safe and does not affect the iteration.
+        """
+        rows = self._db.execute(
+            "SELECT key, value FROM records WHERE kind = ? ORDER BY key", (kind,)
+        ).fetchall()
+        return iter([(bytes(key), bytes(value)) for key, value in rows])
+
+    # Lifecycle
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        # The connection runs with isolation_level=None so that transactions are exactly
+        # the ones opened here, never implicit ones from the sqlite3 module.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close the database and release the data directory; idempotent."""
+        if self._lock_fd < 0:
+            return
+        self._db.close()
+        os.close(self._lock_fd)
+        self._lock_fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

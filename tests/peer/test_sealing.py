@@ -1,0 +1,390 @@
+"""Per-hop sealing: round trips, forgery, replay and clock windows, rotation, keyring files."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from peer.sealing import (
+    HEADER_BYTES,
+    KEY_BYTES,
+    OVERHEAD,
+    Keyring,
+    Opener,
+    Sealer,
+    SealError,
+    decode_key,
+    dump_keyring_text,
+    encode_key,
+    generate_network_key,
+    key_id_of,
+    load_keyring_text,
+    network_id_of,
+)
+
+NOW = 1_700_000_000.0
+KEY_A = bytes(range(32))
+KEY_B = bytes(range(100, 132))
+BOOT = b"boot0001"
+
+
+def make_sealer(keyring: Keyring, boot_id: bytes = BOOT) -> Sealer:
+    counter = itertools.count()
+    return Sealer(keyring, boot_id, random_bytes=lambda n: next(counter).to_bytes(n, "big"))
+
+
+def reason_of(opener: Opener, frame: bytes, now: float = NOW) -> str:
+    with pytest.raises(SealError) as info:
+        opener.open(frame, now)
+    return info.value.reason
+
+
+# Keys
+
+
+def test_generated_keys_are_random_and_encode_round_trip() -> None:
+    first, second = generate_network_key(), generate_network_key()
+    assert len(first) == KEY_BYTES and first != second
+    assert decode_key(encode_key(first)) == first
+    assert decode_key(f"  {encode_key(first)}\n") == first
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("not base64!", "not valid base64"),
+        (base64.b64encode(b"short").decode(), "decodes to 5 bytes"),
+        (base64.b64encode(bytes(33)).decode(), "decodes to 33 bytes"),
+        ("", "decodes to 0 bytes"),
+        ("é" * 44, "not valid base64"),
+    ],
+)
+def test_decode_key_rejects_bad_text_clearly(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        decode_key(text)
+
+
+def test_encode_key_rejects_wrong_length() -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        encode_key(bytes(31))
+
+
+def test_network_id_is_domain_separated_and_16_bytes() -> None:
+    assert len(network_id_of(KEY_A)) == 16
+    assert network_id_of(KEY_A) != network_id_of(KEY_B)
+    assert network_id_of(KEY_A) != key_id_of(KEY_A)[:16]
+    assert Keyring(KEY_A).network_id == network_id_of(KEY_A)
+
+
+# Round trip and forgery
+
+
+def test_round_trip() -> None:
+    keyring = Keyring(KEY_A)
+    sealer, opener = make_sealer(keyring), Opener(keyring)
+    frames = [sealer.seal(b"hello %d" % i, NOW) for i in range(3)]
+    assert [opener.open(frame, NOW + 1) for frame in frames] == [b"hello 0", b"hello 1", b"hello 2"]
+    assert len(frames[0]) == len(b"hello 0") + OVERHEAD
+    assert sealer.seq == 3
+    assert opener.accepted == 3 and not opener.rejected
+
+
+def test_empty_plaintext_round_trips() -> None:
+    keyring = Keyring(KEY_A)
+    assert Opener(keyring).open(make_sealer(keyring).seal(b"", NOW), NOW) == b""
+
+
+def test_frame_layout() -> None:
+    frame = make_sealer(Keyring(KEY_A)).seal(b"x", NOW)
+    assert frame[:2] == b"GV" and frame[2] == 1
+    assert frame[3:7] == key_id_of(KEY_A)
+    assert frame[7:15] == BOOT
+    assert int.from_bytes(frame[15:23], "big") == 1
+    assert int.from_bytes(frame[23:31], "big") == int(NOW * 1000)
+    assert frame[31:43] == bytes(12)  # the first injected nonce
+    assert HEADER_BYTES == 31
+
+
+def test_wrong_key_is_unknown_key() -> None:
+    frame = make_sealer(Keyring(KEY_A)).seal(b"secret", NOW)
+    opener = Opener(Keyring(KEY_B))
+    assert reason_of(opener, frame) == "unknown_key"
+    assert opener.rejected == {"unknown_key": 1} and opener.accepted == 0
+
+
+def test_same_key_other_network_id_fails_decryption() -> None:
+    frame = make_sealer(Keyring(KEY_A)).seal(b"secret", NOW)
+    opener = Opener(Keyring(KEY_A, network_id=bytes(16)))
+    assert reason_of(opener, frame) == "decrypt_failed"
+
+
+def test_forged_key_id_fails_decryption() -> None:
+    frame = make_sealer(Keyring(KEY_B)).seal(b"secret", NOW)
+    forged = frame[:3] + key_id_of(KEY_A) + frame[7:]
+    assert reason_of(Opener(Keyring(KEY_A)), forged) == "decrypt_failed"
+
+
+@pytest.mark.parametrize("index", range(7, OVERHEAD + len(b"payload")))
+def test_any_flipped_bit_past_the_key_id_is_rejected(index: int) -> None:
+    keyring = Keyring(KEY_A)
+    frame = bytearray(make_sealer(keyring).seal(b"payload", NOW))
+    frame[index] ^= 0x01
+    assert reason_of(Opener(keyring), bytes(frame)) == "decrypt_failed"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda f: f[: OVERHEAD - 1], "too_short"),
+        (lambda f: b"XX" + f[2:], "bad_magic"),
+        (lambda f: f[:2] + b"\x02" + f[3:], "bad_version"),
+        (lambda f: f[:3] + b"\xff\xff\xff\xff" + f[7:], "unknown_key"),
+        (lambda f: f + bytes(100), "too_large"),
+    ],
+)
+def test_structural_rejections(mutate: object, reason: str) -> None:
+    keyring = Keyring(KEY_A)
+    frame = make_sealer(keyring).seal(b"x" * 10, NOW)
+    opener = Opener(keyring, max_frame=len(frame) + 50)
+    assert callable(mutate)
+    assert reason_of(opener, mutate(frame)) == reason
+    assert opener.rejected == {reason: 1}
+
+
+def test_forged_frames_do_not_touch_replay_state() -> None:
+    keyring = Keyring(KEY_A)
+    sealer, opener = make_sealer(keyring), Opener(keyring)
+    frame = sealer.seal(b"x", NOW)
+    # A forger copies the header of a real frame, bumps its seq and garbles the body.
+    forged = bytearray(frame)
+    forged[15:23] = (10**6).to_bytes(8, "big")
+    assert reason_of(opener, bytes(forged)) == "decrypt_failed"
+    assert opener.open(frame, NOW) == b"x"  # seq 1 is still inside the window
+
+
+# Replay window
+
+
+def test_replay_of_the_same_frame_is_rejected() -> None:
+    keyring = Keyring(KEY_A)
+    sealer, opener = make_sealer(keyring), Opener(keyring)
+    frame = sealer.seal(b"once", NOW)
+    assert opener.open(frame, NOW) == b"once"
+    assert reason_of(opener, frame) == "replay"
+    assert opener.accepted == 1 and opener.rejected == {"replay": 1}
+
+
+def test_out_of_order_within_window_is_accepted_once() -> None:
+    keyring = Keyring(KEY_A)
+    sealer, opener = make_sealer(keyring), Opener(keyring, window=64)
+    frames = [sealer.seal(b"%d" % i, NOW) for i in range(1, 65)]
+    order = [63, 0, 31, 62, 1, *range(2, 31), *range(32, 62)]
+    assert sorted(order) == list(range(64))
+    for i in order:
+        assert opener.open(frames[i], NOW) == b"%d" % (i + 1)
+    for i in order:
+        assert reason_of(opener, frames[i]) == "replay"
+
+
+def test_seq_older_than_window_is_rejected() -> None:
+    keyring = Keyring(KEY_A)
+    sealer, opener = make_sealer(keyring), Opener(keyring, window=8)
+    frames = [sealer.seal(b"%d" % seq, NOW) for seq in range(1, 11)]
+    opener.open(frames[9], NOW)  # seq 10: the window now covers 3..10
+    assert reason_of(opener, frames[0]) == "replay"  # seq 1
+    assert reason_of(opener, frames[1]) == "replay"  # seq 2
+    assert opener.open(frames[2], NOW) == b"3"  # seq 3, the oldest still inside
+
+
+def test_large_jump_clears_the_window() -> None:
+    keyring = Keyring(KEY_A)
+    sealer, opener = make_sealer(keyring), Opener(keyring, window=16)
+    first = sealer.seal(b"1", NOW)
+    opener.open(first, NOW)
+    sealer.seq = 10_000
+    opener.open(sealer.seal(b"late", NOW), NOW)
+    assert reason_of(opener, first) == "replay"
+    sealer.seq = 9_990
+    assert opener.open(sealer.seal(b"inside", NOW), NOW) == b"inside"
+
+
+def test_senders_are_tracked_separately() -> None:
+    keyring = Keyring(KEY_A)
+    opener = Opener(keyring)
+    one, two = make_sealer(keyring, b"sender-1"), make_sealer(keyring, b"sender-2")
+    assert opener.open(one.seal(b"a", NOW), NOW) == b"a"
+    assert opener.open(two.seal(b"b", NOW), NOW) == b"b"  # also seq 1, other boot id
+
+
+def test_boot_id_memory_is_bounded_least_recently_used_first() -> None:
+    keyring = Keyring(KEY_A)
+    opener = Opener(keyring, max_senders=3)
+    sealers = [make_sealer(keyring, b"sender-%d" % i) for i in range(4)]
+    first_frames = [sealer.seal(b"x", NOW) for sealer in sealers]
+    for frame in first_frames[:3]:
+        opener.open(frame, NOW)
+    opener.open(sealers[0].seal(b"y", NOW), NOW)  # sender 0 is now the most recent
+    opener.open(first_frames[3], NOW)  # evicts sender 1, the least recently used
+    assert len(opener._senders) == 3
+    assert reason_of(opener, first_frames[0]) == "replay"
+    assert reason_of(opener, first_frames[2]) == "replay"
+    # Sender 1 was forgotten; its frame is accepted again, bounded by the timestamp window.
+    assert opener.open(first_frames[1], NOW) == b"x"
+
+
+# Timestamps
+
+
+def test_timestamp_skew_both_ways() -> None:
+    keyring = Keyring(KEY_A)
+    opener = Opener(keyring, max_skew=30.0)
+    sealer = make_sealer(keyring)
+    assert opener.open(sealer.seal(b"edge", NOW - 30.0), NOW) == b"edge"
+    assert opener.open(sealer.seal(b"edge", NOW + 30.0), NOW) == b"edge"
+    assert reason_of(opener, sealer.seal(b"old", NOW - 31.0)) == "stale_timestamp"
+    assert reason_of(opener, sealer.seal(b"new", NOW + 31.0)) == "future_timestamp"
+    assert opener.rejected == {"stale_timestamp": 1, "future_timestamp": 1}
+
+
+def test_stale_frame_does_not_consume_its_sequence_number() -> None:
+    keyring = Keyring(KEY_A)
+    opener, sealer = Opener(keyring, max_skew=10.0), make_sealer(keyring)
+    frame = sealer.seal(b"x", NOW)
+    assert reason_of(opener, frame, NOW + 11) == "stale_timestamp"
+    assert opener.open(frame, NOW + 9) == b"x"
+
+
+def test_sealer_refuses_unrepresentable_time() -> None:
+    with pytest.raises(OverflowError):
+        make_sealer(Keyring(KEY_A)).seal(b"x", -1.0)
+
+
+# Rotation
+
+
+def test_rotation_both_directions() -> None:
+    old = Keyring(KEY_A)
+    rotated = old.rotate(KEY_B)
+    assert rotated.primary == KEY_B and rotated.accepted == (KEY_A,)
+    assert rotated.network_id == old.network_id
+
+    # Step 1: a peer that only accepts the new key still seals with the old one.
+    step1 = Keyring(KEY_A, [KEY_B], network_id=old.network_id)
+    # Step 2 peers seal with the new key and still accept the old one.
+    assert Opener(step1).open(make_sealer(rotated).seal(b"new->old", NOW), NOW) == b"new->old"
+    assert Opener(rotated).open(make_sealer(step1).seal(b"old->new", NOW), NOW) == b"old->new"
+    # Step 3: the old key is gone; frames still sealed with it are refused.
+    step3 = Keyring(KEY_B, network_id=old.network_id)
+    assert reason_of(Opener(step3), make_sealer(old).seal(b"late", NOW)) == "unknown_key"
+
+
+def test_rotate_drops_the_new_key_from_accepted() -> None:
+    keyring = Keyring(KEY_A, [KEY_B]).rotate(KEY_B)
+    assert keyring.keys == (KEY_B, KEY_A)
+
+
+def test_keyring_validation() -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        Keyring(bytes(31))
+    with pytest.raises(ValueError, match="32 bytes"):
+        Keyring(KEY_A, [bytes(5)])
+    with pytest.raises(ValueError, match="16 bytes"):
+        Keyring(KEY_A, network_id=bytes(8))
+    assert Keyring(KEY_A, [KEY_A, KEY_B, KEY_B]).accepted == (KEY_B,)
+
+
+def test_keyring_repr_hides_keys() -> None:
+    text = repr(Keyring(KEY_A, [KEY_B]))
+    assert encode_key(KEY_A) not in text and KEY_A.hex() not in text
+    assert key_id_of(KEY_A).hex() in text
+
+
+# Keyring files
+
+
+def test_keyring_text_round_trip() -> None:
+    keyring = Keyring(KEY_A).rotate(KEY_B).rotate(bytes(32))
+    text = dump_keyring_text(keyring)
+    assert load_keyring_text(text) == keyring
+    assert text.splitlines()[0] == f"network {network_id_of(KEY_A).hex()}"
+
+
+def test_keygen_output_is_a_keyring() -> None:
+    keyring = load_keyring_text(encode_key(KEY_A) + "\n")
+    assert keyring == Keyring(KEY_A)
+
+
+def test_keyring_text_with_comments_and_without_network() -> None:
+    text = f"# rotated 2024-05\n\nprimary {encode_key(KEY_B)}\naccepted {encode_key(KEY_A)}\n"
+    assert load_keyring_text(text) == Keyring(KEY_B, [KEY_A])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty"),
+        ("# only a comment\n", "empty"),
+        ("not-a-key\n", "line 1: .*not valid base64"),
+        (f"accepted {encode_key(KEY_A)}\n", "no 'primary"),
+        (f"primary {encode_key(KEY_A)}\nprimary {encode_key(KEY_B)}\n", "line 2: a second"),
+        (f"primary {encode_key(KEY_A)}\nsecondary {encode_key(KEY_B)}\n", "unknown field"),
+        (f"primary {encode_key(KEY_A)} extra\n", "line 1: expected '<field> <value>'"),
+        (f"primary {encode_key(KEY_A)}\naccepted YWJj\n", "line 2: .*decodes to 3 bytes"),
+        (f"network zz\nprimary {encode_key(KEY_A)}\n", "line 1: network id is not hex"),
+        (f"network abcd\nprimary {encode_key(KEY_A)}\n", "32 hex digits"),
+        (f"network {'00' * 16}\nnetwork {'00' * 16}\nprimary {encode_key(KEY_A)}\n", "second"),
+    ],
+)
+def test_bad_keyring_files_fail_clearly(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_keyring_text(text)
+
+
+# Robustness
+
+
+@given(st.binary(max_size=200), st.floats(allow_nan=False, allow_infinity=False))
+def test_random_bytes_only_raise_seal_error(frame: bytes, now: float) -> None:
+    opener = Opener(Keyring(KEY_A))
+    try:
+        opener.open(frame, now)
+    except SealError:
+        pass
+    assert opener.accepted == 0
+
+
+@given(st.binary(min_size=OVERHEAD, max_size=200), st.integers(0, 2**64 - 1))
+def test_random_frames_with_valid_prefix_only_raise_seal_error(body: bytes, stamp: int) -> None:
+    opener = Opener(Keyring(KEY_A))
+    frame = b"GV\x01" + key_id_of(KEY_A) + body[:16] + stamp.to_bytes(8, "big") + body[16:]
+    with pytest.raises(SealError) as info:
+        opener.open(frame, NOW)
+    assert info.value.reason == "decrypt_failed"
+    assert not opener._senders
+
+
+@given(st.lists(st.integers(1, 300), max_size=60), st.integers(1, 70))
+def test_replay_window_matches_a_model(seqs: list[int], window: int) -> None:
+    keyring = Keyring(KEY_A)
+    opener, sealer = Opener(keyring, window=window), make_sealer(keyring)
+    frames: dict[int, bytes] = {}
+    for seq in sorted(set(seqs)):
+        sealer.seq = seq - 1
+        frames[seq] = sealer.seal(b"%d" % seq, NOW)
+    seen: set[int] = set()
+    for seq in seqs:
+        highest = max(seen, default=0)
+        fresh = seq not in seen and seq > highest - window
+        try:
+            opener.open(frames[seq], NOW)
+            accepted = True
+        except SealError as exc:
+            assert exc.reason == "replay"
+            accepted = False
+        assert accepted == fresh
+        if accepted:
+            seen.add(seq)
