@@ -112,6 +112,26 @@ class GossipConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskConfig:
+    """Claims, takeover and replication of tasks (DESIGN.md section 5)."""
+
+    standby_delay: float = 3.0
+    """Seconds each standby waits per rank before claiming a task nobody claimed. Must exceed
+    the time a claim takes to reach every peer (about 1 s on a LAN at 1,000 peers), or two peers
+    may both claim epoch 1 (resolved by rank and counted). Longer delays only matter when the
+    preferred owner is full or its view disagrees."""
+
+    replication: int = 1
+    """Other peers that must hold a task record durably before its submission is acknowledged.
+    Higher survives more simultaneous crashes at the cost of a slower acknowledgement."""
+
+    def validate(self) -> None:
+        """Raise `LocalProtocolError` naming the first field with an impossible value."""
+        _positive(self, "standby_delay")
+        _at_least(self, 0, "replication")
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """Everything one `protocol.node.Node` needs, composed from the per-machine configs."""
 
@@ -120,6 +140,7 @@ class NodeConfig:
 
     swim: SwimConfig = field(default_factory=SwimConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
+    tasks: TaskConfig = field(default_factory=TaskConfig)
 
     def validate(self) -> None:
         """Raise `LocalProtocolError` if any part of the configuration is impossible."""
@@ -127,6 +148,7 @@ class NodeConfig:
             raise LocalProtocolError("network_id must be 1 to 64 bytes")
         self.swim.validate()
         self.gossip.validate()
+        self.tasks.validate()
 
 
 def lan() -> NodeConfig:
@@ -145,7 +167,9 @@ def local() -> NodeConfig:
             gossip_to_the_dead=15.0,
         ),
         gossip=GossipConfig(
-            gossip_interval=0.1, retransmit_mult=2, push_pull_interval=15.0,
+            gossip_interval=0.1,
+            retransmit_mult=2,
+            push_pull_interval=15.0,
             reconnect_interval=10.0,
         ),
     )

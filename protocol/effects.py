@@ -98,6 +98,56 @@ class StallDetected:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskReplicated:
+    """A task submitted here is durable at `holders` other peers: the client may be told."""
+
+    task_id: bytes
+    holders: int
+
+
+@dataclass(frozen=True, slots=True)
+class TaskClaimed:
+    """The greatest claim known for a task changed."""
+
+    task_id: bytes
+    owner: bytes
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartExecution:
+    """Run this task here under `epoch`, then report with `Node.complete`."""
+
+    task_id: bytes
+    epoch: int
+    role: str
+    input: bytes
+    priority: int
+    timeout: float
+    parent: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CancelExecution:
+    """Stop running this task here: `reason` says why (fenced, cancelled, result accepted)."""
+
+    task_id: bytes
+    epoch: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResultAccepted:
+    """The accepted result of a task changed; `flipped` if it replaced an earlier one."""
+
+    task_id: bytes
+    epoch: int
+    owner: bytes
+    outcome: str
+    flipped: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Dropped:
     """Input from `peer` was rejected for `reason`; no state changed."""
 
@@ -114,6 +164,11 @@ Note = (
     | JoinSucceeded
     | EventReceived
     | StallDetected
+    | TaskReplicated
+    | TaskClaimed
+    | StartExecution
+    | CancelExecution
+    | ResultAccepted
     | Dropped
 )
 

@@ -15,8 +15,10 @@ Theory of operation (the rules, in the order memberlist's state.go applies them)
   is leaving. Leaving is dead(i) sent by the member about itself, recorded as `left`.
 - Push-pull merges a remote full state: alive entries are applied as alive; a remote *dead* is
   applied only as a suspicion, so the member gets a chance to refute; remote *left* is final.
-  Members first learned from a push-pull are not re-gossiped: their own gossip (and every later
-  push-pull) spreads them, which keeps join traffic from multiplying.
+  Members new to us are re-gossiped however we learned them, as memberlist does. (Keeping quiet
+  about members learned from a push-pull halves the cost of a join storm in the simulator, but
+  a fact whose retransmissions were spent while the network was small then never reaches a
+  peer that joined concurrently until the next push-pull: measured, and rejected.)
 - Only alive records are signed (by the member itself); a record whose signature fails changes
   nothing and is reported as `Dropped`.
 - Dead and left members are kept for `dead_retention`, contacted by reconnect, then forgotten.
@@ -229,9 +231,8 @@ class Membership:
 
     # Membership rules.
 
-    def apply_alive(self, now: float, a: Alive, src: str, raw: bytes | None, quiet: bool) -> None:
-        """Apply an alive record. `quiet`: learned by push-pull, so a new member is not
-        re-gossiped (updates to known members always are)."""
+    def apply_alive(self, now: float, a: Alive, src: str, raw: bytes | None) -> None:
+        """Apply an alive record (signature checked only if it would change something)."""
         m = self.members.get(a.node_id)
         if m is not None and a.node_id != self.node_id and a.incarnation <= m.incarnation:
             return  # old news changes nothing, so its signature need not be checked
@@ -248,13 +249,13 @@ class Membership:
             m = Member(a, Status.ALIVE, a.incarnation, now)
             self._add(m)
             self.port.note(MemberJoined(a.node_id, a.addr, a.incarnation))
-            if not quiet:
-                self.port.gossip(_membership_key(a.node_id), raw or encode_message(a))
+            self.port.gossip(_membership_key(a.node_id), raw or encode_message(a))
             return
         was = m.status
         if not m.up:
             self._up += 1
-        m.alive, m.status, m.incarnation, m.since, m.suspicion = a, Status.ALIVE, a.incarnation, now, None
+        m.alive, m.status, m.incarnation, m.since = a, Status.ALIVE, a.incarnation, now
+        m.suspicion = None
         self.port.gossip(_membership_key(a.node_id), raw or encode_message(a))
         if was >= Status.DEAD:
             self._insert_probe_target(a.node_id)
@@ -319,7 +320,7 @@ class Membership:
             if nid not in self.members and e.status >= Status.DEAD:
                 self._learn_departed(now, e, src)
                 continue
-            self.apply_alive(now, e.alive, src, None, quiet=True)
+            self.apply_alive(now, e.alive, src, None)
             if e.status == Status.LEFT:
                 self.apply_dead(now, Dead(nid, e.incarnation, nid), None)
             elif e.status != Status.ALIVE:
@@ -359,6 +360,10 @@ class Membership:
     # Probing.
 
     def on_probe_due(self, now: float) -> None:
+        if self._probe is not None:
+            # The round of the previous probe ends now. Its ProbeRoundEnd is due at this same
+            # instant but was armed after this timer, so it would find the probe replaced.
+            self.on_probe_round_end(now, self._probe.seq)
         swim = self.config.swim
         self.port.schedule(now + self.awareness.scale(swim.probe_interval), ProbeDue())
         target = self._next_probe_target()
@@ -474,7 +479,7 @@ class Membership:
             case Nack():
                 self.on_nack(msg)
             case Alive():
-                self.apply_alive(now, msg, src, raw, quiet=False)
+                self.apply_alive(now, msg, src, raw)
             case Suspect():
                 self.apply_suspect(now, msg, raw)
             case Dead():

@@ -2,8 +2,9 @@
 
 Theory of operation
 - The host calls `handle(now, src, data)` for every envelope received, `tick(now)` at or after
-  the `wake_at` it was last given, and the commands `join`, `leave`, `broadcast` (a user event), `set_state`.
-  Each returns `Effects`; the host persists, then sends, then reads the notifications.
+  the `wake_at` it was last given, and the commands: `join`, `leave`, `broadcast` (a user
+  event), `set_state`, and for tasks `submit`, `complete`, `cancel`, `serve`, `restore`. Each
+  returns `Effects`; the host persists, then sends, then reads the notifications.
 - Time only moves through `now`; randomness only through the injected rng. Same inputs, same
   outputs, byte for byte: that is what lets the simulator replay a seed exactly.
 - Input from peers never raises: a bad envelope is dropped whole (`Dropped`, nothing applied);
@@ -25,12 +26,14 @@ from protocol.config import (
     NodeConfig,
     push_pull_interval_for,
     retransmit_limit,
+    suspicion_min_timeout,
 )
 from protocol.effects import (
     Dropped,
     Effects,
     EventReceived,
     JoinSucceeded,
+    MemberDown,
     Note,
     Persist,
     Send,
@@ -40,6 +43,7 @@ from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.gossip import MESSAGE_OVERHEAD, BroadcastQueue, EventDedup
 from protocol.identity import Signer, VerifiedCache
 from protocol.membership import Member, Membership, Rng
+from protocol.tasks import Tasks
 from protocol.timers import (
     GossipDue,
     ProbeDue,
@@ -50,6 +54,7 @@ from protocol.timers import (
     ReconnectDue,
     RelayTimeout,
     SuspicionDue,
+    TaskStandby,
     Timer,
 )
 from protocol.wire import (
@@ -68,8 +73,22 @@ from protocol.wire import (
     encode_message,
 )
 
-_BROADCAST_KINDS = frozenset({Kind.ALIVE, Kind.SUSPECT, Kind.DEAD, Kind.USER_EVENT, Kind.PEER_STATE})
+_BROADCAST_KINDS = frozenset(
+    {
+        Kind.ALIVE,
+        Kind.SUSPECT,
+        Kind.DEAD,
+        Kind.USER_EVENT,
+        Kind.PEER_STATE,
+        Kind.TASK,
+        Kind.CLAIM,
+        Kind.RESULT,
+        Kind.CANCEL,
+        Kind.EXECUTION,
+    }
+)
 _RECENT_CAPACITY = 4096
+_MAX_LTIME_JUMP = 2**32
 _ENVELOPE_OVERHEAD = 64
 
 
@@ -112,6 +131,7 @@ class Node:
         self._timers: list[tuple[float, int, Timer]] = []
         self._timer_seq = 0
         self._last_call = now
+        self._last_heard = now
         self.queue = BroadcastQueue()
         self.events = EventDedup(config.gossip.event_dedup)
         self.ltime = 0
@@ -126,6 +146,16 @@ class Node:
         self.dropped = 0
         """Inputs rejected (each also reported as a `Dropped` notification)."""
         self.membership = Membership(config, signer, addr, incarnation, rng, self.cache, self)
+        self.tasks = Tasks(
+            signer,
+            config.network_id,
+            lambda: self.membership.incarnation,
+            config.tasks.standby_delay,
+            config.tasks.replication,
+            self.cache,
+            self,
+            self,
+        )
         g = config.gossip
         self.schedule(now + rng.random() * config.swim.probe_interval, ProbeDue())
         self.schedule(now + rng.random() * g.gossip_interval, GossipDue())
@@ -151,6 +181,8 @@ class Node:
         if isinstance(note, Dropped):
             self.dropped += 1
         self._fx.notes.append(note)
+        if isinstance(note, MemberDown):
+            self.tasks.on_member_down(self._last_call, note.node_id)
 
     def schedule(self, at: float, timer: Timer) -> None:
         """Arm `timer` for `at`."""
@@ -160,6 +192,31 @@ class Node:
     def persist(self, kind: str, key: bytes, value: bytes) -> None:
         """Ask the host to make a record durable before this call's sends leave."""
         self._fx.persists.append(Persist(kind, key, value))
+
+    def send_to_random(self, k: int, messages: list[bytes]) -> None:
+        """Send `messages` directly to `k` random alive members."""
+        for m in self.membership.random_members(k, lambda x: x.status == Status.ALIVE):
+            self.send(m.addr, messages, piggyback=False)
+
+    # View: what the task rules read of membership.
+
+    def is_down(self, node_id: bytes) -> bool:
+        """Dead, left, or unknown (a member forgotten after its retention is long dead)."""
+        m = self.membership.members.get(node_id)
+        return m is None or not m.up
+
+    def capable(self, role: str) -> list[bytes]:
+        """Live members advertising `role`, this peer included when it serves the role."""
+        out = [self.node_id] if role in self.tasks.roles else []
+        for nid, state in self.states.items():
+            if nid != self.node_id and role in state.roles and not self.is_down(nid):
+                out.append(nid)
+        return out
+
+    def addr_of(self, node_id: bytes) -> str | None:
+        """The address of a known member."""
+        m = self.membership.members.get(node_id)
+        return m.addr if m is not None else None
 
     # Entry points.
 
@@ -178,9 +235,14 @@ class Node:
         except RemoteProtocolError as exc:
             self.note(Dropped(src, str(exc)))
             return self._exit()
+        for _, raw in decoded:
+            self._remember(raw)
+        self._last_heard = now
         reply_to = envelope.sender_addr
         for msg, raw in decoded:
-            if not self.membership.dispatch(now, reply_to, msg, raw):
+            if self.membership.dispatch(now, reply_to, msg, raw):
+                continue
+            if not self.tasks.dispatch(now, reply_to, envelope.sender, msg, raw):
                 self._dispatch_other(now, reply_to, msg, raw)
         return self._exit()
 
@@ -192,17 +254,18 @@ class Node:
             self._fire(now, timer)
         return self._exit()
 
-    def join(self, now: float, seeds: list[str]) -> Effects:
+    def join(self, now: float, seeds: list[str], remember: bool = True) -> Effects:
         """Ask each seed address for its full state; `JoinSucceeded` reports the first answer.
 
-        Seeds are also remembered and retried by reconnect, so a partition that cut us off from
-        everyone but a seed still heals.
+        With `remember`, seeds are retried by reconnect for as long as they are not known alive,
+        so a partition that cut us off from everyone but a seed still heals. Pass False for
+        addresses that are only hints (members remembered from before a restart).
         """
         self._enter(now)
         for seed in seeds:
             if seed == self.addr:
                 continue
-            if seed not in self._seeds:
+            if remember and seed not in self._seeds:
                 self._seeds.append(seed)
             self._joining.add(seed)
             self._push_pull(seed, join=True, reply=False)
@@ -217,11 +280,13 @@ class Node:
         return self._exit()
 
     def leave_done(self) -> bool:
-        """True once the leave was sent to `gossip_fanout` peers, or there is no one to tell."""
+        """True once the leave was sent to `gossip_fanout` peers, or as often as the retransmit
+        limit allows when that is lower, or there is no one to tell."""
         if self._leave_msg is None:
             return False
         return (
             self.leave_transmits >= self.config.gossip.gossip_fanout
+            or ("member", self.node_id) not in self.queue
             or self.membership.alive_count() <= 1
         )
 
@@ -253,12 +318,98 @@ class Node:
         if free_slots < 0 or queue_len < 0 or not 0.0 <= load <= 1e9:
             raise LocalProtocolError("free_slots, queue_len and load must be non-negative")
         self._enter(now)
+        self._advertise(roles, free_slots, queue_len, load)
+        return self._exit()
+
+    def _advertise(
+        self, roles: tuple[str, ...], free_slots: int, queue_len: int, load: float
+    ) -> None:
         self._state_version += 1
         state = PeerState(
             self.node_id, self._state_version, tuple(roles), free_slots, queue_len, float(load)
         )
         self.states[self.node_id] = state
         self.gossip(("state", self.node_id), encode_message(state))
+
+    def submit(
+        self,
+        now: float,
+        role: str,
+        data: bytes,
+        *,
+        priority: int = 0,
+        parent: bytes = b"",
+        idempotency_key: str = "",
+        nonce: bytes = b"",
+        timeout: float = 0.0,
+        created: float = 0.0,
+    ) -> tuple[Effects, bytes]:
+        """Submit a task here; returns the effects and the task id. `TaskReplicated` reports
+        when `config.tasks.replication` other peers hold it (at once when replication is 0).
+
+        Raises:
+            LocalProtocolError: a field is out of bounds, or neither key nor nonce is given.
+        """
+        self._enter(now)
+        record = self.tasks.submit(
+            now,
+            role,
+            data,
+            priority=priority,
+            parent=parent,
+            idempotency_key=idempotency_key,
+            nonce=nonce,
+            timeout=timeout,
+            created=created,
+        )
+        if self.config.tasks.replication == 0:
+            self.tasks.acknowledge_unreplicated(record.task_id)
+        return self._exit(), record.task_id
+
+    def complete(
+        self,
+        now: float,
+        task_id: bytes,
+        epoch: int,
+        outcome: str,
+        output: bytes,
+        usage: tuple[int, int, int] = (0, 0, 0),
+    ) -> Effects:
+        """Report the end of an execution started by `StartExecution` (ignored if fenced).
+
+        Raises:
+            LocalProtocolError: unknown outcome or oversize output.
+        """
+        self._enter(now)
+        self.tasks.complete(now, task_id, epoch, outcome, output, usage)
+        return self._exit()
+
+    def cancel(self, now: float, task_id: bytes, reason: str = "cancelled") -> Effects:
+        """Cancel a task network-wide; it stops wherever it runs."""
+        self._enter(now)
+        self.tasks.cancel(now, task_id, reason)
+        return self._exit()
+
+    def serve(self, now: float, roles: tuple[str, ...], max_running: int) -> Effects:
+        """Declare the roles this peer executes and how many executions it runs at once
+        before passing its turn, advertise them, and look at open tasks again."""
+        self._enter(now)
+        self.tasks.roles = frozenset(roles)
+        self.tasks.max_running = max_running
+        self._advertise(roles, max(0, max_running - len(self.tasks.running)), 0, 0.0)
+        self.tasks.reevaluate(now)
+        return self._exit()
+
+    def restore(self, now: float, raw: bytes) -> Effects:
+        """Re-apply a task object this peer persisted before a restart. Own claims without a
+        result are resumed under the same epoch (`StartExecution` again)."""
+        self._enter(now)
+        try:
+            msg = decode_message(raw)
+        except RemoteProtocolError as exc:
+            self.note(Dropped("store", f"unreadable stored record: {exc}"))
+            return self._exit()
+        self.tasks.dispatch(now, "store", self.node_id, msg, raw)
         return self._exit()
 
     # Queries.
@@ -284,6 +435,8 @@ class Node:
         if gap > self.config.swim.stall_threshold:
             self.note(StallDetected(gap))
             self.membership.on_stall(now)
+            self.tasks.on_stall(now)
+            self._last_heard = now
 
     def _exit(self) -> Effects:
         fx = self._fx
@@ -292,21 +445,25 @@ class Node:
         return fx
 
     def _seen_recently(self, raw: bytes) -> bool:
+        return raw in self._recent or raw in self._recent_old
+
+    def _remember(self, raw: bytes) -> None:
+        # Only once the whole envelope decoded: a dropped envelope must leave no trace, or
+        # its good messages would be skipped when they arrive again in a valid one.
         # Messages are fixarrays, so raw[1] is the kind (see the module docstring).
         if len(raw) < 2 or raw[1] not in _BROADCAST_KINDS:
-            return False
-        if raw in self._recent or raw in self._recent_old:
-            return True
+            return
         self._recent.add(raw)
         if len(self._recent) >= _RECENT_CAPACITY:
             self._recent_old, self._recent = self._recent, set()
-        return False
 
     def _fire(self, now: float, timer: Timer) -> None:
         m = self.membership
         match timer:
             case ProbeDue():
                 m.on_probe_due(now)
+                if self.tasks.running and self._isolated(now):
+                    self.tasks.fence_if_isolated(now)
             case ProbeTimeout(seq):
                 m.on_probe_timeout(now, seq)
             case ProbeRoundEnd(seq):
@@ -329,6 +486,8 @@ class Node:
             case ReconnectDue():
                 self.schedule(now + self.config.gossip.reconnect_interval, ReconnectDue())
                 self._reconnect()
+            case TaskStandby(task_id):
+                self.tasks.on_standby(now, task_id)
             case ReapDue():
                 self.schedule(now + self.config.swim.gossip_to_the_dead, ReapDue())
                 for node_id in m.reap(now):
@@ -341,7 +500,7 @@ class Node:
                 for state in msg.states:
                     self._apply_state(state, None)
                 if not msg.reply:
-                    self._push_pull(src, join=False, reply=True)
+                    self._push_pull(src, join=msg.join, reply=True)
                 elif self._joining:
                     self._joining.clear()
                     self.note(JoinSucceeded(src, self.membership.alive_count()))
@@ -353,6 +512,11 @@ class Node:
                 self.note(Dropped(src, f"unexpected {type(msg).__name__} message"))
 
     def _apply_event(self, ev: UserEvent, raw: bytes | None) -> None:
+        if ev.ltime > self.ltime + _MAX_LTIME_JUMP:
+            # Unsigned events could otherwise push every clock so far that all later events
+            # look too old (Serf has this weakness).
+            self.note(Dropped("event", f"event clock {ev.ltime} jumps too far ahead"))
+            return
         self.ltime = max(self.ltime, ev.ltime)
         if ev.ltime + self.config.gossip.event_dedup < self.ltime:
             return  # older than anything we still remember: it may be a replay
@@ -377,7 +541,18 @@ class Node:
     def _push_pull(self, addr: str, join: bool, reply: bool) -> None:
         states = tuple(self.states.values())
         msg = PushPull(join, reply, tuple(self.membership.entries()), states)
-        self.send(addr, [encode_message(msg)], piggyback=False)
+        messages = [encode_message(msg)]
+        if self.tasks.tasks:
+            messages.append(encode_message(self.tasks.digests()))
+        self.send(addr, messages, piggyback=False)
+
+    def _isolated(self, now: float) -> bool:
+        # Heard from no one for as long as others need to declare us dead: they will take
+        # our work over, so what runs here would only be a duplicate.
+        n = self.membership.alive_count()
+        swim = self.config.swim
+        quiet = suspicion_min_timeout(swim.suspicion_mult, n, swim.probe_interval)
+        return n > 1 and now - self._last_heard > quiet + swim.probe_interval
 
     def _reconnect(self) -> None:
         m = self.membership

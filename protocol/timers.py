@@ -64,6 +64,13 @@ class ReapDue:
     """Time to forget members dead for longer than the retention."""
 
 
+@dataclass(frozen=True, slots=True)
+class TaskStandby:
+    """A standby's turn to look at `task_id` again (claim it if still unclaimed)."""
+
+    task_id: bytes
+
+
 Timer = (
     ProbeDue
     | ProbeTimeout
@@ -74,4 +81,5 @@ Timer = (
     | PushPullDue
     | ReconnectDue
     | ReapDue
+    | TaskStandby
 )

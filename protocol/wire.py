@@ -39,6 +39,10 @@ MAX_NAME_CHARS = 128
 MAX_EVENT_PAYLOAD = 8 * 1024
 """Largest user event payload (Serf allows 512 bytes by default, 9 KiB at most)."""
 MAX_ROLES = 64
+MAX_INLINE_PAYLOAD = 64 * 1024
+"""Largest task input or result output carried inline; larger payloads are rejected for now
+(content-addressed blobs fetched over HTTP are the planned remedy)."""
+MAX_NONCE = 16
 MAX_UINT = 2**63 - 1
 
 
@@ -55,6 +59,14 @@ class Kind(IntEnum):
     PUSH_PULL = 8
     USER_EVENT = 9
     PEER_STATE = 10
+    TASK = 11
+    CLAIM = 12
+    RESULT = 13
+    CANCEL = 14
+    EXECUTION = 15
+    TASK_HELD = 16
+    TASK_DIGESTS = 17
+    TASK_WANT = 18
 
 
 class Status(IntEnum):
@@ -142,7 +154,7 @@ class MemberEntry:
 @dataclass(frozen=True, slots=True)
 class PushPull:
     """Full membership state. `reply` is False on the request, True on the answer; `join`
-    marks a request from a peer that is joining through us."""
+    marks a request from a peer joining through us, and is echoed on the answer."""
 
     join: bool
     reply: bool
@@ -173,8 +185,155 @@ class PeerState:
     load: float
 
 
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """A unit of work, signed by the peer it was submitted at (its origin).
+
+    `task_id` hashes the origin, the idempotency key (or, without one, the nonce) and the spec,
+    so resubmitting with the same key at the same origin names the same task.
+    """
+
+    origin_key: bytes
+    created: float  # the origin's wall clock; informational only, never compared
+    role: str
+    input: bytes
+    priority: int
+    parent: bytes  # the parent task's id, or b"" for a root task
+    idempotency_key: str
+    nonce: bytes
+    timeout: float  # seconds one execution may run; 0 means no limit
+    sig: bytes
+    task_id: bytes  # derived on decode, never sent
+    origin: bytes  # sha256(origin_key); derived
+
+    def signed_payload(self) -> bytes:
+        """The payload the origin's signature covers."""
+        return bytes(msgpack.packb(_task_fields(self)[1:-1]))
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """`owner` claims the task for `epoch`; claims are ordered by (epoch, HRW score)."""
+
+    task_id: bytes
+    owner_key: bytes
+    owner_incarnation: int
+    epoch: int
+    sig: bytes
+    owner: bytes  # derived
+
+    def signed_payload(self) -> bytes:
+        """The payload the owner's signature covers."""
+        return bytes(
+            msgpack.packb([self.task_id, self.owner_key, self.owner_incarnation, self.epoch])
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The outcome of `owner`'s execution under `epoch`. `usage` is (prompt tokens,
+    completion tokens, cost in millionths of a dollar)."""
+
+    task_id: bytes
+    epoch: int
+    owner_key: bytes
+    outcome: str
+    output: bytes
+    usage: tuple[int, int, int]
+    sig: bytes
+    owner: bytes  # derived
+
+    def signed_payload(self) -> bytes:
+        """The payload the owner's signature covers."""
+        return bytes(
+            msgpack.packb(
+                [
+                    self.task_id,
+                    self.epoch,
+                    self.owner_key,
+                    self.outcome,
+                    self.output,
+                    list(self.usage),
+                ]
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """A request, signed by the peer that made it, to stop the task wherever it runs."""
+
+    task_id: bytes
+    by_key: bytes
+    reason: str
+    sig: bytes
+    by: bytes  # derived
+
+    def signed_payload(self) -> bytes:
+        """The payload the canceller's signature covers."""
+        return bytes(msgpack.packb([self.task_id, self.by_key, self.reason]))
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    """An execution-log entry: `owner` started (phase 0) or ended (phase 1) running the task
+    under `epoch`, with `outcome` (ended: ok, failed, timeout, fenced, cancelled)."""
+
+    task_id: bytes
+    epoch: int
+    owner_key: bytes
+    phase: int
+    outcome: str
+    sig: bytes
+    owner: bytes  # derived
+
+    def signed_payload(self) -> bytes:
+        """The payload the owner's signature covers."""
+        return bytes(
+            msgpack.packb([self.task_id, self.epoch, self.owner_key, self.phase, self.outcome])
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TaskHeld:
+    """Sent to a task's origin by each peer that made the task record durable."""
+
+    task_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class TaskDigests:
+    """Anti-entropy summary: (task id, digest of the objects held) for every task held."""
+
+    entries: tuple[tuple[bytes, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskWant:
+    """Ask for every object held about these tasks."""
+
+    ids: tuple[bytes, ...]
+
+
 Message = (
-    Ping | IndirectPing | Ack | Nack | Alive | Suspect | Dead | PushPull | UserEvent | PeerState
+    Ping
+    | IndirectPing
+    | Ack
+    | Nack
+    | Alive
+    | Suspect
+    | Dead
+    | PushPull
+    | UserEvent
+    | PeerState
+    | TaskRecord
+    | Claim
+    | Result
+    | Cancel
+    | Execution
+    | TaskHeld
+    | TaskDigests
+    | TaskWant
 )
 
 
@@ -185,6 +344,22 @@ class Envelope:
     sender: bytes
     sender_addr: str
     messages: tuple[bytes, ...]
+
+
+def task_id_of(
+    origin: bytes,
+    idempotency_key: str,
+    nonce: bytes,
+    role: str,
+    input_digest: bytes,
+    priority: int,
+    parent: bytes,
+    timeout: float,
+) -> bytes:
+    """The id of a task: sha256 over origin, idempotency key (or nonce) and spec."""
+    key = b"k" + idempotency_key.encode() if idempotency_key else b"n" + nonce
+    spec = msgpack.packb([key, role, input_digest, priority, parent, float(timeout)])
+    return hashlib.sha256(b"grapevine/task-id/v1" + origin + spec).digest()
 
 
 def alive_payload(public_key: bytes, addr: str, incarnation: int) -> bytes:
@@ -213,6 +388,22 @@ def _state_fields(s: PeerState) -> list[Any]:
     return [s.node_id, s.version, list(s.roles), s.free_slots, s.queue_len, float(s.load)]
 
 
+def _task_fields(t: TaskRecord) -> list[Any]:
+    return [
+        Kind.TASK,
+        t.origin_key,
+        float(t.created),
+        t.role,
+        t.input,
+        t.priority,
+        t.parent,
+        t.idempotency_key,
+        t.nonce,
+        float(t.timeout),
+        t.sig,
+    ]
+
+
 def _to_fields(msg: Message) -> list[Any]:
     match msg:
         case Ping(seq, target):
@@ -236,6 +427,22 @@ def _to_fields(msg: Message) -> list[Any]:
             return [Kind.USER_EVENT, origin, ltime, name, payload]
         case PeerState():
             return [Kind.PEER_STATE, *_state_fields(msg)]
+        case TaskRecord():
+            return _task_fields(msg)
+        case Claim(task_id, owner_key, incarnation, epoch, sig):
+            return [Kind.CLAIM, task_id, owner_key, incarnation, epoch, sig]
+        case Result(task_id, epoch, owner_key, outcome, output, usage, sig):
+            return [Kind.RESULT, task_id, epoch, owner_key, outcome, output, list(usage), sig]
+        case Cancel(task_id, by_key, reason, sig):
+            return [Kind.CANCEL, task_id, by_key, reason, sig]
+        case Execution(task_id, epoch, owner_key, phase, outcome, sig):
+            return [Kind.EXECUTION, task_id, epoch, owner_key, phase, outcome, sig]
+        case TaskHeld(task_id):
+            return [Kind.TASK_HELD, task_id]
+        case TaskDigests(entries):
+            return [Kind.TASK_DIGESTS, [list(e) for e in entries]]
+        case TaskWant(ids):
+            return [Kind.TASK_WANT, list(ids)]
     raise TypeError(f"not a wire message: {msg!r}")  # pragma: no cover - typing guards this
 
 
@@ -243,17 +450,20 @@ def _to_fields(msg: Message) -> list[Any]:
 
 
 def _unpack(data: bytes, limit: int) -> Any:
-    if len(data) > limit:
-        raise RemoteProtocolError(f"{len(data)} bytes exceeds the limit of {limit}")
+    size = len(data)
+    if size > limit:
+        raise RemoteProtocolError(f"{size} bytes exceeds the limit of {limit}")
+    # msgpack reserves room for a container as soon as it reads the claimed length; every
+    # element takes at least one byte, so no honest claim exceeds the input size.
     try:
         return msgpack.unpackb(
             data,
             raw=False,
             use_list=True,
             strict_map_key=True,
-            max_str_len=MAX_EVENT_PAYLOAD,
-            max_bin_len=min(limit, MAX_MESSAGE_BYTES),
-            max_array_len=MAX_MESSAGES,
+            max_str_len=min(MAX_EVENT_PAYLOAD, size),
+            max_bin_len=min(limit, MAX_MESSAGE_BYTES, size),
+            max_array_len=min(MAX_MESSAGES, size),
             max_map_len=0,
             max_ext_len=0,
         )
@@ -318,6 +528,43 @@ def decode_message(data: bytes) -> Message:
             return UserEvent(_node_id(f[1]), _uint(f[2]), _name(f[3]), _payload(f[4]))
         case Kind.PEER_STATE:
             return _peer_state(f[1:])
+        case Kind.TASK:
+            return _task(f)
+        case Kind.CLAIM:
+            key = _key(f[2])
+            return Claim(_node_id(f[1]), key, _uint(f[3]), _uint(f[4]), _sig(f[5]), _hash(key))
+        case Kind.RESULT:
+            key = _key(f[3])
+            usage = f[6]
+            if not isinstance(usage, list) or len(usage) != 3:
+                raise RemoteProtocolError("result usage must be 3 unsigned integers")
+            return Result(
+                _node_id(f[1]),
+                _uint(f[2]),
+                key,
+                _name(f[4]),
+                _inline(f[5]),
+                (_uint(usage[0]), _uint(usage[1]), _uint(usage[2])),
+                _sig(f[7]),
+                _hash(key),
+            )
+        case Kind.CANCEL:
+            key = _key(f[2])
+            return Cancel(_node_id(f[1]), key, _text(f[3]), _sig(f[4]), _hash(key))
+        case Kind.EXECUTION:
+            key = _key(f[3])
+            phase = _uint(f[4])
+            if phase > 1:
+                raise RemoteProtocolError("execution phase must be 0 (start) or 1 (end)")
+            return Execution(
+                _node_id(f[1]), _uint(f[2]), key, phase, _name(f[5]), _sig(f[6]), _hash(key)
+            )
+        case Kind.TASK_HELD:
+            return TaskHeld(_node_id(f[1]))
+        case Kind.TASK_DIGESTS:
+            return TaskDigests(tuple(_digest_entry(e) for e in _array(f[1])))
+        case Kind.TASK_WANT:
+            return TaskWant(tuple(_node_id(t) for t in _array(f[1])))
 
 
 _ARITY = {
@@ -331,6 +578,14 @@ _ARITY = {
     Kind.PUSH_PULL: 5,
     Kind.USER_EVENT: 5,
     Kind.PEER_STATE: 7,
+    Kind.TASK: 11,
+    Kind.CLAIM: 6,
+    Kind.RESULT: 8,
+    Kind.CANCEL: 5,
+    Kind.EXECUTION: 7,
+    Kind.TASK_HELD: 2,
+    Kind.TASK_DIGESTS: 2,
+    Kind.TASK_WANT: 2,
 }
 
 
@@ -357,10 +612,9 @@ def _push_pull(f: list[Any]) -> PushPull:
     for row in rows:
         if not isinstance(row, list) or len(row) != 6:
             raise RemoteProtocolError("push-pull member row must have 6 fields")
-        try:
-            status = Status(row[4])
-        except ValueError:
-            raise RemoteProtocolError(f"unknown member status {row[4]!r}") from None
+        if type(row[4]) is not int or not 0 <= row[4] < len(Status):
+            raise RemoteProtocolError(f"unknown member status {row[4]!r}")
+        status = Status(row[4])
         members.append(MemberEntry(_alive(row[:4]), status, _uint(row[5])))
     return PushPull(join, reply, tuple(members), tuple(_peer_state(s) for s in states))
 
@@ -381,6 +635,79 @@ def _peer_state(f: Any) -> PeerState:
         _uint(queue_len),
         load,
     )
+
+
+def _task(f: list[Any]) -> TaskRecord:
+    key = _key(f[1])
+    created, timeout = f[2], f[9]
+    if type(created) is not float or type(timeout) is not float or not 0.0 <= timeout <= 1e9:
+        raise RemoteProtocolError("task created and timeout must be non-negative floats")
+    role, data, priority, parent = _name(f[3]), _inline(f[4]), _uint(f[5]), f[6]
+    if type(parent) is not bytes or len(parent) not in (0, NODE_ID_BYTES):
+        raise RemoteProtocolError("task parent must be a task id or empty")
+    idem, nonce = f[7], f[8]
+    if type(idem) is not str or len(idem) > MAX_NAME_CHARS:
+        raise RemoteProtocolError(f"idempotency key must be at most {MAX_NAME_CHARS} chars")
+    if type(nonce) is not bytes or len(nonce) > MAX_NONCE:
+        raise RemoteProtocolError(f"task nonce must be at most {MAX_NONCE} bytes")
+    origin = _hash(key)
+    task_id = task_id_of(
+        origin, idem, nonce, role, hashlib.sha256(data).digest(), priority, parent, timeout
+    )
+    return TaskRecord(
+        key,
+        created,
+        role,
+        data,
+        priority,
+        parent,
+        idem,
+        nonce,
+        timeout,
+        _sig(f[10]),
+        task_id,
+        origin,
+    )
+
+
+def _array(v: Any) -> list[Any]:
+    if not isinstance(v, list):
+        raise RemoteProtocolError("expected an array")
+    return v
+
+
+def _digest_entry(v: Any) -> tuple[bytes, bytes]:
+    if not isinstance(v, list) or len(v) != 2 or type(v[1]) is not bytes or len(v[1]) != 8:
+        raise RemoteProtocolError("a task digest entry is [task id, 8-byte digest]")
+    return (_node_id(v[0]), v[1])
+
+
+def _key(v: Any) -> bytes:
+    if type(v) is not bytes or len(v) != PUBLIC_KEY_BYTES:
+        raise RemoteProtocolError("a public key must be 32 bytes")
+    return v
+
+
+def _sig(v: Any) -> bytes:
+    if type(v) is not bytes or len(v) != SIGNATURE_BYTES:
+        raise RemoteProtocolError("a signature must be 64 bytes")
+    return v
+
+
+def _hash(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
+
+
+def _inline(v: Any) -> bytes:
+    if type(v) is not bytes or len(v) > MAX_INLINE_PAYLOAD:
+        raise RemoteProtocolError(f"an inline payload must be at most {MAX_INLINE_PAYLOAD} bytes")
+    return v
+
+
+def _text(v: Any) -> str:
+    if type(v) is not str or len(v) > MAX_NAME_CHARS:
+        raise RemoteProtocolError(f"a reason must be a string of at most {MAX_NAME_CHARS} chars")
+    return v
 
 
 def _uint(v: Any) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 
 import pytest
@@ -350,10 +351,8 @@ def test_bad_keyring_files_fail_clearly(text: str, message: str) -> None:
 @given(st.binary(max_size=200), st.floats(allow_nan=False, allow_infinity=False))
 def test_random_bytes_only_raise_seal_error(frame: bytes, now: float) -> None:
     opener = Opener(Keyring(KEY_A))
-    try:
+    with contextlib.suppress(SealError):
         opener.open(frame, now)
-    except SealError:
-        pass
     assert opener.accepted == 0
 
 

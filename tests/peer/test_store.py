@@ -57,7 +57,7 @@ def test_reopen_keeps_schema_and_refuses_newer_schema(data_dir: Path) -> None:
     with db:
         db.execute("UPDATE schema_version SET version = 99")
     db.close()
-    with pytest.raises(StoreError, match="schema version 99.*upgrade Grapevine"):
+    with pytest.raises(StoreError, match=r"schema version 99.*upgrade Grapevine"):
         Store.open(data_dir)
 
 

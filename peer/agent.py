@@ -1,0 +1,208 @@
+"""`grapevine agent`: one peer process, from settings to a graceful exit.
+
+Invariants:
+- Start-up order: keyring and store (refusing clearly if unusable), identity, a new
+  incarnation made durable *before* the node exists (so a restart always starts higher), the
+  transport, the node and its driver, the API, then the join in the background. The ready line
+  goes to stderr once both servers listen.
+- Shutdown (SIGINT, SIGTERM or `POST /v1/leave`) is always graceful: gossip the leave and wait
+  for it to go out (at most `LEAVE_TIMEOUT`), save membership hints, stop the API and the
+  transport (letting in-flight sends finish briefly), close the store.
+- A restart with the same data directory keeps the identity, takes a higher incarnation and
+  re-joins through the members it knew, as well as the configured seeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import sys
+from typing import Any
+
+from bootstrap.join import join_with_retry, refresh_seeds
+from bootstrap.seeds import parse_seeds
+from peer.api import PeerApi
+from peer.driver import Driver
+from peer.keys import load_network_keyring
+from peer.sealing import Keyring
+from peer.settings import AgentSettings, SettingsError
+from peer.store import Store, StoreError
+from peer.transport import Transport
+from protocol.config import lan, local, with_network
+from protocol.identity import Signer, short_id
+from protocol.node import Node
+
+log = logging.getLogger(__name__)
+
+LEAVE_TIMEOUT = 3.0
+SEED_ROLES = ()
+AGENT_ROLES = ("echo", "sleep")
+"""Roles advertised until the agent host (peer/agents) declares real ones."""
+AGENT_SLOTS = 4
+
+
+def _incarnation_record(store: Store) -> int:
+    raw = store.get("incarnation", b"self")
+    return int.from_bytes(raw, "big") if raw else 0
+
+
+async def run_agent(
+    settings: AgentSettings,
+    *,
+    stop: asyncio.Event | None = None,
+    handle_signals: bool = True,
+) -> int:
+    """Run one peer until it is told to stop, then leave gracefully.
+
+    Args:
+        settings: validated settings (`peer.settings.load_settings`).
+        stop: set it to make the peer leave and exit (tests; signals and the API do the same).
+        handle_signals: leave on SIGINT/SIGTERM (needs the main thread).
+
+    Returns:
+        The process exit status: 0 after a graceful exit, 1 if the peer could not start
+        (address in use, data directory locked), 2 if the settings are unusable (no key).
+    """
+    try:
+        keyring = load_network_keyring(settings)
+    except SettingsError as exc:
+        print(f"grapevine agent: {exc}", file=sys.stderr)
+        return 2
+    try:
+        store = Store.open(settings.data_dir)
+    except (StoreError, OSError) as exc:
+        print(f"grapevine agent: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return await _run(settings, keyring, store, stop or asyncio.Event(), handle_signals)
+    finally:
+        store.close()
+
+
+async def _run(
+    settings: AgentSettings,
+    keyring: Keyring,
+    store: Store,
+    stop: asyncio.Event,
+    handle_signals: bool,
+) -> int:
+    loop = asyncio.get_running_loop()
+    try:
+        signer = Signer(store.load_or_create_identity(), keyring.network_id)
+    except StoreError as exc:
+        print(f"grapevine agent: {exc}", file=sys.stderr)
+        return 1
+    incarnation = max(store.load_incarnation(), _incarnation_record(store)) + 1
+    store.save_incarnation(incarnation)
+    seeds = parse_seeds(list(settings.join))
+
+    bind_host, bind_port = settings.bind_host_port()
+    transport = Transport(bind_host, bind_port, keyring, os.urandom(8), lambda s, d: None)
+    try:
+        await transport.start()
+    except OSError as exc:
+        print(
+            f"grapevine agent: cannot listen on {settings.bind}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 1
+    advertise = settings.advertise_address(transport.port)
+    config = with_network(local() if settings.profile == "local" else lan(), keyring.network_id)
+    node = Node(config, signer, advertise, random.Random(), loop.time(), incarnation)
+    driver = Driver(node, transport, store)
+    transport.on_receive = driver.receive
+    driver.start()
+    roles = SEED_ROLES if settings.no_agents else AGENT_ROLES
+    driver.set_state(roles, 0 if settings.no_agents else AGENT_SLOTS, 0, 0.0)
+
+    api = PeerApi(driver, transport, settings.data_dir, stop.set)
+    api_host, api_port = settings.api_host_port()
+    try:
+        await api.start(api_host, api_port)
+    except OSError as exc:
+        print(
+            f"grapevine agent: cannot serve the API on {settings.api}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        driver.stop()
+        await transport.stop()
+        return 1
+
+    if handle_signals:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signum, stop.set)
+    print(
+        f"grapevine agent {short_id(signer.node_id)} listening on "
+        f"{_host_port(bind_host, transport.port)} (api {api.address}), "
+        f"network {keyring.network_id.hex()[:8]}",
+        file=sys.stderr,
+        flush=True,
+    )
+    log.info(
+        "advertising %s, incarnation %d, profile %s%s",
+        advertise,
+        incarnation,
+        settings.profile,
+        ", seed-only (no agents)" if settings.no_agents else "",
+    )
+
+    hints = [addr for _, addr, _ in store.load_members() if addr != advertise]
+    driver.hints = set(hints)
+    background: list[asyncio.Task[Any]] = []
+    if seeds or hints:
+        background.append(
+            loop.create_task(
+                join_with_retry(
+                    seeds,
+                    driver.join,
+                    hints=hints,
+                    failure_reason=transport.last_failure.get,
+                )
+            )
+        )
+        background.append(loop.create_task(refresh_seeds(seeds, driver.join_now)))
+    try:
+        await stop.wait()
+    finally:
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        if handle_signals:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(signum)
+        log.info("leaving the network")
+        done = await driver.leave(LEAVE_TIMEOUT)
+        if not done:
+            log.warning("leave not confirmed within %.0f s; exiting anyway", LEAVE_TIMEOUT)
+        driver.stop()
+        await api.stop()
+        await transport.stop()
+    print(f"grapevine agent {short_id(signer.node_id)} left", file=sys.stderr, flush=True)
+    return 0
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def main_agent(settings: AgentSettings) -> int:
+    """Configure logging from `settings` and run the peer to completion (blocking).
+
+    Returns:
+        The exit status `run_agent` returned (130 if interrupted before it could leave).
+    """
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return asyncio.run(run_agent(settings))
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,169 @@
+"""Human renderings of the local API's objects for the `grapevine` command (pure functions).
+
+Invariants:
+- Every function takes decoded API objects (docs/http-api.md) and returns text; none prints,
+  reads the clock (except to show a timestamp in local time) or raises on missing fields: a
+  field a peer did not send is shown as "-" or "?".
+- `--json` output never comes from here except `as_json`, which keeps the API's field names.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from peer.client import JsonObject
+
+_MEMBER_STATE = {
+    "member-joined": "alive",
+    "member-updated": "alive",
+    "member-recovered": "alive",
+    "member-suspected": "suspect",
+    "member-down": "dead",
+    "member-left": "left",
+}
+"""The status a member is in after each membership event of the event stream."""
+
+
+def as_json(value: Any) -> str:
+    """Indented JSON with sorted keys, as every `--json` prints it."""
+    return json.dumps(value, indent=2, sort_keys=True)
+
+
+def members_table(members: Sequence[JsonObject]) -> str:
+    """The `grapevine members` table, ourselves first (marked "(self)"), then by address, and a
+    summary line such as "5 members: 4 alive, 1 dead"."""
+    ordered = sorted(members, key=lambda m: (not m.get("self"), str(m.get("address", ""))))
+    rows = [
+        [
+            short(m.get("short_id") or m.get("id")) + (" (self)" if m.get("self") else ""),
+            str(m.get("address", "-")),
+            str(m.get("status", "?")),
+            str(m.get("incarnation", "?")),
+            ",".join(str(r) for r in m.get("roles") or []) or "-",
+            number(m.get("free_slots")),
+            number(m.get("queue_len")),
+            number(m.get("load")),
+        ]
+        for m in ordered
+    ]
+    header = ["ID", "ADDRESS", "STATUS", "INC", "ROLES", "SLOTS", "QUEUE", "LOAD"]
+    counts: dict[str, int] = {}
+    for m in members:
+        status = str(m.get("status", "?"))
+        counts[status] = counts.get(status, 0) + 1
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    return f"{table(header, rows)}\n{len(members)} members: {summary}"
+
+
+def event_line(event: JsonObject) -> str:
+    """One line for an event of `/v1/events`, e.g.
+    "14:03:22 member-down k3j4h5l2mn 10.0.0.7:7946 (dead, incarnation 3)"."""
+    kind = str(event.get("type", "?"))
+    when = clock(event.get("time"))
+    if kind == "event":
+        text = (
+            f"{when} event {event.get('name')} from {short(event.get('origin'))} "
+            f"(ltime {event.get('ltime')})"
+        )
+        payload = str(event.get("payload") or "")
+        return f"{text}: {payload}" if payload else text
+    state = _MEMBER_STATE.get(kind)
+    if state is not None:
+        who = short(event.get("short_id") or event.get("id"))
+        address = f" {event['address']}" if event.get("address") else ""
+        return f"{when} {kind} {who}{address} ({state}, incarnation {event.get('incarnation')})"
+    rest = {k: v for k, v in event.items() if k not in ("type", "time")}
+    return f"{when} {kind} {json.dumps(rest, sort_keys=True)}"
+
+
+def self_table(info: JsonObject) -> str:
+    """`grapevine self`: one "name  value" line per field, uptime as a duration."""
+    rows = []
+    for key, value in info.items():
+        shown = duration(value) if key == "uptime" else number(value)
+        rows.append([key.replace("_", " "), shown])
+    return table([], rows)
+
+
+def health_line(health: JsonObject) -> str:
+    """`grapevine health`, e.g. "ok: 5 members alive, up 3m12s"."""
+    uptime = health.get("uptime")
+    up = f", up {duration(uptime)}" if isinstance(uptime, int | float) else ""
+    return f"{health.get('status', '?')}: {health.get('members_alive', '?')} members alive{up}"
+
+
+def metrics_table(metrics: JsonObject) -> str:
+    """`grapevine metrics`: one line per counter; per-reason counters one line per reason."""
+    rows: list[list[str]] = []
+    for key, value in metrics.items():
+        label = key.replace("_", " ")
+        if isinstance(value, dict):
+            if not value:
+                rows.append([label, "0"])
+            rows.extend([f"{label} ({reason})", number(n)] for reason, n in sorted(value.items()))
+        else:
+            rows.append([label, number(value)])
+    return table([], rows)
+
+
+def keyring_table(keyring: JsonObject) -> str:
+    """The key ids of a keyring: the primary first, then each accepted one."""
+    rows = [["primary", str(keyring.get("primary", "?"))]]
+    rows += [["accepted", str(key_id)] for key_id in keyring.get("accepted") or []]
+    return table([], rows)
+
+
+def table(header: list[str], rows: Sequence[list[str]]) -> str:
+    """Left-aligned columns two spaces apart; `header` may be empty."""
+    lines = ([header] if header else []) + list(rows)
+    if not lines:
+        return ""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def clock(value: object) -> str:
+    """Local time of day ("14:03:22") of a Unix timestamp or ISO 8601 string; "--:--:--" if
+    it is neither."""
+    try:
+        if isinstance(value, int | float):
+            return datetime.fromtimestamp(value).strftime("%H:%M:%S")
+        if isinstance(value, str):
+            return datetime.fromisoformat(value).astimezone().strftime("%H:%M:%S")
+    except (ValueError, OverflowError, OSError):
+        pass
+    return "--:--:--"
+
+
+def short(node_id: object) -> str:
+    """The 10-character short form of a node id ("?" when absent)."""
+    return str(node_id)[:10] if node_id else "?"
+
+
+def number(value: object) -> str:
+    """A counter or gauge for a table: floats with two decimals, None as "-"."""
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return "-" if value is None else str(value)
+
+
+def duration(seconds: object) -> str:
+    """A compact duration: "42.0s", "3m12s", "5h07m", "2d3h"."""
+    if not isinstance(seconds, int | float):
+        return number(seconds)
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{seconds:.1f}s"

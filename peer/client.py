@@ -1,0 +1,301 @@
+"""Async Python client for a peer's local HTTP API (docs/http-api.md).
+
+Invariants:
+- Every failure surfaces as one of two exceptions: `ClientError` when the peer could not be
+  reached or answered something that is not HTTP/JSON at all, `ApiError` when it answered with
+  an error status (RFC 9457 problem details). Both derive from `GrapevineError`.
+- Answers are returned as the decoded JSON objects the API documents, field names unchanged, so
+  `grapevine ... --json` and this client speak the same vocabulary.
+- One `aiohttp.ClientSession` per `GrapevineClient`, opened by `async with` and closed on exit.
+
+Example::
+
+    async with GrapevineClient("127.0.0.1:8946") as peer:
+        for member in await peer.members():
+            print(member["short_id"], member["status"])
+        async for event in peer.events(follow=True):
+            print(event["type"])
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any, Self
+
+import aiohttp
+
+DEFAULT_API = "127.0.0.1:8946"
+"""Where `grapevine agent` serves its API unless told otherwise (`--api`)."""
+
+JsonObject = dict[str, Any]
+
+_REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=15.0, sock_connect=5.0)
+# A followed event stream stays open indefinitely; only connecting is bounded.
+_STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=None)
+
+
+class GrapevineError(Exception):
+    """Base of the errors this client raises."""
+
+
+class ClientError(GrapevineError):
+    """The peer's API could not be reached, or its answer was not valid HTTP/JSON.
+
+    Attributes:
+        api: the address the client was talking to, as given (e.g. "127.0.0.1:8946").
+        reason: a short lowercase cause, e.g. "connection refused" or "timed out".
+    """
+
+    def __init__(self, api: str, reason: str) -> None:
+        super().__init__(f"cannot reach the peer API at {api} ({reason})")
+        self.api = api
+        self.reason = reason
+
+
+class ApiError(GrapevineError):
+    """The peer answered with an error status and (usually) RFC 9457 problem details.
+
+    Attributes:
+        status: the HTTP status code.
+        title: the problem's short summary (the reason phrase when the body had none).
+        detail: the problem's explanation; may be empty.
+    """
+
+    def __init__(self, status: int, title: str, detail: str = "") -> None:
+        super().__init__(f"{title}: {detail}" if detail else title)
+        self.status = status
+        self.title = title
+        self.detail = detail
+
+
+def base_url(api: str) -> str:
+    """Return the HTTP base URL for an API address.
+
+    Args:
+        api: "host:port", "[v6addr]:port" or a full "http://host:port" URL.
+
+    Returns:
+        The URL without a trailing slash, e.g. "http://127.0.0.1:8946".
+
+    Raises:
+        ValueError: the address has no port or an unsupported scheme.
+    """
+    text = api.strip().rstrip("/")
+    if "://" in text:
+        if not text.startswith(("http://", "https://")):
+            raise ValueError(f"the API address {api!r} must use http:// or https://")
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"the API address {api!r} must be host:port, e.g. {DEFAULT_API}")
+    return f"http://{text}"
+
+
+class GrapevineClient:
+    """A connection to one peer's local HTTP API; use it as an async context manager.
+
+    Args:
+        api: the API address (`--api` of `grapevine agent`), "host:port" or an http URL.
+
+    Raises:
+        ValueError: `api` is not a usable address (raised by the constructor).
+    """
+
+    def __init__(self, api: str = DEFAULT_API) -> None:
+        self.api = api
+        self._base = base_url(api)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Self:
+        self._session = aiohttp.ClientSession(timeout=_REQUEST_TIMEOUT)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def self_info(self) -> JsonObject:
+        """Return this peer's identity: id, short_id, address, api, incarnation, network_id,
+        version and uptime (`GET /v1/self`)."""
+        return await self._request("GET", "/v1/self")
+
+    async def health(self) -> JsonObject:
+        """Return `{status, members_alive, uptime}`; status is "ok" or "leaving"."""
+        return await self._request("GET", "/v1/health")
+
+    async def members(self) -> list[JsonObject]:
+        """Return every member this peer knows, itself included (`self: true`).
+
+        Each has id, short_id, address, status (alive, suspect, dead or left), incarnation,
+        self, roles, free_slots, queue_len and load.
+        """
+        answer = await self._request("GET", "/v1/members")
+        return _list_field(answer, "members", self.api)
+
+    async def leave(self) -> JsonObject:
+        """Ask the peer to leave the network gracefully; it gossips the leave, then exits 0."""
+        return await self._request("POST", "/v1/leave")
+
+    async def send_event(self, name: str, payload: str = "") -> JsonObject:
+        """Broadcast a user event to every peer; returns `{origin, ltime}`.
+
+        Args:
+            name: the event name.
+            payload: a UTF-8 string, possibly empty; the peer enforces the size limit.
+        """
+        return await self._request("POST", "/v1/events", {"name": name, "payload": payload})
+
+    async def recent_events(self) -> list[JsonObject]:
+        """Return the peer's buffer of recent events and membership changes (up to 1,000)."""
+        answer = await self._request("GET", "/v1/events")
+        return _list_field(answer, "events", self.api)
+
+    async def events(self, follow: bool = True) -> AsyncIterator[JsonObject]:
+        """Yield events as the peer receives them (`GET /v1/events?follow=1`, server-sent events).
+
+        Each is `{type, time, ...}` as docs/http-api.md lists. With `follow=False`, yields the
+        recent buffer and stops. A followed stream ends only when the peer closes it.
+
+        Raises:
+            ClientError: the peer could not be reached or the stream broke off mid-event.
+            ApiError: the peer refused the request.
+        """
+        if not follow:
+            for event in await self.recent_events():
+                yield event
+            return
+        session = self._require_session()
+        url = self._base + "/v1/events"
+        try:
+            async with session.get(
+                url,
+                params={"follow": "1"},
+                timeout=_STREAM_TIMEOUT,
+                headers={"Accept": "text/event-stream"},
+            ) as response:
+                if response.status >= 400:
+                    raise await _api_error(response)
+                data: list[str] = []
+                async for raw in response.content:
+                    line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                    if line.startswith("data:"):
+                        data.append(line[5:].removeprefix(" "))
+                    elif not line and data:
+                        yield _decode_event("\n".join(data), self.api)
+                        data = []
+                    # Comments (":" keep-alives), "event:", "id:" and "retry:" carry nothing
+                    # the API defines, so they are skipped.
+        except aiohttp.ClientError as exc:
+            raise ClientError(self.api, _reason(exc)) from exc
+
+    async def metrics(self) -> JsonObject:
+        """Return the peer's counters: rejected (by reason), dropped, messages and bytes in and
+        out, signatures verified and signature cache hits."""
+        return await self._request("GET", "/v1/metrics")
+
+    async def keys(self) -> JsonObject:
+        """Return `{primary, accepted}` as key ids in hex; the keys themselves never leave."""
+        return await self._request("GET", "/v1/keys")
+
+    async def install_key(self, key: str) -> JsonObject:
+        """Add `key` (base64) to the keyring as accepted; returns the keyring as `keys()` does."""
+        return await self._keys_action("install", key)
+
+    async def use_key(self, key: str) -> JsonObject:
+        """Make the installed `key` (base64) the primary key that seals outgoing traffic."""
+        return await self._keys_action("use", key)
+
+    async def remove_key(self, key: str) -> JsonObject:
+        """Remove `key` (base64) from the keyring; the peer refuses to remove its primary."""
+        return await self._keys_action("remove", key)
+
+    async def _keys_action(self, action: str, key: str) -> JsonObject:
+        return await self._request("POST", "/v1/keys", {"action": action, "key": key})
+
+    def _require_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("use GrapevineClient as `async with GrapevineClient(api) as c:`")
+        return self._session
+
+    async def _request(self, method: str, path: str, body: JsonObject | None = None) -> JsonObject:
+        session = self._require_session()
+        try:
+            async with session.request(method, self._base + path, json=body) as response:
+                if response.status >= 400:
+                    raise await _api_error(response)
+                text = await response.text()
+        except aiohttp.ClientError as exc:
+            raise ClientError(self.api, _reason(exc)) from exc
+        except TimeoutError as exc:
+            raise ClientError(self.api, "timed out") from exc
+        try:
+            answer = json.loads(text) if text else {}
+        except ValueError:
+            raise ClientError(
+                self.api, "the answer is not JSON; is this a Grapevine API?"
+            ) from None
+        if not isinstance(answer, dict):
+            raise ClientError(self.api, "the answer is not a JSON object")
+        return answer
+
+
+def _list_field(answer: JsonObject, name: str, api: str) -> list[JsonObject]:
+    items = answer.get(name)
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise ClientError(api, f"the answer has no list of objects named {name!r}")
+    return items
+
+
+def _decode_event(text: str, api: str) -> JsonObject:
+    try:
+        event = json.loads(text)
+    except ValueError:
+        raise ClientError(api, "the event stream carried a line that is not JSON") from None
+    if not isinstance(event, dict):
+        raise ClientError(api, "the event stream carried something other than a JSON object")
+    return event
+
+
+async def _api_error(response: aiohttp.ClientResponse) -> ApiError:
+    title = response.reason or f"HTTP {response.status}"
+    detail = ""
+    try:
+        body = await response.text()
+    except aiohttp.ClientError:
+        body = ""
+    try:
+        problem = json.loads(body)
+    except ValueError:
+        problem = None
+    if isinstance(problem, dict):
+        title = str(problem.get("title") or title)
+        detail = str(problem.get("detail") or "")
+    elif body.strip():
+        detail = body.strip()[:200]
+    return ApiError(response.status, title, detail)
+
+
+def _reason(exc: aiohttp.ClientError) -> str:
+    """A short lowercase cause for a transport failure, e.g. "connection refused"."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        code = exc.os_error.errno
+        if code == errno.ECONNREFUSED:
+            return "connection refused"
+        if code is not None:
+            return os.strerror(code).lower()
+        return str(exc.os_error) or "cannot connect"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the peer closed the connection"
+    if isinstance(exc, aiohttp.ServerTimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__

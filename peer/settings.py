@@ -1,0 +1,267 @@
+"""Settings of `grapevine agent`: flags over environment over config file over defaults.
+
+Invariants:
+- Each setting is taken from the first source that gives it: a command-line flag, then a
+  `GRAPEVINE_*` environment variable, then the TOML config file, then the default.
+- Every value is validated where it is read; a bad one raises `SettingsError` whose message
+  names the setting, the source and the value: "bind from GRAPEVINE_BIND: 'abc' is not
+  host:port".
+- The config file may hold the settings at its top level or in a `[peer]` table; an unknown key
+  is an error naming it, so a typo never silently falls back to a default.
+- Relative paths in the config file are relative to the file's directory; relative paths from
+  flags and the environment are relative to the working directory.
+- The result is a frozen `AgentSettings`; nothing else reads flags, environment or files.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bootstrap.seeds import parse_seed
+
+DEFAULT_BIND = "0.0.0.0:7946"
+DEFAULT_API = "127.0.0.1:8946"
+DEFAULT_DATA_DIR = Path("grapevine-data")
+PROFILES = ("lan", "local")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+class SettingsError(Exception):
+    """A setting has an unusable value; the message names the setting and its source."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    """Everything `grapevine agent` needs to start one peer."""
+
+    bind: str = DEFAULT_BIND
+    """Where peers reach us: "host:port" to listen on for envelopes (port 0 picks one)."""
+    advertise: str | None = None
+    """The "host:port" other peers should dial. None: the bind address, except that a wildcard
+    bind host (0.0.0.0 or ::) advertises 127.0.0.1, which only works on one machine; on a real
+    network set --advertise to an address the other machines can reach."""
+    api: str = DEFAULT_API
+    """Where the local HTTP API listens (loopback by default: it is unauthenticated)."""
+    data_dir: Path = DEFAULT_DATA_DIR
+    """Identity, incarnation, membership hints and the keyring copy live here."""
+    network_key_file: Path | None = None
+    """The network key or keyring file (`grapevine keygen > network.key`)."""
+    insecure_dev: bool = False
+    """Use the well-known all-zero development key instead of a real one. Anyone can join."""
+    join: tuple[str, ...] = ()
+    """Seed addresses ("host:port", "[v6]:port" or a bare host) to join through."""
+    profile: str = "lan"
+    """Protocol timing preset: "lan" (memberlist's LAN) or "local" (peers on one host)."""
+    no_agents: bool = False
+    """Seed-only mode: host no agents and advertise no roles."""
+    log_level: str = "INFO"
+    """Logging threshold: DEBUG, INFO, WARNING, ERROR or CRITICAL."""
+
+    def bind_host_port(self) -> tuple[str, int]:
+        """Return (host, port) of `bind`, IPv6 brackets removed."""
+        return split_host_port(self.bind)
+
+    def api_host_port(self) -> tuple[str, int]:
+        """Return (host, port) of `api`, IPv6 brackets removed."""
+        return split_host_port(self.api)
+
+    def advertise_address(self, bound_port: int) -> str:
+        """Return the address to advertise, given the port the transport actually bound."""
+        if self.advertise is not None:
+            return self.advertise
+        host, _ = self.bind_host_port()
+        if host in _WILDCARDS:
+            host = "127.0.0.1"
+        return f"[{host}]:{bound_port}" if ":" in host else f"{host}:{bound_port}"
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """Split "host:port" or "[v6]:port" into (host, port).
+
+    Raises:
+        ValueError: the text is not host:port with a port from 0 to 65535.
+    """
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError("is not host:port")
+        port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError("has a bracketed host that is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host or not host or any(c.isspace() for c in host):
+            raise ValueError("is not host:port")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError("is not host:port (the port must be a number from 0 to 65535)")
+    return host, int(port_text)
+
+
+def _address(value: str) -> str:
+    split_host_port(value)
+    return value
+
+
+def _advertise(value: str) -> str:
+    host, port = split_host_port(value)
+    if host in _WILDCARDS or port == 0:
+        raise ValueError("must be a concrete host and port other peers can dial")
+    return value
+
+
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+    raise ValueError("is not a boolean (use true/false, 1/0, yes/no or on/off)")
+
+
+def _profile(value: str) -> str:
+    if value not in PROFILES:
+        raise ValueError(f"is not a profile (choose {' or '.join(PROFILES)})")
+    return value
+
+
+def _log_level(value: str) -> str:
+    if value.upper() not in LOG_LEVELS:
+        raise ValueError(f"is not a log level ({', '.join(LOG_LEVELS)})")
+    return value.upper()
+
+
+def _join_list(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items = [item.strip() for item in value.split(",")]
+    elif isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
+        items = [item.strip() for item in value]
+    else:
+        raise ValueError("is not a list of seed addresses")
+    for item in items:
+        if item:
+            try:
+                parse_seed(item)
+            except ValueError as exc:
+                raise ValueError(f"has a bad seed: {exc}") from None
+    return tuple(item for item in items if item)
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    env: str
+    kind: str  # "str", "path", "bool", "list"
+    check: Callable[[str], object] | None = None
+
+
+_FIELDS: dict[str, _Field] = {
+    "bind": _Field("GRAPEVINE_BIND", "str", _address),
+    "advertise": _Field("GRAPEVINE_ADVERTISE", "str", _advertise),
+    "api": _Field("GRAPEVINE_API", "str", _address),
+    "data_dir": _Field("GRAPEVINE_DATA_DIR", "path"),
+    "network_key_file": _Field("GRAPEVINE_NETWORK_KEY_FILE", "path"),
+    "insecure_dev": _Field("GRAPEVINE_INSECURE_DEV", "bool"),
+    "join": _Field("GRAPEVINE_JOIN", "list"),
+    "profile": _Field("GRAPEVINE_PROFILE", "str", _profile),
+    "no_agents": _Field("GRAPEVINE_NO_AGENTS", "bool"),
+    "log_level": _Field("GRAPEVINE_LOG_LEVEL", "str", _log_level),
+}
+
+
+def load_settings(
+    flags: Mapping[str, object],
+    env: Mapping[str, str],
+    config_path: Path | None,
+) -> AgentSettings:
+    """Merge flags, environment and config file into validated settings.
+
+    Args:
+        flags: command-line values by setting name (snake_case); a None value means the flag
+            was not given. Unknown names are an error.
+        env: the environment (`os.environ`); only `GRAPEVINE_*` variables are read.
+        config_path: a TOML file, or None.
+
+    Returns:
+        The settings.
+
+    Raises:
+        SettingsError: a value is invalid, a config key or flag is unknown, or the config file
+            cannot be read or parsed. The message names the setting and where it came from.
+    """
+    unknown_flags = sorted(set(flags) - set(_FIELDS))
+    if unknown_flags:
+        raise SettingsError(f"unknown setting(s) {', '.join(unknown_flags)} given as flags")
+    file_values, file_dir, file_label = _read_config(config_path)
+    values: dict[str, Any] = {}
+    for name, spec in _FIELDS.items():
+        flag = flags.get(name)
+        if flag is not None:
+            values[name] = _convert(name, spec, flag, f"--{name.replace('_', '-')}", Path.cwd())
+        elif spec.env in env:
+            values[name] = _convert(name, spec, env[spec.env], spec.env, Path.cwd())
+        elif name in file_values:
+            values[name] = _convert(name, spec, file_values[name], file_label, file_dir)
+    return AgentSettings(**values)
+
+
+def _convert(name: str, spec: _Field, value: object, source: str, base: Path) -> object:
+    try:
+        if spec.kind == "bool":
+            return _bool(value)
+        if spec.kind == "list":
+            return _join_list(value)
+        if isinstance(value, Path):
+            value = str(value)
+        if not isinstance(value, str):
+            raise TypeError(f"is a {type(value).__name__}, not a string")
+        if spec.kind == "path":
+            if not value.strip():
+                raise ValueError("is an empty path")
+            path = Path(value).expanduser()
+            return path if path.is_absolute() else base / path
+        return spec.check(value) if spec.check is not None else value
+    except (ValueError, TypeError) as exc:
+        raise SettingsError(f"{name} from {source}: {value!r} {exc}") from None
+
+
+def _read_config(path: Path | None) -> tuple[dict[str, object], Path, str]:
+    if path is None:
+        return {}, Path.cwd(), ""
+    path = Path(path)
+    label = str(path)
+    try:
+        with open(path, "rb") as file:
+            document = tomllib.load(file)
+    except OSError as exc:
+        raise SettingsError(f"config file {label}: cannot read it ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {label}: not valid TOML ({exc})") from None
+    table: dict[str, object] = dict(document)
+    peer = table.pop("peer", None)
+    if peer is not None:
+        if not isinstance(peer, dict):
+            raise SettingsError(f"config file {label}: 'peer' must be a table ([peer])")
+        overlap = sorted(set(peer) & set(table))
+        if overlap:
+            raise SettingsError(
+                f"config file {label}: {', '.join(overlap)} set both at the top level and in "
+                "[peer]; keep one"
+            )
+        table.update(peer)
+    unknown = sorted(set(table) - set(_FIELDS))
+    if unknown:
+        raise SettingsError(
+            f"config file {label}: unknown key(s) {', '.join(unknown)} "
+            f"(known: {', '.join(_FIELDS)})"
+        )
+    return table, path.resolve().parent, label

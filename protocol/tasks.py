@@ -1,0 +1,650 @@
+"""Tasks, claim tokens and results: the per-task CRDT and the rules that make work run once.
+
+Theory of operation (DESIGN.md section 5 is the specification)
+- Per task each peer keeps a state-based CRDT: the signed task record, the greatest claim seen,
+  every signed result, a cancel flag and the execution log. Every part merges by set union or
+  by max, so the order, loss and duplication of messages do not matter.
+- Claims are ordered by (epoch, HRW score of the owner for this task). The HRW score depends
+  only on the task id and the owner id, not on anyone's view, so two claims always compare the
+  same way everywhere.
+- The preferred owner is the live member able to run the task (its gossiped roles) with the
+  highest HRW score. It claims epoch 1 at once; the others stand by in rank order and claim
+  only if no claim arrived `standby_delay * rank` seconds after they first saw the task. A full
+  peer passes its turn and re-evaluates when a slot frees.
+- Takeover: only when the claim's owner is declared dead (or left) does the next-ranked live
+  peer claim with epoch + 1. The epoch is the fencing token.
+- Self-fencing: an executing owner that sees a greater claim, an accepted result other than its
+  own, a cancel, or its own isolation from every peer, cancels its execution.
+- The accepted result is the completed result whose claim ranks highest. A result ranking below
+  the accepted one changes nothing. A change of the accepted result is a "flip" and is counted.
+- Claims and results that skip an epoch, and objects whose signature fails, are dropped and
+  counted; state is unchanged.
+- Anti-entropy: with each push-pull a peer sends a digest of every task it holds; the receiver
+  answers with its objects for tasks whose digests differ and asks for the sender's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import replace
+from typing import Protocol, TypeVar
+
+import msgpack
+
+from protocol.effects import (
+    CancelExecution,
+    Dropped,
+    Note,
+    ResultAccepted,
+    StartExecution,
+    TaskClaimed,
+    TaskReplicated,
+)
+from protocol.errors import LocalProtocolError
+from protocol.identity import Signer, VerifiedCache
+from protocol.timers import TaskStandby, Timer
+from protocol.wire import (
+    MAX_INLINE_PAYLOAD,
+    MAX_NAME_CHARS,
+    MAX_NONCE,
+    Cancel,
+    Claim,
+    Execution,
+    Message,
+    Result,
+    TaskDigests,
+    TaskHeld,
+    TaskRecord,
+    TaskWant,
+    encode_message,
+    task_id_of,
+)
+
+DOMAIN_TASK = b"grapevine/task/v1"
+DOMAIN_CLAIM = b"grapevine/claim/v1"
+DOMAIN_RESULT = b"grapevine/result/v1"
+DOMAIN_CANCEL = b"grapevine/cancel/v1"
+DOMAIN_EXECUTION = b"grapevine/execution/v1"
+
+START, END = 0, 1
+OUTCOMES = ("ok", "failed", "timeout", "cancelled", "fenced")
+
+
+def hrw_score(task_id: bytes, node_id: bytes) -> int:
+    """Rendezvous (highest random weight) score of `node_id` for `task_id`."""
+    return int.from_bytes(hashlib.sha256(task_id + node_id).digest()[:8], "big")
+
+
+def claim_rank(task_id: bytes, epoch: int, owner: bytes) -> tuple[int, int]:
+    """The order of claims (and of the results made under them)."""
+    return (epoch, hrw_score(task_id, owner))
+
+
+class View(Protocol):
+    """What the task rules need to know about membership."""
+
+    def is_down(self, node_id: bytes) -> bool: ...
+    def capable(self, role: str) -> list[bytes]: ...
+    def addr_of(self, node_id: bytes) -> str | None: ...
+
+
+class Port(Protocol):
+    """What the task rules need from the node."""
+
+    def send(self, addr: str, messages: list[bytes], piggyback: bool) -> None: ...
+    def gossip(self, key: Hashable, message: bytes) -> None: ...
+    def note(self, note: Note) -> None: ...
+    def schedule(self, at: float, timer: Timer) -> None: ...
+    def persist(self, kind: str, key: bytes, value: bytes) -> None: ...
+    def send_to_random(self, k: int, messages: list[bytes]) -> None: ...
+
+
+class TaskState:
+    """Everything one peer knows about one task."""
+
+    __slots__ = (
+        "task_id",
+        "record",
+        "claim",
+        "results",
+        "accepted",
+        "cancel",
+        "executions",
+        "first_seen",
+        "owner_down_at",
+        "holders",
+        "replicated",
+        "_digest",
+    )
+
+    def __init__(self, task_id: bytes, now: float) -> None:
+        self.task_id = task_id
+        self.record: TaskRecord | None = None
+        self.claim: Claim | None = None
+        self.results: dict[tuple[int, bytes], Result] = {}
+        self.accepted: Result | None = None
+        self.cancel: Cancel | None = None
+        self.executions: dict[tuple[int, bytes, int], Execution] = {}
+        self.first_seen = now
+        self.owner_down_at: float | None = None
+        self.holders: set[bytes] = set()
+        self.replicated = False
+        self._digest: bytes | None = None
+
+    def touch(self) -> None:
+        """Forget the cached digest after a change."""
+        self._digest = None
+
+    def digest(self) -> bytes:
+        """A short summary equal on two peers exactly when they hold the same objects."""
+        if self._digest is None:
+            claim = [self.claim.epoch, self.claim.owner] if self.claim else []
+            summary = [
+                self.record is not None,
+                claim,
+                sorted([e, o] for e, o in self.results),
+                self.cancel is not None,
+                sorted([e, o, p] for e, o, p in self.executions),
+            ]
+            self._digest = hashlib.sha256(msgpack.packb(summary)).digest()[:8]
+        return self._digest
+
+    def objects(self) -> list[Message]:
+        """Every object held, in an order a receiver can apply directly."""
+        out: list[Message] = []
+        if self.record is not None:
+            out.append(self.record)
+        if self.claim is not None:
+            out.append(self.claim)
+        out.extend(self.results.values())
+        if self.cancel is not None:
+            out.append(self.cancel)
+        out.extend(self.executions.values())
+        return out
+
+    @property
+    def state(self) -> str:
+        """pending, running, done, failed or cancelled, as this peer sees it."""
+        if self.accepted is not None:
+            return (
+                "done"
+                if self.accepted.outcome == "ok"
+                else ("cancelled" if self.accepted.outcome == "cancelled" else "failed")
+            )
+        if self.cancel is not None:
+            return "cancelled"
+        return "running" if self.claim is not None else "pending"
+
+    def execution_count(self) -> int:
+        """Executions started (distinct epoch and owner)."""
+        return sum(1 for _, _, phase in self.executions if phase == START)
+
+
+class Tasks:
+    """The task rules of one peer. Driven by `protocol.node.Node`."""
+
+    def __init__(
+        self,
+        signer: Signer,
+        network_id: bytes,
+        incarnation: Callable[[], int],
+        standby_delay: float,
+        replication: int,
+        cache: VerifiedCache,
+        port: Port,
+        view: View,
+    ) -> None:
+        self.signer = signer
+        self.node_id = signer.node_id
+        self.network_id = network_id
+        self._incarnation = incarnation
+        self.standby_delay = standby_delay
+        self.replication = replication
+        self.cache = cache
+        self.port = port
+        self.view = view
+        self.tasks: dict[bytes, TaskState] = {}
+        self.running: dict[bytes, int] = {}
+        """Tasks executing here, by id, with the epoch they run under."""
+        self.open: set[bytes] = set()
+        """Tasks with a record and neither an accepted result nor a cancel."""
+        self.roles: frozenset[str] = frozenset()
+        self.passed: set[bytes] = set()
+        """Tasks we were first in line for but passed for lack of a free slot."""
+        self.max_running = 0
+        """Executions this peer runs at once before it passes its turn to standbys."""
+        self.quiet_until = 0.0
+        """After a stall no claim is made before this time: what we missed arrives first."""
+        self.counters: Counter[str] = Counter()
+
+    # Commands from the host.
+
+    def submit(
+        self,
+        now: float,
+        role: str,
+        data: bytes,
+        *,
+        priority: int = 0,
+        parent: bytes = b"",
+        idempotency_key: str = "",
+        nonce: bytes = b"",
+        timeout: float = 0.0,
+        created: float = 0.0,
+    ) -> TaskRecord:
+        """Create, sign and disseminate a task; an existing task with the same id is returned.
+
+        Raises:
+            LocalProtocolError: a field is out of bounds.
+        """
+        if not 0 < len(role) <= MAX_NAME_CHARS or len(idempotency_key) > MAX_NAME_CHARS:
+            raise LocalProtocolError(f"role and idempotency key must be 1..{MAX_NAME_CHARS} chars")
+        if len(data) > MAX_INLINE_PAYLOAD:
+            raise LocalProtocolError(f"task input must be at most {MAX_INLINE_PAYLOAD} bytes")
+        if priority < 0 or timeout < 0 or len(nonce) > MAX_NONCE or len(parent) not in (0, 32):
+            raise LocalProtocolError("priority and timeout must be >= 0, nonce <= 16 bytes")
+        if not idempotency_key and not nonce:
+            raise LocalProtocolError("a task needs an idempotency key or a nonce")
+        task_id = task_id_of(
+            self.node_id,
+            idempotency_key,
+            nonce,
+            role,
+            hashlib.sha256(data).digest(),
+            priority,
+            parent,
+            float(timeout),
+        )
+        known = self.tasks.get(task_id)
+        if known is not None and known.record is not None:
+            return known.record
+        unsigned = TaskRecord(
+            self.signer.public_key,
+            float(created),
+            role,
+            data,
+            priority,
+            parent,
+            idempotency_key,
+            nonce,
+            float(timeout),
+            b"",
+            task_id,
+            self.node_id,
+        )
+        record = _with_sig(unsigned, self.signer.sign(DOMAIN_TASK, unsigned.signed_payload()))
+        raw = encode_message(record)
+        self._apply_task(now, record, raw, local=True)
+        self.port.send_to_random(self.replication, [raw])
+        return record
+
+    def complete(
+        self,
+        now: float,
+        task_id: bytes,
+        epoch: int,
+        outcome: str,
+        output: bytes,
+        usage: tuple[int, int, int] = (0, 0, 0),
+    ) -> Result | None:
+        """Record the end of a local execution; None if it had been fenced meanwhile.
+
+        Raises:
+            LocalProtocolError: unknown outcome or oversize output.
+        """
+        if outcome not in OUTCOMES:
+            raise LocalProtocolError(f"outcome must be one of {OUTCOMES}")
+        if len(output) > MAX_INLINE_PAYLOAD:
+            raise LocalProtocolError(f"output must be at most {MAX_INLINE_PAYLOAD} bytes")
+        if self.running.get(task_id) != epoch:
+            return None
+        del self.running[task_id]
+        self._log(now, task_id, epoch, END, outcome)
+        payload = Result(
+            task_id, epoch, self.signer.public_key, outcome, output, usage, b"", self.node_id
+        )
+        result = _with_sig(payload, self.signer.sign(DOMAIN_RESULT, payload.signed_payload()))
+        self._apply_result(now, result, encode_message(result), src="local")
+        self._slot_freed(now)
+        return result
+
+    def cancel(self, now: float, task_id: bytes, reason: str) -> bool:
+        """Cancel a task network-wide; False if the task is unknown or already final."""
+        st = self.tasks.get(task_id)
+        if st is None or st.accepted is not None or st.cancel is not None:
+            return False
+        payload = Cancel(
+            task_id, self.signer.public_key, reason[:MAX_NAME_CHARS], b"", self.node_id
+        )
+        cancel = _with_sig(payload, self.signer.sign(DOMAIN_CANCEL, payload.signed_payload()))
+        self._apply_cancel(now, cancel, encode_message(cancel), src="local")
+        return True
+
+    def reevaluate(self, now: float) -> None:
+        """Look at every open task again, highest priority first (a slot freed, roles or
+        membership changed)."""
+
+        for tid in sorted(self.open, key=self._priority, reverse=True):
+            self._evaluate(now, self.tasks[tid])
+
+    def _slot_freed(self, now: float) -> None:
+        waiting = sorted(self.passed & self.open, key=lambda t: -self._priority(t))
+        self.passed.clear()
+        for tid in waiting:
+            self._evaluate(now, self.tasks[tid])
+
+    def _priority(self, task_id: bytes) -> int:
+        rec = self.tasks[task_id].record
+        return rec.priority if rec is not None else 0
+
+    def on_stall(self, now: float) -> None:
+        """We were frozen: let the claims made meanwhile reach us before claiming anything."""
+        self.quiet_until = now + self.standby_delay
+
+    def on_member_down(self, now: float, node_id: bytes) -> None:
+        """A member was declared dead or left: take over its claims in rank order."""
+        for st in self.tasks.values():
+            if st.claim is not None and st.claim.owner == node_id and st.accepted is None:
+                st.owner_down_at = now
+                self._evaluate(now, st)
+
+    def fence_if_isolated(self, now: float) -> None:
+        """We reach no one: others will declare us dead and take our work over, so stop it."""
+        for task_id, epoch in list(self.running.items()):
+            self._fence(now, task_id, epoch, "isolated")
+
+    def on_standby(self, now: float, task_id: bytes) -> None:
+        st = self.tasks.get(task_id)
+        if st is not None:
+            self._evaluate(now, st)
+
+    # Input from peers (or from the store on restart, with `replay`).
+
+    def dispatch(self, now: float, src: str, sender: bytes, msg: Message, raw: bytes) -> bool:
+        """Apply one task message; False if it is not a task message."""
+        match msg:
+            case TaskRecord():
+                self._apply_task(now, msg, raw, local=False)
+            case Claim():
+                self._apply_claim(now, msg, raw, src)
+            case Result():
+                self._apply_result(now, msg, raw, src)
+            case Cancel():
+                self._apply_cancel(now, msg, raw, src)
+            case Execution():
+                self._apply_execution(now, msg, raw, src)
+            case TaskHeld(task_id):
+                self._on_held(task_id, sender)
+            case TaskDigests():
+                self._on_digests(src, msg)
+            case TaskWant(ids):
+                self._send_objects(src, ids)
+            case _:
+                return False
+        return True
+
+    def digests(self) -> TaskDigests:
+        """The anti-entropy summary sent with each push-pull."""
+        return TaskDigests(tuple((tid, st.digest()) for tid, st in self.tasks.items()))
+
+    # Rules.
+
+    def _state(self, task_id: bytes, now: float) -> TaskState:
+        st = self.tasks.get(task_id)
+        if st is None:
+            st = self.tasks[task_id] = TaskState(task_id, now)
+        return st
+
+    def _verified(
+        self, domain: bytes, key: bytes, payload: bytes, sig: bytes, src: str, what: str
+    ) -> bool:
+        if self.cache.verify(domain, self.network_id, key, payload, sig):
+            return True
+        self.counters[f"bad signature: {what}"] += 1
+        self.port.note(Dropped(src, f"{what} with a bad signature"))
+        return False
+
+    def _apply_task(self, now: float, rec: TaskRecord, raw: bytes, local: bool) -> None:
+        st = self.tasks.get(rec.task_id)
+        if st is not None and st.record is not None:
+            return
+        if not local and not self._verified(
+            DOMAIN_TASK, rec.origin_key, rec.signed_payload(), rec.sig, "peer", "task record"
+        ):
+            return
+        st = self._state(rec.task_id, now)
+        st.record = rec
+        st.touch()
+        if st.accepted is None and st.cancel is None:
+            self.open.add(rec.task_id)
+        self.port.persist("task", rec.task_id, raw)
+        self.port.gossip(("task", rec.task_id), raw)
+        if not local and rec.origin != self.node_id:
+            addr = self.view.addr_of(rec.origin)
+            if addr is not None:
+                self.port.send(addr, [encode_message(TaskHeld(rec.task_id))], piggyback=False)
+        self._evaluate(now, st)
+
+    def acknowledge_unreplicated(self, task_id: bytes) -> None:
+        """Replication 0: the submission is acknowledged as soon as it is durable here."""
+        st = self.tasks[task_id]
+        if not st.replicated:
+            st.replicated = True
+            self.port.note(TaskReplicated(task_id, 0))
+
+    def _on_held(self, task_id: bytes, sender: bytes) -> None:
+        st = self.tasks.get(task_id)
+        if st is None or st.record is None or st.record.origin != self.node_id:
+            return
+        st.holders.add(sender)
+        if not st.replicated and len(st.holders) >= self.replication:
+            st.replicated = True
+            self.port.note(TaskReplicated(task_id, len(st.holders)))
+
+    def _apply_claim(self, now: float, c: Claim, raw: bytes, src: str) -> None:
+        st = self._state(c.task_id, now)
+        current = st.claim
+        if current is not None and claim_rank(c.task_id, c.epoch, c.owner) <= claim_rank(
+            current.task_id, current.epoch, current.owner
+        ):
+            if (c.epoch, c.owner) != (current.epoch, current.owner):
+                self.counters["stale claim"] += 1
+            return
+        if c.epoch > (current.epoch if current else 0) + 1:
+            self.counters["claim skips an epoch"] += 1
+            self.port.note(Dropped(src, "claim skips an epoch"))
+            return
+        if c.owner != self.node_id and not self._verified(
+            DOMAIN_CLAIM, c.owner_key, c.signed_payload(), c.sig, src, "claim"
+        ):
+            return
+        st.claim = c
+        st.owner_down_at = now if self.view.is_down(c.owner) else None
+        st.touch()
+        self.port.persist("claim", c.task_id, raw)
+        self.port.gossip(("claim", c.task_id), raw)
+        self.port.note(TaskClaimed(c.task_id, c.owner, c.epoch))
+        mine = self.running.get(c.task_id)
+        if mine is not None and c.owner != self.node_id:
+            self._fence(now, c.task_id, mine, "superseded by a greater claim")
+        self._evaluate(now, st)
+
+    def _apply_result(self, now: float, r: Result, raw: bytes, src: str) -> None:
+        st = self._state(r.task_id, now)
+        if (r.epoch, r.owner) in st.results:
+            return
+        top_epoch = max(
+            st.claim.epoch if st.claim else 0, max((e for e, _ in st.results), default=0)
+        )
+        if r.epoch > top_epoch + 1 or r.epoch == 0:
+            self.counters["result skips an epoch"] += 1
+            self.port.note(Dropped(src, "result skips an epoch"))
+            return
+        rank = claim_rank(r.task_id, r.epoch, r.owner)
+        acc = st.accepted
+        if acc is not None and rank < claim_rank(acc.task_id, acc.epoch, acc.owner):
+            self.counters["result of a losing claim"] += 1
+            return
+        if r.owner != self.node_id and not self._verified(
+            DOMAIN_RESULT, r.owner_key, r.signed_payload(), r.sig, src, "result"
+        ):
+            return
+        st.results[(r.epoch, r.owner)] = r
+        flipped = acc is not None
+        st.accepted = r
+        st.touch()
+        self.open.discard(r.task_id)
+        if flipped:
+            self.counters["result flips"] += 1
+        self.port.persist("result", r.task_id + r.epoch.to_bytes(8, "big") + r.owner, raw)
+        self.port.gossip(("result", r.task_id, r.epoch, r.owner), raw)
+        self.port.note(ResultAccepted(r.task_id, r.epoch, r.owner, r.outcome, flipped))
+        mine = self.running.get(r.task_id)
+        if mine is not None:
+            self._fence(now, r.task_id, mine, "a result was accepted")
+
+    def _apply_cancel(self, now: float, c: Cancel, raw: bytes, src: str) -> None:
+        st = self._state(c.task_id, now)
+        if st.cancel is not None:
+            return
+        if c.by != self.node_id and not self._verified(
+            DOMAIN_CANCEL, c.by_key, c.signed_payload(), c.sig, src, "cancel"
+        ):
+            return
+        st.cancel = c
+        st.touch()
+        self.open.discard(c.task_id)
+        self.port.persist("cancel", c.task_id, raw)
+        self.port.gossip(("cancel", c.task_id), raw)
+        mine = self.running.get(c.task_id)
+        if mine is not None:
+            self._fence(now, c.task_id, mine, "cancelled")
+
+    def _apply_execution(self, now: float, e: Execution, raw: bytes, src: str) -> None:
+        st = self._state(e.task_id, now)
+        key = (e.epoch, e.owner, e.phase)
+        if key in st.executions:
+            return
+        if e.owner != self.node_id and not self._verified(
+            DOMAIN_EXECUTION, e.owner_key, e.signed_payload(), e.sig, src, "execution entry"
+        ):
+            return
+        st.executions[key] = e
+        st.touch()
+        self.port.persist(
+            "execution", e.task_id + e.epoch.to_bytes(8, "big") + e.owner + bytes([e.phase]), raw
+        )
+        self.port.gossip(("execution", e.task_id, key), raw)
+
+    # Decisions.
+
+    def _evaluate(self, now: float, st: TaskState) -> None:
+        rec = st.record
+        if rec is None or st.accepted is not None or st.cancel is not None:
+            return
+        if st.task_id in self.running or rec.role not in self.roles:
+            return
+        claim = st.claim
+        if claim is not None and claim.owner == self.node_id:
+            if (claim.epoch, self.node_id) not in st.results:
+                self._start(now, st, claim.epoch)  # resume our own claim after a restart
+            return
+        if claim is None:
+            epoch, since, exclude = 1, st.first_seen, b""
+        elif self.view.is_down(claim.owner):
+            epoch, since, exclude = claim.epoch + 1, st.owner_down_at or now, claim.owner
+        else:
+            return
+        ranked = sorted(
+            (n for n in self.view.capable(rec.role) if n != exclude),
+            key=lambda n: hrw_score(st.task_id, n),
+            reverse=True,
+        )
+        if self.node_id not in ranked:
+            return
+        rank = ranked.index(self.node_id)
+        due = max(since + rank * self.standby_delay, self.quiet_until)
+        if now < due:
+            self.port.schedule(due, TaskStandby(st.task_id))
+        elif rank > 0 or len(self.running) < self.max_running:
+            self._claim(now, st, epoch)
+        else:
+            self.passed.add(st.task_id)
+
+    def _claim(self, now: float, st: TaskState, epoch: int) -> None:
+        payload = Claim(
+            st.task_id, self.signer.public_key, self._incarnation(), epoch, b"", self.node_id
+        )
+        claim = _with_sig(payload, self.signer.sign(DOMAIN_CLAIM, payload.signed_payload()))
+        if st.claim is not None:
+            self.counters["takeovers"] += 1
+        self._apply_claim(now, claim, encode_message(claim), src="local")
+
+    def _start(self, now: float, st: TaskState, epoch: int) -> None:
+        rec = st.record
+        assert rec is not None
+        self.running[st.task_id] = epoch
+        self._log(now, st.task_id, epoch, START, "")
+        self.port.note(
+            StartExecution(
+                st.task_id, epoch, rec.role, rec.input, rec.priority, rec.timeout, rec.parent
+            )
+        )
+
+    def _fence(self, now: float, task_id: bytes, epoch: int, reason: str) -> None:
+        if self.running.get(task_id) != epoch:
+            return
+        del self.running[task_id]
+        self.counters["fenced"] += 1
+        self._log(now, task_id, epoch, END, "fenced")
+        self.port.note(CancelExecution(task_id, epoch, reason))
+        self._slot_freed(now)
+
+    def _log(self, now: float, task_id: bytes, epoch: int, phase: int, outcome: str) -> None:
+        payload = Execution(
+            task_id, epoch, self.signer.public_key, phase, outcome or "start", b"", self.node_id
+        )
+        entry = _with_sig(payload, self.signer.sign(DOMAIN_EXECUTION, payload.signed_payload()))
+        self._apply_execution(now, entry, encode_message(entry), "local")
+
+    # Anti-entropy.
+
+    def _on_digests(self, src: str, msg: TaskDigests) -> None:
+        differ = [
+            tid for tid, d in msg.entries if tid not in self.tasks or self.tasks[tid].digest() != d
+        ]
+        theirs = {tid for tid, _ in msg.entries}
+        mine_only = [tid for tid in self.tasks if tid not in theirs]
+        self._send_objects(src, differ + mine_only)
+        if differ:
+            self.port.send(src, [encode_message(TaskWant(tuple(differ[:_MAX_WANT])))], False)
+
+    def _send_objects(self, addr: str, task_ids: Iterable[bytes]) -> None:
+        batch: list[bytes] = []
+        size = 0
+        for tid in task_ids:
+            st = self.tasks.get(tid)
+            if st is None:
+                continue
+            for obj in st.objects():
+                raw = encode_message(obj)
+                batch.append(raw)
+                size += len(raw)
+                if size > _SYNC_BATCH_BYTES:
+                    self.port.send(addr, batch, piggyback=False)
+                    batch, size = [], 0
+        if batch:
+            self.port.send(addr, batch, piggyback=False)
+
+
+_MAX_WANT = 10_000
+_SYNC_BATCH_BYTES = 512 * 1024
+
+
+_Signed = TypeVar("_Signed", TaskRecord, Claim, Result, Cancel, Execution)
+
+
+def _with_sig(obj: _Signed, sig: bytes) -> _Signed:
+    return replace(obj, sig=sig)

@@ -1,0 +1,283 @@
+"""Start, stop and observe real `grapevine agent` processes on 127.0.0.1.
+
+Shared by tests/e2e/test_cluster.py and scripts/bench_cluster.py.
+
+Invariants:
+- Every process this module starts is recorded in its `LocalCluster` and ended by `close()`
+  (SIGTERM, then SIGKILL after a grace period), by pid, whatever happened before; nothing else
+  is ever signalled.
+- Peers listen on 127.0.0.1 only, on ports the OS reported free, with data directories and logs
+  under the cluster's own directory.
+- Every wait is bounded: `wait_for` polls until a deadline and then raises `TimeoutError`
+  carrying the last observation, so a failing test says what it saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from peer.client import ClientError, GrapevineClient, GrapevineError  # noqa: E402
+
+__all__ = ["GrapevineClient", "GrapevineError", "LocalCluster", "Peer"]
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def grapevine_command() -> list[str]:
+    """The command that runs the CLI from this checkout, installed or not."""
+    return [sys.executable, "-m", "peer.cli"]
+
+
+def child_env() -> dict[str, str]:
+    """The environment for child processes: this checkout importable, no GRAPEVINE_* leaking."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRAPEVINE_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def keygen(path: Path) -> Path:
+    """Write a new network key to `path` with `grapevine keygen --output`."""
+    subprocess.run(
+        [*grapevine_command(), "keygen", "--output", str(path)],
+        check=True,
+        capture_output=True,
+        env=child_env(),
+        timeout=30,
+    )
+    return path
+
+
+@dataclass
+class Peer:
+    """One `grapevine agent` process (or a stopped one that can be restarted)."""
+
+    name: str
+    bind: str
+    api: str
+    data_dir: Path
+    key_file: Path
+    join: list[str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    node_id: str = ""
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class LocalCluster:
+    """Real peers on loopback under `root`; use as a context manager so `close()` always runs.
+
+    Args:
+        root: a private directory for keys, data directories and logs.
+        profile: the protocol preset every peer runs ("local" is fast, "lan" is Serf's LAN).
+        extra_args: more `grapevine agent` flags for every peer.
+    """
+
+    root: Path
+    profile: str = "local"
+    extra_args: Sequence[str] = ("--no-agents",)
+    peers: list[Peer] = field(default_factory=list)
+    key_file: Path | None = None
+
+    def __enter__(self) -> Self:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.key_file = keygen(self.root / "network.key")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add(self, join: Sequence[Peer] = (), key_file: Path | None = None) -> Peer:
+        """Start a new peer joining through `join` (with the cluster's key unless given)."""
+        assert self.key_file is not None, "use LocalCluster as a context manager"
+        name = f"p{len(self.peers)}"
+        peer = Peer(
+            name=name,
+            bind=f"127.0.0.1:{free_port()}",
+            api=f"127.0.0.1:{free_port()}",
+            data_dir=self.root / name,
+            key_file=key_file or self.key_file,
+            join=[p.bind for p in join],
+            log_path=self.root / f"{name}.log",
+        )
+        self.peers.append(peer)
+        self.start(peer)
+        return peer
+
+    def start(self, peer: Peer) -> None:
+        """(Re)start `peer`'s process with its own data directory, key and seeds."""
+        assert not peer.running(), f"{peer.name} is already running"
+        args = [
+            *grapevine_command(),
+            "agent",
+            "--bind",
+            peer.bind,
+            "--api",
+            peer.api,
+            "--data-dir",
+            str(peer.data_dir),
+            "--network-key-file",
+            str(peer.key_file),
+            "--profile",
+            self.profile,
+            *self.extra_args,
+        ]
+        for seed in peer.join:
+            args += ["--join", seed]
+        with peer.log_path.open("ab") as log:
+            log.write(f"--- start {peer.starts + 1}: {' '.join(args)}\n".encode())
+            log.flush()
+            peer.process = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=child_env(),
+                cwd=self.root,
+            )
+        peer.starts += 1
+
+    def kill(self, peer: Peer, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to `peer`'s process and, for SIGKILL, reap it."""
+        if peer.process is not None and peer.process.poll() is None:
+            peer.process.send_signal(sig)
+            if sig == signal.SIGKILL:
+                peer.process.wait(10)
+
+    def close(self, grace: float = 5.0) -> None:
+        """End every process this cluster started: SIGTERM, then SIGKILL after `grace`."""
+        running = [p.process for p in self.peers if p.process and p.process.poll() is None]
+        for process in running:
+            process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for process in running:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+
+
+async def query(api: str, call: Callable[[GrapevineClient], Awaitable[T]]) -> T:
+    """Run one client call against the peer at `api`."""
+    async with GrapevineClient(api) as client:
+        return await call(client)
+
+
+async def members_of(peer: Peer) -> list[dict[str, Any]]:
+    """`peer`'s member list from its API."""
+    return await query(peer.api, lambda c: c.members())
+
+
+async def statuses(peer: Peer) -> dict[str, str]:
+    """`peer`'s view as {node id: status}."""
+    return {m["id"]: m["status"] for m in await members_of(peer)}
+
+
+async def wait_for(
+    what: str,
+    check: Callable[[], Awaitable[tuple[bool, object]]],
+    timeout: float,
+    interval: float = 0.25,
+) -> float:
+    """Poll `check` until it reports success; return the seconds it took.
+
+    Args:
+        what: a description for the error message.
+        check: returns (done, observation); API errors count as "not yet".
+        timeout: seconds before giving up.
+
+    Raises:
+        TimeoutError: `check` never succeeded; the message holds the last observation.
+    """
+    start = time.monotonic()
+    last: object = None
+    while True:
+        try:
+            done, last = await check()
+        except GrapevineError as exc:
+            done, last = False, exc
+        if done:
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s; last saw {last!r}")
+        await asyncio.sleep(interval)
+
+
+async def wait_ready(peers: Sequence[Peer], timeout: float) -> None:
+    """Wait until every peer's API answers, and record each peer's node id."""
+
+    async def ready() -> tuple[bool, object]:
+        missing = []
+        for peer in peers:
+            if not peer.running():
+                raise RuntimeError(f"{peer.name} exited early:\n{peer.log_tail()}")
+            try:
+                info = await query(peer.api, lambda c: c.self_info())
+            except ClientError:
+                missing.append(peer.name)
+                continue
+            peer.node_id = info["id"]
+        return not missing, missing
+
+    await wait_for("peers ready", ready, timeout)
+
+
+async def wait_views(
+    observers: Sequence[Peer],
+    expected: dict[str, str],
+    timeout: float,
+    exact: bool = False,
+) -> float:
+    """Wait until every observer sees each node id in `expected` with the expected status.
+
+    Args:
+        exact: also require that observers know no other member than those in `expected`.
+    """
+
+    async def agree() -> tuple[bool, object]:
+        views = await asyncio.gather(*(statuses(p) for p in observers))
+        wrong = {}
+        for peer, view in zip(observers, views, strict=True):
+            seen = {node: view.get(node) for node in expected}
+            if seen != expected or (exact and set(view) != set(expected)):
+                wrong[peer.name] = view
+        return not wrong, wrong
+
+    return await wait_for(f"views {expected}", agree, timeout)
