@@ -131,6 +131,10 @@ class _Relay:
     requester_seq: int
 
 
+RELAY_TIMEOUT_FRACTION = 0.8
+"""An indirect helper waits this fraction of the probe timeout before it nacks."""
+
+
 def _membership_key(node_id: bytes) -> Hashable:
     return ("member", node_id)
 
@@ -422,8 +426,10 @@ class Membership:
         self._seq += 1
         self._relays[self._seq] = _Relay(src, req.seq)
         self.port.send(req.target_addr, [encode_message(Ping(self._seq, req.target))], True)
-        timeout = self.awareness.scale(self.config.swim.probe_timeout)
-        self.port.schedule(now + timeout, RelayTimeout(self._seq))
+        # Nack before the requester's round ends (it asked us at probe_timeout into a round of
+        # probe_interval), so a nack from a healthy helper is never mistaken for a missed one.
+        timeout = RELAY_TIMEOUT_FRACTION * self.config.swim.probe_timeout
+        self.port.schedule(now + self.awareness.scale(timeout), RelayTimeout(self._seq))
 
     def on_ack(self, ack: Ack) -> None:
         relay = self._relays.pop(ack.seq, None)

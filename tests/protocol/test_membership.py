@@ -13,7 +13,7 @@ from protocol.effects import (
     MemberSuspected,
     MemberUpdated,
 )
-from protocol.membership import Membership
+from protocol.membership import RELAY_TIMEOUT_FRACTION, Membership
 from protocol.timers import ProbeDue, ProbeRoundEnd, ProbeTimeout, RelayTimeout, SuspicionDue
 from protocol.wire import (
     Ack,
@@ -209,7 +209,8 @@ def test_indirect_helper_pings_target_and_relays_ack() -> None:
     m.on_indirect_ping(20.0, addr(1), IndirectPing(7, node_id(2), addr(2)))
     ((dst, [ping], _),) = port.sends
     assert dst == addr(2) and isinstance(ping, Ping) and ping.target == node_id(2)
-    assert port.timers == [(20.0 + SWIM.probe_timeout, RelayTimeout(ping.seq))]
+    expected = 20.0 + RELAY_TIMEOUT_FRACTION * SWIM.probe_timeout
+    assert port.timers == [(expected, RelayTimeout(ping.seq))]
     port.clear()
     m.on_ack(Ack(ping.seq))
     assert port.sends == [(addr(1), [Ack(7)], False)]
