@@ -91,7 +91,7 @@ class Rng(Protocol):
 class Member:
     """One member as this peer sees it."""
 
-    __slots__ = ("alive", "status", "incarnation", "since", "suspicion")
+    __slots__ = ("alive", "status", "incarnation", "since", "suspicion", "probed_at")
 
     def __init__(self, alive: Alive, status: Status, incarnation: int, since: float) -> None:
         self.alive = alive
@@ -100,6 +100,8 @@ class Member:
         self.since = since
         """When the status last changed (local clock)."""
         self.suspicion: Suspicion | None = None
+        self.probed_at = float("-inf")
+        """When this peer last probed the member (local clock)."""
 
     @property
     def node_id(self) -> bytes:
@@ -129,6 +131,8 @@ class _Probe:
 class _Relay:
     requester_addr: str
     requester_seq: int
+    target: bytes
+    seen: int
 
 
 RELAY_TIMEOUT_FRACTION = 0.8
@@ -169,6 +173,8 @@ class Membership:
         self._probe_next = 0
         self._probe: _Probe | None = None
         self._relays: dict[int, _Relay] = {}
+        self._suspects: dict[bytes, None] = {}
+        """Members we hold as suspect, oldest suspicion first (may hold stale entries)."""
         self._seq = 0
         self._generation = 0
         self._up = 1
@@ -297,6 +303,7 @@ class Membership:
             self._generation,
         )
         self._schedule_suspicion(m)
+        self._suspects[m.node_id] = None
         self.port.gossip(_membership_key(m.node_id), raw or encode_message(s))
         self.port.note(MemberSuspected(m.node_id, m.incarnation))
 
@@ -370,13 +377,14 @@ class Membership:
             self.on_probe_round_end(now, self._probe.seq)
         swim = self.config.swim
         self.port.schedule(now + self.awareness.scale(swim.probe_interval), ProbeDue())
-        target = self._next_probe_target()
+        target = self._stale_suspect(now) or self._next_probe_target()
         if target is None:
             self._probe = None
             return
         self._seq += 1
         self._probe = _Probe(self._seq, target.node_id, now)
-        msgs = [encode_message(Ping(self._seq, target.node_id))]
+        target.probed_at = now
+        msgs = [encode_message(Ping(self._seq, target.node_id, target.incarnation))]
         if target.status == Status.SUSPECT:
             # Tell the target it is suspected, so it can refute without waiting for gossip.
             msgs.append(encode_message(Suspect(target.node_id, target.incarnation, self.node_id)))
@@ -397,7 +405,9 @@ class Membership:
             swim.indirect_checks,
             lambda m: m.status == Status.ALIVE and m.node_id != probe.target,
         )
-        request = encode_message(IndirectPing(seq, target.node_id, target.addr))
+        request = encode_message(
+            IndirectPing(seq, target.node_id, target.addr, target.incarnation)
+        )
         for helper in helpers:
             self.port.send(helper.addr, [request], piggyback=False)
         probe.nacks_expected = len(helpers)
@@ -417,15 +427,24 @@ class Membership:
         if ping.target != self.node_id:
             self.port.note(Dropped(src, "ping addressed to another node id"))
             return
-        self.port.send(src, [encode_message(Ack(ping.seq))], piggyback=True)
+        self.port.send(src, self._ack(ping.seq, ping.seen), piggyback=True)
+
+    def _ack(self, seq: int, seen: int) -> list[bytes]:
+        # A prober that knows us at an older incarnation missed our refutation: hand it over
+        # first, so a relay has applied it by the time it forwards the ack.
+        ack = encode_message(Ack(seq))
+        if seen >= self.incarnation:
+            return [ack]
+        return [encode_message(self.members[self.node_id].alive), ack]
 
     def on_indirect_ping(self, now: float, src: str, req: IndirectPing) -> None:
         if req.target == self.node_id:
-            self.port.send(src, [encode_message(Ack(req.seq))], piggyback=False)
+            self.port.send(src, self._ack(req.seq, req.seen), piggyback=False)
             return
         self._seq += 1
-        self._relays[self._seq] = _Relay(src, req.seq)
-        self.port.send(req.target_addr, [encode_message(Ping(self._seq, req.target))], True)
+        self._relays[self._seq] = _Relay(src, req.seq, req.target, req.seen)
+        ping = Ping(self._seq, req.target, req.seen)
+        self.port.send(req.target_addr, [encode_message(ping)], True)
         # Nack before the requester's round ends (it asked us at probe_timeout into a round of
         # probe_interval), so a nack from a healthy helper is never mistaken for a missed one.
         timeout = RELAY_TIMEOUT_FRACTION * self.config.swim.probe_timeout
@@ -434,8 +453,11 @@ class Membership:
     def on_ack(self, ack: Ack) -> None:
         relay = self._relays.pop(ack.seq, None)
         if relay is not None:
-            msg = encode_message(Ack(relay.requester_seq))
-            self.port.send(relay.requester_addr, [msg], piggyback=False)
+            msgs = [encode_message(Ack(relay.requester_seq))]
+            target = self.members.get(relay.target)
+            if target is not None and target.alive.incarnation > relay.seen:
+                msgs.insert(0, encode_message(target.alive))
+            self.port.send(relay.requester_addr, msgs, piggyback=False)
             return
         probe = self._probe
         if probe is not None and probe.seq == ack.seq and not probe.acked:
@@ -520,6 +542,19 @@ class Membership:
     def _insert_probe_target(self, node_id: bytes) -> None:
         # A random position keeps new members from all being probed at once (memberlist).
         self._probe_order.insert(self.rng.randrange(len(self._probe_order) + 1), node_id)
+
+    def _stale_suspect(self, now: float) -> Member | None:
+        # Probe suspects first (each at most every other round): the one who suspects a member
+        # checks on it again within the suspicion, instead of waiting for its round-robin turn,
+        # and the ack carries the refutation if it was missed (see `_ack`).
+        horizon = now - 2 * self.awareness.scale(self.config.swim.probe_interval)
+        for nid in list(self._suspects):
+            m = self.members.get(nid)
+            if m is None or m.status != Status.SUSPECT:
+                del self._suspects[nid]
+            elif m.probed_at < horizon:
+                return m
+        return None
 
     def _next_probe_target(self) -> Member | None:
         for _ in range(2):

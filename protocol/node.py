@@ -12,14 +12,17 @@ Theory of operation
 - Timers live in one heap. Stale timers are not cancelled; their handlers recognise them.
 - If `now` jumped by more than `stall_threshold` since the previous call, the host froze us
   (GC pause, suspended VM): running timeouts are restarted instead of trusted.
-- Broadcast kinds (alive, suspect, dead, user event, peer state) are idempotent under their
-  merge rules, so byte-identical copies received recently are skipped before decoding: the
-  same fact arrives many times during dissemination, and re-applying it would change nothing.
+- Broadcast kinds (alive, suspect, dead, user event, peer state, task record, cancel,
+  execution entry) are idempotent under their merge rules, so byte-identical copies received
+  recently are skipped before decoding: the same fact arrives many times during dissemination,
+  and re-applying it would change nothing. Claims and results are not skipped: one dropped
+  because its predecessor had not arrived yet must be applied when it comes again.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from collections.abc import Hashable
 
 from protocol.config import (
@@ -43,7 +46,7 @@ from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.gossip import MESSAGE_OVERHEAD, BroadcastQueue, EventDedup
 from protocol.identity import Signer, VerifiedCache
 from protocol.membership import Member, Membership, Rng
-from protocol.tasks import Tasks
+from protocol.tasks import STORE, Tasks
 from protocol.timers import (
     GossipDue,
     ProbeDue,
@@ -81,14 +84,15 @@ _BROADCAST_KINDS = frozenset(
         Kind.USER_EVENT,
         Kind.PEER_STATE,
         Kind.TASK,
-        Kind.CLAIM,
-        Kind.RESULT,
         Kind.CANCEL,
         Kind.EXECUTION,
     }
 )
 _RECENT_CAPACITY = 4096
 _MAX_LTIME_JUMP = 2**32
+_PUSH_PULL_EVENTS = 128
+"""Most recent user events carried by every push-pull, so one that gossip missed still
+arrives (Serf does the same); duplicates are dropped by the event de-duplicator."""
 _ENVELOPE_OVERHEAD = 64
 
 
@@ -134,6 +138,7 @@ class Node:
         self._last_heard = now
         self.queue = BroadcastQueue()
         self.events = EventDedup(config.gossip.event_dedup)
+        self._recent_events: deque[bytes] = deque(maxlen=_PUSH_PULL_EVENTS)
         self.ltime = 0
         self.states: dict[bytes, PeerState] = {}
         self._state_version = incarnation << 32
@@ -183,6 +188,8 @@ class Node:
         self._fx.notes.append(note)
         if isinstance(note, MemberDown):
             self.tasks.on_member_down(self._last_call, note.node_id)
+        elif isinstance(note, JoinSucceeded):
+            self.tasks.release(self._last_call)
 
     def schedule(self, at: float, timer: Timer) -> None:
         """Arm `timer` for `at`."""
@@ -212,6 +219,20 @@ class Node:
             if nid != self.node_id and role in state.roles and not self.is_down(nid):
                 out.append(nid)
         return out
+
+    def free_slots(self, node_id: bytes) -> int:
+        """Execution slots `node_id` has free: exact for this peer, as advertised for others."""
+        if node_id == self.node_id:
+            return max(0, self.tasks.max_running - len(self.tasks.running))
+        state = self.states.get(node_id)
+        return state.free_slots if state is not None else 0
+
+    def slots_changed(self) -> None:
+        """An execution started or ended here: advertise the free slots left."""
+        state = self.states.get(self.node_id)
+        free = self.free_slots(self.node_id)
+        if state is not None and state.free_slots != free:
+            self._advertise(state.roles, free, state.queue_len, state.load)
 
     def addr_of(self, node_id: bytes) -> str | None:
         """The address of a known member."""
@@ -262,6 +283,8 @@ class Node:
         addresses that are only hints (members remembered from before a restart).
         """
         self._enter(now)
+        if all(seed == self.addr for seed in seeds):
+            self.tasks.release(now)  # a network of one: nobody else's view to wait for
         for seed in seeds:
             if seed == self.addr:
                 continue
@@ -401,15 +424,20 @@ class Node:
         return self._exit()
 
     def restore(self, now: float, raw: bytes) -> Effects:
-        """Re-apply a task object this peer persisted before a restart. Own claims without a
-        result are resumed under the same epoch (`StartExecution` again)."""
+        """Re-apply a task object this peer persisted before a restart (verified like a peer's).
+
+        Restore every stored object, then `serve`, then `join`. Until the join succeeds (and a
+        standby delay after it, so what we missed arrives) this peer claims nothing: with an
+        empty view every owner would look dead. Own claims left without a result are then
+        resumed under the same epoch (`StartExecution` again)."""
         self._enter(now)
         try:
             msg = decode_message(raw)
         except RemoteProtocolError as exc:
-            self.note(Dropped("store", f"unreadable stored record: {exc}"))
+            self.note(Dropped(STORE, f"unreadable stored record: {exc}"))
             return self._exit()
-        self.tasks.dispatch(now, "store", self.node_id, msg, raw)
+        self.tasks.hold()
+        self.tasks.dispatch(now, STORE, self.node_id, msg, raw)
         return self._exit()
 
     # Queries.
@@ -439,6 +467,7 @@ class Node:
             self._last_heard = now
 
     def _exit(self) -> Effects:
+        self.tasks.settle(self._last_call)
         fx = self._fx
         self._fx = Effects()
         fx.wake_at = self._timers[0][0] if self._timers else None
@@ -462,8 +491,10 @@ class Node:
         match timer:
             case ProbeDue():
                 m.on_probe_due(now)
-                if self.tasks.running and self._isolated(now):
-                    self.tasks.fence_if_isolated(now)
+                if self._isolated(now):
+                    # Quiet at least until the next probe, which looks again.
+                    next_probe = m.awareness.scale(self.config.swim.probe_interval)
+                    self.tasks.on_isolated(now, now + next_probe)
             case ProbeTimeout(seq):
                 m.on_probe_timeout(now, seq)
             case ProbeRoundEnd(seq):
@@ -522,7 +553,9 @@ class Node:
             return  # older than anything we still remember: it may be a replay
         if not self.events.first_time(ev.origin, ev.ltime):
             return
-        self.gossip(("event", ev.origin, ev.ltime), raw or encode_message(ev))
+        raw = raw or encode_message(ev)
+        self._recent_events.append(raw)
+        self.gossip(("event", ev.origin, ev.ltime), raw)
         self.note(EventReceived(ev.origin, ev.ltime, ev.name, ev.payload))
 
     def _apply_state(self, state: PeerState, raw: bytes | None) -> None:
@@ -537,11 +570,13 @@ class Node:
             return
         self.states[state.node_id] = state
         self.gossip(("state", state.node_id), raw or encode_message(state))
+        if known is None or (known.roles, known.free_slots) != (state.roles, state.free_slots):
+            self.tasks.view_changed()
 
     def _push_pull(self, addr: str, join: bool, reply: bool) -> None:
         states = tuple(self.states.values())
         msg = PushPull(join, reply, tuple(self.membership.entries()), states)
-        messages = [encode_message(msg)]
+        messages = [encode_message(msg), *self._recent_events]
         if self.tasks.tasks:
             messages.append(encode_message(self.tasks.digests()))
         self.send(addr, messages, piggyback=False)

@@ -80,10 +80,13 @@ class Status(IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Ping:
-    """Direct probe of `target`; answered with `Ack(seq)`."""
+    """Direct probe of `target`; answered with `Ack(seq)`. `seen` is the incarnation the prober
+    knows of the target: a target past it answers with its current alive record too, so a
+    prober holding a stale suspicion learns the refutation it missed."""
 
     seq: int
     target: bytes
+    seen: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +96,7 @@ class IndirectPing:
     seq: int
     target: bytes
     target_addr: str
+    seen: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,10 +410,10 @@ def _task_fields(t: TaskRecord) -> list[Any]:
 
 def _to_fields(msg: Message) -> list[Any]:
     match msg:
-        case Ping(seq, target):
-            return [Kind.PING, seq, target]
-        case IndirectPing(seq, target, target_addr):
-            return [Kind.INDIRECT_PING, seq, target, target_addr]
+        case Ping(seq, target, seen):
+            return [Kind.PING, seq, target, seen]
+        case IndirectPing(seq, target, target_addr, seen):
+            return [Kind.INDIRECT_PING, seq, target, target_addr, seen]
         case Ack(seq):
             return [Kind.ACK, seq]
         case Nack(seq):
@@ -509,9 +513,9 @@ def decode_message(data: bytes) -> Message:
     f = fields
     match kind:
         case Kind.PING:
-            return Ping(_uint(f[1]), _node_id(f[2]))
+            return Ping(_uint(f[1]), _node_id(f[2]), _uint(f[3]))
         case Kind.INDIRECT_PING:
-            return IndirectPing(_uint(f[1]), _node_id(f[2]), _addr(f[3]))
+            return IndirectPing(_uint(f[1]), _node_id(f[2]), _addr(f[3]), _uint(f[4]))
         case Kind.ACK:
             return Ack(_uint(f[1]))
         case Kind.NACK:
@@ -568,8 +572,8 @@ def decode_message(data: bytes) -> Message:
 
 
 _ARITY = {
-    Kind.PING: 3,
-    Kind.INDIRECT_PING: 4,
+    Kind.PING: 4,
+    Kind.INDIRECT_PING: 5,
     Kind.ACK: 2,
     Kind.NACK: 2,
     Kind.ALIVE: 5,

@@ -7,6 +7,8 @@ peers, a healed partition merged within three minutes (reconnect runs every 30 s
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from protocol.config import suspicion_min_timeout
@@ -57,7 +59,7 @@ def test_thousand_peers_join_through_one_seed_and_a_broadcast_reaches_all() -> N
 def test_three_crashes_among_200_are_detected_by_every_survivor() -> None:
     sim, checker = joined(200, seed=2)
     for i, victim in enumerate((13, 77, 150)):
-        sim.at(sim.now + 1.0 + 2.0 * i, lambda v=victim: checker.crash(v))
+        sim.at(sim.now + 1.0 + 2.0 * i, functools.partial(checker.crash, victim))
     sim.run_until(sim.now + 60.0)
     swim = sim.config.swim
     bound = min_timeout(sim) * swim.suspicion_max_timeout_mult + 3 * swim.probe_interval
@@ -68,11 +70,6 @@ def test_three_crashes_among_200_are_detected_by_every_survivor() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="a refutation that misses one peer leaves it with a stale suspicion, which times "
-    "out: ~1 false positive per 100 simulated s at 20% loss (see docs/ or the issue thread)",
-)
 def test_no_false_positives_among_100_peers_at_20_percent_loss_for_ten_minutes() -> None:
     sim = Simulator(100, seed=3, link=LinkModel(loss=0.2))
     checker = Checker(sim)
