@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_agent(commands)
     _add_client_commands(commands)
+    # Imported here, not at the top: peer.cli_tasks builds on this module's helpers.
+    from peer import cli_tasks
+
+    cli_tasks.register(commands)
 
     simulate = _command(
         commands,

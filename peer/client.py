@@ -174,29 +174,8 @@ class GrapevineClient:
             for event in await self.recent_events():
                 yield event
             return
-        session = self._require_session()
-        url = self._base + "/v1/events"
-        try:
-            async with session.get(
-                url,
-                params={"follow": "1"},
-                timeout=_STREAM_TIMEOUT,
-                headers={"Accept": "text/event-stream"},
-            ) as response:
-                if response.status >= 400:
-                    raise await _api_error(response)
-                data: list[str] = []
-                async for raw in response.content:
-                    line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-                    if line.startswith("data:"):
-                        data.append(line[5:].removeprefix(" "))
-                    elif not line and data:
-                        yield _decode_event("\n".join(data), self.api)
-                        data = []
-                    # Comments (":" keep-alives), "event:", "id:" and "retry:" carry nothing
-                    # the API defines, so they are skipped.
-        except aiohttp.ClientError as exc:
-            raise ClientError(self.api, _reason(exc)) from exc
+        async for event in self._sse("/v1/events", {"follow": "1"}):
+            yield event
 
     async def metrics(self) -> JsonObject:
         """Return the peer's counters: rejected (by reason), dropped, messages and bytes in and
@@ -219,6 +198,86 @@ class GrapevineClient:
         """Remove `key` (base64) from the keyring; the peer refuses to remove its primary."""
         return await self._keys_action("remove", key)
 
+    # Tasks
+
+    async def submit(
+        self,
+        role: str,
+        input: str,
+        *,
+        priority: int = 0,
+        idempotency_key: str | None = None,
+        timeout: float = 0.0,
+        wait: bool = False,
+    ) -> JsonObject:
+        """Submit a task (`POST /v1/tasks`); returns `{id}` once the peer made it durable and
+        replicated, or with `wait` the task (as `task()` returns it) once it is final.
+
+        Args:
+            role: the role that must run it ("echo", "sleep", an agent's role).
+            input: the task's input text.
+            priority: higher runs first (0 or more).
+            idempotency_key: resubmitting the same task with the same key at the same peer
+                names the same task instead of creating another.
+            timeout: seconds one execution may run (0: no limit); then its outcome is "timeout".
+            wait: answer only when the task is done, failed or cancelled (no client timeout).
+        """
+        body: JsonObject = {"role": role, "input": input, "priority": priority, "timeout": timeout}
+        if idempotency_key:
+            body["idempotency_key"] = idempotency_key
+        if wait:
+            body["wait"] = True
+        return await self._request("POST", "/v1/tasks", body, _STREAM_TIMEOUT if wait else None)
+
+    async def task(self, task_id: str) -> JsonObject:
+        """Return one task: id, role, state (pending, running, done, failed, cancelled), owner,
+        epoch, result, executions, duplicates, priority, parent, created, idempotency_key, ...
+
+        Args:
+            task_id: 64 hex digits, or a unique prefix of at least 6.
+        """
+        return await self._request("GET", f"/v1/tasks/{_task_path(task_id)}")
+
+    async def tasks(
+        self, state: str | None = None, role: str | None = None, limit: int | None = None
+    ) -> list[JsonObject]:
+        """Return the tasks this peer knows, newest first, optionally filtered by state/role."""
+        query = {k: str(v) for k, v in (("state", state), ("role", role), ("limit", limit)) if v}
+        answer = await self._request("GET", "/v1/tasks", params=query)
+        return _list_field(answer, "tasks", self.api)
+
+    async def cancel(self, task_id: str) -> JsonObject:
+        """Cancel a task network-wide; returns the task. Refused (409) once it is final."""
+        return await self._request("POST", f"/v1/tasks/{_task_path(task_id)}/cancel")
+
+    async def task_stats(self) -> JsonObject:
+        """Return `{totals: {tasks, pending, running, done, failed, cancelled, executions,
+        duplicates, takeovers, fenced, flips, signatures_verified}, here: {...}}`."""
+        return await self._request("GET", "/v1/tasks/stats")
+
+    async def watch_task(self, task_id: str) -> AsyncIterator[JsonObject]:
+        """Yield a task's events (task-claimed, task-started, task-ended, task-result,
+        task-cancelled), history first; ends once the task is final."""
+        async for event in self._sse(f"/v1/tasks/{_task_path(task_id)}/watch", {}):
+            yield event
+
+    async def task_events(self, follow: bool = True) -> AsyncIterator[JsonObject]:
+        """Yield task events as this peer observes them (`GET /v1/tasks/watch?follow=1`); with
+        `follow=False` the recent buffer, then stop."""
+        if not follow:
+            answer = await self._request("GET", "/v1/tasks/watch")
+            for event in _list_field(answer, "events", self.api):
+                yield event
+            return
+        async for event in self._sse("/v1/tasks/watch", {"follow": "1"}):
+            yield event
+
+    async def wait_task(self, task_id: str) -> JsonObject:
+        """Wait until the task is final (following its watch stream); return the task."""
+        async for _ in self.watch_task(task_id):
+            pass
+        return await self.task(task_id)
+
     async def _keys_action(self, action: str, key: str) -> JsonObject:
         return await self._request("POST", "/v1/keys", {"action": action, "key": key})
 
@@ -227,10 +286,48 @@ class GrapevineClient:
             raise RuntimeError("use GrapevineClient as `async with GrapevineClient(api) as c:`")
         return self._session
 
-    async def _request(self, method: str, path: str, body: JsonObject | None = None) -> JsonObject:
+    async def _sse(self, path: str, params: dict[str, str]) -> AsyncIterator[JsonObject]:
+        """Yield the JSON objects of a server-sent event stream until the peer ends it."""
         session = self._require_session()
         try:
-            async with session.request(method, self._base + path, json=body) as response:
+            async with session.get(
+                self._base + path,
+                params=params,
+                timeout=_STREAM_TIMEOUT,
+                headers={"Accept": "text/event-stream"},
+            ) as response:
+                if response.status >= 400:
+                    raise await _api_error(response)
+                data: list[str] = []
+                async for raw in response.content:
+                    line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                    if line.startswith("data:"):
+                        data.append(line[5:].removeprefix(" "))
+                    elif not line and data:
+                        yield _decode_event("\n".join(data), self.api)
+                        data = []
+                    # Comments (":" keep-alives), "event:", "id:" and "retry:" carry nothing
+                    # the API defines, so they are skipped.
+        except aiohttp.ClientError as exc:
+            raise ClientError(self.api, _reason(exc)) from exc
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: JsonObject | None = None,
+        timeout: aiohttp.ClientTimeout | None = None,
+        params: dict[str, str] | None = None,
+    ) -> JsonObject:
+        session = self._require_session()
+        try:
+            async with session.request(
+                method,
+                self._base + path,
+                json=body,
+                params=params,
+                timeout=timeout or _REQUEST_TIMEOUT,
+            ) as response:
                 if response.status >= 400:
                     raise await _api_error(response)
                 text = await response.text()
@@ -247,6 +344,13 @@ class GrapevineClient:
         if not isinstance(answer, dict):
             raise ClientError(self.api, "the answer is not a JSON object")
         return answer
+
+
+def _task_path(task_id: str) -> str:
+    text = task_id.strip()
+    if not text or not all(c in "0123456789abcdefABCDEF" for c in text):
+        raise ValueError(f"a task id is hex digits, got {task_id[:70]!r}")
+    return text.lower()
 
 
 def _list_field(answer: JsonObject, name: str, api: str) -> list[JsonObject]:

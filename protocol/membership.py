@@ -173,6 +173,7 @@ class Membership:
         self._probe_next = 0
         self._probe: _Probe | None = None
         self._relays: dict[int, _Relay] = {}
+        self._last_probe_was_suspect = False
         self._suspects: dict[bytes, None] = {}
         """Members we hold as suspect, oldest suspicion first (may hold stale entries)."""
         self._seq = 0
@@ -377,7 +378,9 @@ class Membership:
             self.on_probe_round_end(now, self._probe.seq)
         swim = self.config.swim
         self.port.schedule(now + self.awareness.scale(swim.probe_interval), ProbeDue())
-        target = self._stale_suspect(now) or self._next_probe_target()
+        target = None if self._last_probe_was_suspect else self._stale_suspect(now)
+        self._last_probe_was_suspect = target is not None
+        target = target or self._next_probe_target()
         if target is None:
             self._probe = None
             return
@@ -544,7 +547,8 @@ class Membership:
         self._probe_order.insert(self.rng.randrange(len(self._probe_order) + 1), node_id)
 
     def _stale_suspect(self, now: float) -> Member | None:
-        # Probe suspects first (each at most every other round): the one who suspects a member
+        # Every other probe may go to a suspect (the rest keep the round-robin going, or a mass
+        # failure would starve it): the one who suspects a member
         # checks on it again within the suspicion, instead of waiting for its round-robin turn,
         # and the ack carries the refutation if it was missed (see `_ack`).
         horizon = now - 2 * self.awareness.scale(self.config.swim.probe_interval)

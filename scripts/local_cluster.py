@@ -15,7 +15,9 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -37,12 +39,32 @@ __all__ = ["GrapevineClient", "GrapevineError", "LocalCluster", "Peer"]
 T = TypeVar("T")
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """Return a TCP port on 127.0.0.1 that is free now and was not handed out before.
+
+    Ports come from below the kernel's ephemeral range, so the outgoing connections of a
+    hundred running peers cannot take a port between this check and the peer's own bind; the
+    scan starts at a random port so that concurrent harnesses rarely pick the same one.
+    """
+    low, high = 20000, 32768
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        high = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    start = random.randrange(low, high)
+    for offset in range(high - low):
+        port = low + (start - low + offset) % (high - low)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    raise RuntimeError(f"no free port between {low} and {high}")
 
 
 def grapevine_command() -> list[str]:

@@ -185,9 +185,7 @@ class Checker:
             subject = self._index.get(note.node_id)
             if subject is not None:
                 false = self._up_and_reachable(now, peer.index, subject, note.incarnation)
-                self.suspicions.append(
-                    Verdict(now, peer.index, subject, note.incarnation, false)
-                )
+                self.suspicions.append(Verdict(now, peer.index, subject, note.incarnation, false))
         elif kind is MemberDown:
             assert isinstance(note, MemberDown)
             subject = self._index.get(note.node_id)

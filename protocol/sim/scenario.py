@@ -2,15 +2,18 @@
 
 Timeline (all times virtual):
 1. Peer 0 starts; the others start evenly over min(10, 0.01 n) seconds and join through peer 0.
-   The run waits until the views converge (`Checker.is_converged`), checked every half second,
-   at most `JOIN_TIMEOUT` seconds past the last start. T0 is that moment.
+   The run waits until every running peer sees every other one up (alive or suspect: under
+   heavy loss some suspicion is always in flight), checked every half second, at most
+   `JOIN_TIMEOUT` seconds past the last start. T0 is that moment.
 2. From T0 + 1 s: one broadcast every `BROADCAST_SPACING` seconds from a random running peer;
    crashes of distinct random non-seed peers and pauses of other non-seed peers at random times
    within `FAULT_WINDOW` seconds. A pause lasts `PAUSE_FRACTION` of the minimum suspicion timeout,
    below the detection time, so a correct protocol declares nobody dead because of it.
 3. If asked, a partition at T0 + at splits the peers into two random sides (`fraction` of them
    on the first) and heals after its duration.
-4. The run ends at T0 + duration; the figures describe the whole run.
+4. The run ends at T0 + duration; the figures describe the whole run. `converged` uses the
+   same test as the join (stopped peers must be seen down); `convergence` describes the strict
+   one (every running peer ALIVE) with counts of what disagrees.
 
 Invariants:
 - All randomness comes from `random.Random` seeded with the scenario seed (scenario choices) and
@@ -205,7 +208,8 @@ def run_scenario(params: ScenarioParams, progress: Progress | None = None) -> di
         "crashes": len(detections),
         "crash_detection_s": [_r(d) for d in detections],
         "crash_detection_max_s": (
-            _r(max(known_detections)) if detections and len(known_detections) == len(detections)
+            _r(max(known_detections))
+            if detections and len(known_detections) == len(detections)
             else None
         ),
         "pauses": params.pauses,

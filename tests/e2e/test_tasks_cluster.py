@@ -1,0 +1,193 @@
+"""1,000 tasks through five real peer processes while one of them is SIGKILLed and restarted.
+
+Checks DESIGN.md section 5 end to end: every task finishes, each has exactly one accepted
+result, all five peers report the same result, claim and execution log for every task, and a
+second execution only happens for tasks whose owner died. The figures (time, takeovers,
+duplicates) are printed; run with `-s` to see them.
+
+Every wait is bounded; the cluster fixture ends every process it started, by pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scripts.local_cluster import (
+    GrapevineClient,
+    GrapevineError,
+    LocalCluster,
+    Peer,
+    wait_for,
+    wait_ready,
+    wait_views,
+)
+
+pytestmark = pytest.mark.e2e
+
+SIZE = 5
+TASKS = 1000
+KILL_AFTER = 400
+IN_FLIGHT = 32
+SETTLE_LIMIT = 150.0
+
+
+def _spec(i: int, rng: random.Random) -> dict[str, Any]:
+    if i % 8 == 0:
+        return {"role": "sleep", "input": f"{rng.uniform(0.05, 0.5):.2f}"}
+    return {"role": "echo", "input": f"task {i}"}
+
+
+async def _submit_all(
+    cluster: LocalCluster, peers: list[Peer], victim: Peer, rng: random.Random
+) -> tuple[dict[str, int], dict[str, float]]:
+    """Submit TASKS tasks at random live peers; SIGKILL `victim` after KILL_AFTER of them."""
+    ids: dict[str, int] = {}
+    figures: dict[str, float] = {}
+    clients = {p.name: GrapevineClient(p.api) for p in peers}
+    for client in clients.values():
+        await client.__aenter__()
+    limit = asyncio.Semaphore(IN_FLIGHT)
+
+    async def one(i: int, live: list[Peer]) -> None:
+        spec = _spec(i, rng)
+        async with limit:
+            for attempt in range(5):
+                peer = rng.choice(live)
+                try:
+                    answer = await clients[peer.name].submit(
+                        spec["role"], spec["input"], idempotency_key=f"e2e-{i}-{peer.name}"
+                    )
+                    ids[answer["id"]] = i
+                    return
+                except GrapevineError:
+                    if attempt == 4:
+                        raise
+                    await asyncio.sleep(0.2)
+
+    try:
+        start = time.monotonic()
+        await asyncio.gather(*(one(i, peers) for i in range(KILL_AFTER)))
+        cluster.kill(victim, signal.SIGKILL)
+        figures["killed_at"] = time.monotonic() - start
+        survivors = [p for p in peers if p is not victim]
+        await asyncio.gather(*(one(i, survivors) for i in range(KILL_AFTER, TASKS)))
+        figures["submitted_in"] = time.monotonic() - start
+    finally:
+        for client in clients.values():
+            await client.__aexit__(None, None, None)
+    return ids, figures
+
+
+async def _views(peers: list[Peer]) -> list[dict[str, dict[str, Any]]]:
+    async def one(peer: Peer) -> dict[str, dict[str, Any]]:
+        async with GrapevineClient(peer.api) as client:
+            return {t["id"]: t for t in await client.tasks(limit=10_000)}
+
+    return list(await asyncio.gather(*(one(p) for p in peers)))
+
+
+def _converged_facts(task: dict[str, Any]) -> tuple[Any, ...]:
+    result = task["result"]
+    return (
+        task["state"],
+        task["owner"],
+        task["epoch"],
+        None if result is None else (result["outcome"], result["output"], result["epoch"]),
+        None if result is None else result["owner"],
+        tuple((e["epoch"], e["owner"], e["phase"], e["outcome"]) for e in task["executions"]),
+    )
+
+
+def test_a_thousand_tasks_survive_a_sigkill_and_converge(tmp_path: Path) -> None:
+    rng = random.Random(20240601)
+    with LocalCluster(tmp_path / "cluster", profile="local", extra_args=()) as cluster:
+        seed = cluster.add()
+        for _ in range(SIZE - 1):
+            cluster.add(join=[seed])
+        peers = list(cluster.peers)
+        victim = peers[2]
+        try:
+            asyncio.run(_run(cluster, peers, victim, rng))
+        except (TimeoutError, AssertionError, GrapevineError) as exc:
+            logs = "\n".join(f"--- {p.name}:\n{p.log_tail(25)}" for p in peers)
+            raise AssertionError(f"{exc}\n{logs}") from exc
+
+
+async def _run(cluster: LocalCluster, peers: list[Peer], victim: Peer, rng: random.Random) -> None:
+    await wait_ready(peers, timeout=30)
+    await wait_views(peers, {p.node_id: "alive" for p in peers}, timeout=20)
+    start = time.monotonic()
+    ids, figures = await _submit_all(cluster, peers, victim, rng)
+    assert len(ids) == TASKS, "every submission names its own task"
+    survivors = [p for p in peers if p is not victim]
+    expected = {p.node_id: "alive" for p in survivors} | {victim.node_id: "dead"}
+    figures["detected_in"] = await wait_views(survivors, expected, timeout=30)
+    cluster.start(victim)
+    await wait_ready([victim], timeout=30)
+    figures["restarted_at"] = time.monotonic() - start
+
+    views: list[dict[str, dict[str, Any]]] = []
+
+    async def settled() -> tuple[bool, object]:
+        nonlocal views
+        views = await _views(peers)
+        unfinished = [sum(1 for t in v.values() if t["state"] != "done") for v in views]
+        missing = [TASKS - sum(1 for tid in ids if tid in v) for v in views]
+        differing = sum(
+            1
+            for tid in ids
+            if len({_converged_facts(v[tid]) if tid in v else None for v in views}) > 1
+        )
+        ok = not any(unfinished) and not any(missing) and not differing
+        return ok, {"unfinished": unfinished, "missing": missing, "differing": differing}
+
+    figures["settled_in"] = await wait_for("all tasks done everywhere", settled, SETTLE_LIMIT, 1.0)
+    total = time.monotonic() - start
+
+    # Individual GETs agree with the listings, peer by peer, on a sample.
+    sample = rng.sample(sorted(ids), 25)
+    for peer, view in zip(peers, views, strict=True):
+        async with GrapevineClient(peer.api) as client:
+            for tid in sample:
+                assert _converged_facts(await client.task(tid)) == _converged_facts(view[tid])
+
+    tasks = views[0]
+    duplicated = {tid: t for tid, t in tasks.items() if tid in ids and t["duplicates"] > 0}
+    takeovers = sum(t["epoch"] - 1 for tid, t in tasks.items() if tid in ids)
+    victim_ran = {
+        tid
+        for tid, t in tasks.items()
+        if tid in ids and any(e["owner"] == victim.node_id for e in t["executions"])
+    }
+    innocent = {tid: t for tid, t in duplicated.items() if tid not in victim_ran}
+    for tid in ids:
+        task = tasks[tid]
+        assert task["state"] == "done" and task["result"]["outcome"] == "ok"
+        assert task["result"]["epoch"] == task["epoch"] and task["result"]["owner"] == task["owner"]
+    stats = []
+    for peer in peers:
+        async with GrapevineClient(peer.api) as client:
+            stats.append((await client.task_stats())["totals"])
+    print(
+        f"\n{TASKS} tasks on {SIZE} peers: submitted in {figures['submitted_in']:.1f} s, "
+        f"victim killed at {figures['killed_at']:.1f} s, declared dead after "
+        f"{figures['detected_in']:.1f} s, restarted at {figures['restarted_at']:.1f} s; "
+        f"all done and identical on every peer after {total:.1f} s.\n"
+        f"takeovers {takeovers}, tasks the victim ran {len(victim_ran)}, tasks executed more "
+        f"than once {len(duplicated)} (extra executions "
+        f"{sum(t['duplicates'] for t in duplicated.values())}), of which owner did not die: "
+        f"{len(innocent)}.\nper-peer stats: {stats}"
+    )
+    names = {p.node_id: p.name for p in peers}
+    for tid, t in sorted(innocent.items())[:10]:
+        log = [(e["epoch"], names[e["owner"]], e["phase"], e["outcome"]) for e in t["executions"]]
+        print(f"  duplicate without a dead owner: {tid[:12]} {t['role']} {t['input']!r}: {log}")
+    assert not innocent, f"duplicates without a dead owner: {sorted(innocent)[:5]}"
+    assert all(s["done"] >= TASKS and s["duplicates"] == stats[0]["duplicates"] for s in stats)
