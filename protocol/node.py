@@ -89,6 +89,9 @@ _BROADCAST_KINDS = frozenset(
     }
 )
 _RECENT_CAPACITY = 4096
+_FROZEN = 0.5
+"""A gap between calls longer than this means we were frozen (gossip timers call us every
+gossip interval otherwise): input queued meanwhile is read before any claim is made."""
 _MAX_LTIME_JUMP = 2**32
 _PUSH_PULL_EVENTS = 128
 """Most recent user events carried by every push-pull, so one that gossip missed still
@@ -141,6 +144,7 @@ class Node:
         self._recent_events: deque[bytes] = deque(maxlen=_PUSH_PULL_EVENTS)
         self.ltime = 0
         self.states: dict[bytes, PeerState] = {}
+        self._full_since: dict[bytes, float] = {}
         self._state_version = incarnation << 32
         self._seeds: list[str] = []
         self._joining: set[str] = set()
@@ -220,17 +224,14 @@ class Node:
                 out.append(nid)
         return out
 
-    def free_slots(self, node_id: bytes) -> int:
-        """Execution slots `node_id` has free: exact for this peer, as advertised for others."""
-        if node_id == self.node_id:
-            return max(0, self.tasks.max_running - len(self.tasks.running))
-        state = self.states.get(node_id)
-        return state.free_slots if state is not None else 0
+    def full_since(self, node_id: bytes) -> float | None:
+        """Since when `node_id` has advertised no free execution slot (None: it has one)."""
+        return self._full_since.get(node_id)
 
     def slots_changed(self) -> None:
         """An execution started or ended here: advertise the free slots left."""
         state = self.states.get(self.node_id)
-        free = self.free_slots(self.node_id)
+        free = max(0, self.tasks.max_running - len(self.tasks.running))
         if state is not None and state.free_slots != free:
             self._advertise(state.roles, free, state.queue_len, state.load)
 
@@ -460,6 +461,8 @@ class Node:
     def _enter(self, now: float) -> None:
         gap = now - self._last_call
         self._last_call = now
+        if gap > _FROZEN:
+            self.tasks.on_stall(now, _FROZEN)
         if gap > self.config.swim.stall_threshold:
             self.note(StallDetected(gap))
             self.membership.on_stall(now)
@@ -523,6 +526,7 @@ class Node:
                 self.schedule(now + self.config.swim.gossip_to_the_dead, ReapDue())
                 for node_id in m.reap(now):
                     self.states.pop(node_id, None)
+                    self._full_since.pop(node_id, None)
 
     def _dispatch_other(self, now: float, src: str, msg: Message, raw: bytes) -> None:
         match msg:
@@ -570,6 +574,10 @@ class Node:
             return
         self.states[state.node_id] = state
         self.gossip(("state", state.node_id), raw or encode_message(state))
+        if state.free_slots > 0:
+            self._full_since.pop(state.node_id, None)
+        else:
+            self._full_since.setdefault(state.node_id, self._last_call)
         if known is None or (known.roles, known.free_slots) != (state.roles, state.free_slots):
             self.tasks.view_changed()
 

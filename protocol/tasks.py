@@ -26,6 +26,7 @@ Theory of operation (DESIGN.md section 5 is the specification)
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import replace
@@ -69,6 +70,9 @@ DOMAIN_CANCEL = b"grapevine/cancel/v1"
 DOMAIN_EXECUTION = b"grapevine/execution/v1"
 
 START, END = 0, 1
+LOCAL, STORE = "", "store"
+"""The `src` of objects made here (no address is empty, so no peer can pose as it), and of
+objects re-applied from the store on restart (verified like any peer's)."""
 OUTCOMES = ("ok", "failed", "timeout", "cancelled", "fenced")
 
 
@@ -88,6 +92,7 @@ class View(Protocol):
     def is_down(self, node_id: bytes) -> bool: ...
     def capable(self, role: str) -> list[bytes]: ...
     def addr_of(self, node_id: bytes) -> str | None: ...
+    def full_since(self, node_id: bytes) -> float | None: ...
 
 
 class Port(Protocol):
@@ -99,6 +104,7 @@ class Port(Protocol):
     def schedule(self, at: float, timer: Timer) -> None: ...
     def persist(self, kind: str, key: bytes, value: bytes) -> None: ...
     def send_to_random(self, k: int, messages: list[bytes]) -> None: ...
+    def slots_changed(self) -> None: ...
 
 
 class TaskState:
@@ -108,6 +114,7 @@ class TaskState:
         "task_id",
         "record",
         "claim",
+        "claims",
         "results",
         "accepted",
         "cancel",
@@ -123,6 +130,10 @@ class TaskState:
         self.task_id = task_id
         self.record: TaskRecord | None = None
         self.claim: Claim | None = None
+        """The greatest claim held: the one that owns the task now."""
+        self.claims: dict[tuple[int, bytes], Claim] = {}
+        """Every claim held, by (epoch, owner): results and later epochs are checked against
+        them, and anti-entropy hands them on so a peer that missed one can catch up."""
         self.results: dict[tuple[int, bytes], Result] = {}
         self.accepted: Result | None = None
         self.cancel: Cancel | None = None
@@ -140,10 +151,9 @@ class TaskState:
     def digest(self) -> bytes:
         """A short summary equal on two peers exactly when they hold the same objects."""
         if self._digest is None:
-            claim = [self.claim.epoch, self.claim.owner] if self.claim else []
             summary = [
                 self.record is not None,
-                claim,
+                sorted([e, o] for e, o in self.claims),
                 sorted([e, o] for e, o in self.results),
                 self.cancel is not None,
                 sorted([e, o, p] for e, o, p in self.executions),
@@ -156,9 +166,8 @@ class TaskState:
         out: list[Message] = []
         if self.record is not None:
             out.append(self.record)
-        if self.claim is not None:
-            out.append(self.claim)
-        out.extend(self.results.values())
+        out.extend(c for _, c in sorted(self.claims.items()))
+        out.extend(r for _, r in sorted(self.results.items()))
         if self.cancel is not None:
             out.append(self.cancel)
         out.extend(self.executions.values())
@@ -218,6 +227,10 @@ class Tasks:
         self.quiet_until = 0.0
         """After a stall no claim is made before this time: what we missed arrives first."""
         self.counters: Counter[str] = Counter()
+        self.last_down = 0.0
+        """When a member last went down: the standby order of unclaimed tasks changed then."""
+        self._unsettled: dict[bytes, None] = {}
+        """Tasks to decide on once the current input is fully applied (see `settle`)."""
 
     # Commands from the host.
 
@@ -301,12 +314,13 @@ class Tasks:
         if self.running.get(task_id) != epoch:
             return None
         del self.running[task_id]
+        self.port.slots_changed()
         self._log(now, task_id, epoch, END, outcome)
         payload = Result(
             task_id, epoch, self.signer.public_key, outcome, output, usage, b"", self.node_id
         )
         result = _with_sig(payload, self.signer.sign(DOMAIN_RESULT, payload.signed_payload()))
-        self._apply_result(now, result, encode_message(result), src="local")
+        self._apply_result(now, result, encode_message(result), src=LOCAL)
         self._slot_freed(now)
         return result
 
@@ -319,39 +333,75 @@ class Tasks:
             task_id, self.signer.public_key, reason[:MAX_NAME_CHARS], b"", self.node_id
         )
         cancel = _with_sig(payload, self.signer.sign(DOMAIN_CANCEL, payload.signed_payload()))
-        self._apply_cancel(now, cancel, encode_message(cancel), src="local")
+        self._apply_cancel(now, cancel, encode_message(cancel), src=LOCAL)
         return True
 
     def reevaluate(self, now: float) -> None:
         """Look at every open task again, highest priority first (a slot freed, roles or
         membership changed)."""
 
-        for tid in sorted(self.open, key=self._priority, reverse=True):
+        for tid in sorted(self.open, key=self._urgency):
             self._evaluate(now, self.tasks[tid])
 
+    def view_changed(self) -> None:
+        """Roles or free slots advertised by a peer changed: look at open tasks again."""
+        for tid in sorted(self.open):
+            self._unsettled[tid] = None
+
+    def settle(self, now: float) -> None:
+        """Decide on the tasks the input just applied touched, highest priority first.
+
+        Deciding only after a whole envelope is applied matters: an anti-entropy batch carries
+        a task record before its claims, and the record alone would look unclaimed."""
+        touched = [t for t in self._unsettled if t in self.tasks]
+        self._unsettled.clear()
+        for tid in sorted(touched, key=self._urgency):
+            self._evaluate(now, self.tasks[tid])
+
+    def hold(self) -> None:
+        """Restored from the store after a restart: our view of the network is empty, so every
+        owner looks dead and every task unclaimed. Decide nothing until `release`."""
+        self.quiet_until = math.inf
+
+    def release(self, now: float) -> None:
+        """We joined: decide again after a standby delay, once what we missed has arrived."""
+        if self.quiet_until == math.inf:
+            self.quiet_until = now + self.standby_delay
+            self.reevaluate(now)
+
     def _slot_freed(self, now: float) -> None:
-        waiting = sorted(self.passed & self.open, key=lambda t: -self._priority(t))
+        waiting = sorted(self.passed & self.open, key=self._urgency)
         self.passed.clear()
         for tid in waiting:
             self._evaluate(now, self.tasks[tid])
 
-    def _priority(self, task_id: bytes) -> int:
+    def _urgency(self, task_id: bytes) -> tuple[int, bytes]:
+        # Highest priority first; ties by id, so the order never depends on set iteration
+        # (hash randomisation would make simulated runs differ between processes).
         rec = self.tasks[task_id].record
-        return rec.priority if rec is not None else 0
+        return (-rec.priority if rec is not None else 0, task_id)
 
-    def on_stall(self, now: float) -> None:
-        """We were frozen: let the claims made meanwhile reach us before claiming anything."""
-        self.quiet_until = now + self.standby_delay
+    def on_stall(self, now: float, quiet: float | None = None) -> None:
+        """We were frozen: let the claims made meanwhile reach us before claiming anything,
+        for `quiet` seconds (a standby delay by default)."""
+        wait = self.standby_delay if quiet is None else quiet
+        self.quiet_until = max(self.quiet_until, now + wait)
 
     def on_member_down(self, now: float, node_id: bytes) -> None:
-        """A member was declared dead or left: take over its claims in rank order."""
+        """A member was declared dead or left: take over its claims in rank order. Standbys
+        of unclaimed tasks move up a rank, so their wait restarts: the new first in line must
+        get its turn before the next one steps in."""
+        self.last_down = now
         for st in self.tasks.values():
             if st.claim is not None and st.claim.owner == node_id and st.accepted is None:
                 st.owner_down_at = now
-                self._evaluate(now, st)
+            if st.task_id in self.open:
+                self._unsettled[st.task_id] = None
 
-    def fence_if_isolated(self, now: float) -> None:
-        """We reach no one: others will declare us dead and take our work over, so stop it."""
+    def on_isolated(self, now: float, until: float) -> None:
+        """We reach no one: others will declare us dead and take our work over, so stop it,
+        and claim nothing before `until` (the next look) plus a standby delay."""
+        self.quiet_until = max(self.quiet_until, until + self.standby_delay)
         for task_id, epoch in list(self.running.items()):
             self._fence(now, task_id, epoch, "isolated")
 
@@ -425,7 +475,7 @@ class Tasks:
             addr = self.view.addr_of(rec.origin)
             if addr is not None:
                 self.port.send(addr, [encode_message(TaskHeld(rec.task_id))], piggyback=False)
-        self._evaluate(now, st)
+        self._unsettled[rec.task_id] = None
 
     def acknowledge_unreplicated(self, task_id: bytes) -> None:
         """Replication 0: the submission is acknowledged as soon as it is durable here."""
@@ -445,71 +495,81 @@ class Tasks:
 
     def _apply_claim(self, now: float, c: Claim, raw: bytes, src: str) -> None:
         st = self._state(c.task_id, now)
-        current = st.claim
-        if current is not None and claim_rank(c.task_id, c.epoch, c.owner) <= claim_rank(
-            current.task_id, current.epoch, current.owner
-        ):
-            if (c.epoch, c.owner) != (current.epoch, current.owner):
-                self.counters["stale claim"] += 1
+        if (c.epoch, c.owner) in st.claims:
             return
-        if c.epoch > (current.epoch if current else 0) + 1:
+        if c.epoch == 0 or (c.epoch > 1 and not any(e == c.epoch - 1 for e, _ in st.claims)):
+            # A takeover names the epoch after one it saw; without that claim here it is
+            # either forged or ahead of what reached us, so ask its sender for the chain.
             self.counters["claim skips an epoch"] += 1
             self.port.note(Dropped(src, "claim skips an epoch"))
+            self._ask(src, c.task_id)
             return
-        if c.owner != self.node_id and not self._verified(
+        if src != LOCAL and not self._verified(
             DOMAIN_CLAIM, c.owner_key, c.signed_payload(), c.sig, src, "claim"
         ):
             return
+        st.claims[(c.epoch, c.owner)] = c
+        st.touch()
+        self.port.persist("claim", c.task_id + c.epoch.to_bytes(8, "big") + c.owner, raw)
+        self.port.gossip(("claim", c.task_id, c.epoch, c.owner), raw)
+        current = st.claim
+        if current is not None and claim_rank(c.task_id, c.epoch, c.owner) < claim_rank(
+            current.task_id, current.epoch, current.owner
+        ):
+            self.counters["superseded claims"] += 1
+            return
         st.claim = c
         st.owner_down_at = now if self.view.is_down(c.owner) else None
-        st.touch()
-        self.port.persist("claim", c.task_id, raw)
-        self.port.gossip(("claim", c.task_id), raw)
         self.port.note(TaskClaimed(c.task_id, c.owner, c.epoch))
         mine = self.running.get(c.task_id)
         if mine is not None and c.owner != self.node_id:
             self._fence(now, c.task_id, mine, "superseded by a greater claim")
-        self._evaluate(now, st)
+        self._unsettled[c.task_id] = None
 
     def _apply_result(self, now: float, r: Result, raw: bytes, src: str) -> None:
         st = self._state(r.task_id, now)
         if (r.epoch, r.owner) in st.results:
             return
-        top_epoch = max(
-            st.claim.epoch if st.claim else 0, max((e for e, _ in st.results), default=0)
-        )
-        if r.epoch > top_epoch + 1 or r.epoch == 0:
-            self.counters["result skips an epoch"] += 1
-            self.port.note(Dropped(src, "result skips an epoch"))
+        if (r.epoch, r.owner) not in st.claims:
+            # Every result is made under a claim its owner published first; a result
+            # without one is forged or ahead of its claim, so ask its sender for the chain.
+            self.counters["result without its claim"] += 1
+            self.port.note(Dropped(src, "result without its claim"))
+            self._ask(src, r.task_id)
             return
-        rank = claim_rank(r.task_id, r.epoch, r.owner)
-        acc = st.accepted
-        if acc is not None and rank < claim_rank(acc.task_id, acc.epoch, acc.owner):
-            self.counters["result of a losing claim"] += 1
-            return
-        if r.owner != self.node_id and not self._verified(
+        if src != LOCAL and not self._verified(
             DOMAIN_RESULT, r.owner_key, r.signed_payload(), r.sig, src, "result"
         ):
             return
         st.results[(r.epoch, r.owner)] = r
+        st.touch()
+        self.port.persist("result", r.task_id + r.epoch.to_bytes(8, "big") + r.owner, raw)
+        self.port.gossip(("result", r.task_id, r.epoch, r.owner), raw)
+        acc = st.accepted
+        if acc is not None and claim_rank(r.task_id, r.epoch, r.owner) < claim_rank(
+            acc.task_id, acc.epoch, acc.owner
+        ):
+            self.counters["result of a losing claim"] += 1
+            return
         flipped = acc is not None
         st.accepted = r
-        st.touch()
         self.open.discard(r.task_id)
         if flipped:
             self.counters["result flips"] += 1
-        self.port.persist("result", r.task_id + r.epoch.to_bytes(8, "big") + r.owner, raw)
-        self.port.gossip(("result", r.task_id, r.epoch, r.owner), raw)
         self.port.note(ResultAccepted(r.task_id, r.epoch, r.owner, r.outcome, flipped))
         mine = self.running.get(r.task_id)
         if mine is not None:
             self._fence(now, r.task_id, mine, "a result was accepted")
 
+    def _ask(self, src: str, task_id: bytes) -> None:
+        if src not in (LOCAL, STORE):
+            self.port.send(src, [encode_message(TaskWant((task_id,)))], piggyback=False)
+
     def _apply_cancel(self, now: float, c: Cancel, raw: bytes, src: str) -> None:
         st = self._state(c.task_id, now)
         if st.cancel is not None:
             return
-        if c.by != self.node_id and not self._verified(
+        if src != LOCAL and not self._verified(
             DOMAIN_CANCEL, c.by_key, c.signed_payload(), c.sig, src, "cancel"
         ):
             return
@@ -527,7 +587,7 @@ class Tasks:
         key = (e.epoch, e.owner, e.phase)
         if key in st.executions:
             return
-        if e.owner != self.node_id and not self._verified(
+        if src != LOCAL and not self._verified(
             DOMAIN_EXECUTION, e.owner_key, e.signed_payload(), e.sig, src, "execution entry"
         ):
             return
@@ -546,13 +606,17 @@ class Tasks:
             return
         if st.task_id in self.running or rec.role not in self.roles:
             return
+        if now < self.quiet_until:
+            if self.quiet_until != math.inf:
+                self.port.schedule(self.quiet_until, TaskStandby(st.task_id))
+            return
         claim = st.claim
         if claim is not None and claim.owner == self.node_id:
             if (claim.epoch, self.node_id) not in st.results:
                 self._start(now, st, claim.epoch)  # resume our own claim after a restart
             return
         if claim is None:
-            epoch, since, exclude = 1, st.first_seen, b""
+            epoch, since, exclude = 1, max(st.first_seen, self.last_down), b""
         elif self.view.is_down(claim.owner):
             epoch, since, exclude = claim.epoch + 1, st.owner_down_at or now, claim.owner
         else:
@@ -565,27 +629,40 @@ class Tasks:
         if self.node_id not in ranked:
             return
         rank = ranked.index(self.node_id)
-        due = max(since + rank * self.standby_delay, self.quiet_until)
+        due = since + rank * self.standby_delay
         if now < due:
             self.port.schedule(due, TaskStandby(st.task_id))
-        elif rank > 0 or len(self.running) < self.max_running:
-            self._claim(now, st, epoch)
-        else:
+        elif len(self.running) >= self.max_running:
             self.passed.add(st.task_id)
+        elif all(_before(self.view.full_since(n), since) for n in ranked[:rank]):
+            # Everyone before us was full before our wait began, so they passed: their claim
+            # is not merely late or lost (a peer full since later may be full with this very
+            # task). Otherwise we wait for the view to change and look again; a peer that
+            # passed claims itself when a slot frees.
+            # Besides gossip, tell at once those who passed (they take a task back when a slot
+            # frees) and the standbys next in line (they may be about to step in).
+            self._claim(now, st, epoch, ranked[:rank][:_WARNED] + ranked[rank + 1 :][:_WARNED])
 
-    def _claim(self, now: float, st: TaskState, epoch: int) -> None:
+    def _claim(self, now: float, st: TaskState, epoch: int, warn: list[bytes]) -> None:
         payload = Claim(
             st.task_id, self.signer.public_key, self._incarnation(), epoch, b"", self.node_id
         )
         claim = _with_sig(payload, self.signer.sign(DOMAIN_CLAIM, payload.signed_payload()))
         if st.claim is not None:
             self.counters["takeovers"] += 1
-        self._apply_claim(now, claim, encode_message(claim), src="local")
+        raw = encode_message(claim)
+        self._apply_claim(now, claim, raw, src=LOCAL)
+        for node_id in warn:
+            addr = self.view.addr_of(node_id)
+            if addr is not None:
+                self.port.send(addr, [raw], piggyback=False)
+        self._start(now, st, epoch)  # at once: the slot is taken before the next decision
 
     def _start(self, now: float, st: TaskState, epoch: int) -> None:
         rec = st.record
         assert rec is not None
         self.running[st.task_id] = epoch
+        self.port.slots_changed()
         self._log(now, st.task_id, epoch, START, "")
         self.port.note(
             StartExecution(
@@ -597,6 +674,7 @@ class Tasks:
         if self.running.get(task_id) != epoch:
             return
         del self.running[task_id]
+        self.port.slots_changed()
         self.counters["fenced"] += 1
         self._log(now, task_id, epoch, END, "fenced")
         self.port.note(CancelExecution(task_id, epoch, reason))
@@ -607,7 +685,7 @@ class Tasks:
             task_id, epoch, self.signer.public_key, phase, outcome or "start", b"", self.node_id
         )
         entry = _with_sig(payload, self.signer.sign(DOMAIN_EXECUTION, payload.signed_payload()))
-        self._apply_execution(now, entry, encode_message(entry), "local")
+        self._apply_execution(now, entry, encode_message(entry), LOCAL)
 
     # Anti-entropy.
 
@@ -639,6 +717,12 @@ class Tasks:
             self.port.send(addr, batch, piggyback=False)
 
 
+def _before(t: float | None, since: float) -> bool:
+    return t is not None and t <= since
+
+
+_WARNED = 4
+"""Peers on each side of us in rank order sent a new claim directly, besides gossip."""
 _MAX_WANT = 10_000
 _SYNC_BATCH_BYTES = 512 * 1024
 

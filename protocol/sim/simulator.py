@@ -152,6 +152,11 @@ class Simulator:
         self._apply(p, fx)
         return p.node.node_id, p.node.ltime
 
+    def apply(self, index: int, fx: Effects) -> None:
+        """Apply the effects of a call a scenario made on peer `index`'s node itself (a task
+        submission or completion): persist, send, notify observers, re-arm its timer."""
+        self._apply(self.peers[index], fx)
+
     def at(self, when: float, action: Callable[[], object]) -> None:
         """Run `action` at virtual time `when`."""
         self._push(when, _ACTION, 0, action, None)

@@ -1,0 +1,546 @@
+"""The task rules (protocol/tasks.py), driven through real Nodes on the in-memory link.
+
+Each test names the rule it checks. Times are exact: the link steps a fake clock from one
+deadline to the next, so "the standby claims standby_delay * rank after it saw the task" is
+asserted to the millisecond.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+
+from protocol.config import GossipConfig, NodeConfig, TaskConfig, lan
+from protocol.effects import (
+    CancelExecution,
+    Dropped,
+    MemberDown,
+    ResultAccepted,
+    StartExecution,
+    TaskClaimed,
+    TaskReplicated,
+)
+from protocol.errors import LocalProtocolError
+from protocol.node import Node
+from protocol.tasks import (
+    DOMAIN_CLAIM,
+    DOMAIN_RESULT,
+    DOMAIN_TASK,
+    Tasks,
+    claim_rank,
+    hrw_score,
+)
+from protocol.wire import (
+    MAX_INLINE_PAYLOAD,
+    Claim,
+    Execution,
+    Result,
+    TaskRecord,
+    TaskWant,
+    decode_message,
+)
+from tests.protocol.fakes import Link, addr, envelope, mesh, node_id, of_type, opened, signer
+
+ROLE = "writer"
+DELAY = lan().tasks.standby_delay
+# Push-pull every 5 s so anti-entropy tests stay short; everything else is the LAN profile.
+FAST_SYNC = replace(lan(), gossip=GossipConfig(push_pull_interval=5.0, reconnect_interval=5.0))
+
+
+def cluster(
+    n: int = 4,
+    serving: range | list[int] | None = None,
+    max_running: int = 4,
+    config: NodeConfig | None = None,
+) -> Link:
+    """`n` joined peers; those in `serving` (all by default) run ROLE, advertised everywhere."""
+    link = mesh(n, config)
+    for i in range(n) if serving is None else serving:
+        link.run(i, link.node(i).serve(link.now, (ROLE,), max_running))
+    link.advance(link.now + 2.0)
+    return link
+
+
+def submit(link: Link, at: int = 0, key: str = "k", priority: int = 0) -> bytes:
+    fx, task_id = link.node(at).submit(
+        link.now, ROLE, b"input " + key.encode(), idempotency_key=key, priority=priority
+    )
+    link.run(at, fx)
+    link.advance(link.now + 1.0)  # the record reaches every peer
+    return task_id
+
+
+def ranked(task_id: bytes, peers: list[int]) -> list[int]:
+    """Peers in HRW order for `task_id`, preferred owner first."""
+    return sorted(peers, key=lambda i: hrw_score(task_id, node_id(i)), reverse=True)
+
+
+def starts(link: Link, task_id: bytes) -> list[tuple[int, int]]:
+    """(peer, epoch) of every StartExecution for `task_id`, in peer order."""
+    return [
+        (i, s.epoch)
+        for i in range(len(link.notes))
+        for s in link.notes_of(i, StartExecution)
+        if s.task_id == task_id
+    ]
+
+
+def claim(i: int, task_id: bytes, epoch: int, key_of: int | None = None) -> Claim:
+    """Peer `i`'s claim, signed by peer `key_of` (a forgery when it differs from `i`)."""
+    owner = signer(i)
+    unsigned = Claim(task_id, owner.public_key, 0, epoch, b"", owner.node_id)
+    sig = signer(i if key_of is None else key_of).sign(DOMAIN_CLAIM, unsigned.signed_payload())
+    return replace(unsigned, sig=sig)
+
+
+def result(i: int, task_id: bytes, epoch: int, output: bytes = b"out") -> Result:
+    owner = signer(i)
+    unsigned = Result(task_id, epoch, owner.public_key, "ok", output, (1, 2, 3), b"", owner.node_id)
+    return replace(unsigned, sig=owner.sign(DOMAIN_RESULT, unsigned.signed_payload()))
+
+
+def deliver(link: Link, dst: int, src: int, *messages: Claim | Result | TaskRecord) -> None:
+    link.run(dst, link.node(dst).handle(link.now, addr(src), envelope(src, *messages)))
+
+
+def accepted(link: Link, task_id: bytes) -> set[tuple[int, bytes, bytes] | None]:
+    """The accepted (epoch, owner, output) at every running peer."""
+    out: set[tuple[int, bytes, bytes] | None] = set()
+    for node in link.nodes.values():
+        st = node.tasks.tasks.get(task_id)
+        acc = st.accepted if st is not None else None
+        out.add(None if acc is None else (acc.epoch, acc.owner, acc.output))
+    return out
+
+
+# Submission.
+
+
+def test_submit_signs_persists_and_gossips_the_record() -> None:
+    link = cluster(3)
+    fx, task_id = link.node(0).submit(link.now, ROLE, b"x", idempotency_key="a")
+    [persist] = [p for p in fx.persists if p.kind == "task"]
+    record = decode_message(persist.value)
+    assert isinstance(record, TaskRecord) and record.task_id == task_id
+    assert record.origin == node_id(0)
+    assert link.node(1).cache.verify(
+        DOMAIN_TASK, lan().network_id, record.origin_key, record.signed_payload(), record.sig
+    )
+    assert ("task", task_id) in link.node(0).queue
+    link.run(0, fx)
+    link.advance(link.now + 1.0)
+    assert all(task_id in node.tasks.tasks for node in link.nodes.values())
+
+
+def test_submission_is_acknowledged_once_replicated() -> None:
+    link = cluster(3)
+    task_id = submit(link)
+    [note] = link.notes_of(0, TaskReplicated)
+    assert note == TaskReplicated(task_id, 1)
+    assert link.node(0).tasks.tasks[task_id].holders <= {node_id(1), node_id(2)}
+
+
+def test_replication_zero_acknowledges_at_once() -> None:
+    config = replace(lan(), tasks=TaskConfig(replication=0))
+    node = Node(config, signer(0), addr(0), random.Random(1), 0.0)
+    fx, task_id = node.submit(0.0, ROLE, b"x", nonce=b"n")
+    assert of_type(fx.notes, TaskReplicated) == [TaskReplicated(task_id, 0)]
+
+
+def test_same_idempotency_key_names_the_same_task() -> None:
+    link = cluster(3)
+    first = submit(link, key="same")
+    again = submit(link, key="same")
+    other = submit(link, key="other")
+    assert first == again != other
+    assert len(starts(link, first)) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"role": "", "nonce": b"n"},
+        {"role": "r" * 129, "nonce": b"n"},
+        {"role": ROLE},
+        {"role": ROLE, "nonce": b"n" * 17},
+        {"role": ROLE, "nonce": b"n", "priority": -1},
+        {"role": ROLE, "nonce": b"n", "parent": b"short"},
+        {"role": ROLE, "nonce": b"n", "data": b"x" * (MAX_INLINE_PAYLOAD + 1)},
+    ],
+)
+def test_submit_rejects_out_of_bounds_fields(kwargs: dict[str, object]) -> None:
+    node = Node(lan(), signer(0), addr(0), random.Random(1), 0.0)
+    args = {"data": b"x", **kwargs}
+    data = args.pop("data")
+    role = args.pop("role")
+    with pytest.raises(LocalProtocolError):
+        node.submit(0.0, role, data, **args)  # type: ignore[arg-type]
+
+
+# Claims.
+
+
+def test_only_the_preferred_owner_claims_epoch_1() -> None:
+    link = cluster(5)
+    for k in range(8):
+        task_id = submit(link, at=k % 5, key=f"t{k}")
+        link.advance(link.now + 3 * DELAY)
+        assert starts(link, task_id) == [(ranked(task_id, list(range(5)))[0], 1)]
+        for i in range(5):
+            assert [c for c in link.notes_of(i, TaskClaimed) if c.task_id == task_id] == [
+                TaskClaimed(task_id, node_id(ranked(task_id, list(range(5)))[0]), 1)
+            ]
+
+
+def test_peers_that_do_not_serve_the_role_never_claim() -> None:
+    link = cluster(4, serving=[2])
+    task_id = submit(link, at=0)
+    link.advance(link.now + 4 * DELAY)
+    assert starts(link, task_id) == [(2, 1)]
+
+
+def test_complete_makes_one_result_accepted_everywhere() -> None:
+    link = cluster(4)
+    task_id = submit(link)
+    [(owner, epoch)] = starts(link, task_id)
+    link.run(owner, link.node(owner).complete(link.now, task_id, epoch, "ok", b"answer"))
+    link.advance(link.now + 2.0)
+    assert accepted(link, task_id) == {(1, node_id(owner), b"answer")}
+    for i in range(4):
+        [note] = link.notes_of(i, ResultAccepted)
+        assert note == ResultAccepted(task_id, 1, node_id(owner), "ok", False)
+        assert link.node(i).tasks.tasks[task_id].state == "done"
+    assert not link.node(owner).tasks.running
+
+
+def test_complete_rejects_unknown_outcome_and_ignores_unknown_execution() -> None:
+    link = cluster(2)
+    task_id = submit(link)
+    [(owner, epoch)] = starts(link, task_id)
+    with pytest.raises(LocalProtocolError):
+        link.node(owner).complete(link.now, task_id, epoch, "great", b"")
+    assert link.node(owner).tasks.complete(link.now, task_id, epoch + 1, "ok", b"") is None
+
+
+def test_standby_claims_after_its_delay_when_the_preferred_owner_is_full() -> None:
+    link = mesh(4)
+    probe_id = submit(link, key="the task")  # nobody serves yet: this only learns the ranking
+    order = ranked(probe_id, list(range(4)))
+    link = mesh(4)
+    for i in range(4):
+        link.run(i, link.node(i).serve(link.now, (ROLE,), 0 if i == order[0] else 4))
+    link.advance(link.now + 2.0)
+    at = link.now
+    task_id = submit(link, key="the task")
+    assert task_id == probe_id
+    link.advance(at + 5 * DELAY)
+    assert starts(link, task_id) == [(order[1], 1)]
+    [claimed_at] = link.when(order[1], StartExecution)
+    seen = link.node(order[1]).tasks.tasks[task_id].first_seen
+    assert at < seen < at + 0.1
+    assert claimed_at == pytest.approx(seen + DELAY, abs=1e-9)
+    assert link.node(order[0]).tasks.passed == {task_id}
+
+
+def test_full_owner_claims_when_a_slot_frees_highest_priority_first() -> None:
+    link = cluster(3, serving=[1], max_running=1)
+    busy = submit(link, key="busy")
+    low = submit(link, key="low", priority=1)
+    high = submit(link, key="high", priority=5)
+    link.advance(link.now + 3 * DELAY)
+    assert starts(link, busy) == [(1, 1)] and not starts(link, low) and not starts(link, high)
+    link.run(1, link.node(1).complete(link.now, busy, 1, "ok", b""))
+    assert starts(link, high) == [(1, 1)] and not starts(link, low)
+    link.run(1, link.node(1).complete(link.now, high, 1, "ok", b""))
+    assert starts(link, low) == [(1, 1)]
+
+
+def test_owner_crash_leads_to_one_takeover_under_epoch_2() -> None:
+    link = cluster(5)
+    task_id = submit(link)
+    order = ranked(task_id, list(range(5)))
+    owner = order[0]
+    if owner == 0:  # keep the submitter alive: it is also everyone's join seed
+        task_id = submit(link, key="other")
+        order = ranked(task_id, list(range(5)))
+        owner = order[0]
+    link.crash(owner)
+    crashed_at = link.now
+    link.advance(link.now + 60.0)
+    heir = order[1]
+    assert starts(link, task_id) == sorted([(owner, 1), (heir, 2)])
+    down_at = min(t for t in link.when(heir, MemberDown))
+    [taken_at] = [t for t in link.when(heir, StartExecution) if t > crashed_at]
+    assert taken_at == down_at  # the first-ranked heir claims at once
+    assert link.node(heir).tasks.counters["takeovers"] == 1
+    link.run(heir, link.node(heir).complete(link.now, task_id, 2, "ok", b"second"))
+    link.advance(link.now + 2.0)
+    assert accepted(link, task_id) == {(2, node_id(heir), b"second")}
+
+
+# Self-fencing.
+
+
+def running_task(n: int = 4) -> tuple[Link, bytes, int, list[int]]:
+    link = cluster(n)
+    for k in range(20):
+        task_id = submit(link, key=f"fence{k}")
+        order = ranked(task_id, list(range(n)))
+        if order[0] != 0:
+            return link, task_id, order[0], order
+    raise AssertionError("no task preferred a peer other than 0")
+
+
+def test_greater_claim_fences_the_running_owner() -> None:
+    link, task_id, owner, order = running_task()
+    other = order[1]
+    deliver(link, owner, other, claim(other, task_id, 2))
+    assert link.notes_of(owner, CancelExecution) == [
+        CancelExecution(task_id, 1, "superseded by a greater claim")
+    ]
+    assert not link.node(owner).tasks.running
+    assert link.node(owner).tasks.counters["fenced"] == 1
+
+
+def test_accepted_result_of_another_fences_the_running_owner() -> None:
+    link, task_id, owner, order = running_task()
+    loser = order[-1]
+    deliver(link, owner, loser, claim(loser, task_id, 1), result(loser, task_id, 1))
+    assert link.node(owner).tasks.tasks[task_id].claim.owner == node_id(owner)  # type: ignore[union-attr]
+    assert link.notes_of(owner, CancelExecution) == [
+        CancelExecution(task_id, 1, "a result was accepted")
+    ]
+    assert link.node(owner).tasks.complete(link.now, task_id, 1, "ok", b"late") is None
+
+
+def test_cancel_stops_the_execution_everywhere() -> None:
+    link, task_id, owner, _ = running_task()
+    link.run(0, link.node(0).cancel(link.now, task_id, "user asked"))
+    link.advance(link.now + 2.0)
+    assert link.notes_of(owner, CancelExecution) == [CancelExecution(task_id, 1, "cancelled")]
+    assert {n.tasks.tasks[task_id].state for n in link.nodes.values()} == {"cancelled"}
+    assert not any(task_id in n.tasks.open for n in link.nodes.values())
+    assert not link.node(0).tasks.cancel(link.now, task_id, "twice")
+
+
+def test_isolated_owner_fences_itself_and_claims_nothing_meanwhile() -> None:
+    link, task_id, owner, _ = running_task(5)
+    link.drop = lambda src, dst, data: owner in (int(src[1]), int(dst[1]))
+    link.advance(link.now + 10.0)
+    [cancel] = link.notes_of(owner, CancelExecution)
+    assert cancel == CancelExecution(task_id, 1, "isolated")
+    node = link.node(owner)
+    assert node.tasks.quiet_until > link.now
+    assert not any(m.node_id != node.node_id and not m.up for m in node.members())
+
+
+# Adversarial input: dropped, counted, state unchanged.
+
+
+def snapshot(node: Node, task_id: bytes) -> tuple[bytes, object, object]:
+    st = node.tasks.tasks[task_id]
+    return st.digest(), st.claim, st.accepted
+
+
+def test_forged_claim_is_dropped() -> None:
+    link, task_id, _, order = running_task()
+    target = order[1]
+    before = snapshot(link.node(target), task_id)
+    deliver(link, target, order[2], claim(order[2], task_id, 2, key_of=order[3]))
+    assert snapshot(link.node(target), task_id) == before
+    assert link.node(target).tasks.counters["bad signature: claim"] == 1
+    assert of_type(link.notes[addr(target)], Dropped)[-1].reason == "claim with a bad signature"
+
+
+def test_claim_bearing_our_own_key_is_verified_too() -> None:
+    link, task_id, _, order = running_task()
+    victim = order[1]
+    deliver(link, victim, order[2], claim(victim, task_id, 2, key_of=order[2]))
+    assert not link.notes_of(victim, StartExecution)
+    assert link.node(victim).tasks.counters["bad signature: claim"] == 1
+
+
+def test_claim_skipping_an_epoch_is_dropped_and_its_chain_asked_for() -> None:
+    link, task_id, owner, order = running_task()
+    target = order[1]
+    before = snapshot(link.node(target), task_id)
+    fx = link.node(target).handle(
+        link.now, addr(order[2]), envelope(order[2], claim(2, task_id, 3))
+    )
+    assert snapshot(link.node(target), task_id) == before
+    assert link.node(target).tasks.counters["claim skips an epoch"] == 1
+    [send] = fx.sends
+    assert send.addr == addr(order[2]) and opened(send.data) == [TaskWant((task_id,))]
+    assert not link.notes_of(owner, CancelExecution)
+
+
+def test_replayed_old_claim_changes_nothing() -> None:
+    link, task_id, owner, order = running_task()
+    heir = order[1]
+    deliver(link, owner, heir, claim(heir, task_id, 2))
+    old = link.node(heir).tasks.tasks[task_id].claims[(1, node_id(owner))]
+    before = snapshot(link.node(heir), task_id)
+    claimed = len(link.notes_of(heir, TaskClaimed))
+    deliver(link, heir, owner, old)
+    assert snapshot(link.node(heir), task_id) == before
+    assert len(link.notes_of(heir, TaskClaimed)) == claimed
+
+
+def test_result_of_a_losing_claim_does_not_change_the_accepted_result() -> None:
+    link, task_id, owner, order = running_task()
+    heir, target = order[1], order[2]
+    c2, r2 = claim(heir, task_id, 2), result(heir, task_id, 2, b"winner")
+    deliver(link, target, heir, c2, r2)
+    notes = len(link.notes_of(target, ResultAccepted))
+    deliver(link, target, owner, result(owner, task_id, 1, b"loser"))
+    st = link.node(target).tasks.tasks[task_id]
+    assert st.accepted == r2
+    assert link.node(target).tasks.counters["result of a losing claim"] == 1
+    assert len(link.notes_of(target, ResultAccepted)) == notes
+
+
+def test_result_without_its_claim_is_dropped() -> None:
+    link, task_id, _, order = running_task()
+    target = order[1]
+    before = snapshot(link.node(target), task_id)
+    deliver(link, target, order[2], result(order[2], task_id, 1))
+    assert snapshot(link.node(target), task_id) == before
+    assert link.node(target).tasks.counters["result without its claim"] == 1
+
+
+def test_higher_ranked_result_flips_the_accepted_one_and_is_counted() -> None:
+    link, task_id, owner, order = running_task()
+    target, heir = order[2], order[1]
+    deliver(link, target, owner, result(owner, task_id, 1, b"first"))
+    deliver(link, target, heir, claim(heir, task_id, 2), result(heir, task_id, 2, b"second"))
+    notes = link.notes_of(target, ResultAccepted)
+    assert [(n.epoch, n.flipped) for n in notes] == [(1, False), (2, True)]
+    assert link.node(target).tasks.counters["result flips"] == 1
+
+
+def test_oversize_task_record_is_rejected_by_the_wire() -> None:
+    link = cluster(2)
+    s = signer(1)
+    unsigned = TaskRecord(
+        s.public_key, 0.0, ROLE, b"x" * (MAX_INLINE_PAYLOAD + 1), 0, b"", "big", b"", 0.0,
+        b"", b"\0" * 32, s.node_id,
+    )  # fmt: skip
+    record = replace(unsigned, sig=s.sign(DOMAIN_TASK, unsigned.signed_payload()))
+    fx = link.node(0).handle(link.now, addr(1), envelope(1, record))
+    assert of_type(fx.notes, Dropped) and not link.node(0).tasks.tasks
+
+
+def test_forged_execution_entry_is_dropped() -> None:
+    link, task_id, owner, order = running_task()
+    s, forger = signer(owner), signer(order[1])
+    unsigned = Execution(task_id, 5, s.public_key, 0, "start", b"", s.node_id)
+    entry = replace(unsigned, sig=forger.sign(b"grapevine/execution/v1", unsigned.signed_payload()))
+    before = snapshot(link.node(order[2]), task_id)
+    deliver(link, order[2], order[1], entry)  # type: ignore[arg-type]
+    assert snapshot(link.node(order[2]), task_id) == before
+
+
+# Stalls, restarts, anti-entropy.
+
+
+def test_peer_waking_from_a_stall_claims_nothing_until_quiet() -> None:
+    link = mesh(3)
+    probe = submit(link, key="after stall")
+    owner = ranked(probe, [1, 2])[0]
+    link = cluster(3, serving=[owner])
+    stalled_until = link.now + 10.0
+    link.run(owner, link.node(owner).tick(stalled_until))
+    link.now = stalled_until
+    task_id = submit(link, key="after stall")
+    assert task_id == probe and not starts(link, task_id)
+    link.advance(stalled_until + DELAY + 0.5)
+    assert starts(link, task_id) == [(owner, 1)]
+    assert link.when(owner, StartExecution)[-1] == pytest.approx(stalled_until + DELAY)
+
+
+def test_restart_resumes_own_claim_under_the_same_epoch() -> None:
+    link, task_id, owner, _ = running_task()
+    stored = [
+        p.value for a, fx in link.effects if a == addr(owner) for p in fx.persists if p.kind
+        in ("task", "claim", "result", "cancel", "execution")
+    ]  # fmt: skip
+    link.crash(owner)
+    node = link.start(owner, incarnation=1)
+    for raw in stored:
+        link.run(owner, node.restore(link.now, raw))
+    link.run(owner, node.serve(link.now, (ROLE,), 4))
+    assert not node.tasks.running  # our view is empty: every owner would look dead
+    link.join(owner)
+    joined_at = link.now
+    link.advance(joined_at + DELAY + 0.5)
+    resumed = link.notes_of(owner, StartExecution)[-1]
+    assert resumed.epoch == 1 and node.tasks.running == {task_id: 1}
+    assert link.when(owner, StartExecution)[-1] == pytest.approx(joined_at + DELAY)
+    assert starts(link, task_id) == [(owner, 1), (owner, 1)]  # no one else ran it
+    link.run(owner, node.complete(link.now, task_id, 1, "ok", b"resumed"))
+    link.advance(link.now + 3.0)
+    assert accepted(link, task_id) == {(1, node_id(owner), b"resumed")}
+
+
+def test_restart_after_the_result_does_not_resume() -> None:
+    link, task_id, owner, _ = running_task()
+    link.run(owner, link.node(owner).complete(link.now, task_id, 1, "ok", b"done"))
+    stored = [p.value for a, fx in link.effects if a == addr(owner) for p in fx.persists]
+    link.crash(owner)
+    node = link.start(owner, incarnation=1)
+    for raw in stored:
+        node.restore(link.now, raw)
+    node.serve(link.now, (ROLE,), 4)
+    assert not node.tasks.running and node.tasks.tasks[task_id].state == "done"
+
+
+def test_anti_entropy_repairs_a_peer_that_missed_every_task_message() -> None:
+    link = cluster(4, config=FAST_SYNC, serving=[1, 2])
+    deaf = 3
+
+    def task_traffic(src: str, dst: str, data: bytes) -> bool:
+        return dst == addr(deaf) and any(
+            type(m).__name__ in ("TaskRecord", "Claim", "Result", "Execution", "TaskDigests")
+            for m in opened(data)
+        )
+
+    link.drop = task_traffic
+    ids = [submit(link, key=f"ae{k}") for k in range(3)]
+    link.advance(link.now + 1.0)
+    for task_id in ids:
+        [(owner, epoch)] = starts(link, task_id)
+        link.run(owner, link.node(owner).complete(link.now, task_id, epoch, "ok", b"r"))
+    link.advance(link.now + 3.0)
+    assert not link.node(deaf).tasks.tasks
+    link.drop = lambda src, dst, data: False
+    link.advance(link.now + 12.0)
+    digests = {tuple(sorted(n.tasks.digests().entries)) for n in link.nodes.values()}
+    assert len(digests) == 1
+    for task_id in ids:
+        assert len(accepted(link, task_id)) == 1 and None not in accepted(link, task_id)
+
+
+def test_claims_compare_the_same_everywhere() -> None:
+    task_id = bytes(32)
+    a, b = node_id(1), node_id(2)
+    assert (claim_rank(task_id, 1, a) < claim_rank(task_id, 1, b)) == (
+        hrw_score(task_id, a) < hrw_score(task_id, b)
+    )
+    assert claim_rank(task_id, 2, a) > claim_rank(task_id, 1, b)
+
+
+def test_digest_is_order_independent() -> None:
+    link, task_id, owner, _ = running_task()
+    objects = link.node(owner).tasks.tasks[task_id].objects()
+    nodes = [Node(lan(), signer(9), addr(9), random.Random(3), link.now) for _ in range(2)]
+    for node, seq in zip(nodes, [objects, objects[:1] + objects[1:][::-1]], strict=True):
+        for obj in seq:
+            node.handle(link.now, addr(owner), envelope(owner, obj))
+    assert nodes[0].tasks.tasks[task_id].digest() == nodes[1].tasks.tasks[task_id].digest()
+
+
+def test_tasks_object_is_driven_by_node() -> None:
+    node = Node(lan(), signer(0), addr(0), random.Random(1), 0.0)
+    assert isinstance(node.tasks, Tasks) and node.tasks.node_id == node.node_id
