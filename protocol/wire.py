@@ -25,6 +25,17 @@ import msgpack
 
 from protocol.errors import RemoteProtocolError
 from protocol.identity import NODE_ID_BYTES, PUBLIC_KEY_BYTES, SIGNATURE_BYTES
+from protocol.task_messages import MAX_INLINE_PAYLOAD as MAX_INLINE_PAYLOAD
+from protocol.task_messages import MAX_NONCE as MAX_NONCE
+from protocol.task_messages import Cancel as Cancel
+from protocol.task_messages import Claim as Claim
+from protocol.task_messages import Execution as Execution
+from protocol.task_messages import Result as Result
+from protocol.task_messages import TaskDigests as TaskDigests
+from protocol.task_messages import TaskHeld as TaskHeld
+from protocol.task_messages import TaskRecord as TaskRecord
+from protocol.task_messages import TaskWant as TaskWant
+from protocol.task_messages import task_id_of as task_id_of
 
 PROTOCOL_VERSION = 1
 
@@ -39,10 +50,6 @@ MAX_NAME_CHARS = 128
 MAX_EVENT_PAYLOAD = 8 * 1024
 """Largest user event payload (Serf allows 512 bytes by default, 9 KiB at most)."""
 MAX_ROLES = 64
-MAX_INLINE_PAYLOAD = 64 * 1024
-"""Largest task input or result output carried inline; larger payloads are rejected for now
-(content-addressed blobs fetched over HTTP are the planned remedy)."""
-MAX_NONCE = 16
 MAX_UINT = 2**63 - 1
 
 
@@ -189,136 +196,6 @@ class PeerState:
     load: float
 
 
-@dataclass(frozen=True, slots=True)
-class TaskRecord:
-    """A unit of work, signed by the peer it was submitted at (its origin).
-
-    `task_id` hashes the origin, the idempotency key (or, without one, the nonce) and the spec,
-    so resubmitting with the same key at the same origin names the same task.
-    """
-
-    origin_key: bytes
-    created: float  # the origin's wall clock; informational only, never compared
-    role: str
-    input: bytes
-    priority: int
-    parent: bytes  # the parent task's id, or b"" for a root task
-    idempotency_key: str
-    nonce: bytes
-    timeout: float  # seconds one execution may run; 0 means no limit
-    sig: bytes
-    task_id: bytes  # derived on decode, never sent
-    origin: bytes  # sha256(origin_key); derived
-
-    def signed_payload(self) -> bytes:
-        """The payload the origin's signature covers."""
-        return bytes(msgpack.packb(_task_fields(self)[1:-1]))
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """`owner` claims the task for `epoch`; claims are ordered by (epoch, HRW score)."""
-
-    task_id: bytes
-    owner_key: bytes
-    owner_incarnation: int
-    epoch: int
-    sig: bytes
-    owner: bytes  # derived
-
-    def signed_payload(self) -> bytes:
-        """The payload the owner's signature covers."""
-        return bytes(
-            msgpack.packb([self.task_id, self.owner_key, self.owner_incarnation, self.epoch])
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Result:
-    """The outcome of `owner`'s execution under `epoch`. `usage` is (prompt tokens,
-    completion tokens, cost in millionths of a dollar)."""
-
-    task_id: bytes
-    epoch: int
-    owner_key: bytes
-    outcome: str
-    output: bytes
-    usage: tuple[int, int, int]
-    sig: bytes
-    owner: bytes  # derived
-
-    def signed_payload(self) -> bytes:
-        """The payload the owner's signature covers."""
-        return bytes(
-            msgpack.packb(
-                [
-                    self.task_id,
-                    self.epoch,
-                    self.owner_key,
-                    self.outcome,
-                    self.output,
-                    list(self.usage),
-                ]
-            )
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Cancel:
-    """A request, signed by the peer that made it, to stop the task wherever it runs."""
-
-    task_id: bytes
-    by_key: bytes
-    reason: str
-    sig: bytes
-    by: bytes  # derived
-
-    def signed_payload(self) -> bytes:
-        """The payload the canceller's signature covers."""
-        return bytes(msgpack.packb([self.task_id, self.by_key, self.reason]))
-
-
-@dataclass(frozen=True, slots=True)
-class Execution:
-    """An execution-log entry: `owner` started (phase 0) or ended (phase 1) running the task
-    under `epoch`, with `outcome` (ended: ok, failed, timeout, fenced, cancelled)."""
-
-    task_id: bytes
-    epoch: int
-    owner_key: bytes
-    phase: int
-    outcome: str
-    sig: bytes
-    owner: bytes  # derived
-
-    def signed_payload(self) -> bytes:
-        """The payload the owner's signature covers."""
-        return bytes(
-            msgpack.packb([self.task_id, self.epoch, self.owner_key, self.phase, self.outcome])
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class TaskHeld:
-    """Sent to a task's origin by each peer that made the task record durable."""
-
-    task_id: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class TaskDigests:
-    """Anti-entropy summary: (task id, digest of the objects held) for every task held."""
-
-    entries: tuple[tuple[bytes, bytes], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class TaskWant:
-    """Ask for every object held about these tasks."""
-
-    ids: tuple[bytes, ...]
-
-
 Message = (
     Ping
     | IndirectPing
@@ -348,22 +225,6 @@ class Envelope:
     sender: bytes
     sender_addr: str
     messages: tuple[bytes, ...]
-
-
-def task_id_of(
-    origin: bytes,
-    idempotency_key: str,
-    nonce: bytes,
-    role: str,
-    input_digest: bytes,
-    priority: int,
-    parent: bytes,
-    timeout: float,
-) -> bytes:
-    """The id of a task: sha256 over origin, idempotency key (or nonce) and spec."""
-    key = b"k" + idempotency_key.encode() if idempotency_key else b"n" + nonce
-    spec = msgpack.packb([key, role, input_digest, priority, parent, float(timeout)])
-    return hashlib.sha256(b"grapevine/task-id/v1" + origin + spec).digest()
 
 
 def alive_payload(public_key: bytes, addr: str, incarnation: int) -> bytes:

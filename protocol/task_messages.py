@@ -1,0 +1,168 @@
+"""Task messages: records, claims, results, cancels, the execution log and anti-entropy.
+
+Invariants:
+- These are wire messages (their kinds and codec live in `protocol.wire`); every signed one
+  exposes `signed_payload()`, the exact bytes its author's signature covers.
+- Derived fields (`task_id`, `origin`, `owner`, `by`) are computed on decode, never sent, so a
+  sender cannot claim an id its content does not hash to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import msgpack
+
+MAX_INLINE_PAYLOAD = 64 * 1024
+"""Largest task input or result output carried inline; larger payloads are rejected for now
+(content-addressed blobs fetched over HTTP are the planned remedy)."""
+MAX_NONCE = 16
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """A unit of work, signed by the peer it was submitted at (its origin).
+
+    `task_id` hashes the origin, the idempotency key (or, without one, the nonce) and the spec,
+    so resubmitting with the same key at the same origin names the same task.
+    """
+
+    origin_key: bytes
+    created: float  # the origin's wall clock; informational only, never compared
+    role: str
+    input: bytes
+    priority: int
+    parent: bytes  # the parent task's id, or b"" for a root task
+    idempotency_key: str
+    nonce: bytes
+    timeout: float  # seconds one execution may run; 0 means no limit
+    sig: bytes
+    task_id: bytes  # derived on decode, never sent
+    origin: bytes  # sha256(origin_key); derived
+
+    def signed_payload(self) -> bytes:
+        """The payload the origin's signature covers."""
+        fields = [self.origin_key, float(self.created), self.role, self.input, self.priority]
+        fields += [self.parent, self.idempotency_key, self.nonce, float(self.timeout)]
+        return bytes(msgpack.packb(fields))
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """`owner` claims the task for `epoch`; claims are ordered by (epoch, HRW score)."""
+
+    task_id: bytes
+    owner_key: bytes
+    owner_incarnation: int
+    epoch: int
+    sig: bytes
+    owner: bytes  # derived
+
+    def signed_payload(self) -> bytes:
+        """The payload the owner's signature covers."""
+        return bytes(
+            msgpack.packb([self.task_id, self.owner_key, self.owner_incarnation, self.epoch])
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The outcome of `owner`'s execution under `epoch`. `usage` is (prompt tokens,
+    completion tokens, cost in millionths of a dollar)."""
+
+    task_id: bytes
+    epoch: int
+    owner_key: bytes
+    outcome: str
+    output: bytes
+    usage: tuple[int, int, int]
+    sig: bytes
+    owner: bytes  # derived
+
+    def signed_payload(self) -> bytes:
+        """The payload the owner's signature covers."""
+        return bytes(
+            msgpack.packb(
+                [
+                    self.task_id,
+                    self.epoch,
+                    self.owner_key,
+                    self.outcome,
+                    self.output,
+                    list(self.usage),
+                ]
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """A request, signed by the peer that made it, to stop the task wherever it runs."""
+
+    task_id: bytes
+    by_key: bytes
+    reason: str
+    sig: bytes
+    by: bytes  # derived
+
+    def signed_payload(self) -> bytes:
+        """The payload the canceller's signature covers."""
+        return bytes(msgpack.packb([self.task_id, self.by_key, self.reason]))
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    """An execution-log entry: `owner` started (phase 0) or ended (phase 1) running the task
+    under `epoch`, with `outcome` (ended: ok, failed, timeout, fenced, cancelled)."""
+
+    task_id: bytes
+    epoch: int
+    owner_key: bytes
+    phase: int
+    outcome: str
+    sig: bytes
+    owner: bytes  # derived
+
+    def signed_payload(self) -> bytes:
+        """The payload the owner's signature covers."""
+        return bytes(
+            msgpack.packb([self.task_id, self.epoch, self.owner_key, self.phase, self.outcome])
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TaskHeld:
+    """Sent to a task's origin by each peer that made the task record durable."""
+
+    task_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class TaskDigests:
+    """Anti-entropy summary: (task id, digest of the objects held) for every task held."""
+
+    entries: tuple[tuple[bytes, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskWant:
+    """Ask for every object held about these tasks."""
+
+    ids: tuple[bytes, ...]
+
+
+def task_id_of(
+    origin: bytes,
+    idempotency_key: str,
+    nonce: bytes,
+    role: str,
+    input_digest: bytes,
+    priority: int,
+    parent: bytes,
+    timeout: float,
+) -> bytes:
+    """The id of a task: sha256 over origin, idempotency key (or nonce) and spec."""
+    key = b"k" + idempotency_key.encode() if idempotency_key else b"n" + nonce
+    spec = msgpack.packb([key, role, input_digest, priority, parent, float(timeout)])
+    return hashlib.sha256(b"grapevine/task-id/v1" + origin + spec).digest()
