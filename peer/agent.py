@@ -10,6 +10,12 @@ Invariants:
   transport (letting in-flight sends finish briefly), close the store.
 - A restart with the same data directory keeps the identity, takes a higher incarnation and
   re-joins through the members it knew, as well as the configured seeds.
+- Tasks: every stored task object (record, claim, result, cancel, execution log) is replayed
+  into the node, then the peer declares its roles (`Node.serve`; seed-only peers serve none),
+  then it joins — the order `Node.restore` asks for. A restored node decides nothing until
+  its join succeeded and a standby delay passed, so claims made while it was down arrive
+  first; its own unfinished claims then resume under the same epoch. A restored peer with no
+  one to join joins itself (a network of one), which releases it at once.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from bootstrap.join import join_with_retry, refresh_seeds
 from bootstrap.seeds import parse_seeds
 from peer.api import PeerApi
 from peer.driver import Driver
+from peer.executor import Executor, builtin_roles
 from peer.keys import load_network_keyring
 from peer.sealing import Keyring
 from peer.settings import AgentSettings, SettingsError
@@ -39,10 +46,10 @@ from protocol.node import Node
 log = logging.getLogger(__name__)
 
 LEAVE_TIMEOUT = 3.0
-SEED_ROLES = ()
-AGENT_ROLES = ("echo", "sleep")
-"""Roles advertised until the agent host (peer/agents) declares real ones."""
 AGENT_SLOTS = 4
+"""Executions a peer with agents runs at once (`max_running` of `Node.serve`)."""
+RESTORE_KINDS = ("task", "claim", "result", "cancel", "execution")
+"""Stored task objects, in replay order: a claim needs its record, a result its claim."""
 
 
 def _incarnation_record(store: Store) -> int:
@@ -116,8 +123,9 @@ async def _run(
     driver = Driver(node, transport, store)
     transport.on_receive = driver.receive
     driver.start()
-    roles = SEED_ROLES if settings.no_agents else AGENT_ROLES
-    driver.set_state(roles, 0 if settings.no_agents else AGENT_SLOTS, 0, 0.0)
+    executor = Executor(builtin_roles(), AGENT_SLOTS)
+    driver.attach(executor)
+    restored = driver.restore(value for kind in RESTORE_KINDS for _, value in store.scan(kind))
 
     api = PeerApi(driver, transport, settings.data_dir, stop.set)
     api_host, api_port = settings.api_host_port()
@@ -128,6 +136,7 @@ async def _run(
             f"grapevine agent: cannot serve the API on {settings.api}: {exc.strerror or exc}",
             file=sys.stderr,
         )
+        await executor.close()
         driver.stop()
         await transport.stop()
         return 1
@@ -154,6 +163,14 @@ async def _run(
     hints = [addr for _, addr, _ in store.load_members() if addr != advertise]
     driver.hints = set(hints)
     background: list[asyncio.Task[Any]] = []
+    if restored:
+        log.info("restored %d stored task objects", restored)
+    if settings.no_agents:
+        driver.serve((), 0)
+    else:
+        driver.serve(executor.roles, executor.max_running)
+    if restored and not (seeds or hints):
+        driver.join_now([advertise])
     if seeds or hints:
         background.append(
             loop.create_task(
@@ -180,6 +197,7 @@ async def _run(
         done = await driver.leave(LEAVE_TIMEOUT)
         if not done:
             log.warning("leave not confirmed within %.0f s; exiting anyway", LEAVE_TIMEOUT)
+        await executor.close()
         driver.stop()
         await api.stop()
         await transport.stop()

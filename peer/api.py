@@ -41,8 +41,9 @@ from protocol.wire import MAX_EVENT_PAYLOAD, MAX_NAME_CHARS, Status
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 * 1024
-"""Largest request body; anything bigger is refused with 413 before it is read."""
+MAX_BODY_BYTES = 256 * 1024
+"""Largest request body; anything bigger is refused with 413 before it is read. Room for a
+task input at the protocol's 64 KiB limit even when JSON escaping doubles or triples it."""
 KEEPALIVE_INTERVAL = 15.0
 """Seconds between SSE keep-alive comments on an idle followed event stream."""
 PROBLEM_TYPE = "application/problem+json"
@@ -156,7 +157,11 @@ class PeerApi:
             web.get("/v1/keys", self._keys_get),
             web.post("/v1/keys", self._keys_post),
         ]
-        self.app.add_routes(routes)
+        # Imported here: peer.api_tasks builds on this module's helpers (Problem, _json_object).
+        from peer.api_tasks import TaskApi
+
+        self.tasks = TaskApi(driver, keepalive)
+        self.app.add_routes(routes + self.tasks.routes())
 
     async def start(self, host: str, port: int) -> None:
         """Serve on (host, port); port 0 picks a free one (see `address`).

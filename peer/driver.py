@@ -10,6 +10,12 @@ Invariants:
 - Notifications reach subscribers through a `NoteHub`: a buffer of the most recent
   `RECENT_NOTES` plus one bounded queue per subscriber. A subscriber that falls
   `SUBSCRIBER_QUEUE` notes behind is dropped (its queue ends with `None`); it never blocks us.
+  Membership and user events go to `hub`, task notes to `task_hub`, so a busy task stream
+  cannot push membership changes out of the recent buffer.
+- Executions: `StartExecution` and `CancelExecution` become work on the attached
+  `peer.executor.Executor`; its completions come back through `complete`, a node call like any
+  other. Without an executor nothing runs (seed-only peers serve no roles).
+- Restart: `restore` replays stored task objects in one batch (one persist transaction).
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from peer.executor import Executor, Usage, Work
 from protocol.effects import (
+    CancelExecution,
     Dropped,
     Effects,
     EventReceived,
@@ -34,8 +42,13 @@ from protocol.effects import (
     MemberUpdated,
     Note,
     Persist,
+    ResultAccepted,
     StallDetected,
+    StartExecution,
+    TaskClaimed,
+    TaskReplicated,
 )
+from protocol.errors import LocalProtocolError
 from protocol.identity import short_id
 from protocol.node import Node
 from protocol.wire import Status
@@ -116,6 +129,7 @@ _PUBLISHED = (
     MemberRecovered,
     EventReceived,
 )
+_TASK_NOTES = (TaskReplicated, TaskClaimed, StartExecution, CancelExecution, ResultAccepted)
 
 
 class Driver:
@@ -148,6 +162,11 @@ class Driver:
         self._timer: asyncio.TimerHandle | None = None
         self._save_timer: asyncio.TimerHandle | None = None
         self._join_waiters: list[asyncio.Future[str]] = []
+        self._replication_waiters: dict[bytes, list[asyncio.Future[None]]] = {}
+        self.task_hub = NoteHub()
+        self.executor: Executor | None = None
+        self.joined = asyncio.Event()
+        """Set once a join request was answered (this run)."""
         self.leaving = False
         self.hints: set[str] = set()
         """Addresses remembered from a previous run: tried on join, never kept as seeds."""
@@ -165,6 +184,11 @@ class Driver:
         self._timer = self._save_timer = None
         self.save_members()
         self.hub.close()
+        self.task_hub.close()
+        for waiters in self._replication_waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.cancel()
 
     # Inputs
 
@@ -212,6 +236,115 @@ class Driver:
     ) -> None:
         """Advertise this peer's roles and load (see `Node.set_state`)."""
         self._apply(self.node.set_state(self._clock(), roles, free_slots, queue_len, load))
+
+    def wall(self) -> float:
+        """Wall-clock seconds, as shown to users."""
+        return self._wall()
+
+    # Tasks
+
+    def attach(self, executor: Executor) -> None:
+        """Run the executions the node starts on `executor` (declare its roles with `serve`)."""
+        self.executor = executor
+        executor.on_done = self.complete
+
+    def serve(self, roles: tuple[str, ...], max_running: int) -> None:
+        """Declare the roles this peer executes and how many run at once (`Node.serve`)."""
+        self._apply(self.node.serve(self._clock(), roles, max_running))
+
+    def restore(self, raws: Iterable[bytes]) -> int:
+        """Replay stored task objects (`Node.restore`), as one batch; return how many.
+
+        Call it before joining and before `serve`, so that nothing is claimed on the strength
+        of a partial replay.
+        """
+        now = self._clock()
+        merged = Effects()
+        count = 0
+        for raw in raws:
+            fx = self.node.restore(now, raw)
+            merged.sends += fx.sends
+            merged.persists += fx.persists
+            merged.notes += fx.notes
+            merged.wake_at = fx.wake_at
+            count += 1
+        if count:
+            self._apply(merged)
+        return count
+
+    def submit(
+        self,
+        role: str,
+        data: bytes,
+        *,
+        priority: int = 0,
+        idempotency_key: str = "",
+        nonce: bytes = b"",
+        timeout: float = 0.0,
+        created: float | None = None,
+    ) -> bytes:
+        """Submit a task here; return its id (`Node.submit`).
+
+        Raises:
+            LocalProtocolError: a field is out of bounds.
+        """
+        fx, task_id = self.node.submit(
+            self._clock(),
+            role,
+            data,
+            priority=priority,
+            idempotency_key=idempotency_key,
+            nonce=nonce,
+            timeout=timeout,
+            created=self._wall() if created is None else created,
+        )
+        self._apply(fx)
+        return task_id
+
+    async def wait_replicated(self, task_id: bytes, timeout: float) -> bool:
+        """Wait until the task submitted here is held by enough other peers (`TaskReplicated`).
+
+        Returns:
+            True at once if it already is, else whether it became so within `timeout` seconds.
+        """
+        state = self.node.tasks.tasks.get(task_id)
+        if state is None:
+            return False
+        if state.replicated:
+            return True
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._replication_waiters.setdefault(task_id, []).append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            return True
+        except TimeoutError:
+            return state.replicated
+        finally:
+            waiters = self._replication_waiters.get(task_id, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters:
+                self._replication_waiters.pop(task_id, None)
+
+    def cancel_task(self, task_id: bytes, reason: str = "cancelled") -> None:
+        """Cancel a task network-wide (`Node.cancel`)."""
+        self._apply(self.node.cancel(self._clock(), task_id, reason))
+
+    def complete(
+        self, task_id: bytes, epoch: int, outcome: str, output: bytes, usage: Usage
+    ) -> None:
+        """Report the end of an execution to the node (`Node.complete`); the executor calls it.
+
+        An outcome or output the node refuses is reported as "failed" with the reason, so the
+        task still gets a result.
+        """
+        try:
+            fx = self.node.complete(self._clock(), task_id, epoch, outcome, output, usage)
+        except LocalProtocolError as exc:
+            log.warning("task %s: the node refused its result: %s", task_id.hex()[:12], exc)
+            reason = f"the result was refused: {exc}".encode()
+            fx = self.node.complete(self._clock(), task_id, epoch, "failed", reason, usage)
+        self._apply(fx)
 
     async def leave(self, timeout: float = 3.0) -> bool:
         """Gossip our leave and wait until it was sent to enough peers or `timeout` passed.
@@ -281,6 +414,7 @@ class Driver:
         match note:
             case JoinSucceeded(seed_addr, members):
                 log.info("joined through %s; %d members alive", seed_addr, members)
+                self.joined.set()
                 for waiter in self._join_waiters:
                     if not waiter.done():
                         waiter.set_result(seed_addr)
@@ -292,8 +426,25 @@ class Driver:
                 log.info("member %s up at %s", short_id(note.node_id), note.addr)
             case MemberDown(node_id, _, left):
                 log.info("member %s %s", short_id(node_id), "left" if left else "failed")
+            case StartExecution(task_id, epoch, role, data, priority, timeout, parent):
+                if self.executor is not None:
+                    work = Work(task_id, epoch, role, data, priority, timeout, parent)
+                    self.executor.start(work)
+                else:
+                    log.warning("task %s started with no executor attached", task_id.hex()[:12])
+            case CancelExecution(task_id, epoch, reason):
+                log.debug("task %s epoch %d stopped: %s", task_id.hex()[:12], epoch, reason)
+                if self.executor is not None:
+                    self.executor.cancel(task_id, epoch)
+            case TaskReplicated(task_id, _):
+                for waiter in self._replication_waiters.pop(task_id, []):
+                    if not waiter.done():
+                        waiter.set_result(None)
             case _:
                 pass
+        if isinstance(note, _TASK_NOTES):
+            self.task_hub.publish(Observed(self._wall(), note, None))
+            return
         if isinstance(note, _PUBLISHED):
             addr = getattr(note, "addr", None)
             if addr is None and not isinstance(note, EventReceived):

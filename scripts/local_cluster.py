@@ -32,9 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from peer.client import ClientError, GrapevineClient, GrapevineError  # noqa: E402
+from peer.client import ApiError, ClientError, GrapevineClient, GrapevineError  # noqa: E402
 
-__all__ = ["GrapevineClient", "GrapevineError", "LocalCluster", "Peer"]
+__all__ = ["ApiError", "GrapevineClient", "GrapevineError", "LocalCluster", "Peer"]
 
 T = TypeVar("T")
 

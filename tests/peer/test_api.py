@@ -175,7 +175,7 @@ async def test_routing_errors_are_problems(env: Env) -> None:
     r = await env.client.delete("/v1/members")
     await _problem(r, 405, "DELETE")
     assert "GET" in r.headers["Allow"]
-    r = await env.client.post("/v1/events", data=b"x" * (65 * 1024))
+    r = await env.client.post("/v1/events", data=b"x" * (257 * 1024))
     await _problem(r, 413)
     await _problem(await env.client.get("/v1/events?follow=maybe"), 400, "follow")
 

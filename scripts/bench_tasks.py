@@ -1,0 +1,673 @@
+"""Benchmark no-op tasks through real Grapevine peers, against Celery on Redis, in one run.
+
+For each size N (default 3, 10 and 30) this measures, with the same no-op task (`echo`):
+
+- Grapevine: N `grapevine agent` processes on 127.0.0.1 (profile "local", 4 execution slots
+  each), tasks submitted at random peers through the HTTP API with `--in-flight` concurrent
+  submissions. Start and accepted-result times come from the peers' own `/v1/tasks/watch`
+  streams (the executing peer's `task-started`, the submitting peer's `task-result`), so they
+  exclude this script's scheduling; "submit" is the moment the client sent the request.
+- Celery: one `redis-server` (Debian's, started here on a free port) as broker and result
+  backend, N worker processes with the threads pool and concurrency 4, `acks_late=True`,
+  prefetch multiplier 1; tasks sent with `apply_async` from `--in-flight` threads. The task
+  records its own start and end time; "accepted" is its end (the backend write follows).
+
+Figures: throughput (tasks/s from the first submission to the last accepted result), latency
+submit→start and submit→accepted (p50/p99), messages per task (Grapevine: envelopes sent by
+all peers; Celery: Redis commands), CPU per task (all peer processes; Celery workers plus
+redis-server), duplicate executions. Then a crash run for both: `--crash-tasks` sleep tasks
+(`--crash-sleep` s each) on `--crash-size` workers, one worker SIGKILLed mid-run and replaced
+(Grapevine: restarted with its data directory; Celery: a fresh worker, with the Redis
+visibility timeout at `--visibility` s so unacknowledged tasks come back), counting
+duplicates and unfinished tasks.
+
+Every phase is bounded in time; every process this script starts is ended by pid on exit.
+Needs `pip install -e '.[bench]'` and `apt-get install redis-server` for the Celery rows; without
+them the Grapevine rows still run. Usage::
+
+    python scripts/bench_tasks.py --quick          # N = 3, 10; few tasks; about two minutes
+    python scripts/bench_tasks.py                  # N = 3, 10, 30
+    python scripts/bench_tasks.py --json           # also print the raw results
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from local_cluster import (
+    REPO,
+    ApiError,
+    GrapevineClient,
+    GrapevineError,
+    LocalCluster,
+    Peer,
+    free_port,
+    query,
+    wait_for,
+    wait_ready,
+    wait_views,
+)
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+slow_acks: list[str] = []
+"""Submissions of the last Grapevine run answered 503 (not replicated within the API's limit)."""
+WORKER_SLOTS = 4
+"""Execution slots per Grapevine peer (peer.agent.AGENT_SLOTS) and Celery worker concurrency."""
+PHASE_LIMIT = 180.0
+"""Seconds any one phase may take before the run is reported as incomplete."""
+
+
+@dataclass
+class Row:
+    """One system at one size."""
+
+    system: str
+    workers: int
+    tasks: int
+    completed: int = 0
+    seconds: float = 0.0
+    throughput: float = 0.0
+    start_p50_ms: float = 0.0
+    start_p99_ms: float = 0.0
+    accept_p50_ms: float = 0.0
+    accept_p99_ms: float = 0.0
+    messages_per_task: float = 0.0
+    cpu_ms_per_task: float = 0.0
+    duplicates: int = 0
+    note: str = ""
+
+
+@dataclass
+class CrashRow:
+    """One system's SIGKILL run."""
+
+    system: str
+    workers: int
+    tasks: int
+    completed: int = 0
+    duplicates: int = 0
+    seconds: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    crashes: list[CrashRow] = field(default_factory=list)
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """utime + stime of live processes, from /proc (children not included)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# --- Grapevine ---------------------------------------------------------------------------------
+
+
+async def _start_cluster(cluster: LocalCluster, size: int) -> list[Peer]:
+    seed = cluster.add()
+    for _ in range(size - 1):
+        cluster.add(join=[seed])
+    peers = list(cluster.peers)
+    await wait_ready(peers, timeout=60)
+    await wait_views(peers, {p.node_id: "alive" for p in peers}, timeout=90)
+    # Every peer must know every other's roles before the ranking is the same everywhere.
+    await wait_for("roles advertised", lambda: _roles_known(peers), timeout=60, interval=0.5)
+    return peers
+
+
+async def _roles_known(peers: list[Peer]) -> tuple[bool, object]:
+    lacking = {}
+    for peer in peers:
+        members = await query(peer.api, lambda c: c.members())
+        missing = sum(1 for m in members if "echo" not in m["roles"])
+        if missing:
+            lacking[peer.name] = missing
+    return not lacking, lacking
+
+
+class _Watch:
+    """Collects every peer's task events (wall-clock times) from its /v1/tasks/watch stream."""
+
+    def __init__(self, peers: list[Peer]) -> None:
+        self.started: dict[str, list[float]] = {}
+        self.accepted: dict[tuple[str, str], float] = {}
+        self._tasks = [asyncio.get_running_loop().create_task(self._follow(p)) for p in peers]
+
+    async def _follow(self, peer: Peer) -> None:
+        with contextlib.suppress(GrapevineError):
+            async with GrapevineClient(peer.api) as client:
+                async for event in client.task_events(follow=True):
+                    if event["type"] == "task-started":
+                        self.started.setdefault(event["id"], []).append(event["time"])
+                    elif event["type"] == "task-result":
+                        self.accepted.setdefault((peer.name, event["id"]), event["time"])
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def _submit(
+    peers: list[Peer], count: int, in_flight: int, role: str, data: str, rng: random.Random
+) -> dict[str, tuple[str, float]]:
+    """Submit `count` tasks at random peers; return {task id: (origin peer name, submit time)}."""
+    sent: dict[str, tuple[str, float]] = {}
+    slow_acks.clear()
+    clients = {p.name: GrapevineClient(p.api) for p in peers}
+    for client in clients.values():
+        await client.__aenter__()
+    queue = iter(range(count))
+
+    async def worker() -> None:
+        for _ in queue:
+            peer = rng.choice(peers)
+            at = time.time()
+            try:
+                answer = await clients[peer.name].submit(role, data)
+            except ApiError as exc:
+                if exc.status != 503:
+                    raise
+                # Durable at the origin but not yet held by another peer within the API's
+                # limit: the task exists and runs; count the slow acknowledgement.
+                slow_acks.append(exc.detail.split()[1])
+                sent[exc.detail.split()[1]] = (peer.name, at)
+                continue
+            sent[answer["id"]] = (peer.name, at)
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
+    finally:
+        for client in clients.values():
+            await client.__aexit__(None, None, None)
+    return sent
+
+
+async def _totals(peers: list[Peer]) -> tuple[int, int]:
+    """(envelopes sent by all peers, duplicate executions as the first peer sees them)."""
+    out = 0
+    for peer in peers:
+        out += int((await query(peer.api, lambda c: c.metrics()))["messages_out"])
+    stats = await query(peers[0].api, lambda c: c.task_stats())
+    return out, int(stats["totals"]["duplicates"])
+
+
+async def _all_done(peers: list[Peer], total: int) -> tuple[bool, object]:
+    done = []
+    for peer in peers:
+        stats = await query(peer.api, lambda c: c.task_stats())
+        done.append(stats["totals"]["done"])
+    return all(d >= total for d in done), done
+
+
+async def grapevine_row(root: Path, size: int, tasks: int, in_flight: int) -> Row:
+    row = Row("grapevine", size, tasks)
+    rng = random.Random(size)
+    with LocalCluster(root / f"gv{size}", profile="local", extra_args=()) as cluster:
+        peers = await _start_cluster(cluster, size)
+        pids = [p.pid for p in peers if p.pid is not None]
+        watch = _Watch(peers)
+        await asyncio.sleep(0.5)  # let every stream open
+        messages0, _ = await _totals(peers)
+        cpu0, t0 = cpu_seconds(pids), time.time()
+        done_at = t0
+        try:
+            sent = await _submit(peers, tasks, in_flight, "echo", "noop", rng)
+            await wait_for("all done", lambda: _all_done(peers, tasks), PHASE_LIMIT, 0.1)
+            done_at = time.time()
+        except TimeoutError as exc:
+            row.note = str(exc)[:120]
+            sent = {}
+        await asyncio.sleep(0.3)
+        await watch.close()
+        cpu1 = cpu_seconds(pids)
+        messages1, row.duplicates = await _totals(peers)
+        stats = await query(peers[0].api, lambda c: c.task_stats())
+        row.completed = int(stats["totals"]["done"])
+    # Latencies come from the event streams; a stream that lagged behind is dropped by the peer
+    # (peer.driver.SUBSCRIBER_QUEUE), so they may cover fewer tasks than ran: the note says so.
+    starts = [min(watch.started[t]) - at for t, (_, at) in sent.items() if t in watch.started]
+    accepts = [
+        watch.accepted[(origin, t)] - at
+        for t, (origin, at) in sent.items()
+        if (origin, t) in watch.accepted
+    ]
+    if len(accepts) < len(sent) or len(starts) < len(sent):
+        row.note = f"latency samples: {len(starts)} starts, {len(accepts)} results"
+    row.seconds = done_at - t0
+    row.throughput = row.completed / row.seconds if row.seconds > 0 else 0.0
+    row.start_p50_ms, row.start_p99_ms = pct(starts, 0.5) * 1e3, pct(starts, 0.99) * 1e3
+    row.accept_p50_ms, row.accept_p99_ms = pct(accepts, 0.5) * 1e3, pct(accepts, 0.99) * 1e3
+    row.messages_per_task = (messages1 - messages0) / max(1, tasks)
+    row.cpu_ms_per_task = (cpu1 - cpu0) * 1e3 / max(1, tasks)
+    if slow_acks:
+        row.note = (row.note + f"; {len(slow_acks)} submissions acknowledged 503").lstrip("; ")
+    return row
+
+
+async def grapevine_crash(root: Path, size: int, tasks: int, sleep: float) -> CrashRow:
+    row = CrashRow("grapevine", size, tasks)
+    rng = random.Random(7)
+    with LocalCluster(root / "gv-crash", profile="local", extra_args=()) as cluster:
+        peers = await _start_cluster(cluster, size)
+        victim = peers[-1]
+        start = time.monotonic()
+        await _submit(peers, tasks, 16, "sleep", f"{sleep:g}", rng)
+        await asyncio.sleep(sleep / 2)
+        cluster.kill(victim, signal.SIGKILL)
+        survivors = [p for p in peers if p is not victim]
+        expected = {p.node_id: "alive" for p in survivors} | {victim.node_id: "dead"}
+        with contextlib.suppress(TimeoutError):
+            await wait_views(survivors, expected, timeout=30)
+        cluster.start(victim)
+        try:
+            await wait_ready([victim], timeout=30)
+            await wait_for("all done", lambda: _all_done(peers, tasks), PHASE_LIMIT, 0.5)
+        except TimeoutError as exc:
+            row.note = str(exc)[:120]
+        row.seconds = time.monotonic() - start
+        stats = await query(survivors[0].api, lambda c: c.task_stats())
+        row.completed = int(stats["totals"]["done"])
+        row.duplicates = int(stats["totals"]["duplicates"])
+        row.note = row.note or f"takeovers {stats['totals']['takeovers']}"
+    return row
+
+
+# --- Celery ------------------------------------------------------------------------------------
+
+CELERY_APP = textwrap.dedent(
+    """
+    import os, time
+    import redis
+    from celery import Celery
+
+    URL = os.environ["BENCH_REDIS_URL"]
+    app = Celery(__name__, broker=URL, backend=URL)
+    app.conf.update(
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        result_serializer="json",
+        broker_transport_options={"visibility_timeout": float(os.environ["BENCH_VISIBILITY"])},
+        worker_hijack_root_logger=False,
+    )
+    counter = redis.Redis.from_url(URL)
+
+    @app.task(bind=True)
+    def noop(self, data, sleep=0.0):
+        start = time.time()
+        counter.incr("bench:exec:" + self.request.id)
+        if sleep:
+            time.sleep(sleep)
+        return [start, time.time(), data]
+    """
+)
+
+
+class Celery:
+    """A redis-server and Celery worker processes started (and ended, by pid) by this script."""
+
+    def __init__(self, root: Path, visibility: float) -> None:
+        self.root = root
+        self.module = f"bench_celery_{root.name.replace('-', '_')}"
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.visibility = visibility
+        self.redis: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+        root.mkdir(parents=True, exist_ok=True)
+        (root / f"{self.module}.py").write_text(CELERY_APP)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            BENCH_REDIS_URL=self.url,
+            BENCH_VISIBILITY=str(self.visibility),
+            PYTHONPATH=str(self.root),
+        )
+        return env
+
+    def start_redis(self) -> None:
+        log = (self.root / "redis.log").open("ab")
+        self.redis = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.root),
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        n = len(self.workers)
+        log = (self.root / f"worker{n}.log").open("ab")
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                self.module,
+                "worker",
+                "--pool",
+                "threads",
+                "--concurrency",
+                str(WORKER_SLOTS),
+                "--loglevel",
+                "WARNING",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-n",
+                f"w{n}@bench",
+            ],
+            cwd=self.root,
+            env=self.env(),
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
+        self.workers.append(worker)
+        return worker
+
+    def close(self) -> None:
+        procs = [w for w in self.workers if w.poll() is None]
+        if self.redis is not None and self.redis.poll() is None:
+            procs.append(self.redis)
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+    def pids(self) -> list[int]:
+        live = [w.pid for w in self.workers if w.poll() is None]
+        return live + ([self.redis.pid] if self.redis is not None else [])
+
+
+@contextlib.contextmanager
+def celery_cluster(root: Path, workers: int, visibility: float) -> Iterator[tuple[Celery, Any]]:
+    import redis  # the bench extra; checked by the caller
+
+    cel = Celery(root, visibility)
+    try:
+        cel.start_redis()
+        client = redis.Redis.from_url(cel.url)
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(redis.ConnectionError):
+                if client.ping():
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not answer within 10 s")
+            time.sleep(0.05)
+        for _ in range(workers):
+            cel.start_worker()
+        sys.path.insert(0, str(root))
+        os.environ.update(BENCH_REDIS_URL=cel.url, BENCH_VISIBILITY=str(visibility))
+        app = importlib.import_module(cel.module).app
+        _wait_workers(app, workers)
+        yield cel, client
+    finally:
+        cel.close()
+        with contextlib.suppress(ValueError):
+            sys.path.remove(str(root))
+        sys.modules.pop(cel.module, None)
+
+
+def _wait_workers(app: Any, workers: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        replies = app.control.ping(timeout=1.0) or []
+        if len(replies) >= workers:
+            return
+    raise RuntimeError(f"only some of {workers} Celery workers answered within 60 s")
+
+
+def _celery_send(app: Any, count: int, in_flight: int, sleep: float) -> dict[str, float]:
+    sent: dict[str, float] = {}
+    lock = threading.Lock()
+    numbers = iter(range(count))
+
+    def sender() -> None:
+        task = app.tasks[f"{app.main}.noop"]
+        for _ in numbers:
+            at = time.time()
+            result = task.apply_async(("noop", sleep))
+            with lock:
+                sent[result.id] = at
+
+    threads = [threading.Thread(target=sender) for _ in range(in_flight)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sent
+
+
+def _celery_collect(app: Any, sent: dict[str, float], limit: float) -> dict[str, list[float]]:
+    from celery.result import AsyncResult
+
+    results: dict[str, list[float]] = {}
+    deadline = time.monotonic() + limit
+    pending = set(sent)
+    while pending and time.monotonic() < deadline:
+        for task_id in list(pending):
+            result = AsyncResult(task_id, app=app)
+            if result.ready():
+                value = result.get(timeout=5)
+                results[task_id] = [float(value[0]), float(value[1])]
+                pending.discard(task_id)
+        if pending:
+            time.sleep(0.2)
+    return results
+
+
+def _redis_calls(client: Any) -> int:
+    stats = client.info("commandstats")
+    return sum(int(v["calls"]) for v in stats.values())
+
+
+def _duplicates(client: Any, ids: Sequence[str]) -> int:
+    counts = client.mget([f"bench:exec:{i}" for i in ids]) if ids else []
+    return sum(max(0, int(c) - 1) for c in counts if c is not None)
+
+
+def celery_row(root: Path, workers: int, tasks: int, in_flight: int) -> Row:
+    row = Row("celery+redis", workers, tasks)
+    with celery_cluster(root / f"celery{workers}", workers, visibility=3600.0) as (cel, client):
+        app = sys.modules[cel.module].app
+        calls0, cpu0, t0 = _redis_calls(client), cpu_seconds(cel.pids()), time.time()
+        sent = _celery_send(app, tasks, in_flight, 0.0)
+        results = _celery_collect(app, sent, PHASE_LIMIT)
+        # What collecting results costs Redis is not part of the task's cost: count to here.
+        cpu1, calls1 = cpu_seconds(cel.pids()), _redis_calls(client)
+        row.duplicates = _duplicates(client, list(sent))
+    starts = [results[t][0] - at for t, at in sent.items() if t in results]
+    accepts = [results[t][1] - at for t, at in sent.items() if t in results]
+    row.completed = len(results)
+    row.seconds = max((r[1] for r in results.values()), default=t0) - t0
+    row.throughput = row.completed / row.seconds if row.seconds > 0 else 0.0
+    row.start_p50_ms, row.start_p99_ms = pct(starts, 0.5) * 1e3, pct(starts, 0.99) * 1e3
+    row.accept_p50_ms, row.accept_p99_ms = pct(accepts, 0.5) * 1e3, pct(accepts, 0.99) * 1e3
+    row.messages_per_task = (calls1 - calls0) / max(1, tasks)
+    row.cpu_ms_per_task = (cpu1 - cpu0) * 1e3 / max(1, tasks)
+    row.note = "accepted = task end; messages = Redis commands (result polling excluded)"
+    return row
+
+
+def celery_crash(root: Path, workers: int, tasks: int, sleep: float, visibility: float) -> CrashRow:
+    row = CrashRow("celery+redis", workers, tasks)
+    with celery_cluster(root / "celery-crash", workers, visibility) as (cel, client):
+        app = sys.modules[cel.module].app
+        start = time.monotonic()
+        sent = _celery_send(app, tasks, 16, sleep)
+        time.sleep(sleep / 2)
+        victim = cel.workers[-1]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        cel.start_worker()
+        results = _celery_collect(app, sent, min(PHASE_LIMIT, visibility * 3 + 60))
+        row.seconds = time.monotonic() - start
+        row.completed = len(results)
+        row.duplicates = _duplicates(client, list(sent))
+        row.note = f"visibility timeout {visibility:g} s"
+    return row
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def table(report: Report) -> str:
+    header = (
+        f"{'system':<13} {'N':>3} {'tasks':>6} {'done':>6} {'tasks/s':>8} {'start p50':>9} "
+        f"{'p99':>7} {'result p50':>10} {'p99':>7} {'msg/task':>8} {'cpu ms/task':>11} {'dup':>4}"
+    )
+    lines = [header]
+    for r in report.rows:
+        lines.append(
+            f"{r.system:<13} {r.workers:>3} {r.tasks:>6} {r.completed:>6} {r.throughput:>8.1f} "
+            f"{r.start_p50_ms:>8.0f}ms {r.start_p99_ms:>5.0f}ms {r.accept_p50_ms:>8.0f}ms "
+            f"{r.accept_p99_ms:>5.0f}ms {r.messages_per_task:>8.1f} {r.cpu_ms_per_task:>11.2f} "
+            f"{r.duplicates:>4}"
+        )
+    by_size: dict[int, dict[str, Row]] = {}
+    for r in report.rows:
+        by_size.setdefault(r.workers, {})[r.system] = r
+    for size, systems in sorted(by_size.items()):
+        gv, cel = systems.get("grapevine"), systems.get("celery+redis")
+        if gv and cel and cel.throughput and gv.cpu_ms_per_task:
+            lines.append(
+                f"N={size}: grapevine/celery throughput {gv.throughput / cel.throughput:.2f}x, "
+                f"result p50 {gv.accept_p50_ms / max(cel.accept_p50_ms, 1e-9):.1f}x, "
+                f"cpu/task {gv.cpu_ms_per_task / max(cel.cpu_ms_per_task, 1e-9):.1f}x"
+            )
+    if report.crashes:
+        lines.append("")
+        lines.append(
+            f"{'SIGKILL run':<13} {'N':>3} {'tasks':>6} {'done':>6} {'dup':>4} {'seconds':>8}  note"
+        )
+        for c in report.crashes:
+            lines.append(
+                f"{c.system:<13} {c.workers:>3} {c.tasks:>6} {c.completed:>6} {c.duplicates:>4} "
+                f"{c.seconds:>8.1f}  {c.note}"
+            )
+    return "\n".join(lines)
+
+
+def celery_missing() -> str | None:
+    """Why the Celery rows cannot run here, or None."""
+    if shutil.which("redis-server") is None:
+        return "redis-server is not installed (Debian/Ubuntu: sudo apt-get install redis-server)"
+    try:
+        import celery  # noqa: F401
+        import redis  # noqa: F401
+    except ImportError:
+        return "celery and redis are not installed (pip install -e '.[bench]')"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default=None, help="comma-separated N (default 3,10,30)")
+    parser.add_argument("--tasks", type=int, default=None, help="tasks per row (default 1000)")
+    parser.add_argument("--in-flight", type=int, default=32, help="concurrent submissions")
+    parser.add_argument("--quick", action="store_true", help="N = 3, 10; 300 tasks; short crash")
+    parser.add_argument("--no-celery", action="store_true", help="only the Grapevine rows")
+    parser.add_argument("--no-crash", action="store_true", help="skip the SIGKILL runs")
+    parser.add_argument("--crash-size", type=int, default=3)
+    parser.add_argument("--crash-tasks", type=int, default=None, help="default 120 (quick 40)")
+    parser.add_argument("--crash-sleep", type=float, default=1.0)
+    parser.add_argument(
+        "--visibility",
+        type=float,
+        default=10.0,
+        help="Redis visibility timeout for the Celery crash run, seconds",
+    )
+    parser.add_argument("--json", action="store_true", help="also print the raw results")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in (args.sizes or ("3,10" if args.quick else "3,10,30")).split(",")]
+    tasks = args.tasks or (300 if args.quick else 1000)
+    crash_tasks = args.crash_tasks or (40 if args.quick else 120)
+    missing = None if args.no_celery else celery_missing()
+    if missing:
+        print(f"bench_tasks: Celery rows skipped: {missing}", file=sys.stderr)
+    run_celery = not args.no_celery and missing is None
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    report = Report()
+    with tempfile.TemporaryDirectory(prefix="bench-tasks-") as tmp:
+        root = Path(tmp)
+        for size in sizes:
+            print(f"grapevine N={size}: {tasks} tasks ...", file=sys.stderr, flush=True)
+            report.rows.append(asyncio.run(grapevine_row(root, size, tasks, args.in_flight)))
+            print(f"  {report.rows[-1]}", file=sys.stderr, flush=True)
+            if run_celery:
+                print(f"celery N={size}: {tasks} tasks ...", file=sys.stderr, flush=True)
+                report.rows.append(celery_row(root, size, tasks, args.in_flight))
+                print(f"  {report.rows[-1]}", file=sys.stderr, flush=True)
+        if not args.no_crash:
+            print("SIGKILL runs ...", file=sys.stderr, flush=True)
+            report.crashes.append(
+                asyncio.run(grapevine_crash(root, args.crash_size, crash_tasks, args.crash_sleep))
+            )
+            if run_celery:
+                report.crashes.append(
+                    celery_crash(
+                        root, args.crash_size, crash_tasks, args.crash_sleep, args.visibility
+                    )
+                )
+    print(table(report))
+    if args.json:
+        print(json.dumps(asdict(report), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO / "scripts"))
+    sys.exit(main())
