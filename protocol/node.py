@@ -37,6 +37,8 @@ from protocol.effects import (
     EventReceived,
     JoinSucceeded,
     MemberDown,
+    MemberJoined,
+    MemberRecovered,
     Note,
     Persist,
     Send,
@@ -93,6 +95,8 @@ _FROZEN = 0.5
 """A gap between calls longer than this means we were frozen (gossip timers call us every
 gossip interval otherwise): input queued meanwhile is read before any claim is made."""
 _MAX_LTIME_JUMP = 2**32
+_EARLY_STATES = 1024
+"""Peer states held for members not yet known (oldest dropped first)."""
 _PUSH_PULL_EVENTS = 128
 """Most recent user events carried by every push-pull, so one that gossip missed still
 arrives (Serf does the same); duplicates are dropped by the event de-duplicator."""
@@ -144,6 +148,7 @@ class Node:
         self._recent_events: deque[bytes] = deque(maxlen=_PUSH_PULL_EVENTS)
         self.ltime = 0
         self.states: dict[bytes, PeerState] = {}
+        self._early_states: dict[bytes, PeerState] = {}
         self._full_since: dict[bytes, float] = {}
         self._state_version = incarnation << 32
         self._seeds: list[str] = []
@@ -194,6 +199,10 @@ class Node:
             self.tasks.on_member_down(self._last_call, note.node_id)
         elif isinstance(note, JoinSucceeded):
             self.tasks.release(self._last_call)
+        elif isinstance(note, MemberJoined | MemberRecovered):
+            early = self._early_states.pop(note.node_id, None)
+            if early is not None:
+                self._apply_state(early, None)
 
     def schedule(self, at: float, timer: Timer) -> None:
         """Arm `timer` for `at`."""
@@ -564,6 +573,13 @@ class Node:
 
     def _apply_state(self, state: PeerState, raw: bytes | None) -> None:
         if state.node_id not in self.membership.members:
+            # Gossip may bring a peer's state before its alive record; its copies are then
+            # skipped as already seen, so keep it until the member is known.
+            early = self._early_states.get(state.node_id)
+            if early is None or early.version < state.version:
+                self._early_states[state.node_id] = state
+                if len(self._early_states) > _EARLY_STATES:
+                    self._early_states.pop(next(iter(self._early_states)))
             return
         known = self.states.get(state.node_id)
         if known is not None and known.version >= state.version:

@@ -290,7 +290,9 @@ class Tasks:
         record = _with_sig(unsigned, self.signer.sign(DOMAIN_TASK, unsigned.signed_payload()))
         raw = encode_message(record)
         self._apply_task(now, record, raw, local=True)
-        self.port.send_to_random(self.replication, [raw])
+        # One more than needed, so a target that dies right now cannot stall the acknowledgement
+        # until gossip brings the record to someone else.
+        self.port.send_to_random(self.replication + 1, [raw])
         return record
 
     def complete(

@@ -494,10 +494,14 @@ def test_peer_state_keeps_the_greatest_version() -> None:
     assert node.states[node_id(1)] == newest
 
 
-def test_peer_state_of_unknown_member_is_ignored() -> None:
+def test_peer_state_of_unknown_member_waits_until_the_member_is_known() -> None:
     node = lone()
-    node.handle(0.0, addr(1), envelope(1, PeerState(node_id(1), 1, (), 0, 0, 0.0)))
+    state = PeerState(node_id(1), 1, ("echo",), 2, 0, 0.0)
+    node.handle(0.0, addr(1), envelope(1, state))
     assert node_id(1) not in node.states
+    node.handle(0.1, addr(2), envelope(2, state))  # a repeat is skipped as already seen
+    node.handle(0.2, addr(2), envelope(2, alive(1)))
+    assert node.states[node_id(1)] == state
 
 
 def test_our_old_state_seen_again_is_superseded() -> None:
