@@ -177,7 +177,7 @@ _ROWS: tuple[tuple[str, str, str], ...] = (
     ("loss", "message loss", ""),
     ("duplicate", "message duplication", ""),
     ("converged", "converged at the end", ""),
-    ("convergence", "views", ""),
+    ("convergence", "views (strict: every running peer alive)", ""),
     ("join_seconds", "join converged after", "s"),
     ("broadcasts", "broadcasts", ""),
     ("broadcast_p50_s", "  reached 50% after (median)", "s"),

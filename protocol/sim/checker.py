@@ -80,8 +80,9 @@ class Convergence:
         if self.ok:
             return f"converged ({self.views} views)"
         return (
-            f"not converged over {self.views} views: {self.missing} running peers unknown, "
-            f"{self.not_alive} running peers seen down, {self.stale} stopped peers still up"
+            f"not all alive over {self.views} views: {self.missing} running peers unknown, "
+            f"{self.not_alive} running peers held suspect or dead, "
+            f"{self.stale} stopped peers still up"
         )
 
 
