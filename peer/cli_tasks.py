@@ -323,7 +323,7 @@ def parse_task_line(line: str) -> JsonObject:
     """
     try:
         spec = json.loads(line)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise ValueError(f"not JSON ({exc.msg})") from None
     if not isinstance(spec, dict):
         raise ValueError("not a JSON object")

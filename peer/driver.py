@@ -437,9 +437,9 @@ class Driver:
                 if self.executor is not None:
                     self.executor.cancel(task_id, epoch)
             case TaskReplicated(task_id, _):
-                for waiter in self._replication_waiters.pop(task_id, []):
-                    if not waiter.done():
-                        waiter.set_result(None)
+                for replicated in self._replication_waiters.pop(task_id, []):
+                    if not replicated.done():
+                        replicated.set_result(None)
             case _:
                 pass
         if isinstance(note, _TASK_NOTES):
