@@ -150,6 +150,7 @@ class Node:
         self.states: dict[bytes, PeerState] = {}
         self._early_states: dict[bytes, PeerState] = {}
         self._full_since: dict[bytes, float] = {}
+        self._free_since: float | None = None
         self._state_version = incarnation << 32
         self._seeds: list[str] = []
         self._joining: set[str] = set()
@@ -236,6 +237,10 @@ class Node:
     def full_since(self, node_id: bytes) -> float | None:
         """Since when `node_id` has advertised no free execution slot (None: it has one)."""
         return self._full_since.get(node_id)
+
+    def free_since(self) -> float | None:
+        """Since when this peer has advertised a free execution slot (None: it has none)."""
+        return self._free_since
 
     def slots_changed(self) -> None:
         """An execution started or ended here: advertise the free slots left."""
@@ -363,6 +368,10 @@ class Node:
         )
         self.states[self.node_id] = state
         self.gossip(("state", self.node_id), encode_message(state))
+        if free_slots == 0:
+            self._free_since = None
+        elif self._free_since is None:
+            self._free_since = self._last_call
 
     def submit(
         self,

@@ -85,6 +85,7 @@ class View(Protocol):
     def capable(self, role: str) -> list[bytes]: ...
     def addr_of(self, node_id: bytes) -> str | None: ...
     def full_since(self, node_id: bytes) -> float | None: ...
+    def free_since(self) -> float | None: ...
 
 
 class Port(Protocol):
@@ -540,6 +541,12 @@ class Tasks:
             return
         rank = ranked.index(self.node_id)
         due = since + rank * self.standby_delay
+        free = self.view.free_since()
+        if free is not None and free > since:
+            # Others saw us full when this task appeared, so a standby may step in at its turn.
+            # Claim only once our free slot has been advertised for a standby delay: by then a
+            # standby either saw it and waits, or claimed and its claim has reached us.
+            due = max(due, free + self.standby_delay)
         if now < due:
             self.port.schedule(due, TaskStandby(st.task_id))
         elif len(self.running) >= self.max_running:

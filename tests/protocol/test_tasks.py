@@ -252,8 +252,14 @@ def test_full_owner_claims_when_a_slot_frees_highest_priority_first() -> None:
     link.advance(link.now + 3 * DELAY)
     assert starts(link, busy) == [(1, 1)] and not starts(link, low) and not starts(link, high)
     link.run(1, link.node(1).complete(link.now, busy, 1, "ok", b""))
+    # Others saw it full when these tasks appeared: it claims once its free slot has been
+    # advertised for a standby delay, so a standby that stepped in meanwhile would be seen.
+    link.advance(link.now + DELAY - 0.01)
+    assert not starts(link, high) and not starts(link, low)
+    link.advance(link.now + 0.02)
     assert starts(link, high) == [(1, 1)] and not starts(link, low)
     link.run(1, link.node(1).complete(link.now, high, 1, "ok", b""))
+    link.advance(link.now + DELAY + 0.01)
     assert starts(link, low) == [(1, 1)]
 
 

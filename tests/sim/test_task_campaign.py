@@ -44,3 +44,11 @@ def test_clean_runs_execute_each_task_once() -> None:
         assert not faulty
         assert report.executions == report.tasks and report.duplicates == 0
         assert report.flips == report.fenced == report.takeovers == 0
+
+
+def test_a_peer_that_passed_does_not_race_the_standby_when_its_slot_frees() -> None:
+    # Seed 293 (found by bench_claims): the preferred owner, full when the task appeared and then
+    # paused, claimed on resuming within milliseconds of the standby that rightly stepped in.
+    report, _ = run_campaign(293)
+    assert report.lost == 0
+    assert report.violations == []
