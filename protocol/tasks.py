@@ -28,14 +28,13 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Protocol, TypeVar
 
 from protocol.effects import (
     CancelExecution,
     Dropped,
-    Note,
     ResultAccepted,
     StartExecution,
     TaskClaimed,
@@ -43,12 +42,13 @@ from protocol.effects import (
 )
 from protocol.errors import LocalProtocolError
 from protocol.identity import Signer, VerifiedCache
+from protocol.membership import Port as MembershipPort
 from protocol.task_state import END as END
 from protocol.task_state import START as START
 from protocol.task_state import TaskState as TaskState
 from protocol.task_state import claim_rank as claim_rank
 from protocol.task_state import hrw_score as hrw_score
-from protocol.timers import TaskStandby, Timer
+from protocol.timers import TaskStandby
 from protocol.wire import (
     MAX_INLINE_PAYLOAD,
     MAX_NAME_CHARS,
@@ -88,14 +88,9 @@ class View(Protocol):
     def free_since(self) -> float | None: ...
 
 
-class Port(Protocol):
-    """What the task rules need from the node."""
+class Port(MembershipPort, Protocol):
+    """What the task rules need from the node: membership's port, and two more."""
 
-    def send(self, addr: str, messages: list[bytes], piggyback: bool) -> None: ...
-    def gossip(self, key: Hashable, message: bytes) -> None: ...
-    def note(self, note: Note) -> None: ...
-    def schedule(self, at: float, timer: Timer) -> None: ...
-    def persist(self, kind: str, key: bytes, value: bytes) -> None: ...
     def send_to_random(self, k: int, messages: list[bytes]) -> None: ...
     def slots_changed(self) -> None: ...
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import random
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,16 +13,13 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from peer.api import PeerApi
 from peer.driver import Driver
 from peer.keys import keyring_path
 from peer.sealing import Keyring, key_id_of, load_keyring_text
 from peer.transport import Transport
-from protocol.config import local, with_network
-from protocol.identity import Signer
-from protocol.node import Node
+from tests.peer.inprocess import start_peer
 
 pytestmark = pytest.mark.asyncio
 
@@ -31,25 +27,8 @@ KEY = bytes(range(32))
 NEW_KEY = bytes([7] * 32)
 
 
-class NullStore:
-    def put_many(self, records: Any) -> None:
-        pass
-
-    def save_members(self, rows: Any) -> None:
-        pass
-
-
 async def _peer(index: int) -> tuple[Driver, Transport]:
-    loop = asyncio.get_running_loop()
-    keyring = Keyring(KEY)
-    transport = Transport("127.0.0.1", 0, keyring, bytes([index]) * 8, lambda s, d: None)
-    await transport.start()
-    signer = Signer(Ed25519PrivateKey.generate().private_bytes_raw(), keyring.network_id)
-    config = with_network(local(), keyring.network_id)
-    node = Node(config, signer, f"127.0.0.1:{transport.port}", random.Random(index), loop.time(), 3)
-    driver = Driver(node, transport, NullStore())
-    transport.on_receive = driver.receive
-    driver.start()
+    driver, transport = await start_peer(index, KEY, 3)
     driver.set_state(("echo", "sleep"), 4, 0, 0.0)
     return driver, transport
 

@@ -8,23 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from peer.api import PeerApi
 from peer.driver import Driver
 from peer.executor import Executor, builtin_roles
-from peer.sealing import Keyring
 from peer.transport import Transport
-from protocol.config import local, with_network
-from protocol.identity import Signer
-from protocol.node import Node
+from tests.peer.inprocess import start_peer
 
 pytestmark = pytest.mark.asyncio
 
@@ -49,25 +44,8 @@ TASK_FIELDS = {
 }
 
 
-class NullStore:
-    def put_many(self, records: Any) -> None:
-        pass
-
-    def save_members(self, rows: Any) -> None:
-        pass
-
-
 async def _peer(index: int) -> tuple[Driver, Transport, Executor]:
-    loop = asyncio.get_running_loop()
-    keyring = Keyring(KEY)
-    transport = Transport("127.0.0.1", 0, keyring, bytes([index]) * 8, lambda s, d: None)
-    await transport.start()
-    signer = Signer(Ed25519PrivateKey.generate().private_bytes_raw(), keyring.network_id)
-    config = with_network(local(), keyring.network_id)
-    node = Node(config, signer, f"127.0.0.1:{transport.port}", random.Random(index), loop.time(), 1)
-    driver = Driver(node, transport, NullStore())
-    transport.on_receive = driver.receive
-    driver.start()
+    driver, transport = await start_peer(index, KEY, 1)
     executor = Executor(builtin_roles(), 4)
     driver.attach(executor)
     driver.serve(executor.roles, executor.max_running)
