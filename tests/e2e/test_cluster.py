@@ -101,7 +101,10 @@ def test_user_event_reaches_every_peer(cluster: LocalCluster) -> None:
                 missing.append(peer.name)
         return not missing, missing
 
-    run(cluster, wait_for("event delivered everywhere", delivered, timeout=10))
+    # Gossip alone reaches everyone most of the time, but with the local profile each peer
+    # sends an event only twice, so in a 5-peer cluster a peer is missed now and then (seen
+    # in CI); push-pull, which carries recent events, is the guarantee: allow two rounds.
+    run(cluster, wait_for("event delivered everywhere", delivered, timeout=35))
 
 
 def test_a_peer_with_the_wrong_key_is_rejected_and_never_listed(
