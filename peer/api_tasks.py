@@ -12,9 +12,12 @@ Invariants:
   gossip has converged every peer answers the same for the same task (except `input` of tasks
   whose record has not arrived yet: such tasks are "not known here yet", 404).
 - Watching one task is driven by this peer's state, not only by notifications: the node notes
-  claims and accepted results, but not a cancel or an execution-log entry received from another
+  claims, accepted results and cancels, but not an execution-log entry received from another
   peer, so the stream also re-reads the state every `WATCH_POLL` seconds. It ends once the task
   is final (done, failed or cancelled).
+- A task tree (`/v1/tasks/{id}/tree`) is this peer's view: children whose record has not
+  arrived yet are missing. Each task appears once (a forged parent chain cannot loop) and the
+  tree stops `MAX_TREE_DEPTH` levels below the root.
 """
 
 from __future__ import annotations
@@ -23,17 +26,19 @@ import asyncio
 import json
 import math
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
 
+from peer.agents.ports import AgentOutput
 from peer.api import Json, Problem, _json_object, node_id_text
 from peer.driver import Driver, Observed
 from protocol.effects import (
     CancelExecution,
     ResultAccepted,
     StartExecution,
+    TaskCancelled,
     TaskClaimed,
     TaskReplicated,
 )
@@ -50,6 +55,8 @@ MAX_TIMEOUT = 7 * 24 * 3600.0
 MAX_LIST = 10_000
 DEFAULT_LIST = 100
 MIN_ID_PREFIX = 6
+MAX_TREE_DEPTH = 64
+"""Levels of a task tree shown below its root; deeper tasks are left out (`truncated`)."""
 STATES = ("pending", "running", "done", "failed", "cancelled")
 FINAL_STATES = ("done", "failed", "cancelled")
 
@@ -108,6 +115,72 @@ def task_json(st: TaskState) -> Json:
     }
 
 
+def tree_json(root: TaskState, children_of: Callable[[bytes], list[TaskState]]) -> Json:
+    """Return the API form of the task tree below `root` (see docs/http-api.md).
+
+    Args:
+        root: a task this peer holds the record of.
+        children_of: the known children of a task, oldest first (`Driver.children_of`).
+    """
+    totals = dict.fromkeys(
+        (
+            "tasks",
+            "executions",
+            "duplicates",
+            "prompt_tokens",
+            "completion_tokens",
+            "cost_microdollars",
+        ),
+        0,
+    )
+    seen = {root.task_id}
+    truncated = False
+
+    def node(st: TaskState, depth: int) -> Json:
+        nonlocal truncated
+        rec, claim, acc = st.record, st.claim, st.accepted
+        started = st.execution_count()
+        totals["tasks"] += 1
+        totals["executions"] += started
+        totals["duplicates"] += max(0, started - 1)
+        usage: Json | None = None
+        agent: str | None = None
+        if acc is not None:
+            prompt, completion, cost = acc.usage
+            usage = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "cost_microdollars": cost,
+            }
+            totals["prompt_tokens"] += prompt
+            totals["completion_tokens"] += completion
+            totals["cost_microdollars"] += cost
+            output = AgentOutput.decode(acc.output)
+            agent = output.agent if output is not None else None
+        children: list[Json] = []
+        for child in children_of(st.task_id):
+            if child.task_id in seen or child.record is None:
+                continue
+            if depth >= MAX_TREE_DEPTH:
+                truncated = True
+                break
+            seen.add(child.task_id)
+            children.append(node(child, depth + 1))
+        return {
+            "id": st.task_id.hex(),
+            "role": rec.role if rec is not None else None,
+            "state": st.state,
+            "peer": node_id_text(claim.owner) if claim is not None else None,
+            "agent": agent,
+            "usage": usage,
+            "duplicates": max(0, started - 1),
+            "children": children,
+        }
+
+    tree = node(root, 0)
+    return {**tree, "totals": totals, "truncated": truncated}
+
+
 def task_event_json(item: Observed) -> Json | None:
     """Return the API form of a task notification, or None if the API does not show it."""
     when = round(item.time, 3)
@@ -146,6 +219,14 @@ def task_event_json(item: Observed) -> Json | None:
                 "epoch": epoch,
                 "outcome": outcome,
                 "flipped": flipped,
+            }
+        case TaskCancelled(task_id, by, reason):
+            return {
+                "type": "task-cancelled",
+                "time": when,
+                "id": task_id.hex(),
+                "by": node_id_text(by),
+                "reason": reason,
             }
         case TaskReplicated(task_id, holders):
             return {
@@ -189,6 +270,7 @@ class TaskApi:
             web.get("/v1/tasks/{id}", self._get),
             web.post("/v1/tasks/{id}/cancel", self._cancel),
             web.get("/v1/tasks/{id}/watch", self._watch_one),
+            web.get("/v1/tasks/{id}/tree", self._tree),
         ]
 
     @property
@@ -284,6 +366,10 @@ class TaskApi:
         self.driver.cancel_task(st.task_id, "cancelled through the API")
         return web.json_response(task_json(st), status=202)
 
+    async def _tree(self, request: web.Request) -> web.Response:
+        root = self._find(request.match_info["id"])
+        return web.json_response(tree_json(root, self.driver.children_of))
+
     async def _stats(self, request: web.Request) -> web.Response:
         totals = dict.fromkeys(
             ("tasks", *STATES, "executions", "duplicates", "takeovers", "fenced"), 0
@@ -307,7 +393,9 @@ class TaskApi:
         executor = self.driver.executor
         here = {
             "running": len(node.tasks.running),
+            "suspended": len(node.tasks.suspended),
             "executor_running": executor.running if executor is not None else 0,
+            "executor_suspended": executor.suspended if executor is not None else 0,
             "executor_waiting": executor.waiting if executor is not None else 0,
             "counters": dict(sorted(node.tasks.counters.items())),
         }

@@ -5,6 +5,7 @@ Invariants:
   reads the clock (except to show a timestamp in local time) or raises on missing fields: a
   field a peer did not send is shown as "-" or "?".
 - `--json` output never comes from here except `as_json`, which keeps the API's field names.
+- Text that comes from peers (roles, agent names) is never read as rich markup.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
+
+from rich.text import Text
+from rich.tree import Tree
 
 from peer.client import JsonObject
 
@@ -114,6 +118,69 @@ def keyring_table(keyring: JsonObject) -> str:
     rows = [["primary", str(keyring.get("primary", "?"))]]
     rows += [["accepted", str(key_id)] for key_id in keyring.get("accepted") or []]
     return table([], rows)
+
+
+_STATE_STYLE = {
+    "done": "green",
+    "failed": "red",
+    "cancelled": "yellow",
+    "running": "cyan",
+    "pending": "dim",
+}
+
+
+def task_tree(tree: JsonObject) -> Tree:
+    """`grapevine tree`: one line per task of a `/v1/tasks/{id}/tree` answer, children under
+    their parent, e.g. "writer 3f2a9c1b2d4e done on k3j4h5l2mn agent writer-1 120 tokens"."""
+    root = Tree(_tree_label(tree))
+    pending: list[tuple[Tree, Any]] = [(root, tree.get("children"))]
+    while pending:  # iterative: a deep tree cannot exhaust the recursion limit here
+        branch, children = pending.pop()
+        for child in children if isinstance(children, list) else []:
+            if isinstance(child, dict):
+                pending.append((branch.add(_tree_label(child)), child.get("children")))
+    return root
+
+
+def tree_totals(tree: JsonObject) -> str:
+    """The line under `grapevine tree`, e.g. "3 tasks, 3 executions, 0 duplicates, 240 tokens
+    (200 prompt, 40 completion), cost $0.000014"."""
+    totals = tree.get("totals")
+    if not isinstance(totals, dict):
+        totals = {}
+    prompt, completion = totals.get("prompt_tokens", 0), totals.get("completion_tokens", 0)
+    tokens = prompt + completion if isinstance(prompt, int) and isinstance(completion, int) else "?"
+    cost = totals.get("cost_microdollars")
+    dollars = f"${cost / 1e6:.6f}" if isinstance(cost, int) else "?"
+    line = (
+        f"{number(totals.get('tasks'))} tasks, {number(totals.get('executions'))} executions, "
+        f"{number(totals.get('duplicates'))} duplicates, {tokens} tokens ({number(prompt)} "
+        f"prompt, {number(completion)} completion), cost {dollars}"
+    )
+    if tree.get("truncated"):
+        line += "; deeper tasks left out"
+    return line
+
+
+def _tree_label(node: JsonObject) -> Text:
+    state = str(node.get("state", "?"))
+    usage = node.get("usage") if isinstance(node.get("usage"), dict) else None
+    label = Text.assemble(
+        (str(node.get("role") or "?"), "bold"),
+        " ",
+        (str(node.get("id", "?"))[:12], "dim"),
+        " ",
+        (state, _STATE_STYLE.get(state, "")),
+        f" on {short(node.get('peer'))}" if node.get("peer") else "",
+        f" agent {node['agent']}" if node.get("agent") else "",
+    )
+    if usage is not None:
+        tokens = sum(v for k, v in usage.items() if k.endswith("_tokens") and isinstance(v, int))
+        label.append(f" {tokens} tokens")
+    duplicates = node.get("duplicates")
+    if isinstance(duplicates, int) and duplicates > 0:
+        label.append(f" ({duplicates} duplicate{'s' if duplicates > 1 else ''})", "red")
+    return label
 
 
 def table(header: list[str], rows: Sequence[list[str]]) -> str:

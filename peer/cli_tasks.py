@@ -1,4 +1,4 @@
-"""The task commands of `grapevine`: submit, tasks, task, result, cancel.
+"""The task commands of `grapevine`: submit, tasks, task, tree, result, cancel.
 
 Invariants (those of peer/cli.py, whose helpers these commands use):
 - Errors are one line on stderr, "grapevine <command>: <what went wrong>"; exit 0 on success,
@@ -46,7 +46,7 @@ _FILE_FIELDS = {"role", "input", "priority", "idempotency_key", "timeout"}
 
 
 def register(commands: argparse._SubParsersAction[_Parser]) -> None:
-    """Add submit, tasks, task, result and cancel to the `grapevine` command line."""
+    """Add submit, tasks, task, tree, result and cancel to the `grapevine` command line."""
     api = _Parser(add_help=False)
     api.add_argument(
         "--api",
@@ -129,6 +129,20 @@ def register(commands: argparse._SubParsersAction[_Parser]) -> None:
     )
     task.add_argument("id", metavar="ID", help="task id (hex) or a unique prefix")
     _client(task, _task)
+
+    tree = _command(
+        commands,
+        "tree",
+        "show a task and the tasks it delegated",
+        "Show the tree of tasks below a task as the local peer knows it: one line per task "
+        "(role, id, state, the peer running it, the agent that answered, tokens used), "
+        "children under their parent, then totals over the tree. ID is the task id in hex or "
+        "a unique prefix of at least 6 digits.",
+        "  grapevine tree 3f2a9c\n  grapevine tree 3f2a9c --json | jq .totals",
+        parents,
+    )
+    tree.add_argument("id", metavar="ID", help="task id (hex) or a unique prefix")
+    _client(tree, _tree)
 
     result = _command(
         commands,
@@ -246,6 +260,19 @@ async def _task(client: GrapevineClient, args: argparse.Namespace) -> int:
         return _bad_id(args)
     task = await client.task(task_id)
     print(render.as_json(task) if args.json else task_details(task))
+    return EXIT_OK
+
+
+async def _tree(client: GrapevineClient, args: argparse.Namespace) -> int:
+    task_id = _task_id(args)
+    if task_id is None:
+        return _bad_id(args)
+    tree = await client.tree(task_id)
+    if args.json:
+        print(render.as_json(tree))
+        return EXIT_OK
+    Console(soft_wrap=True, highlight=False).print(render.task_tree(tree))
+    print(render.tree_totals(tree))
     return EXIT_OK
 
 

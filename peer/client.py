@@ -250,6 +250,16 @@ class GrapevineClient:
         """Cancel a task network-wide; returns the task. Refused (409) once it is final."""
         return await self._request("POST", f"/v1/tasks/{_task_path(task_id)}/cancel")
 
+    async def tree(self, task_id: str) -> JsonObject:
+        """Return the task tree rooted at a task, as this peer knows it: the root's
+        `{id, role, state, peer, agent, usage, duplicates, children: [...]}` (each child the
+        same shape), plus `totals` over the tree and `truncated`.
+
+        Args:
+            task_id: 64 hex digits, or a unique prefix of at least 6.
+        """
+        return await self._request("GET", f"/v1/tasks/{_task_path(task_id)}/tree")
+
     async def task_stats(self) -> JsonObject:
         """Return `{totals: {tasks, pending, running, done, failed, cancelled, executions,
         duplicates, takeovers, fenced, flips, signatures_verified}, here: {...}}`."""

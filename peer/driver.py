@@ -16,6 +16,10 @@ Invariants:
   `peer.executor.Executor`; its completions come back through `complete`, a node call like any
   other. Without an executor nothing runs (seed-only peers serve no roles).
 - Restart: `restore` replays stored task objects in one batch (one persist transaction).
+- Task trees: every task record the node applies passes through `_apply` as a "task" persist,
+  so the parent -> children index (`children_of`) is kept there, whichever way the record came
+  (submitted here, gossip, anti-entropy, restore). A parent waiting on its children `suspend`s
+  (node and executor release its slot) and `resume`s when it goes on.
 """
 
 from __future__ import annotations
@@ -45,13 +49,15 @@ from protocol.effects import (
     ResultAccepted,
     StallDetected,
     StartExecution,
+    TaskCancelled,
     TaskClaimed,
     TaskReplicated,
 )
 from protocol.errors import LocalProtocolError
 from protocol.identity import short_id
 from protocol.node import Node
-from protocol.wire import Status
+from protocol.tasks import TaskState
+from protocol.wire import Result, Status
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +135,14 @@ _PUBLISHED = (
     MemberRecovered,
     EventReceived,
 )
-_TASK_NOTES = (TaskReplicated, TaskClaimed, StartExecution, CancelExecution, ResultAccepted)
+_TASK_NOTES = (
+    TaskReplicated,
+    TaskClaimed,
+    StartExecution,
+    CancelExecution,
+    ResultAccepted,
+    TaskCancelled,
+)
 
 
 class Driver:
@@ -163,6 +176,9 @@ class Driver:
         self._save_timer: asyncio.TimerHandle | None = None
         self._join_waiters: list[asyncio.Future[str]] = []
         self._replication_waiters: dict[bytes, list[asyncio.Future[None]]] = {}
+        self._result_waiters: dict[bytes, list[asyncio.Future[Result | None]]] = {}
+        self._children: dict[bytes, set[bytes]] = {}
+        """Task id -> ids of the tasks naming it as parent (see `_apply`)."""
         self.task_hub = NoteHub()
         self.executor: Executor | None = None
         self.joined = asyncio.Event()
@@ -189,6 +205,8 @@ class Driver:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.cancel()
+        for task_id in list(self._result_waiters):
+            self._resolve(task_id, None)
 
     # Inputs
 
@@ -278,12 +296,14 @@ class Driver:
         data: bytes,
         *,
         priority: int = 0,
+        parent: bytes = b"",
         idempotency_key: str = "",
         nonce: bytes = b"",
         timeout: float = 0.0,
         created: float | None = None,
     ) -> bytes:
-        """Submit a task here; return its id (`Node.submit`).
+        """Submit a task here; return its id (`Node.submit`). `parent` is the id of the task
+        that delegates this one (empty for a root task).
 
         Raises:
             LocalProtocolError: a field is out of bounds.
@@ -293,6 +313,7 @@ class Driver:
             role,
             data,
             priority=priority,
+            parent=parent,
             idempotency_key=idempotency_key,
             nonce=nonce,
             timeout=timeout,
@@ -325,6 +346,53 @@ class Driver:
                 waiters.remove(waiter)
             if not waiters:
                 self._replication_waiters.pop(task_id, None)
+
+    async def wait_result(self, task_id: bytes, timeout: float | None = None) -> Result | None:
+        """Wait for the accepted result of a task (a child of a task running here, say).
+
+        The task need not be known yet: its record may still be on its way.
+
+        Returns:
+            The accepted result, at once if there already is one; None if the task is
+            cancelled with no accepted result, `timeout` seconds passed, or the driver stopped.
+        """
+        state = self.node.tasks.tasks.get(task_id)
+        if state is not None and state.accepted is not None:
+            return state.accepted
+        if state is not None and state.cancel is not None:
+            return None
+        waiter: asyncio.Future[Result | None] = self._loop.create_future()
+        self._result_waiters.setdefault(task_id, []).append(waiter)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except TimeoutError:
+            return None
+        finally:
+            waiters = self._result_waiters.get(task_id, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters:
+                self._result_waiters.pop(task_id, None)
+
+    def children_of(self, task_id: bytes) -> list[TaskState]:
+        """The tasks whose record names `task_id` as parent, oldest first (created, then id)."""
+        tasks = self.node.tasks.tasks
+        children = [tasks[c] for c in self._children.get(task_id, ()) if c in tasks]
+        return sorted(children, key=_age)
+
+    def suspend(self, task_id: bytes) -> None:
+        """A task running here waits (on its children): release its slot in the executor and
+        the node (`Node.suspend`), so other work can run meanwhile. A no-op if it is not
+        running here."""
+        if self.executor is not None:
+            self.executor.suspend(task_id)  # first: work the node starts now finds the slot
+        self._apply(self.node.suspend(self._clock(), task_id))
+
+    def resume(self, task_id: bytes) -> None:
+        """A suspended task goes on: it holds its slot again at once (`Node.resume`)."""
+        self._apply(self.node.resume(self._clock(), task_id))
+        if self.executor is not None:
+            self.executor.resume(task_id)
 
     def cancel_task(self, task_id: bytes, reason: str = "cancelled") -> None:
         """Cancel a task network-wide (`Node.cancel`)."""
@@ -385,6 +453,11 @@ class Driver:
         self._apply(self.node.tick(self._clock()))
 
     def _apply(self, fx: Effects) -> None:
+        for persist in fx.persists:
+            if persist.kind == "task":  # a record applied now (index it even if the put fails)
+                state = self.node.tasks.tasks.get(persist.key)
+                if state is not None and state.record is not None and state.record.parent:
+                    self._children.setdefault(state.record.parent, set()).add(persist.key)
         sends_allowed = True
         if fx.persists:
             try:
@@ -400,6 +473,11 @@ class Driver:
         for note in fx.notes:
             self._observe(note)
         self._arm(fx.wake_at)
+
+    def _resolve(self, task_id: bytes, result: Result | None) -> None:
+        for waiter in self._result_waiters.pop(task_id, []):
+            if not waiter.done():
+                waiter.set_result(result)
 
     def _arm(self, wake_at: float | None) -> None:
         if self._timer is not None:
@@ -440,6 +518,11 @@ class Driver:
                 for replicated in self._replication_waiters.pop(task_id, []):
                     if not replicated.done():
                         replicated.set_result(None)
+            case ResultAccepted(task_id=task_id) if task_id in self._result_waiters:
+                self._resolve(task_id, self.node.tasks.tasks[task_id].accepted)
+            case TaskCancelled(task_id=task_id) if task_id in self._result_waiters:
+                accepted = self.node.tasks.tasks[task_id].accepted
+                self._resolve(task_id, accepted)
             case _:
                 pass
         if isinstance(note, _TASK_NOTES):
@@ -451,3 +534,7 @@ class Driver:
                 member = self.node.member(note.node_id)
                 addr = member.addr if member is not None else None
             self.hub.publish(Observed(self._wall(), note, addr))
+
+
+def _age(state: TaskState) -> tuple[float, bytes]:
+    return (state.record.created if state.record is not None else 0.0, state.task_id)

@@ -10,6 +10,9 @@ Invariants:
   execution (`cancel`, i.e. `CancelExecution`: fenced, cancelled, or a result was accepted) is
   not reported — the node has already logged its end.
 - The same (task id, epoch) is never run twice at once: a repeated start is ignored.
+- A suspended execution (`suspend`: it waits on its child tasks) keeps running but holds no
+  slot, so waiting work may start; `resume` counts it again at once, even beyond `max_running`
+  (a parent never waits for a slot, so a tree of tasks cannot deadlock).
 - Handlers run on the event loop; a handler that blocks it stalls the whole peer, so CPU-bound
   work belongs in a thread (`asyncio.to_thread`).
 """
@@ -110,6 +113,8 @@ class Executor:
         self.max_running = max_running
         self.on_done = on_done
         self._running: dict[bytes, tuple[int, asyncio.Task[None]]] = {}
+        self._suspended: set[bytes] = set()
+        """Running executions that hold no slot; a subset of `_running`."""
         self._waiting: dict[bytes, Work] = {}
         self._heap: list[tuple[int, int, bytes, int]] = []
         self._seq = 0
@@ -124,6 +129,11 @@ class Executor:
     def running(self) -> int:
         """Executions running now."""
         return len(self._running)
+
+    @property
+    def suspended(self) -> int:
+        """Running executions suspended (they hold no slot)."""
+        return len(self._suspended)
 
     @property
     def waiting(self) -> int:
@@ -159,10 +169,35 @@ class Executor:
         if running is not None and running[0] == epoch:
             # Freed now: a task cancelled before its first step never runs its own cleanup.
             del self._running[task_id]
+            self._suspended.discard(task_id)
             running[1].cancel()
             self._pump()
             return True
         return False
+
+    def suspend(self, task_id: bytes) -> bool:
+        """Release the slot of a running execution that waits (on its child tasks), so that
+        waiting work may start. It keeps running, and can still be cancelled.
+
+        Returns:
+            True if it was running and not already suspended.
+        """
+        if task_id not in self._running or task_id in self._suspended:
+            return False
+        self._suspended.add(task_id)
+        self._pump()
+        return True
+
+    def resume(self, task_id: bytes) -> bool:
+        """Count a suspended execution against `max_running` again, at once (never waits).
+
+        Returns:
+            True if it was suspended.
+        """
+        if task_id not in self._suspended:
+            return False
+        self._suspended.discard(task_id)
+        return True
 
     async def close(self) -> None:
         """Cancel everything, unreported, and wait for the handlers to unwind."""
@@ -171,12 +206,13 @@ class Executor:
         self._heap.clear()
         tasks = [task for _, task in self._running.values()]
         self._running.clear()
+        self._suspended.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def _pump(self) -> None:
-        while self._heap and len(self._running) < self.max_running:
+        while self._heap and len(self._running) - len(self._suspended) < self.max_running:
             _, _, task_id, epoch = heapq.heappop(self._heap)
             work = self._waiting.get(task_id)
             if work is None or work.epoch != epoch or task_id in self._running:
@@ -204,6 +240,7 @@ class Executor:
         running = self._running.get(work.task_id)
         if running is not None and running[1] is asyncio.current_task():
             del self._running[work.task_id]
+            self._suspended.discard(work.task_id)
 
     async def _execute(self, work: Work) -> tuple[str, bytes, Usage]:
         handler = self.handlers.get(work.role)

@@ -148,6 +148,15 @@ class ResultAccepted:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskCancelled:
+    """A task was cancelled (here or by a peer): it runs nowhere once the cancel has spread."""
+
+    task_id: bytes
+    by: bytes
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Dropped:
     """Input from `peer` was rejected for `reason`; no state changed."""
 
@@ -169,6 +178,7 @@ Note = (
     | StartExecution
     | CancelExecution
     | ResultAccepted
+    | TaskCancelled
     | Dropped
 )
 

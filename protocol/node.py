@@ -3,8 +3,9 @@
 Theory of operation
 - The host calls `handle(now, src, data)` for every envelope received, `tick(now)` at or after
   the `wake_at` it was last given, and the commands: `join`, `leave`, `broadcast` (a user
-  event), `set_state`, and for tasks `submit`, `complete`, `cancel`, `serve`, `restore`. Each
-  returns `Effects`; the host persists, then sends, then reads the notifications.
+  event), `set_state`, and for tasks `submit`, `complete`, `cancel`, `suspend`, `resume`,
+  `serve`, `restore`. Each returns `Effects`; the host persists, then sends, then reads the
+  notifications.
 - Time only moves through `now`; randomness only through the injected rng. Same inputs, same
   outputs, byte for byte: that is what lets the simulator replay a seed exactly.
 - Input from peers never raises: a bad envelope is dropped whole (`Dropped`, nothing applied);
@@ -245,7 +246,7 @@ class Node:
     def slots_changed(self) -> None:
         """An execution started or ended here: advertise the free slots left."""
         state = self.states.get(self.node_id)
-        free = max(0, self.tasks.max_running - len(self.tasks.running))
+        free = max(0, self.tasks.max_running - self.tasks.slots_used())
         if state is not None and state.free_slots != free:
             self._advertise(state.roles, free, state.queue_len, state.load)
 
@@ -432,13 +433,31 @@ class Node:
         self.tasks.cancel(now, task_id, reason)
         return self._exit()
 
+    def suspend(self, now: float, task_id: bytes) -> Effects:
+        """An execution here waits (on its child tasks): release its slot until `resume`.
+
+        It stays owned and running for every other rule; the free slot is advertised and tasks
+        passed for lack of one are looked at again. A no-op for a task not running here or
+        already suspended."""
+        self._enter(now)
+        self.tasks.suspend(now, task_id)
+        return self._exit()
+
+    def resume(self, now: float, task_id: bytes) -> Effects:
+        """A suspended execution goes on: it holds a slot again at once, even beyond
+        `max_running` (it never waits for one, so a tree of tasks cannot deadlock). A no-op for
+        a task not suspended."""
+        self._enter(now)
+        self.tasks.resume(now, task_id)
+        return self._exit()
+
     def serve(self, now: float, roles: tuple[str, ...], max_running: int) -> Effects:
         """Declare the roles this peer executes and how many executions it runs at once
         before passing its turn, advertise them, and look at open tasks again."""
         self._enter(now)
         self.tasks.roles = frozenset(roles)
         self.tasks.max_running = max_running
-        self._advertise(roles, max(0, max_running - len(self.tasks.running)), 0, 0.0)
+        self._advertise(roles, max(0, max_running - self.tasks.slots_used()), 0, 0.0)
         self.tasks.reevaluate(now)
         return self._exit()
 

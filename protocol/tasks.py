@@ -13,6 +13,10 @@ Theory of operation (DESIGN.md section 5 is the specification)
   peer passes its turn and re-evaluates when a slot frees.
 - Takeover: only when the claim's owner is declared dead (or left) does the next-ranked live
   peer claim with epoch + 1. The epoch is the fencing token.
+- Suspension: an execution waiting on its child tasks may be suspended. It stays owned and
+  running for every other rule (fencing, takeover, cancel, complete) but holds no slot, so the
+  free slot is advertised and passed tasks are looked at again; resuming takes the slot back at
+  once, even beyond `max_running` (a parent never waits for a slot, so a tree cannot deadlock).
 - Self-fencing: an executing owner that sees a greater claim, an accepted result other than its
   own, a cancel, or its own isolation from every peer, cancels its execution.
 - The accepted result is the completed result whose claim ranks highest. A result ranking below
@@ -37,6 +41,7 @@ from protocol.effects import (
     Dropped,
     ResultAccepted,
     StartExecution,
+    TaskCancelled,
     TaskClaimed,
     TaskReplicated,
 )
@@ -121,6 +126,8 @@ class Tasks:
         self.tasks: dict[bytes, TaskState] = {}
         self.running: dict[bytes, int] = {}
         """Tasks executing here, by id, with the epoch they run under."""
+        self.suspended: set[bytes] = set()
+        """Running tasks that wait (on their children) and hold no slot; a subset of running."""
         self.open: set[bytes] = set()
         """Tasks with a record and neither an accepted result nor a cancel."""
         self.roles: frozenset[str] = frozenset()
@@ -220,6 +227,7 @@ class Tasks:
         if self.running.get(task_id) != epoch:
             return None
         del self.running[task_id]
+        self.suspended.discard(task_id)
         self.port.slots_changed()
         self._log(now, task_id, epoch, END, outcome)
         payload = Result(
@@ -241,6 +249,30 @@ class Tasks:
         cancel = _with_sig(payload, self.signer.sign(DOMAIN_CANCEL, payload.signed_payload()))
         self._apply_cancel(now, cancel, encode_message(cancel), src=LOCAL)
         return True
+
+    def suspend(self, now: float, task_id: bytes) -> bool:
+        """Release the slot of a running execution that waits (on its child tasks): the free
+        slot is advertised and tasks passed for lack of one are looked at again. It stays
+        running for every other rule. False if it is not running here or already suspended."""
+        if task_id not in self.running or task_id in self.suspended:
+            return False
+        self.suspended.add(task_id)
+        self.port.slots_changed()
+        self._slot_freed(now)
+        return True
+
+    def resume(self, now: float, task_id: bytes) -> bool:
+        """Take the slot of a suspended execution back at once, even beyond `max_running`:
+        waiting for a slot here could deadlock a tree of tasks. False if it is not suspended."""
+        if task_id not in self.suspended:
+            return False
+        self.suspended.discard(task_id)
+        self.port.slots_changed()
+        return True
+
+    def slots_used(self) -> int:
+        """Executions here holding a slot (running and not suspended)."""
+        return len(self.running) - len(self.suspended)
 
     def reevaluate(self, now: float) -> None:
         """Look at every open task again, highest priority first (a slot freed, roles or
@@ -482,6 +514,7 @@ class Tasks:
         st.cancel = c
         st.touch()
         self.open.discard(c.task_id)
+        self.port.note(TaskCancelled(c.task_id, c.by, c.reason))
         self.port.persist("cancel", c.task_id, raw)
         self.port.gossip(("cancel", c.task_id), raw)
         mine = self.running.get(c.task_id)
@@ -544,7 +577,7 @@ class Tasks:
             due = max(due, free + self.standby_delay)
         if now < due:
             self.port.schedule(due, TaskStandby(st.task_id))
-        elif len(self.running) >= self.max_running:
+        elif self.slots_used() >= self.max_running:
             self.passed.add(st.task_id)
         elif all(_before(self.view.full_since(n), since) for n in ranked[:rank]):
             # Everyone before us was full before our wait began, so they passed: their claim
@@ -586,6 +619,7 @@ class Tasks:
         if self.running.get(task_id) != epoch:
             return
         del self.running[task_id]
+        self.suspended.discard(task_id)
         self.port.slots_changed()
         self.counters["fenced"] += 1
         self._log(now, task_id, epoch, END, "fenced")

@@ -112,3 +112,54 @@ async def test_close_cancels_everything() -> None:
     assert executor.running == 0 and executor.waiting == 0 and done == []
     executor.start(Work(b"c" * 32, 1, "echo", b""))
     assert executor.running == 0, "a closed executor starts nothing"
+
+
+async def test_suspended_execution_frees_its_slot_and_resume_takes_it_back() -> None:
+    gates = {i: asyncio.Event() for i in range(3)}
+    started: list[int] = []
+
+    async def gated(work: Work) -> bytes:
+        started.append(work.task_id[0])
+        await gates[work.task_id[0]].wait()
+        return bytes([work.task_id[0]])
+
+    executor, done = _executor(max_running=1, gated=gated)
+    parent, child, other = (bytes([i]) * 32 for i in range(3))
+    executor.start(Work(parent, 1, "gated", b""))
+    executor.start(Work(child, 1, "gated", b""))
+    await _until(lambda: started == [0])
+    assert executor.running == 1 and executor.waiting == 1
+    assert not executor.suspend(child), "a waiting execution is not suspended"
+    assert executor.suspend(parent) and not executor.suspend(parent)
+    await _until(lambda: started == [0, 1])
+    assert executor.running == 2 and executor.suspended == 1 and executor.waiting == 0
+    assert executor.resume(parent) and not executor.resume(parent)
+    assert executor.running == 2 and executor.suspended == 0, "resumed at once, over the bound"
+    executor.start(Work(other, 1, "gated", b""))
+    gates[1].set()
+    await _until(lambda: len(done) == 1)
+    await asyncio.sleep(0.02)
+    assert started == [0, 1], "the resumed parent still holds the only slot"
+    gates[0].set()
+    await _until(lambda: started == [0, 1, 2])
+    gates[2].set()
+    await _until(lambda: len(done) == 3)
+    assert [d[3] for d in done] == [b"\x01", b"\x00", b"\x02"]
+    assert executor.running == 0 and executor.suspended == 0
+
+
+async def test_suspended_execution_can_finish_or_be_cancelled_and_is_forgotten() -> None:
+    executor, done = _executor(max_running=1)
+    executor.start(Work(b"a" * 32, 1, "sleep", b"0.05"))
+    await _until(lambda: executor.running == 1)
+    assert executor.suspend(b"a" * 32)
+    await _until(lambda: done)
+    assert done[0][2] == "ok" and executor.suspended == 0 and not executor.resume(b"a" * 32)
+    executor.start(Work(b"b" * 32, 1, "sleep", b"30"))
+    await _until(lambda: executor.running == 1)
+    assert executor.suspend(b"b" * 32)
+    assert executor.cancel(b"b" * 32, 1)
+    assert executor.running == 0 and executor.suspended == 0
+    await asyncio.sleep(0.02)
+    assert len(done) == 1 and not executor.resume(b"b" * 32)
+    await executor.close()

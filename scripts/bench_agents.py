@@ -1,0 +1,287 @@
+"""Agents at scale on this machine: many peer processes, a thousand agents, a thousand-task tree.
+
+Starts `--peers` real `grapevine agent` processes on 127.0.0.1 (default 100), each hosting
+`--agents` agents on the offline model (default 10: one admin and nine workers; the first
+peer also hosts the boss), then submits one job whose tree is boss -> `--admins` admins ->
+`--parts` workers each (default 1 + 10 + 10 x 100 = 1,011 tasks), and waits for the boss's
+answer. Reports wall time, tasks/s, duplicate executions, peak RSS per peer and total CPU.
+
+The offline model is called directly rather than through litellm here
+(`offline_via_litellm = false`): importing litellm costs ~170 MB per process, which a hundred
+processes on one 24 GiB machine cannot afford; the agent loop, tools, delegation, claims and
+gossip are the same code either way.
+
+Every process is started by this script's `LocalCluster` and ended by pid when it exits.
+
+    python scripts/bench_agents.py                      # 100 peers, 1,001 agents, 1,011 tasks
+    python scripts/bench_agents.py --peers 10 --parts 20 --admins 3   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from scripts.local_cluster import (  # noqa: E402
+    LocalCluster,
+    Peer,
+    query,
+    wait_for,
+    wait_ready,
+    wait_views,
+)
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+OUT = REPO / "scripts" / "out"
+
+
+@dataclass
+class Report:
+    peers: int
+    agents: int
+    tree_tasks: int
+    executions: int
+    duplicates: int
+    start_s: float
+    wall_s: float
+    tasks_per_s: float
+    rss_peak_median_mb: float
+    rss_peak_max_mb: float
+    cpu_s: float
+    cpu_start_s: float
+    tokens: int
+    agree: int
+    checked: int
+
+
+def peer_config(boss: bool, workers: int, admins: int, parts: int) -> str:
+    """The TOML of one peer: an admin and `workers` workers (and the boss on the first peer)."""
+    blocks = [
+        "[limits]\nmax_depth = 4\nmax_children = 128\nmax_steps = 8\n",
+        "[llm]\noffline_via_litellm = false\n",
+        _agent("admin", "admin", f"Delegate to: worker\\nParts: {parts}", 2, delegate=True),
+    ]
+    blocks += [
+        _agent(f"worker-{i}", "worker", "Write the section asked for.", 1) for i in range(workers)
+    ]
+    if boss:
+        blocks.append(
+            _agent("boss", "boss", f"Delegate to: admin\\nParts: {admins}", 1, delegate=True)
+        )
+    return "\n".join(blocks)
+
+
+def _agent(name: str, role: str, system: str, slots: int, delegate: bool = False) -> str:
+    tools = '["delegate", "final_answer"]' if delegate else '["final_answer"]'
+    return (
+        f'[[agents]]\nname = "{name}"\nroles = ["{role}"]\nsystem = "{system}"\n'
+        f"tools = {tools}\nmax_concurrent = {slots}\n"
+    )
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """utime + stime of live processes, from /proc."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set (VmHWM), in MB; 0 if it is gone."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    return (ordered[n // 2] + ordered[(n - 1) // 2]) / 2 if n else float("nan")
+
+
+async def start_peers(cluster: LocalCluster, args: argparse.Namespace, root: Path) -> list[Peer]:
+    workers = args.agents - 1
+    seed: Peer | None = None
+    for i in range(args.peers):
+        config = root / f"peer{i}.toml"
+        config.write_text(peer_config(i == 0, workers, args.admins, args.parts))
+        cluster.extra_args = ("--config", str(config))
+        peer = cluster.add(join=[seed] if seed else [])
+        seed = seed or peer
+        if i % 10 == 9:  # let each batch import and join before the next one starts
+            await wait_ready(cluster.peers[-10:], timeout=120)
+            print(f"  {i + 1} peers started", file=sys.stderr, flush=True)
+    peers = list(cluster.peers)
+    await wait_ready(peers, timeout=120)
+    await wait_views(peers, {p.node_id: "alive" for p in peers}, timeout=240)
+
+    async def roles_known() -> tuple[bool, object]:
+        lacking = {}
+        for peer in peers[:: max(1, len(peers) // 10)]:
+            members = await query(peer.api, lambda c: c.members())
+            missing = sum(1 for m in members if "worker" not in m["roles"])
+            if missing:
+                lacking[peer.name] = missing
+        return not lacking, lacking
+
+    await wait_for("roles advertised", roles_known, timeout=120, interval=1.0)
+    return peers
+
+
+async def run_job(peers: list[Peer], args: argparse.Namespace) -> tuple[str, float]:
+    boss = peers[0]
+    started = time.monotonic()
+    answer = await query(
+        boss.api,
+        lambda c: c.submit("boss", args.job, idempotency_key="bench-agents", wait=False),
+    )
+    task_id = str(answer["id"])
+    expected = 1 + args.admins + args.admins * args.parts
+    last = -1
+    while True:
+        tree = await query(boss.api, lambda c: c.tree(task_id))
+        done = _count_done(tree)
+        if done != last:
+            print(f"  {done} of {expected} tasks done", file=sys.stderr, flush=True)
+            last = done
+        if tree["state"] in ("done", "failed", "cancelled"):
+            break
+        if time.monotonic() - started > args.timeout:
+            raise TimeoutError(f"job not finished within {args.timeout} s ({done} tasks done)")
+        await asyncio.sleep(2.0)
+    if tree["state"] != "done":
+        raise RuntimeError(f"the job ended {tree['state']}")
+    return task_id, time.monotonic() - started
+
+
+def _count_done(node: dict[str, Any]) -> int:
+    own = 1 if node.get("state") == "done" else 0
+    return own + sum(_count_done(child) for child in node.get("children", []))
+
+
+async def check_agreement(peers: list[Peer], task_id: str, sample: int) -> tuple[int, int, Any]:
+    """How many of `sample` peers (spread over the list) hold the same complete tree."""
+    picked = peers[:: max(1, len(peers) // sample)][:sample]
+
+    async def totals(peer: Peer) -> Any:
+        tree = await query(peer.api, lambda c: c.tree(task_id))
+        return tree["totals"]
+
+    reference = await totals(picked[0])
+
+    async def settled() -> tuple[bool, object]:
+        views = [await totals(p) for p in picked]
+        same = sum(1 for v in views if v["tasks"] == reference["tasks"])
+        return same == len(picked), [v["tasks"] for v in views]
+
+    with contextlib.suppress(TimeoutError):
+        await wait_for("every sampled peer holds the whole tree", settled, timeout=60, interval=2)
+    views = [await totals(p) for p in picked]
+    agree = sum(1 for v in views if v == reference)
+    return agree, len(picked), reference
+
+
+async def bench(args: argparse.Namespace, root: Path) -> Report:
+    with LocalCluster(root, profile=args.profile) as cluster:
+        t0 = time.monotonic()
+        peers = await start_peers(cluster, args, root)
+        start_s = time.monotonic() - t0
+        pids = [p.pid for p in peers if p.pid is not None]
+        cpu_start = cpu_seconds(pids)
+        print(f"{len(peers)} peers up in {start_s:.0f} s; submitting", file=sys.stderr)
+        task_id, wall = await run_job(peers, args)
+        cpu = cpu_seconds(pids) - cpu_start
+        agree, checked, totals = await check_agreement(peers, task_id, sample=10)
+        rss = [peak_rss_mb(pid) for pid in pids]
+        tasks = int(totals["tasks"])
+        return Report(
+            peers=len(peers),
+            agents=len(peers) * args.agents + 1,
+            tree_tasks=tasks,
+            executions=int(totals["executions"]),
+            duplicates=int(totals["duplicates"]),
+            start_s=round(start_s, 1),
+            wall_s=round(wall, 1),
+            tasks_per_s=round(tasks / wall, 1),
+            rss_peak_median_mb=round(median(rss), 1),
+            rss_peak_max_mb=round(max(rss), 1),
+            cpu_s=round(cpu, 1),
+            cpu_start_s=round(cpu_start, 1),
+            tokens=int(totals["prompt_tokens"]) + int(totals["completion_tokens"]),
+            agree=agree,
+            checked=checked,
+        )
+
+
+def table(r: Report) -> str:
+    rows = [
+        ("peer processes", f"{r.peers}"),
+        ("agents", f"{r.agents:,}"),
+        ("tasks in the tree", f"{r.tree_tasks:,}"),
+        ("executions", f"{r.executions:,}"),
+        ("duplicate executions", f"{r.duplicates}"),
+        ("start-up (all peers joined) s", f"{r.start_s}"),
+        ("job wall time s", f"{r.wall_s}"),
+        ("tasks/s", f"{r.tasks_per_s}"),
+        ("peak RSS per peer, median MB", f"{r.rss_peak_median_mb}"),
+        ("peak RSS per peer, max MB", f"{r.rss_peak_max_mb}"),
+        ("CPU during the job, all peers s", f"{r.cpu_s}"),
+        ("CPU before the job (start-up) s", f"{r.cpu_start_s}"),
+        ("tokens (offline estimate)", f"{r.tokens:,}"),
+        ("sampled peers agreeing on the tree", f"{r.agree} of {r.checked}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v:>10}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--peers", type=int, default=100, help="peer processes (default 100)")
+    parser.add_argument("--agents", type=int, default=10, help="agents per peer (default 10)")
+    parser.add_argument("--admins", type=int, default=10, help="admins the boss delegates to")
+    parser.add_argument("--parts", type=int, default=100, help="workers each admin delegates to")
+    parser.add_argument("--job", default="Plan a country's policy on heat resilience")
+    parser.add_argument("--profile", default="lan", choices=("lan", "local"))
+    parser.add_argument("--timeout", type=float, default=1800.0, help="job time limit, s")
+    parser.add_argument("--out", type=Path, default=OUT / "bench_agents.json")
+    args = parser.parse_args(argv)
+    if args.peers < 1 or args.agents < 2 or args.admins < 1 or args.parts < 1:
+        parser.error("need at least 1 peer, 2 agents per peer, 1 admin and 1 part")
+    if args.parts > 128 or args.admins > 128:
+        parser.error("--admins and --parts must be at most 128 (the fan-out limit configured)")
+    with tempfile.TemporaryDirectory(prefix="bench-agents-") as tmp:
+        try:
+            report = asyncio.run(bench(args, Path(tmp)))
+        except (TimeoutError, RuntimeError) as exc:
+            print(f"bench_agents: {exc}", file=sys.stderr)
+            return 1
+    print(table(report))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

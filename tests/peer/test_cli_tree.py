@@ -1,0 +1,169 @@
+"""`grapevine tree` (peer/cli_tasks.py, peer/cli_render.py) run as a user runs it: a subprocess.
+
+Against two real agent processes (a task with no children, and the errors), and against an
+in-process peer serving its API on a real socket, where a parent with two children is made
+through the driver with `parent=` (agent processes do not delegate yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+from rich.console import Console
+
+from peer import cli_render
+from peer.agents.ports import AgentOutput
+from peer.api import PeerApi
+from peer.executor import Executor, Outcome, Work, builtin_roles
+from scripts.local_cluster import (
+    LocalCluster,
+    Peer,
+    child_env,
+    grapevine_command,
+    wait_ready,
+    wait_views,
+)
+from tests.peer.inprocess import start_peer
+
+
+@pytest.fixture(scope="module")
+def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
+    with LocalCluster(tmp_path_factory.mktemp("cli-tree"), extra_args=()) as cluster:
+        seed = cluster.add()
+        cluster.add(join=[seed])
+        asyncio.run(wait_ready(cluster.peers, timeout=30))
+        alive = {p.node_id: "alive" for p in cluster.peers}
+        asyncio.run(wait_views(cluster.peers, alive, timeout=20))
+        yield seed
+
+
+def grapevine(api: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*grapevine_command(), *args, "--api", api],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_tree_of_a_task_without_children(peer: Peer) -> None:
+    submitted = grapevine(peer.api, "submit", "--role", "echo", "--json", "leaf")
+    assert submitted.returncode == 0, submitted.stderr
+    task_id = json.loads(submitted.stdout)["id"]
+
+    human = grapevine(peer.api, "tree", task_id[:10])
+    assert human.returncode == 0, human.stderr
+    first, totals = human.stdout.splitlines()
+    assert first.startswith(f"echo {task_id[:12]} done on ")
+    assert first.endswith(" 0 tokens")
+    assert totals == (
+        "1 tasks, 1 executions, 0 duplicates, 0 tokens (0 prompt, 0 completion), cost $0.000000"
+    )
+
+    as_json = json.loads(grapevine(peer.api, "tree", task_id, "--json").stdout)
+    assert as_json["id"] == task_id and as_json["children"] == []
+    assert as_json["agent"] is None and as_json["truncated"] is False
+    assert as_json["totals"]["tasks"] == 1
+
+
+def test_tree_errors_are_one_line(peer: Peer) -> None:
+    assert "not known" in one_line_error(grapevine(peer.api, "tree", "ab" * 32), 1)
+    assert "hex digits" in one_line_error(grapevine(peer.api, "tree", "nothex"), 2)
+    assert "at least 6" in one_line_error(grapevine(peer.api, "tree", "abc"), 1)
+    unreachable = grapevine("127.0.0.1:9", "tree", "ab" * 32)
+    assert "cannot reach the peer API" in one_line_error(unreachable, 1)
+
+
+async def writer(work: Work) -> Outcome:
+    answer = AgentOutput(f"wrote {work.input.decode()}", "writer-1", "offline", 1)
+    return Outcome(answer.encode(), usage=(100, 20, 7))
+
+
+async def test_tree_of_a_parent_and_two_children_in_process(tmp_path: Any) -> None:
+    driver, transport = await start_peer(1, bytes(range(96, 128)), 1)
+    executor = Executor({**builtin_roles(), "writer": writer}, 4)
+    driver.attach(executor)
+    driver.serve(executor.roles, executor.max_running)
+    server = TestServer(PeerApi(driver, transport, tmp_path, lambda: None).app)
+    await server.start_server()
+    try:
+        parent = driver.submit("writer", b"report", nonce=os.urandom(16))
+        driver.submit("writer", b"intro", parent=parent, created=1.0, nonce=os.urandom(16))
+        driver.submit("echo", b"refs", parent=parent, created=2.0, nonce=os.urandom(16))
+        for child in driver.children_of(parent):
+            assert await driver.wait_result(child.task_id, timeout=10) is not None
+        assert await driver.wait_result(parent, timeout=10) is not None
+        api = f"127.0.0.1:{server.port}"
+        process = await asyncio.create_subprocess_exec(
+            *grapevine_command(),
+            "tree",
+            parent.hex(),
+            "--api",
+            api,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=child_env(),
+        )
+        out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    finally:
+        await server.close()
+        await executor.close()
+        driver.stop()
+        await transport.stop()
+    assert process.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert len(lines) == 4, lines
+    assert lines[0].startswith(f"writer {parent.hex()[:12]} done on ")
+    assert lines[0].endswith(" agent writer-1 120 tokens")
+    assert lines[1].startswith("├── writer ") and lines[1].endswith(" agent writer-1 120 tokens")
+    assert lines[2].startswith("└── echo ") and lines[2].endswith(" 0 tokens")
+    assert lines[3] == (
+        "3 tasks, 3 executions, 0 duplicates, 240 tokens (200 prompt, 40 completion), "
+        "cost $0.000014"
+    )
+
+
+def test_rendering_of_nested_duplicated_and_truncated_trees() -> None:
+    def node(role: str, state: str, children: list[Any], **extra: Any) -> dict[str, Any]:
+        base = {"id": role * 20, "role": role, "state": state, "peer": None, "agent": None}
+        return {**base, "usage": None, "duplicates": 0, "children": children, **extra}
+
+    tree = node(
+        "a",
+        "running",
+        [
+            node("b", "running", [node("c", "pending", [])], duplicates=2),
+            node("[red]d", "done", []),
+        ],
+        totals={"tasks": 4, "executions": 3, "duplicates": 2},
+        truncated=True,
+    )
+    out = io.StringIO()
+    Console(file=out, soft_wrap=True, highlight=False).print(cli_render.task_tree(tree))
+    assert out.getvalue().splitlines() == [
+        "a aaaaaaaaaaaa running",
+        "├── b bbbbbbbbbbbb running (2 duplicates)",
+        "│   └── c cccccccccccc pending",
+        "└── [red]d [red]d[red]d done",
+    ]
+    totals = cli_render.tree_totals(tree)
+    assert totals.startswith("4 tasks, 3 executions, 2 duplicates, 0 tokens")
+    assert totals.endswith("cost ?; deeper tasks left out")
