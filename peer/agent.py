@@ -16,6 +16,10 @@ Invariants:
   its join succeeded and a standby delay passed, so claims made while it was down arrive
   first; its own unfinished claims then resume under the same epoch. A restored peer with no
   one to join joins itself (a network of one), which releases it at once.
+- Agents: with `[[agents]]` configured (and not seed-only) the agent host
+  (`peer.agents.host.AgentHost`) installs its roles on the same executor after the replay and
+  declares them in place of the built-ins-only set; one model client serves all its agents.
+  The host is closed before the executor, so its timers stop before the executions do.
 """
 
 from __future__ import annotations
@@ -27,11 +31,17 @@ import os
 import random
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+from aiohttp import web
 
 from bootstrap.join import join_with_retry, refresh_seeds
 from bootstrap.seeds import parse_seeds
+from peer.agents.host import BUILTIN_SLOTS, AgentHost
+from peer.agents.peer_port import DriverTaskPort
 from peer.api import PeerApi
+from peer.blobs import BLOBS_DIR, BlobService, BlobStore
 from peer.driver import Driver
 from peer.executor import Executor, builtin_roles
 from peer.keys import load_network_keyring
@@ -46,8 +56,9 @@ from protocol.node import Node
 log = logging.getLogger(__name__)
 
 LEAVE_TIMEOUT = 3.0
-AGENT_SLOTS = 4
-"""Executions a peer with agents runs at once (`max_running` of `Node.serve`)."""
+AGENT_SLOTS = BUILTIN_SLOTS
+"""Executions of the built-in roles a peer runs at once (`max_running` of `Node.serve`); the
+agent host adds its agents' slots to these."""
 RESTORE_KINDS = ("task", "claim", "result", "cancel", "execution")
 """Stored task objects, in replay order: a claim needs its record, a result its claim."""
 
@@ -121,13 +132,32 @@ async def _run(
     config = with_network(local() if settings.profile == "local" else lan(), keyring.network_id)
     node = Node(config, signer, advertise, random.Random(), loop.time(), incarnation)
     driver = Driver(node, transport, store)
+    try:
+        blobs = BlobService(BlobStore(settings.data_dir / BLOBS_DIR), transport, driver)
+    except OSError as exc:
+        print(f"grapevine agent: cannot open the blob store: {exc}", file=sys.stderr)
+        await transport.stop()
+        return 1
+    transport.blob_store = blobs.store
     transport.on_receive = driver.receive
     driver.start()
-    executor = Executor(builtin_roles(), AGENT_SLOTS)
+    executor = Executor(builtin_roles(), AGENT_SLOTS, blobs=blobs)
     driver.attach(executor)
     restored = driver.restore(value for kind in RESTORE_KINDS for _, value in store.scan(kind))
+    host: AgentHost | None = None
+    if settings.agents and not settings.no_agents:
+        try:
+            host = _agent_host(settings, driver)
+        except (ValueError, OSError) as exc:
+            print(f"grapevine agent: cannot host the agents: {exc}", file=sys.stderr)
+            await executor.close()
+            driver.stop()
+            await transport.stop()
+            return 1
 
     api = PeerApi(driver, transport, settings.data_dir, stop.set)
+    api.tasks.blobs = blobs
+    api.app.router.add_get("/v1/agents", _agents_route(host, executor))
     api_host, api_port = settings.api_host_port()
     try:
         await api.start(api_host, api_port)
@@ -136,6 +166,8 @@ async def _run(
             f"grapevine agent: cannot serve the API on {settings.api}: {exc.strerror or exc}",
             file=sys.stderr,
         )
+        if host is not None:
+            await host.close()
         await executor.close()
         driver.stop()
         await transport.stop()
@@ -167,6 +199,9 @@ async def _run(
         log.info("restored %d stored task objects", restored)
     if settings.no_agents:
         driver.serve((), 0)
+    elif host is not None:
+        host.start()
+        log.info("hosting %d agents; roles %s", len(settings.agents), ", ".join(host.roles))
     else:
         driver.serve(executor.roles, executor.max_running)
     if restored and not (seeds or hints):
@@ -197,12 +232,52 @@ async def _run(
         done = await driver.leave(LEAVE_TIMEOUT)
         if not done:
             log.warning("leave not confirmed within %.0f s; exiting anyway", LEAVE_TIMEOUT)
+        if host is not None:
+            await host.close()
         await executor.close()
         driver.stop()
         await api.stop()
         await transport.stop()
     print(f"grapevine agent {short_id(signer.node_id)} left", file=sys.stderr, flush=True)
     return 0
+
+
+def _agent_host(settings: AgentSettings, driver: Driver) -> AgentHost:
+    """The agent host of `settings.agents`, its roles installed on the driver's executor (not
+    yet declared: `AgentHost.start` does that, after the replay)."""
+    from peer.agents.llm import LlmSettings, ModelClient  # litellm itself loads on first call
+
+    llm = settings.llm or LlmSettings()
+    host: AgentHost | None = None
+
+    def network_share(model: str) -> float | None:
+        return None if host is None else host.share_of(model)
+
+    client = ModelClient(llm, clock=asyncio.get_running_loop().time, network_share=network_share)
+    host = AgentHost(
+        driver,
+        settings.agents,
+        client,
+        DriverTaskPort(driver),
+        limits=settings.limits,
+        pool_settings=settings.pool,
+        workspace=settings.workspace_dir(),
+        network_rpm=llm.network_requests_per_minute,
+    )
+    return host
+
+
+def _agents_route(
+    host: AgentHost | None, executor: Executor
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """GET /v1/agents: the agent host's status (the built-in roles only without agents)."""
+
+    async def agents(request: web.Request) -> web.Response:
+        if host is None:
+            return web.json_response({"agents": [], "roles": list(executor.roles)})
+        return web.json_response(host.status())
+
+    return agents
 
 
 def _host_port(host: str, port: int) -> str:

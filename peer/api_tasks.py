@@ -15,6 +15,12 @@ Invariants:
   claims, accepted results and cancels, but not an execution-log entry received from another
   peer, so the stream also re-reads the state every `WATCH_POLL` seconds. It ends once the task
   is final (done, failed or cancelled).
+- Blobs: with a blob service attached (`blobs`), an input over `MAX_INLINE_PAYLOAD` (up to
+  `BLOB_LIMIT`) is stored here and at `replication` other live peers before the task is
+  submitted with its reference as input; if they do not take it the answer is 503 and nothing
+  is submitted. Task JSON shows references as they are; `GET /v1/blobs/{digest}` returns a
+  blob's bytes, fetched from its holders if this peer has none. Without a service, inputs over
+  the inline limit are refused (400), as before.
 - A task tree (`/v1/tasks/{id}/tree`) is this peer's view: children whose record has not
   arrived yet are missing. Each task appears once (a forged parent chain cannot loop) and the
   tree stops `MAX_TREE_DEPTH` levels below the root.
@@ -32,8 +38,10 @@ from typing import Any
 from aiohttp import web
 
 from peer.agents.ports import AgentOutput
-from peer.api import Json, Problem, _json_object, node_id_text
+from peer.api import MAX_BODY_BYTES, Json, Problem, _json_object, node_id_text
+from peer.blobs import BlobService, BlobUnavailable, blob_hints, digest_of_text
 from peer.driver import Driver, Observed
+from protocol.blobs import BLOB_LIMIT
 from protocol.effects import (
     CancelExecution,
     ResultAccepted,
@@ -57,12 +65,25 @@ DEFAULT_LIST = 100
 MIN_ID_PREFIX = 6
 MAX_TREE_DEPTH = 64
 """Levels of a task tree shown below its root; deeper tasks are left out (`truncated`)."""
+MAX_SUBMIT_BYTES = 2 * BLOB_LIMIT + MAX_BODY_BYTES
+"""Largest `POST /v1/tasks` body with a blob service attached: a `BLOB_LIMIT` input even if
+JSON escaping doubles it (other routes keep the API's `MAX_BODY_BYTES`)."""
 STATES = ("pending", "running", "done", "failed", "cancelled")
 FINAL_STATES = ("done", "failed", "cancelled")
 
 
 def _bad(detail: str) -> Problem:
     return Problem(400, "Bad Request", detail)
+
+
+def _too_large(what: str) -> Problem:
+    return Problem(
+        413,
+        "Content Too Large",
+        f"{what}; a task input is at most {BLOB_LIMIT} bytes (inputs over "
+        f"{MAX_INLINE_PAYLOAD} bytes travel as blobs), and the request body at most "
+        f"{MAX_SUBMIT_BYTES} bytes",
+    )
 
 
 def task_json(st: TaskState) -> Json:
@@ -258,6 +279,8 @@ class TaskApi:
         self.driver = driver
         self.keepalive = keepalive
         self.replication_timeout = replication_timeout
+        self.blobs: BlobService | None = None
+        """Stores large inputs and serves blobs; None refuses inputs over the inline limit."""
         self._loop = asyncio.get_running_loop()
 
     def routes(self) -> list[web.RouteDef]:
@@ -271,6 +294,7 @@ class TaskApi:
             web.post("/v1/tasks/{id}/cancel", self._cancel),
             web.get("/v1/tasks/{id}/watch", self._watch_one),
             web.get("/v1/tasks/{id}/tree", self._tree),
+            web.get("/v1/blobs/{digest}", self._blob),
         ]
 
     @property
@@ -280,19 +304,31 @@ class TaskApi:
     # Handlers
 
     async def _submit(self, request: web.Request) -> web.Response:
-        body = await _json_object(
-            request,
-            required={"role", "input"},
-            optional={"priority", "idempotency_key", "timeout", "wait"},
-        )
+        blobs = self.blobs
+        if blobs is not None:
+            if (request.content_length or 0) > MAX_SUBMIT_BYTES:
+                raise _too_large(f"the request body is {request.content_length} bytes")
+            request = request.clone(client_max_size=MAX_SUBMIT_BYTES)
+        try:
+            body = await _json_object(
+                request,
+                required={"role", "input"},
+                optional={"priority", "idempotency_key", "timeout", "wait"},
+            )
+        except web.HTTPRequestEntityTooLarge:
+            if blobs is None:
+                raise
+            raise _too_large("the request body is larger") from None
         role, text = body["role"], body["input"]
         if not isinstance(role, str) or not 0 < len(role) <= MAX_NAME_CHARS:
             raise _bad(f"role must be a string of 1 to {MAX_NAME_CHARS} characters")
         if not isinstance(text, str):
             raise _bad("input must be a string (UTF-8 text, may be empty)")
         data = text.encode("utf-8", errors="surrogatepass")
-        if len(data) > MAX_INLINE_PAYLOAD:
+        if len(data) > MAX_INLINE_PAYLOAD and blobs is None:
             raise _bad(f"input is {len(data)} bytes of UTF-8; at most {MAX_INLINE_PAYLOAD} allowed")
+        if len(data) > BLOB_LIMIT:
+            raise _too_large(f"input is {len(data)} bytes of UTF-8")
         priority = body.get("priority", 0)
         if type(priority) is not int or not 0 <= priority <= MAX_UINT:
             raise _bad(f"priority must be an integer from 0 to {MAX_UINT}")
@@ -309,6 +345,13 @@ class TaskApi:
         wait = body.get("wait", False)
         if not isinstance(wait, bool):
             raise _bad("wait must be true or false")
+        if blobs is not None and len(data) > MAX_INLINE_PAYLOAD:
+            try:
+                data = await blobs.store_input(data)
+            except BlobUnavailable as exc:
+                raise Problem(
+                    503, "Service Unavailable", f"{exc}; nothing was submitted, try again"
+                ) from None
         try:
             task_id = self.driver.submit(
                 role,
@@ -335,6 +378,19 @@ class TaskApi:
                     break
             return web.json_response(task_json(self._tasks[task_id]))
         return web.json_response({"id": task_id.hex()}, status=202)
+
+    async def _blob(self, request: web.Request) -> web.Response:
+        text = request.match_info["digest"]
+        digest = digest_of_text(text)
+        if digest is None:
+            raise _bad(f"a blob digest is 64 hex digits (SHA-256), got {text[:70]!r}")
+        if self.blobs is None:
+            raise Problem(503, "Service Unavailable", "this peer does not serve blobs")
+        try:
+            data = await self.blobs.get(digest, blob_hints(self.driver, digest))
+        except BlobUnavailable as exc:
+            raise Problem(404, "Not Found", f"blob {digest.hex()}: {exc}") from None
+        return web.Response(body=data, content_type="application/octet-stream")
 
     async def _get(self, request: web.Request) -> web.Response:
         return web.json_response(task_json(self._find(request.match_info["id"])))

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from peer import cli_render as render
-from peer import simulate_cmd
+from peer import demo_cmd, simulate_cmd
 from peer.client import DEFAULT_API, ApiError, ClientError, GrapevineClient
 from peer.sealing import decode_key, encode_key, generate_network_key
 
@@ -150,6 +150,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate_cmd.add_arguments(simulate)
     simulate.set_defaults(handler=simulate_cmd.run)
+
+    demo = _command(
+        commands,
+        "demo",
+        "run a local network of agent peers on one job, end to end",
+        "Start 3 local peers (separate processes, a fresh network key, temporary data "
+        "directories) hosting a boss, admins and workers; submit one job that the boss splits "
+        "among admins and the admins among workers; show live progress, then the answer, the "
+        "task tree (which peer and agent ran each node), token counts and an audit line. The "
+        "offline model needs no network or key; --model takes any litellm model string. The "
+        "peers are stopped on exit and on Ctrl-C.",
+        "  grapevine demo\n  grapevine demo --json | jq .audit\n"
+        "  OPENAI_API_KEY=... grapevine demo --model openai/gpt-4o-mini",
+    )
+    demo_cmd.add_arguments(demo)
+    demo.set_defaults(handler=demo_cmd.run)
     return parser
 
 

@@ -7,6 +7,9 @@ Invariants (those of peer/cli.py, whose helpers these commands use):
   stdout stays clean for pipes.
 - `submit --file` keeps at most `FILE_CONCURRENCY` requests in flight and reports every bad
   line with its number instead of stopping at the first.
+- An output that is a blob reference (`protocol.blobs`) is printed as the blob's bytes, fetched
+  through `GET /v1/blobs/{digest}`, exactly as stored (no newline added); `--json` shows the
+  reference as the API does.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -34,10 +38,22 @@ from peer.cli import (
     _fail,
     _Parser,
 )
-from peer.client import DEFAULT_API, ApiError, GrapevineClient, JsonObject
+from peer.client import (
+    DEFAULT_API,
+    ApiError,
+    ClientError,
+    GrapevineClient,
+    JsonObject,
+    _api_error,
+    _reason,
+    base_url,
+)
+from protocol.blobs import parse_blob_ref
 
 FILE_CONCURRENCY = 16
 """Requests `submit --file` keeps in flight at once."""
+BLOB_TIMEOUT = aiohttp.ClientTimeout(total=600.0, sock_connect=5.0)
+"""How long fetching a blob output may take (the peer may fetch it from its holders first)."""
 POLL_INTERVAL = 0.5
 """Seconds between checks of unfinished tasks while `submit --file` waits."""
 STATES = ("pending", "running", "done", "failed", "cancelled")
@@ -197,16 +213,26 @@ async def _submit(client: GrapevineClient, args: argparse.Namespace) -> int:
     task = await client.task(task_id)
     if args.json:
         print(render.as_json(task))
-    return _report_result(args, task, print_output=not args.json)
+    return await _report_result(client, args, task, print_output=not args.json)
 
 
-def _report_result(args: argparse.Namespace, task: JsonObject, print_output: bool) -> int:
+async def _report_result(
+    client: GrapevineClient, args: argparse.Namespace, task: JsonObject, print_output: bool
+) -> int:
     result = task.get("result")
     state = task.get("state")
     if not isinstance(result, dict):
         return _fail(args, f"task {task.get('id')} has no result yet (state {state})", EXIT_FAILED)
     if print_output:
-        print(result.get("output", ""))
+        output = str(result.get("output", ""))
+        ref = parse_blob_ref(output.encode("utf-8", errors="surrogatepass"))
+        if ref is None:
+            print(output)
+        else:
+            data = await fetch_blob(client.api, ref[0].hex())
+            sys.stdout.flush()
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
     if state != "done":
         outcome = result.get("outcome")
         return _fail(args, f"task {task.get('id')} ended {outcome} ({state})", EXIT_FAILED)
@@ -283,7 +309,28 @@ async def _result(client: GrapevineClient, args: argparse.Namespace) -> int:
     task = await client.task(task_id)
     if args.json:
         print(render.as_json(task.get("result")))
-    return _report_result(args, task, print_output=not args.json)
+    return await _report_result(client, args, task, print_output=not args.json)
+
+
+async def fetch_blob(api: str, digest: str) -> bytes:
+    """Return the bytes of a blob from the peer API at `api` (`GET /v1/blobs/{digest}`).
+
+    Raises:
+        ClientError: the peer could not be reached.
+        ApiError: the peer answered an error (404: no peer asked held the blob).
+    """
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=BLOB_TIMEOUT) as session,
+            session.get(f"{base_url(api)}/v1/blobs/{digest}") as response,
+        ):
+            if response.status >= 400:
+                raise await _api_error(response)
+            return await response.read()
+    except aiohttp.ClientError as exc:
+        raise ClientError(api, _reason(exc)) from exc
+    except TimeoutError as exc:
+        raise ClientError(api, "timed out") from exc
 
 
 async def _cancel(client: GrapevineClient, args: argparse.Namespace) -> int:

@@ -15,6 +15,12 @@ Invariants:
   (a parent never waits for a slot, so a tree of tasks cannot deadlock).
 - Handlers run on the event loop; a handler that blocks it stalls the whole peer, so CPU-bound
   work belongs in a thread (`asyncio.to_thread`).
+- Blobs (docs/tasks.md "Blobs"): with a `BlobPort`, a handler never sees a blob reference as
+  input — the executor resolves it first (inside the task's timeout), and a reference it
+  cannot resolve fails the execution with the port's message ("input blob <digest>
+  unavailable: ..."); an output over `MAX_INLINE_PAYLOAD` (up to `BLOB_LIMIT`) is stored
+  through the port and the result carries its reference. Without a port, references reach
+  handlers as they are and large outputs fail, as before. The executor itself does no I/O.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ import heapq
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Protocol
 
+from protocol.blobs import BLOB_LIMIT, parse_blob_ref
 from protocol.wire import MAX_INLINE_PAYLOAD
 
 log = logging.getLogger(__name__)
@@ -87,6 +95,27 @@ async def sleep(work: Work) -> bytes:
     return f"slept {seconds:g} s".encode()
 
 
+class BlobPort(Protocol):
+    """Turns blob references into bytes and large outputs into references
+    (`peer.blobs.BlobService`)."""
+
+    async def resolve_input(self, work: Work) -> bytes:
+        """Return the bytes `work.input` (a blob reference) stands for.
+
+        Raises:
+            Exception: the blob is unavailable; the message becomes the failed output.
+        """
+        ...
+
+    async def store_output(self, work: Work, output: bytes) -> bytes:
+        """Store `output` (over the inline limit) as a blob; return its reference.
+
+        Raises:
+            Exception: it could not be stored; the message becomes the failed output.
+        """
+        ...
+
+
 def builtin_roles() -> dict[str, RoleHandler]:
     """The roles every peer with agents serves: `echo` and `sleep`."""
     return {"echo": echo, "sleep": sleep}
@@ -99,6 +128,8 @@ class Executor:
         roles: the handler of each role served.
         max_running: executions run at once (at least 1).
         on_done: receives every execution's end (see the module docstring); may be set later.
+        blobs: resolves blob inputs and stores large outputs; None passes references through
+            and fails outputs over the inline limit.
     """
 
     def __init__(
@@ -106,12 +137,15 @@ class Executor:
         roles: Mapping[str, RoleHandler],
         max_running: int,
         on_done: Done | None = None,
+        *,
+        blobs: BlobPort | None = None,
     ) -> None:
         if max_running < 1:
             raise ValueError("max_running must be at least 1")
         self.handlers = dict(roles)
         self.max_running = max_running
         self.on_done = on_done
+        self.blobs = blobs
         self._running: dict[bytes, tuple[int, asyncio.Task[None]]] = {}
         self._suspended: set[bytes] = set()
         """Running executions that hold no slot; a subset of `_running`."""
@@ -247,8 +281,14 @@ class Executor:
         if handler is None:
             return "failed", f"this peer does not serve role {work.role!r}".encode(), (0, 0, 0)
         limit = work.timeout if work.timeout > 0 else None
+        blobs = self.blobs
         try:
             async with asyncio.timeout(limit) as scope:
+                if blobs is not None and parse_blob_ref(work.input) is not None:
+                    try:
+                        work = replace(work, input=await blobs.resolve_input(work))
+                    except Exception as exc:
+                        return "failed", str(exc).encode()[:4096], (0, 0, 0)
                 value = await handler(work)
         except TimeoutError:
             if scope.expired():
@@ -257,8 +297,16 @@ class Executor:
         except Exception as exc:
             return "failed", f"{type(exc).__name__}: {exc}".encode()[:4096], (0, 0, 0)
         result = value if isinstance(value, Outcome) else Outcome(bytes(value))
-        if len(result.output) > MAX_INLINE_PAYLOAD:
-            size = len(result.output)
-            detail = f"output of {size} bytes exceeds the limit of {MAX_INLINE_PAYLOAD}"
+        size = len(result.output)
+        if size <= MAX_INLINE_PAYLOAD:
+            return result.outcome, result.output, result.usage
+        if blobs is None or size > BLOB_LIMIT:
+            limit_bytes = BLOB_LIMIT if blobs is not None else MAX_INLINE_PAYLOAD
+            detail = f"output of {size} bytes exceeds the limit of {limit_bytes}"
             return "failed", detail.encode(), result.usage
-        return result.outcome, result.output, result.usage
+        try:
+            ref = await blobs.store_output(work, result.output)
+        except Exception as exc:
+            detail = f"output blob of {size} bytes could not be stored: {exc}"
+            return "failed", detail.encode()[:4096], result.usage
+        return result.outcome, ref, result.usage

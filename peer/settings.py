@@ -10,6 +10,10 @@ Invariants:
   is an error naming it, so a typo never silently falls back to a default.
 - Relative paths in the config file are relative to the file's directory; relative paths from
   flags and the environment are relative to the working directory.
+- The agent host's tables — `[[agents]]`, `[limits]`, `[pool]`, `[llm]` — come only from the
+  config file's top level; their errors name the file, the table, the index and the key:
+  "config file peer.toml: agents[2].max_concurrent: must be an integer >= 1, got 0". With no
+  `[[agents]]` the peer serves the built-in roles only (`echo`, `sleep`).
 - The result is a frozen `AgentSettings`; nothing else reads flags, environment or files.
 """
 
@@ -18,11 +22,22 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bootstrap.seeds import parse_seed
+from peer.agents.spec import (
+    AgentSpec,
+    PoolSettings,
+    TreeLimits,
+    parse_agents,
+    parse_limits,
+    parse_pool,
+)
+
+if TYPE_CHECKING:
+    from peer.agents.llm import LlmSettings
 
 DEFAULT_BIND = "0.0.0.0:7946"
 DEFAULT_API = "127.0.0.1:8946"
@@ -30,6 +45,8 @@ DEFAULT_DATA_DIR = Path("grapevine-data")
 PROFILES = ("lan", "local")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _WILDCARDS = ("0.0.0.0", "::", "")
+AGENT_TABLES = ("agents", "limits", "pool", "llm")
+"""Top-level config tables of the agent host (read from the config file only)."""
 
 
 class SettingsError(Exception):
@@ -62,6 +79,22 @@ class AgentSettings:
     """Seed-only mode: host no agents and advertise no roles."""
     log_level: str = "INFO"
     """Logging threshold: DEBUG, INFO, WARNING, ERROR or CRITICAL."""
+    workspace: Path | None = None
+    """The directory agents' `read_file`/`write_file` tools are jailed in. None: the
+    "workspace" folder of `data_dir` (see `workspace_dir`)."""
+    agents: tuple[AgentSpec, ...] = ()
+    """The agents this peer hosts (`[[agents]]`); none: only the built-in roles are served."""
+    limits: TreeLimits = field(default_factory=TreeLimits)
+    """Depth, fan-out, step and budget limits of delegation trees (`[limits]`)."""
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    """How many agents may be spawned at runtime, and when (`[pool]`)."""
+    llm: LlmSettings | None = None
+    """Model-layer settings (`[llm]`: rate limits, retries, breaker); None: no `[llm]` table,
+    the model layer's defaults."""
+
+    def workspace_dir(self) -> Path:
+        """The agents' workspace: `workspace`, or `data_dir / "workspace"` when unset."""
+        return self.workspace if self.workspace is not None else self.data_dir / "workspace"
 
     def bind_host_port(self) -> tuple[str, int]:
         """Return (host, port) of `bind`, IPv6 brackets removed."""
@@ -175,6 +208,7 @@ _FIELDS: dict[str, _Field] = {
     "profile": _Field("GRAPEVINE_PROFILE", "str", _profile),
     "no_agents": _Field("GRAPEVINE_NO_AGENTS", "bool"),
     "log_level": _Field("GRAPEVINE_LOG_LEVEL", "str", _log_level),
+    "workspace": _Field("GRAPEVINE_WORKSPACE", "path"),
 }
 
 
@@ -201,7 +235,7 @@ def load_settings(
     unknown_flags = sorted(set(flags) - set(_FIELDS))
     if unknown_flags:
         raise SettingsError(f"unknown setting(s) {', '.join(unknown_flags)} given as flags")
-    file_values, file_dir, file_label = _read_config(config_path)
+    file_values, tables, file_dir, file_label = _read_config(config_path)
     values: dict[str, Any] = {}
     for name, spec in _FIELDS.items():
         flag = flags.get(name)
@@ -211,7 +245,34 @@ def load_settings(
             values[name] = _convert(name, spec, env[spec.env], spec.env, Path.cwd())
         elif name in file_values:
             values[name] = _convert(name, spec, file_values[name], file_label, file_dir)
+    values.update(_agent_tables(tables, file_label))
     return AgentSettings(**values)
+
+
+def _agent_tables(tables: Mapping[str, object], label: str) -> dict[str, object]:
+    values: dict[str, object] = {}
+    try:
+        if "agents" in tables:
+            values["agents"] = parse_agents(tables["agents"])
+        if "limits" in tables:
+            values["limits"] = parse_limits(tables["limits"])
+        if "pool" in tables:
+            values["pool"] = parse_pool(tables["pool"])
+    except ValueError as exc:
+        raise SettingsError(f"config file {label}: {exc}") from None
+    if "llm" in tables:
+        table = tables["llm"]
+        if not isinstance(table, dict):
+            raise SettingsError(f"config file {label}: llm: must be a table ([llm])")
+        from peer.agents.llm import LlmSettings  # the model layer loads only when configured
+
+        try:
+            values["llm"] = LlmSettings.from_table(table)
+        except ValueError as exc:
+            message = str(exc)
+            prefix = "" if message.startswith("llm") else "llm: "
+            raise SettingsError(f"config file {label}: {prefix}{message}") from None
+    return values
 
 
 def _convert(name: str, spec: _Field, value: object, source: str, base: Path) -> object:
@@ -234,9 +295,11 @@ def _convert(name: str, spec: _Field, value: object, source: str, base: Path) ->
         raise SettingsError(f"{name} from {source}: {value!r} {exc}") from None
 
 
-def _read_config(path: Path | None) -> tuple[dict[str, object], Path, str]:
+def _read_config(
+    path: Path | None,
+) -> tuple[dict[str, object], dict[str, object], Path, str]:
     if path is None:
-        return {}, Path.cwd(), ""
+        return {}, {}, Path.cwd(), ""
     path = Path(path)
     label = str(path)
     try:
@@ -247,6 +310,7 @@ def _read_config(path: Path | None) -> tuple[dict[str, object], Path, str]:
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"config file {label}: not valid TOML ({exc})") from None
     table: dict[str, object] = dict(document)
+    tables = {name: table.pop(name) for name in AGENT_TABLES if name in table}
     peer = table.pop("peer", None)
     if peer is not None:
         if not isinstance(peer, dict):
@@ -262,6 +326,6 @@ def _read_config(path: Path | None) -> tuple[dict[str, object], Path, str]:
     if unknown:
         raise SettingsError(
             f"config file {label}: unknown key(s) {', '.join(unknown)} "
-            f"(known: {', '.join(_FIELDS)})"
+            f"(known: {', '.join(_FIELDS)}; tables: peer, {', '.join(AGENT_TABLES)})"
         )
-    return table, path.resolve().parent, label
+    return table, tables, path.resolve().parent, label

@@ -15,21 +15,38 @@ Invariants:
 
 The endpoint answers 204 as soon as the frame is opened and handed to `on_receive`, which runs
 inline on the event loop (the protocol call is short), so no queue builds up between them.
+
+Blobs (`protocol.blobs`, docs/tasks.md "Blobs") travel over the same server, on two more routes,
+sealed under the same network key but with their own `Sealer` and `Opener` (their own sequence
+numbers and replay windows), so that a long blob transfer can never push envelope frames out of
+a replay window or the reverse:
+- ``POST /gv/v1/blob/push``: a sealed ``b"P" + digest + data``; the receiver checks that `data`
+  hashes to `digest` and stores it (204), or drops it and counts
+  ``rejected["blob_digest_mismatch"]`` (422).
+- ``POST /gv/v1/blob/get``: a sealed ``b"G" + digest``; the answer is a sealed
+  ``b"B" + digest + data`` (200) or 404 when the blob is not held here. The fetcher checks the
+  digest too, so a copy from any peer is as good as the original.
+Every blob request and answer is sealed on its own, so nobody without a network key can read,
+inject or request a blob. The blob opener tolerates a clock skew of `BLOB_MAX_SKEW` (a large
+blob on a slow link arrives long after it was sealed); replaying a captured blob frame gains
+nothing, since content is checked by digest and answers are sealed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
 import aiohttp
 from aiohttp import web
 
 from peer.sealing import OVERHEAD, Keyring, Opener, Sealer, SealError
+from protocol.blobs import BLOB_LIMIT, DIGEST_BYTES
 from protocol.wire import MAX_ENVELOPE_BYTES
 
 log = logging.getLogger(__name__)
@@ -37,6 +54,16 @@ log = logging.getLogger(__name__)
 ENVELOPE_PATH: Final = "/gv/v1/envelope"
 MAX_FRAME_BYTES: Final = MAX_ENVELOPE_BYTES + OVERHEAD
 """Largest request body accepted: the largest envelope the wire allows, sealed."""
+BLOB_PUSH_PATH: Final = "/gv/v1/blob/push"
+BLOB_GET_PATH: Final = "/gv/v1/blob/get"
+BLOB_FRAME_BYTES: Final = 1 + DIGEST_BYTES + BLOB_LIMIT + OVERHEAD
+"""Largest blob frame: a kind byte, the digest and the largest blob, sealed."""
+BLOB_MAX_SKEW: Final = 600.0
+"""Seconds a blob frame's timestamp may differ from the receiver's clock (a 64 MiB blob at
+1 MB/s takes about 67 s to arrive)."""
+BLOB_TIMEOUT: Final = 120.0
+"""Seconds one blob push or fetch may take in total, connecting included."""
+_PUSH, _GET, _BLOB = b"P", b"G", b"B"
 LOG_INTERVAL: Final = 60.0
 """Seconds between two log lines about rejected frames from one source IP."""
 _MAX_LOG_SOURCES = 4096
@@ -53,6 +80,27 @@ _STATUS_BY_REASON: Final = {
 ReceiveCallback = Callable[[str, bytes], None]
 
 
+class BlobHolder(Protocol):
+    """Where received blobs go and served blobs come from (`peer.blobs.BlobStore`).
+
+    Both calls block on disk I/O and hashing; the transport runs them in a thread.
+    """
+
+    def get(self, digest: bytes) -> bytes | None: ...
+
+    def receive(self, digest: bytes, data: bytes) -> bool: ...
+
+
+class BlobTransferError(Exception):
+    """A blob push or fetch failed; `reason` is short and lowercase ("connection refused",
+    "HTTP 503", "digest mismatch", ...)."""
+
+    def __init__(self, addr: str, reason: str) -> None:
+        super().__init__(f"{addr}: {reason}")
+        self.addr = addr
+        self.reason = reason
+
+
 class Transport:
     """Sealed envelopes over HTTP between peers.
 
@@ -65,7 +113,8 @@ class Transport:
         clock: wall-clock seconds, stamped into frames and checked against theirs.
         max_in_flight: sends outstanding at once before new ones are dropped.
         send_timeout: seconds one send may take in total, connecting included.
-        max_frame: largest request body accepted.
+        max_frame: largest envelope frame accepted.
+        blob_timeout: seconds one blob push or fetch may take in total.
     """
 
     def __init__(
@@ -80,6 +129,7 @@ class Transport:
         max_in_flight: int = 256,
         send_timeout: float = 2.0,
         max_frame: int = MAX_FRAME_BYTES,
+        blob_timeout: float = BLOB_TIMEOUT,
     ) -> None:
         self.host = host
         self.port = port
@@ -89,9 +139,14 @@ class Transport:
         self._keyring = keyring
         self._sealer = Sealer(keyring, boot_id)
         self._opener = Opener(keyring, max_frame=max_frame)
+        self._blob_sealer = Sealer(keyring, boot_id)
+        self._blob_opener = _blob_opener(keyring, self._opener.rejected)
+        self.blob_store: BlobHolder | None = None
+        """Serves and receives blobs; without one the blob routes answer 503."""
         self._max_frame = max_frame
         self._max_in_flight = max_in_flight
         self._send_timeout = send_timeout
+        self._blob_timeout = blob_timeout
         self._in_flight: set[asyncio.Task[None]] = set()
         self._logged_at: dict[str, float] = {}
         self._runner: web.AppRunner | None = None
@@ -106,6 +161,10 @@ class Transport:
         """Sends refused locally because `max_in_flight` were outstanding."""
         self.last_failure: dict[str, str] = {}
         """The most recent failure reason per destination address, cleared by a success."""
+        self.blobs_in = 0
+        """Blobs received (pushed to us, or fetched by us) whose digest matched."""
+        self.blobs_out = 0
+        """Blobs sent (pushed by us, or served to a fetcher)."""
 
     # Lifecycle
 
@@ -117,6 +176,8 @@ class Transport:
         """
         app = web.Application(client_max_size=self._max_frame)
         app.router.add_post(ENVELOPE_PATH, self._handle)
+        app.router.add_post(BLOB_PUSH_PATH, self._handle_blob)
+        app.router.add_post(BLOB_GET_PATH, self._handle_blob)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port)
@@ -173,11 +234,19 @@ class Transport:
         opener._senders = self._opener._senders
         opener.rejected = self._opener.rejected
         opener.accepted = self._opener.accepted
+        blob_sealer = Sealer(keyring, self._blob_sealer.boot_id)
+        blob_sealer.seq = self._blob_sealer.seq
+        blob_opener = _blob_opener(keyring, self._opener.rejected)
+        blob_opener._senders = self._blob_opener._senders
+        blob_opener.accepted = self._blob_opener.accepted
         self._keyring, self._sealer, self._opener = keyring, sealer, opener
+        self._blob_sealer, self._blob_opener = blob_sealer, blob_opener
 
     @property
     def rejected(self) -> Counter[str]:
-        """Frames refused, by reason (`peer.sealing.SealError.reason`)."""
+        """Frames refused, by reason (`peer.sealing.SealError.reason`), envelope and blob
+        frames alike, plus "blob_digest_mismatch": blobs dropped because their bytes did not
+        hash to the digest they came under."""
         return self._opener.rejected
 
     @property
@@ -239,6 +308,75 @@ class Transport:
         self.last_failure[addr] = reason
         log.debug("send to %s failed: %s", addr, reason)
 
+    # Blobs, client side
+
+    async def push_blob(self, addr: str, digest: bytes, data: bytes) -> None:
+        """Send the blob `data`, named `digest`, to the peer at `addr`; return once it is stored
+        there.
+
+        Raises:
+            BlobTransferError: the peer could not be reached or did not store it.
+        """
+        await self._blob_request(addr, BLOB_PUSH_PATH, _PUSH + digest + data)
+        self.blobs_out += 1
+
+    async def fetch_blob(self, addr: str, digest: bytes) -> bytes | None:
+        """Ask the peer at `addr` for the blob named `digest`.
+
+        Returns:
+            The blob, its digest checked; None if that peer does not hold it.
+
+        Raises:
+            BlobTransferError: the peer could not be reached, or its answer was refused
+                (unsealed, or not the blob asked for).
+        """
+        status, body = await self._blob_request(addr, BLOB_GET_PATH, _GET + digest)
+        if status == 404:
+            return None
+        try:
+            plain = self._blob_opener.open(body, self._clock())
+        except SealError as exc:
+            raise BlobTransferError(addr, f"sealed answer refused: {exc.reason}") from None
+        if plain[:1] != _BLOB or plain[1 : 1 + DIGEST_BYTES] != digest:
+            raise BlobTransferError(addr, "the answer is not the blob asked for")
+        data = plain[1 + DIGEST_BYTES :]
+        if not await asyncio.to_thread(_matches, digest, data):
+            self.rejected["blob_digest_mismatch"] += 1
+            raise BlobTransferError(addr, "digest mismatch")
+        self.blobs_in += 1
+        return data
+
+    async def _blob_request(self, addr: str, path: str, plain: bytes) -> tuple[int, bytes]:
+        session = self._session
+        if session is None or session.closed:
+            raise BlobTransferError(addr, "the transport is stopped")
+        try:
+            frame = self._blob_sealer.seal(plain, self._clock())
+        except OverflowError as exc:
+            raise BlobTransferError(addr, f"cannot seal: {exc}") from None
+        try:
+            async with session.post(
+                f"http://{addr}{path}",
+                data=frame,
+                headers={"Content-Type": "application/octet-stream"},
+                timeout=aiohttp.ClientTimeout(total=self._blob_timeout),
+            ) as response:
+                body = await response.read()
+                status = response.status
+        except aiohttp.ClientConnectorError as exc:
+            raise BlobTransferError(addr, _connect_reason(exc)) from None
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            reason = (
+                "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+            )
+            raise BlobTransferError(addr, reason) from None
+        self.bytes_out += len(frame)
+        self.bytes_in += len(body)
+        if status >= 300 and status != 404:
+            text = body[:200].decode("utf-8", errors="replace").strip()
+            raise BlobTransferError(addr, f"HTTP {status}" + (f" ({text})" if text else ""))
+        return status, body
+
     # Receiving
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -264,6 +402,42 @@ class Transport:
             return _problem(500, "internal error")
         return web.Response(status=204)
 
+    async def _handle_blob(self, request: web.Request) -> web.StreamResponse:
+        source = _source(request)
+        length = request.content_length
+        if length is not None and length > BLOB_FRAME_BYTES:
+            return self._refuse(source, "too_large", f"{length} bytes")
+        try:
+            frame = await request.clone(client_max_size=BLOB_FRAME_BYTES).read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._refuse(source, "too_large", "body over the limit")
+        try:
+            plain = self._blob_opener.open(frame, self._clock())
+        except SealError as exc:
+            self._log_refusal(source, f"blob frame: {exc}")
+            return _problem(_STATUS_BY_REASON.get(exc.reason, 403), exc.reason)
+        self.bytes_in += len(frame)
+        store = self.blob_store
+        if store is None:
+            return _problem(503, "this peer holds no blobs")
+        kind, digest = plain[:1], plain[1 : 1 + DIGEST_BYTES]
+        if request.path == BLOB_PUSH_PATH and kind == _PUSH and len(digest) == DIGEST_BYTES:
+            if not await asyncio.to_thread(store.receive, digest, plain[1 + DIGEST_BYTES :]):
+                self.rejected["blob_digest_mismatch"] += 1
+                self._log_refusal(source, f"blob {digest.hex()[:12]}: digest mismatch")
+                return _problem(422, "blob_digest_mismatch")
+            self.blobs_in += 1
+            return web.Response(status=204)
+        if request.path == BLOB_GET_PATH and kind == _GET and len(plain) == 1 + DIGEST_BYTES:
+            data = await asyncio.to_thread(store.get, digest)
+            if data is None:
+                return _problem(404, "not held here")
+            answer = self._blob_sealer.seal(_BLOB + digest + data, self._clock())
+            self.blobs_out += 1
+            self.bytes_out += len(answer)
+            return web.Response(body=answer, content_type="application/octet-stream")
+        return _problem(400, "bad_blob_request")
+
     def _refuse(self, source: str, reason: str, detail: str) -> web.Response:
         self._opener.rejected[reason] += 1
         self._log_refusal(source, f"{reason}: {detail}")
@@ -285,6 +459,16 @@ class Transport:
             why,
             LOG_INTERVAL,
         )
+
+
+def _blob_opener(keyring: Keyring, rejected: Counter[str]) -> Opener:
+    opener = Opener(keyring, max_skew=BLOB_MAX_SKEW, max_frame=BLOB_FRAME_BYTES)
+    opener.rejected = rejected  # one set of counters for every frame refused
+    return opener
+
+
+def _matches(digest: bytes, data: bytes) -> bool:
+    return hashlib.sha256(data).digest() == digest
 
 
 def _source(request: web.Request) -> str:

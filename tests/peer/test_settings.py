@@ -101,7 +101,9 @@ def test_wildcard_ipv6_bind_advertises_loopback() -> None:
         ({}, {}, "data_dir = 7", "data_dir from "),
         ({}, {"GRAPEVINE_NETWORK_KEY_FILE": ""}, "", "network_key_file from GRAPEVINE_NETWORK"),
         ({}, {}, "bnid = '1:2'", "unknown key(s) bnid"),
-        ({}, {}, "[peer]\nbind = '1:2'\n[agents]\n", "unknown key(s) agents"),
+        ({}, {}, "[peer]\nbind = '1:2'\n[agentz]\n", "unknown key(s) agentz"),
+        ({}, {}, "[agents]\n", "agents: must be an array of tables ([[agents]])"),
+        ({}, {}, "[peer]\n[peer.limits]\n", "unknown key(s) limits"),
         ({}, {}, "bind = '1:2'\n[peer]\nbind = '1:3'\n", "bind set both"),
         ({}, {}, "bind = ", "not valid TOML"),
         ({"colour": "red"}, {}, "", "unknown setting(s) colour"),
@@ -135,3 +137,80 @@ def test_split_host_port(text: str, expected: tuple[str, int]) -> None:
 def test_split_host_port_refuses(text: str) -> None:
     with pytest.raises(ValueError, match="host"):
         split_host_port(text)
+
+
+AGENTS_TOML = """
+workspace = "ws"
+
+[[agents]]
+name = "boss"
+roles = ["writer"]
+model = "openai/gpt-4o-mini"
+system = "You write briefs."
+tools = ["delegate", "final_answer"]
+max_concurrent = 2
+temperature = 0.3
+budget = { tokens = 50000, cost_micro = 20000 }
+
+[[agents]]
+name = "helper"
+roles = ["researcher", "checker"]
+
+[limits]
+max_depth = 2
+default_budget = 1000
+
+[pool]
+max_spawned = 0
+"""
+
+
+def test_agent_tables(tmp_path: Path) -> None:
+    from peer.agents.ports import Budget
+    from peer.agents.spec import AgentSpec, PoolSettings, TreeLimits
+
+    s = load_settings({}, {}, _toml(tmp_path, AGENTS_TOML))
+    assert [a.name for a in s.agents] == ["boss", "helper"]
+    assert s.agents[0].budget == Budget(50_000, 20_000) and s.agents[0].max_concurrent == 2
+    assert s.agents[1] == AgentSpec("helper", ("researcher", "checker"))
+    assert s.limits == TreeLimits(max_depth=2, default_budget=Budget(tokens=1000))
+    assert s.pool == PoolSettings(max_spawned=0)
+    assert s.workspace == tmp_path / "ws" and s.workspace_dir() == tmp_path / "ws"
+    assert s.llm is None
+
+
+def test_no_agents_and_default_workspace(tmp_path: Path) -> None:
+    s = load_settings({"data_dir": str(tmp_path)}, {}, _toml(tmp_path, 'bind = "1.2.3.4:5"\n'))
+    assert s.agents == () and s.workspace is None
+    assert s.workspace_dir() == tmp_path / "workspace"
+    assert load_settings({}, {"GRAPEVINE_WORKSPACE": "/srv/ws"}, None).workspace == Path("/srv/ws")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[[agents]]\nname = 'a'\nroles = ['r']\nmax_concurrent = 0\n", "agents[0].max_concurrent"),
+        (
+            "[[agents]]\nname = 'a'\nroles = ['r']\n[[agents]]\nname = 'a'\nroles = ['s']\n",
+            "agents[1].name: 'a' is already",
+        ),
+        ("[[agents]]\nname = 'a'\nroles = ['r']\ncolour = 1\n", "agents[0]: unknown key(s) colour"),
+        ("[limits]\nmax_steps = 0\n", "limits.max_steps: must be an integer >= 1, got 0"),
+        ("[pool]\nidle_retire = -1\n", "pool.idle_retire"),
+        ("llm = 3\n", "llm: must be a table"),
+    ],
+)
+def test_agent_table_errors_name_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    config = _toml(tmp_path, text)
+    with pytest.raises(SettingsError) as info:
+        load_settings({}, {}, config)
+    assert message in str(info.value) and str(config) in str(info.value)
+
+
+def test_llm_table(tmp_path: Path) -> None:
+    llm = pytest.importorskip("peer.agents.llm", reason="the model layer is not there yet")
+    s = load_settings({}, {}, _toml(tmp_path, "[llm]\n"))
+    assert s.llm == llm.LlmSettings.from_table({})
+    with pytest.raises(SettingsError) as info:
+        load_settings({}, {}, _toml(tmp_path, "[llm]\nno_such_key = 1\n"))
+    assert "no_such_key" in str(info.value) and "llm" in str(info.value)

@@ -1,0 +1,263 @@
+"""One agent task as a loop: ask the model, run the tools it calls, until it answers.
+
+Theory of operation. `AgentRuntime.run` decodes the task's `AgentInput`, starts the
+conversation with the agent's system prompt and the request, and repeats at most `max_steps`
+times: check the budget, call the model, record its reply, run the tools it called and give
+their results back. A `final_answer` call (or a reply with text and no tool calls) ends the
+task with an `AgentOutput`. Within one turn the local tools run first, in order; then the
+calls that wait on child tasks (`delegate`, `spawn_agent`) run concurrently, with the task
+suspended (its slot freed) around the wait, exactly once per turn.
+
+Invariants:
+- Tool failures, refusals and failed children are tool results the model reads; only a spent
+  budget, the step limit, a bad input or a `ModelError` end the task as "failed".
+- A delegate first looks for an existing child of this task with the same role and request
+  (`tree.find_child`): a parent re-run after a takeover waits for the children its
+  predecessor created instead of paying for them twice. Asking twice within one execution is
+  refused instead.
+- The usage reported is this execution's own model calls; children report theirs on their
+  own results. The budget check also counts what the children spent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peer.agents.ports import (
+    AgentInput,
+    AgentOutput,
+    Budget,
+    Completion,
+    Model,
+    ModelError,
+    TaskPort,
+)
+from peer.agents.spec import AgentSpec, TreeLimits
+from peer.agents.tools import CHILD_TOOLS, Toolbox, ToolContext
+from peer.agents.tree import (
+    Ledger,
+    budget_for,
+    check_depth,
+    check_fan_out,
+    find_child,
+    find_loop,
+    subtree_usage,
+)
+from peer.executor import Outcome, Work
+
+SPAWN_ROLE = "grapevine.spawn"
+"""The role of the task `spawn_agent` submits; the peers' agent hosts serve it."""
+MAX_CHILD_FAILURE = 500
+"""Characters of a failed child's output quoted back to the model."""
+NUDGE = "Reply with your final answer, or call a tool."
+
+
+@dataclass(slots=True)
+class _Run:
+    """The state of one execution (`AgentRuntime.run`)."""
+
+    work: Work
+    request: str
+    depth: int
+    ledger: Ledger
+    asked: set[tuple[str, str]]
+    """(role, request) of every child this execution asked for."""
+    created: set[bytes]
+    """Children this execution submitted or reused."""
+
+
+class AgentRuntime:
+    """Runs tasks of one agent.
+
+    Args:
+        spec: the agent.
+        model: makes the model calls.
+        port: the task network (children, suspend and resume).
+        toolbox: the agent's tools (`Toolbox.load(spec.tools)`).
+        limits: the tree limits.
+        workspace: the directory `read_file` and `write_file` are jailed in.
+    """
+
+    def __init__(
+        self,
+        spec: AgentSpec,
+        model: Model,
+        port: TaskPort,
+        toolbox: Toolbox,
+        limits: TreeLimits,
+        workspace: Path,
+    ) -> None:
+        self.spec = spec
+        self.model = model
+        self.port = port
+        self.toolbox = toolbox
+        self.limits = limits
+        self.workspace = workspace
+
+    async def run(self, work: Work) -> Outcome:
+        """Run one execution of an agent task (a `peer.executor.RoleHandler`).
+
+        Returns:
+            "ok" with an encoded `AgentOutput`, or "failed" with a message; either way the
+            usage of this execution's own model calls.
+        """
+        try:
+            given = AgentInput.decode(work.input)
+        except ValueError as exc:
+            return Outcome(f"bad agent input: {exc}".encode(), "failed")
+        run = _Run(
+            work=work,
+            request=given.request,
+            depth=given.depth,
+            ledger=Ledger(budget_for(given.budget, self.spec, self.limits)),
+            asked=set(),
+            created=set(),
+        )
+        messages: list[dict[str, Any]] = []
+        if self.spec.system:
+            messages.append({"role": "system", "content": self.spec.system})
+        messages.append({"role": "user", "content": given.request})
+        model_name = self.spec.model
+        for step in range(1, self.limits.max_steps + 1):
+            spent = run.ledger.exhausted()
+            if spent is not None:
+                return self._failed(run, spent)
+            try:
+                reply = await self.model.complete(
+                    self.spec.model,
+                    messages,
+                    self.toolbox.schemas,
+                    temperature=self.spec.temperature,
+                    max_tokens=self.spec.max_tokens,
+                )
+            except ModelError as exc:
+                return self._failed(run, f"model call failed: {exc}")
+            model_name = reply.model or model_name
+            run.ledger.charge_call(reply.prompt_tokens, reply.completion_tokens, reply.cost_micro)
+            messages.append(_assistant_message(reply))
+            if not reply.tool_calls:
+                if reply.content.strip():
+                    return self._done(run, reply.content, model_name, step)
+                messages.append({"role": "user", "content": NUDGE})
+                continue
+            results = await self._run_tools(run, reply)
+            answer: str | None = None
+            for call, result in zip(reply.tool_calls, results, strict=True):
+                messages.append(
+                    {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": result}
+                )
+                if answer is None and call.name == "final_answer":
+                    given_answer = call.arguments.get("answer")
+                    if isinstance(given_answer, str) and set(call.arguments) == {"answer"}:
+                        answer = given_answer
+            if answer is not None:
+                return self._done(run, answer, model_name, step)
+        return self._failed(
+            run,
+            f"step limit: no final answer after {self.limits.max_steps} model calls",
+        )
+
+    def _done(self, run: _Run, answer: str, model: str, steps: int) -> Outcome:
+        output = AgentOutput(answer, agent=self.spec.name, model=model, steps=steps)
+        return Outcome(output.encode(), "ok", run.ledger.own)
+
+    def _failed(self, run: _Run, message: str) -> Outcome:
+        return Outcome(message.encode(), "failed", run.ledger.own)
+
+    async def _run_tools(self, run: _Run, reply: Completion) -> list[str]:
+        calls = reply.tool_calls
+        delegates = sum(1 for call in calls if call.name == "delegate")
+        context = self._context(run, delegates)
+        results: list[str | None] = [None] * len(calls)
+        for i, call in enumerate(calls):
+            if call.name not in CHILD_TOOLS:
+                results[i] = await self.toolbox.call(call.name, call.arguments, context)
+        waiting = [i for i, call in enumerate(calls) if call.name in CHILD_TOOLS]
+        if waiting:
+            self.port.suspend(run.work.task_id)
+            try:
+                answers = await asyncio.gather(
+                    *(
+                        self.toolbox.call(calls[i].name, calls[i].arguments, context)
+                        for i in waiting
+                    )
+                )
+            finally:
+                self.port.resume(run.work.task_id)
+            for i, answer in zip(waiting, answers, strict=True):
+                results[i] = answer
+        return [result or "" for result in results]
+
+    def _context(self, run: _Run, delegates: int) -> ToolContext:
+        share = run.ledger.split(delegates, self.limits.parent_reserve) if delegates else ""
+
+        async def delegate(role: str, request: str) -> str:
+            if isinstance(share, str):
+                return f"refused: {share}"
+            return await self._delegate(run, role, request, share)
+
+        async def spawn(role: str, system: str, model: str) -> str:
+            body = {"role": role, "system": system, "model": model}
+            data = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+            return await self._child(run, SPAWN_ROLE, data.decode(), data, None)
+
+        return ToolContext(self.workspace, delegate, spawn)
+
+    async def _delegate(self, run: _Run, role: str, request: str, share: Budget) -> str:
+        refusal = check_depth(run.depth, self.limits) or find_loop(
+            self.port, run.work.parent, (run.work.role, run.request), (role, request)
+        )
+        if refusal is not None:
+            return f"refused: {refusal}"
+        data = AgentInput(request, share, run.depth + 1).encode()
+        return await self._child(run, role, request, data, share)
+
+    async def _child(
+        self, run: _Run, role: str, request: str, data: bytes, share: Budget | None
+    ) -> str:
+        """Submit (or reuse) one child, wait for it, charge it, and describe its result.
+
+        Everything up to the first await is synchronous, so the concurrent calls of one turn
+        see each other's `asked` and `created` entries in call order.
+        """
+        if (role, request) in run.asked:
+            return f"refused: {role!r} was already asked for exactly this by this task"
+        existing = find_child(self.port, run.work.task_id, role, request)
+        if existing is not None:
+            child_id = existing.task_id
+        else:
+            if not self.port.role_available(role):
+                return f"refused: no live peer serves the role {role!r}"
+            known = {child.task_id for child in self.port.children(run.work.task_id)}
+            refusal = check_fan_out(len(known | run.created), self.limits)
+            if refusal is not None:
+                return f"refused: {refusal}"
+            child_id = self.port.submit_child(run.work.task_id, role, data, run.work.priority)
+        run.asked.add((role, request))
+        run.created.add(child_id)
+        result = await self.port.wait_result(child_id)
+        if share is not None:
+            run.ledger.charge_child(subtree_usage(self.port, child_id, result.usage))
+        text = result.output.decode("utf-8", errors="replace")
+        if result.outcome != "ok":
+            return f"child task failed: {result.outcome}: {text[:MAX_CHILD_FAILURE]}"
+        output = AgentOutput.decode(result.output)
+        return output.answer if output is not None else text
+
+
+def _assistant_message(reply: Completion) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": reply.content or None}
+    if reply.tool_calls:
+        message["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
+            }
+            for call in reply.tool_calls
+        ]
+    return message

@@ -1,0 +1,339 @@
+"""The tools an agent's model may call, their JSON schemas, and the workspace jail.
+
+Invariants:
+- A tool is a Python callable; its schema (litellm/OpenAI "function" format) is generated
+  from its signature (str, int, float, bool and list[str] parameters) and docstring (first
+  line: the description; an "Args:" section: each parameter's), so schema and code never
+  disagree. A keyword-only `context` parameter receives the `ToolContext` and is not shown
+  to the model.
+- Import-path tools ("package.module:function") are imported when the toolbox is built, so a
+  typo fails at startup, not in the middle of a task.
+- Calling a tool never raises (except cancellation): bad arguments, an unknown name or the
+  tool's own exception become a result "error: ..." that the model reads and can act on.
+  Sync tools run in a thread so they cannot stall the peer's event loop.
+- `read_file` and `write_file` stay inside the workspace: relative paths only, no "..", and
+  the resolved path (symlinks followed) must still be inside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import json
+import re
+import typing
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from peer.agents.spec import BUILTIN_TOOLS, is_import_path
+
+MAX_FILE = 256 * 1024
+"""Largest file `read_file` returns and `write_file` writes, in bytes."""
+MAX_RESULT = 64 * 1024
+"""Longest tool result given back to the model, in characters (longer ones are cut)."""
+
+_JSON_TYPES: dict[object, dict[str, Any]] = {
+    str: {"type": "string"},
+    int: {"type": "integer"},
+    float: {"type": "number"},
+    bool: {"type": "boolean"},
+    list[str]: {"type": "array", "items": {"type": "string"}},
+}
+_ARG_LINE = re.compile(r"\s+(\w+)(?: \([^)]*\))?:\s*(.*)")
+
+
+@dataclass(frozen=True, slots=True)
+class ToolContext:
+    """What the built-in tools need from the running agent."""
+
+    workspace: Path
+    """The directory `read_file` and `write_file` are jailed in."""
+    delegate: Callable[[str, str], Awaitable[str]]
+    """delegate(role, request): run a child task, return its answer or a refusal."""
+    spawn: Callable[[str, str, str], Awaitable[str]]
+    """spawn(role, system, model): ask the network for a new agent, return the outcome."""
+
+
+async def delegate(role: str, request: str, *, context: ToolContext) -> str:
+    """Give part of the work to an agent of another role and wait for its answer.
+
+    Args:
+        role: the role that should do it, e.g. "researcher".
+        request: what it should do, self-contained: it sees nothing else of this task.
+    """
+    return await context.delegate(role, request)
+
+
+async def spawn_agent(role: str, system: str, model: str, *, context: ToolContext) -> str:
+    """Start a new agent for a role somewhere in the network, where there is room.
+
+    Args:
+        role: the role the new agent serves.
+        system: its system prompt.
+        model: its litellm model string ("grapevine/offline" needs no network).
+    """
+    return await context.spawn(role, system, model)
+
+
+def read_file(path: str, *, context: ToolContext) -> str:
+    """Read a text file from the workspace.
+
+    Args:
+        path: relative to the workspace, e.g. "notes/plan.md".
+    """
+    target = jailed(context.workspace, path)
+    size = target.stat().st_size
+    if size > MAX_FILE:
+        raise ValueError(f"{path} is {size} bytes, more than the {MAX_FILE // 1024} KiB limit")
+    return target.read_text(encoding="utf-8", errors="replace")
+
+
+def write_file(path: str, content: str, *, context: ToolContext) -> str:
+    """Write a text file in the workspace (parent folders are created).
+
+    Args:
+        path: relative to the workspace, e.g. "notes/plan.md".
+        content: the whole new content of the file.
+    """
+    data = content.encode("utf-8")
+    if len(data) > MAX_FILE:
+        limit = MAX_FILE // 1024
+        raise ValueError(f"content is {len(data)} bytes, more than the {limit} KiB limit")
+    target = jailed(context.workspace, path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir may have walked through a symlink created meanwhile: check the jail again.
+    target = jailed(context.workspace, path)
+    target.write_bytes(data)
+    return f"wrote {len(data)} bytes to {path}"
+
+
+def final_answer(answer: str, *, context: ToolContext) -> str:
+    """Finish the task with this answer (nothing after it runs).
+
+    Args:
+        answer: the complete answer to the request.
+    """
+    return answer
+
+
+_BUILTINS: dict[str, Callable[..., Any]] = {
+    "delegate": delegate,
+    "spawn_agent": spawn_agent,
+    "read_file": read_file,
+    "write_file": write_file,
+    "final_answer": final_answer,
+}
+CHILD_TOOLS = frozenset({"delegate", "spawn_agent"})
+"""Built-ins that wait on child tasks (the runtime suspends the task around them)."""
+
+
+def jailed(workspace: Path, path: str) -> Path:
+    """The absolute path of `path` inside `workspace`.
+
+    Raises:
+        ValueError: `path` is empty, absolute, contains "..", or resolves (following
+            symlinks) outside the workspace.
+    """
+    if not path or "\x00" in path:
+        raise ValueError("the path is empty")
+    pure = PurePosixPath(path.replace("\\", "/"))
+    if pure.is_absolute() or Path(path).is_absolute():
+        raise ValueError(f"{path!r} is absolute; give a path relative to the workspace")
+    if ".." in pure.parts:
+        raise ValueError(f"{path!r} contains '..'; the workspace is the limit")
+    root = workspace.resolve()
+    target = (root / pure).resolve()
+    if not target.is_relative_to(root) or target == root:
+        raise ValueError(f"{path!r} leads outside the workspace")
+    return target
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    """One callable tool and the schema the model sees."""
+
+    name: str
+    function: Callable[..., Any]
+    schema: dict[str, Any]
+    params: dict[str, object]
+    """Parameter name -> its annotation (one of the supported types)."""
+    required: frozenset[str]
+    wants_context: bool
+
+
+class Toolbox:
+    """The tools one agent may call.
+
+    Args:
+        tools: the tools, by name.
+    """
+
+    def __init__(self, tools: Sequence[Tool]) -> None:
+        self.tools = {tool.name: tool for tool in tools}
+
+    @classmethod
+    def load(cls, names: Sequence[str]) -> Toolbox:
+        """Build a toolbox from an `AgentSpec`'s tool names.
+
+        Raises:
+            ValueError: a name is neither a built-in nor an importable "module:function", a
+                tool's signature has a parameter type a schema cannot express, or two tools
+                share a name. The message names the tool.
+        """
+        tools: list[Tool] = []
+        for name in names:
+            if name in _BUILTINS:
+                tool = describe(name, _BUILTINS[name])
+            elif is_import_path(name):
+                tool = describe(name.partition(":")[2], _import(name))
+            else:
+                raise ValueError(
+                    f"tool {name!r}: neither a built-in ({', '.join(BUILTIN_TOOLS)}) nor a "
+                    '"package.module:function" path'
+                )
+            if any(t.name == tool.name for t in tools):
+                raise ValueError(f"tool {name!r}: another tool is already named {tool.name!r}")
+            tools.append(tool)
+        return cls(tools)
+
+    @property
+    def schemas(self) -> list[dict[str, Any]]:
+        """The tool schemas to pass with every model call."""
+        return [tool.schema for tool in self.tools.values()]
+
+    async def call(self, name: str, arguments: dict[str, Any], context: ToolContext) -> str:
+        """Run one tool call; every failure becomes a result starting with "error: "."""
+        tool = self.tools.get(name)
+        if tool is None:
+            return f"error: there is no tool {name!r} (tools: {', '.join(self.tools)})"
+        try:
+            kwargs = _arguments(tool, arguments)
+        except ValueError as exc:
+            return f"error: {name}: {exc}"
+        if tool.wants_context:
+            kwargs["context"] = context
+        try:
+            if inspect.iscoroutinefunction(tool.function):
+                value = await tool.function(**kwargs)
+            else:
+                value = await asyncio.to_thread(tool.function, **kwargs)
+        except Exception as exc:
+            return f"error: {type(exc).__name__}: {exc}"[:MAX_RESULT]
+        return _text(value)[:MAX_RESULT]
+
+
+def describe(name: str, function: Callable[..., Any]) -> Tool:
+    """The `Tool` for `function`, its schema generated from the signature and docstring.
+
+    Raises:
+        ValueError: a parameter has no supported annotation (str, int, float, bool,
+            list[str]), or is variadic or keyword-only (other than `context`).
+    """
+    try:
+        hints = typing.get_type_hints(function)
+    except Exception as exc:
+        raise ValueError(f"tool {name!r}: cannot read its annotations ({exc})") from None
+    doc = inspect.getdoc(function) or ""
+    descriptions = _arg_descriptions(doc)
+    properties: dict[str, Any] = {}
+    params: dict[str, object] = {}
+    required: list[str] = []
+    wants_context = False
+    for param in inspect.signature(function).parameters.values():
+        if param.kind is param.KEYWORD_ONLY and param.name == "context":
+            wants_context = True
+            continue
+        if param.kind not in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+            raise ValueError(f"tool {name!r}: parameter {param.name!r} must be a named one")
+        annotation = hints.get(param.name)
+        if annotation not in _JSON_TYPES:
+            raise ValueError(
+                f"tool {name!r}: parameter {param.name!r} must be annotated str, int, float, "
+                f"bool or list[str], not {annotation!r}"
+            )
+        schema = dict(_JSON_TYPES[annotation])
+        if param.name in descriptions:
+            schema["description"] = descriptions[param.name]
+        properties[param.name] = schema
+        params[param.name] = annotation
+        if param.default is param.empty:
+            required.append(param.name)
+    parameters = {"type": "object", "properties": properties, "required": required}
+    description = doc.splitlines()[0] if doc else name
+    return Tool(
+        name=name,
+        function=function,
+        schema={
+            "type": "function",
+            "function": {"name": name, "description": description, "parameters": parameters},
+        },
+        params=params,
+        required=frozenset(required),
+        wants_context=wants_context,
+    )
+
+
+def _import(path: str) -> Callable[..., Any]:
+    module_name, _, attribute = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ValueError(
+            f"tool {path!r}: cannot import {module_name} ({type(exc).__name__}: {exc})"
+        ) from None
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise ValueError(f"tool {path!r}: {module_name} has no function {attribute!r}")
+    return typing.cast(Callable[..., Any], function)
+
+
+def _arg_descriptions(doc: str) -> dict[str, str]:
+    descriptions: dict[str, str] = {}
+    in_args = False
+    for line in doc.splitlines():
+        if line.strip() in ("Args:", "Arguments:", "Parameters:"):
+            in_args = True
+            continue
+        if in_args:
+            if line and not line[0].isspace():
+                break
+            match = _ARG_LINE.fullmatch(line)
+            if match:
+                descriptions[match[1]] = match[2]
+    return descriptions
+
+
+def _arguments(tool: Tool, arguments: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(arguments) - set(tool.params))
+    if unknown:
+        raise ValueError(f"unknown argument(s) {', '.join(unknown)}")
+    missing = sorted(tool.required - set(arguments))
+    if missing:
+        raise ValueError(f"missing argument(s) {', '.join(missing)}")
+    kwargs: dict[str, Any] = {}
+    for key, value in arguments.items():
+        wanted = tool.params[key]
+        if wanted is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        ok = (
+            isinstance(value, list) and all(isinstance(item, str) for item in value)
+            if wanted == list[str]
+            else type(value) is wanted
+        )
+        if not ok:
+            expected = _JSON_TYPES[wanted]["type"]
+            raise ValueError(f"argument {key!r} must be {expected}, got {type(value).__name__}")
+        kwargs[key] = value
+    return kwargs
+
+
+def _text(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)

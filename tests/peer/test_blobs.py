@@ -1,0 +1,398 @@
+"""Blobs (peer/blobs.py, the blob routes of peer/transport.py, the executor's blob port, the
+API's large inputs and `GET /v1/blobs/{digest}`): the store on disk, sealed transfers between
+real transports, and two in-process peers over loopback wired as `peer/agent.py` wires them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestClient, TestServer
+
+from peer import cli_tasks
+from peer.api import PeerApi
+from peer.blobs import BlobService, BlobStore, BlobUnavailable
+from peer.client import GrapevineClient
+from peer.driver import Driver
+from peer.executor import Executor, Outcome, Work, builtin_roles
+from peer.sealing import Keyring
+from peer.transport import BlobTransferError, Transport
+from protocol.blobs import BLOB_LIMIT, blob_ref, make_ref, parse_blob_ref
+from protocol.wire import MAX_INLINE_PAYLOAD
+from tests.peer.inprocess import start_peer
+
+KEY = bytes(range(32))
+OTHER_KEY = bytes(range(1, 33))
+MIB = 1024 * 1024
+
+
+def _text(size: int) -> str:
+    """`size` ASCII characters, different every call."""
+    return base64.b64encode(os.urandom(size))[:size].decode()
+
+
+# --- the store -----------------------------------------------------------------------------------
+
+
+def test_store_put_get_has_and_survives_a_reopen(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    data = os.urandom(MAX_INLINE_PAYLOAD + 10)
+    digest = store.put(data)
+    assert digest == hashlib.sha256(data).digest()
+    assert store.has(digest) and store.get(digest) == data
+    assert store.put(data) == digest  # idempotent
+    assert (tmp_path / "blobs").stat().st_mode & 0o777 == 0o700
+    assert store.path(digest).stat().st_mode & 0o777 == 0o600
+    # A crash mid-write leaves a temporary file: the next open removes it.
+    (tmp_path / "blobs" / f"{digest.hex()}.tmp-1-abcd").write_bytes(b"partial")
+    reopened = BlobStore(tmp_path / "blobs")
+    assert reopened.get(digest) == data
+    assert sorted(p.name for p in (tmp_path / "blobs").iterdir()) == [digest.hex()]
+    assert reopened.get(b"\0" * 32) is None and not reopened.has(b"\0" * 32)
+    assert reopened.get(b"short") is None and not reopened.has(b"short")
+
+
+def test_store_verifies_on_read_and_on_receive(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    data = b"a" * (MAX_INLINE_PAYLOAD + 1)
+    digest = store.put(data)
+    store.path(digest).write_bytes(b"b" * len(data))  # corrupted on disk
+    assert store.get(digest) is None
+    assert store.corrupt == 1 and not store.has(digest)
+    assert not store.receive(digest, b"c" * len(data))
+    assert not store.has(digest)
+    assert store.receive(digest, data) and store.get(digest) == data
+
+
+# --- sealed transfers ----------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture
+async def transports(tmp_path: Path) -> AsyncIterator[tuple[Transport, Transport, Transport]]:
+    made = [
+        Transport("127.0.0.1", 0, Keyring(key), bytes([i]) * 8, lambda s, d: None)
+        for i, key in enumerate((KEY, KEY, OTHER_KEY))
+    ]
+    for i, transport in enumerate(made):
+        transport.blob_store = BlobStore(tmp_path / str(i))
+        await transport.start()
+    yield made[0], made[1], made[2]
+    for transport in made:
+        await transport.stop()
+
+
+@pytest.mark.asyncio
+async def test_push_and_fetch_are_sealed_and_checked(
+    transports: tuple[Transport, Transport, Transport],
+) -> None:
+    a, b, outsider = transports
+    addr_b, addr_a = f"127.0.0.1:{b.port}", f"127.0.0.1:{a.port}"
+    data = os.urandom(2 * MIB)
+    digest = hashlib.sha256(data).digest()
+    await a.push_blob(addr_b, digest, data)
+    assert b.blob_store is not None and b.blob_store.get(digest) == data
+    assert await a.fetch_blob(addr_b, digest) == data
+    assert await a.fetch_blob(addr_b, b"\1" * 32) is None  # not held there
+    assert (a.blobs_out, a.blobs_in, b.blobs_in, b.blobs_out) == (1, 1, 1, 1)
+
+    # A blob whose bytes do not hash to its name is dropped and counted.
+    with pytest.raises(BlobTransferError, match="HTTP 422"):
+        await a.push_blob(addr_b, b"\2" * 32, data)
+    assert b.rejected["blob_digest_mismatch"] == 1
+    assert not b.blob_store.has(b"\2" * 32)
+
+    # Without the network key nothing gets in or out.
+    with pytest.raises(BlobTransferError, match="HTTP 403"):
+        await outsider.push_blob(addr_a, digest, data)
+    with pytest.raises(BlobTransferError, match="HTTP 403"):
+        await outsider.fetch_blob(addr_b, digest)
+    assert a.rejected["unknown_key"] == 1 and b.rejected["unknown_key"] == 1
+
+    # A peer holding no blob store answers 503; an unreachable one is a clear failure.
+    a.blob_store = None
+    with pytest.raises(BlobTransferError, match="HTTP 503"):
+        await b.fetch_blob(addr_a, digest)
+    await a.stop()
+    with pytest.raises(BlobTransferError, match="the transport is stopped"):
+        await a.fetch_blob(addr_b, digest)
+    with pytest.raises(BlobTransferError):  # refused, or a pooled connection found closed
+        await b.fetch_blob(addr_a, digest)
+
+
+@pytest.mark.asyncio
+async def test_a_rotated_key_keeps_blobs_flowing(
+    transports: tuple[Transport, Transport, Transport],
+) -> None:
+    a, b, _ = transports
+    rotated = a.keyring.rotate(OTHER_KEY)
+    b.set_keyring(Keyring(KEY, (OTHER_KEY,), a.keyring.network_id))
+    a.set_keyring(rotated)
+    data = os.urandom(MAX_INLINE_PAYLOAD + 1)
+    digest = hashlib.sha256(data).digest()
+    await a.push_blob(f"127.0.0.1:{b.port}", digest, data)
+    assert await b.fetch_blob(f"127.0.0.1:{a.port}", digest) is None
+    assert await a.fetch_blob(f"127.0.0.1:{b.port}", digest) == data
+
+
+# --- the executor's blob port --------------------------------------------------------------------
+
+
+class FakePort:
+    def __init__(self) -> None:
+        self.blobs: dict[bytes, bytes] = {}
+
+    async def resolve_input(self, work: Work) -> bytes:
+        ref = parse_blob_ref(work.input)
+        assert ref is not None
+        if ref[0] not in self.blobs:
+            raise BlobUnavailable(f"input blob {ref[0].hex()} unavailable: nowhere")
+        return self.blobs[ref[0]]
+
+    async def store_output(self, work: Work, output: bytes) -> bytes:
+        ref = blob_ref(output)
+        self.blobs[hashlib.sha256(output).digest()] = output
+        return ref
+
+
+async def _run(executor: Executor, work: Work) -> tuple[str, bytes]:
+    done: asyncio.Future[tuple[str, bytes]] = asyncio.get_running_loop().create_future()
+    executor.on_done = lambda t, e, outcome, output, u: done.set_result((outcome, output))
+    executor.start(work)
+    return await asyncio.wait_for(done, 5)
+
+
+@pytest.mark.asyncio
+async def test_executor_resolves_inputs_and_stores_large_outputs() -> None:
+    port = FakePort()
+    seen: list[bytes] = []
+
+    async def record(work: Work) -> bytes:
+        seen.append(work.input)
+        return work.input
+
+    async def huge(work: Work) -> Outcome:
+        return Outcome(b"h" * (BLOB_LIMIT + 1), usage=(1, 2, 3))
+
+    executor = Executor({**builtin_roles(), "record": record, "huge": huge}, 2, blobs=port)
+    data = os.urandom(MAX_INLINE_PAYLOAD + 5)
+    ref = blob_ref(data)
+    port.blobs[hashlib.sha256(data).digest()] = data
+    assert await _run(executor, Work(b"t1", 1, "record", ref)) == ("ok", ref)
+    assert seen == [data]  # the handler saw the bytes; the result carries the reference
+    missing = make_ref(b"\7" * 32, MAX_INLINE_PAYLOAD + 1)
+    outcome, output = await _run(executor, Work(b"t2", 1, "echo", missing))
+    assert outcome == "failed"
+    assert output == f"input blob {'07' * 32} unavailable: nowhere".encode()
+    malformed = missing.replace(b"v1", b"v9")
+    assert await _run(executor, Work(b"t3", 1, "echo", malformed)) == ("ok", malformed)
+    outcome, output = await _run(executor, Work(b"t4", 1, "huge", b""))
+    assert outcome == "failed" and output.startswith(b"output of 67108865 bytes exceeds")
+
+    plain = Executor(builtin_roles(), 1)  # without a port: references pass, large fails
+    assert await _run(plain, Work(b"t5", 1, "echo", ref)) == ("ok", ref)
+    outcome, output = await _run(plain, Work(b"t6", 1, "echo", b"x" * (MAX_INLINE_PAYLOAD + 1)))
+    assert outcome == "failed" and b"exceeds the limit of 65536" in output
+    await executor.close()
+    await plain.close()
+
+
+# --- two peers over loopback -----------------------------------------------------------------
+
+
+@dataclass
+class BlobPeer:
+    driver: Driver
+    transport: Transport
+    executor: Executor
+    blobs: BlobService
+
+
+async def _blob_peer(index: int, root: Path, roles: bool = True) -> BlobPeer:
+    driver, transport = await start_peer(index, KEY, 1)
+    # The wiring peer/agent.py needs (see docs/tasks.md "Blobs").
+    blobs = BlobService(BlobStore(root / f"peer{index}" / "blobs"), transport, driver)
+    transport.blob_store = blobs.store
+    blobs.fetch_backoff = 0.01
+    executor = Executor(builtin_roles(), 4, blobs=blobs)
+    driver.attach(executor)
+    if roles:
+        driver.serve(executor.roles, executor.max_running)
+    else:
+        driver.serve((), 0)
+    return BlobPeer(driver, transport, executor, blobs)
+
+
+async def _stop(peer: BlobPeer) -> None:
+    await peer.executor.close()
+    peer.driver.stop()
+    await peer.transport.stop()
+
+
+class Env:
+    def __init__(self, client: TestClient[Any, Any], api: PeerApi, peers: list[BlobPeer]) -> None:
+        self.client = client
+        self.api = api
+        self.peers = peers
+
+    async def until_final(self, task_id: str, limit: float = 20.0) -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + limit
+        while True:
+            task: dict[str, Any] = await (await self.client.get(f"/v1/tasks/{task_id}")).json()
+            if task["state"] in ("done", "failed", "cancelled"):
+                return task
+            assert asyncio.get_running_loop().time() < deadline, task
+            await asyncio.sleep(0.05)
+
+
+@pytest_asyncio.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    """Peer A (API, serves no role) and peer B (runs echo), joined."""
+    a = await _blob_peer(1, tmp_path, roles=False)
+    b = await _blob_peer(2, tmp_path)
+    assert await b.driver.join([a.driver.node.addr], timeout=5.0) is not None
+    deadline = asyncio.get_running_loop().time() + 10
+    while len(a.driver.node.capable("echo")) < 1:
+        assert asyncio.get_running_loop().time() < deadline, "B's roles did not reach A"
+        await asyncio.sleep(0.05)
+    api = PeerApi(a.driver, a.transport, tmp_path, lambda: None, keepalive=0.2)
+    api.tasks.blobs = a.blobs
+    client: TestClient[Any, Any] = TestClient(TestServer(api.app))
+    await client.start_server()
+    yield Env(client, api, [a, b])
+    await client.close()
+    for peer in (a, b):
+        await _stop(peer)
+
+
+@pytest.mark.asyncio
+async def test_a_large_input_runs_on_another_peer_and_its_output_comes_back(
+    env: Env, tmp_path: Path
+) -> None:
+    a, b = env.peers
+    text = _text(MIB)
+    data = text.encode()
+    r = await env.client.post("/v1/tasks", json={"role": "echo", "input": text})
+    assert r.status == 202, await r.text()
+    task_id = (await r.json())["id"]
+    digest = hashlib.sha256(data).digest()
+    assert a.blobs.store.get(digest) == data and b.blobs.store.get(digest) == data
+    task = await env.until_final(task_id)
+    ref = blob_ref(data).decode()
+    assert task["state"] == "done", task
+    assert task["input"] == ref and task["result"]["output"] == ref  # references, as stored
+    assert task["owner"] == task["result"]["owner"] != task["origin"]  # ran on B
+    r = await env.client.get(f"/v1/blobs/{digest.hex()}")
+    assert r.status == 200 and r.content_type == "application/octet-stream"
+    assert await r.read() == data
+
+    # A copy lost here is fetched from its holder and kept.
+    a.blobs.store.path(digest).unlink()
+    r = await env.client.get(f"/v1/blobs/{digest.hex().upper()}")
+    assert r.status == 200 and await r.read() == data
+    assert a.blobs.counters["fetched"] == 1 and a.blobs.store.has(digest)
+
+    # The blob survives a restart of the store.
+    assert BlobStore(tmp_path / "peer1" / "blobs").get(digest) == data
+
+    r = await env.client.get(f"/v1/blobs/{'ab' * 32}")
+    assert r.status == 404
+    assert "not held here; asked 1 peer(s)" in (await r.json(content_type=None))["detail"]
+    r = await env.client.get("/v1/blobs/xyz")
+    assert r.status == 400 and "64 hex digits" in (await r.json(content_type=None))["detail"]
+
+
+@pytest.mark.asyncio
+async def test_an_output_blob_is_replicated_and_a_lost_input_fails_clearly(env: Env) -> None:
+    a, b = env.peers
+    marker = "tail"
+    # A small input making a large output: B holds it and pushes it to A, its only peer.
+    b.executor.handlers["grow"] = _grow
+    b.driver.serve(b.executor.roles, b.executor.max_running)
+    deadline = asyncio.get_running_loop().time() + 10
+    while len(a.driver.node.capable("grow")) < 1:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+    r = await env.client.post("/v1/tasks", json={"role": "grow", "input": marker})
+    assert r.status == 202, await r.text()
+    task = await env.until_final((await r.json())["id"])
+    ref = parse_blob_ref(task["result"]["output"].encode())
+    assert ref is not None and ref[1] == 3 * MIB
+    assert a.blobs.store.get(ref[0]) == b"g" * (3 * MIB - 4) + b"tail"
+    assert b.blobs.counters["pushed"] == 1
+
+    # A well-formed reference nobody holds: the execution fails, naming the blob.
+    missing = make_ref(b"\5" * 32, 2 * MIB).decode()
+    r = await env.client.post("/v1/tasks", json={"role": "echo", "input": missing})
+    task = await env.until_final((await r.json())["id"])
+    assert task["state"] == "failed", task
+    output = task["result"]["output"]
+    assert output.startswith(f"input blob {'05' * 32} unavailable: not held here; asked")
+    # A malformed one is an ordinary input.
+    odd = missing.replace(":v1:", ":V1:")
+    r = await env.client.post("/v1/tasks", json={"role": "echo", "input": odd})
+    task = await env.until_final((await r.json())["id"])
+    assert task["state"] == "done" and task["result"]["output"] == odd
+
+
+async def _grow(work: Work) -> bytes:
+    return b"g" * (3 * MIB - len(work.input)) + work.input
+
+
+@pytest.mark.asyncio
+async def test_cli_result_prints_the_blob_bytes(env: Env, capsysbinary: Any) -> None:
+    text = _text(MAX_INLINE_PAYLOAD + 100)
+    r = await env.client.post("/v1/tasks", json={"role": "echo", "input": text, "wait": True})
+    task = await r.json()
+    assert task["state"] == "done", task
+    await env.api.start("127.0.0.1", 0)
+    try:
+        args = argparse.Namespace(id=task["id"], json=False, prog="grapevine result")
+        async with GrapevineClient(env.api.address) as client:
+            assert await cli_tasks._result(client, args) == 0
+            assert capsysbinary.readouterr().out == text.encode()
+            args.json = True
+            assert await cli_tasks._result(client, args) == 0
+            assert blob_ref(text.encode()) in capsysbinary.readouterr().out
+    finally:
+        await env.api.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_large_input_nobody_else_takes_is_refused_and_nothing_is_submitted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alone = await _blob_peer(3, tmp_path)
+    api = PeerApi(alone.driver, alone.transport, tmp_path, lambda: None)
+    api.tasks.blobs = alone.blobs
+    client: TestClient[Any, Any] = TestClient(TestServer(api.app))
+    await client.start_server()
+    try:
+        r = await client.post("/v1/tasks", json={"role": "echo", "input": _text(200_000)})
+        assert r.status == 503
+        detail = (await r.json(content_type=None))["detail"]
+        assert "held here but by 0 of the 1 other peer(s)" in detail
+        assert "no other live peer" in detail and "nothing was submitted" in detail
+        assert alone.driver.node.tasks.tasks == {}
+
+        monkeypatch.setattr("peer.api_tasks.BLOB_LIMIT", 150_000)
+        r = await client.post("/v1/tasks", json={"role": "echo", "input": _text(150_001)})
+        assert r.status == 413
+        assert "input is 150001 bytes" in (await r.json(content_type=None))["detail"]
+        monkeypatch.setattr("peer.api_tasks.MAX_SUBMIT_BYTES", 100_000)
+        r = await client.post("/v1/tasks", json={"role": "echo", "input": _text(120_000)})
+        assert r.status == 413
+        assert "the request body is" in (await r.json(content_type=None))["detail"]
+        assert alone.driver.node.tasks.tasks == {}
+    finally:
+        await client.close()
+        await _stop(alone)
