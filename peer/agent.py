@@ -39,6 +39,7 @@ from aiohttp import web
 from bootstrap.join import join_with_retry, refresh_seeds
 from bootstrap.seeds import parse_seeds
 from peer.agents.host import BUILTIN_SLOTS, AgentHost
+from peer.agents.offline import OFFLINE_MODEL
 from peer.agents.peer_port import DriverTaskPort
 from peer.api import PeerApi
 from peer.blobs import BLOBS_DIR, BlobService, BlobStore
@@ -296,6 +297,20 @@ def main_agent(settings: AgentSettings) -> int:
         stream=sys.stderr,
     )
     try:
+        if _needs_litellm(settings):
+            # Importing litellm takes seconds of CPU; on the event loop that would stall the
+            # peer long enough for others to suspect it, so pay it before the peer exists.
+            from peer.agents.llm import import_litellm
+
+            import_litellm()
         return asyncio.run(run_agent(settings))
     except KeyboardInterrupt:
         return 130
+
+
+def _needs_litellm(settings: AgentSettings) -> bool:
+    """Whether an agent's model calls go through litellm (all but the direct offline model)."""
+    if settings.no_agents or not settings.agents:
+        return False
+    via_litellm = settings.llm is None or settings.llm.offline_via_litellm
+    return any(spec.model != OFFLINE_MODEL or via_litellm for spec in settings.agents)

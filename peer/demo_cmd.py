@@ -149,9 +149,9 @@ def config_text(agents: list[AgentSpec], model: str, key_file: Path, data_dir: P
     """The TOML config of one demo peer: its settings and its `[[agents]]`.
 
     Addresses are not in it: the demo passes them as flags (port 0, then the seed it learned).
-    With the offline model the peers call it directly rather than through litellm: importing
-    litellm takes seconds of CPU in each of the three processes at once, which on a small
-    machine stalls the peers long enough to be suspected by each other.
+    Every model call goes through litellm, the offline model too (it is registered there as a
+    custom provider): the demo runs the code path a real model takes. Peers import litellm
+    before they start, so its seconds of import do not stall a running peer.
     """
     lines = [
         "[peer]",
@@ -159,8 +159,6 @@ def config_text(agents: list[AgentSpec], model: str, key_file: Path, data_dir: P
         f"data_dir = {_toml(str(data_dir))}",
         'profile = "local"',
     ]
-    if model == OFFLINE_MODEL:
-        lines += ["", "[llm]", "offline_via_litellm = false"]
     for agent in agents:
         lines += [
             "",
