@@ -57,12 +57,15 @@ class BroadcastQueue:
         if len(self._where) > self.capacity:
             self._drop_most_transmitted()
 
-    def get(self, budget: int, limit: int) -> list[bytes]:
+    def get(self, budget: int, limit: int, solo: bool = False) -> list[bytes]:
         """Hand out broadcasts fitting in `budget` bytes, each at most `limit` times in total.
 
         Args:
             budget: bytes available, counting `MESSAGE_OVERHEAD` per message.
             limit: the current retransmit limit.
+            solo: a broadcast bigger than `budget` met before anything was taken is handed out
+                alone (for a packet of its own); without it, such a broadcast — a task record or
+                result near the inline limit, larger than any packet budget — would never leave.
 
         Returns:
             The encoded messages, fewest-transmitted first.
@@ -75,10 +78,12 @@ class BroadcastQueue:
                 break
             for key in reversed(bucket):
                 size = len(bucket[key]) + MESSAGE_OVERHEAD
-                if size <= budget:
+                if size <= budget or (solo and not taken):
                     out.append(bucket[key])
                     taken.append((key, count))
                     budget -= size
+                    if budget < 0:
+                        break
                 else:
                     misses += 1
                     if misses > _MAX_MISSES:

@@ -662,18 +662,20 @@ class Node:
         if not len(self.queue):
             return
         for target in self._gossip_targets():
-            messages = self._broadcasts(self.config.gossip.packet_budget - _ENVELOPE_OVERHEAD)
+            messages = self._broadcasts(
+                self.config.gossip.packet_budget - _ENVELOPE_OVERHEAD, solo=True
+            )
             if not messages:
                 return
             self._fx.sends.append(
                 Send(target.addr, encode_envelope(self.node_id, self.addr, messages))
             )
 
-    def _broadcasts(self, budget: int) -> list[bytes]:
+    def _broadcasts(self, budget: int, solo: bool = False) -> list[bytes]:
         if not len(self.queue):
             return []
         limit = retransmit_limit(self.config.gossip.retransmit_mult, self.membership.alive_count())
-        out = self.queue.get(budget, limit)
+        out = self.queue.get(budget, limit, solo)
         if self._leave_msg is not None and self._leave_msg in out:
             self.leave_transmits += 1
         return out

@@ -22,7 +22,9 @@ Theory of operation (DESIGN.md section 5 is the specification)
 - The accepted result is the completed result whose claim ranks highest. A result ranking below
   the accepted one changes nothing. A change of the accepted result is a "flip" and is counted.
 - Claims and results that skip an epoch, and objects whose signature fails, are dropped and
-  counted; state is unchanged.
+  counted; state is unchanged. A claim or result that arrived before the claim it builds on
+  is kept aside (bounded) and applied, verified, when that claim arrives; its sender is asked
+  for the chain meanwhile.
 - Anti-entropy: with each push-pull a peer sends a digest of every task it holds; the receiver
   answers with its objects for tasks whose digests differ and asks for the sender's.
 """
@@ -140,6 +142,9 @@ class Tasks:
         self.counters: Counter[str] = Counter()
         self.last_down = 0.0
         """When a member last went down: the standby order of unclaimed tasks changed then."""
+        self._parked: dict[tuple[str, bytes, int, bytes], tuple[Claim | Result, bytes, str]] = {}
+        """Claims and results that arrived before the claim they build on, oldest first."""
+        self._parked_by_task: dict[bytes, list[tuple[str, bytes, int, bytes]]] = {}
         self._unsettled: dict[bytes, None] = {}
         """Tasks to decide on once the current input is fully applied (see `settle`)."""
 
@@ -440,7 +445,7 @@ class Tasks:
             # either forged or ahead of what reached us, so ask its sender for the chain.
             self.counters["claim skips an epoch"] += 1
             self.port.note(Dropped(src, "claim skips an epoch"))
-            self._ask(src, c.task_id)
+            self._park(("claim", c.task_id, c.epoch, c.owner), c, raw, src)
             return
         if src != LOCAL and not self._verified(
             DOMAIN_CLAIM, c.owner_key, c.signed_payload(), c.sig, src, "claim"
@@ -450,6 +455,7 @@ class Tasks:
         st.touch()
         self.port.persist("claim", c.task_id + c.epoch.to_bytes(8, "big") + c.owner, raw)
         self.port.gossip(("claim", c.task_id, c.epoch, c.owner), raw)
+        self._unpark(now, c.task_id)
         current = st.claim
         if current is not None and claim_rank(c.task_id, c.epoch, c.owner) < claim_rank(
             current.task_id, current.epoch, current.owner
@@ -473,7 +479,7 @@ class Tasks:
             # without one is forged or ahead of its claim, so ask its sender for the chain.
             self.counters["result without its claim"] += 1
             self.port.note(Dropped(src, "result without its claim"))
-            self._ask(src, r.task_id)
+            self._park(("result", r.task_id, r.epoch, r.owner), r, raw, src)
             return
         if src != LOCAL and not self._verified(
             DOMAIN_RESULT, r.owner_key, r.signed_payload(), r.sig, src, "result"
@@ -498,6 +504,38 @@ class Tasks:
         mine = self.running.get(r.task_id)
         if mine is not None:
             self._fence(now, r.task_id, mine, "a result was accepted")
+
+    def _park(
+        self, key: tuple[str, bytes, int, bytes], obj: Claim | Result, raw: bytes, src: str
+    ) -> None:
+        # The node skips a message it saw recently, so the same bytes re-sent in answer to our
+        # TaskWant would never reach us again: keep the early object until what it builds on
+        # arrives (unverified: it is verified when applied). Bounded against floods; an evicted
+        # object comes back through anti-entropy.
+        if key in self._parked:
+            return
+        self._parked[key] = (obj, raw, src)
+        self._parked_by_task.setdefault(key[1], []).append(key)
+        if len(self._parked) > _PARKED_MAX:
+            oldest = next(iter(self._parked))
+            del self._parked[oldest]
+            self._parked_by_task[oldest[1]].remove(oldest)
+            if not self._parked_by_task[oldest[1]]:
+                del self._parked_by_task[oldest[1]]
+            self.counters["parked objects evicted"] += 1
+        self._ask(src, key[1])
+
+    def _unpark(self, now: float, task_id: bytes) -> None:
+        keys = self._parked_by_task.pop(task_id, None)
+        for key in keys or ():
+            parked = self._parked.pop(key, None)
+            if parked is None:
+                continue
+            obj, raw, src = parked
+            if isinstance(obj, Claim):
+                self._apply_claim(now, obj, raw, src)
+            else:
+                self._apply_result(now, obj, raw, src)
 
     def _ask(self, src: str, task_id: bytes) -> None:
         if src not in (LOCAL, STORE):
@@ -670,6 +708,8 @@ def _before(t: float | None, since: float) -> bool:
 _WARNED = 4
 """Peers on each side of us in rank order sent a new claim directly, besides gossip."""
 _MAX_WANT = 10_000
+_PARKED_MAX = 4096
+"""Claims and results kept while they wait for the claim they build on (see `_park`)."""
 _SYNC_BATCH_BYTES = 512 * 1024
 
 

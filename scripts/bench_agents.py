@@ -179,7 +179,8 @@ def _count_done(node: dict[str, Any]) -> int:
 
 
 async def check_agreement(peers: list[Peer], task_id: str, sample: int) -> tuple[int, int, Any]:
-    """How many of `sample` peers (spread over the list) hold the same complete tree."""
+    """How many of `sample` peers (spread over the list) hold the tree the boss's peer holds,
+    after giving the last results (the boss's own) a bounded time to spread."""
     picked = peers[:: max(1, len(peers) // sample)][:sample]
 
     async def totals(peer: Peer) -> Any:
@@ -190,13 +191,15 @@ async def check_agreement(peers: list[Peer], task_id: str, sample: int) -> tuple
 
     async def settled() -> tuple[bool, object]:
         views = [await totals(p) for p in picked]
-        same = sum(1 for v in views if v["tasks"] == reference["tasks"])
-        return same == len(picked), [v["tasks"] for v in views]
+        return all(v == reference for v in views), views
 
     with contextlib.suppress(TimeoutError):
-        await wait_for("every sampled peer holds the whole tree", settled, timeout=60, interval=2)
+        await wait_for("every sampled peer holds the whole tree", settled, timeout=60, interval=1)
     views = [await totals(p) for p in picked]
     agree = sum(1 for v in views if v == reference)
+    for peer, view in zip(picked, views, strict=True):
+        if view != reference:
+            print(f"  {peer.name} differs: {view} != {reference}", file=sys.stderr)
     return agree, len(picked), reference
 
 

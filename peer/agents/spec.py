@@ -5,7 +5,8 @@ Invariants:
 - A bad value raises `ValueError` whose message starts with where it is, "agents[2].budget",
   "limits.max_depth", then says what is wanted and what was given, so a typo never falls back
   to a default silently. Unknown keys are errors too.
-- Agent names are unique on a peer, and so are the roles they serve: one role, one agent.
+- Agent names are unique on a peer. Several agents may serve one role (a pool of workers, or
+  the same role on two models): a task of the role goes to the least busy of them.
   The built-in roles (`echo`, `sleep`) and the `grapevine.` prefix are reserved.
 """
 
@@ -108,7 +109,6 @@ def parse_agents(value: object) -> tuple[AgentSpec, ...]:
         raise ValueError(f"agents: must be an array of tables ([[agents]]), got {_kind(value)}")
     specs: list[AgentSpec] = []
     names: dict[str, int] = {}
-    roles: dict[str, int] = {}
     for index, table in enumerate(value):
         where = f"agents[{index}]"
         spec = _agent(where, table)
@@ -117,12 +117,6 @@ def parse_agents(value: object) -> tuple[AgentSpec, ...]:
                 f"{where}.name: {spec.name!r} is already the name of agents[{names[spec.name]}]"
             )
         names[spec.name] = index
-        for role in spec.roles:
-            if role in roles:
-                raise ValueError(
-                    f"{where}.roles: {role!r} is already served by agents[{roles[role]}]"
-                )
-            roles[role] = index
         specs.append(spec)
     return tuple(specs)
 

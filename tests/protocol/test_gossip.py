@@ -120,3 +120,27 @@ def test_event_dedup_is_bounded_and_forgets_oldest() -> None:
     assert len(d._seen) == 2
     assert not d.first_time(ORIGIN, 3)
     assert d.first_time(ORIGIN, 1)
+
+
+def test_broadcast_bigger_than_any_packet_never_leaves_without_solo() -> None:
+    q = BroadcastQueue()
+    q.queue("big", b"x" * 10_000)
+    assert q.get(8192, limit=3) == []
+    assert q.transmits("big") == 0
+
+
+def test_solo_hands_out_a_big_broadcast_alone_when_met_first() -> None:
+    q = BroadcastQueue()
+    q.queue("small", b"s")
+    q.queue("big", b"x" * 10_000)  # newest: met first
+    assert q.get(8192, limit=3, solo=True) == [b"x" * 10_000]
+    assert q.transmits("big") == 1 and q.transmits("small") == 0
+    assert q.get(8192, limit=3, solo=True) == [b"s"]  # the big one has been sent once already
+
+
+def test_solo_does_not_add_a_big_broadcast_to_a_packet_already_holding_others() -> None:
+    q = BroadcastQueue()
+    q.queue("big", b"x" * 10_000)
+    q.queue("small", b"s")  # newest: taken first
+    assert q.get(8192, limit=3, solo=True) == [b"s"]
+    assert q.get(8192, limit=3, solo=True) == [b"x" * 10_000]

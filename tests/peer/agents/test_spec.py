@@ -95,16 +95,13 @@ def test_agent_errors_name_index_and_key(body: str, message: str) -> None:
     assert message in str(info.value)
 
 
-def test_names_and_roles_unique_across_agents() -> None:
+def test_names_unique_across_agents_but_roles_may_be_shared() -> None:
     two = "[[agents]]\nname = 'a'\nroles = ['r']\n[[agents]]\nname = '{}'\nroles = ['{}']\n"
     with pytest.raises(
         ValueError, match=r"agents\[1\].name: 'a' is already the name of agents\[0\]"
     ):
         _agents(two.format("a", "s"))
-    with pytest.raises(
-        ValueError, match=r"agents\[1\].roles: 'r' is already served by agents\[0\]"
-    ):
-        _agents(two.format("b", "r"))
+    assert [spec.roles for spec in _agents(two.format("b", "r"))] == [("r",), ("r",)]
     with pytest.raises(ValueError, match=r"agents: must be an array of tables"):
         parse_agents({"name": "a"})
     with pytest.raises(ValueError, match=r"agents\[0\]: must be a table"):
