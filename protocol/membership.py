@@ -408,9 +408,7 @@ class Membership:
             swim.indirect_checks,
             lambda m: m.status == Status.ALIVE and m.node_id != probe.target,
         )
-        request = encode_message(
-            IndirectPing(seq, target.node_id, target.addr, target.incarnation)
-        )
+        request = encode_message(IndirectPing(seq, target.node_id, target.addr, target.incarnation))
         for helper in helpers:
             self.port.send(helper.addr, [request], piggyback=False)
         probe.nacks_expected = len(helpers)

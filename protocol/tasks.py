@@ -239,9 +239,25 @@ class Tasks:
             task_id, epoch, self.signer.public_key, outcome, output, usage, b"", self.node_id
         )
         result = _with_sig(payload, self.signer.sign(DOMAIN_RESULT, payload.signed_payload()))
-        self._apply_result(now, result, encode_message(result), src=LOCAL)
+        raw = encode_message(result)
+        self._apply_result(now, result, raw, src=LOCAL)
+        self._deliver_to_parent(task_id, epoch, raw)
         self._slot_freed(now)
         return result
+
+    def _deliver_to_parent(self, task_id: bytes, epoch: int, raw: bytes) -> None:
+        # The owner of the parent task is waiting for this result; gossip gets it there too, but
+        # each broadcast is sent only a few times and, after a crash, partly to the dead peer,
+        # so a delegation hop could wait for anti-entropy. Send it (with its claim) directly.
+        st = self.tasks[task_id]
+        parent = st.record.parent if st.record is not None else b""
+        parent_claim = self.tasks[parent].claim if parent in self.tasks else None
+        if parent_claim is None or parent_claim.owner == self.node_id:
+            return
+        addr = self.view.addr_of(parent_claim.owner)
+        mine = st.claims.get((epoch, self.node_id))
+        if addr is not None and mine is not None:
+            self.port.send(addr, [encode_message(mine), raw], piggyback=False)
 
     def cancel(self, now: float, task_id: bytes, reason: str) -> bool:
         """Cancel a task network-wide; False if the task is unknown or already final."""

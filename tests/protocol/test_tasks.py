@@ -588,3 +588,24 @@ def test_digest_is_order_independent() -> None:
 def test_tasks_object_is_driven_by_node() -> None:
     node = Node(lan(), signer(0), addr(0), random.Random(1), 0.0)
     assert isinstance(node.tasks, Tasks) and node.tasks.node_id == node.node_id
+
+
+def test_a_childs_result_is_sent_straight_to_the_owner_of_its_parent() -> None:
+    link, parent_id, parent_owner, order = running_task()
+    for k in range(20):  # a child whose preferred owner is not the parent's owner
+        fx, child_id = link.node(0).submit(
+            link.now, ROLE, b"child", idempotency_key=f"child{k}", parent=parent_id
+        )
+        if ranked(child_id, order)[0] != parent_owner:
+            break
+    link.run(0, fx)
+    link.advance(link.now + 1.0)
+    [(child_owner, _)] = starts(link, child_id)
+    assert child_owner != parent_owner
+    fx = link.node(child_owner).complete(link.now, child_id, 1, "ok", b"answer")
+    direct = [s for s in fx.sends if s.addr == addr(parent_owner)]
+    assert any(
+        isinstance(m, Result) and m.task_id == child_id for s in direct for m in opened(s.data)
+    )
+    link.run(child_owner, fx)
+    assert link.node(parent_owner).tasks.tasks[child_id].accepted is not None
