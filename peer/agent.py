@@ -148,7 +148,7 @@ async def _run(
     host: AgentHost | None = None
     if settings.agents and not settings.no_agents:
         try:
-            host = _agent_host(settings, driver)
+            host = _agent_host(settings, driver, blobs)
         except (ValueError, OSError) as exc:
             print(f"grapevine agent: cannot host the agents: {exc}", file=sys.stderr)
             await executor.close()
@@ -243,7 +243,7 @@ async def _run(
     return 0
 
 
-def _agent_host(settings: AgentSettings, driver: Driver) -> AgentHost:
+def _agent_host(settings: AgentSettings, driver: Driver, blobs: BlobService) -> AgentHost:
     """The agent host of `settings.agents`, its roles installed on the driver's executor (not
     yet declared: `AgentHost.start` does that, after the replay)."""
     from peer.agents.llm import LlmSettings, ModelClient  # litellm itself loads on first call
@@ -259,7 +259,7 @@ def _agent_host(settings: AgentSettings, driver: Driver) -> AgentHost:
         driver,
         settings.agents,
         client,
-        DriverTaskPort(driver),
+        DriverTaskPort(driver, blobs),
         limits=settings.limits,
         pool_settings=settings.pool,
         workspace=settings.workspace_dir(),

@@ -18,8 +18,11 @@ import hashlib
 from typing import TYPE_CHECKING
 
 from peer.agents.ports import ChildResult, TaskView, Usage
+from peer.blobs import BlobUnavailable
+from protocol.blobs import parse_blob_ref
 
 if TYPE_CHECKING:
+    from peer.blobs import BlobService
     from peer.driver import Driver
     from protocol.tasks import TaskState
 
@@ -46,10 +49,13 @@ class DriverTaskPort:
 
     Args:
         driver: the running peer's driver (its node holds the gossiped task and peer state).
+        blobs: fetches a child's output that came back as a blob reference (over 64 KiB);
+            without it such an output is handed over as the reference text.
     """
 
-    def __init__(self, driver: Driver) -> None:
+    def __init__(self, driver: Driver, blobs: BlobService | None = None) -> None:
         self._driver = driver
+        self._blobs = blobs
 
     def submit_child(self, parent: bytes, role: str, data: bytes, priority: int) -> bytes:
         """Submit a child task of `parent`; the same (parent, role, data) gives the same id.
@@ -71,7 +77,16 @@ class DriverTaskPort:
         if result is None:
             return ChildResult("cancelled", b"", (0, 0, 0))
         outcome = result.outcome if result.outcome in _CHILD_OUTCOMES else "failed"
-        return ChildResult(outcome, result.output, result.usage)
+        output = result.output
+        ref = parse_blob_ref(output)
+        if ref is not None and self._blobs is not None:
+            try:
+                output = await self._blobs.get(ref[0], hints=[result.owner])
+            except BlobUnavailable as exc:
+                return ChildResult(
+                    "failed", f"the output blob is unavailable: {exc}".encode(), result.usage
+                )
+        return ChildResult(outcome, output, result.usage)
 
     def suspend(self, task_id: bytes) -> None:
         """The execution of `task_id` waits on children: its slot is free meanwhile."""

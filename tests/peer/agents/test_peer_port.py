@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
 from peer.agents.peer_port import DriverTaskPort, child_key
+from peer.blobs import BlobService, BlobStore
 from peer.driver import Driver
 from peer.executor import Executor, Work, builtin_roles
 from peer.transport import Transport
+from protocol.blobs import parse_blob_ref
 from tests.peer.inprocess import start_peer
 
 pytestmark = pytest.mark.asyncio
@@ -97,3 +100,32 @@ async def test_role_available_reads_the_advertised_roles(env: Env) -> None:
     assert not env.port.role_available("writer")
     env.driver.serve(("echo",), 4)
     assert not env.port.role_available("hold")
+
+
+async def test_a_child_output_over_the_inline_limit_comes_back_as_its_bytes(
+    tmp_path: Path,
+) -> None:
+    driver, transport = await start_peer(1, KEY, 1)
+    blobs = BlobService(BlobStore(tmp_path / "blobs"), transport, driver)
+    transport.blob_store = blobs.store
+    executor = Executor(builtin_roles(), 4, blobs=blobs)
+    driver.attach(executor)
+    big = bytes(range(256)) * 400  # 100 KiB: above the 64 KiB inline limit
+
+    async def produce(work: Work) -> bytes:
+        return big
+
+    executor.handlers["produce"] = produce
+    driver.serve(executor.roles, executor.max_running)
+    driver.join_now([driver.node.addr])
+    try:
+        port = DriverTaskPort(driver, blobs)
+        root = driver.submit("echo", b"root", idempotency_key="root")
+        child = port.submit_child(root, "produce", b"go", 0)
+        result = await asyncio.wait_for(port.wait_result(child), 20)
+        assert parse_blob_ref(driver.node.tasks.tasks[child].accepted.output) is not None  # type: ignore[union-attr]
+        assert result.outcome == "ok" and result.output == big
+    finally:
+        await executor.close()
+        driver.stop()
+        await transport.stop()
