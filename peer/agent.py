@@ -50,7 +50,7 @@ from peer.sealing import Keyring
 from peer.settings import AgentSettings, SettingsError
 from peer.store import Store, StoreError
 from peer.transport import Transport
-from protocol.config import lan, local, with_network
+from protocol.config import lan, local, wan, with_network
 from protocol.identity import Signer, short_id
 from protocol.node import Node
 
@@ -130,7 +130,8 @@ async def _run(
         )
         return 1
     advertise = settings.advertise_address(transport.port)
-    config = with_network(local() if settings.profile == "local" else lan(), keyring.network_id)
+    preset = {"lan": lan, "local": local, "wan": wan}[settings.profile]
+    config = with_network(preset(), keyring.network_id)
     node = Node(config, signer, advertise, random.Random(), loop.time(), incarnation)
     driver = Driver(node, transport, store)
     try:

@@ -283,8 +283,8 @@ def _add_agent(commands: argparse._SubParsersAction[_Parser]) -> None:
         "--profile",
         metavar="NAME",
         default=suppress,
-        help="protocol timing preset: lan (default; as Serf's LAN profile) or local (faster, "
-        "for one machine)",
+        help="protocol timing preset: lan (default; as Serf's LAN profile), local (faster, "
+        "for one machine) or wan (slow links, or many peers crowded on one host)",
     )
     agent.add_argument(
         "--insecure-dev",

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 DEFAULT_BIND = "0.0.0.0:7946"
 DEFAULT_API = "127.0.0.1:8946"
 DEFAULT_DATA_DIR = Path("grapevine-data")
-PROFILES = ("lan", "local")
+PROFILES = ("lan", "local", "wan")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _WILDCARDS = ("0.0.0.0", "::", "")
 AGENT_TABLES = ("agents", "limits", "pool", "llm")
@@ -74,7 +74,8 @@ class AgentSettings:
     join: tuple[str, ...] = ()
     """Seed addresses ("host:port", "[v6]:port" or a bare host) to join through."""
     profile: str = "lan"
-    """Protocol timing preset: "lan" (memberlist's LAN) or "local" (peers on one host)."""
+    """Protocol timing preset: "lan" (memberlist's LAN), "local" (peers on one host) or "wan"
+    (slow links, or many peers crowded on one small host)."""
     no_agents: bool = False
     """Seed-only mode: host no agents and advertise no roles."""
     log_level: str = "INFO"

@@ -175,6 +175,26 @@ def local() -> NodeConfig:
     )
 
 
+def wan() -> NodeConfig:
+    """memberlist's WAN profile, for slow or overloaded links: probe 5 s / 3 s, suspicion mult
+    6, gossip 500 ms to 4, push-pull 60 s; claims wait 6 s before a standby steps in. Also the
+    profile for many peers crowded on one small host, whose processes stall for seconds."""
+    return NodeConfig(
+        swim=SwimConfig(
+            probe_interval=5.0,
+            probe_timeout=3.0,
+            suspicion_mult=6,
+            gossip_to_the_dead=60.0,
+        ),
+        gossip=GossipConfig(
+            gossip_interval=0.5,
+            gossip_fanout=4,
+            push_pull_interval=60.0,
+        ),
+        tasks=TaskConfig(standby_delay=6.0),
+    )
+
+
 def sim() -> NodeConfig:
     """The simulator's default: LAN timings, so simulated figures compare with LAN clusters."""
     return lan()

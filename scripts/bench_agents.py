@@ -1,10 +1,15 @@
 """Agents at scale on this machine: many peer processes, a thousand agents, a thousand-task tree.
 
 Starts `--peers` real `grapevine agent` processes on 127.0.0.1 (default 100), each hosting
-`--agents` agents on the offline model (default 10: one admin and nine workers; the first
-peer also hosts the boss), then submits one job whose tree is boss -> `--admins` admins ->
-`--parts` workers each (default 1 + 10 + 10 x 100 = 1,011 tasks), and waits for the boss's
-answer. Reports wall time, tasks/s, duplicate executions, peak RSS per peer and total CPU.
+`--agents` agents on the offline model (default 10: an admin, a lead and eight workers; the
+first peer also hosts the boss), then submits one MegaAgent-style job: the boss delegates to
+`--fanout` admins, each admin to `--fanout` leads, each lead to `--fanout` workers (default
+1 + 10 + 100 + 1,000 = 1,111 tasks), and waits for the boss's answer. Reports wall time,
+tasks/s, duplicate executions, peak RSS per peer and total CPU.
+
+A hundred peers on two cores are a crowded host: each process gets a few percent of a core and
+stalls for seconds, so the default protocol profile here is `wan` (memberlist's WAN timings),
+not `lan`, whose half-second probe timeout turns those stalls into false failures.
 
 The offline model is called directly rather than through litellm here
 (`offline_via_litellm = false`): importing litellm costs ~170 MB per process, which a hundred
@@ -14,7 +19,7 @@ gossip are the same code either way.
 Every process is started by this script's `LocalCluster` and ended by pid when it exits.
 
     python scripts/bench_agents.py                      # 100 peers, 1,001 agents, 1,011 tasks
-    python scripts/bench_agents.py --peers 10 --parts 20 --admins 3   # a quick look
+    python scripts/bench_agents.py --peers 10 --fanout 4    # a quick look: 85 tasks
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from peer.agents.offline import MAX_PARTS  # noqa: E402
 from scripts.local_cluster import (  # noqa: E402
     LocalCluster,
     Peer,
@@ -68,20 +74,24 @@ class Report:
     checked: int
 
 
-def peer_config(boss: bool, workers: int, admins: int, parts: int) -> str:
-    """The TOML of one peer: an admin and `workers` workers (and the boss on the first peer)."""
+def peer_config(boss: bool, agents: int, fanout: int) -> str:
+    """The TOML of one peer: an admin, a lead and workers (and the boss on the first peer)."""
+    plan = f"\\nParts: {fanout}"
     blocks = [
-        "[limits]\nmax_depth = 4\nmax_children = 128\nmax_steps = 8\n",
+        # The default 200,000-token tree budget, split down three levels, leaves a worker less
+        # than one offline call; a thousand-task tree needs about 100 times that.
+        f"[limits]\nmax_depth = 4\nmax_children = {max(16, fanout)}\nmax_steps = 8\n"
+        "default_budget = 50000000\n",
         "[llm]\noffline_via_litellm = false\n",
-        _agent("admin", "admin", f"Delegate to: worker\\nParts: {parts}", 2, delegate=True),
+        _agent("admin", "admin", "Delegate to: lead" + plan, 2, delegate=True),
+        _agent("lead", "lead", "Delegate to: worker" + plan, 2, delegate=True),
     ]
     blocks += [
-        _agent(f"worker-{i}", "worker", "Write the section asked for.", 1) for i in range(workers)
+        _agent(f"worker-{i}", "worker", "Write the section asked for.", 1)
+        for i in range(agents - 2)
     ]
     if boss:
-        blocks.append(
-            _agent("boss", "boss", f"Delegate to: admin\\nParts: {admins}", 1, delegate=True)
-        )
+        blocks.append(_agent("boss", "boss", "Delegate to: admin" + plan, 1, delegate=True))
     return "\n".join(blocks)
 
 
@@ -119,11 +129,10 @@ def median(values: list[float]) -> float:
 
 
 async def start_peers(cluster: LocalCluster, args: argparse.Namespace, root: Path) -> list[Peer]:
-    workers = args.agents - 1
     seed: Peer | None = None
     for i in range(args.peers):
         config = root / f"peer{i}.toml"
-        config.write_text(peer_config(i == 0, workers, args.admins, args.parts))
+        config.write_text(peer_config(i == 0, args.agents, args.fanout))
         cluster.extra_args = ("--config", str(config))
         peer = cluster.add(join=[seed] if seed else [])
         seed = seed or peer
@@ -155,7 +164,7 @@ async def run_job(peers: list[Peer], args: argparse.Namespace) -> tuple[str, flo
         lambda c: c.submit("boss", args.job, idempotency_key="bench-agents", wait=False),
     )
     task_id = str(answer["id"])
-    expected = 1 + args.admins + args.admins * args.parts
+    expected = 1 + args.fanout + args.fanout**2 + args.fanout**3
     last = -1
     while True:
         tree = await query(boss.api, lambda c: c.tree(task_id))
@@ -262,17 +271,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--peers", type=int, default=100, help="peer processes (default 100)")
     parser.add_argument("--agents", type=int, default=10, help="agents per peer (default 10)")
-    parser.add_argument("--admins", type=int, default=10, help="admins the boss delegates to")
-    parser.add_argument("--parts", type=int, default=100, help="workers each admin delegates to")
+    parser.add_argument(
+        "--fanout", type=int, default=10, help="children of each boss, admin and lead (10)"
+    )
     parser.add_argument("--job", default="Plan a country's policy on heat resilience")
-    parser.add_argument("--profile", default="lan", choices=("lan", "local"))
+    parser.add_argument("--profile", default="wan", choices=("lan", "local", "wan"))
     parser.add_argument("--timeout", type=float, default=1800.0, help="job time limit, s")
     parser.add_argument("--out", type=Path, default=OUT / "bench_agents.json")
     args = parser.parse_args(argv)
-    if args.peers < 1 or args.agents < 2 or args.admins < 1 or args.parts < 1:
-        parser.error("need at least 1 peer, 2 agents per peer, 1 admin and 1 part")
-    if args.parts > 128 or args.admins > 128:
-        parser.error("--admins and --parts must be at most 128 (the fan-out limit configured)")
+    if args.peers < 1 or args.agents < 3 or not 1 <= args.fanout <= MAX_PARTS:
+        parser.error(f"need at least 1 peer, 3 agents per peer and a fan-out of 1 to {MAX_PARTS}")
     with tempfile.TemporaryDirectory(prefix="bench-agents-") as tmp:
         try:
             report = asyncio.run(bench(args, Path(tmp)))

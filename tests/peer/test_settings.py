@@ -92,7 +92,7 @@ def test_wildcard_ipv6_bind_advertises_loopback() -> None:
         ({"bind": "h:99999"}, {}, "", "bind from --bind: 'h:99999'"),
         ({}, {}, 'api = "nope"', "api from "),
         ({"advertise": "0.0.0.0:7946"}, {}, "", "advertise from --advertise"),
-        ({}, {"GRAPEVINE_PROFILE": "wan"}, "", "profile from GRAPEVINE_PROFILE: 'wan'"),
+        ({}, {"GRAPEVINE_PROFILE": "lan2"}, "", "profile from GRAPEVINE_PROFILE: 'lan2'"),
         ({}, {"GRAPEVINE_INSECURE_DEV": "maybe"}, "", "insecure_dev from GRAPEVINE_INSECURE_DEV"),
         ({}, {}, "no_agents = 3", "no_agents from "),
         ({}, {"GRAPEVINE_JOIN": "a:x"}, "", "join from GRAPEVINE_JOIN: 'a:x' has a bad seed"),

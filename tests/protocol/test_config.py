@@ -21,6 +21,7 @@ from protocol.config import (
     suspicion_confirmations_wanted,
     suspicion_min_timeout,
     suspicion_timeout,
+    wan,
     with_network,
 )
 from protocol.errors import LocalProtocolError
@@ -113,7 +114,7 @@ def test_push_pull_interval_for(n: int, expected: float) -> None:
     assert push_pull_interval_for(30.0, n) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("preset", [lan, local, sim])
+@pytest.mark.parametrize("preset", [lan, local, sim, wan])
 def test_presets_validate(preset: Callable[[], NodeConfig]) -> None:
     preset().validate()
 
@@ -125,6 +126,12 @@ def test_sim_compares_with_lan() -> None:
 def test_local_is_tighter_than_lan() -> None:
     assert local().swim.probe_timeout < lan().swim.probe_timeout
     assert local().gossip.gossip_interval < lan().gossip.gossip_interval
+
+
+def test_wan_is_looser_than_lan() -> None:
+    assert wan().swim.probe_timeout > lan().swim.probe_timeout
+    assert wan().swim.probe_interval > lan().swim.probe_interval
+    assert wan().tasks.standby_delay > lan().tasks.standby_delay
 
 
 def test_with_network_binds_only_the_network() -> None:
