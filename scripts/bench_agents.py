@@ -43,6 +43,7 @@ if str(REPO) not in sys.path:
 
 from peer.agents.offline import MAX_PARTS  # noqa: E402
 from scripts.local_cluster import (  # noqa: E402
+    GrapevineError,
     LocalCluster,
     Peer,
     query,
@@ -167,7 +168,12 @@ async def run_job(peers: list[Peer], args: argparse.Namespace) -> tuple[str, flo
     expected = 1 + args.fanout + args.fanout**2 + args.fanout**3
     last = -1
     while True:
-        tree = await query(boss.api, lambda c: c.tree(task_id))
+        try:
+            tree = await query(boss.api, lambda c: c.tree(task_id))
+        except GrapevineError as exc:  # a peer crowded by a hundred others answers slowly
+            print(f"  polling: {exc}; retrying", file=sys.stderr, flush=True)
+            await asyncio.sleep(2.0)
+            continue
         done = _count_done(tree)
         if done != last:
             print(f"  {done} of {expected} tasks done", file=sys.stderr, flush=True)
@@ -193,7 +199,10 @@ async def check_agreement(peers: list[Peer], task_id: str, sample: int) -> tuple
     picked = peers[:: max(1, len(peers) // sample)][:sample]
 
     async def totals(peer: Peer) -> Any:
-        tree = await query(peer.api, lambda c: c.tree(task_id))
+        try:
+            tree = await query(peer.api, lambda c: c.tree(task_id))
+        except GrapevineError as exc:
+            return {"unreachable": str(exc)}
         return tree["totals"]
 
     reference = await totals(picked[0])
@@ -284,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-agents-") as tmp:
         try:
             report = asyncio.run(bench(args, Path(tmp)))
-        except (TimeoutError, RuntimeError) as exc:
+        except (TimeoutError, RuntimeError, GrapevineError) as exc:
             print(f"bench_agents: {exc}", file=sys.stderr)
             return 1
     print(table(report))
