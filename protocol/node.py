@@ -557,8 +557,8 @@ class Node:
             case ReconnectDue():
                 self.schedule(now + self.config.gossip.reconnect_interval, ReconnectDue())
                 self._reconnect()
-            case TaskStandby(task_id):
-                self.tasks.on_standby(now, task_id)
+            case TaskStandby(task_id, at):
+                self.tasks.on_standby(now, task_id, at)
             case ReapDue():
                 self.schedule(now + self.config.swim.gossip_to_the_dead, ReapDue())
                 for node_id in m.reap(now):

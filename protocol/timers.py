@@ -66,9 +66,11 @@ class ReapDue:
 
 @dataclass(frozen=True, slots=True)
 class TaskStandby:
-    """A standby's turn to look at `task_id` again (claim it if still unclaimed)."""
+    """A standby's turn to look at `task_id` again (claim it if still unclaimed), armed for
+    `at`; only the timer armed last for a task counts (see `Tasks._wake`)."""
 
     task_id: bytes
+    at: float
 
 
 Timer = (

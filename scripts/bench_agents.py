@@ -296,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         except (TimeoutError, RuntimeError, GrapevineError) as exc:
             print(f"bench_agents: {exc}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print("bench_agents: interrupted; every peer it started was stopped", file=sys.stderr)
+            return 130
     print(table(report))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(asdict(report), indent=2) + "\n")

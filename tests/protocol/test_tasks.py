@@ -32,6 +32,7 @@ from protocol.tasks import (
     claim_rank,
     hrw_score,
 )
+from protocol.timers import TaskStandby
 from protocol.wire import (
     MAX_INLINE_PAYLOAD,
     Claim,
@@ -609,3 +610,17 @@ def test_a_childs_result_is_sent_straight_to_the_owner_of_its_parent() -> None:
     )
     link.run(child_owner, fx)
     assert link.node(parent_owner).tasks.tasks[child_id].accepted is not None
+
+
+def test_a_standby_keeps_one_wake_up_per_task_however_often_it_looks() -> None:
+    # A busy network changes the view many times a second; each change makes every peer look
+    # at its open tasks again. Found with 100 peers and 1,000 tasks: wake-ups piled up by the
+    # thousand and the peers spent 90% of their CPU firing them.
+    link = cluster(4)
+    node = link.node(3)
+    node.tasks.quiet_until = link.now + 100.0  # every look now asks to look again later
+    task_id = submit(link, key="wake")
+    for _ in range(50):
+        node.tasks.reevaluate(link.now)
+    wakes = [t for _, _, t in node._timers if isinstance(t, TaskStandby) and t.task_id == task_id]
+    assert len(wakes) == 1
