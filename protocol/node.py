@@ -622,7 +622,13 @@ class Node:
             self._full_since.pop(state.node_id, None)
         else:
             self._full_since.setdefault(state.node_id, self._last_call)
-        if known is None or (known.roles, known.free_slots) != (state.roles, state.free_slots):
+        # The task rules read roles and fullness, not the number of free slots: a peer going
+        # from 3 free slots to 2 changes no decision, and re-deciding every open task on each
+        # such change costs O(open tasks) per gossiped state.
+        if known is None or (known.roles, known.free_slots > 0) != (
+            state.roles,
+            state.free_slots > 0,
+        ):
             self.tasks.view_changed()
 
     def _push_pull(self, addr: str, join: bool, reply: bool) -> None:
