@@ -145,8 +145,9 @@ class Tasks:
         self._parked: dict[tuple[str, bytes, int, bytes], tuple[Claim | Result, bytes, str]] = {}
         """Claims and results that arrived before the claim they build on, oldest first."""
         self._parked_by_task: dict[bytes, list[tuple[str, bytes, int, bytes]]] = {}
-        self._rankings: dict[bytes, tuple[list[bytes], list[bytes]]] = {}
-        """Open tasks' candidates, as last seen, and their HRW order (see `_ranking`)."""
+        self._rankings: dict[bytes, tuple[list[bytes], list[bytes], dict[bytes, int]]] = {}
+        """Open tasks' candidates as last seen, their HRW order, and every HRW score computed
+        for the task (see `_ranking`)."""
         self._armed: dict[bytes, float] = {}
         """The pending wake-up (`TaskStandby`) of each task, by the time it is armed for."""
         self._unsettled: dict[bytes, None] = {}
@@ -658,14 +659,18 @@ class Tasks:
             self._claim(now, st, epoch, ranked[:rank][:_WARNED] + ranked[rank + 1 :][:_WARNED])
 
     def _ranking(self, task_id: bytes, candidates: list[bytes]) -> list[bytes]:
-        # An open task is looked at on every change of any peer's free slots; the candidates
-        # rarely change, and hashing each of them (HRW) every time cost a quarter of a peer's
-        # CPU with 100 peers and 1,000 open tasks.
+        # An open task is looked at whenever a peer's roles or fullness change; hashing every
+        # candidate (HRW) each time cost a quarter of a peer's CPU with 100 peers and 1,000
+        # open tasks. Scores never change, and candidates only as members come and go.
         cached = self._rankings.get(task_id)
         if cached is not None and cached[0] == candidates:
             return cached[1]
-        ranked = sorted(candidates, key=lambda n: hrw_score(task_id, n), reverse=True)
-        self._rankings[task_id] = (candidates, ranked)
+        scores = cached[2] if cached is not None else {}
+        for n in candidates:
+            if n not in scores:
+                scores[n] = hrw_score(task_id, n)
+        ranked = sorted(candidates, key=scores.__getitem__, reverse=True)
+        self._rankings[task_id] = (candidates, ranked, scores)
         return ranked
 
     def _claim(self, now: float, st: TaskState, epoch: int, warn: list[bytes]) -> None:

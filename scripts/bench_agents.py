@@ -63,6 +63,8 @@ class Report:
     tree_tasks: int
     executions: int
     duplicates: int
+    takeovers: int
+    fenced: int
     start_s: float
     wall_s: float
     tasks_per_s: float
@@ -232,6 +234,7 @@ async def bench(args: argparse.Namespace, root: Path) -> Report:
         task_id, wall = await run_job(peers, args)
         cpu = cpu_seconds(pids) - cpu_start
         agree, checked, totals = await check_agreement(peers, task_id, sample=10)
+        stats = await query(peers[0].api, lambda c: c.task_stats())
         rss = [peak_rss_mb(pid) for pid in pids]
         tasks = int(totals["tasks"])
         return Report(
@@ -240,6 +243,8 @@ async def bench(args: argparse.Namespace, root: Path) -> Report:
             tree_tasks=tasks,
             executions=int(totals["executions"]),
             duplicates=int(totals["duplicates"]),
+            takeovers=int(stats["totals"]["takeovers"]),
+            fenced=int(stats["totals"]["fenced"]),
             start_s=round(start_s, 1),
             wall_s=round(wall, 1),
             tasks_per_s=round(tasks / wall, 1),
@@ -260,6 +265,8 @@ def table(r: Report) -> str:
         ("tasks in the tree", f"{r.tree_tasks:,}"),
         ("executions", f"{r.executions:,}"),
         ("duplicate executions", f"{r.duplicates}"),
+        ("takeovers (all tasks, boss's peer view)", f"{r.takeovers}"),
+        ("fenced executions (same view)", f"{r.fenced}"),
         ("start-up (all peers joined) s", f"{r.start_s}"),
         ("job wall time s", f"{r.wall_s}"),
         ("tasks/s", f"{r.tasks_per_s}"),

@@ -624,3 +624,17 @@ def test_a_standby_keeps_one_wake_up_per_task_however_often_it_looks() -> None:
         node.tasks.reevaluate(link.now)
     wakes = [t for _, _, t in node._timers if isinstance(t, TaskStandby) and t.task_id == task_id]
     assert len(wakes) == 1
+
+
+def test_the_cached_hrw_order_follows_the_candidates() -> None:
+    link = cluster(4)
+    tasks = link.node(0).tasks
+    task_id = b"t" * 32
+    everyone = [node_id(i) for i in range(4)]
+    assert tasks._ranking(task_id, everyone) == ranked_ids(task_id, everyone)
+    assert tasks._ranking(task_id, everyone[1:]) == ranked_ids(task_id, everyone[1:])
+    assert tasks._ranking(task_id, everyone) == ranked_ids(task_id, everyone)
+
+
+def ranked_ids(task_id: bytes, ids: list[bytes]) -> list[bytes]:
+    return sorted(ids, key=lambda n: hrw_score(task_id, n), reverse=True)
