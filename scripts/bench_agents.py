@@ -136,8 +136,7 @@ async def start_peers(cluster: LocalCluster, args: argparse.Namespace, root: Pat
     for i in range(args.peers):
         config = root / f"peer{i}.toml"
         config.write_text(peer_config(i == 0, args.agents, args.fanout))
-        cluster.extra_args = ("--config", str(config))
-        peer = cluster.add(join=[seed] if seed else [])
+        peer = cluster.add(join=[seed] if seed else [], extra_args=("--config", str(config)))
         seed = seed or peer
         if i % 10 == 9:  # let each batch import and join before the next one starts
             await wait_ready(cluster.peers[-10:], timeout=120)

@@ -102,6 +102,8 @@ class Peer:
     key_file: Path
     join: list[str]
     log_path: Path
+    extra_args: Sequence[str] = ()
+    """More `grapevine agent` flags for this peer (kept, so a restart runs it the same way)."""
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
     node_id: str = ""
@@ -145,8 +147,14 @@ class LocalCluster:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def add(self, join: Sequence[Peer] = (), key_file: Path | None = None) -> Peer:
-        """Start a new peer joining through `join` (with the cluster's key unless given)."""
+    def add(
+        self,
+        join: Sequence[Peer] = (),
+        key_file: Path | None = None,
+        extra_args: Sequence[str] | None = None,
+    ) -> Peer:
+        """Start a new peer joining through `join` (with the cluster's key unless given), with
+        `extra_args` instead of the cluster's when given (e.g. its own `--config`)."""
         assert self.key_file is not None, "use LocalCluster as a context manager"
         name = f"p{len(self.peers)}"
         peer = Peer(
@@ -157,6 +165,7 @@ class LocalCluster:
             key_file=key_file or self.key_file,
             join=[p.bind for p in join],
             log_path=self.root / f"{name}.log",
+            extra_args=self.extra_args if extra_args is None else tuple(extra_args),
         )
         self.peers.append(peer)
         self.start(peer)
@@ -178,7 +187,7 @@ class LocalCluster:
             str(peer.key_file),
             "--profile",
             self.profile,
-            *self.extra_args,
+            *peer.extra_args,
         ]
         for seed in peer.join:
             args += ["--join", seed]

@@ -76,13 +76,9 @@ def test_a_delegation_tree_spans_three_peers(tmp_path: Path) -> None:
         for name, text in CONFIGS.items():
             configs[name] = root / f"{name}.toml"
             configs[name].write_text(text + LLM)
-        # LocalCluster passes the same extra flags to every peer it starts; set them per peer.
-        cluster.extra_args = ("--config", str(configs["boss"]))
-        seed = cluster.add()
-        cluster.extra_args = ("--config", str(configs["admin"]))
-        cluster.add(join=[seed])
-        cluster.extra_args = ("--config", str(configs["worker"]))
-        cluster.add(join=[seed])
+        seed = cluster.add(extra_args=("--config", str(configs["boss"])))
+        cluster.add(join=[seed], extra_args=("--config", str(configs["admin"])))
+        cluster.add(join=[seed], extra_args=("--config", str(configs["worker"])))
         peers = list(cluster.peers)
         try:
             asyncio.run(_run(peers))

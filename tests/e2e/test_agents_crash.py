@@ -130,9 +130,9 @@ def test_a_tree_survives_the_kill_of_an_admin_peer(tmp_path: Path) -> None:
         for i, (_, text) in enumerate(LAYOUT):
             config = root / f"p{i}.toml"
             config.write_text(text + LLM)
-            # LocalCluster passes the same extra flags to every peer it starts: set them per peer.
-            cluster.extra_args = ("--config", str(config))
-            peer = cluster.add(join=[seed] if seed is not None else [])
+            peer = cluster.add(
+                join=[seed] if seed is not None else [], extra_args=("--config", str(config))
+            )
             seed = seed or peer
         peers = list(cluster.peers)
         try:
@@ -330,9 +330,8 @@ async def _run(cluster: LocalCluster, peers: list[Peer]) -> None:
     assert boss is not None and boss.agent == "boss"
     assert f"combined from {ADMINS} delegated sections" in boss.answer
 
-    # The killed peer comes back with its own config (extra_args hold the last peer's): it must
-    # converge on the same tree and execute nothing again.
-    cluster.extra_args = ("--config", str(cluster.root / f"{victim.name}.toml"))
+    # The killed peer comes back (with its own config): it must converge on the same tree and
+    # execute nothing again.
     cluster.start(victim)
     restarted = time.monotonic()
     await wait_ready([victim], timeout=20)
