@@ -60,7 +60,7 @@ LEAVE_TIMEOUT = 3.0
 AGENT_SLOTS = BUILTIN_SLOTS
 """Executions of the built-in roles a peer runs at once (`max_running` of `Node.serve`); the
 agent host adds its agents' slots to these."""
-RESTORE_KINDS = ("task", "claim", "result", "cancel", "execution")
+RESTORE_KINDS = ("task", "claim", "result", "cancel", "execution", "grant")
 """Stored task objects, in replay order: a claim needs its record, a result its claim."""
 
 

@@ -151,7 +151,6 @@ class Node:
         self.states: dict[bytes, PeerState] = {}
         self._early_states: dict[bytes, PeerState] = {}
         self._full_since: dict[bytes, float] = {}
-        self._free_since: float | None = None
         self._state_version = incarnation << 32
         self._seeds: list[str] = []
         self._joining: set[str] = set()
@@ -215,9 +214,14 @@ class Node:
         """Ask the host to make a record durable before this call's sends leave."""
         self._fx.persists.append(Persist(kind, key, value))
 
-    def send_to_random(self, k: int, messages: list[bytes]) -> None:
-        """Send `messages` directly to `k` random alive members."""
-        for m in self.membership.random_members(k, lambda x: x.status == Status.ALIVE):
+    def send_to_random(
+        self, k: int, messages: list[bytes], exclude: frozenset[bytes] = frozenset()
+    ) -> None:
+        """Send `messages` directly to `k` random alive members not in `exclude`."""
+        alive = self.membership.random_members(
+            k, lambda x: x.status == Status.ALIVE and x.node_id not in exclude
+        )
+        for m in alive:
             self.send(m.addr, messages, piggyback=False)
 
     # View: what the task rules read of membership.
@@ -238,10 +242,6 @@ class Node:
     def full_since(self, node_id: bytes) -> float | None:
         """Since when `node_id` has advertised no free execution slot (None: it has one)."""
         return self._full_since.get(node_id)
-
-    def free_since(self) -> float | None:
-        """Since when this peer has advertised a free execution slot (None: it has none)."""
-        return self._free_since
 
     def slots_changed(self) -> None:
         """An execution started or ended here: advertise the free slots left."""
@@ -369,10 +369,6 @@ class Node:
         )
         self.states[self.node_id] = state
         self.gossip(("state", self.node_id), encode_message(state))
-        if free_slots == 0:
-            self._free_since = None
-        elif self._free_since is None:
-            self._free_since = self._last_call
 
     def submit(
         self,

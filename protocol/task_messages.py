@@ -152,6 +152,26 @@ class TaskWant:
     ids: tuple[bytes, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class TaskAsk:
+    """A standby whose turn came with no claim in view asks the task's first-ranked peer (its
+    "primary" for this epoch) whether it may claim `epoch`; see `TaskGrant`."""
+
+    task_id: bytes
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class TaskGrant:
+    """The primary's answer: `grantee` (and no one else, the primary included) may claim
+    `epoch` of the task, unless the grantee is declared dead. The primary grants each epoch once
+    and keeps the grant durable, so two standbys never both step in for a live primary."""
+
+    task_id: bytes
+    epoch: int
+    grantee: bytes
+
+
 def task_id_of(
     origin: bytes,
     idempotency_key: str,

@@ -46,6 +46,7 @@ class TaskState:
         "owner_down_at",
         "holders",
         "replicated",
+        "grants",
         "_digest",
     )
 
@@ -65,6 +66,9 @@ class TaskState:
         self.owner_down_at: float | None = None
         self.holders: set[bytes] = set()
         self.replicated = False
+        self.grants: dict[int, bytes] = {}
+        """Per epoch, the peer the task's primary let claim it (see `protocol.tasks`): granted
+        here if we are the primary, else learned from it. Not part of the CRDT."""
         self._digest: bytes | None = None
 
     def touch(self) -> None:

@@ -7,10 +7,14 @@ Theory of operation (DESIGN.md section 5 is the specification)
 - Claims are ordered by (epoch, HRW score of the owner for this task). The HRW score depends
   only on the task id and the owner id, not on anyone's view, so two claims always compare the
   same way everywhere.
-- The preferred owner is the live member able to run the task (its gossiped roles) with the
-  highest HRW score. It claims epoch 1 at once; the others stand by in rank order and claim
-  only if no claim arrived `standby_delay * rank` seconds after they first saw the task. A full
-  peer passes its turn and re-evaluates when a slot frees.
+- The task's primary for an epoch is the live member able to run it (its gossiped roles) with
+  the highest HRW score. With a free slot it claims at once; a full primary passes and claims
+  when a slot frees. Nobody else claims without the primary's grant: a standby whose turn came
+  with no claim in view (at once if every peer ranked before it is full, else after
+  `standby_delay * rank`) asks the primary, which grants each epoch to one peer, durably, and
+  answers later askers with that grant or with its claim. So a live primary and two standbys
+  never both run the task, whatever their views of each other's free slots; only a primary
+  declared dead (or a grantee declared dead before claiming) lets a second grant be made.
 - Takeover: only when the claim's owner is declared dead (or left) does the next-ranked live
   peer claim with epoch + 1. The epoch is the fencing token.
 - Suspension: an execution waiting on its child tasks may be suspended. It stays owned and
@@ -65,7 +69,9 @@ from protocol.wire import (
     Execution,
     Message,
     Result,
+    TaskAsk,
     TaskDigests,
+    TaskGrant,
     TaskHeld,
     TaskRecord,
     TaskWant,
@@ -92,13 +98,14 @@ class View(Protocol):
     def capable(self, role: str) -> list[bytes]: ...
     def addr_of(self, node_id: bytes) -> str | None: ...
     def full_since(self, node_id: bytes) -> float | None: ...
-    def free_since(self) -> float | None: ...
 
 
 class Port(MembershipPort, Protocol):
     """What the task rules need from the node: membership's port, and two more."""
 
-    def send_to_random(self, k: int, messages: list[bytes]) -> None: ...
+    def send_to_random(
+        self, k: int, messages: list[bytes], exclude: frozenset[bytes] = frozenset()
+    ) -> None: ...
     def slots_changed(self) -> None: ...
 
 
@@ -211,9 +218,19 @@ class Tasks:
         record = _with_sig(unsigned, self.signer.sign(DOMAIN_TASK, unsigned.signed_payload()))
         raw = encode_message(record)
         self._apply_task(now, record, raw, local=True)
-        # One more than needed, so a target that dies right now cannot stall the acknowledgement
-        # until gossip brings the record to someone else.
-        self.port.send_to_random(self.replication + 1, [raw])
+        # Straight to the peers first in line to run it (gossip would take a round or more,
+        # longer when its queue is busy), and to one more peer than replication needs, so a
+        # target that dies right now cannot stall the acknowledgement until gossip brings the
+        # record to someone else.
+        copies = self.replication + 1
+        ranked = [n for n in self._candidates(self.tasks[task_id], 1) if n != self.node_id]
+        sent = frozenset(ranked[:copies])
+        for node_id in sent:
+            addr = self.view.addr_of(node_id)
+            if addr is not None:
+                self.port.send(addr, [raw], piggyback=False)
+        if len(sent) < copies:
+            self.port.send_to_random(copies - len(sent), [raw], exclude=sent | {self.node_id})
         return record
 
     def complete(
@@ -246,23 +263,28 @@ class Tasks:
         result = _with_sig(payload, self.signer.sign(DOMAIN_RESULT, payload.signed_payload()))
         raw = encode_message(result)
         self._apply_result(now, result, raw, src=LOCAL)
-        self._deliver_to_parent(task_id, epoch, raw)
+        self._deliver_to_waiters(task_id, epoch, raw)
         self._slot_freed(now)
         return result
 
-    def _deliver_to_parent(self, task_id: bytes, epoch: int, raw: bytes) -> None:
-        # The owner of the parent task is waiting for this result; gossip gets it there too, but
-        # each broadcast is sent only a few times and, after a crash, partly to the dead peer,
-        # so a delegation hop could wait for anti-entropy. Send it (with its claim) directly.
+    def _deliver_to_waiters(self, task_id: bytes, epoch: int, raw: bytes) -> None:
+        # The task's origin (where its client waits) and the owner of its parent task (waiting
+        # on this child) need the result first. Gossip gets it there too, but each broadcast is
+        # sent only a few times: under load its queue holds it back for seconds, and after a
+        # crash some copies go to the dead peer, so a waiter could wait for anti-entropy. Send
+        # it (with its claim) directly.
         st = self.tasks[task_id]
-        parent = st.record.parent if st.record is not None else b""
-        parent_claim = self.tasks[parent].claim if parent in self.tasks else None
-        if parent_claim is None or parent_claim.owner == self.node_id:
-            return
-        addr = self.view.addr_of(parent_claim.owner)
         mine = st.claims.get((epoch, self.node_id))
-        if addr is not None and mine is not None:
-            self.port.send(addr, [encode_message(mine), raw], piggyback=False)
+        if st.record is None or mine is None:
+            return
+        waiters = {st.record.origin}
+        parent_claim = self.tasks[st.record.parent].claim if st.record.parent in self.tasks else None
+        if parent_claim is not None:
+            waiters.add(parent_claim.owner)
+        for node_id in sorted(waiters - {self.node_id}):
+            addr = self.view.addr_of(node_id)
+            if addr is not None:
+                self.port.send(addr, [encode_message(mine), raw], piggyback=False)
 
     def cancel(self, now: float, task_id: bytes, reason: str) -> bool:
         """Cancel a task network-wide; False if the task is unknown or already final."""
@@ -339,11 +361,13 @@ class Tasks:
         for tid in waiting:
             self._evaluate(now, self.tasks[tid])
 
-    def _urgency(self, task_id: bytes) -> tuple[int, bytes]:
-        # Highest priority first; ties by id, so the order never depends on set iteration
-        # (hash randomisation would make simulated runs differ between processes).
-        rec = self.tasks[task_id].record
-        return (-rec.priority if rec is not None else 0, task_id)
+    def _urgency(self, task_id: bytes) -> tuple[int, float, bytes]:
+        # Highest priority first, then first come, first served: by id alone, a task whose id
+        # sorts last waited for as long as others kept arriving (seconds under steady load).
+        # The id breaks ties, so the order never depends on set iteration (hash randomisation
+        # would make simulated runs differ between processes).
+        st = self.tasks[task_id]
+        return (-st.record.priority if st.record is not None else 0, st.first_seen, task_id)
 
     def on_stall(self, now: float, quiet: float | None = None) -> None:
         """We were frozen: let the claims made meanwhile reach us before claiming anything,
@@ -408,6 +432,10 @@ class Tasks:
                 self._on_digests(src, msg)
             case TaskWant(ids):
                 self._send_objects(src, ids)
+            case TaskAsk(task_id, epoch):
+                self._on_ask(now, src, sender, task_id, epoch)
+            case TaskGrant(task_id, epoch, grantee):
+                self._on_grant(task_id, epoch, grantee, src)
             case _:
                 return False
         return True
@@ -629,34 +657,102 @@ class Tasks:
                 self._start(now, st, claim.epoch)  # resume our own claim after a restart
             return
         if claim is None:
-            epoch, since, exclude = 1, max(st.first_seen, self.last_down), b""
+            epoch, since = 1, max(st.first_seen, self.last_down)
         elif self.view.is_down(claim.owner):
-            epoch, since, exclude = claim.epoch + 1, st.owner_down_at or now, claim.owner
+            epoch, since = claim.epoch + 1, st.owner_down_at or now
         else:
             return
-        ranked = self._ranking(st.task_id, [n for n in self.view.capable(rec.role) if n != exclude])
+        ranked = self._candidates(st, epoch)
         if self.node_id not in ranked:
             return
         rank = ranked.index(self.node_id)
-        due = since + rank * self.standby_delay
-        free = self.view.free_since()
-        if free is not None and free > since:
-            # Others saw us full when this task appeared, so a standby may step in at its turn.
-            # Claim only once our free slot has been advertised for a standby delay: by then a
-            # standby either saw it and waits, or claimed and its claim has reached us.
-            due = max(due, free + self.standby_delay)
-        if now < due:
-            self._wake(st.task_id, due)
+        granted = st.grants.get(epoch)
+        if granted is not None and granted != self.node_id and not self.view.is_down(granted):
+            return  # the primary let another peer claim this epoch
+        if rank > 0 and granted != self.node_id:
+            self._stand_by(now, st, epoch, since, ranked, rank)
         elif self.slots_used() >= self.max_running:
-            self.passed.add(st.task_id)
-        elif all(_before(self.view.full_since(n), since) for n in ranked[:rank]):
-            # Everyone before us was full before our wait began, so they passed: their claim
-            # is not merely late or lost (a peer full since later may be full with this very
-            # task). Otherwise we wait for the view to change and look again; a peer that
-            # passed claims itself when a slot frees.
-            # Besides gossip, tell at once those who passed (they take a task back when a slot
-            # frees) and the standbys next in line (they may be about to step in).
+            self.passed.add(st.task_id)  # a slot freeing here, or a standby's ask, moves it on
+        else:
+            # Besides gossip, tell at once those ranked before us (they may hold a pass and
+            # take the task when a slot frees) and the standbys next in line.
             self._claim(now, st, epoch, ranked[:rank][:_WARNED] + ranked[rank + 1 :][:_WARNED])
+
+    def _stand_by(
+        self, now: float, st: TaskState, epoch: int, since: float, ranked: list[bytes], rank: int
+    ) -> None:
+        # A standby steps in only with the primary's grant. Its turn comes at once when every
+        # peer ranked before it looks full (the usual case under load), else after a standby
+        # delay per rank: by then the claim of a peer before it has normally arrived, and asking
+        # heals one that was lost. With no free slot it passes and asks when one frees.
+        if any(self.view.full_since(n) is None for n in ranked[:rank]):
+            due = since + rank * self.standby_delay
+            if now < due:
+                self._wake(st.task_id, due)
+                return
+        if self.slots_used() >= self.max_running:
+            self.passed.add(st.task_id)
+            return
+        addr = self.view.addr_of(ranked[0])
+        if addr is not None:
+            self.counters["grants asked"] += 1
+            msg = encode_message(TaskAsk(st.task_id, epoch))
+            self.port.send(addr, [msg], piggyback=False)
+        self._wake(st.task_id, now + self.standby_delay * _ASK_RETRY)
+
+    def _candidates(self, st: TaskState, epoch: int) -> list[bytes]:
+        """Live peers able to run `epoch` of the task in HRW order, its primary first (for a
+        takeover, without the owner it takes over from)."""
+        assert st.record is not None
+        claim = st.claim
+        exclude = claim.owner if epoch > 1 and claim is not None else b""
+        capable = self.view.capable(st.record.role)
+        return self._ranking(st.task_id, [n for n in capable if n != exclude])
+
+    def _on_ask(self, now: float, src: str, sender: bytes, task_id: bytes, epoch: int) -> None:
+        st = self.tasks.get(task_id)
+        if st is None or st.record is None:
+            self._ask(src, task_id)  # we cannot rank peers for a task we do not hold
+            return
+        claim = st.claim
+        if st.accepted is not None or st.cancel is not None or (claim and claim.epoch >= epoch):
+            self._send_objects(src, [task_id])  # what the asker missed answers it
+            return
+        if epoch < 1 or (epoch > 1 and (claim is None or claim.epoch != epoch - 1)):
+            self._ask(src, task_id)  # it knows a claim we lack
+            return
+        if self.quiet_until == math.inf:
+            return  # restored, not yet joined: our view of who is primary means nothing yet
+        ranked = self._candidates(st, epoch)
+        if not ranked or ranked[0] != self.node_id:
+            return  # not the primary in our view; the asker's view will catch up
+        grantee = st.grants.get(epoch)
+        if grantee is None or (grantee != sender and self.view.is_down(grantee)):
+            grantee = sender
+            self.counters["grants made"] += 1
+            self._record_grant(st, epoch, grantee)
+        grant = encode_message(TaskGrant(task_id, epoch, grantee))
+        self.port.send(src, [grant], piggyback=False)
+
+    def _record_grant(self, st: TaskState, epoch: int, grantee: bytes) -> None:
+        st.grants[epoch] = grantee
+        raw = encode_message(TaskGrant(st.task_id, epoch, grantee))
+        self.port.persist("grant", st.task_id + epoch.to_bytes(8, "big"), raw)
+
+    def _on_grant(self, task_id: bytes, epoch: int, grantee: bytes, src: str) -> None:
+        st = self.tasks.get(task_id)
+        if st is None or epoch < 1:
+            return
+        known = st.grants.get(epoch)
+        if known is not None and known != grantee and not self.view.is_down(known):
+            # Two peers each took themselves for the primary (their views of who is alive
+            # differed): keep the first grant, so at most the two grantees run it.
+            self.counters["conflicting grants"] += 1
+            return
+        st.grants[epoch] = grantee
+        if src == STORE:
+            return  # a grant we made before a restart; nothing to decide until we join
+        self._unsettled[task_id] = None
 
     def _ranking(self, task_id: bytes, candidates: list[bytes]) -> list[bytes]:
         # An open task is looked at whenever a peer's roles or fullness change; hashing every
@@ -753,6 +849,8 @@ def _before(t: float | None, since: float) -> bool:
 
 
 _WARNED = 4
+_ASK_RETRY = 0.25
+"""A standby that asked the primary for a grant asks again after this many standby delays."""
 """Peers on each side of us in rank order sent a new claim directly, besides gossip."""
 _MAX_WANT = 10_000
 _PARKED_MAX = 4096

@@ -31,7 +31,9 @@ from protocol.task_messages import Cancel as Cancel
 from protocol.task_messages import Claim as Claim
 from protocol.task_messages import Execution as Execution
 from protocol.task_messages import Result as Result
+from protocol.task_messages import TaskAsk as TaskAsk
 from protocol.task_messages import TaskDigests as TaskDigests
+from protocol.task_messages import TaskGrant as TaskGrant
 from protocol.task_messages import TaskHeld as TaskHeld
 from protocol.task_messages import TaskRecord as TaskRecord
 from protocol.task_messages import TaskWant as TaskWant
@@ -74,6 +76,8 @@ class Kind(IntEnum):
     TASK_HELD = 16
     TASK_DIGESTS = 17
     TASK_WANT = 18
+    TASK_ASK = 19
+    TASK_GRANT = 20
 
 
 class Status(IntEnum):
@@ -215,6 +219,8 @@ Message = (
     | TaskHeld
     | TaskDigests
     | TaskWant
+    | TaskAsk
+    | TaskGrant
 )
 
 
@@ -308,6 +314,10 @@ def _to_fields(msg: Message) -> list[Any]:
             return [Kind.TASK_DIGESTS, [list(e) for e in entries]]
         case TaskWant(ids):
             return [Kind.TASK_WANT, list(ids)]
+        case TaskAsk(task_id, epoch):
+            return [Kind.TASK_ASK, task_id, epoch]
+        case TaskGrant(task_id, epoch, grantee):
+            return [Kind.TASK_GRANT, task_id, epoch, grantee]
     raise TypeError(f"not a wire message: {msg!r}")  # pragma: no cover - typing guards this
 
 
@@ -430,6 +440,10 @@ def decode_message(data: bytes) -> Message:
             return TaskDigests(tuple(_digest_entry(e) for e in _array(f[1])))
         case Kind.TASK_WANT:
             return TaskWant(tuple(_node_id(t) for t in _array(f[1])))
+        case Kind.TASK_ASK:
+            return TaskAsk(_node_id(f[1]), _uint(f[2]))
+        case Kind.TASK_GRANT:
+            return TaskGrant(_node_id(f[1]), _uint(f[2]), _node_id(f[3]))
 
 
 _ARITY = {
@@ -451,6 +465,8 @@ _ARITY = {
     Kind.TASK_HELD: 2,
     Kind.TASK_DIGESTS: 2,
     Kind.TASK_WANT: 2,
+    Kind.TASK_ASK: 3,
+    Kind.TASK_GRANT: 4,
 }
 
 

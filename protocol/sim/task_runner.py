@@ -104,7 +104,7 @@ class TaskRunner:
         run.outcome = outcome
 
 
-STORED_ORDER = ("task", "cancel", "claim", "result", "execution")
+STORED_ORDER = ("task", "cancel", "claim", "result", "execution", "grant")
 """Kinds of durable task objects, in the order a restarted peer re-applies them: a claim needs
 its task and the claim of the epoch before; a result needs its claim."""
 

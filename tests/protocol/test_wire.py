@@ -49,6 +49,8 @@ from protocol.wire import (
     TaskDigests,
     TaskHeld,
     TaskRecord,
+    TaskAsk,
+    TaskGrant,
     TaskWant,
     UserEvent,
     alive_payload,
@@ -121,6 +123,8 @@ SAMPLES: dict[Kind, Message] = {
     Kind.TASK_HELD: TaskHeld(task_record().task_id),
     Kind.TASK_DIGESTS: TaskDigests(((nid(1), b"12345678"), (nid(2), b"abcdefgh"))),
     Kind.TASK_WANT: TaskWant((nid(1), nid(2))),
+    Kind.TASK_ASK: TaskAsk(nid(1), 2),
+    Kind.TASK_GRANT: TaskGrant(nid(1), 1, nid(3)),
 }
 
 VALID_ENCODINGS = [encode_message(m) for m in SAMPLES.values()]
