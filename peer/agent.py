@@ -53,6 +53,7 @@ from peer.transport import Transport
 from protocol.config import lan, local, wan, with_network
 from protocol.identity import Signer, short_id
 from protocol.node import Node
+from protocol.wire import merge_envelopes
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,9 @@ async def _run(
     seeds = parse_seeds(list(settings.join))
 
     bind_host, bind_port = settings.bind_host_port()
-    transport = Transport(bind_host, bind_port, keyring, os.urandom(8), lambda s, d: None)
+    transport = Transport(
+        bind_host, bind_port, keyring, os.urandom(8), lambda s, d: None, coalesce=merge_envelopes
+    )
     try:
         await transport.start()
     except OSError as exc:

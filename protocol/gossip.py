@@ -47,6 +47,10 @@ class BroadcastQueue:
         """How often the broadcast under `key` was handed out, or None if not queued."""
         return self._where.get(key)
 
+    def fresh(self) -> int:
+        """Broadcasts queued and not yet handed out even once."""
+        return len(self._buckets[0]) if self._buckets else 0
+
     def queue(self, key: Hashable, message: bytes) -> None:
         """Queue `message` under `key`, replacing an older broadcast with the same key."""
         self._remove(key)

@@ -663,15 +663,19 @@ class Node:
     def _gossip_round(self) -> None:
         if not len(self.queue):
             return
-        for target in self._gossip_targets():
-            messages = self._broadcasts(
-                self.config.gossip.packet_budget - _ENVELOPE_OVERHEAD, solo=True
-            )
-            if not messages:
+        targets = self._gossip_targets()
+        budget = self.config.gossip.packet_budget - _ENVELOPE_OVERHEAD
+        for extra in range(self.config.gossip.backlog_packets):
+            # After the first packet, more only while news nobody was sent yet waits.
+            if extra and not self.queue.fresh():
                 return
-            self._fx.sends.append(
-                Send(target.addr, encode_envelope(self.node_id, self.addr, messages))
-            )
+            for target in targets:
+                messages = self._broadcasts(budget, solo=True)
+                if not messages:
+                    return
+                self._fx.sends.append(
+                    Send(target.addr, encode_envelope(self.node_id, self.addr, messages))
+                )
 
     def _broadcasts(self, budget: int, solo: bool = False) -> list[bytes]:
         if not len(self.queue):

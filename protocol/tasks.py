@@ -278,7 +278,8 @@ class Tasks:
         if st.record is None or mine is None:
             return
         waiters = {st.record.origin}
-        parent_claim = self.tasks[st.record.parent].claim if st.record.parent in self.tasks else None
+        parent = self.tasks.get(st.record.parent)
+        parent_claim = parent.claim if parent is not None else None
         if parent_claim is not None:
             waiters.add(parent_claim.owner)
         for node_id in sorted(waiters - {self.node_id}):

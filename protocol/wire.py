@@ -53,6 +53,11 @@ MAX_EVENT_PAYLOAD = 8 * 1024
 """Largest user event payload (Serf allows 512 bytes by default, 9 KiB at most)."""
 MAX_ROLES = 64
 MAX_UINT = 2**63 - 1
+MERGED_ENVELOPE_BYTES = 1024 * 1024
+"""Largest envelope `merge_envelopes` makes: big enough to batch a busy second's direct sends,
+small enough that one request never holds a peer's loop for long."""
+_BIN_HEADER = 5
+"""Most bytes msgpack spends on the length of one encoded message inside an envelope."""
 
 
 class Kind(IntEnum):
@@ -244,6 +249,42 @@ def alive_payload(public_key: bytes, addr: str, incarnation: int) -> bytes:
 def encode_envelope(sender: bytes, sender_addr: str, messages: list[bytes]) -> bytes:
     """Encode an envelope around already-encoded messages."""
     return bytes(msgpack.packb([PROTOCOL_VERSION, sender, sender_addr, messages]))
+
+
+def merge_envelopes(envelopes: list[bytes], limit: int = MERGED_ENVELOPE_BYTES) -> list[bytes]:
+    """Merge envelopes bound for one peer into as few as possible, messages in order.
+
+    Consecutive envelopes from the same sender are joined while the result stays within
+    `limit` bytes; an envelope that does not decode, or is larger alone, passes unchanged.
+    """
+    out: list[bytes] = []
+    head: tuple[bytes, str] | None = None
+    messages: list[bytes] = []
+    size = 0
+
+    def flush() -> None:
+        if head is not None and messages:
+            out.append(encode_envelope(head[0], head[1], messages))
+
+    for data in envelopes:
+        try:
+            env = decode_envelope(data)
+        except RemoteProtocolError:
+            env = None
+        if env is None or len(data) > limit:
+            flush()
+            head, messages, size = None, [], 0
+            out.append(data)
+            continue
+        added = sum(len(m) + _BIN_HEADER for m in env.messages)
+        if head != (env.sender, env.sender_addr) or size + added > limit:
+            flush()
+            head, messages, size = (env.sender, env.sender_addr), [], len(data)
+        else:
+            size += added
+        messages.extend(env.messages)
+    flush()
+    return out
 
 
 def encode_message(msg: Message) -> bytes:

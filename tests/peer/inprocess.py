@@ -14,6 +14,7 @@ from peer.transport import Transport
 from protocol.config import local, with_network
 from protocol.identity import Signer
 from protocol.node import Node
+from protocol.wire import merge_envelopes
 
 
 class NullStore:
@@ -30,7 +31,9 @@ async def start_peer(index: int, key: bytes, incarnation: int) -> tuple[Driver, 
     """A started peer on an ephemeral port, its node on the local profile."""
     loop = asyncio.get_running_loop()
     keyring = Keyring(key)
-    transport = Transport("127.0.0.1", 0, keyring, bytes([index]) * 8, lambda s, d: None)
+    transport = Transport(
+        "127.0.0.1", 0, keyring, bytes([index]) * 8, lambda s, d: None, coalesce=merge_envelopes
+    )
     await transport.start()
     signer = Signer(Ed25519PrivateKey.generate().private_bytes_raw(), keyring.network_id)
     config = with_network(local(), keyring.network_id)

@@ -191,3 +191,27 @@ def socket_port() -> Iterator[int]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         yield int(sock.getsockname()[1])
+
+
+async def test_with_coalesce_sends_to_one_peer_share_requests_in_order() -> None:
+    inbox_b = Inbox()
+    merged: list[int] = []
+
+    def join(batch: list[bytes]) -> list[bytes]:
+        merged.append(len(batch))
+        return [b"|".join(batch)]
+
+    a = await _transport(Keyring(KEY), Inbox(), b"A" * 8, coalesce=join)
+    b = await _transport(Keyring(KEY), inbox_b, b"B" * 8)
+    try:
+        for i in range(50):
+            a.send(f"127.0.0.1:{b.port}", b"m%d" % i)
+        assert a.in_flight == 1  # one request outstanding; the rest wait for it
+        await inbox_b.wait(2)
+        arrived = b"|".join(data for _, data in inbox_b.items).split(b"|")
+        assert arrived == [b"m%d" % i for i in range(50)]
+        await asyncio.sleep(0.05)
+        assert merged == [49] and a.messages_out == 2
+    finally:
+        await a.stop()
+        await b.stop()

@@ -36,8 +36,8 @@ from protocol.timers import TaskStandby
 from protocol.wire import (
     MAX_INLINE_PAYLOAD,
     Claim,
-    PeerState,
     Execution,
+    PeerState,
     Result,
     TaskAsk,
     TaskRecord,
@@ -265,8 +265,8 @@ def test_a_standby_behind_a_free_peer_waits_its_turn_then_asks() -> None:
     primary = order[0]
     # The primary's claim never reaches the standbys: they ask in rank order, and its answer
     # (the claim) stands them down.
-    link.drop = lambda src, dst, data: src == addr(primary) and any(
-        isinstance(m, Claim) for m in opened(data)
+    link.drop = lambda src, dst, data: (
+        src == addr(primary) and any(isinstance(m, Claim) for m in opened(data))
     )
     task_id = submit(link, key="slow claim")
     link.drop = lambda src, dst, data: False
@@ -283,8 +283,8 @@ def test_a_primary_that_granted_does_not_claim_when_its_slot_frees() -> None:
     [(p, _)] = starts(link, busy)
     standby = 3 - p
     # Every claim is lost on its way to the primary.
-    link.drop = lambda src, dst, data: dst == addr(p) and any(
-        isinstance(m, Claim) for m in opened(data)
+    link.drop = lambda src, dst, data: (
+        dst == addr(p) and any(isinstance(m, Claim) for m in opened(data))
     )
     for k in range(20):
         task_id = submit(link, key=f"t{k}")
@@ -313,6 +313,7 @@ def test_a_stale_full_view_and_a_lost_claim_cause_no_second_execution() -> None:
     primary = ranked(task_id, [1, 2])[0]
     standby = 3 - primary
     assert task_id in link.node(primary).tasks.passed
+
     def stale(src: str, dst: str, data: bytes) -> bool:
         return dst == addr(standby) and (
             src == addr(primary) or any(isinstance(m, Claim | PeerState) for m in opened(data))

@@ -46,11 +46,11 @@ from protocol.wire import (
     Result,
     Status,
     Suspect,
+    TaskAsk,
     TaskDigests,
+    TaskGrant,
     TaskHeld,
     TaskRecord,
-    TaskAsk,
-    TaskGrant,
     TaskWant,
     UserEvent,
     alive_payload,
@@ -58,6 +58,7 @@ from protocol.wire import (
     decode_message,
     encode_envelope,
     encode_message,
+    merge_envelopes,
     task_id_of,
 )
 
@@ -495,3 +496,16 @@ def test_fuzz_structured_messages(kind: Kind, fields: list[Any]) -> None:
 def test_fuzz_structured_envelopes(fields: list[Any]) -> None:
     with contextlib.suppress(RemoteProtocolError):
         decode_envelope(pack(fields))
+
+
+def test_merge_envelopes_joins_one_senders_messages_in_order_within_the_limit() -> None:
+    first = encode_envelope(nid(1), "127.0.0.1:1", [b"a", b"b"])
+    second = encode_envelope(nid(1), "127.0.0.1:1", [b"c"])
+    other = encode_envelope(nid(2), "127.0.0.1:2", [b"d"])
+    [merged, last] = merge_envelopes([first, second, other])
+    assert decode_envelope(merged).messages == (b"a", b"b", b"c")
+    assert last == other
+    assert merge_envelopes([b"not an envelope", first]) == [b"not an envelope", first]
+    big = [encode_envelope(nid(1), "127.0.0.1:1", [bytes(600)]) for _ in range(4)]
+    out = merge_envelopes(big, limit=1500)
+    assert [len(decode_envelope(e).messages) for e in out] == [2, 2]
