@@ -282,10 +282,13 @@ class Tasks:
         parent_claim = parent.claim if parent is not None else None
         if parent_claim is not None:
             waiters.add(parent_claim.owner)
+        # The execution-log entries too, so a waiter sees start and end before the result.
+        log = [st.executions.get((epoch, self.node_id, phase)) for phase in (START, END)]
+        batch = [encode_message(mine)] + [encode_message(e) for e in log if e is not None]
         for node_id in sorted(waiters - {self.node_id}):
             addr = self.view.addr_of(node_id)
             if addr is not None:
-                self.port.send(addr, [encode_message(mine), raw], piggyback=False)
+                self.port.send(addr, batch + [raw], piggyback=False)
 
     def cancel(self, now: float, task_id: bytes, reason: str) -> bool:
         """Cancel a task network-wide; False if the task is unknown or already final."""

@@ -709,6 +709,24 @@ def test_a_childs_result_is_sent_straight_to_the_owner_of_its_parent() -> None:
     assert link.node(parent_owner).tasks.tasks[child_id].accepted is not None
 
 
+def test_a_result_goes_straight_to_the_origin_with_its_claim_and_log() -> None:
+    link = cluster(4, serving=[1, 2, 3])
+    task_id = submit(link, at=0)
+    [(owner, _)] = starts(link, task_id)
+    fx = link.node(owner).complete(link.now, task_id, 1, "ok", b"answer")
+    [direct] = [s for s in fx.sends if s.addr == addr(0)]
+    kinds = [type(m).__name__ for m in opened(direct.data)]
+    assert kinds == ["Claim", "Execution", "Execution", "Result"]
+
+
+def test_a_record_goes_straight_to_the_peers_first_in_line() -> None:
+    link = cluster(5, serving=[1, 2, 3, 4])
+    fx, task_id = link.node(0).submit(link.now, ROLE, b"x", idempotency_key="direct")
+    first = ranked(task_id, [1, 2, 3, 4])[:2]  # replication 1, plus one
+    targets = {s.addr for s in fx.sends if of_type(opened(s.data), TaskRecord)}
+    assert targets == {addr(i) for i in first}
+
+
 def test_a_standby_keeps_one_wake_up_per_task_however_often_it_looks() -> None:
     # A busy network changes the view many times a second; each change makes every peer look
     # at its open tasks again. Found with 100 peers and 1,000 tasks: wake-ups piled up by the
