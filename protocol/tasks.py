@@ -288,7 +288,7 @@ class Tasks:
         for node_id in sorted(waiters - {self.node_id}):
             addr = self.view.addr_of(node_id)
             if addr is not None:
-                self.port.send(addr, batch + [raw], piggyback=False)
+                self.port.send(addr, [*batch, raw], piggyback=False)
 
     def cancel(self, now: float, task_id: bytes, reason: str) -> bool:
         """Cancel a task network-wide; False if the task is unknown or already final."""
