@@ -124,10 +124,11 @@ class TaskConfig:
     """Claims, takeover and replication of tasks (DESIGN.md section 5)."""
 
     standby_delay: float = 3.0
-    """Seconds each standby waits per rank before claiming a task nobody claimed. Must exceed
-    the time a claim takes to reach every peer (about 1 s on a LAN at 1,000 peers), or two peers
-    may both claim epoch 1 (resolved by rank and counted). Longer delays only matter when the
-    preferred owner is full or its view disagrees."""
+    """Seconds each standby waits per rank, while a peer ranked before it looks free, before it
+    asks the task's primary for a grant (docs/tasks.md, rule 3). Should exceed the time a claim
+    takes to reach every peer (about 1 s on a LAN at 1,000 peers): sooner, standbys ask about
+    tasks already claimed (harmless: the primary answers with its claim). Also the quiet time
+    after a stall or a restart. When every peer before a standby looks full it asks at once."""
 
     replication: int = 1
     """Other peers that must hold a task record durably before its submission is acknowledged.
