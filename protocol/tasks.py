@@ -678,8 +678,9 @@ class Tasks:
         elif self.slots_used() >= self.max_running:
             self.passed.add(st.task_id)  # a slot freeing here, or a standby's ask, moves it on
         else:
-            # Besides gossip, tell at once those ranked before us (they may hold a pass and
-            # take the task when a slot frees) and the standbys next in line.
+            # Besides gossip, tell at once those ranked before us (they may have passed it for
+            # lack of a slot, and would ask or claim when one frees) and the standbys next in
+            # line.
             self._claim(now, st, epoch, ranked[:rank][:_WARNED] + ranked[rank + 1 :][:_WARNED])
 
     def _stand_by(
@@ -846,10 +847,6 @@ class Tasks:
                     batch, size = [], 0
         if batch:
             self.port.send(addr, batch, piggyback=False)
-
-
-def _before(t: float | None, since: float) -> bool:
-    return t is not None and t <= since
 
 
 _WARNED = 4
