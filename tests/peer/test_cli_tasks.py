@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 from collections.abc import Iterator
@@ -11,23 +10,16 @@ from pathlib import Path
 import pytest
 
 from scripts.local_cluster import (
-    LocalCluster,
     Peer,
     child_env,
     grapevine_command,
-    wait_ready,
-    wait_views,
 )
+from tests.peer.two_peers import joined_pair
 
 
 @pytest.fixture(scope="module")
 def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
-    with LocalCluster(tmp_path_factory.mktemp("cli-tasks"), extra_args=()) as cluster:
-        seed = cluster.add()
-        cluster.add(join=[seed])
-        asyncio.run(wait_ready(cluster.peers, timeout=30))
-        alive = {p.node_id: "alive" for p in cluster.peers}
-        asyncio.run(wait_views(cluster.peers, alive, timeout=20))
+    with joined_pair(tmp_path_factory.mktemp("cli-tasks")) as seed:
         yield seed
 
 

@@ -24,24 +24,17 @@ from peer.agents.ports import AgentOutput
 from peer.api import PeerApi
 from peer.executor import Executor, Outcome, Work, builtin_roles
 from scripts.local_cluster import (
-    LocalCluster,
     Peer,
     child_env,
     grapevine_command,
-    wait_ready,
-    wait_views,
 )
 from tests.peer.inprocess import start_peer
+from tests.peer.two_peers import joined_pair
 
 
 @pytest.fixture(scope="module")
 def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
-    with LocalCluster(tmp_path_factory.mktemp("cli-tree"), extra_args=()) as cluster:
-        seed = cluster.add()
-        cluster.add(join=[seed])
-        asyncio.run(wait_ready(cluster.peers, timeout=30))
-        alive = {p.node_id: "alive" for p in cluster.peers}
-        asyncio.run(wait_views(cluster.peers, alive, timeout=20))
+    with joined_pair(tmp_path_factory.mktemp("cli-tree")) as seed:
         yield seed
 
 
