@@ -86,7 +86,7 @@ async def join_with_retry(
 
     Args:
         seeds: configured seeds, resolved afresh before each attempt.
-        join_once: asks addresses to let us join (`peer.driver.Driver.join`).
+        join_once: asks addresses to let us join (`peer.runtime.driver.Driver.join`).
         hints: further addresses to try as they are (members known from a previous run).
         failure_reason: why sending to an address last failed, if known (the transport's
             `last_failure.get`); otherwise an address that stayed silent is reported as such.

@@ -12,7 +12,7 @@ Invariants:
   order by `protocol.task_state.hrw_score`, the same hash tasks use to rank their owners. Every
   peer that agrees on the live members agrees on the holders, with no directory to keep.
 
-This module does no I/O; storing, sending and fetching blobs is `peer.blobs`'s job.
+This module does no I/O; storing, sending and fetching blobs is `peer.runtime.blobs`'s job.
 """
 
 from __future__ import annotations

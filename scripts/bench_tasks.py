@@ -71,7 +71,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 slow_acks: list[str] = []
 """Submissions of the last Grapevine run answered 503 (not replicated within the API's limit)."""
 WORKER_SLOTS = 4
-"""Execution slots per Grapevine peer (peer.agent.AGENT_SLOTS) and Celery worker concurrency."""
+"""Execution slots per Grapevine peer (peer.cli.agent.AGENT_SLOTS) and Celery worker concurrency."""
 PHASE_LIMIT = 180.0
 """Seconds any one phase may take before the run is reported as incomplete."""
 
@@ -285,7 +285,7 @@ async def grapevine_row(root: Path, size: int, tasks: int, in_flight: int) -> Ro
         stats = await query(peers[0].api, lambda c: c.task_stats())
         row.completed = int(stats["totals"]["done"])
     # Latencies come from the event streams; a stream that lagged behind is dropped by the peer
-    # (peer.driver.SUBSCRIBER_QUEUE), so they may cover fewer tasks than ran: the note says so.
+    # (peer.runtime.driver.SUBSCRIBER_QUEUE), so they may cover fewer tasks than ran (see the note).
     starts = [min(watch.started[t]) - at for t, (_, at) in sent.items() if t in watch.started]
     accepts = [
         watch.accepted[(origin, t)] - at

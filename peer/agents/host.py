@@ -46,8 +46,8 @@ from peer.agents.spec import (
     is_valid_name,
 )
 from peer.agents.tools import Toolbox
-from peer.driver import Driver
-from peer.executor import Executor, Outcome, RoleHandler, Work, builtin_roles
+from peer.runtime.driver import Driver
+from peer.runtime.executor import Executor, Outcome, RoleHandler, Work, builtin_roles
 from protocol.effects import EventReceived
 from protocol.errors import LocalProtocolError
 from protocol.identity import short_id

@@ -1,4 +1,4 @@
-"""`DriverTaskPort`: the agents' `TaskPort` over a real peer's `peer.driver.Driver`.
+"""`DriverTaskPort`: the agents' `TaskPort` over a real peer's `peer.runtime.driver.Driver`.
 
 Invariants:
 - A child's id depends only on (parent, role, data) on this peer: it is submitted with the
@@ -18,12 +18,12 @@ import hashlib
 from typing import TYPE_CHECKING
 
 from peer.agents.ports import ChildResult, TaskView, Usage
-from peer.blobs import BlobUnavailable
+from peer.runtime.blobs import BlobUnavailable
 from protocol.blobs import parse_blob_ref
 
 if TYPE_CHECKING:
-    from peer.blobs import BlobService
-    from peer.driver import Driver
+    from peer.runtime.blobs import BlobService
+    from peer.runtime.driver import Driver
     from protocol.tasks import TaskState
 
 _CHILD_OUTCOMES = ("ok", "failed", "timeout", "cancelled")

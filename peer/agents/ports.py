@@ -89,7 +89,7 @@ class ChildResult:
 
 
 class TaskPort(Protocol):
-    """What an agent may do to the task network (implemented over `peer.driver.Driver`)."""
+    """What an agent may do to the task network (implemented over `peer.runtime.driver.Driver`)."""
 
     def submit_child(self, parent: bytes, role: str, data: bytes, priority: int) -> bytes:
         """Submit a child task of `parent`; the same (parent, role, data) gives the same id."""

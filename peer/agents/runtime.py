@@ -47,7 +47,7 @@ from peer.agents.tree import (
     find_loop,
     subtree_usage,
 )
-from peer.executor import Outcome, Work
+from peer.runtime.executor import Outcome, Work
 
 SPAWN_ROLE = "grapevine.spawn"
 """The role of the task `spawn_agent` submits; the peers' agent hosts serve it."""
@@ -99,7 +99,7 @@ class AgentRuntime:
         self.workspace = workspace
 
     async def run(self, work: Work) -> Outcome:
-        """Run one execution of an agent task (a `peer.executor.RoleHandler`).
+        """Run one execution of an agent task (a `peer.runtime.executor.RoleHandler`).
 
         Returns:
             "ok" with an encoded `AgentOutput`, or "failed" with a message; either way the

@@ -23,7 +23,7 @@ from peer.agents.ports import Budget
 BUILTIN_TOOLS = ("delegate", "spawn_agent", "read_file", "write_file", "final_answer")
 """Tools every agent may name; anything else must be a "package.module:function" path."""
 RESERVED_ROLES = ("echo", "sleep")
-"""Roles the peer itself serves (`peer.executor.builtin_roles`)."""
+"""Roles the peer itself serves (`peer.runtime.executor.builtin_roles`)."""
 RESERVED_PREFIX = "grapevine."
 """Roles of the peers' own machinery (e.g. `grapevine.spawn`)."""
 MAX_NAME = 64

@@ -8,9 +8,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from peer.driver import Driver
-from peer.sealing import Keyring
-from peer.transport import Transport
+from peer.runtime.driver import Driver
+from peer.runtime.sealing import Keyring
+from peer.runtime.transport import Transport
 from protocol.config import local, with_network
 from protocol.identity import Signer
 from protocol.node import Node

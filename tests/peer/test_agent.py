@@ -10,9 +10,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from peer.agent import run_agent
+from peer.cli.agent import run_agent
 from peer.keys import NO_KEY_HELP
-from peer.sealing import encode_key, generate_network_key
+from peer.runtime.sealing import encode_key, generate_network_key
 from peer.settings import AgentSettings
 
 pytestmark = pytest.mark.asyncio

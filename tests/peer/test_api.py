@@ -14,11 +14,11 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
-from peer.api import PeerApi
-from peer.driver import Driver
+from peer.http.app import PeerApi
 from peer.keys import keyring_path
-from peer.sealing import Keyring, key_id_of, load_keyring_text
-from peer.transport import Transport
+from peer.runtime.driver import Driver
+from peer.runtime.sealing import Keyring, key_id_of, load_keyring_text
+from peer.runtime.transport import Transport
 from tests.peer.inprocess import start_peer
 
 pytestmark = pytest.mark.asyncio

@@ -19,14 +19,14 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
-from peer import cli_tasks
-from peer.api import PeerApi
-from peer.blobs import BlobService, BlobStore, BlobUnavailable
+from peer.cli import tasks as cli_tasks
 from peer.client import GrapevineClient
-from peer.driver import Driver
-from peer.executor import Executor, Outcome, Work, builtin_roles
-from peer.sealing import Keyring
-from peer.transport import BlobTransferError, Transport
+from peer.http.app import PeerApi
+from peer.runtime.blobs import BlobService, BlobStore, BlobUnavailable
+from peer.runtime.driver import Driver
+from peer.runtime.executor import Executor, Outcome, Work, builtin_roles
+from peer.runtime.sealing import Keyring
+from peer.runtime.transport import BlobTransferError, Transport
 from protocol.blobs import BLOB_LIMIT, blob_ref, make_ref, parse_blob_ref
 from protocol.wire import MAX_INLINE_PAYLOAD
 from tests.peer.inprocess import start_peer
@@ -384,11 +384,11 @@ async def test_a_large_input_nobody_else_takes_is_refused_and_nothing_is_submitt
         assert "no other live peer" in detail and "nothing was submitted" in detail
         assert alone.driver.node.tasks.tasks == {}
 
-        monkeypatch.setattr("peer.api_tasks.BLOB_LIMIT", 150_000)
+        monkeypatch.setattr("peer.http.tasks.BLOB_LIMIT", 150_000)
         r = await client.post("/v1/tasks", json={"role": "echo", "input": _text(150_001)})
         assert r.status == 413
         assert "input is 150001 bytes" in (await r.json(content_type=None))["detail"]
-        monkeypatch.setattr("peer.api_tasks.MAX_SUBMIT_BYTES", 100_000)
+        monkeypatch.setattr("peer.http.tasks.MAX_SUBMIT_BYTES", 100_000)
         r = await client.post("/v1/tasks", json={"role": "echo", "input": _text(120_000)})
         assert r.status == 413
         assert "the request body is" in (await r.json(content_type=None))["detail"]

@@ -19,10 +19,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 from rich.console import Console
 
-from peer import cli_render
 from peer.agents.ports import AgentOutput
-from peer.api import PeerApi
-from peer.executor import Executor, Outcome, Work, builtin_roles
+from peer.cli import render as cli_render
+from peer.http.app import PeerApi
+from peer.runtime.executor import Executor, Outcome, Work, builtin_roles
 from scripts.local_cluster import (
     Peer,
     child_env,

@@ -11,9 +11,9 @@ import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from peer.driver import Driver, NoteHub, Observed
-from peer.sealing import Keyring
-from peer.transport import Transport
+from peer.runtime.driver import Driver, NoteHub, Observed
+from peer.runtime.sealing import Keyring
+from peer.runtime.transport import Transport
 from protocol.config import local, with_network
 from protocol.effects import Effects, MemberDown, Persist, Send
 from protocol.identity import Signer
@@ -26,7 +26,7 @@ KEYRING = Keyring(bytes(range(32)))
 
 
 class MemStore:
-    """An in-memory stand-in for peer.store.Store, logging what it was asked to do."""
+    """An in-memory stand-in for peer.runtime.store.Store, logging what it was asked to do."""
 
     def __init__(self, log: list[str] | None = None) -> None:
         self.log = log if log is not None else []

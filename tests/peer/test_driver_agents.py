@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import pytest_asyncio
 
-from peer.driver import Driver
-from peer.executor import Executor, RoleHandler, Work, builtin_roles
-from peer.transport import Transport
+from peer.runtime.driver import Driver
+from peer.runtime.executor import Executor, RoleHandler, Work, builtin_roles
+from peer.runtime.transport import Transport
 from tests.peer.inprocess import start_peer
 
 pytestmark = pytest.mark.asyncio

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from peer.executor import Executor, Outcome, Work, builtin_roles
+from peer.runtime.executor import Executor, Outcome, Work, builtin_roles
 from protocol.wire import MAX_INLINE_PAYLOAD
 
 pytestmark = pytest.mark.asyncio

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from peer.sealing import (
+from peer.runtime.sealing import (
     HEADER_BYTES,
     KEY_BYTES,
     OVERHEAD,

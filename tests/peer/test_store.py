@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from peer.store import (
+from peer.runtime.store import (
     DB_NAME,
     IDENTITY_NAME,
     MAX_MEMBERS,
@@ -272,7 +272,7 @@ def test_committed_put_survives_sigkill(data_dir: Path) -> None:
         f"""
         import os, signal, sys
         from pathlib import Path
-        from peer.store import Store
+        from peer.runtime.store import Store
         store = Store.open(Path({str(data_dir)!r}))
         store.next_boot()
         store.put("task", b"key", b"durable")

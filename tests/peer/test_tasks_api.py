@@ -15,10 +15,10 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
-from peer.api import PeerApi
-from peer.driver import Driver
-from peer.executor import Executor, builtin_roles
-from peer.transport import Transport
+from peer.http.app import PeerApi
+from peer.runtime.driver import Driver
+from peer.runtime.executor import Executor, builtin_roles
+from peer.runtime.transport import Transport
 from tests.peer.inprocess import start_peer
 
 pytestmark = pytest.mark.asyncio

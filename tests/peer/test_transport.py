@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from peer.sealing import Keyring, Sealer
-from peer.transport import ENVELOPE_PATH, Transport
+from peer.runtime.sealing import Keyring, Sealer
+from peer.runtime.transport import ENVELOPE_PATH, Transport
 
 pytestmark = pytest.mark.asyncio
 

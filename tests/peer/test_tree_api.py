@@ -16,12 +16,12 @@ import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
 from peer.agents.ports import AgentOutput
-from peer.api import PeerApi
-from peer.api_tasks import MAX_TREE_DEPTH, tree_json
 from peer.client import ApiError, GrapevineClient
-from peer.driver import Driver
-from peer.executor import Executor, Outcome, Work, builtin_roles
-from peer.transport import Transport
+from peer.http.app import PeerApi
+from peer.http.tasks import MAX_TREE_DEPTH, tree_json
+from peer.runtime.driver import Driver
+from peer.runtime.executor import Executor, Outcome, Work, builtin_roles
+from peer.runtime.transport import Transport
 from protocol.tasks import TaskState
 from protocol.wire import TaskRecord
 from tests.peer.inprocess import start_peer

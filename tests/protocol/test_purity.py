@@ -68,7 +68,7 @@ def test_protocol_package_is_pure() -> None:
         ("machine.py", "import time\n", ["machine.py: time"]),
         ("machine.py", "import os.path\n", ["machine.py: os"]),
         ("machine.py", "from asyncio import sleep\n", ["machine.py: asyncio"]),
-        ("machine.py", "from peer.driver import Driver\n", ["machine.py: peer"]),
+        ("machine.py", "from peer.runtime.driver import Driver\n", ["machine.py: peer"]),
         ("machine.py", "def f():\n    import socket\n", ["machine.py: socket"]),
         ("machine.py", "import random\n", ["machine.py: random"]),
         ("sim/net.py", "import random\n", []),

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from peer import simulate_cmd
+from peer.cli import simulate as simulate_cmd
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,9 @@ from peer.agents.peer_port import DriverTaskPort
 from peer.agents.ports import AgentInput, AgentOutput
 from peer.agents.runtime import SPAWN_ROLE
 from peer.agents.spec import AgentSpec, PoolSettings, TreeLimits
-from peer.driver import Driver
-from peer.executor import Executor, Work, builtin_roles
-from peer.transport import Transport
+from peer.runtime.driver import Driver
+from peer.runtime.executor import Executor, Work, builtin_roles
+from peer.runtime.transport import Transport
 from protocol.effects import EventReceived
 from protocol.wire import Result
 from tests.peer.inprocess import start_peer

@@ -10,10 +10,10 @@ import pytest
 import pytest_asyncio
 
 from peer.agents.peer_port import DriverTaskPort, child_key
-from peer.blobs import BlobService, BlobStore
-from peer.driver import Driver
-from peer.executor import Executor, Work, builtin_roles
-from peer.transport import Transport
+from peer.runtime.blobs import BlobService, BlobStore
+from peer.runtime.driver import Driver
+from peer.runtime.executor import Executor, Work, builtin_roles
+from peer.runtime.transport import Transport
 from protocol.blobs import parse_blob_ref
 from tests.peer.inprocess import start_peer
 

@@ -25,7 +25,7 @@ from peer.agents.ports import (
 from peer.agents.runtime import SPAWN_ROLE, AgentRuntime
 from peer.agents.spec import AgentSpec, TreeLimits
 from peer.agents.tools import Toolbox
-from peer.executor import Outcome, Work
+from peer.runtime.executor import Outcome, Work
 
 Handler = Callable[[Work], Awaitable[Outcome]]
 Step = Completion | Callable[[list[dict[str, Any]]], Completion]

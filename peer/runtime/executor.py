@@ -97,7 +97,7 @@ async def sleep(work: Work) -> bytes:
 
 class BlobPort(Protocol):
     """Turns blob references into bytes and large outputs into references
-    (`peer.blobs.BlobService`)."""
+    (`peer.runtime.blobs.BlobService`)."""
 
     async def resolve_input(self, work: Work) -> bytes:
         """Return the bytes `work.input` (a blob reference) stands for.

@@ -38,9 +38,9 @@ from typing import Any
 from aiohttp import web
 
 from peer.agents.ports import AgentOutput
-from peer.api import MAX_BODY_BYTES, Json, Problem, _json_object, node_id_text
-from peer.blobs import BlobService, BlobUnavailable, blob_hints, digest_of_text
-from peer.driver import Driver, Observed
+from peer.http.app import MAX_BODY_BYTES, Json, Problem, _json_object, node_id_text
+from peer.runtime.blobs import BlobService, BlobUnavailable, blob_hints, digest_of_text
+from peer.runtime.driver import Driver, Observed
 from protocol.blobs import BLOB_LIMIT
 from protocol.effects import (
     CancelExecution,

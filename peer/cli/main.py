@@ -22,10 +22,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from peer import cli_render as render
-from peer import demo_cmd, simulate_cmd
+from peer.cli import render
+from peer.cli import simulate as simulate_cmd
 from peer.client import DEFAULT_API, ApiError, ClientError, GrapevineClient
-from peer.sealing import decode_key, encode_key, generate_network_key
+from peer.demo import command as demo_cmd
+from peer.runtime.sealing import decode_key, encode_key, generate_network_key
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -135,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_agent(commands)
     _add_client_commands(commands)
-    # Imported here, not at the top: peer.cli_tasks builds on this module's helpers.
-    from peer import cli_tasks
+    # Imported here, not at the top: peer.cli.tasks builds on this module's helpers.
+    from peer.cli import tasks as cli_tasks
 
     cli_tasks.register(commands)
 
@@ -312,7 +313,7 @@ def _add_agent(commands: argparse._SubParsersAction[_Parser]) -> None:
 
 def _agent(args: argparse.Namespace) -> int:
     # Imported here so client commands do not pay for the peer runtime's imports.
-    from peer.agent import main_agent
+    from peer.cli.agent import main_agent
     from peer.settings import SettingsError, load_settings
 
     flags: dict[str, object] = {

@@ -7,7 +7,7 @@ Invariants:
   before the driver, the transport or the data directory is touched.
 - Node ids are lowercase base32 without padding (52 characters); `short_id` is the first 10.
 - The followed event stream never blocks the driver: it reads a bounded subscriber queue
-  (`peer.driver.NoteHub`) and ends when the peer drops it for lagging or shuts down.
+  (`peer.runtime.driver.NoteHub`) and ends when the peer drops it for lagging or shuts down.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Any
 
 from aiohttp import web
 
-from peer.driver import Driver, Observed
 from peer.keys import save_keyring
-from peer.sealing import Keyring, decode_key, key_id_of
-from peer.transport import Transport
+from peer.runtime.driver import Driver, Observed
+from peer.runtime.sealing import Keyring, decode_key, key_id_of
+from peer.runtime.transport import Transport
 from protocol.effects import (
     EventReceived,
     MemberDown,
@@ -157,8 +157,8 @@ class PeerApi:
             web.get("/v1/keys", self._keys_get),
             web.post("/v1/keys", self._keys_post),
         ]
-        # Imported here: peer.api_tasks builds on this module's helpers (Problem, _json_object).
-        from peer.api_tasks import TaskApi
+        # Imported here: peer.http.tasks builds on this module's helpers (Problem, _json_object).
+        from peer.http.tasks import TaskApi
 
         self.tasks = TaskApi(driver, keepalive)
         self.app.add_routes(routes + self.tasks.routes())

@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m peer.simulate_cmd`: the same command outside `grapevine`."""
+    """`python -m peer.cli.simulate`: the same command outside `grapevine`."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

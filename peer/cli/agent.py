@@ -41,15 +41,15 @@ from bootstrap.seeds import parse_seeds
 from peer.agents.host import BUILTIN_SLOTS, AgentHost
 from peer.agents.offline import OFFLINE_MODEL
 from peer.agents.peer_port import DriverTaskPort
-from peer.api import PeerApi
-from peer.blobs import BLOBS_DIR, BlobService, BlobStore
-from peer.driver import Driver
-from peer.executor import Executor, builtin_roles
+from peer.http.app import PeerApi
 from peer.keys import load_network_keyring
-from peer.sealing import Keyring
+from peer.runtime.blobs import BLOBS_DIR, BlobService, BlobStore
+from peer.runtime.driver import Driver
+from peer.runtime.executor import Executor, builtin_roles
+from peer.runtime.sealing import Keyring
+from peer.runtime.store import Store, StoreError
+from peer.runtime.transport import Transport
 from peer.settings import AgentSettings, SettingsError
-from peer.store import Store, StoreError
-from peer.transport import Transport
 from protocol.config import lan, local, wan, with_network
 from protocol.identity import Signer, short_id
 from protocol.node import Node

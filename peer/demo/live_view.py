@@ -1,7 +1,7 @@
 """What `grapevine demo` shows: the live progress view and the final report.
 
 Invariants:
-- This module only renders; it never talks to a peer. `peer.demo_cmd` gathers `Snapshot`s and
+- This module only renders; it never talks to a peer. `peer.demo.command` gathers `Snapshot`s and
   the `Report` from the peers' APIs and hands them here.
 - The live view goes to the console it is given (stdout in the default mode). On a terminal it
   redraws about four times a second; elsewhere (CI, a pipe) rich prints it once, when it stops,

@@ -45,7 +45,7 @@ from typing import Any, Final, Protocol
 import aiohttp
 from aiohttp import web
 
-from peer.sealing import OVERHEAD, Keyring, Opener, Sealer, SealError
+from peer.runtime.sealing import OVERHEAD, Keyring, Opener, Sealer, SealError
 from protocol.blobs import BLOB_LIMIT, DIGEST_BYTES
 from protocol.wire import MAX_ENVELOPE_BYTES
 
@@ -83,7 +83,7 @@ ReceiveCallback = Callable[[str, bytes], None]
 
 
 class BlobHolder(Protocol):
-    """Where received blobs go and served blobs come from (`peer.blobs.BlobStore`).
+    """Where received blobs go and served blobs come from (`peer.runtime.blobs.BlobStore`).
 
     Both calls block on disk I/O and hashing; the transport runs them in a thread.
     """
@@ -256,7 +256,7 @@ class Transport:
 
     @property
     def rejected(self) -> Counter[str]:
-        """Frames refused, by reason (`peer.sealing.SealError.reason`), envelope and blob
+        """Frames refused, by reason (`peer.runtime.sealing.SealError.reason`), envelope and blob
         frames alike, plus "blob_digest_mismatch": blobs dropped because their bytes did not
         hash to the digest they came under."""
         return self._opener.rejected

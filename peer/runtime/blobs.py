@@ -29,9 +29,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from peer.driver import Driver
-from peer.executor import Work
-from peer.transport import BlobTransferError
+from peer.runtime.driver import Driver
+from peer.runtime.executor import Work
+from peer.runtime.transport import BlobTransferError
 from protocol.blobs import DIGEST_BYTES, blob_digest, blob_holders, blob_ref, parse_blob_ref
 from protocol.wire import Status
 
@@ -139,7 +139,7 @@ class BlobStore:
 
 
 class BlobTransport(Protocol):
-    """Moves blobs between peers (`peer.transport.Transport`)."""
+    """Moves blobs between peers (`peer.runtime.transport.Transport`)."""
 
     async def push_blob(self, addr: str, digest: bytes, data: bytes) -> None: ...
 

@@ -44,8 +44,8 @@ from rich.console import Console
 import peer
 from peer.agents.ports import AgentOutput
 from peer.client import ApiError, GrapevineClient, GrapevineError
-from peer.demo_view import Json, LiveView, PeerCounts, Report, Snapshot, render_report
-from peer.sealing import encode_key, generate_network_key
+from peer.demo.live_view import Json, LiveView, PeerCounts, Report, Snapshot, render_report
+from peer.runtime.sealing import encode_key, generate_network_key
 
 PROG = "grapevine demo"
 EXIT_OK = 0

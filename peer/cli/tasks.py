@@ -28,8 +28,8 @@ import aiohttp
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from peer import cli_render as render
-from peer.cli import (
+from peer.cli import render
+from peer.cli.main import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,

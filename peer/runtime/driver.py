@@ -13,8 +13,8 @@ Invariants:
   Membership and user events go to `hub`, task notes to `task_hub`, so a busy task stream
   cannot push membership changes out of the recent buffer.
 - Executions: `StartExecution` and `CancelExecution` become work on the attached
-  `peer.executor.Executor`; its completions come back through `complete`, a node call like any
-  other. Without an executor nothing runs (seed-only peers serve no roles).
+  `peer.runtime.executor.Executor`; its completions come back through `complete`, a node call
+  like any other. Without an executor nothing runs (seed-only peers serve no roles).
 - Restart: `restore` replays stored task objects in one batch (one persist transaction).
 - Task trees: every task record the node applies passes through `_apply` as a "task" persist,
   so the parent -> children index (`children_of`) is kept there, whichever way the record came
@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from peer.executor import Executor, Usage, Work
+from peer.runtime.executor import Executor, Usage, Work
 from protocol.effects import (
     CancelExecution,
     Dropped,
@@ -68,13 +68,13 @@ MEMBER_SAVE_INTERVAL = 10.0
 
 
 class Sender(Protocol):
-    """Where sends go (`peer.transport.Transport`, or a fake in tests)."""
+    """Where sends go (`peer.runtime.transport.Transport`, or a fake in tests)."""
 
     def send(self, addr: str, data: bytes) -> None: ...
 
 
 class RecordStore(Protocol):
-    """The durable side the driver needs (`peer.store.Store`, or a fake in tests)."""
+    """The durable side the driver needs (`peer.runtime.store.Store`, or a fake in tests)."""
 
     def put_many(self, records: Iterable[Persist]) -> None: ...
 

@@ -1,0 +1,1 @@
+"""`grapevine demo`: a local network of peers on the offline model, end to end."""

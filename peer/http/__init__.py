@@ -1,0 +1,1 @@
+"""The local HTTP API of one peer, one module per resource."""

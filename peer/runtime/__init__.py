@@ -1,0 +1,1 @@
+"""The asyncio runtime of one peer: driver, transport, sealing, store, blobs, executor."""
