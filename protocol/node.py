@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator, Mapping
+from types import MappingProxyType
 
 from protocol.config import (
     NodeConfig,
@@ -49,6 +50,7 @@ from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.gossip import MESSAGE_OVERHEAD, BroadcastQueue, EventDedup
 from protocol.identity import Signer, VerifiedCache
 from protocol.membership import Member, Membership, Rng
+from protocol.task_state import TaskState
 from protocol.tasks import STORE, Tasks
 from protocol.timers import (
     GossipDue,
@@ -476,6 +478,48 @@ class Node:
 
     # Queries.
 
+    # Queries: the host's read-only view of the task plane (STYLE rule 13). The objects returned
+    # are the protocol's own, shared for speed: the host reads them and never changes them.
+
+    def task(self, task_id: bytes) -> TaskState | None:
+        """The state of a task held here, or None."""
+        return self.tasks.tasks.get(task_id)
+
+    def held_tasks(self) -> Iterator[TaskState]:
+        """Every task state held here, in no particular order."""
+        return iter(self.tasks.tasks.values())
+
+    def open_tasks(self) -> list[TaskState]:
+        """The held tasks with neither an accepted result nor a cancel."""
+        held = self.tasks.tasks
+        return [held[t] for t in self.tasks.open if t in held]
+
+    def children(self, task_id: bytes) -> list[TaskState]:
+        """The held tasks whose record names `task_id` as parent, oldest first."""
+        held = self.tasks.tasks
+        kids = [held[c] for c in self.tasks.children.get(task_id, ()) if c in held]
+        return sorted(kids, key=_age)
+
+    def task_counters(self) -> dict[str, int]:
+        """The task plane's event counters (result flips, conflicting grants, ...), a copy."""
+        return dict(self.tasks.counters)
+
+    def running_here(self) -> frozenset[bytes]:
+        """Tasks whose execution holds a slot here."""
+        return frozenset(self.tasks.running)
+
+    def suspended_here(self) -> frozenset[bytes]:
+        """Tasks running here that wait on their children and have freed their slot."""
+        return frozenset(self.tasks.suspended)
+
+    def peer_states(self) -> Mapping[bytes, PeerState]:
+        """The latest signed state each peer advertised (roles, free slots, load), by node id."""
+        return MappingProxyType(self.states)
+
+    def signatures_verified(self) -> int:
+        """Signatures this peer verified (each object digest once: the cache remembers)."""
+        return self.cache.verified
+
     def members(self) -> list[Member]:
         """Every member known, this peer included."""
         return list(self.membership.members.values())
@@ -685,3 +729,9 @@ class Node:
         if self._leave_msg is not None and self._leave_msg in out:
             self.leave_transmits += 1
         return out
+
+
+def _age(state: TaskState) -> tuple[float, bytes]:
+    """Oldest first: by the record's creation time, then by task id."""
+    created = state.record.created if state.record is not None else 0.0
+    return (created, state.task_id)

@@ -138,6 +138,8 @@ class Tasks:
         self.suspended: set[bytes] = set()
         """Running tasks that wait (on their children) and hold no slot; a subset of running."""
         self.open: set[bytes] = set()
+        self.children: dict[bytes, set[bytes]] = {}
+        """Parent task id -> ids of the held tasks whose record names it."""
         """Tasks with a record and neither an accepted result nor a cancel."""
         self.roles: frozenset[str] = frozenset()
         self.passed: set[bytes] = set()
@@ -476,6 +478,8 @@ class Tasks:
         st = self._state(rec.task_id, now)
         st.record = rec
         st.touch()
+        if rec.parent:
+            self.children.setdefault(rec.parent, set()).add(rec.task_id)
         if st.accepted is None and st.cancel is None:
             self.open.add(rec.task_id)
         self.port.persist("task", rec.task_id, raw)

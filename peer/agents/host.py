@@ -450,10 +450,8 @@ class AgentHost:
         oldest: dict[str, float] = {}
         if not pooled:
             return oldest
-        tasks = self.driver.node.tasks
-        for task_id in tasks.open:
-            state = tasks.tasks.get(task_id)
-            if state is None or state.claim is not None or state.record is None:
+        for state in self.driver.node.open_tasks():
+            if state.claim is not None or state.record is None:
                 continue
             role = state.record.role
             if role in pooled:
@@ -467,7 +465,7 @@ class AgentHost:
         """Roles some other live peer advertises with a free execution slot."""
         node = self.driver.node
         roles: set[str] = set()
-        for node_id, state in node.states.items():
+        for node_id, state in node.peer_states().items():
             if node_id != node.node_id and state.free_slots > 0 and not node.is_down(node_id):
                 roles.update(state.roles)
         return frozenset(roles)

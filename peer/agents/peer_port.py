@@ -98,7 +98,7 @@ class DriverTaskPort:
 
     def task(self, task_id: bytes) -> TaskView | None:
         """The task as known here, or None."""
-        state = self._driver.node.tasks.tasks.get(task_id)
+        state = self._driver.node.task(task_id)
         return None if state is None else task_view(state)
 
     def children(self, task_id: bytes) -> list[TaskView]:

@@ -189,7 +189,7 @@ class BlobService:
         if ref is None:
             return work.input
         digest, size = ref
-        state = self.driver.node.tasks.tasks.get(work.task_id)
+        state = self.driver.node.task(work.task_id)
         hints = [state.record.origin] if state is not None and state.record is not None else []
         try:
             data = await self.get(digest, hints)
@@ -353,7 +353,7 @@ def blob_hints(driver: Driver, digest: bytes) -> list[bytes]:
     """The peers likely to hold the blob `digest`: the origins of tasks whose input references
     it and the owners of results whose output does."""
     hints: list[bytes] = []
-    for state in driver.node.tasks.tasks.values():
+    for state in driver.node.held_tasks():
         rec, acc = state.record, state.accepted
         if rec is not None and _names(rec.input, digest) and rec.origin not in hints:
             hints.append(rec.origin)

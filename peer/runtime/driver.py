@@ -177,7 +177,6 @@ class Driver:
         self._join_waiters: list[asyncio.Future[str]] = []
         self._replication_waiters: dict[bytes, list[asyncio.Future[None]]] = {}
         self._result_waiters: dict[bytes, list[asyncio.Future[Result | None]]] = {}
-        self._children: dict[bytes, set[bytes]] = {}
         """Task id -> ids of the tasks naming it as parent (see `_apply`)."""
         self.task_hub = NoteHub()
         self.executor: Executor | None = None
@@ -328,7 +327,7 @@ class Driver:
         Returns:
             True at once if it already is, else whether it became so within `timeout` seconds.
         """
-        state = self.node.tasks.tasks.get(task_id)
+        state = self.node.task(task_id)
         if state is None:
             return False
         if state.replicated:
@@ -356,7 +355,7 @@ class Driver:
             The accepted result, at once if there already is one; None if the task is
             cancelled with no accepted result, `timeout` seconds passed, or the driver stopped.
         """
-        state = self.node.tasks.tasks.get(task_id)
+        state = self.node.task(task_id)
         if state is not None and state.accepted is not None:
             return state.accepted
         if state is not None and state.cancel is not None:
@@ -376,9 +375,11 @@ class Driver:
 
     def children_of(self, task_id: bytes) -> list[TaskState]:
         """The tasks whose record names `task_id` as parent, oldest first (created, then id)."""
-        tasks = self.node.tasks.tasks
-        children = [tasks[c] for c in self._children.get(task_id, ()) if c in tasks]
-        return sorted(children, key=_age)
+        return self.node.children(task_id)
+
+    def _accepted(self, task_id: bytes) -> Result | None:
+        state = self.node.task(task_id)
+        return state.accepted if state is not None else None
 
     def suspend(self, task_id: bytes) -> None:
         """A task running here waits (on its children): release its slot in the executor and
@@ -453,11 +454,6 @@ class Driver:
         self._apply(self.node.tick(self._clock()))
 
     def _apply(self, fx: Effects) -> None:
-        for persist in fx.persists:
-            if persist.kind == "task":  # a record applied now (index it even if the put fails)
-                state = self.node.tasks.tasks.get(persist.key)
-                if state is not None and state.record is not None and state.record.parent:
-                    self._children.setdefault(state.record.parent, set()).add(persist.key)
         sends_allowed = True
         if fx.persists:
             try:
@@ -519,10 +515,9 @@ class Driver:
                     if not replicated.done():
                         replicated.set_result(None)
             case ResultAccepted(task_id=task_id) if task_id in self._result_waiters:
-                self._resolve(task_id, self.node.tasks.tasks[task_id].accepted)
+                self._resolve(task_id, self._accepted(task_id))
             case TaskCancelled(task_id=task_id) if task_id in self._result_waiters:
-                accepted = self.node.tasks.tasks[task_id].accepted
-                self._resolve(task_id, accepted)
+                self._resolve(task_id, self._accepted(task_id))
             case _:
                 pass
         if isinstance(note, _TASK_NOTES):
@@ -536,5 +531,3 @@ class Driver:
             self.hub.publish(Observed(self._wall(), note, addr))
 
 
-def _age(state: TaskState) -> tuple[float, bytes]:
-    return (state.record.created if state.record is not None else 0.0, state.task_id)
