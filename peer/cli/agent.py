@@ -47,6 +47,7 @@ from peer.runtime.blobs import BLOBS_DIR, BlobService, BlobStore
 from peer.runtime.driver import Driver
 from peer.runtime.executor import Executor, builtin_roles
 from peer.runtime.sealing import Keyring
+from peer.runtime.serving import host_port
 from peer.runtime.store import Store, StoreError
 from peer.runtime.transport import Transport
 from peer.settings import AgentSettings, SettingsError
@@ -184,7 +185,7 @@ async def _run(
                 loop.add_signal_handler(signum, stop.set)
     print(
         f"grapevine agent {short_id(signer.node_id)} listening on "
-        f"{_host_port(bind_host, transport.port)} (api {api.address}), "
+        f"{host_port(bind_host, transport.port)} (api {api.address}), "
         f"network {keyring.network_id.hex()[:8]}",
         file=sys.stderr,
         flush=True,
@@ -283,10 +284,6 @@ def _agents_route(
         return web.json_response(host.status())
 
     return agents
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def main_agent(settings: AgentSettings) -> int:

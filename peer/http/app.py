@@ -26,6 +26,7 @@ from aiohttp import web
 from peer.keys import save_keyring
 from peer.runtime.driver import Driver, Observed
 from peer.runtime.sealing import Keyring, decode_key, key_id_of
+from peer.runtime.serving import host_port, serve
 from peer.runtime.transport import Transport
 from protocol.effects import (
     EventReceived,
@@ -169,17 +170,8 @@ class PeerApi:
         Raises:
             OSError: the address cannot be bound.
         """
-        runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        bound_port = int(runner.addresses[0][1])
-        self.address = f"[{host}]:{bound_port}" if ":" in host else f"{host}:{bound_port}"
+        self._runner, bound_port = await serve(self.app, host, port)
+        self.address = host_port(host, bound_port)
 
     async def stop(self) -> None:
         """Stop serving; open event streams end."""

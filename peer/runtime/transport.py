@@ -46,6 +46,7 @@ import aiohttp
 from aiohttp import web
 
 from peer.runtime.sealing import OVERHEAD, Keyring, Opener, Sealer, SealError
+from peer.runtime.serving import serve
 from protocol.blobs import BLOB_LIMIT, DIGEST_BYTES
 from protocol.wire import MAX_ENVELOPE_BYTES
 
@@ -190,17 +191,7 @@ class Transport:
         app.router.add_post(ENVELOPE_PATH, self._handle)
         app.router.add_post(BLOB_PUSH_PATH, self._handle_blob)
         app.router.add_post(BLOB_GET_PATH, self._handle_blob)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        bound = runner.addresses[0]
-        self.port = int(bound[1])
+        self._runner, self.port = await serve(app, self.host, self.port)
         connector = aiohttp.TCPConnector(limit=self._max_in_flight, limit_per_host=8)
         self._session = aiohttp.ClientSession(
             connector=connector,
