@@ -36,6 +36,8 @@ JsonObject = dict[str, Any]
 _REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=15.0, sock_connect=5.0)
 # A followed event stream stays open indefinitely; only connecting is bounded.
 _STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=None)
+_BLOB_TIMEOUT = aiohttp.ClientTimeout(total=600.0, sock_connect=5.0)
+"""A blob may be large and fetched from another peer first: minutes, not seconds."""
 
 
 class GrapevineError(Exception):
@@ -287,6 +289,27 @@ class GrapevineClient:
         async for _ in self.watch_task(task_id):
             pass
         return await self.task(task_id)
+
+    async def blob(self, digest: str) -> bytes:
+        """The bytes of a blob (`GET /v1/blobs/{digest}`, digest in hex); the peer fetches it
+        from the peers that hold it if it has no copy.
+
+        Raises:
+            ClientError: the peer could not be reached.
+            ApiError: the peer answered an error (404: no peer asked held the blob).
+        """
+        session = self._require_session()
+        try:
+            async with session.get(
+                f"{self._base}/v1/blobs/{digest}", timeout=_BLOB_TIMEOUT
+            ) as response:
+                if response.status >= 400:
+                    raise await _api_error(response)
+                return await response.read()
+        except aiohttp.ClientError as exc:
+            raise ClientError(self.api, _reason(exc)) from exc
+        except TimeoutError as exc:
+            raise ClientError(self.api, "timed out") from exc
 
     async def _keys_action(self, action: str, key: str) -> JsonObject:
         return await self._request("POST", "/v1/keys", {"action": action, "key": key})

@@ -121,7 +121,7 @@ class GossipConfig:
 
 @dataclass(frozen=True, slots=True)
 class TaskConfig:
-    """Claims, takeover and replication of tasks (DESIGN.md section 5)."""
+    """Claims, takeover and replication of tasks (docs/design.md section 5)."""
 
     standby_delay: float = 3.0
     """Seconds each standby waits per rank, while a peer ranked before it looks free, before it

@@ -1,14 +1,17 @@
-"""What protocol calls return: sends, durable records and notifications for the host.
+"""What protocol calls return: sends, durable records, commands and notifications for the host.
 
 Invariants:
 - Every entry point of `protocol.node.Node` returns one `Effects`; the host applies it fully
-  (persist first, then send, then deliver notifications) and re-arms one timer at `wake_at`.
-- Notifications are named in the past tense and are frozen, slotted values.
+  (persist first, then send, then deliver notifications and run commands) and re-arms one
+  timer at `wake_at`.
+- Notifications (`Note`) say what happened, named in the past tense; commands (`Command`) tell
+  the host what to do (start or stop an execution). Both are frozen, slotted values.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,11 +22,25 @@ class Send:
     data: bytes
 
 
+class PersistKind(StrEnum):
+    """The kinds of durable record. The values are what the host stores: never rename one."""
+
+    INCARNATION = "incarnation"
+    """This peer's incarnation, under the key ``b"self"``."""
+    TASK = "task"
+    CLAIM = "claim"
+    RESULT = "result"
+    CANCEL = "cancel"
+    EXECUTION = "execution"
+    GRANT = "grant"
+    """A primary's grant of an epoch to a standby (see `protocol.tasks`)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Persist:
     """Store `value` under (`kind`, `key`) durably before any send in the same Effects leaves."""
 
-    kind: str
+    kind: PersistKind
     key: bytes
     value: bytes
 
@@ -116,7 +133,7 @@ class TaskClaimed:
 
 @dataclass(frozen=True, slots=True)
 class StartExecution:
-    """Run this task here under `epoch`, then report with `Node.complete`."""
+    """Command: run this task here under `epoch`, then report with `Node.complete`."""
 
     task_id: bytes
     epoch: int
@@ -129,7 +146,8 @@ class StartExecution:
 
 @dataclass(frozen=True, slots=True)
 class CancelExecution:
-    """Stop running this task here: `reason` says why (fenced, cancelled, result accepted)."""
+    """Command: stop running this task here; `reason` says why (fenced, cancelled, result
+    accepted). The node has already logged the execution's end: do not report it."""
 
     task_id: bytes
     epoch: int
@@ -175,12 +193,12 @@ Note = (
     | StallDetected
     | TaskReplicated
     | TaskClaimed
-    | StartExecution
-    | CancelExecution
     | ResultAccepted
     | TaskCancelled
     | Dropped
 )
+
+Command = StartExecution | CancelExecution
 
 
 @dataclass(slots=True)
@@ -191,10 +209,12 @@ class Effects:
         sends: envelopes to deliver, in order.
         persists: records to make durable before `sends` leave.
         notes: notifications for the host, in the order they happened.
+        commands: executions for the host to start or stop, in order.
         wake_at: the earliest time the node must be ticked again (None: never).
     """
 
     sends: list[Send] = field(default_factory=list)
     persists: list[Persist] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)
+    commands: list[Command] = field(default_factory=list)
     wake_at: float | None = None

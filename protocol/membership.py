@@ -28,8 +28,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, assert_never
 
+from protocol.codec import encode_message
 from protocol.config import (
     NodeConfig,
     suspicion_confirmations_wanted,
@@ -43,6 +44,7 @@ from protocol.effects import (
     MemberSuspected,
     MemberUpdated,
     Note,
+    PersistKind,
 )
 from protocol.identity import DOMAIN_ALIVE, Signer, VerifiedCache
 from protocol.suspicion import Awareness, Suspicion
@@ -60,13 +62,12 @@ from protocol.wire import (
     Dead,
     IndirectPing,
     MemberEntry,
-    Message,
+    MembershipMessage,
     Nack,
     Ping,
     Status,
     Suspect,
     alive_payload,
-    encode_message,
 )
 
 
@@ -77,7 +78,7 @@ class Port(Protocol):
     def gossip(self, key: Hashable, message: bytes) -> None: ...
     def note(self, note: Note) -> None: ...
     def schedule(self, at: float, timer: Timer) -> None: ...
-    def persist(self, kind: str, key: bytes, value: bytes) -> None: ...
+    def persist(self, kind: PersistKind, key: bytes, value: bytes) -> None: ...
 
 
 class Rng(Protocol):
@@ -231,7 +232,7 @@ class Membership:
         me = self.members[self.node_id]
         me.alive = self._sign_alive()
         me.incarnation = self.incarnation
-        self.port.persist("incarnation", b"self", self.incarnation.to_bytes(8, "big"))
+        self.port.persist(PersistKind.INCARNATION, b"self", self.incarnation.to_bytes(8, "big"))
         self.port.gossip(_membership_key(self.node_id), encode_message(me.alive))
 
     def _refute(self, accused_incarnation: int) -> None:
@@ -496,8 +497,8 @@ class Membership:
                 m.suspicion.restart(now)
                 self._schedule_suspicion(m)
 
-    def dispatch(self, now: float, src: str, msg: Message, raw: bytes) -> bool:
-        """Apply one membership message; False if it is not a membership message."""
+    def dispatch(self, now: float, src: str, msg: MembershipMessage, raw: bytes) -> None:
+        """Apply one membership message."""
         match msg:
             case Ping():
                 self.on_ping(src, msg)
@@ -514,8 +515,7 @@ class Membership:
             case Dead():
                 self.apply_dead(now, msg, raw)
             case _:
-                return False
-        return True
+                assert_never(msg)
 
     # Bookkeeping.
 

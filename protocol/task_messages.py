@@ -186,3 +186,18 @@ def task_id_of(
     key = b"k" + idempotency_key.encode() if idempotency_key else b"n" + nonce
     spec = msgpack.packb([key, role, input_digest, priority, parent, float(timeout)])
     return hashlib.sha256(b"grapevine/task-id/v1" + origin + spec).digest()
+
+
+TaskMessage = (
+    TaskRecord
+    | Claim
+    | Result
+    | Cancel
+    | Execution
+    | TaskHeld
+    | TaskDigests
+    | TaskWant
+    | TaskAsk
+    | TaskGrant
+)
+"""Every message of the task plane (`protocol.tasks.Tasks.dispatch` takes each one)."""

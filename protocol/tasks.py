@@ -1,6 +1,6 @@
 """Tasks, claim tokens and results: the per-task CRDT and the rules that make work run once.
 
-Theory of operation (DESIGN.md section 5 is the specification)
+Theory of operation (docs/design.md section 5 is the specification)
 - Per task each peer keeps a state-based CRDT: the signed task record, the greatest claim seen,
   every signed result, a cancel flag and the execution log. Every part merges by set union or
   by max, so the order, loss and duplication of messages do not matter.
@@ -40,11 +40,14 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, assert_never
 
+from protocol.codec import encode_message
 from protocol.effects import (
     CancelExecution,
+    Command,
     Dropped,
+    PersistKind,
     ResultAccepted,
     StartExecution,
     TaskCancelled,
@@ -54,30 +57,30 @@ from protocol.effects import (
 from protocol.errors import LocalProtocolError
 from protocol.identity import Signer, VerifiedCache
 from protocol.membership import Port as MembershipPort
+from protocol.slots import SlotLedger
+from protocol.task_messages import (
+    MAX_INLINE_PAYLOAD,
+    MAX_NONCE,
+    Cancel,
+    Claim,
+    Execution,
+    Result,
+    TaskAsk,
+    TaskDigests,
+    TaskGrant,
+    TaskHeld,
+    TaskMessage,
+    TaskRecord,
+    TaskWant,
+    task_id_of,
+)
 from protocol.task_state import END as END
 from protocol.task_state import START as START
 from protocol.task_state import TaskState as TaskState
 from protocol.task_state import claim_rank as claim_rank
 from protocol.task_state import hrw_score as hrw_score
 from protocol.timers import TaskStandby
-from protocol.wire import (
-    MAX_INLINE_PAYLOAD,
-    MAX_NAME_CHARS,
-    MAX_NONCE,
-    Cancel,
-    Claim,
-    Execution,
-    Message,
-    Result,
-    TaskAsk,
-    TaskDigests,
-    TaskGrant,
-    TaskHeld,
-    TaskRecord,
-    TaskWant,
-    encode_message,
-    task_id_of,
-)
+from protocol.wire import MAX_NAME_CHARS
 
 DOMAIN_TASK = b"grapevine/task/v1"
 DOMAIN_CLAIM = b"grapevine/claim/v1"
@@ -101,12 +104,13 @@ class View(Protocol):
 
 
 class Port(MembershipPort, Protocol):
-    """What the task rules need from the node: membership's port, and two more."""
+    """What the task rules need from the node: membership's port, and three more."""
 
     def send_to_random(
         self, k: int, messages: list[bytes], exclude: frozenset[bytes] = frozenset()
     ) -> None: ...
     def slots_changed(self) -> None: ...
+    def command(self, command: Command) -> None: ...
 
 
 class Tasks:
@@ -133,14 +137,13 @@ class Tasks:
         self.port = port
         self.view = view
         self.tasks: dict[bytes, TaskState] = {}
-        self.running: dict[bytes, int] = {}
-        """Tasks executing here, by id, with the epoch they run under."""
-        self.suspended: set[bytes] = set()
-        """Running tasks that wait (on their children) and hold no slot; a subset of running."""
+        self.slots: SlotLedger[bytes, int] = SlotLedger()
+        """Tasks executing here, by id, with the epoch they run under; suspended ones (waiting
+        on their children) hold no slot."""
         self.open: set[bytes] = set()
+        """Tasks with a record and neither an accepted result nor a cancel."""
         self.children: dict[bytes, set[bytes]] = {}
         """Parent task id -> ids of the held tasks whose record names it."""
-        """Tasks with a record and neither an accepted result nor a cancel."""
         self.roles: frozenset[str] = frozenset()
         self.passed: set[bytes] = set()
         """Tasks we were first in line for but passed for lack of a free slot."""
@@ -253,10 +256,9 @@ class Tasks:
             raise LocalProtocolError(f"outcome must be one of {OUTCOMES}")
         if len(output) > MAX_INLINE_PAYLOAD:
             raise LocalProtocolError(f"output must be at most {MAX_INLINE_PAYLOAD} bytes")
-        if self.running.get(task_id) != epoch:
+        if self.slots.running.get(task_id) != epoch:
             return None
-        del self.running[task_id]
-        self.suspended.discard(task_id)
+        self.slots.finish(task_id)
         self.port.slots_changed()
         self._log(now, task_id, epoch, END, outcome)
         payload = Result(
@@ -308,9 +310,8 @@ class Tasks:
         """Release the slot of a running execution that waits (on its child tasks): the free
         slot is advertised and tasks passed for lack of one are looked at again. It stays
         running for every other rule. False if it is not running here or already suspended."""
-        if task_id not in self.running or task_id in self.suspended:
+        if not self.slots.suspend(task_id):
             return False
-        self.suspended.add(task_id)
         self.port.slots_changed()
         self._slot_freed(now)
         return True
@@ -318,15 +319,24 @@ class Tasks:
     def resume(self, now: float, task_id: bytes) -> bool:
         """Take the slot of a suspended execution back at once, even beyond `max_running`:
         waiting for a slot here could deadlock a tree of tasks. False if it is not suspended."""
-        if task_id not in self.suspended:
+        if not self.slots.resume(task_id):
             return False
-        self.suspended.discard(task_id)
         self.port.slots_changed()
         return True
 
-    def slots_used(self) -> int:
-        """Executions here holding a slot (running and not suspended)."""
-        return len(self.running) - len(self.suspended)
+    @property
+    def running(self) -> dict[bytes, int]:
+        """Tasks executing here, by id, with the epoch they run under (suspended included)."""
+        return self.slots.running
+
+    @property
+    def suspended(self) -> set[bytes]:
+        """Running tasks that wait on their children and hold no slot."""
+        return self.slots.suspended
+
+    def free_slots(self) -> int:
+        """Execution slots free here under `max_running`."""
+        return self.slots.free(self.max_running)
 
     def reevaluate(self, now: float) -> None:
         """Look at every open task again, highest priority first (a slot freed, roles or
@@ -396,7 +406,7 @@ class Tasks:
         """We reach no one: others will declare us dead and take our work over, so stop it,
         and claim nothing before `until` (the next look) plus a standby delay."""
         self.quiet_until = max(self.quiet_until, until + self.standby_delay)
-        for task_id, epoch in list(self.running.items()):
+        for task_id, epoch in list(self.slots.running.items()):
             self._fence(now, task_id, epoch, "isolated")
 
     def on_standby(self, now: float, task_id: bytes, at: float) -> None:
@@ -419,8 +429,8 @@ class Tasks:
 
     # Input from peers (or from the store on restart, with `replay`).
 
-    def dispatch(self, now: float, src: str, sender: bytes, msg: Message, raw: bytes) -> bool:
-        """Apply one task message; False if it is not a task message."""
+    def dispatch(self, now: float, src: str, sender: bytes, msg: TaskMessage, raw: bytes) -> None:
+        """Apply one task message."""
         match msg:
             case TaskRecord():
                 self._apply_task(now, msg, raw, local=False)
@@ -443,8 +453,7 @@ class Tasks:
             case TaskGrant(task_id, epoch, grantee):
                 self._on_grant(task_id, epoch, grantee, src)
             case _:
-                return False
-        return True
+                assert_never(msg)
 
     def digests(self) -> TaskDigests:
         """The anti-entropy summary sent with each push-pull."""
@@ -482,7 +491,7 @@ class Tasks:
             self.children.setdefault(rec.parent, set()).add(rec.task_id)
         if st.accepted is None and st.cancel is None:
             self.open.add(rec.task_id)
-        self.port.persist("task", rec.task_id, raw)
+        self.port.persist(PersistKind.TASK, rec.task_id, raw)
         self.port.gossip(("task", rec.task_id), raw)
         if not local and rec.origin != self.node_id:
             addr = self.view.addr_of(rec.origin)
@@ -523,7 +532,7 @@ class Tasks:
             return
         st.claims[(c.epoch, c.owner)] = c
         st.touch()
-        self.port.persist("claim", c.task_id + c.epoch.to_bytes(8, "big") + c.owner, raw)
+        self.port.persist(PersistKind.CLAIM, c.task_id + c.epoch.to_bytes(8, "big") + c.owner, raw)
         self.port.gossip(("claim", c.task_id, c.epoch, c.owner), raw)
         self._unpark(now, c.task_id)
         current = st.claim
@@ -535,7 +544,7 @@ class Tasks:
         st.claim = c
         st.owner_down_at = now if self.view.is_down(c.owner) else None
         self.port.note(TaskClaimed(c.task_id, c.owner, c.epoch))
-        mine = self.running.get(c.task_id)
+        mine = self.slots.running.get(c.task_id)
         if mine is not None and c.owner != self.node_id:
             self._fence(now, c.task_id, mine, "superseded by a greater claim")
         self._unsettled[c.task_id] = None
@@ -557,7 +566,7 @@ class Tasks:
             return
         st.results[(r.epoch, r.owner)] = r
         st.touch()
-        self.port.persist("result", r.task_id + r.epoch.to_bytes(8, "big") + r.owner, raw)
+        self.port.persist(PersistKind.RESULT, r.task_id + r.epoch.to_bytes(8, "big") + r.owner, raw)
         self.port.gossip(("result", r.task_id, r.epoch, r.owner), raw)
         acc = st.accepted
         if acc is not None and claim_rank(r.task_id, r.epoch, r.owner) < claim_rank(
@@ -572,7 +581,7 @@ class Tasks:
         if flipped:
             self.counters["result flips"] += 1
         self.port.note(ResultAccepted(r.task_id, r.epoch, r.owner, r.outcome, flipped))
-        mine = self.running.get(r.task_id)
+        mine = self.slots.running.get(r.task_id)
         if mine is not None:
             self._fence(now, r.task_id, mine, "a result was accepted")
 
@@ -625,9 +634,9 @@ class Tasks:
         self.open.discard(c.task_id)
         self._rankings.pop(c.task_id, None)
         self.port.note(TaskCancelled(c.task_id, c.by, c.reason))
-        self.port.persist("cancel", c.task_id, raw)
+        self.port.persist(PersistKind.CANCEL, c.task_id, raw)
         self.port.gossip(("cancel", c.task_id), raw)
-        mine = self.running.get(c.task_id)
+        mine = self.slots.running.get(c.task_id)
         if mine is not None:
             self._fence(now, c.task_id, mine, "cancelled")
 
@@ -643,7 +652,9 @@ class Tasks:
         st.executions[key] = e
         st.touch()
         self.port.persist(
-            "execution", e.task_id + e.epoch.to_bytes(8, "big") + e.owner + bytes([e.phase]), raw
+            PersistKind.EXECUTION,
+            e.task_id + e.epoch.to_bytes(8, "big") + e.owner + bytes([e.phase]),
+            raw,
         )
         self.port.gossip(("execution", e.task_id, key), raw)
 
@@ -653,7 +664,7 @@ class Tasks:
         rec = st.record
         if rec is None or st.accepted is not None or st.cancel is not None:
             return
-        if st.task_id in self.running or rec.role not in self.roles:
+        if st.task_id in self.slots.running or rec.role not in self.roles:
             return
         if now < self.quiet_until:
             if self.quiet_until != math.inf:
@@ -679,7 +690,7 @@ class Tasks:
             return  # the primary let another peer claim this epoch
         if rank > 0 and granted != self.node_id:
             self._stand_by(now, st, epoch, since, ranked, rank)
-        elif self.slots_used() >= self.max_running:
+        elif not self.slots.has_room(self.max_running):
             self.passed.add(st.task_id)  # a slot freeing here, or a standby's ask, moves it on
         else:
             # Besides gossip, tell at once those ranked before us (they may have passed it for
@@ -699,7 +710,7 @@ class Tasks:
             if now < due:
                 self._wake(st.task_id, due)
                 return
-        if self.slots_used() >= self.max_running:
+        if not self.slots.has_room(self.max_running):
             self.passed.add(st.task_id)
             return
         addr = self.view.addr_of(ranked[0])
@@ -746,7 +757,7 @@ class Tasks:
     def _record_grant(self, st: TaskState, epoch: int, grantee: bytes) -> None:
         st.grants[epoch] = grantee
         raw = encode_message(TaskGrant(st.task_id, epoch, grantee))
-        self.port.persist("grant", st.task_id + epoch.to_bytes(8, "big"), raw)
+        self.port.persist(PersistKind.GRANT, st.task_id + epoch.to_bytes(8, "big"), raw)
 
     def _on_grant(self, task_id: bytes, epoch: int, grantee: bytes, src: str) -> None:
         st = self.tasks.get(task_id)
@@ -796,24 +807,23 @@ class Tasks:
     def _start(self, now: float, st: TaskState, epoch: int) -> None:
         rec = st.record
         assert rec is not None
-        self.running[st.task_id] = epoch
+        self.slots.start(st.task_id, epoch)
         self.port.slots_changed()
         self._log(now, st.task_id, epoch, START, "")
-        self.port.note(
+        self.port.command(
             StartExecution(
                 st.task_id, epoch, rec.role, rec.input, rec.priority, rec.timeout, rec.parent
             )
         )
 
     def _fence(self, now: float, task_id: bytes, epoch: int, reason: str) -> None:
-        if self.running.get(task_id) != epoch:
+        if self.slots.running.get(task_id) != epoch:
             return
-        del self.running[task_id]
-        self.suspended.discard(task_id)
+        self.slots.finish(task_id)
         self.port.slots_changed()
         self.counters["fenced"] += 1
         self._log(now, task_id, epoch, END, "fenced")
-        self.port.note(CancelExecution(task_id, epoch, reason))
+        self.port.command(CancelExecution(task_id, epoch, reason))
         self._slot_freed(now)
 
     def _log(self, now: float, task_id: bytes, epoch: int, phase: int, outcome: str) -> None:

@@ -67,11 +67,14 @@ from local_cluster import (
     wait_views,
 )
 
+from peer.demo.processes import stop_processes
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 slow_acks: list[str] = []
 """Submissions of the last Grapevine run answered 503 (not replicated within the API's limit)."""
 WORKER_SLOTS = 4
-"""Execution slots per Grapevine peer (peer.cli.agent.AGENT_SLOTS) and Celery worker concurrency."""
+"""Execution slots per Grapevine peer (peer.runtime.build.AGENT_SLOTS) and Celery worker
+concurrency."""
 PHASE_LIMIT = 180.0
 """Seconds any one phase may take before the run is reported as incomplete."""
 
@@ -441,18 +444,7 @@ class Celery:
         return worker
 
     def close(self) -> None:
-        procs = [w for w in self.workers if w.poll() is None]
-        if self.redis is not None and self.redis.poll() is None:
-            procs.append(self.redis)
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for proc in procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_processes([*self.workers, self.redis], grace=10)
 
     def pids(self) -> list[int]:
         live = [w.pid for w in self.workers if w.poll() is None]

@@ -1,6 +1,8 @@
-"""Start, stop and observe real `grapevine agent` processes on 127.0.0.1.
+"""Clusters of real `grapevine agent` processes on 127.0.0.1, for the e2e tests and benchmarks.
 
-Shared by tests/e2e/test_cluster.py and scripts/bench_cluster.py.
+Starting and stopping the processes is peer.demo.processes' job (shared with `grapevine demo`);
+this module adds what tests and benchmarks need: fixed free ports, restarts, and bounded waits
+on the peers' APIs. Used by tests/e2e, tests/peer and scripts/bench_*.py.
 
 Invariants:
 - Every process this module starts is recorded in its `LocalCluster` and ended by `close()`
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import signal
 import socket
@@ -33,8 +34,23 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from peer.client import ApiError, ClientError, GrapevineClient, GrapevineError  # noqa: E402
+from peer.demo.processes import (  # noqa: E402
+    PeerProcess,
+    agent_command,
+    child_env,
+    grapevine_command,
+    stop_processes,
+)
 
-__all__ = ["ApiError", "GrapevineClient", "GrapevineError", "LocalCluster", "Peer"]
+__all__ = [
+    "ApiError",
+    "GrapevineClient",
+    "GrapevineError",
+    "LocalCluster",
+    "Peer",
+    "child_env",
+    "grapevine_command",
+]
 
 T = TypeVar("T")
 
@@ -67,18 +83,6 @@ def free_port() -> int:
     raise RuntimeError(f"no free port between {low} and {high}")
 
 
-def grapevine_command() -> list[str]:
-    """The command that runs the CLI from this checkout, installed or not."""
-    return [sys.executable, "-m", "peer.cli"]
-
-
-def child_env() -> dict[str, str]:
-    """The environment for child processes: this checkout importable, no GRAPEVINE_* leaking."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GRAPEVINE_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
-
-
 def keygen(path: Path) -> Path:
     """Write a new network key to `path` with `grapevine keygen --output`."""
     subprocess.run(
@@ -91,36 +95,15 @@ def keygen(path: Path) -> Path:
     return path
 
 
-@dataclass
-class Peer:
-    """One `grapevine agent` process (or a stopped one that can be restarted)."""
+@dataclass(kw_only=True)
+class Peer(PeerProcess):
+    """One peer of a `LocalCluster`, on fixed ports, so that it can be restarted as it was."""
 
-    name: str
-    bind: str
-    api: str
     data_dir: Path
     key_file: Path
     join: list[str]
-    log_path: Path
     extra_args: Sequence[str] = ()
     """More `grapevine agent` flags for this peer (kept, so a restart runs it the same way)."""
-    process: subprocess.Popen[bytes] | None = None
-    starts: int = 0
-    node_id: str = ""
-
-    @property
-    def pid(self) -> int | None:
-        return None if self.process is None else self.process.pid
-
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
 
 
 @dataclass
@@ -174,9 +157,7 @@ class LocalCluster:
     def start(self, peer: Peer) -> None:
         """(Re)start `peer`'s process with its own data directory, key and seeds."""
         assert not peer.running(), f"{peer.name} is already running"
-        args = [
-            *grapevine_command(),
-            "agent",
+        flags = [
             "--bind",
             peer.bind,
             "--api",
@@ -190,19 +171,11 @@ class LocalCluster:
             *peer.extra_args,
         ]
         for seed in peer.join:
-            args += ["--join", seed]
+            flags += ["--join", seed]
+        command = agent_command(flags)
         with peer.log_path.open("ab") as log:
-            log.write(f"--- start {peer.starts + 1}: {' '.join(args)}\n".encode())
-            log.flush()
-            peer.process = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                env=child_env(),
-                cwd=self.root,
-            )
-        peer.starts += 1
+            log.write(f"--- start {peer.starts + 1}: {' '.join(command)}\n".encode())
+        peer.launch(command, cwd=self.root)
 
     def kill(self, peer: Peer, sig: int = signal.SIGKILL) -> None:
         """Send `sig` to `peer`'s process and, for SIGKILL, reap it."""
@@ -213,16 +186,7 @@ class LocalCluster:
 
     def close(self, grace: float = 5.0) -> None:
         """End every process this cluster started: SIGTERM, then SIGKILL after `grace`."""
-        running = [p.process for p in self.peers if p.process and p.process.poll() is None]
-        for process in running:
-            process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for process in running:
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        stop_processes((p.process for p in self.peers), grace)
 
 
 async def query(api: str, call: Callable[[GrapevineClient], Awaitable[T]]) -> T:

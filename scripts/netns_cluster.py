@@ -35,7 +35,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,17 @@ from pathlib import Path
 from typing import Any, Self
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from peer.demo.processes import (  # noqa: E402
+    agent_command,
+    child_env,
+    grapevine_command,
+    read_log_tail,
+    stop_processes,
+)
+
 SUBNET = "10.250.0"
 FIRST_HOST = 10
 PEER_PORT = 7946
@@ -201,10 +211,10 @@ class NetnsCluster:
         key = self.root / "network.key"
         if not key.exists():
             subprocess.run(
-                [sys.executable, "-m", "peer.cli", "keygen", "--output", str(key)],
+                [*grapevine_command(), "keygen", "--output", str(key)],
                 check=True,
                 capture_output=True,
-                env=_env(),
+                env=child_env(),
                 timeout=30,
             )
         seed = self.members[0].address
@@ -214,28 +224,28 @@ class NetnsCluster:
                 "netns",
                 "exec",
                 host.netns,
-                sys.executable,
-                "-m",
-                "peer.cli",
-                "agent",
-                "--bind",
-                host.address,
-                "--api",
-                API,
-                "--data-dir",
-                str(host.data_dir),
-                "--network-key-file",
-                str(key),
-                "--profile",
-                self.profile,
-                "--no-agents",
+                *agent_command(
+                    [
+                        "--bind",
+                        host.address,
+                        "--api",
+                        API,
+                        "--data-dir",
+                        str(host.data_dir),
+                        "--network-key-file",
+                        str(key),
+                        "--profile",
+                        self.profile,
+                        "--no-agents",
+                    ]
+                ),
             ]
             if host.index:
                 args += ["--join", seed]
             with host.log_path.open("ab") as log:
                 # `ip netns exec` execs the command, so this pid is the peer's own.
                 host.process = subprocess.Popen(
-                    args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=_env()
+                    args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=child_env()
                 )
 
     def partition(self) -> None:
@@ -260,9 +270,7 @@ class NetnsCluster:
                 "netns",
                 "exec",
                 host.netns,
-                sys.executable,
-                "-m",
-                "peer.cli",
+                *grapevine_command(),
                 "members",
                 "--json",
                 "--api",
@@ -271,7 +279,7 @@ class NetnsCluster:
             capture_output=True,
             text=True,
             timeout=30,
-            env=_env(),
+            env=child_env(),
             check=False,
         )
         if result.returncode != 0:
@@ -309,23 +317,11 @@ class NetnsCluster:
             time.sleep(0.5)
 
     def log_tail(self, host: Host, lines: int = 15) -> str:
-        try:
-            return "\n".join(host.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return read_log_tail(host.log_path, lines) or ""
 
     def close(self) -> None:
         """End the peers this cluster started, then delete the namespaces it created."""
-        running = [h.process for h in self.members if h.process and h.process.poll() is None]
-        for process in running:
-            process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        for process in running:
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        stop_processes(h.process for h in self.members)
         for name in reversed(self.created):
             subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
         self.created.clear()
@@ -333,12 +329,6 @@ class NetnsCluster:
     def _add_netns(self, name: str) -> None:
         ip("netns", "add", name)
         self.created.append(name)
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GRAPEVINE_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
 
 
 def run_scenario(cluster: NetnsCluster, timeout: float = 60.0) -> dict[str, float]:

@@ -14,7 +14,8 @@ Invariants:
   a takeover, as for any task). A peer without room fails the task saying so.
 - A suspended execution (waiting on its children) holds neither an executor slot nor its
   agent's slot; on resume it takes the agent's slot back at once, even beyond
-  `max_concurrent` (it never waits, so a tree cannot deadlock).
+  `max_concurrent` (it never waits, so a tree cannot deadlock). Each agent keeps its account
+  in the protocol's `SlotLedger`, the one home of that rule.
 - Declared agents (from the config) never retire; spawned ones retire after `idle_retire`
   idle seconds, and the pool grows spawned roles with demand (`peer.agents.pool`).
 - All agents share one model client, so per-peer rate limits and the breaker cover them all.
@@ -51,6 +52,7 @@ from peer.runtime.executor import Executor, Outcome, RoleHandler, Work, builtin_
 from protocol.effects import EventReceived
 from protocol.errors import LocalProtocolError
 from protocol.identity import short_id
+from protocol.slots import SlotLedger
 from protocol.wire import MAX_ROLES
 
 log = logging.getLogger(__name__)
@@ -90,14 +92,8 @@ class _Agent:
     runtime: AgentRuntime
     spawned: bool
     idle_since: float
-    tasks: set[bytes] = field(default_factory=set)
-    """Executions it runs, suspended ones included."""
-    suspended: set[bytes] = field(default_factory=set)
-
-    @property
-    def busy(self) -> int:
-        """Agent slots held (suspended executions hold none)."""
-        return len(self.tasks) - len(self.suspended)
+    slots: SlotLedger[bytes, None] = field(default_factory=SlotLedger)
+    """Executions it runs, suspended ones (holding no agent slot) included."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,10 +303,10 @@ class AgentHost:
                 "roles": list(agent.spec.roles),
                 "model": agent.spec.model,
                 "max_concurrent": agent.spec.max_concurrent,
-                "running": len(agent.tasks),
-                "suspended": len(agent.suspended),
+                "running": len(agent.slots.running),
+                "suspended": len(agent.slots.suspended),
                 "spawned": agent.spawned,
-                "idle_for": None if agent.tasks else round(now - agent.idle_since, 3),
+                "idle_for": None if agent.slots.running else round(now - agent.idle_since, 3),
             }
             for agent in self._agents.values()
         ]
@@ -366,10 +362,10 @@ class AgentHost:
                 serving = [a for a in self._agents.values() if role in a.spec.roles]
                 if not serving:
                     raise RuntimeError(f"no agent of role {role!r} on this peer any more")
-                free = [a for a in serving if a.busy < a.spec.max_concurrent]
+                free = [a for a in serving if a.slots.has_room(a.spec.max_concurrent)]
                 if free:
-                    agent = min(free, key=lambda a: a.busy)
-                    agent.tasks.add(task_id)
+                    agent = min(free, key=lambda a: a.slots.used())
+                    agent.slots.start(task_id, None)
                     self._owner[task_id] = agent
                     return agent
                 self._waiting.setdefault(task_id, (role, self._clock()))
@@ -379,23 +375,21 @@ class AgentHost:
             self._waiting.pop(task_id, None)
 
     def _release(self, agent: _Agent, task_id: bytes) -> None:
-        agent.tasks.discard(task_id)
-        agent.suspended.discard(task_id)
+        agent.slots.finish(task_id)
         self._owner.pop(task_id, None)
-        if not agent.tasks:
+        if not agent.slots.running:
             agent.idle_since = self._clock()
         self._notify()
 
     def _suspend(self, task_id: bytes) -> None:
         agent = self._owner.get(task_id)
-        if agent is not None and task_id not in agent.suspended:
-            agent.suspended.add(task_id)
+        if agent is not None and agent.slots.suspend(task_id):
             self._notify()
 
     def _resume(self, task_id: bytes) -> None:
         agent = self._owner.get(task_id)
         if agent is not None:
-            agent.suspended.discard(task_id)
+            agent.slots.resume(task_id)
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
@@ -439,7 +433,9 @@ class AgentHost:
     def pool_members(self) -> list[pool.PoolMember]:
         """The agents as the pool decision sees them."""
         return [
-            pool.PoolMember(a.spec.name, a.spec.roles, a.spawned, len(a.tasks), a.idle_since)
+            pool.PoolMember(
+                a.spec.name, a.spec.roles, a.spawned, len(a.slots.running), a.idle_since
+            )
             for a in self._agents.values()
         ]
 
@@ -487,7 +483,7 @@ class AgentHost:
             self._add(spec, spawned=True)
         for name in plan.retire:
             agent = self._agents.get(name)
-            if agent is not None and agent.spawned and not agent.tasks:
+            if agent is not None and agent.spawned and not agent.slots.running:
                 del self._agents[name]
                 log.info("pool: retired idle agent %s", name)
         if plan.grow or plan.retire:

@@ -129,6 +129,52 @@ _STATE_STYLE = {
 }
 
 
+def tasks_table(tasks: list[JsonObject]) -> str:
+    """The `grapevine tasks` table and a count line."""
+    rows = [
+        [
+            str(t.get("id", "?"))[:12],
+            str(t.get("role", "?")),
+            str(t.get("state", "?")),
+            short(t.get("owner")) if t.get("owner") else "-",
+            str(t.get("epoch", "?")),
+            str(t.get("duplicates", 0)),
+            clock(t.get("created")),
+        ]
+        for t in tasks
+    ]
+    header = ["ID", "ROLE", "STATE", "OWNER", "EPOCH", "DUP", "CREATED"]
+    return f"{table(header, rows)}\n{len(tasks)} tasks"
+
+
+def task_details(task: JsonObject) -> str:
+    """The `grapevine task` view: fields, execution log and result."""
+    result = task.get("result") if isinstance(task.get("result"), dict) else None
+    lines = [
+        f"id          {task.get('id')}",
+        f"role        {task.get('role')}",
+        f"state       {task.get('state')}",
+        f"owner       {task.get('owner') or '-'} (epoch {task.get('epoch')})",
+        f"priority    {task.get('priority')}",
+        f"created     {clock(task.get('created'))}",
+        f"key         {task.get('idempotency_key') or '-'}",
+        f"duplicates  {task.get('duplicates')}",
+    ]
+    for entry in task.get("executions") or []:
+        outcome = f" {entry.get('outcome')}" if entry.get("outcome") else ""
+        lines.append(
+            f"execution   epoch {entry.get('epoch')} {short(entry.get('owner'))} "
+            f"{entry.get('phase')}{outcome}"
+        )
+    if result is not None:
+        lines.append(
+            f"result      {result.get('outcome')} (epoch {result.get('epoch')}, "
+            f"{short(result.get('owner'))})"
+        )
+        lines.append(f"output      {result.get('output')}")
+    return "\n".join(lines)
+
+
 def task_tree(tree: JsonObject) -> Tree:
     """`grapevine tree`: one line per task of a `/v1/tasks/{id}/tree` answer, children under
     their parent, e.g. "writer 3f2a9c1b2d4e done on k3j4h5l2mn agent writer-1 120 tokens"."""

@@ -18,12 +18,10 @@ import sys
 import time
 from typing import TextIO
 
+from peer.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Subcommands, add_command
 from protocol.sim.scenario import Figure, ScenarioParams, run_scenario
 
 PROG = "grapevine simulate"
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 PARTITION_AT = 40.0
 """Seconds after the views converged at which `--partition` cuts the network in two."""
 AFTER_HEAL = 120.0
@@ -55,6 +53,20 @@ def _duration_arg(text: str) -> float:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def register(commands: Subcommands) -> None:
+    """Add `simulate` to the `grapevine` command line."""
+    simulate = add_command(
+        commands,
+        "simulate",
+        "run the real protocol on a simulated network",
+        "Run many peers' protocol code on a deterministic simulated network (virtual clock, "
+        "seeded loss and partitions) and report convergence and failure-detection figures.",
+        "  grapevine simulate --nodes 1000 --loss 0.2 --partition 30s",
+    )
+    add_arguments(simulate)
+    simulate.set_defaults(handler=run)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

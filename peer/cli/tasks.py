@@ -1,12 +1,13 @@
 """The task commands of `grapevine`: submit, tasks, task, tree, result, cancel.
 
-Invariants (those of peer/cli.py, whose helpers these commands use):
+Invariants:
 - Errors are one line on stderr, "grapevine <command>: <what went wrong>"; exit 0 on success,
-  1 when the operation or the task failed, 2 for a wrong command line, 130 on Ctrl-C.
+  1 when the operation or the task failed, 2 for a wrong command line, 130 on Ctrl-C
+  (`peer.cli.common`).
 - `--json` prints the API's own objects (docs/http-api.md); progress goes to stderr only, so
   stdout stays clean for pipes.
-- `submit --file` keeps at most `FILE_CONCURRENCY` requests in flight and reports every bad
-  line with its number instead of stopping at the first.
+- A task ID on the command line is hex digits (a full id or a unique prefix), checked before any
+  request and passed on in lower case; anything else exits 2.
 - An output that is a blob reference (`protocol.blobs`) is printed as the blob's bytes, fetched
   through `GET /v1/blobs/{digest}`, exactly as stored (no newline added); `--json` shows the
   reference as the API does.
@@ -15,65 +16,40 @@ Invariants (those of peer/cli.py, whose helpers these commands use):
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from peer.cli import render
-from peer.cli.main import (
+from peer.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
-    _client,
-    _command,
-    _fail,
-    _Parser,
+    ClientCommand,
+    Parser,
+    Subcommands,
+    add_command,
+    api_option,
+    client_command,
+    fail,
+    json_option,
 )
-from peer.client import (
-    DEFAULT_API,
-    ApiError,
-    ClientError,
-    GrapevineClient,
-    JsonObject,
-    _api_error,
-    _reason,
-    base_url,
-)
+from peer.cli.task_file import submit_file
+from peer.client import GrapevineClient, JsonObject
 from protocol.blobs import parse_blob_ref
 
-FILE_CONCURRENCY = 16
-"""Requests `submit --file` keeps in flight at once."""
-BLOB_TIMEOUT = aiohttp.ClientTimeout(total=600.0, sock_connect=5.0)
-"""How long fetching a blob output may take (the peer may fetch it from its holders first)."""
-POLL_INTERVAL = 0.5
-"""Seconds between checks of unfinished tasks while `submit --file` waits."""
 STATES = ("pending", "running", "done", "failed", "cancelled")
-FINAL = ("done", "failed", "cancelled")
-_FILE_FIELDS = {"role", "input", "priority", "idempotency_key", "timeout"}
+"""The task states `grapevine tasks --state` accepts."""
 
 
-def register(commands: argparse._SubParsersAction[_Parser]) -> None:
+def register(commands: Subcommands) -> None:
     """Add submit, tasks, task, tree, result and cancel to the `grapevine` command line."""
-    api = _Parser(add_help=False)
-    api.add_argument(
-        "--api",
-        metavar="HOST:PORT",
-        default=None,
-        help=f"the peer's API address (default: $GRAPEVINE_API, else {DEFAULT_API})",
-    )
-    api.add_argument("--json", action="store_true", help="print JSON with the API's field names")
-    parents = (api,)
+    parents = (api_option(), json_option())
 
-    submit = _command(
+    submit = add_command(
         commands,
         "submit",
         "submit a task (or a file of tasks) and wait for the result",
@@ -118,9 +94,9 @@ def register(commands: argparse._SubParsersAction[_Parser]) -> None:
         action="store_true",
         help="print the task id once accepted instead of waiting for the result",
     )
-    _client(submit, _submit)
+    client_command(submit, _submit)
 
-    tasks = _command(
+    tasks = add_command(
         commands,
         "tasks",
         "list the tasks the local peer knows",
@@ -132,9 +108,9 @@ def register(commands: argparse._SubParsersAction[_Parser]) -> None:
     tasks.add_argument("--state", choices=STATES, help="only tasks in this state")
     tasks.add_argument("--role", help="only tasks of this role")
     tasks.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
-    _client(tasks, _tasks)
+    client_command(tasks, _tasks)
 
-    task = _command(
+    _add_by_id(
         commands,
         "task",
         "show one task",
@@ -142,11 +118,9 @@ def register(commands: argparse._SubParsersAction[_Parser]) -> None:
         "id in hex or a unique prefix of at least 6 digits.",
         "  grapevine task 3f2a9c --json",
         parents,
+        _task,
     )
-    task.add_argument("id", metavar="ID", help="task id (hex) or a unique prefix")
-    _client(task, _task)
-
-    tree = _command(
+    _add_by_id(
         commands,
         "tree",
         "show a task and the tasks it delegated",
@@ -156,22 +130,18 @@ def register(commands: argparse._SubParsersAction[_Parser]) -> None:
         "a unique prefix of at least 6 digits.",
         "  grapevine tree 3f2a9c\n  grapevine tree 3f2a9c --json | jq .totals",
         parents,
+        _tree,
     )
-    tree.add_argument("id", metavar="ID", help="task id (hex) or a unique prefix")
-    _client(tree, _tree)
-
-    result = _command(
+    _add_by_id(
         commands,
         "result",
         "print a task's accepted result",
         "Print the accepted output of a task; exits 1 if it has none yet or did not succeed.",
         "  grapevine result 3f2a9c",
         parents,
+        _result,
     )
-    result.add_argument("id", metavar="ID", help="task id (hex) or a unique prefix")
-    _client(result, _result)
-
-    cancel = _command(
+    _add_by_id(
         commands,
         "cancel",
         "cancel a task wherever it runs",
@@ -179,9 +149,36 @@ def register(commands: argparse._SubParsersAction[_Parser]) -> None:
         "cancelled.",
         "  grapevine cancel 3f2a9c",
         parents,
+        _cancel,
     )
-    cancel.add_argument("id", metavar="ID", help="task id (hex) or a unique prefix")
-    _client(cancel, _cancel)
+
+
+def _add_by_id(
+    commands: Subcommands,
+    name: str,
+    summary: str,
+    description: str,
+    examples: str,
+    parents: Sequence[Parser],
+    command: ClientCommand,
+) -> None:
+    """Add a command about one task, named by the ID argument that `_with_task_id` checks."""
+    parser = add_command(commands, name, summary, description, examples, parents)
+    parser.add_argument("id", metavar="ID", help="task id (hex) or a unique prefix")
+    client_command(parser, _with_task_id(command))
+
+
+def _with_task_id(command: ClientCommand) -> ClientCommand:
+    """`command`, run once `args.id` is checked and lowered; a malformed ID exits 2 unsent."""
+
+    async def checked(client: GrapevineClient, args: argparse.Namespace) -> int:
+        text = str(args.id).strip().lower()
+        if not text or any(c not in "0123456789abcdef" for c in text):
+            return fail(args, f"a task id is hex digits (or a prefix), got {args.id!r}", EXIT_USAGE)
+        args.id = text
+        return await command(client, args)
+
+    return checked
 
 
 # --- one task ----------------------------------------------------------------------------------
@@ -190,10 +187,10 @@ def register(commands: argparse._SubParsersAction[_Parser]) -> None:
 async def _submit(client: GrapevineClient, args: argparse.Namespace) -> int:
     if args.file is not None:
         if args.input is not None or args.role:
-            return _fail(args, "give either --file or --role with INPUT, not both", EXIT_USAGE)
-        return await _submit_file(client, args)
+            return fail(args, "give either --file or --role with INPUT, not both", EXIT_USAGE)
+        return await submit_file(client, args)
     if not args.role or args.input is None:
-        return _fail(args, "give --role ROLE and INPUT (or --file PATH)", EXIT_USAGE)
+        return fail(args, "give --role ROLE and INPUT (or --file PATH)", EXIT_USAGE)
     text = sys.stdin.read() if args.input == "-" else args.input
     answer = await client.submit(
         args.role,
@@ -222,20 +219,20 @@ async def _report_result(
     result = task.get("result")
     state = task.get("state")
     if not isinstance(result, dict):
-        return _fail(args, f"task {task.get('id')} has no result yet (state {state})", EXIT_FAILED)
+        return fail(args, f"task {task.get('id')} has no result yet (state {state})", EXIT_FAILED)
     if print_output:
         output = str(result.get("output", ""))
         ref = parse_blob_ref(output.encode("utf-8", errors="surrogatepass"))
         if ref is None:
             print(output)
         else:
-            data = await fetch_blob(client.api, ref[0].hex())
+            data = await client.blob(ref[0].hex())
             sys.stdout.flush()
             sys.stdout.buffer.write(data)
             sys.stdout.buffer.flush()
     if state != "done":
         outcome = result.get("outcome")
-        return _fail(args, f"task {task.get('id')} ended {outcome} ({state})", EXIT_FAILED)
+        return fail(args, f"task {task.get('id')} ended {outcome} ({state})", EXIT_FAILED)
     return EXIT_OK
 
 
@@ -274,26 +271,20 @@ class _ProgressLine:
 
 async def _tasks(client: GrapevineClient, args: argparse.Namespace) -> int:
     if args.limit < 1:
-        return _fail(args, "--limit must be at least 1", EXIT_USAGE)
+        return fail(args, "--limit must be at least 1", EXIT_USAGE)
     tasks = await client.tasks(state=args.state, role=args.role, limit=args.limit)
-    print(render.as_json(tasks) if args.json else tasks_table(tasks))
+    print(render.as_json(tasks) if args.json else render.tasks_table(tasks))
     return EXIT_OK
 
 
 async def _task(client: GrapevineClient, args: argparse.Namespace) -> int:
-    task_id = _task_id(args)
-    if task_id is None:
-        return _bad_id(args)
-    task = await client.task(task_id)
-    print(render.as_json(task) if args.json else task_details(task))
+    task = await client.task(args.id)
+    print(render.as_json(task) if args.json else render.task_details(task))
     return EXIT_OK
 
 
 async def _tree(client: GrapevineClient, args: argparse.Namespace) -> int:
-    task_id = _task_id(args)
-    if task_id is None:
-        return _bad_id(args)
-    tree = await client.tree(task_id)
+    tree = await client.tree(args.id)
     if args.json:
         print(render.as_json(tree))
         return EXIT_OK
@@ -303,264 +294,13 @@ async def _tree(client: GrapevineClient, args: argparse.Namespace) -> int:
 
 
 async def _result(client: GrapevineClient, args: argparse.Namespace) -> int:
-    task_id = _task_id(args)
-    if task_id is None:
-        return _bad_id(args)
-    task = await client.task(task_id)
+    task = await client.task(args.id)
     if args.json:
         print(render.as_json(task.get("result")))
     return await _report_result(client, args, task, print_output=not args.json)
 
 
-async def fetch_blob(api: str, digest: str) -> bytes:
-    """Return the bytes of a blob from the peer API at `api` (`GET /v1/blobs/{digest}`).
-
-    Raises:
-        ClientError: the peer could not be reached.
-        ApiError: the peer answered an error (404: no peer asked held the blob).
-    """
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=BLOB_TIMEOUT) as session,
-            session.get(f"{base_url(api)}/v1/blobs/{digest}") as response,
-        ):
-            if response.status >= 400:
-                raise await _api_error(response)
-            return await response.read()
-    except aiohttp.ClientError as exc:
-        raise ClientError(api, _reason(exc)) from exc
-    except TimeoutError as exc:
-        raise ClientError(api, "timed out") from exc
-
-
 async def _cancel(client: GrapevineClient, args: argparse.Namespace) -> int:
-    task_id = _task_id(args)
-    if task_id is None:
-        return _bad_id(args)
-    task = await client.cancel(task_id)
+    task = await client.cancel(args.id)
     print(render.as_json(task) if args.json else f"cancelled task {task.get('id')}")
     return EXIT_OK
-
-
-def _task_id(args: argparse.Namespace) -> str | None:
-    text = str(args.id).strip().lower()
-    if not text or any(c not in "0123456789abcdef" for c in text):
-        return None
-    return text
-
-
-def _bad_id(args: argparse.Namespace) -> int:
-    return _fail(args, f"a task id is hex digits (or a prefix), got {args.id!r}", EXIT_USAGE)
-
-
-# --- a file of tasks ---------------------------------------------------------------------------
-
-
-@dataclass
-class _FileRun:
-    """What `submit --file` did, line by line."""
-
-    bad: list[tuple[int, str]] = field(default_factory=list)
-    submitted: dict[int, str] = field(default_factory=dict)
-    final: dict[int, JsonObject] = field(default_factory=dict)
-
-    def summary(self) -> JsonObject:
-        states: dict[str, int] = {}
-        for task in self.final.values():
-            state = str(task.get("state"))
-            states[state] = states.get(state, 0) + 1
-        return {
-            "lines": len(self.bad) + len(self.submitted),
-            "bad_lines": len(self.bad),
-            "submitted": len(self.submitted),
-            **{state: states.get(state, 0) for state in FINAL},
-            "unfinished": len(self.submitted) - len(self.final),
-        }
-
-
-def _file_lines(path: Path) -> Iterator[tuple[int, str]]:
-    handle = sys.stdin if str(path) == "-" else path.open(encoding="utf-8", errors="replace")
-    try:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                yield number, line
-    finally:
-        if handle is not sys.stdin:
-            handle.close()
-
-
-def parse_task_line(line: str) -> JsonObject:
-    """Validate one JSON Lines entry of `submit --file`; return it.
-
-    Raises:
-        ValueError: the line is not a task object; the message names the field.
-    """
-    try:
-        spec = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not JSON ({exc.msg})") from None
-    if not isinstance(spec, dict):
-        raise ValueError("not a JSON object")
-    unknown = sorted(set(spec) - _FILE_FIELDS)
-    if unknown:
-        raise ValueError(f"unknown field(s): {', '.join(unknown)}")
-    if not isinstance(spec.get("role"), str) or not spec["role"]:
-        raise ValueError("role must be a non-empty string")
-    if not isinstance(spec.get("input"), str):
-        raise ValueError("input must be a string")
-    if type(spec.get("priority", 0)) is not int or spec.get("priority", 0) < 0:
-        raise ValueError("priority must be an integer of 0 or more")
-    if not isinstance(spec.get("idempotency_key", ""), str):
-        raise ValueError("idempotency_key must be a string")
-    timeout = spec.get("timeout", 0)
-    if type(timeout) not in (int, float) or timeout < 0:
-        raise ValueError("timeout must be a number of seconds, 0 or more")
-    return spec
-
-
-async def _submit_file(client: GrapevineClient, args: argparse.Namespace) -> int:
-    try:
-        lines = list(_file_lines(args.file))
-    except OSError as exc:
-        return _fail(args, f"cannot read {args.file}: {exc.strerror or exc}", EXIT_FAILED)
-    run = _FileRun()
-    specs: list[tuple[int, JsonObject]] = []
-    for number, line in lines:
-        try:
-            specs.append((number, parse_task_line(line)))
-        except ValueError as exc:
-            run.bad.append((number, str(exc)))
-    for number, reason in run.bad:
-        print(f"{args.prog}: {args.file} line {number}: {reason}; skipped", file=sys.stderr)
-    console = Console(stderr=True)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=not console.is_terminal,
-        disable=not console.is_terminal,
-    ) as progress:
-        sent = progress.add_task("submitted", total=len(specs))
-        done = progress.add_task("finished", total=len(specs), visible=not args.no_wait)
-        await _submit_all(client, args, specs, run, progress, sent)
-        if not args.no_wait:
-            progress.update(done, total=len(run.submitted))
-            await _wait_all(client, run, progress, done)
-    summary = run.summary()
-    if args.json:
-        rows: list[dict[str, Any]] = [
-            {
-                "line": number,
-                "id": task_id,
-                "state": run.final.get(number, {}).get("state"),
-                "outcome": (run.final.get(number, {}).get("result") or {}).get("outcome"),
-            }
-            for number, task_id in sorted(run.submitted.items())
-        ]
-        bad = [{"line": n, "error": reason} for n, reason in run.bad]
-        print(render.as_json({"tasks": rows, "bad_lines": bad, "summary": summary}))
-    else:
-        print(", ".join(f"{value} {name.replace('_', ' ')}" for name, value in summary.items()))
-    failed = run.bad or (not args.no_wait and summary["done"] != summary["submitted"])
-    return EXIT_FAILED if failed else EXIT_OK
-
-
-async def _submit_all(
-    client: GrapevineClient,
-    args: argparse.Namespace,
-    specs: list[tuple[int, JsonObject]],
-    run: _FileRun,
-    progress: Progress,
-    bar: Any,
-) -> None:
-    pending = iter(specs)
-
-    async def worker() -> None:
-        for number, spec in pending:
-            try:
-                answer = await client.submit(
-                    spec["role"],
-                    spec["input"],
-                    priority=spec.get("priority", 0),
-                    idempotency_key=spec.get("idempotency_key") or None,
-                    timeout=float(spec.get("timeout", 0)),
-                )
-                run.submitted[number] = str(answer["id"])
-            except ApiError as exc:
-                reason = exc.detail or exc.title
-                run.bad.append((number, f"refused: {reason}"))
-                print(f"{args.prog}: {args.file} line {number}: refused: {reason}", file=sys.stderr)
-            progress.advance(bar)
-
-    await asyncio.gather(*(worker() for _ in range(FILE_CONCURRENCY)))
-    run.bad.sort()
-
-
-async def _wait_all(client: GrapevineClient, run: _FileRun, progress: Progress, bar: Any) -> None:
-    while True:
-        open_lines = [n for n in run.submitted if n not in run.final]
-        if not open_lines:
-            return
-        queue = iter(open_lines)
-
-        async def worker(queue: Iterator[int] = queue) -> None:
-            for number in queue:
-                task = await client.task(run.submitted[number])
-                if task.get("state") in FINAL:
-                    run.final[number] = task
-                    progress.advance(bar)
-
-        await asyncio.gather(*(worker() for _ in range(FILE_CONCURRENCY)))
-        if len(run.final) < len(run.submitted):
-            await asyncio.sleep(POLL_INTERVAL)
-
-
-# --- renderings --------------------------------------------------------------------------------
-
-
-def tasks_table(tasks: list[JsonObject]) -> str:
-    """The `grapevine tasks` table and a count line."""
-    rows = [
-        [
-            str(t.get("id", "?"))[:12],
-            str(t.get("role", "?")),
-            str(t.get("state", "?")),
-            render.short(t.get("owner")) if t.get("owner") else "-",
-            str(t.get("epoch", "?")),
-            str(t.get("duplicates", 0)),
-            render.clock(t.get("created")),
-        ]
-        for t in tasks
-    ]
-    header = ["ID", "ROLE", "STATE", "OWNER", "EPOCH", "DUP", "CREATED"]
-    return f"{render.table(header, rows)}\n{len(tasks)} tasks"
-
-
-def task_details(task: JsonObject) -> str:
-    """The `grapevine task` view: fields, execution log and result."""
-    result = task.get("result") if isinstance(task.get("result"), dict) else None
-    lines = [
-        f"id          {task.get('id')}",
-        f"role        {task.get('role')}",
-        f"state       {task.get('state')}",
-        f"owner       {task.get('owner') or '-'} (epoch {task.get('epoch')})",
-        f"priority    {task.get('priority')}",
-        f"created     {render.clock(task.get('created'))}",
-        f"key         {task.get('idempotency_key') or '-'}",
-        f"duplicates  {task.get('duplicates')}",
-    ]
-    for entry in task.get("executions") or []:
-        outcome = f" {entry.get('outcome')}" if entry.get("outcome") else ""
-        lines.append(
-            f"execution   epoch {entry.get('epoch')} {render.short(entry.get('owner'))} "
-            f"{entry.get('phase')}{outcome}"
-        )
-    if result is not None:
-        lines.append(
-            f"result      {result.get('outcome')} (epoch {result.get('epoch')}, "
-            f"{render.short(result.get('owner'))})"
-        )
-        lines.append(f"output      {result.get('output')}")
-    return "\n".join(lines)

@@ -1,8 +1,8 @@
 """What `grapevine demo` shows: the live progress view and the final report.
 
 Invariants:
-- This module only renders; it never talks to a peer. `peer.demo.command` gathers `Snapshot`s and
-  the `Report` from the peers' APIs and hands them here.
+- This module only renders; it never talks to a peer. `peer.demo.follow` gathers `Snapshot`s and
+  `peer.demo.report` the `Report` from the peers' APIs; `peer.demo.command` hands them here.
 - The live view goes to the console it is given (stdout in the default mode). On a terminal it
   redraws about four times a second; elsewhere (CI, a pipe) rich prints it once, when it stops,
   so a log holds one readable table instead of control sequences.

@@ -1,1 +1,2 @@
-"""The local HTTP API of one peer, one module per resource."""
+"""The local HTTP API of one peer: `app.PeerApi` assembles one module per resource (members,
+events, keys, tasks, watch, tree, blobs, agents) over what they share (`common`)."""

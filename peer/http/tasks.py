@@ -1,4 +1,7 @@
-"""The task endpoints of the local HTTP API (/v1/tasks...; docs/http-api.md is the contract).
+"""The task endpoints of the local HTTP API: submit, list, get, cancel, stats (/v1/tasks...).
+
+docs/http-api.md is the contract; the tree is in `peer.http.tree`, the streams in
+`peer.http.watch`, both built on the views and look-ups of this module.
 
 Invariants:
 - A submission is acknowledged (202) only after the task record is durable here and, when the
@@ -8,51 +11,44 @@ Invariants:
 - A submission that fails validation creates nothing: every field is checked before the node
   is called. Without an idempotency key each submission gets a fresh random nonce (a new task);
   with one, resubmitting the same spec at the same peer names the same task.
-- Task JSON is computed from this peer's CRDT state (`protocol.tasks.TaskState`), so once
-  gossip has converged every peer answers the same for the same task (except `input` of tasks
-  whose record has not arrived yet: such tasks are "not known here yet", 404).
-- Watching one task is driven by this peer's state, not only by notifications: the node notes
-  claims, accepted results and cancels, but not an execution-log entry received from another
-  peer, so the stream also re-reads the state every `WATCH_POLL` seconds. It ends once the task
-  is final (done, failed or cancelled).
+- Task JSON is computed from this peer's CRDT state (`protocol.task_state.TaskState`, read
+  through the node's query facade), so once gossip has converged every peer answers the same
+  for the same task (except `input` of tasks whose record has not arrived yet: such tasks are
+  "not known here yet", 404).
 - Blobs: with a blob service attached (`blobs`), an input over `MAX_INLINE_PAYLOAD` (up to
   `BLOB_LIMIT`) is stored here and at `replication` other live peers before the task is
   submitted with its reference as input; if they do not take it the answer is 503 and nothing
-  is submitted. Task JSON shows references as they are; `GET /v1/blobs/{digest}` returns a
-  blob's bytes, fetched from its holders if this peer has none. Without a service, inputs over
-  the inline limit are refused (400), as before.
-- A task tree (`/v1/tasks/{id}/tree`) is this peer's view: children whose record has not
-  arrived yet are missing. Each task appears once (a forged parent chain cannot loop) and the
-  tree stops `MAX_TREE_DEPTH` levels below the root.
+  is submitted. Task JSON shows references as they are. Without a service, inputs over the
+  inline limit are refused (400).
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
+import contextlib
 import math
 import os
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncGenerator
 
 from aiohttp import web
 
-from peer.agents.ports import AgentOutput
-from peer.http.app import MAX_BODY_BYTES, Json, Problem, _json_object, node_id_text
-from peer.runtime.blobs import BlobService, BlobUnavailable, blob_hints, digest_of_text
-from peer.runtime.driver import Driver, Observed
-from protocol.blobs import BLOB_LIMIT
-from protocol.effects import (
-    CancelExecution,
-    ResultAccepted,
-    StartExecution,
-    TaskCancelled,
-    TaskClaimed,
-    TaskReplicated,
+from peer.http.common import (
+    MAX_BODY_BYTES,
+    Json,
+    Problem,
+    bad_request,
+    json_object,
+    node_id_text,
+    notes_or_silence,
 )
+from peer.runtime.blobs import BlobService, BlobUnavailable
+from peer.runtime.driver import Driver
+from peer.runtime.hub import NoteHub
+from protocol.blobs import BLOB_LIMIT
 from protocol.errors import LocalProtocolError
-from protocol.tasks import START, TaskState
-from protocol.wire import MAX_INLINE_PAYLOAD, MAX_NAME_CHARS, MAX_UINT
+from protocol.node import Node
+from protocol.task_messages import MAX_INLINE_PAYLOAD
+from protocol.task_state import START, TaskState
+from protocol.wire import MAX_NAME_CHARS, MAX_UINT
 
 REPLICATION_TIMEOUT = 5.0
 """Seconds a submission waits for the record to be held by other peers before answering 503."""
@@ -63,17 +59,11 @@ MAX_TIMEOUT = 7 * 24 * 3600.0
 MAX_LIST = 10_000
 DEFAULT_LIST = 100
 MIN_ID_PREFIX = 6
-MAX_TREE_DEPTH = 64
-"""Levels of a task tree shown below its root; deeper tasks are left out (`truncated`)."""
 MAX_SUBMIT_BYTES = 2 * BLOB_LIMIT + MAX_BODY_BYTES
 """Largest `POST /v1/tasks` body with a blob service attached: a `BLOB_LIMIT` input even if
 JSON escaping doubles it (other routes keep the API's `MAX_BODY_BYTES`)."""
 STATES = ("pending", "running", "done", "failed", "cancelled")
 FINAL_STATES = ("done", "failed", "cancelled")
-
-
-def _bad(detail: str) -> Problem:
-    return Problem(400, "Bad Request", detail)
 
 
 def _too_large(what: str) -> Problem:
@@ -84,6 +74,21 @@ def _too_large(what: str) -> Problem:
         f"{MAX_INLINE_PAYLOAD} bytes travel as blobs), and the request body at most "
         f"{MAX_SUBMIT_BYTES} bytes",
     )
+
+
+def usage_json(usage: tuple[int, int, int]) -> Json:
+    """Return the API form of a result's usage (prompt tokens, completion tokens, cost)."""
+    prompt, completion, cost = usage
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "cost_microdollars": cost,
+    }
+
+
+def duplicates(st: TaskState) -> int:
+    """Executions of `st` beyond the first (each one a task run twice)."""
+    return max(0, st.execution_count() - 1)
 
 
 def task_json(st: TaskState) -> Json:
@@ -98,11 +103,7 @@ def task_json(st: TaskState) -> Json:
             "output": acc.output.decode("utf-8", errors="replace"),
             "epoch": acc.epoch,
             "owner": node_id_text(acc.owner),
-            "usage": {
-                "prompt_tokens": acc.usage[0],
-                "completion_tokens": acc.usage[1],
-                "cost_microdollars": acc.usage[2],
-            },
+            "usage": usage_json(acc.usage),
         }
     executions = [
         {
@@ -129,159 +130,80 @@ def task_json(st: TaskState) -> Json:
         "input": rec.input.decode("utf-8", errors="replace"),
         "result": result,
         "executions": executions,
-        "duplicates": max(0, st.execution_count() - 1),
+        "duplicates": duplicates(st),
         "cancel": (
             {"by": node_id_text(cancel.by), "reason": cancel.reason} if cancel is not None else None
         ),
     }
 
 
-def tree_json(root: TaskState, children_of: Callable[[bytes], list[TaskState]]) -> Json:
-    """Return the API form of the task tree below `root` (see docs/http-api.md).
+def find_task(node: Node, text: str) -> TaskState:
+    """The task this peer holds the record of whose id is `text` or starts with it.
+
+    Raises:
+        Problem: 400 for text that is not a task id or an unambiguous prefix of at least
+            `MIN_ID_PREFIX` hex digits; 404 when no such task is known here (yet).
+    """
+    text = text.strip().lower()
+    if not text or any(c not in "0123456789abcdef" for c in text) or len(text) > 64:
+        raise bad_request(f"a task id is 64 hex digits (or a unique prefix), got {text[:70]!r}")
+    if len(text) == 64:
+        st = node.task(bytes.fromhex(text))
+        matches = [st] if st is not None and st.record is not None else []
+    elif len(text) < MIN_ID_PREFIX:
+        raise bad_request(f"a task id prefix needs at least {MIN_ID_PREFIX} hex digits")
+    else:
+        matches = [
+            st
+            for st in node.held_tasks()
+            if st.record is not None and st.task_id.hex().startswith(text)
+        ][:2]
+    if not matches:
+        raise Problem(404, "Not Found", f"task {text} is not known to this peer (yet)")
+    if len(matches) > 1:
+        raise bad_request(f"task id prefix {text} is ambiguous; give more digits")
+    return matches[0]
+
+
+async def task_changes(hub: NoteHub, task_id: bytes) -> AsyncGenerator[None, None]:
+    """Yield now, then whenever a note about `task_id` arrives or `WATCH_POLL` passed.
+
+    The poll is there because the node notes claims, accepted results and cancels, but not an
+    execution-log entry received from another peer. Ends when the peer shuts down (its task
+    notes stop).
 
     Args:
-        root: a task this peer holds the record of.
-        children_of: the known children of a task, oldest first (`Driver.children_of`).
+        hub: the driver's task hub.
+        task_id: the task to follow.
     """
-    totals = dict.fromkeys(
-        (
-            "tasks",
-            "executions",
-            "duplicates",
-            "prompt_tokens",
-            "completion_tokens",
-            "cost_microdollars",
-        ),
-        0,
-    )
-    seen = {root.task_id}
-    truncated = False
-
-    def node(st: TaskState, depth: int) -> Json:
-        nonlocal truncated
-        rec, claim, acc = st.record, st.claim, st.accepted
-        started = st.execution_count()
-        totals["tasks"] += 1
-        totals["executions"] += started
-        totals["duplicates"] += max(0, started - 1)
-        usage: Json | None = None
-        agent: str | None = None
-        if acc is not None:
-            prompt, completion, cost = acc.usage
-            usage = {
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "cost_microdollars": cost,
-            }
-            totals["prompt_tokens"] += prompt
-            totals["completion_tokens"] += completion
-            totals["cost_microdollars"] += cost
-            output = AgentOutput.decode(acc.output)
-            agent = output.agent if output is not None else None
-        children: list[Json] = []
-        for child in children_of(st.task_id):
-            if child.task_id in seen or child.record is None:
-                continue
-            if depth >= MAX_TREE_DEPTH:
-                truncated = True
-                break
-            seen.add(child.task_id)
-            children.append(node(child, depth + 1))
-        return {
-            "id": st.task_id.hex(),
-            "role": rec.role if rec is not None else None,
-            "state": st.state,
-            "peer": node_id_text(claim.owner) if claim is not None else None,
-            "agent": agent,
-            "usage": usage,
-            "duplicates": max(0, started - 1),
-            "children": children,
-        }
-
-    tree = node(root, 0)
-    return {**tree, "totals": totals, "truncated": truncated}
-
-
-def task_event_json(item: Observed) -> Json | None:
-    """Return the API form of a task notification, or None if the API does not show it."""
-    when = round(item.time, 3)
-    match item.note:
-        case TaskClaimed(task_id, owner, epoch):
-            return {
-                "type": "task-claimed",
-                "time": when,
-                "id": task_id.hex(),
-                "owner": node_id_text(owner),
-                "epoch": epoch,
-            }
-        case StartExecution(task_id=task_id, epoch=epoch, role=role):
-            return {
-                "type": "task-started",
-                "time": when,
-                "id": task_id.hex(),
-                "epoch": epoch,
-                "role": role,
-                "here": True,
-            }
-        case CancelExecution(task_id, epoch, reason):
-            return {
-                "type": "task-stopped",
-                "time": when,
-                "id": task_id.hex(),
-                "epoch": epoch,
-                "reason": reason,
-            }
-        case ResultAccepted(task_id, epoch, owner, outcome, flipped):
-            return {
-                "type": "task-result",
-                "time": when,
-                "id": task_id.hex(),
-                "owner": node_id_text(owner),
-                "epoch": epoch,
-                "outcome": outcome,
-                "flipped": flipped,
-            }
-        case TaskCancelled(task_id, by, reason):
-            return {
-                "type": "task-cancelled",
-                "time": when,
-                "id": task_id.hex(),
-                "by": node_id_text(by),
-                "reason": reason,
-            }
-        case TaskReplicated(task_id, holders):
-            return {
-                "type": "task-replicated",
-                "time": when,
-                "id": task_id.hex(),
-                "holders": holders,
-            }
-        case _:
-            return None
+    queue = hub.subscribe()
+    try:
+        yield None
+        async for item in notes_or_silence(queue, WATCH_POLL):
+            if item is None or getattr(item.note, "task_id", None) == task_id:
+                yield None
+    finally:
+        hub.unsubscribe(queue)
 
 
 class TaskApi:
-    """The /v1/tasks endpoints of one peer.
+    """The /v1/tasks endpoints of one peer, except the tree and the streams.
 
     Args:
         driver: the peer's driver.
-        wall: wall-clock seconds, for event timestamps.
-        keepalive: seconds between keep-alive comments on idle streams.
+        blobs: stores large inputs; None refuses inputs over the inline limit.
         replication_timeout: see `REPLICATION_TIMEOUT`.
     """
 
     def __init__(
         self,
         driver: Driver,
-        keepalive: float,
+        blobs: BlobService | None,
         replication_timeout: float = REPLICATION_TIMEOUT,
     ) -> None:
         self.driver = driver
-        self.keepalive = keepalive
+        self.blobs = blobs
         self.replication_timeout = replication_timeout
-        self.blobs: BlobService | None = None
-        """Stores large inputs and serves blobs; None refuses inputs over the inline limit."""
-        self._loop = asyncio.get_running_loop()
 
     def routes(self) -> list[web.RouteDef]:
         """The routes, fixed paths before `{id}` so that they match first."""
@@ -289,19 +211,14 @@ class TaskApi:
             web.post("/v1/tasks", self._submit),
             web.get("/v1/tasks", self._list),
             web.get("/v1/tasks/stats", self._stats),
-            web.get("/v1/tasks/watch", self._watch_all),
             web.get("/v1/tasks/{id}", self._get),
             web.post("/v1/tasks/{id}/cancel", self._cancel),
-            web.get("/v1/tasks/{id}/watch", self._watch_one),
-            web.get("/v1/tasks/{id}/tree", self._tree),
-            web.get("/v1/blobs/{digest}", self._blob),
         ]
 
-    @property
-    def _tasks(self) -> dict[bytes, TaskState]:
-        return self.driver.node.tasks.tasks
-
-    # Handlers
+    def _held(self, task_id: bytes) -> TaskState:
+        st = self.driver.node.task(task_id)
+        assert st is not None, "a task submitted here is held here"
+        return st
 
     async def _submit(self, request: web.Request) -> web.Response:
         blobs = self.blobs
@@ -310,7 +227,7 @@ class TaskApi:
                 raise _too_large(f"the request body is {request.content_length} bytes")
             request = request.clone(client_max_size=MAX_SUBMIT_BYTES)
         try:
-            body = await _json_object(
+            body = await json_object(
                 request,
                 required={"role", "input"},
                 optional={"priority", "idempotency_key", "timeout", "wait"},
@@ -321,30 +238,36 @@ class TaskApi:
             raise _too_large("the request body is larger") from None
         role, text = body["role"], body["input"]
         if not isinstance(role, str) or not 0 < len(role) <= MAX_NAME_CHARS:
-            raise _bad(f"role must be a string of 1 to {MAX_NAME_CHARS} characters")
+            raise bad_request(f"role must be a string of 1 to {MAX_NAME_CHARS} characters")
         if not isinstance(text, str):
-            raise _bad("input must be a string (UTF-8 text, may be empty)")
+            raise bad_request("input must be a string (UTF-8 text, may be empty)")
         data = text.encode("utf-8", errors="surrogatepass")
         if len(data) > MAX_INLINE_PAYLOAD and blobs is None:
-            raise _bad(f"input is {len(data)} bytes of UTF-8; at most {MAX_INLINE_PAYLOAD} allowed")
+            raise bad_request(
+                f"input is {len(data)} bytes of UTF-8; at most {MAX_INLINE_PAYLOAD} allowed"
+            )
         if len(data) > BLOB_LIMIT:
             raise _too_large(f"input is {len(data)} bytes of UTF-8")
         priority = body.get("priority", 0)
         if type(priority) is not int or not 0 <= priority <= MAX_UINT:
-            raise _bad(f"priority must be an integer from 0 to {MAX_UINT}")
+            raise bad_request(f"priority must be an integer from 0 to {MAX_UINT}")
         key = body.get("idempotency_key") or ""
         if not isinstance(key, str) or len(key) > MAX_NAME_CHARS:
-            raise _bad(f"idempotency_key must be a string of at most {MAX_NAME_CHARS} characters")
+            raise bad_request(
+                f"idempotency_key must be a string of at most {MAX_NAME_CHARS} characters"
+            )
         timeout = body.get("timeout", 0)
         if (
             type(timeout) not in (int, float)
             or not math.isfinite(timeout)
             or not 0 <= timeout <= MAX_TIMEOUT
         ):
-            raise _bad(f"timeout must be a number of seconds from 0 (none) to {MAX_TIMEOUT:g}")
+            raise bad_request(
+                f"timeout must be a number of seconds from 0 (none) to {MAX_TIMEOUT:g}"
+            )
         wait = body.get("wait", False)
         if not isinstance(wait, bool):
-            raise _bad("wait must be true or false")
+            raise bad_request("wait must be true or false")
         if blobs is not None and len(data) > MAX_INLINE_PAYLOAD:
             try:
                 data = await blobs.store_input(data)
@@ -362,7 +285,7 @@ class TaskApi:
                 timeout=float(timeout),
             )
         except LocalProtocolError as exc:
-            raise _bad(str(exc)) from None
+            raise bad_request(str(exc)) from None
         if not await self.driver.wait_replicated(task_id, self.replication_timeout):
             wanted = self.driver.node.config.tasks.replication
             raise Problem(
@@ -372,40 +295,29 @@ class TaskApi:
                 f"other peer(s) within {self.replication_timeout:g} s; it keeps spreading by "
                 "gossip (GET it to follow it, or resubmit with the same idempotency_key)",
             )
-        if wait:
-            async for _ in self._changes(task_id):
-                if self._tasks[task_id].state in FINAL_STATES:
+        if not wait:
+            return web.json_response({"id": task_id.hex()}, status=202)
+        changes = task_changes(self.driver.task_hub, task_id)
+        async with contextlib.aclosing(changes):
+            async for _ in changes:
+                if self._held(task_id).state in FINAL_STATES:
                     break
-            return web.json_response(task_json(self._tasks[task_id]))
-        return web.json_response({"id": task_id.hex()}, status=202)
-
-    async def _blob(self, request: web.Request) -> web.Response:
-        text = request.match_info["digest"]
-        digest = digest_of_text(text)
-        if digest is None:
-            raise _bad(f"a blob digest is 64 hex digits (SHA-256), got {text[:70]!r}")
-        if self.blobs is None:
-            raise Problem(503, "Service Unavailable", "this peer does not serve blobs")
-        try:
-            data = await self.blobs.get(digest, blob_hints(self.driver, digest))
-        except BlobUnavailable as exc:
-            raise Problem(404, "Not Found", f"blob {digest.hex()}: {exc}") from None
-        return web.Response(body=data, content_type="application/octet-stream")
+        return web.json_response(task_json(self._held(task_id)))
 
     async def _get(self, request: web.Request) -> web.Response:
-        return web.json_response(task_json(self._find(request.match_info["id"])))
+        return web.json_response(task_json(find_task(self.driver.node, request.match_info["id"])))
 
     async def _list(self, request: web.Request) -> web.Response:
         state = request.query.get("state", "")
         if state and state not in STATES:
-            raise _bad(f"state must be one of {', '.join(STATES)}, got {state!r}")
+            raise bad_request(f"state must be one of {', '.join(STATES)}, got {state!r}")
         role = request.query.get("role", "")
         limit_text = request.query.get("limit", str(DEFAULT_LIST))
         if not limit_text.isdigit() or not 0 < int(limit_text) <= MAX_LIST:
-            raise _bad(f"limit must be an integer from 1 to {MAX_LIST}, got {limit_text!r}")
+            raise bad_request(f"limit must be an integer from 1 to {MAX_LIST}, got {limit_text!r}")
         chosen = [
             st
-            for st in self._tasks.values()
+            for st in self.driver.node.held_tasks()
             if st.record is not None
             and (not state or st.state == state)
             and (not role or st.record.role == role)
@@ -414,7 +326,7 @@ class TaskApi:
         return web.json_response({"tasks": [task_json(st) for st in chosen[: int(limit_text)]]})
 
     async def _cancel(self, request: web.Request) -> web.Response:
-        st = self._find(request.match_info["id"])
+        st = find_task(self.driver.node, request.match_info["id"])
         if st.state in FINAL_STATES:
             raise Problem(
                 409, "Conflict", f"task {st.task_id.hex()} is already {st.state}; nothing to cancel"
@@ -422,195 +334,33 @@ class TaskApi:
         self.driver.cancel_task(st.task_id, "cancelled through the API")
         return web.json_response(task_json(st), status=202)
 
-    async def _tree(self, request: web.Request) -> web.Response:
-        root = self._find(request.match_info["id"])
-        return web.json_response(tree_json(root, self.driver.children_of))
-
     async def _stats(self, request: web.Request) -> web.Response:
         totals = dict.fromkeys(
             ("tasks", *STATES, "executions", "duplicates", "takeovers", "fenced"), 0
         )
-        for st in self._tasks.values():
+        node = self.driver.node
+        for st in node.held_tasks():
             if st.record is None:
                 continue
             totals["tasks"] += 1
             totals[st.state] += 1
-            started = st.execution_count()
-            totals["executions"] += started
-            totals["duplicates"] += max(0, started - 1)
+            totals["executions"] += st.execution_count()
+            totals["duplicates"] += duplicates(st)
             if st.claim is not None:
                 totals["takeovers"] += st.claim.epoch - 1
             totals["fenced"] += sum(
                 1 for e in st.executions.values() if e.phase != START and e.outcome == "fenced"
             )
-        node = self.driver.node
-        totals["flips"] = node.tasks.counters["result flips"]
-        totals["signatures_verified"] = node.cache.verified
+        counters = node.task_counters()
+        totals["flips"] = counters.get("result flips", 0)
+        totals["signatures_verified"] = node.signatures_verified()
         executor = self.driver.executor
         here = {
-            "running": len(node.tasks.running),
-            "suspended": len(node.tasks.suspended),
+            "running": len(node.running_here()),
+            "suspended": len(node.suspended_here()),
             "executor_running": executor.running if executor is not None else 0,
             "executor_suspended": executor.suspended if executor is not None else 0,
             "executor_waiting": executor.waiting if executor is not None else 0,
-            "counters": dict(sorted(node.tasks.counters.items())),
+            "counters": dict(sorted(counters.items())),
         }
         return web.json_response({"totals": totals, "here": here})
-
-    async def _watch_one(self, request: web.Request) -> web.StreamResponse:
-        st = self._find(request.match_info["id"])
-        response = await self._open_stream(request)
-        seen: set[tuple[Any, ...]] = set()
-        try:
-            async for _ in self._changes(st.task_id):
-                for event in _new_facts(st, seen, round(self._wall(), 3)):
-                    await response.write(f"data: {json.dumps(event)}\n\n".encode())
-                if st.state in FINAL_STATES:
-                    break
-        except ConnectionError:
-            pass
-        return response
-
-    async def _watch_all(self, request: web.Request) -> web.StreamResponse:
-        follow = request.query.get("follow", "0").strip().lower()
-        if follow not in ("0", "1", "true", "false", "yes", "no", ""):
-            raise _bad(f"follow must be 1 or 0, got {follow!r}")
-        hub = self.driver.task_hub
-        if follow not in ("1", "true", "yes"):
-            events = [e for e in map(task_event_json, hub.recent) if e is not None]
-            return web.json_response({"events": events})
-        queue = hub.subscribe()
-        try:
-            response = await self._open_stream(request)
-            while True:
-                try:
-                    item = await asyncio.wait_for(queue.get(), self.keepalive)
-                except TimeoutError:
-                    await response.write(b": keep-alive\n\n")
-                    continue
-                if item is None:
-                    break
-                event = task_event_json(item)
-                if event is not None:
-                    await response.write(f"data: {json.dumps(event)}\n\n".encode())
-        except ConnectionError:
-            pass
-        finally:
-            hub.unsubscribe(queue)
-        return response
-
-    # Helpers
-
-    def _wall(self) -> float:
-        return self.driver.wall()
-
-    def _find(self, text: str) -> TaskState:
-        text = text.strip().lower()
-        if not text or any(c not in "0123456789abcdef" for c in text) or len(text) > 64:
-            raise _bad(f"a task id is 64 hex digits (or a unique prefix), got {text[:70]!r}")
-        if len(text) == 64:
-            st = self._tasks.get(bytes.fromhex(text))
-            matches = [st] if st is not None and st.record is not None else []
-        elif len(text) < MIN_ID_PREFIX:
-            raise _bad(f"a task id prefix needs at least {MIN_ID_PREFIX} hex digits")
-        else:
-            matches = [
-                st
-                for tid, st in self._tasks.items()
-                if st.record is not None and tid.hex().startswith(text)
-            ][:2]
-        if not matches:
-            raise Problem(404, "Not Found", f"task {text} is not known to this peer (yet)")
-        if len(matches) > 1:
-            raise _bad(f"task id prefix {text} is ambiguous; give more digits")
-        return matches[0]
-
-    async def _open_stream(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-            }
-        )
-        await response.prepare(request)
-        await response.write(b": stream open\n\n")
-        return response
-
-    async def _changes(self, task_id: bytes) -> AsyncIterator[None]:
-        """Yield now, then whenever a note about `task_id` arrives or `WATCH_POLL` passed.
-
-        Ends when the peer shuts down (its task notes stop)."""
-        queue = self.driver.task_hub.subscribe()
-        try:
-            yield None
-            while True:
-                try:
-                    item = await asyncio.wait_for(queue.get(), WATCH_POLL)
-                except TimeoutError:
-                    yield None
-                    continue
-                if item is None:
-                    return
-                if getattr(item.note, "task_id", None) == task_id:
-                    yield None
-        finally:
-            self.driver.task_hub.unsubscribe(queue)
-
-
-def _new_facts(st: TaskState, seen: set[tuple[Any, ...]], when: float) -> list[Json]:
-    """The events about `st` not reported yet (recorded in `seen`), in causal order."""
-    tid = st.task_id.hex()
-    out: list[Json] = []
-    claim = st.claim
-    if claim is not None and ("claim", claim.epoch, claim.owner) not in seen:
-        seen.add(("claim", claim.epoch, claim.owner))
-        out.append(
-            {
-                "type": "task-claimed",
-                "time": when,
-                "id": tid,
-                "owner": node_id_text(claim.owner),
-                "epoch": claim.epoch,
-            }
-        )
-    for (epoch, owner, phase), entry in sorted(st.executions.items()):
-        if ("execution", epoch, owner, phase) in seen:
-            continue
-        seen.add(("execution", epoch, owner, phase))
-        event: Json = {
-            "type": "task-started" if phase == START else "task-ended",
-            "time": when,
-            "id": tid,
-            "owner": node_id_text(owner),
-            "epoch": epoch,
-        }
-        if phase != START:
-            event["outcome"] = entry.outcome
-        out.append(event)
-    acc = st.accepted
-    if acc is not None and ("result", acc.epoch, acc.owner) not in seen:
-        seen.add(("result", acc.epoch, acc.owner))
-        out.append(
-            {
-                "type": "task-result",
-                "time": when,
-                "id": tid,
-                "owner": node_id_text(acc.owner),
-                "epoch": acc.epoch,
-                "outcome": acc.outcome,
-                "state": st.state,
-            }
-        )
-    if st.cancel is not None and ("cancel",) not in seen:
-        seen.add(("cancel",))
-        out.append(
-            {
-                "type": "task-cancelled",
-                "time": when,
-                "id": tid,
-                "by": node_id_text(st.cancel.by),
-                "reason": st.cancel.reason,
-            }
-        )
-    return out

@@ -7,19 +7,16 @@ Invariants:
   then notifications. If the persist fails, the sends of that call are not sent (they might
   announce a fact that is not durable) and the error is logged.
 - Exactly one timer handle is armed, at the latest `wake_at`.
-- Notifications reach subscribers through a `NoteHub`: a buffer of the most recent
-  `RECENT_NOTES` plus one bounded queue per subscriber. A subscriber that falls
-  `SUBSCRIBER_QUEUE` notes behind is dropped (its queue ends with `None`); it never blocks us.
-  Membership and user events go to `hub`, task notes to `task_hub`, so a busy task stream
-  cannot push membership changes out of the recent buffer.
+- Notifications go to `notifications` (`peer.runtime.hub`): its subscriber hubs (`hub` for
+  membership and user events, `task_hub` for task notes) and the waiters of `join`,
+  `wait_replicated` and `wait_result`.
 - Executions: `StartExecution` and `CancelExecution` become work on the attached
   `peer.runtime.executor.Executor`; its completions come back through `complete`, a node call
   like any other. Without an executor nothing runs (seed-only peers serve no roles).
 - Restart: `restore` replays stored task objects in one batch (one persist transaction).
-- Task trees: every task record the node applies passes through `_apply` as a "task" persist,
-  so the parent -> children index (`children_of`) is kept there, whichever way the record came
-  (submitted here, gossip, anti-entropy, restore). A parent waiting on its children `suspend`s
-  (node and executor release its slot) and `resume`s when it goes on.
+- Task trees: `children_of` reads the node's parent -> children index (`Node.children`). A
+  parent waiting on its children `suspend`s (node and executor release its slot) and
+  `resume`s when it goes on.
 """
 
 from __future__ import annotations
@@ -27,42 +24,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, assert_never
 
 from peer.runtime.executor import Executor, Usage, Work
-from protocol.effects import (
-    CancelExecution,
-    Dropped,
-    Effects,
-    EventReceived,
-    JoinSucceeded,
-    MemberDown,
-    MemberJoined,
-    MemberRecovered,
-    MemberSuspected,
-    MemberUpdated,
-    Note,
-    Persist,
-    ResultAccepted,
-    StallDetected,
-    StartExecution,
-    TaskCancelled,
-    TaskClaimed,
-    TaskReplicated,
-)
+from peer.runtime.hub import NoteHub, Notifications
+from protocol.effects import CancelExecution, Command, Effects, Persist, StartExecution
 from protocol.errors import LocalProtocolError
-from protocol.identity import short_id
 from protocol.node import Node
+from protocol.task_messages import Result
 from protocol.tasks import TaskState
-from protocol.wire import Result, Status
+from protocol.wire import Status
 
 log = logging.getLogger(__name__)
 
-RECENT_NOTES = 1000
-SUBSCRIBER_QUEUE = 1000
 MEMBER_SAVE_INTERVAL = 10.0
 """Seconds between saves of the membership hints used to re-join after a restart."""
 
@@ -79,70 +54,6 @@ class RecordStore(Protocol):
     def put_many(self, records: Iterable[Persist]) -> None: ...
 
     def save_members(self, rows: Iterable[tuple[bytes, str, int]]) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Observed:
-    """A notification as subscribers see it: wall-clock time, the note, the member's address."""
-
-    time: float
-    note: Note
-    addr: str | None
-
-
-class NoteHub:
-    """Fan-out of `Observed` notes to any number of bounded subscriber queues."""
-
-    def __init__(self, recent: int = RECENT_NOTES, queue_size: int = SUBSCRIBER_QUEUE) -> None:
-        self.recent: deque[Observed] = deque(maxlen=recent)
-        self._queue_size = queue_size
-        self._subscribers: set[asyncio.Queue[Observed | None]] = set()
-
-    def subscribe(self) -> asyncio.Queue[Observed | None]:
-        """Return a queue receiving every note published from now on; `None` ends it."""
-        queue: asyncio.Queue[Observed | None] = asyncio.Queue(self._queue_size + 1)
-        self._subscribers.add(queue)
-        return queue
-
-    def unsubscribe(self, queue: asyncio.Queue[Observed | None]) -> None:
-        """Stop delivering to `queue`."""
-        self._subscribers.discard(queue)
-
-    def publish(self, item: Observed) -> None:
-        """Buffer `item` and deliver it to every subscriber, dropping those that lag."""
-        self.recent.append(item)
-        for queue in list(self._subscribers):
-            if queue.qsize() >= self._queue_size:
-                self._end(queue)
-            else:
-                queue.put_nowait(item)
-
-    def close(self) -> None:
-        """End every subscription."""
-        for queue in list(self._subscribers):
-            self._end(queue)
-
-    def _end(self, queue: asyncio.Queue[Observed | None]) -> None:
-        self._subscribers.discard(queue)
-        queue.put_nowait(None)  # the queue has one slot more than the lag limit
-
-
-_PUBLISHED = (
-    MemberJoined,
-    MemberUpdated,
-    MemberSuspected,
-    MemberDown,
-    MemberRecovered,
-    EventReceived,
-)
-_TASK_NOTES = (
-    TaskReplicated,
-    TaskClaimed,
-    StartExecution,
-    CancelExecution,
-    ResultAccepted,
-    TaskCancelled,
-)
 
 
 class Driver:
@@ -166,7 +77,6 @@ class Driver:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.node = node
-        self.hub = NoteHub()
         self._sender = sender
         self._store = store
         self._loop = asyncio.get_running_loop()
@@ -174,17 +84,21 @@ class Driver:
         self._wall = wall
         self._timer: asyncio.TimerHandle | None = None
         self._save_timer: asyncio.TimerHandle | None = None
-        self._join_waiters: list[asyncio.Future[str]] = []
-        self._replication_waiters: dict[bytes, list[asyncio.Future[None]]] = {}
-        self._result_waiters: dict[bytes, list[asyncio.Future[Result | None]]] = {}
-        """Task id -> ids of the tasks naming it as parent (see `_apply`)."""
-        self.task_hub = NoteHub()
+        self.notifications = Notifications(node, wall)
         self.executor: Executor | None = None
-        self.joined = asyncio.Event()
-        """Set once a join request was answered (this run)."""
         self.leaving = False
         self.hints: set[str] = set()
         """Addresses remembered from a previous run: tried on join, never kept as seeds."""
+
+    @property
+    def hub(self) -> NoteHub:
+        """Membership changes and user events, for subscribers."""
+        return self.notifications.members
+
+    @property
+    def task_hub(self) -> NoteHub:
+        """Task notes, for subscribers."""
+        return self.notifications.tasks
 
     def start(self) -> None:
         """Arm the node's timers and the periodic save of membership hints."""
@@ -198,14 +112,7 @@ class Driver:
                 handle.cancel()
         self._timer = self._save_timer = None
         self.save_members()
-        self.hub.close()
-        self.task_hub.close()
-        for waiters in self._replication_waiters.values():
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.cancel()
-        for task_id in list(self._result_waiters):
-            self._resolve(task_id, None)
+        self.notifications.close()
 
     # Inputs
 
@@ -229,15 +136,7 @@ class Driver:
         Returns:
             The seed address that answered within `timeout` seconds, or None.
         """
-        waiter: asyncio.Future[str] = self._loop.create_future()
-        self._join_waiters.append(waiter)
-        try:
-            self.join_now(addrs)
-            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
-        except TimeoutError:
-            return None
-        finally:
-            self._join_waiters.remove(waiter)
+        return await self.notifications.join(lambda: self.join_now(addrs), timeout)
 
     def broadcast(self, name: str, payload: bytes) -> tuple[bytes, int]:
         """Broadcast a user event; return its (origin, ltime).
@@ -283,6 +182,7 @@ class Driver:
             merged.sends += fx.sends
             merged.persists += fx.persists
             merged.notes += fx.notes
+            merged.commands += fx.commands
             merged.wake_at = fx.wake_at
             count += 1
         if count:
@@ -327,24 +227,7 @@ class Driver:
         Returns:
             True at once if it already is, else whether it became so within `timeout` seconds.
         """
-        state = self.node.task(task_id)
-        if state is None:
-            return False
-        if state.replicated:
-            return True
-        waiter: asyncio.Future[None] = self._loop.create_future()
-        self._replication_waiters.setdefault(task_id, []).append(waiter)
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter), timeout)
-            return True
-        except TimeoutError:
-            return state.replicated
-        finally:
-            waiters = self._replication_waiters.get(task_id, [])
-            if waiter in waiters:
-                waiters.remove(waiter)
-            if not waiters:
-                self._replication_waiters.pop(task_id, None)
+        return await self.notifications.wait_replicated(task_id, timeout)
 
     async def wait_result(self, task_id: bytes, timeout: float | None = None) -> Result | None:
         """Wait for the accepted result of a task (a child of a task running here, say).
@@ -355,31 +238,11 @@ class Driver:
             The accepted result, at once if there already is one; None if the task is
             cancelled with no accepted result, `timeout` seconds passed, or the driver stopped.
         """
-        state = self.node.task(task_id)
-        if state is not None and state.accepted is not None:
-            return state.accepted
-        if state is not None and state.cancel is not None:
-            return None
-        waiter: asyncio.Future[Result | None] = self._loop.create_future()
-        self._result_waiters.setdefault(task_id, []).append(waiter)
-        try:
-            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
-        except TimeoutError:
-            return None
-        finally:
-            waiters = self._result_waiters.get(task_id, [])
-            if waiter in waiters:
-                waiters.remove(waiter)
-            if not waiters:
-                self._result_waiters.pop(task_id, None)
+        return await self.notifications.wait_result(task_id, timeout)
 
     def children_of(self, task_id: bytes) -> list[TaskState]:
         """The tasks whose record names `task_id` as parent, oldest first (created, then id)."""
         return self.node.children(task_id)
-
-    def _accepted(self, task_id: bytes) -> Result | None:
-        state = self.node.task(task_id)
-        return state.accepted if state is not None else None
 
     def suspend(self, task_id: bytes) -> None:
         """A task running here waits (on its children): release its slot in the executor and
@@ -467,13 +330,11 @@ class Driver:
             for send in fx.sends:
                 self._sender.send(send.addr, send.data)
         for note in fx.notes:
-            self._observe(note)
+            self.notifications.observe(note)
+        for command in fx.commands:
+            self._execute(command)
+            self.notifications.observe(command)
         self._arm(fx.wake_at)
-
-    def _resolve(self, task_id: bytes, result: Result | None) -> None:
-        for waiter in self._result_waiters.pop(task_id, []):
-            if not waiter.done():
-                waiter.set_result(result)
 
     def _arm(self, wake_at: float | None) -> None:
         if self._timer is not None:
@@ -484,22 +345,9 @@ class Driver:
         if wake_at is not None:
             self._timer = self._loop.call_at(wake_at, self._on_timer)
 
-    def _observe(self, note: Note) -> None:
-        match note:
-            case JoinSucceeded(seed_addr, members):
-                log.info("joined through %s; %d members alive", seed_addr, members)
-                self.joined.set()
-                for waiter in self._join_waiters:
-                    if not waiter.done():
-                        waiter.set_result(seed_addr)
-            case StallDetected(gap):
-                log.warning("the event loop stalled for %.1f s; restarted running timeouts", gap)
-            case Dropped(peer, reason):
-                log.debug("dropped input from %s: %s", peer, reason)
-            case MemberJoined() | MemberRecovered():
-                log.info("member %s up at %s", short_id(note.node_id), note.addr)
-            case MemberDown(node_id, _, left):
-                log.info("member %s %s", short_id(node_id), "left" if left else "failed")
+    def _execute(self, command: Command) -> None:
+        """Hand the executions the node starts and stops to the executor."""
+        match command:
             case StartExecution(task_id, epoch, role, data, priority, timeout, parent):
                 if self.executor is not None:
                     work = Work(task_id, epoch, role, data, priority, timeout, parent)
@@ -510,24 +358,5 @@ class Driver:
                 log.debug("task %s epoch %d stopped: %s", task_id.hex()[:12], epoch, reason)
                 if self.executor is not None:
                     self.executor.cancel(task_id, epoch)
-            case TaskReplicated(task_id, _):
-                for replicated in self._replication_waiters.pop(task_id, []):
-                    if not replicated.done():
-                        replicated.set_result(None)
-            case ResultAccepted(task_id=task_id) if task_id in self._result_waiters:
-                self._resolve(task_id, self._accepted(task_id))
-            case TaskCancelled(task_id=task_id) if task_id in self._result_waiters:
-                self._resolve(task_id, self._accepted(task_id))
             case _:
-                pass
-        if isinstance(note, _TASK_NOTES):
-            self.task_hub.publish(Observed(self._wall(), note, None))
-            return
-        if isinstance(note, _PUBLISHED):
-            addr = getattr(note, "addr", None)
-            if addr is None and not isinstance(note, EventReceived):
-                member = self.node.member(note.node_id)
-                addr = member.addr if member is not None else None
-            self.hub.publish(Observed(self._wall(), note, addr))
-
-
+                assert_never(command)

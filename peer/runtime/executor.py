@@ -12,7 +12,8 @@ Invariants:
 - The same (task id, epoch) is never run twice at once: a repeated start is ignored.
 - A suspended execution (`suspend`: it waits on its child tasks) keeps running but holds no
   slot, so waiting work may start; `resume` counts it again at once, even beyond `max_running`
-  (a parent never waits for a slot, so a tree of tasks cannot deadlock).
+  (a parent never waits for a slot, so a tree of tasks cannot deadlock). The accounting is
+  the protocol's `SlotLedger`, the one home of that rule.
 - Handlers run on the event loop; a handler that blocks it stalls the whole peer, so CPU-bound
   work belongs in a thread (`asyncio.to_thread`).
 - Blobs (docs/tasks.md "Blobs"): with a `BlobPort`, a handler never sees a blob reference as
@@ -34,7 +35,8 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from protocol.blobs import BLOB_LIMIT, parse_blob_ref
-from protocol.wire import MAX_INLINE_PAYLOAD
+from protocol.slots import SlotLedger
+from protocol.task_messages import MAX_INLINE_PAYLOAD
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +148,8 @@ class Executor:
         self.max_running = max_running
         self.on_done = on_done
         self.blobs = blobs
-        self._running: dict[bytes, tuple[int, asyncio.Task[None]]] = {}
-        self._suspended: set[bytes] = set()
-        """Running executions that hold no slot; a subset of `_running`."""
+        self._slots: SlotLedger[bytes, tuple[int, asyncio.Task[None]]] = SlotLedger()
+        """Running executions by task id, with their epoch and asyncio task."""
         self._waiting: dict[bytes, Work] = {}
         self._heap: list[tuple[int, int, bytes, int]] = []
         self._seq = 0
@@ -162,12 +163,12 @@ class Executor:
     @property
     def running(self) -> int:
         """Executions running now."""
-        return len(self._running)
+        return len(self._slots.running)
 
     @property
     def suspended(self) -> int:
         """Running executions suspended (they hold no slot)."""
-        return len(self._suspended)
+        return len(self._slots.suspended)
 
     @property
     def waiting(self) -> int:
@@ -178,7 +179,7 @@ class Executor:
         """Run `work` as soon as a slot is free; a start already running or waiting is ignored."""
         if self._closed:
             return
-        running = self._running.get(work.task_id)
+        running = self._slots.running.get(work.task_id)
         if running is not None and running[0] == work.epoch:
             return
         waiting = self._waiting.get(work.task_id)
@@ -199,11 +200,10 @@ class Executor:
         if waiting is not None and waiting.epoch == epoch:
             del self._waiting[task_id]
             return True
-        running = self._running.get(task_id)
+        running = self._slots.running.get(task_id)
         if running is not None and running[0] == epoch:
             # Freed now: a task cancelled before its first step never runs its own cleanup.
-            del self._running[task_id]
-            self._suspended.discard(task_id)
+            self._slots.finish(task_id)
             running[1].cancel()
             self._pump()
             return True
@@ -216,9 +216,8 @@ class Executor:
         Returns:
             True if it was running and not already suspended.
         """
-        if task_id not in self._running or task_id in self._suspended:
+        if not self._slots.suspend(task_id):
             return False
-        self._suspended.add(task_id)
         self._pump()
         return True
 
@@ -228,32 +227,28 @@ class Executor:
         Returns:
             True if it was suspended.
         """
-        if task_id not in self._suspended:
-            return False
-        self._suspended.discard(task_id)
-        return True
+        return self._slots.resume(task_id)
 
     async def close(self) -> None:
         """Cancel everything, unreported, and wait for the handlers to unwind."""
         self._closed = True
         self._waiting.clear()
         self._heap.clear()
-        tasks = [task for _, task in self._running.values()]
-        self._running.clear()
-        self._suspended.clear()
+        tasks = [task for _, task in self._slots.running.values()]
+        self._slots.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def _pump(self) -> None:
-        while self._heap and len(self._running) - len(self._suspended) < self.max_running:
+        while self._heap and self._slots.has_room(self.max_running):
             _, _, task_id, epoch = heapq.heappop(self._heap)
             work = self._waiting.get(task_id)
-            if work is None or work.epoch != epoch or task_id in self._running:
+            if work is None or work.epoch != epoch or task_id in self._slots.running:
                 continue  # cancelled while waiting, or superseded by a later start
             del self._waiting[task_id]
             task = asyncio.get_running_loop().create_task(self._run(work))
-            self._running[task_id] = (epoch, task)
+            self._slots.start(task_id, (epoch, task))
 
     async def _run(self, work: Work) -> None:
         try:
@@ -271,10 +266,9 @@ class Executor:
         self._pump()
 
     def _finish(self, work: Work) -> None:
-        running = self._running.get(work.task_id)
+        running = self._slots.running.get(work.task_id)
         if running is not None and running[1] is asyncio.current_task():
-            del self._running[work.task_id]
-            self._suspended.discard(work.task_id)
+            self._slots.finish(work.task_id)
 
     async def _execute(self, work: Work) -> tuple[str, bytes, Usage]:
         handler = self.handlers.get(work.role)

@@ -359,6 +359,20 @@ class Sealer:
         self.seq = 0
         """The sequence number of the last frame sealed (0: none yet)."""
 
+    def rekeyed(self, keyring: Keyring) -> Sealer:
+        """A sealer for `keyring` (key rotation) that goes on with this sender's boot id and
+        sequence numbers, so receivers' replay windows keep accepting its frames.
+
+        Args:
+            keyring: the new local keyring; its primary key seals from now on.
+
+        Returns:
+            The new sealer; stop using this one (the two would reuse sequence numbers).
+        """
+        sealer = Sealer(keyring, self.boot_id, self._random_bytes)
+        sealer.seq = self.seq
+        return sealer
+
     def seal(self, plaintext: bytes, now: float) -> bytes:
         """Seal `plaintext` as the next frame of this sender.
 
@@ -464,6 +478,30 @@ class Opener:
         """Frames refused, by `SealError.reason`."""
         self.accepted = 0
         """Frames opened successfully."""
+
+    @property
+    def senders(self) -> int:
+        """How many boot ids have a replay window here (at most `max_senders`)."""
+        return len(self._senders)
+
+    def rekeyed(self, keyring: Keyring) -> Opener:
+        """An opener for `keyring` (key rotation) with this one's limits, taking over its
+        replay windows and counters.
+
+        Without the windows, a new opener would accept again, within the timestamp window,
+        frames this one already accepted under the old keyring.
+
+        Args:
+            keyring: the new local keyring; frames may use any of its keys.
+
+        Returns:
+            The new opener, sharing `rejected` with this one; stop using this one.
+        """
+        opener = Opener(keyring, self.max_skew, self.window, self.max_frame, self.max_senders)
+        opener._senders = self._senders
+        opener.rejected = self.rejected
+        opener.accepted = self.accepted
+        return opener
 
     def open(self, frame: bytes, now: float) -> bytes:
         """Authenticate and decrypt one frame.

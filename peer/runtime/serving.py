@@ -35,5 +35,5 @@ async def serve(app: web.Application, host: str, port: int) -> tuple[web.AppRunn
 
 
 def host_port(host: str, port: int) -> str:
-    """"host:port", with an IPv6 host in brackets."""
+    """The address as "host:port", with an IPv6 host in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -45,7 +45,7 @@ from typing import Self
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocol.effects import Persist
+from protocol.effects import Persist, PersistKind
 
 DB_NAME = "grapevine.db"
 IDENTITY_NAME = "identity.key"
@@ -284,7 +284,7 @@ class Store:
 
     # Records: the durable key-value space behind protocol.effects.Persist
 
-    def put(self, kind: str, key: bytes, value: bytes) -> None:
+    def put(self, kind: PersistKind, key: bytes, value: bytes) -> None:
         """Store `value` under (`kind`, `key`), replacing any earlier value, and commit.
 
         Raises:
@@ -316,7 +316,7 @@ class Store:
                 )
 
     def get(self, kind: str, key: bytes) -> bytes | None:
-        """Return the value stored under (`kind`, `key`), or None."""
+        """Return the value stored under (`kind`, a `PersistKind`, and `key`), or None."""
         row = self._db.execute(
             "SELECT value FROM records WHERE kind = ? AND key = ?", (kind, bytes(key))
         ).fetchone()

@@ -229,21 +229,11 @@ class Transport:
         """
         if keyring.network_id != self._keyring.network_id:
             raise ValueError("a keyring for a different network id cannot replace this one")
-        sealer = Sealer(keyring, self._sealer.boot_id)
-        sealer.seq = self._sealer.seq
-        opener = Opener(keyring, max_frame=self._max_frame)
-        # Keep the replay windows and counters: a new Opener would otherwise accept, within the
-        # timestamp window, frames it already accepted under the old keyring.
-        opener._senders = self._opener._senders
-        opener.rejected = self._opener.rejected
-        opener.accepted = self._opener.accepted
-        blob_sealer = Sealer(keyring, self._blob_sealer.boot_id)
-        blob_sealer.seq = self._blob_sealer.seq
-        blob_opener = _blob_opener(keyring, self._opener.rejected)
-        blob_opener._senders = self._blob_opener._senders
-        blob_opener.accepted = self._blob_opener.accepted
-        self._keyring, self._sealer, self._opener = keyring, sealer, opener
-        self._blob_sealer, self._blob_opener = blob_sealer, blob_opener
+        self._keyring = keyring
+        self._sealer = self._sealer.rekeyed(keyring)
+        self._opener = self._opener.rekeyed(keyring)
+        self._blob_sealer = self._blob_sealer.rekeyed(keyring)
+        self._blob_opener = self._blob_opener.rekeyed(keyring)
 
     @property
     def rejected(self) -> Counter[str]:

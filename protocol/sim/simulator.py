@@ -6,7 +6,8 @@ Invariants:
   each peer's protocol choices from its own `random.Random("seed:index")`, identities from the
   index. Same seed and same calls, same history, byte for byte.
 - Peers are driven exactly as the asyncio driver drives them: `handle` for each delivery, `tick`
-  at `wake_at`, effects applied in order (persist, then send, then notifications).
+  at `wake_at`, effects applied in order (persist, then send, then notifications, then
+  commands).
 - A crashed peer loses everything but its durable records (the `Persist` effects); it restarts
   with the same identity and the next incarnation, as a real peer restarted on its data dir.
 - A paused peer is frozen: messages to it wait in its socket buffer and arrive when it resumes,
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protocol.config import NodeConfig, sim
-from protocol.effects import Effects, JoinSucceeded, Note
+from protocol.effects import Command, Effects, JoinSucceeded, Note, PersistKind
 from protocol.identity import Signer, VerifiedCache
 from protocol.node import Node
 from protocol.sim.network import LinkModel, Network
@@ -36,6 +37,8 @@ JOIN_RETRY = 2.0
 """Seconds a simulated peer waits for a join answer before asking again (bootstrap's retry)."""
 
 Observer = Callable[[float, "SimPeer", Note], None]
+Executor = Callable[[float, "SimPeer", Command], None]
+"""Carries out a peer's commands (starts and stops its executions), as the host's executor."""
 
 
 def sim_address(index: int) -> str:
@@ -51,7 +54,7 @@ class SimPeer:
     addr: str
     signer: Signer
     node: Node | None = None
-    durable: dict[tuple[str, bytes], bytes] = field(default_factory=dict)
+    durable: dict[tuple[PersistKind, bytes], bytes] = field(default_factory=dict)
     paused: bool = False
     life: int = 0
     next_wake: float | None = None
@@ -85,6 +88,7 @@ class Simulator:
         self.network = Network(link or LinkModel(), random.Random(seed))
         self.cache = VerifiedCache(capacity=max(65536, 8 * n))
         self.observers: list[Observer] = []
+        self.executors: list[Executor] = []
         self.events_processed = 0
         self._heap: list[tuple[float, int, int, int, object, object]] = []
         self._seq = 0
@@ -101,7 +105,7 @@ class Simulator:
         p = self.peers[index]
         if p.node is not None:
             raise ValueError(f"peer {index} is already running")
-        stored = p.durable.get(("incarnation", b"self"))
+        stored = p.durable.get((PersistKind.INCARNATION, b"self"))
         incarnation = int.from_bytes(stored, "big") + 1 if stored else 0
         rng = random.Random(f"{self.seed}:{index}:{p.life}")
         p.life += 1
@@ -240,6 +244,9 @@ class Simulator:
                 p.joined = True
             for observe in self.observers:
                 observe(self.now, p, note)
+        for command in fx.commands:
+            for execute in self.executors:
+                execute(self.now, p, command)
         if fx.wake_at is not None:
             wake = max(fx.wake_at, self.now)
             if wake != p.next_wake:

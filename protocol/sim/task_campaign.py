@@ -3,7 +3,7 @@
 Timeline (virtual seconds):
 1. 0..JOIN: every peer starts and joins through peer 0; then each serves `ROLE` with 1..3
    slots. T0 is when every peer sees every other one serving (checked every half second): the
-   preferred owner is only unique where views agree (DESIGN.md section 5).
+   preferred owner is only unique where views agree (docs/design.md section 5).
 2. T0 + 1..T0 + 1 + WINDOW: tasks are submitted at random running peers at random times;
    the faults of the mix happen in the same window (crashes restart 5..20 s later, pauses last
    below the detection time, partitions cut off 1..n/2 peers for 15..40 s). Forged claims and
@@ -21,13 +21,15 @@ import functools
 import random
 from dataclasses import dataclass, replace
 
+from protocol.codec import encode_message
 from protocol.config import GossipConfig, NodeConfig, lan, suspicion_min_timeout
+from protocol.envelope import encode_envelope
 from protocol.sim.network import LinkModel
 from protocol.sim.simulator import Simulator
 from protocol.sim.task_checker import TaskChecker, TaskReport
 from protocol.sim.task_runner import ROLE, TaskRunner, restart
+from protocol.task_messages import Claim, Result
 from protocol.tasks import DOMAIN_CLAIM, DOMAIN_RESULT
-from protocol.wire import Claim, Result, encode_envelope, encode_message
 
 JOIN = 4.0
 VIEW_TIMEOUT = 60.0
@@ -68,7 +70,7 @@ def campaign_config() -> NodeConfig:
 
 def run_campaign(seed: int, mix: FaultMix | None = None) -> tuple[TaskReport, bool]:
     """Run one seeded campaign; returns its report and whether any peer was declared dead
-    or crashed (the only way, by DESIGN.md section 5, a task may run twice)."""
+    or crashed (the only way, by docs/design.md section 5, a task may run twice)."""
     mix = mix or MIXES[seed % len(MIXES)]
     rng = random.Random(f"task-campaign:{mix.name}:{seed}")
     n = rng.randint(5, 8)

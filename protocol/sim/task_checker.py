@@ -1,6 +1,6 @@
 """Task invariants of a simulated run, checked after healing and quiescence.
 
-Invariants checked (DESIGN.md section 5), on every running peer:
+Invariants checked (docs/design.md section 5), on every running peer:
 - every submitted task has an accepted result (else it is lost, or not yet converged);
 - all peers hold the same accepted (epoch, owner, output digest);
 - it is the highest-ranked result among all results any peer holds;
@@ -10,7 +10,7 @@ Invariants checked (DESIGN.md section 5), on every running peer:
   the peer starting it or a peer that ran it before crashed, was declared dead by some peer,
   was held dead in the other's view (a declaration from before, not yet refuted), or a
   partition was in effect (gossip then also wastes sends on the cut-off side, so a claim can
-  miss a standby on its own side). DESIGN.md section 5: duplicates need a crash, a partition
+  miss a standby on its own side). docs/design.md section 5: duplicates need a crash, a partition
   or a stall longer than the failure-detection time.
 
 Counted: executions, duplicates, result flips, fenced aborts, takeovers, lost tasks.
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from protocol.effects import (
     CancelExecution,
+    Command,
     MemberDown,
     MemberJoined,
     MemberRecovered,
@@ -35,6 +36,7 @@ from protocol.effects import (
 from protocol.identity import VerifiedCache
 from protocol.sim.simulator import SimPeer, Simulator
 from protocol.sim.task_runner import Run, TaskRunner
+from protocol.task_messages import Claim, Execution, Result, TaskRecord
 from protocol.tasks import (
     DOMAIN_CLAIM,
     DOMAIN_EXECUTION,
@@ -42,7 +44,6 @@ from protocol.tasks import (
     DOMAIN_TASK,
     claim_rank,
 )
-from protocol.wire import Claim, Execution, Result, TaskRecord
 
 
 @dataclass(slots=True)
@@ -93,6 +94,7 @@ class TaskChecker:
         """(observer, subject, from, to): `observer` held `subject` dead over that time."""
         self._dead_since: dict[tuple[int, bytes], float] = {}
         sim.observers.append(self._observe)
+        sim.executors.append(self._on_command)
 
     def crashed(self, index: int) -> None:
         """Record that the scenario crashed peer `index` now."""
@@ -124,12 +126,14 @@ class TaskChecker:
                 self._undead(p.index, node_id)
             case ResultAccepted(flipped=True):
                 self.flips += 1
-            case CancelExecution():
-                self.fenced += 1
             case TaskClaimed(task_id, _, epoch) if epoch > 1:
                 self.epochs.add((task_id, epoch))
             case _:
                 pass
+
+    def _on_command(self, now: float, p: SimPeer, command: Command) -> None:
+        if isinstance(command, CancelExecution):
+            self.fenced += 1
 
     def report(self) -> TaskReport:
         """Check the end state of every running peer; call after healing and quiescence."""

@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from typing import assert_never
 
-from protocol.effects import CancelExecution, Note, StartExecution
+from protocol.effects import CancelExecution, Command, PersistKind, StartExecution
 from protocol.sim.simulator import SimPeer, Simulator
 
 _PAUSED_RETRY = 0.05
@@ -43,7 +44,7 @@ class TaskRunner:
     """Executes tasks at simulated peers.
 
     Args:
-        sim: the simulator; the runner registers itself as an observer.
+        sim: the simulator; the runner registers itself as an executor of commands.
         min_duration: shortest execution, seconds.
         max_duration: longest execution, seconds.
     """
@@ -55,7 +56,7 @@ class TaskRunner:
         self.max_duration = max_duration
         self.log: list[Run] = []
         self._running: dict[tuple[int, bytes], Run] = {}
-        sim.observers.append(self._observe)
+        sim.executors.append(self._execute)
 
     def output_of(self, run: Run) -> bytes:
         """What an execution produces: distinct per (task, epoch, peer), so flips show."""
@@ -67,21 +68,24 @@ class TaskRunner:
             if key[0] == index:
                 self._end(key, "lost")
 
-    def _observe(self, now: float, p: SimPeer, note: Note) -> None:
-        if isinstance(note, StartExecution):
-            key = (p.index, note.task_id)
-            if key in self._running:
-                self._end(key, "lost")  # restarted under the same claim: the old run is gone
-            run = Run(note.task_id, note.epoch, p.index, p.life, now)
-            self.log.append(run)
-            self._running[key] = run
-            duration = self.rng.uniform(self.min_duration, self.max_duration)
-            self.sim.at(now + duration, lambda: self._finish(run))
-        elif isinstance(note, CancelExecution):
-            key = (p.index, note.task_id)
-            current = self._running.get(key)
-            if current is not None and current.epoch == note.epoch:
-                self._end(key, "cancelled")
+    def _execute(self, now: float, p: SimPeer, command: Command) -> None:
+        match command:
+            case StartExecution(task_id, epoch):
+                key = (p.index, task_id)
+                if key in self._running:
+                    self._end(key, "lost")  # restarted under the same claim: the old run is gone
+                run = Run(task_id, epoch, p.index, p.life, now)
+                self.log.append(run)
+                self._running[key] = run
+                duration = self.rng.uniform(self.min_duration, self.max_duration)
+                self.sim.at(now + duration, lambda: self._finish(run))
+            case CancelExecution(task_id, epoch):
+                key = (p.index, task_id)
+                current = self._running.get(key)
+                if current is not None and current.epoch == epoch:
+                    self._end(key, "cancelled")
+            case _:
+                assert_never(command)
 
     def _finish(self, run: Run) -> None:
         key = (run.peer, run.task_id)
@@ -104,7 +108,14 @@ class TaskRunner:
         run.outcome = outcome
 
 
-STORED_ORDER = ("task", "cancel", "claim", "result", "execution", "grant")
+STORED_ORDER = (
+    PersistKind.TASK,
+    PersistKind.CANCEL,
+    PersistKind.CLAIM,
+    PersistKind.RESULT,
+    PersistKind.EXECUTION,
+    PersistKind.GRANT,
+)
 """Kinds of durable task objects, in the order a restarted peer re-applies them: a claim needs
 its task and the claim of the epoch before; a result needs its claim."""
 

@@ -11,7 +11,6 @@ Every wait is bounded; the cluster fixture ends every process it started, by pid
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from pathlib import Path
@@ -21,15 +20,8 @@ import aiohttp
 import pytest
 
 from peer.agents.ports import AgentInput, AgentOutput
-from scripts.local_cluster import (
-    GrapevineClient,
-    GrapevineError,
-    LocalCluster,
-    Peer,
-    wait_for,
-    wait_ready,
-    wait_views,
-)
+from scripts.local_cluster import GrapevineClient, LocalCluster, Peer, wait_for
+from tests.e2e.cluster_helpers import add_configured, run_showing_logs, task_views, wait_team_known
 
 pytestmark = pytest.mark.e2e
 
@@ -62,47 +54,14 @@ system = "You write one section."
 max_concurrent = 4
 """,
 }
-LLM = """
-[llm]
-offline_via_litellm = false
-"""
 
 
 def test_a_delegation_tree_spans_three_peers(tmp_path: Path) -> None:
     root = tmp_path / "cluster"
     root.mkdir()
     with LocalCluster(root, profile="local", extra_args=()) as cluster:
-        configs = {}
-        for name, text in CONFIGS.items():
-            configs[name] = root / f"{name}.toml"
-            configs[name].write_text(text + LLM)
-        seed = cluster.add(extra_args=("--config", str(configs["boss"])))
-        cluster.add(join=[seed], extra_args=("--config", str(configs["admin"])))
-        cluster.add(join=[seed], extra_args=("--config", str(configs["worker"])))
-        peers = list(cluster.peers)
-        try:
-            asyncio.run(_run(peers))
-        except (TimeoutError, AssertionError, GrapevineError) as exc:
-            logs = "\n".join(f"--- {p.name}:\n{p.log_tail(25)}" for p in peers)
-            raise AssertionError(f"{exc}\n{logs}") from exc
-
-
-async def _roles_known(peers: list[Peer]) -> tuple[bool, object]:
-    wanted = {"boss", "admin", "worker"}
-    seen = {}
-    for peer in peers:
-        async with GrapevineClient(peer.api) as client:
-            members = await client.members()
-        seen[peer.name] = sorted({r for m in members if m["status"] == "alive" for r in m["roles"]})
-    return all(wanted <= set(roles) for roles in seen.values()), seen
-
-
-async def _views(peers: list[Peer]) -> list[dict[str, dict[str, Any]]]:
-    async def one(peer: Peer) -> dict[str, dict[str, Any]]:
-        async with GrapevineClient(peer.api) as client:
-            return {t["id"]: t for t in await client.tasks(limit=1000)}
-
-    return list(await asyncio.gather(*(one(p) for p in peers)))
+        peers = add_configured(cluster, [(f"{name}.toml", text) for name, text in CONFIGS.items()])
+        run_showing_logs(_run(peers), peers)
 
 
 def _facts(task: dict[str, Any]) -> tuple[Any, ...]:
@@ -117,10 +76,7 @@ def _facts(task: dict[str, Any]) -> tuple[Any, ...]:
 
 async def _run(peers: list[Peer]) -> None:
     start = time.monotonic()
-    await wait_ready(peers, timeout=20)
-    await wait_views(peers, {p.node_id: "alive" for p in peers}, timeout=15)
-    # Claims rank the peers advertising a role: wait until every advert is everywhere.
-    await wait_for("roles known everywhere", lambda: _roles_known(peers), timeout=15)
+    await wait_team_known(peers)
     ready = time.monotonic() - start
     roots = []
     async with GrapevineClient(peers[1].api) as client:
@@ -133,7 +89,7 @@ async def _run(peers: list[Peer]) -> None:
 
     async def settled() -> tuple[bool, object]:
         nonlocal views
-        views = await _views(peers)
+        views = await task_views(peers, limit=1000)
         states = [sorted(t["state"] for t in v.values()) for v in views]
         differing = sum(
             1

@@ -60,8 +60,8 @@ from scripts.local_cluster import (
     Peer,
     wait_for,
     wait_ready,
-    wait_views,
 )
+from tests.e2e.cluster_helpers import add_configured, run_showing_logs, wait_team_known
 
 pytestmark = pytest.mark.e2e
 
@@ -86,10 +86,6 @@ def write_file(path: str, content: str) -> str:
     return f"saved {len(content)} characters to {path}"
 
 
-LLM = """
-[llm]
-offline_via_litellm = false
-"""
 BOSS = """
 [[agents]]
 name = "boss"
@@ -126,20 +122,9 @@ def test_a_tree_survives_the_kill_of_an_admin_peer(tmp_path: Path) -> None:
     root = tmp_path / "cluster"
     root.mkdir()
     with LocalCluster(root, profile="local", extra_args=()) as cluster:
-        seed: Peer | None = None
-        for i, (_, text) in enumerate(LAYOUT):
-            config = root / f"p{i}.toml"
-            config.write_text(text + LLM)
-            peer = cluster.add(
-                join=[seed] if seed is not None else [], extra_args=("--config", str(config))
-            )
-            seed = seed or peer
-        peers = list(cluster.peers)
-        try:
-            asyncio.run(_run(cluster, peers))
-        except (TimeoutError, AssertionError, GrapevineError) as exc:
-            logs = "\n".join(f"--- {p.name}:\n{p.log_tail(25)}" for p in peers)
-            raise AssertionError(f"{exc}\n{logs}") from exc
+        configs = [(f"p{i}.toml", text) for i, (_, text) in enumerate(LAYOUT)]
+        peers = add_configured(cluster, configs)
+        run_showing_logs(_run(cluster, peers), peers)
 
 
 async def _tree(peer: Peer, task_id: str) -> dict[str, Any]:
@@ -172,21 +157,9 @@ def _admins(tree: dict[str, Any]) -> list[dict[str, Any]]:
     return [c for c in tree["children"] if c["role"] == "admin"]
 
 
-async def _roles_known(peers: list[Peer]) -> tuple[bool, object]:
-    wanted = {"boss", "admin", "worker"}
-    seen = {}
-    for peer in peers:
-        async with GrapevineClient(peer.api) as client:
-            members = await client.members()
-        seen[peer.name] = sorted({r for m in members if m["status"] == "alive" for r in m["roles"]})
-    return all(wanted <= set(roles) for roles in seen.values()), seen
-
-
 async def _run(cluster: LocalCluster, peers: list[Peer]) -> None:
     start = time.monotonic()
-    await wait_ready(peers, timeout=20)
-    await wait_views(peers, {p.node_id: "alive" for p in peers}, timeout=15)
-    await wait_for("roles known everywhere", lambda: _roles_known(peers), timeout=15)
+    await wait_team_known(peers)
     ready = time.monotonic() - start
     by_id = {p.node_id: p for p in peers}
     admin_ids = {p.node_id for p, (role, _) in zip(peers, LAYOUT, strict=True) if role == "admin"}

@@ -1,6 +1,6 @@
 """1,000 tasks through five real peer processes while one of them is SIGKILLed and restarted.
 
-Checks DESIGN.md section 5 end to end: every task finishes, each has exactly one accepted
+Checks docs/design.md section 5 end to end: every task finishes, each has exactly one accepted
 result, all five peers report the same result, claim and execution log for every task, and a
 second execution only happens for tasks whose owner died. The figures (time, takeovers,
 duplicates) are printed; run with `-s` to see them.
@@ -22,13 +22,13 @@ import pytest
 from peer.client import ApiError
 from scripts.local_cluster import (
     GrapevineClient,
-    GrapevineError,
     LocalCluster,
     Peer,
     wait_for,
     wait_ready,
     wait_views,
 )
+from tests.e2e.cluster_helpers import run_showing_logs, task_views
 
 pytestmark = pytest.mark.e2e
 
@@ -99,14 +99,6 @@ async def _roles_known(peers: list[Peer]) -> tuple[bool, object]:
     return not lacking, lacking
 
 
-async def _views(peers: list[Peer]) -> list[dict[str, dict[str, Any]]]:
-    async def one(peer: Peer) -> dict[str, dict[str, Any]]:
-        async with GrapevineClient(peer.api) as client:
-            return {t["id"]: t for t in await client.tasks(limit=10_000)}
-
-    return list(await asyncio.gather(*(one(p) for p in peers)))
-
-
 def _converged_facts(task: dict[str, Any]) -> tuple[Any, ...]:
     result = task["result"]
     return (
@@ -127,11 +119,7 @@ def test_a_thousand_tasks_survive_a_sigkill_and_converge(tmp_path: Path) -> None
             cluster.add(join=[seed])
         peers = list(cluster.peers)
         victim = peers[2]
-        try:
-            asyncio.run(_run(cluster, peers, victim, rng))
-        except (TimeoutError, AssertionError, GrapevineError) as exc:
-            logs = "\n".join(f"--- {p.name}:\n{p.log_tail(25)}" for p in peers)
-            raise AssertionError(f"{exc}\n{logs}") from exc
+        run_showing_logs(_run(cluster, peers, victim, rng), peers)
 
 
 async def _run(cluster: LocalCluster, peers: list[Peer], victim: Peer, rng: random.Random) -> None:
@@ -154,7 +142,7 @@ async def _run(cluster: LocalCluster, peers: list[Peer], victim: Peer, rng: rand
 
     async def settled() -> tuple[bool, object]:
         nonlocal views
-        views = await _views(peers)
+        views = await task_views(peers, limit=10_000)
         unfinished = [sum(1 for t in v.values() if t["state"] != "done") for v in views]
         missing = [TASKS - sum(1 for tid in ids if tid in v) for v in views]
         differing = sum(

@@ -1,45 +1,98 @@
-"""In-process peers for API tests: a real Node, Driver and Transport on 127.0.0.1, no store."""
+"""In-process peers for tests: whole peers from `build_peer` on 127.0.0.1, their durable state
+in memory, no API (tests serve one through aiohttp's test client when they need it)."""
 
 from __future__ import annotations
 
-import asyncio
 import random
-from typing import Any
+import tempfile
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from peer.runtime.driver import Driver
+from peer.runtime.build import AGENT_SLOTS, Peer, build_peer
+from peer.runtime.executor import RoleHandler
 from peer.runtime.sealing import Keyring
-from peer.runtime.transport import Transport
-from protocol.config import local, with_network
-from protocol.identity import Signer
-from protocol.node import Node
-from protocol.wire import merge_envelopes
+from peer.settings import AgentSettings
+from protocol.effects import Persist
 
 
-class NullStore:
-    """Accepts every durable write and keeps nothing (these tests never restart a peer)."""
+class MemoryStore:
+    """A peer's durable state kept in memory (these tests never restart a peer from disk).
 
-    def put_many(self, records: Any) -> None:
-        pass
+    Args:
+        incarnation: the incarnation a previous run stored (the peer starts one higher).
+    """
 
-    def save_members(self, rows: Any) -> None:
-        pass
+    def __init__(self, incarnation: int = 0) -> None:
+        self.identity = Ed25519PrivateKey.generate().private_bytes_raw()
+        self.incarnation = incarnation
+        self.records: dict[tuple[str, bytes], bytes] = {}
+        self.members: list[tuple[bytes, str, int]] = []
+
+    def load_or_create_identity(self) -> bytes:
+        return self.identity
+
+    def load_incarnation(self) -> int:
+        return self.incarnation
+
+    def save_incarnation(self, incarnation: int) -> None:
+        self.incarnation = incarnation
+
+    def get(self, kind: str, key: bytes) -> bytes | None:
+        return self.records.get((kind, key))
+
+    def scan(self, kind: str) -> Iterator[tuple[bytes, bytes]]:
+        return iter([(key, value) for (k, key), value in self.records.items() if k == kind])
+
+    def put_many(self, records: Iterable[Persist]) -> None:
+        for record in records:
+            self.records[record.kind, record.key] = record.value
+
+    def save_members(self, rows: Iterable[tuple[bytes, str, int]]) -> None:
+        self.members = list(rows)
+
+    def load_members(self) -> list[tuple[bytes, str, int]]:
+        return list(self.members)
 
 
-async def start_peer(index: int, key: bytes, incarnation: int) -> tuple[Driver, Transport]:
-    """A started peer on an ephemeral port, its node on the local profile."""
-    loop = asyncio.get_running_loop()
-    keyring = Keyring(key)
-    transport = Transport(
-        "127.0.0.1", 0, keyring, bytes([index]) * 8, lambda s, d: None, coalesce=merge_envelopes
-    )
-    await transport.start()
-    signer = Signer(Ed25519PrivateKey.generate().private_bytes_raw(), keyring.network_id)
-    config = with_network(local(), keyring.network_id)
-    address = f"127.0.0.1:{transport.port}"
-    node = Node(config, signer, address, random.Random(index), loop.time(), incarnation)
-    driver = Driver(node, transport, NullStore())
-    transport.on_receive = driver.receive
-    driver.start()
-    return driver, transport
+@asynccontextmanager
+async def in_process_peer(
+    index: int,
+    key: bytes,
+    incarnation: int = 1,
+    *,
+    roles: Mapping[str, RoleHandler] | None = None,
+    max_running: int = AGENT_SLOTS,
+    seed_only: bool = False,
+    store: MemoryStore | None = None,
+    data_dir: Path | None = None,
+) -> AsyncIterator[Peer]:
+    """A started peer on an ephemeral port, its node on the local profile, stopped on exit.
+
+    Args:
+        index: seeds the node's randomness, so a test runs the same way every time.
+        key: the network key.
+        incarnation: the node's incarnation.
+        roles: what its executor runs (the built-in roles by default), `max_running` at once.
+        seed_only: declare no roles (the executor is attached but never given work).
+        store: its durable state (a fresh `MemoryStore` by default).
+        data_dir: where its blobs go (a temporary directory, removed on exit, by default).
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        settings = AgentSettings(
+            bind="127.0.0.1:0",
+            data_dir=data_dir or Path(scratch),
+            profile="local",
+            no_agents=seed_only,
+        )
+        async with build_peer(
+            settings,
+            keyring=Keyring(key),
+            store=store or MemoryStore(incarnation - 1),
+            roles=roles,
+            max_running=max_running,
+            rng=random.Random(index),
+        ) as peer:
+            yield peer

@@ -7,6 +7,7 @@ import base64
 import json
 import stat
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from peer.http.app import PeerApi
 from peer.keys import keyring_path
+from peer.runtime.build import Peer
 from peer.runtime.driver import Driver
+from peer.runtime.executor import builtin_roles
 from peer.runtime.sealing import Keyring, key_id_of, load_keyring_text
-from peer.runtime.transport import Transport
-from tests.peer.inprocess import start_peer
+from tests.peer.inprocess import in_process_peer
 
 pytestmark = pytest.mark.asyncio
 
@@ -27,10 +29,11 @@ KEY = bytes(range(32))
 NEW_KEY = bytes([7] * 32)
 
 
-async def _peer(index: int) -> tuple[Driver, Transport]:
-    driver, transport = await start_peer(index, KEY, 3)
-    driver.set_state(("echo", "sleep"), 4, 0, 0.0)
-    return driver, transport
+async def _peer(stack: AsyncExitStack, index: int) -> Peer:
+    """A peer of incarnation 3 that runs nothing but advertises the echo and sleep roles."""
+    peer = await stack.enter_async_context(in_process_peer(index, KEY, 3, roles={}, seed_only=True))
+    peer.driver.set_state(("echo", "sleep"), 4, 0, 0.0)
+    return peer
 
 
 class Env:
@@ -49,18 +52,18 @@ class Env:
 
 @pytest_asyncio.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    (driver, transport), (other, other_transport) = await _peer(1), await _peer(2)
-    holder: list[Env] = []
-    api = PeerApi(driver, transport, tmp_path, lambda: holder[0].left(), keepalive=0.2)
-    api.address = "127.0.0.1:8946"
-    client: TestClient[Any, Any] = TestClient(TestServer(api.app))
-    await client.start_server()
-    holder.append(Env(client, api, other, tmp_path))
-    yield holder[0]
-    await client.close()
-    for d, t in ((driver, transport), (other, other_transport)):
-        d.stop()
-        await t.stop()
+    async with AsyncExitStack() as stack:
+        peer, other = await _peer(stack, 1), await _peer(stack, 2)
+        holder: list[Env] = []
+        api = PeerApi(
+            peer.driver, peer.transport, tmp_path, lambda: holder[0].left(), keepalive=0.2
+        )
+        api.address = "127.0.0.1:8946"
+        client: TestClient[Any, Any] = TestClient(TestServer(api.app))
+        await client.start_server()
+        stack.push_async_callback(client.close)
+        holder.append(Env(client, api, other.driver, tmp_path))
+        yield holder[0]
 
 
 async def _problem(response: Any, status: int, *detail_words: str) -> dict[str, Any]:
@@ -230,6 +233,23 @@ async def test_leave(env: Env) -> None:
     await env.client.post("/v1/leave")
     await asyncio.sleep(0)
     assert env.leaves == 1
+
+
+async def test_agents_is_the_host_status_or_else_the_executor_roles(env: Env) -> None:
+    r = await env.client.get("/v1/agents")
+    assert r.status == 200 and await r.json() == {"agents": [], "roles": []}  # runs no role
+    async with in_process_peer(3, KEY) as builtins:
+        api = PeerApi(builtins.driver, builtins.transport, env.data_dir, lambda: None)
+        async with TestClient(TestServer(api.app)) as client:
+            body = await (await client.get("/v1/agents")).json()
+        assert body == {"agents": [], "roles": sorted(builtin_roles())}
+
+    status = {"agents": [{"name": "writer"}], "roles": ["write"]}
+    api = PeerApi(
+        env.api.driver, env.api.transport, env.data_dir, lambda: None, agents=lambda: status
+    )
+    async with TestClient(TestServer(api.app)) as client:
+        assert await (await client.get("/v1/agents")).json() == status
 
 
 async def test_followed_stream_yields_member_events_and_keepalives(env: Env) -> None:

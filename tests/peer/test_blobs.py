@@ -1,6 +1,7 @@
-"""Blobs (peer/blobs.py, the blob routes of peer/transport.py, the executor's blob port, the
-API's large inputs and `GET /v1/blobs/{digest}`): the store on disk, sealed transfers between
-real transports, and two in-process peers over loopback wired as `peer/agent.py` wires them.
+"""Blobs (peer/runtime/blobs.py, the blob routes of peer/runtime/transport.py, the executor's
+blob port, the API's large inputs and `GET /v1/blobs/{digest}`): the store on disk, sealed
+transfers between real transports, and two in-process peers over loopback wired as
+`peer/runtime/build.py` wires them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import base64
 import hashlib
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +23,14 @@ from aiohttp.test_utils import TestClient, TestServer
 from peer.cli import tasks as cli_tasks
 from peer.client import GrapevineClient
 from peer.http.app import PeerApi
-from peer.runtime.blobs import BlobService, BlobStore, BlobUnavailable
-from peer.runtime.driver import Driver
+from peer.runtime.blobs import BlobStore, BlobUnavailable
+from peer.runtime.build import Peer
 from peer.runtime.executor import Executor, Outcome, Work, builtin_roles
 from peer.runtime.sealing import Keyring
 from peer.runtime.transport import BlobTransferError, Transport
 from protocol.blobs import BLOB_LIMIT, blob_ref, make_ref, parse_blob_ref
-from protocol.wire import MAX_INLINE_PAYLOAD
-from tests.peer.inprocess import start_peer
+from protocol.task_messages import MAX_INLINE_PAYLOAD
+from tests.peer.inprocess import in_process_peer
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -209,37 +210,18 @@ async def test_executor_resolves_inputs_and_stores_large_outputs() -> None:
 # --- two peers over loopback -----------------------------------------------------------------
 
 
-@dataclass
-class BlobPeer:
-    driver: Driver
-    transport: Transport
-    executor: Executor
-    blobs: BlobService
-
-
-async def _blob_peer(index: int, root: Path, roles: bool = True) -> BlobPeer:
-    driver, transport = await start_peer(index, KEY, 1)
-    # The wiring peer/agent.py needs (see docs/tasks.md "Blobs").
-    blobs = BlobService(BlobStore(root / f"peer{index}" / "blobs"), transport, driver)
-    transport.blob_store = blobs.store
-    blobs.fetch_backoff = 0.01
-    executor = Executor(builtin_roles(), 4, blobs=blobs)
-    driver.attach(executor)
-    if roles:
-        driver.serve(executor.roles, executor.max_running)
-    else:
-        driver.serve((), 0)
-    return BlobPeer(driver, transport, executor, blobs)
-
-
-async def _stop(peer: BlobPeer) -> None:
-    await peer.executor.close()
-    peer.driver.stop()
-    await peer.transport.stop()
+@asynccontextmanager
+async def _blob_peer(index: int, root: Path, roles: bool = True) -> AsyncIterator[Peer]:
+    """A peer keeping its blobs under `root/peer<index>`, running the built-in roles or none."""
+    async with in_process_peer(
+        index, KEY, data_dir=root / f"peer{index}", seed_only=not roles
+    ) as peer:
+        peer.blobs.fetch_backoff = 0.01
+        yield peer
 
 
 class Env:
-    def __init__(self, client: TestClient[Any, Any], api: PeerApi, peers: list[BlobPeer]) -> None:
+    def __init__(self, client: TestClient[Any, Any], api: PeerApi, peers: list[Peer]) -> None:
         self.client = client
         self.api = api
         self.peers = peers
@@ -257,21 +239,19 @@ class Env:
 @pytest_asyncio.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
     """Peer A (API, serves no role) and peer B (runs echo), joined."""
-    a = await _blob_peer(1, tmp_path, roles=False)
-    b = await _blob_peer(2, tmp_path)
-    assert await b.driver.join([a.driver.node.addr], timeout=5.0) is not None
-    deadline = asyncio.get_running_loop().time() + 10
-    while len(a.driver.node.capable("echo")) < 1:
-        assert asyncio.get_running_loop().time() < deadline, "B's roles did not reach A"
-        await asyncio.sleep(0.05)
-    api = PeerApi(a.driver, a.transport, tmp_path, lambda: None, keepalive=0.2)
-    api.tasks.blobs = a.blobs
-    client: TestClient[Any, Any] = TestClient(TestServer(api.app))
-    await client.start_server()
-    yield Env(client, api, [a, b])
-    await client.close()
-    for peer in (a, b):
-        await _stop(peer)
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(_blob_peer(1, tmp_path, roles=False))
+        b = await stack.enter_async_context(_blob_peer(2, tmp_path))
+        assert await b.driver.join([a.driver.node.addr], timeout=5.0) is not None
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(a.driver.node.capable("echo")) < 1:
+            assert asyncio.get_running_loop().time() < deadline, "B's roles did not reach A"
+            await asyncio.sleep(0.05)
+        api = PeerApi(a.driver, a.transport, tmp_path, lambda: None, keepalive=0.2, blobs=a.blobs)
+        client: TestClient[Any, Any] = TestClient(TestServer(api.app))
+        await client.start_server()
+        stack.push_async_callback(client.close)
+        yield Env(client, api, [a, b])
 
 
 @pytest.mark.asyncio
@@ -371,12 +351,12 @@ async def test_cli_result_prints_the_blob_bytes(env: Env, capsysbinary: Any) -> 
 async def test_a_large_input_nobody_else_takes_is_refused_and_nothing_is_submitted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    alone = await _blob_peer(3, tmp_path)
-    api = PeerApi(alone.driver, alone.transport, tmp_path, lambda: None)
-    api.tasks.blobs = alone.blobs
-    client: TestClient[Any, Any] = TestClient(TestServer(api.app))
-    await client.start_server()
-    try:
+    async with AsyncExitStack() as stack:
+        alone = await stack.enter_async_context(_blob_peer(3, tmp_path))
+        api = PeerApi(alone.driver, alone.transport, tmp_path, lambda: None, blobs=alone.blobs)
+        client: TestClient[Any, Any] = TestClient(TestServer(api.app))
+        await client.start_server()
+        stack.push_async_callback(client.close)
         r = await client.post("/v1/tasks", json={"role": "echo", "input": _text(200_000)})
         assert r.status == 503
         detail = (await r.json(content_type=None))["detail"]
@@ -393,6 +373,3 @@ async def test_a_large_input_nobody_else_takes_is_refused_and_nothing_is_submitt
         assert r.status == 413
         assert "the request body is" in (await r.json(content_type=None))["detail"]
         assert alone.driver.node.tasks.tasks == {}
-    finally:
-        await client.close()
-        await _stop(alone)

@@ -1,4 +1,4 @@
-"""The `grapevine` command line (peer/cli.py), run as a subprocess the way users run it.
+"""The `grapevine` command line (peer/cli/), run as a subprocess the way users run it.
 
 Client commands run against a canned API (tests/peer/fake_api.py); the agent is only started
 far enough to see it refuse bad settings — tests/e2e runs real peers.

@@ -1,4 +1,4 @@
-"""The task commands (peer/cli_tasks.py) as subprocesses against two real agent processes."""
+"""The task commands (peer/cli/tasks.py, task_file.py) as subprocesses against two real agents."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`grapevine tree` (peer/cli_tasks.py, peer/cli_render.py) run as a user runs it: a subprocess.
+"""`grapevine tree` (peer/cli/tasks.py, peer/cli/render.py) run as a user runs it: a subprocess.
 
 Against two real agent processes (a task with no children, and the errors), and against an
 in-process peer serving its API on a real socket, where a parent with two children is made
@@ -22,13 +22,13 @@ from rich.console import Console
 from peer.agents.ports import AgentOutput
 from peer.cli import render as cli_render
 from peer.http.app import PeerApi
-from peer.runtime.executor import Executor, Outcome, Work, builtin_roles
+from peer.runtime.executor import Outcome, Work, builtin_roles
 from scripts.local_cluster import (
     Peer,
     child_env,
     grapevine_command,
 )
-from tests.peer.inprocess import start_peer
+from tests.peer.inprocess import in_process_peer
 from tests.peer.two_peers import joined_pair
 
 
@@ -91,36 +91,32 @@ async def writer(work: Work) -> Outcome:
 
 
 async def test_tree_of_a_parent_and_two_children_in_process(tmp_path: Any) -> None:
-    driver, transport = await start_peer(1, bytes(range(96, 128)), 1)
-    executor = Executor({**builtin_roles(), "writer": writer}, 4)
-    driver.attach(executor)
-    driver.serve(executor.roles, executor.max_running)
-    server = TestServer(PeerApi(driver, transport, tmp_path, lambda: None).app)
-    await server.start_server()
-    try:
-        parent = driver.submit("writer", b"report", nonce=os.urandom(16))
-        driver.submit("writer", b"intro", parent=parent, created=1.0, nonce=os.urandom(16))
-        driver.submit("echo", b"refs", parent=parent, created=2.0, nonce=os.urandom(16))
-        for child in driver.children_of(parent):
-            assert await driver.wait_result(child.task_id, timeout=10) is not None
-        assert await driver.wait_result(parent, timeout=10) is not None
-        api = f"127.0.0.1:{server.port}"
-        process = await asyncio.create_subprocess_exec(
-            *grapevine_command(),
-            "tree",
-            parent.hex(),
-            "--api",
-            api,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=child_env(),
-        )
-        out, err = await asyncio.wait_for(process.communicate(), timeout=60)
-    finally:
-        await server.close()
-        await executor.close()
-        driver.stop()
-        await transport.stop()
+    roles = {**builtin_roles(), "writer": writer}
+    async with in_process_peer(1, bytes(range(96, 128)), roles=roles) as peer:
+        driver = peer.driver
+        server = TestServer(PeerApi(driver, peer.transport, tmp_path, lambda: None).app)
+        await server.start_server()
+        try:
+            parent = driver.submit("writer", b"report", nonce=os.urandom(16))
+            driver.submit("writer", b"intro", parent=parent, created=1.0, nonce=os.urandom(16))
+            driver.submit("echo", b"refs", parent=parent, created=2.0, nonce=os.urandom(16))
+            for child in driver.children_of(parent):
+                assert await driver.wait_result(child.task_id, timeout=10) is not None
+            assert await driver.wait_result(parent, timeout=10) is not None
+            api = f"127.0.0.1:{server.port}"
+            process = await asyncio.create_subprocess_exec(
+                *grapevine_command(),
+                "tree",
+                parent.hex(),
+                "--api",
+                api,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=child_env(),
+            )
+            out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+        finally:
+            await server.close()
     assert process.returncode == 0, err.decode()
     lines = out.decode().splitlines()
     assert len(lines) == 4, lines

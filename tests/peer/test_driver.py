@@ -3,35 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import AsyncIterator, Iterable
+from contextlib import AsyncExitStack
 from typing import Any, cast
 
 import pytest
 import pytest_asyncio
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from peer.runtime.driver import Driver, NoteHub, Observed
-from peer.runtime.sealing import Keyring
+from peer.runtime.driver import Driver
+from peer.runtime.hub import NoteHub, Observed
 from peer.runtime.transport import Transport
-from protocol.config import local, with_network
 from protocol.effects import Effects, MemberDown, Persist, Send
-from protocol.identity import Signer
 from protocol.node import Node
 from protocol.wire import Status
+from tests.peer.inprocess import MemoryStore, in_process_peer
 
 pytestmark = pytest.mark.asyncio
 
-KEYRING = Keyring(bytes(range(32)))
+KEY = bytes(range(32))
 
 
-class MemStore:
-    """An in-memory stand-in for peer.runtime.store.Store, logging what it was asked to do."""
+class MemStore(MemoryStore):
+    """A `MemoryStore` logging what it was asked to do, and failing on demand."""
 
     def __init__(self, log: list[str] | None = None) -> None:
+        super().__init__()
         self.log = log if log is not None else []
-        self.records: dict[tuple[str, bytes], bytes] = {}
-        self.members: list[tuple[bytes, str, int]] = []
         self.fail = False
 
     def put_many(self, records: Iterable[Persist]) -> None:
@@ -39,34 +36,20 @@ class MemStore:
             raise OSError("disk full")
         batch = list(records)
         self.log.append(f"persist {len(batch)}")
-        for r in batch:
-            self.records[r.kind, r.key] = r.value
-
-    def save_members(self, rows: Iterable[tuple[bytes, str, int]]) -> None:
-        self.members = list(rows)
-
-
-async def _peer(index: int) -> tuple[Driver, Transport, MemStore]:
-    loop = asyncio.get_running_loop()
-    transport = Transport("127.0.0.1", 0, KEYRING, bytes([index]) * 8, lambda s, d: None)
-    await transport.start()
-    signer = Signer(Ed25519PrivateKey.generate().private_bytes_raw(), KEYRING.network_id)
-    config = with_network(local(), KEYRING.network_id)
-    node = Node(config, signer, f"127.0.0.1:{transport.port}", random.Random(index), loop.time(), 1)
-    store = MemStore()
-    driver = Driver(node, transport, store)
-    transport.on_receive = driver.receive
-    driver.start()
-    return driver, transport, store
+        super().put_many(batch)
 
 
 @pytest_asyncio.fixture
 async def trio() -> AsyncIterator[list[tuple[Driver, Transport, MemStore]]]:
-    peers = [await _peer(i) for i in range(3)]
-    yield peers
-    for driver, transport, _ in peers:
-        driver.stop()
-        await transport.stop()
+    async with AsyncExitStack() as stack:
+        peers = []
+        for index in range(3):
+            store = MemStore()
+            peer = await stack.enter_async_context(
+                in_process_peer(index, KEY, store=store, seed_only=True)
+            )
+            peers.append((peer.driver, peer.transport, store))
+        yield peers
 
 
 def _alive(driver: Driver) -> int:

@@ -1,19 +1,19 @@
-"""What the driver offers delegating agents (peer/driver.py): `submit(parent=)`, `suspend` and
-`resume`, `wait_result`, `children_of`; real in-process peers on 127.0.0.1."""
+"""What the driver offers delegating agents (peer/runtime/driver.py): `submit(parent=)`,
+`suspend` and `resume`, `wait_result`, `children_of`; real in-process peers on 127.0.0.1."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 
 import pytest
 import pytest_asyncio
 
 from peer.runtime.driver import Driver
 from peer.runtime.executor import Executor, RoleHandler, Work, builtin_roles
-from peer.runtime.transport import Transport
-from tests.peer.inprocess import start_peer
+from tests.peer.inprocess import in_process_peer
 
 pytestmark = pytest.mark.asyncio
 
@@ -21,31 +21,31 @@ KEY = bytes(range(32, 64))
 
 
 class Peers:
-    def __init__(self) -> None:
-        self.started: list[tuple[Driver, Transport, Executor | None]] = []
+    def __init__(self, stack: AsyncExitStack) -> None:
+        self.stack = stack
+        self.executors: list[Executor] = []
 
     async def add(
         self, roles: dict[str, RoleHandler] | None = None, max_running: int = 4
     ) -> Driver:
-        driver, transport = await start_peer(len(self.started) + 1, KEY, 1)
-        executor = None
-        if roles is not None:
-            executor = Executor(roles, max_running)
-            driver.attach(executor)
-            driver.serve(executor.roles, executor.max_running)
-        self.started.append((driver, transport, executor))
-        return driver
+        """A peer running `roles`, `max_running` at once; with None, one that serves none."""
+        peer = await self.stack.enter_async_context(
+            in_process_peer(
+                len(self.executors) + 1,
+                KEY,
+                roles=roles,
+                max_running=max_running,
+                seed_only=roles is None,
+            )
+        )
+        self.executors.append(peer.executor)
+        return peer.driver
 
 
 @pytest_asyncio.fixture
 async def peers() -> AsyncIterator[Peers]:
-    made = Peers()
-    yield made
-    for driver, transport, executor in made.started:
-        if executor is not None:
-            await executor.close()
-        driver.stop()
-        await transport.stop()
+    async with AsyncExitStack() as stack:
+        yield Peers(stack)
 
 
 async def _until(check: Callable[[], object], limit: float = 10.0) -> None:
@@ -93,7 +93,7 @@ async def test_a_parent_that_suspends_lets_its_child_run_in_its_only_slot(peers:
     [child] = driver.children_of(parent)
     assert child.record is not None and child.record.parent == parent
     assert child.state == "done"
-    executor = peers.started[0][2]
+    executor = peers.executors[0]
     assert executor is not None and executor.suspended == 0 and executor.running == 0
 
 
@@ -112,7 +112,7 @@ async def test_wait_result_at_once_later_on_cancel_and_on_timeout(peers: Peers) 
     a.cancel_task(slow, "no longer needed")  # reaches B by gossip: B runs nothing
     assert await asyncio.wait_for(waiting, timeout=5.0) is None
     assert await asyncio.wait_for(b.wait_result(slow), timeout=0.5) is None
-    assert not b._result_waiters
+    assert b.notifications.results_awaited == 0
 
 
 async def test_wait_result_for_a_task_not_known_yet_and_on_stop(peers: Peers) -> None:
@@ -140,20 +140,20 @@ async def test_children_of_lists_children_oldest_first_on_every_peer(peers: Peer
 
 async def test_suspend_and_resume_reach_node_and_executor(peers: Peers) -> None:
     a = await peers.add(builtin_roles(), max_running=1)
-    executor = peers.started[0][2]
+    executor = peers.executors[0]
     assert executor is not None
     busy = a.submit("sleep", b"30", nonce=_nonce())
     await _until(lambda: executor.running == 1)
-    assert a.node.states[a.node.node_id].free_slots == 0
+    assert a.node.peer_states()[a.node.node_id].free_slots == 0
     a.suspend(busy)
     assert a.node.tasks.suspended == {busy} and executor.suspended == 1
-    assert a.node.states[a.node.node_id].free_slots == 1
+    assert a.node.peer_states()[a.node.node_id].free_slots == 1
     quick = a.submit("echo", b"meanwhile", nonce=_nonce())
     result = await a.wait_result(quick, timeout=5.0)
     assert result is not None and result.output == b"meanwhile"
     a.resume(busy)
     assert not a.node.tasks.suspended and executor.suspended == 0
-    assert a.node.states[a.node.node_id].free_slots == 0
+    assert a.node.peer_states()[a.node.node_id].free_slots == 0
     a.suspend(os.urandom(32))  # not running here: nothing happens
     assert not a.node.tasks.suspended and executor.suspended == 0
     a.cancel_task(busy)

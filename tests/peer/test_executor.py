@@ -1,4 +1,4 @@
-"""The executor (peer/executor.py): built-in roles, timeouts, cancellation, concurrency."""
+"""The executor (peer/runtime/executor.py): built-in roles, timeouts, cancellation, concurrency."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from peer.runtime.executor import Executor, Outcome, Work, builtin_roles
-from protocol.wire import MAX_INLINE_PAYLOAD
+from protocol.task_messages import MAX_INLINE_PAYLOAD
 
 pytestmark = pytest.mark.asyncio
 

@@ -230,7 +230,7 @@ def test_boot_id_memory_is_bounded_least_recently_used_first() -> None:
         opener.open(frame, NOW)
     opener.open(sealers[0].seal(b"y", NOW), NOW)  # sender 0 is now the most recent
     opener.open(first_frames[3], NOW)  # evicts sender 1, the least recently used
-    assert len(opener._senders) == 3
+    assert opener.senders == 3
     assert reason_of(opener, first_frames[0]) == "replay"
     assert reason_of(opener, first_frames[2]) == "replay"
     # Sender 1 was forgotten; its frame is accepted again, bounded by the timestamp window.
@@ -286,6 +286,24 @@ def test_rotation_both_directions() -> None:
 def test_rotate_drops_the_new_key_from_accepted() -> None:
     keyring = Keyring(KEY_A, [KEY_B]).rotate(KEY_B)
     assert keyring.keys == (KEY_B, KEY_A)
+
+
+def test_rekeyed_sealer_and_opener_carry_sequence_and_replay_state_over() -> None:
+    old = Keyring(KEY_A)
+    rotated = old.rotate(KEY_B)
+    sealer, opener = make_sealer(old), Opener(old, max_skew=5.0, window=64)
+    before = sealer.seal(b"before", NOW)
+    assert opener.open(before, NOW) == b"before"
+    assert reason_of(opener, b"garbage" * 10) == "bad_magic"
+
+    new_sealer, new_opener = sealer.rekeyed(rotated), opener.rekeyed(rotated)
+    assert (new_sealer.boot_id, new_sealer.seq) == (BOOT, 1)
+    assert (new_opener.max_skew, new_opener.window) == (5.0, 64)
+    assert reason_of(new_opener, before) == "replay"  # accepted under the old keyring
+    assert new_opener.open(new_sealer.seal(b"after", NOW), NOW) == b"after"
+    assert new_opener.senders == 1 and new_opener.accepted == 2
+    assert new_opener.rejected is opener.rejected
+    assert new_opener.rejected == {"bad_magic": 1, "replay": 1}
 
 
 def test_keyring_validation() -> None:
@@ -363,7 +381,7 @@ def test_random_frames_with_valid_prefix_only_raise_seal_error(body: bytes, stam
     with pytest.raises(SealError) as info:
         opener.open(frame, NOW)
     assert info.value.reason == "decrypt_failed"
-    assert not opener._senders
+    assert not opener.senders
 
 
 @given(st.lists(st.integers(1, 300), max_size=60), st.integers(1, 70))

@@ -1,4 +1,4 @@
-"""The task endpoints (peer/api_tasks.py) on two real in-process peers over loopback.
+"""The task endpoints (peer/http/) on two real in-process peers over loopback.
 
 Peer A serves the API under test; peer B joins it, so submissions are replicated and either
 peer may run the work. Both run the built-in roles on real executors.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
@@ -17,9 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from peer.http.app import PeerApi
 from peer.runtime.driver import Driver
-from peer.runtime.executor import Executor, builtin_roles
-from peer.runtime.transport import Transport
-from tests.peer.inprocess import start_peer
+from tests.peer.inprocess import in_process_peer
 
 pytestmark = pytest.mark.asyncio
 
@@ -42,14 +41,6 @@ TASK_FIELDS = {
     "duplicates",
     "cancel",
 }
-
-
-async def _peer(index: int) -> tuple[Driver, Transport, Executor]:
-    driver, transport = await start_peer(index, KEY, 1)
-    executor = Executor(builtin_roles(), 4)
-    driver.attach(executor)
-    driver.serve(executor.roles, executor.max_running)
-    return driver, transport, executor
 
 
 class Env:
@@ -86,22 +77,20 @@ class Env:
 
 @pytest_asyncio.fixture
 async def env(tmp_path: Any) -> AsyncIterator[Env]:
-    peers = [await _peer(1), await _peer(2)]
-    (a, _, _), (b, _, _) = peers
-    assert await b.join([a.node.addr], timeout=5.0) is not None
-    deadline = asyncio.get_running_loop().time() + 10
-    while len(a.node.capable("echo")) < 2 or len(b.node.capable("echo")) < 2:
-        assert asyncio.get_running_loop().time() < deadline, "peer states did not spread"
-        await asyncio.sleep(0.05)
-    api = PeerApi(a, peers[0][1], tmp_path, lambda: None, keepalive=0.2)
-    client: TestClient[Any, Any] = TestClient(TestServer(api.app))
-    await client.start_server()
-    yield Env(client, api, [a, b])
-    await client.close()
-    for driver, transport, executor in peers:
-        await executor.close()
-        driver.stop()
-        await transport.stop()
+    async with AsyncExitStack() as stack:
+        first = await stack.enter_async_context(in_process_peer(1, KEY))
+        second = await stack.enter_async_context(in_process_peer(2, KEY))
+        a, b = first.driver, second.driver
+        assert await b.join([a.node.addr], timeout=5.0) is not None
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(a.node.capable("echo")) < 2 or len(b.node.capable("echo")) < 2:
+            assert asyncio.get_running_loop().time() < deadline, "peer states did not spread"
+            await asyncio.sleep(0.05)
+        api = PeerApi(a, first.transport, tmp_path, lambda: None, keepalive=0.2)
+        client: TestClient[Any, Any] = TestClient(TestServer(api.app))
+        await client.start_server()
+        stack.push_async_callback(client.close)
+        yield Env(client, api, [a, b])
 
 
 async def _problem(response: Any, status: int, *words: str) -> dict[str, Any]:

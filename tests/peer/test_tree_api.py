@@ -1,4 +1,4 @@
-"""`GET /v1/tasks/{id}/tree` (peer/api_tasks.py) over a socket, and `tree_json`'s guards.
+"""`GET /v1/tasks/{id}/tree` (peer/http/tree.py) over a socket, and `tree_json`'s guards.
 
 Two real in-process peers; a parent and two children are submitted through the driver with
 `parent=`, as a delegating agent does, and the tree is read from the other peer's API too.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
@@ -18,13 +19,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from peer.agents.ports import AgentOutput
 from peer.client import ApiError, GrapevineClient
 from peer.http.app import PeerApi
-from peer.http.tasks import MAX_TREE_DEPTH, tree_json
+from peer.http.tree import MAX_TREE_DEPTH, tree_json
 from peer.runtime.driver import Driver
-from peer.runtime.executor import Executor, Outcome, Work, builtin_roles
-from peer.runtime.transport import Transport
+from peer.runtime.executor import Outcome, Work, builtin_roles
+from protocol.task_messages import TaskRecord
 from protocol.tasks import TaskState
-from protocol.wire import TaskRecord
-from tests.peer.inprocess import start_peer
+from tests.peer.inprocess import in_process_peer
 
 KEY = bytes(range(64, 96))
 NODE_FIELDS = {"id", "role", "state", "peer", "agent", "usage", "duplicates", "children"}
@@ -49,33 +49,29 @@ class Env:
 
 @pytest_asyncio.fixture
 async def env(tmp_path: Any) -> AsyncIterator[Env]:
-    started: list[tuple[Driver, Transport, Executor]] = []
-    for index in (1, 2):
-        driver, transport = await start_peer(index, KEY, 1)
-        executor = Executor({**builtin_roles(), "writer": writer}, 4)
-        driver.attach(executor)
-        driver.serve(executor.roles, executor.max_running)
-        started.append((driver, transport, executor))
-    (a, ta, _), (b, tb, _) = started
-    assert await b.join([a.node.addr], timeout=5.0) is not None
-    deadline = asyncio.get_running_loop().time() + 10
-    while len(a.node.capable("echo")) < 2 or len(b.node.capable("echo")) < 2:
-        assert asyncio.get_running_loop().time() < deadline, "peer states did not spread"
-        await asyncio.sleep(0.05)
-    clients: list[TestClient[Any, Any]] = []
-    for index, (driver, transport) in enumerate(((a, ta), (b, tb))):
-        (tmp_path / str(index)).mkdir()
-        api = PeerApi(driver, transport, tmp_path / str(index), lambda: None, keepalive=0.2)
-        client: TestClient[Any, Any] = TestClient(TestServer(api.app))
-        await client.start_server()
-        clients.append(client)
-    yield Env([a, b], clients)
-    for client in clients:
-        await client.close()
-    for driver, transport, executor in started:
-        await executor.close()
-        driver.stop()
-        await transport.stop()
+    async with AsyncExitStack() as stack:
+        roles = {**builtin_roles(), "writer": writer}
+        started = [
+            await stack.enter_async_context(in_process_peer(index, KEY, roles=roles))
+            for index in (1, 2)
+        ]
+        a, b = (peer.driver for peer in started)
+        assert await b.join([a.node.addr], timeout=5.0) is not None
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(a.node.capable("echo")) < 2 or len(b.node.capable("echo")) < 2:
+            assert asyncio.get_running_loop().time() < deadline, "peer states did not spread"
+            await asyncio.sleep(0.05)
+        clients: list[TestClient[Any, Any]] = []
+        for index, peer in enumerate(started):
+            (tmp_path / str(index)).mkdir()
+            api = PeerApi(
+                peer.driver, peer.transport, tmp_path / str(index), lambda: None, keepalive=0.2
+            )
+            client: TestClient[Any, Any] = TestClient(TestServer(api.app))
+            await client.start_server()
+            stack.push_async_callback(client.close)
+            clients.append(client)
+        yield Env([a, b], clients)
 
 
 async def _settled(env: Env, task_id: str, at: int, check: Callable[[Any], bool]) -> Any:

@@ -18,24 +18,19 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from protocol.codec import decode_message, encode_message
 from protocol.config import NodeConfig, lan
-from protocol.effects import Effects, Note, Persist, Send
+from protocol.effects import Command, Effects, Note, Persist, Send
+from protocol.envelope import decode_envelope, encode_envelope
 from protocol.identity import DOMAIN_ALIVE, Signer, VerifiedCache
 from protocol.membership import Membership
 from protocol.node import Node
 from protocol.timers import Timer
-from protocol.wire import (
-    Alive,
-    Message,
-    alive_payload,
-    decode_envelope,
-    decode_message,
-    encode_envelope,
-    encode_message,
-)
+from protocol.wire import Alive, Message, alive_payload
 
 NETWORK = lan().network_id
 N = TypeVar("N")
+C = TypeVar("C", bound=Command)
 
 
 def signer(i: int, network_id: bytes = NETWORK) -> Signer:
@@ -150,8 +145,9 @@ class Link:
         self.now = now
         self.nodes: dict[str, Node] = {}
         self.notes: dict[str, list[Note]] = {}
+        self.commands: dict[str, list[Command]] = {}
         self.wake: dict[str, float | None] = {}
-        self.timeline: list[tuple[float, str, Note]] = []
+        self.timeline: list[tuple[float, str, Note | Command]] = []
         self.log: list[tuple[float, str, Send]] = []
         self.effects: list[tuple[str, Effects]] = []
         self.drop: Drop = lambda src, dst, data: False
@@ -167,6 +163,7 @@ class Link:
         )
         self.nodes[addr(i)] = node
         self.notes.setdefault(addr(i), [])
+        self.commands.setdefault(addr(i), [])
         self.run(i, node.tick(self.now))
         return node
 
@@ -213,8 +210,12 @@ class Link:
         """Peer `i`'s notifications of type `kind`."""
         return of_type(self.notes[addr(i)], kind)
 
-    def when(self, i: int, kind: type[Note]) -> list[float]:
-        """The times at which peer `i` produced a notification of type `kind`."""
+    def commands_of(self, i: int, kind: type[C]) -> list[C]:
+        """Peer `i`'s commands of type `kind`."""
+        return [c for c in self.commands[addr(i)] if isinstance(c, kind)]
+
+    def when(self, i: int, kind: type[Note | Command]) -> list[float]:
+        """The times at which peer `i` produced a notification or command of type `kind`."""
         return [t for t, a, note in self.timeline if a == addr(i) and isinstance(note, kind)]
 
     def sent(self, src: int, dst: int, kind: type[Message]) -> list[float]:
@@ -228,7 +229,9 @@ class Link:
     def _record(self, a: str, fx: Effects) -> None:
         self.effects.append((a, fx))
         self.notes[a].extend(fx.notes)
+        self.commands[a].extend(fx.commands)
         self.timeline.extend((self.now, a, note) for note in fx.notes)
+        self.timeline.extend((self.now, a, command) for command in fx.commands)
         self.wake[a] = fx.wake_at
         for send in fx.sends:
             self.log.append((self.now, a, send))

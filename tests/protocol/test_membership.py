@@ -15,17 +15,7 @@ from protocol.effects import (
 )
 from protocol.membership import RELAY_TIMEOUT_FRACTION, Membership
 from protocol.timers import ProbeDue, ProbeRoundEnd, ProbeTimeout, RelayTimeout, SuspicionDue
-from protocol.wire import (
-    Ack,
-    Alive,
-    Dead,
-    IndirectPing,
-    MemberEntry,
-    Nack,
-    Ping,
-    Status,
-    Suspect,
-)
+from protocol.wire import Ack, Alive, Dead, IndirectPing, MemberEntry, Nack, Ping, Status, Suspect
 from tests.protocol.fakes import RecordingPort, addr, alive, membership, node_id, of_type
 
 CFG = lan()

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protocol.codec import encode_message
 from protocol.config import GossipConfig, NodeConfig, SwimConfig, lan, suspicion_min_timeout
 from protocol.effects import (
     Dropped,
@@ -23,6 +24,7 @@ from protocol.effects import (
     Persist,
     StallDetected,
 )
+from protocol.envelope import decode_envelope, encode_envelope
 from protocol.errors import LocalProtocolError
 from protocol.membership import RELAY_TIMEOUT_FRACTION
 from protocol.node import Node
@@ -38,9 +40,6 @@ from protocol.wire import (
     Status,
     Suspect,
     UserEvent,
-    decode_envelope,
-    encode_envelope,
-    encode_message,
 )
 from tests.protocol.fakes import (
     Link,
@@ -297,9 +296,9 @@ def test_leave_is_done_at_once_with_nobody_to_tell() -> None:
 def test_leave_done_counts_transmissions_of_the_leave() -> None:
     link = mesh(5)
     fx = link.run(4, link.node(4).leave(link.now))
-    carrying = [s for s in fx.sends if link.node(4)._leave_msg in opened_raw(s.data)]
+    carrying = [s for s in fx.sends if link.node(4).dissemination.leave_msg in opened_raw(s.data)]
     assert len(carrying) == link.config.gossip.gossip_fanout
-    assert link.node(4).leave_transmits == 3 and link.node(4).leave_done()
+    assert link.node(4).dissemination.leave_transmits == 3 and link.node(4).leave_done()
 
 
 def opened_raw(data: bytes) -> list[bytes]:
@@ -470,7 +469,7 @@ def test_set_state_is_gossiped_and_stored_by_others() -> None:
     link = mesh(3)
     link.run(0, link.node(0).set_state(link.now, ("writer", "critic"), 2, 5, 0.25))
     link.advance(link.now + 2.0)
-    mine = link.node(0).states[node_id(0)]
+    mine = link.node(0).peer_states()[node_id(0)]
     assert (mine.roles, mine.free_slots, mine.queue_len, mine.load) == (
         ("writer", "critic"),
         2,
@@ -478,7 +477,7 @@ def test_set_state_is_gossiped_and_stored_by_others() -> None:
         0.25,
     )
     for i in (1, 2):
-        assert link.node(i).states[node_id(0)] == mine
+        assert link.node(i).peer_states()[node_id(0)] == mine
 
 
 def test_peer_state_keeps_the_greatest_version() -> None:
@@ -488,28 +487,28 @@ def test_peer_state_keeps_the_greatest_version() -> None:
     older = PeerState(node_id(1), 6, ("b",), 1, 0, 0.0)
     node.handle(0.1, addr(1), envelope(1, newer))
     node.handle(0.2, addr(1), envelope(1, older))
-    assert node.states[node_id(1)] == newer
+    assert node.peer_states()[node_id(1)] == newer
     newest = replace(newer, version=8, roles=("c",))
     node.handle(0.3, addr(1), envelope(1, newest))
-    assert node.states[node_id(1)] == newest
+    assert node.peer_states()[node_id(1)] == newest
 
 
 def test_peer_state_of_unknown_member_waits_until_the_member_is_known() -> None:
     node = lone()
     state = PeerState(node_id(1), 1, ("echo",), 2, 0, 0.0)
     node.handle(0.0, addr(1), envelope(1, state))
-    assert node_id(1) not in node.states
+    assert node_id(1) not in node.peer_states()
     node.handle(0.1, addr(2), envelope(2, state))  # a repeat is skipped as already seen
     node.handle(0.2, addr(2), envelope(2, alive(1)))
-    assert node.states[node_id(1)] == state
+    assert node.peer_states()[node_id(1)] == state
 
 
 def test_our_old_state_seen_again_is_superseded() -> None:
     node = lone()
     node.handle(0.0, addr(1), envelope(1, PeerState(node_id(0), 99, ("old",), 0, 0, 0.0)))
-    assert node_id(0) not in node.states
+    assert node_id(0) not in node.peer_states()
     node.set_state(0.1, ("new",), 1, 0, 0.0)
-    assert node.states[node_id(0)].version == 100
+    assert node.peer_states()[node_id(0)].version == 100
 
 
 def test_state_versions_of_a_new_incarnation_beat_the_old_life() -> None:
@@ -517,7 +516,7 @@ def test_state_versions_of_a_new_incarnation_beat_the_old_life() -> None:
     new = Node(lan(), signer(0), addr(0), random.Random(1), 0.0, incarnation=1)
     old.set_state(0.0, (), 0, 0, 0.0)
     new.set_state(0.0, (), 0, 0, 0.0)
-    assert new.states[node_id(0)].version > old.states[node_id(0)].version
+    assert new.peer_states()[node_id(0)].version > old.peer_states()[node_id(0)].version
 
 
 @pytest.mark.parametrize(
@@ -539,7 +538,7 @@ def test_set_state_rejects_bad_arguments(
     node = lone()
     with pytest.raises(LocalProtocolError):
         node.set_state(0.0, roles, free, queue, load)
-    assert node.states == {}
+    assert node.peer_states() == {}
 
 
 # Reconnect, reap.
@@ -572,7 +571,7 @@ def test_reap_forgets_dead_members_and_their_state() -> None:
     link = mesh(3, config)
     link.run(2, link.node(2).set_state(link.now, ("r",), 1, 0, 0.0))
     link.advance(link.now + 1.0)
-    assert node_id(2) in link.node(0).states
+    assert node_id(2) in link.node(0).peer_states()
     link.crash(2)
     while not link.notes_of(0, MemberDown):
         link.advance(link.now + 0.5)
@@ -581,7 +580,7 @@ def test_reap_forgets_dead_members_and_their_state() -> None:
     assert link.node(0).member(node_id(2)) is not None
     link.advance(down + 20.0 + 5.0)
     assert link.node(0).member(node_id(2)) is None
-    assert node_id(2) not in link.node(0).states
+    assert node_id(2) not in link.node(0).peer_states()
 
 
 # Determinism.
@@ -592,7 +591,7 @@ def _scenario(seed: int) -> list[object]:
     link.run(1, link.node(1).broadcast(link.now, "e", b"p"))
     link.crash(3)
     link.advance(link.now + 40.0)
-    return [(a, fx.sends, fx.persists, fx.notes, fx.wake_at) for a, fx in link.effects]
+    return [(a, fx.sends, fx.persists, fx.notes, fx.commands, fx.wake_at) for a, fx in link.effects]
 
 
 def test_same_seed_gives_byte_identical_effects() -> None:

@@ -1,4 +1,4 @@
-"""`protocol/` stays pure: no I/O, clocks, randomness sources or host packages (DESIGN.md §1).
+"""`protocol/` stays pure: no I/O, clocks, randomness sources or host packages (docs/design.md §1).
 
 The checker walks every module's imports with `ast`, so a forbidden import fails the suite even
 if it sits inside a function or under `if TYPE_CHECKING`.

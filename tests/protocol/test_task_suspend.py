@@ -23,7 +23,7 @@ from tests.protocol.test_tasks import (
 
 def free_slots(link: Link, seen_by: int, of: int) -> int:
     """The free slots peer `of` advertises, as peer `seen_by` knows them."""
-    return link.node(seen_by).states[node_id(of)].free_slots
+    return link.node(seen_by).peer_states()[node_id(of)].free_slots
 
 
 def one_slot_server() -> tuple[Link, Node, bytes]:
@@ -58,7 +58,7 @@ def test_passed_task_is_claimed_once_the_only_running_task_suspends() -> None:
     # advertised for a standby delay (the rule of test_full_owner_claims_when_a_slot_frees...).
     link.advance(link.now + DELAY + 0.01)
     assert starts(link, child) == [(1, 1)]
-    assert owner.tasks.running == {busy: 1, child: 1} and owner.tasks.slots_used() == 1
+    assert owner.tasks.running == {busy: 1, child: 1} and owner.tasks.slots.used() == 1
 
 
 def test_resume_takes_the_slot_back_at_once_even_beyond_max_running() -> None:
@@ -68,7 +68,7 @@ def test_resume_takes_the_slot_back_at_once_even_beyond_max_running() -> None:
     link.advance(link.now + 3 * DELAY)
     assert starts(link, child) == [(1, 1)]
     link.run(1, owner.resume(link.now, busy))
-    assert owner.tasks.slots_used() == 2 > owner.tasks.max_running
+    assert owner.tasks.slots.used() == 2 > owner.tasks.max_running
     assert free_slots(link, 1, 1) == 0
     late = submit(link, key="late")
     link.advance(link.now + 3 * DELAY)
@@ -99,11 +99,11 @@ def test_fencing_a_suspended_execution_cleans_up() -> None:
     link.run(owner, node.suspend(link.now, task_id))
     assert node.tasks.suspended == {task_id}
     deliver(link, owner, order[1], claim(order[1], task_id, 2))
-    assert link.notes_of(owner, CancelExecution) == [
+    assert link.commands_of(owner, CancelExecution) == [
         CancelExecution(task_id, 1, "superseded by a greater claim")
     ]
     assert not node.tasks.running and not node.tasks.suspended
-    assert node.tasks.slots_used() == 0
+    assert node.tasks.slots.used() == 0
 
 
 def test_cancel_of_a_suspended_execution_stops_it_and_is_noted_everywhere() -> None:
@@ -112,7 +112,7 @@ def test_cancel_of_a_suspended_execution_stops_it_and_is_noted_everywhere() -> N
     link.run(owner, node.suspend(link.now, task_id))
     link.run(0, link.node(0).cancel(link.now, task_id, "user asked"))
     link.advance(link.now + 2.0)
-    assert link.notes_of(owner, CancelExecution) == [CancelExecution(task_id, 1, "cancelled")]
+    assert link.commands_of(owner, CancelExecution) == [CancelExecution(task_id, 1, "cancelled")]
     assert not node.tasks.running and not node.tasks.suspended
     for i in range(4):
         assert link.notes_of(i, TaskCancelled) == [TaskCancelled(task_id, node_id(0), "user asked")]
@@ -120,7 +120,7 @@ def test_cancel_of_a_suspended_execution_stops_it_and_is_noted_everywhere() -> N
 
 def test_suspend_and_resume_of_what_is_not_running_here_are_no_ops() -> None:
     link, owner, busy = one_slot_server()
-    version = owner.states[owner.node_id].version
+    version = owner.peer_states()[owner.node_id].version
     for fx in (
         owner.suspend(link.now, b"\x07" * 32),
         owner.resume(link.now, b"\x07" * 32),
@@ -128,11 +128,11 @@ def test_suspend_and_resume_of_what_is_not_running_here_are_no_ops() -> None:
         link.node(0).suspend(link.now, busy),  # known there, running elsewhere
     ):
         assert not fx.sends and not fx.notes and not fx.persists
-    assert not owner.tasks.suspended and owner.states[owner.node_id].version == version
+    assert not owner.tasks.suspended and owner.peer_states()[owner.node_id].version == version
     link.run(1, owner.suspend(link.now, busy))
-    version = owner.states[owner.node_id].version
+    version = owner.peer_states()[owner.node_id].version
     again = owner.suspend(link.now, busy)
-    assert not again.notes and owner.states[owner.node_id].version == version
+    assert not again.notes and owner.peer_states()[owner.node_id].version == version
     assert not link.node(0).tasks.suspended
 
 
@@ -143,5 +143,5 @@ def test_suspended_execution_is_still_running_for_the_claim_rules() -> None:
     assert starts(link, busy) == [(1, 1)], "never started twice"
     st = owner.tasks.tasks[busy]
     assert st.state == "running" and st.claim is not None and st.claim.owner == node_id(1)
-    assert [s.task_id for s in link.notes_of(1, StartExecution)] == [busy]
+    assert [s.task_id for s in link.commands_of(1, StartExecution)] == [busy]
     assert ROLE in owner.tasks.roles

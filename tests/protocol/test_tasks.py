@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import pytest
 
+from protocol.codec import decode_message
 from protocol.config import GossipConfig, NodeConfig, TaskConfig, lan
 from protocol.effects import (
     CancelExecution,
@@ -24,6 +25,15 @@ from protocol.effects import (
 )
 from protocol.errors import LocalProtocolError
 from protocol.node import Node
+from protocol.task_messages import (
+    MAX_INLINE_PAYLOAD,
+    Claim,
+    Execution,
+    Result,
+    TaskAsk,
+    TaskRecord,
+    TaskWant,
+)
 from protocol.tasks import (
     DOMAIN_CLAIM,
     DOMAIN_RESULT,
@@ -33,17 +43,7 @@ from protocol.tasks import (
     hrw_score,
 )
 from protocol.timers import TaskStandby
-from protocol.wire import (
-    MAX_INLINE_PAYLOAD,
-    Claim,
-    Execution,
-    PeerState,
-    Result,
-    TaskAsk,
-    TaskRecord,
-    TaskWant,
-    decode_message,
-)
+from protocol.wire import PeerState
 from tests.protocol.fakes import Link, addr, envelope, mesh, node_id, of_type, opened, signer
 
 ROLE = "writer"
@@ -85,7 +85,7 @@ def starts(link: Link, task_id: bytes) -> list[tuple[int, int]]:
     return [
         (i, s.epoch)
         for i in range(len(link.notes))
-        for s in link.notes_of(i, StartExecution)
+        for s in link.commands_of(i, StartExecution)
         if s.task_id == task_id
     ]
 
@@ -405,7 +405,7 @@ def test_greater_claim_fences_the_running_owner() -> None:
     link, task_id, owner, order = running_task()
     other = order[1]
     deliver(link, owner, other, claim(other, task_id, 2))
-    assert link.notes_of(owner, CancelExecution) == [
+    assert link.commands_of(owner, CancelExecution) == [
         CancelExecution(task_id, 1, "superseded by a greater claim")
     ]
     assert not link.node(owner).tasks.running
@@ -417,7 +417,7 @@ def test_accepted_result_of_another_fences_the_running_owner() -> None:
     loser = order[-1]
     deliver(link, owner, loser, claim(loser, task_id, 1), result(loser, task_id, 1))
     assert link.node(owner).tasks.tasks[task_id].claim.owner == node_id(owner)  # type: ignore[union-attr]
-    assert link.notes_of(owner, CancelExecution) == [
+    assert link.commands_of(owner, CancelExecution) == [
         CancelExecution(task_id, 1, "a result was accepted")
     ]
     assert link.node(owner).tasks.complete(link.now, task_id, 1, "ok", b"late") is None
@@ -427,7 +427,7 @@ def test_cancel_stops_the_execution_everywhere() -> None:
     link, task_id, owner, _ = running_task()
     link.run(0, link.node(0).cancel(link.now, task_id, "user asked"))
     link.advance(link.now + 2.0)
-    assert link.notes_of(owner, CancelExecution) == [CancelExecution(task_id, 1, "cancelled")]
+    assert link.commands_of(owner, CancelExecution) == [CancelExecution(task_id, 1, "cancelled")]
     assert {n.tasks.tasks[task_id].state for n in link.nodes.values()} == {"cancelled"}
     assert not any(task_id in n.tasks.open for n in link.nodes.values())
     assert not link.node(0).tasks.cancel(link.now, task_id, "twice")
@@ -437,7 +437,7 @@ def test_isolated_owner_fences_itself_and_claims_nothing_meanwhile() -> None:
     link, task_id, owner, _ = running_task(5)
     link.drop = lambda src, dst, data: owner in (int(src[1]), int(dst[1]))
     link.advance(link.now + 10.0)
-    [cancel] = link.notes_of(owner, CancelExecution)
+    [cancel] = link.commands_of(owner, CancelExecution)
     assert cancel == CancelExecution(task_id, 1, "isolated")
     node = link.node(owner)
     assert node.tasks.quiet_until > link.now
@@ -466,7 +466,7 @@ def test_claim_bearing_our_own_key_is_verified_too() -> None:
     link, task_id, _, order = running_task()
     victim = order[1]
     deliver(link, victim, order[2], claim(victim, task_id, 2, key_of=order[2]))
-    assert not link.notes_of(victim, StartExecution)
+    assert not link.commands_of(victim, StartExecution)
     assert link.node(victim).tasks.counters["bad signature: claim"] == 1
 
 
@@ -481,7 +481,7 @@ def test_claim_skipping_an_epoch_is_dropped_and_its_chain_asked_for() -> None:
     assert link.node(target).tasks.counters["claim skips an epoch"] == 1
     [send] = fx.sends
     assert send.addr == addr(order[2]) and opened(send.data) == [TaskWant((task_id,))]
-    assert not link.notes_of(owner, CancelExecution)
+    assert not link.commands_of(owner, CancelExecution)
 
 
 def test_replayed_old_claim_changes_nothing() -> None:
@@ -617,7 +617,7 @@ def test_restart_resumes_own_claim_under_the_same_epoch() -> None:
     link.join(owner)
     joined_at = link.now
     link.advance(joined_at + DELAY + 0.5)
-    resumed = link.notes_of(owner, StartExecution)[-1]
+    resumed = link.commands_of(owner, StartExecution)[-1]
     assert resumed.epoch == 1 and node.tasks.running == {task_id: 1}
     assert link.when(owner, StartExecution)[-1] == pytest.approx(joined_at + DELAY)
     assert starts(link, task_id) == [(owner, 1), (owner, 1)]  # no one else ran it
@@ -737,7 +737,8 @@ def test_a_standby_keeps_one_wake_up_per_task_however_often_it_looks() -> None:
     task_id = submit(link, key="wake")
     for _ in range(50):
         node.tasks.reevaluate(link.now)
-    wakes = [t for _, _, t in node._timers if isinstance(t, TaskStandby) and t.task_id == task_id]
+    timers = [t for _, _, t in node.port.timers]
+    wakes = [t for t in timers if isinstance(t, TaskStandby) and t.task_id == task_id]
     assert len(wakes) == 1
 
 

@@ -18,8 +18,29 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from protocol.codec import decode_message, encode_message
+from protocol.envelope import (
+    PROTOCOL_VERSION,
+    Envelope,
+    decode_envelope,
+    encode_envelope,
+    merge_envelopes,
+)
 from protocol.errors import RemoteProtocolError
 from protocol.identity import DOMAIN_ALIVE, Signer, node_id_of
+from protocol.task_messages import (
+    Cancel,
+    Claim,
+    Execution,
+    Result,
+    TaskAsk,
+    TaskDigests,
+    TaskGrant,
+    TaskHeld,
+    TaskRecord,
+    TaskWant,
+    task_id_of,
+)
 from protocol.wire import (
     MAX_ADDR_CHARS,
     MAX_ENVELOPE_BYTES,
@@ -27,14 +48,9 @@ from protocol.wire import (
     MAX_MESSAGE_BYTES,
     MAX_NAME_CHARS,
     MAX_UINT,
-    PROTOCOL_VERSION,
     Ack,
     Alive,
-    Cancel,
-    Claim,
     Dead,
-    Envelope,
-    Execution,
     IndirectPing,
     Kind,
     MemberEntry,
@@ -43,23 +59,10 @@ from protocol.wire import (
     PeerState,
     Ping,
     PushPull,
-    Result,
     Status,
     Suspect,
-    TaskAsk,
-    TaskDigests,
-    TaskGrant,
-    TaskHeld,
-    TaskRecord,
-    TaskWant,
     UserEvent,
     alive_payload,
-    decode_envelope,
-    decode_message,
-    encode_envelope,
-    encode_message,
-    merge_envelopes,
-    task_id_of,
 )
 
 NET = b"grapevine-test"

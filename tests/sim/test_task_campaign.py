@@ -1,6 +1,6 @@
 """The task campaign: seeded runs of the real protocol through loss, duplication, reordering,
 pauses, crashes with restarts and partitions; every invariant of protocol/sim/task_checker.py
-must hold in every run (DESIGN.md section 5's honest guarantee).
+must hold in every run (docs/design.md section 5's honest guarantee).
 
 200 seeds run in CI, in chunks so a failure names its seeds; `scripts/bench_claims.py` runs
 thousands.

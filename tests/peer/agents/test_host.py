@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,11 @@ from peer.agents.ports import AgentInput, AgentOutput
 from peer.agents.runtime import SPAWN_ROLE
 from peer.agents.spec import AgentSpec, PoolSettings, TreeLimits
 from peer.runtime.driver import Driver
-from peer.runtime.executor import Executor, Work, builtin_roles
+from peer.runtime.executor import Executor, Work
 from peer.runtime.transport import Transport
 from protocol.effects import EventReceived
-from protocol.wire import Result
-from tests.peer.inprocess import start_peer
+from protocol.task_messages import Result
+from tests.peer.inprocess import in_process_peer
 
 pytestmark = pytest.mark.asyncio
 
@@ -52,12 +53,6 @@ class Peer:
         self.executor = executor
         self.host = host
 
-    async def close(self) -> None:
-        await self.host.close()
-        await self.executor.close()
-        self.driver.stop()
-        await self.transport.stop()
-
 
 Factory = Callable[..., Any]
 
@@ -65,6 +60,7 @@ Factory = Callable[..., Any]
 @pytest_asyncio.fixture
 async def peers(tmp_path: Path) -> AsyncIterator[Factory]:
     started: list[Peer] = []
+    stack = AsyncExitStack()
 
     async def make(
         specs: tuple[AgentSpec, ...],
@@ -73,9 +69,9 @@ async def peers(tmp_path: Path) -> AsyncIterator[Factory]:
         network_rpm: float = 0.0,
     ) -> Peer:
         index = len(started) + 1
-        driver, transport = await start_peer(index, KEY, 1)
-        executor = Executor(builtin_roles(), 4)
-        driver.attach(executor)
+        # Seed-only: the roles are the agent host's to declare (`AgentHost.start`).
+        built = await stack.enter_async_context(in_process_peer(index, KEY, seed_only=True))
+        driver = built.driver
         client = ModelClient(OFFLINE, clock=asyncio.get_running_loop().time)
         host = AgentHost(
             driver,
@@ -88,8 +84,9 @@ async def peers(tmp_path: Path) -> AsyncIterator[Factory]:
             network_rpm=network_rpm,
             clock=clock,
         )
+        stack.push_async_callback(host.close)  # before the executor closes
         host.start()
-        peer = Peer(driver, transport, executor, host)
+        peer = Peer(driver, built.transport, built.executor, host)
         started.append(peer)
         if index == 1:
             driver.join_now([driver.node.addr])
@@ -97,11 +94,8 @@ async def peers(tmp_path: Path) -> AsyncIterator[Factory]:
             assert await driver.join([started[0].driver.node.addr], 5.0) is not None
         return peer
 
-    try:
+    async with stack:
         yield make
-    finally:
-        for peer in started:
-            await peer.close()
 
 
 async def _until(check: Callable[[], object], limit: float = 10.0) -> None:
@@ -156,7 +150,7 @@ async def test_boss_delegates_to_worker_on_another_peer(peers: Factory) -> None:
 
 async def test_a_role_with_no_agents_is_not_advertised(peers: Factory) -> None:
     peer = await peers((BOSS,), PoolSettings(max_spawned=0))
-    state = peer.driver.node.states[peer.driver.node.node_id]
+    state = peer.driver.node.peer_states()[peer.driver.node.node_id]
     assert state.roles == ("boss", "echo", "sleep")
     assert not peer.driver.node.capable("worker")
     assert not peer.driver.node.capable(SPAWN_ROLE)
@@ -216,7 +210,7 @@ async def test_spawned_agents_fill_the_pool_then_spawn_is_withdrawn(peers: Facto
     first = await _result(peer.driver, peer.driver.submit(SPAWN_ROLE, data, nonce=b"1" * 16))
     assert first.outcome == "ok"
     assert SPAWN_ROLE not in peer.host.roles
-    assert SPAWN_ROLE not in peer.driver.node.states[peer.driver.node.node_id].roles
+    assert SPAWN_ROLE not in peer.driver.node.peer_states()[peer.driver.node.node_id].roles
     # A spawn task started anyway (claimed before the withdrawal) fails saying why.
     with pytest.raises(RuntimeError, match="no room"):
         await peer.executor.handlers[SPAWN_ROLE](Work(b"s" * 32, 1, SPAWN_ROLE, data))
@@ -228,13 +222,13 @@ async def test_idle_spawned_agent_retires_and_its_role_is_withdrawn(peers: Facto
     peer = await peers((WORKER,), PoolSettings(idle_retire=60.0), clock=lambda: now[0])
     spec = AgentSpec("helper-spawned-1", ("helper",))
     peer.host.add(spec, spawned=True)
-    assert "helper" in peer.driver.node.states[peer.driver.node.node_id].roles
+    assert "helper" in peer.driver.node.peer_states()[peer.driver.node.node_id].roles
     now[0] += 59.0
     assert peer.host.check_pool().retire == ()
     now[0] += 1.0
     assert peer.host.check_pool().retire == ("helper-spawned-1",)
     assert "helper" not in peer.host.roles and "helper" not in peer.executor.handlers
-    assert "helper" not in peer.driver.node.states[peer.driver.node.node_id].roles
+    assert "helper" not in peer.driver.node.peer_states()[peer.driver.node.node_id].roles
     assert [a["name"] for a in peer.host.status()["agents"]] == ["worker"]
 
 
@@ -243,7 +237,7 @@ async def test_pool_grows_a_spawned_role_whose_tasks_wait(peers: Factory) -> Non
     peer.host.add(AgentSpec("slow-spawned-1", ("slow",)), spawned=True)
     # Hold the only "slow" agent's slot, as a long execution would.
     agent = peer.host._agents["slow-spawned-1"]
-    agent.tasks.add(b"busy" * 8)
+    agent.slots.start(b"busy" * 8, None)
     waiting = peer.driver.submit("slow", b"Write about moss", idempotency_key="moss")
     await asyncio.sleep(0.4)
     plan = peer.host.check_pool()
@@ -253,7 +247,7 @@ async def test_pool_grows_a_spawned_role_whose_tasks_wait(peers: Factory) -> Non
     result = await _result(peer.driver, waiting)
     output = AgentOutput.decode(result.output)
     assert output is not None and output.agent == "slow-spawned-2"
-    agent.tasks.clear()
+    agent.slots.clear()
 
 
 async def test_llm_demand_is_gossiped_and_shares_the_network_limit(peers: Factory) -> None:

@@ -10,12 +10,11 @@ import pytest
 import pytest_asyncio
 
 from peer.agents.peer_port import DriverTaskPort, child_key
-from peer.runtime.blobs import BlobService, BlobStore
 from peer.runtime.driver import Driver
 from peer.runtime.executor import Executor, Work, builtin_roles
 from peer.runtime.transport import Transport
 from protocol.blobs import parse_blob_ref
-from tests.peer.inprocess import start_peer
+from tests.peer.inprocess import in_process_peer
 
 pytestmark = pytest.mark.asyncio
 
@@ -23,34 +22,27 @@ KEY = bytes(range(32))
 
 
 class Env:
-    def __init__(self, driver: Driver, transport: Transport, executor: Executor) -> None:
+    def __init__(
+        self, driver: Driver, transport: Transport, executor: Executor, release: asyncio.Event
+    ) -> None:
         self.driver = driver
         self.transport = transport
         self.executor = executor
         self.port = DriverTaskPort(driver)
-        self.release = asyncio.Event()
+        self.release = release
 
 
 @pytest_asyncio.fixture
 async def env() -> AsyncIterator[Env]:
-    driver, transport = await start_peer(1, KEY, 1)
-    executor = Executor(builtin_roles(), 4)
-    driver.attach(executor)
-    env = Env(driver, transport, executor)
+    release = asyncio.Event()
 
     async def hold(work: Work) -> bytes:
-        await env.release.wait()
+        await release.wait()
         return b"released"
 
-    executor.handlers["hold"] = hold
-    driver.serve(executor.roles, executor.max_running)
-    driver.join_now([driver.node.addr])  # a network of one
-    try:
-        yield env
-    finally:
-        await executor.close()
-        driver.stop()
-        await transport.stop()
+    async with in_process_peer(1, KEY, roles={**builtin_roles(), "hold": hold}) as peer:
+        peer.driver.join_now([peer.driver.node.addr])  # a network of one
+        yield Env(peer.driver, peer.transport, peer.executor, release)
 
 
 async def test_the_same_child_call_names_the_same_task(env: Env) -> None:
@@ -105,27 +97,18 @@ async def test_role_available_reads_the_advertised_roles(env: Env) -> None:
 async def test_a_child_output_over_the_inline_limit_comes_back_as_its_bytes(
     tmp_path: Path,
 ) -> None:
-    driver, transport = await start_peer(1, KEY, 1)
-    blobs = BlobService(BlobStore(tmp_path / "blobs"), transport, driver)
-    transport.blob_store = blobs.store
-    executor = Executor(builtin_roles(), 4, blobs=blobs)
-    driver.attach(executor)
     big = bytes(range(256)) * 400  # 100 KiB: above the 64 KiB inline limit
 
     async def produce(work: Work) -> bytes:
         return big
 
-    executor.handlers["produce"] = produce
-    driver.serve(executor.roles, executor.max_running)
-    driver.join_now([driver.node.addr])
-    try:
-        port = DriverTaskPort(driver, blobs)
+    roles = {**builtin_roles(), "produce": produce}
+    async with in_process_peer(1, KEY, roles=roles, data_dir=tmp_path) as peer:
+        driver = peer.driver
+        driver.join_now([driver.node.addr])
+        port = DriverTaskPort(driver, peer.blobs)
         root = driver.submit("echo", b"root", idempotency_key="root")
         child = port.submit_child(root, "produce", b"go", 0)
         result = await asyncio.wait_for(port.wait_result(child), 20)
         assert parse_blob_ref(driver.node.tasks.tasks[child].accepted.output) is not None  # type: ignore[union-attr]
         assert result.outcome == "ok" and result.output == big
-    finally:
-        await executor.close()
-        driver.stop()
-        await transport.stop()

@@ -1,0 +1,159 @@
+"""What every `grapevine` command group shares: the parser, exit codes, messages, the API client.
+
+Invariants:
+- A user mistake (bad flag, unreachable peer, refused request, bad settings) is reported as one
+  line on stderr, "grapevine <command>: <what went wrong>", never as a traceback: `fail`,
+  `usage` and `warn` are the only writers of such lines, and `Parser.error` writes the same shape.
+- Exit codes: 0 success, 1 the operation failed (peer unreachable, API problem, unhealthy peer),
+  2 the command line or the settings are wrong, 130 interrupted by Ctrl-C.
+- Every command that prints a table takes `--json` (`json_option`), which prints the API's own
+  objects with the field names of docs/http-api.md, so scripts do not depend on the human layout.
+- Client commands find the peer through `--api` (`api_option`), else `$GRAPEVINE_API`, else
+  127.0.0.1:8946, and run through `client_command`, which turns a refused connection or an API
+  problem into exit 1 and a bad address into exit 2.
+- Every subcommand's namespace carries `prog` ("grapevine members") and `parser`, set by
+  `add_command`, so messages name the command the user ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import textwrap
+from collections.abc import Awaitable, Callable, Sequence
+from typing import NoReturn, TypeAlias
+
+from peer.client import DEFAULT_API, ApiError, ClientError, GrapevineClient
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+ClientCommand = Callable[[GrapevineClient, argparse.Namespace], Awaitable[int]]
+"""A command that talks to the local peer: given an open client and the parsed arguments, it
+prints its answer and returns the exit code."""
+
+
+class ParagraphFormatter(argparse.HelpFormatter):
+    """Wraps prose paragraphs to the terminal; keeps indented lines (examples) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(
+            line
+            if not line or line.startswith(" ")
+            else textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+            for line in text.splitlines()
+        )
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line with a pointer to --help, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+Subcommands: TypeAlias = "argparse._SubParsersAction[Parser]"
+"""Where a command group adds its subcommands (`Parser.add_subparsers`)."""
+
+
+def add_command(
+    commands: Subcommands,
+    name: str,
+    summary: str,
+    description: str,
+    examples: str = "",
+    parents: Sequence[Parser] = (),
+) -> Parser:
+    """Add the subcommand `name` and return its parser.
+
+    Args:
+        commands: the group of subcommands to add it to.
+        name: the word the user types.
+        summary: one line for the list of commands.
+        description: the paragraph of its `--help`.
+        examples: indented command lines shown under "examples:" in its `--help`.
+        parents: option parsers it shares with other commands (`api_option`, `json_option`).
+
+    Returns:
+        The subcommand's parser; its namespace carries `prog` and `parser`.
+    """
+    parser = commands.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=f"examples:\n{examples}" if examples else None,
+        formatter_class=ParagraphFormatter,
+        parents=list(parents),
+    )
+    parser.set_defaults(prog=parser.prog, parser=parser)
+    return parser
+
+
+def api_option() -> Parser:
+    """A parent parser holding `--api HOST:PORT`, for every command that talks to a peer."""
+    parser = Parser(add_help=False)
+    parser.add_argument(
+        "--api",
+        metavar="HOST:PORT",
+        default=None,
+        help=f"the peer's API address (default: $GRAPEVINE_API, else {DEFAULT_API})",
+    )
+    return parser
+
+
+def json_option() -> Parser:
+    """A parent parser holding `--json`, for every command that prints an API object."""
+    parser = Parser(add_help=False)
+    parser.add_argument("--json", action="store_true", help="print JSON with the API's field names")
+    return parser
+
+
+def client_command(parser: argparse.ArgumentParser, command: ClientCommand) -> None:
+    """Make `command` the handler of `parser`, run with a client of the peer `--api` names."""
+    parser.set_defaults(handler=lambda args: _run_client(args, command))
+
+
+def _run_client(args: argparse.Namespace, command: ClientCommand) -> int:
+    """Run `command` with a client of the peer API `args.api` names; return its exit code.
+
+    A bad address exits 2; an unreachable peer or a problem the API answered exits 1, each as
+    one line on stderr.
+    """
+    api = args.api or os.environ.get("GRAPEVINE_API") or DEFAULT_API
+    try:
+        client = GrapevineClient(api)
+    except ValueError as exc:
+        return fail(args, str(exc), EXIT_USAGE)
+
+    async def run() -> int:
+        async with client:
+            return await command(client, args)
+
+    try:
+        return asyncio.run(run())
+    except ClientError as exc:
+        return fail(
+            args, f"{exc}; is `grapevine agent` running? (set --api or GRAPEVINE_API)", EXIT_FAILED
+        )
+    except ApiError as exc:
+        return fail(args, f"{exc.title}: {exc.detail}" if exc.detail else exc.title, EXIT_FAILED)
+
+
+def warn(args: argparse.Namespace, message: str) -> None:
+    """Print "<prog>: warning: <message>" on stderr."""
+    print(f"{args.prog}: warning: {message}", file=sys.stderr)
+
+
+def fail(args: argparse.Namespace, message: str, code: int) -> int:
+    """Print "<prog>: <message>" on stderr and return `code`, the exit code to end with."""
+    print(f"{args.prog}: {message}", file=sys.stderr)
+    return code
+
+
+def usage(args: argparse.Namespace, message: str) -> int:
+    """Report a wrong command line the way `Parser.error` does; return `EXIT_USAGE`."""
+    return fail(args, f"{message} (see `{args.prog} --help`)", EXIT_USAGE)

@@ -1,0 +1,128 @@
+"""The peer and its membership: /v1/self, /v1/health, /v1/members, /v1/leave, /v1/metrics.
+
+Invariants:
+- Everything here is read from the node's public view (`members()`, `peer_states()`, the
+  signature counters) and the transport's counters; nothing here changes them.
+- A member this peer has no signed state for yet shows no roles and no free slots.
+- `POST /v1/leave` calls `on_leave` once, on the next loop turn, however often it is asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from aiohttp import web
+
+from peer.http.common import Json, node_id_text, version
+from peer.runtime.driver import Driver
+from peer.runtime.transport import Transport
+from protocol.membership import Member
+from protocol.wire import Status
+
+
+class MemberApi:
+    """The endpoints about this peer and the members it knows.
+
+    Args:
+        driver: the peer's driver.
+        transport: the peer's transport (its counters).
+        address: the "host:port" the API listens on, once started ("" before).
+        on_leave: called once when a client asks the peer to leave.
+    """
+
+    def __init__(
+        self,
+        driver: Driver,
+        transport: Transport,
+        address: Callable[[], str],
+        on_leave: Callable[[], None],
+    ) -> None:
+        self.driver = driver
+        self.transport = transport
+        self._address = address
+        self._on_leave = on_leave
+        self._loop = asyncio.get_running_loop()
+        self._started = self._loop.time()
+
+    def routes(self) -> list[web.RouteDef]:
+        """The routes of this resource."""
+        return [
+            web.get("/v1/self", self._self),
+            web.get("/v1/health", self._health),
+            web.get("/v1/members", self._members),
+            web.post("/v1/leave", self._leave),
+            web.get("/v1/metrics", self._metrics),
+        ]
+
+    def _uptime(self) -> float:
+        return round(self._loop.time() - self._started, 3)
+
+    async def _self(self, request: web.Request) -> web.Response:
+        node = self.driver.node
+        return web.json_response(
+            {
+                "id": node_id_text(node.node_id),
+                "short_id": node_id_text(node.node_id)[:10],
+                "address": node.addr,
+                "api": self._address(),
+                "incarnation": node.incarnation,
+                "network_id": node.config.network_id.hex(),
+                "version": version(),
+                "uptime": self._uptime(),
+            }
+        )
+
+    async def _health(self, request: web.Request) -> web.Response:
+        alive = sum(1 for m in self.driver.node.members() if m.status == Status.ALIVE)
+        return web.json_response(
+            {
+                "status": "leaving" if self.driver.leaving else "ok",
+                "members_alive": alive,
+                "uptime": self._uptime(),
+            }
+        )
+
+    async def _members(self, request: web.Request) -> web.Response:
+        members = sorted(self.driver.node.members(), key=lambda m: m.node_id)
+        return web.json_response({"members": [self._member(m) for m in members]})
+
+    def _member(self, m: Member) -> Json:
+        node = self.driver.node
+        state = node.peer_states().get(m.node_id)
+        text = node_id_text(m.node_id)
+        return {
+            "id": text,
+            "short_id": text[:10],
+            "address": m.addr,
+            "status": Status(m.status).name.lower(),
+            "incarnation": m.incarnation,
+            "self": m.node_id == node.node_id,
+            "roles": list(state.roles) if state is not None else [],
+            "free_slots": state.free_slots if state is not None else 0,
+            "queue_len": state.queue_len if state is not None else 0,
+            "load": state.load if state is not None else 0.0,
+        }
+
+    async def _leave(self, request: web.Request) -> web.Response:
+        if not self.driver.leaving:
+            self.driver.leaving = True
+            self._loop.call_soon(self._on_leave)
+        return web.json_response({"status": "leaving"}, status=202)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        t, node = self.transport, self.driver.node
+        return web.json_response(
+            {
+                "rejected": dict(sorted(t.rejected.items())),
+                "dropped": node.dropped,
+                "messages_in": t.messages_in,
+                "messages_out": t.messages_out,
+                "bytes_in": t.bytes_in,
+                "bytes_out": t.bytes_out,
+                "send_failures": t.send_failures,
+                "sends_dropped": t.sends_dropped,
+                "signatures_verified": node.signatures_verified(),
+                "signature_cache_hits": node.signature_cache_hits(),
+            }
+        )

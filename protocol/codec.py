@@ -1,0 +1,359 @@
+"""Message codec: one wire message to and from its msgpack bytes.
+
+Invariants:
+- A message is the msgpack array ``[kind, field, ...]``; its shape is fixed by its `Kind`
+  (see `ARITY`), and the kind numbers are append-only (see `protocol.wire`).
+- Decoding is strict: every field is checked by `protocol.fields`, derived fields (node ids,
+  task ids) are computed here and never trusted from the sender, and any violation raises
+  `RemoteProtocolError`; nothing else escapes `decode_message`.
+- Signatures are not checked here (that needs the network id and the cache); see `node.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, assert_never
+
+import msgpack
+
+from protocol import fields
+from protocol.errors import RemoteProtocolError
+from protocol.identity import NODE_ID_BYTES, PUBLIC_KEY_BYTES, SIGNATURE_BYTES
+from protocol.task_messages import (
+    MAX_NONCE,
+    Cancel,
+    Claim,
+    Execution,
+    Result,
+    TaskAsk,
+    TaskDigests,
+    TaskGrant,
+    TaskHeld,
+    TaskRecord,
+    TaskWant,
+    task_id_of,
+)
+from protocol.wire import (
+    MAX_MESSAGE_BYTES,
+    MAX_NAME_CHARS,
+    MAX_ROLES,
+    Ack,
+    Alive,
+    Dead,
+    IndirectPing,
+    Kind,
+    MemberEntry,
+    Message,
+    Nack,
+    PeerState,
+    Ping,
+    PushPull,
+    Status,
+    Suspect,
+    UserEvent,
+)
+
+
+def encode_message(msg: Message) -> bytes:
+    """Encode one message to its wire bytes."""
+    return bytes(msgpack.packb(_to_fields(msg)))
+
+
+def _alive_fields(a: Alive) -> list[Any]:
+    return [a.public_key, a.addr, a.incarnation, a.sig]
+
+
+def _state_fields(s: PeerState) -> list[Any]:
+    return [s.node_id, s.version, list(s.roles), s.free_slots, s.queue_len, float(s.load)]
+
+
+def _task_fields(t: TaskRecord) -> list[Any]:
+    return [
+        Kind.TASK,
+        t.origin_key,
+        float(t.created),
+        t.role,
+        t.input,
+        t.priority,
+        t.parent,
+        t.idempotency_key,
+        t.nonce,
+        float(t.timeout),
+        t.sig,
+    ]
+
+
+def _to_fields(msg: Message) -> list[Any]:
+    match msg:
+        case Ping(seq, target, seen):
+            return [Kind.PING, seq, target, seen]
+        case IndirectPing(seq, target, target_addr, seen):
+            return [Kind.INDIRECT_PING, seq, target, target_addr, seen]
+        case Ack(seq):
+            return [Kind.ACK, seq]
+        case Nack(seq):
+            return [Kind.NACK, seq]
+        case Alive():
+            return [Kind.ALIVE, *_alive_fields(msg)]
+        case Suspect(node_id, incarnation, accuser):
+            return [Kind.SUSPECT, node_id, incarnation, accuser]
+        case Dead(node_id, incarnation, accuser):
+            return [Kind.DEAD, node_id, incarnation, accuser]
+        case PushPull(join, reply, members, states):
+            rows = [[*_alive_fields(m.alive), int(m.status), m.incarnation] for m in members]
+            return [Kind.PUSH_PULL, join, reply, rows, [_state_fields(s) for s in states]]
+        case UserEvent(origin, ltime, name, payload):
+            return [Kind.USER_EVENT, origin, ltime, name, payload]
+        case PeerState():
+            return [Kind.PEER_STATE, *_state_fields(msg)]
+        case TaskRecord():
+            return _task_fields(msg)
+        case Claim(task_id, owner_key, incarnation, epoch, sig):
+            return [Kind.CLAIM, task_id, owner_key, incarnation, epoch, sig]
+        case Result(task_id, epoch, owner_key, outcome, output, usage, sig):
+            return [Kind.RESULT, task_id, epoch, owner_key, outcome, output, list(usage), sig]
+        case Cancel(task_id, by_key, reason, sig):
+            return [Kind.CANCEL, task_id, by_key, reason, sig]
+        case Execution(task_id, epoch, owner_key, phase, outcome, sig):
+            return [Kind.EXECUTION, task_id, epoch, owner_key, phase, outcome, sig]
+        case TaskHeld(task_id):
+            return [Kind.TASK_HELD, task_id]
+        case TaskDigests(entries):
+            return [Kind.TASK_DIGESTS, [list(e) for e in entries]]
+        case TaskWant(ids):
+            return [Kind.TASK_WANT, list(ids)]
+        case TaskAsk(task_id, epoch):
+            return [Kind.TASK_ASK, task_id, epoch]
+        case TaskGrant(task_id, epoch, grantee):
+            return [Kind.TASK_GRANT, task_id, epoch, grantee]
+        case _:
+            assert_never(msg)
+
+
+def decode_message(data: bytes) -> Message:
+    """Decode one message.
+
+    Raises:
+        RemoteProtocolError: malformed, unknown kind or wrong shape.
+    """
+    row = fields.unpack_strict(data, MAX_MESSAGE_BYTES)
+    if not isinstance(row, list) or not row or type(row[0]) is not int:
+        raise RemoteProtocolError("message is not an array starting with its kind")
+    try:
+        kind = Kind(row[0])
+    except ValueError:
+        raise RemoteProtocolError(f"unknown message kind {row[0]}") from None
+    shape = ARITY[kind]
+    if len(row) != shape:
+        raise RemoteProtocolError(f"{kind.name} has {len(row)} fields, expected {shape}")
+    f = row
+    match kind:
+        case Kind.PING:
+            return Ping(fields.uint(f[1]), fields.node_id(f[2]), fields.uint(f[3]))
+        case Kind.INDIRECT_PING:
+            return IndirectPing(
+                fields.uint(f[1]), fields.node_id(f[2]), fields.addr(f[3]), fields.uint(f[4])
+            )
+        case Kind.ACK:
+            return Ack(fields.uint(f[1]))
+        case Kind.NACK:
+            return Nack(fields.uint(f[1]))
+        case Kind.ALIVE:
+            return _alive(f[1:])
+        case Kind.SUSPECT:
+            return Suspect(fields.node_id(f[1]), fields.uint(f[2]), fields.node_id(f[3]))
+        case Kind.DEAD:
+            return Dead(fields.node_id(f[1]), fields.uint(f[2]), fields.node_id(f[3]))
+        case Kind.PUSH_PULL:
+            return _push_pull(f)
+        case Kind.USER_EVENT:
+            return UserEvent(
+                fields.node_id(f[1]),
+                fields.uint(f[2]),
+                fields.name(f[3]),
+                fields.event_payload(f[4]),
+            )
+        case Kind.PEER_STATE:
+            return _peer_state(f[1:])
+        case Kind.TASK:
+            return _task(f)
+        case Kind.CLAIM:
+            key = fields.public_key(f[2])
+            return Claim(
+                fields.node_id(f[1]),
+                key,
+                fields.uint(f[3]),
+                fields.uint(f[4]),
+                fields.signature(f[5]),
+                fields.key_hash(key),
+            )
+        case Kind.RESULT:
+            key = fields.public_key(f[3])
+            usage = f[6]
+            if not isinstance(usage, list) or len(usage) != 3:
+                raise RemoteProtocolError("result usage must be 3 unsigned integers")
+            return Result(
+                fields.node_id(f[1]),
+                fields.uint(f[2]),
+                key,
+                fields.name(f[4]),
+                fields.inline_payload(f[5]),
+                (fields.uint(usage[0]), fields.uint(usage[1]), fields.uint(usage[2])),
+                fields.signature(f[7]),
+                fields.key_hash(key),
+            )
+        case Kind.CANCEL:
+            key = fields.public_key(f[2])
+            return Cancel(
+                fields.node_id(f[1]),
+                key,
+                fields.reason(f[3]),
+                fields.signature(f[4]),
+                fields.key_hash(key),
+            )
+        case Kind.EXECUTION:
+            key = fields.public_key(f[3])
+            phase = fields.uint(f[4])
+            if phase > 1:
+                raise RemoteProtocolError("execution phase must be 0 (start) or 1 (end)")
+            return Execution(
+                fields.node_id(f[1]),
+                fields.uint(f[2]),
+                key,
+                phase,
+                fields.name(f[5]),
+                fields.signature(f[6]),
+                fields.key_hash(key),
+            )
+        case Kind.TASK_HELD:
+            return TaskHeld(fields.node_id(f[1]))
+        case Kind.TASK_DIGESTS:
+            return TaskDigests(tuple(_digest_entry(e) for e in fields.array(f[1])))
+        case Kind.TASK_WANT:
+            return TaskWant(tuple(fields.node_id(t) for t in fields.array(f[1])))
+        case Kind.TASK_ASK:
+            return TaskAsk(fields.node_id(f[1]), fields.uint(f[2]))
+        case Kind.TASK_GRANT:
+            return TaskGrant(fields.node_id(f[1]), fields.uint(f[2]), fields.node_id(f[3]))
+        case _:
+            assert_never(kind)
+
+
+ARITY: dict[Kind, int] = {
+    Kind.PING: 4,
+    Kind.INDIRECT_PING: 5,
+    Kind.ACK: 2,
+    Kind.NACK: 2,
+    Kind.ALIVE: 5,
+    Kind.SUSPECT: 4,
+    Kind.DEAD: 4,
+    Kind.PUSH_PULL: 5,
+    Kind.USER_EVENT: 5,
+    Kind.PEER_STATE: 7,
+    Kind.TASK: 11,
+    Kind.CLAIM: 6,
+    Kind.RESULT: 8,
+    Kind.CANCEL: 5,
+    Kind.EXECUTION: 7,
+    Kind.TASK_HELD: 2,
+    Kind.TASK_DIGESTS: 2,
+    Kind.TASK_WANT: 2,
+    Kind.TASK_ASK: 3,
+    Kind.TASK_GRANT: 4,
+}
+
+
+def _alive(f: list[Any]) -> Alive:
+    if len(f) != 4:
+        raise RemoteProtocolError("alive record has the wrong number of fields")
+    public_key, addr, incarnation, sig = f
+    if type(public_key) is not bytes or len(public_key) != PUBLIC_KEY_BYTES:
+        raise RemoteProtocolError("alive record public key must be 32 bytes")
+    if type(sig) is not bytes or len(sig) != SIGNATURE_BYTES:
+        raise RemoteProtocolError("alive record signature must be 64 bytes")
+    return Alive(
+        public_key,
+        fields.addr(addr),
+        fields.uint(incarnation),
+        sig,
+        hashlib.sha256(public_key).digest(),
+    )
+
+
+def _push_pull(f: list[Any]) -> PushPull:
+    join, reply, rows, states = f[1], f[2], f[3], f[4]
+    if type(join) is not bool or type(reply) is not bool:
+        raise RemoteProtocolError("push-pull flags must be booleans")
+    if not isinstance(rows, list) or not isinstance(states, list):
+        raise RemoteProtocolError("push-pull members and states must be arrays")
+    members = []
+    for row in rows:
+        if not isinstance(row, list) or len(row) != 6:
+            raise RemoteProtocolError("push-pull member row must have 6 fields")
+        if type(row[4]) is not int or not 0 <= row[4] < len(Status):
+            raise RemoteProtocolError(f"unknown member status {row[4]!r}")
+        status = Status(row[4])
+        members.append(MemberEntry(_alive(row[:4]), status, fields.uint(row[5])))
+    return PushPull(join, reply, tuple(members), tuple(_peer_state(s) for s in states))
+
+
+def _peer_state(f: Any) -> PeerState:
+    if not isinstance(f, list) or len(f) != 6:
+        raise RemoteProtocolError("peer state must have 6 fields")
+    node_id, version, roles, free_slots, queue_len, load = f
+    if not isinstance(roles, list) or len(roles) > MAX_ROLES:
+        raise RemoteProtocolError(f"peer state roles must be an array of at most {MAX_ROLES}")
+    if type(load) is not float or not 0.0 <= load <= 1e9:
+        raise RemoteProtocolError("peer state load must be a finite non-negative float")
+    return PeerState(
+        fields.node_id(node_id),
+        fields.uint(version),
+        tuple(fields.name(r) for r in roles),
+        fields.uint(free_slots),
+        fields.uint(queue_len),
+        load,
+    )
+
+
+def _task(f: list[Any]) -> TaskRecord:
+    key = fields.public_key(f[1])
+    created, timeout = f[2], f[9]
+    if type(created) is not float or type(timeout) is not float or not 0.0 <= timeout <= 1e9:
+        raise RemoteProtocolError("task created and timeout must be non-negative floats")
+    role, data, priority, parent = (
+        fields.name(f[3]),
+        fields.inline_payload(f[4]),
+        fields.uint(f[5]),
+        f[6],
+    )
+    if type(parent) is not bytes or len(parent) not in (0, NODE_ID_BYTES):
+        raise RemoteProtocolError("task parent must be a task id or empty")
+    idem, nonce = f[7], f[8]
+    if type(idem) is not str or len(idem) > MAX_NAME_CHARS:
+        raise RemoteProtocolError(f"idempotency key must be at most {MAX_NAME_CHARS} chars")
+    if type(nonce) is not bytes or len(nonce) > MAX_NONCE:
+        raise RemoteProtocolError(f"task nonce must be at most {MAX_NONCE} bytes")
+    origin = fields.key_hash(key)
+    task_id = task_id_of(
+        origin, idem, nonce, role, hashlib.sha256(data).digest(), priority, parent, timeout
+    )
+    return TaskRecord(
+        key,
+        created,
+        role,
+        data,
+        priority,
+        parent,
+        idem,
+        nonce,
+        timeout,
+        fields.signature(f[10]),
+        task_id,
+        origin,
+    )
+
+
+def _digest_entry(v: Any) -> tuple[bytes, bytes]:
+    if not isinstance(v, list) or len(v) != 2 or type(v[1]) is not bytes or len(v[1]) != 8:
+        raise RemoteProtocolError("a task digest entry is [task id, 8-byte digest]")
+    return (fields.node_id(v[0]), v[1])

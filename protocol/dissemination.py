@@ -1,0 +1,174 @@
+"""Dissemination: piggybacking, gossip rounds, the recently-seen skip, seeds and leaving.
+
+Invariants:
+- Every envelope this peer sends leaves through `send` or `gossip_round`, so broadcasts ride
+  along whatever has room (memberlist's piggybacking) and each is handed out at most its
+  retransmit limit (`protocol.gossip.BroadcastQueue`).
+- Gossip goes to up members and to members dead for less than `gossip_to_the_dead`, so a
+  falsely declared peer hears of it and refutes.
+- Broadcast kinds (alive, suspect, dead, user event, peer state, task record, cancel,
+  execution entry) are idempotent under their merge rules, so byte-identical copies received
+  recently are skipped before decoding: the same fact arrives many times during dissemination,
+  and re-applying it would change nothing. Claims and results are not skipped: one dropped
+  because its predecessor had not arrived yet must be applied when it comes again.
+- Seeds given to `join` with `remember` are tried again by reconnect for as long as they are
+  not known up, so a partition that cut us off from everyone but a seed still heals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from protocol.config import NodeConfig, retransmit_limit
+from protocol.effects import Send
+from protocol.envelope import encode_envelope
+from protocol.gossip import MESSAGE_OVERHEAD, BroadcastQueue
+from protocol.membership import Member, Membership, Rng
+from protocol.wire import Kind, Status
+
+_BROADCAST_KINDS = frozenset(
+    {
+        Kind.ALIVE,
+        Kind.SUSPECT,
+        Kind.DEAD,
+        Kind.USER_EVENT,
+        Kind.PEER_STATE,
+        Kind.TASK,
+        Kind.CANCEL,
+        Kind.EXECUTION,
+    }
+)
+_RECENT_CAPACITY = 4096
+_ENVELOPE_OVERHEAD = 64
+
+
+class Dissemination:
+    """How this peer's messages and broadcasts reach the others.
+
+    Args:
+        config: the node's configuration.
+        node_id: this peer's id (the sender of every envelope).
+        addr: this peer's address (the reply address of every envelope).
+        rng: the node's injected randomness.
+        membership: who there is to send to.
+        queue: the broadcasts waiting to go out; the node's port queues them (membership
+            gossips its own alive record while it is built, before this object exists).
+        sink: receives every envelope to send, in order.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        node_id: bytes,
+        addr: str,
+        rng: Rng,
+        membership: Membership,
+        queue: BroadcastQueue,
+        sink: Callable[[Send], None],
+    ) -> None:
+        self.config = config
+        self.node_id = node_id
+        self.addr = addr
+        self.rng = rng
+        self.membership = membership
+        self.sink = sink
+        self.queue = queue
+        self.seeds: list[str] = []
+        self.joining: set[str] = set()
+        """Seeds asked to join and not answered yet."""
+        self._recent: set[bytes] = set()
+        self._recent_old: set[bytes] = set()
+        self.leave_msg: bytes | None = None
+        self.leave_transmits = 0
+
+    def send(self, addr: str, messages: list[bytes], piggyback: bool) -> None:
+        """Send `messages` to `addr` in one envelope, topped up with broadcasts if asked."""
+        if piggyback:
+            used = _ENVELOPE_OVERHEAD + sum(len(m) + MESSAGE_OVERHEAD for m in messages)
+            messages = messages + self._broadcasts(self.config.gossip.packet_budget - used)
+        self.sink(Send(addr, encode_envelope(self.node_id, self.addr, messages)))
+
+    def seen_recently(self, raw: bytes) -> bool:
+        """True if these exact bytes of a broadcast kind were received recently."""
+        return raw in self._recent or raw in self._recent_old
+
+    def remember(self, raw: bytes) -> None:
+        """Remember a message received, once its whole envelope decoded: a dropped envelope
+        must leave no trace, or its good messages would be skipped when they arrive again in
+        a valid one."""
+        # Messages are fixarrays, so raw[1] is the kind (see `protocol.codec`).
+        if len(raw) < 2 or raw[1] not in _BROADCAST_KINDS:
+            return
+        self._recent.add(raw)
+        if len(self._recent) >= _RECENT_CAPACITY:
+            self._recent_old, self._recent = self._recent, set()
+
+    def add_seeds(self, seeds: list[str], remember: bool) -> list[str]:
+        """Record a join through `seeds`; return the ones to ask (every one but ourselves)."""
+        asked = []
+        for seed in seeds:
+            if seed == self.addr:
+                continue
+            if remember and seed not in self.seeds:
+                self.seeds.append(seed)
+            self.joining.add(seed)
+            asked.append(seed)
+        return asked
+
+    def reconnect_target(self) -> str | None:
+        """A dead member or a seed not known up, picked at random, or None."""
+        m = self.membership
+        candidates = [x.addr for x in m.others() if x.status == Status.DEAD]
+        up_addrs = {x.addr for x in m.others() if x.up}
+        candidates += [s for s in self.seeds if s not in up_addrs]
+        if not candidates:
+            return None
+        return candidates[self.rng.randrange(len(candidates))]
+
+    def leave(self, msg: bytes) -> None:
+        """Track our own departure `msg` (already queued) until enough peers were sent it."""
+        self.leave_msg = msg
+
+    def leave_done(self) -> bool:
+        """True once the leave was sent to `gossip_fanout` peers, or as often as the retransmit
+        limit allows when that is lower, or there is no one to tell."""
+        if self.leave_msg is None:
+            return False
+        return (
+            self.leave_transmits >= self.config.gossip.gossip_fanout
+            or ("member", self.node_id) not in self.queue
+            or self.membership.alive_count() <= 1
+        )
+
+    def gossip_round(self, now: float) -> None:
+        """Send queued broadcasts to `gossip_fanout` random reachable members."""
+        if not len(self.queue):
+            return
+        targets = self._gossip_targets(now)
+        budget = self.config.gossip.packet_budget - _ENVELOPE_OVERHEAD
+        for extra in range(self.config.gossip.backlog_packets):
+            # After the first packet, more only while news nobody was sent yet waits.
+            if extra and not self.queue.fresh():
+                return
+            for target in targets:
+                messages = self._broadcasts(budget, solo=True)
+                if not messages:
+                    return
+                self.sink(Send(target.addr, encode_envelope(self.node_id, self.addr, messages)))
+
+    def _gossip_targets(self, now: float) -> list[Member]:
+        grace = self.config.swim.gossip_to_the_dead
+
+        def reachable(m: Member) -> bool:
+            return m.up or (m.status == Status.DEAD and now - m.since < grace)
+
+        return self.membership.random_members(self.config.gossip.gossip_fanout, reachable)
+
+    def _broadcasts(self, budget: int, solo: bool = False) -> list[bytes]:
+        if not len(self.queue):
+            return []
+        limit = retransmit_limit(self.config.gossip.retransmit_mult, self.membership.alive_count())
+        out = self.queue.get(budget, limit, solo)
+        if self.leave_msg is not None and self.leave_msg in out:
+            self.leave_transmits += 1
+        return out

@@ -1,0 +1,183 @@
+"""The node's port and view: what the parts of a node (membership, dissemination, user events,
+peer states, task rules) act through and read, kept apart from the host's API (`Node`).
+
+Invariants:
+- Everything the parts do leaves through here: sends, gossip, notifications, commands,
+  persists and timers are buffered until the node hands the host one `Effects` (`take`).
+- Notifications double as the parts' verdicts to each other, applied at once and in order: a
+  member declared down is offered to the task rules for takeover, the first join answer
+  releases held claims, and a member becoming known gets the peer state kept aside for it.
+- Timers live in one heap ordered by (deadline, arming order); stale ones are not cancelled,
+  their handlers recognise them.
+- `now` is the time of the node call in progress; the node sets it on entry.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Hashable
+from typing import assert_never
+
+from protocol.dissemination import Dissemination
+from protocol.effects import (
+    Command,
+    Dropped,
+    Effects,
+    EventReceived,
+    JoinSucceeded,
+    MemberDown,
+    MemberJoined,
+    MemberRecovered,
+    MemberSuspected,
+    MemberUpdated,
+    Note,
+    Persist,
+    PersistKind,
+    ResultAccepted,
+    Send,
+    StallDetected,
+    TaskCancelled,
+    TaskClaimed,
+    TaskReplicated,
+)
+from protocol.gossip import BroadcastQueue
+from protocol.membership import Membership
+from protocol.peer_states import PeerStates
+from protocol.tasks import Tasks
+from protocol.timers import Timer
+from protocol.wire import Status
+
+
+class NodePort:
+    """The port (`membership.Port`, `tasks.Port`) and view (`tasks.View`) of one node.
+
+    The parts are attached by the node right after it builds them (they take this port when
+    built); before that, only `gossip`, `persist`, `schedule` and `note` of non-verdicts work,
+    which is all membership uses while it is built.
+
+    Args:
+        node_id: this peer's id.
+        now: the time of the node's creation.
+    """
+
+    membership: Membership
+    dissemination: Dissemination
+    advertisements: PeerStates
+    tasks: Tasks
+
+    def __init__(self, node_id: bytes, now: float) -> None:
+        self.node_id = node_id
+        self.now = now
+        self.queue = BroadcastQueue()
+        self.timers: list[tuple[float, int, Timer]] = []
+        self.dropped = 0
+        """Inputs rejected (each also reported as a `Dropped` notification)."""
+        self._fx = Effects()
+        self._timer_seq = 0
+
+    def take(self) -> Effects:
+        """Hand over what was buffered since the last call, with the next timer's deadline."""
+        fx, self._fx = self._fx, Effects()
+        fx.wake_at = self.timers[0][0] if self.timers else None
+        return fx
+
+    def due(self, now: float) -> Timer | None:
+        """Pop the next timer due at `now`, or None."""
+        if self.timers and self.timers[0][0] <= now:
+            return heapq.heappop(self.timers)[2]
+        return None
+
+    # Port: what the parts use to act.
+
+    def send(self, addr: str, messages: list[bytes], piggyback: bool) -> None:
+        """Send `messages` to `addr` in one envelope, topped up with broadcasts if asked."""
+        self.dissemination.send(addr, messages, piggyback)
+
+    def deliver(self, send: Send) -> None:
+        """Buffer one envelope for the host to send."""
+        self._fx.sends.append(send)
+
+    def gossip(self, key: Hashable, message: bytes) -> None:
+        """Queue a broadcast for piggybacking and gossip (see `protocol.gossip`)."""
+        self.queue.queue(key, message)
+
+    def note(self, note: Note) -> None:
+        """Report a notification to the host, and apply the verdicts it carries."""
+        self._fx.notes.append(note)
+        match note:
+            case Dropped():
+                self.dropped += 1
+            case MemberDown(node_id):
+                self.tasks.on_member_down(self.now, node_id)
+            case JoinSucceeded():
+                self.tasks.release(self.now)
+            case MemberJoined(node_id) | MemberRecovered(node_id):
+                if self.advertisements.member_known(self.now, node_id):
+                    self.tasks.view_changed()
+            case (
+                MemberUpdated()
+                | MemberSuspected()
+                | EventReceived()
+                | StallDetected()
+                | TaskReplicated()
+                | TaskClaimed()
+                | ResultAccepted()
+                | TaskCancelled()
+            ):
+                pass
+            case _:
+                assert_never(note)
+
+    def command(self, command: Command) -> None:
+        """Ask the host to start or stop an execution."""
+        self._fx.commands.append(command)
+
+    def schedule(self, at: float, timer: Timer) -> None:
+        """Arm `timer` for `at`."""
+        self._timer_seq += 1
+        heapq.heappush(self.timers, (at, self._timer_seq, timer))
+
+    def persist(self, kind: PersistKind, key: bytes, value: bytes) -> None:
+        """Ask the host to make a record durable before this call's sends leave."""
+        self._fx.persists.append(Persist(kind, key, value))
+
+    def send_to_random(
+        self, k: int, messages: list[bytes], exclude: frozenset[bytes] = frozenset()
+    ) -> None:
+        """Send `messages` directly to `k` random alive members not in `exclude`."""
+        alive = self.membership.random_members(
+            k, lambda x: x.status == Status.ALIVE and x.node_id not in exclude
+        )
+        for m in alive:
+            self.send(m.addr, messages, piggyback=False)
+
+    def slots_changed(self) -> None:
+        """An execution started or ended here: advertise the free slots left."""
+        state = self.advertisements.states.get(self.node_id)
+        free = self.tasks.free_slots()
+        if state is not None and state.free_slots != free:
+            self.advertisements.advertise(state.roles, free, state.queue_len, state.load)
+
+    # View: what the task rules read of membership.
+
+    def is_down(self, node_id: bytes) -> bool:
+        """Dead, left, or unknown (a member forgotten after its retention is long dead)."""
+        m = self.membership.members.get(node_id)
+        return m is None or not m.up
+
+    def capable(self, role: str) -> list[bytes]:
+        """Live members advertising `role`, this peer included when it serves the role."""
+        out = [self.node_id] if role in self.tasks.roles else []
+        for nid, state in self.advertisements.states.items():
+            if nid != self.node_id and role in state.roles and not self.is_down(nid):
+                out.append(nid)
+        return out
+
+    def full_since(self, node_id: bytes) -> float | None:
+        """Since when `node_id` has advertised no free execution slot (None: it has one)."""
+        return self.advertisements.full_since(node_id)
+
+    def addr_of(self, node_id: bytes) -> str | None:
+        """The address of a known member."""
+        m = self.membership.members.get(node_id)
+        return m.addr if m is not None else None
