@@ -73,7 +73,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 slow_acks: list[str] = []
 """Submissions of the last Grapevine run answered 503 (not replicated within the API's limit)."""
 WORKER_SLOTS = 4
-"""Execution slots per Grapevine peer (peer.runtime.build.AGENT_SLOTS) and Celery worker
+"""Execution slots per Grapevine peer (peer.build.AGENT_SLOTS) and Celery worker
 concurrency."""
 PHASE_LIMIT = 180.0
 """Seconds any one phase may take before the run is reported as incomplete."""

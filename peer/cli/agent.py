@@ -1,6 +1,6 @@
 """`grapevine agent`: one peer process, from settings to a graceful exit.
 
-The peer itself is wired and taken apart by `peer.runtime.build.build_peer`; this module adds
+The peer itself is wired and taken apart by `peer.build.build_peer`; this module adds
 what makes it a command.
 
 Invariants:
@@ -27,7 +27,7 @@ from typing import Any
 from bootstrap.join import join_with_retry, refresh_seeds
 from bootstrap.seeds import parse_seeds
 from peer.agents.offline import OFFLINE_MODEL
-from peer.runtime.build import Peer, PeerStartError, build_peer
+from peer.build import Peer, PeerStartError, build_peer
 from peer.settings import AgentSettings, SettingsError
 from protocol.identity import short_id
 

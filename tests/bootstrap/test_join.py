@@ -6,12 +6,8 @@ import random
 import socket
 from typing import Any
 
-import pytest
-
 from bootstrap.join import backoff_delay, join_with_retry, refresh_seeds
 from bootstrap.seeds import Seed
-
-pytestmark = pytest.mark.asyncio
 
 
 class FixedRng(random.Random):

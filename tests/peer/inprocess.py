@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from peer.runtime.build import AGENT_SLOTS, Peer, build_peer
+from peer.build import AGENT_SLOTS, Peer, build_peer
 from peer.runtime.executor import RoleHandler
 from peer.runtime.sealing import Keyring
 from peer.settings import AgentSettings

@@ -15,9 +15,9 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
+from peer.build import Peer
 from peer.http.app import PeerApi
 from peer.keys import keyring_path
-from peer.runtime.build import Peer
 from peer.runtime.driver import Driver
 from peer.runtime.executor import builtin_roles
 from peer.runtime.sealing import Keyring, key_id_of, load_keyring_text

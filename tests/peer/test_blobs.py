@@ -1,7 +1,7 @@
 """Blobs (peer/runtime/blobs.py, the blob routes of peer/runtime/transport.py, the executor's
 blob port, the API's large inputs and `GET /v1/blobs/{digest}`): the store on disk, sealed
 transfers between real transports, and two in-process peers over loopback wired as
-`peer/runtime/build.py` wires them.
+`peer/build.py` wires them.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
+from peer.build import Peer
 from peer.cli import tasks as cli_tasks
 from peer.client import GrapevineClient
 from peer.http.app import PeerApi
 from peer.runtime.blobs import BlobStore, BlobUnavailable
-from peer.runtime.build import Peer
 from peer.runtime.executor import Executor, Outcome, Work, builtin_roles
 from peer.runtime.sealing import Keyring
 from peer.runtime.transport import BlobTransferError, Transport
