@@ -7,7 +7,8 @@ Invariants:
 - Start-up order: keyring and store (refusing clearly if unusable), identity, a new
   incarnation made durable *before* the node exists (so a restart always starts higher), the
   transport, the blob store, the node and its driver, the executor, the replay of every stored
-  task object, the agent host, the API, then the roles are declared. Joining is the caller's
+  task object, the agent host, the API (its token read or generated first), then the roles
+  are declared. Joining is the caller's
   business, inside the `async with`: `Node.restore` asks for restore, then serve, then join.
 - Roles: a seed-only peer (`no_agents`) serves none; with `[[agents]]` configured the agent
   host (`peer.agents.host.AgentHost`) installs its roles on the same executor after the replay
@@ -18,7 +19,8 @@ Invariants:
   end with the membership hub), the transport (in-flight sends finish briefly), the store if
   it was opened here. Leaving the network comes before it, in the caller.
 - A part that cannot start raises `PeerStartError` saying what and why; a missing or unusable
-  network key raises `peer.settings.SettingsError`.
+  network key or operator API token, or an API beyond loopback without the operator's token,
+  raises `peer.settings.SettingsError` (before anything starts, for the API address).
 """
 
 from __future__ import annotations
@@ -34,16 +36,17 @@ from typing import Protocol
 
 from peer.agents.host import BUILTIN_SLOTS, AgentHost
 from peer.agents.peer_port import DriverTaskPort
+from peer.api_token import TokenError, load_or_create_token, read_token_file
 from peer.http.app import PeerApi
 from peer.keys import load_network_keyring
 from peer.runtime.blobs import BLOBS_DIR, BlobService, BlobStore
 from peer.runtime.driver import Driver, RecordStore
 from peer.runtime.executor import Executor, RoleHandler, builtin_roles
-from peer.runtime.sealing import Keyring
+from peer.runtime.keyring import Keyring
 from peer.runtime.serving import host_port
 from peer.runtime.store import Store, StoreError
 from peer.runtime.transport import Transport
-from peer.settings import AgentSettings
+from peer.settings import AgentSettings, SettingsError
 from protocol.config import lan, local, wan, with_network
 from protocol.effects import PersistKind
 from protocol.envelope import merge_envelopes
@@ -134,9 +137,12 @@ async def build_peer(
         rng: the node's randomness (seeded in tests, so a run repeats); a fresh one by default.
 
     Raises:
-        SettingsError: no usable network key.
+        SettingsError: no usable network key or operator API token; an API beyond loopback
+            without the operator's token.
         PeerStartError: a part could not start; what was started is stopped again.
     """
+    if on_leave is not None:
+        settings.check_api_exposure()
     keyring = keyring or load_network_keyring(settings)
     opened: Store | None = None
     if store is None:
@@ -185,7 +191,7 @@ async def build_peer(
             log.info("restored %d stored task objects", restored)
         if settings.agents and not settings.no_agents:
             try:
-                host = _agent_host(settings, driver, blobs)
+                host = _agent_host(settings, driver, blobs, signer)
             except (ValueError, OSError) as exc:
                 raise PeerStartError(f"cannot host the agents: {exc}") from exc
 
@@ -195,6 +201,7 @@ async def build_peer(
                 transport,
                 settings.data_dir,
                 on_leave,
+                token=_api_token(settings),
                 blobs=blobs,
                 agents=None if host is None else host.status,
             )
@@ -251,6 +258,19 @@ def _open_store(settings: AgentSettings) -> Store:
         raise PeerStartError(str(exc)) from exc
 
 
+def _api_token(settings: AgentSettings) -> str:
+    """The operator's API token, or else the peer's own (generated at first start)."""
+    if settings.api_token_file is not None:
+        try:
+            return read_token_file(settings.api_token_file)
+        except TokenError as exc:
+            raise SettingsError(f"api_token_file: {exc}") from None
+    try:
+        return load_or_create_token(settings.data_dir)
+    except TokenError as exc:
+        raise PeerStartError(str(exc)) from exc
+
+
 def _stored_incarnation(store: PeerStore) -> int:
     """The incarnation the node last persisted (it rises when the node refutes a suspicion)."""
     raw = store.get(PersistKind.INCARNATION, b"self")
@@ -261,7 +281,9 @@ def _nowhere(src: str, data: bytes) -> None:
     """Where received envelopes go until the driver exists."""
 
 
-def _agent_host(settings: AgentSettings, driver: Driver, blobs: BlobService) -> AgentHost:
+def _agent_host(
+    settings: AgentSettings, driver: Driver, blobs: BlobService, signer: Signer
+) -> AgentHost:
     """The agent host of `settings.agents`, its roles installed on the driver's executor (not
     yet declared: `AgentHost.start` does that, after the replay)."""
     from peer.agents.llm import LlmSettings, ModelClient  # litellm itself loads on first call
@@ -278,6 +300,7 @@ def _agent_host(settings: AgentSettings, driver: Driver, blobs: BlobService) -> 
         settings.agents,
         client,
         DriverTaskPort(driver, blobs),
+        signer=signer,
         limits=settings.limits,
         pool_settings=settings.pool,
         workspace=settings.workspace_dir(),

@@ -7,10 +7,15 @@ Invariants:
 - Answers are returned as the decoded JSON objects the API documents, field names unchanged, so
   `grapevine ... --json` and this client speak the same vocabulary.
 - One `aiohttp.ClientSession` per `GrapevineClient`, opened by `async with` and closed on exit.
+- Every request carries the peer's API token (`Authorization: Bearer`): the one given, else the
+  one `peer.api_token.find_token` finds when the session opens (a token file or data directory
+  given here, `$GRAPEVINE_API_TOKEN`, `$GRAPEVINE_API_TOKEN_FILE`, then `api.token` in
+  `$GRAPEVINE_DATA_DIR` or the default data directory), so a client on the peer's machine
+  needs no extra step. Without one the peer answers 401 (`ApiError`).
 
 Example::
 
-    async with GrapevineClient("127.0.0.1:8946") as peer:
+    async with GrapevineClient("127.0.0.1:8946", data_dir=Path("grapevine-data")) as peer:
         for member in await peer.members():
             print(member["short_id"], member["status"])
         async for event in peer.events(follow=True):
@@ -23,10 +28,13 @@ import errno
 import json
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import aiohttp
+
+from peer.api_token import check_token, find_token
 
 DEFAULT_API = "127.0.0.1:8946"
 """Where `grapevine agent` serves its API unless told otherwise (`--api`)."""
@@ -102,18 +110,41 @@ class GrapevineClient:
 
     Args:
         api: the API address (`--api` of `grapevine agent`), "host:port" or an http URL.
+        token: the peer's API token; None: found when the client opens (module invariants).
+        data_dir: the peer's data directory, whose `api.token` to send (when no `token`).
+        token_file: a file holding the token to send (when no `token`; wins over `data_dir`).
 
     Raises:
-        ValueError: `api` is not a usable address (raised by the constructor).
+        ValueError: `api` is not a usable address or `token` not a usable token (raised by
+            the constructor); `peer.api_token.TokenError` (a ValueError, raised on opening):
+            the token file or data directory given holds no usable token.
     """
 
-    def __init__(self, api: str = DEFAULT_API) -> None:
+    def __init__(
+        self,
+        api: str = DEFAULT_API,
+        token: str | None = None,
+        *,
+        data_dir: Path | None = None,
+        token_file: Path | None = None,
+    ) -> None:
         self.api = api
         self._base = base_url(api)
+        self._token = None if token is None else check_token(token, "the token given")
+        self._data_dir = data_dir
+        self._token_file = token_file
+        self.token_source: str | None = None if token is None else "the token given"
+        """Where the token sent came from (set on opening); None: no token was found."""
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Self:
-        self._session = aiohttp.ClientSession(timeout=_REQUEST_TIMEOUT)
+        token = self._token
+        if token is None:
+            found = find_token(self._token_file, self._data_dir)
+            if found is not None:
+                token, self.token_source = found.value, found.source
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else None
+        self._session = aiohttp.ClientSession(timeout=_REQUEST_TIMEOUT, headers=headers)
         return self
 
     async def __aexit__(

@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from peer.runtime.sealing import Keyring, dump_keyring_text, load_keyring_text
+from peer.runtime.keyring import Keyring, dump_keyring_text, load_keyring_text
 from peer.settings import AgentSettings, SettingsError
 
 log = logging.getLogger(__name__)

@@ -14,6 +14,8 @@ Invariants:
   config file's top level; their errors name the file, the table, the index and the key:
   "config file peer.toml: agents[2].max_concurrent: must be an integer >= 1, got 0". With no
   `[[agents]]` the peer serves the built-in roles only (`echo`, `sleep`).
+- An API address beyond loopback is refused without the operator's token file
+  (`AgentSettings.check_api_exposure`).
 - The result is a frozen `AgentSettings`; nothing else reads flags, environment or files.
 """
 
@@ -35,13 +37,13 @@ from peer.agents.spec import (
     parse_limits,
     parse_pool,
 )
+from peer.api_token import DEFAULT_DATA_DIR
 
 if TYPE_CHECKING:
     from peer.agents.llm import LlmSettings
 
 DEFAULT_BIND = "0.0.0.0:7946"
 DEFAULT_API = "127.0.0.1:8946"
-DEFAULT_DATA_DIR = Path("grapevine-data")
 PROFILES = ("lan", "local", "wan")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _WILDCARDS = ("0.0.0.0", "::", "")
@@ -64,7 +66,12 @@ class AgentSettings:
     bind host (0.0.0.0 or ::) advertises 127.0.0.1, which only works on one machine; on a real
     network set --advertise to an address the other machines can reach."""
     api: str = DEFAULT_API
-    """Where the local HTTP API listens (loopback by default: it is unauthenticated)."""
+    """Where the local HTTP API listens. Loopback by default; any other address needs
+    `api_token_file`, so that a peer never serves its API to a network on a token that only
+    this machine's users can read."""
+    api_token_file: Path | None = None
+    """The operator's API token (`--api-token-file`): one file the peers of one operator can
+    share. None: the peer's own token, generated at first start in `<data_dir>/api.token`."""
     data_dir: Path = DEFAULT_DATA_DIR
     """Identity, incarnation, membership hints and the keyring copy live here."""
     network_key_file: Path | None = None
@@ -105,6 +112,24 @@ class AgentSettings:
         """Return (host, port) of `api`, IPv6 brackets removed."""
         return split_host_port(self.api)
 
+    def check_api_exposure(self) -> None:
+        """Refuse an API beyond loopback without the operator's token.
+
+        The generated token lives in the data directory, readable by this machine's user
+        only; an API the network can reach must be guarded by a token the operator chose and
+        handed out on purpose.
+
+        Raises:
+            SettingsError: `api` is not a loopback address and `api_token_file` is unset.
+        """
+        host, _ = self.api_host_port()
+        if self.api_token_file is None and not is_loopback_host(host):
+            raise SettingsError(
+                f"api {self.api} is not a loopback address; an API reachable from the network "
+                "needs the operator's token (--api-token-file FILE, GRAPEVINE_API_TOKEN_FILE "
+                "or api_token_file in the config file)"
+            )
+
     def advertise_address(self, bound_port: int) -> str:
         """Return the address to advertise, given the port the transport actually bound."""
         if self.advertise is not None:
@@ -113,6 +138,16 @@ class AgentSettings:
         if host in _WILDCARDS:
             host = "127.0.0.1"
         return f"[{host}]:{bound_port}" if ":" in host else f"{host}:{bound_port}"
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` (brackets removed) names this machine only: localhost or a loopback IP."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def split_host_port(text: str) -> tuple[str, int]:
@@ -202,6 +237,7 @@ _FIELDS: dict[str, _Field] = {
     "bind": _Field("GRAPEVINE_BIND", "str", _address),
     "advertise": _Field("GRAPEVINE_ADVERTISE", "str", _advertise),
     "api": _Field("GRAPEVINE_API", "str", _address),
+    "api_token_file": _Field("GRAPEVINE_API_TOKEN_FILE", "path"),
     "data_dir": _Field("GRAPEVINE_DATA_DIR", "path"),
     "network_key_file": _Field("GRAPEVINE_NETWORK_KEY_FILE", "path"),
     "insecure_dev": _Field("GRAPEVINE_INSECURE_DEV", "bool"),
@@ -247,7 +283,9 @@ def load_settings(
         elif name in file_values:
             values[name] = _convert(name, spec, file_values[name], file_label, file_dir)
     values.update(_agent_tables(tables, file_label))
-    return AgentSettings(**values)
+    settings = AgentSettings(**values)
+    settings.check_api_exposure()
+    return settings
 
 
 def _agent_tables(tables: Mapping[str, object], label: str) -> dict[str, object]:

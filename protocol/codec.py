@@ -29,7 +29,9 @@ from protocol.task_messages import (
     TaskDigests,
     TaskGrant,
     TaskHeld,
+    TaskRead,
     TaskRecord,
+    TaskSync,
     TaskWant,
     task_id_of,
 )
@@ -120,6 +122,10 @@ def _to_fields(msg: Message) -> list[Any]:
             return [Kind.TASK_HELD, task_id]
         case TaskDigests(entries):
             return [Kind.TASK_DIGESTS, [list(e) for e in entries]]
+        case TaskSync(entries):
+            return [Kind.TASK_SYNC, [list(e) for e in entries]]
+        case TaskRead(ids):
+            return [Kind.TASK_READ, list(ids)]
         case TaskWant(ids):
             return [Kind.TASK_WANT, list(ids)]
         case TaskAsk(task_id, epoch):
@@ -229,6 +235,10 @@ def decode_message(data: bytes) -> Message:
             return TaskHeld(fields.node_id(f[1]))
         case Kind.TASK_DIGESTS:
             return TaskDigests(tuple(_digest_entry(e) for e in fields.array(f[1])))
+        case Kind.TASK_SYNC:
+            return TaskSync(tuple(_digest_entry(e) for e in fields.array(f[1])))
+        case Kind.TASK_READ:
+            return TaskRead(tuple(fields.node_id(t) for t in fields.array(f[1])))
         case Kind.TASK_WANT:
             return TaskWant(tuple(fields.node_id(t) for t in fields.array(f[1])))
         case Kind.TASK_ASK:
@@ -260,6 +270,8 @@ ARITY: dict[Kind, int] = {
     Kind.TASK_WANT: 2,
     Kind.TASK_ASK: 3,
     Kind.TASK_GRANT: 4,
+    Kind.TASK_SYNC: 2,
+    Kind.TASK_READ: 2,
 }
 
 

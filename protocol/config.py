@@ -130,9 +130,11 @@ class TaskConfig:
     tasks already claimed (harmless: the primary answers with its claim). Also the quiet time
     after a stall or a restart. When every peer before a standby looks full it asks at once."""
 
-    replication: int = 1
-    """Other peers that must hold a task record durably before its submission is acknowledged.
-    Higher survives more simultaneous crashes at the cost of a slower acknowledgement."""
+    replication: int = 2
+    """Other peers that must hold a task record durably before its submission is acknowledged
+    (every other live member when there are fewer). A task's replica set is the top
+    `replication + 1` live members by HRW score for its id. Higher survives more simultaneous
+    crashes at the cost of a slower acknowledgement and k more copies of every task object."""
 
     def validate(self) -> None:
         """Raise `LocalProtocolError` naming the first field with an impossible value."""

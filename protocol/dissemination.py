@@ -23,7 +23,8 @@ from protocol.config import NodeConfig, retransmit_limit
 from protocol.effects import Send
 from protocol.envelope import encode_envelope
 from protocol.gossip import MESSAGE_OVERHEAD, BroadcastQueue
-from protocol.membership import Member, Membership, Rng
+from protocol.member_table import Member, Rng
+from protocol.membership import Membership
 from protocol.wire import Kind, Status
 
 _BROADCAST_KINDS = frozenset(

@@ -1,11 +1,12 @@
 """SWIM membership with Lifeguard (Das, Gupta, Motivala 2002; Dadgar et al. 2018).
 
+`Membership` is the entry point: it owns the member table (`protocol.member_table`), the probe
+cycle (`protocol.probing`, reached as `Membership.probes`) and the rules below, which alone
+decide which record about a member wins.
+
 Theory of operation (the rules, in the order memberlist's state.go applies them):
-- Probing: every probe interval (scaled by awareness) ping the next member of a shuffled
-  round-robin list of alive and suspect members. No ack within the probe timeout: ask
-  `indirect_checks` random members to ping it for us (they nack if they reach nobody). No ack by
-  the end of the interval: suspect the target. Missed nacks raise our awareness (we are probably
-  the slow one); an ack lowers it.
+- Probing (`protocol.probing`): each round pings one member, through `indirect_checks` helpers
+  if it stays silent; a member silent for a whole round is suspected here.
 - Incarnations order facts about a member. alive(i) overrides anything below i; suspect(i) and
   dead(i) override alive(j) for j <= i; dead(i) also overrides suspect(i). Only the member itself
   raises its incarnation, by signing a new alive record: that is a refutation.
@@ -27,7 +28,6 @@ Theory of operation (the rules, in the order memberlist's state.go applies them)
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterator
-from dataclasses import dataclass
 from typing import Protocol, assert_never
 
 from protocol.codec import encode_message
@@ -47,15 +47,10 @@ from protocol.effects import (
     PersistKind,
 )
 from protocol.identity import DOMAIN_ALIVE, Signer, VerifiedCache
+from protocol.member_table import Member, MemberTable, Rng
+from protocol.probing import Prober
 from protocol.suspicion import Awareness, Suspicion
-from protocol.timers import (
-    ProbeDue,
-    ProbeRoundEnd,
-    ProbeTimeout,
-    RelayTimeout,
-    SuspicionDue,
-    Timer,
-)
+from protocol.timers import SuspicionDue, Timer
 from protocol.wire import (
     Ack,
     Alive,
@@ -81,65 +76,6 @@ class Port(Protocol):
     def persist(self, kind: PersistKind, key: bytes, value: bytes) -> None: ...
 
 
-class Rng(Protocol):
-    """The slice of `random.Random` the protocol uses; injected so runs replay exactly."""
-
-    def random(self) -> float: ...
-    def randrange(self, start: int, stop: int | None = ..., step: int = ...) -> int: ...
-    def shuffle(self, x: list[bytes]) -> None: ...
-
-
-class Member:
-    """One member as this peer sees it."""
-
-    __slots__ = ("alive", "status", "incarnation", "since", "suspicion", "probed_at")
-
-    def __init__(self, alive: Alive, status: Status, incarnation: int, since: float) -> None:
-        self.alive = alive
-        self.status = status
-        self.incarnation = incarnation
-        self.since = since
-        """When the status last changed (local clock)."""
-        self.suspicion: Suspicion | None = None
-        self.probed_at = float("-inf")
-        """When this peer last probed the member (local clock)."""
-
-    @property
-    def node_id(self) -> bytes:
-        return self.alive.node_id
-
-    @property
-    def addr(self) -> str:
-        return self.alive.addr
-
-    @property
-    def up(self) -> bool:
-        """Alive or suspect: still probed and gossiped to."""
-        return self.status <= Status.SUSPECT
-
-
-@dataclass(slots=True)
-class _Probe:
-    seq: int
-    target: bytes
-    started: float
-    acked: bool = False
-    nacks_expected: int = 0
-    nacks: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class _Relay:
-    requester_addr: str
-    requester_seq: int
-    target: bytes
-    seen: int
-
-
-RELAY_TIMEOUT_FRACTION = 0.8
-"""An indirect helper waits this fraction of the probe timeout before it nacks."""
-
-
 def _membership_key(node_id: bytes) -> Hashable:
     return ("member", node_id)
 
@@ -162,64 +98,40 @@ class Membership:
         self.node_id = signer.node_id
         self.addr = addr
         self.incarnation = incarnation
-        self.rng = rng
         self.cache = cache
         self.port = port
         self.awareness = Awareness(config.swim.awareness_max_multiplier)
         self.leaving = False
-        self.members: dict[bytes, Member] = {}
-        self._others: list[Member] = []
-        self._other_index: dict[bytes, int] = {}
-        self._probe_order: list[bytes] = []
-        self._probe_next = 0
-        self._probe: _Probe | None = None
-        self._relays: dict[int, _Relay] = {}
-        self._last_probe_was_suspect = False
-        self._suspects: dict[bytes, None] = {}
-        """Members we hold as suspect, oldest suspicion first (may hold stale entries)."""
-        self._seq = 0
         self._generation = 0
-        self._up = 1
         self.false_refutations = 0
         """Times this peer had to refute a suspicion or death of itself."""
-        self.members[self.node_id] = Member(self._sign_alive(), Status.ALIVE, incarnation, 0.0)
+        me = Member(self._sign_alive(), Status.ALIVE, incarnation, 0.0)
+        self.table = MemberTable(me, rng)
+        self.probes = Prober(config, self.table, self.awareness, rng, port, self._unanswered)
         self._announce_self()
 
     # Queries.
 
+    @property
+    def members(self) -> dict[bytes, Member]:
+        """Every known member by node id, this peer included; read it, never write it."""
+        return self.table.members
+
     def alive_count(self) -> int:
         """Members alive or suspect, including this peer (the n of the formulas)."""
-        return self._up
+        return self.table.alive_count()
 
     def entries(self) -> list[MemberEntry]:
         """The full state for a push-pull, this peer included."""
-        return [MemberEntry(m.alive, m.status, m.incarnation) for m in self.members.values()]
+        return self.table.entries()
 
     def others(self) -> Iterator[Member]:
         """Every member other than this peer, in no particular order."""
-        return iter(self._others)
+        return self.table.others()
 
     def random_members(self, k: int, accept: Callable[[Member], bool]) -> list[Member]:
-        """Up to `k` distinct random other members satisfying `accept`.
-
-        Rejection-samples the member list, so the cost is O(k) while most members qualify and
-        never more than O(n).
-        """
-        n = len(self._others)
-        if n == 0 or k <= 0:
-            return []
-        chosen: dict[bytes, Member] = {}
-        for _ in range(4 * k + 8):
-            m = self._others[self.rng.randrange(n)]
-            if m.node_id not in chosen and accept(m):
-                chosen[m.node_id] = m
-                if len(chosen) == k:
-                    return list(chosen.values())
-        rest = [m for m in self._others if m.node_id not in chosen and accept(m)]
-        while rest and len(chosen) < k:
-            m = rest.pop(self.rng.randrange(len(rest)))
-            chosen[m.node_id] = m
-        return list(chosen.values())
+        """Up to `k` distinct random other members satisfying `accept` (see `MemberTable`)."""
+        return self.table.random_members(k, accept)
 
     # Local alive record.
 
@@ -229,7 +141,7 @@ class Membership:
         return Alive(self.signer.public_key, self.addr, self.incarnation, sig, self.node_id)
 
     def _announce_self(self) -> None:
-        me = self.members[self.node_id]
+        me = self.table.me
         me.alive = self._sign_alive()
         me.incarnation = self.incarnation
         self.port.persist(PersistKind.INCARNATION, b"self", self.incarnation.to_bytes(8, "big"))
@@ -251,7 +163,7 @@ class Membership:
         if not self._verified(a, src):
             return
         if a.node_id == self.node_id:
-            mine = self.members[self.node_id].alive
+            mine = self.table.me.alive
             if a.incarnation > self.incarnation or (
                 a.incarnation == self.incarnation and a.addr != mine.addr
             ):
@@ -264,13 +176,12 @@ class Membership:
             self.port.gossip(_membership_key(a.node_id), raw or encode_message(a))
             return
         was = m.status
-        if not m.up:
-            self._up += 1
-        m.alive, m.status, m.incarnation, m.since = a, Status.ALIVE, a.incarnation, now
+        self.table.set_status(m, Status.ALIVE)
+        m.alive, m.incarnation, m.since = a, a.incarnation, now
         m.suspicion = None
         self.port.gossip(_membership_key(a.node_id), raw or encode_message(a))
         if was >= Status.DEAD:
-            self._insert_probe_target(a.node_id)
+            self.probes.add_target(a.node_id)
             self.port.note(MemberRecovered(a.node_id, a.addr, a.incarnation))
         else:
             self.port.note(MemberUpdated(a.node_id, a.addr, a.incarnation))
@@ -295,7 +206,8 @@ class Membership:
         swim = self.config.swim
         low = suspicion_min_timeout(swim.suspicion_mult, n, swim.probe_interval)
         self._generation += 1
-        m.status, m.incarnation, m.since = Status.SUSPECT, s.incarnation, now
+        self.table.set_status(m, Status.SUSPECT)
+        m.incarnation, m.since = s.incarnation, now
         m.suspicion = Suspicion(
             now,
             low,
@@ -305,7 +217,7 @@ class Membership:
             self._generation,
         )
         self._schedule_suspicion(m)
-        self._suspects[m.node_id] = None
+        self.probes.watch_suspect(m.node_id)
         self.port.gossip(_membership_key(m.node_id), raw or encode_message(s))
         self.port.note(MemberSuspected(m.node_id, m.incarnation))
 
@@ -319,9 +231,7 @@ class Membership:
         if m is None or d.incarnation < m.incarnation or m.status >= Status.DEAD:
             return
         left = d.accuser == d.node_id
-        if m.up:
-            self._up -= 1
-        m.status = Status.LEFT if left else Status.DEAD
+        self.table.set_status(m, Status.LEFT if left else Status.DEAD)
         m.incarnation, m.since, m.suspicion = d.incarnation, now, None
         self.port.gossip(_membership_key(m.node_id), raw or encode_message(d))
         self.port.note(MemberDown(m.node_id, m.incarnation, left))
@@ -365,117 +275,10 @@ class Membership:
     def reap(self, now: float) -> list[bytes]:
         """Forget members dead or left for longer than the retention; returns their ids."""
         cutoff = now - self.config.swim.dead_retention
-        gone = [m.node_id for m in self._others if m.status >= Status.DEAD and m.since < cutoff]
+        gone = [m.node_id for m in self.others() if m.status >= Status.DEAD and m.since < cutoff]
         for nid in gone:
-            self._remove(nid)
+            self.table.remove(nid)
         return gone
-
-    # Probing.
-
-    def on_probe_due(self, now: float) -> None:
-        if self._probe is not None:
-            # The round of the previous probe ends now. Its ProbeRoundEnd is due at this same
-            # instant but was armed after this timer, so it would find the probe replaced.
-            self.on_probe_round_end(now, self._probe.seq)
-        swim = self.config.swim
-        self.port.schedule(now + self.awareness.scale(swim.probe_interval), ProbeDue())
-        target = None if self._last_probe_was_suspect else self._stale_suspect(now)
-        self._last_probe_was_suspect = target is not None
-        target = target or self._next_probe_target()
-        if target is None:
-            self._probe = None
-            return
-        self._seq += 1
-        self._probe = _Probe(self._seq, target.node_id, now)
-        target.probed_at = now
-        msgs = [encode_message(Ping(self._seq, target.node_id, target.incarnation))]
-        if target.status == Status.SUSPECT:
-            # Tell the target it is suspected, so it can refute without waiting for gossip.
-            msgs.append(encode_message(Suspect(target.node_id, target.incarnation, self.node_id)))
-        self.port.send(target.addr, msgs, piggyback=True)
-        self.port.schedule(now + self.awareness.scale(swim.probe_timeout), ProbeTimeout(self._seq))
-
-    def on_probe_timeout(self, now: float, seq: int) -> None:
-        probe = self._probe
-        if probe is None or probe.seq != seq or probe.acked:
-            return
-        target = self.members.get(probe.target)
-        swim = self.config.swim
-        end = probe.started + self.awareness.scale(swim.probe_interval)
-        self.port.schedule(max(now, end), ProbeRoundEnd(seq))
-        if target is None:
-            return
-        helpers = self.random_members(
-            swim.indirect_checks,
-            lambda m: m.status == Status.ALIVE and m.node_id != probe.target,
-        )
-        request = encode_message(IndirectPing(seq, target.node_id, target.addr, target.incarnation))
-        for helper in helpers:
-            self.port.send(helper.addr, [request], piggyback=False)
-        probe.nacks_expected = len(helpers)
-
-    def on_probe_round_end(self, now: float, seq: int) -> None:
-        probe = self._probe
-        if probe is None or probe.seq != seq or probe.acked:
-            return
-        self._probe = None
-        missed = probe.nacks_expected - probe.nacks
-        self.awareness.apply(missed if probe.nacks_expected else 1)
-        target = self.members.get(probe.target)
-        if target is not None and target.up:
-            self.apply_suspect(now, Suspect(target.node_id, target.incarnation, self.node_id), None)
-
-    def on_ping(self, src: str, ping: Ping) -> None:
-        if ping.target != self.node_id:
-            self.port.note(Dropped(src, "ping addressed to another node id"))
-            return
-        self.port.send(src, self._ack(ping.seq, ping.seen), piggyback=True)
-
-    def _ack(self, seq: int, seen: int) -> list[bytes]:
-        # A prober that knows us at an older incarnation missed our refutation: hand it over
-        # first, so a relay has applied it by the time it forwards the ack.
-        ack = encode_message(Ack(seq))
-        if seen >= self.incarnation:
-            return [ack]
-        return [encode_message(self.members[self.node_id].alive), ack]
-
-    def on_indirect_ping(self, now: float, src: str, req: IndirectPing) -> None:
-        if req.target == self.node_id:
-            self.port.send(src, self._ack(req.seq, req.seen), piggyback=False)
-            return
-        self._seq += 1
-        self._relays[self._seq] = _Relay(src, req.seq, req.target, req.seen)
-        ping = Ping(self._seq, req.target, req.seen)
-        self.port.send(req.target_addr, [encode_message(ping)], True)
-        # Nack before the requester's round ends (it asked us at probe_timeout into a round of
-        # probe_interval), so a nack from a healthy helper is never mistaken for a missed one.
-        timeout = RELAY_TIMEOUT_FRACTION * self.config.swim.probe_timeout
-        self.port.schedule(now + self.awareness.scale(timeout), RelayTimeout(self._seq))
-
-    def on_ack(self, ack: Ack) -> None:
-        relay = self._relays.pop(ack.seq, None)
-        if relay is not None:
-            msgs = [encode_message(Ack(relay.requester_seq))]
-            target = self.members.get(relay.target)
-            if target is not None and target.alive.incarnation > relay.seen:
-                msgs.insert(0, encode_message(target.alive))
-            self.port.send(relay.requester_addr, msgs, piggyback=False)
-            return
-        probe = self._probe
-        if probe is not None and probe.seq == ack.seq and not probe.acked:
-            probe.acked = True
-            self.awareness.apply(-1)
-
-    def on_nack(self, nack: Nack) -> None:
-        probe = self._probe
-        if probe is not None and probe.seq == nack.seq:
-            probe.nacks += 1
-
-    def on_relay_timeout(self, seq: int) -> None:
-        relay = self._relays.pop(seq, None)
-        if relay is not None:
-            msg = encode_message(Nack(relay.requester_seq))
-            self.port.send(relay.requester_addr, [msg], piggyback=False)
 
     def on_suspicion_due(self, now: float, node_id: bytes, generation: int) -> None:
         m = self.members.get(node_id)
@@ -489,10 +292,9 @@ class Membership:
 
     def on_stall(self, now: float) -> None:
         """Our clock jumped: no verdict from timers that ran while we were frozen."""
-        self._probe = None
-        self._relays.clear()
+        self.probes.forget_running()
         self.awareness.apply(self.awareness.max_multiplier)
-        for m in self._others:
+        for m in self.others():
             if m.suspicion is not None:
                 m.suspicion.restart(now)
                 self._schedule_suspicion(m)
@@ -501,13 +303,13 @@ class Membership:
         """Apply one membership message."""
         match msg:
             case Ping():
-                self.on_ping(src, msg)
+                self.probes.on_ping(src, msg)
             case IndirectPing():
-                self.on_indirect_ping(now, src, msg)
+                self.probes.on_indirect_ping(now, src, msg)
             case Ack():
-                self.on_ack(msg)
+                self.probes.on_ack(msg)
             case Nack():
-                self.on_nack(msg)
+                self.probes.on_nack(msg)
             case Alive():
                 self.apply_alive(now, msg, src, raw)
             case Suspect():
@@ -524,48 +326,9 @@ class Membership:
         self.port.schedule(m.suspicion.deadline, SuspicionDue(m.node_id, m.suspicion.generation))
 
     def _add(self, m: Member) -> None:
-        self.members[m.node_id] = m
-        self._other_index[m.node_id] = len(self._others)
-        self._others.append(m)
+        self.table.add(m)
         if m.up:
-            self._up += 1
-            self._insert_probe_target(m.node_id)
+            self.probes.add_target(m.node_id)
 
-    def _remove(self, node_id: bytes) -> None:
-        if self.members.pop(node_id).up:
-            self._up -= 1
-        i = self._other_index.pop(node_id)
-        last = self._others.pop()
-        if i < len(self._others):
-            self._others[i] = last
-            self._other_index[last.node_id] = i
-
-    def _insert_probe_target(self, node_id: bytes) -> None:
-        # A random position keeps new members from all being probed at once (memberlist).
-        self._probe_order.insert(self.rng.randrange(len(self._probe_order) + 1), node_id)
-
-    def _stale_suspect(self, now: float) -> Member | None:
-        # Every other probe may go to a suspect (the rest keep the round-robin going, or a mass
-        # failure would starve it): the one who suspects a member
-        # checks on it again within the suspicion, instead of waiting for its round-robin turn,
-        # and the ack carries the refutation if it was missed (see `_ack`).
-        horizon = now - 2 * self.awareness.scale(self.config.swim.probe_interval)
-        for nid in list(self._suspects):
-            m = self.members.get(nid)
-            if m is None or m.status != Status.SUSPECT:
-                del self._suspects[nid]
-            elif m.probed_at < horizon:
-                return m
-        return None
-
-    def _next_probe_target(self) -> Member | None:
-        for _ in range(2):
-            while self._probe_next < len(self._probe_order):
-                m = self.members.get(self._probe_order[self._probe_next])
-                self._probe_next += 1
-                if m is not None and m.up:
-                    return m
-            self._probe_order = [m.node_id for m in self._others if m.up]
-            self.rng.shuffle(self._probe_order)
-            self._probe_next = 0
-        return None
+    def _unanswered(self, now: float, target: Member) -> None:
+        self.apply_suspect(now, Suspect(target.node_id, target.incarnation, self.node_id), None)

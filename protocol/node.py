@@ -18,13 +18,11 @@ Theory of operation
   `UserEvents`, `PeerStates` and `Tasks`; they act through, and the task rules read the
   network through, one `NodePort` (`protocol.node_port`), which buffers the effects and the
   timers. `Node` is the host's API: it builds the parts, keeps the clock, routes each message
-  and timer to its part, and answers the host's read-only queries.
+  and timer to its part, and answers the host's read-only queries (`protocol.node_queries`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from types import MappingProxyType
 from typing import assert_never
 
 from protocol.codec import decode_message, encode_message
@@ -34,8 +32,10 @@ from protocol.effects import Dropped, Effects, JoinSucceeded, StallDetected
 from protocol.envelope import decode_envelope
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.identity import Signer, VerifiedCache
-from protocol.membership import Member, Membership, Rng
+from protocol.member_table import Rng
+from protocol.membership import Membership
 from protocol.node_port import NodePort
+from protocol.node_queries import NodeQueries
 from protocol.peer_states import PeerStates
 from protocol.task_messages import (
     Cancel,
@@ -47,10 +47,11 @@ from protocol.task_messages import (
     TaskGrant,
     TaskHeld,
     TaskMessage,
+    TaskRead,
     TaskRecord,
+    TaskSync,
     TaskWant,
 )
-from protocol.task_state import TaskState
 from protocol.tasks import STORE, Tasks
 from protocol.timers import (
     GossipDue,
@@ -89,7 +90,7 @@ _FROZEN = 0.5
 gossip interval otherwise): input queued meanwhile is read before any claim is made."""
 
 
-class Node:
+class Node(NodeQueries):
     """The sans-IO protocol state machine of one peer.
 
     Args:
@@ -302,6 +303,13 @@ class Node:
         self.tasks.cancel(now, task_id, reason)
         return self._exit()
 
+    def fetch(self, now: float, task_ids: list[bytes]) -> Effects:
+        """Ask for tasks this peer may not hold (a read at any peer): their replica sets, and
+        for tasks held, their owners and origins, which hold their children."""
+        self._enter(now)
+        self.tasks.fetch(task_ids)
+        return self._exit()
+
     def suspend(self, now: float, task_id: bytes) -> Effects:
         """An execution here waits (on its child tasks): release its slot until `resume`.
 
@@ -348,83 +356,6 @@ class Node:
             self.tasks.dispatch(now, STORE, self.node_id, msg, raw)
         return self._exit()
 
-    # Queries: the host's read-only view of the task plane (STYLE rule 13). The objects returned
-    # are the protocol's own, shared for speed: the host reads them and never changes them.
-
-    def task(self, task_id: bytes) -> TaskState | None:
-        """The state of a task held here, or None."""
-        return self.tasks.tasks.get(task_id)
-
-    def held_tasks(self) -> Iterator[TaskState]:
-        """Every task state held here, in no particular order."""
-        return iter(self.tasks.tasks.values())
-
-    def open_tasks(self) -> list[TaskState]:
-        """The held tasks with neither an accepted result nor a cancel."""
-        held = self.tasks.tasks
-        return [held[t] for t in self.tasks.open if t in held]
-
-    def children(self, task_id: bytes) -> list[TaskState]:
-        """The held tasks whose record names `task_id` as parent, oldest first."""
-        held = self.tasks.tasks
-        kids = [held[c] for c in self.tasks.children.get(task_id, ()) if c in held]
-        return sorted(kids, key=_age)
-
-    def task_counters(self) -> dict[str, int]:
-        """The task plane's event counters (result flips, conflicting grants, ...), a copy."""
-        return dict(self.tasks.counters)
-
-    def running_here(self) -> frozenset[bytes]:
-        """Tasks whose execution holds a slot here."""
-        return frozenset(self.tasks.slots.running)
-
-    def suspended_here(self) -> frozenset[bytes]:
-        """Tasks running here that wait on their children and have freed their slot."""
-        return frozenset(self.tasks.slots.suspended)
-
-    def peer_states(self) -> Mapping[bytes, PeerState]:
-        """The latest state each peer advertised (roles, free slots, load), by node id."""
-        return MappingProxyType(self.advertisements.states)
-
-    def signatures_verified(self) -> int:
-        """Signatures this peer verified (each object digest once: the cache remembers)."""
-        return self.cache.verified
-
-    def signature_cache_hits(self) -> int:
-        """Signature checks answered by the cache instead of a fresh verification."""
-        return self.cache.hits
-
-    def capable(self, role: str) -> list[bytes]:
-        """Live members advertising `role`, this peer included when it serves the role."""
-        return self.port.capable(role)
-
-    def is_down(self, node_id: bytes) -> bool:
-        """Dead, left, or unknown (a member forgotten after its retention is long dead)."""
-        return self.port.is_down(node_id)
-
-    @property
-    def dropped(self) -> int:
-        """Inputs rejected (each also reported as a `Dropped` notification)."""
-        return self.port.dropped
-
-    def members(self) -> list[Member]:
-        """Every member known, this peer included."""
-        return list(self.membership.members.values())
-
-    def member(self, node_id: bytes) -> Member | None:
-        """The member with `node_id`, if known."""
-        return self.membership.members.get(node_id)
-
-    @property
-    def incarnation(self) -> int:
-        """This peer's current incarnation."""
-        return self.membership.incarnation
-
-    @property
-    def ltime(self) -> int:
-        """This peer's Lamport clock of user events (the last event's, once broadcast)."""
-        return self.user_events.ltime
-
     # Internals.
 
     def _enter(self, now: float) -> None:
@@ -446,17 +377,17 @@ class Node:
         m = self.membership
         match timer:
             case ProbeDue():
-                m.on_probe_due(now)
+                m.probes.on_probe_due(now)
                 if self._isolated(now):
                     # Quiet at least until the next probe, which looks again.
                     next_probe = m.awareness.scale(self.config.swim.probe_interval)
                     self.tasks.on_isolated(now, now + next_probe)
             case ProbeTimeout(seq):
-                m.on_probe_timeout(now, seq)
+                m.probes.on_probe_timeout(now, seq)
             case ProbeRoundEnd(seq):
-                m.on_probe_round_end(now, seq)
+                m.probes.on_probe_round_end(now, seq)
             case RelayTimeout(seq):
-                m.on_relay_timeout(seq)
+                m.probes.on_relay_timeout(seq)
             case SuspicionDue(node_id, generation):
                 m.on_suspicion_due(now, node_id, generation)
             case GossipDue():
@@ -496,6 +427,8 @@ class Node:
                 | Execution()
                 | TaskHeld()
                 | TaskDigests()
+                | TaskSync()
+                | TaskRead()
                 | TaskWant()
                 | TaskAsk()
                 | TaskGrant()
@@ -526,7 +459,10 @@ class Node:
         msg = PushPull(join, reply, tuple(self.membership.entries()), states)
         messages = [encode_message(msg), *self.user_events.recent]
         if self.tasks.tasks:
-            messages.append(encode_message(self.tasks.digests()))
+            partner = next(
+                (m.node_id for m in self.membership.members.values() if m.addr == addr), None
+            )
+            messages.append(encode_message(self.tasks.digests(partner)))
         self.dissemination.send(addr, messages, piggyback=False)
 
     def _isolated(self, now: float) -> bool:
@@ -536,9 +472,3 @@ class Node:
         swim = self.config.swim
         quiet = suspicion_min_timeout(swim.suspicion_mult, n, swim.probe_interval)
         return n > 1 and now - self._last_heard > quiet + swim.probe_interval
-
-
-def _age(state: TaskState) -> tuple[float, bytes]:
-    """Oldest first: by the record's creation time, then by task id."""
-    created = state.record.created if state.record is not None else 0.0
-    return (created, state.task_id)

@@ -74,6 +74,8 @@ class NodePort:
         """Inputs rejected (each also reported as a `Dropped` notification)."""
         self._fx = Effects()
         self._timer_seq = 0
+        self._live: tuple[bytes, ...] | None = None
+        """`live_members`, kept until a member's status changes (a notification says so)."""
 
     def take(self) -> Effects:
         """Hand over what was buffered since the last call, with the next timer's deadline."""
@@ -104,6 +106,8 @@ class NodePort:
     def note(self, note: Note) -> None:
         """Report a notification to the host, and apply the verdicts it carries."""
         self._fx.notes.append(note)
+        if isinstance(note, MemberDown | MemberJoined | MemberRecovered):
+            self._live = None
         match note:
             case Dropped():
                 self.dropped += 1
@@ -172,6 +176,20 @@ class NodePort:
             if nid != self.node_id and role in state.roles and not self.is_down(nid):
                 out.append(nid)
         return out
+
+    def live_members(self) -> tuple[bytes, ...]:
+        """Every member up (alive or suspect), this peer included, in id order."""
+        if self._live is None:
+            members = self.membership.members
+            self._live = tuple(sorted(nid for nid, m in members.items() if m.up))
+        return self._live
+
+    def advertises(self, node_id: bytes, role: str) -> bool | None:
+        """Whether `node_id` advertises `role`; None if its state is not known here."""
+        if node_id == self.node_id:
+            return role in self.tasks.roles
+        state = self.advertisements.states.get(node_id)
+        return None if state is None else role in state.roles
 
     def full_since(self, node_id: bytes) -> float | None:
         """Since when `node_id` has advertised no free execution slot (None: it has one)."""

@@ -146,6 +146,23 @@ class TaskDigests:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskSync:
+    """Replica repair: (task id, digest of the objects held) for tasks that changed lately, sent
+    to the task's other replicas. Unlike `TaskDigests` it lists only some tasks: a task the
+    receiver holds and the sender did not list says nothing."""
+
+    entries: tuple[tuple[bytes, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRead:
+    """A read at a peer that may not hold these tasks: send every object of them and of the
+    children held (their tree), as for `TaskWant`."""
+
+    ids: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class TaskWant:
     """Ask for every object held about these tasks."""
 
@@ -196,6 +213,8 @@ TaskMessage = (
     | Execution
     | TaskHeld
     | TaskDigests
+    | TaskSync
+    | TaskRead
     | TaskWant
     | TaskAsk
     | TaskGrant

@@ -47,6 +47,7 @@ class TaskState:
         "holders",
         "replicated",
         "grants",
+        "sent_to",
         "_digest",
     )
 
@@ -69,6 +70,9 @@ class TaskState:
         self.grants: dict[int, bytes] = {}
         """Per epoch, the peer the task's primary let claim it (see `protocol.tasks`): granted
         here if we are the primary, else learned from it. Not part of the CRDT."""
+        self.sent_to: set[bytes] = set()
+        """Peers this peer sent the task's objects to as its author or arbiter (see
+        `protocol.placement.audience`): repair after a membership change sends to the rest."""
         self._digest: bytes | None = None
 
     def touch(self) -> None:

@@ -57,6 +57,7 @@ from protocol.effects import (
 from protocol.errors import LocalProtocolError
 from protocol.identity import Signer, VerifiedCache
 from protocol.membership import Port as MembershipPort
+from protocol.placement import ReplicaSets, audience
 from protocol.slots import SlotLedger
 from protocol.task_messages import (
     MAX_INLINE_PAYLOAD,
@@ -70,7 +71,9 @@ from protocol.task_messages import (
     TaskGrant,
     TaskHeld,
     TaskMessage,
+    TaskRead,
     TaskRecord,
+    TaskSync,
     TaskWant,
     task_id_of,
 )
@@ -101,6 +104,8 @@ class View(Protocol):
     def capable(self, role: str) -> list[bytes]: ...
     def addr_of(self, node_id: bytes) -> str | None: ...
     def full_since(self, node_id: bytes) -> float | None: ...
+    def live_members(self) -> tuple[bytes, ...]: ...
+    def advertises(self, node_id: bytes, role: str) -> bool | None: ...
 
 
 class Port(MembershipPort, Protocol):
@@ -136,6 +141,12 @@ class Tasks:
         self.cache = cache
         self.port = port
         self.view = view
+        self.replicas = ReplicaSets(replication + 1)
+        self._repaired_for: tuple[bytes, ...] = ()
+        self._sync_due: dict[bytes, tuple[float, float]] = {}
+        """Tasks that changed lately -> (next replica sync, its interval); see `_sync`."""
+        self._next_sync = 0.0
+        """The live membership the audiences of open tasks were last repaired for."""
         self.tasks: dict[bytes, TaskState] = {}
         self.slots: SlotLedger[bytes, int] = SlotLedger()
         """Tasks executing here, by id, with the epoch they run under; suspended ones (waiting
@@ -221,21 +232,7 @@ class Tasks:
             self.node_id,
         )
         record = _with_sig(unsigned, self.signer.sign(DOMAIN_TASK, unsigned.signed_payload()))
-        raw = encode_message(record)
-        self._apply_task(now, record, raw, local=True)
-        # Straight to the peers first in line to run it (gossip would take a round or more,
-        # longer when its queue is busy), and to one more peer than replication needs, so a
-        # target that dies right now cannot stall the acknowledgement until gossip brings the
-        # record to someone else.
-        copies = self.replication + 1
-        ranked = [n for n in self._candidates(self.tasks[task_id], 1) if n != self.node_id]
-        sent = frozenset(ranked[:copies])
-        for node_id in sent:
-            addr = self.view.addr_of(node_id)
-            if addr is not None:
-                self.port.send(addr, [raw], piggyback=False)
-        if len(sent) < copies:
-            self.port.send_to_random(copies - len(sent), [raw], exclude=sent | {self.node_id})
+        self._apply_task(now, record, encode_message(record), local=True)
         return record
 
     def complete(
@@ -289,22 +286,58 @@ class Tasks:
         # The execution-log entries too, so a waiter sees start and end before the result.
         log = [st.executions.get((epoch, self.node_id, phase)) for phase in (START, END)]
         batch = [encode_message(mine)] + [encode_message(e) for e in log if e is not None]
-        for node_id in sorted(waiters - {self.node_id}):
+        for node_id in sorted(waiters - st.sent_to - {self.node_id}):
             addr = self.view.addr_of(node_id)
             if addr is not None:
                 self.port.send(addr, [*batch, raw], piggyback=False)
 
     def cancel(self, now: float, task_id: bytes, reason: str) -> bool:
-        """Cancel a task network-wide; False if the task is unknown or already final."""
+        """Cancel a task network-wide; False if the task is unknown or already final.
+
+        Raises:
+            LocalProtocolError: this peer is neither the task's origin nor its parent's owner.
+        """
         st = self.tasks.get(task_id)
         if st is None or st.accepted is not None or st.cancel is not None:
             return False
+        if st.record is None or not self._may_cancel(st.record, self.node_id):
+            origin = st.record.origin.hex() if st.record is not None else "unknown"
+            raise LocalProtocolError(
+                f"only the task's origin (peer {origin}) or its parent's owner may cancel it"
+            )
         payload = Cancel(
             task_id, self.signer.public_key, reason[:MAX_NAME_CHARS], b"", self.node_id
         )
         cancel = _with_sig(payload, self.signer.sign(DOMAIN_CANCEL, payload.signed_payload()))
         self._apply_cancel(now, cancel, encode_message(cancel), src=LOCAL)
         return True
+
+    def fetch(self, task_ids: list[bytes]) -> None:
+        """Ask the peers that hold these tasks for every object of them and of their children:
+        the replica set, and for a task held here its claim's owner and its origin (the
+        origins of its children, when they are delegated from its execution)."""
+        live = self.view.live_members()
+        targets: dict[bytes, list[bytes]] = {}
+        for tid in task_ids[:_MAX_WANT]:
+            peers = set(self.replicas.of(tid, live))
+            st = self.tasks.get(tid)
+            if st is not None and st.record is not None:
+                peers.add(st.record.origin)
+            if st is not None and st.claim is not None:
+                peers.add(st.claim.owner)
+            for node_id in peers - {self.node_id}:
+                targets.setdefault(node_id, []).append(tid)
+        for node_id, ids in sorted(targets.items()):
+            addr = self.view.addr_of(node_id)
+            if addr is not None:
+                self.port.send(addr, [encode_message(TaskRead(tuple(ids)))], piggyback=False)
+
+    def _may_cancel(self, record: TaskRecord, by: bytes) -> bool:
+        """A cancel is honoured only from the task's origin or its parent's owner."""
+        if by == record.origin:
+            return True
+        parent = self.tasks.get(record.parent) if record.parent else None
+        return parent is not None and parent.claim is not None and parent.claim.owner == by
 
     def suspend(self, now: float, task_id: bytes) -> bool:
         """Release the slot of a running execution that waits (on its child tasks): the free
@@ -355,6 +388,10 @@ class Tasks:
 
         Deciding only after a whole envelope is applied matters: an anti-entropy batch carries
         a task record before its claims, and the record alone would look unclaimed."""
+        self._repair()
+        if now >= self._next_sync:
+            self._next_sync = now + _SYNC_TICK
+            self._sync(now)
         touched = [t for t in self._unsettled if t in self.tasks]
         self._unsettled.clear()
         for tid in sorted(touched, key=self._urgency):
@@ -445,9 +482,13 @@ class Tasks:
             case TaskHeld(task_id):
                 self._on_held(task_id, sender)
             case TaskDigests():
-                self._on_digests(src, msg)
+                self._on_digests(src, sender, msg)
+            case TaskSync():
+                self._on_sync(src, msg)
             case TaskWant(ids):
                 self._send_objects(src, ids)
+            case TaskRead(ids):
+                self._send_objects(src, self._with_children(ids))
             case TaskAsk(task_id, epoch):
                 self._on_ask(now, src, sender, task_id, epoch)
             case TaskGrant(task_id, epoch, grantee):
@@ -455,9 +496,135 @@ class Tasks:
             case _:
                 assert_never(msg)
 
-    def digests(self) -> TaskDigests:
-        """The anti-entropy summary sent with each push-pull."""
-        return TaskDigests(tuple((tid, st.digest()) for tid, st in self.tasks.items()))
+    def digests(self, partner: bytes | None) -> TaskDigests:
+        """The anti-entropy summary sent with a push-pull to `partner`: the tasks held here whose
+        replica set (in our view) includes it. Its size follows what the two share, not the
+        network's history (None, an unknown partner: nothing)."""
+        if partner is None:
+            return TaskDigests(())
+        live = self.view.live_members()
+        return TaskDigests(
+            tuple(
+                (tid, st.digest())
+                for tid, st in self.tasks.items()
+                if partner in self.replicas.of(tid, live)
+            )
+        )
+
+    # Placement: who receives a task's objects.
+
+    def audience(self, st: TaskState) -> set[bytes]:
+        """The peers that must receive the objects of `st` directly (see `protocol.placement`)."""
+        return self._audience(st) - {self.node_id}
+
+    def told_of(self, task_id: bytes) -> bool:
+        """Whether this peer is in the task's audience (its news reaches it unasked)."""
+        st = self.tasks.get(task_id)
+        return st is not None and self.node_id in self._audience(st)
+
+    def _audience(self, st: TaskState) -> set[bytes]:
+        replicas = self.replicas.of(st.task_id, self.view.live_members())
+        candidates: list[bytes] = []
+        if st.record is not None:
+            candidates = self._candidates(st, 1 if st.claim is None else st.claim.epoch + 1)
+        return audience(st, replicas, candidates, b"")
+
+    def replica_set(self, task_id: bytes) -> list[bytes]:
+        """The task's replica set in our view, its arbiter first."""
+        return self.replicas.of(task_id, self.view.live_members())
+
+    def _spread(self, st: TaskState, raws: list[bytes]) -> None:
+        # Objects made here go to the task's audience directly, and nowhere else: gossiping
+        # them to every peer made a task cost O(N) (decision 17).
+        targets = self.audience(st)
+        for node_id in sorted(targets - {self.node_id}):
+            addr = self.view.addr_of(node_id)
+            if addr is not None:
+                self.port.send(addr, raws, piggyback=False)
+        st.sent_to |= targets
+
+    def _changed(self, task_id: bytes, now: float) -> None:
+        self._sync_due[task_id] = (now + _SYNC_FIRST, _SYNC_FIRST)
+
+    def _sync(self, now: float) -> None:
+        # A task object goes to each replica once, directly; one lost on the way would wait for
+        # a random push-pull to pair the right two peers. So after a task changes, its replicas
+        # compare digests of it with each other (and with its origin) a few times, backing off
+        # (2, 8, 32 s): cheap where nothing was lost, and repair within seconds where it was.
+        due = sorted(t for t, (at, _) in self._sync_due.items() if at <= now)
+        if not due:
+            return
+        live = self.view.live_members()
+        batches: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        for tid in due:
+            _, interval = self._sync_due.pop(tid)
+            st = self.tasks.get(tid)
+            if st is None:
+                continue
+            if interval * _SYNC_BACKOFF <= _SYNC_LAST:
+                self._sync_due[tid] = (now + interval * _SYNC_BACKOFF, interval * _SYNC_BACKOFF)
+            replicas = self.replicas.of(tid, live)
+            targets = set(replicas)
+            if self.node_id in replicas and st.record is not None:
+                targets.add(st.record.origin)
+            for node_id in targets - {self.node_id}:
+                batches.setdefault(node_id, []).append((tid, st.digest()))
+        for node_id, entries in sorted(batches.items()):
+            addr = self.view.addr_of(node_id)
+            for k in range(0, len(entries), _MAX_WANT):
+                if addr is not None:
+                    msg = encode_message(TaskSync(tuple(entries[k : k + _MAX_WANT])))
+                    self.port.send(addr, [msg], piggyback=False)
+
+    def _on_sync(self, src: str, msg: TaskSync) -> None:
+        want: list[bytes] = []
+        differ: list[bytes] = []
+        for tid, digest in msg.entries:
+            st = self.tasks.get(tid)
+            if st is None or st.digest() != digest:
+                want.append(tid)
+                if st is not None:
+                    differ.append(tid)
+        self._send_objects(src, differ)
+        if want:
+            self.port.send(src, [encode_message(TaskWant(tuple(want[:_MAX_WANT])))], False)
+
+    def _relay(self, st: TaskState, raw: bytes, src: str, author: bytes) -> None:
+        # The origin sent the record to the audience of its view; a claimer's view of that
+        # audience may differ (a peer's roles or liveness not yet known to it), and a record
+        # holder that never hears of the claim would claim too. So the origin hands claims and
+        # results on to every peer it sent the record to. Receivers drop known objects before
+        # verifying them: a copy costs bytes, not a signature check.
+        if src == STORE or st.record is None or st.record.origin != self.node_id:
+            return
+        for node_id in sorted(st.sent_to - {author}):
+            addr = self.view.addr_of(node_id)
+            if addr is not None and addr != src:
+                self.port.send(addr, [raw], piggyback=False)
+
+    def _repair(self) -> None:
+        # The live membership changed: the arbiter of each open task (first of its replica set)
+        # sends what it holds to audience members that never got it (a new replica, the next
+        # standby after one died). Final tasks reach new replicas through anti-entropy.
+        live = self.view.live_members()
+        if live == self._repaired_for:
+            return
+        self._repaired_for = live
+        for tid in sorted(self.open):
+            st = self.tasks[tid]
+            if st.record is None or self.replicas.of(tid, live)[0] != self.node_id:
+                continue
+            missing = self.audience(st) - st.sent_to
+            if missing:
+                self.counters["audience repairs"] += 1
+                self._send_objects_to(missing, tid)
+                st.sent_to |= missing
+
+    def _send_objects_to(self, node_ids: set[bytes], task_id: bytes) -> None:
+        for node_id in sorted(node_ids):
+            addr = self.view.addr_of(node_id)
+            if addr is not None:
+                self._send_objects(addr, [task_id])
 
     # Rules.
 
@@ -487,12 +654,16 @@ class Tasks:
         st = self._state(rec.task_id, now)
         st.record = rec
         st.touch()
+        self._changed(st.task_id, now)
         if rec.parent:
             self.children.setdefault(rec.parent, set()).add(rec.task_id)
         if st.accepted is None and st.cancel is None:
             self.open.add(rec.task_id)
         self.port.persist(PersistKind.TASK, rec.task_id, raw)
-        self.port.gossip(("task", rec.task_id), raw)
+        if local:
+            self._spread(st, [raw])
+        elif self.replica_set(rec.task_id)[:1] == [self.node_id]:
+            st.sent_to = self.audience(st)  # the origin sent it there: repair only what changes
         if not local and rec.origin != self.node_id:
             addr = self.view.addr_of(rec.origin)
             if addr is not None:
@@ -506,34 +677,58 @@ class Tasks:
             st.replicated = True
             self.port.note(TaskReplicated(task_id, 0))
 
+    def copies_needed(self) -> int:
+        """Other peers that must hold a task record (or an input blob) before a submission is
+        acknowledged: `replication`, or every other live member in a smaller network; a peer
+        alone has no one to hold a copy, so its submissions are never acknowledged."""
+        others = len(self.view.live_members()) - 1
+        return max(1, min(self.replication, others))
+
     def _on_held(self, task_id: bytes, sender: bytes) -> None:
         st = self.tasks.get(task_id)
         if st is None or st.record is None or st.record.origin != self.node_id:
             return
         st.holders.add(sender)
-        if not st.replicated and len(st.holders) >= self.replication:
+        if not st.replicated and len(st.holders) >= self.copies_needed():
             st.replicated = True
             self.port.note(TaskReplicated(task_id, len(st.holders)))
 
     def _apply_claim(self, now: float, c: Claim, raw: bytes, src: str) -> None:
-        st = self._state(c.task_id, now)
-        if (c.epoch, c.owner) in st.claims:
+        held = self.tasks.get(c.task_id)
+        claims = held.claims if held is not None else {}
+        if (c.epoch, c.owner) in claims:
             return
-        if c.epoch == 0 or (c.epoch > 1 and not any(e == c.epoch - 1 for e, _ in st.claims)):
+        if c.epoch == 0 or (c.epoch > 1 and not any(e == c.epoch - 1 for e, _ in claims)):
             # A takeover names the epoch after one it saw; without that claim here it is
             # either forged or ahead of what reached us, so ask its sender for the chain.
             self.counters["claim skips an epoch"] += 1
             self.port.note(Dropped(src, "claim skips an epoch"))
             self._park(("claim", c.task_id, c.epoch, c.owner), c, raw, src)
             return
+        # Only a peer serving the task's role may own it. A peer whose advertisement has not
+        # reached us yet is given the benefit of the doubt: its state follows.
+        if (
+            src not in (LOCAL, STORE)
+            and held is not None
+            and held.record is not None
+            and self.view.advertises(c.owner, held.record.role) is False
+        ):
+            self.counters["claim from a peer not serving the role"] += 1
+            self.port.note(Dropped(src, "claim from a peer not serving the task's role"))
+            return
         if src != LOCAL and not self._verified(
             DOMAIN_CLAIM, c.owner_key, c.signed_payload(), c.sig, src, "claim"
         ):
             return
+        st = self._state(c.task_id, now)
         st.claims[(c.epoch, c.owner)] = c
         st.touch()
+        self._changed(st.task_id, now)
         self.port.persist(PersistKind.CLAIM, c.task_id + c.epoch.to_bytes(8, "big") + c.owner, raw)
-        self.port.gossip(("claim", c.task_id, c.epoch, c.owner), raw)
+        if src == LOCAL:
+            self._spread(st, [raw])
+        else:
+            self._relay(st, raw, src, c.owner)
         self._unpark(now, c.task_id)
         current = st.claim
         if current is not None and claim_rank(c.task_id, c.epoch, c.owner) < claim_rank(
@@ -550,10 +745,10 @@ class Tasks:
         self._unsettled[c.task_id] = None
 
     def _apply_result(self, now: float, r: Result, raw: bytes, src: str) -> None:
-        st = self._state(r.task_id, now)
-        if (r.epoch, r.owner) in st.results:
+        held = self.tasks.get(r.task_id)
+        if held is not None and (r.epoch, r.owner) in held.results:
             return
-        if (r.epoch, r.owner) not in st.claims:
+        if held is None or (r.epoch, r.owner) not in held.claims:
             # Every result is made under a claim its owner published first; a result
             # without one is forged or ahead of its claim, so ask its sender for the chain.
             self.counters["result without its claim"] += 1
@@ -564,10 +759,15 @@ class Tasks:
             DOMAIN_RESULT, r.owner_key, r.signed_payload(), r.sig, src, "result"
         ):
             return
+        st = held
         st.results[(r.epoch, r.owner)] = r
         st.touch()
+        self._changed(st.task_id, now)
         self.port.persist(PersistKind.RESULT, r.task_id + r.epoch.to_bytes(8, "big") + r.owner, raw)
-        self.port.gossip(("result", r.task_id, r.epoch, r.owner), raw)
+        if src == LOCAL:
+            self._spread(st, [raw])
+        else:
+            self._relay(st, raw, src, r.owner)
         acc = st.accepted
         if acc is not None and claim_rank(r.task_id, r.epoch, r.owner) < claim_rank(
             acc.task_id, acc.epoch, acc.owner
@@ -622,8 +822,20 @@ class Tasks:
             self.port.send(src, [encode_message(TaskWant((task_id,)))], piggyback=False)
 
     def _apply_cancel(self, now: float, c: Cancel, raw: bytes, src: str) -> None:
-        st = self._state(c.task_id, now)
-        if st.cancel is not None:
+        st = self.tasks.get(c.task_id)
+        if st is not None and st.cancel is not None:
+            return
+        if st is None or st.record is None:
+            # Who may cancel is decided by the record: ask for it (the cancel comes with it).
+            self.counters["cancel before its record"] += 1
+            self.port.note(Dropped(src, "cancel of a task whose record is not held"))
+            self._ask(src, c.task_id)
+            return
+        if not self._may_cancel(st.record, c.by):
+            self.counters["cancel by neither origin nor parent owner"] += 1
+            self.port.note(
+                Dropped(src, "cancel signed by neither the origin nor the parent's owner")
+            )
             return
         if src != LOCAL and not self._verified(
             DOMAIN_CANCEL, c.by_key, c.signed_payload(), c.sig, src, "cancel"
@@ -631,32 +843,37 @@ class Tasks:
             return
         st.cancel = c
         st.touch()
+        self._changed(st.task_id, now)
         self.open.discard(c.task_id)
         self._rankings.pop(c.task_id, None)
         self.port.note(TaskCancelled(c.task_id, c.by, c.reason))
         self.port.persist(PersistKind.CANCEL, c.task_id, raw)
-        self.port.gossip(("cancel", c.task_id), raw)
+        if src == LOCAL:
+            self._spread(st, [raw])
         mine = self.slots.running.get(c.task_id)
         if mine is not None:
             self._fence(now, c.task_id, mine, "cancelled")
 
     def _apply_execution(self, now: float, e: Execution, raw: bytes, src: str) -> None:
-        st = self._state(e.task_id, now)
         key = (e.epoch, e.owner, e.phase)
-        if key in st.executions:
+        held = self.tasks.get(e.task_id)
+        if held is not None and key in held.executions:
             return
         if src != LOCAL and not self._verified(
             DOMAIN_EXECUTION, e.owner_key, e.signed_payload(), e.sig, src, "execution entry"
         ):
             return
+        st = self._state(e.task_id, now)
         st.executions[key] = e
         st.touch()
+        self._changed(st.task_id, now)
         self.port.persist(
             PersistKind.EXECUTION,
             e.task_id + e.epoch.to_bytes(8, "big") + e.owner + bytes([e.phase]),
             raw,
         )
-        self.port.gossip(("execution", e.task_id, key), raw)
+        if src == LOCAL:
+            self._spread(st, [raw])
 
     # Decisions.
 
@@ -693,10 +910,7 @@ class Tasks:
         elif not self.slots.has_room(self.max_running):
             self.passed.add(st.task_id)  # a slot freeing here, or a standby's ask, moves it on
         else:
-            # Besides gossip, tell at once those ranked before us (they may have passed it for
-            # lack of a slot, and would ask or claim when one frees) and the standbys next in
-            # line.
-            self._claim(now, st, epoch, ranked[:rank][:_WARNED] + ranked[rank + 1 :][:_WARNED])
+            self._claim(now, st, epoch)  # the claim goes to the task's audience
 
     def _stand_by(
         self, now: float, st: TaskState, epoch: int, since: float, ranked: list[bytes], rank: int
@@ -789,19 +1003,14 @@ class Tasks:
         self._rankings[task_id] = (candidates, ranked, scores)
         return ranked
 
-    def _claim(self, now: float, st: TaskState, epoch: int, warn: list[bytes]) -> None:
+    def _claim(self, now: float, st: TaskState, epoch: int) -> None:
         payload = Claim(
             st.task_id, self.signer.public_key, self._incarnation(), epoch, b"", self.node_id
         )
         claim = _with_sig(payload, self.signer.sign(DOMAIN_CLAIM, payload.signed_payload()))
         if st.claim is not None:
             self.counters["takeovers"] += 1
-        raw = encode_message(claim)
-        self._apply_claim(now, claim, raw, src=LOCAL)
-        for node_id in warn:
-            addr = self.view.addr_of(node_id)
-            if addr is not None:
-                self.port.send(addr, [raw], piggyback=False)
+        self._apply_claim(now, claim, encode_message(claim), src=LOCAL)
         self._start(now, st, epoch)  # at once: the slot is taken before the next decision
 
     def _start(self, now: float, st: TaskState, epoch: int) -> None:
@@ -835,15 +1044,27 @@ class Tasks:
 
     # Anti-entropy.
 
-    def _on_digests(self, src: str, msg: TaskDigests) -> None:
+    def _on_digests(self, src: str, sender: bytes, msg: TaskDigests) -> None:
         differ = [
             tid for tid, d in msg.entries if tid not in self.tasks or self.tasks[tid].digest() != d
         ]
         theirs = {tid for tid, _ in msg.entries}
-        mine_only = [tid for tid in self.tasks if tid not in theirs]
+        live = self.view.live_members()
+        mine_only = [
+            tid for tid in self.tasks if tid not in theirs and sender in self.replicas.of(tid, live)
+        ]
         self._send_objects(src, differ + mine_only)
         if differ:
             self.port.send(src, [encode_message(TaskWant(tuple(differ[:_MAX_WANT])))], False)
+
+    def _with_children(self, task_ids: Iterable[bytes]) -> list[bytes]:
+        # A reader asking for a task wants its tree too: the children held here (this peer
+        # submitted them, running the task) follow it, a bounded number per task.
+        out: list[bytes] = []
+        for tid in task_ids:
+            out.append(tid)
+            out.extend(sorted(self.children.get(tid, ()))[:_MAX_CHILDREN_SENT])
+        return out
 
     def _send_objects(self, addr: str, task_ids: Iterable[bytes]) -> None:
         batch: list[bytes] = []
@@ -863,11 +1084,15 @@ class Tasks:
             self.port.send(addr, batch, piggyback=False)
 
 
-_WARNED = 4
 _ASK_RETRY = 0.25
 """A standby that asked the primary for a grant asks again after this many standby delays."""
-"""Peers on each side of us in rank order sent a new claim directly, besides gossip."""
 _MAX_WANT = 10_000
+_MAX_CHILDREN_SENT = 1024
+"""Children of an asked-for task sent with it (a tree read; deeper levels are asked for)."""
+_SYNC_TICK = 0.5
+"""How often due replica syncs are sent (seconds)."""
+_SYNC_FIRST, _SYNC_BACKOFF, _SYNC_LAST = 2.0, 4.0, 32.0
+"""A changed task's replicas compare it after 2 s, then 8 s, then 32 s (see `_sync`)."""
 _PARKED_MAX = 4096
 """Claims and results kept while they wait for the claim they build on (see `_park`)."""
 _SYNC_BATCH_BYTES = 512 * 1024

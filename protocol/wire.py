@@ -55,6 +55,8 @@ class Kind(IntEnum):
     TASK_WANT = 18
     TASK_ASK = 19
     TASK_GRANT = 20
+    TASK_SYNC = 21
+    TASK_READ = 22
 
 
 class Status(IntEnum):

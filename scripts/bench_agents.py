@@ -148,7 +148,7 @@ async def start_peers(cluster: LocalCluster, args: argparse.Namespace, root: Pat
     async def roles_known() -> tuple[bool, object]:
         lacking = {}
         for peer in peers[:: max(1, len(peers) // 10)]:
-            members = await query(peer.api, lambda c: c.members())
+            members = await query(peer, lambda c: c.members())
             missing = sum(1 for m in members if "worker" not in m["roles"])
             if missing:
                 lacking[peer.name] = missing
@@ -162,7 +162,7 @@ async def run_job(peers: list[Peer], args: argparse.Namespace) -> tuple[str, flo
     boss = peers[0]
     started = time.monotonic()
     answer = await query(
-        boss.api,
+        boss,
         lambda c: c.submit("boss", args.job, idempotency_key="bench-agents", wait=False),
     )
     task_id = str(answer["id"])
@@ -170,7 +170,7 @@ async def run_job(peers: list[Peer], args: argparse.Namespace) -> tuple[str, flo
     last = -1
     while True:
         try:
-            tree = await query(boss.api, lambda c: c.tree(task_id))
+            tree = await query(boss, lambda c: c.tree(task_id))
         except GrapevineError as exc:  # a peer crowded by a hundred others answers slowly
             print(f"  polling: {exc}; retrying", file=sys.stderr, flush=True)
             await asyncio.sleep(2.0)
@@ -201,7 +201,7 @@ async def check_agreement(peers: list[Peer], task_id: str, sample: int) -> tuple
 
     async def totals(peer: Peer) -> Any:
         try:
-            tree = await query(peer.api, lambda c: c.tree(task_id))
+            tree = await query(peer, lambda c: c.tree(task_id))
         except GrapevineError as exc:
             return {"unreachable": str(exc)}
         return tree["totals"]
@@ -233,7 +233,7 @@ async def bench(args: argparse.Namespace, root: Path) -> Report:
         task_id, wall = await run_job(peers, args)
         cpu = cpu_seconds(pids) - cpu_start
         agree, checked, totals = await check_agreement(peers, task_id, sample=10)
-        stats = await query(peers[0].api, lambda c: c.task_stats())
+        stats = await query(peers[0], lambda c: c.task_stats())
         rss = [peak_rss_mb(pid) for pid in pids]
         tasks = int(totals["tasks"])
         return Report(

@@ -45,7 +45,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from local_cluster import (
-    GrapevineClient,
     GrapevineError,
     LocalCluster,
     Peer,
@@ -113,7 +112,7 @@ class Watcher:
 
     async def _follow(self, peer: Peer) -> None:
         try:
-            async with GrapevineClient(peer.api) as client:
+            async with peer.client() as client:
                 async for event in client.events(follow=True):
                     kind, when = event.get("type"), float(event.get("time", 0.0))
                     if kind == "event":
@@ -151,7 +150,7 @@ def rss_mb(pid: int) -> float:
 async def traffic(peer: Peer) -> int | None:
     """Bytes in + out so far, or None if the (overloaded) peer did not answer in time."""
     try:
-        metrics = await query(peer.api, lambda c: c.metrics())
+        metrics = await query(peer, lambda c: c.metrics())
     except GrapevineError:
         return None
     return int(metrics["bytes_in"]) + int(metrics["bytes_out"])
@@ -188,7 +187,7 @@ async def measure_events(
     for attempt in range(WARMUP_ATTEMPTS):
         name = f"bench-warmup-{attempt}"
         try:
-            async with GrapevineClient(peers[0].api) as client:
+            async with peers[0].client() as client:
                 await client.send_event(name, "")
         except GrapevineError as exc:
             result.errors.append(f"{name} not sent: {exc}")
@@ -204,7 +203,7 @@ async def measure_events(
         origin = rng.choice(peers)
         sent = time.time()
         try:
-            async with GrapevineClient(origin.api) as client:
+            async with origin.client() as client:
                 await client.send_event(name, "x" * 32)
         except GrapevineError as exc:
             result.errors.append(f"{name} not sent through {origin.name}: {exc}")

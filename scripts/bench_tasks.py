@@ -16,8 +16,12 @@ Figures: throughput (tasks/s from the first submission to the last result accept
 was submitted; "all peers" is how long until every Grapevine peer held every result), latency
 submit→start and submit→accepted (p50/p99), messages per task (Grapevine: envelopes sent by
 all peers; Celery: Redis commands), CPU per task (all peer processes; Celery workers plus
-redis-server), duplicate executions. Then a crash run for both: `--crash-tasks` sleep tasks
-(`--crash-sleep` s each) on `--crash-size` workers, one worker SIGKILLed mid-run and replaced
+redis-server), Ed25519 signatures verified per task summed over all peers (`sig/task`, from
+each peer's `/v1/metrics` `signatures_verified`; Grapevine only), duplicate executions.
+Before the rows, a microbenchmark of Ed25519 sign and verify through PyNaCl (libsodium, what
+`protocol/identity.py` uses) and through `cryptography` (OpenSSL): median of 5 runs. Then a
+crash run for both: `--crash-tasks` sleep tasks (`--crash-sleep` s each) on `--crash-size`
+workers, one worker SIGKILLed mid-run and replaced
 (Grapevine: restarted with its data directory; Celery: a fresh worker, with the Redis
 visibility timeout at `--visibility` s so unacknowledged tasks come back), counting
 duplicates and unfinished tasks.
@@ -42,6 +46,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,7 +61,6 @@ from typing import Any
 from local_cluster import (
     REPO,
     ApiError,
-    GrapevineClient,
     GrapevineError,
     LocalCluster,
     Peer,
@@ -77,6 +81,11 @@ WORKER_SLOTS = 4
 concurrency."""
 PHASE_LIMIT = 180.0
 """Seconds any one phase may take before the run is reported as incomplete."""
+CRYPTO_RUNS = 5
+CRYPTO_OPS = 2000
+CRYPTO_MESSAGE_BYTES = 256
+"""The Ed25519 microbenchmark: the median of CRYPTO_RUNS runs of CRYPTO_OPS operations on a
+message about the size of a signed claim or result with its domain and network prefix."""
 
 
 @dataclass
@@ -95,6 +104,8 @@ class Row:
     accept_p99_ms: float = 0.0
     messages_per_task: float = 0.0
     cpu_ms_per_task: float = 0.0
+    verified_per_task: float | None = None
+    """Grapevine: Ed25519 signatures verified per task, summed over all peers."""
     duplicates: int = 0
     converged_seconds: float = 0.0
     """Grapevine: until every peer held every result (not only the origins)."""
@@ -115,7 +126,17 @@ class CrashRow:
 
 
 @dataclass
+class CryptoRow:
+    """Ed25519 through one binding: microseconds per operation, median of CRYPTO_RUNS."""
+
+    binding: str
+    sign_us: float
+    verify_us: float
+
+
+@dataclass
 class Report:
+    crypto: list[CryptoRow] = field(default_factory=list)
     rows: list[Row] = field(default_factory=list)
     crashes: list[CrashRow] = field(default_factory=list)
 
@@ -140,7 +161,9 @@ def pct(values: list[float], q: float) -> float:
 # --- Grapevine ---------------------------------------------------------------------------------
 
 
-async def _start_cluster(cluster: LocalCluster, size: int) -> list[Peer]:
+async def start_echo_cluster(cluster: LocalCluster, size: int) -> list[Peer]:
+    """Start `size` peers joining through the first, and wait until every one sees every
+    other alive and serving "echo" (so the executor ranking is the same everywhere)."""
     seed = cluster.add()
     for _ in range(size - 1):
         cluster.add(join=[seed])
@@ -155,7 +178,7 @@ async def _start_cluster(cluster: LocalCluster, size: int) -> list[Peer]:
 async def _roles_known(peers: list[Peer]) -> tuple[bool, object]:
     lacking = {}
     for peer in peers:
-        members = await query(peer.api, lambda c: c.members())
+        members = await query(peer, lambda c: c.members())
         missing = sum(1 for m in members if "echo" not in m["roles"])
         if missing:
             lacking[peer.name] = missing
@@ -172,7 +195,7 @@ class _Watch:
 
     async def _follow(self, peer: Peer) -> None:
         with contextlib.suppress(GrapevineError):
-            async with GrapevineClient(peer.api) as client:
+            async with peer.client() as client:
                 async for event in client.task_events(follow=True):
                     if event["type"] == "task-started":
                         self.started.setdefault(event["id"], []).append(event["time"])
@@ -191,7 +214,7 @@ async def _submit(
     """Submit `count` tasks at random peers; return {task id: (origin peer name, submit time)}."""
     sent: dict[str, tuple[str, float]] = {}
     slow_acks.clear()
-    clients = {p.name: GrapevineClient(p.api) for p in peers}
+    clients = {p.name: p.client() for p in peers}
     for client in clients.values():
         await client.__aenter__()
     queue = iter(range(count))
@@ -220,19 +243,22 @@ async def _submit(
     return sent
 
 
-async def _totals(peers: list[Peer]) -> tuple[int, int]:
-    """(envelopes sent by all peers, duplicate executions as the first peer sees them)."""
-    out = 0
+async def _totals(peers: list[Peer]) -> tuple[int, int, int]:
+    """(envelopes sent by all peers, signatures verified by all peers, duplicate executions
+    as the first peer sees them)."""
+    out = verified = 0
     for peer in peers:
-        out += int((await query(peer.api, lambda c: c.metrics()))["messages_out"])
-    stats = await query(peers[0].api, lambda c: c.task_stats())
-    return out, int(stats["totals"]["duplicates"])
+        metrics = await query(peer, lambda c: c.metrics())
+        out += int(metrics["messages_out"])
+        verified += int(metrics["signatures_verified"])
+    stats = await query(peers[0], lambda c: c.task_stats())
+    return out, verified, int(stats["totals"]["duplicates"])
 
 
 async def _all_done(peers: list[Peer], total: int) -> tuple[bool, object]:
     done = []
     for peer in peers:
-        stats = await query(peer.api, lambda c: c.task_stats())
+        stats = await query(peer, lambda c: c.task_stats())
         done.append(stats["totals"]["done"])
     return all(d >= total for d in done), done
 
@@ -243,7 +269,7 @@ async def _done_at_origins(
     """When the last task's result was accepted at the peer it was submitted to (where its
     client waits): the time the Celery rows measure too. Taken from the event streams; a task
     whose event a lagging stream dropped is asked for, and counts as done when seen."""
-    api = {p.name: p.api for p in peers}
+    by_name = {p.name: p for p in peers}
     deadline = time.monotonic() + PHASE_LIMIT
     latest = 0.0
     while True:
@@ -256,7 +282,7 @@ async def _done_at_origins(
         if all(k in watch.accepted for k in missing):
             continue
         for origin, task_id in missing[:50]:
-            task = await query(api[origin], lambda c, t=task_id: c.task(t))
+            task = await query(by_name[origin], lambda c, t=task_id: c.task(t))
             if task["state"] != "pending" and task["state"] != "running":
                 watch.accepted.setdefault((origin, task_id), time.time())
                 latest = time.time()
@@ -266,11 +292,11 @@ async def grapevine_row(root: Path, size: int, tasks: int, in_flight: int) -> Ro
     row = Row("grapevine", size, tasks)
     rng = random.Random(size)
     with LocalCluster(root / f"gv{size}", profile="local", extra_args=()) as cluster:
-        peers = await _start_cluster(cluster, size)
+        peers = await start_echo_cluster(cluster, size)
         pids = [p.pid for p in peers if p.pid is not None]
         watch = _Watch(peers)
         await asyncio.sleep(0.5)  # let every stream open
-        messages0, _ = await _totals(peers)
+        messages0, verified0, _ = await _totals(peers)
         cpu0, t0 = cpu_seconds(pids), time.time()
         done_at = t0
         try:
@@ -284,8 +310,8 @@ async def grapevine_row(root: Path, size: int, tasks: int, in_flight: int) -> Ro
         await asyncio.sleep(0.3)
         await watch.close()
         cpu1 = cpu_seconds(pids)
-        messages1, row.duplicates = await _totals(peers)
-        stats = await query(peers[0].api, lambda c: c.task_stats())
+        messages1, verified1, row.duplicates = await _totals(peers)
+        stats = await query(peers[0], lambda c: c.task_stats())
         row.completed = int(stats["totals"]["done"])
     # Latencies come from the event streams; a stream that lagged behind is dropped by the peer
     # (peer.runtime.driver.SUBSCRIBER_QUEUE), so they may cover fewer tasks than ran (see the note).
@@ -303,6 +329,7 @@ async def grapevine_row(root: Path, size: int, tasks: int, in_flight: int) -> Ro
     row.accept_p50_ms, row.accept_p99_ms = pct(accepts, 0.5) * 1e3, pct(accepts, 0.99) * 1e3
     row.messages_per_task = (messages1 - messages0) / max(1, tasks)
     row.cpu_ms_per_task = (cpu1 - cpu0) * 1e3 / max(1, tasks)
+    row.verified_per_task = (verified1 - verified0) / max(1, tasks)
     if slow_acks:
         row.note = (row.note + f"; {len(slow_acks)} submissions acknowledged 503").lstrip("; ")
     return row
@@ -312,7 +339,7 @@ async def grapevine_crash(root: Path, size: int, tasks: int, sleep: float) -> Cr
     row = CrashRow("grapevine", size, tasks)
     rng = random.Random(7)
     with LocalCluster(root / "gv-crash", profile="local", extra_args=()) as cluster:
-        peers = await _start_cluster(cluster, size)
+        peers = await start_echo_cluster(cluster, size)
         victim = peers[-1]
         start = time.monotonic()
         await _submit(peers, tasks, 16, "sleep", f"{sleep:g}", rng)
@@ -329,7 +356,7 @@ async def grapevine_crash(root: Path, size: int, tasks: int, sleep: float) -> Cr
         except TimeoutError as exc:
             row.note = str(exc)[:120]
         row.seconds = time.monotonic() - start
-        stats = await query(survivors[0].api, lambda c: c.task_stats())
+        stats = await query(survivors[0], lambda c: c.task_stats())
         row.completed = int(stats["totals"]["done"])
         row.duplicates = int(stats["totals"]["duplicates"])
         row.note = row.note or f"takeovers {stats['totals']['takeovers']}"
@@ -581,22 +608,80 @@ def celery_crash(root: Path, workers: int, tasks: int, sleep: float, visibility:
     return row
 
 
+# --- Ed25519 bindings --------------------------------------------------------------------------
+
+
+def _median_us(operation: Any) -> float:
+    """Microseconds per call of `operation`, the median over CRYPTO_RUNS runs."""
+    runs = []
+    for _ in range(CRYPTO_RUNS):
+        start = time.perf_counter()
+        for _ in range(CRYPTO_OPS):
+            operation()
+        runs.append((time.perf_counter() - start) / CRYPTO_OPS * 1e6)
+    return statistics.median(runs)
+
+
+def crypto_rows() -> list[CryptoRow]:
+    """Ed25519 sign and verify of a task-sized message through PyNaCl and `cryptography`."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from nacl.bindings import crypto_sign, crypto_sign_open, crypto_sign_seed_keypair
+
+    message = bytes(i % 256 for i in range(CRYPTO_MESSAGE_BYTES))
+    public, secret = crypto_sign_seed_keypair(bytes(32))
+    signed = crypto_sign(message, secret)
+    rows = [
+        CryptoRow(
+            "PyNaCl (libsodium)",
+            _median_us(lambda: crypto_sign(message, secret)),
+            _median_us(lambda: crypto_sign_open(signed, public)),
+        )
+    ]
+    key = Ed25519PrivateKey.from_private_bytes(bytes(32))
+    verifier, signature = key.public_key(), key.sign(message)
+    rows.append(
+        CryptoRow(
+            "cryptography (OpenSSL)",
+            _median_us(lambda: key.sign(message)),
+            _median_us(lambda: verifier.verify(signature, message)),
+        )
+    )
+    return rows
+
+
+def crypto_table(rows: list[CryptoRow]) -> str:
+    lines = [
+        f"Ed25519, {CRYPTO_MESSAGE_BYTES}-byte message, median of {CRYPTO_RUNS} runs of "
+        f"{CRYPTO_OPS} operations",
+        f"{'binding':<24} {'sign us':>8} {'verify us':>10}",
+    ]
+    for r in rows:
+        lines.append(f"{r.binding:<24} {r.sign_us:>8.1f} {r.verify_us:>10.1f}")
+    if len(rows) == 2 and rows[0].verify_us:
+        lines.append(
+            f"{rows[1].binding} / {rows[0].binding}: sign {rows[1].sign_us / rows[0].sign_us:.2f}x"
+            f", verify {rows[1].verify_us / rows[0].verify_us:.2f}x"
+        )
+    return "\n".join(lines)
+
+
 # --- report ------------------------------------------------------------------------------------
 
 
 def table(report: Report) -> str:
     header = (
         f"{'system':<13} {'N':>3} {'tasks':>6} {'done':>6} {'tasks/s':>8} {'start p50':>9} "
-        f"{'p99':>7} {'result p50':>10} {'p99':>7} {'msg/task':>8} {'cpu ms/task':>11} {'dup':>4}"
-        f" {'all peers':>9}"
+        f"{'p99':>7} {'result p50':>10} {'p99':>7} {'msg/task':>8} {'cpu ms/task':>11} "
+        f"{'sig/task':>8} {'dup':>4} {'all peers':>9}"
     )
     lines = [header]
     for r in report.rows:
+        verified = f"{r.verified_per_task:>8.1f}" if r.verified_per_task is not None else "       -"
         lines.append(
             f"{r.system:<13} {r.workers:>3} {r.tasks:>6} {r.completed:>6} {r.throughput:>8.1f} "
             f"{r.start_p50_ms:>8.0f}ms {r.start_p99_ms:>5.0f}ms {r.accept_p50_ms:>8.0f}ms "
             f"{r.accept_p99_ms:>5.0f}ms {r.messages_per_task:>8.1f} {r.cpu_ms_per_task:>11.2f} "
-            f"{r.duplicates:>4} "
+            f"{verified} {r.duplicates:>4} "
             + (f"{r.converged_seconds:>8.1f}s" if r.converged_seconds else f"{'-':>9}")
         )
     by_size: dict[int, dict[str, Row]] = {}
@@ -663,7 +748,8 @@ def main(argv: list[str] | None = None) -> int:
     run_celery = not args.no_celery and missing is None
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    report = Report()
+    report = Report(crypto=crypto_rows())
+    print(crypto_table(report.crypto), end="\n\n", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-tasks-") as tmp:
         root = Path(tmp)
         for size in sizes:

@@ -10,6 +10,8 @@ Invariants:
   is ever signalled.
 - Peers listen on 127.0.0.1 only, on ports the OS reported free, with data directories and logs
   under the cluster's own directory.
+- Clients of a peer send the API token the peer generated in its data directory
+  (`Peer.client`, `Peer.cli_flags`).
 - Every wait is bounded: `wait_for` polls until a deadline and then raises `TimeoutError`
   carrying the last observation, so a failing test says what it saw.
 """
@@ -33,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from peer.api_token import TokenError  # noqa: E402
 from peer.client import ApiError, ClientError, GrapevineClient, GrapevineError  # noqa: E402
 from peer.demo.processes import (  # noqa: E402
     PeerProcess,
@@ -104,6 +107,14 @@ class Peer(PeerProcess):
     join: list[str]
     extra_args: Sequence[str] = ()
     """More `grapevine agent` flags for this peer (kept, so a restart runs it the same way)."""
+
+    def client(self) -> GrapevineClient:
+        """A client of this peer's API, sending the token in its data directory."""
+        return GrapevineClient(self.api, data_dir=self.data_dir)
+
+    def cli_flags(self) -> list[str]:
+        """The flags that point a `grapevine` client command at this peer, token included."""
+        return ["--api", self.api, "--data-dir", str(self.data_dir)]
 
 
 @dataclass
@@ -189,15 +200,15 @@ class LocalCluster:
         stop_processes((p.process for p in self.peers), grace)
 
 
-async def query(api: str, call: Callable[[GrapevineClient], Awaitable[T]]) -> T:
-    """Run one client call against the peer at `api`."""
-    async with GrapevineClient(api) as client:
+async def query(peer: Peer, call: Callable[[GrapevineClient], Awaitable[T]]) -> T:
+    """Run one client call against `peer`'s API."""
+    async with peer.client() as client:
         return await call(client)
 
 
 async def members_of(peer: Peer) -> list[dict[str, Any]]:
     """`peer`'s member list from its API."""
-    return await query(peer.api, lambda c: c.members())
+    return await query(peer, lambda c: c.members())
 
 
 async def statuses(peer: Peer) -> dict[str, str]:
@@ -236,7 +247,8 @@ async def wait_for(
 
 
 async def wait_ready(peers: Sequence[Peer], timeout: float) -> None:
-    """Wait until every peer's API answers, and record each peer's node id."""
+    """Wait until every peer's API answers, and record each peer's node id (a peer that has
+    not written its API token yet is not ready)."""
 
     async def ready() -> tuple[bool, object]:
         missing = []
@@ -244,8 +256,8 @@ async def wait_ready(peers: Sequence[Peer], timeout: float) -> None:
             if not peer.running():
                 raise RuntimeError(f"{peer.name} exited early:\n{peer.log_tail()}")
             try:
-                info = await query(peer.api, lambda c: c.self_info())
-            except ClientError:
+                info = await query(peer, lambda c: c.self_info())
+            except (ClientError, TokenError):
                 missing.append(peer.name)
                 continue
             peer.node_id = info["id"]

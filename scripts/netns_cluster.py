@@ -275,6 +275,8 @@ class NetnsCluster:
                 "--json",
                 "--api",
                 API,
+                "--data-dir",
+                str(host.data_dir),
             ],
             capture_output=True,
             text=True,

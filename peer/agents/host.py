@@ -1,26 +1,26 @@
 """The agent host: a peer's agents as executor roles, spawning, pools and the LLM demand gossip.
 
-Theory of operation. `AgentHost` installs one handler per role on the driver's executor. An
-execution of a role is given to an agent serving it with a free `max_concurrent` slot, least
-busy first; when all of them are busy it waits here for one (the node may start more work than
-fits: a standby's claim or a takeover does not wait for a slot). The peer declares
-(`Driver.serve`) the agents' roles, the built-ins `echo` and `sleep`, and `grapevine.spawn`
-while it may spawn more agents, with max_running = the sum of the agents' `max_concurrent` +
-`BUILTIN_SLOTS`. Every change of agents (spawn, pool growth, retirement) re-declares both.
+Theory of operation. `AgentHost` installs one handler per role on the driver's executor; an
+execution is run by an agent of its role picked by the `Roster` (`peer.agents.roster`). The
+peer declares (`Driver.serve`) the agents' roles, the built-ins `echo` and `sleep`, and
+`grapevine.spawn` while it may spawn more agents, with max_running = the sum of the agents'
+`max_concurrent` + `BUILTIN_SLOTS`. Every change of agents (spawn, pool growth, retirement)
+re-declares both.
 
 Invariants:
 - Placement is a task: a `grapevine.spawn` task is claimed by one peer like any other and its
   handler adds the agent there, so a spawn request adds exactly one agent (one more only after
-  a takeover, as for any task). A peer without room fails the task saying so.
-- A suspended execution (waiting on its children) holds neither an executor slot nor its
-  agent's slot; on resume it takes the agent's slot back at once, even beyond
-  `max_concurrent` (it never waits, so a tree cannot deadlock). Each agent keeps its account
-  in the protocol's `SlotLedger`, the one home of that rule.
+  a takeover, as for any task). A peer without room, or whose operator does not allow the
+  model or a tool asked for (`peer.agents.spawning`), fails the task saying so and changes
+  nothing.
+- A suspended execution holds neither an executor slot nor its agent's slot (the roster's
+  rule); the host only forwards the port's suspend and resume to it.
 - Declared agents (from the config) never retire; spawned ones retire after `idle_retire`
   idle seconds, and the pool grows spawned roles with demand (`peer.agents.pool`).
 - All agents share one model client, so per-peer rate limits and the breaker cover them all.
-  With a network-wide limit the host gossips its per-model demand every `DEMAND_INTERVAL`
-  seconds as the user event `DEMAND_EVENT` and hands the client its share of each model.
+  With a network-wide limit the host gossips its signed per-model demand every
+  `DEMAND_INTERVAL` seconds and hands the client its share of each model
+  (`peer.agents.demand`: only demands signed by their origin count).
 """
 
 from __future__ import annotations
@@ -29,30 +29,29 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from peer.agents import pool
-from peer.agents.limits import NetworkShare, decode_demand, encode_demand
-from peer.agents.ports import ChildResult, Model, TaskPort, TaskView
-from peer.agents.runtime import SPAWN_ROLE, AgentRuntime
-from peer.agents.spec import (
-    BUILTIN_TOOLS,
-    RESERVED_PREFIX,
-    RESERVED_ROLES,
-    AgentSpec,
-    PoolSettings,
-    TreeLimits,
-    is_valid_name,
+from peer.agents.demand import (
+    DEMAND_EVENT,
+    DEMAND_INTERVAL,
+    NODE_ID_CHARS,
+    DemandBoard,
+    seal_demand,
 )
+from peer.agents.ports import ChildResult, Model, TaskPort, TaskView
+from peer.agents.roster import HostedAgent, Roster
+from peer.agents.runtime import SPAWN_ROLE, AgentRuntime
+from peer.agents.spawning import SpawnAllowList, SpawnRequest
+from peer.agents.spec import AgentSpec, PoolSettings, TreeLimits
 from peer.agents.tools import Toolbox
 from peer.runtime.driver import Driver
 from peer.runtime.executor import Executor, Outcome, RoleHandler, Work, builtin_roles
 from protocol.effects import EventReceived
 from protocol.errors import LocalProtocolError
-from protocol.identity import short_id
-from protocol.slots import SlotLedger
+from protocol.identity import Signer, short_id
 from protocol.wire import MAX_ROLES
 
 log = logging.getLogger(__name__)
@@ -60,12 +59,6 @@ log = logging.getLogger(__name__)
 BUILTIN_SLOTS = 4
 """Executions of the built-in roles (`echo`, `sleep`, `grapevine.spawn`) on top of the
 agents' slots (the `AGENT_SLOTS` of a peer without agents)."""
-DEMAND_EVENT = "grapevine.llm-demand"
-DEMAND_INTERVAL = 5.0
-"""Seconds between two demand broadcasts; others forget a peer after 3 intervals of silence."""
-NODE_ID_CHARS = 52
-"""A node id as the API shows it: its whole base32 form."""
-MAX_SPAWN_INPUT = 16 * 1024
 
 
 class HostModel(Model, Protocol):
@@ -80,79 +73,12 @@ class HostModel(Model, Protocol):
         ...
 
 
-ShareOf = Callable[[str], float | None]
-"""share_of(model): this peer's requests per minute of a network-wide limit, or None."""
+class HostTaskPort:
+    """The task port agents get: the peer's, plus the roster's slot accounting."""
 
-
-@dataclass(slots=True)
-class _Agent:
-    """One hosted agent and what it is doing."""
-
-    spec: AgentSpec
-    runtime: AgentRuntime
-    spawned: bool
-    idle_since: float
-    slots: SlotLedger[bytes, None] = field(default_factory=SlotLedger)
-    """Executions it runs, suspended ones (holding no agent slot) included."""
-
-
-@dataclass(frozen=True, slots=True)
-class SpawnRequest:
-    """The input of a `grapevine.spawn` task."""
-
-    role: str
-    system: str
-    model: str
-    tools: tuple[str, ...]
-
-    @classmethod
-    def decode(cls, data: bytes) -> SpawnRequest:
-        """Parse {"role", "system", "model", "tools"?}; tools default to ("final_answer",).
-
-        Raises:
-            ValueError: not a JSON object, a field missing or of the wrong type, a reserved
-                or malformed role, or a tool that is not a built-in. The message says which.
-        """
-        if len(data) > MAX_SPAWN_INPUT:
-            raise ValueError(f"spawn request is {len(data)} bytes (max {MAX_SPAWN_INPUT})")
-        try:
-            body = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            body = None
-        if not isinstance(body, dict):
-            raise ValueError('spawn request must be a JSON object {"role", "system", "model"}')
-        unknown = sorted(set(body) - {"role", "system", "model", "tools"})
-        if unknown:
-            raise ValueError(f"spawn request: unknown field(s) {', '.join(unknown)}")
-        role, system, model = body.get("role"), body.get("system", ""), body.get("model")
-        if not isinstance(role, str) or not is_valid_name(role):
-            raise ValueError(f"spawn request: role must be a name (letters, digits, ._-): {role!r}")
-        if role in RESERVED_ROLES or role.startswith(RESERVED_PREFIX):
-            raise ValueError(f"spawn request: role {role!r} is reserved for the peer's own roles")
-        if not isinstance(system, str):
-            raise ValueError("spawn request: system must be a string")
-        if not isinstance(model, str) or not model.strip():
-            raise ValueError(f"spawn request: model must be a litellm model string, got {model!r}")
-        tools = body.get("tools", ["final_answer"])
-        if not isinstance(tools, list) or not all(isinstance(t, str) for t in tools):
-            raise ValueError("spawn request: tools must be an array of built-in tool names")
-        bad = [t for t in tools if t not in BUILTIN_TOOLS]
-        if bad:
-            raise ValueError(
-                f"spawn request: {', '.join(map(repr, bad))} not built-in tools "
-                f"({', '.join(BUILTIN_TOOLS)})"
-            )
-        if "final_answer" not in tools:
-            tools = [*tools, "final_answer"]
-        return cls(role, system, model, tuple(dict.fromkeys(tools)))
-
-
-class _HostPort:
-    """The task port agents get: the peer's, plus the host's own slot accounting."""
-
-    def __init__(self, inner: TaskPort, host: AgentHost) -> None:
+    def __init__(self, inner: TaskPort, roster: Roster) -> None:
         self._inner = inner
-        self._host = host
+        self._roster = roster
 
     def submit_child(self, parent: bytes, role: str, data: bytes, priority: int) -> bytes:
         return self._inner.submit_child(parent, role, data, priority)
@@ -161,12 +87,12 @@ class _HostPort:
         return await self._inner.wait_result(task_id)
 
     def suspend(self, task_id: bytes) -> None:
-        self._host._suspend(task_id)
+        self._roster.suspend(task_id)
         self._inner.suspend(task_id)
 
     def resume(self, task_id: bytes) -> None:
         self._inner.resume(task_id)
-        self._host._resume(task_id)
+        self._roster.resume(task_id)
 
     def task(self, task_id: bytes) -> TaskView | None:
         return self._inner.task(task_id)
@@ -186,14 +112,17 @@ class AgentHost:
         specs: the declared agents (from the config); they never retire.
         model: the shared model client.
         port: the task port over the driver (`peer.agents.peer_port.DriverTaskPort`).
+        signer: this peer's identity (it signs the demand events).
         limits: the delegation-tree limits every agent applies.
-        pool_settings: how many agents may be spawned, when they retire and grow.
+        pool_settings: how many agents may be spawned, with which models and tools, when they
+            retire and grow.
         workspace: the directory the file tools are jailed in (created if missing).
         network_rpm: a network-wide requests-per-minute limit per model; 0 = none.
         clock: monotonic seconds (the node's clock; defaults to the loop's).
 
     Raises:
-        ValueError: no executor is attached, or a spec's tools cannot be loaded.
+        ValueError: no executor is attached, the signer is not the node's identity, or a
+            spec's tools cannot be loaded.
     """
 
     def __init__(
@@ -203,6 +132,7 @@ class AgentHost:
         model: HostModel,
         port: TaskPort,
         *,
+        signer: Signer,
         limits: TreeLimits,
         pool_settings: PoolSettings,
         workspace: Path,
@@ -211,24 +141,29 @@ class AgentHost:
     ) -> None:
         if driver.executor is None:
             raise ValueError("attach an executor to the driver before creating the host")
+        if signer.node_id != driver.node.node_id:
+            raise ValueError("the signer is not this peer's identity")
         self.driver = driver
         self.executor: Executor = driver.executor
         self.client = model
+        self.signer = signer
         self.limits = limits
         self.pool_settings = pool_settings
+        self.allowed = SpawnAllowList.of(pool_settings, specs)
         self.workspace = workspace
         self._clock = clock or asyncio.get_running_loop().time
-        self._port = _HostPort(port, self)
-        self._agents: dict[str, _Agent] = {}
-        self._owner: dict[bytes, _Agent] = {}
-        self._waiting: dict[bytes, tuple[str, float]] = {}
-        """Executions waiting for a free agent: task id -> (role, since)."""
-        self._changed = asyncio.Event()
+        self.roster = Roster(self._clock)
+        self._port = HostTaskPort(port, self.roster)
         self._spawn_count = 0
+        self._demand_sequence = 0
         self._timers: list[asyncio.Task[None]] = []
         self._subscription: asyncio.Queue[Any] | None = None
-        self._shares: dict[str, NetworkShare] = {}
         self.network_rpm = network_rpm
+        self.demand: DemandBoard | None = None
+        if network_rpm > 0:
+            self.demand = DemandBoard(
+                driver.node.node_id, network_rpm, signer.network_id, self._member_key
+            )
         self.me = short_id(driver.node.node_id, NODE_ID_CHARS)
         workspace.mkdir(parents=True, exist_ok=True)
         for spec in specs:
@@ -241,7 +176,7 @@ class AgentHost:
         self._serve()
         loop = asyncio.get_running_loop()
         self._timers.append(loop.create_task(self._pool_loop()))
-        if self.network_rpm > 0:
+        if self.demand is not None:
             self._subscription = self.driver.hub.subscribe()
             self._timers.append(loop.create_task(self._demand_loop()))
             self._timers.append(loop.create_task(self._listen(self._subscription)))
@@ -260,7 +195,7 @@ class AgentHost:
     @property
     def roles(self) -> tuple[str, ...]:
         """The roles this peer declares, sorted."""
-        roles = {role for agent in self._agents.values() for role in agent.spec.roles}
+        roles = self.roster.served()
         roles.update(builtin_roles())
         if self.spawned < self.pool_settings.max_spawned:
             roles.add(SPAWN_ROLE)
@@ -269,21 +204,19 @@ class AgentHost:
     @property
     def max_running(self) -> int:
         """Executions run at once: every agent's `max_concurrent` + `BUILTIN_SLOTS`."""
-        return BUILTIN_SLOTS + sum(a.spec.max_concurrent for a in self._agents.values())
+        return BUILTIN_SLOTS + self.roster.slots
 
     @property
     def spawned(self) -> int:
         """Agents added at runtime and not retired."""
-        return sum(1 for agent in self._agents.values() if agent.spawned)
+        return self.roster.spawned
 
     def share_of(self, model: str) -> float | None:
         """This peer's requests per minute of the network-wide limit on `model` (None: no
         network-wide limit); give it to the model client."""
-        if self.network_rpm <= 0:
+        if self.demand is None:
             return None
-        now = self._clock()
-        mine = self.client.demand().get(model, 0.0)
-        return self._share(model).share(self.me, mine, now)
+        return self.demand.share(model, self.client.demand().get(model, 0.0), self._clock())
 
     def add(self, spec: AgentSpec, *, spawned: bool) -> None:
         """Host one more agent and declare its roles.
@@ -296,44 +229,31 @@ class AgentHost:
 
     def status(self) -> dict[str, Any]:
         """The agents, their load and the model client's status, as JSON-able values."""
-        now = self._clock()
-        agents = [
-            {
-                "name": agent.spec.name,
-                "roles": list(agent.spec.roles),
-                "model": agent.spec.model,
-                "max_concurrent": agent.spec.max_concurrent,
-                "running": len(agent.slots.running),
-                "suspended": len(agent.slots.suspended),
-                "spawned": agent.spawned,
-                "idle_for": None if agent.slots.running else round(now - agent.idle_since, 3),
-            }
-            for agent in self._agents.values()
-        ]
         return {
-            "agents": agents,
+            "agents": self.roster.status(self._clock()),
             "roles": list(self.roles),
             "max_running": self.max_running,
             "spawned": self.spawned,
             "max_spawned": self.pool_settings.max_spawned,
-            "waiting": len(self._waiting),
+            "waiting": len(self.roster.waiting),
             "network_rpm": self.network_rpm,
+            "demand_dropped": {} if self.demand is None else dict(self.demand.dropped),
             "model": self.client.status(),
         }
 
     def _add(self, spec: AgentSpec, *, spawned: bool) -> None:
-        if spec.name in self._agents:
+        if spec.name in self.roster.agents:
             raise ValueError(f"agent {spec.name!r} already exists on this peer")
         runtime = AgentRuntime(
             spec, self.client, self._port, Toolbox.load(spec.tools), self.limits, self.workspace
         )
-        self._agents[spec.name] = _Agent(spec, runtime, spawned, self._clock())
+        self.roster.add(HostedAgent(spec, runtime, spawned, self._clock()))
         for role in spec.roles:
             if role not in self.executor.handlers:
                 self.executor.handlers[role] = self._handler(role)
 
     def _serve(self) -> None:
-        served = {role for agent in self._agents.values() for role in agent.spec.roles}
+        served = self.roster.served()
         for role in list(self.executor.handlers):
             if role not in served and role not in builtin_roles() and role != SPAWN_ROLE:
                 del self.executor.handlers[role]
@@ -342,63 +262,25 @@ class AgentHost:
         # completion or suspension (the executor has no call to re-check at once).
         self.executor.max_running = self.max_running
         self.driver.serve(self.roles, self.max_running)
-        self._notify()
-
-    # Executions
+        self.roster.notify()
 
     def _handler(self, role: str) -> RoleHandler:
         async def run(work: Work) -> Outcome:
-            agent = await self._acquire(role, work.task_id)
+            agent = await self.roster.acquire(role, work.task_id)
             try:
                 return await agent.runtime.run(work)
             finally:
-                self._release(agent, work.task_id)
+                self.roster.release(agent, work.task_id)
 
         return run
-
-    async def _acquire(self, role: str, task_id: bytes) -> _Agent:
-        try:
-            while True:
-                serving = [a for a in self._agents.values() if role in a.spec.roles]
-                if not serving:
-                    raise RuntimeError(f"no agent of role {role!r} on this peer any more")
-                free = [a for a in serving if a.slots.has_room(a.spec.max_concurrent)]
-                if free:
-                    agent = min(free, key=lambda a: a.slots.used())
-                    agent.slots.start(task_id, None)
-                    self._owner[task_id] = agent
-                    return agent
-                self._waiting.setdefault(task_id, (role, self._clock()))
-                changed = self._changed
-                await changed.wait()
-        finally:
-            self._waiting.pop(task_id, None)
-
-    def _release(self, agent: _Agent, task_id: bytes) -> None:
-        agent.slots.finish(task_id)
-        self._owner.pop(task_id, None)
-        if not agent.slots.running:
-            agent.idle_since = self._clock()
-        self._notify()
-
-    def _suspend(self, task_id: bytes) -> None:
-        agent = self._owner.get(task_id)
-        if agent is not None and agent.slots.suspend(task_id):
-            self._notify()
-
-    def _resume(self, task_id: bytes) -> None:
-        agent = self._owner.get(task_id)
-        if agent is not None:
-            agent.slots.resume(task_id)
-
-    def _notify(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
 
     # Spawning and the pool
 
     async def _spawn(self, work: Work) -> bytes:
         request = SpawnRequest.decode(work.input)
+        refusal = self.allowed.refusal(request)
+        if refusal is not None:
+            raise PermissionError(refusal)
         if self.spawned >= self.pool_settings.max_spawned:
             raise RuntimeError(
                 f"no room: this peer already hosts {self.spawned} spawned agents "
@@ -427,22 +309,17 @@ class AgentHost:
         while True:
             self._spawn_count += 1
             name = f"{role}-spawned-{self._spawn_count}"
-            if name not in self._agents:
+            if name not in self.roster.agents:
                 return name
 
     def pool_members(self) -> list[pool.PoolMember]:
         """The agents as the pool decision sees them."""
-        return [
-            pool.PoolMember(
-                a.spec.name, a.spec.roles, a.spawned, len(a.slots.running), a.idle_since
-            )
-            for a in self._agents.values()
-        ]
+        return self.roster.pool_members()
 
     def waiting_since(self) -> dict[str, float]:
         """Per role of a spawned agent: since when its oldest open task has waited, unclaimed
         in the network (as this peer sees it) or here for a free agent."""
-        pooled = {role for a in self._agents.values() if a.spawned for role in a.spec.roles}
+        pooled = {role for a in self.roster if a.spawned for role in a.spec.roles}
         oldest: dict[str, float] = {}
         if not pooled:
             return oldest
@@ -452,7 +329,7 @@ class AgentHost:
             role = state.record.role
             if role in pooled:
                 oldest[role] = min(oldest.get(role, state.first_seen), state.first_seen)
-        for role, since in self._waiting.values():
+        for role, since in self.roster.waiting.values():
             if role in pooled:
                 oldest[role] = min(oldest.get(role, since), since)
         return oldest
@@ -476,15 +353,13 @@ class AgentHost:
             self.free_elsewhere(),
         )
         for name in plan.grow:
-            template = self._agents[name].spec
+            template = self.roster.agents[name].spec
             role = template.roles[0]
             spec = replace(template, name=self._spawn_name(role))
             log.info("pool: tasks of %s wait; adding agent %s", role, spec.name)
             self._add(spec, spawned=True)
         for name in plan.retire:
-            agent = self._agents.get(name)
-            if agent is not None and agent.spawned and not agent.slots.running:
-                del self._agents[name]
+            if self.roster.retire(name):
                 log.info("pool: retired idle agent %s", name)
         if plan.grow or plan.retire:
             self._serve()
@@ -501,38 +376,40 @@ class AgentHost:
 
     # Network-wide LLM limit
 
-    def _share(self, model: str) -> NetworkShare:
-        share = self._shares.get(model)
-        if share is None:
-            share = NetworkShare(self.network_rpm, 3 * DEMAND_INTERVAL)
-            self._shares[model] = share
-        return share
-
     def broadcast_demand(self) -> None:
-        """Gossip this peer's demand per model (a `DEMAND_EVENT` user event)."""
-        demand = self.client.demand()
+        """Gossip this peer's demand per model, signed (a `DEMAND_EVENT` user event)."""
+        self._demand_sequence += 1
+        node = self.driver.node
         try:
-            self.driver.broadcast(DEMAND_EVENT, encode_demand(demand))
+            payload = seal_demand(
+                self.signer, node.incarnation, self._demand_sequence, self.client.demand()
+            )
+            self.driver.broadcast(DEMAND_EVENT, payload)
         except (ValueError, LocalProtocolError) as exc:
             log.warning("cannot gossip the LLM demand: %s", exc)
 
     def observe_demand(self, origin: bytes, payload: bytes) -> None:
-        """Take in another peer's demand event."""
-        if origin == self.driver.node.node_id:
+        """Take in a demand event claimed to come from `origin` (dropped and counted unless
+        that member signed it; see `peer.agents.demand`)."""
+        if self.demand is None:
             return
-        try:
-            demand = decode_demand(payload)
-        except ValueError as exc:
-            log.debug("ignoring a malformed demand event: %s", exc)
-            return
-        now = self._clock()
-        peer = short_id(origin, NODE_ID_CHARS)
-        for model in set(demand) | set(self._shares):
-            self._share(model).observe(peer, demand.get(model, 0.0), now)
+        reason = self.demand.observe(origin, payload, self._clock())
+        if reason is not None:
+            log.debug("dropped a demand event from %s: %s", short_id(origin), reason)
+
+    def _member_key(self, node_id: bytes) -> bytes | None:
+        """A live member's key: a down member's demand (a replay, as it sends none) is refused."""
+        node = self.driver.node
+        member = node.member(node_id)
+        if member is None or node.is_down(node_id):
+            return None
+        return member.alive.public_key
 
     async def _demand_loop(self) -> None:
         while True:
             self.broadcast_demand()
+            if self.demand is not None:
+                self.demand.forget(self.driver.node.is_down)
             await asyncio.sleep(DEMAND_INTERVAL)
 
     async def _listen(self, queue: asyncio.Queue[Any]) -> None:

@@ -55,9 +55,9 @@ class AgentSpec:
     max_tokens: int | None = None
     """Completion tokens per model call; None leaves the provider's default."""
     budget: Budget = field(default_factory=Budget)
-    """What one root task of this agent and everything it delegates may spend (0 = unlimited
-    in that unit). A task whose input carries a budget uses that instead; with neither, the
-    tree limits' `default_budget` applies."""
+    """What one task of this agent and everything it delegates may spend at most (0 =
+    unlimited in that unit); unset, the tree limits' `default_budget`. The operator's cap: a
+    task's input may ask for less, never more (`peer.agents.tree.budget_for`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +76,7 @@ class TreeLimits:
     rest is split equally among the delegate calls of one model turn. Higher leaves the parent
     room to combine the answers, lower gives children more to work with."""
     default_budget: Budget = field(default_factory=lambda: Budget(tokens=200_000))
-    """The budget of a root task when neither its input nor its agent gives one."""
+    """The cap on a task's budget when its agent gives none (a task may ask for less)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +90,13 @@ class PoolSettings:
     """Seconds a spawned agent may sit idle before it is retired and its slot withdrawn."""
     grow_after: float = 5.0
     """Seconds tasks of a role must have waited before the pool adds an agent for it."""
+    models: tuple[str, ...] | None = None
+    """Models a spawned agent may use: every call is billed to this peer's keys, so a spawn
+    naming any other fails. None: the models of the `[[agents]]` and the offline model
+    (`peer.agents.spawning.SpawnAllowList.of`)."""
+    tools: tuple[str, ...] | None = None
+    """Built-in tools a spawned agent may be given (`final_answer` always); a spawn asking for
+    any other fails. None: the built-in tools of the `[[agents]]`."""
 
 
 def parse_agents(value: object) -> tuple[AgentSpec, ...]:
@@ -158,10 +165,14 @@ def parse_pool(value: object) -> PoolSettings:
     if idle is not None and idle <= 0:
         raise ValueError(f"pool.idle_retire: must be a number of seconds > 0, got {idle}")
     grow = _number("pool.grow_after", table.get("grow_after"), 0.0, math.inf)
+    models = table.get("models")
+    tools = table.get("tools")
     return PoolSettings(
         max_spawned=_int("pool.max_spawned", table.get("max_spawned"), 0, defaults.max_spawned),
         idle_retire=defaults.idle_retire if idle is None else idle,
         grow_after=defaults.grow_after if grow is None else grow,
+        models=None if models is None else _models("pool.models", models),
+        tools=None if tools is None else _builtin_tools("pool.tools", tools),
     )
 
 
@@ -234,6 +245,30 @@ def _tools(where: str, value: object) -> tuple[str, ...]:
             raise ValueError(f"{where}[{i}]: {tool!r} is listed twice")
         tools.append(tool)
     return tuple(tools)
+
+
+def _models(where: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: must be an array of litellm model strings, got {_kind(value)}")
+    models: list[str] = []
+    for i, model in enumerate(value):
+        if not isinstance(model, str) or not model.strip():
+            raise ValueError(f"{where}[{i}]: must be a litellm model string, got {model!r}")
+        if model in models:
+            raise ValueError(f"{where}[{i}]: {model!r} is listed twice")
+        models.append(model)
+    return tuple(models)
+
+
+def _builtin_tools(where: str, value: object) -> tuple[str, ...]:
+    tools = _tools(where, value)
+    for i, tool in enumerate(tools):
+        if tool not in BUILTIN_TOOLS:
+            raise ValueError(
+                f"{where}[{i}]: {tool!r} is not a built-in tool ({', '.join(BUILTIN_TOOLS)}); "
+                "spawned agents get built-in tools only"
+            )
+    return tools
 
 
 def _budget(where: str, value: object) -> Budget:

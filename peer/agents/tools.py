@@ -12,7 +12,7 @@ Invariants:
   tool's own exception become a result "error: ..." that the model reads and can act on.
   Sync tools run in a thread so they cannot stall the peer's event loop.
 - `read_file` and `write_file` stay inside the workspace: relative paths only, no "..", and
-  the resolved path (symlinks followed) must still be inside it.
+  no symbolic link followed at any step of the open (`peer.agents.jail`).
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ import re
 import typing
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
+from peer.agents.jail import read_beneath, write_beneath
 from peer.agents.spec import BUILTIN_TOOLS, is_import_path
 
 MAX_FILE = 256 * 1024
@@ -84,11 +85,7 @@ def read_file(path: str, *, context: ToolContext) -> str:
     Args:
         path: relative to the workspace, e.g. "notes/plan.md".
     """
-    target = jailed(context.workspace, path)
-    size = target.stat().st_size
-    if size > MAX_FILE:
-        raise ValueError(f"{path} is {size} bytes, more than the {MAX_FILE // 1024} KiB limit")
-    return target.read_text(encoding="utf-8", errors="replace")
+    return read_beneath(context.workspace, path, MAX_FILE).decode("utf-8", errors="replace")
 
 
 def write_file(path: str, content: str, *, context: ToolContext) -> str:
@@ -102,11 +99,7 @@ def write_file(path: str, content: str, *, context: ToolContext) -> str:
     if len(data) > MAX_FILE:
         limit = MAX_FILE // 1024
         raise ValueError(f"content is {len(data)} bytes, more than the {limit} KiB limit")
-    target = jailed(context.workspace, path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir may have walked through a symlink created meanwhile: check the jail again.
-    target = jailed(context.workspace, path)
-    target.write_bytes(data)
+    write_beneath(context.workspace, path, data)
     return f"wrote {len(data)} bytes to {path}"
 
 
@@ -128,27 +121,6 @@ _BUILTINS: dict[str, Callable[..., Any]] = {
 }
 CHILD_TOOLS = frozenset({"delegate", "spawn_agent"})
 """Built-ins that wait on child tasks (the runtime suspends the task around them)."""
-
-
-def jailed(workspace: Path, path: str) -> Path:
-    """The absolute path of `path` inside `workspace`.
-
-    Raises:
-        ValueError: `path` is empty, absolute, contains "..", or resolves (following
-            symlinks) outside the workspace.
-    """
-    if not path or "\x00" in path:
-        raise ValueError("the path is empty")
-    pure = PurePosixPath(path.replace("\\", "/"))
-    if pure.is_absolute() or Path(path).is_absolute():
-        raise ValueError(f"{path!r} is absolute; give a path relative to the workspace")
-    if ".." in pure.parts:
-        raise ValueError(f"{path!r} contains '..'; the workspace is the limit")
-    root = workspace.resolve()
-    target = (root / pure).resolve()
-    if not target.is_relative_to(root) or target == root:
-        raise ValueError(f"{path!r} leads outside the workspace")
-    return target
 
 
 @dataclass(frozen=True, slots=True)

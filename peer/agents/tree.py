@@ -3,7 +3,8 @@
 Theory of operation. A task at depth d may create children at depth d + 1 while
 d + 1 <= `max_depth`, at most `max_children` of them. A delegate is refused when its
 (role, request) is that of the task itself or of any ancestor (a loop), or when this execution
-has already asked for it (the model asking twice). Budgets flow down: a parent keeps
+has already asked for it (the model asking twice). Budgets flow down: a task runs under what
+its input asks, capped by the budget of the operator of the peer running it; a parent keeps
 `parent_reserve` of what remains for its own calls and splits the rest equally among the
 delegate calls of one model turn; when the children end, their actual usage (their whole
 subtree's, as known here) is charged and the unspent rest is the parent's again. Before every
@@ -37,11 +38,24 @@ def request_of(data: bytes) -> str:
 
 
 def budget_for(given: Budget, spec: AgentSpec, limits: TreeLimits) -> Budget:
-    """The budget a task runs under: its input's, else its agent's, else the default."""
-    for budget in (given, spec.budget):
-        if budget.tokens or budget.cost_micro:
-            return budget
-    return limits.default_budget
+    """The budget a task runs under: what its input asks, capped by the operator's.
+
+    The operator's cap is the agent's `budget`, else `limits.default_budget`. Per unit, the
+    smaller of the two limits applies (0 = unlimited, so a unit only one of them limits keeps
+    that limit): a task may ask for less than the cap, never for more.
+    """
+    cap = spec.budget if spec.budget.tokens or spec.budget.cost_micro else limits.default_budget
+    return Budget(
+        tokens=_tighter(given.tokens, cap.tokens),
+        cost_micro=_tighter(given.cost_micro, cap.cost_micro),
+    )
+
+
+def _tighter(asked: int, cap: int) -> int:
+    """The smaller of two limits where 0 means unlimited."""
+    if not asked or not cap:
+        return asked or cap
+    return min(asked, cap)
 
 
 def check_depth(depth: int, limits: TreeLimits) -> str | None:

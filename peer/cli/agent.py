@@ -5,7 +5,8 @@ what makes it a command.
 
 Invariants:
 - Exit status: 0 after a graceful exit, 1 if the peer could not start (address in use, data
-  directory locked, ...), 2 if the settings are unusable (no key); the reason goes to stderr.
+  directory locked, database corrupt or unwritable, ...), 2 if the settings are unusable (no
+  key); the reason goes to stderr as one line, never a traceback.
 - The ready line goes to stderr once both servers listen; a last line once the peer left.
 - Shutdown (SIGINT, SIGTERM or `POST /v1/leave`) is always graceful: gossip the leave and wait
   for it to go out (at most `LEAVE_TIMEOUT`), then `build_peer` stops the parts.
@@ -28,6 +29,7 @@ from bootstrap.join import join_with_retry, refresh_seeds
 from bootstrap.seeds import parse_seeds
 from peer.agents.offline import OFFLINE_MODEL
 from peer.build import Peer, PeerStartError, build_peer
+from peer.runtime.store import StoreError
 from peer.settings import AgentSettings, SettingsError
 from protocol.identity import short_id
 
@@ -60,7 +62,9 @@ async def run_agent(
     except SettingsError as exc:
         print(f"grapevine agent: {exc}", file=sys.stderr)
         return 2
-    except PeerStartError as exc:
+    except (PeerStartError, StoreError) as exc:
+        # StoreError: the data directory failed while starting (say, a full disk for the new
+        # incarnation); one line naming the file beats a traceback.
         print(f"grapevine agent: {exc}", file=sys.stderr)
         return 1
     print(f"grapevine agent {short_id(peer.node.node_id)} left", file=sys.stderr, flush=True)

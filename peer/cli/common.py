@@ -9,8 +9,10 @@ Invariants:
 - Every command that prints a table takes `--json` (`json_option`), which prints the API's own
   objects with the field names of docs/http-api.md, so scripts do not depend on the human layout.
 - Client commands find the peer through `--api` (`api_option`), else `$GRAPEVINE_API`, else
-  127.0.0.1:8946, and run through `client_command`, which turns a refused connection or an API
-  problem into exit 1 and a bad address into exit 2.
+  127.0.0.1:8946, and its API token through `--token-file`, `--data-dir` or the places
+  `peer.api_token.find_token` looks; they run through `client_command`, which turns a refused
+  connection or an API problem into exit 1, a bad address or token file into exit 2, and a
+  401 into a line saying how to pass the token.
 - Every subcommand's namespace carries `prog` ("grapevine members") and `parser`, set by
   `add_command`, so messages name the command the user ran.
 """
@@ -23,8 +25,10 @@ import os
 import sys
 import textwrap
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import NoReturn, TypeAlias
 
+from peer.api_token import TOKEN_HELP, TokenError
 from peer.client import DEFAULT_API, ApiError, ClientError, GrapevineClient
 
 EXIT_OK = 0
@@ -94,13 +98,30 @@ def add_command(
 
 
 def api_option() -> Parser:
-    """A parent parser holding `--api HOST:PORT`, for every command that talks to a peer."""
+    """A parent parser holding `--api HOST:PORT` and the token options (`--token-file`,
+    `--data-dir`), for every command that talks to a peer."""
     parser = Parser(add_help=False)
     parser.add_argument(
         "--api",
         metavar="HOST:PORT",
         default=None,
         help=f"the peer's API address (default: $GRAPEVINE_API, else {DEFAULT_API})",
+    )
+    parser.add_argument(
+        "--token-file",
+        metavar="PATH",
+        type=Path,
+        default=None,
+        help="file holding the peer's API token (default: $GRAPEVINE_API_TOKEN, else "
+        "$GRAPEVINE_API_TOKEN_FILE, else api.token in the peer's data directory)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        metavar="PATH",
+        type=Path,
+        default=None,
+        help="the peer's data directory, whose api.token to send (default: "
+        "$GRAPEVINE_DATA_DIR, else ./grapevine-data, as for `grapevine agent`)",
     )
     return parser
 
@@ -125,7 +146,7 @@ def _run_client(args: argparse.Namespace, command: ClientCommand) -> int:
     """
     api = args.api or os.environ.get("GRAPEVINE_API") or DEFAULT_API
     try:
-        client = GrapevineClient(api)
+        client = GrapevineClient(api, data_dir=args.data_dir, token_file=args.token_file)
     except ValueError as exc:
         return fail(args, str(exc), EXIT_USAGE)
 
@@ -135,12 +156,23 @@ def _run_client(args: argparse.Namespace, command: ClientCommand) -> int:
 
     try:
         return asyncio.run(run())
+    except TokenError as exc:
+        return fail(args, f"{exc}; {TOKEN_HELP}", EXIT_USAGE)
     except ClientError as exc:
         return fail(
             args, f"{exc}; is `grapevine agent` running? (set --api or GRAPEVINE_API)", EXIT_FAILED
         )
     except ApiError as exc:
+        if exc.status == 401:
+            return fail(args, _unauthorized(client.token_source), EXIT_FAILED)
         return fail(args, f"{exc.title}: {exc.detail}" if exc.detail else exc.title, EXIT_FAILED)
+
+
+def _unauthorized(source: str | None) -> str:
+    """The line for a 401: which token was refused, or that none was found, and what to do."""
+    if source is None:
+        return f"the peer wants its API token and none was found; {TOKEN_HELP}"
+    return f"the peer refused the API token from {source}; {TOKEN_HELP}"
 
 
 def warn(args: argparse.Namespace, message: str) -> None:

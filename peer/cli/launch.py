@@ -18,13 +18,14 @@ from pathlib import Path
 
 from peer.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Subcommands, add_command, fail, warn
 from peer.client import DEFAULT_API
-from peer.runtime.sealing import encode_key, generate_network_key
+from peer.runtime.keyring import encode_key, generate_network_key
 
 _AGENT_FLAGS = (
     "network_key_file",
     "bind",
     "advertise",
     "api",
+    "api_token_file",
     "data_dir",
     "join",
     "profile",
@@ -134,7 +135,17 @@ def _add_agent(commands: Subcommands) -> None:
         "--api",
         metavar="HOST:PORT",
         default=suppress,
-        help=f"address of the local HTTP API (default {DEFAULT_API}; keep it on loopback)",
+        help=f"address of the local HTTP API (default {DEFAULT_API}; keep it on loopback: "
+        "any other address needs --api-token-file)",
+    )
+    agent.add_argument(
+        "--api-token-file",
+        metavar="PATH",
+        dest="api_token_file",
+        default=suppress,
+        help="file holding the API token clients must send (one line; the peers of one "
+        "operator may share it); default: a token generated at first start in "
+        "DATA_DIR/api.token, readable only by you",
     )
     agent.add_argument(
         "--data-dir",

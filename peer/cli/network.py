@@ -33,7 +33,7 @@ from peer.cli.common import (
     usage,
 )
 from peer.client import GrapevineClient, JsonObject
-from peer.runtime.sealing import decode_key, encode_key
+from peer.runtime.keyring import decode_key, encode_key
 
 Shown = TypeVar("Shown")
 

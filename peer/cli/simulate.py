@@ -7,6 +7,9 @@ Invariants:
   never a traceback.
 - Progress goes to stderr, and only when stderr is a terminal, so `--json` output on stdout
   stays machine-readable and logs stay clean.
+- With `--tasks`, the per-task costs (`bytes_per_task`, `verifications_per_task`) have the
+  membership baseline subtracted: the run is simulated again without tasks
+  (`protocol.sim.scenario` explains); the baseline totals are printed too.
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ import json
 import re
 import sys
 import time
+from dataclasses import replace
 from typing import TextIO
 
 from peer.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Subcommands, add_command
-from protocol.sim.scenario import Figure, ScenarioParams, run_scenario
+from protocol.config import sim
+from protocol.sim.figures import Figure
+from protocol.sim.scenario import ScenarioParams, run_scenario
 
 PROG = "grapevine simulate"
 PARTITION_AT = 40.0
@@ -63,7 +69,8 @@ def register(commands: Subcommands) -> None:
         "run the real protocol on a simulated network",
         "Run many peers' protocol code on a deterministic simulated network (virtual clock, "
         "seeded loss and partitions) and report convergence and failure-detection figures.",
-        "  grapevine simulate --nodes 1000 --loss 0.2 --partition 30s",
+        "  grapevine simulate --nodes 1000 --loss 0.2 --partition 30s\n"
+        "  grapevine simulate --nodes 100 --tasks 1000 --replication 2 --json",
     )
     add_arguments(simulate)
     simulate.set_defaults(handler=run)
@@ -101,6 +108,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--broadcasts", type=int, default=3, help="user events to send")
     parser.add_argument(
+        "--tasks",
+        type=int,
+        default=0,
+        help="tasks to submit at random live peers over the first half of the run (default 0)",
+    )
+    parser.add_argument(
+        "--replication",
+        type=int,
+        default=None,
+        help="the task plane's replication setting (default "
+        f"{sim().tasks.replication}, the configuration's)",
+    )
+    parser.add_argument(
         "--duration",
         type=_duration_arg,
         default=None,
@@ -123,7 +143,7 @@ def params_from(args: argparse.Namespace) -> ScenarioParams:
         raise UsageError("--loss must be in [0, 1)")
     if not 0.0 <= args.duplicate <= 1.0:
         raise UsageError("--duplicate must be in [0, 1]")
-    for flag in ("crashes", "pauses", "broadcasts"):
+    for flag in ("crashes", "pauses", "broadcasts", "tasks"):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag} must not be negative")
     if args.crashes + args.pauses > args.nodes - 1:
@@ -142,6 +162,11 @@ def params_from(args: argparse.Namespace) -> ScenarioParams:
             duration = max(duration, PARTITION_AT + partition[1] + AFTER_HEAL)
     if not duration > 0:
         raise UsageError("--duration must be positive")
+    config = sim()
+    if args.replication is not None:
+        if args.replication < 0:
+            raise UsageError("--replication must not be negative")
+        config = replace(config, tasks=replace(config.tasks, replication=args.replication))
     return ScenarioParams(
         nodes=args.nodes,
         seed=args.seed,
@@ -154,6 +179,8 @@ def params_from(args: argparse.Namespace) -> ScenarioParams:
         crashes=args.crashes,
         pauses=args.pauses,
         broadcasts=args.broadcasts,
+        tasks=args.tasks,
+        config=config,
     )
 
 
@@ -171,15 +198,15 @@ class _Progress:
         if now - self.last < 0.25:
             return
         self.last = now
-        what = "joining" if phase == "joining" else "simulating"
+        what = {"joining": "joining", "baseline": "baseline without tasks"}.get(phase, "simulating")
         line = f"{what} {self.nodes} peers: {done:.0f}/{total:.0f} s"
-        self.stream.write(f"\r{line:<60}")
+        self.stream.write(f"\r{line:<70}")
         self.stream.flush()
         self.shown = True
 
     def clear(self) -> None:
         if self.shown:
-            self.stream.write("\r" + " " * 60 + "\r")
+            self.stream.write("\r" + " " * 70 + "\r")
             self.stream.flush()
 
 
@@ -209,15 +236,34 @@ _ROWS: tuple[tuple[str, str, str], ...] = (
     ("messages_per_peer_s", "messages per peer per second", ""),
     ("bytes_per_peer_s", "bytes per peer per second", ""),
     ("messages", "messages sent", ""),
-    ("lost", "  lost", ""),
-    ("duplicated", "  duplicated", ""),
-    ("cut", "  cut by the partition", ""),
+    ("messages_lost", "  lost", ""),
+    ("messages_duplicated", "  duplicated", ""),
+    ("messages_cut", "  cut by the partition", ""),
+    ("tasks", "tasks submitted", ""),
+    ("replication", "  replication", ""),
+    ("done", "  done (result at the submitting peer)", ""),
+    ("lost", "  lost (no result anywhere)", ""),
+    ("duplicates", "  duplicate executions", ""),
+    ("task_violations", "  invariant violations", ""),
+    ("result_p50_s", "  result after (median)", "s"),
+    ("result_p99_s", "  result after (p99)", "s"),
+    ("verifications_per_task", "  signatures verified per task, all peers", ""),
+    ("bytes_per_task", "  bytes sent per task, all peers", ""),
+    ("baseline_verifications", "  baseline (no tasks): signatures verified", ""),
+    ("baseline_bytes", "  baseline (no tasks): bytes sent", ""),
     ("simulated_seconds", "simulated time", "s"),
     ("events", "simulator events", ""),
     ("signatures_verified", "signatures verified", ""),
     ("cache_hits", "  verifications saved by the cache", ""),
     ("wall", "wall time", "s"),
 )
+
+_TASK_ROWS = frozenset(
+    {"tasks", "replication", "done", "lost", "duplicates", "task_violations", "result_p50_s",
+     "result_p99_s", "verifications_per_task", "bytes_per_task", "baseline_verifications",
+     "baseline_bytes"}
+)  # fmt: skip
+"""Rows shown only when tasks were submitted."""
 
 
 def _show(value: Figure, unit: str) -> str:
@@ -245,7 +291,9 @@ def format_table(figures: dict[str, Figure]) -> str:
     if not figures.get("pauses"):
         skip |= {"pause_seconds"}
     if figures.get("partition_s") is None:
-        skip |= {"partition_s", "healed_after_s", "cut"}
+        skip |= {"partition_s", "healed_after_s", "messages_cut"}
+    if not figures.get("tasks"):
+        skip |= _TASK_ROWS
     rows = [(label, _show(figures[k], unit)) for k, label, unit in _ROWS if k in figures]
     rows = [
         (label, text)

@@ -169,6 +169,8 @@ async def _submit_all(
                 )
                 run.submitted[number] = str(answer["id"])
             except ApiError as exc:
+                if exc.status == 401:
+                    raise  # no line can pass: one message says how to pass the token
                 reason = exc.detail or exc.title
                 run.bad.append((number, f"refused: {reason}"))
                 print(f"{args.prog}: {args.file} line {number}: refused: {reason}", file=sys.stderr)

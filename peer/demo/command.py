@@ -51,7 +51,7 @@ from peer.demo.network import (
 )
 from peer.demo.report import final_report
 from peer.demo.team import config_text, team
-from peer.runtime.sealing import encode_key, generate_network_key
+from peer.runtime.keyring import encode_key, generate_network_key
 
 PROG = "grapevine demo"
 EXIT_OK = 0
@@ -75,7 +75,7 @@ async def _demo(args: argparse.Namespace, root: Path, processes: DemoPeers) -> R
         name = f"p{number}"
         config = root / f"{name}.toml"
         config.write_text(config_text(agents, args.model, key_file, root / name))
-        peers.append(DemoPeer(name, root / f"{name}.log", config=config))
+        peers.append(DemoPeer(name, root / f"{name}.log", config=config, data_dir=root / name))
 
     seed = peers[0]
     processes.start(seed, None)
@@ -87,7 +87,7 @@ async def _demo(args: argparse.Namespace, root: Path, processes: DemoPeers) -> R
         await wait_listening(peer, deadline)
 
     async with contextlib.AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(GrapevineClient(p.api)) for p in peers]
+        clients = [await stack.enter_async_context(p.client()) for p in peers]
         network = DemoNetwork(peers, clients)
         for peer, client in zip(peers, clients, strict=True):
             info = await client.self_info()

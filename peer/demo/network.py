@@ -4,7 +4,8 @@ Invariants:
 - Every process the demo starts is recorded in `DemoPeers` before anything else can fail, and
   `DemoPeers.stop` ends them by pid (peer.demo.processes.stop_processes).
 - Peers listen on 127.0.0.1 port 0; the addresses they got come from each agent's ready line,
-  so there is no race for a "free" port.
+  so there is no race for a "free" port. Their clients send the API token each peer generated
+  in its data directory (`DemoPeer.client`).
 - Every wait is bounded by the caller's deadline and fails with a `DemoError` naming what was
   missing; a peer process that exits early fails the demo at the next check.
 """
@@ -40,6 +41,12 @@ class DemoPeer(PeerProcess):
     """One `grapevine agent` process of the demo, run from its own config."""
 
     config: Path
+    data_dir: Path
+    """The `data_dir` of its config, where it keeps its API token."""
+
+    def client(self) -> GrapevineClient:
+        """A client of this peer's API (once it listens), sending its token."""
+        return GrapevineClient(self.api, data_dir=self.data_dir)
 
 
 @dataclass

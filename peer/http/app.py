@@ -5,12 +5,15 @@ Invariants:
   (`peer.http.common.problems`).
 - Each resource module owns its routes and reads the protocol only through the node's query
   facade; this module only builds them, orders their routes and runs the server.
+- Every request passes `peer.http.guard.RequestGuard` (Host, Origin, bearer token, JSON
+  bodies, UTF-8 URLs) before any handler; its refusals are problems like any other.
 - Stopping ends the followed event streams (the driver's membership hub closes) before the
   server goes away.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -21,6 +24,7 @@ from peer.http.agents import AgentApi
 from peer.http.blobs import BlobApi
 from peer.http.common import KEEPALIVE_INTERVAL, MAX_BODY_BYTES, Json, problems
 from peer.http.events import EventApi
+from peer.http.guard import RequestGuard
 from peer.http.keys import KeyApi
 from peer.http.members import MemberApi
 from peer.http.tasks import TaskApi
@@ -48,6 +52,7 @@ class PeerApi:
         transport: the peer's transport (counters, keyring).
         data_dir: where the keyring copy is saved after a key change.
         on_leave: called once when a client asks the peer to leave.
+        token: the bearer token every request must carry (`peer.api_token`).
         keepalive: seconds between keep-alive comments on idle event streams.
         blobs: the peer's blob service (large task inputs, `GET /v1/blobs/...`); None refuses
             inputs over the inline limit and serves no blobs.
@@ -62,6 +67,7 @@ class PeerApi:
         data_dir: Path,
         on_leave: Callable[[], None],
         *,
+        token: str,
         keepalive: float = KEEPALIVE_INTERVAL,
         blobs: BlobService | None = None,
         agents: Callable[[], Json] | None = None,
@@ -83,7 +89,10 @@ class PeerApi:
             BlobApi(driver, blobs),
             AgentApi(driver, agents),
         ]
-        self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[problems])
+        self.guard = RequestGuard(token)
+        self.app = web.Application(
+            client_max_size=MAX_BODY_BYTES, middlewares=[problems, self.guard.middleware]
+        )
         self.app.add_routes([route for resource in resources for route in resource.routes()])
 
     async def start(self, host: str, port: int) -> None:
@@ -92,6 +101,8 @@ class PeerApi:
         Raises:
             OSError: the address cannot be bound.
         """
+        if host and not _is_ip(host):
+            self.guard.names = frozenset({host})
         self._runner, bound_port = await serve(self.app, host, port)
         self.address = host_port(host, bound_port)
 
@@ -101,3 +112,11 @@ class PeerApi:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

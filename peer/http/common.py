@@ -5,7 +5,8 @@ Invariants:
   what was wrong, naming the field: handlers raise `Problem`, `problems` answers it; an
   unexpected exception is logged and answered 500 without internals.
 - A JSON body is read and checked completely (an object, required fields present, no unknown
-  field) before a handler acts on it, so a request that fails validation changes nothing.
+  field, every string valid UTF-8) before a handler acts on it, so a request that fails
+  validation changes nothing; who may send one is `peer.http.guard`'s business.
 - Every server-sent-events stream is written by `stream_events`: it opens with a comment, sends
   each event as one `data:` line of JSON, and ends quietly when the client goes away.
 - A followed notification stream never blocks the driver: it reads a bounded subscriber queue
@@ -117,11 +118,19 @@ async def json_object(request: web.Request, required: set[str], optional: set[st
     """
     raw = await request.read()
     try:
-        body = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        # Bad bytes survive decoding as lone surrogates, so `invalid_text_at` can name the
+        # field that holds them (with those of `\ud800` escapes); outside strings they are
+        # invalid JSON.
+        body = json.loads(raw.decode("utf-8", errors="surrogateescape"))
+    except (ValueError, RecursionError):
         raise bad_request("the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise bad_request("the body must be a JSON object")
+    where = invalid_text_at(body)
+    if where is not None:
+        raise bad_request(
+            f"{where} is not valid UTF-8 text (it holds invalid bytes or a lone surrogate)"
+        )
     missing = sorted(required - set(body))
     if missing:
         raise bad_request(f"missing field(s): {', '.join(missing)}")
@@ -129,6 +138,39 @@ async def json_object(request: web.Request, required: set[str], optional: set[st
     if unknown:
         raise bad_request(f"unknown field(s): {', '.join(unknown)}")
     return body
+
+
+def invalid_text_at(value: object) -> str | None:
+    """Name the first string in a decoded JSON value that is not valid Unicode, or None.
+
+    A lone surrogate (from a `\\ud800` escape or an invalid byte) cannot be encoded as UTF-8,
+    so it would fail far from the request (a 500) if it got past the boundary. The walk keeps
+    its own stack, so nesting as deep as the JSON decoder accepts cannot exhaust Python's.
+
+    Returns:
+        "field 'role'", "field 'tags[2]'", "a field name in 'meta'", or None when all is text.
+    """
+    pending: list[tuple[object, str]] = [(value, "")]
+    while pending:
+        item, path = pending.pop()
+        if isinstance(item, str) and not _is_text(item):
+            return f"field {path!r}"
+        if isinstance(item, list):
+            pending.extend((v, f"{path}[{i}]") for i, v in reversed(list(enumerate(item))))
+        elif isinstance(item, dict):
+            bad_keys = [key for key in item if not _is_text(key)]
+            if bad_keys:
+                return f"a field name in {path!r}" if path else "a field name"
+            pending.extend((v, f"{path}.{k}" if path else k) for k, v in reversed(item.items()))
+    return None
+
+
+def _is_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def follow_requested(request: web.Request) -> bool:

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from peer.http.common import Json, bad_request, json_object
 from peer.keys import save_keyring
-from peer.runtime.sealing import Keyring, decode_key, key_id_of
+from peer.runtime.keyring import Keyring, decode_key, key_id_of
 from peer.runtime.transport import Transport
 
 log = logging.getLogger(__name__)

@@ -2,9 +2,12 @@
 
 Invariants:
 - Everything here is read from the node's public view (`members()`, `peer_states()`, the
-  signature counters) and the transport's counters; nothing here changes them.
+  signature counters), the transport's counters and the driver's write health; nothing here
+  changes them.
 - A member this peer has no signed state for yet shows no roles and no free slots.
 - `POST /v1/leave` calls `on_leave` once, on the next loop turn, however often it is asked.
+- A peer whose last write to disk failed says so (`degraded`, its reason) in /v1/self and
+  /v1/health, whose status is then "degraded" (unless "leaving"), so health checks see it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from aiohttp import web
 from peer.http.common import Json, node_id_text, version
 from peer.runtime.driver import Driver
 from peer.runtime.transport import Transport
-from protocol.membership import Member
+from protocol.member_table import Member
 from protocol.wire import Status
 
 
@@ -70,16 +73,24 @@ class MemberApi:
                 "network_id": node.config.network_id.hex(),
                 "version": version(),
                 "uptime": self._uptime(),
+                **self._degraded(),
             }
         )
 
+    def _degraded(self) -> Json:
+        reason = self.driver.degraded
+        return {"degraded": reason is not None, "degraded_reason": reason}
+
     async def _health(self, request: web.Request) -> web.Response:
         alive = sum(1 for m in self.driver.node.members() if m.status == Status.ALIVE)
+        status = "ok" if self.driver.degraded is None else "degraded"
         return web.json_response(
             {
-                "status": "leaving" if self.driver.leaving else "ok",
+                "status": "leaving" if self.driver.leaving else status,
                 "members_alive": alive,
                 "uptime": self._uptime(),
+                **self._degraded(),
+                "write_failures": self.driver.write_failures,
             }
         )
 

@@ -4,10 +4,11 @@ docs/http-api.md is the contract; the tree is in `peer.http.tree`, the streams i
 `peer.http.watch`, both built on the views and look-ups of this module.
 
 Invariants:
-- A submission is acknowledged (202) only after the task record is durable here and, when the
-  network's replication is above 0, held by that many other peers (`TaskReplicated`); if that
-  does not happen within `replication_timeout` the answer is 503 — the record exists here and
-  keeps spreading by gossip, so the detail names its id.
+- A submission is acknowledged (202) only after the task record is durable here (fsynced) and,
+  when the network's replication is above 0, held by that many other peers (`TaskReplicated`);
+  if that does not happen within `replication_timeout` the answer is 503 — the record exists
+  here and keeps spreading by gossip, so the detail names its id. A record that could not be
+  written here (disk full, I/O error: `NotDurable`) is answered 503 at once, never 2xx.
 - A submission that fails validation creates nothing: every field is checked before the node
   is called. Without an idempotency key each submission gets a fresh random nonce (a new task);
   with one, resubmitting the same spec at the same peer names the same task.
@@ -41,7 +42,7 @@ from peer.http.common import (
     notes_or_silence,
 )
 from peer.runtime.blobs import BlobService, BlobUnavailable
-from peer.runtime.driver import Driver
+from peer.runtime.driver import Driver, NotDurable
 from peer.runtime.hub import NoteHub
 from protocol.blobs import BLOB_LIMIT
 from protocol.errors import LocalProtocolError
@@ -58,6 +59,11 @@ MAX_TIMEOUT = 7 * 24 * 3600.0
 """Largest task timeout accepted, in seconds (a week)."""
 MAX_LIST = 10_000
 DEFAULT_LIST = 100
+READ_TIMEOUT = 2.0
+"""Seconds a read of a task this peer does not hold waits for its replicas' answer."""
+REFRESH_INTERVAL = 1.0
+"""Seconds between asks for news of a followed task this peer is not told about (a watch or
+a wait at a peer outside the task's audience)."""
 MIN_ID_PREFIX = 6
 MAX_SUBMIT_BYTES = 2 * BLOB_LIMIT + MAX_BODY_BYTES
 """Largest `POST /v1/tasks` body with a blob service attached: a `BLOB_LIMIT` input even if
@@ -163,6 +169,23 @@ def find_task(node: Node, text: str) -> TaskState:
     if len(matches) > 1:
         raise bad_request(f"task id prefix {text} is ambiguous; give more digits")
     return matches[0]
+
+
+async def read_task(driver: Driver, text: str) -> TaskState:
+    """`find_task`, at any peer: a full task id this peer does not hold is asked of the peers
+    that hold it (its replica set) before the answer is 404.
+
+    Raises:
+        Problem: as `find_task`.
+    """
+    try:
+        return find_task(driver.node, text)
+    except Problem as problem:
+        text = text.strip().lower()
+        if problem.status != 404 or len(text) != 64:
+            raise
+        await driver.fetch([bytes.fromhex(text)], READ_TIMEOUT)
+        return find_task(driver.node, text)
 
 
 async def task_changes(hub: NoteHub, task_id: bytes) -> AsyncGenerator[None, None]:
@@ -275,6 +298,13 @@ class TaskApi:
                 raise Problem(
                     503, "Service Unavailable", f"{exc}; nothing was submitted, try again"
                 ) from None
+            except OSError as exc:
+                raise Problem(
+                    503,
+                    "Service Unavailable",
+                    f"the input could not be stored on this peer's disk ({exc.strerror or exc}); "
+                    "nothing was submitted, try again",
+                ) from None
         try:
             task_id = self.driver.submit(
                 role,
@@ -286,6 +316,14 @@ class TaskApi:
             )
         except LocalProtocolError as exc:
             raise bad_request(str(exc)) from None
+        except NotDurable as exc:
+            raise Problem(
+                503,
+                "Service Unavailable",
+                f"{exc}; it is not acknowledged: this peer holds it in memory only and may "
+                "still run it; with an idempotency_key, resubmitting here names the same task "
+                "(GET /v1/health says when writes work again)",
+            ) from None
         if not await self.driver.wait_replicated(task_id, self.replication_timeout):
             wanted = self.driver.node.config.tasks.replication
             raise Problem(
@@ -305,7 +343,8 @@ class TaskApi:
         return web.json_response(task_json(self._held(task_id)))
 
     async def _get(self, request: web.Request) -> web.Response:
-        return web.json_response(task_json(find_task(self.driver.node, request.match_info["id"])))
+        st = await read_task(self.driver, request.match_info["id"])
+        return web.json_response(task_json(st))
 
     async def _list(self, request: web.Request) -> web.Response:
         state = request.query.get("state", "")
@@ -326,12 +365,15 @@ class TaskApi:
         return web.json_response({"tasks": [task_json(st) for st in chosen[: int(limit_text)]]})
 
     async def _cancel(self, request: web.Request) -> web.Response:
-        st = find_task(self.driver.node, request.match_info["id"])
+        st = await read_task(self.driver, request.match_info["id"])
         if st.state in FINAL_STATES:
             raise Problem(
                 409, "Conflict", f"task {st.task_id.hex()} is already {st.state}; nothing to cancel"
             )
-        self.driver.cancel_task(st.task_id, "cancelled through the API")
+        try:
+            self.driver.cancel_task(st.task_id, "cancelled through the API")
+        except LocalProtocolError as exc:  # only the origin or the parent's owner may cancel
+            raise Problem(403, "Forbidden", str(exc)) from None
         return web.json_response(task_json(st), status=202)
 
     async def _stats(self, request: web.Request) -> web.Response:

@@ -9,17 +9,21 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from aiohttp import web
 
 from peer.agents.ports import AgentOutput
 from peer.http.common import Json, node_id_text
-from peer.http.tasks import duplicates, find_task, usage_json
+from peer.http.tasks import READ_TIMEOUT, duplicates, read_task, usage_json
 from peer.runtime.driver import Driver
 from protocol.task_state import TaskState
 
 MAX_TREE_DEPTH = 64
+CHILDREN_POLL = 0.05
+CHILDREN_WAIT = 1.0
+"""Seconds a tree read waits, per level, for the children its holders send."""
 """Levels of a task tree shown below its root; deeper tasks are left out (`truncated`)."""
 
 
@@ -38,8 +42,27 @@ class TreeApi:
         return [web.get("/v1/tasks/{id}/tree", self._get)]
 
     async def _get(self, request: web.Request) -> web.Response:
-        root = find_task(self.driver.node, request.match_info["id"])
+        root = await read_task(self.driver, request.match_info["id"])
+        await self._fetch_tree(root.task_id)
         return web.json_response(tree_json(root, self.driver.node.children))
+
+    async def _fetch_tree(self, root: bytes) -> None:
+        # The children of a task are held by the peers that ran it (their origin) and their
+        # replicas, not necessarily here: ask level by level, each level once.
+        node = self.driver.node
+        level, depth = [root], 0
+        while level and depth < MAX_TREE_DEPTH:
+            await self.driver.fetch(level, READ_TIMEOUT)
+            # Children arrive after the answer's first objects: wait until their number holds
+            # still for a few looks (at most CHILDREN_WAIT).
+            counts: list[int] = []
+            for _ in range(int(CHILDREN_WAIT / CHILDREN_POLL)):
+                counts.append(sum(len(node.children(t)) for t in level))
+                if len(counts) >= 3 and counts[-1] == counts[-3]:
+                    break
+                await asyncio.sleep(CHILDREN_POLL)
+            level = [c.task_id for t in level for c in node.children(t)]
+            depth += 1
 
 
 def tree_json(root: TaskState, children_of: Callable[[bytes], list[TaskState]]) -> Json:

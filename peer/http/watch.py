@@ -26,7 +26,7 @@ from peer.http.common import (
     stream_events,
     stream_hub,
 )
-from peer.http.tasks import FINAL_STATES, find_task, task_changes
+from peer.http.tasks import FINAL_STATES, REFRESH_INTERVAL, read_task, task_changes
 from peer.runtime.driver import Driver
 from peer.runtime.hub import Observed
 from protocol.effects import (
@@ -66,18 +66,23 @@ class WatchApi:
         return await stream_hub(request, hub, task_event_json, self.keepalive)
 
     async def _watch_one(self, request: web.Request) -> web.StreamResponse:
-        st = find_task(self.driver.node, request.match_info["id"])
+        st = await read_task(self.driver, request.match_info["id"])
         return await stream_events(request, self._facts(st))
 
     async def _facts(self, st: TaskState) -> EventSource:
         seen: set[tuple[Any, ...]] = set()
         changes = task_changes(self.driver.task_hub, st.task_id)
         async with contextlib.aclosing(changes):
+            asked = 0.0
             async for _ in changes:
                 for event in new_facts(st, seen, round(self.driver.wall(), 3)):
                     yield event
                 if st.state in FINAL_STATES:
                     return
+                now = self.driver.wall()
+                if now - asked >= REFRESH_INTERVAL and not self.driver.node.told_of(st.task_id):
+                    asked = now  # not told of its news here: ask its holders now and then
+                    await self.driver.fetch([st.task_id], 0.0)
 
 
 def task_event(kind: str, when: float, task_id: bytes, **fields: Any) -> Json:

@@ -174,8 +174,8 @@ class BlobService:
 
     @property
     def replication(self) -> int:
-        """Other peers that must hold an input blob (the network's task replication)."""
-        return self.driver.node.config.tasks.replication
+        """Other peers that must hold an input blob: as many as must hold a task record."""
+        return self.driver.node.copies_needed()
 
     # The executor's port
 

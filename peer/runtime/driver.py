@@ -5,7 +5,12 @@ Invariants:
   protocol needs no locks. The clock is `loop.time()` (monotonic).
 - Effects are applied in order, fully: persists first (one `put_many` transaction), then sends,
   then notifications. If the persist fails, the sends of that call are not sent (they might
-  announce a fact that is not durable) and the error is logged.
+  announce a fact that is not durable), the peer is `degraded` (the reason, shown by the API)
+  and the records are kept: they are written, before the newer ones, with the next call that
+  persists (or the next submit, or the periodic save), so disk catches up with the node's
+  memory once writes succeed again; the first write that succeeds ends `degraded`.
+- A submission is acknowledged only on disk: `submit` raises `NotDurable` unless every record
+  so far, its own included, is written.
 - Exactly one timer handle is armed, at the latest `wake_at`.
 - Notifications go to `notifications` (`peer.runtime.hub`): its subscriber hubs (`hub` for
   membership and user events, `task_hub` for task notes) and the waiters of `join`,
@@ -40,6 +45,23 @@ log = logging.getLogger(__name__)
 
 MEMBER_SAVE_INTERVAL = 10.0
 """Seconds between saves of the membership hints used to re-join after a restart."""
+FETCH_POLL = 0.02
+"""Seconds between looks for the answer to a read of a task this peer does not hold."""
+
+
+class NotDurable(Exception):
+    """A task submitted here could not be written to disk: the node holds it in memory only
+    (it may still spread and run) and the driver retries the write with the next ones.
+
+    Attributes:
+        task_id: the task's id.
+        reason: why the write failed.
+    """
+
+    def __init__(self, task_id: bytes, reason: str) -> None:
+        super().__init__(f"task {task_id.hex()} could not be written to disk here: {reason}")
+        self.task_id = task_id
+        self.reason = reason
 
 
 class Sender(Protocol):
@@ -89,6 +111,12 @@ class Driver:
         self.leaving = False
         self.hints: set[str] = set()
         """Addresses remembered from a previous run: tried on join, never kept as seeds."""
+        self.degraded: str | None = None
+        """Why the last write to disk failed; None while writes succeed."""
+        self.write_failures = 0
+        """Writes to disk that failed since the start."""
+        self._unwritten: dict[tuple[str, bytes], Persist] = {}
+        """Records of failed writes, oldest first, the newest value for each key."""
 
     @property
     def hub(self) -> NoteHub:
@@ -111,6 +139,7 @@ class Driver:
             if handle is not None:
                 handle.cancel()
         self._timer = self._save_timer = None
+        self._persist([], retry=True)
         self.save_members()
         self.notifications.close()
 
@@ -206,6 +235,8 @@ class Driver:
 
         Raises:
             LocalProtocolError: a field is out of bounds.
+            NotDurable: the task's record, or an earlier one, could not be written to disk
+                here; the node holds the task nonetheless.
         """
         fx, task_id = self.node.submit(
             self._clock(),
@@ -218,7 +249,10 @@ class Driver:
             timeout=timeout,
             created=self._wall() if created is None else created,
         )
-        self._apply(fx)
+        # A resubmission (same idempotency key) persists nothing: the record it names may be
+        # among the unwritten ones, so those are retried whatever the call brought.
+        if not self._apply(fx, retry=True):
+            raise NotDurable(task_id, self.degraded or "unknown")
         return task_id
 
     async def wait_replicated(self, task_id: bytes, timeout: float) -> bool:
@@ -257,6 +291,16 @@ class Driver:
         self._apply(self.node.resume(self._clock(), task_id))
         if self.executor is not None:
             self.executor.resume(task_id)
+
+    async def fetch(self, task_ids: list[bytes], timeout: float) -> None:
+        """Ask the peers holding these tasks for them (`Node.fetch`), and wait until each has a
+        record here or `timeout` seconds passed: a read of a task this peer does not hold."""
+        self._apply(self.node.fetch(self._clock(), task_ids))
+        deadline = self._clock() + timeout
+        while self._clock() < deadline:
+            if all((st := self.node.task(t)) is not None and st.record for t in task_ids):
+                return
+            await asyncio.sleep(FETCH_POLL)
 
     def cancel_task(self, task_id: bytes, reason: str = "cancelled") -> None:
         """Cancel a task network-wide (`Node.cancel`)."""
@@ -307,6 +351,7 @@ class Driver:
             log.exception("saving membership hints failed")
 
     def _periodic_save(self) -> None:
+        self._persist([], retry=True)
         self.save_members()
         self._save_timer = self._loop.call_later(MEMBER_SAVE_INTERVAL, self._periodic_save)
 
@@ -316,17 +361,15 @@ class Driver:
         self._timer = None
         self._apply(self.node.tick(self._clock()))
 
-    def _apply(self, fx: Effects) -> None:
-        sends_allowed = True
-        if fx.persists:
-            try:
-                self._store.put_many(fx.persists)
-            except Exception:
-                log.exception(
-                    "persisting %d records failed; holding back this call's sends", len(fx.persists)
-                )
-                sends_allowed = False
-        if sends_allowed:
+    def _apply(self, fx: Effects, *, retry: bool = False) -> bool:
+        """Apply `fx` (see the module invariants); `retry` writes unwritten records even if
+        `fx` persists nothing.
+
+        Returns:
+            Whether every record so far is on disk.
+        """
+        durable = self._persist(fx.persists, retry=retry)
+        if durable or not fx.persists:
             for send in fx.sends:
                 self._sender.send(send.addr, send.data)
         for note in fx.notes:
@@ -335,6 +378,32 @@ class Driver:
             self._execute(command)
             self.notifications.observe(command)
         self._arm(fx.wake_at)
+        return durable
+
+    def _persist(self, records: list[Persist], *, retry: bool) -> bool:
+        """Write the unwritten records, then `records`, in one transaction; return whether
+        nothing is left unwritten. Without `records` the unwritten ones wait for `retry`."""
+        if not records and not (retry and self._unwritten):
+            return not self._unwritten
+        batch = [*self._unwritten.values(), *records]  # a later record for a key wins
+        try:
+            self._store.put_many(batch)
+        except Exception as exc:
+            for record in records:
+                self._unwritten[record.kind, record.key] = record
+            self.write_failures += 1
+            self.degraded = str(exc) or type(exc).__name__
+            log.error(
+                "writing %d records to disk failed, the peer is degraded: %s", len(batch), exc
+            )
+            return False
+        if self._unwritten:
+            log.warning(
+                "writing to disk works again (%d held records written)", len(self._unwritten)
+            )
+            self._unwritten.clear()
+        self.degraded = None
+        return True
 
     def _arm(self, wake_at: float | None) -> None:
         if self._timer is not None:

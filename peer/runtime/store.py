@@ -5,25 +5,28 @@ Invariants:
   ``<data_dir>/lock`` and refuses a directory another process holds. The kernel drops the lock
   when the process dies, even by SIGKILL.
 - Every public write is one transaction: it is wholly on disk or wholly absent, and it is
-  committed before the method returns.
+  committed and fsynced before the method returns. A write that fails (disk full, I/O error)
+  raises `StoreWriteError` and leaves nothing of itself behind, and the store stays usable.
+- A database that cannot be read (corrupt, not a database, unreadable) is refused at `open`
+  with a `StoreError` naming the file and what to do; `PRAGMA quick_check` runs at every open,
+  so a damaged page is found then, not in the middle of a run.
 - The identity key file is created once, atomically (temporary file with mode 0600, fsync,
   hard link into place), and never rewritten; a key file readable by group or others is
   refused, not used.
 - The boot counter only increases, and the stored incarnation never decreases.
 - At most `MAX_MEMBERS` membership hints are kept, the most recently seen.
 
-Durability. The database runs with ``journal_mode=WAL`` and, by default, ``synchronous=NORMAL``:
-a committed transaction is in the write-ahead log (in the OS page cache) before `commit`
-returns, so it survives the crash of the process — kill -9, an exception, an OOM kill — which
-is our failure model. Only an OS crash or power loss can lose the last few transactions, and
-even then the database stays consistent. ``fsync_every_commit=True`` selects
-``synchronous=FULL`` and closes that gap at the cost of one fsync (milliseconds on most disks)
-per commit.
+Durability. Acknowledged means fsynced (docs/decisions.md, "Acknowledged means fsynced"):
+the database runs with ``journal_mode=WAL`` and ``synchronous=FULL``, so SQLite fsyncs the
+write-ahead log at every commit and a committed transaction survives power loss and OS
+crashes, not only the death of the process. That costs one fsync per commit (about 0.15 ms on
+this project's test machine, milliseconds on slow disks); no setting lowers it, so that an
+acknowledgement means the same on every peer.
 
 Threading. A `Store` is used from the asyncio driver's single thread. Each call is one short
-transaction (well under a millisecond without fsync), so it runs inline on the event loop
-rather than in an executor; batches that grow large enough to stall the loop should move to a
-dedicated writer thread.
+transaction (a fraction of a millisecond with its fsync on an SSD), so it runs inline on the
+event loop rather than in an executor; should fsyncs on slow disks come to stall the loop, the
+writes should move to a dedicated writer thread that commits them in groups.
 
 Schema. `MIGRATIONS` is append-only: entry *i* brings the database from version *i* to *i + 1*.
 Add tables by appending an entry; never edit a released one. A database newer than this code
@@ -55,6 +58,9 @@ MAX_MEMBERS = 1024
 """Membership hints kept for re-joining after a restart; enough to find a live peer among
 a large network's most recently seen members."""
 
+SYNCHRONOUS_NAMES = {0: "off", 1: "normal", 2: "full", 3: "extra"}
+"""SQLite's `PRAGMA synchronous` levels by number."""
+
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
@@ -78,6 +84,11 @@ class StoreError(Exception):
     """The data directory cannot be used as it is; the message says what to fix."""
 
 
+class StoreWriteError(StoreError):
+    """A write was not committed (disk full, I/O error): nothing of it is on disk; the store
+    stays usable and a later write may succeed."""
+
+
 class Store:
     """A peer's durable state; see the module docstring for its guarantees."""
 
@@ -90,21 +101,21 @@ class Store:
         self._lock_fd = lock_fd
 
     @classmethod
-    def open(cls, data_dir: Path, *, fsync_every_commit: bool = False) -> Store:
+    def open(cls, data_dir: Path) -> Store:
         """Open (creating if needed) the store in `data_dir`.
 
         Args:
             data_dir: the peer's data directory; created with mode 0700 if missing.
-            fsync_every_commit: use ``synchronous=FULL`` so commits also survive power loss
-                (one fsync per commit) instead of ``NORMAL`` (survives process crashes).
 
         Returns:
-            The open store, its schema migrated to the current version.
+            The open store, checked (`PRAGMA quick_check`) and its schema migrated to the
+            current version.
 
         Raises:
-            StoreError: another process holds the directory, or the database was written by a
-                newer version of Grapevine.
-            OSError: the directory or database cannot be created or opened.
+            StoreError: another process holds the directory; the database is corrupt, not a
+                database or unreadable; or it was written by a newer version of Grapevine.
+            StoreWriteError: the migration could not be written (disk full, I/O error).
+            OSError: the directory or its lock file cannot be created or opened.
         """
         data_dir = Path(data_dir)
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -118,16 +129,11 @@ class Store:
                 "stop it or choose another --data-dir"
             ) from None
         try:
-            db = sqlite3.connect(data_dir / DB_NAME, isolation_level=None)
+            store = cls(data_dir, _connect(data_dir / DB_NAME), lock_fd)
             try:
-                mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                if mode != "wal":
-                    raise StoreError(f"{data_dir / DB_NAME}: cannot enable WAL (got {mode!r})")
-                db.execute(f"PRAGMA synchronous={'FULL' if fsync_every_commit else 'NORMAL'}")
-                store = cls(data_dir, db, lock_fd)
                 store._migrate()
             except BaseException:
-                db.close()
+                store._db.close()
                 raise
         except BaseException:
             os.close(lock_fd)
@@ -144,6 +150,8 @@ class Store:
                     f"{self.data_dir / DB_NAME} has schema version {version}, newer than this "
                     f"Grapevine understands ({len(MIGRATIONS)}); upgrade Grapevine"
                 )
+            if version == len(MIGRATIONS):
+                return  # nothing to write, so a store on a full disk still opens for reading
             for statements in MIGRATIONS[version:]:
                 for statement in statements:
                     self._db.execute(statement)
@@ -157,6 +165,11 @@ class Store:
     def journal_mode(self) -> str:
         """Return SQLite's journal mode for the database ("wal")."""
         return str(self._db.execute("PRAGMA journal_mode").fetchone()[0])
+
+    def synchronous(self) -> str:
+        """Return SQLite's synchronous setting for the connection ("full")."""
+        level = int(self._db.execute("PRAGMA synchronous").fetchone()[0])
+        return SYNCHRONOUS_NAMES.get(level, str(level))
 
     # Identity
 
@@ -302,6 +315,8 @@ class Store:
         Raises:
             TypeError: a record has a non-str kind or non-bytes key or value; nothing of the
                 batch is written.
+            StoreWriteError: the batch could not be committed (disk full, I/O error); nothing
+                of it is written.
         """
         with self._transaction():
             for record in records:
@@ -339,13 +354,21 @@ class Store:
     def _transaction(self) -> Iterator[None]:
         # The connection runs with isolation_level=None so that transactions are exactly
         # the ones opened here, never implicit ones from the sqlite3 module.
-        self._db.execute("BEGIN IMMEDIATE")
         try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                # A COMMIT that failed on a full disk may or may not have rolled back already
+                # (SQLite's documentation); left open, it would fail every later BEGIN.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreWriteError(
+                f"writing {self.data_dir / DB_NAME} failed: {exc}; nothing of it was stored"
+            ) from exc
 
     def close(self) -> None:
         """Close the database and release the data directory; idempotent."""
@@ -365,6 +388,44 @@ class Store:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """Open the database at `path` in WAL mode with ``synchronous=FULL``, checked.
+
+    Raises:
+        StoreError: it cannot be opened or read, or `PRAGMA quick_check` finds damage; the
+            message names the file and says what to do.
+    """
+    try:
+        db = sqlite3.connect(path, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreError(_unusable(path, str(exc))) from exc
+    try:
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":
+            raise StoreError(f"{path}: cannot enable WAL (got {mode!r})")
+        db.execute("PRAGMA synchronous=FULL")
+        problems = [str(row[0]) for row in db.execute("PRAGMA quick_check(3)")]
+        if problems != ["ok"]:
+            raise StoreError(_unusable(path, "; ".join(problems)))
+    except sqlite3.Error as exc:
+        db.close()
+        raise StoreError(_unusable(path, str(exc))) from exc
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _unusable(path: Path, why: str) -> str:
+    """The one line that says a database cannot be used, why, and what to do about it."""
+    # The -wal and -shm files must go too: SQLite would replay an old log into a new database.
+    return (
+        f"the database {path} cannot be used ({why}); if it is damaged, move it and its -wal "
+        f"and -shm files out of {path.parent} and start again: the peer keeps its identity "
+        "and gets the network's tasks again"
+    )
 
 
 def _fsync_dir(path: Path) -> None:

@@ -45,7 +45,8 @@ from typing import Any, Final, Protocol
 import aiohttp
 from aiohttp import web
 
-from peer.runtime.sealing import OVERHEAD, Keyring, Opener, Sealer, SealError
+from peer.runtime.keyring import Keyring
+from peer.runtime.sealing import OVERHEAD, Opener, Sealer, SealError
 from peer.runtime.serving import serve
 from protocol.blobs import BLOB_LIMIT, DIGEST_BYTES
 from protocol.wire import MAX_ENVELOPE_BYTES

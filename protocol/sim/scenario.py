@@ -11,9 +11,18 @@ Timeline (all times virtual):
    below the detection time, so a correct protocol declares nobody dead because of it.
 3. If asked, a partition at T0 + at splits the peers into two random sides (`fraction` of them
    on the first) and heals after its duration.
-4. The run ends at T0 + duration; the figures describe the whole run. `converged` uses the
+4. With `tasks`, from T0 every peer serves and the tasks are submitted at random running peers
+   (`protocol.sim.task_load` has the details).
+5. The run ends at T0 + duration; the figures describe the whole run. `converged` uses the
    same test as the join (stopped peers must be seen down); `convergence` describes the strict
    one (every running peer ALIVE) with counts of what disagrees.
+
+Cost per task: a run with tasks is simulated twice, the second time without tasks (the
+membership baseline: same seed, same join, same scheduled faults, every peer with its own
+counting signature cache both times). `bytes_per_task` and `verifications_per_task` are the
+differences of the two runs' totals (bytes sent by all peers; Ed25519 verifications summed over
+all peers) divided by the tasks submitted: the task plane's cost, membership traffic subtracted.
+The baseline totals are reported too (`baseline_bytes`, `baseline_verifications`).
 
 Invariants:
 - All randomness comes from `random.Random` seeded with the scenario seed (scenario choices) and
@@ -27,14 +36,16 @@ from __future__ import annotations
 
 import functools
 import random
-import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from protocol.config import NodeConfig, suspicion_min_timeout
+from protocol.config import sim as sim_config
 from protocol.sim.checker import Checker
+from protocol.sim.figures import Figure, median_reached, rounded, worst_reached
 from protocol.sim.network import LinkModel
 from protocol.sim.simulator import Simulator
+from protocol.sim.task_load import TaskLoad
 
 JOIN_TIMEOUT = 180.0
 """Seconds after the last peer started that the run waits for the views to converge."""
@@ -47,7 +58,6 @@ PAUSE_FRACTION = 0.75
 CHUNK = 0.5
 """Seconds of virtual time between two progress reports and convergence checks."""
 
-Figure = float | int | str | bool | None | list[float | None]
 Progress = Callable[[str, float, float], None]
 """Called with (phase, virtual seconds done, virtual seconds planned) between chunks."""
 
@@ -69,7 +79,9 @@ class ScenarioParams:
         crashes: peers crashed (never peer 0, the seed), at most nodes - 1.
         pauses: peers paused below the detection time (distinct from the crashed ones).
         broadcasts: user events sent from random running peers.
-        config: protocol configuration (None: `protocol.config.sim()`).
+        tasks: tasks submitted at random running peers (`protocol.sim.task_load`).
+        config: protocol configuration (None: `protocol.config.sim()`); its
+            `tasks.replication` is the task plane's replication.
     """
 
     nodes: int
@@ -83,6 +95,7 @@ class ScenarioParams:
     crashes: int = 0
     pauses: int = 0
     broadcasts: int = 0
+    tasks: int = 0
     config: NodeConfig | None = None
 
     def validate(self) -> None:
@@ -92,8 +105,8 @@ class ScenarioParams:
         LinkModel(self.latency, self.jitter, self.loss, self.duplicate).validate()
         if not self.duration > 0:
             raise ValueError("duration must be positive")
-        if min(self.crashes, self.pauses, self.broadcasts) < 0:
-            raise ValueError("crashes, pauses and broadcasts must be non-negative")
+        if min(self.crashes, self.pauses, self.broadcasts, self.tasks) < 0:
+            raise ValueError("crashes, pauses, broadcasts and tasks must be non-negative")
         if self.crashes + self.pauses > self.nodes - 1:
             raise ValueError("crashes + pauses must not exceed nodes - 1 (peer 0 is the seed)")
         if self.partition is not None:
@@ -123,12 +136,42 @@ def run_scenario(params: ScenarioParams, progress: Progress | None = None) -> di
         ValueError: a parameter is impossible.
     """
     params.validate()
+    report = progress or (lambda phase, done, total: None)
+    config = params.config or sim_config()
+    figures, sent, verified = _run(params, report, per_peer_caches=params.tasks > 0)
+    figures["replication"] = config.tasks.replication
+    if not params.tasks:
+        figures.update(tasks=0, done=0, lost=0, duplicates=0)
+        figures.update(verifications_per_task=None, bytes_per_task=None)
+        return figures
+
+    def baseline_report(phase: str, done: float, total: float) -> None:
+        report("baseline", done, total)
+
+    _, base_sent, base_verified = _run(replace(params, tasks=0), baseline_report, True)
+    tasks = figures["tasks"]
+    assert isinstance(tasks, int)
+    figures.update(
+        bytes=sent,
+        baseline_bytes=base_sent,
+        bytes_per_task=round((sent - base_sent) / tasks) if tasks else None,
+        verifications=verified,
+        baseline_verifications=base_verified,
+        verifications_per_task=rounded((verified - base_verified) / tasks) if tasks else None,
+    )
+    return figures
+
+
+def _run(
+    params: ScenarioParams, report: Progress, per_peer_caches: bool
+) -> tuple[dict[str, Figure], int, int]:
+    """Simulate `params` once; returns its figures, the bytes sent by all peers and the
+    signatures they verified."""
     n = params.nodes
     link = LinkModel(params.latency, params.jitter, params.loss, params.duplicate)
-    sim = Simulator(n, params.seed, params.config, link)
+    sim = Simulator(n, params.seed, params.config, link, per_peer_caches)
     checker = Checker(sim)
     rng = random.Random(f"scenario:{params.seed}")
-    report = progress or (lambda phase, done, total: None)
 
     sim.start_all(join_spacing(n))
     last_start = (n - 1) * join_spacing(n)
@@ -147,9 +190,17 @@ def run_scenario(params: ScenarioParams, progress: Progress | None = None) -> di
     pause_length = PAUSE_FRACTION * suspicion_min_timeout(
         swim.suspicion_mult, n, swim.probe_interval
     )
+    end = t0 + params.duration
+    load = TaskLoad(sim, params.tasks, params.seed, t0, end) if params.tasks else None
+
+    def crash(i: int) -> None:
+        if load is not None:
+            load.crashed(i)
+        checker.crash(i)
+
     victims = rng.sample(range(1, n), params.crashes + params.pauses)
     for i in victims[: params.crashes]:
-        sim.at(t0 + 1.0 + rng.uniform(0.0, FAULT_WINDOW), functools.partial(checker.crash, i))
+        sim.at(t0 + 1.0 + rng.uniform(0.0, FAULT_WINDOW), functools.partial(crash, i))
     for i in victims[params.crashes :]:
         when = t0 + 1.0 + rng.uniform(0.0, FAULT_WINDOW)
         sim.at(when, functools.partial(checker.pause, i, pause_length))
@@ -173,7 +224,6 @@ def run_scenario(params: ScenarioParams, progress: Progress | None = None) -> di
         heal_at = t0 + at + length
         sim.at(heal_at, checker.heal)
 
-    end = t0 + params.duration
     peer_seconds = 0.0
     healed_seconds: float | None = None
     while sim.now < end:
@@ -191,60 +241,46 @@ def run_scenario(params: ScenarioParams, progress: Progress | None = None) -> di
     convergence = checker.converged(suspect_ok=True)
     strict = checker.converged()
     per_peer_second = peer_seconds or 1.0
-    return {
+    figures: dict[str, Figure] = {
         "nodes": n,
         "seed": params.seed,
         "loss": params.loss,
         "duplicate": params.duplicate,
         "converged": convergence.ok,
         "convergence": str(strict),
-        "join_seconds": _r(join_seconds),
+        "join_seconds": rounded(join_seconds),
         "broadcasts": len(sent_events),
-        "broadcast_p50_s": _median([d.seconds[0.5] for d in dissemination]),
-        "broadcast_p99_s": _median([d.seconds[0.99] for d in dissemination]),
-        "broadcast_p9999_s": _median([d.seconds[0.9999] for d in dissemination]),
-        "broadcast_all_s": _worst([d.seconds[1.0] for d in dissemination]),
+        "broadcast_p50_s": median_reached([d.seconds[0.5] for d in dissemination]),
+        "broadcast_p99_s": median_reached([d.seconds[0.99] for d in dissemination]),
+        "broadcast_p9999_s": median_reached([d.seconds[0.9999] for d in dissemination]),
+        "broadcast_all_s": worst_reached([d.seconds[1.0] for d in dissemination]),
         "broadcast_missing": sum(d.missing for d in dissemination),
         "crashes": len(detections),
-        "crash_detection_s": [_r(d) for d in detections],
+        "crash_detection_s": [rounded(d) for d in detections],
         "crash_detection_max_s": (
-            _r(max(known_detections))
+            rounded(max(known_detections))
             if detections and len(known_detections) == len(detections)
             else None
         ),
         "pauses": params.pauses,
-        "pause_seconds": _r(pause_length) if params.pauses else None,
+        "pause_seconds": rounded(pause_length) if params.pauses else None,
         "partition_s": params.partition[1] if params.partition is not None else None,
-        "healed_after_s": _r(healed_seconds),
+        "healed_after_s": rounded(healed_seconds),
         "false_positives": len(checker.false_positives),
         "false_suspicions": len(checker.false_suspicions),
         "suspicions": len(checker.suspicions),
         "downs": len(checker.downs),
-        "messages_per_peer_s": _r((sim.network.sent - sent0) / per_peer_second),
+        "messages_per_peer_s": rounded((sim.network.sent - sent0) / per_peer_second),
         "bytes_per_peer_s": round((sim.network.bytes - bytes0) / per_peer_second),
         "messages": sim.network.sent,
-        "lost": sim.network.lost,
-        "duplicated": sim.network.duplicated,
-        "cut": sim.network.cut,
-        "simulated_seconds": _r(sim.now),
+        "messages_lost": sim.network.lost,
+        "messages_duplicated": sim.network.duplicated,
+        "messages_cut": sim.network.cut,
+        "simulated_seconds": rounded(sim.now),
         "events": sim.events_processed,
         "signatures_verified": sim.cache.verified,
         "cache_hits": sim.cache.hits,
     }
-
-
-def _r(x: float | None) -> float | None:
-    return None if x is None else round(x, 3)
-
-
-def _median(xs: list[float | None]) -> float | None:
-    """Median over the values reached; None if any value is None or there are none."""
-    if not xs or any(x is None for x in xs):
-        return None
-    return _r(statistics.median([x for x in xs if x is not None]))
-
-
-def _worst(xs: list[float | None]) -> float | None:
-    if not xs or any(x is None for x in xs):
-        return None
-    return _r(max(x for x in xs if x is not None))
+    if load is not None:
+        figures.update(load.figures())
+    return figures, sim.network.bytes, sim.peer_verifications()

@@ -2,7 +2,8 @@
 
 Invariants checked (docs/design.md section 5), on every running peer:
 - every submitted task has an accepted result (else it is lost, or not yet converged);
-- all peers hold the same accepted (epoch, owner, output digest);
+- its replica set (the top replication + 1 running peers by HRW score) and its origin hold
+  the same accepted (epoch, owner, output digest), and so does any other peer holding one;
 - it is the highest-ranked result among all results any peer holds;
 - every task object held verifies under its author's key, and none of the forged objects
   injected during the run was kept;
@@ -34,6 +35,7 @@ from protocol.effects import (
     TaskClaimed,
 )
 from protocol.identity import VerifiedCache
+from protocol.placement import top_by_score
 from protocol.sim.simulator import SimPeer, Simulator
 from protocol.sim.task_runner import Run, TaskRunner
 from protocol.task_messages import Claim, Execution, Result, TaskRecord
@@ -162,25 +164,37 @@ class TaskChecker:
 
     def _check_task(self, task_id: bytes, peers: list[SimPeer], rep: TaskReport) -> None:
         name = task_id.hex()[:8]
+        k = self.sim.config.tasks.replication + 1
+        replicas = set(top_by_score(task_id, [p.signer.node_id for p in peers], k))
         held: dict[tuple[int, bytes], Result] = {}
         accepted: Counter[tuple[int, bytes, bytes] | None] = Counter()
+        origin: bytes | None = None
         for p in peers:
             assert p.node is not None
             st = p.node.tasks.tasks.get(task_id)
-            if st is None:
-                accepted[None] += 1
+            if st is not None and st.record is not None:
+                origin = st.record.origin
+        for p in peers:
+            assert p.node is not None
+            st = p.node.tasks.tasks.get(task_id)
+            # The task's replicas and its origin must hold the accepted result; any other
+            # peer holding one (an executor, a reader) must hold the same.
+            must_hold = p.signer.node_id in replicas or p.signer.node_id == origin
+            if st is None or st.accepted is None:
+                if st is not None:
+                    held.update(st.results)
+                if must_hold:
+                    accepted[None] += 1
                 continue
             held.update(st.results)
             acc = st.accepted
-            accepted[
-                None if acc is None else (acc.epoch, acc.owner, hashlib.sha256(acc.output).digest())
-            ] += 1
+            accepted[(acc.epoch, acc.owner, hashlib.sha256(acc.output).digest())] += 1
         if not held:
             rep.lost += 1
             rep.violations.append(f"task {name} lost: no result anywhere")
             return
         if len(accepted) != 1 or None in accepted:
-            rep.violations.append(f"task {name}: peers disagree or lack a result: {accepted}")
+            rep.violations.append(f"task {name}: replicas disagree or lack a result: {accepted}")
             return
         best = max(held.values(), key=lambda r: claim_rank(task_id, r.epoch, r.owner))
         [(epoch, owner, _)] = [k for k in accepted if k is not None]

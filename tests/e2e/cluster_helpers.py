@@ -15,7 +15,6 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from scripts.local_cluster import (
-    GrapevineClient,
     GrapevineError,
     LocalCluster,
     Peer,
@@ -69,7 +68,7 @@ async def _team_roles_seen(peers: Sequence[Peer]) -> tuple[bool, object]:
     wanted = {"boss", "admin", "worker"}
     seen = {}
     for peer in peers:
-        async with GrapevineClient(peer.api) as client:
+        async with peer.client() as client:
             members = await client.members()
         seen[peer.name] = sorted({r for m in members if m["status"] == "alive" for r in m["roles"]})
     return all(wanted <= set(roles) for roles in seen.values()), seen
@@ -79,7 +78,7 @@ async def task_views(peers: Sequence[Peer], limit: int) -> list[dict[str, dict[s
     """Each peer's task list (up to `limit` tasks) as {task id: task}, in `peers` order."""
 
     async def one(peer: Peer) -> dict[str, dict[str, Any]]:
-        async with GrapevineClient(peer.api) as client:
+        async with peer.client() as client:
             return {t["id"]: t for t in await client.tasks(limit=limit)}
 
     return list(await asyncio.gather(*(one(p) for p in peers)))

@@ -20,7 +20,8 @@ import aiohttp
 import pytest
 
 from peer.agents.ports import AgentInput, AgentOutput
-from scripts.local_cluster import GrapevineClient, LocalCluster, Peer, wait_for
+from peer.api_token import read_token_file, token_path
+from scripts.local_cluster import LocalCluster, Peer, wait_for
 from tests.e2e.cluster_helpers import add_configured, run_showing_logs, task_views, wait_team_known
 
 pytestmark = pytest.mark.e2e
@@ -79,7 +80,7 @@ async def _run(peers: list[Peer]) -> None:
     await wait_team_known(peers)
     ready = time.monotonic() - start
     roots = []
-    async with GrapevineClient(peers[1].api) as client:
+    async with peers[1].client() as client:
         for i in range(ROOTS):
             request = AgentInput(f"Draft a policy brief on urban tree cover, case {i}")
             answer = await client.submit("boss", request.encode().decode(), idempotency_key=f"r{i}")
@@ -122,7 +123,9 @@ async def _run(peers: list[Peer]) -> None:
     statuses = []
     async with aiohttp.ClientSession() as session:
         for peer in peers:
-            async with session.get(f"http://{peer.api}/v1/agents") as response:
+            token = read_token_file(token_path(peer.data_dir))
+            headers = {"Authorization": f"Bearer {token}"}
+            async with session.get(f"http://{peer.api}/v1/agents", headers=headers) as response:
                 assert response.status == 200
                 statuses.append(await response.json())
     assert [[a["name"] for a in s["agents"]] for s in statuses] == [["boss"], ["admin"], ["worker"]]

@@ -54,7 +54,6 @@ import pytest
 
 from peer.agents.ports import AgentInput, AgentOutput
 from scripts.local_cluster import (
-    GrapevineClient,
     GrapevineError,
     LocalCluster,
     Peer,
@@ -128,12 +127,12 @@ def test_a_tree_survives_the_kill_of_an_admin_peer(tmp_path: Path) -> None:
 
 
 async def _tree(peer: Peer, task_id: str) -> dict[str, Any]:
-    async with GrapevineClient(peer.api) as client:
+    async with peer.client() as client:
         return await client.tree(task_id)
 
 
 async def _task(peer: Peer, task_id: str) -> dict[str, Any]:
-    async with GrapevineClient(peer.api) as client:
+    async with peer.client() as client:
         return await client.task(task_id)
 
 
@@ -166,7 +165,7 @@ async def _run(cluster: LocalCluster, peers: list[Peer]) -> None:
     worker_ids = {p.node_id for p, (role, _) in zip(peers, LAYOUT, strict=True) if role == "worker"}
 
     request = AgentInput("Draft a policy brief on urban tree cover")
-    async with GrapevineClient(peers[0].api) as client:
+    async with peers[0].client() as client:
         answer = await client.submit("boss", request.encode().decode(), idempotency_key="crash")
     root_id: str = answer["id"]
     placement: dict[str, str] = {}
@@ -225,7 +224,7 @@ async def _run(cluster: LocalCluster, peers: list[Peer]) -> None:
     while True:
         try:
             if not dead_at:
-                async with GrapevineClient(peers[0].api) as client:
+                async with peers[0].client() as client:
                     view = {m["id"]: m["status"] for m in await client.members()}
                 if view.get(victim.node_id) not in ("alive", "suspect"):
                     dead_at = time.monotonic() - killed_at

@@ -84,13 +84,13 @@ def test_five_peers_join_through_one_seed_and_agree(cluster: LocalCluster) -> No
 
 def test_user_event_reaches_every_peer(cluster: LocalCluster) -> None:
     peers = members(cluster)
-    sent = cli("event", "e2e-hello", "from p1", "--api", peers[1].api)
+    sent = cli("event", "e2e-hello", "from p1", *peers[1].cli_flags())
     assert sent.returncode == 0, sent.stderr
 
     async def delivered() -> tuple[bool, object]:
         missing = []
         for peer in peers:
-            events = await query(peer.api, lambda c: c.recent_events())
+            events = await query(peer, lambda c: c.recent_events())
             if not any(
                 e.get("type") == "event"
                 and e.get("name") == "e2e-hello"
@@ -117,7 +117,7 @@ def test_a_peer_with_the_wrong_key_is_rejected_and_never_listed(
         run(cluster, wait_ready([stranger], timeout=20))
 
         async def rejected() -> tuple[bool, object]:
-            counts = (await query(seed.api, lambda c: c.metrics()))["rejected"]
+            counts = (await query(seed, lambda c: c.metrics()))["rejected"]
             return sum(counts.values()) > 0, counts
 
         run(cluster, wait_for("the seed rejects the stranger", rejected, timeout=15))
@@ -162,7 +162,7 @@ def test_sigkill_is_detected_and_a_restart_rejoins_with_a_higher_incarnation(
 def test_graceful_leave_exits_zero_and_others_show_left(cluster: LocalCluster) -> None:
     peers = members(cluster)
     leaver, stayers = peers[3], [p for i, p in enumerate(peers) if i != 3]
-    result = cli("leave", "--api", leaver.api)
+    result = cli("leave", *leaver.cli_flags())
     assert result.returncode == 0, result.stderr
     assert leaver.process is not None
     assert leaver.process.wait(timeout=20) == 0

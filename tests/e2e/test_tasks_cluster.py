@@ -21,7 +21,6 @@ import pytest
 
 from peer.client import ApiError
 from scripts.local_cluster import (
-    GrapevineClient,
     LocalCluster,
     Peer,
     wait_for,
@@ -51,7 +50,7 @@ async def _submit_all(
     """Submit TASKS tasks at random live peers; SIGKILL `victim` after KILL_AFTER of them."""
     ids: dict[str, int] = {}
     figures: dict[str, float] = {}
-    clients = {p.name: GrapevineClient(p.api) for p in peers}
+    clients = {p.name: p.client() for p in peers}
     for client in clients.values():
         await client.__aenter__()
     limit = asyncio.Semaphore(IN_FLIGHT)
@@ -91,7 +90,7 @@ async def _submit_all(
 async def _roles_known(peers: list[Peer]) -> tuple[bool, object]:
     lacking = {}
     for peer in peers:
-        async with GrapevineClient(peer.api) as client:
+        async with peer.client() as client:
             members = await client.members()
         missing = [m["short_id"] for m in members if "echo" not in m["roles"]]
         if missing:
@@ -159,7 +158,7 @@ async def _run(cluster: LocalCluster, peers: list[Peer], victim: Peer, rng: rand
     # Individual GETs agree with the listings, peer by peer, on a sample.
     sample = rng.sample(sorted(ids), 25)
     for peer, view in zip(peers, views, strict=True):
-        async with GrapevineClient(peer.api) as client:
+        async with peer.client() as client:
             for tid in sample:
                 assert _converged_facts(await client.task(tid)) == _converged_facts(view[tid])
 
@@ -178,7 +177,7 @@ async def _run(cluster: LocalCluster, peers: list[Peer], victim: Peer, rng: rand
         assert task["result"]["epoch"] == task["epoch"] and task["result"]["owner"] == task["owner"]
     stats = []
     for peer in peers:
-        async with GrapevineClient(peer.api) as client:
+        async with peer.client() as client:
             stats.append((await client.task_stats())["totals"])
     print(
         f"\n{TASKS} tasks on {SIZE} peers: submitted in {figures['submitted_in']:.1f} s, "

@@ -1,5 +1,6 @@
 """In-process peers for tests: whole peers from `build_peer` on 127.0.0.1, their durable state
-in memory, no API (tests serve one through aiohttp's test client when they need it)."""
+in memory, no API (tests serve one through aiohttp's test client when they need it, guarded by
+`API_TOKEN`, which their clients send as `API_HEADERS`)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from peer.build import AGENT_SLOTS, Peer, build_peer
 from peer.runtime.executor import RoleHandler
-from peer.runtime.sealing import Keyring
+from peer.runtime.keyring import Keyring
 from peer.settings import AgentSettings
 from protocol.effects import Persist
+
+API_TOKEN = "in-process-test-token"
+"""The bearer token of the APIs tests serve for their in-process peers."""
+API_HEADERS = {"Authorization": f"Bearer {API_TOKEN}"}
+JSON_BODY = {"Content-Type": "application/json"}
+"""The header of a raw request body the API should read as JSON (it refuses other types)."""
 
 
 class MemoryStore:

@@ -10,9 +10,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from peer.api_token import read_token_file, token_path
 from peer.cli.agent import run_agent
 from peer.keys import NO_KEY_HELP
-from peer.runtime.sealing import encode_key, generate_network_key
+from peer.runtime.keyring import encode_key, generate_network_key
 from peer.settings import AgentSettings
 
 pytestmark = pytest.mark.asyncio
@@ -24,16 +25,23 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _get(api: str, path: str) -> Any:
-    async with aiohttp.ClientSession() as http, http.get(f"http://{api}{path}") as r:
+def _auth(peer: AgentSettings) -> dict[str, str]:
+    """The header carrying the token `peer` generated in its data directory (none yet: {})."""
+    path = token_path(peer.data_dir)
+    return {"Authorization": f"Bearer {read_token_file(path)}"} if path.exists() else {}
+
+
+async def _get(peer: AgentSettings, path: str) -> Any:
+    url = f"http://{peer.api}{path}"
+    async with aiohttp.ClientSession() as http, http.get(url, headers=_auth(peer)) as r:
         return await r.json()
 
 
-async def _until_up(api: str) -> None:
+async def _until_up(peer: AgentSettings) -> None:
     async with asyncio.timeout(5):
         while True:
             try:
-                await _get(api, "/v1/health")
+                await _get(peer, "/v1/health")
                 return
             except aiohttp.ClientError:
                 await asyncio.sleep(0.05)
@@ -67,41 +75,42 @@ async def test_two_agents_join_leave_and_restart(tmp_path: Path, capsys: Any) ->
     )
     stop_seed = asyncio.Event()
     seed_task = asyncio.create_task(run_agent(seed, stop=stop_seed, handle_signals=False))
-    await _until_up(seed.api)
+    await _until_up(seed)
     joiner_task = asyncio.create_task(run_agent(joiner, handle_signals=False))
-    await _until_up(joiner.api)
+    await _until_up(joiner)
 
     async with asyncio.timeout(5):
-        while len((await _get(seed.api, "/v1/members"))["members"]) < 2:
+        while len((await _get(seed, "/v1/members"))["members"]) < 2:
             await asyncio.sleep(0.05)
-    first = await _get(joiner.api, "/v1/self")
-    members = {m["address"]: m for m in (await _get(seed.api, "/v1/members"))["members"]}
+    first = await _get(joiner, "/v1/self")
+    members = {m["address"]: m for m in (await _get(seed, "/v1/members"))["members"]}
     assert members[seed.bind]["roles"] == [] and members[seed.bind]["self"]
     async with asyncio.timeout(5):  # the joiner's advertised roles arrive by gossip
         while ["echo", "sleep"] not in [
-            m["roles"] for m in (await _get(seed.api, "/v1/members"))["members"]
+            m["roles"] for m in (await _get(seed, "/v1/members"))["members"]
         ]:
             await asyncio.sleep(0.05)
 
-    async with aiohttp.ClientSession() as http, http.post(f"http://{joiner.api}/v1/leave") as r:
+    async with (
+        aiohttp.ClientSession(headers=_auth(joiner)) as http,
+        http.post(f"http://{joiner.api}/v1/leave") as r,
+    ):
         assert r.status == 202
     assert await asyncio.wait_for(joiner_task, 6) == 0
     err = capsys.readouterr().err
     assert f"listening on {joiner.bind} (api {joiner.api}), network" in err
 
     restarted = asyncio.create_task(run_agent(joiner, handle_signals=False))
-    await _until_up(joiner.api)
-    second = await _get(joiner.api, "/v1/self")
+    await _until_up(joiner)
+    second = await _get(joiner, "/v1/self")
     assert second["id"] == first["id"] and second["incarnation"] > first["incarnation"]
     async with asyncio.timeout(5):
         while True:
-            status = {
-                m["id"]: m["status"] for m in (await _get(seed.api, "/v1/members"))["members"]
-            }
+            status = {m["id"]: m["status"] for m in (await _get(seed, "/v1/members"))["members"]}
             if status.get(first["id"]) == "alive":
                 break
             await asyncio.sleep(0.05)
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=_auth(joiner)) as http:
         await http.post(f"http://{joiner.api}/v1/leave")
     stop_seed.set()
     assert await asyncio.wait_for(asyncio.gather(restarted, seed_task), 8) == [0, 0]

@@ -20,8 +20,8 @@ from peer.http.app import PeerApi
 from peer.keys import keyring_path
 from peer.runtime.driver import Driver
 from peer.runtime.executor import builtin_roles
-from peer.runtime.sealing import Keyring, key_id_of, load_keyring_text
-from tests.peer.inprocess import in_process_peer
+from peer.runtime.keyring import Keyring, key_id_of, load_keyring_text
+from tests.peer.inprocess import API_HEADERS, API_TOKEN, JSON_BODY, in_process_peer
 
 pytestmark = pytest.mark.asyncio
 
@@ -56,10 +56,15 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         peer, other = await _peer(stack, 1), await _peer(stack, 2)
         holder: list[Env] = []
         api = PeerApi(
-            peer.driver, peer.transport, tmp_path, lambda: holder[0].left(), keepalive=0.2
+            peer.driver,
+            peer.transport,
+            tmp_path,
+            lambda: holder[0].left(),
+            token=API_TOKEN,
+            keepalive=0.2,
         )
         api.address = "127.0.0.1:8946"
-        client: TestClient[Any, Any] = TestClient(TestServer(api.app))
+        client: TestClient[Any, Any] = TestClient(TestServer(api.app), headers=API_HEADERS)
         await client.start_server()
         stack.push_async_callback(client.close)
         holder.append(Env(client, api, other.driver, tmp_path))
@@ -89,13 +94,21 @@ async def test_self_health_members(env: Env) -> None:
         "network_id",
         "version",
         "uptime",
+        "degraded",
+        "degraded_reason",
     }
+    assert (me["degraded"], me["degraded_reason"]) == (False, None)
     assert len(me["id"]) == 52 and me["id"] == me["id"].lower() and me["short_id"] == me["id"][:10]
     assert me["address"] == node.addr and me["api"] == "127.0.0.1:8946"
     assert me["incarnation"] == 3 and me["network_id"] == node.config.network_id.hex()
 
     health = await (await env.client.get("/v1/health")).json()
     assert health["status"] == "ok" and health["members_alive"] == 1 and health["uptime"] >= 0
+    assert (health["degraded"], health["degraded_reason"], health["write_failures"]) == (
+        False,
+        None,
+        0,
+    )
 
     members = (await (await env.client.get("/v1/members")).json())["members"]
     assert members == [
@@ -147,7 +160,7 @@ async def test_bad_event_input_is_400_and_changes_nothing(
     env: Env, body: bytes, words: list[str]
 ) -> None:
     node = env.api.driver.node
-    r = await env.client.post("/v1/events", data=body)
+    r = await env.client.post("/v1/events", data=body, headers=JSON_BODY)
     await _problem(r, 400, *words)
     assert node.ltime == 0 and not env.api.driver.hub.recent
 
@@ -157,7 +170,7 @@ async def test_routing_errors_are_problems(env: Env) -> None:
     r = await env.client.delete("/v1/members")
     await _problem(r, 405, "DELETE")
     assert "GET" in r.headers["Allow"]
-    r = await env.client.post("/v1/events", data=b"x" * (257 * 1024))
+    r = await env.client.post("/v1/events", data=b"x" * (257 * 1024), headers=JSON_BODY)
     await _problem(r, 413)
     await _problem(await env.client.get("/v1/events?follow=maybe"), 400, "follow")
 
@@ -239,16 +252,23 @@ async def test_agents_is_the_host_status_or_else_the_executor_roles(env: Env) ->
     r = await env.client.get("/v1/agents")
     assert r.status == 200 and await r.json() == {"agents": [], "roles": []}  # runs no role
     async with in_process_peer(3, KEY) as builtins:
-        api = PeerApi(builtins.driver, builtins.transport, env.data_dir, lambda: None)
-        async with TestClient(TestServer(api.app)) as client:
+        api = PeerApi(
+            builtins.driver, builtins.transport, env.data_dir, lambda: None, token=API_TOKEN
+        )
+        async with TestClient(TestServer(api.app), headers=API_HEADERS) as client:
             body = await (await client.get("/v1/agents")).json()
         assert body == {"agents": [], "roles": sorted(builtin_roles())}
 
     status = {"agents": [{"name": "writer"}], "roles": ["write"]}
     api = PeerApi(
-        env.api.driver, env.api.transport, env.data_dir, lambda: None, agents=lambda: status
+        env.api.driver,
+        env.api.transport,
+        env.data_dir,
+        lambda: None,
+        token=API_TOKEN,
+        agents=lambda: status,
     )
-    async with TestClient(TestServer(api.app)) as client:
+    async with TestClient(TestServer(api.app), headers=API_HEADERS) as client:
         assert await (await client.get("/v1/agents")).json() == status
 
 

@@ -26,11 +26,11 @@ from peer.client import GrapevineClient
 from peer.http.app import PeerApi
 from peer.runtime.blobs import BlobStore, BlobUnavailable
 from peer.runtime.executor import Executor, Outcome, Work, builtin_roles
-from peer.runtime.sealing import Keyring
+from peer.runtime.keyring import Keyring
 from peer.runtime.transport import BlobTransferError, Transport
 from protocol.blobs import BLOB_LIMIT, blob_ref, make_ref, parse_blob_ref
 from protocol.task_messages import MAX_INLINE_PAYLOAD
-from tests.peer.inprocess import in_process_peer
+from tests.peer.inprocess import API_HEADERS, API_TOKEN, in_process_peer
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -247,8 +247,16 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         while len(a.driver.node.capable("echo")) < 1:
             assert asyncio.get_running_loop().time() < deadline, "B's roles did not reach A"
             await asyncio.sleep(0.05)
-        api = PeerApi(a.driver, a.transport, tmp_path, lambda: None, keepalive=0.2, blobs=a.blobs)
-        client: TestClient[Any, Any] = TestClient(TestServer(api.app))
+        api = PeerApi(
+            a.driver,
+            a.transport,
+            tmp_path,
+            lambda: None,
+            token=API_TOKEN,
+            keepalive=0.2,
+            blobs=a.blobs,
+        )
+        client: TestClient[Any, Any] = TestClient(TestServer(api.app), headers=API_HEADERS)
         await client.start_server()
         stack.push_async_callback(client.close)
         yield Env(client, api, [a, b])
@@ -337,7 +345,7 @@ async def test_cli_result_prints_the_blob_bytes(env: Env, capsysbinary: Any) -> 
     await env.api.start("127.0.0.1", 0)
     try:
         args = argparse.Namespace(id=task["id"], json=False, prog="grapevine result")
-        async with GrapevineClient(env.api.address) as client:
+        async with GrapevineClient(env.api.address, API_TOKEN) as client:
             assert await cli_tasks._result(client, args) == 0
             assert capsysbinary.readouterr().out == text.encode()
             args.json = True
@@ -353,8 +361,15 @@ async def test_a_large_input_nobody_else_takes_is_refused_and_nothing_is_submitt
 ) -> None:
     async with AsyncExitStack() as stack:
         alone = await stack.enter_async_context(_blob_peer(3, tmp_path))
-        api = PeerApi(alone.driver, alone.transport, tmp_path, lambda: None, blobs=alone.blobs)
-        client: TestClient[Any, Any] = TestClient(TestServer(api.app))
+        api = PeerApi(
+            alone.driver,
+            alone.transport,
+            tmp_path,
+            lambda: None,
+            token=API_TOKEN,
+            blobs=alone.blobs,
+        )
+        client: TestClient[Any, Any] = TestClient(TestServer(api.app), headers=API_HEADERS)
         await client.start_server()
         stack.push_async_callback(client.close)
         r = await client.post("/v1/tasks", json={"role": "echo", "input": _text(200_000)})

@@ -25,7 +25,7 @@ def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
 
 def grapevine(peer: Peer, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*grapevine_command(), *args, "--api", peer.api],
+        [*grapevine_command(), *args, *peer.cli_flags()],
         check=False,
         input=stdin,
         capture_output=True,

@@ -28,7 +28,7 @@ from scripts.local_cluster import (
     child_env,
     grapevine_command,
 )
-from tests.peer.inprocess import in_process_peer
+from tests.peer.inprocess import API_TOKEN, in_process_peer
 from tests.peer.two_peers import joined_pair
 
 
@@ -38,9 +38,10 @@ def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
         yield seed
 
 
-def grapevine(api: str, *args: str) -> subprocess.CompletedProcess[str]:
+def grapevine(target: list[str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `grapevine ARGS` against the peer the flags `target` name (`Peer.cli_flags`)."""
     return subprocess.run(
-        [*grapevine_command(), *args, "--api", api],
+        [*grapevine_command(), *args, *target],
         check=False,
         capture_output=True,
         text=True,
@@ -58,11 +59,11 @@ def one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
 
 
 def test_tree_of_a_task_without_children(peer: Peer) -> None:
-    submitted = grapevine(peer.api, "submit", "--role", "echo", "--json", "leaf")
+    submitted = grapevine(peer.cli_flags(), "submit", "--role", "echo", "--json", "leaf")
     assert submitted.returncode == 0, submitted.stderr
     task_id = json.loads(submitted.stdout)["id"]
 
-    human = grapevine(peer.api, "tree", task_id[:10])
+    human = grapevine(peer.cli_flags(), "tree", task_id[:10])
     assert human.returncode == 0, human.stderr
     first, totals = human.stdout.splitlines()
     assert first.startswith(f"echo {task_id[:12]} done on ")
@@ -71,17 +72,17 @@ def test_tree_of_a_task_without_children(peer: Peer) -> None:
         "1 tasks, 1 executions, 0 duplicates, 0 tokens (0 prompt, 0 completion), cost $0.000000"
     )
 
-    as_json = json.loads(grapevine(peer.api, "tree", task_id, "--json").stdout)
+    as_json = json.loads(grapevine(peer.cli_flags(), "tree", task_id, "--json").stdout)
     assert as_json["id"] == task_id and as_json["children"] == []
     assert as_json["agent"] is None and as_json["truncated"] is False
     assert as_json["totals"]["tasks"] == 1
 
 
 def test_tree_errors_are_one_line(peer: Peer) -> None:
-    assert "not known" in one_line_error(grapevine(peer.api, "tree", "ab" * 32), 1)
-    assert "hex digits" in one_line_error(grapevine(peer.api, "tree", "nothex"), 2)
-    assert "at least 6" in one_line_error(grapevine(peer.api, "tree", "abc"), 1)
-    unreachable = grapevine("127.0.0.1:9", "tree", "ab" * 32)
+    assert "not known" in one_line_error(grapevine(peer.cli_flags(), "tree", "ab" * 32), 1)
+    assert "hex digits" in one_line_error(grapevine(peer.cli_flags(), "tree", "nothex"), 2)
+    assert "at least 6" in one_line_error(grapevine(peer.cli_flags(), "tree", "abc"), 1)
+    unreachable = grapevine(["--api", "127.0.0.1:9"], "tree", "ab" * 32)
     assert "cannot reach the peer API" in one_line_error(unreachable, 1)
 
 
@@ -94,7 +95,8 @@ async def test_tree_of_a_parent_and_two_children_in_process(tmp_path: Any) -> No
     roles = {**builtin_roles(), "writer": writer}
     async with in_process_peer(1, bytes(range(96, 128)), roles=roles) as peer:
         driver = peer.driver
-        server = TestServer(PeerApi(driver, peer.transport, tmp_path, lambda: None).app)
+        peer_api = PeerApi(driver, peer.transport, tmp_path, lambda: None, token=API_TOKEN)
+        server = TestServer(peer_api.app)
         await server.start_server()
         try:
             parent = driver.submit("writer", b"report", nonce=os.urandom(16))
@@ -112,7 +114,7 @@ async def test_tree_of_a_parent_and_two_children_in_process(tmp_path: Any) -> No
                 api,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                env=child_env(),
+                env={**child_env(), "GRAPEVINE_API_TOKEN": API_TOKEN},
             )
             out, err = await asyncio.wait_for(process.communicate(), timeout=60)
         finally:

@@ -109,7 +109,8 @@ async def test_wait_result_at_once_later_on_cancel_and_on_timeout(peers: Peers) 
     assert await b.wait_result(slow, timeout=0.2) is None, "timed out"
     waiting = asyncio.ensure_future(b.wait_result(slow))
     await _until(lambda: slow in a.node.tasks.running)
-    a.cancel_task(slow, "no longer needed")  # reaches B by gossip: B runs nothing
+    # Only its origin (B) may cancel it; A, running it, is in its audience and stops.
+    b.cancel_task(slow, "no longer needed")
     assert await asyncio.wait_for(waiting, timeout=5.0) is None
     assert await asyncio.wait_for(b.wait_result(slow), timeout=0.5) is None
     assert b.notifications.results_awaited == 0

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from peer.http.app import PeerApi
 from peer.runtime.driver import Driver
-from tests.peer.inprocess import in_process_peer
+from tests.peer.inprocess import API_HEADERS, API_TOKEN, JSON_BODY, in_process_peer
 
 pytestmark = pytest.mark.asyncio
 
@@ -86,8 +86,8 @@ async def env(tmp_path: Any) -> AsyncIterator[Env]:
         while len(a.node.capable("echo")) < 2 or len(b.node.capable("echo")) < 2:
             assert asyncio.get_running_loop().time() < deadline, "peer states did not spread"
             await asyncio.sleep(0.05)
-        api = PeerApi(a, first.transport, tmp_path, lambda: None, keepalive=0.2)
-        client: TestClient[Any, Any] = TestClient(TestServer(api.app))
+        api = PeerApi(a, first.transport, tmp_path, lambda: None, token=API_TOKEN, keepalive=0.2)
+        client: TestClient[Any, Any] = TestClient(TestServer(api.app), headers=API_HEADERS)
         await client.start_server()
         stack.push_async_callback(client.close)
         yield Env(client, api, [a, b])
@@ -156,7 +156,7 @@ async def test_bad_input_is_refused_naming_the_field_and_creates_nothing(env: En
     ]
     for body, word in cases:
         await _problem(await env.post(body), 400, word)
-    r = await env.client.post("/v1/tasks", data=b"{not json")
+    r = await env.client.post("/v1/tasks", data=b"{not json", headers=JSON_BODY)
     await _problem(r, 400, "JSON")
     for driver in env.drivers:
         assert driver.node.tasks.tasks == {}

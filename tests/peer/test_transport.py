@@ -13,7 +13,8 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from peer.runtime.sealing import Keyring, Sealer
+from peer.runtime.keyring import Keyring
+from peer.runtime.sealing import Sealer
 from peer.runtime.transport import ENVELOPE_PATH, Transport
 
 pytestmark = pytest.mark.asyncio

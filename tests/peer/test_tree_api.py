@@ -24,7 +24,7 @@ from peer.runtime.driver import Driver
 from peer.runtime.executor import Outcome, Work, builtin_roles
 from protocol.task_messages import TaskRecord
 from protocol.tasks import TaskState
-from tests.peer.inprocess import in_process_peer
+from tests.peer.inprocess import API_HEADERS, API_TOKEN, in_process_peer
 
 KEY = bytes(range(64, 96))
 NODE_FIELDS = {"id", "role", "state", "peer", "agent", "usage", "duplicates", "children"}
@@ -65,9 +65,14 @@ async def env(tmp_path: Any) -> AsyncIterator[Env]:
         for index, peer in enumerate(started):
             (tmp_path / str(index)).mkdir()
             api = PeerApi(
-                peer.driver, peer.transport, tmp_path / str(index), lambda: None, keepalive=0.2
+                peer.driver,
+                peer.transport,
+                tmp_path / str(index),
+                lambda: None,
+                token=API_TOKEN,
+                keepalive=0.2,
             )
-            client: TestClient[Any, Any] = TestClient(TestServer(api.app))
+            client: TestClient[Any, Any] = TestClient(TestServer(api.app), headers=API_HEADERS)
             await client.start_server()
             stack.push_async_callback(client.close)
             clients.append(client)
@@ -128,7 +133,7 @@ async def test_tree_of_a_parent_and_two_children(env: Env) -> None:
     assert leaf["id"] == second.hex() and leaf["children"] == []
     assert leaf["totals"]["tasks"] == 1 and leaf["totals"]["prompt_tokens"] == 0
 
-    async with GrapevineClient(f"127.0.0.1:{env.clients[0].port}") as client:
+    async with GrapevineClient(f"127.0.0.1:{env.clients[0].port}", API_TOKEN) as client:
         assert (await client.tree(parent.hex()))["totals"]["tasks"] == 3
 
 
@@ -148,7 +153,7 @@ async def test_unknown_or_malformed_id_is_the_same_problem_as_get_task(env: Env)
         assert tree.status == task.status and tree.status in (400, 404)
         assert tree.headers["Content-Type"].startswith("application/problem+json")
         assert await tree.json(content_type=None) == await task.json(content_type=None)
-    async with GrapevineClient(f"127.0.0.1:{env.clients[0].port}") as client:
+    async with GrapevineClient(f"127.0.0.1:{env.clients[0].port}", API_TOKEN) as client:
         with pytest.raises(ApiError) as raised:
             await client.tree("ab" * 32)
         assert raised.value.status == 404 and "not known" in raised.value.detail

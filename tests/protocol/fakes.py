@@ -26,7 +26,7 @@ from protocol.identity import DOMAIN_ALIVE, Signer, VerifiedCache
 from protocol.membership import Membership
 from protocol.node import Node
 from protocol.timers import Timer
-from protocol.wire import Alive, Message, alive_payload
+from protocol.wire import Alive, Message, Ping, alive_payload
 
 NETWORK = lan().network_id
 N = TypeVar("N")
@@ -120,6 +120,15 @@ def membership(
         m.apply_alive(0.0, alive(i), addr(i), None)
     port.clear()
     return m, port
+
+
+def probe(m: Membership, port: RecordingPort, now: float) -> tuple[int, bytes]:
+    """Run one ProbeDue on a bare `Membership`; return the probe's seq and target."""
+    port.clear()
+    m.probes.on_probe_due(now)
+    ping = port.sends[0][1][0]
+    assert isinstance(ping, Ping)
+    return ping.seq, ping.target
 
 
 Drop = Callable[[str, str, bytes], bool]

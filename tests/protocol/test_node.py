@@ -26,8 +26,8 @@ from protocol.effects import (
 )
 from protocol.envelope import decode_envelope, encode_envelope
 from protocol.errors import LocalProtocolError
-from protocol.membership import RELAY_TIMEOUT_FRACTION
 from protocol.node import Node
+from protocol.probing import RELAY_TIMEOUT_FRACTION
 from protocol.wire import (
     Ack,
     Alive,

@@ -37,7 +37,9 @@ from protocol.task_messages import (
     TaskDigests,
     TaskGrant,
     TaskHeld,
+    TaskRead,
     TaskRecord,
+    TaskSync,
     TaskWant,
     task_id_of,
 )
@@ -126,6 +128,8 @@ SAMPLES: dict[Kind, Message] = {
     Kind.EXECUTION: Execution(task_record().task_id, 1, signer(2).public_key, 1, "ok", SIG, nid(2)),
     Kind.TASK_HELD: TaskHeld(task_record().task_id),
     Kind.TASK_DIGESTS: TaskDigests(((nid(1), b"12345678"), (nid(2), b"abcdefgh"))),
+    Kind.TASK_SYNC: TaskSync(((nid(3), b"12345678"),)),
+    Kind.TASK_READ: TaskRead((nid(4), nid(5))),
     Kind.TASK_WANT: TaskWant((nid(1), nid(2))),
     Kind.TASK_ASK: TaskAsk(nid(1), 2),
     Kind.TASK_GRANT: TaskGrant(nid(1), 1, nid(3)),

@@ -38,6 +38,8 @@ def parse(*argv: str) -> argparse.Namespace:
         (["--duplicate", "-0.1"], "--duplicate must be in [0, 1]"),
         (["--nodes", "3", "--crashes", "3"], "--crashes plus --pauses must be below --nodes"),
         (["--partition", "0s"], "--partition must be a positive duration"),
+        (["--tasks", "-1"], "--tasks must not be negative"),
+        (["--replication", "-1"], "--replication must not be negative"),
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(

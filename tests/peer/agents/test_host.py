@@ -6,22 +6,26 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
 
-from peer.agents.host import DEMAND_EVENT, AgentHost, SpawnRequest
+from peer.agents.demand import DEMAND_EVENT, HEADER_BYTES, seal_demand
+from peer.agents.host import AgentHost
 from peer.agents.llm import LlmSettings, ModelClient
 from peer.agents.peer_port import DriverTaskPort
-from peer.agents.ports import AgentInput, AgentOutput
+from peer.agents.ports import AgentInput, AgentOutput, Budget
 from peer.agents.runtime import SPAWN_ROLE
+from peer.agents.spawning import SpawnRequest
 from peer.agents.spec import AgentSpec, PoolSettings, TreeLimits
 from peer.runtime.driver import Driver
 from peer.runtime.executor import Executor, Work
 from peer.runtime.transport import Transport
 from protocol.effects import EventReceived
+from protocol.identity import Signer
 from protocol.task_messages import Result
 from tests.peer.inprocess import in_process_peer
 
@@ -78,6 +82,7 @@ async def peers(tmp_path: Path) -> AsyncIterator[Factory]:
             specs,
             client,
             DriverTaskPort(driver),
+            signer=Signer(built.store.load_or_create_identity(), driver.node.config.network_id),
             limits=TreeLimits(),
             pool_settings=pool or PoolSettings(),
             workspace=tmp_path / f"workspace-{index}",
@@ -236,7 +241,7 @@ async def test_pool_grows_a_spawned_role_whose_tasks_wait(peers: Factory) -> Non
     peer = await peers((WORKER,), PoolSettings(grow_after=0.2, idle_retire=60.0))
     peer.host.add(AgentSpec("slow-spawned-1", ("slow",)), spawned=True)
     # Hold the only "slow" agent's slot, as a long execution would.
-    agent = peer.host._agents["slow-spawned-1"]
+    agent = peer.host.roster.agents["slow-spawned-1"]
     agent.slots.start(b"busy" * 8, None)
     waiting = peer.driver.submit("slow", b"Write about moss", idempotency_key="moss")
     await asyncio.sleep(0.4)
@@ -266,12 +271,12 @@ async def test_llm_demand_is_gossiped_and_shares_the_network_limit(peers: Factor
                 isinstance(note, EventReceived)
                 and note.name == DEMAND_EVENT
                 and note.origin == busy.driver.node.node_id
-                and note.payload != b"{}"
+                and note.payload[HEADER_BYTES:] != b"{}"
             ):
                 return note.payload
 
     payload = await asyncio.wait_for(demand_event(), 10.0)
-    assert json.loads(payload)["grapevine/offline"] > 0
+    assert json.loads(payload[HEADER_BYTES:])["grapevine/offline"] > 0
     mine = busy.host.share_of("grapevine/offline")
     theirs = quiet.host.share_of("grapevine/offline")
     assert theirs == 60.0 / 4, "a peer with no demand gets the floor: limit / (2 × peers)"
@@ -285,3 +290,69 @@ async def test_spawn_request_defaults() -> None:
     assert request == SpawnRequest("r", "s", "m", ("final_answer",))
     request = SpawnRequest.decode(b'{"role": "r", "model": "m", "tools": ["delegate"]}')
     assert request.tools == ("delegate", "final_answer")
+
+
+async def test_a_spawn_outside_the_allow_lists_is_refused(peers: Factory) -> None:
+    peer = await peers((WORKER,), PoolSettings(tools=("read_file",)))
+    roles = peer.host.roles
+    cases = {
+        "openai/gpt-4o": (b"model 'openai/gpt-4o' is not allowed on this peer", None),
+        "grapevine/offline": (b"tool(s) 'write_file' not allowed on this peer", ["write_file"]),
+    }
+    for i, (model, (words, tools)) in enumerate(cases.items()):
+        body: dict[str, Any] = {"role": "helper", "system": "", "model": model}
+        if tools is not None:
+            body["tools"] = tools
+        task = peer.driver.submit(SPAWN_ROLE, json.dumps(body).encode(), nonce=bytes([i]) * 16)
+        result = await _result(peer.driver, task)
+        assert result.outcome == "failed" and words in result.output, result.output
+    assert peer.host.spawned == 0 and peer.host.roles == roles
+    assert "helper" not in peer.executor.handlers
+    allowed = {"role": "helper", "system": "", "model": "grapevine/offline", "tools": ["read_file"]}
+    task = peer.driver.submit(SPAWN_ROLE, json.dumps(allowed).encode(), nonce=b"o" * 16)
+    assert (await _result(peer.driver, task)).outcome == "ok"
+    assert peer.host.spawned == 1
+
+
+async def test_a_task_asking_more_than_the_operators_budget_gets_the_cap(
+    peers: Factory,
+) -> None:
+    capped_boss = replace(BOSS, budget=Budget(tokens=10_000))
+    peer = await peers((capped_boss, WORKER))
+    request = AgentInput("Write a short note on city parks", Budget(tokens=10**12)).encode()
+    root = peer.driver.submit("boss", request, idempotency_key="greedy")
+    result = await _result(peer.driver, root)
+    assert result.outcome == "ok", result.output
+    children = peer.driver.children_of(root)
+    assert len(children) == 2
+    for child in children:
+        assert child.record is not None
+        given = AgentInput.decode(child.record.input).budget
+        assert 0 < given.tokens <= 10_000 * 3 // 4 // 2
+
+
+async def test_unsigned_and_forged_demand_events_change_no_share(peers: Factory) -> None:
+    honest = await peers((WORKER,), network_rpm=60.0)
+    attacker = await peers((BOSS,), network_rpm=60.0)
+    await _until(lambda: honest.driver.node.member(attacker.driver.node.node_id) is not None)
+    board = honest.host.demand
+    assert board is not None
+    # The attacker's genuine (signed) demand counts: with nobody wanting anything, two peers
+    # split the limit.
+    await _until(lambda: honest.host.share_of("grapevine/offline") == 60.0 / 2)
+    before = honest.host.share_of("grapevine/offline")
+    # The attacker's own events, unsigned (the old format) and signed by another key.
+    outsider = Signer(b"o" * 32, attacker.driver.node.config.network_id)
+    attacker.driver.broadcast(DEMAND_EVENT, json.dumps({"grapevine/offline": 1e12}).encode())
+    attacker.driver.broadcast(
+        DEMAND_EVENT, seal_demand(outsider, 9, 9, {"grapevine/offline": 1e12})
+    )
+    await _until(lambda: board.dropped["malformed"] >= 1 and board.dropped["bad-signature"] >= 1)
+    # An event claiming to come from a third member the attacker is not.
+    victim = Signer(b"v" * 32, attacker.driver.node.config.network_id)
+    forged = seal_demand(victim, 1, 1, {"grapevine/offline": 1e12})
+    honest.host.observe_demand(attacker.driver.node.node_id, forged)
+    honest.host.observe_demand(victim.node_id, forged)
+    assert board.dropped["bad-signature"] >= 2 and board.dropped["unknown-origin"] == 1
+    assert honest.host.share_of("grapevine/offline") == before
+    assert honest.host.status()["demand_dropped"] == dict(board.dropped)

@@ -277,6 +277,35 @@ async def test_budget_exhaustion(tmp_path: Path) -> None:
     assert outcome.usage == (60, 60, 6) and len(model.seen) == 2
 
 
+async def test_a_task_cannot_raise_the_operators_budget(tmp_path: Path) -> None:
+    """A task asking 10^12 tokens under an operator cap of 10k gets 10k, for its own calls
+    and for what it hands its children."""
+    port = MemoryPort()
+    seen: list[Budget] = []
+
+    async def worker(work: Work) -> Outcome:
+        seen.append(AgentInput.decode(work.input).budget)
+        return Outcome(AgentOutput("done", "w", "m", 1).encode(), "ok", (0, 0, 0))
+
+    port.handlers["worker"] = worker
+    model = ScriptedModel(
+        reply("", ("delegate", {"role": "worker", "request": "all"}), tokens=10),
+        *(reply("", ("read_file", {"path": "missing"}), tokens=2_000) for _ in range(3)),
+    )
+    data = AgentInput("q", Budget(tokens=10**12)).encode()
+    capped = runtime(model, port, tmp_path, budget=Budget(tokens=10_000))
+    outcome = await capped.run(root_work(data=data, port=port))
+    assert seen == [Budget(tokens=(10_000 - 20) * 3 // 4)]
+    assert outcome.output == b"budget exhausted: used 12020 of 10000 tokens"
+    # The tree limits' default budget is the cap of an agent that sets none.
+    model = ScriptedModel(reply("", ("read_file", {"path": "missing"}), tokens=6_000))
+    limits = TreeLimits(default_budget=Budget(tokens=10_000))
+    outcome = await runtime(model, MemoryPort(), tmp_path, limits=limits).run(
+        root_work(data=data, port=MemoryPort())
+    )
+    assert outcome.output == b"budget exhausted: used 12000 of 10000 tokens"
+
+
 async def test_children_usage_counts_against_the_budget(tmp_path: Path) -> None:
     port = MemoryPort()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,7 @@ from peer.agents.spec import (
     parse_limits,
     parse_pool,
 )
+from peer.settings import SettingsError, load_settings
 
 
 def _agents(text: str) -> tuple[AgentSpec, ...]:
@@ -156,3 +158,30 @@ def test_pool() -> None:
         with pytest.raises(ValueError) as info:
             parse_pool(table)
         assert message in str(info.value)
+
+
+def test_pool_allow_lists() -> None:
+    assert PoolSettings().models is None and PoolSettings().tools is None
+    table = {"models": ["openai/gpt-4o-mini", "grapevine/offline"], "tools": ["read_file"]}
+    settings = parse_pool(table)
+    assert settings.models == ("openai/gpt-4o-mini", "grapevine/offline")
+    assert settings.tools == ("read_file",)
+    assert parse_pool({"models": [], "tools": []}) == PoolSettings(models=(), tools=())
+    for bad, message in [
+        ({"models": "gpt"}, "pool.models: must be an array of litellm model strings, got str"),
+        ({"models": ["a", " "]}, "pool.models[1]: must be a litellm model string, got ' '"),
+        ({"models": ["a", "a"]}, "pool.models[1]: 'a' is listed twice"),
+        ({"tools": ["rm_rf"]}, "pool.tools[0]: 'rm_rf' is neither a built-in tool"),
+        ({"tools": ["os:system"]}, "pool.tools[0]: 'os:system' is not a built-in tool"),
+        ({"tools": [1]}, "pool.tools[0]: 1 is neither"),
+    ]:
+        with pytest.raises(ValueError) as info:
+            parse_pool(bad)
+        assert message in str(info.value)
+
+
+def test_pool_allow_list_errors_name_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "peer.toml"
+    config.write_text("[pool]\nmodels = ['ok', 3]\n")
+    with pytest.raises(SettingsError, match=r"config file .*peer\.toml: pool\.models\[1\]"):
+        load_settings({}, {}, config)

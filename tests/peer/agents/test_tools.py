@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 
-from peer.agents.tools import MAX_FILE, Toolbox, ToolContext, describe, jailed
+from peer.agents import jail
+from peer.agents.jail import relative_parts
+from peer.agents.tools import MAX_FILE, Toolbox, ToolContext, describe
 
 
 async def _no_delegate(role: str, request: str) -> str:
@@ -195,13 +198,23 @@ async def test_size_cap(tmp_path: Path) -> None:
     assert "KiB limit" in await box.call("read_file", {"path": "big"}, ctx)
 
 
+@pytest.fixture(params=["openat2", "walk"])
+def opener(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each jail test runs with `openat2` (where the kernel has it) and with the walk."""
+    if request.param == "walk":
+        monkeypatch.setattr(jail.OPENAT2, "available", False)
+    elif not jail.OPENAT2.available:
+        pytest.skip("no openat2 here")
+    return str(request.param)
+
+
 @pytest.mark.parametrize("path", ["/etc/passwd", "../x", "a/../../x", "", ".", "a/..\\..\\x"])
 def test_jail_refuses(tmp_path: Path, path: str) -> None:
     with pytest.raises(ValueError):
-        jailed(tmp_path, path)
+        relative_parts(path)
 
 
-async def test_jail_refuses_symlinks_out(tmp_path: Path) -> None:
+async def test_jail_refuses_symlinks_out(tmp_path: Path, opener: str) -> None:
     workspace = tmp_path / "ws"
     outside = tmp_path / "outside"
     workspace.mkdir()
@@ -219,5 +232,97 @@ async def test_jail_refuses_symlinks_out(tmp_path: Path) -> None:
     assert "leads outside the workspace" in result and not (outside / "new.txt").exists()
     assert await box.call("write_file", {"path": "secret", "content": "x"}, ctx) != "wrote"
     assert (outside / "secret").read_text() == "s3cret"
-    assert await box.call("read_file", {"path": "ok"}, ctx) == "fine"
-    assert jailed(workspace, "sub/new.txt") == workspace.resolve() / "sub" / "new.txt"
+    # No link is followed, even one that stays inside the workspace.
+    assert "through a symbolic link" in await box.call("read_file", {"path": "ok"}, ctx)
+    assert await box.call("read_file", {"path": "inner.txt"}, ctx) == "fine"
+    assert relative_parts("sub/new.txt") == ("sub", "new.txt")
+
+
+def _outside_and_workspace(tmp_path: Path) -> tuple[Path, Path]:
+    workspace, outside = tmp_path / "ws", tmp_path / "outside"
+    (workspace / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret").write_text("s3cret")
+    (workspace / "sub" / "secret").write_text("inside")
+    return workspace, outside
+
+
+def _swap_after_validation(
+    monkeypatch: pytest.MonkeyPatch, workspace: Path, outside: Path
+) -> list[str]:
+    """Once a path is validated, replace the workspace's "sub" by a link to `outside`, as
+    a racing process would between a check and the open."""
+    validated: list[str] = []
+    check = jail.relative_parts
+
+    def check_then_swap(path: str) -> tuple[str, ...]:
+        parts = check(path)
+        validated.append(path)
+        (workspace / "sub").rename(workspace / "old-sub")
+        os.symlink(outside, workspace / "sub")
+        return parts
+
+    monkeypatch.setattr(jail, "relative_parts", check_then_swap)
+    return validated
+
+
+async def test_a_link_swapped_in_after_validation_is_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, opener: str
+) -> None:
+    workspace, outside = _outside_and_workspace(tmp_path)
+    validated = _swap_after_validation(monkeypatch, workspace, outside)
+    result = await Toolbox.load(["read_file"]).call(
+        "read_file", {"path": "sub/secret"}, _context(workspace)
+    )
+    assert validated == ["sub/secret"] and (workspace / "sub").is_symlink()
+    assert "s3cret" not in result and "through a symbolic link" in result
+
+
+async def test_a_link_swapped_in_after_validation_is_not_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, opener: str
+) -> None:
+    workspace, outside = _outside_and_workspace(tmp_path)
+    validated = _swap_after_validation(monkeypatch, workspace, outside)
+    result = await Toolbox.load(["write_file"]).call(
+        "write_file", {"path": "sub/secret", "content": "pwned"}, _context(workspace)
+    )
+    assert validated == ["sub/secret"] and "through a symbolic link" in result
+    assert (outside / "secret").read_text() == "s3cret"
+    assert sorted(p.name for p in outside.iterdir()) == ["secret"]
+
+
+async def test_a_link_flipping_during_reads_never_leaks(tmp_path: Path, opener: str) -> None:
+    """A racing process flips "sub" between a directory and a link out while reads run."""
+    workspace, outside = _outside_and_workspace(tmp_path)
+    (workspace / "real").mkdir()
+    (workspace / "real" / "secret").write_text("inside")
+    box, ctx = Toolbox.load(["read_file"]), _context(workspace)
+    stop = threading.Event()
+
+    def flip() -> None:
+        while not stop.is_set():
+            for target in (outside, workspace / "real"):
+                os.symlink(target, workspace / "next")
+                os.replace(workspace / "next", workspace / "sub")
+
+    (workspace / "sub" / "secret").unlink()
+    (workspace / "sub").rmdir()
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    try:
+        results = [await box.call("read_file", {"path": "sub/secret"}, ctx) for _ in range(300)]
+    finally:
+        stop.set()
+        flipper.join()
+    assert not any("s3cret" in result for result in results)
+
+
+async def test_only_regular_files(tmp_path: Path, opener: str) -> None:
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "dir").mkdir()
+    box, ctx = Toolbox.load(["read_file", "write_file"]), _context(tmp_path)
+    assert "not a regular file" in await box.call("read_file", {"path": "pipe"}, ctx)
+    assert "not a regular file" in await box.call("read_file", {"path": "dir"}, ctx)
+    written = await box.call("write_file", {"path": "dir", "content": "x"}, ctx)
+    assert written.startswith("error:")
+    assert await box.call("write_file", {"path": "a.txt/b", "content": "x"}, ctx) != "wrote"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from peer.agents.ports import AgentInput, Budget, TaskView
 from peer.agents.spec import AgentSpec, TreeLimits
 from peer.agents.tree import (
@@ -127,9 +129,33 @@ def test_budget_for_prefers_input_then_agent_then_default() -> None:
     limits = TreeLimits(default_budget=Budget(tokens=99))
     spec = AgentSpec("a", ("r",), budget=Budget(tokens=50))
     assert budget_for(Budget(tokens=10), spec, limits) == Budget(tokens=10)
-    assert budget_for(Budget(cost_micro=3), spec, limits) == Budget(cost_micro=3)
+    # The input limits the cost, the agent's cap still limits the tokens.
+    assert budget_for(Budget(cost_micro=3), spec, limits) == Budget(tokens=50, cost_micro=3)
     assert budget_for(Budget(), spec, limits) == Budget(tokens=50)
     assert budget_for(Budget(), AgentSpec("a", ("r",)), limits) == Budget(tokens=99)
+
+
+@pytest.mark.parametrize(
+    ("asked", "agent", "default", "expected"),
+    [
+        (Budget(tokens=10**12), Budget(tokens=10_000), Budget(tokens=99), Budget(tokens=10_000)),
+        (Budget(tokens=10**12), Budget(), Budget(tokens=10_000), Budget(tokens=10_000)),
+        (
+            Budget(tokens=10**12, cost_micro=10**12),
+            Budget(tokens=10_000, cost_micro=7),
+            None,
+            Budget(tokens=10_000, cost_micro=7),
+        ),
+        (Budget(tokens=5), Budget(tokens=10_000), None, Budget(tokens=5)),
+        (Budget(tokens=5), Budget(cost_micro=9), None, Budget(tokens=5, cost_micro=9)),
+        (Budget(tokens=10**12), Budget(), Budget(), Budget(tokens=10**12)),  # no cap at all
+    ],
+)
+def test_the_operators_budget_is_a_cap(
+    asked: Budget, agent: Budget, default: Budget | None, expected: Budget
+) -> None:
+    limits = TreeLimits() if default is None else TreeLimits(default_budget=default)
+    assert budget_for(asked, AgentSpec("a", ("r",), budget=agent), limits) == expected
 
 
 def test_ledger_exhaustion() -> None:

@@ -1,0 +1,169 @@
+"""Who may call the local HTTP API, and what a request must look like before any handler runs.
+
+A web page in the operator's browser can send requests to 127.0.0.1 (a "simple" cross-origin
+POST, or a DNS name rebound to loopback); a process of another user on the machine can connect
+too. `RequestGuard` turns both away before a handler reads anything, as Jupyter's token and
+Host/Origin checks do; Serf's RPC auth key and Consul's ACL tokens are the same idea.
+
+Invariants (checked in this order, for every route, unknown routes included):
+- Host: the request's `Host` is the API's own address: the address of the socket it arrived
+  on, plus `localhost`, `127.0.0.1` and `[::1]` when that socket is on loopback, plus the host
+  name the API was started on; always with the API's port. Else 403 (DNS rebinding).
+- Origin: a request with an `Origin` header comes from a web page; it is served only when the
+  origin is the API's own (`http://` and an accepted Host). Else 403 (cross-site requests).
+- Token: `Authorization: Bearer <token>` with the peer's token, compared in constant time.
+  Else 401 with `WWW-Authenticate: Bearer` and a detail saying how to pass it.
+- Body: a POST or PUT that carries a body says it is `application/json`. Else 415, so no
+  browser form or "simple" cross-origin request (text/plain) reaches a handler with a body.
+- Text: the path and every query parameter are valid UTF-8 once percent-decoded. Else 400
+  naming the parameter (aiohttp would quietly replace the bad bytes).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Iterable
+from urllib.parse import unquote_to_bytes, urlsplit
+
+from aiohttp import web
+
+from peer.http.common import Handler, Problem, bad_request, problem_response
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+BODY_METHODS = ("POST", "PUT", "PATCH")
+JSON_TYPE = "application/json"
+REALM = 'Bearer realm="grapevine"'
+TOKEN_DETAIL = (
+    "every request needs the header `Authorization: Bearer <token>`; the token is the "
+    "operator's (--api-token-file of `grapevine agent`) or the peer's own, in "
+    "<data_dir>/api.token. `grapevine` commands find it through --data-dir, --token-file or "
+    "GRAPEVINE_API_TOKEN; the Python client takes GrapevineClient(api, token=...)"
+)
+
+
+def address_form(host: str, port: int) -> str:
+    """The "host:port" a client puts in `Host` for `host` (IPv6 bracketed), lowercase."""
+    host = host.lower()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def own_hosts(local_ip: str, port: int, names: Iterable[str]) -> frozenset[str]:
+    """The `Host` values that name an API reached on (`local_ip`, `port`).
+
+    Args:
+        local_ip: the address of the socket the request arrived on.
+        port: the API's port.
+        names: host names the API was started on (its `--api` host when it is a name).
+    """
+    hosts = {local_ip.split("%", 1)[0], *names}
+    try:
+        ip = ipaddress.ip_address(local_ip.split("%", 1)[0])
+    except ValueError:
+        ip = None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip is not None:
+        hosts.add(ip.compressed)
+        if ip.is_loopback:
+            hosts.update(LOOPBACK_NAMES)
+    forms = {address_form(host, port) for host in hosts}
+    if port == 80:  # a client leaves the default port out of Host
+        forms |= {form.rsplit(":", 1)[0] for form in forms}
+    return frozenset(forms)
+
+
+def forbidden(detail: str) -> Problem:
+    """A 403 answer: the request came from somewhere the API does not serve."""
+    return Problem(403, "Forbidden", detail)
+
+
+class RequestGuard:
+    """The checks of the module invariants for one peer's API (`middleware` runs them).
+
+    Args:
+        token: the peer's API token.
+    """
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode("ascii")
+        self.names: frozenset[str] = frozenset()
+        """Host names the API was started on, accepted in `Host` besides its socket's address
+        (set by `PeerApi.start`)."""
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Refuse `request` as the module invariants say, or else pass it to `handler`."""
+        allowed = self._allowed_hosts(request)
+        host = request.headers.get("Host", "").strip().lower()
+        if host not in allowed:
+            raise forbidden(
+                f"Host {host[:100]!r} is not this API's address; use one of "
+                f"{', '.join(sorted(allowed))}"
+            )
+        origin = request.headers.get("Origin")
+        if origin is not None and not _own_origin(origin, allowed):
+            raise forbidden(
+                f"requests from web pages of other origins ({origin[:100]!r}) are refused"
+            )
+        if not self._authorized(request):
+            missing = "Authorization" not in request.headers
+            title = "the request carries no API token" if missing else "the API token is wrong"
+            return problem_response(
+                401, "Unauthorized", f"{title}: {TOKEN_DETAIL}", {"WWW-Authenticate": REALM}
+            )
+        if (
+            request.method in BODY_METHODS
+            and request.body_exists
+            and request.content_type != JSON_TYPE
+        ):
+            raise Problem(
+                415,
+                "Unsupported Media Type",
+                f"request bodies must be {JSON_TYPE}, got {request.content_type[:100]!r}",
+            )
+        check_url_text(request)
+        return await handler(request)
+
+    def _allowed_hosts(self, request: web.Request) -> frozenset[str]:
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        if not sockname:
+            return frozenset()
+        return own_hosts(str(sockname[0]), int(sockname[1]), self.names)
+
+    def _authorized(self, request: web.Request) -> bool:
+        scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        given = credentials.strip().encode("utf-8", errors="surrogatepass")
+        return hmac.compare_digest(given, self._token)
+
+
+def _own_origin(origin: str, allowed: frozenset[str]) -> bool:
+    try:
+        parts = urlsplit(origin.strip())
+    except ValueError:
+        return False
+    return parts.scheme == "http" and parts.netloc.lower() in allowed
+
+
+def check_url_text(request: web.Request) -> None:
+    """Refuse a path or query parameter that is not valid UTF-8 once percent-decoded.
+
+    Raises:
+        Problem: 400 naming the path or the query parameter.
+    """
+    try:
+        unquote_to_bytes(request.raw_path.partition("?")[0]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_request("the path is not valid UTF-8 once percent-decoded") from None
+    for pair in request.rel_url.raw_query_string.split("&"):
+        raw_name, _, raw_value = pair.partition("=")
+        try:
+            name = unquote_to_bytes(raw_name.replace("+", " ")).decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad_request("a query parameter's name is not valid UTF-8") from None
+        try:
+            unquote_to_bytes(raw_value.replace("+", " ")).decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad_request(f"query parameter {name!r} is not valid UTF-8") from None

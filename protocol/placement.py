@@ -1,0 +1,79 @@
+"""Where a task lives: its replica set, and who else needs its objects (its audience).
+
+Invariants:
+- A task's replica set is the top `k` live members by rendezvous (HRW) score for the task id,
+  k = replication + 1. The score depends only on the task id and the member id, so peers with
+  the same view of who is alive compute the same set, and a member joining or leaving moves
+  only the tasks it enters or leaves the top k of (about k/N of them).
+- The first member of the replica set is the task's arbiter: it repairs the task's audience
+  when membership changes (see `protocol.tasks`).
+- A task's audience is who must receive its objects directly: the replica set, the peers first
+  in line to run it, its origin (where the client waits, and for a child task the parent's
+  owner that submitted it) and the owners of its claims. Task objects go to the audience and
+  nowhere else, so a task costs the network O(k), not O(N).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from protocol.task_state import TaskState, hrw_score
+
+EXECUTOR_CANDIDATES = 2
+"""Peers able to run a task, in HRW order, that receive it directly: its primary, and the
+standby that steps in (with the primary's grant) when the primary has no free slot. Further
+standbys receive it from the arbiter when one of these dies."""
+
+
+def top_by_score(task_id: bytes, members: Iterable[bytes], k: int) -> list[bytes]:
+    """The `k` members with the highest HRW score for `task_id`, best first."""
+    return sorted(members, key=lambda n: hrw_score(task_id, n), reverse=True)[:k]
+
+
+class ReplicaSets:
+    """Replica sets of held tasks, cached while the live membership is unchanged.
+
+    Args:
+        k: members per replica set (replication + 1).
+    """
+
+    __slots__ = ("k", "_live", "_sets")
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self._live: tuple[bytes, ...] = ()
+        self._sets: dict[bytes, list[bytes]] = {}
+
+    def of(self, task_id: bytes, live: tuple[bytes, ...]) -> list[bytes]:
+        """The replica set of `task_id` among `live` (every up member, this peer included)."""
+        if live != self._live:
+            self._live = live
+            self._sets.clear()
+        found = self._sets.get(task_id)
+        if found is None:
+            found = self._sets[task_id] = top_by_score(task_id, live, self.k)
+        return found
+
+    def forget(self, task_id: bytes) -> None:
+        """Drop the cached set of a task no longer held."""
+        self._sets.pop(task_id, None)
+
+
+def audience(
+    st: TaskState, replicas: list[bytes], candidates: list[bytes], self_id: bytes
+) -> set[bytes]:
+    """Who must receive the objects of the task `st` directly, `self_id` excluded.
+
+    Args:
+        st: the task as held here.
+        replicas: its replica set.
+        candidates: the live peers able to run it, in HRW order (its primary first).
+    """
+    out = set(replicas)
+    out.update(candidates[:EXECUTOR_CANDIDATES])
+    if st.record is not None:
+        out.add(st.record.origin)
+    if st.claim is not None:
+        out.add(st.claim.owner)
+    out.discard(self_id)
+    return out

@@ -1,0 +1,246 @@
+"""The SWIM probe cycle: direct probes, indirect probes through helpers, and relays.
+
+Theory of operation (SWIM section 3.1 with Lifeguard's local health, as memberlist does it):
+- Every probe interval (scaled by awareness) ping the next member of a shuffled round-robin list
+  of alive and suspect members; every other probe may instead re-check a suspect this peer has
+  not probed for two intervals.
+- No ack within the probe timeout: ask `indirect_checks` random alive members to ping the
+  target for us. A helper relays the target's ack, or nacks before our round ends if it
+  reached nobody.
+- No ack by the end of the interval: report the target as unanswered (the membership rules
+  then suspect it). Missed nacks raise our awareness (we are probably the slow one); an ack
+  lowers it.
+
+Invariants:
+- At most one probe of our own is running; its timers carry its sequence number, so a timer of
+  an earlier probe finds nothing to do.
+- An ack, nack or relay timeout that matches no running probe or relay changes nothing.
+- A clock stall (`forget_running`) drops the running probe and every relay without a verdict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from protocol.codec import encode_message
+from protocol.config import NodeConfig
+from protocol.effects import Dropped, Note
+from protocol.member_table import Member, MemberTable, Rng
+from protocol.suspicion import Awareness
+from protocol.timers import ProbeDue, ProbeRoundEnd, ProbeTimeout, RelayTimeout, Timer
+from protocol.wire import Ack, IndirectPing, Nack, Ping, Status, Suspect
+
+RELAY_TIMEOUT_FRACTION = 0.8
+"""An indirect helper waits this fraction of the probe timeout before it nacks."""
+
+
+class ProbePort(Protocol):
+    """What probing needs from the node that hosts it."""
+
+    def send(self, addr: str, messages: list[bytes], piggyback: bool) -> None: ...
+    def note(self, note: Note) -> None: ...
+    def schedule(self, at: float, timer: Timer) -> None: ...
+
+
+@dataclass(slots=True)
+class _Probe:
+    seq: int
+    target: bytes
+    started: float
+    acked: bool = False
+    nacks_expected: int = 0
+    nacks: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Relay:
+    requester_addr: str
+    requester_seq: int
+    target: bytes
+    seen: int
+
+
+class Prober:
+    """The probe cycle of one peer, over its member table.
+
+    Args:
+        config: the node's configuration (its `swim` section).
+        table: the members to probe; `table.me` is this peer.
+        awareness: this peer's local health, shared with the membership rules.
+        rng: orders the round-robin and picks helpers.
+        port: where pings, acks and timers go.
+        unanswered: called when a probed member stayed silent for a whole round.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        table: MemberTable,
+        awareness: Awareness,
+        rng: Rng,
+        port: ProbePort,
+        unanswered: Callable[[float, Member], None],
+    ) -> None:
+        self.config = config
+        self.table = table
+        self.awareness = awareness
+        self.rng = rng
+        self.port = port
+        self.unanswered = unanswered
+        self._order: list[bytes] = []
+        self._next = 0
+        self._probe: _Probe | None = None
+        self._relays: dict[int, _Relay] = {}
+        self._last_probe_was_suspect = False
+        self._suspects: dict[bytes, None] = {}
+        """Members we hold as suspect, oldest suspicion first (may hold stale entries)."""
+        self._seq = 0
+
+    def add_target(self, node_id: bytes) -> None:
+        """Put a member that came up into the round-robin, at a random position."""
+        # A random position keeps new members from all being probed at once (memberlist).
+        self._order.insert(self.rng.randrange(len(self._order) + 1), node_id)
+
+    def watch_suspect(self, node_id: bytes) -> None:
+        """Remember a member we now suspect, to check on it again within the suspicion."""
+        self._suspects[node_id] = None
+
+    def forget_running(self) -> None:
+        """Drop the running probe and every relay: our clock jumped, so no verdict."""
+        self._probe = None
+        self._relays.clear()
+
+    def on_probe_due(self, now: float) -> None:
+        if self._probe is not None:
+            # The round of the previous probe ends now. Its ProbeRoundEnd is due at this same
+            # instant but was armed after this timer, so it would find the probe replaced.
+            self.on_probe_round_end(now, self._probe.seq)
+        swim = self.config.swim
+        self.port.schedule(now + self.awareness.scale(swim.probe_interval), ProbeDue())
+        target = None if self._last_probe_was_suspect else self._stale_suspect(now)
+        self._last_probe_was_suspect = target is not None
+        target = target or self._next_target()
+        if target is None:
+            self._probe = None
+            return
+        self._seq += 1
+        self._probe = _Probe(self._seq, target.node_id, now)
+        target.probed_at = now
+        msgs = [encode_message(Ping(self._seq, target.node_id, target.incarnation))]
+        if target.status == Status.SUSPECT:
+            # Tell the target it is suspected, so it can refute without waiting for gossip.
+            me = self.table.me.node_id
+            msgs.append(encode_message(Suspect(target.node_id, target.incarnation, me)))
+        self.port.send(target.addr, msgs, piggyback=True)
+        self.port.schedule(now + self.awareness.scale(swim.probe_timeout), ProbeTimeout(self._seq))
+
+    def on_probe_timeout(self, now: float, seq: int) -> None:
+        probe = self._probe
+        if probe is None or probe.seq != seq or probe.acked:
+            return
+        target = self.table.members.get(probe.target)
+        swim = self.config.swim
+        end = probe.started + self.awareness.scale(swim.probe_interval)
+        self.port.schedule(max(now, end), ProbeRoundEnd(seq))
+        if target is None:
+            return
+        helpers = self.table.random_members(
+            swim.indirect_checks,
+            lambda m: m.status == Status.ALIVE and m.node_id != probe.target,
+        )
+        request = encode_message(IndirectPing(seq, target.node_id, target.addr, target.incarnation))
+        for helper in helpers:
+            self.port.send(helper.addr, [request], piggyback=False)
+        probe.nacks_expected = len(helpers)
+
+    def on_probe_round_end(self, now: float, seq: int) -> None:
+        probe = self._probe
+        if probe is None or probe.seq != seq or probe.acked:
+            return
+        self._probe = None
+        missed = probe.nacks_expected - probe.nacks
+        self.awareness.apply(missed if probe.nacks_expected else 1)
+        target = self.table.members.get(probe.target)
+        if target is not None and target.up:
+            self.unanswered(now, target)
+
+    def on_ping(self, src: str, ping: Ping) -> None:
+        if ping.target != self.table.me.node_id:
+            self.port.note(Dropped(src, "ping addressed to another node id"))
+            return
+        self.port.send(src, self._ack(ping.seq, ping.seen), piggyback=True)
+
+    def _ack(self, seq: int, seen: int) -> list[bytes]:
+        # A prober that knows us at an older incarnation missed our refutation: hand it over
+        # first, so a relay has applied it by the time it forwards the ack.
+        ack = encode_message(Ack(seq))
+        me = self.table.me
+        if seen >= me.incarnation:
+            return [ack]
+        return [encode_message(me.alive), ack]
+
+    def on_indirect_ping(self, now: float, src: str, req: IndirectPing) -> None:
+        if req.target == self.table.me.node_id:
+            self.port.send(src, self._ack(req.seq, req.seen), piggyback=False)
+            return
+        self._seq += 1
+        self._relays[self._seq] = _Relay(src, req.seq, req.target, req.seen)
+        ping = Ping(self._seq, req.target, req.seen)
+        self.port.send(req.target_addr, [encode_message(ping)], True)
+        # Nack before the requester's round ends (it asked us at probe_timeout into a round of
+        # probe_interval), so a nack from a healthy helper is never mistaken for a missed one.
+        timeout = RELAY_TIMEOUT_FRACTION * self.config.swim.probe_timeout
+        self.port.schedule(now + self.awareness.scale(timeout), RelayTimeout(self._seq))
+
+    def on_ack(self, ack: Ack) -> None:
+        relay = self._relays.pop(ack.seq, None)
+        if relay is not None:
+            msgs = [encode_message(Ack(relay.requester_seq))]
+            target = self.table.members.get(relay.target)
+            if target is not None and target.alive.incarnation > relay.seen:
+                msgs.insert(0, encode_message(target.alive))
+            self.port.send(relay.requester_addr, msgs, piggyback=False)
+            return
+        probe = self._probe
+        if probe is not None and probe.seq == ack.seq and not probe.acked:
+            probe.acked = True
+            self.awareness.apply(-1)
+
+    def on_nack(self, nack: Nack) -> None:
+        probe = self._probe
+        if probe is not None and probe.seq == nack.seq:
+            probe.nacks += 1
+
+    def on_relay_timeout(self, seq: int) -> None:
+        relay = self._relays.pop(seq, None)
+        if relay is not None:
+            msg = encode_message(Nack(relay.requester_seq))
+            self.port.send(relay.requester_addr, [msg], piggyback=False)
+
+    def _stale_suspect(self, now: float) -> Member | None:
+        # Every other probe may go to a suspect (the rest keep the round-robin going, or a mass
+        # failure would starve it): the one who suspects a member checks on it again within
+        # the suspicion, instead of waiting for its round-robin turn, and the ack carries the
+        # refutation if it was missed (see `_ack`).
+        horizon = now - 2 * self.awareness.scale(self.config.swim.probe_interval)
+        for nid in list(self._suspects):
+            m = self.table.members.get(nid)
+            if m is None or m.status != Status.SUSPECT:
+                del self._suspects[nid]
+            elif m.probed_at < horizon:
+                return m
+        return None
+
+    def _next_target(self) -> Member | None:
+        for _ in range(2):
+            while self._next < len(self._order):
+                m = self.table.members.get(self._order[self._next])
+                self._next += 1
+                if m is not None and m.up:
+                    return m
+            self._order = [m.node_id for m in self.table.others() if m.up]
+            self.rng.shuffle(self._order)
+            self._next = 0
+        return None

@@ -1,0 +1,153 @@
+"""Replica sets, audiences and the rules every receiver enforces (docs/design.md section 5).
+
+Each test drives real nodes over the fake link: objects go to a task's audience, nothing else;
+a claim from a peer not serving the role, a cancel from anyone but the origin or the parent's
+owner, and forged objects for unknown tasks change nothing and are counted; a lost result
+reaches a replica through the replicas' sync; the origin relays claims to every peer it sent
+the record to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from protocol.effects import TaskCancelled
+from protocol.errors import LocalProtocolError
+from protocol.placement import ReplicaSets, top_by_score
+from protocol.task_messages import Cancel, Claim, Result, TaskSync
+from protocol.tasks import DOMAIN_CANCEL
+from tests.protocol.fakes import addr, node_id, opened, signer
+from tests.protocol.test_tasks import (
+    ROLE,
+    claim,
+    cluster,
+    deliver,
+    ranked,
+    replicas,
+    result,
+    starts,
+    submit,
+)
+
+
+def test_replica_set_is_the_top_k_by_score_and_moves_only_with_its_members() -> None:
+    members = tuple(sorted(node_id(i) for i in range(10)))
+    sets = ReplicaSets(3)
+    task_id = bytes(range(32))
+    chosen = sets.of(task_id, members)
+    assert chosen == top_by_score(task_id, members, 3) and len(chosen) == 3
+    outsider = next(m for m in members if m not in chosen)
+    fewer = tuple(m for m in members if m != outsider)
+    assert sets.of(task_id, fewer) == chosen, "a member outside the set leaving moves nothing"
+    without_first = tuple(m for m in members if m != chosen[0])
+    assert sets.of(task_id, without_first)[:2] == chosen[1:]
+
+
+def test_objects_reach_only_the_audience_in_a_larger_network() -> None:
+    link = cluster(9, serving=[1, 2, 3, 4, 5, 6, 7, 8])
+    task_id = submit(link, at=0, key="few")
+    link.advance(link.now + 5.0)
+    [(owner, _)] = starts(link, task_id)
+    # Its replicas, its origin, the two first in line for epoch 1 and, once claimed, the two
+    # first in line to take over from the owner.
+    expected = set(replicas(task_id, list(range(9)))) | set(ranked(task_id, list(range(1, 9)))[:3])
+    holders = {i for i in range(9) if task_id in link.node(i).tasks.tasks}
+    assert holders == expected | {0, owner}
+    assert len(holders) < 9
+
+
+def test_a_claim_from_a_peer_not_serving_the_role_changes_nothing() -> None:
+    link = cluster(4, serving=[1, 2])
+    outsider = 3  # advertises another role only
+    link.run(outsider, link.node(outsider).serve(link.now, ("other",), 4))
+    link.advance(link.now + 2.0)
+    task_id = submit(link, key="role")
+    node = link.node(1)
+    before = dict(node.tasks.tasks[task_id].claims)
+    deliver(link, 1, outsider, claim(outsider, task_id, 1))
+    assert node.tasks.tasks[task_id].claims == before
+    assert node.tasks.counters["claim from a peer not serving the role"] == 1
+
+
+def test_a_forged_claim_or_result_for_an_unknown_task_creates_no_state() -> None:
+    link = cluster(3)
+    unknown = bytes([7]) * 32
+    deliver(link, 1, 2, claim(2, unknown, 1, key_of=0))
+    deliver(link, 1, 2, result(2, unknown, 1, key_of=0))
+    assert unknown not in link.node(1).tasks.tasks
+    assert link.node(1).tasks.counters["bad signature: claim"] == 1
+
+
+def _cancel(by: int, task_id: bytes) -> Cancel:
+    s = signer(by)
+    unsigned = Cancel(task_id, s.public_key, "stop", b"", s.node_id)
+    return replace(unsigned, sig=s.sign(DOMAIN_CANCEL, unsigned.signed_payload()))
+
+
+def test_a_cancel_from_anyone_but_the_origin_is_refused() -> None:
+    link = cluster(3, serving=[1, 2])
+    task_id = submit(link, at=0, key="cancel")
+    [(owner, _)] = starts(link, task_id)
+    deliver(link, owner, 3 - owner, _cancel(3 - owner, task_id))  # a member, not the origin
+    st = link.node(owner).tasks.tasks[task_id]
+    assert st.cancel is None and st.task_id in link.node(owner).tasks.running
+    assert link.node(owner).tasks.counters["cancel by neither origin nor parent owner"] == 1
+    with pytest.raises(LocalProtocolError, match="origin"):
+        link.node(owner).cancel(link.now, task_id)
+    link.run(0, link.node(0).cancel(link.now, task_id))
+    link.advance(link.now + 1.0)
+    assert link.notes_of(owner, TaskCancelled)
+
+
+def test_a_cancel_by_the_parents_owner_is_honoured() -> None:
+    link = cluster(3, serving=[1, 2])
+    parent = submit(link, at=0, key="parent")
+    [(parent_owner, _)] = starts(link, parent)
+    fx, child = link.node(0).submit(link.now, ROLE, b"c", parent=parent, idempotency_key="child")
+    link.run(0, fx)
+    link.advance(link.now + 1.0)
+    holder = 0  # the origin of both: it holds the parent's claim and the child
+    assert link.node(holder).tasks.tasks[parent].claim is not None
+    deliver(link, holder, parent_owner, _cancel(parent_owner, child))
+    assert link.node(holder).tasks.tasks[child].cancel is not None
+
+
+def test_a_replica_that_lost_a_result_gets_it_from_the_replicas_sync() -> None:
+    link = cluster(5, serving=[1, 2, 3, 4])
+    task_id = submit(link, at=0, key="sync")
+    [(owner, epoch)] = starts(link, task_id)
+    victim = next(i for i in replicas(task_id, list(range(5))) if i not in (0, owner))
+    link.drop = lambda src, dst, data: (
+        dst == addr(victim) and any(isinstance(m, Result) for m in opened(data))
+    )
+    link.run(owner, link.node(owner).complete(link.now, task_id, epoch, "ok", b"r"))
+    link.advance(link.now + 0.5)
+    assert link.node(victim).tasks.tasks[task_id].accepted is None
+    link.drop = lambda src, dst, data: False
+    link.advance(link.now + 3.0)  # the first sync comes 2 s after the change
+    assert link.node(victim).tasks.tasks[task_id].accepted is not None
+    assert any(link.sent(i, victim, TaskSync) for i in range(5))
+
+
+def test_the_origin_relays_a_claim_to_every_peer_it_sent_the_record_to() -> None:
+    link = cluster(6, serving=[1, 2, 3, 4, 5])
+    # The claim misses the origin on its way: when it arrives later, the origin hands it on.
+    link.drop = lambda src, dst, data: (
+        dst == addr(0) and any(isinstance(m, Claim) for m in opened(data))
+    )
+    fx, task_id = link.node(0).submit(link.now, ROLE, b"x", idempotency_key="relay")
+    link.run(0, fx)
+    link.advance(link.now + 1.0)
+    link.drop = lambda src, dst, data: False
+    [(owner, _)] = starts(link, task_id)
+    assert link.node(0).tasks.tasks[task_id].claim is None
+    made = link.node(owner).tasks.tasks[task_id].claim
+    assert made is not None
+    mark = link.now
+    deliver(link, 0, owner, made)
+    relayed = {j for j in range(6) if any(t >= mark for t in link.sent(0, j, Claim)) and j != owner}
+    sent_to = link.node(0).tasks.tasks[task_id].sent_to
+    assert relayed == {i for i in range(6) if node_id(i) in sent_to} - {owner}
+    assert relayed
