@@ -10,6 +10,9 @@ Invariants:
   file and two peers starting on one directory agree on one token; a restart reuses it.
 - A token is one line of printable ASCII without spaces; an empty or malformed token file is
   an error naming the file, never an empty token.
+- A peer refuses a token file (the operator's or its own) that group or others may read or
+  write, like the identity file: anyone who reads it holds the API. Clients only present a
+  token, so they read whatever file they are pointed at.
 - Clients look, in order: the token file they were given, the data directory they were given,
   `$GRAPEVINE_API_TOKEN`, `$GRAPEVINE_API_TOKEN_FILE`, then `api.token` in
   `$GRAPEVINE_DATA_DIR` or the peer's default data directory (`DEFAULT_DATA_DIR`). A place
@@ -24,6 +27,8 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from peer.secret_files import ExposedSecretError, read_secret_file
 
 TOKEN_FILE_NAME = "api.token"
 DEFAULT_DATA_DIR = Path("grapevine-data")
@@ -75,17 +80,25 @@ def check_token(text: str, source: str) -> str:
     return token
 
 
-def read_token_file(path: Path) -> str:
+def read_token_file(path: Path, *, private: bool = True) -> str:
     """Return the token held by `path`.
 
+    Args:
+        path: the token file.
+        private: refuse the file if group or others may read or write it (a peer's reads);
+            a client presenting a token it was pointed at passes False.
+
     Raises:
-        TokenError: the file cannot be read or holds no usable token.
+        TokenError: the file cannot be read, holds no usable token, or is `private` and
+            accessible by group or others.
     """
     try:
-        text = path.read_text(encoding="ascii", errors="replace")
+        data = read_secret_file(path, "an API token") if private else path.read_bytes()
+    except ExposedSecretError as exc:
+        raise TokenError(str(exc)) from None
     except OSError as exc:
         raise TokenError(f"cannot read the API token file {path} ({exc.strerror})") from None
-    return check_token(text, f"the API token file {path}")
+    return check_token(data.decode("ascii", errors="replace"), f"the API token file {path}")
 
 
 def load_or_create_token(data_dir: Path) -> str:
@@ -139,16 +152,17 @@ def find_token(
     """
     env = os.environ if env is None else env
     if token_file is not None:
-        return ApiToken(read_token_file(token_file), str(token_file))
+        return ApiToken(read_token_file(token_file, private=False), str(token_file))
     if data_dir is not None:
-        return ApiToken(read_token_file(token_path(data_dir)), str(token_path(data_dir)))
+        path = token_path(data_dir)
+        return ApiToken(read_token_file(path, private=False), str(path))
     if env.get(TOKEN_ENV):
         return ApiToken(check_token(env[TOKEN_ENV], f"${TOKEN_ENV}"), f"${TOKEN_ENV}")
     if env.get(TOKEN_FILE_ENV):
         path = Path(env[TOKEN_FILE_ENV]).expanduser()
-        return ApiToken(read_token_file(path), f"{path} (${TOKEN_FILE_ENV})")
+        return ApiToken(read_token_file(path, private=False), f"{path} (${TOKEN_FILE_ENV})")
     default = Path(env[DATA_DIR_ENV]).expanduser() if env.get(DATA_DIR_ENV) else DEFAULT_DATA_DIR
     path = token_path(default)
     if not path.exists():
         return None
-    return ApiToken(read_token_file(path), str(path))
+    return ApiToken(read_token_file(path, private=False), str(path))

@@ -15,9 +15,9 @@ Invariants:
   and declares them in place of the built-ins-only set; one model client serves all its agents.
 - Teardown, after the body or after a part failed to start, undoes only what was started, in
   this order: the agent host (its timers stop before the executions do), the executor, the
-  driver (membership hints saved, waiters and task streams ended), the API (its event streams
-  end with the membership hub), the transport (in-flight sends finish briefly), the store if
-  it was opened here. Leaving the network comes before it, in the caller.
+  blob sweep, the driver (membership hints saved, waiters and task streams ended), the API
+  (its event streams end with the membership hub), the transport (in-flight sends finish
+  briefly), the store if it was opened here. Leaving the network comes before it, in the caller.
 - A part that cannot start raises `PeerStartError` saying what and why; a missing or unusable
   network key or operator API token, or an API beyond loopback without the operator's token,
   raises `peer.settings.SettingsError` (before anything starts, for the API address).
@@ -29,9 +29,10 @@ import asyncio
 import logging
 import os
 import random
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from peer.agents.host import BUILTIN_SLOTS, AgentHost
@@ -39,7 +40,8 @@ from peer.agents.peer_port import DriverTaskPort
 from peer.api_token import TokenError, load_or_create_token, read_token_file
 from peer.http.app import PeerApi
 from peer.keys import load_network_keyring
-from peer.runtime.blobs import BLOBS_DIR, BlobService, BlobStore
+from peer.runtime.blob_store import BLOBS_DIR, BlobStore
+from peer.runtime.blobs import BlobService
 from peer.runtime.driver import Driver, RecordStore
 from peer.runtime.executor import Executor, RoleHandler, builtin_roles
 from peer.runtime.keyring import Keyring
@@ -47,11 +49,12 @@ from peer.runtime.serving import host_port
 from peer.runtime.store import Store, StoreError
 from peer.runtime.transport import Transport
 from peer.settings import AgentSettings, SettingsError
-from protocol.config import lan, local, wan, with_network
+from protocol.config import NodeConfig, lan, local, wan, with_network
 from protocol.effects import PersistKind
 from protocol.envelope import merge_envelopes
 from protocol.identity import Signer
 from protocol.node import Node
+from protocol.tasks.retention import copies_outlived
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,9 @@ RESTORE_KINDS = (
     PersistKind.EXECUTION,
     PersistKind.GRANT,
 )
-"""Stored task objects, in replay order: a claim needs its record, a result its claim."""
+"""Stored task objects, in replay order: a claim needs its record, a result its claim.
+Tombstones (`PersistKind.TOMBSTONE`) are replayed before them, so a compacted task's objects
+(none should be left) are never replayed."""
 PROFILES = {"lan": lan, "local": local, "wan": wan}
 
 
@@ -88,6 +93,10 @@ class PeerStore(RecordStore, Protocol):
     def scan(self, kind: str) -> Iterator[tuple[bytes, bytes]]: ...
 
     def load_members(self) -> list[tuple[bytes, str, int]]: ...
+
+    def last_contact(self) -> int | None: ...
+
+    def forget_kinds(self, kinds: Iterable[str]) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +158,7 @@ async def build_peer(
         opened = store = _open_store(settings)
     transport: Transport | None = None
     driver: Driver | None = None
+    blobs: BlobService | None = None
     executor: Executor | None = None
     host: AgentHost | None = None
     api: PeerApi | None = None
@@ -176,7 +186,7 @@ async def build_peer(
             raise PeerStartError(f"cannot open the blob store: {exc}") from exc
 
         advertise = settings.advertise_address(transport.port)
-        config = with_network(PROFILES[settings.profile](), keyring.network_id)
+        config = _config(settings, keyring.network_id)
         loop = asyncio.get_running_loop()
         node = Node(config, signer, advertise, rng or random.Random(), loop.time(), incarnation)
         driver = Driver(node, transport, store)
@@ -184,8 +194,11 @@ async def build_peer(
         transport.blob_store = blob_store
         transport.on_receive = driver.receive
         driver.start()
+        blobs.start()  # sweeps blobs other peers pushed that no task held here references
         executor = Executor(builtin_roles() if roles is None else roles, max_running, blobs=blobs)
         driver.attach(executor)
+        _discard_outlived_copies(store, config)
+        driver.restore((value for _, value in store.scan(PersistKind.TOMBSTONE)), tombstones=True)
         restored = driver.restore(value for kind in RESTORE_KINDS for _, value in store.scan(kind))
         if restored:
             log.info("restored %d stored task objects", restored)
@@ -241,6 +254,8 @@ async def build_peer(
             await host.close()
         if executor is not None:
             await executor.close()
+        if blobs is not None:
+            await blobs.close()
         if driver is not None:
             driver.stop()
         if api is not None:
@@ -249,6 +264,26 @@ async def build_peer(
             await transport.stop()
         if opened is not None:
             opened.close()
+
+
+def _config(settings: AgentSettings, network_id: bytes) -> NodeConfig:
+    """The protocol configuration: the settings' profile, network and task retention."""
+    config = with_network(PROFILES[settings.profile](), network_id)
+    return replace(config, tasks=replace(config.tasks, retention=settings.task_retention))
+
+
+def _discard_outlived_copies(store: PeerStore, config: NodeConfig) -> None:
+    """Back after an absence longer than the network remembers compacted tasks, forget the
+    stored tasks and tombstones rather than resurrect them (`copies_outlived`)."""
+    cfg = config.tasks
+    if not copies_outlived(store.last_contact(), time.time(), cfg.retention, cfg.tombstone_grace):
+        return
+    dropped = store.forget_kinds((*RESTORE_KINDS, PersistKind.TOMBSTONE))
+    log.warning(
+        "away from the network for longer than task retention + tombstone grace: discarded "
+        "%d stored task records; the tasks this peer replicates come back from other replicas",
+        dropped,
+    )
 
 
 def _open_store(settings: AgentSettings) -> Store:

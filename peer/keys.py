@@ -7,6 +7,9 @@ Invariants:
   `DEV_KEY`, which is public (all zeros): anyone can join such a network.
 - The keyring copy is written atomically with mode 0600 and never contains anything but keys
   and the network id.
+- A key file (configured or copy) that group or others may read or write is refused with one
+  line naming it and the fix (`chmod 600 FILE`), like the identity file: a shared key is no
+  secret.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 from pathlib import Path
 
 from peer.runtime.keyring import Keyring, dump_keyring_text, load_keyring_text
+from peer.secret_files import ExposedSecretError, read_secret_file
 from peer.settings import AgentSettings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -26,8 +30,8 @@ DEV_KEY = bytes(32)
 
 NO_KEY_HELP = (
     "no network key: every peer of a network needs the same secret key. Create one with\n"
-    "    grapevine keygen > network.key\n"
-    "copy it to every machine (it is a secret: chmod 600), and start with\n"
+    "    grapevine keygen --output network.key\n"
+    "copy it to every machine (it is a secret: keep it mode 600), and start with\n"
     "    grapevine agent --network-key-file network.key ...\n"
     "For a throwaway local test only, --insecure-dev uses a public all-zero key."
 )
@@ -43,7 +47,8 @@ def load_network_keyring(settings: AgentSettings) -> Keyring:
 
     Raises:
         SettingsError: no key is configured (and insecure dev mode is off), or a key file
-            cannot be read or parsed. The message says what to do.
+            cannot be read or parsed, or group or others may access it. The message says
+            what to do.
     """
     copy = keyring_path(settings.data_dir)
     if copy.exists():
@@ -86,7 +91,9 @@ def save_keyring(data_dir: Path, keyring: Keyring) -> None:
 
 def _read(path: Path, what: str) -> Keyring:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_secret_file(path, "the network key").decode("utf-8")
+    except ExposedSecretError as exc:
+        raise SettingsError(str(exc)) from None
     except OSError as exc:
         raise SettingsError(f"{what} {path}: cannot read it ({exc.strerror})") from None
     except UnicodeDecodeError:

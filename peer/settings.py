@@ -10,6 +10,8 @@ Invariants:
   is an error naming it, so a typo never silently falls back to a default.
 - Relative paths in the config file are relative to the file's directory; relative paths from
   flags and the environment are relative to the working directory.
+- `[tasks] retention` is the config file's spelling of `task_retention` (`--task-retention`,
+  `GRAPEVINE_TASK_RETENTION`); durations are seconds or a number with s, m, h or d.
 - The agent host's tables — `[[agents]]`, `[limits]`, `[pool]`, `[llm]` — come only from the
   config file's top level; their errors name the file, the table, the index and the key:
   "config file peer.toml: agents[2].max_concurrent: must be an integer >= 1, got 0". With no
@@ -38,6 +40,7 @@ from peer.agents.spec import (
     parse_pool,
 )
 from peer.api_token import DEFAULT_DATA_DIR
+from protocol.config import TaskConfig
 
 if TYPE_CHECKING:
     from peer.agents.llm import LlmSettings
@@ -75,7 +78,8 @@ class AgentSettings:
     data_dir: Path = DEFAULT_DATA_DIR
     """Identity, incarnation, membership hints and the keyring copy live here."""
     network_key_file: Path | None = None
-    """The network key or keyring file (`grapevine keygen > network.key`)."""
+    """The network key or keyring file (`grapevine keygen --output network.key`); refused
+    when group or others may read or write it (`peer.keys`)."""
     insecure_dev: bool = False
     """Use the well-known all-zero development key instead of a real one. Anyone can join."""
     join: tuple[str, ...] = ()
@@ -90,6 +94,9 @@ class AgentSettings:
     workspace: Path | None = None
     """The directory agents' `read_file`/`write_file` tools are jailed in. None: the
     "workspace" folder of `data_dir` (see `workspace_dir`)."""
+    task_retention: float = TaskConfig().retention
+    """Seconds a final task is kept whole before it is compacted to a tombstone
+    (`protocol.config.TaskConfig.retention`); 24 hours by default."""
     agents: tuple[AgentSpec, ...] = ()
     """The agents this peer hosts (`[[agents]]`); none: only the built-in roles are served."""
     limits: TreeLimits = field(default_factory=TreeLimits)
@@ -210,6 +217,29 @@ def _log_level(value: str) -> str:
     return value.upper()
 
 
+DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number, or a string of a number optionally followed by s, m, h or d.
+
+    Raises:
+        ValueError: not a positive, finite duration in that form.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError("is not a duration (seconds, or a number with s, m, h or d)")
+    text = str(value).strip().lower()
+    scale = DURATION_UNITS.get(text[-1:]) if text else None
+    number = text[:-1] if scale is not None else text
+    try:
+        seconds = float(number) * (scale or 1.0)
+    except ValueError:
+        raise ValueError("is not a duration (seconds, or a number with s, m, h or d)") from None
+    if not 0 < seconds < float("inf"):
+        raise ValueError("must be a positive duration")
+    return seconds
+
+
 def _join_list(value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         items = [item.strip() for item in value.split(",")]
@@ -229,7 +259,7 @@ def _join_list(value: object) -> tuple[str, ...]:
 @dataclass(frozen=True, slots=True)
 class _Field:
     env: str
-    kind: str  # "str", "path", "bool", "list"
+    kind: str  # "str", "path", "bool", "list", "duration"
     check: Callable[[str], object] | None = None
 
 
@@ -246,6 +276,7 @@ _FIELDS: dict[str, _Field] = {
     "no_agents": _Field("GRAPEVINE_NO_AGENTS", "bool"),
     "log_level": _Field("GRAPEVINE_LOG_LEVEL", "str", _log_level),
     "workspace": _Field("GRAPEVINE_WORKSPACE", "path"),
+    "task_retention": _Field("GRAPEVINE_TASK_RETENTION", "duration"),
 }
 
 
@@ -320,6 +351,8 @@ def _convert(name: str, spec: _Field, value: object, source: str, base: Path) ->
             return _bool(value)
         if spec.kind == "list":
             return _join_list(value)
+        if spec.kind == "duration":
+            return parse_duration(value)
         if isinstance(value, Path):
             value = str(value)
         if not isinstance(value, str):
@@ -350,6 +383,8 @@ def _read_config(
         raise SettingsError(f"config file {label}: not valid TOML ({exc})") from None
     table: dict[str, object] = dict(document)
     tables = {name: table.pop(name) for name in AGENT_TABLES if name in table}
+    if "tasks" in table:
+        table.update(_tasks_table(table.pop("tasks"), label))
     peer = table.pop("peer", None)
     if peer is not None:
         if not isinstance(peer, dict):
@@ -365,6 +400,20 @@ def _read_config(
     if unknown:
         raise SettingsError(
             f"config file {label}: unknown key(s) {', '.join(unknown)} "
-            f"(known: {', '.join(_FIELDS)}; tables: peer, {', '.join(AGENT_TABLES)})"
+            f"(known: {', '.join(_FIELDS)}; tables: peer, tasks, {', '.join(AGENT_TABLES)})"
         )
     return table, tables, path.resolve().parent, label
+
+
+def _tasks_table(tasks: object, label: str) -> dict[str, object]:
+    """The settings a `[tasks]` table gives, under their own names (`retention` is
+    `task_retention`)."""
+    if not isinstance(tasks, dict):
+        raise SettingsError(f"config file {label}: 'tasks' must be a table ([tasks])")
+    unknown = sorted(set(tasks) - {"retention"})
+    if unknown:
+        raise SettingsError(
+            f"config file {label}: unknown key(s) {', '.join(unknown)} in [tasks] "
+            "(known: retention)"
+        )
+    return {"task_retention": tasks["retention"]} if "retention" in tasks else {}

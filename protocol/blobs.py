@@ -9,7 +9,7 @@ Invariants:
   upper-case hex, a sign, spaces, a size that would have fit inline — is not a reference but an
   ordinary payload, so no inline input is ever mistaken for one by accident.
 - Which peers hold a blob is a pure function of its digest and the membership: rendezvous (HRW)
-  order by `protocol.task_state.hrw_score`, the same hash tasks use to rank their owners. Every
+  order by `protocol.tasks.state.hrw_score`, the same hash tasks use to rank their owners. Every
   peer that agrees on the live members agrees on the holders, with no directory to keep.
 
 This module does no I/O; storing, sending and fetching blobs is `peer.runtime.blobs`'s job.
@@ -20,8 +20,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
-from protocol.task_messages import MAX_INLINE_PAYLOAD
-from protocol.task_state import hrw_score
+from protocol.tasks.messages import MAX_INLINE_PAYLOAD
+from protocol.tasks.state import hrw_score
 
 REF_PREFIX = b"grapevine-blob:v1:"
 """Every reference starts with these bytes."""

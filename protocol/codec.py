@@ -19,7 +19,7 @@ import msgpack
 from protocol import fields
 from protocol.errors import RemoteProtocolError
 from protocol.identity import NODE_ID_BYTES, PUBLIC_KEY_BYTES, SIGNATURE_BYTES
-from protocol.task_messages import (
+from protocol.tasks.messages import (
     MAX_NONCE,
     Cancel,
     Claim,
@@ -62,11 +62,20 @@ def encode_message(msg: Message) -> bytes:
 
 
 def _alive_fields(a: Alive) -> list[Any]:
-    return [a.public_key, a.addr, a.incarnation, a.sig]
+    return [a.public_key, a.addr, fields.encodable(a.incarnation), a.sig]
 
 
 def _state_fields(s: PeerState) -> list[Any]:
-    return [s.node_id, s.version, list(s.roles), s.free_slots, s.queue_len, float(s.load)]
+    return [
+        s.node_id,
+        fields.encodable(s.version),
+        list(s.roles),
+        fields.encodable(s.free_slots),
+        fields.encodable(s.queue_len),
+        float(s.load),
+        fields.encodable(s.incarnation),
+        s.sig,
+    ]
 
 
 def _task_fields(t: TaskRecord) -> list[Any]:
@@ -88,24 +97,33 @@ def _task_fields(t: TaskRecord) -> list[Any]:
 def _to_fields(msg: Message) -> list[Any]:
     match msg:
         case Ping(seq, target, seen):
-            return [Kind.PING, seq, target, seen]
+            return [Kind.PING, fields.encodable(seq), target, fields.encodable(seen)]
         case IndirectPing(seq, target, target_addr, seen):
-            return [Kind.INDIRECT_PING, seq, target, target_addr, seen]
+            return [
+                Kind.INDIRECT_PING,
+                fields.encodable(seq),
+                target,
+                target_addr,
+                fields.encodable(seen),
+            ]
         case Ack(seq):
-            return [Kind.ACK, seq]
+            return [Kind.ACK, fields.encodable(seq)]
         case Nack(seq):
-            return [Kind.NACK, seq]
+            return [Kind.NACK, fields.encodable(seq)]
         case Alive():
             return [Kind.ALIVE, *_alive_fields(msg)]
         case Suspect(node_id, incarnation, accuser):
-            return [Kind.SUSPECT, node_id, incarnation, accuser]
+            return [Kind.SUSPECT, node_id, fields.encodable(incarnation), accuser]
         case Dead(node_id, incarnation, accuser):
-            return [Kind.DEAD, node_id, incarnation, accuser]
+            return [Kind.DEAD, node_id, fields.encodable(incarnation), accuser]
         case PushPull(join, reply, members, states):
-            rows = [[*_alive_fields(m.alive), int(m.status), m.incarnation] for m in members]
+            rows = [
+                [*_alive_fields(m.alive), int(m.status), fields.encodable(m.incarnation)]
+                for m in members
+            ]
             return [Kind.PUSH_PULL, join, reply, rows, [_state_fields(s) for s in states]]
         case UserEvent(origin, ltime, name, payload):
-            return [Kind.USER_EVENT, origin, ltime, name, payload]
+            return [Kind.USER_EVENT, origin, fields.encodable(ltime), name, payload]
         case PeerState():
             return [Kind.PEER_STATE, *_state_fields(msg)]
         case TaskRecord():
@@ -259,7 +277,7 @@ ARITY: dict[Kind, int] = {
     Kind.DEAD: 4,
     Kind.PUSH_PULL: 5,
     Kind.USER_EVENT: 5,
-    Kind.PEER_STATE: 7,
+    Kind.PEER_STATE: 9,
     Kind.TASK: 11,
     Kind.CLAIM: 6,
     Kind.RESULT: 8,
@@ -310,9 +328,9 @@ def _push_pull(f: list[Any]) -> PushPull:
 
 
 def _peer_state(f: Any) -> PeerState:
-    if not isinstance(f, list) or len(f) != 6:
-        raise RemoteProtocolError("peer state must have 6 fields")
-    node_id, version, roles, free_slots, queue_len, load = f
+    if not isinstance(f, list) or len(f) != 8:
+        raise RemoteProtocolError("peer state must have 8 fields")
+    node_id, version, roles, free_slots, queue_len, load, incarnation, sig = f
     if not isinstance(roles, list) or len(roles) > MAX_ROLES:
         raise RemoteProtocolError(f"peer state roles must be an array of at most {MAX_ROLES}")
     if type(load) is not float or not 0.0 <= load <= 1e9:
@@ -324,6 +342,8 @@ def _peer_state(f: Any) -> PeerState:
         fields.uint(free_slots),
         fields.uint(queue_len),
         load,
+        fields.uint(incarnation),
+        fields.signature(sig),
     )
 
 

@@ -136,10 +136,27 @@ class TaskConfig:
     `replication + 1` live members by HRW score for its id. Higher survives more simultaneous
     crashes at the cost of a slower acknowledgement and k more copies of every task object."""
 
+    retention: float = 24 * 3600.0
+    """Seconds a final task (an accepted result or a cancel, and every child held here final)
+    is kept whole before it is compacted to a tombstone (`protocol.tasks.retention`). Longer
+    keeps results, trees and execution logs readable for longer; a peer holds about
+    `retention * task rate * k / N` whole tasks, so shorter bounds memory and disk more
+    tightly. The peer's `--task-retention` sets it."""
+
+    tombstone_grace: float = 7 * 24 * 3600.0
+    """Seconds a tombstone is kept after compaction before it is forgotten. While it is held,
+    late objects of the task (a replica back from a partition, a delayed send) are dropped
+    instead of resurrecting it; once it is gone they would be taken for a new task. So it must
+    exceed the longest time a peer may be away and come back with its old copies: a peer whose
+    data is older than `retention + tombstone_grace` discards them on return (decision 22).
+    Longer costs one small record (about 150 bytes) per task compacted in the window."""
+
     def validate(self) -> None:
         """Raise `LocalProtocolError` naming the first field with an impossible value."""
         _positive(self, "standby_delay")
         _at_least(self, 0, "replication")
+        _positive(self, "retention")
+        _positive(self, "tombstone_grace")
 
 
 @dataclass(frozen=True, slots=True)

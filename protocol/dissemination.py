@@ -13,6 +13,13 @@ Invariants:
   because its predecessor had not arrived yet must be applied when it comes again.
 - Seeds given to `join` with `remember` are tried again by reconnect for as long as they are
   not known up, so a partition that cut us off from everyone but a seed still heals.
+- Answers go to where the sender is known to be, never to where an envelope says it is
+  (`reply_addr`): a known member's address comes from its own signed alive record. A sender
+  not known here gets a label starting with `UNKNOWN_SENDER`, to which nothing is ever sent;
+  the one exception is the answer to a join request, the handshake that must reach a stranger
+  (`push_pull_answer_addr`).
+- Push-pull answers are rate-limited per address (`PUSH_PULL_ANSWER_INTERVAL`): a full state
+  is the largest answer a peer gives, so no one can make us send it to anyone repeatedly.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from protocol.config import NodeConfig, retransmit_limit
-from protocol.effects import Send
+from protocol.effects import Dropped, Note, Send
 from protocol.envelope import encode_envelope
 from protocol.gossip import MESSAGE_OVERHEAD, BroadcastQueue
 from protocol.member_table import Member, Rng
@@ -42,6 +49,15 @@ _BROADCAST_KINDS = frozenset(
 _RECENT_CAPACITY = 4096
 _ENVELOPE_OVERHEAD = 64
 
+UNKNOWN_SENDER = "unknown sender at "
+"""How the reply address of a sender not known here starts (the address it claims follows, for
+the notes): sends to it are dropped, never made."""
+PUSH_PULL_ANSWER_INTERVAL = 1.0
+"""Least time (seconds) between two push-pull answers to one address. A peer asks each partner
+once per push-pull or reconnect interval (tens of seconds), so honest peers never meet it,
+while a flood of requests naming one address gets at most one full state a second sent there;
+a longer interval would delay a rejoin after a crash by as much."""
+
 
 class Dissemination:
     """How this peer's messages and broadcasts reach the others.
@@ -55,6 +71,7 @@ class Dissemination:
         queue: the broadcasts waiting to go out; the node's port queues them (membership
             gossips its own alive record while it is built, before this object exists).
         sink: receives every envelope to send, in order.
+        note: reports what this refuses (sends to an unknown sender, rate-limited answers).
     """
 
     def __init__(
@@ -66,6 +83,7 @@ class Dissemination:
         membership: Membership,
         queue: BroadcastQueue,
         sink: Callable[[Send], None],
+        note: Callable[[Note], None],
     ) -> None:
         self.config = config
         self.node_id = node_id
@@ -73,6 +91,7 @@ class Dissemination:
         self.rng = rng
         self.membership = membership
         self.sink = sink
+        self.note = note
         self.queue = queue
         self.seeds: list[str] = []
         self.joining: set[str] = set()
@@ -81,9 +100,48 @@ class Dissemination:
         self._recent_old: set[bytes] = set()
         self.leave_msg: bytes | None = None
         self.leave_transmits = 0
+        self._answered: dict[str, float] = {}
+        """When each address last got a push-pull answer, oldest first (recent ones only)."""
+
+    def reply_addr(self, sender: bytes, claimed: str) -> str:
+        """Where answers to `sender` go: its address in the member table, or, for a sender not
+        known here, `UNKNOWN_SENDER` + the address it `claimed` (which nothing is sent to)."""
+        m = self.membership.members.get(sender)
+        if m is None or sender == self.node_id:
+            return UNKNOWN_SENDER + claimed
+        return m.addr
+
+    def push_pull_answer_addr(
+        self, now: float, sender: bytes, claimed: str, join: bool
+    ) -> str | None:
+        """Where to answer a push-pull request, or None (reported) when it gets no answer.
+
+        A known sender is answered at its known address; an unknown one only if it is joining,
+        at the address it claims. Either way at most one answer per address per
+        `PUSH_PULL_ANSWER_INTERVAL`.
+        """
+        addr = self.reply_addr(sender, claimed)
+        if addr.startswith(UNKNOWN_SENDER):
+            if not join:
+                self.note(Dropped(claimed, "push-pull request from an unknown sender"))
+                return None
+            addr = claimed
+        while self._answered:
+            oldest = next(iter(self._answered))
+            if now - self._answered[oldest] < PUSH_PULL_ANSWER_INTERVAL:
+                break
+            del self._answered[oldest]
+        if addr in self._answered:
+            self.note(Dropped(addr, "push-pull answer rate-limited"))
+            return None
+        self._answered[addr] = now
+        return addr
 
     def send(self, addr: str, messages: list[bytes], piggyback: bool) -> None:
         """Send `messages` to `addr` in one envelope, topped up with broadcasts if asked."""
+        if addr.startswith(UNKNOWN_SENDER):
+            self.note(Dropped(addr, "no answer to a sender not known here"))
+            return
         if piggyback:
             used = _ENVELOPE_OVERHEAD + sum(len(m) + MESSAGE_OVERHEAD for m in messages)
             messages = messages + self._broadcasts(self.config.gossip.packet_budget - used)

@@ -33,7 +33,13 @@ class PersistKind(StrEnum):
     CANCEL = "cancel"
     EXECUTION = "execution"
     GRANT = "grant"
-    """A primary's grant of an epoch to a standby (see `protocol.tasks`)."""
+    """A primary's grant of an epoch to a standby (see `protocol.tasks.grants`)."""
+    TOMBSTONE = "tombstone"
+    """What is left of a compacted task (`protocol.tasks.retention.Tombstone`), by task id."""
+    FORGET_TASK = "forget-task"
+    """A deletion, not a record: remove every record whose key starts with the task id given
+    as key (its objects, grants and tombstone). Applied in the same transaction as the
+    records around it and in order, so a compaction's forget, then tombstone, is atomic."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +129,15 @@ class TaskReplicated:
 
 
 @dataclass(frozen=True, slots=True)
+class SubmissionConflicted:
+    """A task submitted here with an idempotency key conflicts with the task that key already
+    names, which has another spec: the submission is refused, not acknowledged, and the
+    existing record is now held here. `task_id` is the existing task's id."""
+
+    task_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class TaskClaimed:
     """The greatest claim known for a task changed."""
 
@@ -192,6 +207,7 @@ Note = (
     | EventReceived
     | StallDetected
     | TaskReplicated
+    | SubmissionConflicted
     | TaskClaimed
     | ResultAccepted
     | TaskCancelled

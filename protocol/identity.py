@@ -29,6 +29,7 @@ NODE_ID_BYTES = 32
 
 DOMAIN_ALIVE = b"grapevine/alive/v1"
 DOMAIN_LEAVE = b"grapevine/leave/v1"
+DOMAIN_PEER_STATE = b"grapevine/peer-state/v1"
 
 
 def node_id_of(public_key: bytes) -> bytes:

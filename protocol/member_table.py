@@ -29,7 +29,7 @@ class Rng(Protocol):
 class Member:
     """One member as this peer sees it."""
 
-    __slots__ = ("alive", "status", "incarnation", "since", "suspicion", "probed_at")
+    __slots__ = ("alive", "status", "incarnation", "since", "suspicion", "probed_at", "down_here")
 
     def __init__(self, alive: Alive, status: Status, incarnation: int, since: float) -> None:
         self.alive = alive
@@ -40,6 +40,10 @@ class Member:
         self.suspicion: Suspicion | None = None
         self.probed_at = float("-inf")
         """When this peer last probed the member (local clock)."""
+        self.down_here = False
+        """This peer's own failure detector holds the member down: a probe of ours went
+        unanswered for a whole round, or a suspicion ran out here, and no ack or newer alive
+        record came since. A suspicion or death another peer declared never sets it."""
 
     @property
     def node_id(self) -> bytes:

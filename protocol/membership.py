@@ -22,6 +22,16 @@ Theory of operation (the rules, in the order memberlist's state.go applies them)
   peer that joined concurrently until the next push-pull: measured, and rejected.)
 - Only alive records are signed (by the member itself); a record whose signature fails changes
   nothing and is reported as `Dropped`.
+- Incarnations are bounded on receipt (`protocol.wire`): an alive record above
+  `MAX_INCARNATION`, or an unsigned claim (suspect, dead, a push-pull row's status) not below
+  it or more than `INCARNATION_STEP` above the incarnation known here, changes nothing and is
+  reported as `Dropped`. So a refutation (claim + 1) never exceeds `MAX_INCARNATION`, our own
+  incarnation (and the one persisted for a restart) always encodes, and a forged claim costs
+  at most one refutation.
+- This peer's own verdicts are kept apart (`Member.down_here`, read by `confirmed_down`): a
+  probe of ours unanswered for a whole round, or a suspicion running out here. A member
+  another peer declared down is probed once more by us (`Prober.recheck`), so our own
+  detector gets its say; when it agrees, the port hears `member_confirmed_down`.
 - Dead and left members are kept for `dead_retention`, contacted by reconnect, then forgotten.
 """
 
@@ -52,6 +62,8 @@ from protocol.probing import Prober
 from protocol.suspicion import Awareness, Suspicion
 from protocol.timers import SuspicionDue, Timer
 from protocol.wire import (
+    INCARNATION_STEP,
+    MAX_INCARNATION,
     Ack,
     Alive,
     Dead,
@@ -74,6 +86,7 @@ class Port(Protocol):
     def note(self, note: Note) -> None: ...
     def schedule(self, at: float, timer: Timer) -> None: ...
     def persist(self, kind: PersistKind, key: bytes, value: bytes) -> None: ...
+    def member_confirmed_down(self, node_id: bytes) -> None: ...
 
 
 def _membership_key(node_id: bytes) -> Hashable:
@@ -97,7 +110,7 @@ class Membership:
         self.signer = signer
         self.node_id = signer.node_id
         self.addr = addr
-        self.incarnation = incarnation
+        self.incarnation = min(incarnation, MAX_INCARNATION)
         self.cache = cache
         self.port = port
         self.awareness = Awareness(config.swim.awareness_max_multiplier)
@@ -105,7 +118,7 @@ class Membership:
         self._generation = 0
         self.false_refutations = 0
         """Times this peer had to refute a suspicion or death of itself."""
-        me = Member(self._sign_alive(), Status.ALIVE, incarnation, 0.0)
+        me = Member(self._sign_alive(), Status.ALIVE, self.incarnation, 0.0)
         self.table = MemberTable(me, rng)
         self.probes = Prober(config, self.table, self.awareness, rng, port, self._unanswered)
         self._announce_self()
@@ -133,6 +146,19 @@ class Membership:
         """Up to `k` distinct random other members satisfying `accept` (see `MemberTable`)."""
         return self.table.random_members(k, accept)
 
+    def confirmed_down(self, node_id: bytes) -> bool:
+        """True if `node_id` is down here and this peer's own failure detector agrees.
+
+        Down and confirmed: dead or left, with a probe of ours unanswered for a whole round or
+        a suspicion run out here since it last showed life (`Member.down_here`). A member not
+        known here (never, or forgotten after `dead_retention` as dead) counts as confirmed.
+        A suspicion or death declared by another peer alone never makes this True.
+        """
+        m = self.members.get(node_id)
+        if m is None:
+            return True
+        return not m.up and m.down_here
+
     # Local alive record.
 
     def _sign_alive(self) -> Alive:
@@ -148,7 +174,9 @@ class Membership:
         self.port.gossip(_membership_key(self.node_id), encode_message(me.alive))
 
     def _refute(self, accused_incarnation: int) -> None:
-        self.incarnation = max(self.incarnation, accused_incarnation) + 1
+        # Accusations are accepted only below MAX_INCARNATION, so this is at most the cap; the
+        # min covers an alive record of ours at the cap (only our own key can sign one).
+        self.incarnation = min(max(self.incarnation, accused_incarnation) + 1, MAX_INCARNATION)
         self.awareness.apply(1)
         self.false_refutations += 1
         self._announce_self()
@@ -160,6 +188,9 @@ class Membership:
         m = self.members.get(a.node_id)
         if m is not None and a.node_id != self.node_id and a.incarnation <= m.incarnation:
             return  # old news changes nothing, so its signature need not be checked
+        if a.incarnation > MAX_INCARNATION:
+            self.port.note(Dropped(src, f"alive record above incarnation {MAX_INCARNATION}"))
+            return
         if not self._verified(a, src):
             return
         if a.node_id == self.node_id:
@@ -178,7 +209,7 @@ class Membership:
         was = m.status
         self.table.set_status(m, Status.ALIVE)
         m.alive, m.incarnation, m.since = a, a.incarnation, now
-        m.suspicion = None
+        m.suspicion, m.down_here = None, False
         self.port.gossip(_membership_key(a.node_id), raw or encode_message(a))
         if was >= Status.DEAD:
             self.probes.add_target(a.node_id)
@@ -217,7 +248,7 @@ class Membership:
             self._generation,
         )
         self._schedule_suspicion(m)
-        self.probes.watch_suspect(m.node_id)
+        self.probes.recheck(m.node_id)
         self.port.gossip(_membership_key(m.node_id), raw or encode_message(s))
         self.port.note(MemberSuspected(m.node_id, m.incarnation))
 
@@ -233,6 +264,8 @@ class Membership:
         left = d.accuser == d.node_id
         self.table.set_status(m, Status.LEFT if left else Status.DEAD)
         m.incarnation, m.since, m.suspicion = d.incarnation, now, None
+        if not m.down_here:
+            self.probes.recheck(m.node_id)
         self.port.gossip(_membership_key(m.node_id), raw or encode_message(d))
         self.port.note(MemberDown(m.node_id, m.incarnation, left))
 
@@ -244,18 +277,40 @@ class Membership:
                 self._learn_departed(now, e, src)
                 continue
             self.apply_alive(now, e.alive, src, None)
+            if e.status == Status.ALIVE or not self.credible(nid, e.incarnation, src):
+                continue
             if e.status == Status.LEFT:
                 self.apply_dead(now, Dead(nid, e.incarnation, nid), None)
-            elif e.status != Status.ALIVE:
+            else:
                 self.apply_suspect(now, Suspect(nid, e.incarnation, self.node_id), None)
 
     def _learn_departed(self, now: float, e: MemberEntry, src: str) -> None:
         a = e.alive
         if a.node_id == self.node_id:
             return
-        if not self._verified(a, src):
+        if a.incarnation > MAX_INCARNATION or not self._verified(a, src):
             return
-        self._add(Member(a, e.status, max(e.incarnation, a.incarnation), now))
+        incarnation = max(e.incarnation, a.incarnation)
+        if not self._within(a.incarnation, incarnation, src):
+            return
+        m = Member(a, e.status, incarnation, now)
+        self._add(m)
+        self.probes.recheck(m.node_id)
+
+    def credible(self, node_id: bytes, incarnation: int, src: str) -> bool:
+        """Whether an unsigned claim (suspect, dead) of `incarnation` about `node_id` may be
+        applied: below `MAX_INCARNATION` and within `INCARNATION_STEP` of what is known here.
+        A claim that may not is reported as `Dropped`."""
+        if node_id == self.node_id:
+            return self._within(self.incarnation, incarnation, src)
+        m = self.members.get(node_id)
+        return m is None or self._within(m.incarnation, incarnation, src)
+
+    def _within(self, known: int, claimed: int, src: str) -> bool:
+        if claimed < MAX_INCARNATION and claimed <= known + INCARNATION_STEP:
+            return True
+        self.port.note(Dropped(src, f"claim of incarnation {claimed}, {known} known"))
+        return False
 
     def _verified(self, a: Alive, src: str) -> bool:
         ok = self.cache.verify(
@@ -288,6 +343,7 @@ class Membership:
         if now < s.deadline:
             self.port.schedule(s.deadline, SuspicionDue(node_id, generation))
             return
+        m.down_here = True
         self.apply_dead(now, Dead(node_id, m.incarnation, self.node_id), None)
 
     def on_stall(self, now: float) -> None:
@@ -300,7 +356,9 @@ class Membership:
                 self._schedule_suspicion(m)
 
     def dispatch(self, now: float, src: str, msg: MembershipMessage, raw: bytes) -> None:
-        """Apply one membership message."""
+        """Apply one membership message received from `src`."""
+        if isinstance(msg, Suspect | Dead) and not self.credible(msg.node_id, msg.incarnation, src):
+            return
         match msg:
             case Ping():
                 self.probes.on_ping(src, msg)
@@ -331,4 +389,9 @@ class Membership:
             self.probes.add_target(m.node_id)
 
     def _unanswered(self, now: float, target: Member) -> None:
-        self.apply_suspect(now, Suspect(target.node_id, target.incarnation, self.node_id), None)
+        was_down_here, target.down_here = target.down_here, True
+        if target.up:
+            self.apply_suspect(now, Suspect(target.node_id, target.incarnation, self.node_id), None)
+        elif not was_down_here:
+            # Declared down by another peer first; our own probe now agrees.
+            self.port.member_confirmed_down(target.node_id)

@@ -29,7 +29,7 @@ from protocol.codec import decode_message, encode_message
 from protocol.config import NodeConfig, push_pull_interval_for, suspicion_min_timeout
 from protocol.dissemination import Dissemination
 from protocol.effects import Dropped, Effects, JoinSucceeded, StallDetected
-from protocol.envelope import decode_envelope
+from protocol.envelope import Envelope, decode_envelope
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.identity import Signer, VerifiedCache
 from protocol.member_table import Rng
@@ -37,7 +37,8 @@ from protocol.membership import Membership
 from protocol.node_port import NodePort
 from protocol.node_queries import NodeQueries
 from protocol.peer_states import PeerStates
-from protocol.task_messages import (
+from protocol.tasks.core import STORE
+from protocol.tasks.messages import (
     Cancel,
     Claim,
     Execution,
@@ -52,7 +53,7 @@ from protocol.task_messages import (
     TaskSync,
     TaskWant,
 )
-from protocol.tasks import STORE, Tasks
+from protocol.tasks.plane import Tasks
 from protocol.timers import (
     GossipDue,
     ProbeDue,
@@ -62,6 +63,7 @@ from protocol.timers import (
     ReapDue,
     ReconnectDue,
     RelayTimeout,
+    RetentionDue,
     SuspicionDue,
     TaskStandby,
     Timer,
@@ -130,13 +132,13 @@ class Node(NodeQueries):
         self.queue = port.queue
         self.user_events = UserEvents(self.node_id, config.gossip.event_dedup, port)
         self.advertisements = port.advertisements = PeerStates(
-            self.node_id, incarnation, lambda node_id: node_id in self.membership.members, port
+            signer, incarnation, self.cache, lambda nid: self.membership.members.get(nid), port
         )
         self.membership = port.membership = Membership(
             config, signer, addr, incarnation, rng, self.cache, port
         )
         self.dissemination = port.dissemination = Dissemination(
-            config, self.node_id, addr, rng, self.membership, self.queue, port.deliver
+            config, self.node_id, addr, rng, self.membership, self.queue, port.deliver, port.note
         )
         self.tasks = port.tasks = Tasks(
             signer,
@@ -147,6 +149,8 @@ class Node(NodeQueries):
             self.cache,
             port,
             port,
+            retention=config.tasks.retention,
+            tombstone_grace=config.tasks.tombstone_grace,
         )
         g = config.gossip
         port.schedule(now + rng.random() * config.swim.probe_interval, ProbeDue())
@@ -175,9 +179,8 @@ class Node(NodeQueries):
         for _, raw in decoded:
             self.dissemination.remember(raw)
         self._last_heard = now
-        reply_to = envelope.sender_addr
         for msg, raw in decoded:
-            self._dispatch(now, reply_to, envelope.sender, msg, raw)
+            self._dispatch(now, envelope, msg, raw)
         return self._exit()
 
     def tick(self, now: float) -> Effects:
@@ -356,6 +359,14 @@ class Node(NodeQueries):
             self.tasks.dispatch(now, STORE, self.node_id, msg, raw)
         return self._exit()
 
+    def restore_tombstone(self, now: float, raw: bytes) -> Effects:
+        """Re-apply a stored tombstone (`PersistKind.TOMBSTONE`) before any stored task object,
+        so that no object of a compacted task is replayed (see `protocol.tasks.retention`)."""
+        self._enter(now)
+        self.tasks.hold()
+        self.tasks.restore_tombstone(now, raw)
+        return self._exit()
+
     # Internals.
 
     def _enter(self, now: float) -> None:
@@ -371,6 +382,7 @@ class Node(NodeQueries):
 
     def _exit(self) -> Effects:
         self.tasks.settle(self.port.now)
+        self.port.flush_state()
         return self.port.take()
 
     def _fire(self, now: float, timer: Timer) -> None:
@@ -408,6 +420,8 @@ class Node(NodeQueries):
                     self._push_pull(target, join=False, reply=False)
             case TaskStandby(task_id, at):
                 self.tasks.on_standby(now, task_id, at)
+            case RetentionDue(at):
+                self.tasks.on_retention_due(now, at)
             case ReapDue():
                 self.port.schedule(now + self.config.swim.gossip_to_the_dead, ReapDue())
                 for node_id in m.reap(now):
@@ -415,7 +429,11 @@ class Node(NodeQueries):
             case _:
                 assert_never(timer)
 
-    def _dispatch(self, now: float, src: str, sender: bytes, msg: Message, raw: bytes) -> None:
+    def _dispatch(self, now: float, envelope: Envelope, msg: Message, raw: bytes) -> None:
+        # Answers go to where the sender is known to be, not where the envelope says (see
+        # `protocol.dissemination`); asked per message, as one may have just introduced it.
+        sender = envelope.sender
+        src = self.dissemination.reply_addr(sender, envelope.sender_addr)
         match msg:
             case Ping() | IndirectPing() | Ack() | Nack() | Alive() | Suspect() | Dead():
                 self.membership.dispatch(now, src, msg, raw)
@@ -437,21 +455,27 @@ class Node(NodeQueries):
             case PushPull():
                 self.membership.merge(now, msg.members, src)
                 for state in msg.states:
-                    self._apply_state(now, state, None)
+                    self._apply_state(now, state, None, src)
                 if not msg.reply:
-                    self._push_pull(src, join=msg.join, reply=True)
+                    to = self.dissemination.push_pull_answer_addr(
+                        now, sender, envelope.sender_addr, msg.join
+                    )
+                    if to is not None:
+                        self._push_pull(to, join=msg.join, reply=True)
                 elif self.dissemination.joining:
                     self.dissemination.joining.clear()
-                    self.port.note(JoinSucceeded(src, self.membership.alive_count()))
+                    # Known by now from its own state, at the address it signed.
+                    seed = self.dissemination.reply_addr(sender, envelope.sender_addr)
+                    self.port.note(JoinSucceeded(seed, self.membership.alive_count()))
             case UserEvent():
                 self.user_events.apply(msg, raw)
             case PeerState():
-                self._apply_state(now, msg, raw)
+                self._apply_state(now, msg, raw, src)
             case _:
                 assert_never(msg)
 
-    def _apply_state(self, now: float, state: PeerState, raw: bytes | None) -> None:
-        if self.advertisements.apply(now, state, raw):
+    def _apply_state(self, now: float, state: PeerState, raw: bytes | None, src: str) -> None:
+        if self.advertisements.apply(now, state, raw, src):
             self.tasks.view_changed()
 
     def _push_pull(self, addr: str, join: bool, reply: bool) -> None:

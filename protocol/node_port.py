@@ -36,6 +36,7 @@ from protocol.effects import (
     ResultAccepted,
     Send,
     StallDetected,
+    SubmissionConflicted,
     TaskCancelled,
     TaskClaimed,
     TaskReplicated,
@@ -43,9 +44,13 @@ from protocol.effects import (
 from protocol.gossip import BroadcastQueue
 from protocol.membership import Membership
 from protocol.peer_states import PeerStates
-from protocol.tasks import Tasks
+from protocol.tasks.plane import Tasks
 from protocol.timers import Timer
 from protocol.wire import Status
+
+STATE_GOSSIP_INTERVAL = 0.5
+"""Seconds between gossiped versions of our free-slot count (see `NodePort.slots_changed`):
+other peers' view of whether we are full lags by at most this much plus dissemination."""
 
 
 class NodePort:
@@ -75,6 +80,8 @@ class NodePort:
         self._fx = Effects()
         self._timer_seq = 0
         self._live: tuple[bytes, ...] | None = None
+        self._state_gossip_at = 0.0
+        self._state_pending = False
         """`live_members`, kept until a member's status changes (a notification says so)."""
 
     def take(self) -> Effects:
@@ -124,6 +131,7 @@ class NodePort:
                 | EventReceived()
                 | StallDetected()
                 | TaskReplicated()
+                | SubmissionConflicted()
                 | TaskClaimed()
                 | ResultAccepted()
                 | TaskCancelled()
@@ -131,6 +139,11 @@ class NodePort:
                 pass
             case _:
                 assert_never(note)
+
+    def member_confirmed_down(self, node_id: bytes) -> None:
+        """A member declared down by another peer first is now down by this peer's own probe
+        too (`confirmed_down` turned True): the task rules look at it again."""
+        self.tasks.on_member_down(self.now, node_id)
 
     def command(self, command: Command) -> None:
         """Ask the host to start or stop an execution."""
@@ -156,11 +169,29 @@ class NodePort:
             self.send(m.addr, messages, piggyback=False)
 
     def slots_changed(self) -> None:
-        """An execution started or ended here: advertise the free slots left."""
+        """An execution started or ended here: advertise the free slots left.
+
+        Our own state changes at once; gossiping it is rate-limited to one version every
+        `STATE_GOSSIP_INTERVAL` (`flush_state` sends the newest when due). Every peer
+        receives and verifies each version gossiped, and free slots change with every
+        execution's start and end: unlimited, that made a task cost O(N) messages and
+        signature checks (decision 18)."""
         state = self.advertisements.states.get(self.node_id)
         free = self.tasks.free_slots()
-        if state is not None and state.free_slots != free:
-            self.advertisements.advertise(state.roles, free, state.queue_len, state.load)
+        if state is None or state.free_slots == free:
+            return
+        due = self.now >= self._state_gossip_at
+        self.advertisements.advertise(state.roles, free, state.queue_len, state.load, due)
+        if due:
+            self._state_gossip_at = self.now + STATE_GOSSIP_INTERVAL
+        self._state_pending = not due
+
+    def flush_state(self) -> None:
+        """Gossip our newest state if a rate-limited one waits and its turn came."""
+        if self._state_pending and self.now >= self._state_gossip_at:
+            self._state_pending = False
+            self._state_gossip_at = self.now + STATE_GOSSIP_INTERVAL
+            self.advertisements.gossip_own()
 
     # View: what the task rules read of membership.
 
@@ -168,6 +199,14 @@ class NodePort:
         """Dead, left, or unknown (a member forgotten after its retention is long dead)."""
         m = self.membership.members.get(node_id)
         return m is None or not m.up
+
+    def confirmed_down(self, node_id: bytes) -> bool:
+        """Down here and this peer's own failure detector agrees: its own probe of the member
+        went unanswered for a whole round, or its suspicion of it ran out here, since the
+        member last showed life. A DEAD or SUSPECT from another peer alone never makes this
+        True (unknown members count as confirmed, as for `is_down`); see
+        `Membership.confirmed_down`."""
+        return self.membership.confirmed_down(node_id)
 
     def capable(self, role: str) -> list[bytes]:
         """Live members advertising `role`, this peer included when it serves the role."""

@@ -23,8 +23,9 @@ from protocol.member_table import Member
 from protocol.membership import Membership
 from protocol.node_port import NodePort
 from protocol.peer_states import PeerStates
-from protocol.task_state import TaskState
-from protocol.tasks import Tasks
+from protocol.tasks.plane import Tasks
+from protocol.tasks.state import TaskState
+from protocol.tasks.tombstone import Tombstone
 from protocol.user_events import UserEvents
 from protocol.wire import PeerState
 
@@ -42,6 +43,14 @@ class NodeQueries:
     def task(self, task_id: bytes) -> TaskState | None:
         """The state of a task held here, or None."""
         return self.tasks.tasks.get(task_id)
+
+    def tombstone(self, task_id: bytes) -> Tombstone | None:
+        """What is left of a task compacted here, or None (see `protocol.tasks.retention`)."""
+        return self.tasks.tombstones.get(task_id)
+
+    def tombstone_count(self) -> int:
+        """Tombstones held here."""
+        return len(self.tasks.tombstones)
 
     def held_tasks(self) -> Iterator[TaskState]:
         """Every task state held here, in no particular order."""
@@ -76,7 +85,7 @@ class NodeQueries:
 
     def copies_needed(self) -> int:
         """Other peers that must hold a submission before it is acknowledged (see
-        `protocol.tasks.Tasks.copies_needed`)."""
+        `protocol.tasks.merge.Merge.copies_needed`)."""
         return self.tasks.copies_needed()
 
     def told_of(self, task_id: bytes) -> bool:

@@ -1,12 +1,21 @@
 """Peer states: each peer's small advertisement of the roles it runs and how busy it is.
 
 Invariants:
-- Per peer the state with the greatest version wins; an older or equal one changes nothing.
+- A state is signed by its peer (`DOMAIN_PEER_STATE`) and verified against the public key of
+  the member it names, so no peer can speak for another: an unsigned or forged state changes
+  nothing and is reported as `Dropped`.
+- Per peer the state with the greatest `(incarnation, version)` wins; an older or equal one
+  changes nothing and is not even verified.
+- A state's incarnation is bounded on receipt like any claim about a member (below
+  `MAX_INCARNATION`, within `INCARNATION_STEP` of the member's known incarnation); its version
+  counts only that peer's own states, so only the peer itself could inflate it, and the
+  signature already stops anyone else.
 - A state for a peer not yet a known member is kept aside (bounded, oldest dropped first) and
-  applied once the member is known: its gossiped copies are skipped as already seen meanwhile.
-- Our own version starts at `incarnation << 32` and only grows, so a restarted peer's states
-  supersede those of its earlier lives; a record of an earlier life of ours is superseded
-  rather than adopted.
+  verified and applied once the member is known: its gossiped copies are skipped as already
+  seen meanwhile.
+- Our own states carry the incarnation we started with and a version counting up from 1, so a
+  restarted peer's states supersede those of its earlier lives; a record of an earlier life of
+  ours is superseded rather than adopted.
 - `full_since` remembers since when a peer has advertised no free slot (read by the task rules).
 """
 
@@ -16,71 +25,105 @@ from collections.abc import Callable, Hashable
 from typing import Protocol
 
 from protocol.codec import encode_message
-from protocol.wire import PeerState
+from protocol.effects import Dropped, Note
+from protocol.identity import DOMAIN_PEER_STATE, Signer, VerifiedCache
+from protocol.member_table import Member
+from protocol.wire import INCARNATION_STEP, MAX_INCARNATION, PeerState, peer_state_payload
 
 _EARLY_STATES = 1024
 """Peer states held for members not yet known (oldest dropped first)."""
 
 
 class Port(Protocol):
-    """What peer states need from the node: a way to gossip."""
+    """What peer states need from the node: a way to gossip and to report drops."""
 
     def gossip(self, key: Hashable, message: bytes) -> None: ...
+    def note(self, note: Note) -> None: ...
 
 
 class PeerStates:
     """The latest state of every peer, ours included.
 
     Args:
-        node_id: this peer's id.
+        signer: this peer's identity; it signs our states.
         incarnation: this peer's starting incarnation (orders our states across restarts).
-        is_member: whether a node id is a known member.
-        port: where our own and newly learnt states are gossiped.
+        cache: verifies other peers' signatures.
+        member: the known member with a node id, or None.
+        port: where our own and newly learnt states are gossiped, and drops reported.
     """
 
     def __init__(
-        self, node_id: bytes, incarnation: int, is_member: Callable[[bytes], bool], port: Port
+        self,
+        signer: Signer,
+        incarnation: int,
+        cache: VerifiedCache,
+        member: Callable[[bytes], Member | None],
+        port: Port,
     ) -> None:
-        self.node_id = node_id
-        self.is_member = is_member
+        self.signer = signer
+        self.node_id = signer.node_id
+        self.cache = cache
+        self.member = member
         self.port = port
         self.states: dict[bytes, PeerState] = {}
-        self._early: dict[bytes, PeerState] = {}
+        self._early: dict[bytes, tuple[PeerState, str]] = {}
         self._full_since: dict[bytes, float] = {}
-        self._version = incarnation << 32
+        self._order = (min(incarnation, MAX_INCARNATION), 0)
 
     def advertise(
-        self, roles: tuple[str, ...], free_slots: int, queue_len: int, load: float
+        self,
+        roles: tuple[str, ...],
+        free_slots: int,
+        queue_len: int,
+        load: float,
+        gossip: bool = True,
     ) -> None:
-        """Make and gossip a new state of ours."""
-        self._version += 1
+        """Make and sign a new state of ours, and gossip it unless `gossip` is False (then
+        `gossip_own` sends the newest one later)."""
+        incarnation, version = self._order[0], self._order[1] + 1
+        self._order = (incarnation, version)
+        roles, load = tuple(roles), float(load)
+        payload = peer_state_payload(
+            self.node_id, incarnation, version, roles, free_slots, queue_len, load
+        )
+        sig = self.signer.sign(DOMAIN_PEER_STATE, payload)
         state = PeerState(
-            self.node_id, self._version, tuple(roles), free_slots, queue_len, float(load)
+            self.node_id, version, roles, free_slots, queue_len, load, incarnation, sig
         )
         self.states[self.node_id] = state
-        self.port.gossip(("state", self.node_id), encode_message(state))
+        if gossip:
+            self.gossip_own()
 
-    def apply(self, now: float, state: PeerState, raw: bytes | None) -> bool:
-        """Merge a state received (`raw` its wire bytes, None to re-encode).
+    def gossip_own(self) -> None:
+        """Queue our newest state for gossip (it replaces any older one still queued)."""
+        state = self.states.get(self.node_id)
+        if state is not None:
+            self.port.gossip(("state", self.node_id), encode_message(state))
+
+    def apply(self, now: float, state: PeerState, raw: bytes | None, src: str) -> bool:
+        """Merge a state received from `src` (`raw` its wire bytes, None to re-encode).
 
         Returns:
             True if what the task rules read changed: the peer's roles or whether it is full.
         """
-        if not self.is_member(state.node_id):
+        m = self.member(state.node_id)
+        if m is None:
             # Gossip may bring a peer's state before its alive record; its copies are then
             # skipped as already seen, so keep it until the member is known.
             early = self._early.get(state.node_id)
-            if early is None or early.version < state.version:
-                self._early[state.node_id] = state
+            if early is None or early[0].order < state.order:
+                self._early[state.node_id] = (state, src)
                 if len(self._early) > _EARLY_STATES:
                     self._early.pop(next(iter(self._early)))
             return False
         known = self.states.get(state.node_id)
-        if known is not None and known.version >= state.version:
+        if known is not None and known.order >= state.order:
+            return False
+        if not self._credible(state, m, src):
             return False
         if state.node_id == self.node_id:
             # A record from an earlier life of ours: supersede it rather than adopt it.
-            self._version = state.version
+            self._order = max(self._order, state.order)
             return False
         self.states[state.node_id] = state
         self.port.gossip(("state", state.node_id), raw or encode_message(state))
@@ -96,6 +139,21 @@ class PeerStates:
             state.free_slots > 0,
         )
 
+    def _credible(self, state: PeerState, m: Member, src: str) -> bool:
+        if state.incarnation > min(m.incarnation + INCARNATION_STEP, MAX_INCARNATION):
+            self.port.note(Dropped(src, "peer state with an incarnation beyond the member's"))
+            return False
+        ok = self.cache.verify(
+            DOMAIN_PEER_STATE,
+            self.signer.network_id,
+            m.alive.public_key,
+            state.signed_payload(),
+            state.sig,
+        )
+        if not ok:
+            self.port.note(Dropped(src, "peer state with a bad signature"))
+        return ok
+
     def member_known(self, now: float, node_id: bytes) -> bool:
         """A member became known or came back: apply the state kept aside for it, if any.
 
@@ -103,7 +161,7 @@ class PeerStates:
             As `apply`.
         """
         early = self._early.pop(node_id, None)
-        return early is not None and self.apply(now, early, None)
+        return early is not None and self.apply(now, early[0], None, early[1])
 
     def forget(self, node_id: bytes) -> None:
         """Drop what we know of a member that was reaped."""

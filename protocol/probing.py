@@ -3,13 +3,18 @@
 Theory of operation (SWIM section 3.1 with Lifeguard's local health, as memberlist does it):
 - Every probe interval (scaled by awareness) ping the next member of a shuffled round-robin list
   of alive and suspect members; every other probe may instead re-check a suspect this peer has
-  not probed for two intervals.
+  not probed for two intervals, or a member another peer declared down that this peer has not
+  probed since (so this peer's own failure detector gets its say; see `Member.down_here`).
 - No ack within the probe timeout: ask `indirect_checks` random alive members to ping the
   target for us. A helper relays the target's ack, or nacks before our round ends if it
   reached nobody.
 - No ack by the end of the interval: report the target as unanswered (the membership rules
-  then suspect it). Missed nacks raise our awareness (we are probably the slow one); an ack
-  lowers it.
+  then suspect it, or record that our own probe found it down). Missed nacks raise our
+  awareness (we are probably the slow one); an ack lowers it and clears `Member.down_here`.
+- A helper pings the target at the address its own member table holds, never at one the
+  request names, and a target it does not know is nacked at once: a probe cannot be aimed at
+  a stranger. Acks and nacks go to the requester's known address (`src`, as the node resolved
+  it; an unknown requester's answers are dropped by `protocol.dissemination`).
 
 Invariants:
 - At most one probe of our own is running; its timers carry its sequence number, so a timer of
@@ -93,9 +98,9 @@ class Prober:
         self._next = 0
         self._probe: _Probe | None = None
         self._relays: dict[int, _Relay] = {}
-        self._last_probe_was_suspect = False
-        self._suspects: dict[bytes, None] = {}
-        """Members we hold as suspect, oldest suspicion first (may hold stale entries)."""
+        self._last_probe_was_recheck = False
+        self._rechecks: dict[bytes, None] = {}
+        """Members to check on ourselves, oldest first (may hold stale entries)."""
         self._seq = 0
 
     def add_target(self, node_id: bytes) -> None:
@@ -103,9 +108,10 @@ class Prober:
         # A random position keeps new members from all being probed at once (memberlist).
         self._order.insert(self.rng.randrange(len(self._order) + 1), node_id)
 
-    def watch_suspect(self, node_id: bytes) -> None:
-        """Remember a member we now suspect, to check on it again within the suspicion."""
-        self._suspects[node_id] = None
+    def recheck(self, node_id: bytes) -> None:
+        """Check on a member ourselves soon: one we now suspect (again within the suspicion),
+        or one declared down before our own probe found it so (once)."""
+        self._rechecks[node_id] = None
 
     def forget_running(self) -> None:
         """Drop the running probe and every relay: our clock jumped, so no verdict."""
@@ -119,8 +125,8 @@ class Prober:
             self.on_probe_round_end(now, self._probe.seq)
         swim = self.config.swim
         self.port.schedule(now + self.awareness.scale(swim.probe_interval), ProbeDue())
-        target = None if self._last_probe_was_suspect else self._stale_suspect(now)
-        self._last_probe_was_suspect = target is not None
+        target = None if self._last_probe_was_recheck else self._recheck_target(now)
+        self._last_probe_was_recheck = target is not None
         target = target or self._next_target()
         if target is None:
             self._probe = None
@@ -163,7 +169,7 @@ class Prober:
         missed = probe.nacks_expected - probe.nacks
         self.awareness.apply(missed if probe.nacks_expected else 1)
         target = self.table.members.get(probe.target)
-        if target is not None and target.up:
+        if target is not None:
             self.unanswered(now, target)
 
     def on_ping(self, src: str, ping: Ping) -> None:
@@ -185,10 +191,15 @@ class Prober:
         if req.target == self.table.me.node_id:
             self.port.send(src, self._ack(req.seq, req.seen), piggyback=False)
             return
+        target = self.table.members.get(req.target)
+        if target is None:
+            # Nobody we know to ping: say so at once, so the requester's awareness stays put.
+            self.port.send(src, [encode_message(Nack(req.seq))], piggyback=False)
+            return
         self._seq += 1
         self._relays[self._seq] = _Relay(src, req.seq, req.target, req.seen)
         ping = Ping(self._seq, req.target, req.seen)
-        self.port.send(req.target_addr, [encode_message(ping)], True)
+        self.port.send(target.addr, [encode_message(ping)], True)
         # Nack before the requester's round ends (it asked us at probe_timeout into a round of
         # probe_interval), so a nack from a healthy helper is never mistaken for a missed one.
         timeout = RELAY_TIMEOUT_FRACTION * self.config.swim.probe_timeout
@@ -207,6 +218,9 @@ class Prober:
         if probe is not None and probe.seq == ack.seq and not probe.acked:
             probe.acked = True
             self.awareness.apply(-1)
+            target = self.table.members.get(probe.target)
+            if target is not None:
+                target.down_here = False
 
     def on_nack(self, nack: Nack) -> None:
         probe = self._probe
@@ -219,18 +233,22 @@ class Prober:
             msg = encode_message(Nack(relay.requester_seq))
             self.port.send(relay.requester_addr, [msg], piggyback=False)
 
-    def _stale_suspect(self, now: float) -> Member | None:
-        # Every other probe may go to a suspect (the rest keep the round-robin going, or a mass
+    def _recheck_target(self, now: float) -> Member | None:
+        # Every other probe may go to a recheck (the rest keep the round-robin going, or a mass
         # failure would starve it): the one who suspects a member checks on it again within
         # the suspicion, instead of waiting for its round-robin turn, and the ack carries the
-        # refutation if it was missed (see `_ack`).
+        # refutation if it was missed (see `_ack`); a member declared down by another peer
+        # is probed once, so whether it is down here is this peer's own finding.
         horizon = now - 2 * self.awareness.scale(self.config.swim.probe_interval)
-        for nid in list(self._suspects):
+        for nid in list(self._rechecks):
             m = self.table.members.get(nid)
-            if m is None or m.status != Status.SUSPECT:
-                del self._suspects[nid]
-            elif m.probed_at < horizon:
+            if m is not None and m.status == Status.SUSPECT:
+                if m.probed_at < horizon:
+                    return m
+            elif m is not None and not m.up and not m.down_here and m.probed_at < m.since:
                 return m
+            else:
+                del self._rechecks[nid]
         return None
 
     def _next_target(self) -> Member | None:

@@ -73,6 +73,15 @@ class TaskStandby:
     at: float
 
 
+@dataclass(frozen=True, slots=True)
+class RetentionDue:
+    """Time to compact the tasks final for longer than the retention and forget the
+    tombstones older than the grace, armed for `at`; only the one armed last counts (see
+    `protocol.tasks.retention`)."""
+
+    at: float
+
+
 Timer = (
     ProbeDue
     | ProbeTimeout
@@ -84,4 +93,5 @@ Timer = (
     | ReconnectDue
     | ReapDue
     | TaskStandby
+    | RetentionDue
 )

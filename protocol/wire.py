@@ -7,6 +7,10 @@ Theory of operation
 - Message kinds are an append-only IntEnum: the numbers are part of the protocol. Never reuse or
   renumber one; add new kinds at the end.
 - The limits below bound what a decoder accepts, so no input can make a peer allocate past them.
+  Encoders check their integers against the same `MAX_UINT` (`protocol.fields.encodable`).
+- Incarnations live below `MAX_INCARNATION`, far under `MAX_UINT`: a claim about a member is
+  accepted only below it and within `INCARNATION_STEP` of what the receiver knows, so a
+  refutation (claim + 1) always fits and no one message can push a member out of range.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from enum import IntEnum
 
 import msgpack
 
-from protocol.task_messages import TaskMessage
+from protocol.tasks.messages import TaskMessage
 
 MAX_ENVELOPE_BYTES = 4 * 1024 * 1024
 """Largest envelope accepted: a push-pull of about 20,000 members fits."""
@@ -30,6 +34,16 @@ MAX_EVENT_PAYLOAD = 8 * 1024
 """Largest user event payload (Serf allows 512 bytes by default, 9 KiB at most)."""
 MAX_ROLES = 64
 MAX_UINT = 2**63 - 1
+"""Largest integer any field carries; decoders refuse more and encoders never make more."""
+MAX_INCARNATION = 2**62
+"""Largest incarnation a peer holds or accepts. Suspicions and deaths are accepted only below
+it, so the refutation (claim + 1) never exceeds it; restarts (+1 each) stay far under
+`MAX_UINT`. Reaching it takes `MAX_INCARNATION / INCARNATION_STEP` (2**42) forged messages."""
+INCARNATION_STEP = 2**20
+"""Most an unsigned claim (suspect, dead, a push-pull row) may exceed the incarnation the
+receiver knows. A member's incarnation only grows by its own refutations and restarts, one at
+a time, so an honest gap this large means a peer missed a million of them; a larger claim is
+dropped, which at worst loses one suspicion the claimant's peers still hold."""
 
 
 class Kind(IntEnum):
@@ -168,8 +182,10 @@ class UserEvent:
 
 @dataclass(frozen=True, slots=True)
 class PeerState:
-    """A peer's small, bounded advertisement: what it can run and how busy it is. `version`
-    orders updates from the same peer; the greatest wins."""
+    """A peer's small, bounded advertisement: what it can run and how busy it is, signed by
+    the peer. `(incarnation, version)` orders updates from the same peer; the greatest wins.
+    `incarnation` is the one the peer started this run with (so a restarted peer's states
+    supersede its earlier lives') and `version` counts its states since."""
 
     node_id: bytes
     version: int
@@ -177,6 +193,25 @@ class PeerState:
     free_slots: int
     queue_len: int
     load: float
+    incarnation: int
+    sig: bytes
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """What orders this peer's states: the greater wins."""
+        return (self.incarnation, self.version)
+
+    def signed_payload(self) -> bytes:
+        """The payload the signature covers (see `identity.signing_input`)."""
+        return peer_state_payload(
+            self.node_id,
+            self.incarnation,
+            self.version,
+            self.roles,
+            self.free_slots,
+            self.queue_len,
+            self.load,
+        )
 
 
 MembershipMessage = Ping | IndirectPing | Ack | Nack | Alive | Suspect | Dead
@@ -189,3 +224,17 @@ Message = MembershipMessage | PushPull | UserEvent | PeerState | TaskMessage
 def alive_payload(public_key: bytes, addr: str, incarnation: int) -> bytes:
     """Canonical bytes an alive record's signature covers."""
     return bytes(msgpack.packb([public_key, addr, incarnation]))
+
+
+def peer_state_payload(
+    node_id: bytes,
+    incarnation: int,
+    version: int,
+    roles: tuple[str, ...],
+    free_slots: int,
+    queue_len: int,
+    load: float,
+) -> bytes:
+    """Canonical bytes a peer state's signature covers."""
+    fields = [node_id, incarnation, version, list(roles), free_slots, queue_len, float(load)]
+    return bytes(msgpack.packb(fields))

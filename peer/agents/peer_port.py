@@ -1,10 +1,12 @@
 """`DriverTaskPort`: the agents' `TaskPort` over a real peer's `peer.runtime.driver.Driver`.
 
 Invariants:
-- A child's id depends only on (parent, role, data) on this peer: it is submitted with the
-  idempotency key "child:" + the first 40 hex digits of sha256(parent ‖ role ‖ data), so an
-  agent loop that repeats a delegation (a retried step, a resumed execution) names the same
-  task instead of running the work twice.
+- A child's id depends only on (parent, role, data), at any peer: it is submitted with the
+  idempotency key "child:" + the first 40 hex digits of sha256(parent ‖ role ‖ data), scoped
+  by its parent (`protocol.tasks.messages.task_id_of`), so an agent loop that repeats a
+  delegation (a retried step, or an execution re-run at another peer after a takeover) names
+  the same task instead of running the work twice. A child the key already names with
+  another priority is that child: it is reused, not refused.
 - Everything read here is this peer's gossiped view (`Node.tasks`, `Node.capable`): it may lag
   the network, never leads it.
 - A child cancelled before any result was accepted is reported as outcome "cancelled"; an
@@ -20,11 +22,12 @@ from typing import TYPE_CHECKING
 from peer.agents.ports import ChildResult, TaskView, Usage
 from peer.runtime.blobs import BlobUnavailable
 from protocol.blobs import parse_blob_ref
+from protocol.tasks.idempotency import IdempotencyConflict
 
 if TYPE_CHECKING:
     from peer.runtime.blobs import BlobService
     from peer.runtime.driver import Driver
-    from protocol.tasks import TaskState
+    from protocol.tasks.state import TaskState
 
 _CHILD_OUTCOMES = ("ok", "failed", "timeout", "cancelled")
 
@@ -63,13 +66,16 @@ class DriverTaskPort:
         Raises:
             protocol.errors.LocalProtocolError: a field is out of bounds (e.g. input too large).
         """
-        return self._driver.submit(
-            role,
-            data,
-            parent=parent,
-            priority=priority,
-            idempotency_key=child_key(parent, role, data),
-        )
+        try:
+            return self._driver.submit(
+                role,
+                data,
+                parent=parent,
+                priority=priority,
+                idempotency_key=child_key(parent, role, data),
+            )
+        except IdempotencyConflict as conflict:
+            return conflict.task_id
 
     async def wait_result(self, task_id: bytes) -> ChildResult:
         """Wait until the task has an accepted result or is cancelled without one."""

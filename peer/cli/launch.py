@@ -32,6 +32,7 @@ _AGENT_FLAGS = (
     "insecure_dev",
     "no_agents",
     "log_level",
+    "task_retention",
 )
 """`grapevine agent` options passed to `peer.settings.load_settings` (only those given)."""
 
@@ -189,6 +190,14 @@ def _add_agent(commands: Subcommands) -> None:
         dest="log_level",
         default=suppress,
         help="debug, info, warning or error",
+    )
+    agent.add_argument(
+        "--task-retention",
+        metavar="DURATION",
+        dest="task_retention",
+        default=suppress,
+        help="how long a finished task is kept whole before it is compacted to a tombstone: "
+        "seconds, or a number with s, m, h or d (default 24h)",
     )
     agent.set_defaults(handler=_agent)
 

@@ -38,7 +38,7 @@ from peer.cli.common import (
     json_option,
 )
 from peer.cli.task_file import submit_file
-from peer.client import GrapevineClient, JsonObject
+from peer.client import ApiError, GrapevineClient, JsonObject
 from protocol.blobs import parse_blob_ref
 
 STATES = ("pending", "running", "done", "failed", "cancelled")
@@ -72,7 +72,9 @@ def register(commands: Subcommands) -> None:
         dest="idempotency_key",
         metavar="KEY",
         default=None,
-        help="resubmitting with the same key (and input) names the same task",
+        help="resubmitting with the same key and spec at any peer names the same task; the "
+        "same key with another role, input, priority or timeout is refused (exit 1, naming "
+        "the existing task)",
     )
     submit.add_argument(
         "--timeout",
@@ -278,7 +280,14 @@ async def _tasks(client: GrapevineClient, args: argparse.Namespace) -> int:
 
 
 async def _task(client: GrapevineClient, args: argparse.Namespace) -> int:
-    task = await client.task(args.id)
+    try:
+        task = await client.task(args.id)
+    except ApiError as exc:
+        if exc.status != 410:
+            raise
+        # Compacted after its retention: a final answer, not a failure.
+        print(exc.detail or f"task {args.id} has been compacted")
+        return EXIT_OK
     print(render.as_json(task) if args.json else render.task_details(task))
     return EXIT_OK
 

@@ -11,11 +11,15 @@ Invariants:
   written here (disk full, I/O error: `NotDurable`) is answered 503 at once, never 2xx.
 - A submission that fails validation creates nothing: every field is checked before the node
   is called. Without an idempotency key each submission gets a fresh random nonce (a new task);
-  with one, resubmitting the same spec at the same peer names the same task.
-- Task JSON is computed from this peer's CRDT state (`protocol.task_state.TaskState`, read
+  with one, resubmitting the same spec at any peer names the same task, and another spec under
+  the same key is answered 409 with the existing task's id (`task` in the problem details).
+- Task JSON is computed from this peer's CRDT state (`protocol.tasks.state.TaskState`, read
   through the node's query facade), so once gossip has converged every peer answers the same
   for the same task (except `input` of tasks whose record has not arrived yet: such tasks are
   "not known here yet", 404).
+- A task compacted here after its retention (`protocol.tasks.retention`) answers 410 Gone with
+  problem details and its tombstone's fields (`TaskCompacted`); stats count live tasks and
+  tombstones held here.
 - Blobs: with a blob service attached (`blobs`), an input over `MAX_INLINE_PAYLOAD` (up to
   `BLOB_LIMIT`) is stored here and at `replication` other live peers before the task is
   submitted with its reference as input; if they do not take it the answer is 503 and nothing
@@ -34,6 +38,7 @@ from aiohttp import web
 
 from peer.http.common import (
     MAX_BODY_BYTES,
+    PROBLEM_TYPE,
     Json,
     Problem,
     bad_request,
@@ -47,8 +52,10 @@ from peer.runtime.hub import NoteHub
 from protocol.blobs import BLOB_LIMIT
 from protocol.errors import LocalProtocolError
 from protocol.node import Node
-from protocol.task_messages import MAX_INLINE_PAYLOAD
-from protocol.task_state import START, TaskState
+from protocol.tasks.idempotency import IdempotencyConflict, spec_for, spec_of
+from protocol.tasks.messages import MAX_INLINE_PAYLOAD
+from protocol.tasks.state import START, TaskState
+from protocol.tasks.tombstone import Tombstone
 from protocol.wire import MAX_NAME_CHARS, MAX_UINT
 
 REPLICATION_TIMEOUT = 5.0
@@ -80,6 +87,19 @@ def _too_large(what: str) -> Problem:
         f"{MAX_INLINE_PAYLOAD} bytes travel as blobs), and the request body at most "
         f"{MAX_SUBMIT_BYTES} bytes",
     )
+
+
+def _key_conflict(task_id: bytes) -> web.Response:
+    # Problem details with an extension member, so a client reads the id without parsing text.
+    body = {
+        "type": "about:blank",
+        "title": "Conflict",
+        "status": 409,
+        "detail": f"the idempotency key already names task {task_id.hex()}, submitted with "
+        "another role, input, priority or timeout; nothing was submitted",
+        "task": task_id.hex(),
+    }
+    return web.json_response(body, status=409, content_type=PROBLEM_TYPE)
 
 
 def usage_json(usage: tuple[int, int, int]) -> Json:
@@ -143,17 +163,61 @@ def task_json(st: TaskState) -> Json:
     }
 
 
+class TaskCompacted(Problem):
+    """410 Gone: the task was final for longer than the retention and only its tombstone is
+    left here."""
+
+    def __init__(self, stone: Tombstone) -> None:
+        super().__init__(
+            410,
+            "Gone",
+            f"task {stone.task_id.hex()} was {stone.state} and has been compacted: only its "
+            "tombstone is kept",
+        )
+        self.tombstone = stone
+
+    def response(self) -> web.Response:
+        """Problem details with the tombstone's fields."""
+        body: Json = {
+            "type": "about:blank",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            **tombstone_json(self.tombstone),
+        }
+        return web.json_response(body, status=self.status, content_type=PROBLEM_TYPE)
+
+
+def tombstone_json(stone: Tombstone) -> Json:
+    """A tombstone as JSON (digests in hex, empty ones as null)."""
+    return {
+        "id": stone.task_id.hex(),
+        "state": stone.state,
+        "compacted": True,
+        "outcome": stone.outcome or None,
+        "epoch": stone.epoch,
+        "owner": node_id_text(stone.owner) if stone.owner else None,
+        "output_digest": stone.output_digest.hex() or None,
+        "idempotency_key_digest": stone.idempotency_digest.hex() or None,
+        "parent": stone.parent.hex() or None,
+    }
+
+
 def find_task(node: Node, text: str) -> TaskState:
     """The task this peer holds the record of whose id is `text` or starts with it.
 
     Raises:
         Problem: 400 for text that is not a task id or an unambiguous prefix of at least
             `MIN_ID_PREFIX` hex digits; 404 when no such task is known here (yet).
+        TaskCompacted: 410, the full id of a task compacted here.
     """
     text = text.strip().lower()
     if not text or any(c not in "0123456789abcdef" for c in text) or len(text) > 64:
         raise bad_request(f"a task id is 64 hex digits (or a unique prefix), got {text[:70]!r}")
     if len(text) == 64:
+        stone = node.tombstone(bytes.fromhex(text))
+        if stone is not None:
+            raise TaskCompacted(stone)
         st = node.task(bytes.fromhex(text))
         matches = [st] if st is not None and st.record is not None else []
     elif len(text) < MIN_ID_PREFIX:
@@ -314,6 +378,8 @@ class TaskApi:
                 nonce=b"" if key else os.urandom(16),
                 timeout=float(timeout),
             )
+        except IdempotencyConflict as exc:
+            return _key_conflict(exc.task_id)
         except LocalProtocolError as exc:
             raise bad_request(str(exc)) from None
         except NotDurable as exc:
@@ -325,6 +391,10 @@ class TaskApi:
                 "(GET /v1/health says when writes work again)",
             ) from None
         if not await self.driver.wait_replicated(task_id, self.replication_timeout):
+            held = self._held(task_id).record
+            assert held is not None
+            if spec_of(held) != spec_for(role, data, priority, b"", timeout):
+                return _key_conflict(task_id)  # the key's task, held elsewhere, told us
             wanted = self.driver.node.config.tasks.replication
             raise Problem(
                 503,
@@ -343,7 +413,10 @@ class TaskApi:
         return web.json_response(task_json(self._held(task_id)))
 
     async def _get(self, request: web.Request) -> web.Response:
-        st = await read_task(self.driver, request.match_info["id"])
+        try:
+            st = await read_task(self.driver, request.match_info["id"])
+        except TaskCompacted as gone:
+            return gone.response()
         return web.json_response(task_json(st))
 
     async def _list(self, request: web.Request) -> web.Response:
@@ -395,6 +468,8 @@ class TaskApi:
             )
         counters = node.task_counters()
         totals["flips"] = counters.get("result flips", 0)
+        totals["live"] = sum(1 for _ in node.held_tasks())
+        totals["tombstones"] = node.tombstone_count()
         totals["signatures_verified"] = node.signatures_verified()
         executor = self.driver.executor
         here = {

@@ -18,7 +18,7 @@ from peer.agents.ports import AgentOutput
 from peer.http.common import Json, node_id_text
 from peer.http.tasks import READ_TIMEOUT, duplicates, read_task, usage_json
 from peer.runtime.driver import Driver
-from protocol.task_state import TaskState
+from protocol.tasks.state import TaskState
 
 MAX_TREE_DEPTH = 64
 CHILDREN_POLL = 0.05

@@ -37,7 +37,7 @@ from protocol.effects import (
     TaskClaimed,
     TaskReplicated,
 )
-from protocol.task_state import START, TaskState
+from protocol.tasks.state import START, TaskState
 
 
 class WatchApi:

@@ -1,12 +1,8 @@
-"""Blobs on a peer: the durable store under ``<data_dir>/blobs`` and the service that spreads
-blobs to, and fetches them from, the peers `protocol.blobs.blob_holders` names.
+"""Blobs on a peer: the service that spreads blobs to, and fetches them from, the peers
+`protocol.blobs.blob_holders` names, and sweeps the pushed blobs no task references (the store
+on disk is `peer.runtime.blob_store`).
 
 Invariants:
-- A blob file is ``blobs/<64 hex digits>`` and holds exactly the bytes hashing to that name. It
-  is written to a temporary file, fsynced and renamed into place (then the directory fsynced),
-  so after a crash — kill -9 included — it is either whole or absent. Reading re-hashes it: a
-  file that does not match (disk corruption, tampering) is deleted and treated as absent.
-- Received blobs are hashed before they are stored; a mismatch is dropped, never stored.
 - An input blob is acknowledged only when held here and by `replication` other live peers,
   the first ones in rendezvous order that accept it (the same promise as a task record); if
   fewer accept, `BlobUnavailable` is raised and the caller submits nothing.
@@ -14,128 +10,56 @@ Invariants:
   rendezvous order on a best-effort basis: the execution already happened, so a failed push is
   logged and counted, not turned into a failed task.
 - Fetching asks, in order: the live peers in rendezvous order, the hint peers (a task's origin
-  or owner), then the remaining live peers; `FETCH_ROUNDS` rounds with backoff. A fetched blob
-  is stored here, so the next reader finds it locally.
+  or owner), then the remaining live peers; `FETCH_ROUNDS` rounds with backoff. No answer
+  larger than the blob's referenced size is read. A fetched blob is stored here, so the next
+  reader finds it locally.
+- A blob another peer pushed here that no task held here references `grace` seconds after it
+  arrived is deleted (`sweep`, every `SWEEP_INTERVAL` while started), so a member pushing blobs
+  no task uses costs a peer at most the store's quota, for at most the grace period.
 - Disk reads, writes and hashing of whole blobs run in a thread, never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import os
+import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
+from peer.runtime.blob_routes import BlobTransferError
+from peer.runtime.blob_store import BlobStore
 from peer.runtime.driver import Driver
 from peer.runtime.executor import Work
-from peer.runtime.transport import BlobTransferError
-from protocol.blobs import DIGEST_BYTES, blob_digest, blob_holders, blob_ref, parse_blob_ref
+from protocol.blobs import (
+    BLOB_LIMIT,
+    DIGEST_BYTES,
+    blob_holders,
+    blob_ref,
+    parse_blob_ref,
+)
 from protocol.wire import Status
 
 log = logging.getLogger(__name__)
 
-BLOBS_DIR = "blobs"
-"""The blob directory's name inside a peer's data directory."""
 FETCH_ROUNDS = 4
 """Rounds of asking every candidate before a fetch gives up."""
 FETCH_BACKOFF = 0.25
 """Seconds before the second round; doubled before each later one (0.25, 0.5, 1.0)."""
 FETCH_CANDIDATES = 16
 """Peers asked per round at most; more could not plausibly hold a blob they were not pushed."""
-_TMP_MARK = ".tmp-"
+UNREFERENCED_GRACE = 3600.0
+"""Seconds a blob pushed here may wait for a task held here to reference it before it is
+deleted. A submitter pushes an input only just before it submits, so a minute would do for the
+record to arrive; the margin covers a peer that learns of the task late."""
+SWEEP_INTERVAL = 300.0
+"""Seconds between two sweeps of unreferenced pushed blobs."""
 
 
 class BlobUnavailable(Exception):
     """A blob could not be stored where it must be, or fetched from anywhere."""
-
-
-class BlobStore:
-    """Blobs on disk, one file per digest (see the module invariants).
-
-    Args:
-        root: the blob directory (``<data_dir>/blobs``); created with mode 0700 if missing.
-            Temporary files a crash left behind are removed.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for leftover in self.root.glob(f"*{_TMP_MARK}*"):
-            leftover.unlink(missing_ok=True)
-        self.corrupt = 0
-        """Stored files found not to match their name on reading (and deleted)."""
-
-    def path(self, digest: bytes) -> Path:
-        """The file that holds the blob named `digest`."""
-        return self.root / digest.hex()
-
-    def has(self, digest: bytes) -> bool:
-        """Whether the blob named `digest` is stored here (not re-hashed)."""
-        return len(digest) == DIGEST_BYTES and self.path(digest).is_file()
-
-    def get(self, digest: bytes) -> bytes | None:
-        """Return the blob named `digest`, its bytes checked, or None if not held (intact)."""
-        if len(digest) != DIGEST_BYTES:
-            return None
-        path = self.path(digest)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        if blob_digest(data) != digest:
-            self.corrupt += 1
-            log.error("blob %s on disk does not match its digest; deleted", digest.hex()[:12])
-            path.unlink(missing_ok=True)
-            return None
-        return data
-
-    def put(self, data: bytes) -> bytes:
-        """Store `data` durably; return its digest. Storing a blob already held is a no-op.
-
-        Raises:
-            OSError: the file cannot be written (disk full, permissions).
-        """
-        digest = blob_digest(data)
-        self._write(digest, data)
-        return digest
-
-    def receive(self, digest: bytes, data: bytes) -> bool:
-        """Store a blob that arrived as `digest`, if `data` really hashes to it.
-
-        Returns:
-            False (nothing stored) on a mismatch.
-
-        Raises:
-            OSError: the file cannot be written.
-        """
-        if len(digest) != DIGEST_BYTES or blob_digest(data) != digest:
-            return False
-        self._write(digest, data)
-        return True
-
-    def _write(self, digest: bytes, data: bytes) -> None:
-        path = self.path(digest)
-        if path.is_file():
-            return
-        tmp = path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 class BlobTransport(Protocol):
@@ -143,7 +67,7 @@ class BlobTransport(Protocol):
 
     async def push_blob(self, addr: str, digest: bytes, data: bytes) -> None: ...
 
-    async def fetch_blob(self, addr: str, digest: bytes) -> bytes | None: ...
+    async def fetch_blob(self, addr: str, digest: bytes, size: int) -> bytes | None: ...
 
 
 class BlobService:
@@ -154,6 +78,9 @@ class BlobService:
         transport: sends and fetches blobs (serve `store` on it: `transport.blob_store`).
         driver: the peer's driver, for the live members and the tasks' origins and owners.
         fetch_backoff: seconds before the second fetch round (doubled each round).
+        grace: seconds a blob pushed here may wait for a task referencing it (see
+            `UNREFERENCED_GRACE`).
+        wall: wall-clock seconds; the receipt times `sweep` compares with are file times.
     """
 
     def __init__(
@@ -163,14 +90,20 @@ class BlobService:
         driver: Driver,
         *,
         fetch_backoff: float = FETCH_BACKOFF,
+        grace: float = UNREFERENCED_GRACE,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.transport = transport
         self.driver = driver
         self.fetch_backoff = fetch_backoff
+        self.grace = grace
+        self._wall = wall
+        self._sweeper: asyncio.Task[None] | None = None
         self.counters: Counter[str] = Counter()
         """Blob activity: "pushed", "push failures", "fetched", "fetch failures",
-        "outputs unreplicated" (an output blob no other peer accepted)."""
+        "outputs unreplicated" (an output blob no other peer accepted), "swept" (pushed
+        blobs deleted because no task referenced them)."""
 
     @property
     def replication(self) -> int:
@@ -192,7 +125,7 @@ class BlobService:
         state = self.driver.node.task(work.task_id)
         hints = [state.record.origin] if state is not None and state.record is not None else []
         try:
-            data = await self.get(digest, hints)
+            data = await self.get(digest, hints, size=size)
         except BlobUnavailable as exc:
             raise BlobUnavailable(f"input blob {digest.hex()} unavailable: {exc}") from None
         if len(data) != size:
@@ -247,12 +180,16 @@ class BlobService:
             )
         return ref
 
-    async def get(self, digest: bytes, hints: Sequence[bytes] = ()) -> bytes:
+    async def get(
+        self, digest: bytes, hints: Sequence[bytes] = (), *, size: int | None = None
+    ) -> bytes:
         """Return the blob named `digest`: from here, else fetched (and then kept here).
 
         Args:
             digest: the blob's digest.
             hints: node ids worth asking after the rendezvous holders (origin, owner).
+            size: its size, from the reference; None looks it up in the references of the
+                tasks held here (`BLOB_LIMIT` if none has it). No larger answer is read.
 
         Raises:
             BlobUnavailable: no peer asked had it within `FETCH_ROUNDS` rounds; the message
@@ -261,6 +198,8 @@ class BlobService:
         data = await asyncio.to_thread(self.store.get, digest)
         if data is not None:
             return data
+        if size is None:
+            size = referenced_blobs(self.driver).get(digest, BLOB_LIMIT)
         delay = self.fetch_backoff
         failures: dict[str, str] = {}
         for round_ in range(FETCH_ROUNDS):
@@ -269,7 +208,7 @@ class BlobService:
                 delay *= 2
             for addr in self._fetch_order(digest, hints):
                 try:
-                    data = await self.transport.fetch_blob(addr, digest)
+                    data = await self.transport.fetch_blob(addr, digest, size)
                 except BlobTransferError as exc:
                     failures[addr] = exc.reason
                     self.counters["fetch failures"] += 1
@@ -284,6 +223,46 @@ class BlobService:
             raise BlobUnavailable("not held here and no other peer is known")
         asked = ", ".join(f"{addr}: {why}" for addr, why in sorted(failures.items()))
         raise BlobUnavailable(f"not held here; asked {len(failures)} peer(s) ({asked})")
+
+    # Sweeping
+
+    def start(self) -> None:
+        """Sweep unreferenced pushed blobs every `SWEEP_INTERVAL` seconds until `close`."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def close(self) -> None:
+        """Stop sweeping."""
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+
+    async def sweep(self) -> list[bytes]:
+        """Delete the blobs other peers pushed here more than `grace` seconds ago that no task
+        held here references.
+
+        Returns:
+            The digests deleted.
+
+        Raises:
+            OSError: the blob directory cannot be written.
+        """
+        referenced = referenced_blobs(self.driver)
+        deleted = await asyncio.to_thread(self.store.sweep, referenced, self._wall(), self.grace)
+        if deleted:
+            self.counters["swept"] += len(deleted)
+            log.info("deleted %d pushed blob(s) no task held here references", len(deleted))
+        return deleted
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                await self.sweep()
+            except OSError as exc:
+                log.warning("sweeping unreferenced blobs failed: %s", exc)
 
     # Spreading
 
@@ -363,6 +342,23 @@ def blob_hints(driver: Driver, digest: bytes) -> list[bytes]:
         if acc is not None and _names(acc.output, digest) and acc.owner not in hints:
             hints.insert(0, acc.owner)
     return hints
+
+
+def referenced_blobs(driver: Driver) -> dict[bytes, int]:
+    """Digest -> size of every blob a task held here references: its record's input, any of
+    its results' outputs."""
+    refs: dict[bytes, int] = {}
+    for state in driver.node.held_tasks():
+        payloads = [result.output for result in state.results.values()]
+        if state.record is not None:
+            payloads.append(state.record.input)
+        if state.accepted is not None:
+            payloads.append(state.accepted.output)
+        for payload in payloads:
+            ref = parse_blob_ref(payload)
+            if ref is not None:
+                refs[ref[0]] = ref[1]
+    return refs
 
 
 def _names(payload: bytes, digest: bytes) -> bool:

@@ -37,8 +37,8 @@ from peer.runtime.hub import NoteHub, Notifications
 from protocol.effects import CancelExecution, Command, Effects, Persist, StartExecution
 from protocol.errors import LocalProtocolError
 from protocol.node import Node
-from protocol.task_messages import Result
-from protocol.tasks import TaskState
+from protocol.tasks.messages import Result
+from protocol.tasks.state import TaskState
 from protocol.wire import Status
 
 log = logging.getLogger(__name__)
@@ -197,8 +197,9 @@ class Driver:
         """Declare the roles this peer executes and how many run at once (`Node.serve`)."""
         self._apply(self.node.serve(self._clock(), roles, max_running))
 
-    def restore(self, raws: Iterable[bytes]) -> int:
-        """Replay stored task objects (`Node.restore`), as one batch; return how many.
+    def restore(self, raws: Iterable[bytes], *, tombstones: bool = False) -> int:
+        """Replay stored task objects (`Node.restore`), or with `tombstones` stored tombstones
+        (`Node.restore_tombstone`, replayed first), as one batch; return how many.
 
         Call it before joining and before `serve`, so that nothing is claimed on the strength
         of a partial replay.
@@ -206,8 +207,9 @@ class Driver:
         now = self._clock()
         merged = Effects()
         count = 0
+        replay = self.node.restore_tombstone if tombstones else self.node.restore
         for raw in raws:
-            fx = self.node.restore(now, raw)
+            fx = replay(now, raw)
             merged.sends += fx.sends
             merged.persists += fx.persists
             merged.notes += fx.notes

@@ -5,7 +5,7 @@ Invariants:
   node may start more (a standby's claim or a takeover does not wait for a free slot), and
   those wait here, highest priority first, then in arrival order.
 - Every execution that is started and not cancelled is reported exactly once through `on_done`
-  with an outcome of `protocol.tasks.OUTCOMES`: "ok" (the handler returned), "failed" (it
+  with an outcome of `protocol.tasks.messages.OUTCOMES`: "ok" (the handler returned), "failed" (it
   raised, or its output is too large), "timeout" (it outlived the task's `timeout`). A cancelled
   execution (`cancel`, i.e. `CancelExecution`: fenced, cancelled, or a result was accepted) is
   not reported — the node has already logged its end.
@@ -36,7 +36,7 @@ from typing import Protocol
 
 from protocol.blobs import BLOB_LIMIT, parse_blob_ref
 from protocol.slots import SlotLedger
-from protocol.task_messages import MAX_INLINE_PAYLOAD
+from protocol.tasks.messages import MAX_INLINE_PAYLOAD
 
 log = logging.getLogger(__name__)
 

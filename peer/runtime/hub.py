@@ -21,6 +21,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -42,13 +43,14 @@ from protocol.effects import (
     ResultAccepted,
     StallDetected,
     StartExecution,
+    SubmissionConflicted,
     TaskCancelled,
     TaskClaimed,
     TaskReplicated,
 )
 from protocol.identity import short_id
 from protocol.node import Node
-from protocol.task_messages import Result
+from protocol.tasks.messages import Result
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ MEMBER_NOTES = (
 """Published to `Notifications.members`."""
 TASK_NOTES = (
     TaskReplicated,
+    SubmissionConflicted,
     TaskClaimed,
     StartExecution,
     CancelExecution,
@@ -222,18 +225,17 @@ class Notifications:
         """Wait until the task submitted here is held by enough other peers (`TaskReplicated`).
 
         Returns:
-            True at once if it already is, else whether it became so within `timeout` seconds.
+            True at once if it already is, else whether it became so within `timeout` seconds
+            (False at once when the submission is refused: `SubmissionConflicted`).
         """
         state = self._node.task(task_id)
         if state is None:
             return False
         if state.replicated:
             return True
-        try:
+        with contextlib.suppress(TimeoutError):
             await self._replications.wait(task_id, timeout)
-            return True
-        except TimeoutError:
-            return state.replicated
+        return state.replicated  # False after `SubmissionConflicted`
 
     async def wait_result(self, task_id: bytes, timeout: float | None = None) -> Result | None:
         """Wait for the accepted result of a task (a child of a task running here, say).
@@ -268,7 +270,8 @@ class Notifications:
                 log.info("member %s up at %s", short_id(note.node_id), note.addr)
             case MemberDown(node_id, _, left):
                 log.info("member %s %s", short_id(node_id), "left" if left else "failed")
-            case TaskReplicated(task_id, _):
+            case TaskReplicated(task_id=task_id) | SubmissionConflicted(task_id=task_id):
+                # A refused submission ends the wait too: the caller reads the node for which.
                 self._replications.resolve(task_id, None)
             case ResultAccepted(task_id=task_id) | TaskCancelled(task_id=task_id):
                 if task_id in self._results:

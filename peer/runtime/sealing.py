@@ -3,13 +3,20 @@
 Invariants:
 - Every frame is sealed with the keyring's primary key; a frame opens under any key of the
   receiver's keyring (primary or accepted) whose key id matches.
-- The header (magic .. timestamp) and the network id are associated data: no header field can
-  be changed, and no frame crosses from one network to another, without failing decryption.
+- The header (magic .. timestamp), the network id and the route are associated data: no header
+  field can be changed, no frame crosses from one network to another, and no frame sealed for
+  one route (envelope, blob push, blob get, blob answer) opens on another, without failing
+  decryption.
 - Nothing a remote sends changes `Opener` state unless it authenticated: the replay windows,
   the sender table and `accepted` move only after decryption succeeds; failures only count
   in `rejected`.
+- The prefix (magic, version, key id) is checkable on its own (`Opener.check_prefix`), so a
+  receiver refuses a frame from a stranger after its first 7 bytes, before reading the rest.
+- A stream holds at most `STREAM_CHUNK` bytes of unauthenticated ciphertext at a time: its
+  length is authenticated first, then every chunk on its own.
 - Memory is bounded: at most `max_senders` replay windows of `window` bits each.
-- `Opener.open` raises nothing but `SealError`, whatever the input bytes.
+- `Opener.open`, `Opener.check_prefix`, `Opener.open_stream` and `StreamOpening.open_chunk`
+  raise nothing but `SealError`, whatever the input bytes.
 
 Theory of operation
 
@@ -34,8 +41,23 @@ Frame layout (all integers big-endian)::
   evicted from the (bounded, least-recently-used) sender table.
 - The nonce is 12 random bytes per frame. Random 96-bit nonces stay collision-safe for about
   2**32 frames per key (NIST SP 800-38D section 8.3); rotate the key well before that.
-- Associated data is ``network_id || header``, so header fields are authenticated and a frame
-  sealed for one network never opens in another that happens to share a key.
+- Associated data is ``network_id || header || route``: header fields are authenticated, a
+  frame sealed for one network never opens in another that happens to share a key, and a frame
+  captured on one route is garbage on every other (version 2; version 1 had no route).
+
+Stream layout (blobs, up to 64 MiB: one AEAD frame would have to be read whole before it could
+be authenticated), after the STREAM construction (Hoang, Reyhanitabar, Rogaway and Vizár,
+"Online authenticated-encryption and its nonce-reuse misuse-resistance", CRYPTO 2015)::
+
+    header (31) | nonce (12) | sealed length: 8 bytes + tag (16) | chunk 1 | ... | chunk n
+
+- The length is the plaintext's size; chunk i (from 1) seals the i-th `STREAM_CHUNK` bytes of
+  it (the last one fewer), each with its own tag, under the nonce XOR i; associated data as
+  for a frame. The index in the nonce fixes each chunk's place, the authenticated length fixes
+  their number, so chunks cannot be reordered, dropped or appended.
+- The length opens first: the replay and clock checks run on it, and only then is any chunk
+  read. So a stream costs a stranger's receiver `STREAM_HEAD_BYTES`, and a forged chunk costs at
+  most one chunk's read before the stream is refused.
 
 Timestamps here are wall-clock seconds (``time.time()``), unlike the monotonic ``now`` the
 protocol machines take: the window compares clocks of two different machines.
@@ -57,14 +79,33 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 
 MAGIC = b"GV"
-VERSION = 1
-HEADER_BYTES = len(MAGIC) + 1 + KEY_ID_BYTES + BOOT_ID_BYTES + 8 + 8
+VERSION = 2
+PREFIX_BYTES = len(MAGIC) + 1 + KEY_ID_BYTES
+"""Bytes `Opener.check_prefix` needs: the magic, the version and the key id (7)."""
+HEADER_BYTES = PREFIX_BYTES + BOOT_ID_BYTES + 8 + 8
 """Bytes covered as associated data, from the magic through the timestamp (31)."""
 OVERHEAD = HEADER_BYTES + NONCE_BYTES + TAG_BYTES
 """Bytes a sealed frame adds to its plaintext (59); also the shortest valid frame."""
 MAX_FRAME_BYTES = 8 * 1024 * 1024
 """Default largest frame `Opener` accepts; checked before any other work."""
 MAX_SEQ = 2**64 - 1
+
+ROUTE_ENVELOPE = b"envelope"
+ROUTE_BLOB_PUSH = b"blob/push"
+ROUTE_BLOB_GET = b"blob/get"
+ROUTE_BLOB_ANSWER = b"blob/answer"
+"""The routes a frame can be sealed for (its last piece of associated data)."""
+
+STREAM_CHUNK = 64 * 1024
+"""Plaintext bytes per stream chunk: the most a receiver reads before authenticating them."""
+STREAM_HEAD_BYTES = OVERHEAD + 8
+"""Bytes before a stream's first chunk: header, nonce and the sealed length (67)."""
+
+
+def stream_bytes(size: int) -> int:
+    """The length of a sealed stream whose plaintext is `size` bytes."""
+    chunks = -(-size // STREAM_CHUNK)
+    return STREAM_HEAD_BYTES + size + chunks * TAG_BYTES
 
 
 class SealError(Exception):
@@ -137,12 +178,13 @@ class Sealer:
         sealer.seq = self.seq
         return sealer
 
-    def seal(self, plaintext: bytes, now: float) -> bytes:
+    def seal(self, plaintext: bytes, now: float, route: bytes = ROUTE_ENVELOPE) -> bytes:
         """Seal `plaintext` as the next frame of this sender.
 
         Args:
             plaintext: the bytes to protect (one encoded envelope).
             now: wall-clock seconds (``time.time()``), stamped into the frame.
+            route: what the frame is for; it opens only for the same route.
 
         Returns:
             The sealed frame, `OVERHEAD` bytes longer than `plaintext`.
@@ -151,15 +193,49 @@ class Sealer:
             OverflowError: the sequence space (2**64 - 1 frames) is exhausted, or `now` is
                 not representable as unsigned milliseconds.
         """
+        header = self._next_header(now)
+        nonce = self._random_bytes(NONCE_BYTES)
+        return header + nonce + self._aead.encrypt(nonce, plaintext, self._ad(header, route))
+
+    def seal_stream(self, plaintext: bytes, now: float, route: bytes) -> bytes:
+        """Seal `plaintext` as the next stream of this sender (see the stream layout).
+
+        Args:
+            plaintext: the bytes to protect (a blob request or answer).
+            now: wall-clock seconds (``time.time()``), stamped into the stream's header.
+            route: what the stream is for; it opens only for the same route.
+
+        Returns:
+            The sealed stream, `stream_bytes(len(plaintext))` bytes.
+
+        Raises:
+            OverflowError: as for `seal`.
+        """
+        header = self._next_header(now)
+        nonce = self._random_bytes(NONCE_BYTES)
+        ad = self._ad(header, route)
+        parts = [header, nonce, self._aead.encrypt(nonce, len(plaintext).to_bytes(8, "big"), ad)]
+        view = memoryview(plaintext)
+        for index, start in enumerate(range(0, len(plaintext), STREAM_CHUNK), start=1):
+            chunk = view[start : start + STREAM_CHUNK]
+            parts.append(self._aead.encrypt(_chunk_nonce(nonce, index), chunk, ad))
+        return b"".join(parts)
+
+    def _next_header(self, now: float) -> bytes:
         if self.seq >= MAX_SEQ:
             raise OverflowError("sequence numbers exhausted; restart with a new boot id")
         timestamp_ms = int(now * 1000)
         if not 0 <= timestamp_ms <= MAX_SEQ:
             raise OverflowError(f"timestamp {now!r} is not unsigned 64-bit milliseconds")
         self.seq += 1
-        header = _header(self._key_id, self.boot_id, self.seq, timestamp_ms)
-        nonce = self._random_bytes(NONCE_BYTES)
-        return header + nonce + self._aead.encrypt(nonce, plaintext, self._network_id + header)
+        return _header(self._key_id, self.boot_id, self.seq, timestamp_ms)
+
+    def _ad(self, header: bytes, route: bytes) -> bytes:
+        return self._network_id + header + route
+
+
+def _chunk_nonce(nonce: bytes, index: int) -> bytes:
+    return (int.from_bytes(nonce, "big") ^ index).to_bytes(NONCE_BYTES, "big")
 
 
 class _ReplayWindow:
@@ -267,7 +343,19 @@ class Opener:
         opener.accepted = self.accepted
         return opener
 
-    def open(self, frame: bytes, now: float) -> bytes:
+    def check_prefix(self, prefix: bytes) -> None:
+        """Refuse a frame or stream from its first `PREFIX_BYTES` bytes, before reading more.
+
+        Raises:
+            SealError: "too_short", "bad_magic", "bad_version" or "unknown_key" (counted).
+        """
+        try:
+            self._cipher_for(prefix)
+        except SealError as exc:
+            self.rejected[exc.reason] += 1
+            raise
+
+    def open(self, frame: bytes, now: float, route: bytes = ROUTE_ENVELOPE) -> bytes:
         """Authenticate and decrypt one frame.
 
         Authentication comes first, so every reason after "decrypt_failed" describes a frame
@@ -277,6 +365,7 @@ class Opener:
         Args:
             frame: the sealed bytes as received.
             now: wall-clock seconds (``time.time()``).
+            route: the route it arrived on; a frame sealed for another fails decryption.
 
         Returns:
             The plaintext.
@@ -286,10 +375,95 @@ class Opener:
                 `rejected`.
         """
         try:
-            plaintext, boot_id, seq = self._open(frame, now)
+            if len(frame) > self.max_frame:
+                raise SealError("too_large", f"{len(frame)} bytes > {self.max_frame}")
+            if len(frame) < OVERHEAD:
+                raise SealError("too_short", f"{len(frame)} bytes < {OVERHEAD}")
+            header = frame[:HEADER_BYTES]
+            nonce = frame[HEADER_BYTES : HEADER_BYTES + NONCE_BYTES]
+            ad = self._network_id + header + route
+            plaintext, _ = self._decrypt(
+                self._cipher_for(header), nonce, frame[len(header) + len(nonce) :], ad
+            )
+            boot_id, seq = self._fresh(header, now)
         except SealError as exc:
             self.rejected[exc.reason] += 1
             raise
+        self._admit(boot_id, seq)
+        return plaintext
+
+    def open_stream(self, head: bytes, now: float, route: bytes, max_size: int) -> StreamOpening:
+        """Authenticate a stream's head and admit the stream (its sequence number is used).
+
+        Args:
+            head: the stream's first `STREAM_HEAD_BYTES` bytes.
+            now: wall-clock seconds (``time.time()``).
+            route: the route it arrived on; a stream sealed for another fails decryption.
+            max_size: the largest plaintext the caller takes; a longer one is "too_large".
+
+        Returns:
+            The opening: its `size`, and its chunks to open in order.
+
+        Raises:
+            SealError: the stream was refused; as for `open`, or "too_large". No state
+                changed except `rejected`.
+        """
+        try:
+            if len(head) != STREAM_HEAD_BYTES:
+                raise SealError("too_short", f"{len(head)} bytes < {STREAM_HEAD_BYTES}")
+            header = head[:HEADER_BYTES]
+            nonce = head[HEADER_BYTES : HEADER_BYTES + NONCE_BYTES]
+            ad = self._network_id + header + route
+            length, aead = self._decrypt(
+                self._cipher_for(header), nonce, head[len(header) + len(nonce) :], ad
+            )
+            size = int.from_bytes(length, "big")
+            if size > max_size:
+                raise SealError("too_large", f"a stream of {size} bytes > {max_size}")
+            boot_id, seq = self._fresh(header, now)
+        except SealError as exc:
+            self.rejected[exc.reason] += 1
+            raise
+        self._admit(boot_id, seq)
+        return StreamOpening(aead, nonce, ad, size, self.rejected)
+
+    def _cipher_for(self, prefix: bytes) -> list[ChaCha20Poly1305]:
+        if len(prefix) < PREFIX_BYTES:
+            raise SealError("too_short", f"{len(prefix)} bytes < {PREFIX_BYTES}")
+        if prefix[:2] != MAGIC:
+            raise SealError("bad_magic")
+        if prefix[2] != VERSION:
+            raise SealError("bad_version", f"version {prefix[2]}")
+        ciphers = self._ciphers.get(bytes(prefix[3:7]))
+        if ciphers is None:
+            raise SealError("unknown_key", f"key id {prefix[3:7].hex()}")
+        return ciphers
+
+    @staticmethod
+    def _decrypt(
+        ciphers: list[ChaCha20Poly1305], nonce: bytes, body: bytes, ad: bytes
+    ) -> tuple[bytes, ChaCha20Poly1305]:
+        for aead in ciphers:
+            try:
+                return aead.decrypt(nonce, body, ad), aead
+            except InvalidTag:
+                continue
+        raise SealError("decrypt_failed")
+
+    def _fresh(self, header: bytes, now: float) -> tuple[bytes, int]:
+        boot_id = bytes(header[7:15])
+        seq = int.from_bytes(header[15:23], "big")
+        sent = int.from_bytes(header[23:31], "big") / 1000
+        if sent < now - self.max_skew:
+            raise SealError("stale_timestamp", f"{now - sent:.1f}s old")
+        if sent > now + self.max_skew:
+            raise SealError("future_timestamp", f"{sent - now:.1f}s ahead")
+        replay = self._senders.get(boot_id)
+        if replay is not None and replay.is_replay(seq, self.window):
+            raise SealError("replay", f"seq {seq}")
+        return boot_id, seq
+
+    def _admit(self, boot_id: bytes, seq: int) -> None:
         replay = self._senders.get(boot_id)
         if replay is None:
             replay = self._senders[boot_id] = _ReplayWindow()
@@ -299,39 +473,49 @@ class Opener:
             self._senders.move_to_end(boot_id)
         replay.mark(seq, self.window)
         self.accepted += 1
-        return plaintext
 
-    def _open(self, frame: bytes, now: float) -> tuple[bytes, bytes, int]:
-        if len(frame) > self.max_frame:
-            raise SealError("too_large", f"{len(frame)} bytes > {self.max_frame}")
-        if len(frame) < OVERHEAD:
-            raise SealError("too_short", f"{len(frame)} bytes < {OVERHEAD}")
-        if frame[:2] != MAGIC:
-            raise SealError("bad_magic")
-        if frame[2] != VERSION:
-            raise SealError("bad_version", f"version {frame[2]}")
-        ciphers = self._ciphers.get(frame[3:7])
-        if ciphers is None:
-            raise SealError("unknown_key", f"key id {frame[3:7].hex()}")
-        header = frame[:HEADER_BYTES]
-        nonce = frame[HEADER_BYTES : HEADER_BYTES + NONCE_BYTES]
-        body = frame[HEADER_BYTES + NONCE_BYTES :]
-        for aead in ciphers:
-            try:
-                plaintext = aead.decrypt(nonce, body, self._network_id + header)
-                break
-            except InvalidTag:
-                continue
-        else:
-            raise SealError("decrypt_failed")
-        boot_id = frame[7:15]
-        seq = int.from_bytes(frame[15:23], "big")
-        sent = int.from_bytes(frame[23:31], "big") / 1000
-        if sent < now - self.max_skew:
-            raise SealError("stale_timestamp", f"{now - sent:.1f}s old")
-        if sent > now + self.max_skew:
-            raise SealError("future_timestamp", f"{sent - now:.1f}s ahead")
-        replay = self._senders.get(boot_id)
-        if replay is not None and replay.is_replay(seq, self.window):
-            raise SealError("replay", f"seq {seq}")
-        return bytes(plaintext), bytes(boot_id), seq
+
+class StreamOpening:
+    """The chunks of one admitted stream, opened in order (`Opener.open_stream`).
+
+    A chunk that fails to open ends the stream: the caller drops what it read.
+    """
+
+    __slots__ = ("_aead", "_ad", "_index", "_nonce", "_rejected", "_remaining", "size")
+
+    def __init__(
+        self, aead: ChaCha20Poly1305, nonce: bytes, ad: bytes, size: int, rejected: Counter[str]
+    ) -> None:
+        self._aead = aead
+        self._nonce = nonce
+        self._ad = ad
+        self._rejected = rejected
+        self._index = 0
+        self._remaining = size
+        self.size = size
+        """The stream's plaintext length, authenticated."""
+
+    @property
+    def next_chunk_bytes(self) -> int:
+        """Sealed bytes of the next chunk to read; 0 once every chunk was opened."""
+        if self._remaining == 0:
+            return 0
+        return min(self._remaining, STREAM_CHUNK) + TAG_BYTES
+
+    def open_chunk(self, sealed: bytes) -> bytes:
+        """Open the next chunk (`next_chunk_bytes` long).
+
+        Raises:
+            SealError: "decrypt_failed" (counted) when it is not the sender's next chunk.
+        """
+        if self._remaining == 0 or len(sealed) != self.next_chunk_bytes:
+            self._rejected["decrypt_failed"] += 1
+            raise SealError("decrypt_failed", "not the expected chunk")
+        try:
+            plain = self._aead.decrypt(_chunk_nonce(self._nonce, self._index + 1), sealed, self._ad)
+        except InvalidTag:
+            self._rejected["decrypt_failed"] += 1
+            raise SealError("decrypt_failed", f"chunk {self._index + 1}") from None
+        self._index += 1
+        self._remaining -= len(plain)
+        return plain

@@ -1,20 +1,171 @@
 """Serving an aiohttp application on one TCP address: the one place the runner is set up.
 
 The peer serves two applications (the sealed transport and the local API) with the same
-lifecycle: set up a runner, bind one site, read back the port the OS picked for port 0, and
-clean up the runner if binding fails so no half-started server is left behind.
+lifecycle: set up a runner, bind one listener, read back the port the OS picked for port 0,
+and clean up the runner if binding fails so no half-started server is left behind.
+
+Invariants:
+- A server given `ServerLimits` never holds more than `max_connections` connections, nor more
+  than `max_per_source` from one IP address: a connection beyond either is answered a canned
+  503 and closed at once, before aiohttp sees a byte of it, and counted in the `refused`
+  counter given. A connection that has not completed a request within `idle_timeout` is
+  closed (a stranger opening connections and sending half a header holds each one that long
+  at most), and one whose request was answered before its body was read is closed within
+  `linger` seconds.
+- Every server counts against its own limits only: the transport's strangers cannot use up the
+  local API's connections, or the reverse. Descriptors are the one resource they share, so
+  the transport's `max_connections` stays far below the usual descriptor limit (1024).
+
+aiohttp has no connection cap of its own, so the listener is created here (`asyncio`'s
+`create_server`) with a protocol factory that counts connections and hands the admitted ones
+to aiohttp's request handler.
 """
 
 from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
 SHUTDOWN_TIMEOUT = 1.0
 """Seconds in-flight requests get to finish when a server stops."""
 
+_BUSY_TEXT = b"too_many_connections\n"
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_TEXT), _BUSY_TEXT)
+)
 
-async def serve(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """Caps on the connections one server holds (see the module invariants)."""
+
+    max_connections: int = 512
+    """Connections open at once. Each holds a descriptor, so keep it well below the process's
+    descriptor limit (``ulimit -n``, often 1024) minus what the store, the blobs, the local API
+    and outgoing connections need. Too low, and a busy network's peers get 503s."""
+    max_per_source: int = 128
+    """Connections open at once from one IP address. Peers on one machine share 127.0.0.1:
+    each opens at most 8 connections to a peer (`peer.runtime.transport.Transport`), so 128
+    leaves room for 16 local peers while a single stranger holds at most a quarter of
+    `max_connections`."""
+    idle_timeout: float = 30.0
+    """Seconds a connection may wait for its next complete request (its headers) before it is
+    closed. Above the sending pools' 15 s keep-alive, so a pooled connection is closed by its
+    client first; lower frees a silent stranger's descriptors sooner."""
+    linger: float = 2.0
+    """Seconds the unread rest of a refused request's body is read and dropped (never kept)
+    before the connection closes, so that its sender reads the refusal instead of a reset.
+    Longer lets slower senders see why; it is also how long a refused stranger keeps its
+    connection."""
+
+
+class _Admission:
+    """Counts open connections per source IP against `ServerLimits`."""
+
+    def __init__(self, limits: ServerLimits, refused: Counter[str]) -> None:
+        self.limits = limits
+        self.refused = refused
+        self.total = 0
+        self.by_source: Counter[str] = Counter()
+
+    def admit(self, source: str) -> bool:
+        if self.total >= self.limits.max_connections:
+            self.refused["too_many_connections"] += 1
+            return False
+        if self.by_source[source] >= self.limits.max_per_source:
+            self.refused["too_many_connections_from_source"] += 1
+            return False
+        self.total += 1
+        self.by_source[source] += 1
+        return True
+
+    def release(self, source: str) -> None:
+        self.total -= 1
+        self.by_source[source] -= 1
+        if self.by_source[source] <= 0:
+            del self.by_source[source]
+
+
+class _Gate(asyncio.Protocol):
+    """One accepted connection: refused at once over the limits, else aiohttp's from then on."""
+
+    def __init__(self, make_handler: Callable[[], asyncio.Protocol], admission: _Admission):
+        self._make_handler = make_handler
+        self._admission = admission
+        self._inner: asyncio.Protocol | None = None
+        self._source = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        self._source = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        if not self._admission.admit(self._source):
+            if isinstance(transport, asyncio.WriteTransport):
+                transport.write(_BUSY)
+            transport.close()
+            return
+        self._inner = self._make_handler()
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._inner is not None:
+            self._admission.release(self._source)
+            self._inner.connection_lost(exc)
+            self._inner = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._inner is not None:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+
+class _Runner(web.AppRunner):
+    """An `AppRunner` that also closes the listener `serve` created for it."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.listener: asyncio.Server | None = None
+        self.admission: _Admission | None = None
+
+    async def cleanup(self) -> None:
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            listener.close()
+        await super().cleanup()
+
+
+async def serve(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    limits: ServerLimits | None = None,
+    refused: Counter[str] | None = None,
+) -> tuple[web.AppRunner, int]:
     """Serve `app` on (host, port).
+
+    Args:
+        app: the application.
+        host: address to listen on.
+        port: port to listen on; 0 picks a free one.
+        limits: connection caps and the idle timeout; None: neither (a loopback-only server).
+        refused: where connections refused over `limits` are counted, by reason
+            ("too_many_connections", "too_many_connections_from_source").
 
     Returns:
         The running runner (call `cleanup()` to stop) and the bound port (the OS's choice when
@@ -23,15 +174,33 @@ async def serve(app: web.Application, host: str, port: int) -> tuple[web.AppRunn
     Raises:
         OSError: the address cannot be bound (in use, not local, no permission).
     """
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    handler_args: dict[str, Any] = {}
+    if limits is not None:
+        handler_args["keepalive_timeout"] = limits.idle_timeout
+        handler_args["lingering_time"] = limits.linger
+    runner = _Runner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT, **handler_args)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    server = runner.server
+    assert server is not None  # set by setup()
+    factory: Callable[[], asyncio.Protocol] = server
+    if limits is not None:
+        admission = runner.admission = _Admission(limits, Counter() if refused is None else refused)
+
+        def factory() -> asyncio.Protocol:
+            return _Gate(server, admission)
+
     try:
-        await site.start()
+        runner.listener = await asyncio.get_running_loop().create_server(factory, host, port)
     except BaseException:
         await runner.cleanup()
         raise
-    return runner, int(runner.addresses[0][1])
+    return runner, int(runner.listener.sockets[0].getsockname()[1])
+
+
+def open_connections(runner: web.AppRunner) -> int:
+    """Connections a server started with `ServerLimits` holds now (0 without limits)."""
+    admission = runner.admission if isinstance(runner, _Runner) else None
+    return admission.total if admission is not None else 0
 
 
 def host_port(host: str, port: int) -> str:

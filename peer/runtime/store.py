@@ -310,7 +310,9 @@ class Store:
 
         Args:
             records: the `Persist` effects to apply, in order (a later record for the same
-                kind and key wins).
+                kind and key wins). A `PersistKind.FORGET_TASK` record is a deletion: every
+                record whose key starts with its key (a task id) is removed, in the same
+                transaction, at its place in the order.
 
         Raises:
             TypeError: a record has a non-str kind or non-bytes key or value; nothing of the
@@ -325,10 +327,40 @@ class Store:
                     raise TypeError(f"a record is (str kind, bytes key, ...), got {record!r:.200}")
                 if not isinstance(value, bytes | bytearray):
                     raise TypeError(f"a record's value must be bytes, got {type(value).__name__}")
+                if kind == PersistKind.FORGET_TASK:
+                    self._forget_task(bytes(key))
+                    continue
                 self._db.execute(
                     "INSERT OR REPLACE INTO records VALUES (?, ?, ?)",
                     (kind, bytes(key), bytes(value)),
                 )
+
+    def _forget_task(self, task_id: bytes) -> None:
+        # Every task record's key starts with the task id (objects, grants, tombstone): delete
+        # the key range [task_id, the next id) kind by kind, so each delete is a range of the
+        # (kind, key) primary key; one statement over all kinds scanned the whole table, and
+        # compacting thousands of tasks stalled the peer for tens of seconds.
+        end = _prefix_end(task_id)
+        for kind in _TASK_KINDS:
+            self._db.execute(
+                "DELETE FROM records WHERE kind = ? AND key >= ? AND key < ?",
+                (kind, task_id, end),
+            )
+
+    def last_contact(self) -> int | None:
+        """When this peer last saw another member up (the newest membership hint, wall-clock
+        seconds), or None if it never saw one."""
+        row = self._db.execute("SELECT max(last_seen) FROM members").fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def forget_kinds(self, kinds: Iterable[str]) -> int:
+        """Delete every record of these kinds in one transaction; return how many."""
+        names = [str(kind) for kind in kinds]
+        with self._transaction():
+            cursor = self._db.execute(
+                f"DELETE FROM records WHERE kind IN ({', '.join('?' * len(names))})", names
+            )
+        return int(cursor.rowcount)
 
     def get(self, kind: str, key: bytes) -> bytes | None:
         """Return the value stored under (`kind`, a `PersistKind`, and `key`), or None."""
@@ -426,6 +458,26 @@ def _unusable(path: Path, why: str) -> str:
         f"and -shm files out of {path.parent} and start again: the peer keeps its identity "
         "and gets the network's tasks again"
     )
+
+
+_TASK_KINDS = (
+    PersistKind.TASK,
+    PersistKind.CLAIM,
+    PersistKind.RESULT,
+    PersistKind.CANCEL,
+    PersistKind.EXECUTION,
+    PersistKind.GRANT,
+    PersistKind.TOMBSTONE,
+)
+"""The kinds whose keys start with a task id (what forgetting a task deletes)."""
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """The least key greater than every key starting with `prefix` (BLOBs sort bytewise)."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return b"\xff" * (len(prefix) + 128)  # all 0xff: no task record key is this long
+    return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
 def _fsync_dir(path: Path) -> None:

@@ -2,53 +2,64 @@
 
 Invariants:
 - Nothing a remote sends can crash the server or reach the protocol unauthenticated: a body
-  over the size limit, under a wrong key, replayed, stale or garbled is refused with a 4xx
-  before any decoding, counted by reason in `rejected`, and logged at most once per source IP
-  per `LOG_INTERVAL`. Only plaintext that `Opener.open` accepted reaches `on_receive`.
+  over the size limit, under a wrong key, replayed, stale, garbled, too slow or cut short is
+  refused with a 4xx before any decoding, counted by reason in `rejected`, and logged at most
+  once per source IP per `LOG_INTERVAL`. Only plaintext that `Opener.open` accepted reaches
+  `on_receive`.
+- A stranger without the network key costs a peer a few bytes per request: every body's first
+  `PREFIX_BYTES` (magic, version, key id) are checked before the rest is read, and the length
+  it announces before any of it is buffered. Every read has a deadline (`read_timeout` between
+  two pieces; `blob_timeout` in all for a blob), the server holds at most `ServerLimits`
+  connections (per source IP and in all), and request bodies buffered at once are bounded by
+  `max_buffered` bytes; beyond a limit a request gets 503 and is counted.
 - `send` never blocks and never raises: it seals the frame and hands it to a fire-and-forget
   task. At most `max_in_flight` sends are outstanding; beyond that a send is dropped and
   counted in `sends_dropped`. A failed send (refused, timed out, non-2xx answer) is counted in
   `send_failures` and remembered per address in `last_failure`, never raised into the caller.
+  No answer is read beyond `ANSWER_TEXT_BYTES`.
 - Every frame is sealed with the current keyring's primary key under this process's boot id,
   with sequence numbers that keep increasing across keyring replacements (so receivers never
-  see a replay from us after a rotation).
+  see a replay from us after a rotation), for the route it travels on (a frame captured on one
+  route does not open on another).
 
 The endpoint answers 204 as soon as the frame is opened and handed to `on_receive`, which runs
 inline on the event loop (the protocol call is short), so no queue builds up between them.
 
-Blobs (`protocol.blobs`, docs/tasks.md "Blobs") travel over the same server, on two more routes,
-sealed under the same network key but with their own `Sealer` and `Opener` (their own sequence
-numbers and replay windows), so that a long blob transfer can never push envelope frames out of
-a replay window or the reverse:
-- ``POST /gv/v1/blob/push``: a sealed ``b"P" + digest + data``; the receiver checks that `data`
-  hashes to `digest` and stores it (204), or drops it and counts
-  ``rejected["blob_digest_mismatch"]`` (422).
-- ``POST /gv/v1/blob/get``: a sealed ``b"G" + digest``; the answer is a sealed
-  ``b"B" + digest + data`` (200) or 404 when the blob is not held here. The fetcher checks the
-  digest too, so a copy from any peer is as good as the original.
-Every blob request and answer is sealed on its own, so nobody without a network key can read,
-inject or request a blob. The blob opener tolerates a clock skew of `BLOB_MAX_SKEW` (a large
-blob on a slow link arrives long after it was sealed); replaying a captured blob frame gains
-nothing, since content is checked by digest and answers are sealed.
+Blobs travel over the same server, on two more routes, as sealed streams
+(`peer.runtime.blob_routes`); `push_blob` and `fetch_blob` are their client side.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import aiohttp
 from aiohttp import web
 
+from peer.runtime.blob_routes import (
+    ANSWER_TEXT_BYTES,
+    BLOB_TIMEOUT,
+    BlobHolder,
+    BlobRoutes,
+    BlobTransferError,
+    connect_reason,
+)
+from peer.runtime.intake import (
+    BODY_ERRORS,
+    MAX_BUFFERED,
+    READ_TIMEOUT,
+    Intake,
+    problem,
+    source_of,
+)
 from peer.runtime.keyring import Keyring
-from peer.runtime.sealing import OVERHEAD, Opener, Sealer, SealError
-from peer.runtime.serving import serve
-from protocol.blobs import BLOB_LIMIT, DIGEST_BYTES
+from peer.runtime.sealing import OVERHEAD, PREFIX_BYTES, ROUTE_ENVELOPE, Opener, Sealer, SealError
+from peer.runtime.serving import ServerLimits, open_connections, serve
 from protocol.wire import MAX_ENVELOPE_BYTES
 
 log = logging.getLogger(__name__)
@@ -56,53 +67,13 @@ log = logging.getLogger(__name__)
 ENVELOPE_PATH: Final = "/gv/v1/envelope"
 MAX_FRAME_BYTES: Final = MAX_ENVELOPE_BYTES + OVERHEAD
 """Largest request body accepted: the largest envelope the wire allows, sealed."""
-BLOB_PUSH_PATH: Final = "/gv/v1/blob/push"
-BLOB_GET_PATH: Final = "/gv/v1/blob/get"
-BLOB_FRAME_BYTES: Final = 1 + DIGEST_BYTES + BLOB_LIMIT + OVERHEAD
-"""Largest blob frame: a kind byte, the digest and the largest blob, sealed."""
-BLOB_MAX_SKEW: Final = 600.0
-"""Seconds a blob frame's timestamp may differ from the receiver's clock (a 64 MiB blob at
-1 MB/s takes about 67 s to arrive)."""
-BLOB_TIMEOUT: Final = 120.0
-"""Seconds one blob push or fetch may take in total, connecting included."""
-_PUSH, _GET, _BLOB = b"P", b"G", b"B"
-LOG_INTERVAL: Final = 60.0
-"""Seconds between two log lines about rejected frames from one source IP."""
-_MAX_LOG_SOURCES = 4096
+TRANSPORT_LIMITS: Final = ServerLimits()
+"""The transport server's connection caps and idle timeout, by default."""
+_MAX_FAILURE_ADDRS = 4096
 _OUTBOX_BYTES: Final = 8 * 1024 * 1024
 """Most bytes waiting for one address (with `coalesce`); later sends to it are dropped."""
 
-# 400 for frames that are not frames at all; 403 for frames that failed authentication or
-# freshness (wrong key, tampered, replayed, skewed clock).
-_STATUS_BY_REASON: Final = {
-    "too_large": 413,
-    "too_short": 400,
-    "bad_magic": 400,
-    "bad_version": 400,
-}
-
 ReceiveCallback = Callable[[str, bytes], None]
-
-
-class BlobHolder(Protocol):
-    """Where received blobs go and served blobs come from (`peer.runtime.blobs.BlobStore`).
-
-    Both calls block on disk I/O and hashing; the transport runs them in a thread.
-    """
-
-    def get(self, digest: bytes) -> bytes | None: ...
-
-    def receive(self, digest: bytes, data: bytes) -> bool: ...
-
-
-class BlobTransferError(Exception):
-    """A blob push or fetch failed; `reason` is short and lowercase ("connection refused",
-    "HTTP 503", "digest mismatch", ...)."""
-
-    def __init__(self, addr: str, reason: str) -> None:
-        super().__init__(f"{addr}: {reason}")
-        self.addr = addr
-        self.reason = reason
 
 
 class Transport:
@@ -119,6 +90,9 @@ class Transport:
         send_timeout: seconds one send may take in total, connecting included.
         max_frame: largest envelope frame accepted.
         blob_timeout: seconds one blob push or fetch may take in total.
+        read_timeout: seconds a body may stall between two pieces (see `READ_TIMEOUT`).
+        limits: the server's connection caps and idle timeout.
+        max_buffered: bytes of request bodies held in memory at once (see `MAX_BUFFERED`).
         coalesce: given, at most one send per address is outstanding; what is sent to that
             address meanwhile waits and leaves with the next request, merged by `coalesce`
             (a list of payloads, oldest first, to fewer payloads). Under load one HTTP
@@ -139,6 +113,9 @@ class Transport:
         send_timeout: float = 2.0,
         max_frame: int = MAX_FRAME_BYTES,
         blob_timeout: float = BLOB_TIMEOUT,
+        read_timeout: float = READ_TIMEOUT,
+        limits: ServerLimits = TRANSPORT_LIMITS,
+        max_buffered: int = MAX_BUFFERED,
         coalesce: Callable[[list[bytes]], list[bytes]] | None = None,
     ) -> None:
         self.host = host
@@ -149,36 +126,31 @@ class Transport:
         self._keyring = keyring
         self._sealer = Sealer(keyring, boot_id)
         self._opener = Opener(keyring, max_frame=max_frame)
-        self._blob_sealer = Sealer(keyring, boot_id)
-        self._blob_opener = _blob_opener(keyring, self._opener.rejected)
-        self.blob_store: BlobHolder | None = None
-        """Serves and receives blobs; without one the blob routes answer 503."""
+        self._intake = Intake(
+            self._opener.rejected, read_timeout=read_timeout, max_buffered=max_buffered
+        )
+        self._blobs = BlobRoutes(keyring, boot_id, self._intake, clock, blob_timeout)
         self._max_frame = max_frame
         self._max_in_flight = max_in_flight
         self._send_timeout = send_timeout
-        self._blob_timeout = blob_timeout
+        self._limits = limits
         self._in_flight: set[asyncio.Task[None]] = set()
         self._coalesce = coalesce
         self._outbox: dict[str, list[bytes]] = {}
         """Payloads waiting for the outstanding send to their address (with `coalesce`)."""
         self._outbox_bytes: dict[str, int] = {}
-        self._logged_at: dict[str, float] = {}
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self.messages_in = 0
         self.messages_out = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
+        self._envelope_bytes_in = 0
+        self._envelope_bytes_out = 0
         self.send_failures = 0
         """Sends that did not get a 2xx answer (refused, timed out, rejected)."""
         self.sends_dropped = 0
         """Sends refused locally because `max_in_flight` were outstanding."""
         self.last_failure: dict[str, str] = {}
         """The most recent failure reason per destination address, cleared by a success."""
-        self.blobs_in = 0
-        """Blobs received (pushed to us, or fetched by us) whose digest matched."""
-        self.blobs_out = 0
-        """Blobs sent (pushed by us, or served to a fetcher)."""
 
     # Lifecycle
 
@@ -190,9 +162,10 @@ class Transport:
         """
         app = web.Application(client_max_size=self._max_frame)
         app.router.add_post(ENVELOPE_PATH, self._handle)
-        app.router.add_post(BLOB_PUSH_PATH, self._handle_blob)
-        app.router.add_post(BLOB_GET_PATH, self._handle_blob)
-        self._runner, self.port = await serve(app, self.host, self.port)
+        self._blobs.add_to(app)
+        self._runner, self.port = await serve(
+            app, self.host, self.port, limits=self._limits, refused=self.rejected
+        )
         connector = aiohttp.TCPConnector(limit=self._max_in_flight, limit_per_host=8)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -233,15 +206,51 @@ class Transport:
         self._keyring = keyring
         self._sealer = self._sealer.rekeyed(keyring)
         self._opener = self._opener.rekeyed(keyring)
-        self._blob_sealer = self._blob_sealer.rekeyed(keyring)
-        self._blob_opener = self._blob_opener.rekeyed(keyring)
+        self._blobs.rekey(keyring)
 
     @property
     def rejected(self) -> Counter[str]:
-        """Frames refused, by reason (`peer.runtime.sealing.SealError.reason`), envelope and blob
-        frames alike, plus "blob_digest_mismatch": blobs dropped because their bytes did not
-        hash to the digest they came under."""
+        """Requests refused, by reason: `peer.runtime.sealing.SealError.reason` for envelope
+        and blob frames alike; the connection caps' reasons (`peer.runtime.serving.serve`);
+        "length_required", "bad_length", "truncated", "read_timeout" and "busy" (over
+        `max_buffered`) for bodies; "bad_blob_request", "blob_over_quota" and
+        "blob_digest_mismatch" (bytes that did not hash to the digest they came under) for
+        blobs."""
         return self._opener.rejected
+
+    @property
+    def blob_store(self) -> BlobHolder | None:
+        """Serves and receives blobs; without one the blob routes answer 503."""
+        return self._blobs.store
+
+    @blob_store.setter
+    def blob_store(self, store: BlobHolder | None) -> None:
+        self._blobs.store = store
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes of envelope frames and blob streams accepted (and blob answers read)."""
+        return self._envelope_bytes_in + self._blobs.bytes_in
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes of envelope frames and blob streams sent (and blob answers served)."""
+        return self._envelope_bytes_out + self._blobs.bytes_out
+
+    @property
+    def blobs_in(self) -> int:
+        """Blobs received (pushed to us, or fetched by us) whose digest matched."""
+        return self._blobs.blobs_in
+
+    @property
+    def blobs_out(self) -> int:
+        """Blobs sent (pushed by us, or served to a fetcher)."""
+        return self._blobs.blobs_out
+
+    @property
+    def connections(self) -> int:
+        """Connections the server holds now (at most `ServerLimits.max_connections`)."""
+        return open_connections(self._runner) if self._runner is not None else 0
 
     @property
     def in_flight(self) -> int:
@@ -312,12 +321,12 @@ class Transport:
             async with session.post(
                 url, data=frame, headers={"Content-Type": "application/octet-stream"}
             ) as response:
-                await response.read()
+                await response.content.read(ANSWER_TEXT_BYTES)
                 if response.status >= 300:
                     self._failed(addr, f"HTTP {response.status}")
                     return
         except aiohttp.ClientConnectorError as exc:
-            self._failed(addr, _connect_reason(exc))
+            self._failed(addr, connect_reason(exc))
             return
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             reason = (
@@ -326,12 +335,12 @@ class Transport:
             self._failed(addr, reason)
             return
         self.messages_out += 1
-        self.bytes_out += len(frame)
+        self._envelope_bytes_out += len(frame)
         self.last_failure.pop(addr, None)
 
     def _failed(self, addr: str, reason: str) -> None:
         self.send_failures += 1
-        if addr not in self.last_failure and len(self.last_failure) >= _MAX_LOG_SOURCES:
+        if addr not in self.last_failure and len(self.last_failure) >= _MAX_FAILURE_ADDRS:
             self.last_failure.clear()
         self.last_failure[addr] = reason
         log.debug("send to %s failed: %s", addr, reason)
@@ -345,176 +354,54 @@ class Transport:
         Raises:
             BlobTransferError: the peer could not be reached or did not store it.
         """
-        await self._blob_request(addr, BLOB_PUSH_PATH, _PUSH + digest + data)
-        self.blobs_out += 1
+        await self._blobs.push(self._live_session(addr), addr, digest, data)
 
-    async def fetch_blob(self, addr: str, digest: bytes) -> bytes | None:
-        """Ask the peer at `addr` for the blob named `digest`.
+    async def fetch_blob(self, addr: str, digest: bytes, size: int) -> bytes | None:
+        """Ask the peer at `addr` for the blob named `digest`, of at most `size` bytes (the
+        size its reference gives); no longer answer is read.
 
         Returns:
             The blob, its digest checked; None if that peer does not hold it.
 
         Raises:
             BlobTransferError: the peer could not be reached, or its answer was refused
-                (unsealed, or not the blob asked for).
+                (unsealed, longer than `size`, or not the blob asked for).
         """
-        status, body = await self._blob_request(addr, BLOB_GET_PATH, _GET + digest)
-        if status == 404:
-            return None
-        try:
-            plain = self._blob_opener.open(body, self._clock())
-        except SealError as exc:
-            raise BlobTransferError(addr, f"sealed answer refused: {exc.reason}") from None
-        if plain[:1] != _BLOB or plain[1 : 1 + DIGEST_BYTES] != digest:
-            raise BlobTransferError(addr, "the answer is not the blob asked for")
-        data = plain[1 + DIGEST_BYTES :]
-        if not await asyncio.to_thread(_matches, digest, data):
-            self.rejected["blob_digest_mismatch"] += 1
-            raise BlobTransferError(addr, "digest mismatch")
-        self.blobs_in += 1
-        return data
+        return await self._blobs.fetch(self._live_session(addr), addr, digest, size)
 
-    async def _blob_request(self, addr: str, path: str, plain: bytes) -> tuple[int, bytes]:
+    def _live_session(self, addr: str) -> aiohttp.ClientSession:
         session = self._session
         if session is None or session.closed:
             raise BlobTransferError(addr, "the transport is stopped")
-        try:
-            frame = self._blob_sealer.seal(plain, self._clock())
-        except OverflowError as exc:
-            raise BlobTransferError(addr, f"cannot seal: {exc}") from None
-        try:
-            async with session.post(
-                f"http://{addr}{path}",
-                data=frame,
-                headers={"Content-Type": "application/octet-stream"},
-                timeout=aiohttp.ClientTimeout(total=self._blob_timeout),
-            ) as response:
-                body = await response.read()
-                status = response.status
-        except aiohttp.ClientConnectorError as exc:
-            raise BlobTransferError(addr, _connect_reason(exc)) from None
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-            reason = (
-                "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
-            )
-            raise BlobTransferError(addr, reason) from None
-        self.bytes_out += len(frame)
-        self.bytes_in += len(body)
-        if status >= 300 and status != 404:
-            text = body[:200].decode("utf-8", errors="replace").strip()
-            raise BlobTransferError(addr, f"HTTP {status}" + (f" ({text})" if text else ""))
-        return status, body
+        return session
 
     # Receiving
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        source = _source(request)
+        source = source_of(request)
+        intake = self._intake
         length = request.content_length
-        if length is not None and length > self._max_frame:
-            return self._refuse(source, "too_large", f"{length} bytes")
+        if length is None:
+            return intake.refuse(source, "length_required", "no Content-Length")
+        if length > self._max_frame:
+            return intake.refuse(source, "too_large", f"{length} bytes")
+        if length < OVERHEAD:
+            return intake.refuse(source, "too_short", f"{length} bytes")
         try:
-            frame = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return self._refuse(source, "too_large", "body over the limit")
-        try:
-            plaintext = self._opener.open(frame, self._clock())
+            prefix = await intake.read_exactly(request.content, PREFIX_BYTES)
+            self._opener.check_prefix(prefix)
+            with intake.buffering(length):
+                frame = prefix + await intake.read_exactly(request.content, length - PREFIX_BYTES)
+                plaintext = self._opener.open(frame, self._clock(), ROUTE_ENVELOPE)
         except SealError as exc:
-            self._log_refusal(source, str(exc))
-            return _problem(_STATUS_BY_REASON.get(exc.reason, 403), exc.reason)
+            return intake.refused_frame(source, exc)
+        except BODY_ERRORS as exc:
+            return intake.refuse_body(source, exc)
         self.messages_in += 1
-        self.bytes_in += len(frame)
+        self._envelope_bytes_in += len(frame)
         try:
             self.on_receive(source, plaintext)
         except Exception:  # the protocol never raises on input; this guards the host's bugs
             log.exception("handling a frame from %s failed", source)
-            return _problem(500, "internal error")
+            return problem(500, "internal error")
         return web.Response(status=204)
-
-    async def _handle_blob(self, request: web.Request) -> web.StreamResponse:
-        source = _source(request)
-        length = request.content_length
-        if length is not None and length > BLOB_FRAME_BYTES:
-            return self._refuse(source, "too_large", f"{length} bytes")
-        try:
-            frame = await request.clone(client_max_size=BLOB_FRAME_BYTES).read()
-        except web.HTTPRequestEntityTooLarge:
-            return self._refuse(source, "too_large", "body over the limit")
-        try:
-            plain = self._blob_opener.open(frame, self._clock())
-        except SealError as exc:
-            self._log_refusal(source, f"blob frame: {exc}")
-            return _problem(_STATUS_BY_REASON.get(exc.reason, 403), exc.reason)
-        self.bytes_in += len(frame)
-        store = self.blob_store
-        if store is None:
-            return _problem(503, "this peer holds no blobs")
-        kind, digest = plain[:1], plain[1 : 1 + DIGEST_BYTES]
-        if request.path == BLOB_PUSH_PATH and kind == _PUSH and len(digest) == DIGEST_BYTES:
-            if not await asyncio.to_thread(store.receive, digest, plain[1 + DIGEST_BYTES :]):
-                self.rejected["blob_digest_mismatch"] += 1
-                self._log_refusal(source, f"blob {digest.hex()[:12]}: digest mismatch")
-                return _problem(422, "blob_digest_mismatch")
-            self.blobs_in += 1
-            return web.Response(status=204)
-        if request.path == BLOB_GET_PATH and kind == _GET and len(plain) == 1 + DIGEST_BYTES:
-            data = await asyncio.to_thread(store.get, digest)
-            if data is None:
-                return _problem(404, "not held here")
-            answer = self._blob_sealer.seal(_BLOB + digest + data, self._clock())
-            self.blobs_out += 1
-            self.bytes_out += len(answer)
-            return web.Response(body=answer, content_type="application/octet-stream")
-        return _problem(400, "bad_blob_request")
-
-    def _refuse(self, source: str, reason: str, detail: str) -> web.Response:
-        self._opener.rejected[reason] += 1
-        self._log_refusal(source, f"{reason}: {detail}")
-        return _problem(_STATUS_BY_REASON.get(reason, 403), reason)
-
-    def _log_refusal(self, source: str, why: str) -> None:
-        ip = source.rpartition(":")[0] or source
-        now = time.monotonic()
-        last = self._logged_at.get(ip)
-        if last is not None and now - last < LOG_INTERVAL:
-            return
-        if len(self._logged_at) >= _MAX_LOG_SOURCES:
-            self._logged_at.clear()
-        self._logged_at[ip] = now
-        log.warning(
-            "refused a frame from %s (%s); further refusals from this address are counted, "
-            "not logged, for %.0f s",
-            ip,
-            why,
-            LOG_INTERVAL,
-        )
-
-
-def _blob_opener(keyring: Keyring, rejected: Counter[str]) -> Opener:
-    opener = Opener(keyring, max_skew=BLOB_MAX_SKEW, max_frame=BLOB_FRAME_BYTES)
-    opener.rejected = rejected  # one set of counters for every frame refused
-    return opener
-
-
-def _matches(digest: bytes, data: bytes) -> bool:
-    return hashlib.sha256(data).digest() == digest
-
-
-def _source(request: web.Request) -> str:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host, port = str(peer[0]), int(peer[1])
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return request.remote or "unknown"
-
-
-def _problem(status: int, reason: str) -> web.Response:
-    return web.Response(status=status, text=reason + "\n")
-
-
-def _connect_reason(exc: aiohttp.ClientConnectorError) -> str:
-    os_error = exc.os_error
-    if isinstance(os_error, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(os_error, TimeoutError):
-        return "timed out"
-    return os_error.strerror.lower() if os_error.strerror else str(os_error) or "cannot connect"

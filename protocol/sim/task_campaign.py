@@ -28,8 +28,7 @@ from protocol.sim.network import LinkModel
 from protocol.sim.simulator import Simulator
 from protocol.sim.task_checker import TaskChecker, TaskReport
 from protocol.sim.task_runner import ROLE, TaskRunner, restart
-from protocol.task_messages import Claim, Result
-from protocol.tasks import DOMAIN_CLAIM, DOMAIN_RESULT
+from protocol.tasks.messages import DOMAIN_CLAIM, DOMAIN_RESULT, Claim, Result
 
 JOIN = 4.0
 VIEW_TIMEOUT = 60.0

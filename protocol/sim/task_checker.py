@@ -35,17 +35,20 @@ from protocol.effects import (
     TaskClaimed,
 )
 from protocol.identity import VerifiedCache
-from protocol.placement import top_by_score
 from protocol.sim.simulator import SimPeer, Simulator
 from protocol.sim.task_runner import Run, TaskRunner
-from protocol.task_messages import Claim, Execution, Result, TaskRecord
-from protocol.tasks import (
+from protocol.tasks.messages import (
     DOMAIN_CLAIM,
     DOMAIN_EXECUTION,
     DOMAIN_RESULT,
     DOMAIN_TASK,
-    claim_rank,
+    Claim,
+    Execution,
+    Result,
+    TaskRecord,
 )
+from protocol.tasks.placement import top_by_score
+from protocol.tasks.state import claim_rank
 
 
 @dataclass(slots=True)

@@ -1,9 +1,11 @@
-"""1,000 tasks through five real peer processes while one of them is SIGKILLed and restarted.
+"""5,000 tasks through ten real peer processes while one of them is SIGKILLed and restarted.
 
-Checks docs/design.md section 5 end to end: every task finishes, each has exactly one accepted
-result, all five peers report the same result, claim and execution log for every task, and a
-second execution only happens for tasks whose owner died. The figures (time, takeovers,
-duplicates) are printed; run with `-s` to see them.
+Checks docs/design.md section 5 (v2, replica sets) end to end: every task finishes with
+exactly one accepted result; every peer holding a task agrees on its state, owner, epoch and
+result; every task is readable at every peer (a peer that does not hold it asks its replica
+set); no peer holds every task (objects go to a task's audience, not to the whole network);
+and a second execution only happens for tasks whose owner died. The figures (time, takeovers,
+duplicates, tasks held per peer) are printed; run with `-s` to see them.
 
 Every wait is bounded; the cluster fixture ends every process it started, by pid.
 """
@@ -31,11 +33,12 @@ from tests.e2e.cluster_helpers import run_showing_logs, task_views
 
 pytestmark = pytest.mark.e2e
 
-SIZE = 5
-TASKS = 1000
-KILL_AFTER = 400
+SIZE = 10
+TASKS = 5000
+KILL_AFTER = 2000
 IN_FLIGHT = 32
-SETTLE_LIMIT = 150.0
+SETTLE_LIMIT = 240.0
+READ_SAMPLE = 20
 
 
 def _spec(i: int, rng: random.Random) -> dict[str, Any]:
@@ -106,7 +109,6 @@ def _converged_facts(task: dict[str, Any]) -> tuple[Any, ...]:
         task["epoch"],
         None if result is None else (result["outcome"], result["output"], result["epoch"]),
         None if result is None else result["owner"],
-        tuple((e["epoch"], e["owner"], e["phase"], e["outcome"]) for e in task["executions"]),
     )
 
 
@@ -138,31 +140,35 @@ async def _run(cluster: LocalCluster, peers: list[Peer], victim: Peer, rng: rand
     figures["restarted_at"] = time.monotonic() - start
 
     views: list[dict[str, dict[str, Any]]] = []
+    tasks: dict[str, dict[str, Any]] = {}
 
     async def settled() -> tuple[bool, object]:
-        nonlocal views
-        views = await task_views(peers, limit=10_000)
-        unfinished = [sum(1 for t in v.values() if t["state"] != "done") for v in views]
-        missing = [TASKS - sum(1 for tid in ids if tid in v) for v in views]
+        nonlocal views, tasks
+        views = await task_views(peers, limit=2 * TASKS)
+        tasks = {}
+        for view in views:
+            for tid, t in view.items():
+                if t["state"] == "done" and tid not in tasks:
+                    tasks[tid] = t
+        unfinished = sum(1 for tid in ids if tid not in tasks)
         differing = sum(
             1
             for tid in ids
-            if len({_converged_facts(v[tid]) if tid in v else None for v in views}) > 1
+            if len({_converged_facts(v[tid]) for v in views if tid in v and v[tid]["result"]}) > 1
         )
-        ok = not any(unfinished) and not any(missing) and not differing
-        return ok, {"unfinished": unfinished, "missing": missing, "differing": differing}
+        return not unfinished and not differing, {"unfinished": unfinished, "differing": differing}
 
-    figures["settled_in"] = await wait_for("all tasks done everywhere", settled, SETTLE_LIMIT, 1.0)
+    figures["settled_in"] = await wait_for("all tasks done", settled, SETTLE_LIMIT, 1.0)
     total = time.monotonic() - start
+    held = [sum(1 for tid in ids if tid in v) for v in views]
+    assert max(held) < TASKS, f"some peer holds every task: {held}"
 
-    # Individual GETs agree with the listings, peer by peer, on a sample.
-    sample = rng.sample(sorted(ids), 25)
-    for peer, view in zip(peers, views, strict=True):
+    # Every task is readable at every peer, holder or not, and reads agree.
+    sample = rng.sample(sorted(ids), READ_SAMPLE)
+    for peer in peers:
         async with peer.client() as client:
             for tid in sample:
-                assert _converged_facts(await client.task(tid)) == _converged_facts(view[tid])
-
-    tasks = views[0]
+                assert _converged_facts(await client.task(tid)) == _converged_facts(tasks[tid])
     duplicated = {tid: t for tid, t in tasks.items() if tid in ids and t["duplicates"] > 0}
     takeovers = sum(t["epoch"] - 1 for tid, t in tasks.items() if tid in ids)
     victim_ran = {
@@ -187,7 +193,8 @@ async def _run(cluster: LocalCluster, peers: list[Peer], victim: Peer, rng: rand
         f"takeovers {takeovers}, tasks the victim ran {len(victim_ran)}, tasks executed more "
         f"than once {len(duplicated)} (extra executions "
         f"{sum(t['duplicates'] for t in duplicated.values())}), of which owner did not die: "
-        f"{len(innocent)}; submissions retried after a 503: {figures.get('retried_503', 0)}."
+        f"{len(innocent)}; submissions retried after a 503: {figures.get('retried_503', 0)}; "
+        f"tasks held per peer: {held}."
         f"\nper-peer stats: {stats}"
     )
     names = {p.node_id: p.name for p in peers}
@@ -195,4 +202,4 @@ async def _run(cluster: LocalCluster, peers: list[Peer], victim: Peer, rng: rand
         log = [(e["epoch"], names[e["owner"]], e["phase"], e["outcome"]) for e in t["executions"]]
         print(f"  duplicate without a dead owner: {tid[:12]} {t['role']} {t['input']!r}: {log}")
     assert not innocent, f"duplicates without a dead owner: {sorted(innocent)[:5]}"
-    assert all(s["done"] >= TASKS and s["duplicates"] == stats[0]["duplicates"] for s in stats)
+    assert sum(s["done"] for s in stats) >= TASKS

@@ -16,7 +16,7 @@ from peer.build import AGENT_SLOTS, Peer, build_peer
 from peer.runtime.executor import RoleHandler
 from peer.runtime.keyring import Keyring
 from peer.settings import AgentSettings
-from protocol.effects import Persist
+from protocol.effects import Persist, PersistKind
 
 API_TOKEN = "in-process-test-token"
 """The bearer token of the APIs tests serve for their in-process peers."""
@@ -55,7 +55,20 @@ class MemoryStore:
 
     def put_many(self, records: Iterable[Persist]) -> None:
         for record in records:
-            self.records[record.kind, record.key] = record.value
+            if record.kind == PersistKind.FORGET_TASK:
+                for kind, key in [k for k in self.records if k[1].startswith(record.key)]:
+                    del self.records[kind, key]
+            else:
+                self.records[record.kind, record.key] = record.value
+
+    def last_contact(self) -> int | None:
+        return max((seen for _, _, seen in self.members), default=None)
+
+    def forget_kinds(self, kinds: Iterable[str]) -> int:
+        doomed = [k for k in self.records if k[0] in set(kinds)]
+        for k in doomed:
+            del self.records[k]
+        return len(doomed)
 
     def save_members(self, rows: Iterable[tuple[bytes, str, int]]) -> None:
         self.members = list(rows)
@@ -75,6 +88,7 @@ async def in_process_peer(
     seed_only: bool = False,
     store: MemoryStore | None = None,
     data_dir: Path | None = None,
+    task_retention: float | None = None,
 ) -> AsyncIterator[Peer]:
     """A started peer on an ephemeral port, its node on the local profile, stopped on exit.
 
@@ -86,6 +100,7 @@ async def in_process_peer(
         seed_only: declare no roles (the executor is attached but never given work).
         store: its durable state (a fresh `MemoryStore` by default).
         data_dir: where its blobs go (a temporary directory, removed on exit, by default).
+        task_retention: its `--task-retention` (the default, 24 hours, by default).
     """
     with tempfile.TemporaryDirectory() as scratch:
         settings = AgentSettings(
@@ -93,6 +108,7 @@ async def in_process_peer(
             data_dir=data_dir or Path(scratch),
             profile="local",
             no_agents=seed_only,
+            **({} if task_retention is None else {"task_retention": task_retention}),
         )
         async with build_peer(
             settings,

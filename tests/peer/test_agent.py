@@ -56,6 +56,7 @@ async def test_refuses_to_start_without_a_key(tmp_path: Path, capsys: Any) -> No
 async def test_two_agents_join_leave_and_restart(tmp_path: Path, capsys: Any) -> None:
     key_file = tmp_path / "network.key"
     key_file.write_text(encode_key(generate_network_key()) + "\n")
+    key_file.chmod(0o600)
     ports = [_free_port() for _ in range(4)]
     seed = AgentSettings(
         bind=f"127.0.0.1:{ports[0]}",

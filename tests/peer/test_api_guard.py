@@ -208,6 +208,7 @@ async def test_the_token_file_is_private_and_kept_across_restarts(tmp_path: Path
 async def test_the_operators_token_file_is_used_and_none_is_generated(tmp_path: Path) -> None:
     operator = tmp_path / "operator.token"
     operator.write_text("the-operators-token\n")
+    operator.chmod(0o600)
     async with serving(tmp_path / "data", api_token_file=operator) as peer:
         assert not token_path(tmp_path / "data").exists()
         async with GrapevineClient(address(peer), "the-operators-token") as client:

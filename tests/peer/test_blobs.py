@@ -11,9 +11,11 @@ import asyncio
 import base64
 import hashlib
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -24,12 +26,14 @@ from peer.build import Peer
 from peer.cli import tasks as cli_tasks
 from peer.client import GrapevineClient
 from peer.http.app import PeerApi
-from peer.runtime.blobs import BlobStore, BlobUnavailable
+from peer.runtime.blob_routes import BlobTransferError
+from peer.runtime.blob_store import BlobStore
+from peer.runtime.blobs import BlobService, BlobUnavailable, referenced_blobs
 from peer.runtime.executor import Executor, Outcome, Work, builtin_roles
 from peer.runtime.keyring import Keyring
-from peer.runtime.transport import BlobTransferError, Transport
+from peer.runtime.transport import Transport
 from protocol.blobs import BLOB_LIMIT, blob_ref, make_ref, parse_blob_ref
-from protocol.task_messages import MAX_INLINE_PAYLOAD
+from protocol.tasks.messages import MAX_INLINE_PAYLOAD
 from tests.peer.inprocess import API_HEADERS, API_TOKEN, in_process_peer
 
 KEY = bytes(range(32))
@@ -75,6 +79,82 @@ def test_store_verifies_on_read_and_on_receive(tmp_path: Path) -> None:
     assert store.receive(digest, data) and store.get(digest) == data
 
 
+def test_pushed_blobs_are_counted_against_the_quota_and_swept_unless_referenced(
+    tmp_path: Path,
+) -> None:
+    store = BlobStore(tmp_path, quota=MIB)
+    kept, dropped, own = (os.urandom(100 * 1024) for _ in range(3))
+    kept_digest, dropped_digest = hashlib.sha256(kept).digest(), hashlib.sha256(dropped).digest()
+    for data in (kept, dropped):
+        assert store.reserve_push(len(data))
+        assert store.receive_pushed(hashlib.sha256(data).digest(), data)
+        store.release_push(len(data))
+    assert not store.receive_pushed(kept_digest, dropped)  # bytes that are not the name
+    own_digest = store.put(own)
+    assert store.held_for_others == len(kept) + len(dropped)
+    # The quota counts what is held for others and what pushes being read set aside.
+    assert store.reserve_push(MIB - 200 * 1024)
+    assert not store.reserve_push(1)
+    store.release_push(MIB - 200 * 1024)
+
+    reopened = BlobStore(tmp_path, quota=MIB)  # the markers carry the accounting over
+    assert reopened.held_for_others == len(kept) + len(dropped)
+    now = time.time()
+    assert reopened.sweep({kept_digest}, now, grace=60.0) == []  # still within its grace
+    assert reopened.sweep({kept_digest}, now + 61.0, grace=60.0) == [dropped_digest]
+    assert reopened.has(kept_digest) and reopened.has(own_digest)
+    assert not reopened.has(dropped_digest)
+    assert reopened.held_for_others == len(kept)
+
+    # Stored as this peer's own, a pushed blob is no longer held for others nor swept.
+    reopened.put(kept)
+    assert reopened.held_for_others == 0
+    assert reopened.sweep(set(), now + 1e6, grace=60.0) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [kept_digest.hex(), own_digest.hex()]
+    )
+    assert reopened.delete(own_digest) == len(own) and not reopened.has(own_digest)
+    assert reopened.delete(own_digest) == 0
+    # A marker whose blob never made it into place (a crash) is dropped at the next open.
+    (tmp_path / f"{'ab' * 32}.pushed").touch()
+    assert BlobStore(tmp_path).held_for_others == 0
+    assert not (tmp_path / f"{'ab' * 32}.pushed").exists()
+
+
+@pytest.mark.asyncio
+async def test_the_service_sweeps_pushed_blobs_no_held_task_references(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    inputs = [os.urandom(MAX_INLINE_PAYLOAD + 1 + i) for i in range(3)]
+    for data in inputs:
+        assert store.receive_pushed(hashlib.sha256(data).digest(), data)
+    input_ref, output_ref = blob_ref(inputs[0]), blob_ref(inputs[1])
+    held = SimpleNamespace(
+        record=SimpleNamespace(input=input_ref, origin=b"o"),
+        results={1: SimpleNamespace(output=output_ref, owner=b"w")},
+        accepted=None,
+    )
+    driver = SimpleNamespace(node=SimpleNamespace(held_tasks=lambda: iter([held])))
+    assert referenced_blobs(driver) == {  # type: ignore[arg-type]
+        hashlib.sha256(inputs[0]).digest(): len(inputs[0]),
+        hashlib.sha256(inputs[1]).digest(): len(inputs[1]),
+    }
+    clock = [time.time()]
+    service = BlobService(
+        store,
+        transport=None,  # type: ignore[arg-type]
+        driver=driver,  # type: ignore[arg-type]
+        grace=30.0,
+        wall=lambda: clock[0],
+    )
+    assert await service.sweep() == []
+    clock[0] += 31.0
+    assert await service.sweep() == [hashlib.sha256(inputs[2]).digest()]
+    assert service.counters["swept"] == 1
+    assert store.held_for_others == len(inputs[0]) + len(inputs[1])
+    service.start()
+    await service.close()
+
+
 # --- sealed transfers ----------------------------------------------------------------------------
 
 
@@ -102,8 +182,8 @@ async def test_push_and_fetch_are_sealed_and_checked(
     digest = hashlib.sha256(data).digest()
     await a.push_blob(addr_b, digest, data)
     assert b.blob_store is not None and b.blob_store.get(digest) == data
-    assert await a.fetch_blob(addr_b, digest) == data
-    assert await a.fetch_blob(addr_b, b"\1" * 32) is None  # not held there
+    assert await a.fetch_blob(addr_b, digest, len(data)) == data
+    assert await a.fetch_blob(addr_b, b"\1" * 32, len(data)) is None  # not held there
     assert (a.blobs_out, a.blobs_in, b.blobs_in, b.blobs_out) == (1, 1, 1, 1)
 
     # A blob whose bytes do not hash to its name is dropped and counted.
@@ -116,18 +196,18 @@ async def test_push_and_fetch_are_sealed_and_checked(
     with pytest.raises(BlobTransferError, match="HTTP 403"):
         await outsider.push_blob(addr_a, digest, data)
     with pytest.raises(BlobTransferError, match="HTTP 403"):
-        await outsider.fetch_blob(addr_b, digest)
+        await outsider.fetch_blob(addr_b, digest, len(data))
     assert a.rejected["unknown_key"] == 1 and b.rejected["unknown_key"] == 1
 
     # A peer holding no blob store answers 503; an unreachable one is a clear failure.
     a.blob_store = None
     with pytest.raises(BlobTransferError, match="HTTP 503"):
-        await b.fetch_blob(addr_a, digest)
+        await b.fetch_blob(addr_a, digest, len(data))
     await a.stop()
     with pytest.raises(BlobTransferError, match="the transport is stopped"):
-        await a.fetch_blob(addr_b, digest)
+        await a.fetch_blob(addr_b, digest, len(data))
     with pytest.raises(BlobTransferError):  # refused, or a pooled connection found closed
-        await b.fetch_blob(addr_a, digest)
+        await b.fetch_blob(addr_a, digest, len(data))
 
 
 @pytest.mark.asyncio
@@ -141,8 +221,8 @@ async def test_a_rotated_key_keeps_blobs_flowing(
     data = os.urandom(MAX_INLINE_PAYLOAD + 1)
     digest = hashlib.sha256(data).digest()
     await a.push_blob(f"127.0.0.1:{b.port}", digest, data)
-    assert await b.fetch_blob(f"127.0.0.1:{a.port}", digest) is None
-    assert await a.fetch_blob(f"127.0.0.1:{b.port}", digest) == data
+    assert await b.fetch_blob(f"127.0.0.1:{a.port}", digest, len(data)) is None
+    assert await a.fetch_blob(f"127.0.0.1:{b.port}", digest, len(data)) == data
 
 
 # --- the executor's blob port --------------------------------------------------------------------

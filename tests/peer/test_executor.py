@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from peer.runtime.executor import Executor, Outcome, Work, builtin_roles
-from protocol.task_messages import MAX_INLINE_PAYLOAD
+from protocol.tasks.messages import MAX_INLINE_PAYLOAD
 
 pytestmark = pytest.mark.asyncio
 

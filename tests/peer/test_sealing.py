@@ -10,7 +10,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from peer.runtime.keyring import Keyring, key_id_of
-from peer.runtime.sealing import HEADER_BYTES, OVERHEAD, Opener, Sealer, SealError
+from peer.runtime.sealing import (
+    HEADER_BYTES,
+    OVERHEAD,
+    ROUTE_BLOB_GET,
+    ROUTE_BLOB_PUSH,
+    ROUTE_ENVELOPE,
+    STREAM_CHUNK,
+    STREAM_HEAD_BYTES,
+    TAG_BYTES,
+    Opener,
+    Sealer,
+    SealError,
+    stream_bytes,
+)
 
 NOW = 1_700_000_000.0
 KEY_A = bytes(range(32))
@@ -49,7 +62,7 @@ def test_empty_plaintext_round_trips() -> None:
 
 def test_frame_layout() -> None:
     frame = make_sealer(Keyring(KEY_A)).seal(b"x", NOW)
-    assert frame[:2] == b"GV" and frame[2] == 1
+    assert frame[:2] == b"GV" and frame[2] == 2
     assert frame[3:7] == key_id_of(KEY_A)
     assert frame[7:15] == BOOT
     assert int.from_bytes(frame[15:23], "big") == 1
@@ -90,7 +103,7 @@ def test_any_flipped_bit_past_the_key_id_is_rejected(index: int) -> None:
     [
         (lambda f: f[: OVERHEAD - 1], "too_short"),
         (lambda f: b"XX" + f[2:], "bad_magic"),
-        (lambda f: f[:2] + b"\x02" + f[3:], "bad_version"),
+        (lambda f: f[:2] + b"\x01" + f[3:], "bad_version"),
         (lambda f: f[:3] + b"\xff\xff\xff\xff" + f[7:], "unknown_key"),
         (lambda f: f + bytes(100), "too_large"),
     ],
@@ -268,7 +281,7 @@ def test_random_bytes_only_raise_seal_error(frame: bytes, now: float) -> None:
 @given(st.binary(min_size=OVERHEAD, max_size=200), st.integers(0, 2**64 - 1))
 def test_random_frames_with_valid_prefix_only_raise_seal_error(body: bytes, stamp: int) -> None:
     opener = Opener(Keyring(KEY_A))
-    frame = b"GV\x01" + key_id_of(KEY_A) + body[:16] + stamp.to_bytes(8, "big") + body[16:]
+    frame = b"GV\x02" + key_id_of(KEY_A) + body[:16] + stamp.to_bytes(8, "big") + body[16:]
     with pytest.raises(SealError) as info:
         opener.open(frame, NOW)
     assert info.value.reason == "decrypt_failed"
@@ -296,3 +309,90 @@ def test_replay_window_matches_a_model(seqs: list[int], window: int) -> None:
         assert accepted == fresh
         if accepted:
             seen.add(seq)
+
+
+# Routes and streams
+
+
+def test_a_frame_opens_only_on_the_route_it_was_sealed_for() -> None:
+    keyring = Keyring(KEY_A)
+    frame = make_sealer(keyring).seal(b"x" * 100, NOW, ROUTE_ENVELOPE)
+    opener = Opener(keyring)
+    assert reason_of_route(opener, frame, ROUTE_BLOB_PUSH) == "decrypt_failed"
+    assert opener.open(frame, NOW, ROUTE_ENVELOPE) == b"x" * 100  # the failure changed nothing
+
+
+def reason_of_route(opener: Opener, frame: bytes, route: bytes) -> str:
+    with pytest.raises(SealError) as info:
+        opener.open(frame, NOW, route)
+    return info.value.reason
+
+
+def test_check_prefix_refuses_strangers_from_seven_bytes() -> None:
+    opener = Opener(Keyring(KEY_A))
+    opener.check_prefix(b"GV\x02" + key_id_of(KEY_A))
+    for prefix, reason in [
+        (b"GV\x02" + key_id_of(KEY_B), "unknown_key"),
+        (b"XX\x02" + key_id_of(KEY_A), "bad_magic"),
+        (b"GV\x01" + key_id_of(KEY_A), "bad_version"),
+        (b"GV", "too_short"),
+    ]:
+        with pytest.raises(SealError, match=reason):
+            opener.check_prefix(prefix)
+    assert sum(opener.rejected.values()) == 4 and opener.accepted == 0
+
+
+def _open_whole(opener: Opener, stream: bytes, route: bytes, max_size: int) -> bytes:
+    opening = opener.open_stream(stream[:STREAM_HEAD_BYTES], NOW, route, max_size)
+    rest, plain = stream[STREAM_HEAD_BYTES:], b""
+    while size := opening.next_chunk_bytes:
+        plain += opening.open_chunk(rest[:size])
+        rest = rest[size:]
+    assert rest == b""
+    return plain
+
+
+@pytest.mark.parametrize("size", [0, 1, STREAM_CHUNK, STREAM_CHUNK + 1, 3 * STREAM_CHUNK - 5])
+def test_streams_round_trip_chunk_by_chunk(size: int) -> None:
+    keyring = Keyring(KEY_A)
+    data = bytes(i % 251 for i in range(size))
+    stream = make_sealer(keyring).seal_stream(data, NOW, ROUTE_BLOB_PUSH)
+    assert len(stream) == stream_bytes(size)
+    assert _open_whole(Opener(keyring), stream, ROUTE_BLOB_PUSH, size) == data
+
+
+def test_a_stream_is_refused_at_its_head_when_too_long_replayed_or_on_another_route() -> None:
+    keyring = Keyring(KEY_A)
+    stream = make_sealer(keyring).seal_stream(b"d" * 1000, NOW, ROUTE_BLOB_PUSH)
+    head = stream[:STREAM_HEAD_BYTES]
+    opener = Opener(keyring)
+    for route, max_size, reason in [
+        (ROUTE_BLOB_GET, 1000, "decrypt_failed"),
+        (ROUTE_BLOB_PUSH, 999, "too_large"),
+    ]:
+        with pytest.raises(SealError, match=reason):
+            opener.open_stream(head, NOW, route, max_size)
+    assert opener.senders == 0  # refused heads do not touch the replay windows
+    opener.open_stream(head, NOW, ROUTE_BLOB_PUSH, 1000)
+    with pytest.raises(SealError, match="replay"):
+        opener.open_stream(head, NOW, ROUTE_BLOB_PUSH, 1000)
+
+
+def test_stream_chunks_cannot_be_reordered_or_forged() -> None:
+    keyring = Keyring(KEY_A)
+    sealer = make_sealer(keyring)
+    data = bytes(range(256)) * (2 * STREAM_CHUNK // 256)
+    stream = sealer.seal_stream(data, NOW, ROUTE_BLOB_PUSH)
+    chunk = STREAM_CHUNK + TAG_BYTES
+    first = stream[STREAM_HEAD_BYTES : STREAM_HEAD_BYTES + chunk]
+    second = stream[STREAM_HEAD_BYTES + chunk :]
+    opener = Opener(keyring)
+    opening = opener.open_stream(stream[:STREAM_HEAD_BYTES], NOW, ROUTE_BLOB_PUSH, len(data))
+    with pytest.raises(SealError, match="decrypt_failed"):
+        opening.open_chunk(second)  # the second chunk in the first place
+    flipped = bytearray(first)
+    flipped[10] ^= 1
+    with pytest.raises(SealError, match="decrypt_failed"):
+        opening.open_chunk(bytes(flipped))
+    assert opening.open_chunk(first) == data[:STREAM_CHUNK]
+    assert opener.rejected == {"decrypt_failed": 2}

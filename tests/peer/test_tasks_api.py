@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from peer.http.app import PeerApi
 from peer.runtime.driver import Driver
+from peer.runtime.transport import Transport
 from tests.peer.inprocess import API_HEADERS, API_TOKEN, JSON_BODY, in_process_peer
 
 pytestmark = pytest.mark.asyncio
@@ -44,10 +45,17 @@ TASK_FIELDS = {
 
 
 class Env:
-    def __init__(self, client: TestClient[Any, Any], api: PeerApi, drivers: list[Driver]) -> None:
+    def __init__(
+        self,
+        client: TestClient[Any, Any],
+        api: PeerApi,
+        drivers: list[Driver],
+        transports: list[Transport],
+    ) -> None:
         self.client = client
         self.api = api
         self.drivers = drivers
+        self.transports = transports
 
     async def post(self, body: Any) -> Any:
         return await self.client.post("/v1/tasks", json=body)
@@ -90,7 +98,7 @@ async def env(tmp_path: Any) -> AsyncIterator[Env]:
         client: TestClient[Any, Any] = TestClient(TestServer(api.app), headers=API_HEADERS)
         await client.start_server()
         stack.push_async_callback(client.close)
-        yield Env(client, api, [a, b])
+        yield Env(client, api, [a, b], [first.transport, second.transport])
 
 
 async def _problem(response: Any, status: int, *words: str) -> dict[str, Any]:
@@ -268,3 +276,25 @@ async def test_unreplicated_submission_is_a_503_naming_the_task(env: Env) -> Non
     body = await _problem(await env.post({"role": "echo", "input": "x"}), 503, "durable")
     task_id = body["detail"].split()[1]
     assert (await env.task(task_id))["role"] == "echo"
+
+
+async def test_the_same_key_names_the_same_task_at_another_peer_and_another_spec_is_409(
+    env: Env, tmp_path: Any
+) -> None:
+    b = env.drivers[1]
+    api_b = PeerApi(b, env.transports[1], tmp_path, lambda: None, token=API_TOKEN)
+    client_b: TestClient[Any, Any] = TestClient(TestServer(api_b.app), headers=API_HEADERS)
+    await client_b.start_server()
+    try:
+        body = {"role": "echo", "input": "network-wide", "idempotency_key": "order-99"}
+        first = await env.submit(**body)
+        again = await client_b.post("/v1/tasks", json=body)
+        assert again.status in (200, 202), await again.text()
+        assert (await again.json())["id"] == first
+        other = await client_b.post("/v1/tasks", json={**body, "input": "something else"})
+        problem = await _problem(other, 409, first)
+        assert problem["task"] == first
+        task = await env.until_state(first, "done")
+        assert task["input"] == "network-wide" and task["duplicates"] == 0
+    finally:
+        await client_b.close()

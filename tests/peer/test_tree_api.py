@@ -22,8 +22,8 @@ from peer.http.app import PeerApi
 from peer.http.tree import MAX_TREE_DEPTH, tree_json
 from peer.runtime.driver import Driver
 from peer.runtime.executor import Outcome, Work, builtin_roles
-from protocol.task_messages import TaskRecord
-from protocol.tasks import TaskState
+from protocol.tasks.messages import TaskRecord
+from protocol.tasks.state import TaskState
 from tests.peer.inprocess import API_HEADERS, API_TOKEN, in_process_peer
 
 KEY = bytes(range(64, 96))

@@ -22,11 +22,11 @@ from protocol.codec import decode_message, encode_message
 from protocol.config import NodeConfig, lan
 from protocol.effects import Command, Effects, Note, Persist, Send
 from protocol.envelope import decode_envelope, encode_envelope
-from protocol.identity import DOMAIN_ALIVE, Signer, VerifiedCache
+from protocol.identity import DOMAIN_ALIVE, DOMAIN_PEER_STATE, Signer, VerifiedCache
 from protocol.membership import Membership
 from protocol.node import Node
 from protocol.timers import Timer
-from protocol.wire import Alive, Message, Ping, alive_payload
+from protocol.wire import Alive, Message, PeerState, Ping, alive_payload, peer_state_payload
 
 NETWORK = lan().network_id
 N = TypeVar("N")
@@ -58,6 +58,23 @@ def alive(
     return Alive(s.public_key, where, incarnation, sig, s.node_id)
 
 
+def peer_state(
+    i: int,
+    version: int,
+    roles: tuple[str, ...],
+    free_slots: int = 1,
+    queue_len: int = 0,
+    load: float = 0.0,
+    incarnation: int = 0,
+) -> PeerState:
+    """Peer `i`'s state, signed by `i`."""
+    payload = peer_state_payload(
+        node_id(i), incarnation, version, roles, free_slots, queue_len, load
+    )
+    sig = signer(i).sign(DOMAIN_PEER_STATE, payload)
+    return PeerState(node_id(i), version, roles, free_slots, queue_len, load, incarnation, sig)
+
+
 def envelope(i: int, *messages: Message | bytes) -> bytes:
     """An envelope from peer `i` carrying `messages` (encoded unless already bytes)."""
     raw = [m if isinstance(m, bytes) else encode_message(m) for m in messages]
@@ -83,6 +100,7 @@ class RecordingPort:
     notes: list[Note] = field(default_factory=list)
     timers: list[tuple[float, Timer]] = field(default_factory=list)
     persists: list[Persist] = field(default_factory=list)
+    confirmed_down: list[bytes] = field(default_factory=list)
 
     def send(self, addr: str, messages: list[bytes], piggyback: bool) -> None:
         self.sends.append((addr, [decode_message(m) for m in messages], piggyback))
@@ -99,6 +117,9 @@ class RecordingPort:
     def persist(self, kind: str, key: bytes, value: bytes) -> None:
         self.persists.append(Persist(kind, key, value))
 
+    def member_confirmed_down(self, node_id: bytes) -> None:
+        self.confirmed_down.append(node_id)
+
     def clear(self) -> None:
         """Forget what was recorded so far."""
         self.sends.clear()
@@ -106,6 +127,7 @@ class RecordingPort:
         self.notes.clear()
         self.timers.clear()
         self.persists.clear()
+        self.confirmed_down.clear()
 
 
 def membership(

@@ -15,8 +15,8 @@ from protocol.blobs import (
     make_ref,
     parse_blob_ref,
 )
-from protocol.task_messages import MAX_INLINE_PAYLOAD
-from protocol.task_state import hrw_score
+from protocol.tasks.messages import MAX_INLINE_PAYLOAD
+from protocol.tasks.state import hrw_score
 
 DATA = b"x" * (MAX_INLINE_PAYLOAD + 1)
 DIGEST = hashlib.sha256(DATA).digest()

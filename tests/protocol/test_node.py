@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from protocol.codec import encode_message
 from protocol.config import GossipConfig, NodeConfig, SwimConfig, lan, suspicion_min_timeout
+from protocol.dissemination import UNKNOWN_SENDER
 from protocol.effects import (
     Dropped,
     EventReceived,
@@ -34,7 +35,6 @@ from protocol.wire import (
     Dead,
     IndirectPing,
     Nack,
-    PeerState,
     Ping,
     PushPull,
     Status,
@@ -50,6 +50,7 @@ from tests.protocol.fakes import (
     node_id,
     of_type,
     opened,
+    peer_state,
     signer,
 )
 
@@ -350,6 +351,7 @@ def test_bad_input_is_dropped_with_no_state_change(data: bytes) -> None:
 
 def test_ping_for_another_node_is_dropped() -> None:
     node = lone()
+    node.handle(0.0, addr(1), envelope(1, alive(1)))
     fx = node.handle(0.0, addr(1), envelope(1, Ping(1, node_id(9))))
     assert fx.notes == [Dropped(addr(1), "ping addressed to another node id")]
     assert fx.sends == []
@@ -367,7 +369,8 @@ def test_forged_alive_in_an_envelope_is_dropped() -> None:
     node = lone()
     forged = Alive(alive(1).public_key, "evil:1", 0, alive(1).sig, node_id(1))
     fx = node.handle(0.0, addr(1), envelope(1, forged))
-    assert fx.notes == [Dropped(addr(1), "alive record with a bad signature")]
+    label = UNKNOWN_SENDER + addr(1)  # sender 1 is not known yet
+    assert fx.notes == [Dropped(label, "alive record with a bad signature")]
     assert node.member(node_id(1)) is None
 
 
@@ -483,19 +486,19 @@ def test_set_state_is_gossiped_and_stored_by_others() -> None:
 def test_peer_state_keeps_the_greatest_version() -> None:
     node = lone()
     node.handle(0.0, addr(1), envelope(1, alive(1)))
-    newer = PeerState(node_id(1), 7, ("a",), 1, 0, 0.0)
-    older = PeerState(node_id(1), 6, ("b",), 1, 0, 0.0)
+    newer = peer_state(1, 7, ("a",))
+    older = peer_state(1, 6, ("b",))
     node.handle(0.1, addr(1), envelope(1, newer))
     node.handle(0.2, addr(1), envelope(1, older))
     assert node.peer_states()[node_id(1)] == newer
-    newest = replace(newer, version=8, roles=("c",))
+    newest = peer_state(1, 8, ("c",))
     node.handle(0.3, addr(1), envelope(1, newest))
     assert node.peer_states()[node_id(1)] == newest
 
 
 def test_peer_state_of_unknown_member_waits_until_the_member_is_known() -> None:
     node = lone()
-    state = PeerState(node_id(1), 1, ("echo",), 2, 0, 0.0)
+    state = peer_state(1, 1, ("echo",), 2)
     node.handle(0.0, addr(1), envelope(1, state))
     assert node_id(1) not in node.peer_states()
     node.handle(0.1, addr(2), envelope(2, state))  # a repeat is skipped as already seen
@@ -505,7 +508,7 @@ def test_peer_state_of_unknown_member_waits_until_the_member_is_known() -> None:
 
 def test_our_old_state_seen_again_is_superseded() -> None:
     node = lone()
-    node.handle(0.0, addr(1), envelope(1, PeerState(node_id(0), 99, ("old",), 0, 0, 0.0)))
+    node.handle(0.0, addr(1), envelope(1, peer_state(0, 99, ("old",), 0)))
     assert node_id(0) not in node.peer_states()
     node.set_state(0.1, ("new",), 1, 0, 0.0)
     assert node.peer_states()[node_id(0)].version == 100
@@ -516,7 +519,7 @@ def test_state_versions_of_a_new_incarnation_beat_the_old_life() -> None:
     new = Node(lan(), signer(0), addr(0), random.Random(1), 0.0, incarnation=1)
     old.set_state(0.0, (), 0, 0, 0.0)
     new.set_state(0.0, (), 0, 0, 0.0)
-    assert new.peer_states()[node_id(0)].version > old.peer_states()[node_id(0)].version
+    assert new.peer_states()[node_id(0)].order > old.peer_states()[node_id(0)].order
 
 
 @pytest.mark.parametrize(

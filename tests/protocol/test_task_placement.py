@@ -15,9 +15,8 @@ import pytest
 
 from protocol.effects import TaskCancelled
 from protocol.errors import LocalProtocolError
-from protocol.placement import ReplicaSets, top_by_score
-from protocol.task_messages import Cancel, Claim, Result, TaskSync
-from protocol.tasks import DOMAIN_CANCEL
+from protocol.tasks.messages import DOMAIN_CANCEL, Cancel, Claim, Result, TaskSync
+from protocol.tasks.placement import ReplicaSets, top_by_score
 from tests.protocol.fakes import addr, node_id, opened, signer
 from tests.protocol.test_tasks import (
     ROLE,

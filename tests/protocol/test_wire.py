@@ -27,8 +27,8 @@ from protocol.envelope import (
     merge_envelopes,
 )
 from protocol.errors import RemoteProtocolError
-from protocol.identity import DOMAIN_ALIVE, Signer, node_id_of
-from protocol.task_messages import (
+from protocol.identity import DOMAIN_ALIVE, DOMAIN_PEER_STATE, Signer, node_id_of
+from protocol.tasks.messages import (
     Cancel,
     Claim,
     Execution,
@@ -65,6 +65,7 @@ from protocol.wire import (
     Suspect,
     UserEvent,
     alive_payload,
+    peer_state_payload,
 )
 
 NET = b"grapevine-test"
@@ -98,7 +99,9 @@ def task_record(i: int = 1) -> TaskRecord:
 
 
 def peer_state(i: int) -> PeerState:
-    return PeerState(nid(i), 7, ("writer", "planner"), 2, 3, 0.25)
+    roles = ("writer", "planner")
+    sig = signer(i).sign(DOMAIN_PEER_STATE, peer_state_payload(nid(i), 4, 7, roles, 2, 3, 0.25))
+    return PeerState(nid(i), 7, roles, 2, 3, 0.25, 4, sig)
 
 
 SAMPLES: dict[Kind, Message] = {
@@ -309,13 +312,16 @@ def test_rejects_wrong_arity(kind: Kind) -> None:
         [Kind.ALIVE, alive(1).public_key[:31], "h:1", 0, SIG],
         [Kind.ALIVE, alive(1).public_key, "h:1", 0, SIG[:63]],
         # peer state
-        [Kind.PEER_STATE, nid(1), 1, ["r"] * 65, 0, 0, 0.0],
-        [Kind.PEER_STATE, nid(1), 1, [""], 0, 0, 0.0],
-        [Kind.PEER_STATE, nid(1), 1, ["r"], 0, 0, 1],  # load must be a float
-        [Kind.PEER_STATE, nid(1), 1, ["r"], 0, 0, -0.5],
-        [Kind.PEER_STATE, nid(1), 1, ["r"], 0, 0, float("nan")],
-        [Kind.PEER_STATE, nid(1), 1, ["r"], 0, 0, float("inf")],
-        [Kind.PEER_STATE, nid(1), 1, "r", 0, 0, 0.0],
+        [Kind.PEER_STATE, nid(1), 1, ["r"] * 65, 0, 0, 0.0, 0, SIG],
+        [Kind.PEER_STATE, nid(1), 1, [""], 0, 0, 0.0, 0, SIG],
+        [Kind.PEER_STATE, nid(1), 1, ["r"], 0, 0, 1, 0, SIG],  # load must be a float
+        [Kind.PEER_STATE, nid(1), 1, ["r"], 0, 0, -0.5, 0, SIG],
+        [Kind.PEER_STATE, nid(1), 1, ["r"], 0, 0, float("nan"), 0, SIG],
+        [Kind.PEER_STATE, nid(1), 1, ["r"], 0, 0, float("inf"), 0, SIG],
+        [Kind.PEER_STATE, nid(1), 1, "r", 0, 0, 0.0, 0, SIG],
+        [Kind.PEER_STATE, nid(1), 1, ["r"], 0, 0, 0.0, -1, SIG],  # incarnation
+        [Kind.PEER_STATE, nid(1), 1, ["r"], 0, 0, 0.0, 0, SIG[:63]],  # signature
+        [Kind.PEER_STATE, nid(1), 1, ["r"], 0, 0, 0.0, 0, None],
         # execution phase
         [Kind.EXECUTION, nid(1), 1, alive(1).public_key, 2, "ok", SIG],
         # result usage

@@ -26,7 +26,7 @@ from peer.runtime.executor import Executor, Work
 from peer.runtime.transport import Transport
 from protocol.effects import EventReceived
 from protocol.identity import Signer
-from protocol.task_messages import Result
+from protocol.tasks.messages import Result
 from tests.peer.inprocess import in_process_peer
 
 pytestmark = pytest.mark.asyncio

@@ -1,8 +1,9 @@
 """What one peer holds about one task: the per-task CRDT, and the order of claims.
 
 Invariants:
-- Every field merges by set union or by max (the rules are applied in `protocol.tasks`); the
-  `digest` is equal on two peers exactly when they hold the same objects.
+- Every field merges by set union or by max (the rules are applied in
+  `protocol.tasks.merge`); the `digest` is equal on two peers exactly when they hold the same
+  objects.
 - Claims, and the results made under them, are ordered by (epoch, HRW score of the owner). The
   score depends only on the task id and the owner id, so every peer orders them the same way.
 """
@@ -13,7 +14,7 @@ import hashlib
 
 import msgpack
 
-from protocol.task_messages import Cancel, Claim, Execution, Result, TaskRecord
+from protocol.tasks.messages import Cancel, Claim, Execution, Result, TaskRecord
 from protocol.wire import Message
 
 START, END = 0, 1
@@ -46,6 +47,7 @@ class TaskState:
         "owner_down_at",
         "holders",
         "replicated",
+        "submitted",
         "grants",
         "sent_to",
         "_digest",
@@ -67,12 +69,15 @@ class TaskState:
         self.owner_down_at: float | None = None
         self.holders: set[bytes] = set()
         self.replicated = False
+        self.submitted = False
+        """Submitted here (a client waits here for the acknowledgement), even if the record
+        kept is another origin's (see `protocol.tasks.idempotency`)."""
         self.grants: dict[int, bytes] = {}
-        """Per epoch, the peer the task's primary let claim it (see `protocol.tasks`): granted
-        here if we are the primary, else learned from it. Not part of the CRDT."""
+        """Per epoch, the peer the task's primary let claim it (see `protocol.tasks.grants`):
+        granted here if we are the primary, else learned from it. Not part of the CRDT."""
         self.sent_to: set[bytes] = set()
         """Peers this peer sent the task's objects to as its author or arbiter (see
-        `protocol.placement.audience`): repair after a membership change sends to the rest."""
+        `protocol.tasks.placement.audience`): repair after a membership change sends to the rest."""
         self._digest: bytes | None = None
 
     def touch(self) -> None:
@@ -83,7 +88,7 @@ class TaskState:
         """A short summary equal on two peers exactly when they hold the same objects."""
         if self._digest is None:
             summary = [
-                self.record is not None,
+                self.record.sig if self.record is not None else b"",
                 sorted([e, o] for e, o in self.claims),
                 sorted([e, o] for e, o in self.results),
                 self.cancel is not None,

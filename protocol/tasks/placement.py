@@ -6,18 +6,20 @@ Invariants:
   the same view of who is alive compute the same set, and a member joining or leaving moves
   only the tasks it enters or leaves the top k of (about k/N of them).
 - The first member of the replica set is the task's arbiter: it repairs the task's audience
-  when membership changes (see `protocol.tasks`).
+  when membership changes (see `protocol.tasks.repair`).
 - A task's audience is who must receive its objects directly: the replica set, the peers first
   in line to run it, its origin (where the client waits, and for a child task the parent's
   owner that submitted it) and the owners of its claims. Task objects go to the audience and
   nowhere else, so a task costs the network O(k), not O(N).
+- The candidates to run a task are ranked by the same HRW score; `CandidateRankings` caches the
+  order per task and recomputes it only when the candidates change.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from protocol.task_state import TaskState, hrw_score
+from protocol.tasks.state import TaskState, hrw_score
 
 EXECUTOR_CANDIDATES = 2
 """Peers able to run a task, in HRW order, that receive it directly: its primary, and the
@@ -57,6 +59,38 @@ class ReplicaSets:
     def forget(self, task_id: bytes) -> None:
         """Drop the cached set of a task no longer held."""
         self._sets.pop(task_id, None)
+
+
+class CandidateRankings:
+    """The HRW order of each open task's candidates, cached.
+
+    An open task is looked at whenever a peer's roles or fullness change; hashing every
+    candidate each time cost a quarter of a peer's CPU with 100 peers and 1,000 open tasks.
+    Scores never change, and candidates only as members come and go.
+    """
+
+    __slots__ = ("_cache",)
+
+    def __init__(self) -> None:
+        self._cache: dict[bytes, tuple[list[bytes], list[bytes], dict[bytes, int]]] = {}
+        """Task id -> its candidates as last seen, their HRW order, and every score computed."""
+
+    def rank(self, task_id: bytes, candidates: list[bytes]) -> list[bytes]:
+        """`candidates` in HRW order for `task_id`, best first."""
+        cached = self._cache.get(task_id)
+        if cached is not None and cached[0] == candidates:
+            return cached[1]
+        scores = cached[2] if cached is not None else {}
+        for n in candidates:
+            if n not in scores:
+                scores[n] = hrw_score(task_id, n)
+        ranked = sorted(candidates, key=scores.__getitem__, reverse=True)
+        self._cache[task_id] = (candidates, ranked, scores)
+        return ranked
+
+    def forget(self, task_id: bytes) -> None:
+        """Drop the order of a task that is no longer open."""
+        self._cache.pop(task_id, None)
 
 
 def audience(

@@ -5,12 +5,15 @@ Invariants:
   exposes `signed_payload()`, the exact bytes its author's signature covers.
 - Derived fields (`task_id`, `origin`, `owner`, `by`) are computed on decode, never sent, so a
   sender cannot claim an id its content does not hash to.
+- Each signed kind has its own signature domain (`DOMAIN_*`), so a signature made for one kind
+  never verifies as another.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import msgpack
 
@@ -19,17 +22,26 @@ MAX_INLINE_PAYLOAD = 64 * 1024
 (content-addressed blobs fetched over HTTP are the planned remedy)."""
 MAX_NONCE = 16
 
+DOMAIN_TASK = b"grapevine/task/v1"
+DOMAIN_CLAIM = b"grapevine/claim/v1"
+DOMAIN_RESULT = b"grapevine/result/v1"
+DOMAIN_CANCEL = b"grapevine/cancel/v1"
+DOMAIN_EXECUTION = b"grapevine/execution/v1"
+
+OUTCOMES = ("ok", "failed", "timeout", "cancelled", "fenced")
+"""The outcomes a result may carry."""
+
 
 @dataclass(frozen=True, slots=True)
 class TaskRecord:
     """A unit of work, signed by the peer it was submitted at (its origin).
 
-    `task_id` hashes the origin, the idempotency key (or, without one, the nonce) and the spec,
-    so resubmitting with the same key at the same origin names the same task.
+    `task_id` hashes the idempotency key and its scope (the parent) when there is a key, so the
+    same key names the same task at any peer; without one, the origin, the nonce and the spec.
     """
 
     origin_key: bytes
-    created: float  # the origin's wall clock; informational only, never compared
+    created: float  # the origin's wall clock; compared only to order two records of one task
     role: str
     input: bytes
     priority: int
@@ -199,9 +211,17 @@ def task_id_of(
     parent: bytes,
     timeout: float,
 ) -> bytes:
-    """The id of a task: sha256 over origin, idempotency key (or nonce) and spec."""
-    key = b"k" + idempotency_key.encode() if idempotency_key else b"n" + nonce
-    spec = msgpack.packb([key, role, input_digest, priority, parent, float(timeout)])
+    """The id of a task.
+
+    With an idempotency key: sha256 over the key's scope (`parent`, empty for a top-level task)
+    and the key, nothing else, so the same key names the same task at every peer and a re-run
+    parent names the same children (`protocol.tasks.idempotency`). With only a nonce: sha256
+    over origin, nonce and spec, unique per submission.
+    """
+    if idempotency_key:
+        scoped = msgpack.packb([parent, idempotency_key])
+        return hashlib.sha256(b"grapevine/task-id/v2/key" + scoped).digest()
+    spec = msgpack.packb([b"n" + nonce, role, input_digest, priority, parent, float(timeout)])
     return hashlib.sha256(b"grapevine/task-id/v1" + origin + spec).digest()
 
 
@@ -219,4 +239,11 @@ TaskMessage = (
     | TaskAsk
     | TaskGrant
 )
-"""Every message of the task plane (`protocol.tasks.Tasks.dispatch` takes each one)."""
+"""Every message of the task plane (`protocol.tasks.plane.Tasks.dispatch` takes each one)."""
+
+Signed = TypeVar("Signed", TaskRecord, Claim, Result, Cancel, Execution)
+
+
+def with_signature(obj: Signed, sig: bytes) -> Signed:
+    """`obj` carrying `sig`, the signature of its `signed_payload()`."""
+    return replace(obj, sig=sig)

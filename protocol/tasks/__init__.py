@@ -1,0 +1,40 @@
+"""The task plane: task records, claim tokens and results, and the rules that make work run once.
+
+Theory of operation (docs/design.md section 5 is the specification)
+- Per task each peer keeps a state-based CRDT: the signed task record, the greatest claim seen,
+  every signed result, a cancel flag and the execution log. Every part merges by set union or
+  by max, so the order, loss and duplication of messages do not matter (`state`, `merge`).
+- A task lives on its replica set, the top k live members by rendezvous hash of its id; its
+  objects go directly to its audience (replicas, first candidates, origin, claim owners) and
+  nowhere else, so a task costs O(k), not O(N) (`placement`).
+- Claims are ordered by (epoch, HRW score of the owner for this task). The HRW score depends
+  only on the task id and the owner id, not on anyone's view, so two claims always compare the
+  same way everywhere.
+- The task's primary for an epoch is the live member able to run it (its gossiped roles) with
+  the highest HRW score. With a free slot it claims at once; a full primary passes and claims
+  when a slot frees. Nobody else claims without the primary's grant: a standby whose turn came
+  with no claim in view asks the primary, which grants each epoch to one peer, durably
+  (`claim_rule`, `grants`). So a live primary and two standbys never both run the task; only a
+  primary declared dead (or a grantee declared dead before claiming) lets a second grant be
+  made.
+- Takeover: only when the claim's owner is declared dead (or left) does the next-ranked live
+  peer claim with epoch + 1. The epoch is the fencing token.
+- Suspension and self-fencing (`execution`): a suspended execution holds no slot but stays
+  running for every other rule; an executing owner that sees a greater claim, an accepted
+  result other than its own, a cancel, or its own isolation from every peer, cancels its
+  execution.
+- The accepted result is the completed result whose claim ranks highest; a change of it is a
+  "flip" and is counted. Objects that skip an epoch, or whose signature fails, are dropped and
+  counted; early ones are kept aside until what they build on arrives (`merge`).
+- Anti-entropy, replica sync, audience repair and relay bring lost objects back (`repair`).
+- Retention: a final task tree is compacted to tombstones `retention` after its last task
+  became final; a tombstone dominates every merge (late objects are dropped and counted) and is
+  forgotten after a grace period (`retention`, `tombstone`).
+
+Modules: `messages` (wire messages, signature domains), `state` (the per-task CRDT, the order of
+claims), `placement` (replica sets, audiences, candidate order), `claim_rule` (the pure claim
+rule), `core` (shared state and helpers), `repair`, `retention` and `tombstone`, `merge`,
+`grants`, `execution`, and `plane`
+(`Tasks`, assembled from them). This package's face imports nothing, so that `protocol.codec`
+and `protocol.wire` can import `messages` without loading the rules (which use the codec).
+"""

@@ -1,0 +1,155 @@
+"""The claim rule: what this peer does next about one task. One pure function, `decide`.
+
+Invariants:
+- Nothing is decided about a task without its record, or one with an accepted result or a
+  cancel, or one running here, or one of a role this peer does not serve.
+- Before `quiet_until` (after a stall, or restored and not yet joined) nothing is claimed: what
+  was missed must arrive first. Restored and not joined (`quiet_until` infinite) means no
+  wake-up either; joining decides again.
+- Our own claim without our result is resumed (a restart), never claimed again.
+- Epoch 1 when no claim is held; epoch + 1 only when the claim's owner is declared dead (the
+  epoch is the fencing token). Otherwise nothing.
+- Among the live peers able to run that epoch, in HRW order (for a takeover, without the owner
+  taken over from), the first is the primary: it claims with a free slot and passes without.
+  Anyone else claims only with the primary's grant: its turn comes at once when every peer
+  ranked before it is full, else `standby_delay * rank` after the task (or the last member
+  down, or the owner's death) was seen; then it asks the primary, with a free slot, and asks
+  again after `ASK_RETRY` standby delays.
+- A grant of the epoch to another live peer means nothing for us.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+from protocol.tasks.state import TaskState
+
+ASK_RETRY = 0.25
+"""A standby that asked the primary for a grant asks again after this many standby delays."""
+
+
+class ClaimView(Protocol):
+    """What the claim rule needs to know about membership."""
+
+    def is_down(self, node_id: bytes) -> bool: ...
+    def confirmed_down(self, node_id: bytes) -> bool: ...
+    def full_since(self, node_id: bytes) -> float | None: ...
+
+
+class ClaimStanding(Protocol):
+    """What the claim rule needs to know about this peer."""
+
+    node_id: bytes
+    roles: frozenset[str]
+    quiet_until: float
+    last_down: float
+    standby_delay: float
+
+    def is_running(self, task_id: bytes) -> bool: ...
+    def has_room(self) -> bool: ...
+    def candidates(self, st: TaskState, epoch: int) -> list[bytes]:
+        """Live peers able to run `epoch` of the task in HRW order, its primary first."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Nothing:
+    """Nothing to do until something changes."""
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Look again at `until`."""
+
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Run our own claim of `epoch` again (it was made before a restart)."""
+
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class MakeClaim:
+    """Claim `epoch` and start running the task."""
+
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pass:
+    """Our turn, but no free slot: look again when one frees (or a standby asks)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AskGrant:
+    """Ask `primary` for a grant of `epoch`, and look again at `retry_at`."""
+
+    primary: bytes
+    epoch: int
+    retry_at: float
+
+
+Decision = Nothing | Wait | Resume | MakeClaim | Pass | AskGrant
+
+
+def decide(view: ClaimView, st: TaskState, now: float, me: ClaimStanding) -> Decision:
+    """What `me` does next about the task `st` at `now` (see the module's invariants)."""
+    rec = st.record
+    if rec is None or st.accepted is not None or st.cancel is not None:
+        return Nothing()
+    if me.is_running(st.task_id) or rec.role not in me.roles:
+        return Nothing()
+    if now < me.quiet_until:
+        return Wait(me.quiet_until) if me.quiet_until != math.inf else Nothing()
+    claim = st.claim
+    if claim is not None and claim.owner == me.node_id:
+        if (claim.epoch, me.node_id) not in st.results:
+            return Resume(claim.epoch)
+        return Nothing()
+    if claim is None:
+        epoch, since = 1, max(st.first_seen, me.last_down)
+    elif view.confirmed_down(claim.owner):
+        # A takeover needs this peer's own failure detector to agree: a death declaration
+        # alone (one forged DEAD message) costs the owner at most a refutation.
+        epoch, since = claim.epoch + 1, st.owner_down_at or now
+    else:
+        return Nothing()
+    ranked = me.candidates(st, epoch)
+    if me.node_id not in ranked:
+        return Nothing()
+    rank = ranked.index(me.node_id)
+    granted = st.grants.get(epoch)
+    if granted is not None and granted != me.node_id and not view.confirmed_down(granted):
+        return Nothing()  # the primary let another peer claim this epoch
+    if rank > 0 and granted != me.node_id:
+        return _stand_by(view, now, me, epoch, since, ranked, rank)
+    if not me.has_room():
+        return Pass()  # a slot freeing here, or a standby's ask, moves it on
+    return MakeClaim(epoch)
+
+
+def _stand_by(
+    view: ClaimView,
+    now: float,
+    me: ClaimStanding,
+    epoch: int,
+    since: float,
+    ranked: list[bytes],
+    rank: int,
+) -> Decision:
+    # A standby steps in only with the primary's grant. Its turn comes at once when every
+    # peer ranked before it looks full (the usual case under load), else after a standby
+    # delay per rank: by then the claim of a peer before it has normally arrived, and asking
+    # heals one that was lost. With no free slot it passes and asks when one frees.
+    if any(view.full_since(n) is None for n in ranked[:rank]):
+        due = since + rank * me.standby_delay
+        if now < due:
+            return Wait(due)
+    if not me.has_room():
+        return Pass()
+    return AskGrant(ranked[0], epoch, now + me.standby_delay * ASK_RETRY)

@@ -1,0 +1,247 @@
+"""The state the task rules share, and the small helpers every part of them uses.
+
+`Tasks` (in `protocol.tasks.plane`) is assembled from one mixin per concept (repair, merge,
+grants, execution), each a subclass of `TaskCore`, so they share one peer's task state and
+one port without passing it around.
+
+Invariants:
+- Input from peers comes with the address it came from; `LOCAL` marks objects made here (no
+  address is empty, so no peer can pose as it) and `STORE` objects re-applied from the store
+  on restart (verified like any peer's).
+- Objects made here go to the task's audience (`protocol.tasks.placement.audience`) directly
+  and nowhere else; `TaskState.sent_to` remembers who got them.
+- Each task has at most one pending wake-up (`TaskStandby`), the earliest asked for.
+- Decisions wait for `settle`: tasks touched by an input are listed in `unsettled` and looked
+  at once the whole input is applied.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from protocol.codec import encode_message
+from protocol.effects import Command, Dropped
+from protocol.identity import Signer, VerifiedCache
+from protocol.membership import Port as MembershipPort
+from protocol.slots import SlotLedger
+from protocol.tasks.messages import Claim, Result, TaskWant
+from protocol.tasks.placement import CandidateRankings, ReplicaSets, audience
+from protocol.tasks.state import TaskState
+from protocol.tasks.tombstone import Tombstone
+from protocol.timers import TaskStandby
+
+LOCAL, STORE = "", "store"
+"""The `src` of objects made here (no address is empty, so no peer can pose as it), and of
+objects re-applied from the store on restart (verified like any peer's)."""
+
+MAX_WANT = 10_000
+"""Task ids asked for, or compared, in one message."""
+SYNC_BATCH_BYTES = 512 * 1024
+"""Task objects sent to one peer are split into batches of about this many bytes."""
+
+ParkedKey = tuple[str, bytes, int, bytes]
+"""("claim" or "result", task id, epoch, owner) of an object kept aside (see `merge`)."""
+
+
+class View(Protocol):
+    """What the task rules need to know about membership."""
+
+    def is_down(self, node_id: bytes) -> bool: ...
+    def confirmed_down(self, node_id: bytes) -> bool: ...
+    def capable(self, role: str) -> list[bytes]: ...
+    def addr_of(self, node_id: bytes) -> str | None: ...
+    def full_since(self, node_id: bytes) -> float | None: ...
+    def live_members(self) -> tuple[bytes, ...]: ...
+    def advertises(self, node_id: bytes, role: str) -> bool | None: ...
+
+
+class Port(MembershipPort, Protocol):
+    """What the task rules need from the node: membership's port, and three more."""
+
+    def send_to_random(
+        self, k: int, messages: list[bytes], exclude: frozenset[bytes] = frozenset()
+    ) -> None: ...
+    def slots_changed(self) -> None: ...
+    def command(self, command: Command) -> None: ...
+
+
+class TaskCore(ABC):
+    """One peer's task state and the helpers its rules share."""
+
+    def __init__(
+        self,
+        signer: Signer,
+        network_id: bytes,
+        incarnation: Callable[[], int],
+        standby_delay: float,
+        replication: int,
+        cache: VerifiedCache,
+        port: Port,
+        view: View,
+        *,
+        retention: float,
+        tombstone_grace: float,
+    ) -> None:
+        self.signer = signer
+        self.node_id = signer.node_id
+        self.network_id = network_id
+        self.incarnation = incarnation
+        self.standby_delay = standby_delay
+        self.replication = replication
+        self.cache = cache
+        self.port = port
+        self.view = view
+        self.replicas = ReplicaSets(replication + 1)
+        self.repaired_for: tuple[bytes, ...] = ()
+        """The live membership the audiences of open tasks were last repaired for."""
+        self.sync_due: dict[bytes, tuple[float, float]] = {}
+        """Tasks that changed lately -> (next replica sync, its interval); see `repair`."""
+        self.next_sync = 0.0
+        """When due replica syncs are next sent."""
+        self.tasks: dict[bytes, TaskState] = {}
+        self.slots: SlotLedger[bytes, int] = SlotLedger()
+        """Tasks executing here, by id, with the epoch they run under; suspended ones (waiting
+        on their children) hold no slot."""
+        self.open: set[bytes] = set()
+        """Tasks with a record and neither an accepted result nor a cancel."""
+        self.children: dict[bytes, set[bytes]] = {}
+        """Parent task id -> ids of the held tasks whose record names it."""
+        self.roles: frozenset[str] = frozenset()
+        self.passed: set[bytes] = set()
+        """Tasks we were first in line for but passed for lack of a free slot."""
+        self.max_running = 0
+        """Executions this peer runs at once before it passes its turn to standbys."""
+        self.quiet_until = 0.0
+        """After a stall no claim is made before this time: what we missed arrives first."""
+        self.counters: Counter[str] = Counter()
+        self.last_down = 0.0
+        """When a member last went down: the standby order of unclaimed tasks changed then."""
+        self.parked: dict[ParkedKey, tuple[Claim | Result, bytes, str]] = {}
+        """Claims and results that arrived before the claim they build on, oldest first."""
+        self.parked_by_task: dict[bytes, list[ParkedKey]] = {}
+        self.rankings = CandidateRankings()
+        """Open tasks' candidates in HRW order (see `candidates`)."""
+        self.armed: dict[bytes, float] = {}
+        """The pending wake-up (`TaskStandby`) of each task, by the time it is armed for."""
+        self.unsettled: dict[bytes, None] = {}
+        """Tasks to decide on once the current input is fully applied (see `settle`)."""
+        # Retention (see `protocol.tasks.retention`).
+        self.retention = retention
+        self.tombstone_grace = tombstone_grace
+        self.final_at: dict[bytes, float] = {}
+        """Held tasks with an accepted result or a cancel, by when they got it here."""
+        self.compaction_due: list[tuple[float, bytes]] = []
+        """Heap of (when its tree may be due for compaction, task id)."""
+        self.tombstones: dict[bytes, Tombstone] = {}
+        """What is left of the tasks compacted here, by id."""
+        self.expiry_due: list[tuple[float, bytes]] = []
+        """Heap of (when the tombstone expires, task id)."""
+        self.retention_armed: float | None = None
+        """When the pending `RetentionDue` fires (None: none pending)."""
+
+    @abstractmethod
+    def fence(self, now: float, task_id: bytes, epoch: int, reason: str) -> None:
+        """Stop our execution of `epoch` of the task, if it still runs (see `execution`)."""
+
+    def state_of(self, task_id: bytes, now: float) -> TaskState:
+        """The task's state, created empty if not held yet."""
+        st = self.tasks.get(task_id)
+        if st is None:
+            st = self.tasks[task_id] = TaskState(task_id, now)
+        return st
+
+    def verified(
+        self, domain: bytes, key: bytes, payload: bytes, sig: bytes, src: str, what: str
+    ) -> bool:
+        """Whether the signature checks out; a bad one is counted and noted as dropped."""
+        if self.cache.verify(domain, self.network_id, key, payload, sig):
+            return True
+        self.counters[f"bad signature: {what}"] += 1
+        self.port.note(Dropped(src, f"{what} with a bad signature"))
+        return False
+
+    def ask_for(self, src: str, task_id: bytes) -> None:
+        """Ask the peer at `src` for every object of the task (not ourselves or the store)."""
+        if src not in (LOCAL, STORE):
+            self.port.send(src, [encode_message(TaskWant((task_id,)))], piggyback=False)
+
+    def send_objects(self, addr: str, task_ids: Iterable[bytes]) -> None:
+        """Send every object held of these tasks to `addr`, in batches."""
+        batch: list[bytes] = []
+        size = 0
+        for tid in task_ids:
+            st = self.tasks.get(tid)
+            if st is None:
+                continue
+            for obj in st.objects():
+                raw = encode_message(obj)
+                batch.append(raw)
+                size += len(raw)
+                if size > SYNC_BATCH_BYTES:
+                    self.port.send(addr, batch, piggyback=False)
+                    batch, size = [], 0
+        if batch:
+            self.port.send(addr, batch, piggyback=False)
+
+    def candidates(self, st: TaskState, epoch: int) -> list[bytes]:
+        """Live peers able to run `epoch` of the task in HRW order, its primary first (for a
+        takeover, without the owner it takes over from)."""
+        assert st.record is not None
+        claim = st.claim
+        exclude = claim.owner if epoch > 1 and claim is not None else b""
+        capable = self.view.capable(st.record.role)
+        return self.rankings.rank(st.task_id, [n for n in capable if n != exclude])
+
+    # Placement: who receives a task's objects.
+
+    def audience(self, st: TaskState) -> set[bytes]:
+        """The peers that must receive the objects of `st` directly (see `placement`)."""
+        return self.audience_with_self(st) - {self.node_id}
+
+    def audience_with_self(self, st: TaskState) -> set[bytes]:
+        """The task's audience, this peer included if it belongs to it."""
+        replicas = self.replicas.of(st.task_id, self.view.live_members())
+        candidates: list[bytes] = []
+        if st.record is not None:
+            candidates = self.candidates(st, 1 if st.claim is None else st.claim.epoch + 1)
+        return audience(st, replicas, candidates, b"")
+
+    def replica_set(self, task_id: bytes) -> list[bytes]:
+        """The task's replica set in our view, its arbiter first."""
+        return self.replicas.of(task_id, self.view.live_members())
+
+    def spread(self, st: TaskState, raws: list[bytes]) -> None:
+        """Send objects made here to the task's audience."""
+        # Directly, and nowhere else: gossiping them to every peer made a task cost O(N)
+        # (decision 18).
+        targets = self.audience(st)
+        for node_id in sorted(targets - {self.node_id}):
+            addr = self.view.addr_of(node_id)
+            if addr is not None:
+                self.port.send(addr, raws, piggyback=False)
+        st.sent_to |= targets
+
+    # Timing.
+
+    def wake(self, task_id: bytes, at: float) -> None:
+        """Look at the task again at `at` (or earlier, if a wake-up is already armed)."""
+        # Every look at an open task may ask to look again later, and a busy network changes
+        # the view (and so causes looks) many times a second: keep one wake-up per task, the
+        # earliest, or timers pile up by the thousand (seen with 100 peers and 1,000 tasks).
+        armed = self.armed.get(task_id)
+        if armed is not None and armed <= at:
+            return
+        self.armed[task_id] = at
+        self.port.schedule(at, TaskStandby(task_id, at))
+
+    def urgency(self, task_id: bytes) -> tuple[int, float, bytes]:
+        """The order tasks are decided in: highest priority first, then first come."""
+        # First come, first served: by id alone, a task whose id sorts last waited for as long
+        # as others kept arriving (seconds under steady load). The id breaks ties, so the order
+        # never depends on set iteration (hash randomisation would make simulated runs differ
+        # between processes).
+        st = self.tasks[task_id]
+        return (-st.record.priority if st.record is not None else 0, st.first_seen, task_id)

@@ -1,0 +1,218 @@
+"""Execution: applying the claim rule's decisions, and the life of an execution here.
+
+Invariants:
+- Every decision about a task comes from `protocol.tasks.claim_rule.decide`; this module only
+  applies it (claim, resume, pass, ask the primary, wake up later).
+- A claim made here is applied and its execution started at once, so the slot is taken before
+  the next decision. Each start and end of an execution is a signed execution-log entry.
+- An execution ends exactly once: completed (a result), or fenced (a greater claim, an
+  accepted result, a cancel, isolation); a fenced or stale completion changes nothing.
+- Suspension: an execution waiting on its child tasks may be suspended. It stays owned and
+  running for every other rule (fencing, takeover, cancel, complete) but holds no slot, so the
+  free slot is advertised and passed tasks are looked at again; resuming takes the slot back at
+  once, even beyond `max_running` (a parent never waits for a slot, so a tree cannot deadlock).
+- A slot freeing here looks again at the tasks passed for lack of one, most urgent first.
+"""
+
+from __future__ import annotations
+
+from typing import assert_never
+
+from protocol.codec import encode_message
+from protocol.effects import CancelExecution, StartExecution
+from protocol.errors import LocalProtocolError
+from protocol.tasks.claim_rule import (
+    AskGrant,
+    MakeClaim,
+    Nothing,
+    Pass,
+    Resume,
+    Wait,
+    decide,
+)
+from protocol.tasks.core import LOCAL
+from protocol.tasks.merge import Merge
+from protocol.tasks.messages import (
+    DOMAIN_CLAIM,
+    DOMAIN_EXECUTION,
+    DOMAIN_RESULT,
+    MAX_INLINE_PAYLOAD,
+    OUTCOMES,
+    Claim,
+    Execution,
+    Result,
+    TaskAsk,
+    with_signature,
+)
+from protocol.tasks.state import END, START, TaskState
+
+
+class Executions(Merge):
+    """Decisions applied, and executions started, completed, fenced, suspended and resumed."""
+
+    @property
+    def running(self) -> dict[bytes, int]:
+        """Tasks executing here, by id, with the epoch they run under (suspended included)."""
+        return self.slots.running
+
+    @property
+    def suspended(self) -> set[bytes]:
+        """Running tasks that wait on their children and hold no slot."""
+        return self.slots.suspended
+
+    def is_running(self, task_id: bytes) -> bool:
+        """Whether the task executes here (suspended or not)."""
+        return task_id in self.slots.running
+
+    def has_room(self) -> bool:
+        """Whether a slot is free here under `max_running`."""
+        return self.slots.has_room(self.max_running)
+
+    def evaluate(self, now: float, st: TaskState) -> None:
+        """Decide what to do about the task (see `claim_rule`) and do it."""
+        match decide(self.view, st, now, self):
+            case Nothing():
+                pass
+            case Wait(until):
+                self.wake(st.task_id, until)
+            case Resume(epoch):
+                self._start(now, st, epoch)  # resume our own claim after a restart
+            case Pass():
+                self.passed.add(st.task_id)
+            case MakeClaim(epoch):
+                self._claim(now, st, epoch)  # the claim goes to the task's audience
+            case AskGrant(primary, epoch, retry_at):
+                addr = self.view.addr_of(primary)
+                if addr is not None:
+                    self.counters["grants asked"] += 1
+                    msg = encode_message(TaskAsk(st.task_id, epoch))
+                    self.port.send(addr, [msg], piggyback=False)
+                self.wake(st.task_id, retry_at)
+            case _ as unreachable:
+                assert_never(unreachable)
+
+    def complete(
+        self,
+        now: float,
+        task_id: bytes,
+        epoch: int,
+        outcome: str,
+        output: bytes,
+        usage: tuple[int, int, int] = (0, 0, 0),
+    ) -> Result | None:
+        """Record the end of a local execution; None if it had been fenced meanwhile.
+
+        Raises:
+            LocalProtocolError: unknown outcome or oversize output.
+        """
+        if outcome not in OUTCOMES:
+            raise LocalProtocolError(f"outcome must be one of {OUTCOMES}")
+        if len(output) > MAX_INLINE_PAYLOAD:
+            raise LocalProtocolError(f"output must be at most {MAX_INLINE_PAYLOAD} bytes")
+        if self.slots.running.get(task_id) != epoch:
+            return None
+        self.slots.finish(task_id)
+        self.port.slots_changed()
+        self._log(now, task_id, epoch, END, outcome)
+        payload = Result(
+            task_id, epoch, self.signer.public_key, outcome, output, usage, b"", self.node_id
+        )
+        result = with_signature(payload, self.signer.sign(DOMAIN_RESULT, payload.signed_payload()))
+        raw = encode_message(result)
+        self.apply_result(now, result, raw, src=LOCAL)
+        self._deliver_to_waiters(task_id, epoch, raw)
+        self._slot_freed(now)
+        return result
+
+    def _deliver_to_waiters(self, task_id: bytes, epoch: int, raw: bytes) -> None:
+        # The task's origin (where its client waits) and the owner of its parent task (waiting
+        # on this child) need the result first. Gossip gets it there too, but each broadcast is
+        # sent only a few times: under load its queue holds it back for seconds, and after a
+        # crash some copies go to the dead peer, so a waiter could wait for anti-entropy. Send
+        # it (with its claim) directly.
+        st = self.tasks[task_id]
+        mine = st.claims.get((epoch, self.node_id))
+        if st.record is None or mine is None:
+            return
+        waiters = {st.record.origin}
+        parent = self.tasks.get(st.record.parent)
+        parent_claim = parent.claim if parent is not None else None
+        if parent_claim is not None:
+            waiters.add(parent_claim.owner)
+        # The execution-log entries too, so a waiter sees start and end before the result.
+        log = [st.executions.get((epoch, self.node_id, phase)) for phase in (START, END)]
+        batch = [encode_message(mine)] + [encode_message(e) for e in log if e is not None]
+        for node_id in sorted(waiters - st.sent_to - {self.node_id}):
+            addr = self.view.addr_of(node_id)
+            if addr is not None:
+                self.port.send(addr, [*batch, raw], piggyback=False)
+
+    def suspend(self, now: float, task_id: bytes) -> bool:
+        """Release the slot of a running execution that waits (on its child tasks): the free
+        slot is advertised and tasks passed for lack of one are looked at again. It stays
+        running for every other rule. False if it is not running here or already suspended."""
+        if not self.slots.suspend(task_id):
+            return False
+        self.port.slots_changed()
+        self._slot_freed(now)
+        return True
+
+    def resume(self, now: float, task_id: bytes) -> bool:
+        """Take the slot of a suspended execution back at once, even beyond `max_running`:
+        waiting for a slot here could deadlock a tree of tasks. False if it is not suspended."""
+        if not self.slots.resume(task_id):
+            return False
+        self.port.slots_changed()
+        return True
+
+    def free_slots(self) -> int:
+        """Execution slots free here under `max_running`."""
+        return self.slots.free(self.max_running)
+
+    def _slot_freed(self, now: float) -> None:
+        waiting = sorted(self.passed & self.open, key=self.urgency)
+        self.passed.clear()
+        for tid in waiting:
+            self.evaluate(now, self.tasks[tid])
+
+    def _claim(self, now: float, st: TaskState, epoch: int) -> None:
+        payload = Claim(
+            st.task_id, self.signer.public_key, self.incarnation(), epoch, b"", self.node_id
+        )
+        claim = with_signature(payload, self.signer.sign(DOMAIN_CLAIM, payload.signed_payload()))
+        if st.claim is not None:
+            self.counters["takeovers"] += 1
+        self.apply_claim(now, claim, encode_message(claim), src=LOCAL)
+        self._start(now, st, epoch)  # at once: the slot is taken before the next decision
+
+    def _start(self, now: float, st: TaskState, epoch: int) -> None:
+        rec = st.record
+        assert rec is not None
+        self.slots.start(st.task_id, epoch)
+        self.port.slots_changed()
+        self._log(now, st.task_id, epoch, START, "")
+        self.port.command(
+            StartExecution(
+                st.task_id, epoch, rec.role, rec.input, rec.priority, rec.timeout, rec.parent
+            )
+        )
+
+    def fence(self, now: float, task_id: bytes, epoch: int, reason: str) -> None:
+        """Stop our execution of `epoch` of the task, if it still runs: its slot frees, the
+        execution log records the end as "fenced", and the host is told to cancel it."""
+        if self.slots.running.get(task_id) != epoch:
+            return
+        self.slots.finish(task_id)
+        self.port.slots_changed()
+        self.counters["fenced"] += 1
+        self._log(now, task_id, epoch, END, "fenced")
+        self.port.command(CancelExecution(task_id, epoch, reason))
+        self._slot_freed(now)
+
+    def _log(self, now: float, task_id: bytes, epoch: int, phase: int, outcome: str) -> None:
+        payload = Execution(
+            task_id, epoch, self.signer.public_key, phase, outcome or "start", b"", self.node_id
+        )
+        sig = self.signer.sign(DOMAIN_EXECUTION, payload.signed_payload())
+        entry = with_signature(payload, sig)
+        self.apply_execution(now, entry, encode_message(entry), LOCAL)

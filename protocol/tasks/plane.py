@@ -1,0 +1,263 @@
+"""The task plane of one peer: `Tasks`, its commands from the host and its input dispatch.
+
+`Tasks` is driven by `protocol.node.Node`. It is assembled from one mixin per concept:
+`protocol.tasks.repair` (anti-entropy, replica sync, audience repair, relay),
+`protocol.tasks.merge` (the per-task CRDT and the receiver's checks), `protocol.tasks.grants`
+(the primary's grants) and `protocol.tasks.execution` (the claim rule's decisions applied, and
+executions), over the shared state of `protocol.tasks.core`.
+
+Invariants:
+- Decisions are taken only in `settle` (once a whole input is applied: an anti-entropy batch
+  carries a task record before its claims, and the record alone would look unclaimed), on a
+  wake-up, or when a slot frees or the view changes; always most urgent task first.
+- Restored from the store, a peer decides nothing until it joined (`hold` / `release`); after a
+  stall, or cut off from every peer, it claims nothing for a while and stops its executions
+  when isolated (others will take them over).
+- Takeover: when a member is declared dead or leaves, its claims' tasks are looked at again;
+  the claim rule gives them to the next-ranked live peer with epoch + 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import assert_never
+
+from protocol.codec import encode_message
+from protocol.errors import LocalProtocolError
+from protocol.tasks.core import LOCAL
+from protocol.tasks.execution import Executions
+from protocol.tasks.grants import Grants
+from protocol.tasks.idempotency import IdempotencyConflict, spec_for, spec_of
+from protocol.tasks.messages import (
+    DOMAIN_CANCEL,
+    DOMAIN_TASK,
+    MAX_INLINE_PAYLOAD,
+    MAX_NONCE,
+    Cancel,
+    Claim,
+    Execution,
+    Result,
+    TaskAsk,
+    TaskDigests,
+    TaskGrant,
+    TaskHeld,
+    TaskMessage,
+    TaskRead,
+    TaskRecord,
+    TaskSync,
+    TaskWant,
+    task_id_of,
+    with_signature,
+)
+from protocol.tasks.repair import SYNC_TICK
+from protocol.wire import MAX_NAME_CHARS
+
+
+class Tasks(Executions, Grants):
+    """The task rules of one peer. Driven by `protocol.node.Node`."""
+
+    # Commands from the host.
+
+    def submit(
+        self,
+        now: float,
+        role: str,
+        data: bytes,
+        *,
+        priority: int = 0,
+        parent: bytes = b"",
+        idempotency_key: str = "",
+        nonce: bytes = b"",
+        timeout: float = 0.0,
+        created: float = 0.0,
+    ) -> TaskRecord:
+        """Create, sign and disseminate a task; an existing task with the same id is returned.
+
+        With an idempotency key the id names the key in its scope (the parent), whatever the
+        peer: a task held here under that key with another spec is refused at once, and one
+        held elsewhere is learned from its replicas (`SubmissionConflicted`; see
+        `protocol.tasks.idempotency`).
+
+        Raises:
+            IdempotencyConflict: the key names a task held here with another spec.
+            LocalProtocolError: a field is out of bounds.
+        """
+        if not 0 < len(role) <= MAX_NAME_CHARS or len(idempotency_key) > MAX_NAME_CHARS:
+            raise LocalProtocolError(f"role and idempotency key must be 1..{MAX_NAME_CHARS} chars")
+        if len(data) > MAX_INLINE_PAYLOAD:
+            raise LocalProtocolError(f"task input must be at most {MAX_INLINE_PAYLOAD} bytes")
+        if priority < 0 or timeout < 0 or len(nonce) > MAX_NONCE or len(parent) not in (0, 32):
+            raise LocalProtocolError("priority and timeout must be >= 0, nonce <= 16 bytes")
+        if not idempotency_key and not nonce:
+            raise LocalProtocolError("a task needs an idempotency key or a nonce")
+        task_id = task_id_of(
+            self.node_id,
+            idempotency_key,
+            nonce,
+            role,
+            hashlib.sha256(data).digest(),
+            priority,
+            parent,
+            float(timeout),
+        )
+        known = self.tasks.get(task_id)
+        if known is not None and known.record is not None:
+            if spec_of(known.record) != spec_for(role, data, priority, parent, timeout):
+                raise IdempotencyConflict(task_id)
+            if known.submitted or known.record.origin == self.node_id:
+                known.submitted = True
+                return known.record
+            # Received from another origin: sign our own record of it (the later one is kept,
+            # so the task's news comes here, where its client now waits); its holders'
+            # answers acknowledge it.
+        unsigned = TaskRecord(
+            self.signer.public_key,
+            float(created),
+            role,
+            data,
+            priority,
+            parent,
+            idempotency_key,
+            nonce,
+            float(timeout),
+            b"",
+            task_id,
+            self.node_id,
+        )
+        sig = self.signer.sign(DOMAIN_TASK, unsigned.signed_payload())
+        record = with_signature(unsigned, sig)
+        self.apply_task(now, record, encode_message(record), local=True)
+        st = self.tasks[task_id]
+        st.submitted = True
+        assert st.record is not None
+        return st.record
+
+    def cancel(self, now: float, task_id: bytes, reason: str) -> bool:
+        """Cancel a task network-wide; False if the task is unknown or already final.
+
+        Raises:
+            LocalProtocolError: this peer is neither the task's origin nor its parent's owner.
+        """
+        st = self.tasks.get(task_id)
+        if st is None or st.accepted is not None or st.cancel is not None:
+            return False
+        if st.record is None or not self.may_cancel(st.record, self.node_id):
+            origin = st.record.origin.hex() if st.record is not None else "unknown"
+            raise LocalProtocolError(
+                f"only the task's origin (peer {origin}) or its parent's owner may cancel it"
+            )
+        payload = Cancel(
+            task_id, self.signer.public_key, reason[:MAX_NAME_CHARS], b"", self.node_id
+        )
+        sig = self.signer.sign(DOMAIN_CANCEL, payload.signed_payload())
+        cancel = with_signature(payload, sig)
+        self.apply_cancel(now, cancel, encode_message(cancel), src=LOCAL)
+        return True
+
+    def reevaluate(self, now: float) -> None:
+        """Look at every open task again, highest priority first (a slot freed, roles or
+        membership changed)."""
+
+        for tid in sorted(self.open, key=self.urgency):
+            self.evaluate(now, self.tasks[tid])
+
+    def view_changed(self) -> None:
+        """Roles or free slots advertised by a peer changed: look at open tasks again."""
+        for tid in sorted(self.open):
+            self.unsettled[tid] = None
+
+    def settle(self, now: float) -> None:
+        """Decide on the tasks the input just applied touched, highest priority first.
+
+        Deciding only after a whole envelope is applied matters: an anti-entropy batch carries
+        a task record before its claims, and the record alone would look unclaimed."""
+        self.repair()
+        if now >= self.next_sync:
+            self.next_sync = now + SYNC_TICK
+            self.sync(now)
+        touched = [t for t in self.unsettled if t in self.tasks]
+        self.unsettled.clear()
+        for tid in sorted(touched, key=self.urgency):
+            self.evaluate(now, self.tasks[tid])
+
+    def hold(self) -> None:
+        """Restored from the store after a restart: our view of the network is empty, so every
+        owner looks dead and every task unclaimed. Decide nothing until `release`."""
+        self.quiet_until = math.inf
+
+    def release(self, now: float) -> None:
+        """We joined: decide again after a standby delay, once what we missed has arrived."""
+        if self.quiet_until == math.inf:
+            self.quiet_until = now + self.standby_delay
+            self.reevaluate(now)
+
+    def on_stall(self, now: float, quiet: float | None = None) -> None:
+        """We were frozen: let the claims made meanwhile reach us before claiming anything,
+        for `quiet` seconds (a standby delay by default)."""
+        wait = self.standby_delay if quiet is None else quiet
+        self.quiet_until = max(self.quiet_until, now + wait)
+
+    def on_member_down(self, now: float, node_id: bytes) -> None:
+        """A member was declared dead or left: take over its claims in rank order. Standbys
+        of unclaimed tasks move up a rank, so their wait restarts: the new first in line must
+        get its turn before the next one steps in."""
+        self.last_down = now
+        for st in self.tasks.values():
+            if st.claim is not None and st.claim.owner == node_id and st.accepted is None:
+                st.owner_down_at = now
+            if st.task_id in self.open:
+                self.unsettled[st.task_id] = None
+
+    def on_isolated(self, now: float, until: float) -> None:
+        """We reach no one: others will declare us dead and take our work over, so stop it,
+        and claim nothing before `until` (the next look) plus a standby delay."""
+        self.quiet_until = max(self.quiet_until, until + self.standby_delay)
+        for task_id, epoch in list(self.slots.running.items()):
+            self.fence(now, task_id, epoch, "isolated")
+
+    def on_standby(self, now: float, task_id: bytes, at: float) -> None:
+        """A wake-up (`TaskStandby`) fired: look at the task again unless superseded."""
+        if self.armed.get(task_id) != at:
+            return  # superseded by an earlier wake-up, which has looked or will look again
+        del self.armed[task_id]
+        st = self.tasks.get(task_id)
+        if st is not None:
+            self.evaluate(now, st)
+
+    def dispatch(self, now: float, src: str, sender: bytes, msg: TaskMessage, raw: bytes) -> None:
+        """Apply one task message (none about a compacted task: see `retention`)."""
+        if self.tombstones and self.dominated(src, msg):
+            return
+        match msg:
+            case TaskRecord():
+                self.apply_task(now, msg, raw, local=False)
+            case Claim():
+                self.apply_claim(now, msg, raw, src)
+            case Result():
+                self.apply_result(now, msg, raw, src)
+            case Cancel():
+                self.apply_cancel(now, msg, raw, src)
+            case Execution():
+                self.apply_execution(now, msg, raw, src)
+            case TaskHeld(task_id):
+                self.on_held(task_id, sender)
+            case TaskDigests():
+                self.on_digests(src, sender, msg)
+            case TaskSync():
+                self.on_sync(src, msg)
+            case TaskWant(ids):
+                self.send_objects(src, ids)
+            case TaskRead(ids):
+                self.send_objects(src, self.with_children(ids))
+            case TaskAsk(task_id, epoch):
+                self.on_ask(now, src, sender, task_id, epoch)
+            case TaskGrant(task_id, epoch, grantee):
+                self.on_grant(task_id, epoch, grantee, src)
+            case _:
+                assert_never(msg)
+
+    def told_of(self, task_id: bytes) -> bool:
+        """Whether this peer is in the task's audience (its news reaches it unasked)."""
+        st = self.tasks.get(task_id)
+        return st is not None and self.node_id in self.audience_with_self(st)
