@@ -54,7 +54,8 @@ def _add_keygen(commands: Subcommands) -> None:
         "Print a new random 32-byte network key in base64. Every peer of a network needs the "
         "same key (or keyring); a peer without it can neither read nor inject traffic. Keep it "
         "secret: --output writes it to a new file readable only by you.",
-        "  grapevine keygen --output network.key\n  grapevine keygen > network.key",
+        "  grapevine keygen --output network.key\n"
+        "  (umask 077; grapevine keygen > network.key)   # a peer refuses a key others can read",
     )
     keygen.add_argument(
         "-o",
