@@ -82,6 +82,7 @@ class NodePort:
         self._live: tuple[bytes, ...] | None = None
         self._state_gossip_at = 0.0
         self._state_pending = False
+        self._gossiped_full: bool | None = None
         """`live_members`, kept until a member's status changes (a notification says so)."""
 
     def take(self) -> Effects:
@@ -171,27 +172,36 @@ class NodePort:
     def slots_changed(self) -> None:
         """An execution started or ended here: advertise the free slots left.
 
-        Our own state changes at once; gossiping it is rate-limited to one version every
-        `STATE_GOSSIP_INTERVAL` (`flush_state` sends the newest when due). Every peer
-        receives and verifies each version gossiped, and free slots change with every
-        execution's start and end: unlimited, that made a task cost O(N) messages and
-        signature checks (decision 18)."""
+        Our own state changes at once. It is gossiped only when whether we are full changed,
+        at most one version every `STATE_GOSSIP_INTERVAL` (`flush_state` sends the newest
+        when due). Every peer receives and verifies each version gossiped, and free slots
+        change with every execution's start and end: gossiping each made a task cost O(N)
+        messages and signature checks (decision 18)."""
         state = self.advertisements.states.get(self.node_id)
         free = self.tasks.free_slots()
         if state is None or state.free_slots == free:
             return
-        due = self.now >= self._state_gossip_at
+        # Others only act on whether we are full (claim rule, spawning), so a new count that
+        # leaves that unchanged is kept here and goes out with the next change that matters.
+        changed = (free == 0) != self._gossiped_full
+        due = changed and self.now >= self._state_gossip_at
         self.advertisements.advertise(state.roles, free, state.queue_len, state.load, due)
         if due:
-            self._state_gossip_at = self.now + STATE_GOSSIP_INTERVAL
-        self._state_pending = not due
+            self._gossiped(free)
+        self._state_pending = changed and not due
 
     def flush_state(self) -> None:
         """Gossip our newest state if a rate-limited one waits and its turn came."""
         if self._state_pending and self.now >= self._state_gossip_at:
             self._state_pending = False
-            self._state_gossip_at = self.now + STATE_GOSSIP_INTERVAL
-            self.advertisements.gossip_own()
+            state = self.advertisements.states.get(self.node_id)
+            if state is not None and (state.free_slots == 0) != self._gossiped_full:
+                self._gossiped(state.free_slots)
+                self.advertisements.gossip_own()
+
+    def _gossiped(self, free: int) -> None:
+        self._gossiped_full = free == 0
+        self._state_gossip_at = self.now + STATE_GOSSIP_INTERVAL
 
     # View: what the task rules read of membership.
 
