@@ -16,10 +16,7 @@ Invariants:
 
 from __future__ import annotations
 
-import hashlib
-from collections import OrderedDict
-
-from protocol.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, VerifiedCache, signing_input
+from protocol.identity import VerifiedCache
 
 
 class PeerCache(VerifiedCache):
@@ -30,32 +27,20 @@ class PeerCache(VerifiedCache):
         capacity: digests this peer remembers, as a real peer's cache.
     """
 
-    __slots__ = ("shared", "digests")
+    __slots__ = ("shared",)
 
     def __init__(self, shared: VerifiedCache, capacity: int = 65536) -> None:
         super().__init__(capacity)
         self.shared = shared
-        self.digests: OrderedDict[bytes, None] = OrderedDict()
-        """Digests this peer verified, least recently used first."""
 
-    def verify(
-        self, domain: bytes, network_id: bytes, public_key: bytes, payload: bytes, sig: bytes
+    def check(
+        self,
+        domain: bytes,
+        network_id: bytes,
+        public_key: bytes,
+        payload: bytes,
+        sig: bytes,
+        message: bytes,
     ) -> bool:
-        """Return what `VerifiedCache.verify` returns, counting as this peer's own cache."""
-        if len(public_key) != PUBLIC_KEY_BYTES or len(sig) != SIGNATURE_BYTES:
-            self.failures += 1
-            return False
-        message = signing_input(domain, network_id, payload)
-        digest = hashlib.sha256(public_key + sig + message).digest()
-        if digest in self.digests:
-            self.hits += 1
-            self.digests.move_to_end(digest)
-            return True
-        if not self.shared.verify(domain, network_id, public_key, payload, sig):
-            self.failures += 1
-            return False
-        self.verified += 1
-        self.digests[digest] = None
-        if len(self.digests) > self.capacity:
-            self.digests.popitem(last=False)
-        return True
+        """Ask the shared cache, which does the Ed25519 work once for every peer."""
+        return self.shared.verify(domain, network_id, public_key, payload, sig)
