@@ -17,8 +17,12 @@ Theory of operation (docs/design.md section 5 is the specification)
   (`claim_rule`, `grants`). So a live primary and two standbys never both run the task; only a
   primary declared dead (or a grantee declared dead before claiming) lets a second grant be
   made.
-- Takeover: only when the claim's owner is declared dead (or left) does the next-ranked live
-  peer claim with epoch + 1. The epoch is the fencing token.
+- Takeover: only when the claim's owner is dead (or left) by this peer's own failure detector
+  (its own probe failed or its own suspicion expired: `confirmed_down`; a death declaration
+  from another peer alone is not enough) does the next-ranked live peer claim with epoch + 1.
+  The epoch is the fencing token.
+- A keyed task's id is its key in the scope of its parent, so the same key names the same task
+  at every peer (`idempotency`).
 - Suspension and self-fencing (`execution`): a suspended execution holds no slot but stays
   running for every other rule; an executing owner that sees a greater claim, an accepted
   result other than its own, a cancel, or its own isolation from every peer, cancels its
@@ -33,8 +37,8 @@ Theory of operation (docs/design.md section 5 is the specification)
 
 Modules: `messages` (wire messages, signature domains), `state` (the per-task CRDT, the order of
 claims), `placement` (replica sets, audiences, candidate order), `claim_rule` (the pure claim
-rule), `core` (shared state and helpers), `repair`, `retention` and `tombstone`, `merge`,
-`grants`, `execution`, and `plane`
+rule), `idempotency` (keyed ids, conflicting specs), `core` (shared state and helpers),
+`repair`, `retention` and `tombstone`, `merge`, `grants`, `execution`, and `plane`
 (`Tasks`, assembled from them). This package's face imports nothing, so that `protocol.codec`
 and `protocol.wire` can import `messages` without loading the rules (which use the codec).
 """
