@@ -217,8 +217,8 @@ class TaskCore(ABC):
         """Send objects made here to the task's audience."""
         # Directly, and nowhere else: gossiping them to every peer made a task cost O(N)
         # (decision 18).
-        targets = self.audience(st)
-        for node_id in sorted(targets - {self.node_id}):
+        targets = self.audience(st)  # this peer excluded
+        for node_id in sorted(targets):
             addr = self.view.addr_of(node_id)
             if addr is not None:
                 self.port.send(addr, raws, piggyback=False)
