@@ -7,9 +7,10 @@ Invariants:
 - Start-up order: keyring and store (refusing clearly if unusable), identity, a new
   incarnation made durable *before* the node exists (so a restart always starts higher), the
   transport, the blob store, the node and its driver, the executor, the replay of every stored
-  task object, the agent host, the API (its token read or generated first), then the roles
-  are declared. Joining is the caller's
-  business, inside the `async with`: `Node.restore` asks for restore, then serve, then join.
+  task object, the blob service's deletions (indexed from the replayed tasks),
+  the agent host, its metrics (a registry of its own), the API (its token read
+  or generated first), then the roles are declared. Joining is the caller's business,
+  inside the `async with`: `Node.restore` asks for restore, then serve, then join.
 - Roles: a seed-only peer (`no_agents`) serves none; with `[[agents]]` configured the agent
   host (`peer.agents.host.AgentHost`) installs its roles on the same executor after the replay
   and declares them in place of the built-ins-only set; one model client serves all its agents.
@@ -40,6 +41,7 @@ from peer.agents.peer_port import DriverTaskPort
 from peer.api_token import TokenError, load_or_create_token, read_token_file
 from peer.http.app import PeerApi
 from peer.keys import load_network_keyring
+from peer.observability.metrics import PeerMetrics
 from peer.runtime.blob_store import BLOBS_DIR, BlobStore
 from peer.runtime.blobs import BlobService
 from peer.runtime.driver import Driver, RecordStore
@@ -63,10 +65,10 @@ AGENT_SLOTS = BUILTIN_SLOTS
 agent host adds its agents' slots to these."""
 RESTORE_KINDS = (
     PersistKind.TASK,
+    PersistKind.EPOCH_GRANT,
     PersistKind.CLAIM,
     PersistKind.RESULT,
     PersistKind.CANCEL,
-    PersistKind.EXECUTION,
     PersistKind.GRANT,
 )
 """Stored task objects, in replay order: a claim needs its record, a result its claim.
@@ -120,6 +122,8 @@ class Peer:
     """Stored task objects replayed into the node."""
     hints: list[str]
     """Addresses of the members remembered from a previous run (see `Driver.hints`)."""
+    metrics: PeerMetrics
+    """Its Prometheus registry (served at `GET /metrics` by the API)."""
 
 
 @asynccontextmanager
@@ -191,10 +195,10 @@ async def build_peer(
         node = Node(config, signer, advertise, rng or random.Random(), loop.time(), incarnation)
         driver = Driver(node, transport, store)
         blobs = BlobService(blob_store, transport, driver)
-        transport.blob_store = blob_store
+        transport.blob_store = blobs.holder  # pushes pass the designated-holder rule
+        driver.on_written = blobs.note_written  # blobs go with the tasks forgotten
         transport.on_receive = driver.receive
         driver.start()
-        blobs.start()  # sweeps blobs other peers pushed that no task held here references
         executor = Executor(builtin_roles() if roles is None else roles, max_running, blobs=blobs)
         driver.attach(executor)
         _discard_outlived_copies(store, config)
@@ -202,11 +206,15 @@ async def build_peer(
         restored = driver.restore(value for kind in RESTORE_KINDS for _, value in store.scan(kind))
         if restored:
             log.info("restored %d stored task objects", restored)
+        blobs.start()  # indexes the restored tasks' blobs, then deletes the ones none needs
         if settings.agents and not settings.no_agents:
             try:
                 host = _agent_host(settings, driver, blobs, signer)
             except (ValueError, OSError) as exc:
                 raise PeerStartError(f"cannot host the agents: {exc}") from exc
+        metrics = PeerMetrics(driver, transport, host)
+        if isinstance(store, Store):
+            store.on_write = metrics.events.store_write.observe
 
         if on_leave is not None:
             serving = PeerApi(
@@ -217,6 +225,7 @@ async def build_peer(
                 token=_api_token(settings),
                 blobs=blobs,
                 agents=None if host is None else host.status,
+                metrics=metrics,
             )
             api_host, api_port = settings.api_host_port()
             try:
@@ -248,6 +257,7 @@ async def build_peer(
             host_port(bind_host, transport.port),
             restored,
             hints,
+            metrics,
         )
     finally:
         if host is not None:

@@ -279,6 +279,60 @@ class GrapevineClient:
         answer = await self._request("GET", "/v1/tasks", params=query)
         return _list_field(answer, "tasks", self.api)
 
+    async def list_tasks(
+        self,
+        scope: str = "local",
+        *,
+        state: str | None = None,
+        role: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> JsonObject:
+        """Return the listing answer (`GET /v1/tasks`) as the API gives it.
+
+        With scope "local", `{tasks}`: the tasks this peer holds, newest first. With scope
+        "network", one page gathered from every live member's replica sets: `{tasks,
+        next_cursor, partial, missing}`, tasks in id order (`id, role, state, outcome, origin,
+        owner, epoch, created`); pass `next_cursor` back as `cursor` for the next page (null
+        on the last); `partial` is true when the members in `missing` did not answer.
+
+        Args:
+            scope: "local" or "network".
+            state: only tasks in this state (pending, running, done, failed, cancelled).
+            role: only tasks of this role.
+            limit: at most this many (local 1-10,000, network 1-500 a page).
+            cursor: network only: list the tasks whose id is above this one.
+        """
+        params = {"scope": scope}
+        for name, value in (("state", state), ("role", role), ("limit", limit)):
+            if value:
+                params[name] = str(value)
+        if cursor:
+            params["cursor"] = cursor
+        answer = await self._request("GET", "/v1/tasks", params=params)
+        _list_field(answer, "tasks", self.api)
+        return answer
+
+    async def network_task_pages(
+        self,
+        *,
+        state: str | None = None,
+        role: str | None = None,
+        page_size: int | None = None,
+        cursor: str | None = None,
+    ) -> AsyncIterator[JsonObject]:
+        """Yield the pages of the network listing from `cursor` on (the first by default),
+        following `next_cursor` until the last page (see `list_tasks`)."""
+        while True:
+            page = await self.list_tasks(
+                "network", state=state, role=role, limit=page_size, cursor=cursor
+            )
+            yield page
+            following = page.get("next_cursor")
+            if not isinstance(following, str) or not following:
+                return
+            cursor = following
+
     async def cancel(self, task_id: str) -> JsonObject:
         """Cancel a task network-wide; returns the task. Refused (409) once it is final."""
         return await self._request("POST", f"/v1/tasks/{_task_path(task_id)}/cancel")

@@ -40,6 +40,7 @@ from peer.agents.spec import (
     parse_pool,
 )
 from peer.api_token import DEFAULT_DATA_DIR
+from peer.observability.logs import LOG_FORMATS
 from protocol.config import TaskConfig
 
 if TYPE_CHECKING:
@@ -91,6 +92,9 @@ class AgentSettings:
     """Seed-only mode: host no agents and advertise no roles."""
     log_level: str = "INFO"
     """Logging threshold: DEBUG, INFO, WARNING, ERROR or CRITICAL."""
+    log_format: str = "text"
+    """"text" (one human-readable line per record) or "json" (one JSON object per line, for
+    log collectors; task lifecycle fields become keys). See docs/observability.md."""
     workspace: Path | None = None
     """The directory agents' `read_file`/`write_file` tools are jailed in. None: the
     "workspace" folder of `data_dir` (see `workspace_dir`)."""
@@ -211,6 +215,12 @@ def _profile(value: str) -> str:
     return value
 
 
+def _log_format(value: str) -> str:
+    if value.lower() not in LOG_FORMATS:
+        raise ValueError(f"is not a log format ({' or '.join(LOG_FORMATS)})")
+    return value.lower()
+
+
 def _log_level(value: str) -> str:
     if value.upper() not in LOG_LEVELS:
         raise ValueError(f"is not a log level ({', '.join(LOG_LEVELS)})")
@@ -275,6 +285,7 @@ _FIELDS: dict[str, _Field] = {
     "profile": _Field("GRAPEVINE_PROFILE", "str", _profile),
     "no_agents": _Field("GRAPEVINE_NO_AGENTS", "bool"),
     "log_level": _Field("GRAPEVINE_LOG_LEVEL", "str", _log_level),
+    "log_format": _Field("GRAPEVINE_LOG_FORMAT", "str", _log_format),
     "workspace": _Field("GRAPEVINE_WORKSPACE", "path"),
     "task_retention": _Field("GRAPEVINE_TASK_RETENTION", "duration"),
 }

@@ -8,9 +8,13 @@ Invariants:
   decimal without leading zeros and in ``(MAX_INLINE_PAYLOAD, BLOB_LIMIT]``. Anything else —
   upper-case hex, a sign, spaces, a size that would have fit inline — is not a reference but an
   ordinary payload, so no inline input is ever mistaken for one by accident.
-- Which peers hold a blob is a pure function of its digest and the membership: rendezvous (HRW)
-  order by `protocol.tasks.state.hrw_score`, the same hash tasks use to rank their owners. Every
-  peer that agrees on the live members agrees on the holders, with no directory to keep.
+- Which peers hold a task's blobs is a pure function of the task id and the membership
+  (`designated_holders`): its replica set (`protocol.tasks.placement`, the first
+  `replication + 1` members in rendezvous (HRW) order of the task id by
+  `protocol.tasks.state.hrw_score`), then `HOLDER_SLACK` more in that order. A peer pushes a
+  blob only to the designated holders of a task that references it, and a peer accepts a push
+  only when it is one in its own view, so every peer that agrees on the live members agrees on
+  the holders, with no directory to keep.
 
 This module does no I/O; storing, sending and fetching blobs is `peer.runtime.blobs`'s job.
 """
@@ -31,11 +35,23 @@ BLOB_LIMIT = 64 * 1024 * 1024
 sealed, sent, hashed and handed to a role, so this bounds a peer's memory per transfer."""
 MAX_REF_BYTES = len(REF_PREFIX) + 2 * DIGEST_BYTES + 1 + len(str(BLOB_LIMIT))
 """Length of the longest reference (93 bytes)."""
+HOLDER_SLACK = 2
+"""Members after a task's replica set, in rendezvous order, that are still designated holders
+of its blobs. They are where a pusher turns when replicas refuse or cannot be reached, and they
+absorb a join or death the pusher and the receiver have not both seen yet: one slot per
+failure tolerated. More slack lets a member aim pushes at more peers per task id; none would
+make one full or unreachable replica fail the submission."""
 
 
 def blob_digest(data: bytes) -> bytes:
     """Return the 32-byte SHA-256 digest that names `data`."""
     return hashlib.sha256(data).digest()
+
+
+def is_blob_size(size: int) -> bool:
+    """Whether a payload of `size` bytes is a blob: over `MAX_INLINE_PAYLOAD`, at most
+    `BLOB_LIMIT`."""
+    return MAX_INLINE_PAYLOAD < size <= BLOB_LIMIT
 
 
 def blob_ref(data: bytes) -> bytes:
@@ -45,7 +61,7 @@ def blob_ref(data: bytes) -> bytes:
         ValueError: `data` fits inline (at most `MAX_INLINE_PAYLOAD` bytes) or exceeds
             `BLOB_LIMIT`.
     """
-    if not MAX_INLINE_PAYLOAD < len(data) <= BLOB_LIMIT:
+    if not is_blob_size(len(data)):
         raise ValueError(
             f"a blob holds {MAX_INLINE_PAYLOAD + 1} to {BLOB_LIMIT} bytes, got {len(data)}"
         )
@@ -60,7 +76,7 @@ def make_ref(digest: bytes, size: int) -> bytes:
     """
     if len(digest) != DIGEST_BYTES:
         raise ValueError(f"a blob digest is {DIGEST_BYTES} bytes, got {len(digest)}")
-    if not MAX_INLINE_PAYLOAD < size <= BLOB_LIMIT:
+    if not is_blob_size(size):
         raise ValueError(f"a blob holds {MAX_INLINE_PAYLOAD + 1} to {BLOB_LIMIT} bytes, got {size}")
     return REF_PREFIX + digest.hex().encode("ascii") + b":" + str(size).encode("ascii")
 
@@ -78,7 +94,7 @@ def parse_blob_ref(payload: bytes) -> tuple[bytes, int] | None:
     if not size_text.isdigit() or size_text.startswith(b"0"):
         return None
     size = int(size_text)
-    if not MAX_INLINE_PAYLOAD < size <= BLOB_LIMIT:
+    if not is_blob_size(size):
         return None
     return bytes.fromhex(hex_digest.decode("ascii")), size
 
@@ -87,11 +103,25 @@ def _lower_hex(text: bytes) -> bool:
     return all(c in b"0123456789abcdef" for c in text)
 
 
-def blob_holders(digest: bytes, members: Iterable[bytes], k: int) -> list[bytes]:
-    """Return the first `k` of `members` in rendezvous order for `digest`.
+def designated_holders(task_id: bytes, members: Iterable[bytes], replication: int) -> list[bytes]:
+    """Return the members designated to hold the blobs of task `task_id`, in the order a pusher
+    tries them: its replica set (the first `replication + 1` in rendezvous order of the task id,
+    as `protocol.tasks.placement.top_by_score` ranks them), then `HOLDER_SLACK` more.
 
     Args:
-        digest: the blob's digest.
+        task_id: the id of a task whose input or output is a blob.
+        members: the members up in the caller's view (alive or suspect), itself included.
+        replication: `TaskConfig.replication`.
+    """
+    return blob_holders(task_id, members, replication + 1 + HOLDER_SLACK)
+
+
+def blob_holders(digest: bytes, members: Iterable[bytes], k: int) -> list[bytes]:
+    """Return the first `k` of `members` in rendezvous order for `digest` (any 32-byte key:
+    a task id for `designated_holders`, a blob digest to spread fetches).
+
+    Args:
+        digest: the key ranked by.
         members: candidate node ids (duplicates are counted once).
         k: how many to return; fewer if there are fewer members, none if `k` <= 0.
 

@@ -12,6 +12,7 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any, assert_never
 
 import msgpack
@@ -21,16 +22,20 @@ from protocol.errors import RemoteProtocolError
 from protocol.identity import NODE_ID_BYTES, PUBLIC_KEY_BYTES, SIGNATURE_BYTES
 from protocol.tasks.messages import (
     MAX_NONCE,
+    MAX_PAGE,
     Cancel,
     Claim,
-    Execution,
+    EpochGrant,
     Result,
     TaskAsk,
     TaskDigests,
     TaskGrant,
     TaskHeld,
+    TaskList,
+    TaskPage,
     TaskRead,
     TaskRecord,
+    TaskSummary,
     TaskSync,
     TaskWant,
     task_id_of,
@@ -134,8 +139,6 @@ def _to_fields(msg: Message) -> list[Any]:
             return [Kind.RESULT, task_id, epoch, owner_key, outcome, output, list(usage), sig]
         case Cancel(task_id, by_key, reason, sig):
             return [Kind.CANCEL, task_id, by_key, reason, sig]
-        case Execution(task_id, epoch, owner_key, phase, outcome, sig):
-            return [Kind.EXECUTION, task_id, epoch, owner_key, phase, outcome, sig]
         case TaskHeld(task_id):
             return [Kind.TASK_HELD, task_id]
         case TaskDigests(entries):
@@ -148,8 +151,16 @@ def _to_fields(msg: Message) -> list[Any]:
             return [Kind.TASK_WANT, list(ids)]
         case TaskAsk(task_id, epoch):
             return [Kind.TASK_ASK, task_id, epoch]
+        case EpochGrant(task_id, epoch, grantee, arbiter_key, sig):
+            return [Kind.EPOCH_GRANT, task_id, epoch, grantee, arbiter_key, sig]
         case TaskGrant(task_id, epoch, grantee):
             return [Kind.TASK_GRANT, task_id, epoch, grantee]
+        case TaskList(request, after, limit, state, role):
+            request, limit = fields.encodable(request), fields.encodable(limit)
+            return [Kind.TASK_LIST, request, after, limit, state, role]
+        case TaskPage(request, tasks, more):
+            rows = [_summary_fields(s) for s in tasks]
+            return [Kind.TASK_PAGE, fields.encodable(request), rows, more]
         case _:
             assert_never(msg)
 
@@ -167,6 +178,8 @@ def decode_message(data: bytes) -> Message:
         kind = Kind(row[0])
     except ValueError:
         raise RemoteProtocolError(f"unknown message kind {row[0]}") from None
+    if kind in RETIRED_KINDS:
+        raise RemoteProtocolError(f"retired message kind {kind.name}")
     shape = ARITY[kind]
     if len(row) != shape:
         raise RemoteProtocolError(f"{kind.name} has {len(row)} fields, expected {shape}")
@@ -235,20 +248,6 @@ def decode_message(data: bytes) -> Message:
                 fields.signature(f[4]),
                 fields.key_hash(key),
             )
-        case Kind.EXECUTION:
-            key = fields.public_key(f[3])
-            phase = fields.uint(f[4])
-            if phase > 1:
-                raise RemoteProtocolError("execution phase must be 0 (start) or 1 (end)")
-            return Execution(
-                fields.node_id(f[1]),
-                fields.uint(f[2]),
-                key,
-                phase,
-                fields.name(f[5]),
-                fields.signature(f[6]),
-                fields.key_hash(key),
-            )
         case Kind.TASK_HELD:
             return TaskHeld(fields.node_id(f[1]))
         case Kind.TASK_DIGESTS:
@@ -263,9 +262,33 @@ def decode_message(data: bytes) -> Message:
             return TaskAsk(fields.node_id(f[1]), fields.uint(f[2]))
         case Kind.TASK_GRANT:
             return TaskGrant(fields.node_id(f[1]), fields.uint(f[2]), fields.node_id(f[3]))
+        case Kind.TASK_LIST:
+            after, state, role = _optional_id(f[2]), _optional_name(f[4]), _optional_name(f[5])
+            return TaskList(fields.uint(f[1]), after, fields.uint(f[3]), state, role)
+        case Kind.TASK_PAGE:
+            return _task_page(f)
+        case Kind.EPOCH_GRANT:
+            key = fields.public_key(f[4])
+            epoch = fields.uint(f[2])
+            if epoch < 2:
+                raise RemoteProtocolError("an epoch grant is for a takeover: epoch 2 or more")
+            return EpochGrant(
+                fields.node_id(f[1]),
+                epoch,
+                fields.node_id(f[3]),
+                key,
+                fields.signature(f[5]),
+                fields.key_hash(key),
+            )
+        case Kind.EXECUTION:
+            raise RemoteProtocolError(f"retired message kind {kind.name}")
         case _:
             assert_never(kind)
 
+
+RETIRED_KINDS = frozenset({Kind.EXECUTION})
+"""Kinds no longer sent: v1's execution-log entries (a run is now its claim and its result,
+decision 23). Decoding one is a protocol error, like an unknown kind."""
 
 ARITY: dict[Kind, int] = {
     Kind.PING: 4,
@@ -282,14 +305,16 @@ ARITY: dict[Kind, int] = {
     Kind.CLAIM: 6,
     Kind.RESULT: 8,
     Kind.CANCEL: 5,
-    Kind.EXECUTION: 7,
     Kind.TASK_HELD: 2,
     Kind.TASK_DIGESTS: 2,
     Kind.TASK_WANT: 2,
     Kind.TASK_ASK: 3,
     Kind.TASK_GRANT: 4,
+    Kind.EPOCH_GRANT: 6,
     Kind.TASK_SYNC: 2,
     Kind.TASK_READ: 2,
+    Kind.TASK_LIST: 6,
+    Kind.TASK_PAGE: 4,
 }
 
 
@@ -389,3 +414,53 @@ def _digest_entry(v: Any) -> tuple[bytes, bytes]:
     if not isinstance(v, list) or len(v) != 2 or type(v[1]) is not bytes or len(v[1]) != 8:
         raise RemoteProtocolError("a task digest entry is [task id, 8-byte digest]")
     return (fields.node_id(v[0]), v[1])
+
+
+def _optional_id(v: Any) -> bytes:
+    """A task or node id, or empty (a listing's first page, an unclaimed task's owner)."""
+    return b"" if v == b"" else fields.node_id(v)
+
+
+def _optional_name(v: Any) -> str:
+    """A name that may be empty (a listing's filters, a summary's outcome)."""
+    if type(v) is not str or len(v) > MAX_NAME_CHARS:
+        raise RemoteProtocolError(f"expected a string of at most {MAX_NAME_CHARS} chars")
+    return v
+
+
+def _summary_fields(s: TaskSummary) -> list[Any]:
+    return [
+        s.task_id,
+        s.role,
+        s.state,
+        s.outcome,
+        s.origin,
+        s.owner,
+        fields.encodable(s.epoch),
+        float(s.created),
+    ]
+
+
+def _task_page(f: list[Any]) -> TaskPage:
+    rows, more = fields.array(f[2]), f[3]
+    if len(rows) > MAX_PAGE or type(more) is not bool:
+        raise RemoteProtocolError(f"a task page has at most {MAX_PAGE} rows and a boolean more")
+    return TaskPage(fields.uint(f[1]), tuple(_summary(r) for r in rows), more)
+
+
+def _summary(v: Any) -> TaskSummary:
+    if not isinstance(v, list) or len(v) != 8:
+        raise RemoteProtocolError("a task summary has 8 fields")
+    task_id, role, state, outcome, origin, owner, epoch, created = v
+    if type(created) is not float or not math.isfinite(created):
+        raise RemoteProtocolError("a task summary's created time must be a finite float")
+    return TaskSummary(
+        fields.node_id(task_id),
+        fields.name(role),
+        fields.name(state),
+        _optional_name(outcome),
+        fields.node_id(origin),
+        _optional_id(owner),
+        fields.uint(epoch),
+        created,
+    )

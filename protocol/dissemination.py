@@ -43,7 +43,6 @@ _BROADCAST_KINDS = frozenset(
         Kind.PEER_STATE,
         Kind.TASK,
         Kind.CANCEL,
-        Kind.EXECUTION,
     }
 )
 _RECENT_CAPACITY = 4096

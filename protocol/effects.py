@@ -32,6 +32,11 @@ class PersistKind(StrEnum):
     RESULT = "result"
     CANCEL = "cancel"
     EXECUTION = "execution"
+    """Retired (decision 23): rows of v1 stores are ignored on restore and deleted with their
+    task."""
+    EPOCH_GRANT = "epoch-grant"
+    """An arbiter's signed grant of a takeover epoch (`protocol.tasks.messages.EpochGrant`),
+    by task id + epoch + grantee."""
     GRANT = "grant"
     """A primary's grant of an epoch to a standby (see `protocol.tasks.grants`)."""
     TOMBSTONE = "tombstone"

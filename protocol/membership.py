@@ -118,6 +118,10 @@ class Membership:
         self._generation = 0
         self.false_refutations = 0
         """Times this peer had to refute a suspicion or death of itself."""
+        self.suspicions = 0
+        """Suspicions of other members started here (our own probe's, or one gossiped)."""
+        self.suspicions_refuted = 0
+        """Suspected members that proved alive (a newer alive record ended the suspicion)."""
         me = Member(self._sign_alive(), Status.ALIVE, self.incarnation, 0.0)
         self.table = MemberTable(me, rng)
         self.probes = Prober(config, self.table, self.awareness, rng, port, self._unanswered)
@@ -211,6 +215,8 @@ class Membership:
         m.alive, m.incarnation, m.since = a, a.incarnation, now
         m.suspicion, m.down_here = None, False
         self.port.gossip(_membership_key(a.node_id), raw or encode_message(a))
+        if was == Status.SUSPECT:
+            self.suspicions_refuted += 1
         if was >= Status.DEAD:
             self.probes.add_target(a.node_id)
             self.port.note(MemberRecovered(a.node_id, a.addr, a.incarnation))
@@ -237,6 +243,7 @@ class Membership:
         swim = self.config.swim
         low = suspicion_min_timeout(swim.suspicion_mult, n, swim.probe_interval)
         self._generation += 1
+        self.suspicions += 1
         self.table.set_status(m, Status.SUSPECT)
         m.incarnation, m.since = s.incarnation, now
         m.suspicion = Suspicion(

@@ -38,16 +38,19 @@ from protocol.node_port import NodePort
 from protocol.node_queries import NodeQueries
 from protocol.peer_states import PeerStates
 from protocol.tasks.core import STORE
+from protocol.tasks.listing import PageQuery
 from protocol.tasks.messages import (
     Cancel,
     Claim,
-    Execution,
+    EpochGrant,
     Result,
     TaskAsk,
     TaskDigests,
     TaskGrant,
     TaskHeld,
+    TaskList,
     TaskMessage,
+    TaskPage,
     TaskRead,
     TaskRecord,
     TaskSync,
@@ -313,6 +316,15 @@ class Node(NodeQueries):
         self.tasks.fetch(task_ids)
         return self._exit()
 
+    def ask_task_pages(
+        self, now: float, peers: list[bytes], query: PageQuery
+    ) -> tuple[Effects, dict[bytes, int]]:
+        """Ask `peers` for a page of the tasks each arbitrates (a network listing); returns the
+        request id sent to each, whose page `task_page` gives once it came."""
+        self._enter(now)
+        asked = self.tasks.listing.ask(now, peers, query, self.rng)
+        return self._exit(), asked
+
     def suspend(self, now: float, task_id: bytes) -> Effects:
         """An execution here waits (on its child tasks): release its slot until `resume`.
 
@@ -347,7 +359,8 @@ class Node(NodeQueries):
         Restore every stored object, then `serve`, then `join`. Until the join succeeds (and a
         standby delay after it, so what we missed arrives) this peer claims nothing: with an
         empty view every owner would look dead. Own claims left without a result are then
-        resumed under the same epoch (`StartExecution` again)."""
+        resumed under the same epoch, signed again under our new incarnation so the re-run
+        is counted (`StartExecution` again)."""
         self._enter(now)
         try:
             msg = decode_message(raw)
@@ -442,7 +455,7 @@ class Node(NodeQueries):
                 | Claim()
                 | Result()
                 | Cancel()
-                | Execution()
+                | EpochGrant()
                 | TaskHeld()
                 | TaskDigests()
                 | TaskSync()
@@ -450,6 +463,8 @@ class Node(NodeQueries):
                 | TaskWant()
                 | TaskAsk()
                 | TaskGrant()
+                | TaskList()
+                | TaskPage()
             ):
                 self.tasks.dispatch(now, src, sender, msg, raw)
             case PushPull():

@@ -49,8 +49,15 @@ from protocol.timers import Timer
 from protocol.wire import Status
 
 STATE_GOSSIP_INTERVAL = 0.5
-"""Seconds between gossiped versions of our free-slot count (see `NodePort.slots_changed`):
-other peers' view of whether we are full lags by at most this much plus dissemination."""
+"""Least seconds between gossiped versions of our free-slot count (see
+`NodePort.slots_changed`)."""
+STATE_GOSSIP_BUDGET = 10.0
+"""Versions of free-slot counts gossiped per second by the whole network, at most: each peer
+waits `live members / STATE_GOSSIP_BUDGET` seconds (at least `STATE_GOSSIP_INTERVAL`) between
+two. Every peer verifies every version, so a peer's cost is bounded by this budget whatever
+the network's size and task rate, as in Cassandra's gossip of load (decision 23); others' view
+of whether we are full lags by that interval plus dissemination, and only steers hints (which
+standby a full primary hands its turn to, a pool's growth)."""
 
 
 class NodePort:
@@ -201,7 +208,9 @@ class NodePort:
 
     def _gossiped(self, free: int) -> None:
         self._gossiped_full = free == 0
-        self._state_gossip_at = self.now + STATE_GOSSIP_INTERVAL
+        members = len(self.live_members())
+        interval = max(STATE_GOSSIP_INTERVAL, members / STATE_GOSSIP_BUDGET)
+        self._state_gossip_at = self.now + interval
 
     # View: what the task rules read of membership.
 
@@ -232,6 +241,10 @@ class NodePort:
             members = self.membership.members
             self._live = tuple(sorted(nid for nid, m in members.items() if m.up))
         return self._live
+
+    def known_members(self) -> tuple[bytes, ...]:
+        """Every member in the table whatever its status (until reaped), this peer included."""
+        return tuple(self.membership.members)
 
     def advertises(self, node_id: bytes, role: str) -> bool | None:
         """Whether `node_id` advertises `role`; None if its state is not known here."""

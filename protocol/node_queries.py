@@ -23,6 +23,8 @@ from protocol.member_table import Member
 from protocol.membership import Membership
 from protocol.node_port import NodePort
 from protocol.peer_states import PeerStates
+from protocol.tasks.listing import PageQuery
+from protocol.tasks.messages import TaskPage, TaskSummary
 from protocol.tasks.plane import Tasks
 from protocol.tasks.state import TaskState
 from protocol.tasks.tombstone import Tombstone
@@ -71,6 +73,19 @@ class NodeQueries:
         """The task plane's event counters (result flips, conflicting grants, ...), a copy."""
         return dict(self.tasks.counters)
 
+    def membership_counters(self) -> dict[str, int]:
+        """The failure detector's event counters since the start: probes, indirect probes,
+        suspicions started, suspected members that proved alive, and this peer's refutations
+        of accusations about itself."""
+        m = self.membership
+        return {
+            "probes": m.probes.probes_sent,
+            "indirect probes": m.probes.indirect_probes,
+            "suspicions": m.suspicions,
+            "suspicions refuted": m.suspicions_refuted,
+            "refutations": m.false_refutations,
+        }
+
     def running_here(self) -> frozenset[bytes]:
         """Tasks whose execution holds a slot here."""
         return frozenset(self.tasks.slots.running)
@@ -95,6 +110,16 @@ class NodeQueries:
     def replica_set(self, task_id: bytes) -> list[bytes]:
         """The task's replica set in this peer's view, its arbiter first."""
         return self.tasks.replica_set(task_id)
+
+    def own_task_page(self, query: PageQuery) -> tuple[tuple[TaskSummary, ...], bool]:
+        """This peer's page of a network listing: the tasks held here that it arbitrates (see
+        `protocol.tasks.listing`), and whether more match past them."""
+        return self.tasks.listing.own_page(query)
+
+    def task_page(self, request: int) -> TaskPage | None:
+        """The page a peer answered the listing request `request` with (`Node.ask_task_pages`),
+        once it came; None before, and once it expired."""
+        return self.tasks.listing.page(request)
 
     def signatures_verified(self) -> int:
         """Signatures this peer verified (each object digest once: the cache remembers)."""

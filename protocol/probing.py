@@ -102,6 +102,11 @@ class Prober:
         self._rechecks: dict[bytes, None] = {}
         """Members to check on ourselves, oldest first (may hold stale entries)."""
         self._seq = 0
+        self.probes_sent = 0
+        """Direct probes this peer started (one per probe round with a target)."""
+        self.indirect_probes = 0
+        """Probe rounds that fell back to asking helpers (the target missed the probe timeout
+        and at least one helper was asked)."""
 
     def add_target(self, node_id: bytes) -> None:
         """Put a member that came up into the round-robin, at a random position."""
@@ -132,6 +137,7 @@ class Prober:
             self._probe = None
             return
         self._seq += 1
+        self.probes_sent += 1
         self._probe = _Probe(self._seq, target.node_id, now)
         target.probed_at = now
         msgs = [encode_message(Ping(self._seq, target.node_id, target.incarnation))]
@@ -160,6 +166,8 @@ class Prober:
         for helper in helpers:
             self.port.send(helper.addr, [request], piggyback=False)
         probe.nacks_expected = len(helpers)
+        if helpers:
+            self.indirect_probes += 1
 
     def on_probe_round_end(self, now: float, seq: int) -> None:
         probe = self._probe

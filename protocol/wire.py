@@ -63,7 +63,7 @@ class Kind(IntEnum):
     CLAIM = 12
     RESULT = 13
     CANCEL = 14
-    EXECUTION = 15
+    EXECUTION = 15  # retired (decision 23): never sent, refused on decode
     TASK_HELD = 16
     TASK_DIGESTS = 17
     TASK_WANT = 18
@@ -71,6 +71,9 @@ class Kind(IntEnum):
     TASK_GRANT = 20
     TASK_SYNC = 21
     TASK_READ = 22
+    TASK_LIST = 23
+    TASK_PAGE = 24
+    EPOCH_GRANT = 25
 
 
 class Status(IntEnum):

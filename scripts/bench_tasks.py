@@ -26,6 +26,12 @@ workers, one worker SIGKILLed mid-run and replaced
 visibility timeout at `--visibility` s so unacknowledged tasks come back), counting
 duplicates and unfinished tasks.
 
+`--metrics-cost` measures what Prometheus scraping costs instead (issue 12: at most 5% lower
+throughput with metrics on): at each size, `--metrics-runs` pairs of no-op rows, one with
+nobody reading `GET /metrics` and one with every peer scraped every `SCRAPE_INTERVAL` s, in
+alternating order so that drift of a shared machine hits both; it prints each pair's throughputs and
+ratio and the medians.
+
 Every phase is bounded in time; every process this script starts is ended by pid on exit.
 Needs `pip install -e '.[bench]'` and `apt-get install redis-server` for the Celery rows; without
 them the Grapevine rows still run. Usage::
@@ -33,6 +39,7 @@ them the Grapevine rows still run. Usage::
     python scripts/bench_tasks.py --quick          # N = 3, 10; few tasks; about two minutes
     python scripts/bench_tasks.py                  # N = 3, 10, 30
     python scripts/bench_tasks.py --json           # also print the raw results
+    python scripts/bench_tasks.py --no-celery --metrics-cost --sizes 3 --tasks 500
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from local_cluster import (
     REPO,
     ApiError,
@@ -71,9 +79,12 @@ from local_cluster import (
     wait_views,
 )
 
+from peer.api_token import load_or_create_token
 from peer.demo.processes import stop_processes
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+SCRAPE_INTERVAL = 1.0
+"""Seconds between scrapes of every peer's /metrics in the scraped rows of --metrics-cost."""
 slow_acks: list[str] = []
 """Submissions of the last Grapevine run answered 503 (not replicated within the API's limit)."""
 WORKER_SLOTS = 4
@@ -292,12 +303,31 @@ async def _done_at_origins(
                 latest = time.time()
 
 
-async def grapevine_row(root: Path, size: int, tasks: int, in_flight: int) -> Row:
-    row = Row("grapevine", size, tasks)
+async def _scrape_forever(peers: list[Peer], scrapes: list[int]) -> None:
+    """GET every peer's /metrics every `SCRAPE_INTERVAL` s, as Prometheus would; count them."""
+    tokens = {p.name: load_or_create_token(p.data_dir) for p in peers}
+    async with aiohttp.ClientSession() as session:
+        while True:
+            for peer in peers:
+                headers = {"Authorization": f"Bearer {tokens[peer.name]}"}
+                async with session.get(f"http://{peer.api}/metrics", headers=headers) as answer:
+                    await answer.read()
+                    if answer.status == 200:
+                        scrapes[0] += 1
+            await asyncio.sleep(SCRAPE_INTERVAL)
+
+
+async def grapevine_row(
+    root: Path, size: int, tasks: int, in_flight: int, *, scrape: bool = False
+) -> Row:
+    row = Row("grapevine+scrape" if scrape else "grapevine", size, tasks)
     rng = random.Random(size)
-    with LocalCluster(root / f"gv{size}", profile="local", extra_args=()) as cluster:
+    name = f"gv{size}{'-scraped' if scrape else ''}"
+    with LocalCluster(root / name, profile="local", extra_args=()) as cluster:
         peers = await start_echo_cluster(cluster, size)
         pids = [p.pid for p in peers if p.pid is not None]
+        scrapes = [0]
+        scraper = asyncio.create_task(_scrape_forever(peers, scrapes)) if scrape else None
         watch = _Watch(peers)
         await asyncio.sleep(0.5)  # let every stream open
         messages0, verified0, _ = await _totals(peers)
@@ -316,6 +346,9 @@ async def grapevine_row(root: Path, size: int, tasks: int, in_flight: int) -> Ro
             sent = {}
         await asyncio.sleep(0.3)
         await watch.close()
+        if scraper is not None:
+            scraper.cancel()
+            await asyncio.gather(scraper, return_exceptions=True)
         cpu1 = cpu_seconds(pids)
         messages1, verified1, _ = await _totals(peers)
         # Each peer's stream reports the executions it started: one per task unless duplicated.
@@ -340,6 +373,8 @@ async def grapevine_row(root: Path, size: int, tasks: int, in_flight: int) -> Ro
     row.verified_per_task = (verified1 - verified0) / max(1, tasks)
     if slow_acks:
         row.note = (row.note + f"; {len(slow_acks)} submissions acknowledged 503").lstrip("; ")
+    if scrape:
+        row.note = (row.note + f"; {scrapes[0]} scrapes").lstrip("; ")
     return row
 
 
@@ -717,6 +752,38 @@ def table(report: Report) -> str:
     return "\n".join(lines)
 
 
+def metrics_cost(root: Path, sizes: list[int], tasks: int, in_flight: int, runs: int) -> str:
+    """Pairs of rows, unscraped then scraped every second, at each size: the table of
+    throughputs, each pair's ratio and the medians (see the module docstring)."""
+    lines = [f"{'N':>3} {'run':>3} {'off tasks/s':>11} {'on tasks/s':>10} {'on/off':>6}  note"]
+    for size in sizes:
+        off: list[float] = []
+        on: list[float] = []
+        for run in range(runs):
+            print(f"metrics cost N={size} run {run + 1}/{runs} ...", file=sys.stderr, flush=True)
+            rows = {}
+            # Odd runs go scraped first, so that a trend of the machine favours neither.
+            for scrape in (False, True) if run % 2 == 0 else (True, False):
+                rows[scrape] = asyncio.run(
+                    grapevine_row(root / f"{run}-{scrape}", size, tasks, in_flight, scrape=scrape)
+                )
+            plain, scraped = rows[False], rows[True]
+            off.append(plain.throughput)
+            on.append(scraped.throughput)
+            ratio = scraped.throughput / plain.throughput if plain.throughput else 0.0
+            note = "; ".join(n for n in (plain.note, scraped.note) if n)
+            lines.append(
+                f"{size:>3} {run + 1:>3} {plain.throughput:>11.1f} {scraped.throughput:>10.1f} "
+                f"{ratio:>6.3f}  {note}"
+            )
+        ratios = [b / a for a, b in zip(off, on, strict=True) if a]
+        lines.append(
+            f"{size:>3} {'med':>3} {statistics.median(off):>11.1f} {statistics.median(on):>10.1f} "
+            f"{statistics.median(ratios) if ratios else 0.0:>6.3f}  median of {runs} pairs"
+        )
+    return "\n".join(lines)
+
+
 def celery_missing() -> str | None:
     """Why the Celery rows cannot run here, or None."""
     if shutil.which("redis-server") is None:
@@ -747,6 +814,14 @@ def main(argv: list[str] | None = None) -> int:
         help="Redis visibility timeout for the Celery crash run, seconds",
     )
     parser.add_argument("--json", action="store_true", help="also print the raw results")
+    parser.add_argument(
+        "--metrics-cost",
+        action="store_true",
+        help="only compare Grapevine throughput unscraped vs /metrics scraped every second",
+    )
+    parser.add_argument(
+        "--metrics-runs", type=int, default=3, help="pairs of rows per size for --metrics-cost"
+    )
     args = parser.parse_args(argv)
     sizes = [int(s) for s in (args.sizes or ("3,10" if args.quick else "3,10,30")).split(",")]
     tasks = args.tasks or (300 if args.quick else 1000)
@@ -757,6 +832,10 @@ def main(argv: list[str] | None = None) -> int:
     run_celery = not args.no_celery and missing is None
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.metrics_cost:
+        with tempfile.TemporaryDirectory(prefix="bench-metrics-") as tmp:
+            print(metrics_cost(Path(tmp), sizes, tasks, args.in_flight, args.metrics_runs))
+        return 0
     report = Report(crypto=crypto_rows())
     print(crypto_table(report.crypto), end="\n\n", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-tasks-") as tmp:

@@ -13,6 +13,11 @@ Invariants:
   itself; it is checked before any file system access (`relative_parts`).
 - No symbolic link is followed, inside the workspace or out, so what is opened lies beneath
   the workspace whatever changes meanwhile; only regular files are read or written.
+- A write never changes a file that has another name: a hard link inside the workspace may
+  name a file outside it (anyone who can write both directories can make one), so a regular
+  file with more than one link is refused. The check is `fstat` on the descriptor already
+  opened (without `O_TRUNC`), before it is truncated, so no rename or link swap in between can
+  change which file is checked.
 - Where `openat2` is missing (older kernels, other systems, seccomp filters answering ENOSYS
   or EPERM), the component walk is used; both refuse the same paths.
 """
@@ -140,8 +145,8 @@ def write_beneath(workspace: Path, path: str, data: bytes) -> None:
     parent directories as needed.
 
     Raises:
-        ValueError: a bad path, a link met on the way, or not a regular file. OSError: it
-            cannot be created or written.
+        ValueError: a bad path, a link met on the way, not a regular file, or a file with
+            other hard links. OSError: it cannot be created or written.
     """
     parts = relative_parts(path)
     workspace.mkdir(parents=True, exist_ok=True)  # the operator's path: trusted, links and all
@@ -164,11 +169,18 @@ def write_beneath(workspace: Path, path: str, data: bytes) -> None:
 
 
 def _regular_file(fd: int, path: str, mode: str) -> BinaryIO:
-    """A file object over `fd` if it is a regular file (not a pipe, device or directory);
-    `fd` is closed otherwise."""
+    """A file object over `fd` if it is a regular file (not a pipe, device or directory) and,
+    to be written ("wb"), has no other hard link; `fd` is closed otherwise."""
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
             raise ValueError(f"{path!r} is not a regular file")
+        if mode == "wb" and status.st_nlink > 1:
+            raise ValueError(
+                f"{path!r} has {status.st_nlink} hard links: writing it would change the file "
+                "under its other names too, maybe outside the workspace (hard-linked files are "
+                "not written)"
+            )
         return typing.cast(BinaryIO, os.fdopen(fd, mode))
     except BaseException:
         os.close(fd)

@@ -33,6 +33,7 @@ from typing import Any
 from peer.agents.limits import CircuitBreaker, ModelLimiter
 from peer.agents.offline import OFFLINE_MODEL, PROVIDER, OfflineModel
 from peer.agents.ports import Completion, ModelError, ToolCall
+from peer.observability.logs import adopt_litellm_loggers
 
 COMPLETION_ESTIMATE = 512
 """Tokens reserved for a reply when the call gives no max_tokens (settled after the call)."""
@@ -167,6 +168,7 @@ def _boolean(table: Mapping[str, object], key: str, default: bool) -> bool:
 class _ModelStats:
     breaker: CircuitBreaker
     calls: int = 0
+    ok: int = 0
     errors: int = 0
     retries: int = 0
     waits: int = 0
@@ -262,6 +264,7 @@ class ModelClient:
                 attempt += 1
                 continue
             now = self._clock()
+            stats.ok += 1
             stats.breaker.on_success(now)
             used = completion.prompt_tokens + completion.completion_tokens
             self._limiter.settle(model, now, estimate, used)
@@ -278,6 +281,7 @@ class ModelClient:
                 "breaker_opened": s.breaker.opened,
                 "breaker_cooldown": s.breaker.cooldown,
                 "calls": s.calls,
+                "ok": s.ok,
                 "errors": s.errors,
                 "retries": s.retries,
                 "waits": s.waits,
@@ -413,6 +417,7 @@ def import_litellm() -> Any:
     # litellm prints "Give Feedback / Get Help" banners to stdout on errors; the peer's
     # stdout belongs to the CLI and the logs.
     litellm.suppress_debug_info = True
+    adopt_litellm_loggers()
     register_with_litellm()
     return litellm
 

@@ -11,8 +11,9 @@ Invariants:
 - Calling a tool never raises (except cancellation): bad arguments, an unknown name or the
   tool's own exception become a result "error: ..." that the model reads and can act on.
   Sync tools run in a thread so they cannot stall the peer's event loop.
-- `read_file` and `write_file` stay inside the workspace: relative paths only, no "..", and
-  no symbolic link followed at any step of the open (`peer.agents.jail`).
+- `read_file` and `write_file` stay inside the workspace: relative paths only, no "..", no
+  symbolic link followed at any step of the open, and no write to a file with other hard
+  links (`peer.agents.jail`).
 """
 
 from __future__ import annotations

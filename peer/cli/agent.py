@@ -29,6 +29,7 @@ from bootstrap.join import join_with_retry, refresh_seeds
 from bootstrap.seeds import parse_seeds
 from peer.agents.offline import OFFLINE_MODEL
 from peer.build import Peer, PeerStartError, build_peer
+from peer.observability.logs import configure_logging
 from peer.runtime.store import StoreError
 from peer.settings import AgentSettings, SettingsError
 from protocol.identity import short_id
@@ -135,11 +136,7 @@ def main_agent(settings: AgentSettings) -> int:
     Returns:
         The exit status `run_agent` returned (130 if interrupted before it could leave).
     """
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(settings.log_level, settings.log_format, sys.stderr)
     try:
         if _needs_litellm(settings):
             # Importing litellm takes seconds of CPU; on the event loop that would stall the

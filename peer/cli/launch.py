@@ -32,6 +32,7 @@ _AGENT_FLAGS = (
     "insecure_dev",
     "no_agents",
     "log_level",
+    "log_format",
     "task_retention",
 )
 """`grapevine agent` options passed to `peer.settings.load_settings` (only those given)."""
@@ -191,6 +192,13 @@ def _add_agent(commands: Subcommands) -> None:
         dest="log_level",
         default=suppress,
         help="debug, info, warning or error",
+    )
+    agent.add_argument(
+        "--log-format",
+        metavar="FORMAT",
+        dest="log_format",
+        default=suppress,
+        help="text (default) or json: one JSON object per line, task lifecycle fields as keys",
     )
     agent.add_argument(
         "--task-retention",

@@ -37,12 +37,15 @@ from peer.cli.common import (
     fail,
     json_option,
 )
+from peer.cli.network_tasks import network_listing
 from peer.cli.task_file import submit_file
 from peer.client import ApiError, GrapevineClient, JsonObject
 from protocol.blobs import parse_blob_ref
 
 STATES = ("pending", "running", "done", "failed", "cancelled")
 """The task states `grapevine tasks --state` accepts."""
+LOCAL_LIMIT = 100
+"""Tasks `grapevine tasks` lists without --limit (all of them with --network)."""
 
 
 def register(commands: Subcommands) -> None:
@@ -101,15 +104,37 @@ def register(commands: Subcommands) -> None:
     tasks = add_command(
         commands,
         "tasks",
-        "list the tasks the local peer knows",
+        "list the tasks the local peer knows, or the whole network's",
         "List the tasks the local peer knows, newest first, with their state (pending, "
-        "running, done, failed, cancelled), owner and epoch.",
-        "  grapevine tasks --state running\n  grapevine tasks --json | jq length",
+        "running, done, failed, cancelled), owner and epoch. With --network, list the tasks of "
+        "the whole network in id order, gathered from every live peer's replica sets page by "
+        "page (progress on stderr for long listings); peers that did not answer are named in a "
+        "warning, and with --limit the next --cursor to go on from. --json then prints one "
+        "object: {tasks, next_cursor, partial, missing}.",
+        "  grapevine tasks --state running\n  grapevine tasks --json | jq length\n"
+        "  grapevine tasks --network --state failed\n"
+        "  grapevine tasks --network --limit 1000 --json | jq .next_cursor",
         parents,
     )
     tasks.add_argument("--state", choices=STATES, help="only tasks in this state")
     tasks.add_argument("--role", help="only tasks of this role")
-    tasks.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    tasks.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help=f"at most this many (default {LOCAL_LIMIT}; with --network, every task)",
+    )
+    tasks.add_argument(
+        "--network",
+        action="store_true",
+        help="list every task in the network, not only those the local peer knows",
+    )
+    tasks.add_argument(
+        "--cursor",
+        metavar="ID",
+        default=None,
+        help="with --network: start after this task id (a next_cursor of an earlier listing)",
+    )
     client_command(tasks, _tasks)
 
     _add_by_id(
@@ -272,9 +297,14 @@ class _ProgressLine:
 
 
 async def _tasks(client: GrapevineClient, args: argparse.Namespace) -> int:
-    if args.limit < 1:
+    if args.limit is not None and args.limit < 1:
         return fail(args, "--limit must be at least 1", EXIT_USAGE)
-    tasks = await client.tasks(state=args.state, role=args.role, limit=args.limit)
+    if args.network:
+        return await network_listing(client, args)
+    if args.cursor is not None:
+        return fail(args, "--cursor pages a network listing: add --network", EXIT_USAGE)
+    limit = LOCAL_LIMIT if args.limit is None else args.limit
+    tasks = await client.tasks(state=args.state, role=args.role, limit=limit)
     print(render.as_json(tasks) if args.json else render.tasks_table(tasks))
     return EXIT_OK
 

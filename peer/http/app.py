@@ -24,12 +24,14 @@ from peer.http.agents import AgentApi
 from peer.http.blobs import BlobApi
 from peer.http.common import KEEPALIVE_INTERVAL, MAX_BODY_BYTES, Json, problems
 from peer.http.events import EventApi
-from peer.http.guard import RequestGuard
+from peer.http.guard import API_LIMITS, RequestGuard
 from peer.http.keys import KeyApi
 from peer.http.members import MemberApi
+from peer.http.metrics import MetricsApi
 from peer.http.tasks import TaskApi
 from peer.http.tree import TreeApi
 from peer.http.watch import WatchApi
+from peer.observability.metrics import PeerMetrics
 from peer.runtime.blobs import BlobService
 from peer.runtime.driver import Driver
 from peer.runtime.serving import host_port, serve
@@ -58,6 +60,7 @@ class PeerApi:
             inputs over the inline limit and serves no blobs.
         agents: returns the `GET /v1/agents` answer (the agent host's status); None for a peer
             without agents, which answers with its executor's roles.
+        metrics: the peer's metrics, served at `GET /metrics`; None serves no such route.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class PeerApi:
         keepalive: float = KEEPALIVE_INTERVAL,
         blobs: BlobService | None = None,
         agents: Callable[[], Json] | None = None,
+        metrics: PeerMetrics | None = None,
     ) -> None:
         self.driver = driver
         self.transport = transport
@@ -86,9 +90,11 @@ class PeerApi:
             WatchApi(driver, keepalive),  # /v1/tasks/watch before the tasks' /v1/tasks/{id}
             self.tasks,
             TreeApi(driver),
-            BlobApi(driver, blobs),
+            BlobApi(blobs),
             AgentApi(driver, agents),
         ]
+        if metrics is not None:
+            resources.append(MetricsApi(metrics))
         self.guard = RequestGuard(token)
         self.app = web.Application(
             client_max_size=MAX_BODY_BYTES, middlewares=[problems, self.guard.middleware]
@@ -103,7 +109,9 @@ class PeerApi:
         """
         if host and not _is_ip(host):
             self.guard.names = frozenset({host})
-        self._runner, bound_port = await serve(self.app, host, port)
+        self._runner, bound_port = await serve(
+            self.app, host, port, limits=API_LIMITS, refused=self.guard.refused
+        )
         self.address = host_port(host, bound_port)
 
     async def stop(self) -> None:

@@ -17,18 +17,32 @@ Invariants (checked in this order, for every route, unknown routes included):
   browser form or "simple" cross-origin request (text/plain) reaches a handler with a body.
 - Text: the path and every query parameter are valid UTF-8 once percent-decoded. Else 400
   naming the parameter (aiohttp would quietly replace the bad bytes).
+
+Connections (`API_LIMITS`, enforced by `peer.runtime.serving`): the API holds at most 128
+connections, 64 from one address. A connection becomes trusted once one of its requests
+passed the token check (`trust_connection`); until then it is closed 10 s after it opened (so
+a request head has 10 s), and it is the first closed when a new connection would exceed a cap.
+A trusted connection waits at most 30 s for its next request head. So half-sent requests from
+a process that does not hold the token, even on this machine (where every client's address is
+127.0.0.1), cannot keep the operator's requests out. An authenticated request's body must have
+arrived whole within `BODY_TIMEOUT` seconds, else 408. Refused and closed connections and late
+bodies are counted by reason in `RequestGuard.refused`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
+from collections import Counter
 from collections.abc import Iterable
+from typing import Final
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from aiohttp import web
 
 from peer.http.common import Handler, Problem, bad_request, problem_response
+from peer.runtime.serving import ServerLimits, trust_connection
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 BODY_METHODS = ("POST", "PUT", "PATCH")
@@ -40,6 +54,21 @@ TOKEN_DETAIL = (
     "<data_dir>/api.token. `grapevine` commands find it through --data-dir, --token-file or "
     "GRAPEVINE_API_TOKEN; the Python client takes GrapevineClient(api, token=...)"
 )
+
+API_LIMITS: Final = ServerLimits(
+    max_connections=128, max_per_source=64, idle_timeout=30.0, linger=2.0, prove_within=10.0
+)
+"""The API server's connection caps. 128 connections in all keeps the API's descriptors with
+the transport's 512 well under the usual limit of 1024; 64 from one address is room for a
+busy local script plus followed event streams (every local client shares 127.0.0.1, so on
+loopback this is the cap on all of them), while a remote source (an API beyond loopback) holds
+at most half. 30 s idle is above the clients' 15 s keep-alive, so a pooled connection is closed
+by its client first. 10 s to prove a connection is ample for a request head on any link, and
+is how long a process without the token holds each of its connections."""
+BODY_TIMEOUT: Final = 60.0
+"""Seconds an authenticated request's body may take to arrive in all: the largest submission
+(about 130 MB of JSON) at 2 MB/s. Shorter cuts a slow writer loose sooner; it can only be the
+operator's own client, as the body is read after the token check."""
 
 
 def address_form(host: str, port: int) -> str:
@@ -83,13 +112,18 @@ class RequestGuard:
 
     Args:
         token: the peer's API token.
+        body_timeout: seconds a request's body may take to arrive (see `BODY_TIMEOUT`).
     """
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, body_timeout: float = BODY_TIMEOUT) -> None:
         self._token = token.encode("ascii")
+        self.body_timeout = body_timeout
         self.names: frozenset[str] = frozenset()
         """Host names the API was started on, accepted in `Host` besides its socket's address
         (set by `PeerApi.start`)."""
+        self.refused: Counter[str] = Counter()
+        """Connections refused or closed over `API_LIMITS`, and bodies that came too late
+        ("body_timeout"), by reason."""
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -112,18 +146,43 @@ class RequestGuard:
             return problem_response(
                 401, "Unauthorized", f"{title}: {TOKEN_DETAIL}", {"WWW-Authenticate": REALM}
             )
-        if (
-            request.method in BODY_METHODS
-            and request.body_exists
-            and request.content_type != JSON_TYPE
-        ):
+        trust_connection(request)
+        with_body = request.method in BODY_METHODS and request.body_exists
+        if with_body and request.content_type != JSON_TYPE:
             raise Problem(
                 415,
                 "Unsupported Media Type",
                 f"request bodies must be {JSON_TYPE}, got {request.content_type[:100]!r}",
             )
         check_url_text(request)
-        return await handler(request)
+        if not with_body:
+            return await handler(request)
+        return await self._body_in_time(request, handler)
+
+    async def _body_in_time(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Run `handler`, ending it with a 408 if the body has not all arrived in time."""
+        arriving = True
+
+        def arrived() -> None:
+            if arriving:
+                deadline.reschedule(None)
+
+        try:
+            async with asyncio.timeout(self.body_timeout) as deadline:
+                request.content.on_eof(arrived)
+                try:
+                    return await handler(request)
+                finally:
+                    arriving = False
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            self.refused["body_timeout"] += 1
+            raise Problem(
+                408,
+                "Request Timeout",
+                f"the request body did not arrive within {self.body_timeout:g} s",
+            ) from None
 
     def _allowed_hosts(self, request: web.Request) -> frozenset[str]:
         sockname = request.transport.get_extra_info("sockname") if request.transport else None

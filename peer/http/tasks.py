@@ -1,7 +1,8 @@
 """The task endpoints of the local HTTP API: submit, list, get, cancel, stats (/v1/tasks...).
 
 docs/http-api.md is the contract; the tree is in `peer.http.tree`, the streams in
-`peer.http.watch`, both built on the views and look-ups of this module.
+`peer.http.watch`, both built on the views and look-ups of this module, and the network scope
+of the listing (`?scope=network`) in `peer.http.task_pages`.
 
 Invariants:
 - A submission is acknowledged (202) only after the task record is durable here (fsynced) and,
@@ -29,6 +30,7 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import os
@@ -46,15 +48,17 @@ from peer.http.common import (
     node_id_text,
     notes_or_silence,
 )
+from peer.http.task_pages import network_page
 from peer.runtime.blobs import BlobService, BlobUnavailable
 from peer.runtime.driver import Driver, NotDurable
 from peer.runtime.hub import NoteHub
-from protocol.blobs import BLOB_LIMIT
+from peer.runtime.task_listing import NetworkListing
+from protocol.blobs import BLOB_LIMIT, blob_ref
 from protocol.errors import LocalProtocolError
 from protocol.node import Node
 from protocol.tasks.idempotency import IdempotencyConflict, spec_for, spec_of
 from protocol.tasks.messages import MAX_INLINE_PAYLOAD
-from protocol.tasks.state import START, TaskState
+from protocol.tasks.state import TaskState
 from protocol.tasks.tombstone import Tombstone
 from protocol.wire import MAX_NAME_CHARS, MAX_UINT
 
@@ -133,12 +137,14 @@ def task_json(st: TaskState) -> Json:
         }
     executions = [
         {
-            "epoch": epoch,
-            "owner": node_id_text(owner),
-            "phase": "start" if phase == START else "end",
-            "outcome": None if phase == START else entry.outcome,
+            "epoch": run.epoch,
+            "owner": node_id_text(run.owner),
+            "incarnation": run.incarnation,
+            "phase": phase,
+            "outcome": None if phase == "start" else run.outcome,
         }
-        for (epoch, owner, phase), entry in sorted(st.executions.items())
+        for run in st.runs()
+        for phase in (("start",) if run.outcome is None else ("start", "end"))
     ]
     cancel = st.cancel
     return {
@@ -291,6 +297,7 @@ class TaskApi:
         self.driver = driver
         self.blobs = blobs
         self.replication_timeout = replication_timeout
+        self.listing = NetworkListing(driver)
 
     def routes(self) -> list[web.RouteDef]:
         """The routes, fixed paths before `{id}` so that they match first."""
@@ -355,9 +362,15 @@ class TaskApi:
         wait = body.get("wait", False)
         if not isinstance(wait, bool):
             raise bad_request("wait must be true or false")
+        nonce = b"" if key else os.urandom(16)
         if blobs is not None and len(data) > MAX_INLINE_PAYLOAD:
+            # The blob goes to its task's designated holders, so the task id comes first.
+            ref = await asyncio.to_thread(blob_ref, data)
+            task_id = self.driver.task_id_for(
+                role, ref, priority=priority, idempotency_key=key, nonce=nonce, timeout=timeout
+            )
             try:
-                data = await blobs.store_input(data)
+                data = await blobs.store_input(data, task_id)
             except BlobUnavailable as exc:
                 raise Problem(
                     503, "Service Unavailable", f"{exc}; nothing was submitted, try again"
@@ -375,7 +388,7 @@ class TaskApi:
                 data,
                 priority=priority,
                 idempotency_key=key,
-                nonce=b"" if key else os.urandom(16),
+                nonce=nonce,
                 timeout=float(timeout),
             )
         except IdempotencyConflict as exc:
@@ -424,6 +437,13 @@ class TaskApi:
         if state and state not in STATES:
             raise bad_request(f"state must be one of {', '.join(STATES)}, got {state!r}")
         role = request.query.get("role", "")
+        scope = request.query.get("scope", "local")
+        if scope == "network":
+            return await network_page(self.listing, request.query, state, role)
+        if scope != "local":
+            raise bad_request(f"scope must be local or network, got {scope[:70]!r}")
+        if "cursor" in request.query:
+            raise bad_request("cursor pages a network listing: it needs scope=network")
         limit_text = request.query.get("limit", str(DEFAULT_LIST))
         if not limit_text.isdigit() or not 0 < int(limit_text) <= MAX_LIST:
             raise bad_request(f"limit must be an integer from 1 to {MAX_LIST}, got {limit_text!r}")
@@ -463,9 +483,7 @@ class TaskApi:
             totals["duplicates"] += duplicates(st)
             if st.claim is not None:
                 totals["takeovers"] += st.claim.epoch - 1
-            totals["fenced"] += sum(
-                1 for e in st.executions.values() if e.phase != START and e.outcome == "fenced"
-            )
+            totals["fenced"] += sum(1 for run in st.runs() if run.outcome == "fenced")
         counters = node.task_counters()
         totals["flips"] = counters.get("result flips", 0)
         totals["live"] = sum(1 for _ in node.held_tasks())

@@ -37,7 +37,7 @@ from protocol.effects import (
     TaskClaimed,
     TaskReplicated,
 )
-from protocol.tasks.state import START, TaskState
+from protocol.tasks.state import TaskState
 
 
 class WatchApi:
@@ -129,15 +129,18 @@ def new_facts(st: TaskState, seen: set[tuple[Any, ...]], when: float) -> list[Js
     if claim is not None and ("claim", claim.epoch, claim.owner) not in seen:
         seen.add(("claim", claim.epoch, claim.owner))
         out.append(_claimed(when, st.task_id, claim.owner, claim.epoch))
-    for (epoch, owner, phase), entry in sorted(st.executions.items()):
-        if ("execution", epoch, owner, phase) in seen:
-            continue
-        seen.add(("execution", epoch, owner, phase))
-        kind = "task-started" if phase == START else "task-ended"
-        event = task_event(kind, when, st.task_id, owner=node_id_text(owner), epoch=epoch)
-        if phase != START:
-            event["outcome"] = entry.outcome
-        out.append(event)
+    for run in st.runs():
+        ident = (run.epoch, run.owner, run.incarnation)
+        for phase in ("start",) if run.outcome is None else ("start", "end"):
+            if ("execution", *ident, phase) in seen:
+                continue
+            seen.add(("execution", *ident, phase))
+            kind = "task-started" if phase == "start" else "task-ended"
+            owner = node_id_text(run.owner)
+            event = task_event(kind, when, st.task_id, owner=owner, epoch=run.epoch)
+            if phase == "end":
+                event["outcome"] = run.outcome
+            out.append(event)
     acc = st.accepted
     if acc is not None and ("result", acc.epoch, acc.owner) not in seen:
         seen.add(("result", acc.epoch, acc.owner))

@@ -5,10 +5,19 @@ streams (`peer.runtime.sealing`, "Stream layout": the length authenticated first
 chunks each authenticated on its own), with a `Sealer` and an `Opener` of their own (their own
 sequence numbers and replay windows), so that a long blob transfer can never push envelope
 frames out of a replay window or the reverse:
-- ``POST /gv/v1/blob/push``: a stream of ``digest + data``; the receiver admits its length
-  against the blob store's quota before reading it (507 and ``rejected["blob_over_quota"]``
-  when over), checks that `data` hashes to `digest` and stores it (204), or drops it and counts
-  ``rejected["blob_digest_mismatch"]`` (422).
+- ``POST /gv/v1/blob/push``: a stream of ``digest (32) + task id (32) + data``, the task id
+  naming the task the blob is pushed for (one whose input or output it is). From the first
+  chunk the receiver's holder (`BlobHolder.admit_push`) decides: a peer that is not one of the
+  task's designated holders in its own view refuses it with 403 and
+  ``rejected["blob_not_holder"]``, one without room in its quota with 507 and
+  ``rejected["blob_over_quota"]``, each before any more is read. An admitted push is streamed
+  to a temporary file as its chunks are authenticated and put in place only if `data` hashes to
+  `digest` (204); else it is dropped, counted ``rejected["blob_digest_mismatch"]`` (422). A
+  push that fails on the way (cut short, forged chunk, disk full: 507 and
+  ``rejected["blob_store_failed"]``) leaves nothing behind. The task id came with the
+  designated-holder rule (issue 11); a peer from before it hashes ``task id + data`` and answers
+  422, and a push from before it has its data's first 32 bytes read as a task id (403, or 422
+  for the rest): both fail closed, and a network runs one version (decision 20).
 - ``POST /gv/v1/blob/get``: a stream of ``digest``; the answer is a stream of ``digest + data``
   (200) or 404 when the blob is not held here. The fetcher reads no answer longer than the
   size the blob's reference gives, and checks the digest too, so a copy from any peer is as
@@ -17,9 +26,10 @@ frames out of a replay window or the reverse:
 Invariants:
 - Nobody without a network key can read, inject or request a blob, and a stranger's blob
   request costs `PREFIX_BYTES` of reading (`peer.runtime.intake`).
-- A push's bytes are read only once its length is authenticated and fits the store's quota
-  and the intake's memory bound; a push, a get and an answer are sealed for their own routes,
-  so none opens as another, and no envelope frame opens as any of them.
+- A push's bytes past its first chunk are read only once its length is authenticated and its
+  task, digest and length are admitted; it holds at most `PUSH_BUFFER` bytes in memory,
+  whatever its size. A push, a get and an answer are sealed for their own routes, so none
+  opens as another, and no envelope frame opens as any of them.
 - A push or a fetch takes at most `blob_timeout` seconds in all, each piece `read_timeout`.
 
 The blob opener tolerates a clock skew of `BLOB_MAX_SKEW`; replaying a captured blob stream
@@ -32,17 +42,19 @@ import asyncio
 import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Callable
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar
 
 import aiohttp
 from aiohttp import web
 
+from peer.runtime.blob_store import BlobWriter
 from peer.runtime.intake import BODY_ERRORS, Intake, problem, source_of
 from peer.runtime.keyring import Keyring
 from peer.runtime.sealing import (
     ROUTE_BLOB_ANSWER,
     ROUTE_BLOB_GET,
     ROUTE_BLOB_PUSH,
+    STREAM_CHUNK,
     Opener,
     Sealer,
     SealError,
@@ -53,8 +65,16 @@ from protocol.blobs import BLOB_LIMIT, DIGEST_BYTES
 
 BLOB_PUSH_PATH: Final = "/gv/v1/blob/push"
 BLOB_GET_PATH: Final = "/gv/v1/blob/get"
-BLOB_FRAME_BYTES: Final = stream_bytes(DIGEST_BYTES + BLOB_LIMIT)
-"""Largest blob stream: the digest and the largest blob, sealed."""
+PUSH_HEAD_BYTES: Final = 2 * DIGEST_BYTES
+"""Bytes before a push's data: the blob's digest and the id of the task it is pushed for."""
+NO_TASK: Final = bytes(32)
+"""The task id of a push made for no task: only a bare `BlobStore` (no holder rule, as a
+transport on its own in tests) accepts it; a peer's blob service refuses it."""
+BLOB_FRAME_BYTES: Final = stream_bytes(PUSH_HEAD_BYTES + BLOB_LIMIT)
+"""Largest blob stream: a push of the largest blob, sealed."""
+PUSH_BUFFER: Final = 2 * STREAM_CHUNK
+"""Bytes a push being received counts against the intake's memory bound: the chunk being
+read and the one being written (the rest of the blob is on disk)."""
 BLOB_MAX_SKEW: Final = 600.0
 """Seconds a blob stream's timestamp may differ from the receiver's clock: a blob request is
 sealed before it waits, behind others, for one of the connections to its peer."""
@@ -64,20 +84,28 @@ BLOB_TIMEOUT: Final = 120.0
 ANSWER_TEXT_BYTES: Final = 1024
 """Most bytes of an answer read when no blob is expected (a status line's explanation)."""
 
+_T = TypeVar("_T")
+
 
 class BlobHolder(Protocol):
-    """Where pushed blobs go and served blobs come from (`peer.runtime.blob_store.BlobStore`).
+    """Where pushed blobs go and served blobs come from: a peer's
+    `peer.runtime.blobs.BlobService` (the designated-holder rule, then its store), or a bare
+    `peer.runtime.blob_store.BlobStore` (the quota only).
 
-    `get` and `receive_pushed` block on disk I/O and hashing; they run in a thread.
+    `get`, `open_push` and the writer's methods block on disk I/O and hashing; they run in a
+    thread. `admit_push` and `release_push` do not block.
     """
 
     def get(self, digest: bytes) -> bytes | None: ...
 
-    def reserve_push(self, size: int) -> bool: ...
+    def admit_push(self, task_id: bytes, digest: bytes, size: int) -> str | None:
+        """None to admit a push of `size` bytes (set aside until `release_push`), else the
+        reason it is refused (a key of the intake's refusal counters)."""
+        ...
 
     def release_push(self, size: int) -> None: ...
 
-    def receive_pushed(self, digest: bytes, data: bytes) -> bool: ...
+    def open_push(self, digest: bytes) -> BlobWriter: ...
 
 
 class BlobTransferError(Exception):
@@ -135,11 +163,18 @@ class BlobRoutes:
     # Client side
 
     async def push(
-        self, session: aiohttp.ClientSession, addr: str, digest: bytes, data: bytes
+        self,
+        session: aiohttp.ClientSession,
+        addr: str,
+        digest: bytes,
+        data: bytes,
+        task_id: bytes = NO_TASK,
     ) -> None:
         """See `peer.runtime.transport.Transport.push_blob`."""
+        if len(digest) != DIGEST_BYTES or len(task_id) != DIGEST_BYTES:
+            raise BlobTransferError(addr, "a digest and a task id are 32 bytes each")
         async with self._exchange(
-            session, addr, BLOB_PUSH_PATH, ROUTE_BLOB_PUSH, digest + data
+            session, addr, BLOB_PUSH_PATH, ROUTE_BLOB_PUSH, digest + task_id + data
         ) as (response):
             if response.status >= 300:
                 raise await _transfer_error(addr, response)
@@ -222,7 +257,7 @@ class BlobRoutes:
             return self._intake.refuse(source, "too_large", f"{length} bytes")
         push = request.path == BLOB_PUSH_PATH
         route = ROUTE_BLOB_PUSH if push else ROUTE_BLOB_GET
-        longest = DIGEST_BYTES + BLOB_LIMIT if push else DIGEST_BYTES
+        longest = PUSH_HEAD_BYTES + BLOB_LIMIT if push else DIGEST_BYTES
         try:
             async with asyncio.timeout(self._blob_timeout):
                 opening = await self._intake.read_head(
@@ -251,27 +286,64 @@ class BlobRoutes:
     async def _receive_push(
         self, request: web.Request, source: str, store: BlobHolder, opening: StreamOpening
     ) -> web.StreamResponse:
-        """Read and store the rest of an admitted push stream (`_handle`'s deadline and error
-        handling apply)."""
-        size = opening.size - DIGEST_BYTES
+        """Admit a push stream from its first chunk, then stream the rest to disk (`_handle`'s
+        deadline and error handling apply)."""
+        size = opening.size - PUSH_HEAD_BYTES
         if size <= 0:
             return self._intake.refuse(source, "bad_blob_request", f"a {opening.size}-byte push")
-        if not store.reserve_push(size):
-            return self._intake.refuse(source, "blob_over_quota", f"{size} bytes")
+        first = opening.open_chunk(
+            await self._intake.read_exactly(request.content, opening.next_chunk_bytes)
+        )
+        digest, task_id = first[:DIGEST_BYTES], first[DIGEST_BYTES:PUSH_HEAD_BYTES]
+        refusal = store.admit_push(task_id, digest, size)
+        if refusal is not None:
+            what = f"blob {digest.hex()[:12]} for task {task_id.hex()[:12]}, {size} bytes"
+            return self._intake.refuse(source, refusal, what)
         try:
-            with self._intake.buffering(opening.size):
-                plain = await self._intake.read_stream(request.content, opening)
-                self.bytes_in += stream_bytes(opening.size)
-                digest, data = plain[:DIGEST_BYTES], plain[DIGEST_BYTES:]
-                stored = await asyncio.to_thread(store.receive_pushed, digest, data)
+            with self._intake.buffering(PUSH_BUFFER):
+                writer = await _on_disk(store.open_push, digest)
+                try:
+                    stored = await self._stream_to(writer, request, opening, first)
+                except BaseException:
+                    writer.abort()
+                    raise
+        except NotStored as exc:
+            self._intake.rejected["blob_store_failed"] += 1
+            self._intake.log_refusal(source, f"blob {digest.hex()[:12]} not stored: {exc}")
+            return problem(507, "blob_store_failed", close=True)
         finally:
             store.release_push(size)
+        self.bytes_in += stream_bytes(opening.size)
         if not stored:
             self._intake.rejected["blob_digest_mismatch"] += 1
             self._intake.log_refusal(source, f"blob {digest.hex()[:12]}: digest mismatch")
             return problem(422, "blob_digest_mismatch")
         self.blobs_in += 1
         return web.Response(status=204)
+
+    async def _stream_to(
+        self, writer: BlobWriter, request: web.Request, opening: StreamOpening, first: bytes
+    ) -> bool:
+        """Write the data of the push whose first chunk is `first`, then each further chunk as
+        it opens; return `writer.commit()`."""
+        await _on_disk(writer.write, first[PUSH_HEAD_BYTES:])
+        while sealed_bytes := opening.next_chunk_bytes:
+            sealed = await self._intake.read_exactly(request.content, sealed_bytes)
+            await _on_disk(writer.write, opening.open_chunk(sealed))
+        return await _on_disk(writer.commit)
+
+
+class NotStored(Exception):
+    """A pushed blob could not be written to this peer's disk (the `OSError` is the cause)."""
+
+
+async def _on_disk(call: Callable[..., _T], *args: object) -> _T:
+    """Run a blocking disk call in a thread; its `OSError` becomes `NotStored`, so that it is
+    not mistaken for a network error (`TimeoutError` is an `OSError` too)."""
+    try:
+        return await asyncio.to_thread(call, *args)
+    except OSError as exc:
+        raise NotStored(str(exc)) from exc
 
 
 def connect_reason(exc: aiohttp.ClientConnectorError) -> str:

@@ -3,26 +3,31 @@ on the blobs other peers push here.
 
 Invariants:
 - A blob file is ``blobs/<64 hex digits>`` and holds exactly the bytes hashing to that name. It
-  is written to a temporary file, fsynced and renamed into place (then the directory fsynced),
-  so after a crash — kill -9 included — it is either whole or absent. Reading re-hashes it: a
+  is written to a temporary file in the blob directory, fsynced and renamed into place (then the
+  directory fsynced), so after a crash — kill -9 included — it is either whole or absent.
+  Temporary files a crash left behind are removed at the next open. Reading re-hashes a blob: a
   file that does not match (disk corruption, tampering) is deleted and treated as absent.
-- Received blobs are hashed before they are stored; a mismatch is dropped, never stored.
+- Received bytes are hashed before they are in place: a mismatch is dropped, never stored. A
+  pushed blob is streamed (`BlobWriter`): its pieces go to the temporary file as they arrive,
+  hashed on the way, so a push holds one piece in memory, never the blob.
+- A blob's file time is when it was last stored: storing a blob already held (put, fetched or
+  pushed again) refreshes it (`stored_at`), so the grace a new use gets counts from then.
 - Blobs other peers push here are held within a quota (`BlobStore.quota`, bytes): a push is
-  admitted (`reserve_push`) before its bytes are read, and refused when it would exceed it.
-  Each carries a marker file (``blobs/<hex>.pushed``, whose time is the receipt time) written
-  before the blob is renamed into place, so no pushed blob is ever unmarked; `sweep` deletes
-  those no task references once they are older than a grace period. This peer's own blobs
-  (`put`: its inputs and outputs) and the blobs it fetched (`receive`) carry no marker and
-  are never swept.
+  admitted (`admit_push`) before its bytes are read, and refused when it would exceed it. Each
+  carries a marker file (``blobs/<hex>.pushed``) written before the blob is renamed into place,
+  so the accounting survives a restart and no pushed blob is ever unmarked. A blob this peer
+  stores as its own (`put`) stops counting against the quota.
+- The store decides nothing about deleting: `peer.runtime.blobs.BlobService` deletes a blob
+  (`delete`) once no task held here needs it.
 - Every method may be called from a worker thread; the quota's bookkeeping is locked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
-from collections.abc import Collection
 from pathlib import Path
 
 from protocol.blobs import DIGEST_BYTES, blob_digest
@@ -34,7 +39,7 @@ BLOBS_DIR = "blobs"
 PUSH_QUOTA = 4 * 1024**3
 """Default most bytes of blobs pushed by other peers a peer holds at once: 64 blobs of the
 largest size. Lower bounds what a member can make a peer store; too low, and pushes of real
-inputs are refused (the pusher then tries the next holder in rendezvous order)."""
+inputs are refused (the pusher then tries the next designated holder)."""
 _TMP_MARK = ".tmp-"
 _PUSHED_MARK = ".pushed"
 
@@ -61,7 +66,7 @@ class BlobStore:
         """Digest -> size of the blobs held because another peer pushed them."""
         self._reserved = 0
         for marker in self.root.glob(f"*{_PUSHED_MARK}"):
-            digest = _digest_named(marker.name.removesuffix(_PUSHED_MARK))
+            digest = digest_named(marker.name.removesuffix(_PUSHED_MARK))
             try:
                 size = self.path(digest).stat().st_size if digest is not None else None
             except FileNotFoundError:
@@ -78,6 +83,28 @@ class BlobStore:
     def has(self, digest: bytes) -> bool:
         """Whether the blob named `digest` is stored here (not re-hashed)."""
         return len(digest) == DIGEST_BYTES and self.path(digest).is_file()
+
+    def stored_at(self, digest: bytes) -> float | None:
+        """When the blob named `digest` was last stored here (wall-clock seconds, its file
+        time); None if it is not held."""
+        try:
+            return self.path(digest).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def held(self) -> dict[bytes, float]:
+        """Digest -> `stored_at` of every blob held here."""
+        found: dict[bytes, float] = {}
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                digest = digest_named(entry.name)
+                if digest is None:
+                    continue  # a marker or a temporary file
+                try:
+                    found[digest] = entry.stat().st_mtime
+                except FileNotFoundError:
+                    continue  # deleted meanwhile
+        return found
 
     @property
     def held_for_others(self) -> int:
@@ -103,8 +130,8 @@ class BlobStore:
 
     def put(self, data: bytes) -> bytes:
         """Store `data` durably as this peer's own blob; return its digest. Storing a blob
-        already held is a no-op, except that one pushed by another peer becomes this peer's own
-        (no longer counted against the quota, never swept).
+        already held refreshes its time, and one pushed by another peer becomes this peer's own
+        (no longer counted against the quota).
 
         Raises:
             OSError: the file cannot be written (disk full, permissions).
@@ -133,69 +160,37 @@ class BlobStore:
 
     # Blobs other peers push
 
-    def reserve_push(self, size: int) -> bool:
-        """Set `size` bytes of the quota aside for a push about to be read; False (nothing set
-        aside) when the quota has no room for it. Pair with `release_push`."""
+    def admit_push(self, task_id: bytes, digest: bytes, size: int) -> str | None:
+        """Set `size` bytes of the quota aside for a push about to be read. The store knows no
+        tasks: `task_id` is for `peer.runtime.blobs.BlobService`, which checks it first.
+
+        Returns:
+            None when admitted (pair with `release_push`), else the refusal's reason:
+            "blob_over_quota" (nothing set aside).
+        """
         with self._lock:
             if sum(self._pushed.values()) + self._reserved + size > self.quota:
-                return False
+                return "blob_over_quota"
             self._reserved += size
-            return True
+            return None
 
     def release_push(self, size: int) -> None:
-        """Give back what `reserve_push(size)` set aside (the push was stored or dropped)."""
+        """Give back what `admit_push(..., size)` set aside (the push was stored or dropped)."""
         with self._lock:
             self._reserved -= size
 
-    def receive_pushed(self, digest: bytes, data: bytes) -> bool:
-        """Store a blob another peer pushed as `digest`, if `data` really hashes to it; it
-        counts against the quota and is swept unless a task references it (`sweep`). Call
-        within a `reserve_push` of its size.
-
-        Returns:
-            False (nothing stored) on a mismatch.
+    def open_push(self, digest: bytes) -> BlobWriter:
+        """Start receiving a blob another peer pushes as `digest`, within an `admit_push` of its
+        size: a temporary file in the blob directory that its pieces are written to.
 
         Raises:
-            OSError: the file cannot be written.
+            OSError: the temporary file cannot be created.
         """
-        if len(digest) != DIGEST_BYTES or blob_digest(data) != digest:
-            return False
-        if self.path(digest).is_file():
-            return True  # this peer's own, or pushed before: nothing changes
-        self._write(digest, data, mark_pushed=True)
-        with self._lock:
-            self._pushed[digest] = len(data)
-        return True
-
-    def sweep(self, referenced: Collection[bytes], now: float, grace: float) -> list[bytes]:
-        """Delete the blobs other peers pushed here more than `grace` seconds ago that no digest
-        in `referenced` names.
-
-        Args:
-            referenced: digests some task held here references (`referenced_blobs`).
-            now: wall-clock seconds (``time.time()``): receipt times are file times.
-            grace: seconds a pushed blob may wait for a task referencing it (the submitter
-                pushes an input before it submits the task).
-
-        Returns:
-            The digests deleted.
-        """
-        with self._lock:
-            candidates = [d for d in self._pushed if d not in referenced]
-        deleted: list[bytes] = []
-        for digest in candidates:
-            try:
-                received = self._marker(digest).stat().st_mtime
-            except FileNotFoundError:
-                continue  # adopted by `put` meanwhile
-            if now - received >= grace:
-                self.delete(digest)
-                deleted.append(digest)
-        return deleted
+        return BlobWriter(self, digest)
 
     def delete(self, digest: bytes) -> int:
         """Delete the blob named `digest` (whoever stored it); return the bytes freed (0 if it
-        was not held). Retention deletes blobs with their tasks through this too.
+        was not held).
 
         Raises:
             OSError: the directory cannot be written.
@@ -209,44 +204,132 @@ class BlobStore:
         self._marker(digest).unlink(missing_ok=True)
         with self._lock:
             self._pushed.pop(digest, None)
-        self._sync_dir()
+        self.sync_dir()
         return size
 
-    def _marker(self, digest: bytes) -> Path:
-        return self.root / f"{digest.hex()}{_PUSHED_MARK}"
+    def temporary_path(self, digest: bytes) -> Path:
+        """A fresh temporary file name for the blob `digest` (removed at the next open)."""
+        return self.path(digest).with_name(
+            f"{digest.hex()}{_TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"
+        )
 
-    def _write(self, digest: bytes, data: bytes, *, mark_pushed: bool = False) -> None:
+    def install(self, digest: bytes, tmp: Path, size: int, *, pushed: bool) -> None:
+        """Put the fsynced temporary file `tmp`, holding the blob `digest` of `size` bytes, in
+        place; if the blob is held already, drop `tmp` and refresh the blob's time. A `pushed`
+        blob is marked (before it is in place: a crash leaves an orphan marker, removed at the
+        next open, never an unmarked pushed blob) and counted against the quota.
+
+        Raises:
+            OSError: the directory cannot be written (`tmp` is removed).
+        """
         path = self.path(digest)
-        if path.is_file():
-            return
-        tmp = path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            with os.fdopen(fd, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            if mark_pushed:
-                # Marked before it is in place: a crash leaves an orphan marker (removed at
-                # the next open), never an unmarked pushed blob that would never be swept.
+            if path.is_file():
+                tmp.unlink()
+                os.utime(path)
+                return
+            if pushed:
                 self._marker(digest).touch(mode=0o600)
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
-            if mark_pushed:
+            if pushed and not path.is_file():
                 self._marker(digest).unlink(missing_ok=True)
             raise
-        self._sync_dir()
+        if pushed:
+            with self._lock:
+                self._pushed[digest] = size
+        self.sync_dir()
 
-    def _sync_dir(self) -> None:
+    def sync_dir(self) -> None:
+        """Make the directory's entries (renames, deletions) durable."""
         dir_fd = os.open(self.root, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
 
+    def _marker(self, digest: bytes) -> Path:
+        return self.root / f"{digest.hex()}{_PUSHED_MARK}"
 
-def _digest_named(name: str) -> bytes | None:
+    def _write(self, digest: bytes, data: bytes) -> None:
+        path = self.path(digest)
+        if path.is_file():
+            os.utime(path)  # a new use of it: its grace counts from now
+            return
+        tmp = self.temporary_path(digest)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.install(digest, tmp, len(data), pushed=False)
+
+
+class BlobWriter:
+    """A pushed blob being received: its pieces are written to a temporary file in the blob
+    directory and hashed as they arrive; `commit` puts it in place only if the bytes hash to
+    its name. Exactly one of `commit` and `abort` ends it; every method blocks on disk I/O.
+
+    Raises:
+        OSError: the temporary file cannot be created.
+    """
+
+    def __init__(self, store: BlobStore, digest: bytes) -> None:
+        self._store = store
+        self._digest = digest
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._tmp = store.temporary_path(digest)
+        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._file = os.fdopen(fd, "wb")
+
+    def write(self, piece: bytes) -> None:
+        """Append `piece` (hashed, then written).
+
+        Raises:
+            OSError: the disk refused it (disk full); call `abort`.
+        """
+        self._hash.update(piece)
+        self._file.write(piece)
+        self._size += len(piece)
+
+    def commit(self) -> bool:
+        """Verify the digest, fsync and put the blob in place (`BlobStore.install`).
+
+        Returns:
+            False on a digest mismatch: nothing is stored and the temporary file is gone.
+
+        Raises:
+            OSError: it could not be written (the temporary file is gone too).
+        """
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except BaseException:
+            self.abort()
+            raise
+        if len(self._digest) != DIGEST_BYTES or self._hash.digest() != self._digest:
+            self._tmp.unlink(missing_ok=True)
+            return False
+        self._store.install(self._digest, self._tmp, self._size, pushed=True)
+        return True
+
+    def abort(self) -> None:
+        """Drop what was received: close and delete the temporary file."""
+        try:
+            self._file.close()
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+
+def digest_named(name: str) -> bytes | None:
+    """The digest a blob file name (64 lowercase hex digits) stands for; None for any other."""
     if len(name) != 2 * DIGEST_BYTES or any(c not in "0123456789abcdef" for c in name):
         return None
     return bytes.fromhex(name)

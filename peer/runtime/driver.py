@@ -3,9 +3,13 @@
 Invariants:
 - Everything runs on the event loop thread, and only this driver calls the node, so the
   protocol needs no locks. The clock is `loop.time()` (monotonic).
-- Effects are applied in order, fully: persists first (one `put_many` transaction), then sends,
-  then notifications. If the persist fails, the sends of that call are not sent (they might
-  announce a fact that is not durable), the peer is `degraded` (the reason, shown by the API)
+- Effects are applied in order, fully: persists first, then sends, then notifications.
+  Persists are group-committed: the effects of every node call made in one turn of the event
+  loop that persist anything (and those that follow them in that turn) wait for one
+  `put_many` transaction at the end of the turn, so one fsync covers every envelope received
+  meanwhile, and nothing they send leaves before it is on disk (decision 24). If the persist
+  fails, the sends of those calls are not sent (they might announce a fact that is not
+  durable), the peer is `degraded` (the reason, shown by the API)
   and the records are kept: they are written, before the newer ones, with the next call that
   persists (or the next submit, or the periodic save), so disk catches up with the node's
   memory once writes succeed again; the first write that succeeds ends `degraded`.
@@ -19,6 +23,9 @@ Invariants:
   `peer.runtime.executor.Executor`; its completions come back through `complete`, a node call
   like any other. Without an executor nothing runs (seed-only peers serve no roles).
 - Restart: `restore` replays stored task objects in one batch (one persist transaction).
+- Task lifecycle: every note and command applied, each new submission and each execution's
+  end also go to `lifecycle` (`peer.observability.lifecycle`), which logs them and feeds the
+  peer's metrics.
 - Task trees: `children_of` reads the node's parent -> children index (`Node.children`). A
   parent waiting on its children `suspend`s (node and executor release its slot) and
   `resume`s when it goes on.
@@ -27,17 +34,20 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable
 from typing import Protocol, assert_never
 
+from peer.observability.lifecycle import TaskLifecycle
 from peer.runtime.executor import Executor, Usage, Work
 from peer.runtime.hub import NoteHub, Notifications
 from protocol.effects import CancelExecution, Command, Effects, Persist, StartExecution
 from protocol.errors import LocalProtocolError
 from protocol.node import Node
-from protocol.tasks.messages import Result
+from protocol.tasks.listing import PageQuery
+from protocol.tasks.messages import Result, task_id_of
 from protocol.tasks.state import TaskState
 from protocol.wire import Status
 
@@ -107,6 +117,8 @@ class Driver:
         self._timer: asyncio.TimerHandle | None = None
         self._save_timer: asyncio.TimerHandle | None = None
         self.notifications = Notifications(node, wall)
+        self.lifecycle = TaskLifecycle(node, self._clock, wall)
+        """Logs task lifecycle events and observes their metrics."""
         self.executor: Executor | None = None
         self.leaving = False
         self.hints: set[str] = set()
@@ -117,6 +129,13 @@ class Driver:
         """Writes to disk that failed since the start."""
         self._unwritten: dict[tuple[str, bytes], Persist] = {}
         """Records of failed writes, oldest first, the newest value for each key."""
+        self._pending: list[Effects] = []
+        """Effects waiting for this turn's group commit (see `_apply`), in order."""
+        self._commit: asyncio.Handle | None = None
+        """The group commit scheduled for the end of this turn of the loop, if any."""
+        self.on_written: Callable[[list[Persist]], None] | None = None
+        """Called with each batch of records once it is on disk, in order (the blob service
+        indexes blob references and deletes the blobs of forgotten tasks)."""
 
     @property
     def hub(self) -> NoteHub:
@@ -139,6 +158,7 @@ class Driver:
             if handle is not None:
                 handle.cancel()
         self._timer = self._save_timer = None
+        self._group_commit()
         self._persist([], retry=True)
         self.save_members()
         self.notifications.close()
@@ -217,7 +237,12 @@ class Driver:
             merged.wake_at = fx.wake_at
             count += 1
         if count:
-            self._apply(merged)
+            # Replayed objects are old news: their notes are not lifecycle events.
+            self.lifecycle.replaying = True
+            try:
+                self._apply(merged)
+            finally:
+                self.lifecycle.replaying = False
         return count
 
     def submit(
@@ -253,9 +278,31 @@ class Driver:
         )
         # A resubmission (same idempotency key) persists nothing: the record it names may be
         # among the unwritten ones, so those are retried whatever the call brought.
-        if not self._apply(fx, retry=True):
+        if fx.persists:
+            self.lifecycle.submitted(task_id)
+        # The client waits for this answer: commit now, with whatever else waits.
+        if not self._apply(fx, retry=True, commit_now=True):
             raise NotDurable(task_id, self.degraded or "unknown")
         return task_id
+
+    def task_id_for(
+        self,
+        role: str,
+        data: bytes,
+        *,
+        priority: int = 0,
+        parent: bytes = b"",
+        idempotency_key: str = "",
+        nonce: bytes = b"",
+        timeout: float = 0.0,
+    ) -> bytes:
+        """The id `submit` gives a task with the same arguments, known before it is submitted
+        (an input blob is pushed to its task's designated holders before the record exists)."""
+        digest = hashlib.sha256(data).digest()
+        node_id = self.node.node_id
+        return task_id_of(
+            node_id, idempotency_key, nonce, role, digest, priority, parent, float(timeout)
+        )
 
     async def wait_replicated(self, task_id: bytes, timeout: float) -> bool:
         """Wait until the task submitted here is held by enough other peers (`TaskReplicated`).
@@ -304,6 +351,13 @@ class Driver:
                 return
             await asyncio.sleep(FETCH_POLL)
 
+    def ask_task_pages(self, peers: list[bytes], query: PageQuery) -> dict[bytes, int]:
+        """Ask `peers` for their page of a network listing (`Node.ask_task_pages`); return the
+        request id sent to each (its page: `Node.task_page`)."""
+        fx, asked = self.node.ask_task_pages(self._clock(), peers, query)
+        self._apply(fx)
+        return asked
+
     def cancel_task(self, task_id: bytes, reason: str = "cancelled") -> None:
         """Cancel a task network-wide (`Node.cancel`)."""
         self._apply(self.node.cancel(self._clock(), task_id, reason))
@@ -316,6 +370,7 @@ class Driver:
         An outcome or output the node refuses is reported as "failed" with the reason, so the
         task still gets a result.
         """
+        self.lifecycle.ended(task_id, epoch, outcome)
         try:
             fx = self.node.complete(self._clock(), task_id, epoch, outcome, output, usage)
         except LocalProtocolError as exc:
@@ -363,24 +418,51 @@ class Driver:
         self._timer = None
         self._apply(self.node.tick(self._clock()))
 
-    def _apply(self, fx: Effects, *, retry: bool = False) -> bool:
-        """Apply `fx` (see the module invariants); `retry` writes unwritten records even if
-        `fx` persists nothing.
+    def _apply(self, fx: Effects, *, retry: bool = False, commit_now: bool = False) -> bool:
+        """Apply `fx` (see the module invariants): at once if it persists nothing and nothing
+        waits for a commit, else with this turn's group commit (or at once, with everything
+        waiting, for `commit_now`). `retry` writes unwritten records even if nothing else is
+        to be written.
 
         Returns:
-            Whether every record so far is on disk.
+            Whether every record so far is on disk (as of this call, for a deferred one).
         """
-        durable = self._persist(fx.persists, retry=retry)
+        if not (fx.persists or self._pending or commit_now):
+            if retry:
+                self._persist([], retry=True)
+            self._deliver(fx, durable=True)
+            return not self._unwritten
+        self._pending.append(fx)
+        if commit_now:
+            return self._group_commit(retry=retry)
+        if self._commit is None:
+            self._commit = self._loop.call_soon(self._group_commit)
+        return not self._unwritten
+
+    def _group_commit(self, *, retry: bool = False) -> bool:
+        """Write every waiting record in one transaction, then deliver the waiting effects."""
+        if self._commit is not None:
+            self._commit.cancel()
+            self._commit = None
+        pending, self._pending = self._pending, []
+        records = [record for fx in pending for record in fx.persists]
+        durable = self._persist(records, retry=retry)
+        for fx in pending:
+            self._deliver(fx, durable)
+        return durable
+
+    def _deliver(self, fx: Effects, durable: bool) -> None:
         if durable or not fx.persists:
             for send in fx.sends:
                 self._sender.send(send.addr, send.data)
         for note in fx.notes:
             self.notifications.observe(note)
+            self.lifecycle.observe(note)
         for command in fx.commands:
             self._execute(command)
             self.notifications.observe(command)
+            self.lifecycle.observe(command)
         self._arm(fx.wake_at)
-        return durable
 
     def _persist(self, records: list[Persist], *, retry: bool) -> bool:
         """Write the unwritten records, then `records`, in one transaction; return whether
@@ -405,6 +487,8 @@ class Driver:
             )
             self._unwritten.clear()
         self.degraded = None
+        if self.on_written is not None:
+            self.on_written(batch)
         return True
 
     def _arm(self, wake_at: float | None) -> None:

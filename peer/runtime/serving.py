@@ -6,12 +6,18 @@ and clean up the runner if binding fails so no half-started server is left behin
 
 Invariants:
 - A server given `ServerLimits` never holds more than `max_connections` connections, nor more
-  than `max_per_source` from one IP address: a connection beyond either is answered a canned
-  503 and closed at once, before aiohttp sees a byte of it, and counted in the `refused`
-  counter given. A connection that has not completed a request within `idle_timeout` is
-  closed (a stranger opening connections and sending half a header holds each one that long
-  at most), and one whose request was answered before its body was read is closed within
-  `linger` seconds.
+  than `max_per_source` from one IP address: a connection beyond either (unless an unproven
+  one makes room, below) is answered a canned 503 and closed at once, before aiohttp sees a
+  byte of it, and counted in the `refused` counter given. A connection that has not
+  completed a request within `idle_timeout` is closed (a stranger opening connections and
+  sending half a header holds each one that long at most), and one whose request was answered
+  before its body was read is closed within `linger` seconds.
+- A server whose limits set `prove_within` (the local API) holds a connection unproven until a
+  handler vouches for it (`trust_connection`, after the API token checked out): an unproven one
+  is closed `prove_within` seconds after it opened, and when a new connection would exceed a
+  cap the oldest unproven one (of the same source, else of any) is closed in its place with
+  the same 503, counted as "unproven_evicted". So connections that never send a whole
+  authenticated request cannot keep out a client that does, even from the same address.
 - Every server counts against its own limits only: the transport's strangers cannot use up the
   local API's connections, or the reverse. Descriptors are the one resource they share, so
   the transport's `max_connections` stays far below the usual descriptor limit (1024).
@@ -63,27 +69,50 @@ class ServerLimits:
     before the connection closes, so that its sender reads the refusal instead of a reset.
     Longer lets slower senders see why; it is also how long a refused stranger keeps its
     connection."""
+    prove_within: float | None = None
+    """Seconds a new connection has to be vouched for (`trust_connection`) before it is closed;
+    until then it is also the first closed to make room at a cap. None: connections need not
+    prove anything (the transport, whose every frame is authenticated on its own). Shorter
+    frees a silent client's descriptor sooner; it must exceed the time an honest client takes
+    to send a request head."""
 
 
 class _Admission:
-    """Counts open connections per source IP against `ServerLimits`."""
+    """Counts open connections per source IP against `ServerLimits`; closes unproven ones to
+    make room when the limits say so."""
 
     def __init__(self, limits: ServerLimits, refused: Counter[str]) -> None:
         self.limits = limits
         self.refused = refused
         self.total = 0
         self.by_source: Counter[str] = Counter()
+        self.gates: dict[asyncio.BaseTransport, _Gate] = {}
+        """Admitted connections, oldest first."""
 
     def admit(self, source: str) -> bool:
-        if self.total >= self.limits.max_connections:
+        if self.total >= self.limits.max_connections and not (
+            self._evict_unproven(source) or self._evict_unproven(None)
+        ):
             self.refused["too_many_connections"] += 1
             return False
-        if self.by_source[source] >= self.limits.max_per_source:
+        if self.by_source[source] >= self.limits.max_per_source and not self._evict_unproven(
+            source
+        ):
             self.refused["too_many_connections_from_source"] += 1
             return False
         self.total += 1
         self.by_source[source] += 1
         return True
+
+    def _evict_unproven(self, source: str | None) -> bool:
+        """Close the oldest unproven connection of `source` (None: of any); False if none."""
+        if self.limits.prove_within is None:
+            return False
+        for gate in self.gates.values():
+            if source in (None, gate.source) and not gate.trusted:
+                gate.close("unproven_evicted")
+                return True
+        return False
 
     def release(self, source: str) -> None:
         self.total -= 1
@@ -99,22 +128,57 @@ class _Gate(asyncio.Protocol):
         self._make_handler = make_handler
         self._admission = admission
         self._inner: asyncio.Protocol | None = None
-        self._source = ""
+        self._transport: asyncio.BaseTransport | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self.source = ""
+        self.trusted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
-        self._source = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
-        if not self._admission.admit(self._source):
-            if isinstance(transport, asyncio.WriteTransport):
-                transport.write(_BUSY)
-            transport.close()
+        self.source = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        if not self._admission.admit(self.source):
+            _refuse(transport)
             return
+        self._transport = transport
+        self._admission.gates[transport] = self
+        _GATE_OF[transport] = self
+        prove_within = self._admission.limits.prove_within
+        if prove_within is not None:
+            self._deadline = asyncio.get_running_loop().call_later(
+                prove_within, self.close, "unproven_timeout"
+            )
         self._inner = self._make_handler()
         self._inner.connection_made(transport)
 
+    def trust(self) -> None:
+        """A handler vouched for this connection: it is no longer closed to make room."""
+        self.trusted = True
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def close(self, reason: str) -> None:
+        """Close an unproven connection now, counted under `reason`; its slot is free at once."""
+        if self._transport is None or self.trusted:
+            return
+        self._admission.refused[reason] += 1
+        transport = self._transport
+        self._forget()
+        _refuse(transport)
+
+    def _forget(self) -> None:
+        if self._transport is not None:
+            self._admission.gates.pop(self._transport, None)
+            _GATE_OF.pop(self._transport, None)
+            self._admission.release(self.source)
+            self._transport = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self._forget()
         if self._inner is not None:
-            self._admission.release(self._source)
             self._inner.connection_lost(exc)
             self._inner = None
 
@@ -132,6 +196,17 @@ class _Gate(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self._inner is not None:
             self._inner.resume_writing()
+
+
+_GATE_OF: dict[asyncio.BaseTransport, _Gate] = {}
+"""The gate of every connection admitted under limits, in this process (`trust_connection`
+finds a request's gate by its transport)."""
+
+
+def _refuse(transport: asyncio.BaseTransport) -> None:
+    if isinstance(transport, asyncio.WriteTransport):
+        transport.write(_BUSY)
+    transport.close()
 
 
 class _Runner(web.AppRunner):
@@ -163,9 +238,10 @@ async def serve(
         app: the application.
         host: address to listen on.
         port: port to listen on; 0 picks a free one.
-        limits: connection caps and the idle timeout; None: neither (a loopback-only server).
-        refused: where connections refused over `limits` are counted, by reason
-            ("too_many_connections", "too_many_connections_from_source").
+        limits: connection caps and the idle timeout; None: neither.
+        refused: where connections refused or closed over `limits` are counted, by reason
+            ("too_many_connections", "too_many_connections_from_source", and with
+            `prove_within`: "unproven_evicted", "unproven_timeout").
 
     Returns:
         The running runner (call `cleanup()` to stop) and the bound port (the OS's choice when
@@ -184,7 +260,8 @@ async def serve(
     assert server is not None  # set by setup()
     factory: Callable[[], asyncio.Protocol] = server
     if limits is not None:
-        admission = runner.admission = _Admission(limits, Counter() if refused is None else refused)
+        counted = Counter[str]() if refused is None else refused
+        admission = runner.admission = _Admission(limits, counted)
 
         def factory() -> asyncio.Protocol:
             return _Gate(server, admission)
@@ -195,6 +272,14 @@ async def serve(
         await runner.cleanup()
         raise
     return runner, int(runner.listener.sockets[0].getsockname()[1])
+
+
+def trust_connection(request: web.Request) -> None:
+    """Vouch for the connection `request` arrived on (see `ServerLimits.prove_within`): it is
+    kept until it is idle for `idle_timeout` and never closed to make room for another."""
+    gate = _GATE_OF.get(request.transport) if request.transport is not None else None
+    if gate is not None:
+        gate.trust()
 
 
 def open_connections(runner: web.AppRunner) -> int:

@@ -40,7 +40,8 @@ import binascii
 import fcntl
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -92,13 +93,16 @@ class StoreWriteError(StoreError):
 class Store:
     """A peer's durable state; see the module docstring for its guarantees."""
 
-    __slots__ = ("_db", "_lock_fd", "data_dir")
+    __slots__ = ("_db", "_lock_fd", "data_dir", "on_write")
 
     def __init__(self, data_dir: Path, db: sqlite3.Connection, lock_fd: int) -> None:
         """Wrap an already-open database; use `Store.open` instead."""
         self.data_dir = data_dir
         self._db = db
         self._lock_fd = lock_fd
+        self.on_write: Callable[[float], None] | None = None
+        """Called with the seconds each committed write transaction took (fsync included):
+        the peer's `grapevine_store_write_seconds`."""
 
     @classmethod
     def open(cls, data_dir: Path) -> Store:
@@ -386,6 +390,7 @@ class Store:
     def _transaction(self) -> Iterator[None]:
         # The connection runs with isolation_level=None so that transactions are exactly
         # the ones opened here, never implicit ones from the sqlite3 module.
+        began = time.perf_counter()
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -401,6 +406,8 @@ class Store:
             raise StoreWriteError(
                 f"writing {self.data_dir / DB_NAME} failed: {exc}; nothing of it was stored"
             ) from exc
+        if self.on_write is not None:
+            self.on_write(time.perf_counter() - began)
 
     def close(self) -> None:
         """Close the database and release the data directory; idempotent."""
@@ -466,6 +473,7 @@ _TASK_KINDS = (
     PersistKind.RESULT,
     PersistKind.CANCEL,
     PersistKind.EXECUTION,
+    PersistKind.EPOCH_GRANT,
     PersistKind.GRANT,
     PersistKind.TOMBSTONE,
 )

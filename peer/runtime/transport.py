@@ -13,8 +13,8 @@ Invariants:
   connections (per source IP and in all), and request bodies buffered at once are bounded by
   `max_buffered` bytes; beyond a limit a request gets 503 and is counted.
 - `send` never blocks and never raises: it seals the frame and hands it to a fire-and-forget
-  task. At most `max_in_flight` sends are outstanding; beyond that a send is dropped and
-  counted in `sends_dropped`. A failed send (refused, timed out, non-2xx answer) is counted in
+  task. At most `max_in_flight` sends are outstanding per lane; beyond that a send is dropped
+  and counted in `sends_dropped`. A failed send (refused, timed out, non-2xx answer) is counted in
   `send_failures` and remembered per address in `last_failure`, never raised into the caller.
   No answer is read beyond `ANSWER_TEXT_BYTES`.
 - Every frame is sealed with the current keyring's primary key under this process's boot id,
@@ -22,8 +22,13 @@ Invariants:
   see a replay from us after a rotation), for the route it travels on (a frame captured on one
   route does not open on another).
 
-The endpoint answers 204 as soon as the frame is opened and handed to `on_receive`, which runs
-inline on the event loop (the protocol call is short), so no queue builds up between them.
+Probe traffic has a lane of its own (`peer.runtime.lanes`): a probe-class envelope is sealed
+and posted at once, in a request of its own, over a connection pool of its own (never merged
+with task objects, never queued behind a send outstanding to its address, never waiting for a
+pooled connection), and on receipt handed to `on_receive` as soon as it is read. Every other
+envelope goes to `on_receive` in slices, one per event-loop turn (`peer.runtime.lanes.BulkLane`),
+so a probe or ack read meanwhile waits at most one slice. The endpoint answers 204 once the
+whole envelope was handed on, so a sender's next request to us waits for it.
 
 Blobs travel over the same server, on two more routes, as sealed streams
 (`peer.runtime.blob_routes`); `push_blob` and `fetch_blob` are their client side.
@@ -44,6 +49,7 @@ from aiohttp import web
 from peer.runtime.blob_routes import (
     ANSWER_TEXT_BYTES,
     BLOB_TIMEOUT,
+    NO_TASK,
     BlobHolder,
     BlobRoutes,
     BlobTransferError,
@@ -58,6 +64,7 @@ from peer.runtime.intake import (
     source_of,
 )
 from peer.runtime.keyring import Keyring
+from peer.runtime.lanes import BulkLane, hand_on, is_probe_class
 from peer.runtime.sealing import OVERHEAD, PREFIX_BYTES, ROUTE_ENVELOPE, Opener, Sealer, SealError
 from peer.runtime.serving import ServerLimits, open_connections, serve
 from protocol.wire import MAX_ENVELOPE_BYTES
@@ -72,6 +79,11 @@ TRANSPORT_LIMITS: Final = ServerLimits()
 _MAX_FAILURE_ADDRS = 4096
 _OUTBOX_BYTES: Final = 8 * 1024 * 1024
 """Most bytes waiting for one address (with `coalesce`); later sends to it are dropped."""
+BULK_CONNECTIONS_PER_PEER: Final = 6
+PROBE_CONNECTIONS_PER_PEER: Final = 2
+"""Connections the bulk lane (envelopes and blobs) and the probe lane open to one address at
+most: 8 in all, as `peer.runtime.serving.ServerLimits.max_per_source` assumes. Two probe
+connections let an ack leave while a probe to the same peer is outstanding."""
 
 ReceiveCallback = Callable[[str, bytes], None]
 
@@ -86,7 +98,7 @@ class Transport:
         boot_id: 8 random bytes identifying this process to receivers' replay windows.
         on_receive: called with (source "ip:port", plaintext) for every accepted frame.
         clock: wall-clock seconds, stamped into frames and checked against theirs.
-        max_in_flight: sends outstanding at once before new ones are dropped.
+        max_in_flight: sends outstanding at once, per lane, before new ones are dropped.
         send_timeout: seconds one send may take in total, connecting included.
         max_frame: largest envelope frame accepted.
         blob_timeout: seconds one blob push or fetch may take in total.
@@ -97,7 +109,8 @@ class Transport:
             address meanwhile waits and leaves with the next request, merged by `coalesce`
             (a list of payloads, oldest first, to fewer payloads). Under load one HTTP
             request then carries many envelopes: each request costs far more CPU than the
-            bytes it carries. Without it, every send is a request of its own.
+            bytes it carries. Without it, every send is a request of its own. Probe-class
+            envelopes are never coalesced.
     """
 
     def __init__(
@@ -135,12 +148,15 @@ class Transport:
         self._send_timeout = send_timeout
         self._limits = limits
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._probes_in_flight: set[asyncio.Task[None]] = set()
+        self._bulk = BulkLane(lambda source, data: self.on_receive(source, data))
         self._coalesce = coalesce
         self._outbox: dict[str, list[bytes]] = {}
         """Payloads waiting for the outstanding send to their address (with `coalesce`)."""
         self._outbox_bytes: dict[str, int] = {}
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._probe_session: aiohttp.ClientSession | None = None
         self.messages_in = 0
         self.messages_out = 0
         self._envelope_bytes_in = 0
@@ -151,6 +167,10 @@ class Transport:
         """Sends refused locally because `max_in_flight` were outstanding."""
         self.last_failure: dict[str, str] = {}
         """The most recent failure reason per destination address, cleared by a success."""
+        self.probe_sends = 0
+        """Sends that took the probe lane: posted at once, alone, on a probe connection."""
+        self.probe_receives = 0
+        """Envelopes received on the probe lane: handed on at once, ahead of bulk slices."""
 
     # Lifecycle
 
@@ -166,8 +186,12 @@ class Transport:
         self._runner, self.port = await serve(
             app, self.host, self.port, limits=self._limits, refused=self.rejected
         )
-        connector = aiohttp.TCPConnector(limit=self._max_in_flight, limit_per_host=8)
-        self._session = aiohttp.ClientSession(
+        self._session = self._client(BULK_CONNECTIONS_PER_PEER)
+        self._probe_session = self._client(PROBE_CONNECTIONS_PER_PEER)
+
+    def _client(self, per_host: int) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=self._max_in_flight, limit_per_host=per_host)
+        return aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=self._send_timeout),
             skip_auto_headers=("User-Agent",),
@@ -175,18 +199,21 @@ class Transport:
 
     async def stop(self, grace: float = 1.0) -> None:
         """Let outstanding sends finish for up to `grace` seconds, then close everything."""
-        if self._in_flight:
-            await asyncio.wait(set(self._in_flight), timeout=grace)
-        for task in list(self._in_flight):
+        sends = self._in_flight | self._probes_in_flight
+        if sends:
+            await asyncio.wait(sends, timeout=grace)
+        for task in sends:
             task.cancel()
-        if self._in_flight:
-            await asyncio.gather(*self._in_flight, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if sends:
+            await asyncio.gather(*sends, return_exceptions=True)
+        for session in (self._session, self._probe_session):
+            if session is not None:
+                await session.close()
+        self._session = self._probe_session = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        await self._bulk.close()
 
     # Keys and counters
 
@@ -254,19 +281,29 @@ class Transport:
 
     @property
     def in_flight(self) -> int:
-        """Sends currently outstanding."""
-        return len(self._in_flight)
+        """Sends currently outstanding, both lanes."""
+        return len(self._in_flight) + len(self._probes_in_flight)
+
+    @property
+    def backlog(self) -> int:
+        """Received envelopes not yet fully handed on (the bulk lane's queue)."""
+        return self._bulk.backlog
 
     # Sending
 
     def send(self, addr: str, data: bytes) -> None:
         """Seal `data` and post it to the peer at `addr` ("host:port") in the background.
 
-        Never blocks and never raises; failures are counted (see the class invariants).
+        Never blocks and never raises; failures are counted (see the class invariants). A
+        probe-class envelope (`peer.runtime.lanes.is_probe_class`) leaves at once on the probe
+        lane; anything else joins what waits for `addr`, with `coalesce`.
         """
         session = self._session
         if session is None or session.closed:
             self.sends_dropped += 1
+            return
+        if is_probe_class(data):
+            self._send_probe(addr, data)
             return
         waiting = self._outbox.get(addr)
         if waiting is not None:
@@ -288,10 +325,23 @@ class Transport:
         self._outbox[addr], self._outbox_bytes[addr] = [], 0
         self._spawn(self._drain(session, addr, [data]))
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _send_probe(self, addr: str, data: bytes) -> None:
+        session = self._probe_session
+        if session is None or len(self._probes_in_flight) >= self._max_in_flight:
+            self.sends_dropped += 1
+            return
+        frame = self._seal(data)
+        if frame is not None:
+            self.probe_sends += 1
+            self._spawn(self._post(session, addr, frame), self._probes_in_flight)
+
+    def _spawn(
+        self, coro: Coroutine[Any, Any, None], lane: set[asyncio.Task[None]] | None = None
+    ) -> None:
+        tasks = self._in_flight if lane is None else lane
         task = asyncio.get_running_loop().create_task(coro)
-        self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     def _seal(self, data: bytes) -> bytes | None:
         try:
@@ -347,14 +397,17 @@ class Transport:
 
     # Blobs, client side
 
-    async def push_blob(self, addr: str, digest: bytes, data: bytes) -> None:
-        """Send the blob `data`, named `digest`, to the peer at `addr`; return once it is stored
-        there.
+    async def push_blob(
+        self, addr: str, digest: bytes, data: bytes, task_id: bytes = NO_TASK
+    ) -> None:
+        """Send the blob `data`, named `digest`, to the peer at `addr` for the task `task_id`
+        (whose input or output it is: the receiver takes it only as one of that task's
+        designated holders); return once it is stored there.
 
         Raises:
             BlobTransferError: the peer could not be reached or did not store it.
         """
-        await self._blobs.push(self._live_session(addr), addr, digest, data)
+        await self._blobs.push(self._live_session(addr), addr, digest, data, task_id)
 
     async def fetch_blob(self, addr: str, digest: bytes, size: int) -> bytes | None:
         """Ask the peer at `addr` for the blob named `digest`, of at most `size` bytes (the
@@ -390,18 +443,22 @@ class Transport:
         try:
             prefix = await intake.read_exactly(request.content, PREFIX_BYTES)
             self._opener.check_prefix(prefix)
+            # Held (and counted against `max_buffered`) until handed on, queue wait included.
             with intake.buffering(length):
-                frame = prefix + await intake.read_exactly(request.content, length - PREFIX_BYTES)
-                plaintext = self._opener.open(frame, self._clock(), ROUTE_ENVELOPE)
+                body = await intake.read_exactly(request.content, length - PREFIX_BYTES)
+                plaintext = self._opener.open(prefix + body, self._clock(), ROUTE_ENVELOPE)
+                del body
+                self.messages_in += 1
+                self._envelope_bytes_in += length
+                if is_probe_class(plaintext):
+                    self.probe_receives += 1
+                    handled = hand_on(self.on_receive, source, plaintext)
+                else:
+                    handled = await self._bulk.handle(source, plaintext)
         except SealError as exc:
             return intake.refused_frame(source, exc)
         except BODY_ERRORS as exc:
             return intake.refuse_body(source, exc)
-        self.messages_in += 1
-        self._envelope_bytes_in += len(frame)
-        try:
-            self.on_receive(source, plaintext)
-        except Exception:  # the protocol never raises on input; this guards the host's bugs
-            log.exception("handling a frame from %s failed", source)
+        if not handled:
             return problem(500, "internal error")
         return web.Response(status=204)

@@ -18,10 +18,11 @@ Timeline (all times virtual):
    one (every running peer ALIVE) with counts of what disagrees.
 
 Cost per task: a run with tasks is simulated twice, the second time without tasks (the
-membership baseline: same seed, same join, same scheduled faults, every peer with its own
-counting signature cache both times). `bytes_per_task` and `verifications_per_task` are the
-differences of the two runs' totals (bytes sent by all peers; Ed25519 verifications summed over
-all peers) divided by the tasks submitted: the task plane's cost, membership traffic subtracted.
+baseline: same seed, same join, same scheduled faults, every peer serving and advertising its
+roles, every peer with its own counting signature cache both times). `bytes_per_task` and
+`verifications_per_task` are the differences of the two runs' totals (bytes sent by all peers;
+Ed25519 verifications summed over all peers) divided by the tasks submitted: the task plane's
+cost, membership traffic subtracted.
 The baseline totals are reported too (`baseline_bytes`, `baseline_verifications`).
 
 Invariants:
@@ -148,7 +149,7 @@ def run_scenario(params: ScenarioParams, progress: Progress | None = None) -> di
     def baseline_report(phase: str, done: float, total: float) -> None:
         report("baseline", done, total)
 
-    _, base_sent, base_verified = _run(replace(params, tasks=0), baseline_report, True)
+    _, base_sent, base_verified = _run(replace(params, tasks=0), baseline_report, True, True)
     tasks = figures["tasks"]
     assert isinstance(tasks, int)
     figures.update(
@@ -163,10 +164,11 @@ def run_scenario(params: ScenarioParams, progress: Progress | None = None) -> di
 
 
 def _run(
-    params: ScenarioParams, report: Progress, per_peer_caches: bool
+    params: ScenarioParams, report: Progress, per_peer_caches: bool, serve: bool = False
 ) -> tuple[dict[str, Figure], int, int]:
     """Simulate `params` once; returns its figures, the bytes sent by all peers and the
-    signatures they verified."""
+    signatures they verified. With `serve`, every peer serves even with no tasks to submit
+    (the baseline of a task run)."""
     n = params.nodes
     link = LinkModel(params.latency, params.jitter, params.loss, params.duplicate)
     sim = Simulator(n, params.seed, params.config, link, per_peer_caches)
@@ -191,7 +193,7 @@ def _run(
         swim.suspicion_mult, n, swim.probe_interval
     )
     end = t0 + params.duration
-    load = TaskLoad(sim, params.tasks, params.seed, t0, end) if params.tasks else None
+    load = TaskLoad(sim, params.tasks, params.seed, t0, end) if params.tasks or serve else None
 
     def crash(i: int) -> None:
         if load is not None:
@@ -281,6 +283,6 @@ def _run(
         "signatures_verified": sim.cache.verified,
         "cache_hits": sim.cache.hits,
     }
-    if load is not None:
+    if load is not None and params.tasks:
         figures.update(load.figures())
     return figures, sim.network.bytes, sim.peer_verifications()

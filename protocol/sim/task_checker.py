@@ -39,11 +39,11 @@ from protocol.sim.simulator import SimPeer, Simulator
 from protocol.sim.task_runner import Run, TaskRunner
 from protocol.tasks.messages import (
     DOMAIN_CLAIM,
-    DOMAIN_EXECUTION,
+    DOMAIN_EPOCH_GRANT,
     DOMAIN_RESULT,
     DOMAIN_TASK,
     Claim,
-    Execution,
+    EpochGrant,
     Result,
     TaskRecord,
 )
@@ -192,6 +192,7 @@ class TaskChecker:
             held.update(st.results)
             acc = st.accepted
             accepted[(acc.epoch, acc.owner, hashlib.sha256(acc.output).digest())] += 1
+        self._check_runs_counted(task_id, peers, rep)
         if not held:
             rep.lost += 1
             rep.violations.append(f"task {name} lost: no result anywhere")
@@ -203,6 +204,24 @@ class TaskChecker:
         [(epoch, owner, _)] = [k for k in accepted if k is not None]
         if (epoch, owner) != (best.epoch, best.owner):
             rep.violations.append(f"task {name}: accepted result is not the highest-ranked")
+
+    def _check_runs_counted(self, task_id: bytes, peers: list[SimPeer], rep: TaskReport) -> None:
+        # Every run is its claim (epoch, owner, incarnation), so the runs the peers hold
+        # between them must cover every run a running peer made in any of its lives (a peer
+        # that crashed for good may take an unsent claim with it).
+        counted: set[tuple[int, bytes, int]] = set()
+        for p in peers:
+            assert p.node is not None
+            st = p.node.tasks.tasks.get(task_id)
+            if st is not None:
+                counted.update(st.claims)
+        running = {p.index for p in peers}
+        made = {(r.peer, r.life, r.epoch) for r in self.runner.log if r.task_id == task_id}
+        made = {m for m in made if m[0] in running}
+        if len(counted) < len(made):
+            rep.violations.append(
+                f"task {task_id.hex()[:8]}: {len(made)} runs made, {len(counted)} counted"
+            )
 
     def _check_duplicates(self, rep: TaskReport) -> None:
         by_task: dict[bytes, list[Run]] = {}
@@ -248,8 +267,8 @@ def _bad_object(
             key, domain, payload, sig = obj.owner_key, DOMAIN_CLAIM, obj.signed_payload(), obj.sig
         case Result():
             key, domain, payload, sig = obj.owner_key, DOMAIN_RESULT, obj.signed_payload(), obj.sig
-        case Execution():
-            key, domain = obj.owner_key, DOMAIN_EXECUTION
+        case EpochGrant():
+            key, domain = obj.arbiter_key, DOMAIN_EPOCH_GRANT
             payload, sig = obj.signed_payload(), obj.sig
         case _:
             return None

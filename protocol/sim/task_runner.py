@@ -111,9 +111,9 @@ class TaskRunner:
 STORED_ORDER = (
     PersistKind.TASK,
     PersistKind.CANCEL,
+    PersistKind.EPOCH_GRANT,
     PersistKind.CLAIM,
     PersistKind.RESULT,
-    PersistKind.EXECUTION,
     PersistKind.GRANT,
 )
 """Kinds of durable task objects, in the order a restarted peer re-applies them: a claim needs

@@ -38,7 +38,8 @@ Theory of operation (docs/design.md section 5 is the specification)
 Modules: `messages` (wire messages, signature domains), `state` (the per-task CRDT, the order of
 claims), `placement` (replica sets, audiences, candidate order), `claim_rule` (the pure claim
 rule), `idempotency` (keyed ids, conflicting specs), `core` (shared state and helpers),
-`repair`, `retention` and `tombstone`, `merge`, `grants`, `execution`, and `plane`
-(`Tasks`, assembled from them). This package's face imports nothing, so that `protocol.codec`
-and `protocol.wire` can import `messages` without loading the rules (which use the codec).
+`repair`, `retention` and `tombstone`, `merge`, `grants`, `execution`, `listing` (pages of a
+network listing), and `plane` (`Tasks`, assembled from them). This package's face imports
+nothing, so that `protocol.codec` and `protocol.wire` can import `messages` without loading the
+rules (which use the codec).
 """

@@ -9,6 +9,9 @@ Invariants:
 - Our own claim without our result is resumed (a restart), never claimed again.
 - Epoch 1 when no claim is held; epoch + 1 only when the claim's owner is declared dead (the
   epoch is the fencing token). Otherwise nothing.
+- A takeover epoch (e > 1) is claimed only with the arbiter's signed grant naming this peer
+  (decision 25): the first candidate asks the task's arbiter at once, the others a standby
+  delay per rank later; a grant of that epoch to another live peer means nothing for us.
 - Among the live peers able to run that epoch, in HRW order (for a takeover, without the owner
   taken over from), the first is the primary: it claims with a free slot and passes without.
   Anyone else claims only with the primary's grant: its turn comes at once when every peer
@@ -53,6 +56,10 @@ class ClaimStanding(Protocol):
         """Live peers able to run `epoch` of the task in HRW order, its primary first."""
         ...
 
+    def arbiter(self, st: TaskState) -> bytes | None:
+        """The task's arbiter: the first live member of its home (None: none is live)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Nothing:
@@ -87,9 +94,10 @@ class Pass:
 
 @dataclass(frozen=True, slots=True)
 class AskGrant:
-    """Ask `primary` for a grant of `epoch`, and look again at `retry_at`."""
+    """Ask `grantor` (the primary for epoch 1, the arbiter for a takeover) for a grant of
+    `epoch`, and look again at `retry_at`."""
 
-    primary: bytes
+    grantor: bytes
     epoch: int
     retry_at: float
 
@@ -123,6 +131,8 @@ def decide(view: ClaimView, st: TaskState, now: float, me: ClaimStanding) -> Dec
     if me.node_id not in ranked:
         return Nothing()
     rank = ranked.index(me.node_id)
+    if epoch > 1:
+        return _take_over(view, st, now, me, epoch, since, rank)
     granted = st.grants.get(epoch)
     if granted is not None and granted != me.node_id and not view.confirmed_down(granted):
         return Nothing()  # the primary let another peer claim this epoch
@@ -153,3 +163,31 @@ def _stand_by(
     if not me.has_room():
         return Pass()
     return AskGrant(ranked[0], epoch, now + me.standby_delay * ASK_RETRY)
+
+
+def _take_over(
+    view: ClaimView,
+    st: TaskState,
+    now: float,
+    me: ClaimStanding,
+    epoch: int,
+    since: float,
+    rank: int,
+) -> Decision:
+    # The arbiter grants a takeover epoch to one peer at a time (it re-grants only once that
+    # peer is down), so candidates ask it in rank order rather than race each other.
+    if (epoch, me.node_id) not in st.epoch_grants:
+        if any(e == epoch and not view.confirmed_down(grantee) for e, grantee in st.epoch_grants):
+            return Nothing()  # granted to another live peer
+        due = since + rank * me.standby_delay
+        if now < due:
+            return Wait(due)
+        if not me.has_room():
+            return Pass()
+        arbiter = me.arbiter(st)
+        if arbiter is None:
+            return Nothing()  # no member of its home is up: a member's return decides again
+        return AskGrant(arbiter, epoch, now + me.standby_delay * ASK_RETRY)
+    if not me.has_room():
+        return Pass()
+    return MakeClaim(epoch)

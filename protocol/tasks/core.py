@@ -27,8 +27,8 @@ from protocol.effects import Command, Dropped
 from protocol.identity import Signer, VerifiedCache
 from protocol.membership import Port as MembershipPort
 from protocol.slots import SlotLedger
-from protocol.tasks.messages import Claim, Result, TaskWant
-from protocol.tasks.placement import CandidateRankings, ReplicaSets, audience
+from protocol.tasks.messages import Claim, EpochGrant, Result, TaskWant
+from protocol.tasks.placement import CandidateRankings, ReplicaSets, audience, top_by_score
 from protocol.tasks.state import TaskState
 from protocol.tasks.tombstone import Tombstone
 from protocol.timers import TaskStandby
@@ -43,7 +43,8 @@ SYNC_BATCH_BYTES = 512 * 1024
 """Task objects sent to one peer are split into batches of about this many bytes."""
 
 ParkedKey = tuple[str, bytes, int, bytes]
-"""("claim" or "result", task id, epoch, owner) of an object kept aside (see `merge`)."""
+"""("claim", "result" or "grant", task id, epoch, owner or grantee) of an object kept aside
+(see `merge`)."""
 
 
 class View(Protocol):
@@ -55,6 +56,7 @@ class View(Protocol):
     def addr_of(self, node_id: bytes) -> str | None: ...
     def full_since(self, node_id: bytes) -> float | None: ...
     def live_members(self) -> tuple[bytes, ...]: ...
+    def known_members(self) -> tuple[bytes, ...]: ...
     def advertises(self, node_id: bytes, role: str) -> bool | None: ...
 
 
@@ -119,8 +121,9 @@ class TaskCore(ABC):
         self.counters: Counter[str] = Counter()
         self.last_down = 0.0
         """When a member last went down: the standby order of unclaimed tasks changed then."""
-        self.parked: dict[ParkedKey, tuple[Claim | Result, bytes, str]] = {}
-        """Claims and results that arrived before the claim they build on, oldest first."""
+        self.parked: dict[ParkedKey, tuple[Claim | Result | EpochGrant, bytes, str]] = {}
+        """Claims and results that arrived before what they build on (a claim, a grant, the
+        record), oldest first."""
         self.parked_by_task: dict[bytes, list[ParkedKey]] = {}
         self.rankings = CandidateRankings()
         """Open tasks' candidates in HRW order (see `candidates`)."""
@@ -145,6 +148,25 @@ class TaskCore(ABC):
     @abstractmethod
     def fence(self, now: float, task_id: bytes, epoch: int, reason: str) -> None:
         """Stop our execution of `epoch` of the task, if it still runs (see `execution`)."""
+
+    @abstractmethod
+    def hand_on(self, now: float, st: TaskState) -> None:
+        """As the task's primary with no free slot, grant our turn to a standby (see
+        `grants`)."""
+
+    @abstractmethod
+    def grant_takeover(
+        self, now: float, st: TaskState, epoch: int, asker: bytes, src: str | None
+    ) -> None:
+        """As the task's arbiter, grant takeover `epoch` to `asker` (see `grants`)."""
+
+    @abstractmethod
+    def apply_epoch_grant(self, now: float, g: EpochGrant, raw: bytes, src: str) -> None:
+        """Keep an arbiter's grant of a takeover epoch (see `merge`)."""
+
+    @abstractmethod
+    def has_room(self) -> bool:
+        """Whether a slot is free here (see `execution`)."""
 
     def state_of(self, task_id: bytes, now: float) -> TaskState:
         """The task's state, created empty if not held yet."""
@@ -204,14 +226,37 @@ class TaskCore(ABC):
     def audience_with_self(self, st: TaskState) -> set[bytes]:
         """The task's audience, this peer included if it belongs to it."""
         replicas = self.replicas.of(st.task_id, self.view.live_members())
-        candidates: list[bytes] = []
-        if st.record is not None:
-            candidates = self.candidates(st, 1 if st.claim is None else st.claim.epoch + 1)
-        return audience(st, replicas, candidates, b"")
+        return audience(st, replicas, *self.waits_for(st))
+
+    def waits_for(self, st: TaskState) -> tuple[bytes | None, int | None]:
+        """(first in line, epoch) while the task waits for an owner: unclaimed, or its owner
+        is down; else (None, None)."""
+        if st.record is None or st.accepted is not None or st.cancel is not None:
+            return None, None
+        claim = st.claim
+        if claim is not None and not self.view.is_down(claim.owner):
+            return None, None
+        epoch = 1 if claim is None else claim.epoch + 1
+        ranked = self.candidates(st, epoch)
+        return (ranked[0] if ranked else None), epoch
 
     def replica_set(self, task_id: bytes) -> list[bytes]:
         """The task's replica set in our view, its arbiter first."""
         return self.replicas.of(task_id, self.view.live_members())
+
+    def arbiter(self, st: TaskState) -> bytes | None:
+        """The task's arbiter in our view: the first live member of its home, the top k
+        members by HRW among every member known whatever its status; None while none of them
+        is live (then no takeover is granted until one returns, or is forgotten)."""
+        home = top_by_score(st.task_id, self.view.known_members(), self.replicas.k)
+        return next((n for n in home if not self.view.is_down(n)), None)
+
+    def may_arbitrate(self, task_id: bytes, node_id: bytes) -> bool:
+        """Whether `node_id` may grant takeovers of the task: it is in the task's home (see
+        `arbiter`). Liveness is left out on purpose: every receiver must judge a grant alike
+        whatever it believes of who is up, or replicas that judged differently would never
+        converge (decision 25)."""
+        return node_id in top_by_score(task_id, self.view.known_members(), self.replicas.k)
 
     def spread(self, st: TaskState, raws: list[bytes]) -> None:
         """Send objects made here to the task's audience."""

@@ -4,7 +4,9 @@ Invariants:
 - Every decision about a task comes from `protocol.tasks.claim_rule.decide`; this module only
   applies it (claim, resume, pass, ask the primary, wake up later).
 - A claim made here is applied and its execution started at once, so the slot is taken before
-  the next decision. Each start and end of an execution is a signed execution-log entry.
+  the next decision. The claim is the run's start and the result its end: no separate log.
+- Resuming our own claim after a restart signs it again under our new incarnation, so the
+  re-run is a run of its own and counted (decision 23).
 - An execution ends exactly once: completed (a result), or fenced (a greater claim, an
   accepted result, a cancel, isolation); a fenced or stale completion changes nothing.
 - Suspension: an execution waiting on its child tasks may be suspended. It stays owned and
@@ -34,17 +36,15 @@ from protocol.tasks.core import LOCAL
 from protocol.tasks.merge import Merge
 from protocol.tasks.messages import (
     DOMAIN_CLAIM,
-    DOMAIN_EXECUTION,
     DOMAIN_RESULT,
     MAX_INLINE_PAYLOAD,
     OUTCOMES,
     Claim,
-    Execution,
     Result,
     TaskAsk,
     with_signature,
 )
-from protocol.tasks.state import END, START, TaskState
+from protocol.tasks.state import TaskState
 
 
 class Executions(Merge):
@@ -72,17 +72,25 @@ class Executions(Merge):
         """Decide what to do about the task (see `claim_rule`) and do it."""
         match decide(self.view, st, now, self):
             case Nothing():
-                pass
+                if st.grants:
+                    self.hand_on(now, st)  # our grantee may not have got the task yet
             case Wait(until):
                 self.wake(st.task_id, until)
             case Resume(epoch):
-                self._start(now, st, epoch)  # resume our own claim after a restart
+                self._resume(now, st, epoch)
             case Pass():
                 self.passed.add(st.task_id)
+                self.hand_on(now, st)
             case MakeClaim(epoch):
                 self._claim(now, st, epoch)  # the claim goes to the task's audience
-            case AskGrant(primary, epoch, retry_at):
-                addr = self.view.addr_of(primary)
+            case AskGrant(grantor, epoch, retry_at):
+                if grantor == self.node_id:
+                    # We arbitrate this takeover ourselves: grant it (or learn to whom it
+                    # went) and decide again.
+                    self.grant_takeover(now, st, epoch, self.node_id, None)
+                    self.wake(st.task_id, retry_at)
+                    return
+                addr = self.view.addr_of(grantor)
                 if addr is not None:
                     self.counters["grants asked"] += 1
                     msg = encode_message(TaskAsk(st.task_id, epoch))
@@ -113,7 +121,6 @@ class Executions(Merge):
             return None
         self.slots.finish(task_id)
         self.port.slots_changed()
-        self._log(now, task_id, epoch, END, outcome)
         payload = Result(
             task_id, epoch, self.signer.public_key, outcome, output, usage, b"", self.node_id
         )
@@ -131,7 +138,8 @@ class Executions(Merge):
         # crash some copies go to the dead peer, so a waiter could wait for anti-entropy. Send
         # it (with its claim) directly.
         st = self.tasks[task_id]
-        mine = st.claims.get((epoch, self.node_id))
+        runs = [c for (e, o, _), c in st.claims.items() if (e, o) == (epoch, self.node_id)]
+        mine = max(runs, key=lambda c: c.owner_incarnation, default=None)
         if st.record is None or mine is None:
             return
         waiters = {st.record.origin}
@@ -139,9 +147,7 @@ class Executions(Merge):
         parent_claim = parent.claim if parent is not None else None
         if parent_claim is not None:
             waiters.add(parent_claim.owner)
-        # The execution-log entries too, so a waiter sees start and end before the result.
-        log = [st.executions.get((epoch, self.node_id, phase)) for phase in (START, END)]
-        batch = [encode_message(mine)] + [encode_message(e) for e in log if e is not None]
+        batch = [encode_message(mine)]
         for node_id in sorted(waiters - st.sent_to - {self.node_id}):
             addr = self.view.addr_of(node_id)
             if addr is not None:
@@ -176,21 +182,31 @@ class Executions(Merge):
             self.evaluate(now, self.tasks[tid])
 
     def _claim(self, now: float, st: TaskState, epoch: int) -> None:
+        if st.claim is not None:
+            self.counters["takeovers"] += 1
+        self._sign_claim(now, st, epoch)
+        self._start(now, st, epoch)  # at once: the slot is taken before the next decision
+
+    def _resume(self, now: float, st: TaskState, epoch: int) -> None:
+        # Our claim, made before a restart, has no result: run it again as a run of its own
+        # (our new incarnation), so the re-execution is counted wherever the claim goes.
+        if (epoch, self.node_id, self.incarnation()) not in st.claims:
+            self.counters["runs resumed after a restart"] += 1
+            self._sign_claim(now, st, epoch)
+        self._start(now, st, epoch)
+
+    def _sign_claim(self, now: float, st: TaskState, epoch: int) -> None:
         payload = Claim(
             st.task_id, self.signer.public_key, self.incarnation(), epoch, b"", self.node_id
         )
         claim = with_signature(payload, self.signer.sign(DOMAIN_CLAIM, payload.signed_payload()))
-        if st.claim is not None:
-            self.counters["takeovers"] += 1
         self.apply_claim(now, claim, encode_message(claim), src=LOCAL)
-        self._start(now, st, epoch)  # at once: the slot is taken before the next decision
 
     def _start(self, now: float, st: TaskState, epoch: int) -> None:
         rec = st.record
         assert rec is not None
         self.slots.start(st.task_id, epoch)
         self.port.slots_changed()
-        self._log(now, st.task_id, epoch, START, "")
         self.port.command(
             StartExecution(
                 st.task_id, epoch, rec.role, rec.input, rec.priority, rec.timeout, rec.parent
@@ -198,21 +214,12 @@ class Executions(Merge):
         )
 
     def fence(self, now: float, task_id: bytes, epoch: int, reason: str) -> None:
-        """Stop our execution of `epoch` of the task, if it still runs: its slot frees, the
-        execution log records the end as "fenced", and the host is told to cancel it."""
+        """Stop our execution of `epoch` of the task, if it still runs: its slot frees and the
+        host is told to cancel it (the run reads as "fenced": see `TaskState.runs`)."""
         if self.slots.running.get(task_id) != epoch:
             return
         self.slots.finish(task_id)
         self.port.slots_changed()
         self.counters["fenced"] += 1
-        self._log(now, task_id, epoch, END, "fenced")
         self.port.command(CancelExecution(task_id, epoch, reason))
         self._slot_freed(now)
-
-    def _log(self, now: float, task_id: bytes, epoch: int, phase: int, outcome: str) -> None:
-        payload = Execution(
-            task_id, epoch, self.signer.public_key, phase, outcome or "start", b"", self.node_id
-        )
-        sig = self.signer.sign(DOMAIN_EXECUTION, payload.signed_payload())
-        entry = with_signature(payload, sig)
-        self.apply_execution(now, entry, encode_message(entry), LOCAL)

@@ -1,6 +1,12 @@
-"""Grants: the primary's answer to a standby asking to claim.
+"""Grants: the primary's answer to a standby asking to claim epoch 1, and the arbiter's signed
+grant of a takeover epoch.
 
 Invariants:
+- A takeover epoch e > 1 is granted only by the task's arbiter in our view (the first live
+  member of its home, the top k members by HRW whatever their status), only while it holds
+  the claim of e - 1, holds its owner down by its own failure detector and holds no result,
+  to one peer at a time (another only once that one is down), durably and signed
+  (`EpochGrant`, decision 25); every receiver checks the grant before it accepts the claim.
 - Only the task's primary in our view (first of its candidates for the epoch) grants, and it
   grants each epoch to one peer, durably (persisted before it is sent), answering later askers
   with that grant. A new grant is made only when the grantee is declared dead.
@@ -9,16 +15,22 @@ Invariants:
 - Restored and not yet joined, we grant nothing: our view of who is primary means nothing yet.
 - Of two conflicting grants learned (two peers each took themselves for the primary), the
   first one is kept, so at most the two grantees run the task.
+- A primary with no free slot hands its turn on at once: it grants the epoch to the first
+  standby that advertises a free slot and sends it the task with the grant. Standbys are not
+  in the task's audience (decision 23), so without this a full primary would hold the task
+  until a slot freed here. With every standby full it keeps the task and claims it when a slot
+  frees.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from protocol.codec import encode_message
 from protocol.effects import PersistKind
-from protocol.tasks.core import STORE, TaskCore
-from protocol.tasks.messages import TaskGrant
+from protocol.tasks.core import LOCAL, STORE, TaskCore
+from protocol.tasks.messages import DOMAIN_EPOCH_GRANT, EpochGrant, TaskGrant
 from protocol.tasks.state import TaskState
 
 
@@ -40,6 +52,9 @@ class Grants(TaskCore):
             return
         if self.quiet_until == math.inf:
             return  # restored, not yet joined: our view of who is primary means nothing yet
+        if epoch > 1:
+            self.grant_takeover(now, st, epoch, sender, src)
+            return
         ranked = self.candidates(st, epoch)
         if not ranked or ranked[0] != self.node_id:
             return  # not the primary in our view; the asker's view will catch up
@@ -50,6 +65,68 @@ class Grants(TaskCore):
             self._record_grant(st, epoch, grantee)
         grant = encode_message(TaskGrant(task_id, epoch, grantee))
         self.port.send(src, [grant], piggyback=False)
+
+    def grant_takeover(
+        self, now: float, st: TaskState, epoch: int, asker: bytes, src: str | None
+    ) -> None:
+        """As the task's arbiter, let `asker` claim takeover `epoch` (its owner down in our own
+        view, no result held), once per epoch while the grantee lives; answer it with the
+        grant (`src` None: the asker is this peer)."""
+        claim, rec = st.claim, st.record
+        assert claim is not None and rec is not None and claim.epoch == epoch - 1
+        if self.arbiter(st) != self.node_id:
+            return  # not the arbiter in our view; the asker's view will catch up
+        if not self.view.confirmed_down(claim.owner) or asker == claim.owner:
+            return  # we do not hold the owner dead: no takeover
+        if asker != self.node_id and self.view.advertises(asker, rec.role) is False:
+            self.counters["takeover asked by a peer not serving the role"] += 1
+            return
+        live = [
+            g
+            for (e, grantee), g in sorted(st.epoch_grants.items())
+            if e == epoch and not self.view.confirmed_down(grantee)
+        ]
+        if live:
+            grant = live[0]  # granted already: the asker learns to whom
+        else:
+            payload = EpochGrant(st.task_id, epoch, asker, self.signer.public_key, b"", b"")
+            sig = self.signer.sign(DOMAIN_EPOCH_GRANT, payload.signed_payload())
+            grant = replace(payload, sig=sig, arbiter=self.node_id)
+            self.counters["takeover grants made"] += 1
+            self.apply_epoch_grant(now, grant, encode_message(grant), LOCAL)
+        if src is not None:
+            self.port.send(src, [encode_message(grant)], piggyback=False)
+
+    def hand_on(self, now: float, st: TaskState) -> None:
+        """As the task's primary, hand our turn to a standby with a free slot when we have
+        none, and send the grantee the task with its grant until its claim arrives."""
+        primary, epoch = self.waits_for(st)
+        if primary != self.node_id or epoch != 1 or self.quiet_until == math.inf:
+            return  # a takeover epoch is the arbiter's to grant
+        grantee = st.grants.get(epoch)
+        if grantee is None:
+            if self.has_room():
+                return
+            ranked = self.candidates(st, epoch)
+            grantee = next((n for n in ranked[1:] if self.view.full_since(n) is None), None)
+            if grantee is None:
+                return  # every standby is full too: we claim when a slot frees here
+            self.counters["grants handed on"] += 1
+            self._record_grant(st, epoch, grantee)
+        elif grantee == self.node_id or self.view.is_down(grantee):
+            return
+        else:
+            self.counters["grants sent again"] += 1  # the task or the grant may have been lost
+        addr = self.view.addr_of(grantee)
+        if addr is None:
+            return
+        # One envelope: the grantee decides once all of it is applied, so it claims with the
+        # grant instead of asking us for one.
+        batch = [encode_message(obj) for obj in st.objects()]
+        batch.append(encode_message(TaskGrant(st.task_id, epoch, grantee)))
+        self.port.send(addr, batch, piggyback=False)
+        st.sent_to.add(grantee)
+        self.wake(st.task_id, now + self.standby_delay)
 
     def _record_grant(self, st: TaskState, epoch: int, grantee: bytes) -> None:
         st.grants[epoch] = grantee

@@ -1,4 +1,4 @@
-"""The per-task merge: how records, claims, results, cancels and execution entries are applied.
+"""The per-task merge: how records, claims, results and cancels are applied.
 
 Invariants (docs/design.md section 5 is the specification):
 - Per task each peer keeps a state-based CRDT (`protocol.tasks.state.TaskState`); every part
@@ -6,9 +6,15 @@ Invariants (docs/design.md section 5 is the specification):
   A known object is dropped before its signature is checked: a copy costs bytes, not a check.
 - Nothing creates state before the signature and the rules check out; a rejected object is
   counted and noted as `Dropped`, state unchanged.
-- A claim of epoch e > 1 needs a claim of e - 1; a result needs its claim. One that arrives
+- A claim of epoch e > 1 needs a claim of e - 1; a result needs its claim. A claim is a run
+  (epoch, owner, incarnation): an owner re-running its epoch under a new incarnation adds a run
+  (at most `RUNS_PER_EPOCH` per owner and epoch), so every re-execution is counted. One that arrives
   before what it builds on is kept aside (bounded, oldest evicted first) and applied, verified,
   when that arrives; its sender is asked for the chain meanwhile.
+- A claim of epoch e > 1 needs the arbiter's signed grant of e naming its owner
+  (`EpochGrant`, decision 25), signed by a member that may be the task's arbiter
+  (`may_arbitrate`); one that arrives before its grant is kept aside like one before its
+  chain.
 - A peer that advertises it does not serve the task's role may not claim it.
 - The current claim is the greatest by (epoch, HRW score of the owner); the accepted result is
   the completed result whose claim ranks highest. A change of the accepted result is a "flip"
@@ -40,12 +46,12 @@ from protocol.tasks.idempotency import kept_record, spec_of
 from protocol.tasks.messages import (
     DOMAIN_CANCEL,
     DOMAIN_CLAIM,
-    DOMAIN_EXECUTION,
+    DOMAIN_EPOCH_GRANT,
     DOMAIN_RESULT,
     DOMAIN_TASK,
     Cancel,
     Claim,
-    Execution,
+    EpochGrant,
     Result,
     TaskHeld,
     TaskRecord,
@@ -53,6 +59,10 @@ from protocol.tasks.messages import (
 from protocol.tasks.retention import Retention
 from protocol.tasks.state import TaskState, claim_rank
 
+RUNS_PER_EPOCH = 16
+"""Runs (claims under distinct incarnations) kept per owner and epoch. An honest owner adds
+one per restart while its claim has no result; more are refused, so a member cannot grow a
+task's state without bound by re-signing its claim."""
 PARKED_MAX = 4096
 """Claims and results kept while they wait for the claim they build on (see `_park`)."""
 
@@ -88,6 +98,7 @@ class Merge(Retention):
         if st.accepted is None and st.cancel is None:
             self.open.add(rec.task_id)
         self.port.persist(PersistKind.TASK, rec.task_id, raw)
+        self._unpark(now, rec.task_id)  # grants that came before the record
         if local:
             self.spread(st, [raw])
         elif self.replica_set(rec.task_id)[:1] == [self.node_id]:
@@ -161,9 +172,10 @@ class Merge(Retention):
     def apply_claim(self, now: float, c: Claim, raw: bytes, src: str) -> None:
         held = self.tasks.get(c.task_id)
         claims = held.claims if held is not None else {}
-        if (c.epoch, c.owner) in claims:
+        run = (c.epoch, c.owner, c.owner_incarnation)
+        if run in claims:
             return
-        if c.epoch == 0 or (c.epoch > 1 and not any(e == c.epoch - 1 for e, _ in claims)):
+        if c.epoch == 0 or (c.epoch > 1 and not any(e == c.epoch - 1 for e, _, _ in claims)):
             # A takeover names the epoch after one it saw; without that claim here it is
             # either forged or ahead of what reached us, so ask its sender for the chain.
             self.counters["claim skips an epoch"] += 1
@@ -181,15 +193,27 @@ class Merge(Retention):
             self.counters["claim from a peer not serving the role"] += 1
             self.port.note(Dropped(src, "claim from a peer not serving the task's role"))
             return
+        if c.epoch > 1 and held is not None and (c.epoch, c.owner) not in held.epoch_grants:
+            # A takeover is the arbiter's to grant: without its grant the claim is forged or
+            # ahead of the grant, so ask its sender for what it holds.
+            self.counters["claim without its grant"] += 1
+            self.port.note(Dropped(src, "takeover claim without the arbiter's grant"))
+            self._park(("claim", c.task_id, c.epoch, c.owner), c, raw, src)
+            return
+        if sum(1 for e, o, _ in claims if (e, o) == run[:2]) >= RUNS_PER_EPOCH:
+            self.counters["claim beyond the runs kept per epoch"] += 1
+            self.port.note(Dropped(src, "claim beyond the runs kept per owner and epoch"))
+            return
         if src != LOCAL and not self.verified(
             DOMAIN_CLAIM, c.owner_key, c.signed_payload(), c.sig, src, "claim"
         ):
             return
         st = self.state_of(c.task_id, now)
-        st.claims[(c.epoch, c.owner)] = c
+        st.claims[run] = c
         st.touch()
         self.mark_changed(st.task_id, now)
-        self.port.persist(PersistKind.CLAIM, c.task_id + c.epoch.to_bytes(8, "big") + c.owner, raw)
+        at = c.epoch.to_bytes(8, "big") + c.owner + c.owner_incarnation.to_bytes(8, "big")
+        self.port.persist(PersistKind.CLAIM, c.task_id + at, raw)
         if src == LOCAL:
             self.spread(st, [raw])
         else:
@@ -209,11 +233,41 @@ class Merge(Retention):
             self.fence(now, c.task_id, mine, "superseded by a greater claim")
         self.unsettled[c.task_id] = None
 
+    def apply_epoch_grant(self, now: float, g: EpochGrant, raw: bytes, src: str) -> None:
+        """Keep an arbiter's grant of a takeover epoch (checked, then verified)."""
+        st = self.tasks.get(g.task_id)
+        if st is not None and (g.epoch, g.grantee) in st.epoch_grants:
+            return
+        if st is None or st.record is None:
+            # Its arbiter is checked against the record's replica set: keep it until the
+            # record comes (asked for meanwhile), as a claim before its chain.
+            self.counters["epoch grant before its record"] += 1
+            self.port.note(Dropped(src, "epoch grant of a task whose record is not held"))
+            self._park(("grant", g.task_id, g.epoch, g.grantee), g, raw, src)
+            return
+        if src != LOCAL and not self.may_arbitrate(g.task_id, g.arbiter):
+            self.counters["epoch grant from a peer that is not the arbiter"] += 1
+            self.port.note(Dropped(src, "epoch grant signed by a peer that is not the arbiter"))
+            return
+        if src != LOCAL and not self.verified(
+            DOMAIN_EPOCH_GRANT, g.arbiter_key, g.signed_payload(), g.sig, src, "epoch grant"
+        ):
+            return
+        st.epoch_grants[(g.epoch, g.grantee)] = g
+        st.touch()
+        self.mark_changed(st.task_id, now)
+        key = g.task_id + g.epoch.to_bytes(8, "big") + g.grantee
+        self.port.persist(PersistKind.EPOCH_GRANT, key, raw)
+        if src == LOCAL:
+            self.spread(st, [raw])
+        self._unpark(now, g.task_id)
+        self.unsettled[g.task_id] = None
+
     def apply_result(self, now: float, r: Result, raw: bytes, src: str) -> None:
         held = self.tasks.get(r.task_id)
         if held is not None and (r.epoch, r.owner) in held.results:
             return
-        if held is None or (r.epoch, r.owner) not in held.claims:
+        if held is None or not held.has_claim(r.epoch, r.owner):
             # Every result is made under a claim its owner published first; a result
             # without one is forged or ahead of its claim, so ask its sender for the chain.
             self.counters["result without its claim"] += 1
@@ -251,7 +305,7 @@ class Merge(Retention):
         if mine is not None:
             self.fence(now, r.task_id, mine, "a result was accepted")
 
-    def _park(self, key: ParkedKey, obj: Claim | Result, raw: bytes, src: str) -> None:
+    def _park(self, key: ParkedKey, obj: Claim | Result | EpochGrant, raw: bytes, src: str) -> None:
         # The node skips a message it saw recently, so the same bytes re-sent in answer to our
         # TaskWant would never reach us again: keep the early object until what it builds on
         # arrives (unverified: it is verified when applied). Bounded against floods; an evicted
@@ -276,7 +330,9 @@ class Merge(Retention):
             if parked is None:
                 continue
             obj, raw, src = parked
-            if isinstance(obj, Claim):
+            if isinstance(obj, EpochGrant):
+                self.apply_epoch_grant(now, obj, raw, src)
+            elif isinstance(obj, Claim):
                 self.apply_claim(now, obj, raw, src)
             else:
                 self.apply_result(now, obj, raw, src)
@@ -314,24 +370,3 @@ class Merge(Retention):
         mine = self.slots.running.get(c.task_id)
         if mine is not None:
             self.fence(now, c.task_id, mine, "cancelled")
-
-    def apply_execution(self, now: float, e: Execution, raw: bytes, src: str) -> None:
-        key = (e.epoch, e.owner, e.phase)
-        held = self.tasks.get(e.task_id)
-        if held is not None and key in held.executions:
-            return
-        if src != LOCAL and not self.verified(
-            DOMAIN_EXECUTION, e.owner_key, e.signed_payload(), e.sig, src, "execution entry"
-        ):
-            return
-        st = self.state_of(e.task_id, now)
-        st.executions[key] = e
-        st.touch()
-        self.mark_changed(st.task_id, now)
-        self.port.persist(
-            PersistKind.EXECUTION,
-            e.task_id + e.epoch.to_bytes(8, "big") + e.owner + bytes([e.phase]),
-            raw,
-        )
-        if src == LOCAL:
-            self.spread(st, [raw])

@@ -1,4 +1,4 @@
-"""Task messages: records, claims, results, cancels, the execution log and anti-entropy.
+"""Task messages: records, claims, results, cancels, and anti-entropy.
 
 Invariants:
 - These are wire messages (their kinds and codec live in `protocol.wire`); every signed one
@@ -7,6 +7,9 @@ Invariants:
   sender cannot claim an id its content does not hash to.
 - Each signed kind has its own signature domain (`DOMAIN_*`), so a signature made for one kind
   never verifies as another.
+- A run of a task is named by its claim: (epoch, owner, owner incarnation). A claim is the start
+  of a run and a result its end, so a task costs three signed objects (record, claim, result);
+  the separate execution-log entries of v1 (kind `EXECUTION`) are retired (decision 23).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ DOMAIN_TASK = b"grapevine/task/v1"
 DOMAIN_CLAIM = b"grapevine/claim/v1"
 DOMAIN_RESULT = b"grapevine/result/v1"
 DOMAIN_CANCEL = b"grapevine/cancel/v1"
-DOMAIN_EXECUTION = b"grapevine/execution/v1"
+DOMAIN_EPOCH_GRANT = b"grapevine/epoch-grant/v1"
 
 OUTCOMES = ("ok", "failed", "timeout", "cancelled", "fenced")
 """The outcomes a result may carry."""
@@ -124,26 +127,6 @@ class Cancel:
 
 
 @dataclass(frozen=True, slots=True)
-class Execution:
-    """An execution-log entry: `owner` started (phase 0) or ended (phase 1) running the task
-    under `epoch`, with `outcome` (ended: ok, failed, timeout, fenced, cancelled)."""
-
-    task_id: bytes
-    epoch: int
-    owner_key: bytes
-    phase: int
-    outcome: str
-    sig: bytes
-    owner: bytes  # derived
-
-    def signed_payload(self) -> bytes:
-        """The payload the owner's signature covers."""
-        return bytes(
-            msgpack.packb([self.task_id, self.epoch, self.owner_key, self.phase, self.outcome])
-        )
-
-
-@dataclass(frozen=True, slots=True)
 class TaskHeld:
     """Sent to a task's origin by each peer that made the task record durable."""
 
@@ -201,6 +184,69 @@ class TaskGrant:
     grantee: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class EpochGrant:
+    """The task's arbiter (the first live member of its home: the top k members by HRW) lets
+    `grantee` claim `epoch` > 1: it held the owner of epoch - 1 down and no result. Signed by
+    the arbiter; a claim of epoch e > 1 is accepted only with the grant naming its owner
+    (decision 25)."""
+
+    task_id: bytes
+    epoch: int
+    grantee: bytes
+    arbiter_key: bytes
+    sig: bytes
+    arbiter: bytes  # derived
+
+    def signed_payload(self) -> bytes:
+        """The payload the arbiter's signature covers."""
+        return bytes(msgpack.packb([self.task_id, self.epoch, self.grantee, self.arbiter_key]))
+
+
+MAX_PAGE = 500
+"""Most summaries in one `TaskPage`, and the cap on the limit a `TaskList` asks for: about
+140 KB at worst (a 128-character role in every row), far under the envelope limit."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskList:
+    """Ask for a page of the tasks the receiver holds and arbitrates (it is the first of their
+    replica set in its own view): ids strictly above `after` (b"" for the first page), in id
+    order, at most `limit`, in `state` and of `role` when those are not empty. Answered with a
+    `TaskPage` carrying `request` (see `protocol.tasks.listing`)."""
+
+    request: int
+    after: bytes
+    limit: int
+    state: str
+    role: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSummary:
+    """One task as a network listing shows it: a row of a `TaskPage`. `outcome` is "" without
+    an accepted result; `owner` is b"" and `epoch` 0 while it is unclaimed."""
+
+    task_id: bytes
+    role: str
+    state: str
+    outcome: str
+    origin: bytes
+    owner: bytes
+    epoch: int
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    """The answer to the `TaskList` numbered `request`: its page, and whether the answering
+    peer arbitrates more tasks past it."""
+
+    request: int
+    tasks: tuple[TaskSummary, ...]
+    more: bool
+
+
 def task_id_of(
     origin: bytes,
     idempotency_key: str,
@@ -230,7 +276,7 @@ TaskMessage = (
     | Claim
     | Result
     | Cancel
-    | Execution
+    | EpochGrant
     | TaskHeld
     | TaskDigests
     | TaskSync
@@ -238,10 +284,12 @@ TaskMessage = (
     | TaskWant
     | TaskAsk
     | TaskGrant
+    | TaskList
+    | TaskPage
 )
 """Every message of the task plane (`protocol.tasks.plane.Tasks.dispatch` takes each one)."""
 
-Signed = TypeVar("Signed", TaskRecord, Claim, Result, Cancel, Execution)
+Signed = TypeVar("Signed", TaskRecord, Claim, Result, Cancel, EpochGrant)
 
 
 def with_signature(obj: Signed, sig: bytes) -> Signed:

@@ -7,10 +7,15 @@ Invariants:
   only the tasks it enters or leaves the top k of (about k/N of them).
 - The first member of the replica set is the task's arbiter: it repairs the task's audience
   when membership changes (see `protocol.tasks.repair`).
-- A task's audience is who must receive its objects directly: the replica set, the peers first
-  in line to run it, its origin (where the client waits, and for a child task the parent's
-  owner that submitted it) and the owners of its claims. Task objects go to the audience and
-  nowhere else, so a task costs the network O(k), not O(N).
+- A task's audience is who must receive its objects directly: the replica set, its origin
+  (where the client waits, and for a child task the parent's owner that submitted it), the
+  owner of its current claim, and, while the task waits for an owner, the peer first in line to
+  run it and the one it granted the epoch to. Task objects go to the audience and nowhere else,
+  so a task costs the network O(k), not O(N): with the executor and origin outside the replica
+  set, each of its three signed objects (record, claim, result) is verified by k + 1 peers,
+  3k + 3 in all. Standbys further down the line are sent the task only when it comes to them
+  (the primary is full and grants them its turn, or the arbiter repairs the audience after a
+  death).
 - The candidates to run a task are ranked by the same HRW score; `CandidateRankings` caches the
   order per task and recomputes it only when the candidates change.
 """
@@ -20,11 +25,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from protocol.tasks.state import TaskState, hrw_score
-
-EXECUTOR_CANDIDATES = 2
-"""Peers able to run a task, in HRW order, that receive it directly: its primary, and the
-standby that steps in (with the primary's grant) when the primary has no free slot. Further
-standbys receive it from the arbiter when one of these dies."""
 
 
 def top_by_score(task_id: bytes, members: Iterable[bytes], k: int) -> list[bytes]:
@@ -94,20 +94,23 @@ class CandidateRankings:
 
 
 def audience(
-    st: TaskState, replicas: list[bytes], candidates: list[bytes], self_id: bytes
+    st: TaskState, replicas: list[bytes], primary: bytes | None, epoch: int | None
 ) -> set[bytes]:
-    """Who must receive the objects of the task `st` directly, `self_id` excluded.
+    """Who must receive the objects of the task `st` directly (see the module's invariants).
 
     Args:
         st: the task as held here.
         replicas: its replica set.
-        candidates: the live peers able to run it, in HRW order (its primary first).
+        primary: while the task waits for an owner, the live peer first in line to run it.
+        epoch: the epoch it waits to be claimed under (None: it does not wait for an owner).
     """
     out = set(replicas)
-    out.update(candidates[:EXECUTOR_CANDIDATES])
     if st.record is not None:
         out.add(st.record.origin)
     if st.claim is not None:
         out.add(st.claim.owner)
-    out.discard(self_id)
+    if primary is not None:
+        out.add(primary)
+    if epoch is not None and epoch in st.grants:
+        out.add(st.grants[epoch])
     return out

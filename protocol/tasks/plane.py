@@ -4,7 +4,8 @@
 `protocol.tasks.repair` (anti-entropy, replica sync, audience repair, relay),
 `protocol.tasks.merge` (the per-task CRDT and the receiver's checks), `protocol.tasks.grants`
 (the primary's grants) and `protocol.tasks.execution` (the claim rule's decisions applied, and
-executions), over the shared state of `protocol.tasks.core`.
+executions), over the shared state of `protocol.tasks.core`; network listings
+(`protocol.tasks.listing`) are a part it holds (`listing`).
 
 Invariants:
 - Decisions are taken only in `settle` (once a whole input is applied: an anti-entropy batch
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from functools import cached_property
 from typing import assert_never
 
 from protocol.codec import encode_message
@@ -29,6 +31,7 @@ from protocol.tasks.core import LOCAL
 from protocol.tasks.execution import Executions
 from protocol.tasks.grants import Grants
 from protocol.tasks.idempotency import IdempotencyConflict, spec_for, spec_of
+from protocol.tasks.listing import Listing
 from protocol.tasks.messages import (
     DOMAIN_CANCEL,
     DOMAIN_TASK,
@@ -36,13 +39,15 @@ from protocol.tasks.messages import (
     MAX_NONCE,
     Cancel,
     Claim,
-    Execution,
+    EpochGrant,
     Result,
     TaskAsk,
     TaskDigests,
     TaskGrant,
     TaskHeld,
+    TaskList,
     TaskMessage,
+    TaskPage,
     TaskRead,
     TaskRecord,
     TaskSync,
@@ -238,8 +243,8 @@ class Tasks(Executions, Grants):
                 self.apply_result(now, msg, raw, src)
             case Cancel():
                 self.apply_cancel(now, msg, raw, src)
-            case Execution():
-                self.apply_execution(now, msg, raw, src)
+            case EpochGrant():
+                self.apply_epoch_grant(now, msg, raw, src)
             case TaskHeld(task_id):
                 self.on_held(task_id, sender)
             case TaskDigests():
@@ -254,8 +259,17 @@ class Tasks(Executions, Grants):
                 self.on_ask(now, src, sender, task_id, epoch)
             case TaskGrant(task_id, epoch, grantee):
                 self.on_grant(task_id, epoch, grantee, src)
+            case TaskList():
+                self.listing.on_list(now, src, sender, msg)
+            case TaskPage():
+                self.listing.on_page(now, src, sender, msg)
             case _:
                 assert_never(msg)
+
+    @cached_property
+    def listing(self) -> Listing:
+        """Network listings: pages asked of peers and answered (`protocol.tasks.listing`)."""
+        return Listing(self)
 
     def told_of(self, task_id: bytes) -> bool:
         """Whether this peer is in the task's audience (its news reaches it unasked)."""

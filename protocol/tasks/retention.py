@@ -36,7 +36,7 @@ from protocol.effects import Dropped, PersistKind
 from protocol.tasks.messages import (
     Cancel,
     Claim,
-    Execution,
+    EpochGrant,
     Result,
     TaskAsk,
     TaskGrant,
@@ -57,7 +57,7 @@ def task_of(msg: TaskMessage) -> bytes | None:
             | Claim()
             | Result()
             | Cancel()
-            | Execution()
+            | EpochGrant()
             | TaskHeld()
             | TaskAsk()
             | TaskGrant()
@@ -84,7 +84,7 @@ class Retention(Repair):
         task_id = task_of(msg)
         if task_id is None or task_id not in self.tombstones:
             return False
-        if isinstance(msg, TaskRecord | Claim | Result | Cancel | Execution):
+        if isinstance(msg, TaskRecord | Claim | Result | Cancel | EpochGrant):
             self.counters["object of a compacted task"] += 1
             self.port.note(Dropped(src, "object of a compacted task"))
         return True

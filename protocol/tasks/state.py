@@ -6,19 +6,40 @@ Invariants:
   objects.
 - Claims, and the results made under them, are ordered by (epoch, HRW score of the owner). The
   score depends only on the task id and the owner id, so every peer orders them the same way.
+- A run is a claim: (epoch, owner, owner incarnation). An owner that runs its epoch again after
+  a restart signs a new claim under its new incarnation, so every run is counted; the result
+  (epoch, owner) ends the last run of that pair. A run with no result that is superseded, or of
+  a task that is final, ended "fenced". Executions, duplicates and fenced runs are all derived
+  from the claims and results held, never logged separately.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import msgpack
 
-from protocol.tasks.messages import Cancel, Claim, Execution, Result, TaskRecord
+from protocol.tasks.messages import Cancel, Claim, EpochGrant, Result, TaskRecord
 from protocol.wire import Message
 
-START, END = 0, 1
-"""Execution-log phases."""
+RunKey = tuple[int, bytes, int]
+"""A run of a task: (epoch, owner, owner incarnation)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One execution of a task, as the claims and results held tell it.
+
+    `outcome` is None while it may still be running, the result's outcome once it has one,
+    "interrupted" when its owner restarted and ran the epoch again, and "fenced" when it was
+    superseded (or the task became final) without a result of its own.
+    """
+
+    epoch: int
+    owner: bytes
+    incarnation: int
+    outcome: str | None
 
 
 def hrw_score(task_id: bytes, node_id: bytes) -> int:
@@ -39,10 +60,10 @@ class TaskState:
         "record",
         "claim",
         "claims",
+        "epoch_grants",
         "results",
         "accepted",
         "cancel",
-        "executions",
         "first_seen",
         "owner_down_at",
         "holders",
@@ -58,13 +79,16 @@ class TaskState:
         self.record: TaskRecord | None = None
         self.claim: Claim | None = None
         """The greatest claim held: the one that owns the task now."""
-        self.claims: dict[tuple[int, bytes], Claim] = {}
-        """Every claim held, by (epoch, owner): results and later epochs are checked against
-        them, and anti-entropy hands them on so a peer that missed one can catch up."""
+        self.claims: dict[RunKey, Claim] = {}
+        """Every claim held, by run (epoch, owner, incarnation): results and later epochs are
+        checked against them, and anti-entropy hands them on so a peer that missed one can
+        catch up."""
+        self.epoch_grants: dict[tuple[int, bytes], EpochGrant] = {}
+        """The arbiter's signed grants of takeover epochs, by (epoch, grantee): a claim of
+        epoch e > 1 is accepted only with the one naming its owner."""
         self.results: dict[tuple[int, bytes], Result] = {}
         self.accepted: Result | None = None
         self.cancel: Cancel | None = None
-        self.executions: dict[tuple[int, bytes, int], Execution] = {}
         self.first_seen = now
         self.owner_down_at: float | None = None
         self.holders: set[bytes] = set()
@@ -89,10 +113,10 @@ class TaskState:
         if self._digest is None:
             summary = [
                 self.record.sig if self.record is not None else b"",
-                sorted([e, o] for e, o in self.claims),
+                sorted([e, o, i] for e, o, i in self.claims),
+                sorted([e, g] for e, g in self.epoch_grants),
                 sorted([e, o] for e, o in self.results),
                 self.cancel is not None,
-                sorted([e, o, p] for e, o, p in self.executions),
             ]
             self._digest = hashlib.sha256(msgpack.packb(summary)).digest()[:8]
         return self._digest
@@ -102,11 +126,11 @@ class TaskState:
         out: list[Message] = []
         if self.record is not None:
             out.append(self.record)
+        out.extend(g for _, g in sorted(self.epoch_grants.items()))
         out.extend(c for _, c in sorted(self.claims.items()))
         out.extend(r for _, r in sorted(self.results.items()))
         if self.cancel is not None:
             out.append(self.cancel)
-        out.extend(self.executions.values())
         return out
 
     @property
@@ -122,6 +146,32 @@ class TaskState:
             return "cancelled"
         return "running" if self.claim is not None else "pending"
 
+    def has_claim(self, epoch: int, owner: bytes) -> bool:
+        """Whether a claim of `epoch` by `owner` (any incarnation) is held."""
+        return any(e == epoch and o == owner for e, o, _ in self.claims)
+
+    def runs(self) -> list[Run]:
+        """Every run held, in (epoch, owner, incarnation) order, with how it ended."""
+        final = self.accepted is not None or self.cancel is not None
+        keys = sorted(self.claims)
+        out: list[Run] = []
+        for i, (epoch, owner, inc) in enumerate(keys):
+            last_of_pair = i + 1 == len(keys) or keys[i + 1][:2] != (epoch, owner)
+            result = self.results.get((epoch, owner)) if last_of_pair else None
+            outcome: str | None
+            if result is not None:
+                outcome = result.outcome
+            elif not last_of_pair:
+                outcome = "interrupted"  # its owner restarted and ran the epoch again
+            elif final or self.claim is None:
+                outcome = "fenced"
+            elif (self.claim.epoch, self.claim.owner) != (epoch, owner):
+                outcome = "fenced"  # a greater claim superseded it
+            else:
+                outcome = None
+            out.append(Run(epoch, owner, inc, outcome))
+        return out
+
     def execution_count(self) -> int:
-        """Executions started (distinct epoch and owner)."""
-        return sum(1 for _, _, phase in self.executions if phase == START)
+        """Runs started (one per claim: distinct epoch, owner and incarnation)."""
+        return len(self.claims)

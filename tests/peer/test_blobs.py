@@ -79,42 +79,60 @@ def test_store_verifies_on_read_and_on_receive(tmp_path: Path) -> None:
     assert store.receive(digest, data) and store.get(digest) == data
 
 
-def test_pushed_blobs_are_counted_against_the_quota_and_swept_unless_referenced(
+def _push(store: BlobStore, data: bytes, digest: bytes | None = None) -> bool:
+    """Receive `data` as a push of `digest` (its own by default), in 64 KiB pieces."""
+    assert store.admit_push(b"t" * 32, digest or hashlib.sha256(data).digest(), len(data)) is None
+    try:
+        writer = store.open_push(digest or hashlib.sha256(data).digest())
+        for at in range(0, len(data), 64 * 1024):
+            writer.write(data[at : at + 64 * 1024])
+        return writer.commit()
+    finally:
+        store.release_push(len(data))
+
+
+def test_pushed_blobs_are_streamed_to_disk_and_counted_against_the_quota(
     tmp_path: Path,
 ) -> None:
     store = BlobStore(tmp_path, quota=MIB)
-    kept, dropped, own = (os.urandom(100 * 1024) for _ in range(3))
-    kept_digest, dropped_digest = hashlib.sha256(kept).digest(), hashlib.sha256(dropped).digest()
-    for data in (kept, dropped):
-        assert store.reserve_push(len(data))
-        assert store.receive_pushed(hashlib.sha256(data).digest(), data)
-        store.release_push(len(data))
-    assert not store.receive_pushed(kept_digest, dropped)  # bytes that are not the name
+    kept, other, own = (os.urandom(100 * 1024) for _ in range(3))
+    kept_digest, other_digest = hashlib.sha256(kept).digest(), hashlib.sha256(other).digest()
+    assert _push(store, kept) and _push(store, other)
+    assert store.get(kept_digest) == kept and store.get(other_digest) == other
+    assert store.path(kept_digest).stat().st_mode & 0o777 == 0o600
+    # Bytes that are not the name: nothing stored, no temporary file left behind.
+    assert not _push(store, own, digest=b"\3" * 32)
+    assert not store.has(b"\3" * 32)
+    # A push that fails on the way (cut short, disk full) is aborted: nothing is left either.
+    writer = store.open_push(hashlib.sha256(own).digest())
+    writer.write(own[:1000])
+    writer.abort()
     own_digest = store.put(own)
-    assert store.held_for_others == len(kept) + len(dropped)
+    assert store.held_for_others == len(kept) + len(other)
     # The quota counts what is held for others and what pushes being read set aside.
-    assert store.reserve_push(MIB - 200 * 1024)
-    assert not store.reserve_push(1)
+    assert store.admit_push(b"t" * 32, b"\4" * 32, MIB - 200 * 1024) is None
+    assert store.admit_push(b"t" * 32, b"\4" * 32, 1) == "blob_over_quota"
     store.release_push(MIB - 200 * 1024)
 
     reopened = BlobStore(tmp_path, quota=MIB)  # the markers carry the accounting over
-    assert reopened.held_for_others == len(kept) + len(dropped)
-    now = time.time()
-    assert reopened.sweep({kept_digest}, now, grace=60.0) == []  # still within its grace
-    assert reopened.sweep({kept_digest}, now + 61.0, grace=60.0) == [dropped_digest]
-    assert reopened.has(kept_digest) and reopened.has(own_digest)
-    assert not reopened.has(dropped_digest)
+    assert reopened.held_for_others == len(kept) + len(other)
+    assert set(reopened.held()) == {kept_digest, other_digest, own_digest}
+    assert reopened.delete(other_digest) == len(other) and not reopened.has(other_digest)
     assert reopened.held_for_others == len(kept)
-
-    # Stored as this peer's own, a pushed blob is no longer held for others nor swept.
+    assert reopened.delete(other_digest) == 0
+    # Stored as this peer's own, a pushed blob is no longer held for others.
     reopened.put(kept)
     assert reopened.held_for_others == 0
-    assert reopened.sweep(set(), now + 1e6, grace=60.0) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [kept_digest.hex(), own_digest.hex()]
     )
-    assert reopened.delete(own_digest) == len(own) and not reopened.has(own_digest)
-    assert reopened.delete(own_digest) == 0
+    # Storing a blob held already refreshes its time: a new use's grace counts from then.
+    os.utime(reopened.path(kept_digest), (1000.0, 1000.0))
+    assert reopened.stored_at(kept_digest) == 1000.0
+    assert _push(reopened, kept)
+    refreshed = reopened.stored_at(kept_digest)
+    assert refreshed is not None and refreshed > time.time() - 60
+    assert reopened.held_for_others == 0  # still this peer's own
     # A marker whose blob never made it into place (a crash) is dropped at the next open.
     (tmp_path / f"{'ab' * 32}.pushed").touch()
     assert BlobStore(tmp_path).held_for_others == 0
@@ -122,21 +140,24 @@ def test_pushed_blobs_are_counted_against_the_quota_and_swept_unless_referenced(
 
 
 @pytest.mark.asyncio
-async def test_the_service_sweeps_pushed_blobs_no_held_task_references(tmp_path: Path) -> None:
+async def test_the_service_sweeps_the_blobs_no_held_task_references(tmp_path: Path) -> None:
     store = BlobStore(tmp_path)
-    inputs = [os.urandom(MAX_INLINE_PAYLOAD + 1 + i) for i in range(3)]
-    for data in inputs:
-        assert store.receive_pushed(hashlib.sha256(data).digest(), data)
+    inputs = [os.urandom(MAX_INLINE_PAYLOAD + 1 + i) for i in range(4)]
+    digests = [hashlib.sha256(data).digest() for data in inputs]
+    for data in inputs[:3]:
+        assert _push(store, data)
+    store.put(inputs[3])  # this peer's own, say an input whose submission failed
     input_ref, output_ref = blob_ref(inputs[0]), blob_ref(inputs[1])
     held = SimpleNamespace(
+        task_id=b"h" * 32,
         record=SimpleNamespace(input=input_ref, origin=b"o"),
         results={1: SimpleNamespace(output=output_ref, owner=b"w")},
         accepted=None,
     )
     driver = SimpleNamespace(node=SimpleNamespace(held_tasks=lambda: iter([held])))
     assert referenced_blobs(driver) == {  # type: ignore[arg-type]
-        hashlib.sha256(inputs[0]).digest(): len(inputs[0]),
-        hashlib.sha256(inputs[1]).digest(): len(inputs[1]),
+        digests[0]: len(inputs[0]),
+        digests[1]: len(inputs[1]),
     }
     clock = [time.time()]
     service = BlobService(
@@ -148,11 +169,10 @@ async def test_the_service_sweeps_pushed_blobs_no_held_task_references(tmp_path:
     )
     assert await service.sweep() == []
     clock[0] += 31.0
-    assert await service.sweep() == [hashlib.sha256(inputs[2]).digest()]
-    assert service.counters["swept"] == 1
+    assert sorted(await service.sweep()) == sorted([digests[2], digests[3]])
+    assert service.counters["swept"] == 2
     assert store.held_for_others == len(inputs[0]) + len(inputs[1])
-    service.start()
-    await service.close()
+    assert set(store.held()) == {digests[0], digests[1]}
 
 
 # --- sealed transfers ----------------------------------------------------------------------------

@@ -152,12 +152,31 @@ async def test_persists_are_durable_before_sends_leave_and_failures_hold_sends()
     driver = Driver(cast(Node, node), LoggingSender(log), store)
     driver.start()
     driver.receive("x:1", b"")
+    assert log == []  # the group commit comes at the end of this turn of the loop
+    await asyncio.sleep(0)
     assert log == ["persist 2", "send x:1", "send y:2"]
     assert driver._timer is not None and driver._timer.when() == fx.wake_at
     store.fail = True
     driver.receive("z:3", b"")
+    await asyncio.sleep(0)
     assert log == ["persist 2", "send x:1", "send y:2"]  # nothing sent without durability
     assert driver._timer is None  # wake_at None disarms
+    driver.stop()
+
+
+async def test_one_group_commit_covers_every_envelope_of_a_turn_in_order() -> None:
+    log: list[str] = []
+    store = MemStore(log)
+    first = Effects(sends=[Send("a:1", b"1")], persists=[Persist("k", b"1", b"v")])
+    plain = Effects(sends=[Send("b:2", b"2")])  # persists nothing, but follows one that does
+    second = Effects(sends=[Send("c:3", b"3")], persists=[Persist("k", b"2", b"v")])
+    node = ScriptedNode([Effects(), first, plain, second])
+    driver = Driver(cast(Node, node), LoggingSender(log), store)
+    driver.start()
+    for src in ("a:1", "b:2", "c:3"):
+        driver.receive(src, b"")
+    await asyncio.sleep(0)
+    assert log == ["persist 2", "send a:1", "send b:2", "send c:3"]
     driver.stop()
 
 

@@ -22,13 +22,14 @@ from protocol.tasks.claim_rule import (
     Wait,
     decide,
 )
-from protocol.tasks.messages import Cancel, Claim, Result, TaskRecord
+from protocol.tasks.messages import Cancel, Claim, EpochGrant, Result, TaskRecord
 from protocol.tasks.state import TaskState
 
 ROLE = "writer"
 DELAY = 2.0
 TASK = b"t" * 32
 A, B, C = b"a" * 32, b"b" * 32, b"c" * 32
+ARBITER = b"r" * 32
 RANKED = [A, B, C]
 SEEN = 10.0
 """When the task was first seen here."""
@@ -71,6 +72,9 @@ class FakePeer:
         owner = st.claim.owner if epoch > 1 and st.claim is not None else b""
         return [n for n in RANKED if n != owner]
 
+    def arbiter(self, st: TaskState) -> bytes:
+        return ARBITER
+
 
 def record() -> TaskRecord:
     return TaskRecord(b"k", 0.0, ROLE, b"in", 0, b"", "key", b"", 0.0, b"", TASK, C)
@@ -90,12 +94,13 @@ def task(
     accepted: bool = False,
     cancelled: bool = False,
     grants: dict[int, bytes] | None = None,
+    epoch_grants: tuple[tuple[int, bytes], ...] = (),
 ) -> TaskState:
     st = TaskState(TASK, SEEN)
     st.record = record() if held else None
     if claimed_by is not None:
         st.claim = claim(claimed_by, epoch)
-        st.claims[(epoch, claimed_by)] = st.claim
+        st.claims[(epoch, claimed_by, st.claim.owner_incarnation)] = st.claim
         st.owner_down_at = owner_down_at
     if result_by is not None:
         r = Result(TASK, epoch, b"k", "ok", b"", (0, 0, 0), b"", result_by)
@@ -105,6 +110,8 @@ def task(
     if cancelled:
         st.cancel = Cancel(TASK, b"k", "stop", b"", C)
     st.grants = dict(grants or {})
+    for e, grantee in epoch_grants:
+        st.epoch_grants[(e, grantee)] = EpochGrant(TASK, e, grantee, b"k", b"", ARBITER)
     return st
 
 
@@ -203,12 +210,44 @@ ROWS: list[tuple[str, FakeView, TaskState, float, FakePeer, Decision]] = [
         Nothing(),
     ),
     (
-        "owner down -> takeover with epoch + 1 by the next",
+        "owner down -> the next asks the arbiter for epoch + 1",
         FakeView(down={A}),
         task(claimed_by=A, owner_down_at=15.0),
         20.0,
         FakePeer(B),
+        AskGrant(ARBITER, 2, 20.0 + DELAY * ASK_RETRY),
+    ),
+    (
+        "owner down, the arbiter granted epoch + 1 to us -> takeover",
+        FakeView(down={A}),
+        task(claimed_by=A, owner_down_at=15.0, epoch_grants=((2, B),)),
+        20.0,
+        FakePeer(B),
         MakeClaim(2),
+    ),
+    (
+        "owner down, epoch + 1 granted to another live peer -> nothing",
+        FakeView(down={A}),
+        task(claimed_by=A, owner_down_at=15.0, epoch_grants=((2, C),)),
+        20.0,
+        FakePeer(B),
+        Nothing(),
+    ),
+    (
+        "owner down, its grantee down too -> ask the arbiter again",
+        FakeView(down={A, C}),
+        task(claimed_by=A, owner_down_at=15.0, epoch_grants=((2, C),)),
+        20.0,
+        FakePeer(B),
+        AskGrant(ARBITER, 2, 20.0 + DELAY * ASK_RETRY),
+    ),
+    (
+        "owner down, granted to us, no free slot -> pass",
+        FakeView(down={A}),
+        task(claimed_by=A, owner_down_at=15.0, epoch_grants=((2, B),)),
+        20.0,
+        FakePeer(B, room=False),
+        Pass(),
     ),
     (
         "owner declared down by others, not by our own probes -> nothing (no takeover)",

@@ -12,12 +12,12 @@ from tests.protocol.fakes import Link, node_id
 from tests.protocol.test_tasks import (
     DELAY,
     ROLE,
-    claim,
     cluster,
     deliver,
     running_task,
     starts,
     submit,
+    takeover,
 )
 
 
@@ -98,7 +98,7 @@ def test_fencing_a_suspended_execution_cleans_up() -> None:
     node = link.node(owner)
     link.run(owner, node.suspend(link.now, task_id))
     assert node.tasks.suspended == {task_id}
-    deliver(link, owner, order[1], claim(order[1], task_id, 2))
+    deliver(link, owner, order[1], *takeover(order[1], task_id, 2))
     assert link.commands_of(owner, CancelExecution) == [
         CancelExecution(task_id, 1, "superseded by a greater claim")
     ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+import msgpack
 import pytest
 
 from protocol.codec import decode_message
@@ -27,11 +28,12 @@ from protocol.errors import LocalProtocolError
 from protocol.node import Node
 from protocol.tasks.messages import (
     DOMAIN_CLAIM,
+    DOMAIN_EPOCH_GRANT,
     DOMAIN_RESULT,
     DOMAIN_TASK,
     MAX_INLINE_PAYLOAD,
     Claim,
-    Execution,
+    EpochGrant,
     Result,
     TaskAsk,
     TaskRecord,
@@ -42,7 +44,7 @@ from protocol.tasks.messages import (
 from protocol.tasks.plane import Tasks
 from protocol.tasks.state import claim_rank, hrw_score
 from protocol.timers import TaskStandby
-from protocol.wire import PeerState
+from protocol.wire import Kind, PeerState
 from tests.protocol.fakes import Link, addr, envelope, mesh, node_id, of_type, opened, signer
 
 ROLE = "writer"
@@ -114,6 +116,20 @@ def claim(i: int, task_id: bytes, epoch: int, key_of: int | None = None) -> Clai
     return replace(unsigned, sig=sig)
 
 
+def epoch_grant(task_id: bytes, epoch: int, grantee: int, arbiter: int) -> EpochGrant:
+    """Peer `arbiter`'s signed grant of takeover `epoch` to peer `grantee`."""
+    a = signer(arbiter)
+    unsigned = EpochGrant(task_id, epoch, node_id(grantee), a.public_key, b"", a.node_id)
+    return replace(unsigned, sig=a.sign(DOMAIN_EPOCH_GRANT, unsigned.signed_payload()))
+
+
+def takeover(i: int, task_id: bytes, epoch: int, peers: int = 4) -> tuple[EpochGrant, Claim]:
+    """Peer `i`'s claim of takeover `epoch`, with the grant of the task's arbiter (the first
+    of `peers` peers in HRW order)."""
+    arbiter = ranked(task_id, list(range(peers)))[0]
+    return epoch_grant(task_id, epoch, i, arbiter), claim(i, task_id, epoch)
+
+
 def result(
     i: int, task_id: bytes, epoch: int, output: bytes = b"out", key_of: int | None = None
 ) -> Result:
@@ -124,7 +140,9 @@ def result(
     return replace(unsigned, sig=sig)
 
 
-def deliver(link: Link, dst: int, src: int, *messages: Claim | Result | TaskRecord) -> None:
+def deliver(
+    link: Link, dst: int, src: int, *messages: Claim | Result | TaskRecord | EpochGrant
+) -> None:
     link.run(dst, link.node(dst).handle(link.now, addr(src), envelope(src, *messages)))
 
 
@@ -258,7 +276,7 @@ def test_complete_rejects_unknown_outcome_and_ignores_unknown_execution() -> Non
     assert link.node(owner).tasks.complete(link.now, task_id, epoch + 1, "ok", b"") is None
 
 
-def test_a_standby_asks_the_full_primary_and_claims_with_its_grant() -> None:
+def test_a_full_primary_hands_its_turn_to_a_standby_with_its_grant() -> None:
     link = mesh(4)
     probe_id = submit(link, key="the task")  # nobody serves yet: this only learns the ranking
     order = ranked(probe_id, list(range(4)))
@@ -273,15 +291,41 @@ def test_a_standby_asks_the_full_primary_and_claims_with_its_grant() -> None:
     assert starts(link, task_id) == [(order[1], 1)]
     [claimed_at] = link.when(order[1], StartExecution)
     seen = link.node(order[1]).tasks.tasks[task_id].first_seen
-    # Every peer before it looks full, so its turn is at once: one round trip to the primary.
-    assert at <= seen < at + 0.1 and claimed_at == seen
+    # The primary has no slot: it grants its turn to the first standby with one at once,
+    # which claims as soon as the task and the grant reach it.
+    assert at <= seen < at + 0.1 and claimed_at < at + 0.1
     primary = link.node(order[0]).tasks
     assert primary.tasks[task_id].grants == {1: node_id(order[1])}
-    assert primary.passed == {task_id} and primary.counters["grants made"] == 1
+    assert primary.passed == {task_id} and primary.counters["grants handed on"] == 1
     assert [p.kind for a, fx in link.effects if a == addr(order[0]) for p in fx.persists].count(
         "grant"
     ) == 1
-    assert link.sent(order[1], order[0], TaskAsk) == [claimed_at]
+    assert len(link.sent(order[1], order[0], TaskAsk)) <= 1  # it may ask before the grant comes
+
+
+def test_a_standby_outside_the_audience_gets_the_task_only_from_the_full_primary() -> None:
+    # Standbys are not in a task's audience: one that is neither replica nor origin hears of
+    # the task only when the full primary hands it its turn.
+    for k in range(200):
+        probe = mesh(6)
+        probe_id = submit(probe, key=f"hand on {k}", at=0)
+        order = ranked(probe_id, list(range(6)))
+        if order[3] != 0:
+            break
+    else:
+        pytest.fail("no task id whose fourth-ranked peer is not the origin")
+    # The replicas are order[0..2]; only order[0] (full) and order[3] serve the role.
+    primary, standby = order[0], order[3]
+    link = mesh(6)
+    for i in (primary, standby):
+        link.run(i, link.node(i).serve(link.now, (ROLE,), 0 if i == primary else 4))
+    link.advance(link.now + 2.0)
+    task_id = submit(link, key=f"hand on {k}", at=0)
+    assert node_id(standby) not in link.node(0).tasks.replica_set(task_id)
+    link.advance(link.now + 5 * DELAY)
+    assert starts(link, task_id) == [(standby, 1)]
+    assert link.node(primary).tasks.counters["grants handed on"] == 1
+    assert not link.sent(standby, primary, TaskAsk)
 
 
 def test_a_standby_behind_a_free_peer_waits_its_turn_then_asks() -> None:
@@ -409,7 +453,8 @@ def test_owner_crash_leads_to_one_takeover_under_epoch_2() -> None:
     assert starts(link, task_id) == sorted([(owner, 1), (heir, 2)])
     down_at = min(t for t in link.when(heir, MemberDown))
     [taken_at] = [t for t in link.when(heir, StartExecution) if t > crashed_at]
-    assert taken_at == down_at  # the first-ranked heir claims at once
+    # The first-ranked heir asks the task's arbiter at once and claims with its grant.
+    assert down_at <= taken_at < down_at + 0.1
     assert link.node(heir).tasks.counters["takeovers"] == 1
     link.run(heir, link.node(heir).complete(link.now, task_id, 2, "ok", b"second"))
     link.advance(link.now + 2.0)
@@ -432,7 +477,7 @@ def running_task(n: int = 4) -> tuple[Link, bytes, int, list[int]]:
 def test_greater_claim_fences_the_running_owner() -> None:
     link, task_id, owner, order = running_task()
     other = order[1]
-    deliver(link, owner, other, claim(other, task_id, 2))
+    deliver(link, owner, other, *takeover(other, task_id, 2))
     assert link.commands_of(owner, CancelExecution) == [
         CancelExecution(task_id, 1, "superseded by a greater claim")
     ]
@@ -483,6 +528,8 @@ def snapshot(node: Node, task_id: bytes) -> tuple[bytes, object, object]:
 def test_forged_claim_is_dropped() -> None:
     link, task_id, _, order = running_task()
     target = order[1]
+    grant, _ = takeover(order[2], task_id, 2)
+    deliver(link, target, order[2], grant)
     before = snapshot(link.node(target), task_id)
     deliver(link, target, order[2], claim(order[2], task_id, 2, key_of=order[3]))
     assert snapshot(link.node(target), task_id) == before
@@ -493,9 +540,54 @@ def test_forged_claim_is_dropped() -> None:
 def test_claim_bearing_our_own_key_is_verified_too() -> None:
     link, task_id, _, order = running_task()
     victim = order[1]
-    deliver(link, victim, order[2], claim(victim, task_id, 2, key_of=order[2]))
+    grant, _ = takeover(victim, task_id, 2)
+    deliver(link, victim, order[2], grant, claim(victim, task_id, 2, key_of=order[2]))
     assert not link.commands_of(victim, StartExecution)
     assert link.node(victim).tasks.counters["bad signature: claim"] == 1
+
+
+def test_a_takeover_claim_without_the_arbiters_grant_changes_nothing() -> None:
+    link, task_id, owner, order = running_task()
+    target, heir = order[1], order[2]
+    before = snapshot(link.node(target), task_id)
+    deliver(link, target, heir, claim(heir, task_id, 2))
+    assert snapshot(link.node(target), task_id) == before
+    assert link.node(target).tasks.counters["claim without its grant"] == 1
+    assert not link.commands_of(owner, CancelExecution)
+
+
+def test_a_grant_signed_by_a_peer_that_cannot_be_the_arbiter_changes_nothing() -> None:
+    link, task_id, _, order = running_task()
+    target, forger = order[1], order[3]  # three live members rank above the forger (k = 3)
+    grant = epoch_grant(task_id, 2, forger, forger)
+    before = snapshot(link.node(target), task_id)
+    deliver(link, target, forger, grant, claim(forger, task_id, 2))
+    assert snapshot(link.node(target), task_id) == before
+    counters = link.node(target).tasks.counters
+    assert counters["epoch grant from a peer that is not the arbiter"] == 1
+    assert counters["claim without its grant"] == 1
+
+
+def test_a_member_that_never_ran_a_task_cannot_replace_its_finished_result() -> None:
+    link, task_id, owner, order = running_task()
+    link.run(owner, link.node(owner).complete(link.now, task_id, 1, "ok", b"honest"))
+    link.advance(link.now + 1.0)
+    attacker = order[3]
+    # It asks the arbiter for a takeover of the live owner's finished task: no grant.
+    arbiter = ranked(task_id, list(range(4)))[0]
+    fx = link.node(arbiter).handle(
+        link.now, addr(attacker), envelope(attacker, TaskAsk(task_id, 2))
+    )
+    assert not [m for s in fx.sends for m in opened(s.data) if isinstance(m, EpochGrant)]
+    # It signs its own grant, a claim and a result, and sends them to every holder.
+    forged = [epoch_grant(task_id, 2, attacker, attacker), claim(attacker, task_id, 2)]
+    forged.append(result(attacker, task_id, 2, b"forged"))
+    for i in order[:3]:
+        deliver(link, i, attacker, *forged)
+    for i in order[:3]:
+        st = link.node(i).tasks.tasks[task_id]
+        assert st.accepted is not None and st.accepted.output == b"honest"
+        assert link.node(i).tasks.counters["result flips"] == 0
 
 
 def test_claim_skipping_an_epoch_is_dropped_and_its_chain_asked_for() -> None:
@@ -515,8 +607,8 @@ def test_claim_skipping_an_epoch_is_dropped_and_its_chain_asked_for() -> None:
 def test_replayed_old_claim_changes_nothing() -> None:
     link, task_id, owner, order = running_task()
     heir = order[1]
-    deliver(link, owner, heir, claim(heir, task_id, 2))
-    old = link.node(heir).tasks.tasks[task_id].claims[(1, node_id(owner))]
+    deliver(link, owner, heir, *takeover(heir, task_id, 2))
+    [old] = [c for (e, o, _), c in link.node(heir).tasks.tasks[task_id].claims.items() if e == 1]
     before = snapshot(link.node(heir), task_id)
     claimed = len(link.notes_of(heir, TaskClaimed))
     deliver(link, heir, owner, old)
@@ -527,8 +619,8 @@ def test_replayed_old_claim_changes_nothing() -> None:
 def test_result_of_a_losing_claim_does_not_change_the_accepted_result() -> None:
     link, task_id, owner, order = running_task()
     heir, target = order[1], order[2]
-    c2, r2 = claim(heir, task_id, 2), result(heir, task_id, 2, b"winner")
-    deliver(link, target, heir, c2, r2)
+    (g2, c2), r2 = takeover(heir, task_id, 2), result(heir, task_id, 2, b"winner")
+    deliver(link, target, heir, g2, c2, r2)
     notes = len(link.notes_of(target, ResultAccepted))
     deliver(link, target, owner, result(owner, task_id, 1, b"loser"))
     st = link.node(target).tasks.tasks[task_id]
@@ -556,7 +648,7 @@ def test_result_ahead_of_its_claim_is_applied_when_the_claim_arrives() -> None:
     deliver(link, target, heir, r2)
     st = link.node(target).tasks.tasks[task_id]
     assert st.accepted is None
-    deliver(link, target, heir, claim(heir, task_id, 2))
+    deliver(link, target, heir, *takeover(heir, task_id, 2))
     assert st.accepted == r2
     assert [n.epoch for n in link.notes_of(target, ResultAccepted)] == [2]
 
@@ -565,7 +657,7 @@ def test_forged_result_ahead_of_its_claim_is_still_rejected_when_the_claim_arriv
     link, task_id, _, order = running_task()
     target, heir = order[2], order[1]
     deliver(link, target, heir, result(heir, task_id, 2, b"forged", key_of=order[3]))
-    deliver(link, target, heir, claim(heir, task_id, 2))
+    deliver(link, target, heir, *takeover(heir, task_id, 2))
     assert link.node(target).tasks.tasks[task_id].accepted is None
     assert link.node(target).tasks.counters["bad signature: result"] == 1
 
@@ -573,10 +665,10 @@ def test_forged_result_ahead_of_its_claim_is_still_rejected_when_the_claim_arriv
 def test_claim_ahead_of_its_epoch_is_applied_when_the_missing_claim_arrives() -> None:
     link, task_id, _, order = running_task()
     target, second, third = order[3], order[1], order[2]
-    deliver(link, target, third, claim(third, task_id, 3))
+    deliver(link, target, third, *takeover(third, task_id, 3))
     st = link.node(target).tasks.tasks[task_id]
     assert st.claim is not None and st.claim.epoch == 1
-    deliver(link, target, second, claim(second, task_id, 2))
+    deliver(link, target, second, *takeover(second, task_id, 2))
     assert st.claim.epoch == 3 and st.claim.owner == node_id(third)
 
 
@@ -584,7 +676,7 @@ def test_higher_ranked_result_flips_the_accepted_one_and_is_counted() -> None:
     link, task_id, owner, order = running_task()
     target, heir = order[2], order[1]
     deliver(link, target, owner, result(owner, task_id, 1, b"first"))
-    deliver(link, target, heir, claim(heir, task_id, 2), result(heir, task_id, 2, b"second"))
+    deliver(link, target, heir, *takeover(heir, task_id, 2), result(heir, task_id, 2, b"second"))
     notes = link.notes_of(target, ResultAccepted)
     assert [(n.epoch, n.flipped) for n in notes] == [(1, False), (2, True)]
     assert link.node(target).tasks.counters["result flips"] == 1
@@ -602,13 +694,13 @@ def test_oversize_task_record_is_rejected_by_the_wire() -> None:
     assert of_type(fx.notes, Dropped) and not link.node(0).tasks.tasks
 
 
-def test_forged_execution_entry_is_dropped() -> None:
+def test_a_retired_execution_entry_changes_nothing() -> None:
     link, task_id, owner, order = running_task()
-    s, forger = signer(owner), signer(order[1])
-    unsigned = Execution(task_id, 5, s.public_key, 0, "start", b"", s.node_id)
-    entry = replace(unsigned, sig=forger.sign(b"grapevine/execution/v1", unsigned.signed_payload()))
+    s = signer(owner)
+    entry = msgpack.packb([Kind.EXECUTION, task_id, 1, s.public_key, 0, "start", b"\0" * 64])
     before = snapshot(link.node(order[2]), task_id)
-    deliver(link, order[2], order[1], entry)  # type: ignore[arg-type]
+    fx = link.node(order[2]).handle(link.now, addr(order[1]), envelope(order[1], entry))
+    assert of_type(fx.notes, Dropped)
     assert snapshot(link.node(order[2]), task_id) == before
 
 
@@ -672,7 +764,7 @@ def test_anti_entropy_repairs_a_peer_that_missed_every_task_message() -> None:
 
     def task_traffic(src: str, dst: str, data: bytes) -> bool:
         return dst == addr(deaf) and any(
-            type(m).__name__ in ("TaskRecord", "Claim", "Result", "Execution", "TaskDigests")
+            type(m).__name__ in ("TaskRecord", "Claim", "Result", "TaskDigests")
             for m in opened(data)
         )
 
@@ -738,15 +830,15 @@ def test_a_childs_result_is_sent_straight_to_the_owner_of_its_parent() -> None:
     assert link.node(parent_owner).tasks.tasks[child_id].accepted is not None
 
 
-def test_a_result_goes_straight_to_the_origin_with_its_claim_and_log() -> None:
+def test_a_result_goes_straight_to_the_origin() -> None:
     link = cluster(4, serving=[1, 2, 3])
     task_id = submit(link, at=0)
     [(owner, _)] = starts(link, task_id)
     fx = link.node(owner).complete(link.now, task_id, 1, "ok", b"answer")
-    # The origin is in the task's audience: it got the claim and the start entry when they
-    # were made, and now the end entry and the result.
+    # The origin is in the task's audience: it got the claim when it was made, and now the
+    # result, which ends the run (there is no separate execution log).
     kinds = [type(m).__name__ for s in fx.sends if s.addr == addr(0) for m in opened(s.data)]
-    assert kinds == ["Execution", "Result"]
+    assert kinds == ["Result"]
     link.run(owner, fx)
     assert link.node(0).tasks.tasks[task_id].accepted is not None
 

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol.codec import decode_message, encode_message
+from protocol.codec import RETIRED_KINDS, decode_message, encode_message
 from protocol.envelope import (
     PROTOCOL_VERSION,
     Envelope,
@@ -31,14 +31,17 @@ from protocol.identity import DOMAIN_ALIVE, DOMAIN_PEER_STATE, Signer, node_id_o
 from protocol.tasks.messages import (
     Cancel,
     Claim,
-    Execution,
+    EpochGrant,
     Result,
     TaskAsk,
     TaskDigests,
     TaskGrant,
     TaskHeld,
+    TaskList,
+    TaskPage,
     TaskRead,
     TaskRecord,
+    TaskSummary,
     TaskSync,
     TaskWant,
     task_id_of,
@@ -128,7 +131,6 @@ SAMPLES: dict[Kind, Message] = {
         task_record().task_id, 1, signer(2).public_key, "ok", b"answer", (10, 20, 30), SIG, nid(2)
     ),
     Kind.CANCEL: Cancel(task_record().task_id, signer(1).public_key, "user asked", SIG, nid(1)),
-    Kind.EXECUTION: Execution(task_record().task_id, 1, signer(2).public_key, 1, "ok", SIG, nid(2)),
     Kind.TASK_HELD: TaskHeld(task_record().task_id),
     Kind.TASK_DIGESTS: TaskDigests(((nid(1), b"12345678"), (nid(2), b"abcdefgh"))),
     Kind.TASK_SYNC: TaskSync(((nid(3), b"12345678"),)),
@@ -136,6 +138,16 @@ SAMPLES: dict[Kind, Message] = {
     Kind.TASK_WANT: TaskWant((nid(1), nid(2))),
     Kind.TASK_ASK: TaskAsk(nid(1), 2),
     Kind.TASK_GRANT: TaskGrant(nid(1), 1, nid(3)),
+    Kind.EPOCH_GRANT: EpochGrant(nid(1), 2, nid(3), signer(4).public_key, SIG, nid(4)),
+    Kind.TASK_LIST: TaskList(7, nid(1), 50, "done", "echo"),
+    Kind.TASK_PAGE: TaskPage(
+        7,
+        (
+            TaskSummary(nid(2), "echo", "done", "ok", nid(3), nid(4), 1, 12.5),
+            TaskSummary(nid(5), "echo", "pending", "", nid(3), b"", 0, 13.0),
+        ),
+        True,
+    ),
 }
 
 VALID_ENCODINGS = [encode_message(m) for m in SAMPLES.values()]
@@ -146,7 +158,7 @@ def pack(obj: Any) -> bytes:
 
 
 def test_every_kind_has_a_sample() -> None:
-    assert set(SAMPLES) == set(Kind)
+    assert set(SAMPLES) == set(Kind) - RETIRED_KINDS
 
 
 @pytest.mark.parametrize("kind", list(SAMPLES), ids=lambda k: k.name)
@@ -322,8 +334,8 @@ def test_rejects_wrong_arity(kind: Kind) -> None:
         [Kind.PEER_STATE, nid(1), 1, ["r"], 0, 0, 0.0, -1, SIG],  # incarnation
         [Kind.PEER_STATE, nid(1), 1, ["r"], 0, 0, 0.0, 0, SIG[:63]],  # signature
         [Kind.PEER_STATE, nid(1), 1, ["r"], 0, 0, 0.0, 0, None],
-        # execution phase
-        [Kind.EXECUTION, nid(1), 1, alive(1).public_key, 2, "ok", SIG],
+        # a retired kind (v1's execution log), even well formed
+        [Kind.EXECUTION, nid(1), 1, alive(1).public_key, 1, "ok", SIG],
         # result usage
         [Kind.RESULT, nid(1), 1, alive(1).public_key, "ok", b"", [1, 2], SIG],
         [Kind.RESULT, nid(1), 1, alive(1).public_key, "ok", b"", [1, 2, -3], SIG],

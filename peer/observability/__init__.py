@@ -1,0 +1,2 @@
+"""What a peer tells its operator: Prometheus metrics and task lifecycle logs
+(docs/observability.md)."""
