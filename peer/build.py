@@ -331,7 +331,8 @@ def _agent_host(
 ) -> AgentHost:
     """The agent host of `settings.agents`, its roles installed on the driver's executor (not
     yet declared: `AgentHost.start` does that, after the replay)."""
-    from peer.agents.llm import LlmSettings, ModelClient  # litellm itself loads on first call
+    from peer.agents.llm import ModelClient  # litellm itself loads on first call
+    from peer.agents.model_settings import LlmSettings
 
     llm = settings.llm or LlmSettings()
     host: AgentHost | None = None

@@ -6,7 +6,12 @@ Invariants:
   an error status (RFC 9457 problem details). Both derive from `GrapevineError`.
 - Answers are returned as the decoded JSON objects the API documents, field names unchanged, so
   `grapevine ... --json` and this client speak the same vocabulary.
-- One `aiohttp.ClientSession` per `GrapevineClient`, opened by `async with` and closed on exit.
+- A `GrapevineClient` holds a few keep-alive connections (`peer.client_http`), opened as
+  needed inside `async with` and closed on exit. The HTTP layer is h11, not aiohttp's client,
+  so importing this module stays cheap for the `grapevine` command (its imports are measured:
+  tests/peer/test_cli_imports.py).
+- A 404 that is not the API's own problem answer, from a server that serves the peers' gossip
+  route, is `WrongPort`: the address is a peer's gossip port (`--bind`), not its API.
 - Every request carries the peer's API token (`Authorization: Bearer`): the one given, else the
   one `peer.api_token.find_token` finds when the session opens (a token file or data directory
   given here, `$GRAPEVINE_API_TOKEN`, `$GRAPEVINE_API_TOKEN_FILE`, then `api.token` in
@@ -24,62 +29,50 @@ Example::
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import json
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
-
-import aiohttp
+from typing import TYPE_CHECKING, Any, Self
+from urllib.parse import urlencode, urlsplit
 
 from peer.api_token import check_token, find_token
+from peer.client_errors import (
+    DEFAULT_API,
+    ApiError,
+    ClientError,
+    GrapevineError,
+    WrongPort,
+    api_error,
+)
 
-DEFAULT_API = "127.0.0.1:8946"
-"""Where `grapevine agent` serves its API unless told otherwise (`--api`)."""
+if TYPE_CHECKING:
+    from peer.client_http import Connections, Response
+
+__all__ = [
+    "DEFAULT_API",
+    "ApiError",
+    "ClientError",
+    "GrapevineClient",
+    "GrapevineError",
+    "JsonObject",
+    "WrongPort",
+    "base_url",
+]
 
 JsonObject = dict[str, Any]
 
-_REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=15.0, sock_connect=5.0)
-# A followed event stream stays open indefinitely; only connecting is bounded.
-_STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=None)
-_BLOB_TIMEOUT = aiohttp.ClientTimeout(total=600.0, sock_connect=5.0)
+REQUEST_TIMEOUT = 15.0
+"""Seconds a request may take in all (connecting is bounded at `CONNECT_TIMEOUT`); a followed
+stream and a `wait` are bounded by connecting only."""
+CONNECT_TIMEOUT = 5.0
+BLOB_TIMEOUT = 600.0
 """A blob may be large and fetched from another peer first: minutes, not seconds."""
-
-
-class GrapevineError(Exception):
-    """Base of the errors this client raises."""
-
-
-class ClientError(GrapevineError):
-    """The peer's API could not be reached, or its answer was not valid HTTP/JSON.
-
-    Attributes:
-        api: the address the client was talking to, as given (e.g. "127.0.0.1:8946").
-        reason: a short lowercase cause, e.g. "connection refused" or "timed out".
-    """
-
-    def __init__(self, api: str, reason: str) -> None:
-        super().__init__(f"cannot reach the peer API at {api} ({reason})")
-        self.api = api
-        self.reason = reason
-
-
-class ApiError(GrapevineError):
-    """The peer answered with an error status and (usually) RFC 9457 problem details.
-
-    Attributes:
-        status: the HTTP status code.
-        title: the problem's short summary (the reason phrase when the body had none).
-        detail: the problem's explanation; may be empty.
-    """
-
-    def __init__(self, status: int, title: str, detail: str = "") -> None:
-        super().__init__(f"{title}: {detail}" if detail else title)
-        self.status = status
-        self.title = title
-        self.detail = detail
+_ERROR_BYTES = 64 * 1024
+GOSSIP_PATH = "/gv/v1/envelope"
+"""The route a peer's gossip port serves (`peer.runtime.transport.ENVELOPE_PATH`, which a test
+holds equal to this): a server that has it is a gossip port, not the API."""
 
 
 def base_url(api: str) -> str:
@@ -129,13 +122,18 @@ class GrapevineClient:
         token_file: Path | None = None,
     ) -> None:
         self.api = api
-        self._base = base_url(api)
+        url = urlsplit(base_url(api))
+        self._prefix = url.path.rstrip("/")
+        self._host = url.hostname or ""
+        self._port = url.port or (443 if url.scheme == "https" else 80)
+        self._tls = url.scheme == "https"
+        self._host_header = url.netloc
         self._token = None if token is None else check_token(token, "the token given")
         self._data_dir = data_dir
         self._token_file = token_file
         self.token_source: str | None = None if token is None else "the token given"
         """Where the token sent came from (set on opening); None: no token was found."""
-        self._session: aiohttp.ClientSession | None = None
+        self._connections: Connections | None = None
 
     async def __aenter__(self) -> Self:
         token = self._token
@@ -143,8 +141,20 @@ class GrapevineClient:
             found = find_token(self._token_file, self._data_dir)
             if found is not None:
                 token, self.token_source = found.value, found.source
-        headers = {"Authorization": f"Bearer {token}"} if token is not None else None
-        self._session = aiohttp.ClientSession(timeout=_REQUEST_TIMEOUT, headers=headers)
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        # asyncio and h11 load when a client opens, not when this module is imported: the
+        # `grapevine` command imports it to build its parser (`grapevine --help`).
+        from peer.client_http import Connections
+
+        self._connections = Connections(
+            self.api,
+            self._host,
+            self._port,
+            self._host_header,
+            headers,
+            tls=self._tls,
+            connect_timeout=CONNECT_TIMEOUT,
+        )
         return self
 
     async def __aexit__(
@@ -153,9 +163,9 @@ class GrapevineClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._connections is not None:
+            await self._connections.close()
+            self._connections = None
 
     async def self_info(self) -> JsonObject:
         """Return this peer's identity: id, short_id, address, api, incarnation, network_id,
@@ -174,6 +184,21 @@ class GrapevineClient:
         """
         answer = await self._request("GET", "/v1/members")
         return _list_field(answer, "members", self.api)
+
+    async def join(self, seeds: list[str]) -> JsonObject:
+        """Ask the peer to join more seeds ("host:port" each, `POST /v1/join`); returns
+        `{joined}`, the address that answered. The peer keeps the seeds and retries them.
+
+        Raises:
+            ApiError: 502 when no seed answered (the detail names each and why), 400 for an
+                address that is not one.
+        """
+        return await self._request("POST", "/v1/join", {"seeds": seeds})
+
+    async def agents(self) -> JsonObject:
+        """Return the peer's agents and the roles it serves (`GET /v1/agents`):
+        `{agents: [...], roles: [...]}`."""
+        return await self._request("GET", "/v1/agents")
 
     async def leave(self) -> JsonObject:
         """Ask the peer to leave the network gracefully; it gossips the leave, then exits 0."""
@@ -242,6 +267,7 @@ class GrapevineClient:
         idempotency_key: str | None = None,
         timeout: float = 0.0,
         wait: bool = False,
+        queue: bool = False,
     ) -> JsonObject:
         """Submit a task (`POST /v1/tasks`); returns `{id}` once the peer made it durable and
         replicated, or with `wait` the task (as `task()` returns it) once it is final.
@@ -254,13 +280,16 @@ class GrapevineClient:
                 names the same task instead of creating another.
             timeout: seconds one execution may run (0: no limit); then its outcome is "timeout".
             wait: answer only when the task is done, failed or cancelled (no client timeout).
+            queue: submit it even if no live peer serves `role` yet (otherwise refused, 422).
         """
         body: JsonObject = {"role": role, "input": input, "priority": priority, "timeout": timeout}
         if idempotency_key:
             body["idempotency_key"] = idempotency_key
         if wait:
             body["wait"] = True
-        return await self._request("POST", "/v1/tasks", body, _STREAM_TIMEOUT if wait else None)
+        if queue:
+            body["queue"] = True
+        return await self._request("POST", "/v1/tasks", body, None if wait else REQUEST_TIMEOUT)
 
     async def task(self, task_id: str) -> JsonObject:
         """Return one task: id, role, state (pending, running, done, failed, cancelled), owner,
@@ -383,42 +412,47 @@ class GrapevineClient:
             ClientError: the peer could not be reached.
             ApiError: the peer answered an error (404: no peer asked held the blob).
         """
-        session = self._require_session()
-        try:
-            async with session.get(
-                f"{self._base}/v1/blobs/{digest}", timeout=_BLOB_TIMEOUT
-            ) as response:
-                if response.status >= 400:
-                    raise await _api_error(response)
-                return await response.read()
-        except aiohttp.ClientError as exc:
-            raise ClientError(self.api, _reason(exc)) from exc
-        except TimeoutError as exc:
-            raise ClientError(self.api, "timed out") from exc
+        async with self._exchange("GET", f"/v1/blobs/{digest}", timeout=BLOB_TIMEOUT) as answer:
+            return await answer.read()
 
     async def _keys_action(self, action: str, key: str) -> JsonObject:
         return await self._request("POST", "/v1/keys", {"action": action, "key": key})
 
-    def _require_session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    @contextlib.asynccontextmanager
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        body: JsonObject | None = None,
+        params: dict[str, str] | None = None,
+        timeout: float | None = REQUEST_TIMEOUT,
+        headers: dict[str, str] | None = None,
+    ) -> AsyncIterator[Response]:
+        """Send a request; yield a successful answer's head, raise `ApiError` for an error one.
+
+        `timeout` bounds the whole exchange (None: connecting only, for streams and waits).
+        """
+        if self._connections is None:
             raise RuntimeError("use GrapevineClient as `async with GrapevineClient(api) as c:`")
-        return self._session
+        target = self._prefix + path + (f"?{urlencode(params)}" if params else "")
+        data = None if body is None else json.dumps(body).encode("utf-8", "surrogatepass")
+        extra = {"Content-Type": "application/json"} if data is not None else {}
+        headers = {**extra, **(headers or {})}
+        async with self._connections.request(method, target, data, headers, timeout) as answer:
+            if answer.status >= 400:
+                raise await self._api_error(answer)
+            yield answer
 
     async def _sse(self, path: str, params: dict[str, str]) -> AsyncIterator[JsonObject]:
         """Yield the JSON objects of a server-sent event stream until the peer ends it."""
-        session = self._require_session()
-        try:
-            async with session.get(
-                self._base + path,
-                params=params,
-                timeout=_STREAM_TIMEOUT,
-                headers={"Accept": "text/event-stream"},
-            ) as response:
-                if response.status >= 400:
-                    raise await _api_error(response)
-                data: list[str] = []
-                async for raw in response.content:
-                    line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        accept = {"Accept": "text/event-stream"}
+        async with self._exchange("GET", path, params=params, timeout=None, headers=accept) as r:
+            data: list[str] = []
+            pending = b""
+            async for chunk in r.chunks():
+                *lines, pending = (pending + chunk).split(b"\n")
+                for raw in lines:
+                    line = raw.decode("utf-8", errors="replace").rstrip("\r")
                     if line.startswith("data:"):
                         data.append(line[5:].removeprefix(" "))
                     elif not line and data:
@@ -426,42 +460,46 @@ class GrapevineClient:
                         data = []
                     # Comments (":" keep-alives), "event:", "id:" and "retry:" carry nothing
                     # the API defines, so they are skipped.
-        except aiohttp.ClientError as exc:
-            raise ClientError(self.api, _reason(exc)) from exc
 
     async def _request(
         self,
         method: str,
         path: str,
         body: JsonObject | None = None,
-        timeout: aiohttp.ClientTimeout | None = None,
+        timeout: float | None = REQUEST_TIMEOUT,
         params: dict[str, str] | None = None,
     ) -> JsonObject:
-        session = self._require_session()
+        async with self._exchange(method, path, body, params, timeout) as answer:
+            text = (await answer.read()).decode("utf-8", errors="replace")
         try:
-            async with session.request(
-                method,
-                self._base + path,
-                json=body,
-                params=params,
-                timeout=timeout or _REQUEST_TIMEOUT,
-            ) as response:
-                if response.status >= 400:
-                    raise await _api_error(response)
-                text = await response.text()
-        except aiohttp.ClientError as exc:
-            raise ClientError(self.api, _reason(exc)) from exc
-        except TimeoutError as exc:
-            raise ClientError(self.api, "timed out") from exc
-        try:
-            answer = json.loads(text) if text else {}
+            answer_json = json.loads(text) if text else {}
         except ValueError:
             raise ClientError(
                 self.api, "the answer is not JSON; is this a Grapevine API?"
             ) from None
-        if not isinstance(answer, dict):
+        if not isinstance(answer_json, dict):
             raise ClientError(self.api, "the answer is not a JSON object")
-        return answer
+        return answer_json
+
+    async def _api_error(self, answer: Response) -> GrapevineError:
+        """The error an error answer stands for: `ApiError`, or `WrongPort` for a gossip port."""
+        body = (await answer.read(_ERROR_BYTES)).decode("utf-8", errors="replace")
+        problem = answer.headers.get("content-type", "").startswith("application/problem+json")
+        if answer.status == 404 and not problem and await self._is_gossip_port():
+            return WrongPort(self.api)
+        return api_error(answer.status, answer.reason, body)
+
+    async def _is_gossip_port(self) -> bool:
+        """Whether the server serves the peers' gossip route (it allows only POST there)."""
+        assert self._connections is not None
+        try:
+            async with self._connections.request(
+                "GET", GOSSIP_PATH, timeout=REQUEST_TIMEOUT
+            ) as answer:
+                await answer.read(_ERROR_BYTES)
+                return answer.status == 405 and "POST" in answer.headers.get("allow", "")
+        except ClientError:
+            return False
 
 
 def _task_path(task_id: str) -> str:
@@ -486,38 +524,3 @@ def _decode_event(text: str, api: str) -> JsonObject:
     if not isinstance(event, dict):
         raise ClientError(api, "the event stream carried something other than a JSON object")
     return event
-
-
-async def _api_error(response: aiohttp.ClientResponse) -> ApiError:
-    title = response.reason or f"HTTP {response.status}"
-    detail = ""
-    try:
-        body = await response.text()
-    except aiohttp.ClientError:
-        body = ""
-    try:
-        problem = json.loads(body)
-    except ValueError:
-        problem = None
-    if isinstance(problem, dict):
-        title = str(problem.get("title") or title)
-        detail = str(problem.get("detail") or "")
-    elif body.strip():
-        detail = body.strip()[:200]
-    return ApiError(response.status, title, detail)
-
-
-def _reason(exc: aiohttp.ClientError) -> str:
-    """A short lowercase cause for a transport failure, e.g. "connection refused"."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        code = exc.os_error.errno
-        if code == errno.ECONNREFUSED:
-            return "connection refused"
-        if code is not None:
-            return os.strerror(code).lower()
-        return str(exc.os_error) or "cannot connect"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "the peer closed the connection"
-    if isinstance(exc, aiohttp.ServerTimeoutError):
-        return "timed out"
-    return str(exc) or type(exc).__name__

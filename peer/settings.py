@@ -15,7 +15,8 @@ Invariants:
 - The agent host's tables — `[[agents]]`, `[limits]`, `[pool]`, `[llm]` — come only from the
   config file's top level; their errors name the file, the table, the index and the key:
   "config file peer.toml: agents[2].max_concurrent: must be an integer >= 1, got 0". With no
-  `[[agents]]` the peer serves the built-in roles only (`echo`, `sleep`).
+  `[[agents]]` the peer serves the built-in roles only (`echo`, `sleep`). Every `api_key_env`
+  they use must name a variable set in the environment given (a missing key stops the start).
 - An API address beyond loopback is refused without the operator's token file
   (`AgentSettings.check_api_exposure`).
 - The result is a frozen `AgentSettings`; nothing else reads flags, environment or files.
@@ -44,7 +45,7 @@ from peer.observability.logs import LOG_FORMATS
 from protocol.config import TaskConfig
 
 if TYPE_CHECKING:
-    from peer.agents.llm import LlmSettings
+    from peer.agents.model_settings import LlmSettings
 
 DEFAULT_BIND = "0.0.0.0:7946"
 DEFAULT_API = "127.0.0.1:8946"
@@ -324,13 +325,15 @@ def load_settings(
             values[name] = _convert(name, spec, env[spec.env], spec.env, Path.cwd())
         elif name in file_values:
             values[name] = _convert(name, spec, file_values[name], file_label, file_dir)
-    values.update(_agent_tables(tables, file_label))
+    values.update(_agent_tables(tables, file_label, env))
     settings = AgentSettings(**values)
     settings.check_api_exposure()
     return settings
 
 
-def _agent_tables(tables: Mapping[str, object], label: str) -> dict[str, object]:
+def _agent_tables(
+    tables: Mapping[str, object], label: str, env: Mapping[str, str]
+) -> dict[str, object]:
     values: dict[str, object] = {}
     try:
         if "agents" in tables:
@@ -345,7 +348,7 @@ def _agent_tables(tables: Mapping[str, object], label: str) -> dict[str, object]
         table = tables["llm"]
         if not isinstance(table, dict):
             raise SettingsError(f"config file {label}: llm: must be a table ([llm])")
-        from peer.agents.llm import LlmSettings  # the model layer loads only when configured
+        from peer.agents.model_settings import LlmSettings  # loads only when configured
 
         try:
             values["llm"] = LlmSettings.from_table(table)
@@ -353,6 +356,16 @@ def _agent_tables(tables: Mapping[str, object], label: str) -> dict[str, object]
             message = str(exc)
             prefix = "" if message.startswith("llm") else "llm: "
             raise SettingsError(f"config file {label}: {prefix}{message}") from None
+    if "agents" in tables or "llm" in tables:
+        from peer.agents.model_settings import LlmSettings, check_credentials
+
+        agents = values.get("agents", ())
+        llm = values.get("llm") or LlmSettings()
+        assert isinstance(agents, tuple) and isinstance(llm, LlmSettings)
+        try:
+            check_credentials(agents, llm, env)
+        except ValueError as exc:
+            raise SettingsError(f"config file {label}: {exc}") from None
     return values
 
 

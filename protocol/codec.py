@@ -23,21 +23,23 @@ from protocol.identity import NODE_ID_BYTES, PUBLIC_KEY_BYTES, SIGNATURE_BYTES
 from protocol.tasks.messages import (
     MAX_NONCE,
     MAX_PAGE,
+    SHARDS,
     Cancel,
     Claim,
     EpochGrant,
     Result,
     TaskAsk,
-    TaskDigests,
     TaskGrant,
     TaskHeld,
     TaskList,
     TaskPage,
     TaskRead,
     TaskRecord,
+    TaskShards,
     TaskSummary,
     TaskSync,
     TaskWant,
+    is_traceparent,
     task_id_of,
 )
 from protocol.wire import (
@@ -95,6 +97,7 @@ def _task_fields(t: TaskRecord) -> list[Any]:
         t.idempotency_key,
         t.nonce,
         float(t.timeout),
+        t.traceparent,
         t.sig,
     ]
 
@@ -141,8 +144,9 @@ def _to_fields(msg: Message) -> list[Any]:
             return [Kind.CANCEL, task_id, by_key, reason, sig]
         case TaskHeld(task_id):
             return [Kind.TASK_HELD, task_id]
-        case TaskDigests(entries):
-            return [Kind.TASK_DIGESTS, [list(e) for e in entries]]
+        case TaskShards(level, shards, entries, upto):
+            rows = [list(e) for e in entries]
+            return [Kind.TASK_SHARDS, level, [list(s) for s in shards], rows, upto]
         case TaskSync(entries):
             return [Kind.TASK_SYNC, [list(e) for e in entries]]
         case TaskRead(ids):
@@ -250,8 +254,10 @@ def decode_message(data: bytes) -> Message:
             )
         case Kind.TASK_HELD:
             return TaskHeld(fields.node_id(f[1]))
+        case Kind.TASK_SHARDS:
+            return _task_shards(f)
         case Kind.TASK_DIGESTS:
-            return TaskDigests(tuple(_digest_entry(e) for e in fields.array(f[1])))
+            raise RemoteProtocolError(f"retired message kind {kind.name}")
         case Kind.TASK_SYNC:
             return TaskSync(tuple(_digest_entry(e) for e in fields.array(f[1])))
         case Kind.TASK_READ:
@@ -286,9 +292,10 @@ def decode_message(data: bytes) -> Message:
             assert_never(kind)
 
 
-RETIRED_KINDS = frozenset({Kind.EXECUTION})
+RETIRED_KINDS = frozenset({Kind.EXECUTION, Kind.TASK_DIGESTS})
 """Kinds no longer sent: v1's execution-log entries (a run is now its claim and its result,
-decision 23). Decoding one is a protocol error, like an unknown kind."""
+decision 23) and whole-history task digests (now `TaskShards`, decision 31). Decoding one is a
+protocol error, like an unknown kind."""
 
 ARITY: dict[Kind, int] = {
     Kind.PING: 4,
@@ -301,16 +308,16 @@ ARITY: dict[Kind, int] = {
     Kind.PUSH_PULL: 5,
     Kind.USER_EVENT: 5,
     Kind.PEER_STATE: 9,
-    Kind.TASK: 11,
+    Kind.TASK: 12,
     Kind.CLAIM: 6,
     Kind.RESULT: 8,
     Kind.CANCEL: 5,
     Kind.TASK_HELD: 2,
-    Kind.TASK_DIGESTS: 2,
     Kind.TASK_WANT: 2,
     Kind.TASK_ASK: 3,
     Kind.TASK_GRANT: 4,
     Kind.EPOCH_GRANT: 6,
+    Kind.TASK_SHARDS: 5,
     Kind.TASK_SYNC: 2,
     Kind.TASK_READ: 2,
     Kind.TASK_LIST: 6,
@@ -390,6 +397,9 @@ def _task(f: list[Any]) -> TaskRecord:
         raise RemoteProtocolError(f"idempotency key must be at most {MAX_NAME_CHARS} chars")
     if type(nonce) is not bytes or len(nonce) > MAX_NONCE:
         raise RemoteProtocolError(f"task nonce must be at most {MAX_NONCE} bytes")
+    traceparent = f[10]
+    if type(traceparent) is not str or not is_traceparent(traceparent):
+        raise RemoteProtocolError("task traceparent must be empty or a W3C traceparent (v00)")
     origin = fields.key_hash(key)
     task_id = task_id_of(
         origin, idem, nonce, role, hashlib.sha256(data).digest(), priority, parent, timeout
@@ -404,7 +414,8 @@ def _task(f: list[Any]) -> TaskRecord:
         idem,
         nonce,
         timeout,
-        fields.signature(f[10]),
+        traceparent,
+        fields.signature(f[11]),
         task_id,
         origin,
     )
@@ -414,6 +425,24 @@ def _digest_entry(v: Any) -> tuple[bytes, bytes]:
     if not isinstance(v, list) or len(v) != 2 or type(v[1]) is not bytes or len(v[1]) != 8:
         raise RemoteProtocolError("a task digest entry is [task id, 8-byte digest]")
     return (fields.node_id(v[0]), v[1])
+
+
+def _task_shards(f: list[Any]) -> TaskShards:
+    level = fields.uint(f[1])
+    if level > 1:
+        raise RemoteProtocolError("task shards level must be 0 (summary) or 1 (answer)")
+    shards: list[tuple[int, bytes]] = []
+    for row in fields.array(f[2]):
+        if not isinstance(row, list) or len(row) != 2 or type(row[1]) is not bytes:
+            raise RemoteProtocolError("a task shard is [shard, digest]")
+        shard = fields.uint(row[0])
+        if shard >= SHARDS or len(row[1]) not in (0, 8):
+            raise RemoteProtocolError("a task shard is [0-255, 8-byte or empty digest]")
+        shards.append((shard, row[1]))
+    if len({s for s, _ in shards}) != len(shards):
+        raise RemoteProtocolError("task shards repeat a shard")
+    entries = tuple(_digest_entry(e) for e in fields.array(f[3]))
+    return TaskShards(level, tuple(shards), entries, _optional_id(f[4]))
 
 
 def _optional_id(v: Any) -> bytes:

@@ -45,7 +45,6 @@ from protocol.tasks.messages import (
     EpochGrant,
     Result,
     TaskAsk,
-    TaskDigests,
     TaskGrant,
     TaskHeld,
     TaskList,
@@ -53,6 +52,7 @@ from protocol.tasks.messages import (
     TaskPage,
     TaskRead,
     TaskRecord,
+    TaskShards,
     TaskSync,
     TaskWant,
 )
@@ -262,6 +262,7 @@ class Node(NodeQueries):
         nonce: bytes = b"",
         timeout: float = 0.0,
         created: float = 0.0,
+        traceparent: str = "",
     ) -> tuple[Effects, bytes]:
         """Submit a task here; returns the effects and the task id. `TaskReplicated` reports
         when `config.tasks.replication` other peers hold it (at once when replication is 0).
@@ -280,6 +281,7 @@ class Node(NodeQueries):
             nonce=nonce,
             timeout=timeout,
             created=created,
+            traceparent=traceparent,
         )
         if self.config.tasks.replication == 0:
             self.tasks.acknowledge_unreplicated(record.task_id)
@@ -457,7 +459,7 @@ class Node(NodeQueries):
                 | Cancel()
                 | EpochGrant()
                 | TaskHeld()
-                | TaskDigests()
+                | TaskShards()
                 | TaskSync()
                 | TaskRead()
                 | TaskWant()
@@ -501,7 +503,7 @@ class Node(NodeQueries):
             partner = next(
                 (m.node_id for m in self.membership.members.values() if m.addr == addr), None
             )
-            messages.append(encode_message(self.tasks.digests(partner)))
+            messages.append(encode_message(self.tasks.shard_summary(partner)))
         self.dissemination.send(addr, messages, piggyback=False)
 
     def _isolated(self, now: float) -> bool:

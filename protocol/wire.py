@@ -65,7 +65,7 @@ class Kind(IntEnum):
     CANCEL = 14
     EXECUTION = 15  # retired (decision 23): never sent, refused on decode
     TASK_HELD = 16
-    TASK_DIGESTS = 17
+    TASK_DIGESTS = 17  # retired (decision 31): never sent, refused on decode
     TASK_WANT = 18
     TASK_ASK = 19
     TASK_GRANT = 20
@@ -74,6 +74,7 @@ class Kind(IntEnum):
     TASK_LIST = 23
     TASK_PAGE = 24
     EPOCH_GRANT = 25
+    TASK_SHARDS = 26
 
 
 class Status(IntEnum):

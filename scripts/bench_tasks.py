@@ -336,6 +336,12 @@ async def grapevine_row(
         try:
             sent = await _submit(peers, tasks, in_flight, "echo", "noop", rng)
             done_at = await _done_at_origins(peers, sent, watch)
+            # The cost of running the tasks: measured once every result is at its origin (and
+            # a moment for the replicas to get theirs), before the convergence check below,
+            # whose reads at every peer are a reader's cost, not the tasks'.
+            await asyncio.sleep(0.5)
+            cpu1 = cpu_seconds(pids)
+            messages1, verified1, _ = await _totals(peers)
             # Replica sets: no peer holds every task; "all peers" is when a sample of tasks
             # reads as final at every peer.
             ids = sorted(sent)
@@ -349,8 +355,9 @@ async def grapevine_row(
         if scraper is not None:
             scraper.cancel()
             await asyncio.gather(scraper, return_exceptions=True)
-        cpu1 = cpu_seconds(pids)
-        messages1, verified1, _ = await _totals(peers)
+        if not sent:  # timed out before every result was in: cost up to now
+            cpu1 = cpu_seconds(pids)
+            messages1, verified1, _ = await _totals(peers)
         # Each peer's stream reports the executions it started: one per task unless duplicated.
         row.completed = sum(1 for t, (o, _) in sent.items() if (o, t) in watch.accepted)
         row.duplicates = sum(max(0, len(watch.started.get(t, [])) - 1) for t in sent)

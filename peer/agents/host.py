@@ -29,6 +29,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,6 +42,7 @@ from peer.agents.demand import (
     DemandBoard,
     seal_demand,
 )
+from peer.agents.endpoints import ModelEndpoint
 from peer.agents.ports import ChildResult, Model, TaskPort, TaskView
 from peer.agents.roster import HostedAgent, Roster
 from peer.agents.runtime import SPAWN_ROLE, AgentRuntime
@@ -70,6 +72,14 @@ class HostModel(Model, Protocol):
 
     def demand(self) -> dict[str, float]:
         """Per model, requests per minute wanted: calls started in the last minute + waiting."""
+        ...
+
+    def with_endpoint(self, endpoint: ModelEndpoint) -> Model:
+        """The client, calling an agent's own server with its key and params."""
+        ...
+
+    def task_deadline(self, seconds: float) -> AbstractContextManager[None]:
+        """Within the block, calls serve a task due within `seconds` (0: no deadline)."""
         ...
 
 
@@ -245,7 +255,12 @@ class AgentHost:
         if spec.name in self.roster.agents:
             raise ValueError(f"agent {spec.name!r} already exists on this peer")
         runtime = AgentRuntime(
-            spec, self.client, self._port, Toolbox.load(spec.tools), self.limits, self.workspace
+            spec,
+            self.client.with_endpoint(spec.endpoint),
+            self._port,
+            Toolbox.load(spec.tools),
+            self.limits,
+            self.workspace,
         )
         self.roster.add(HostedAgent(spec, runtime, spawned, self._clock()))
         for role in spec.roles:
@@ -268,7 +283,8 @@ class AgentHost:
         async def run(work: Work) -> Outcome:
             agent = await self.roster.acquire(role, work.task_id)
             try:
-                return await agent.runtime.run(work)
+                with self.client.task_deadline(work.timeout):
+                    return await agent.runtime.run(work)
             finally:
                 self.roster.release(agent, work.task_id)
 

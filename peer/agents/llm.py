@@ -1,15 +1,21 @@
 """The model client: every model call of the agent host goes through `ModelClient.complete`.
 
-A call is: wait for the model's circuit breaker and rate limits (`peer.agents.limits`), call
-`litellm.acompletion`, retry retryable provider errors with exponential backoff and jitter,
-and turn the response into a provider-neutral `Completion`.
+A call is: resolve the endpoint (server, key, params; `peer.agents.endpoints`), wait for the
+model's circuit breaker and rate limits (`peer.agents.limits`), call `litellm.acompletion`,
+retry retryable provider errors with exponential backoff and jitter (or the provider's
+`Retry-After`), and turn the response into a provider-neutral `Completion`.
 
 Invariants:
 - litellm is imported on the first call that needs it, never at import time of this module
   (it costs ~2.5 s and ~170 MB), with `LITELLM_LOCAL_MODEL_COST_MAP` set first so it never
   downloads its price list. The first import also registers the offline provider.
 - Waiting for a limit or an open breaker never fails a call; only a non-retryable provider
-  error or exhausted retries do, as `ModelError`.
+  error, a missing or rejected credential, a `Retry-After` past the task's deadline or
+  exhausted retries do, as `ModelError`. A rejected credential (401, 403) is never retried and
+  never counted against the breaker (`peer.agents.provider_errors`).
+- Each call goes to the endpoint resolved for it (`LlmSettings.endpoint_for`); breakers and
+  counters are per model and server, rate limits and network shares per model string.
+- This client owns retries: the SDK under litellm is told not to retry (`max_retries=0`).
 - Each attempt reserves one request and an estimate of its tokens; the reservation is
   corrected by the actual usage (or refunded when the attempt failed).
 - Time comes from the injected `clock`, waiting from the injected `sleep`, jitter from the
@@ -20,20 +26,28 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import json
+import logging
 import math
 import os
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from peer.agents.endpoints import MissingCredential, ModelEndpoint
 from peer.agents.limits import CircuitBreaker, ModelLimiter
+from peer.agents.model_settings import LlmSettings
 from peer.agents.offline import OFFLINE_MODEL, PROVIDER, OfflineModel
 from peer.agents.ports import Completion, ModelError, ToolCall
+from peer.agents.provider_errors import ErrorKind, classify, retry_after
 from peer.observability.logs import adopt_litellm_loggers
+
+log = logging.getLogger(__name__)
 
 COMPLETION_ESTIMATE = 512
 """Tokens reserved for a reply when the call gives no max_tokens (settled after the call)."""
@@ -46,126 +60,19 @@ MIN_SHARE_PER_MINUTE = 1.0
 """A network share below this is raised to it: a peer is never shut out entirely."""
 DEMAND_WINDOW = 60.0
 """Demand (for the network share) counts the calls started within this many seconds."""
-
-
-@dataclass(frozen=True, slots=True)
-class LlmSettings:
-    """How model calls are retried, limited and guarded; the `[llm]` table of the config."""
-
-    retries: int = 3
-    """Retries after a retryable provider error (so up to retries + 1 attempts). More rides
-    out longer outages but holds a task (and its slot) longer before it fails."""
-    backoff_base: float = 0.5
-    """Seconds before the first retry; attempt n waits min(backoff_max, base × 2^n), of which
-    a random half (equal jitter) so peers hitting the same outage do not retry in step."""
-    backoff_max: float = 8.0
-    """Cap of one backoff, in seconds."""
-    breaker_errors: int = 5
-    """Consecutive provider errors on a model that open its breaker (calls then wait rather
-    than hammer a failing provider). Lower reacts faster but trips on short blips."""
-    breaker_cooldown: float = 10.0
-    """Seconds an open breaker waits before one probe call; doubles on each failed probe up to
-    16 × this."""
-    limits: Mapping[str, tuple[float, float]] = field(default_factory=dict)
-    """model → (requests per minute, tokens per minute), 0 = unlimited: set them a little
-    under the provider's limits so calls wait here instead of failing there."""
-    default_limits: tuple[float, float] = (0.0, 0.0)
-    """(requests per minute, tokens per minute) of a model not in `limits`."""
-    network_requests_per_minute: float = 0.0
-    """A requests-per-minute limit per model for the whole network (e.g. one shared API key),
-    divided among peers by gossiped demand; 0 = off. The host keeps the shares
-    (`limits.NetworkShare`) and hands the client its `network_share` hook."""
-    offline_via_litellm: bool = True
-    """Call the offline model through litellm like any provider (one code path). False calls
-    it directly and never imports litellm while only the offline model is used: ~150 MB and
-    ~2.5 s less per process, for scale runs with hundreds of peers on one machine."""
-    timeout: float = 120.0
-    """Seconds one provider call may take before it counts as a (retryable) timeout."""
-
-    @classmethod
-    def from_table(cls, table: Mapping[str, object]) -> LlmSettings:
-        """Parse the `[llm]` table of a TOML config.
-
-        Keys: retries, backoff_base, backoff_max, breaker_errors, breaker_cooldown,
-        requests_per_minute and tokens_per_minute (the default limits),
-        network_requests_per_minute, offline_via_litellm, timeout, and `models`, a table of
-        model → {requests_per_minute, tokens_per_minute}.
-
-        Raises:
-            ValueError: an unknown key or a value of the wrong type or range; the message
-                names the key.
-        """
-        known = {
-            "retries", "backoff_base", "backoff_max", "breaker_errors", "breaker_cooldown",
-            "requests_per_minute", "tokens_per_minute", "network_requests_per_minute",
-            "offline_via_litellm", "timeout", "models",
-        }  # fmt: skip
-        for key in table:
-            if key not in known:
-                raise ValueError(f"llm.{key}: unknown key (known: {', '.join(sorted(known))})")
-        defaults = cls()
-        limits: dict[str, tuple[float, float]] = {}
-        models = table.get("models", {})
-        if not isinstance(models, Mapping):
-            raise ValueError("llm.models: must be a table of model → limits")
-        for model, entry in models.items():
-            where = f"llm.models.{model!r}"
-            if not isinstance(entry, Mapping):
-                raise ValueError(f"{where}: must be a table")
-            for key in entry:
-                if key not in ("requests_per_minute", "tokens_per_minute"):
-                    raise ValueError(f"{where}.{key}: unknown key")
-            limits[str(model)] = (
-                _number(entry, "requests_per_minute", 0.0, f"{where}."),
-                _number(entry, "tokens_per_minute", 0.0, f"{where}."),
-            )
-        settings = cls(
-            retries=_integer(table, "retries", defaults.retries, 0),
-            backoff_base=_number(table, "backoff_base", defaults.backoff_base),
-            backoff_max=_number(table, "backoff_max", defaults.backoff_max),
-            breaker_errors=_integer(table, "breaker_errors", defaults.breaker_errors, 1),
-            breaker_cooldown=_number(table, "breaker_cooldown", defaults.breaker_cooldown),
-            limits=limits,
-            default_limits=(
-                _number(table, "requests_per_minute", 0.0),
-                _number(table, "tokens_per_minute", 0.0),
-            ),
-            network_requests_per_minute=_number(table, "network_requests_per_minute", 0.0),
-            offline_via_litellm=_boolean(table, "offline_via_litellm", True),
-            timeout=_number(table, "timeout", defaults.timeout),
-        )
-        if settings.timeout <= 0:
-            raise ValueError("llm.timeout: must be > 0")
-        return settings
-
-
-def _number(table: Mapping[str, object], key: str, default: float, prefix: str = "llm.") -> float:
-    value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{prefix}{key}: must be a number, not {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{prefix}{key}: must be a finite number >= 0")
-    return float(value)
-
-
-def _integer(table: Mapping[str, object], key: str, default: int, minimum: int) -> int:
-    value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"llm.{key}: must be an integer, not {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"llm.{key}: must be >= {minimum}")
-    return value
-
-
-def _boolean(table: Mapping[str, object], key: str, default: bool) -> bool:
-    value = table.get(key, default)
-    if not isinstance(value, bool):
-        raise ValueError(f"llm.{key}: must be true or false, not {type(value).__name__}")
-    return value
+MAX_RETRY_AFTER = 300.0
+"""A provider asking to wait longer than this (a spent daily quota) fails the call: a task
+should not hold its slot for hours."""
+TASK_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "grapevine_task_deadline", default=None
+)
+"""When the task the current model calls serve must end, on the client's clock; set by
+`ModelClient.task_deadline`."""
 
 
 @dataclass(slots=True)
 class _ModelStats:
+    model: str
     breaker: CircuitBreaker
     calls: int = 0
     ok: int = 0
@@ -177,6 +84,8 @@ class _ModelStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_micro: int = 0
+    resume_at: float = 0.0
+    """No attempt before this (a provider's Retry-After), for every caller of the model."""
     starts: deque[float] = field(default_factory=deque)
 
 
@@ -192,6 +101,8 @@ class ModelClient:
         rng: random.Random | None = None,
         network_share: Callable[[str], float | None] | None = None,
         extra_kwargs: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         """Args:
         settings: retries, limits and breaker; defaults when None.
@@ -202,7 +113,9 @@ class ModelClient:
             limit (None: no cap for that model), applied as an extra requests-per-minute
             bucket; usually backed by `limits.NetworkShare`.
         extra_kwargs: merged into every `litellm.acompletion` call, read at each call (tests
-            pass litellm's `mock_response` here; deployments may pass api_base and the like).
+            pass litellm's `mock_response` here; deployments configure endpoints instead).
+        env: where `api_key_env` variables are read, at each call; `os.environ` when None.
+        wall_clock: Unix time, for a `Retry-After` given as an HTTP date.
         """
         self.settings = settings or LlmSettings()
         self._clock = clock
@@ -210,6 +123,9 @@ class ModelClient:
         self._rng = rng or random.Random()
         self._network_share = network_share
         self._extra = extra_kwargs if extra_kwargs is not None else {}
+        self._env = env if env is not None else os.environ
+        self._wall_clock = wall_clock
+        self._credential_reported: set[str] = set()
         self._limiter = ModelLimiter(self.settings.limits, self.settings.default_limits)
         self._stats: dict[str, _ModelStats] = {}
         self._offline = OfflineModel()
@@ -223,15 +139,27 @@ class ModelClient:
         *,
         temperature: float | None = None,
         max_tokens: int | None = None,
+        endpoint: ModelEndpoint | None = None,
     ) -> Completion:
         """Call `model` (a litellm model string) and return its reply.
 
-        Waits (does not fail) while rate-limited or the model's breaker is open.
+        Waits (does not fail) while rate-limited, while the model's breaker is open, and for
+        as long as a provider's `Retry-After` asks (within the task's deadline).
+
+        Args:
+            endpoint: the calling agent's server, key variable and params, over the model's
+                and `[llm]`'s (`LlmSettings.endpoint_for`).
 
         Raises:
-            ModelError: a non-retryable provider error, or retries exhausted.
+            ModelError: a non-retryable provider error; a missing or rejected credential
+                (never retried); a `Retry-After` beyond the task's deadline; retries exhausted.
         """
-        stats = self._stats_for(model)
+        resolved = self.settings.endpoint_for(model, endpoint)
+        try:
+            connection = resolved.call_kwargs(self._env)
+        except MissingCredential as exc:
+            raise ModelError(f"{model}: {exc}") from None
+        stats = self._stats_for(model, resolved)
         estimate = _estimate_tokens(messages, tools) + (max_tokens or COMPLETION_ESTIMATE)
         attempt = 0
         while True:
@@ -240,7 +168,9 @@ class ModelClient:
             stats.starts.append(self._clock())
             _forget_before(stats.starts, stats.starts[-1] - DEMAND_WINDOW)
             try:
-                completion = await self._attempt(model, messages, tools, temperature, max_tokens)
+                completion = await self._attempt(
+                    model, connection, messages, tools, temperature, max_tokens
+                )
             except asyncio.CancelledError:
                 stats.breaker.on_abandoned(self._clock())
                 self._limiter.settle(model, self._clock(), estimate, 0)
@@ -249,18 +179,22 @@ class ModelClient:
                 now = self._clock()
                 stats.errors += 1
                 self._limiter.settle(model, now, estimate, 0)
-                if not self._retryable(exc):
-                    # The provider answered (bad request, auth): it is up, so the breaker
-                    # counts a success; the call fails for good.
+                kind = ErrorKind.FAIL if self._litellm is None else classify(self._litellm, exc)
+                if kind is not ErrorKind.RETRY:
+                    # The provider answered (bad request, rejected key): it is up, so the
+                    # breaker counts a success; the call fails for good.
                     stats.breaker.on_success(now)
+                    if kind is ErrorKind.CREDENTIAL:
+                        raise ModelError(self._credential_rejected(model, resolved, exc)) from exc
                     raise ModelError(f"{model}: {_describe(exc)}") from exc
                 stats.breaker.on_failure(now)
                 if attempt >= self.settings.retries:
                     raise ModelError(
                         f"{model}: gave up after {attempt + 1} attempts: {_describe(exc)}"
                     ) from exc
+                delay = self._delay_before_retry(model, stats, attempt, exc, now)
                 stats.retries += 1
-                await self._sleep(self._backoff(attempt))
+                await self._sleep(delay)
                 attempt += 1
                 continue
             now = self._clock()
@@ -298,20 +232,40 @@ class ModelClient:
         """Per model, requests per minute this peer would make if unlimited: the calls started
         in the last minute plus those waiting now (gossiped for `limits.NetworkShare`)."""
         now = self._clock()
-        demand = {}
-        for model, stats in self._stats.items():
+        demand: dict[str, float] = {}
+        for stats in self._stats.values():
             _forget_before(stats.starts, now - DEMAND_WINDOW)
-            demand[model] = len(stats.starts) * 60.0 / DEMAND_WINDOW + stats.waiting
+            wanted = len(stats.starts) * 60.0 / DEMAND_WINDOW + stats.waiting
+            demand[stats.model] = demand.get(stats.model, 0.0) + wanted
         return demand
 
+    def with_endpoint(self, endpoint: ModelEndpoint) -> EndpointModel:
+        """A `Model` whose calls go through this client to `endpoint` (an agent's own
+        `api_base`, `api_key_env` and `params`)."""
+        return EndpointModel(self, endpoint)
+
+    @contextlib.contextmanager
+    def task_deadline(self, seconds: float) -> Iterator[None]:
+        """Within the block, calls serve a task that must end within `seconds` (0: no
+        deadline): a `Retry-After` reaching past it fails the call at once instead of
+        sleeping until the task times out."""
+        token = TASK_DEADLINE.set(self._clock() + seconds if seconds > 0 else None)
+        try:
+            yield
+        finally:
+            TASK_DEADLINE.reset(token)
+
     async def _admit(self, model: str, stats: _ModelStats, estimate: int) -> None:
-        """Wait until the breaker lets the call through and the limits are reserved."""
+        """Wait until the provider's Retry-After has passed, the breaker lets the call through
+        and the limits are reserved."""
         waited = False
         stats.waiting += 1
         try:
             while True:
                 now = self._clock()
-                wait = stats.breaker.before_call(now)
+                wait = max(0.0, stats.resume_at - now)
+                if wait == 0:
+                    wait = stats.breaker.before_call(now)
                 if wait == 0:
                     wait = self._limiter.reserve(model, now, estimate, self._share(model))
                     if wait > 0:
@@ -338,6 +292,7 @@ class ModelClient:
     async def _attempt(
         self,
         model: str,
+        connection: Mapping[str, Any],
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]],
         temperature: float | None,
@@ -364,6 +319,10 @@ class ModelClient:
             # litellm >= 1.7x routes any call with tools through its MCP gateway check,
             # which imports the optional `mcp` package; our tools are plain functions.
             "_skip_mcp_handler": True,
+            # The OpenAI SDK under litellm retries twice by default, unseen by the breaker
+            # and the limits; this client owns the retry policy.
+            "max_retries": 0,
+            **connection,
         }
         if tools:
             kwargs["tools"] = tools
@@ -380,30 +339,90 @@ class ModelClient:
             self._litellm = import_litellm()
         return self._litellm
 
-    def _retryable(self, exc: Exception) -> bool:
-        litellm = self._litellm
-        if litellm is None:
-            return False
-        retryable = (
-            litellm.RateLimitError,
-            litellm.APIConnectionError,
-            litellm.Timeout,
-            litellm.InternalServerError,
-            litellm.ServiceUnavailableError,
-            litellm.BadGatewayError,
-        )
-        return isinstance(exc, retryable)
+    def _delay_before_retry(
+        self, model: str, stats: _ModelStats, attempt: int, exc: Exception, now: float
+    ) -> float:
+        """The backoff, or the provider's Retry-After when longer (which then holds every
+        caller of the model).
+
+        Raises:
+            ModelError: the Retry-After reaches past the task's deadline or MAX_RETRY_AFTER.
+        """
+        delay = self._backoff(attempt)
+        asked = retry_after(exc, self._wall_clock())
+        if asked is None:
+            return delay
+        deadline = TASK_DEADLINE.get()
+        if asked > MAX_RETRY_AFTER or (deadline is not None and now + asked > deadline):
+            bound = (
+                f"more than {MAX_RETRY_AFTER:g} s"
+                if deadline is None or now + MAX_RETRY_AFTER < deadline
+                else f"past the task's deadline, {max(0.0, deadline - now):.1f} s away"
+            )
+            raise ModelError(
+                f"{model}: rate limited; the provider asks to retry after {asked:g} s, {bound}"
+            ) from exc
+        stats.resume_at = max(stats.resume_at, now + asked)
+        return max(delay, asked)
+
+    def _credential_rejected(self, model: str, endpoint: ModelEndpoint, exc: Exception) -> str:
+        """The failure message of a rejected key; also logged, once per model and server."""
+        status = getattr(exc, "status_code", None)
+        variable = endpoint.api_key_env or "the provider's key variable, or set api_key_env"
+        where = f" at {endpoint.api_base}" if endpoint.api_base else ""
+        text = f"model {model}{where}: the provider rejected the credential (HTTP {status}); "
+        text += f"check {variable}"
+        key = _stats_key(model, endpoint)
+        if key not in self._credential_reported:
+            self._credential_reported.add(key)
+            log.error("%s", text)
+        return f"{text}: {_describe(exc)}"
 
     def _backoff(self, attempt: int) -> float:
         delay = min(self.settings.backoff_max, self.settings.backoff_base * 2.0**attempt)
         return delay / 2 + self._rng.uniform(0, delay / 2)
 
-    def _stats_for(self, model: str) -> _ModelStats:
-        stats = self._stats.get(model)
+    def _stats_for(self, model: str, endpoint: ModelEndpoint) -> _ModelStats:
+        key = _stats_key(model, endpoint)
+        stats = self._stats.get(key)
         if stats is None:
             breaker = CircuitBreaker(self.settings.breaker_errors, self.settings.breaker_cooldown)
-            stats = self._stats[model] = _ModelStats(breaker)
+            stats = self._stats[key] = _ModelStats(model, breaker)
         return stats
+
+
+class EndpointModel:
+    """A `peer.agents.ports.Model` bound to one endpoint: an agent's calls through the shared
+    client (its limits, breakers and counters), to the agent's own server and key."""
+
+    def __init__(self, client: ModelClient, endpoint: ModelEndpoint) -> None:
+        self.client = client
+        self.endpoint = endpoint
+
+    async def complete(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        *,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+    ) -> Completion:
+        """`ModelClient.complete` with this endpoint."""
+        return await self.client.complete(
+            model,
+            messages,
+            tools,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            endpoint=self.endpoint,
+        )
+
+
+def _stats_key(model: str, endpoint: ModelEndpoint) -> str:
+    """Breakers and counters are per model and server: one model name served by two local
+    servers must not share a breaker."""
+    return model if endpoint.api_base is None else f"{model}@{endpoint.api_base}"
 
 
 def import_litellm() -> Any:

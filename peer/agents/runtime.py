@@ -17,6 +17,8 @@ Invariants:
   refused instead.
 - The usage reported is this execution's own model calls; children report theirs on their
   own results. The budget check also counts what the children spent.
+- Each model call and each tool call is a span of the execution's trace, and the agent's
+  name is on the execution's span (`peer.observability.tracing`; nothing when untraced).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from peer.agents.ports import (
     Model,
     ModelError,
     TaskPort,
+    ToolCall,
 )
 from peer.agents.spec import AgentSpec, TreeLimits
 from peer.agents.tools import CHILD_TOOLS, Toolbox, ToolContext
@@ -47,6 +50,7 @@ from peer.agents.tree import (
     find_loop,
     subtree_usage,
 )
+from peer.observability.tracing import annotate_agent, model_call, tool_call
 from peer.runtime.executor import Outcome, Work
 
 SPAWN_ROLE = "grapevine.spawn"
@@ -109,6 +113,7 @@ class AgentRuntime:
             given = AgentInput.decode(work.input)
         except ValueError as exc:
             return Outcome(f"bad agent input: {exc}".encode(), "failed")
+        annotate_agent(self.spec.name)
         run = _Run(
             work=work,
             request=given.request,
@@ -127,13 +132,20 @@ class AgentRuntime:
             if spent is not None:
                 return self._failed(run, spent)
             try:
-                reply = await self.model.complete(
-                    self.spec.model,
-                    messages,
-                    self.toolbox.schemas,
-                    temperature=self.spec.temperature,
-                    max_tokens=self.spec.max_tokens,
-                )
+                with model_call(self.spec.model) as traced:
+                    reply = await self.model.complete(
+                        self.spec.model,
+                        messages,
+                        self.toolbox.schemas,
+                        temperature=self.spec.temperature,
+                        max_tokens=self.spec.max_tokens,
+                    )
+                    traced.completed(
+                        reply.model or self.spec.model,
+                        reply.prompt_tokens,
+                        reply.completion_tokens,
+                        reply.cost_micro,
+                    )
             except ModelError as exc:
                 return self._failed(run, f"model call failed: {exc}")
             model_name = reply.model or model_name
@@ -175,22 +187,21 @@ class AgentRuntime:
         results: list[str | None] = [None] * len(calls)
         for i, call in enumerate(calls):
             if call.name not in CHILD_TOOLS:
-                results[i] = await self.toolbox.call(call.name, call.arguments, context)
+                results[i] = await self._call(call, context)
         waiting = [i for i, call in enumerate(calls) if call.name in CHILD_TOOLS]
         if waiting:
             self.port.suspend(run.work.task_id)
             try:
-                answers = await asyncio.gather(
-                    *(
-                        self.toolbox.call(calls[i].name, calls[i].arguments, context)
-                        for i in waiting
-                    )
-                )
+                answers = await asyncio.gather(*(self._call(calls[i], context) for i in waiting))
             finally:
                 self.port.resume(run.work.task_id)
             for i, answer in zip(waiting, answers, strict=True):
                 results[i] = answer
         return [result or "" for result in results]
+
+    async def _call(self, call: ToolCall, context: ToolContext) -> str:
+        with tool_call(call.name, call.id):
+            return await self.toolbox.call(call.name, call.arguments, context)
 
     def _context(self, run: _Run, delegates: int) -> ToolContext:
         share = run.ledger.split(delegates, self.limits.parent_reserve) if delegates else ""

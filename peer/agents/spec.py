@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from peer.agents.endpoints import ModelEndpoint, parse_endpoint
 from peer.agents.ports import Budget
 
 BUILTIN_TOOLS = ("delegate", "spawn_agent", "read_file", "write_file", "final_answer")
@@ -58,6 +59,18 @@ class AgentSpec:
     """What one task of this agent and everything it delegates may spend at most (0 =
     unlimited in that unit); unset, the tree limits' `default_budget`. The operator's cap: a
     task's input may ask for less, never more (`peer.agents.tree.budget_for`)."""
+    api_base: str | None = None
+    """The model's server for this agent (a vLLM, Ollama or llama.cpp server, any
+    OpenAI-compatible endpoint); None: the model's or `[llm]`'s (`peer.agents.endpoints`)."""
+    api_key_env: str | None = None
+    """The NAME of the environment variable holding this agent's key (never the key)."""
+    params: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    """Extra `litellm.acompletion` parameters of this agent, over the model's and `[llm]`'s."""
+
+    @property
+    def endpoint(self) -> ModelEndpoint:
+        """This agent's own endpoint settings (`LlmSettings.endpoint_for` adds the rest)."""
+        return ModelEndpoint(self.api_base, self.api_key_env, self.params)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +229,7 @@ def _agent(where: str, value: object) -> AgentSpec:
         raise ValueError(f"{where}.system: must be a string, got {_kind(system)}")
     temperature = _number(f"{where}.temperature", table.get("temperature"), 0.0, 2.0)
     max_tokens = table.get("max_tokens")
+    endpoint = parse_endpoint(where, table)
     return AgentSpec(
         name=name,
         roles=tuple(role_names),
@@ -228,6 +242,9 @@ def _agent(where: str, value: object) -> AgentSpec:
         budget=defaults.budget
         if "budget" not in table
         else _budget(f"{where}.budget", table["budget"]),
+        api_base=endpoint.api_base,
+        api_key_env=endpoint.api_key_env,
+        params=endpoint.params,
     )
 
 

@@ -7,7 +7,8 @@ Invariants:
 - Exit status: 0 after a graceful exit, 1 if the peer could not start (address in use, data
   directory locked, database corrupt or unwritable, ...), 2 if the settings are unusable (no
   key); the reason goes to stderr as one line, never a traceback.
-- The ready line goes to stderr once both servers listen; a last line once the peer left.
+- The ready line goes to stderr once both servers listen, then the dashboard's one-time
+  login URL (peer.http.dashboard); a last line once the peer left.
 - Shutdown (SIGINT, SIGTERM or `POST /v1/leave`) is always graceful: gossip the leave and wait
   for it to go out (at most `LEAVE_TIMEOUT`), then `build_peer` stops the parts.
 - A restart with the same data directory keeps the identity, takes a higher incarnation and
@@ -90,6 +91,9 @@ async def _run_until_stopped(
         file=sys.stderr,
         flush=True,
     )
+    login = peer.api.dashboard.login_url(peer.api.address)
+    if login is not None:
+        print(f"dashboard: {login} (the link works once)", file=sys.stderr, flush=True)
     log.info(
         "advertising %s, incarnation %d, profile %s%s",
         node.addr,

@@ -4,15 +4,21 @@ Invariants:
 - A user mistake (bad flag, unreachable peer, refused request, bad settings) is reported as one
   line on stderr, "grapevine <command>: <what went wrong>", never as a traceback: `fail`,
   `usage` and `warn` are the only writers of such lines, and `Parser.error` writes the same shape.
+- Flags are never abbreviated (`--rol` is not `--role`: every parser is made with
+  `allow_abbrev=False`), and a mistyped command, choice or flag gets a "did you mean" for the
+  closest known one (`difflib`).
 - Exit codes: 0 success, 1 the operation failed (peer unreachable, API problem, unhealthy peer),
   2 the command line or the settings are wrong, 130 interrupted by Ctrl-C.
-- Every command that prints a table takes `--json` (`json_option`), which prints the API's own
-  objects with the field names of docs/http-api.md, so scripts do not depend on the human layout.
+- Every command that prints takes `--json` (`json_option`), which prints the API's own objects
+  with the field names of docs/http-api.md, so scripts do not depend on the human layout.
 - Client commands find the peer through `--api` (`api_option`), else `$GRAPEVINE_API`, else
   127.0.0.1:8946, and its API token through `--token-file`, `--data-dir` or the places
   `peer.api_token.find_token` looks; they run through `client_command`, which turns a refused
-  connection or an API problem into exit 1, a bad address or token file into exit 2, and a
-  401 into a line saying how to pass the token.
+  connection or an API problem into exit 1, a bad address or token file into exit 2, a 401
+  into a line saying how to pass the token, and a gossip port given as the API into a line
+  saying so.
+- Importing this module (and the command groups) loads no HTTP server, rich, simulator or
+  litellm: `grapevine --help` and the client commands stay fast (tests/peer/test_cli_imports.py).
 - Every subcommand's namespace carries `prog` ("grapevine members") and `parser`, set by
   `add_command`, so messages name the command the user ran.
 """
@@ -20,16 +26,17 @@ Invariants:
 from __future__ import annotations
 
 import argparse
-import asyncio
+import difflib
 import os
+import re
 import sys
 import textwrap
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import NoReturn, TypeAlias
+from typing import Any, NoReturn, TypeAlias
 
 from peer.api_token import TOKEN_HELP, TokenError
-from peer.client import DEFAULT_API, ApiError, ClientError, GrapevineClient
+from peer.client import DEFAULT_API, ApiError, ClientError, GrapevineClient, WrongPort
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -53,11 +60,39 @@ class ParagraphFormatter(argparse.HelpFormatter):
         )
 
 
+_INVALID_CHOICE = re.compile(r"invalid choice: '(?P<word>[^']*)'")
+_UNRECOGNIZED = "unrecognized arguments: "
+
+
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line with a pointer to --help, not a usage dump."""
+    """An ArgumentParser that takes no abbreviated flag and whose errors are one line, with a
+    "did you mean" when a known word is close, and a pointer to --help, not a usage dump."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+        hint = self.suggestion(message)
+        hint = f"; did you mean {hint}?" if hint else ""
+        self.exit(EXIT_USAGE, f"{self.prog}: {message}{hint} (see `{self.prog} --help`)\n")
+
+    def suggestion(self, message: str) -> str | None:
+        """The known command, choice or flag closest to the mistyped one `message` names."""
+        match = _INVALID_CHOICE.search(message)
+        if match is not None:
+            word = match.group("word")
+            known = [str(c) for a in self._actions if a.choices for c in a.choices]
+        elif message.startswith(_UNRECOGNIZED):
+            flags = [w for w in message.removeprefix(_UNRECOGNIZED).split() if w.startswith("-")]
+            if not flags:
+                return None
+            word = flags[0].partition("=")[0]
+            known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        else:
+            return None
+        close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+        return f"{close[0]!r}" if close else None
 
 
 Subcommands: TypeAlias = "argparse._SubParsersAction[Parser]"
@@ -145,6 +180,9 @@ def _run_client(args: argparse.Namespace, command: ClientCommand) -> int:
     one line on stderr.
     """
     api = args.api or os.environ.get("GRAPEVINE_API") or DEFAULT_API
+    if args.data_dir is not None and args.data_dir.exists() and not args.data_dir.is_dir():
+        wanted = "the peer's data directory (whose api.token is sent)"
+        return fail(args, not_a_directory(args.data_dir, wanted), EXIT_USAGE)
     try:
         client = GrapevineClient(api, data_dir=args.data_dir, token_file=args.token_file)
     except ValueError as exc:
@@ -155,9 +193,13 @@ def _run_client(args: argparse.Namespace, command: ClientCommand) -> int:
             return await command(client, args)
 
     try:
+        import asyncio  # loaded by the commands that talk to a peer, not by `--help`
+
         return asyncio.run(run())
     except TokenError as exc:
         return fail(args, f"{exc}; {TOKEN_HELP}", EXIT_USAGE)
+    except WrongPort as exc:
+        return fail(args, str(exc), EXIT_USAGE)
     except ClientError as exc:
         return fail(
             args, f"{exc}; is `grapevine agent` running? (set --api or GRAPEVINE_API)", EXIT_FAILED
@@ -166,6 +208,11 @@ def _run_client(args: argparse.Namespace, command: ClientCommand) -> int:
         if exc.status == 401:
             return fail(args, _unauthorized(client.token_source), EXIT_FAILED)
         return fail(args, f"{exc.title}: {exc.detail}" if exc.detail else exc.title, EXIT_FAILED)
+
+
+def not_a_directory(path: Path, wanted: str) -> str:
+    """The line for a --data-dir that names a file; `wanted` says what to give instead."""
+    return f"--data-dir {path} is a file, not a directory; give {wanted}"
 
 
 def _unauthorized(source: str | None) -> str:

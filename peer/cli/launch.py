@@ -2,6 +2,7 @@
 
 Invariants:
 - `keygen --output` never overwrites a file and creates the key readable only by its owner.
+- A --data-dir that names a file is refused (exit 2) before anything starts.
 - `agent` passes to `peer.settings.load_settings` only the options the user gave, so the
   environment and the --config file fill the rest; a settings mistake exits 2, an environment
   problem (address in use, unreadable data directory) exits 1.
@@ -12,11 +13,22 @@ Invariants:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
-from peer.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Subcommands, add_command, fail, warn
+from peer.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    Subcommands,
+    add_command,
+    fail,
+    json_option,
+    not_a_directory,
+    warn,
+)
 from peer.client import DEFAULT_API
 from peer.runtime.keyring import encode_key, generate_network_key
 
@@ -57,6 +69,7 @@ def _add_keygen(commands: Subcommands) -> None:
         "secret: --output writes it to a new file readable only by you.",
         "  grapevine keygen --output network.key\n"
         "  (umask 077; grapevine keygen > network.key)   # a peer refuses a key others can read",
+        parents=(json_option(),),
     )
     keygen.add_argument(
         "-o",
@@ -74,7 +87,7 @@ def _keygen(args: argparse.Namespace) -> int:
     if output is None:
         if sys.stdout.isatty():
             warn(args, "this is a secret; store it with `grapevine keygen --output network.key`")
-        print(key)
+        print(json.dumps({"key": key}) if args.json else key)
         return EXIT_OK
     try:
         fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -84,6 +97,8 @@ def _keygen(args: argparse.Namespace) -> int:
         return fail(args, f"cannot create {output}: {exc.strerror}", EXIT_FAILED)
     with os.fdopen(fd, "w") as file:
         file.write(key + "\n")
+    if args.json:
+        print(json.dumps({"path": str(output)}))
     print(f"wrote a new network key to {output}", file=sys.stderr)
     return EXIT_OK
 
@@ -223,6 +238,9 @@ def _agent(args: argparse.Namespace) -> int:
         settings = load_settings(flags, os.environ, args.config)
     except SettingsError as exc:
         return fail(args, str(exc), EXIT_USAGE)
+    if settings.data_dir.exists() and not settings.data_dir.is_dir():
+        wanted = "a directory for the peer's state (created if it does not exist)"
+        return fail(args, not_a_directory(settings.data_dir, wanted), EXIT_USAGE)
     try:
         return main_agent(settings)
     except OSError as exc:

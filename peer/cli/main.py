@@ -1,9 +1,11 @@
 """The `grapevine` command: the parser assembled from the command groups, and `main`.
 
 Each command group registers its own subcommands: `launch` (keygen, agent), `network` (members,
-leave, event, events, self, health, metrics, keys), `tasks` (submit, tasks, task, tree, result,
-cancel), `simulate`, and the demo (`peer.demo.command`). What they share, the exit codes and the
-one-line error messages included, is in `peer.cli.common`.
+agents, join, leave, event, events, self, health, metrics, keys), `status` (the fleet
+overview), `tasks` (submit, tasks, task,
+tree, result, cancel), `simulate`, and the demo (options `peer.demo.options`, run by
+`peer.demo.command`). What they share, the exit codes and the one-line error messages included,
+is in `peer.cli.common`.
 
 Invariants:
 - `main` never lets an exception out as a traceback for Ctrl-C (exit 130) or a closed stdout
@@ -11,6 +13,8 @@ Invariants:
 - An option the chosen subcommand does not know is reported by that subcommand's parser, so the
   message names the command the user ran. With no command, the help goes to stderr, exit 2.
 - `--help` lists the commands in the order they are registered here.
+- Building the parser imports no HTTP server, rich, simulator or litellm: what a command needs
+  beyond that is imported when it runs (tests/peer/test_cli_imports.py holds the line).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import argparse
 import os
 import sys
 
-from peer.cli import launch, network, simulate, tasks
+from peer.cli import launch, network, simulate, status, tasks
 from peer.cli.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -29,7 +33,8 @@ from peer.cli.common import (
     Subcommands,
     add_command,
 )
-from peer.demo import command as demo_cmd
+from peer.demo import options as demo_options
+from peer.version import installed_version
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,13 +82,39 @@ def build_parser() -> argparse.ArgumentParser:
         "Run `grapevine COMMAND --help` for a command's options.",
         formatter_class=ParagraphFormatter,
     )
+    parser.add_argument("--version", action=PrintVersion)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     launch.register(commands)
     network.register(commands)
+    status.register(commands)
     tasks.register(commands)
     simulate.register(commands)
     _register_demo(commands)
     return parser
+
+
+class PrintVersion(argparse.Action):
+    """`--version`: print "grapevine VERSION" (the installed one) and exit 0; the version is
+    read only then (`peer.version`), so building the parser stays cheap."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(
+            option_strings,
+            dest,
+            nargs=0,
+            default=argparse.SUPPRESS,
+            help="print the installed version and exit",
+        )
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        print(f"grapevine {installed_version()}")
+        parser.exit()
 
 
 def _register_demo(commands: Subcommands) -> None:
@@ -100,8 +131,14 @@ def _register_demo(commands: Subcommands) -> None:
         "  grapevine demo\n  grapevine demo --json | jq .audit\n"
         "  OPENAI_API_KEY=... grapevine demo --model openai/gpt-4o-mini",
     )
-    demo_cmd.add_arguments(demo)
-    demo.set_defaults(handler=demo_cmd.run)
+    demo_options.add_arguments(demo)
+    demo.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from peer.demo.command import run  # the demo's processes and live view: loaded to run it
+
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The commands about the local peer and its network: members, leave, event, events, self,
-health, metrics and keys.
+"""The commands about the local peer and its network: members, agents, join, leave, event,
+events, self, health, metrics and keys.
 
 Invariants:
 - Each is a client of the local peer's API (`common.client_command`); none changes anything but
@@ -39,7 +39,8 @@ Shown = TypeVar("Shown")
 
 
 def register(commands: Subcommands) -> None:
-    """Add members, leave, event, events, self, health, metrics and keys to `grapevine`."""
+    """Add members, agents, join, leave, event, events, self, health, metrics and keys to
+    `grapevine`."""
     api = api_option()
     both = (api, json_option())
 
@@ -54,6 +55,33 @@ def register(commands: Subcommands) -> None:
     )
     client_command(members, _show(GrapevineClient.members, render.members_table))
 
+    agents = add_command(
+        commands,
+        "agents",
+        "list the local peer's agents and the roles it serves",
+        "List the agents the local peer hosts: their roles, model, running and maximum "
+        "concurrent tasks, suspended tasks (waiting on their children) and idle time; then the "
+        "roles the peer serves. A peer without agents (--no-agents, or none configured) lists "
+        "its built-in roles.",
+        "  grapevine agents\n  grapevine agents --json | jq .roles",
+        both,
+    )
+    client_command(agents, _show(GrapevineClient.agents, render.agents_table))
+
+    join = add_command(
+        commands,
+        "join",
+        "make the running peer join more seeds",
+        "Ask the local peer to join the network through more seed peers (host:port, the "
+        "address another peer's `grapevine agent --bind` or --advertise gave), as --join does "
+        "at start: it contacts them at once and says which answered; it keeps every seed and "
+        "retries it on its own, as for the seeds it started with. Exits 1 if none answered.",
+        "  grapevine join 10.0.0.7:7946\n  grapevine join seed-a.example.org seed-b.example.org",
+        both,
+    )
+    join.add_argument("seeds", metavar="ADDR", nargs="+", help="a seed's gossip address, host:port")
+    client_command(join, _join)
+
     leave = add_command(
         commands,
         "leave",
@@ -61,7 +89,7 @@ def register(commands: Subcommands) -> None:
         "Ask the local peer to leave gracefully: it tells the network it is leaving (others "
         'mark it "left", not dead), then its process exits with status 0.',
         "  grapevine leave --api 127.0.0.1:8946",
-        (api,),
+        both,
     )
     client_command(leave, _leave)
 
@@ -73,7 +101,7 @@ def register(commands: Subcommands) -> None:
         "network, as Serf's user events do. Delivery is best-effort gossip; every peer lists "
         "what it received with `grapevine events`.",
         "  grapevine event deploy v1.2.3\n  grapevine event ping",
-        (api,),
+        both,
     )
     event.add_argument("name", metavar="NAME", help="the event's name")
     event.add_argument(
@@ -156,7 +184,7 @@ def register(commands: Subcommands) -> None:
         ("remove", "stop accepting KEY (rotation step 3; not the primary)"),
     ):
         sub = add_command(
-            actions, action, summary, summary[0].upper() + summary[1:] + ".", parents=(api,)
+            actions, action, summary, summary[0].upper() + summary[1:] + ".", parents=both
         )
         sub.add_argument("key", metavar="KEY", help="base64 key, or - to read it from stdin")
         sub.set_defaults(action=action)
@@ -181,14 +209,26 @@ def _show(
     return command
 
 
+async def _join(client: GrapevineClient, args: argparse.Namespace) -> int:
+    answer = await client.join(args.seeds)
+    print(render.as_json(answer) if args.json else f"joined through {answer.get('joined')}")
+    return EXIT_OK
+
+
 async def _leave(client: GrapevineClient, args: argparse.Namespace) -> int:
-    await client.leave()
-    print(f"the peer at {client.api} is leaving the network; it exits once others know")
+    answer = await client.leave()
+    if args.json:
+        print(render.as_json(answer))
+    else:
+        print(f"the peer at {client.api} is leaving the network; it exits once others know")
     return EXIT_OK
 
 
 async def _event(client: GrapevineClient, args: argparse.Namespace) -> int:
     answer = await client.send_event(args.name, args.payload)
+    if args.json:
+        print(render.as_json(answer))
+        return EXIT_OK
     print(
         f"sent event {args.name} (origin {render.short(answer.get('origin'))}, "
         f"ltime {answer.get('ltime')})"
@@ -216,5 +256,6 @@ async def _keys_change(client: GrapevineClient, args: argparse.Namespace) -> int
     except ValueError as exc:
         return fail(args, str(exc), EXIT_USAGE)
     change = {"install": client.install_key, "use": client.use_key, "remove": client.remove_key}
-    print(render.keyring_table(await change[args.action](key)))
+    keyring = await change[args.action](key)
+    print(render.as_json(keyring) if args.json else render.keyring_table(keyring))
     return EXIT_OK

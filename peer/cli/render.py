@@ -5,7 +5,8 @@ Invariants:
   reads the clock (except to show a timestamp in local time) or raises on missing fields: a
   field a peer did not send is shown as "-" or "?".
 - `--json` output never comes from here except `as_json`, which keeps the API's field names.
-- Text that comes from peers (roles, agent names) is never read as rich markup.
+- Imports only the standard library: the client commands print through here and start fast
+  (the one rich rendering, the task tree, is `peer.cli.render_tree`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
-
-from rich.text import Text
-from rich.tree import Tree
 
 from peer.client import JsonObject
 
@@ -60,6 +58,30 @@ def members_table(members: Sequence[JsonObject]) -> str:
         counts[status] = counts.get(status, 0) + 1
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     return f"{table(header, rows)}\n{len(members)} members: {summary}"
+
+
+def agents_table(status: JsonObject) -> str:
+    """The `grapevine agents` table (name, roles, model, load) and the roles the peer serves,
+    e.g. "2 agents; roles served here: critic, writer"."""
+    agents = [a for a in status.get("agents") or [] if isinstance(a, dict)]
+    rows = [
+        [
+            str(a.get("name", "?")),
+            ",".join(str(r) for r in a.get("roles") or []) or "-",
+            str(a.get("model", "?")),
+            f"{number(a.get('running'))}/{number(a.get('max_concurrent'))}",
+            number(a.get("suspended")),
+            duration(a.get("idle_for")) if a.get("idle_for") is not None else "-",
+        ]
+        for a in agents
+    ]
+    roles = ", ".join(str(r) for r in status.get("roles") or []) or "none"
+    count = f"{len(agents)} agent{'' if len(agents) == 1 else 's'}" if agents else "no agents"
+    summary = f"{count}; roles served here: {roles}"
+    if not rows:
+        return summary
+    header = ["NAME", "ROLES", "MODEL", "RUNNING", "SUSPENDED", "IDLE"]
+    return f"{table(header, rows)}\n{summary}"
 
 
 def event_line(event: JsonObject) -> str:
@@ -120,15 +142,6 @@ def keyring_table(keyring: JsonObject) -> str:
     return table([], rows)
 
 
-_STATE_STYLE = {
-    "done": "green",
-    "failed": "red",
-    "cancelled": "yellow",
-    "running": "cyan",
-    "pending": "dim",
-}
-
-
 def tasks_table(tasks: list[JsonObject]) -> str:
     """The `grapevine tasks` table and a count line."""
     rows = [
@@ -171,21 +184,37 @@ def task_details(task: JsonObject) -> str:
             f"result      {result.get('outcome')} (epoch {result.get('epoch')}, "
             f"{short(result.get('owner'))})"
         )
-        lines.append(f"output      {result.get('output')}")
+        answer = answer_text(str(result.get("output", "")))
+        lines.append("output      " + answer.replace("\n", "\n" + " " * 12))
     return "\n".join(lines)
 
 
-def task_tree(tree: JsonObject) -> Tree:
-    """`grapevine tree`: one line per task of a `/v1/tasks/{id}/tree` answer, children under
-    their parent, e.g. "writer 3f2a9c1b2d4e done on k3j4h5l2mn agent writer-1 120 tokens"."""
-    root = Tree(_tree_label(tree))
-    pending: list[tuple[Tree, Any]] = [(root, tree.get("children"))]
-    while pending:  # iterative: a deep tree cannot exhaust the recursion limit here
-        branch, children = pending.pop()
-        for child in children if isinstance(children, list) else []:
-            if isinstance(child, dict):
-                pending.append((branch.add(_tree_label(child)), child.get("children")))
-    return root
+ANSWER_FIELDS = ("answer", "text", "output", "result", "content")
+"""Fields of a JSON object output whose text is the answer, the first present wins (an agent's
+output is `{"agent", "answer", "model", "steps"}`: peer.agents.ports.AgentOutput)."""
+
+
+def answer_text(output: str) -> str:
+    """A task's output as a person reads it.
+
+    A JSON string is unwrapped; a JSON object shows the text of its first field named in
+    `ANSWER_FIELDS` (an agent's answer), else the object indented; anything else (plain text,
+    a number) is the output as it is.
+    """
+    try:
+        value = json.loads(output)
+    except (ValueError, RecursionError):
+        return output
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        for name in ANSWER_FIELDS:
+            if isinstance(value.get(name), str):
+                return str(value[name])
+        return json.dumps(value, indent=2, ensure_ascii=False)
+    if isinstance(value, list):
+        return json.dumps(value, indent=2, ensure_ascii=False)
+    return output
 
 
 def tree_totals(tree: JsonObject) -> str:
@@ -206,27 +235,6 @@ def tree_totals(tree: JsonObject) -> str:
     if tree.get("truncated"):
         line += "; deeper tasks left out"
     return line
-
-
-def _tree_label(node: JsonObject) -> Text:
-    state = str(node.get("state", "?"))
-    usage = node.get("usage") if isinstance(node.get("usage"), dict) else None
-    label = Text.assemble(
-        (str(node.get("role") or "?"), "bold"),
-        " ",
-        (str(node.get("id", "?"))[:12], "dim"),
-        " ",
-        (state, _STATE_STYLE.get(state, "")),
-        f" on {short(node.get('peer'))}" if node.get("peer") else "",
-        f" agent {node['agent']}" if node.get("agent") else "",
-    )
-    if usage is not None:
-        tokens = sum(v for k, v in usage.items() if k.endswith("_tokens") and isinstance(v, int))
-        label.append(f" {tokens} tokens")
-    duplicates = node.get("duplicates")
-    if isinstance(duplicates, int) and duplicates > 0:
-        label.append(f" ({duplicates} duplicate{'s' if duplicates > 1 else ''})", "red")
-    return label
 
 
 def table(header: list[str], rows: Sequence[list[str]]) -> str:

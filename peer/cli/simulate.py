@@ -20,12 +20,14 @@ import re
 import sys
 import time
 from dataclasses import replace
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from peer.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Subcommands, add_command
 from protocol.config import sim
-from protocol.sim.figures import Figure
-from protocol.sim.scenario import ScenarioParams, run_scenario
+
+if TYPE_CHECKING:
+    from protocol.sim.figures import Figure
+    from protocol.sim.scenario import ScenarioParams
 
 PROG = "grapevine simulate"
 PARTITION_AT = 40.0
@@ -162,6 +164,9 @@ def params_from(args: argparse.Namespace) -> ScenarioParams:
             duration = max(duration, PARTITION_AT + partition[1] + AFTER_HEAL)
     if not duration > 0:
         raise UsageError("--duration must be positive")
+    # The simulator is imported when it runs, not when `grapevine` builds its parser.
+    from protocol.sim.scenario import ScenarioParams
+
     config = sim()
     if args.replication is not None:
         if args.replication < 0:
@@ -313,6 +318,8 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    from protocol.sim.scenario import run_scenario
+
     progress = _Progress(sys.stderr, params.nodes) if sys.stderr.isatty() else None
     started = time.perf_counter()
     try:

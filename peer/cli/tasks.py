@@ -10,7 +10,13 @@ Invariants:
   request and passed on in lower case; anything else exits 2.
 - An output that is a blob reference (`protocol.blobs`) is printed as the blob's bytes, fetched
   through `GET /v1/blobs/{digest}`, exactly as stored (no newline added); `--json` shows the
-  reference as the API does.
+  reference as the API does. Any other output is printed as text (`render.answer_text`: an
+  agent's answer, not the JSON object it travels in); `--json` prints the API's object.
+- `submit` names the task (its id, on stderr) as soon as the peer accepted it, before any wait,
+  so an interrupted wait can be resumed with `grapevine task ID`. A role no live peer serves is
+  refused by the peer (exit 1, naming the roles served and the closest one) unless `--queue`.
+- rich (the tree, the progress bar of `submit --file`) is imported only by the commands that
+  draw with it.
 """
 
 from __future__ import annotations
@@ -20,8 +26,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-
-from rich.console import Console
 
 from peer.cli import render
 from peer.cli.common import (
@@ -38,9 +42,7 @@ from peer.cli.common import (
     json_option,
 )
 from peer.cli.network_tasks import network_listing
-from peer.cli.task_file import submit_file
 from peer.client import ApiError, GrapevineClient, JsonObject
-from protocol.blobs import parse_blob_ref
 
 STATES = ("pending", "running", "done", "failed", "cancelled")
 """The task states `grapevine tasks --state` accepts."""
@@ -64,6 +66,7 @@ def register(commands: Subcommands) -> None:
         "line was bad or any task did not finish as done.",
         "  grapevine submit --role echo 'hello'\n"
         "  grapevine submit --role sleep --timeout 5 --no-wait 10\n"
+        "  grapevine submit --role summarize --queue 'text for a peer not started yet'\n"
         "  grapevine submit --file tasks.jsonl",
         parents,
     )
@@ -98,6 +101,12 @@ def register(commands: Subcommands) -> None:
         dest="no_wait",
         action="store_true",
         help="print the task id once accepted instead of waiting for the result",
+    )
+    submit.add_argument(
+        "--queue",
+        action="store_true",
+        help="submit even if no live peer serves the role yet; it waits for one (without it, "
+        "such a task is refused, naming the roles the network serves)",
     )
     client_command(submit, _submit)
 
@@ -215,6 +224,8 @@ async def _submit(client: GrapevineClient, args: argparse.Namespace) -> int:
     if args.file is not None:
         if args.input is not None or args.role:
             return fail(args, "give either --file or --role with INPUT, not both", EXIT_USAGE)
+        from peer.cli.task_file import submit_file  # draws with rich: imported when used
+
         return await submit_file(client, args)
     if not args.role or args.input is None:
         return fail(args, "give --role ROLE and INPUT (or --file PATH)", EXIT_USAGE)
@@ -225,11 +236,13 @@ async def _submit(client: GrapevineClient, args: argparse.Namespace) -> int:
         priority=args.priority,
         idempotency_key=args.idempotency_key,
         timeout=args.timeout,
+        queue=args.queue,
     )
     task_id = str(answer.get("id", ""))
     if args.no_wait:
         print(render.as_json(answer) if args.json else task_id)
         return EXIT_OK
+    print(f"{args.prog}: task {task_id} accepted; waiting for its result", file=sys.stderr)
     progress = _ProgressLine(task_id)
     async for event in client.watch_task(task_id):
         progress.show(event)
@@ -248,10 +261,13 @@ async def _report_result(
     if not isinstance(result, dict):
         return fail(args, f"task {task.get('id')} has no result yet (state {state})", EXIT_FAILED)
     if print_output:
+        # The task plane's hashing comes with it: imported by the commands that print outputs.
+        from protocol.blobs import parse_blob_ref
+
         output = str(result.get("output", ""))
         ref = parse_blob_ref(output.encode("utf-8", errors="surrogatepass"))
         if ref is None:
-            print(output)
+            print(render.answer_text(output))
         else:
             data = await client.blob(ref[0].hex())
             sys.stdout.flush()
@@ -327,7 +343,11 @@ async def _tree(client: GrapevineClient, args: argparse.Namespace) -> int:
     if args.json:
         print(render.as_json(tree))
         return EXIT_OK
-    Console(soft_wrap=True, highlight=False).print(render.task_tree(tree))
+    from rich.console import Console  # only `tree` draws with rich: imported when used
+
+    from peer.cli.render_tree import task_tree
+
+    Console(soft_wrap=True, highlight=False).print(task_tree(tree))
     print(render.tree_totals(tree))
     return EXIT_OK
 

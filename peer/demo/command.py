@@ -49,6 +49,7 @@ from peer.demo.network import (
     wait_listening,
     wait_network,
 )
+from peer.demo.options import OFFLINE_MODEL
 from peer.demo.report import final_report
 from peer.demo.team import config_text, team
 from peer.runtime.keyring import encode_key, generate_network_key
@@ -58,10 +59,6 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-
-OFFLINE_MODEL = "grapevine/offline"
-DEFAULT_JOB = "Plan a small city's policy on urban heat"
-DEFAULT_TIMEOUT = 120.0
 
 
 async def _demo(args: argparse.Namespace, root: Path, processes: DemoPeers) -> Report:
@@ -141,39 +138,6 @@ def _progress_lines() -> Callable[[Snapshot], None]:
 
 
 # --- command line ------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the `demo` options to `parser`."""
-    parser.add_argument(
-        "--model",
-        default=OFFLINE_MODEL,
-        help=f"litellm model string for every agent (default {OFFLINE_MODEL}, which needs no "
-        "network or key), e.g. openai/gpt-4o-mini with OPENAI_API_KEY set",
-    )
-    parser.add_argument(
-        "--job", default=DEFAULT_JOB, metavar="TEXT", help=f"the job (default: {DEFAULT_JOB!r})"
-    )
-    parser.add_argument(
-        "--peers", type=int, default=3, metavar="N", help="peers to start (default 3, at least 3)"
-    )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help=f"give up after this long (default {DEFAULT_TIMEOUT:.0f})",
-    )
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="print one JSON object {answer, tree, audit} instead of the live view",
-    )
-    parser.add_argument(
-        "--keep",
-        action="store_true",
-        help="keep the temporary directory (configs, data directories, logs) afterwards",
-    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,7 +2,8 @@
 
 Invariants:
 - Paths are versioned (/v1/...); answers are JSON; every error is an RFC 9457 problem
-  (`peer.http.common.problems`).
+  (`peer.http.common.problems`). Outside /v1: `/metrics` (Prometheus text) and the web
+  dashboard, `/` and `/dashboard/*` (`peer.http.dashboard`).
 - Each resource module owns its routes and reads the protocol only through the node's query
   facade; this module only builds them, orders their routes and runs the server.
 - Every request passes `peer.http.guard.RequestGuard` (Host, Origin, bearer token, JSON
@@ -23,8 +24,9 @@ from aiohttp import web
 from peer.http.agents import AgentApi
 from peer.http.blobs import BlobApi
 from peer.http.common import KEEPALIVE_INTERVAL, MAX_BODY_BYTES, Json, problems
+from peer.http.dashboard import DashboardApi
 from peer.http.events import EventApi
-from peer.http.guard import API_LIMITS, RequestGuard
+from peer.http.guard import API_LIMITS, RequestGuard, session_cookie_name
 from peer.http.keys import KeyApi
 from peer.http.members import MemberApi
 from peer.http.metrics import MetricsApi
@@ -96,6 +98,9 @@ class PeerApi:
         if metrics is not None:
             resources.append(MetricsApi(metrics))
         self.guard = RequestGuard(token)
+        self.dashboard = DashboardApi(self.guard, token)
+        """The web dashboard at `/` (its one-time login URL: `dashboard.login_url`)."""
+        resources.append(self.dashboard)
         self.app = web.Application(
             client_max_size=MAX_BODY_BYTES, middlewares=[problems, self.guard.middleware]
         )
@@ -113,6 +118,7 @@ class PeerApi:
             self.app, host, port, limits=API_LIMITS, refused=self.guard.refused
         )
         self.address = host_port(host, bound_port)
+        self.guard.cookie = session_cookie_name(bound_port)
 
     async def stop(self) -> None:
         """Stop serving; open event streams end."""

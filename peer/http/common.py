@@ -22,12 +22,12 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from importlib import metadata
 from typing import Any
 
 from aiohttp import web
 
 from peer.runtime.hub import NoteHub, Observed
+from peer.version import installed_version
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,8 @@ EventSource = AsyncGenerator[Json | None, None]
 
 
 def version() -> str:
-    """Return the installed Grapevine version, or "0.1.0.dev0" when run from a checkout."""
-    try:
-        return metadata.version("grapevine")
-    except metadata.PackageNotFoundError:
-        return "0.1.0.dev0"
+    """Return the installed Grapevine version (`peer.version.installed_version`)."""
+    return installed_version()
 
 
 def node_id_text(node_id: bytes) -> str:

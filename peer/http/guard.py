@@ -11,8 +11,15 @@ Invariants (checked in this order, for every route, unknown routes included):
   name the API was started on; always with the API's port. Else 403 (DNS rebinding).
 - Origin: a request with an `Origin` header comes from a web page; it is served only when the
   origin is the API's own (`http://` and an accepted Host). Else 403 (cross-site requests).
-- Token: `Authorization: Bearer <token>` with the peer's token, compared in constant time.
-  Else 401 with `WWW-Authenticate: Bearer` and a detail saying how to pass it.
+- Token: `Authorization: Bearer <token>` with the peer's token, compared in constant time;
+  or, for a GET or HEAD only, the dashboard's session cookie (`session_cookie_name`, its value
+  `session_value(token)`, set HttpOnly and SameSite=Strict by `peer.http.dashboard` once the
+  browser showed the token). Else 401 with `WWW-Authenticate: Bearer` and a detail saying how
+  to pass it; except that a browser's page load (GET with `Accept: text/html`) of an open path
+  (`RequestGuard.open_paths`: the dashboard's page) goes to its handler, which answers how to
+  get in. The cookie never authorizes a request that changes state: such a request from the
+  page must carry the header, which a page of another site cannot add (no CSRF), and a page
+  of another site never sends a SameSite=Strict cookie anyway.
 - Body: a POST or PUT that carries a body says it is `application/json`. Else 415, so no
   browser form or "simple" cross-origin request (text/plain) reaches a handler with a body.
 - Text: the path and every query parameter are valid UTF-8 once percent-decoded. Else 400
@@ -32,6 +39,8 @@ bodies are counted by reason in `RequestGuard.refused`.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import hmac
 import ipaddress
 from collections import Counter
@@ -46,6 +55,8 @@ from peer.runtime.serving import ServerLimits, trust_connection
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 BODY_METHODS = ("POST", "PUT", "PATCH")
+SAFE_METHODS = ("GET", "HEAD")
+SESSION_LABEL = b"grapevine dashboard session v1"
 JSON_TYPE = "application/json"
 REALM = 'Bearer realm="grapevine"'
 TOKEN_DETAIL = (
@@ -102,6 +113,25 @@ def own_hosts(local_ip: str, port: int, names: Iterable[str]) -> frozenset[str]:
     return frozenset(forms)
 
 
+def session_cookie_name(port: int) -> str:
+    """The dashboard's session cookie of the API on `port`.
+
+    Browsers send a host's cookies to all its ports: one name per port keeps the sessions of
+    two peers on one machine (each with its own token) apart.
+    """
+    return f"grapevine-session-{port}"
+
+
+def session_value(token: str) -> str:
+    """The session cookie's value for `token`: a MAC of a fixed label under the token.
+
+    It stands for the token in safe requests only, so the cookie jar never holds the token
+    itself; it stays valid while the token does (across restarts, at every peer sharing it).
+    """
+    mac = hmac.new(token.encode("ascii"), SESSION_LABEL, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac).decode("ascii").rstrip("=")
+
+
 def forbidden(detail: str) -> Problem:
     """A 403 answer: the request came from somewhere the API does not serve."""
     return Problem(403, "Forbidden", detail)
@@ -117,7 +147,13 @@ class RequestGuard:
 
     def __init__(self, token: str, body_timeout: float = BODY_TIMEOUT) -> None:
         self._token = token.encode("ascii")
+        self._session = session_value(token).encode("ascii")
         self.body_timeout = body_timeout
+        self.cookie = ""
+        """The name of the session cookie (`session_cookie_name` of the API's port; set by
+        `PeerApi.start`, none accepted before)."""
+        self.open_paths: frozenset[str] = frozenset()
+        """Paths whose page loads reach their handler without a token (see the module)."""
         self.names: frozenset[str] = frozenset()
         """Host names the API was started on, accepted in `Host` besides its socket's address
         (set by `PeerApi.start`)."""
@@ -140,7 +176,9 @@ class RequestGuard:
             raise forbidden(
                 f"requests from web pages of other origins ({origin[:100]!r}) are refused"
             )
-        if not self._authorized(request):
+        if not self.authorized(request):
+            if self._open_page_load(request):
+                return await handler(request)
             missing = "Authorization" not in request.headers
             title = "the request carries no API token" if missing else "the API token is wrong"
             return problem_response(
@@ -190,12 +228,27 @@ class RequestGuard:
             return frozenset()
         return own_hosts(str(sockname[0]), int(sockname[1]), self.names)
 
-    def _authorized(self, request: web.Request) -> bool:
+    def authorized(self, request: web.Request) -> bool:
+        """Whether `request` carries the token, or the session cookie in a safe request."""
         scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer":
+        if scheme.lower() == "bearer":
+            given = credentials.strip().encode("utf-8", errors="surrogatepass")
+            return hmac.compare_digest(given, self._token)
+        return self.has_session(request)
+
+    def has_session(self, request: web.Request) -> bool:
+        """Whether `request` is safe (GET, HEAD) and carries the dashboard's session cookie."""
+        if request.method not in SAFE_METHODS or not self.cookie:
             return False
-        given = credentials.strip().encode("utf-8", errors="surrogatepass")
-        return hmac.compare_digest(given, self._token)
+        given = request.cookies.get(self.cookie, "").encode("utf-8", errors="surrogatepass")
+        return hmac.compare_digest(given, self._session)
+
+    def _open_page_load(self, request: web.Request) -> bool:
+        return (
+            request.method == "GET"
+            and request.path in self.open_paths
+            and "text/html" in request.headers.get("Accept", "")
+        )
 
 
 def _own_origin(origin: str, allowed: frozenset[str]) -> bool:

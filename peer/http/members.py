@@ -1,9 +1,14 @@
-"""The peer and its membership: /v1/self, /v1/health, /v1/members, /v1/leave, /v1/metrics.
+"""The peer and its membership: /v1/self, /v1/health, /v1/members, /v1/join, /v1/leave,
+/v1/metrics.
 
 Invariants:
 - Everything here is read from the node's public view (`members()`, `peer_states()`, the
   signature counters), the transport's counters and the driver's write health; nothing here
-  changes them.
+  changes them but `join` and `leave`, each through the driver.
+- `POST /v1/join` asks the seeds once, through the same code as the start-up join
+  (`bootstrap.join.join_with_retry`, one attempt), and answers 200 naming the seed that
+  answered or 502 naming each address and why it did not; either way the node keeps the seeds
+  and retries them on its own, as for the seeds given at start.
 - A member this peer has no signed state for yet shows no roles and no free slots.
 - `POST /v1/leave` calls `on_leave` once, on the next loop turn, however often it is asked.
 - A peer whose last write to disk failed says so (`degraded`, its reason) in /v1/self and
@@ -17,12 +22,17 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from peer.http.common import Json, node_id_text, version
+from bootstrap.join import join_with_retry
+from bootstrap.seeds import parse_seeds
+from peer.http.common import Json, Problem, bad_request, json_object, node_id_text, version
 from peer.runtime.driver import Driver
 from peer.runtime.transport import Transport
 from protocol.member_table import Member
 from protocol.wire import Status
 
+JOIN_TIMEOUT = 3.0
+"""Seconds `POST /v1/join` waits for a seed to answer before saying none did."""
+MAX_JOIN_SEEDS = 64
 
 class MemberApi:
     """The endpoints about this peer and the members it knows.
@@ -54,6 +64,7 @@ class MemberApi:
             web.get("/v1/self", self._self),
             web.get("/v1/health", self._health),
             web.get("/v1/members", self._members),
+            web.post("/v1/join", self._join),
             web.post("/v1/leave", self._leave),
             web.get("/v1/metrics", self._metrics),
         ]
@@ -114,6 +125,30 @@ class MemberApi:
             "queue_len": state.queue_len if state is not None else 0,
             "load": state.load if state is not None else 0.0,
         }
+
+    async def _join(self, request: web.Request) -> web.Response:
+        body = await json_object(request, required={"seeds"}, optional=set())
+        texts = body["seeds"]
+        if (
+            not isinstance(texts, list)
+            or not 0 < len(texts) <= MAX_JOIN_SEEDS
+            or not all(isinstance(t, str) for t in texts)
+        ):
+            raise bad_request(f"seeds must be a list of 1 to {MAX_JOIN_SEEDS} host:port strings")
+        try:
+            seeds = parse_seeds(texts)
+        except ValueError as exc:
+            raise bad_request(str(exc)) from None
+        result = await join_with_retry(
+            seeds,
+            self.driver.join,
+            failure_reason=self.transport.last_failure.get,
+            attempts=1,
+            attempt_timeout=JOIN_TIMEOUT,
+        )
+        if result.joined_via is None:
+            raise Problem(502, "Bad Gateway", f"{result.message}; the peer keeps trying them")
+        return web.json_response({"joined": result.joined_via})
 
     async def _leave(self, request: web.Request) -> web.Response:
         if not self.driver.leaving:

@@ -11,9 +11,13 @@ Invariants:
   here and keeps spreading by gossip, so the detail names its id. A record that could not be
   written here (disk full, I/O error: `NotDurable`) is answered 503 at once, never 2xx.
 - A submission that fails validation creates nothing: every field is checked before the node
-  is called. Without an idempotency key each submission gets a fresh random nonce (a new task);
+  is called. A role no live member advertises is refused (422, naming the roles served and the
+  closest one) unless the body asks to `queue`: a typo fails at once instead of waiting
+  forever. Without an idempotency key each submission gets a fresh random nonce (a new task);
   with one, resubmitting the same spec at any peer names the same task, and another spec under
   the same key is answered 409 with the existing task's id (`task` in the problem details).
+  A W3C `traceparent` header puts the submission in the client's trace (an invalid one is
+  ignored, as the specification says).
 - Task JSON is computed from this peer's CRDT state (`protocol.tasks.state.TaskState`, read
   through the node's query facade), so once gossip has converged every peer answers the same
   for the same task (except `input` of tasks whose record has not arrived yet: such tasks are
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import math
 import os
 from collections.abc import AsyncGenerator
@@ -57,7 +62,7 @@ from protocol.blobs import BLOB_LIMIT, blob_ref
 from protocol.errors import LocalProtocolError
 from protocol.node import Node
 from protocol.tasks.idempotency import IdempotencyConflict, spec_for, spec_of
-from protocol.tasks.messages import MAX_INLINE_PAYLOAD
+from protocol.tasks.messages import MAX_INLINE_PAYLOAD, is_traceparent
 from protocol.tasks.state import TaskState
 from protocol.tasks.tombstone import Tombstone
 from protocol.wire import MAX_NAME_CHARS, MAX_UINT
@@ -209,6 +214,45 @@ def tombstone_json(stone: Tombstone) -> Json:
     }
 
 
+def served_roles(node: Node) -> list[str]:
+    """The roles the live members advertise (this peer's included), sorted."""
+    return sorted(
+        {
+            role
+            for node_id, state in node.peer_states().items()
+            if not node.is_down(node_id)
+            for role in state.roles
+        }
+    )
+
+
+def unserved_role(role: str, served: list[str]) -> web.Response:
+    """422 for a task no live peer can run: problem details naming the role, the roles served
+    and the closest of them (a likely typo), also as the extension members `role`, `roles` and
+    `suggestion` (null when none is close)."""
+    close = difflib.get_close_matches(role, served, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    body: Json = {
+        "type": "about:blank",
+        "title": "Unprocessable Content",
+        "status": 422,
+        "detail": f"no live peer serves the role {role!r}{hint}; the network serves: "
+        f"{', '.join(served) or 'no role'}. Nothing was submitted; to wait for a peer that "
+        "serves it, submit with queue: true (grapevine submit --queue)",
+        "role": role,
+        "roles": served,
+        "suggestion": close[0] if close else None,
+    }
+    return web.json_response(body, status=422, content_type=PROBLEM_TYPE)
+
+
+def _traceparent(request: web.Request) -> str:
+    """The client's W3C `traceparent` header; "" when absent or not one (the specification says
+    to ignore an invalid one and start a trace of our own)."""
+    header = request.headers.get("traceparent", "").strip()
+    return header if is_traceparent(header) else ""
+
+
 def find_task(node: Node, text: str) -> TaskState:
     """The task this peer holds the record of whose id is `text` or starts with it.
 
@@ -324,7 +368,7 @@ class TaskApi:
             body = await json_object(
                 request,
                 required={"role", "input"},
-                optional={"priority", "idempotency_key", "timeout", "wait"},
+                optional={"priority", "idempotency_key", "timeout", "wait", "queue"},
             )
         except web.HTTPRequestEntityTooLarge:
             if blobs is None:
@@ -362,6 +406,11 @@ class TaskApi:
         wait = body.get("wait", False)
         if not isinstance(wait, bool):
             raise bad_request("wait must be true or false")
+        queue = body.get("queue", False)
+        if not isinstance(queue, bool):
+            raise bad_request("queue must be true or false")
+        if not queue and not self.driver.node.capable(role):
+            return unserved_role(role, served_roles(self.driver.node))
         nonce = b"" if key else os.urandom(16)
         if blobs is not None and len(data) > MAX_INLINE_PAYLOAD:
             # The blob goes to its task's designated holders, so the task id comes first.
@@ -390,6 +439,7 @@ class TaskApi:
                 idempotency_key=key,
                 nonce=nonce,
                 timeout=float(timeout),
+                traceparent=_traceparent(request),
             )
         except IdempotencyConflict as exc:
             return _key_conflict(exc.task_id)

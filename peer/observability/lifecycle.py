@@ -17,8 +17,10 @@ Events (the `event` field of each line, logger `grapevine.tasks`), each from thi
 
 Invariants:
 - Every line carries task_id (hex), role, epoch, peer (this peer's short id) and trace_id
-  (empty until traces exist), as `extra` fields the JSON format writes as keys; the text
-  format has them in the message.
+  (the trace id of the trace context the task's record carries, empty without one), as
+  `extra` fields the JSON format writes as keys; the text format has them in the message.
+- The same events open and close this peer's spans of the task (`tracing`: a claim span, and
+  an execution span from its start to its end or fence; `peer.observability.tracing`).
 - Nothing here changes the node: it only reads tasks' records (`Node.task`).
 - The notes of stored objects replayed at a restart (`replaying`) are not events: a restart
   logs no old claims or results and observes no latencies hours long.
@@ -33,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from peer.observability.instruments import EventMetrics, drop_reason
+from peer.observability.tracing import PeerTracing, trace_id_of
 from protocol.effects import (
     CancelExecution,
     Command,
@@ -63,9 +66,16 @@ class TaskLifecycle:
         node: the peer's node, read for tasks' records.
         clock: monotonic seconds (execution durations).
         wall: wall-clock seconds (latencies from a task's creation time, which is wall-clock).
+        tracing: this peer's spans of the tasks' claims and executions.
     """
 
-    def __init__(self, node: Node, clock: Callable[[], float], wall: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        node: Node,
+        clock: Callable[[], float],
+        wall: Callable[[], float],
+        tracing: PeerTracing,
+    ) -> None:
         self.metrics: EventMetrics | None = None
         """Where events are counted and timed; None observes nothing (set by the builder)."""
         self.replaying = False
@@ -74,6 +84,7 @@ class TaskLifecycle:
         self._node = node
         self._clock = clock
         self._wall = wall
+        self.tracing = tracing
         self._peer = short_id(node.node_id)
         self._runs: dict[bytes, _Run] = {}
 
@@ -87,6 +98,7 @@ class TaskLifecycle:
         if run is None or run.epoch != epoch:
             return  # fenced meanwhile: its end was logged then
         del self._runs[task_id]
+        self.tracing.execution_ended(task_id, epoch, outcome)
         if self.metrics is not None:
             self.metrics.executions.labels(outcome).inc()
         duration = round(self._clock() - run.started, 6)
@@ -100,6 +112,7 @@ class TaskLifecycle:
         match note:
             case StartExecution(task_id=task_id, epoch=epoch, role=role):
                 self._runs[task_id] = _Run(role, epoch, self._clock())
+                self.tracing.execution_started(task_id, role, epoch, self._traceparent(task_id))
                 if metrics is not None:
                     self._observe_start(metrics, task_id)
                 self._emit("started", task_id, role, epoch)
@@ -108,8 +121,9 @@ class TaskLifecycle:
                 if run is None or run.epoch != epoch:
                     return
                 del self._runs[task_id]
+                outcome = "cancelled" if reason == "cancelled" else "fenced"
+                self.tracing.execution_ended(task_id, epoch, outcome, reason)
                 if metrics is not None:
-                    outcome = "cancelled" if reason == "cancelled" else "fenced"
                     metrics.executions.labels(outcome).inc()
                 duration = round(self._clock() - run.started, 6)
                 self._emit("fenced", task_id, run.role, epoch, reason=reason, duration=duration)
@@ -119,7 +133,9 @@ class TaskLifecycle:
                 if metrics is not None:
                     metrics.claims.inc()
                 event = "takeover" if epoch > 1 else "claimed"
-                self._emit(event, task_id, self._role(task_id), epoch)
+                role = self._role(task_id)
+                self.tracing.claimed(task_id, role, epoch, self._traceparent(task_id))
+                self._emit(event, task_id, role, epoch)
             case ResultAccepted(task_id=task_id, epoch=epoch, outcome=outcome, flipped=False):
                 st = self._node.task(task_id)
                 rec = st.record if st is not None else None
@@ -150,6 +166,10 @@ class TaskLifecycle:
         st = self._node.task(task_id)
         return st.record.role if st is not None and st.record is not None else ""
 
+    def _traceparent(self, task_id: bytes) -> str:
+        st = self._node.task(task_id)
+        return st.record.traceparent if st is not None and st.record is not None else ""
+
     def _epoch(self, task_id: bytes) -> int:
         st = self._node.task(task_id)
         return st.claim.epoch if st is not None and st.claim is not None else 0
@@ -173,7 +193,7 @@ class TaskLifecycle:
                 "role": role,
                 "epoch": epoch,
                 "peer": self._peer,
-                "trace_id": "",
+                "trace_id": trace_id_of(self._traceparent(task_id)),
                 **fields,
             },
         )

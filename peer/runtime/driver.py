@@ -24,8 +24,12 @@ Invariants:
   like any other. Without an executor nothing runs (seed-only peers serve no roles).
 - Restart: `restore` replays stored task objects in one batch (one persist transaction).
 - Task lifecycle: every note and command applied, each new submission and each execution's
-  end also go to `lifecycle` (`peer.observability.lifecycle`), which logs them and feeds the
-  peer's metrics.
+  end also go to `lifecycle` (`peer.observability.lifecycle`), which logs them, feeds the
+  peer's metrics and opens and closes its spans; a command goes there before the executor,
+  so an execution's span exists when its asyncio task is made.
+- Traces: `tracing` (`peer.observability.tracing`; from the `OTEL_*` environment unless given)
+  traces each submission here, and its trace context goes into the task's record; each
+  execution runs in a context holding its span (the executor's `context_of`).
 - Task trees: `children_of` reads the node's parent -> children index (`Node.children`). A
   parent waiting on its children `suspend`s (node and executor release its slot) and
   `resume`s when it goes on.
@@ -41,10 +45,12 @@ from collections.abc import Callable, Iterable
 from typing import Protocol, assert_never
 
 from peer.observability.lifecycle import TaskLifecycle
+from peer.observability.tracing import PeerTracing
 from peer.runtime.executor import Executor, Usage, Work
 from peer.runtime.hub import NoteHub, Notifications
 from protocol.effects import CancelExecution, Command, Effects, Persist, StartExecution
 from protocol.errors import LocalProtocolError
+from protocol.identity import short_id
 from protocol.node import Node
 from protocol.tasks.listing import PageQuery
 from protocol.tasks.messages import Result, task_id_of
@@ -97,6 +103,8 @@ class Driver:
         store: makes `Persist` effects and membership hints durable.
         clock: monotonic seconds; defaults to the running loop's clock.
         wall: wall-clock seconds, for timestamps shown to users and membership hints.
+        tracing: the peer's traces; by default what the `OTEL_*` environment configures
+            (`PeerTracing.from_environment`: nothing, unless an exporter is named).
     """
 
     def __init__(
@@ -107,6 +115,7 @@ class Driver:
         *,
         clock: Callable[[], float] | None = None,
         wall: Callable[[], float] = time.time,
+        tracing: PeerTracing | None = None,
     ) -> None:
         self.node = node
         self._sender = sender
@@ -117,8 +126,10 @@ class Driver:
         self._timer: asyncio.TimerHandle | None = None
         self._save_timer: asyncio.TimerHandle | None = None
         self.notifications = Notifications(node, wall)
-        self.lifecycle = TaskLifecycle(node, self._clock, wall)
-        """Logs task lifecycle events and observes their metrics."""
+        self.tracing = tracing or PeerTracing.from_environment(short_id(node.node_id))
+        """Traces submissions here and this peer's claims and executions."""
+        self.lifecycle = TaskLifecycle(node, self._clock, wall, self.tracing)
+        """Logs task lifecycle events, observes their metrics and spans."""
         self.executor: Executor | None = None
         self.leaving = False
         self.hints: set[str] = set()
@@ -162,6 +173,7 @@ class Driver:
         self._persist([], retry=True)
         self.save_members()
         self.notifications.close()
+        self.tracing.shutdown()
 
     # Inputs
 
@@ -212,6 +224,9 @@ class Driver:
         """Run the executions the node starts on `executor` (declare its roles with `serve`)."""
         self.executor = executor
         executor.on_done = self.complete
+        if self.tracing.enabled:
+            tracing = self.tracing
+            executor.context_of = lambda work: tracing.execution_context(work.task_id, work.epoch)
 
     def serve(self, roles: tuple[str, ...], max_running: int) -> None:
         """Declare the roles this peer executes and how many run at once (`Node.serve`)."""
@@ -256,33 +271,43 @@ class Driver:
         nonce: bytes = b"",
         timeout: float = 0.0,
         created: float | None = None,
+        traceparent: str = "",
     ) -> bytes:
         """Submit a task here; return its id (`Node.submit`). `parent` is the id of the task
-        that delegates this one (empty for a root task).
+        that delegates this one (empty for a root task). `traceparent` is the submitter's W3C
+        trace context (an HTTP client's header), the submission's parent when no span is
+        current here; by default, the parent task's.
 
         Raises:
             LocalProtocolError: a field is out of bounds.
             NotDurable: the task's record, or an earlier one, could not be written to disk
                 here; the node holds the task nonetheless.
         """
-        fx, task_id = self.node.submit(
-            self._clock(),
-            role,
-            data,
-            priority=priority,
-            parent=parent,
-            idempotency_key=idempotency_key,
-            nonce=nonce,
-            timeout=timeout,
-            created=self._wall() if created is None else created,
-        )
-        # A resubmission (same idempotency key) persists nothing: the record it names may be
-        # among the unwritten ones, so those are retried whatever the call brought.
-        if fx.persists:
-            self.lifecycle.submitted(task_id)
-        # The client waits for this answer: commit now, with whatever else waits.
-        if not self._apply(fx, retry=True, commit_now=True):
-            raise NotDurable(task_id, self.degraded or "unknown")
+        inherited = traceparent
+        if not inherited and parent:
+            held = self.node.task(parent)
+            inherited = held.record.traceparent if held is not None and held.record else ""
+        with self.tracing.submission(role, inherited) as traced:
+            fx, task_id = self.node.submit(
+                self._clock(),
+                role,
+                data,
+                priority=priority,
+                parent=parent,
+                idempotency_key=idempotency_key,
+                nonce=nonce,
+                timeout=timeout,
+                created=self._wall() if created is None else created,
+                traceparent=traced.traceparent,
+            )
+            traced.submitted(task_id)
+            # A resubmission (same idempotency key) persists nothing: the record it names may
+            # be among the unwritten ones, so those are retried whatever the call brought.
+            if fx.persists:
+                self.lifecycle.submitted(task_id)
+            # The client waits for this answer: commit now, with whatever else waits.
+            if not self._apply(fx, retry=True, commit_now=True):
+                raise NotDurable(task_id, self.degraded or "unknown")
         return task_id
 
     def task_id_for(
@@ -459,9 +484,9 @@ class Driver:
             self.notifications.observe(note)
             self.lifecycle.observe(note)
         for command in fx.commands:
+            self.lifecycle.observe(command)
             self._execute(command)
             self.notifications.observe(command)
-            self.lifecycle.observe(command)
         self._arm(fx.wake_at)
 
     def _persist(self, records: list[Persist], *, retry: bool) -> bool:

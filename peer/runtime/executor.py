@@ -27,6 +27,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import heapq
 import logging
 import math
@@ -148,6 +149,9 @@ class Executor:
         self.max_running = max_running
         self.on_done = on_done
         self.blobs = blobs
+        self.context_of: Callable[[Work], contextvars.Context | None] | None = None
+        """The context an execution's asyncio task runs in (the driver's tracing puts the
+        execution's span there); None, or a None answer, copies the current one."""
         self._slots: SlotLedger[bytes, tuple[int, asyncio.Task[None]]] = SlotLedger()
         """Running executions by task id, with their epoch and asyncio task."""
         self._waiting: dict[bytes, Work] = {}
@@ -247,7 +251,8 @@ class Executor:
             if work is None or work.epoch != epoch or task_id in self._slots.running:
                 continue  # cancelled while waiting, or superseded by a later start
             del self._waiting[task_id]
-            task = asyncio.get_running_loop().create_task(self._run(work))
+            context = None if self.context_of is None else self.context_of(work)
+            task = asyncio.get_running_loop().create_task(self._run(work), context=context)
             self._slots.start(task_id, (epoch, task))
 
     async def _run(self, work: Work) -> None:

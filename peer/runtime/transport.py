@@ -87,6 +87,27 @@ connections let an ack leave while a probe to the same peer is outstanding."""
 
 ReceiveCallback = Callable[[str, bytes], None]
 
+_REFUSALS: Final = {
+    "unknown_key": "it refused our network key: it belongs to another network, or has not "
+    "installed ours (grapevine keys)",
+    "decrypt_failed": "it refused our network key: it belongs to another network, or has not "
+    "installed ours (grapevine keys)",
+    "stale_timestamp": "it refused our clock: the two machines' clocks differ (use NTP)",
+    "future_timestamp": "it refused our clock: the two machines' clocks differ (use NTP)",
+}
+
+
+def refusal_reason(status: int, answer: bytes) -> str:
+    """Why a peer refused an envelope, in words (what `last_failure` and the join report say),
+    from the status and the reason our intake answers with (`peer.runtime.intake`)."""
+    reason = answer.decode("ascii", errors="replace").strip()
+    if status == 403 and reason in _REFUSALS:
+        return _REFUSALS[reason]
+    if status in (401, 404, 405):
+        # Our intake answers none of these: another server, most often a peer's API (401).
+        return f"HTTP {status}: not a peer's gossip port (is it a peer's API address?)"
+    return f"HTTP {status} ({reason})" if reason and reason.isidentifier() else f"HTTP {status}"
+
 
 class Transport:
     """Sealed envelopes over HTTP between peers.
@@ -371,9 +392,9 @@ class Transport:
             async with session.post(
                 url, data=frame, headers={"Content-Type": "application/octet-stream"}
             ) as response:
-                await response.content.read(ANSWER_TEXT_BYTES)
+                answer = await response.content.read(ANSWER_TEXT_BYTES)
                 if response.status >= 300:
-                    self._failed(addr, f"HTTP {response.status}")
+                    self._failed(addr, refusal_reason(response.status, answer))
                     return
         except aiohttp.ClientConnectorError as exc:
             self._failed(addr, connect_reason(exc))

@@ -127,6 +127,12 @@ class TaskCore(ABC):
         self.parked_by_task: dict[bytes, list[ParkedKey]] = {}
         self.rankings = CandidateRankings()
         """Open tasks' candidates in HRW order (see `candidates`)."""
+        self.pulled = False
+        """Whether this peer pulled its shards from the live members since it started."""
+        self.pull_at: float | None = None
+        """When this peer pulls its shards, once it has joined (see `repair`)."""
+        self.shard_answered: dict[bytes, float] = {}
+        """When each partner's anti-entropy summary was last answered (see `repair`)."""
         self.armed: dict[bytes, float] = {}
         """The pending wake-up (`TaskStandby`) of each task, by the time it is armed for."""
         self.unsettled: dict[bytes, None] = {}

@@ -13,8 +13,9 @@ Invariants:
 - An asker that is behind (the task is final, or claimed at or beyond the epoch) is answered
   with the objects it missed; one that is ahead (it knows a claim we lack) is asked for them.
 - Restored and not yet joined, we grant nothing: our view of who is primary means nothing yet.
-- Of two conflicting grants learned (two peers each took themselves for the primary), the
-  first one is kept, so at most the two grantees run the task.
+- Of two conflicting grants learned (two peers each took themselves for the primary), every
+  holder keeps the grantee ranked first by HRW, so all agree on one; at most the two grantees
+  run the task (one that already claimed is ranked by the claim order like any other).
 - A primary with no free slot hands its turn on at once: it grants the epoch to the first
   standby that advertises a free slot and sends it the task with the grant. Standbys are not
   in the task's audience (decision 23), so without this a full primary would hold the task
@@ -31,7 +32,7 @@ from protocol.codec import encode_message
 from protocol.effects import PersistKind
 from protocol.tasks.core import LOCAL, STORE, TaskCore
 from protocol.tasks.messages import DOMAIN_EPOCH_GRANT, EpochGrant, TaskGrant
-from protocol.tasks.state import TaskState
+from protocol.tasks.state import TaskState, hrw_score
 
 
 class Grants(TaskCore):
@@ -141,9 +142,12 @@ class Grants(TaskCore):
         known = st.grants.get(epoch)
         if known is not None and known != grantee and not self.view.is_down(known):
             # Two peers each took themselves for the primary (their views of who is alive
-            # differed): keep the first grant, so at most the two grantees run it.
+            # differed). Every holder keeps the grantee ranked first by HRW, so all agree on
+            # one: keeping the first learned let each grantee hold the other's grant and
+            # both wait for ever (task campaign, seed 89).
             self.counters["conflicting grants"] += 1
-            return
+            if hrw_score(task_id, grantee) < hrw_score(task_id, known):
+                return
         st.grants[epoch] = grantee
         if src == STORE:
             return  # a grant we made before a restart; nothing to decide until we join

@@ -15,6 +15,7 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -24,6 +25,9 @@ MAX_INLINE_PAYLOAD = 64 * 1024
 """Largest task input or result output carried inline; larger payloads are rejected for now
 (content-addressed blobs fetched over HTTP are the planned remedy)."""
 MAX_NONCE = 16
+TRACEPARENT_CHARS = 55
+"""Length of a W3C trace context `traceparent` header of version 00, the only one carried."""
+_TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 
 DOMAIN_TASK = b"grapevine/task/v1"
 DOMAIN_CLAIM = b"grapevine/claim/v1"
@@ -41,6 +45,9 @@ class TaskRecord:
 
     `task_id` hashes the idempotency key and its scope (the parent) when there is a key, so the
     same key names the same task at any peer; without one, the origin, the nonce and the spec.
+    `traceparent` carries the submission's W3C trace context, so a delegation tree across peers
+    is one trace (`peer.observability.tracing`); it is signed but named by neither the id nor
+    the spec (`protocol.tasks.idempotency`): one key submitted under two contexts is one task.
     """
 
     origin_key: bytes
@@ -52,6 +59,7 @@ class TaskRecord:
     idempotency_key: str
     nonce: bytes
     timeout: float  # seconds one execution may run; 0 means no limit
+    traceparent: str  # W3C trace context of the submission, or ""; not part of the spec
     sig: bytes
     task_id: bytes  # derived on decode, never sent
     origin: bytes  # sha256(origin_key); derived
@@ -60,7 +68,14 @@ class TaskRecord:
         """The payload the origin's signature covers."""
         fields = [self.origin_key, float(self.created), self.role, self.input, self.priority]
         fields += [self.parent, self.idempotency_key, self.nonce, float(self.timeout)]
+        fields.append(self.traceparent)
         return bytes(msgpack.packb(fields))
+
+
+def is_traceparent(value: str) -> bool:
+    """Whether `value` may be a record's `traceparent`: empty, or a W3C `traceparent` of
+    version 00 (55 characters, lowercase hex, trace and parent ids not all zero)."""
+    return value == "" or _TRACEPARENT.fullmatch(value) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,17 +148,31 @@ class TaskHeld:
     task_id: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class TaskDigests:
-    """Anti-entropy summary: (task id, digest of the objects held) for every task held."""
+SHARDS = 256
+"""Anti-entropy shards: a task's shard is the first byte of its id."""
 
+
+@dataclass(frozen=True, slots=True)
+class TaskShards:
+    """Anti-entropy between two peers over the tasks both are replicas of (decision 31).
+
+    Level 0 (with each push-pull): `shards` holds (shard, digest) of every non-empty shard;
+    `entries` is empty. Level 1 (the answer): `shards` names the shards whose digests differ
+    (with the answerer's digest, empty where it holds none of the shard) and `entries` the
+    answerer's (task id, digest) in them, by id; `upto` is the last id listed when the list
+    was cut short (the rest is compared at the next exchange), else empty.
+    """
+
+    level: int
+    shards: tuple[tuple[int, bytes], ...]
     entries: tuple[tuple[bytes, bytes], ...]
+    upto: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class TaskSync:
     """Replica repair: (task id, digest of the objects held) for tasks that changed lately, sent
-    to the task's other replicas. Unlike `TaskDigests` it lists only some tasks: a task the
+    to the task's other replicas. Unlike `TaskShards` it lists only some tasks: a task the
     receiver holds and the sender did not list says nothing."""
 
     entries: tuple[tuple[bytes, bytes], ...]
@@ -278,7 +307,7 @@ TaskMessage = (
     | Cancel
     | EpochGrant
     | TaskHeld
-    | TaskDigests
+    | TaskShards
     | TaskSync
     | TaskRead
     | TaskWant

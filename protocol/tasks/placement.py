@@ -56,6 +56,14 @@ class ReplicaSets:
             found = self._sets[task_id] = top_by_score(task_id, live, self.k)
         return found
 
+    def with_member(self, task_id: bytes, live: tuple[bytes, ...], member: bytes) -> list[bytes]:
+        """The replica set of `task_id` among `live` plus `member` (a peer that just joined
+        and is not live in our view yet), from the cached set: it enters or it does not."""
+        found = self.of(task_id, live)
+        if member in found:
+            return found
+        return top_by_score(task_id, [*found, member], self.k)
+
     def forget(self, task_id: bytes) -> None:
         """Drop the cached set of a task no longer held."""
         self._sets.pop(task_id, None)

@@ -42,7 +42,6 @@ from protocol.tasks.messages import (
     EpochGrant,
     Result,
     TaskAsk,
-    TaskDigests,
     TaskGrant,
     TaskHeld,
     TaskList,
@@ -50,8 +49,10 @@ from protocol.tasks.messages import (
     TaskPage,
     TaskRead,
     TaskRecord,
+    TaskShards,
     TaskSync,
     TaskWant,
+    is_traceparent,
     task_id_of,
     with_signature,
 )
@@ -76,6 +77,7 @@ class Tasks(Executions, Grants):
         nonce: bytes = b"",
         timeout: float = 0.0,
         created: float = 0.0,
+        traceparent: str = "",
     ) -> TaskRecord:
         """Create, sign and disseminate a task; an existing task with the same id is returned.
 
@@ -96,6 +98,8 @@ class Tasks(Executions, Grants):
             raise LocalProtocolError("priority and timeout must be >= 0, nonce <= 16 bytes")
         if not idempotency_key and not nonce:
             raise LocalProtocolError("a task needs an idempotency key or a nonce")
+        if not is_traceparent(traceparent):
+            raise LocalProtocolError("traceparent must be a W3C traceparent (version 00) or empty")
         task_id = task_id_of(
             self.node_id,
             idempotency_key,
@@ -126,6 +130,7 @@ class Tasks(Executions, Grants):
             idempotency_key,
             nonce,
             float(timeout),
+            traceparent,
             b"",
             task_id,
             self.node_id,
@@ -177,7 +182,7 @@ class Tasks(Executions, Grants):
 
         Deciding only after a whole envelope is applied matters: an anti-entropy batch carries
         a task record before its claims, and the record alone would look unclaimed."""
-        self.repair()
+        self.repair(now)
         if now >= self.next_sync:
             self.next_sync = now + SYNC_TICK
             self.sync(now)
@@ -247,8 +252,8 @@ class Tasks(Executions, Grants):
                 self.apply_epoch_grant(now, msg, raw, src)
             case TaskHeld(task_id):
                 self.on_held(task_id, sender)
-            case TaskDigests():
-                self.on_digests(src, sender, msg)
+            case TaskShards():
+                self.on_shards(now, src, sender, msg)
             case TaskSync():
                 self.on_sync(src, msg)
             case TaskWant(ids):

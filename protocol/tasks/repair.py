@@ -1,10 +1,12 @@
 """Repair: how a task's objects reach the peers that lack them after a loss.
 
 Invariants:
-- Anti-entropy: with each push-pull a peer sends a digest of every task it holds whose replica
-  set includes the partner; the receiver answers with its objects for tasks whose digests
-  differ, and for tasks the sender lacks, and asks for the sender's. Its size follows what the
-  two peers share, not the network's history.
+- Anti-entropy: with each push-pull a peer sends a summary of the tasks it and its partner are
+  both replicas of (in its view): one digest per shard (the first byte of the task id), at most
+  256, whatever the history. The partner answers, for the shards whose digests differ, with its
+  (task id, digest) entries there (at most `SHARD_ENTRIES` per answer, by id; the rest waits
+  for the next exchange), and the first peer sends what differs or the partner lacks and asks
+  for what it lacks (decision 31). Answers are rate-limited per partner.
 - Replica sync: after a task changes, its replicas (and its origin) compare digests of it a few
   times, backing off (2, 8, 32 s), so an object lost on the way is repaired within seconds.
 - Audience repair: when the live membership changes, the arbiter of each open task (first of
@@ -12,18 +14,30 @@ Invariants:
 - Relay: the origin hands the claims and results it receives on to every peer it sent the
   record to, so no record holder misses the claim whatever the claimer's view.
 - Reads: a `TaskRead` is answered with the task and a bounded number of its children.
+- Handoff: a peer that joins (new, or restarted) into a network that holds tasks (its first
+  summary received tells) sends its summary to every live member once, a moment later, so it
+  pulls the shards it is now a replica of at once rather than one push-pull at a time.
 - Tombstones take part in digests (`protocol.tasks.retention`) but are never asked for or sent.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 
 from protocol.codec import encode_message
 from protocol.tasks.core import MAX_WANT, STORE, TaskCore
-from protocol.tasks.messages import TaskDigests, TaskRead, TaskSync, TaskWant
+from protocol.tasks.messages import TaskRead, TaskShards, TaskSync, TaskWant
 from protocol.tasks.state import TaskState
 
+SHARD_ENTRIES = 4096
+"""Most (task id, digest) entries in one anti-entropy answer (about 180 KB)."""
+SHARD_ANSWER_INTERVAL = 1.0
+"""Least seconds between two anti-entropy answers to one partner: each costs a pass over the
+tasks held, so a member flooding summaries gets at most one a second."""
+PULL_DELAY = 1.0
+"""Seconds after joining before a peer pulls its shards (see `_pull`): members answer only
+peers they know, so the join must have spread first."""
 MAX_CHILDREN_SENT = 1024
 """Children of an asked-for task sent with it (a tree read; deeper levels are asked for)."""
 SYNC_TICK = 0.5
@@ -35,41 +49,90 @@ SYNC_FIRST, SYNC_BACKOFF, SYNC_LAST = 2.0, 4.0, 32.0
 class Repair(TaskCore):
     """Anti-entropy, replica sync, audience repair, relay and reads."""
 
-    def digests(self, partner: bytes | None) -> TaskDigests:
-        """The anti-entropy summary sent with a push-pull to `partner`: the tasks held here whose
-        replica set (in our view) includes it. Its size follows what the two share, not the
-        network's history (None, an unknown partner: nothing)."""
-        if partner is None:
-            return TaskDigests(())
-        live = self.view.live_members()
-        held = ((tid, st.digest()) for tid, st in self.tasks.items())
-        compacted = ((tid, stone.digest()) for tid, stone in self.tombstones.items())
-        return TaskDigests(
-            tuple(
-                (tid, digest)
-                for entries in (held, compacted)
-                for tid, digest in entries
-                if partner in self.replicas.of(tid, live)
-            )
+    def shard_summary(self, partner: bytes | None) -> TaskShards:
+        """The anti-entropy summary sent with a push-pull to `partner` (None, an unknown
+        partner: nothing)."""
+        shared = self._shared(partner) if partner is not None else {}
+        return TaskShards(
+            0, tuple((s, _shard_digest(e)) for s, e in sorted(shared.items())), (), b""
         )
 
-    def on_digests(self, src: str, sender: bytes, msg: TaskDigests) -> None:
-        """Answer a partner's anti-entropy summary."""
-        # A tombstone held here neither asks nor answers: every replica compacts by itself.
-        differ = [
-            tid
-            for tid, d in msg.entries
-            if tid not in self.tombstones
-            and (tid not in self.tasks or self.tasks[tid].digest() != d)
-        ]
-        theirs = {tid for tid, _ in msg.entries}
+    def on_shards(self, now: float, src: str, sender: bytes, msg: TaskShards) -> None:
+        """Answer a partner's summary with our entries where shards differ (level 0), or act
+        on its answer (level 1)."""
+        if not self.pulled and self.pull_at is None:
+            # The first summary after we started (the seed's answer to our join, in a network
+            # that holds tasks): pull the rest, once our join has spread (members answer only
+            # peers they know).
+            self.pull_at = now + PULL_DELAY
+        if msg.level == 0:
+            last = self.shard_answered.get(sender)
+            if last is not None and now - last < SHARD_ANSWER_INTERVAL:
+                self.counters["anti-entropy summaries over the rate limit"] += 1
+                return
+            self.shard_answered[sender] = now
+            self._answer_summary(src, sender, msg)
+        else:
+            self._compare_entries(src, sender, msg)
+
+    def _shared(self, partner: bytes) -> dict[int, list[tuple[bytes, bytes]]]:
+        # The tasks (and tombstones) both peers are replicas of in our view: in agreeing views
+        # both hold exactly these, so their shards' digests match once repaired.
+        # A partner we do not see live yet (it just joined and pulls: see `_pull`) counts as
+        # live: it proved it is up by sending.
         live = self.view.live_members()
-        mine_only = [
-            tid for tid in self.tasks if tid not in theirs and sender in self.replicas.of(tid, live)
+        out: dict[int, list[tuple[bytes, bytes]]] = {}
+        held = ((tid, st.digest()) for tid, st in self.tasks.items())
+        compacted = ((tid, stone.digest()) for tid, stone in self.tombstones.items())
+        for entries in (held, compacted):
+            for tid, digest in entries:
+                home = self.replicas.with_member(tid, live, partner)
+                if partner in home and self.node_id in home:
+                    out.setdefault(tid[0], []).append((tid, digest))
+        for shard in out.values():
+            shard.sort()
+        return out
+
+    def _answer_summary(self, src: str, sender: bytes, msg: TaskShards) -> None:
+        mine = self._shared(sender)
+        theirs = dict(msg.shards)
+        differ = sorted(
+            s for s in set(mine) | set(theirs) if _shard_digest(mine.get(s, [])) != theirs.get(s)
+        )
+        if not differ:
+            return
+        shards: list[tuple[int, bytes]] = []
+        entries: list[tuple[bytes, bytes]] = []
+        upto = b""
+        for s in differ:
+            own = mine.get(s, [])
+            shards.append((s, _shard_digest(own) if own else b""))
+            room = SHARD_ENTRIES - len(entries)
+            entries.extend(own[:room])
+            if len(own) > room:
+                upto = own[room - 1][0] if room else (entries[-1][0] if entries else b"")
+                break
+        answer = TaskShards(1, tuple(shards), tuple(entries), upto)
+        self.port.send(src, [encode_message(answer)], piggyback=False)
+
+    def _compare_entries(self, src: str, sender: bytes, msg: TaskShards) -> None:
+        scope = {s for s, _ in msg.shards}
+        theirs = dict(msg.entries)
+        mine = [
+            (tid, d)
+            for s, entries in self._shared(sender).items()
+            if s in scope
+            for tid, d in entries
+            if not msg.upto or tid <= msg.upto
         ]
-        self.send_objects(src, differ + mine_only)
-        if differ:
-            self.port.send(src, [encode_message(TaskWant(tuple(differ[:MAX_WANT])))], False)
+        ours = dict(mine)
+        send = [tid for tid, d in mine if theirs.get(tid) != d and tid not in self.tombstones]
+        want = [
+            tid for tid, d in theirs.items() if tid not in self.tombstones and ours.get(tid) != d
+        ]
+        self.send_objects(src, send)
+        if want:
+            self.port.send(src, [encode_message(TaskWant(tuple(want[:MAX_WANT])))], False)
 
     def with_children(self, task_ids: Iterable[bytes]) -> list[bytes]:
         """These tasks, each followed by a bounded number of its children held here."""
@@ -165,12 +228,14 @@ class Repair(TaskCore):
             if addr is not None and addr != src:
                 self.port.send(addr, [raw], piggyback=False)
 
-    def repair(self) -> None:
+    def repair(self, now: float) -> None:
         """After a change of the live membership, send open tasks to their new audience."""
         # The arbiter of each open task (first of its replica set) sends what it holds to
         # audience members that never got it (a new replica, the next standby after one died).
         # Final tasks reach new replicas through anti-entropy.
         live = self.view.live_members()
+        if self.pull_at is not None and now >= self.pull_at:
+            self._pull(live)
         if live == self.repaired_for:
             return
         self.repaired_for = live
@@ -184,8 +249,31 @@ class Repair(TaskCore):
                 self._send_objects_to(missing, tid)
                 st.sent_to |= missing
 
+    def _pull(self, live: tuple[bytes, ...]) -> None:
+        # Handoff: a peer that just joined (new, or restarted on its data dir) is a replica of
+        # tasks it may not hold. It sends its summary to every live member at once instead of
+        # waiting for push-pull to pair it with each: every member answers for the shards it
+        # shares with us, and we ask for what we lack (decision 31). Once per life.
+        self.pulled, self.pull_at = True, None
+        self.counters["handoff pulls"] += 1
+        for node_id in live:
+            if node_id == self.node_id or node_id in self.shard_answered:
+                continue  # we compared with it already (the seed's answer to our join)
+            addr = self.view.addr_of(node_id)
+            if addr is not None:
+                summary = encode_message(self.shard_summary(node_id))
+                self.port.send(addr, [summary], piggyback=False)
+
     def _send_objects_to(self, node_ids: set[bytes], task_id: bytes) -> None:
         for node_id in sorted(node_ids):
             addr = self.view.addr_of(node_id)
             if addr is not None:
                 self.send_objects(addr, [task_id])
+
+
+def _shard_digest(entries: list[tuple[bytes, bytes]]) -> bytes:
+    """A shard's digest: equal on two peers exactly when they list the same (id, digest)s."""
+    h = hashlib.sha256()
+    for tid, digest in entries:
+        h.update(tid + digest)
+    return h.digest()[:8]

@@ -6,6 +6,7 @@ far enough to see it refuse bad settings — tests/e2e runs real peers.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from peer.cli.main import build_parser
 from tests.peer.fake_api import DEAD_ID, OTHER_ID, SELF_ID, ThreadedFakeApi
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,6 +80,8 @@ COMMANDS = [
     ("keygen",),
     ("agent",),
     ("members",),
+    ("agents",),
+    ("join",),
     ("leave",),
     ("event",),
     ("events",),
@@ -227,6 +231,44 @@ def test_event_health_self_metrics_and_keys(api: str) -> None:
     key = grapevine("keygen").stdout
     installed = grapevine("keys", "install", "-", "--api", api, stdin=key)
     assert installed.returncode == 0 and "feedf00d" in installed.stdout
+
+
+def leaf_commands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every command that runs something, with its parser (`keys list`, not `keys`)."""
+    groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not groups:
+        yield path, parser
+    for group in groups:
+        for name, sub in group.choices.items():
+            yield from leaf_commands(sub, (*path, name))
+
+
+def test_every_command_that_prints_takes_json() -> None:
+    runs_a_peer = {("agent",)}
+    commands = dict(leaf_commands(build_parser()))
+    assert {("members",), ("agents",), ("join",), ("keys", "use"), ("keygen",)} <= set(commands)
+    without = [
+        " ".join(name)
+        for name, parser in commands.items()
+        if name not in runs_a_peer
+        and not any("--json" in a.option_strings for a in parser._actions)
+    ]
+    assert without == []
+
+
+def test_json_of_event_leave_keys_and_keygen(api: str, tmp_path: Path) -> None:
+    sent = grapevine("event", "deploy", "v2", "--json", "--api", api)
+    assert json.loads(sent.stdout) == {"ltime": 8, "origin": SELF_ID}
+    left = grapevine("leave", "--json", "--api", api)
+    assert json.loads(left.stdout) == {"status": "leaving"}
+    key = json.loads(grapevine("keygen", "--json").stdout)["key"]
+    assert len(base64.b64decode(key)) == 32
+    installed = grapevine("keys", "install", "-", "--json", "--api", api, stdin=key)
+    assert "feedf00d" in json.loads(installed.stdout)["accepted"]
+    written = grapevine("keygen", "--json", "--output", str(tmp_path / "k"))
+    assert json.loads(written.stdout) == {"path": str(tmp_path / "k")}
 
 
 def test_api_problem_details_are_printed_and_exit_1(api: str) -> None:

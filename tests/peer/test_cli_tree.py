@@ -21,6 +21,7 @@ from rich.console import Console
 
 from peer.agents.ports import AgentOutput
 from peer.cli import render as cli_render
+from peer.cli import render_tree
 from peer.http.app import PeerApi
 from peer.runtime.executor import Outcome, Work, builtin_roles
 from scripts.local_cluster import (
@@ -148,7 +149,7 @@ def test_rendering_of_nested_duplicated_and_truncated_trees() -> None:
         truncated=True,
     )
     out = io.StringIO()
-    Console(file=out, soft_wrap=True, highlight=False).print(cli_render.task_tree(tree))
+    Console(file=out, soft_wrap=True, highlight=False).print(render_tree.task_tree(tree))
     assert out.getvalue().splitlines() == [
         "a aaaaaaaaaaaa running",
         "├── b bbbbbbbbbbbb running (2 duplicates)",

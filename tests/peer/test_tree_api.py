@@ -164,7 +164,7 @@ def _state(index: int, parent: int | None) -> TaskState:
     st = TaskState(task_id, 0.0)
     parent_id = parent.to_bytes(32, "big") if parent is not None else b""
     st.record = TaskRecord(
-        b"k", float(index), "r", b"", 0, parent_id, "", b"n", 0.0, b"", task_id, b"o" * 32
+        b"k", float(index), "r", b"", 0, parent_id, "", b"n", 0.0, "", b"", task_id, b"o" * 32
     )
     return st
 

@@ -77,7 +77,7 @@ class FakePeer:
 
 
 def record() -> TaskRecord:
-    return TaskRecord(b"k", 0.0, ROLE, b"in", 0, b"", "key", b"", 0.0, b"", TASK, C)
+    return TaskRecord(b"k", 0.0, ROLE, b"in", 0, b"", "key", b"", 0.0, "", b"", TASK, C)
 
 
 def claim(owner: bytes, epoch: int = 1) -> Claim:

@@ -88,6 +88,31 @@ def test_two_same_spec_records_converge_on_one_everywhere() -> None:
     assert starts(link, ra) == 1
 
 
+def test_the_same_key_and_spec_under_two_trace_contexts_is_one_task_run_once() -> None:
+    link = cluster()
+    trace_a = "00-" + "a" * 32 + "-" + "1" * 16 + "-01"
+    trace_b = "00-" + "b" * 32 + "-" + "2" * 16 + "-01"
+    first, one = link.node(0).submit(
+        link.now, ROLE, b"t", idempotency_key="job-5", traceparent=trace_a
+    )
+    link.run(0, first)
+    link.advance(link.now + 1.0)
+    again, two = link.node(3).submit(
+        link.now, ROLE, b"t", idempotency_key="job-5", traceparent=trace_b
+    )
+    link.run(3, again)
+    link.advance(link.now + 40.0)
+    assert one == two
+    assert link.notes_of(3, SubmissionConflicted) == []
+    assert starts(link, one) == 1
+    kept = {
+        st.record.traceparent
+        for n in link.nodes.values()
+        if (st := n.tasks.tasks.get(one)) and st.record
+    }
+    assert len(kept) == 1 and kept <= {trace_a, trace_b}  # every holder kept one of them
+
+
 def test_nonce_only_submissions_stay_distinct() -> None:
     link = cluster()
     one = submit(link, 0, b"n", nonce=b"1")
@@ -96,7 +121,7 @@ def test_nonce_only_submissions_stay_distinct() -> None:
 
 
 def record(created: float, sig: bytes, data: bytes = b"d") -> TaskRecord:
-    return TaskRecord(b"k" * 32, created, ROLE, data, 0, b"", "key", b"", 0.0, sig, b"", b"o")
+    return TaskRecord(b"k" * 32, created, ROLE, data, 0, b"", "key", b"", 0.0, "", sig, b"", b"o")
 
 
 @pytest.mark.parametrize(

@@ -13,11 +13,12 @@ from dataclasses import replace
 import msgpack
 import pytest
 
-from protocol.codec import decode_message
+from protocol.codec import decode_message, encode_message
 from protocol.config import GossipConfig, NodeConfig, TaskConfig, lan
 from protocol.effects import (
     CancelExecution,
     Dropped,
+    Effects,
     MemberDown,
     ResultAccepted,
     StartExecution,
@@ -37,6 +38,7 @@ from protocol.tasks.messages import (
     Result,
     TaskAsk,
     TaskRecord,
+    TaskShards,
     TaskSync,
     TaskWant,
     task_id_of,
@@ -686,7 +688,7 @@ def test_oversize_task_record_is_rejected_by_the_wire() -> None:
     link = cluster(2)
     s = signer(1)
     unsigned = TaskRecord(
-        s.public_key, 0.0, ROLE, b"x" * (MAX_INLINE_PAYLOAD + 1), 0, b"", "big", b"", 0.0,
+        s.public_key, 0.0, ROLE, b"x" * (MAX_INLINE_PAYLOAD + 1), 0, b"", "big", b"", 0.0, "",
         b"", b"\0" * 32, s.node_id,
     )  # fmt: skip
     record = replace(unsigned, sig=s.sign(DOMAIN_TASK, unsigned.signed_payload()))
@@ -764,7 +766,7 @@ def test_anti_entropy_repairs_a_peer_that_missed_every_task_message() -> None:
 
     def task_traffic(src: str, dst: str, data: bytes) -> bool:
         return dst == addr(deaf) and any(
-            type(m).__name__ in ("TaskRecord", "Claim", "Result", "TaskDigests")
+            type(m).__name__ in ("TaskRecord", "Claim", "Result", "TaskShards")
             for m in opened(data)
         )
 
@@ -878,3 +880,82 @@ def test_the_cached_hrw_order_follows_the_candidates() -> None:
 
 def ranked_ids(task_id: bytes, ids: list[bytes]) -> list[bytes]:
     return sorted(ids, key=lambda n: hrw_score(task_id, n), reverse=True)
+
+
+# Anti-entropy by shards.
+
+
+def test_the_anti_entropy_summary_is_bounded_whatever_the_history() -> None:
+    link = cluster(3, serving=[1, 2])
+    for k in range(600):
+        submit(link, key=f"history{k}")
+    link.advance(link.now + 1.0)
+    node = link.node(1).tasks
+    summary = node.shard_summary(node_id(2))
+    assert len(node.tasks) >= 600 and 0 < len(summary.shards) <= 256
+    assert summary.entries == () and len(encode_message(summary)) < 256 * 12 + 16
+
+
+def test_shard_anti_entropy_repairs_a_replica_that_lost_a_task() -> None:
+    link = cluster(4, serving=[1, 2, 3])
+    probe = mesh(4)
+    task_id = submit(probe, key="lost copy")
+    a, b = [i for i in replicas(task_id, [0, 1, 2, 3]) if i != 0][:2]
+    # Every task object on its way to b is lost (membership traffic goes through).
+    task_kinds = (TaskRecord, Claim, Result, EpochGrant, TaskShards, TaskSync)
+    link.drop = lambda src, dst, data: dst == addr(b) and any(
+        isinstance(m, task_kinds) for m in opened(data)
+    )
+    assert submit(link, key="lost copy") == task_id
+    link.advance(link.now + 1.0)
+    lost = link.node(b).tasks
+    assert task_id not in lost.tasks and task_id in link.node(a).tasks.tasks
+    link.drop = lambda src, dst, data: False
+    # One exchange, by hand (other repairs would follow within a second): a's summary, b's
+    # answer for the differing shard, a's objects.
+    summary = link.node(a).tasks.shard_summary(node_id(b))
+    fx = link.node(b).handle(link.now, addr(a), envelope(a, summary))
+    [answer] = [x for x in fx.sends if x.addr == addr(a) and of_type(opened(x.data), TaskShards)]
+    fx = link.node(a).handle(link.now, addr(b), answer.data)
+    for send in fx.sends:
+        if send.addr == addr(b):
+            link.node(b).handle(link.now, addr(a), send.data)
+    assert task_id in lost.tasks
+    assert lost.tasks[task_id].digest() == link.node(a).tasks.tasks[task_id].digest()
+
+
+def test_shard_summaries_are_answered_at_most_once_a_second_per_partner() -> None:
+    link = cluster(3, serving=[1, 2])
+    submit(link, key="rate")
+    link.advance(link.now + 1.0)
+    b = link.node(2)
+    lying = TaskShards(0, tuple((s, b"\0" * 8) for s in range(256)), (), b"")
+    def answers(fx: Effects) -> list[TaskShards]:
+        return [m for s in fx.sends for m in opened(s.data) if isinstance(m, TaskShards)]
+
+    first = b.handle(link.now, addr(1), envelope(1, lying))
+    second = b.handle(link.now + 0.1, addr(1), envelope(1, lying))
+    assert answers(first) and not answers(second)
+    assert b.tasks.counters["anti-entropy summaries over the rate limit"] == 1
+
+
+def test_a_peer_that_joins_pulls_the_final_tasks_it_is_now_a_replica_of() -> None:
+    link = Link(5)
+    for i in range(1, 4):
+        link.join(i)
+    link.advance(link.now + 2.0)
+    for i in range(4):
+        link.run(i, link.node(i).serve(link.now, (ROLE,), 4))
+    link.advance(link.now + 2.0)
+    ids = [submit(link, at=k % 4, key=f"handoff{k}") for k in range(40)]
+    link.advance(link.now + 1.0)
+    for task_id in ids:
+        [(owner, epoch)] = starts(link, task_id)
+        link.run(owner, link.node(owner).complete(link.now, task_id, epoch, "ok", b"r"))
+    link.advance(link.now + 40.0)  # past the replica syncs: only anti-entropy moves them now
+    link.join(4)
+    link.advance(link.now + 1.5)  # far less than a push-pull round with each member
+    newcomer = link.node(4).tasks
+    mine = [t for t in ids if 4 in replicas(t, list(range(5)))]
+    assert mine and newcomer.counters["handoff pulls"] == 1
+    assert all(t in newcomer.tasks and newcomer.tasks[t].state == "done" for t in mine)

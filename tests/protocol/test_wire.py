@@ -11,6 +11,7 @@ import hashlib
 import struct
 import time
 import tracemalloc
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -34,13 +35,13 @@ from protocol.tasks.messages import (
     EpochGrant,
     Result,
     TaskAsk,
-    TaskDigests,
     TaskGrant,
     TaskHeld,
     TaskList,
     TaskPage,
     TaskRead,
     TaskRecord,
+    TaskShards,
     TaskSummary,
     TaskSync,
     TaskWant,
@@ -73,6 +74,7 @@ from protocol.wire import (
 
 NET = b"grapevine-test"
 SIG = bytes(range(64))
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 def signer(i: int) -> Signer:
@@ -97,8 +99,9 @@ def task_record(i: int = 1) -> TaskRecord:
     digest = hashlib.sha256(data).digest()
     task_id = task_id_of(origin, "idem-1", b"", "writer", digest, 5, b"", 30.0)
     return TaskRecord(
-        key, 1700000000.5, "writer", data, 5, b"", "idem-1", b"", 30.0, SIG, task_id, origin
-    )
+        key, 1700000000.5, "writer", data, 5, b"", "idem-1", b"", 30.0, TRACEPARENT, SIG,
+        task_id, origin,
+    )  # fmt: skip
 
 
 def peer_state(i: int) -> PeerState:
@@ -132,7 +135,9 @@ SAMPLES: dict[Kind, Message] = {
     ),
     Kind.CANCEL: Cancel(task_record().task_id, signer(1).public_key, "user asked", SIG, nid(1)),
     Kind.TASK_HELD: TaskHeld(task_record().task_id),
-    Kind.TASK_DIGESTS: TaskDigests(((nid(1), b"12345678"), (nid(2), b"abcdefgh"))),
+    Kind.TASK_SHARDS: TaskShards(
+        1, ((0, b"12345678"), (255, b"")), ((nid(1), b"12345678"),), nid(1)
+    ),
     Kind.TASK_SYNC: TaskSync(((nid(3), b"12345678"),)),
     Kind.TASK_READ: TaskRead((nid(4), nid(5))),
     Kind.TASK_WANT: TaskWant((nid(1), nid(2))),
@@ -302,8 +307,14 @@ def test_rejects_wrong_arity(kind: Kind) -> None:
         [Kind.SUSPECT, nid(1), 1, None],
         [Kind.DEAD, nid(1), [1], nid(2)],
         [Kind.USER_EVENT, nid(1), 1, "name", "payload is not bytes"],
-        [Kind.TASK_DIGESTS, [[nid(1), b"short"]]],
-        [Kind.TASK_DIGESTS, [nid(1)]],
+        [Kind.TASK_SHARDS, 2, [], [], b""],  # level
+        [Kind.TASK_SHARDS, 0, [[256, b"12345678"]], [], b""],  # shard out of range
+        [Kind.TASK_SHARDS, 0, [[1, b"short"]], [], b""],
+        [Kind.TASK_SHARDS, 1, [[1, b""], [1, b""]], [], b""],  # a shard repeated
+        [Kind.TASK_SHARDS, 1, [], [[nid(1), b"short"]], b""],
+        [Kind.TASK_SHARDS, 1, [], [nid(1)], b""],
+        # retired kinds, even well formed
+        [Kind.TASK_DIGESTS, [[nid(1), b"12345678"]]],
         [Kind.TASK_WANT, nid(1)],
         # booleans are not integers
         [Kind.ACK, True],
@@ -344,6 +355,35 @@ def test_rejects_wrong_arity(kind: Kind) -> None:
 def test_rejects_bad_fields(fields: list[Any]) -> None:
     with pytest.raises(RemoteProtocolError):
         decode_message(pack(fields))
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        TRACEPARENT.upper(),
+        TRACEPARENT[:-1],
+        TRACEPARENT + "-extra",
+        "01" + TRACEPARENT[2:],  # only version 00 is carried
+        "00-" + "0" * 32 + TRACEPARENT[35:],  # an all-zero trace id
+        TRACEPARENT[:36] + "0" * 16 + TRACEPARENT[52:],  # an all-zero parent id
+        TRACEPARENT.replace("-", "_"),
+        " " * 55,
+        TRACEPARENT.encode(),
+        None,
+    ],
+)
+def test_rejects_a_task_record_with_a_bad_traceparent(traceparent: Any) -> None:
+    fields = msgpack.unpackb(encode_message(task_record()))
+    assert fields[10] == TRACEPARENT
+    fields[10] = traceparent
+    with pytest.raises(RemoteProtocolError, match="traceparent"):
+        decode_message(pack(fields))
+
+
+def test_a_task_record_without_trace_context_round_trips_and_signs_its_traceparent() -> None:
+    untraced = replace(task_record(), traceparent="")
+    assert decode_message(encode_message(untraced)) == untraced
+    assert untraced.signed_payload() != task_record().signed_payload()
 
 
 def _push_pull_with_row(row: list[Any]) -> bytes:

@@ -1,0 +1,203 @@
+"""`grapevine status`: the fleet overview in the terminal, as the local peer sees it.
+
+Members with their status, roles and free slots; the tasks this peer holds by state; its
+agents and model spend. It reads the JSON endpoints the other commands read (`/v1/members`,
+`/v1/tasks/stats`, `/v1/agents`), at once, and changes nothing.
+
+Invariants:
+- `--json` prints `{members, tasks, agents}` exactly as the API sent each, plus `summary`, the
+  figures the human view computes (`summarize`): scripts read the same numbers people do.
+- The human view is `render_status`, a pure function of the three answers; a field a peer did
+  not send shows as "-" or "?" (`peer.cli.render`'s rule), never as an error.
+- Spend is the local peer's own model calls (`/v1/agents`): a peer knows no other peer's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from peer.cli import render
+from peer.cli.common import (
+    EXIT_OK,
+    Subcommands,
+    add_command,
+    api_option,
+    client_command,
+    json_option,
+)
+from peer.client import GrapevineClient, JsonObject
+
+TASK_STATES = ("pending", "running", "done", "failed", "cancelled")
+MEMBER_STATUSES = ("alive", "suspect", "dead", "left")
+
+
+def register(commands: Subcommands) -> None:
+    """Add `status` to `grapevine`."""
+    status = add_command(
+        commands,
+        "status",
+        "show the fleet at a glance: members, tasks, agents, spend",
+        "Show what the local peer sees of the network: every member with its status, roles "
+        "and free slots (alive members' free slots summed); the tasks this peer holds, by "
+        "state, with executions, duplicates, takeovers and fenced runs; what runs here; its "
+        "agents; and its model calls, tokens and spend. --json prints the three API answers "
+        "it reads (members, tasks, agents) and the summary computed from them.",
+        "  grapevine status\n  grapevine status --json | jq .summary",
+        (api_option(), json_option()),
+    )
+    client_command(status, show_status)
+
+
+async def show_status(client: GrapevineClient, args: argparse.Namespace) -> int:
+    """Fetch the three answers at once and print them (see the module invariants)."""
+    members, tasks, agents = await asyncio.gather(
+        client.members(), client.task_stats(), client.agents()
+    )
+    if args.json:
+        summary = summarize(members, tasks, agents)
+        whole = {"members": members, "tasks": tasks, "agents": agents, "summary": summary}
+        print(render.as_json(whole))
+    else:
+        print(render_status(members, tasks, agents))
+    return EXIT_OK
+
+
+def summarize(members: list[JsonObject], tasks: JsonObject, agents: JsonObject) -> JsonObject:
+    """The figures of the overview: members by status, alive members' free slots and roles,
+    tasks held by state, and the model spend here (tokens and micro-dollars)."""
+    by_status = dict.fromkeys(MEMBER_STATUSES, 0)
+    free_slots, roles = 0, set()
+    for member in members:
+        status = str(member.get("status", "?"))
+        by_status[status] = by_status.get(status, 0) + 1
+        if status == "alive":
+            slots = member.get("free_slots")
+            free_slots += slots if isinstance(slots, int) else 0
+            roles |= {str(role) for role in member.get("roles") or []}
+    totals = _object(tasks.get("totals"))
+    by_state = {state: _count(totals.get(state)) for state in TASK_STATES}
+    spend = dict.fromkeys(("calls", "prompt_tokens", "completion_tokens", "cost_micro"), 0)
+    for stats in _object(agents.get("model")).values():
+        for key in spend:
+            spend[key] += _count(_object(stats).get(key))
+    return {
+        "members": by_status,
+        "free_slots": free_slots,
+        "roles": sorted(roles),
+        "tasks": by_state,
+        "spend": spend,
+    }
+
+
+def render_status(members: list[JsonObject], tasks: JsonObject, agents: JsonObject) -> str:
+    """The human overview: four sections, one blank line apart."""
+    summary = summarize(members, tasks, agents)
+    return "\n\n".join(
+        [
+            _fleet(members, summary),
+            _tasks(tasks, summary),
+            _agents(agents),
+            _spend(agents, summary),
+        ]
+    )
+
+
+def _fleet(members: list[JsonObject], summary: JsonObject) -> str:
+    counts = ", ".join(f"{n} {status}" for status, n in summary["members"].items() if n)
+    ordered = sorted(members, key=lambda m: (not m.get("self"), str(m.get("address", ""))))
+    rows = [
+        [
+            render.short(m.get("short_id") or m.get("id")) + (" (self)" if m.get("self") else ""),
+            str(m.get("address", "-")),
+            str(m.get("status", "?")),
+            ",".join(str(r) for r in m.get("roles") or []) or "-",
+            render.number(m.get("free_slots")),
+            render.number(m.get("queue_len")),
+            render.number(m.get("load")),
+        ]
+        for m in ordered
+    ]
+    header = ["MEMBER", "ADDRESS", "STATUS", "ROLES", "FREE", "QUEUE", "LOAD"]
+    roles = ", ".join(summary["roles"]) or "none"
+    return (
+        f"fleet: {len(members)} members ({counts or 'none'}); {summary['free_slots']} free "
+        f"slots on alive members; roles served: {roles}\n{render.table(header, rows)}"
+    )
+
+
+def _tasks(tasks: JsonObject, summary: JsonObject) -> str:
+    totals = _object(tasks.get("totals"))
+    here = _object(tasks.get("here"))
+    states = ", ".join(f"{state} {n}" for state, n in summary["tasks"].items())
+    runs = ", ".join(
+        f"{render.number(totals.get(key))} {key}"
+        for key in ("executions", "duplicates", "takeovers", "fenced")
+    )
+    return (
+        f"tasks held here: {render.number(totals.get('tasks'))} ({states})\n"
+        f"runs of them: {runs}\n"
+        f"executing here: {render.number(here.get('executor_running'))} running, "
+        f"{render.number(here.get('executor_suspended'))} suspended, "
+        f"{render.number(here.get('executor_waiting'))} waiting for a slot"
+    )
+
+
+def _agents(agents: JsonObject) -> str:
+    hosted = [_object(a) for a in agents.get("agents") or []]
+    roles = ", ".join(str(r) for r in agents.get("roles") or []) or "none"
+    if not hosted:
+        return f"agents here: none; roles served here: {roles}"
+    rows = [
+        [
+            str(a.get("name", "?")),
+            ",".join(str(r) for r in a.get("roles") or []) or "-",
+            str(a.get("model", "?")),
+            f"{render.number(a.get('running'))}/{render.number(a.get('max_concurrent'))}",
+        ]
+        for a in hosted
+    ]
+    table = render.table(["AGENT", "ROLES", "MODEL", "RUNNING"], rows)
+    return f"agents here: {len(hosted)}; roles served here: {roles}\n{table}"
+
+
+def _spend(agents: JsonObject, summary: JsonObject) -> str:
+    spend = summary["spend"]
+    tokens = spend["prompt_tokens"] + spend["completion_tokens"]
+    line = (
+        f"model spend here: {_dollars(spend['cost_micro'])}, {tokens} tokens "
+        f"({spend['prompt_tokens']} prompt, {spend['completion_tokens']} completion) "
+        f"in {spend['calls']} calls"
+    )
+    models = _object(agents.get("model"))
+    if not models:
+        return line
+    rows = []
+    for name in sorted(models):
+        stats = _object(models[name])
+        rows.append(
+            [
+                name,
+                render.number(stats.get("calls")),
+                render.number(stats.get("errors")),
+                render.number(stats.get("prompt_tokens")),
+                render.number(stats.get("completion_tokens")),
+                _dollars(stats.get("cost_micro")),
+                str(stats.get("breaker", "?")),
+            ]
+        )
+    header = ["MODEL", "CALLS", "ERRORS", "PROMPT", "COMPLETION", "COST", "BREAKER"]
+    return f"{line}\n{render.table(header, rows)}"
+
+
+def _dollars(micro: object) -> str:
+    return f"${micro / 1e6:.6f}" if isinstance(micro, int) else "?"
+
+
+def _object(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0

@@ -1,0 +1,124 @@
+"""Endpoints (peer/agents/endpoints.py), their levels in `[llm]`, and the reading of a
+provider's Retry-After (peer/agents/provider_errors.py): table-driven, no network."""
+
+from __future__ import annotations
+
+from email.utils import formatdate
+from typing import Any
+
+import pytest
+
+from peer.agents.endpoints import MissingCredential, ModelEndpoint, parse_endpoint
+from peer.agents.model_settings import LlmSettings, check_credentials
+from peer.agents.provider_errors import retry_after
+from peer.agents.spec import AgentSpec, parse_agents
+
+NOW = 1_900_000_000.0
+
+
+class Response:
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.headers = headers
+
+
+class ProviderError(Exception):
+    def __init__(self, headers: dict[str, str] | None) -> None:
+        super().__init__("scripted")
+        self.response = None if headers is None else Response(headers)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        (None, None),
+        ({}, None),
+        ({"Retry-After": "2"}, 2.0),
+        ({"retry-after": "0.5"}, 0.5),
+        ({"Retry-After": formatdate(NOW + 3, usegmt=True)}, 3.0),
+        ({"Retry-After": formatdate(NOW - 3, usegmt=True)}, None),
+        ({"Retry-After": "soon"}, None),
+        ({"Retry-After": "-1"}, None),
+        ({"Retry-After": "nan"}, None),
+        ({"retry-after-ms": "250", "Retry-After": "9"}, 0.25),
+    ],
+)
+def test_retry_after(headers: dict[str, str] | None, expected: float | None) -> None:
+    assert retry_after(ProviderError(headers), NOW) == expected
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"api_base": 3}, "x.api_base: must be a URL string"),
+        ({"api_base": " "}, "x.api_base: must be a URL string"),
+        ({"api_key_env": "sk-abc123-secret"}, "x.api_key_env: must be the NAME"),
+        ({"api_key_env": 5}, "x.api_key_env: must be the NAME"),
+        ({"params": 1}, "x.params: must be a table"),
+        ({"params": {"api_key": "k"}}, "x.params.api_key: set by `api_key_env`"),
+        ({"params": {"max_retries": 2}}, "x.params.max_retries: set by `[llm] retries`"),
+        ({"params": {"stream": True}}, "x.params.stream: set by the model client"),
+        ({"params": {"mock_response": "hi"}}, "x.params.mock_response: litellm's internal"),
+    ],
+)
+def test_parse_endpoint_errors(table: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match="^" + message.replace("[", r"\[").replace("(", r"\(")):
+        parse_endpoint("x", table)
+
+
+def test_a_pasted_key_is_never_echoed() -> None:
+    with pytest.raises(ValueError) as info:
+        parse_endpoint("x", {"api_key_env": "sk-abc123-secret"})
+    assert "sk-abc123" not in str(info.value)
+
+
+def test_levels_agent_over_model_over_llm() -> None:
+    llm = LlmSettings.from_table(
+        {
+            "api_base": "http://llm",
+            "api_key_env": "LLM_KEY",
+            "params": {"top_p": 0.1, "seed": 1},
+            "models": {"m": {"api_base": "http://model", "params": {"top_p": 0.2}}},
+        }
+    )
+    assert llm.endpoint_for("other") == ModelEndpoint(
+        "http://llm", "LLM_KEY", {"top_p": 0.1, "seed": 1}
+    )
+    assert llm.endpoint_for("m") == ModelEndpoint(
+        "http://model", "LLM_KEY", {"top_p": 0.2, "seed": 1}
+    )
+    agent = ModelEndpoint(None, "AGENT_KEY", {"seed": 9})
+    assert llm.endpoint_for("m", agent) == ModelEndpoint(
+        "http://model", "AGENT_KEY", {"top_p": 0.2, "seed": 9}
+    )
+    kwargs = llm.endpoint_for("m", agent).call_kwargs({"AGENT_KEY": "k"})
+    assert kwargs == {"api_base": "http://model", "api_key": "k", "top_p": 0.2, "seed": 9}
+    with pytest.raises(MissingCredential):
+        llm.endpoint_for("m", agent).call_kwargs({"AGENT_KEY": ""})
+
+
+def test_agent_tables_take_endpoint_keys() -> None:
+    [spec] = parse_agents(
+        [{"name": "a", "roles": ["r"], "api_base": "http://s", "params": {"seed": 3}}]
+    )
+    assert spec.endpoint == ModelEndpoint("http://s", None, {"seed": 3})
+    with pytest.raises(ValueError, match=r"^agents\[0\]\.params\.temperature: set by the agent"):
+        parse_agents([{"name": "a", "roles": ["r"], "params": {"temperature": 1}}])
+    with pytest.raises(ValueError, match=r"llm\.models\.'m'\.colour: unknown key"):
+        LlmSettings.from_table({"models": {"m": {"colour": 1}}})
+
+
+def test_check_credentials_names_each_model_and_variable_in_one_line() -> None:
+    agents = (
+        AgentSpec("a", ("r",), model="openai/x", api_key_env="A_KEY"),
+        AgentSpec("b", ("s",), model="anthropic/y"),
+        AgentSpec("c", ("t",), model="openai/z", api_key_env="SET_KEY"),
+    )
+    llm = LlmSettings.from_table({"models": {"anthropic/y": {"api_key_env": "B_KEY"}}})
+    with pytest.raises(ValueError) as info:
+        check_credentials(agents, llm, {"SET_KEY": "k"})
+    assert str(info.value) == (
+        "agents[0] (model openai/x): api_key_env A_KEY is not set; "
+        "agents[1] (model anthropic/y): api_key_env B_KEY is not set; "
+        "llm.models.'anthropic/y' (model anthropic/y): api_key_env B_KEY is not set"
+    )
+    check_credentials(agents, llm, {"A_KEY": "1", "B_KEY": "2", "SET_KEY": "3"})

@@ -1,0 +1,86 @@
+"""What `grapevine` imports on its fast paths: `--help` and the client commands (issue 13: under
+150 ms). Wall time depends on the machine (scripts/bench_cli.py measures it); the import graph
+does not, so it is what this test holds: a fresh interpreter builds the parser and runs a
+client command, then lists what it loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+HEAVY = ("aiohttp", "aiohttp.web", "rich", "litellm", "protocol.sim", "peer.demo.command")
+"""Modules none of those paths may load: the HTTP server (and aiohttp's client, whose import
+alone costs most of the budget), rich, litellm, the simulator and the demo."""
+
+PROBE = """
+import json, sys
+from peer.cli.main import build_parser, main
+build_parser()
+after_parser = sorted(sys.modules)
+code = main(sys.argv[1:]) if len(sys.argv) > 1 else 0
+print(json.dumps({"parser": after_parser, "command": sorted(sys.modules), "code": code}))
+"""
+
+
+def loaded(*argv: str) -> dict[str, object]:
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, *argv],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    answer: dict[str, object] = json.loads(result.stdout.splitlines()[-1])
+    return answer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def heavy_in(modules: object) -> list[str]:
+    assert isinstance(modules, list)
+    return [name for name in HEAVY if name in modules]
+
+
+def test_building_the_parser_loads_no_heavy_module() -> None:
+    assert heavy_in(loaded()["parser"]) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("members",),
+        ("agents", "--json"),
+        ("submit", "--role", "echo", "x"),
+        ("task", "abcdef"),
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_a_client_command_loads_no_heavy_module(argv: tuple[str, ...]) -> None:
+    # Nobody listens there: the command runs its whole client path up to the connection.
+    answer = loaded(*argv, "--api", f"127.0.0.1:{free_port()}")
+    assert answer["code"] == 1
+    assert heavy_in(answer["command"]) == []
+    assert "h11" in answer["command"]  # it did run its client
+
+
+def test_the_probe_catches_a_heavy_import() -> None:
+    # The check can fail: the demo loads rich and its process manager once it runs (here, up
+    # to refusing --peers 1), while the simulator is refused before it loads.
+    demo = loaded("demo", "--peers", "1")
+    assert (demo["code"], heavy_in(demo["command"])) == (2, ["rich", "peer.demo.command"])
+    simulate = loaded("simulate", "--nodes", "0")
+    assert (simulate["code"], heavy_in(simulate["command"])) == (2, [])

@@ -1,0 +1,142 @@
+"""`grapevine status` (peer/cli/status.py) run as a user runs it: a subprocess, against an
+in-process peer serving its API on a real socket, after agents on two peers ran a delegation
+tree (the offline model): members, roles, free slots, tasks by state and model spend."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from peer.agents.ports import AgentInput
+from peer.agents.spec import AgentSpec
+from peer.build import Peer, build_peer
+from peer.cli.status import render_status, summarize
+from peer.http.app import PeerApi
+from peer.runtime.keyring import Keyring
+from peer.settings import AgentSettings
+from protocol.identity import short_id
+from scripts.local_cluster import child_env, grapevine_command
+from tests.peer.inprocess import API_TOKEN, MemoryStore
+
+KEY = bytes(range(192, 224))
+LEAD = AgentSpec(
+    "lead", ("report",), system="Delegate to: section\nParts: 2", tools=("delegate", "final_answer")
+)
+WRITER = AgentSpec("writer", ("section",))
+
+
+@asynccontextmanager
+async def agent_peer(*agents: AgentSpec) -> AsyncIterator[Peer]:
+    with tempfile.TemporaryDirectory() as scratch:
+        settings = AgentSettings(
+            bind="127.0.0.1:0", data_dir=Path(scratch), profile="local", agents=agents
+        )
+        async with build_peer(settings, keyring=Keyring(KEY), store=MemoryStore()) as peer:
+            yield peer
+
+
+async def grapevine(api: str, *args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *grapevine_command(),
+        *args,
+        "--api",
+        api,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**child_env(), "GRAPEVINE_API_TOKEN": API_TOKEN},
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_status_shows_the_fleet_tasks_agents_and_spend(tmp_path: Path) -> None:
+    async with agent_peer(LEAD) as a, agent_peer(WRITER) as b:
+        assert a.host is not None
+        assert await b.driver.join([a.node.addr], timeout=5.0) is not None
+        deadline = time.monotonic() + 20
+        while not a.node.capable("section"):
+            assert time.monotonic() < deadline, "the writer's role never reached the lead"
+            await asyncio.sleep(0.02)
+        root = a.driver.submit("report", AgentInput("Parks").encode(), nonce=os.urandom(16))
+        result = await a.driver.wait_result(root, timeout=30)
+        assert result is not None and result.outcome == "ok"
+        api = PeerApi(
+            a.driver, a.transport, tmp_path, lambda: None, token=API_TOKEN, agents=a.host.status
+        )
+        await api.start("127.0.0.1", 0)
+        try:
+            code, human, err = await grapevine(api.address, "status")
+            assert code == 0, err
+            code, raw, err = await grapevine(api.address, "status", "--json")
+            assert code == 0, err
+        finally:
+            await api.stop()
+        ids = [short_id(a.node.node_id), short_id(b.node.node_id)]
+
+    shown: dict[str, Any] = json.loads(raw)
+    assert set(shown) == {"members", "tasks", "agents", "summary"}
+    summary = shown["summary"]
+    assert summary == summarize(shown["members"], shown["tasks"], shown["agents"])
+    assert summary["members"] == {"alive": 2, "suspect": 0, "dead": 0, "left": 0}
+    assert {"report", "section"} <= set(summary["roles"])
+    alive_slots = sum(m["free_slots"] for m in shown["members"] if m["status"] == "alive")
+    assert summary["free_slots"] == alive_slots > 0
+    assert summary["tasks"]["done"] == shown["tasks"]["totals"]["done"] >= 3  # root, 2 children
+    assert summary["tasks"]["pending"] == summary["tasks"]["running"] == 0
+    model = shown["agents"]["model"]["grapevine/offline"]
+    assert summary["spend"]["calls"] == model["calls"] >= 2  # the plan, then the answer
+    assert summary["spend"]["prompt_tokens"] == model["prompt_tokens"] > 0
+    assert summary["spend"]["cost_micro"] == 0
+
+    # The human view: the same figures, as a person reads them.
+    assert human.strip() == render_status(shown["members"], shown["tasks"], shown["agents"])
+    lines = human.splitlines()
+    assert lines[0].startswith(
+        f"fleet: 2 members (2 alive); {alive_slots} free slots on alive members; roles served: "
+    )
+    assert lines[1].split() == ["MEMBER", "ADDRESS", "STATUS", "ROLES", "FREE", "QUEUE", "LOAD"]
+    assert lines[2].startswith(f"{ids[0]} (self)") and " alive " in lines[2]
+    assert lines[3].startswith(ids[1]) and "section" in lines[3]
+    done = summary["tasks"]["done"]
+    assert f"tasks held here: {shown['tasks']['totals']['tasks']} (pending 0, running 0, " in human
+    assert f"done {done}, failed 0, cancelled 0)" in human
+    assert "agents here: 1; roles served here: " in human
+    assert any(line.split()[:3] == ["lead", "report", "grapevine/offline"] for line in lines)
+    tokens = model["prompt_tokens"] + model["completion_tokens"]
+    assert f"model spend here: $0.000000, {tokens} tokens (" in human
+    assert f" in {model['calls']} calls" in human
+
+
+def test_status_of_an_unreachable_peer_is_one_line() -> None:
+    done = subprocess.run(
+        [*grapevine_command(), "status", "--api", "127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1
+    assert "cannot reach the peer API" in done.stderr
+
+
+def test_a_peer_without_agents_and_missing_fields_render_without_errors() -> None:
+    members = [{"id": "ab" * 32, "self": True, "status": "alive", "roles": ["echo"]}]
+    text = render_status(members, {}, {"agents": [], "roles": ["echo"]})
+    assert text.splitlines()[0] == (
+        "fleet: 1 members (1 alive); 0 free slots on alive members; roles served: echo"
+    )
+    assert "tasks held here: - (pending 0, running 0, done 0, failed 0, cancelled 0)" in text
+    assert "agents here: none; roles served here: echo" in text
+    assert text.endswith(
+        "model spend here: $0.000000, 0 tokens (0 prompt, 0 completion) in 0 calls"
+    )
