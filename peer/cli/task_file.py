@@ -166,6 +166,7 @@ async def _submit_all(
                     priority=spec.get("priority", 0),
                     idempotency_key=spec.get("idempotency_key") or None,
                     timeout=float(spec.get("timeout", 0)),
+                    queue=args.queue,
                 )
                 run.submitted[number] = str(answer["id"])
             except ApiError as exc:

@@ -106,7 +106,8 @@ def register(commands: Subcommands) -> None:
         "--queue",
         action="store_true",
         help="submit even if no live peer serves the role yet; it waits for one (without it, "
-        "such a task is refused, naming the roles the network serves)",
+        "such a task is refused, naming the roles the network serves); with --file, for "
+        "every line",
     )
     client_command(submit, _submit)
 

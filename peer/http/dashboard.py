@@ -11,7 +11,9 @@ Invariants:
   takes the API token itself (for a peer started before, or a second browser). Both compare
   in constant time; a wrong or spent one sets nothing.
 - Without a session, `/` answers only a page saying how to get in (401), never data; every
-  other dashboard path (the assets) is guarded like the API (`peer.http.guard`).
+  other dashboard path (the assets) is guarded like the API (`peer.http.guard`). Reached
+  from another site, that page reloads itself once from this origin, so a browser holding
+  the (SameSite=Strict) cookie gets in.
 - The cookie is HttpOnly (the page's script cannot read it), SameSite=Strict (no other site's
   request carries it) and Path=/; it authorizes safe requests only (the guard's rule).
 - Every dashboard answer forbids framing and other origins' scripts, styles and connections
@@ -137,9 +139,14 @@ def _hardened(response: web.Response) -> web.Response:
 def _how_to_get_in(request: web.Request, reason: str) -> web.Response:
     host = html.escape(request.host)
     note = f"<p><strong>{html.escape(reason)}</strong></p>" if reason else ""
+    # A SameSite=Strict cookie is not sent on a navigation started by another site (a link
+    # in a web mail, or the redirect after a login link opened from one): load the page
+    # again from here, which sends it if the browser holds it.
+    again = request.headers.get("Sec-Fetch-Site") == "cross-site" and not reason
+    refresh = '<meta http-equiv="refresh" content="0">\n' if again else ""
     body = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
+{refresh}<meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Grapevine: sign in</title></head>
 <body>
 <h1>Grapevine dashboard</h1>{note}

@@ -1,2 +1,2 @@
-"""What a peer tells its operator: Prometheus metrics and task lifecycle logs
-(docs/observability.md)."""
+"""What a peer tells its operator: Prometheus metrics, task lifecycle logs and OpenTelemetry
+traces (docs/observability.md)."""

@@ -1,12 +1,13 @@
 """Repair: how a task's objects reach the peers that lack them after a loss.
 
 Invariants:
-- Anti-entropy: with each push-pull a peer sends a summary of the tasks it and its partner are
-  both replicas of (in its view): one digest per shard (the first byte of the task id), at most
-  256, whatever the history. The partner answers, for the shards whose digests differ, with its
-  (task id, digest) entries there (at most `SHARD_ENTRIES` per answer, by id; the rest waits
-  for the next exchange), and the first peer sends what differs or the partner lacks and asks
-  for what it lacks (decision 31). Answers are rate-limited per partner.
+- Anti-entropy: with each push-pull a peer sends a summary of the tasks it and its partner must
+  both hold (in its view: both are replicas, or one is the origin and the other a replica): one
+  digest per shard (the first byte of the task id), at most 256, whatever the history. The
+  partner answers, for the shards whose digests differ, with its (task id, digest) entries
+  there (at most `SHARD_ENTRIES` per answer, by id; the rest waits for the next exchange), and
+  the first peer sends what differs or the partner lacks and asks for what it lacks (decision
+  31). Answers are rate-limited per partner.
 - Replica sync: after a task changes, its replicas (and its origin) compare digests of it a few
   times, backing off (2, 8, 32 s), so an object lost on the way is repaired within seconds.
 - Audience repair: when the live membership changes, the arbiter of each open task (first of
@@ -76,19 +77,27 @@ class Repair(TaskCore):
             self._compare_entries(src, sender, msg)
 
     def _shared(self, partner: bytes) -> dict[int, list[tuple[bytes, bytes]]]:
-        # The tasks (and tombstones) both peers are replicas of in our view: in agreeing views
-        # both hold exactly these, so their shards' digests match once repaired.
-        # A partner we do not see live yet (it just joined and pulls: see `_pull`) counts as
-        # live: it proved it is up by sending.
+        # The tasks both peers must hold in our view: both are replicas, or one is the task's
+        # origin and the other a replica (an origin outside the replica set, whose sends were
+        # lost while it was taken for dead, must still get its record to the replicas: task
+        # campaign, seed 251). Both sides can tell, so in agreeing views both list exactly
+        # these, and their shards' digests match once repaired. Tombstones carry no origin:
+        # replicas only. A partner we do not see live yet (it just joined and pulls: see
+        # `_pull`) counts as live: it proved it is up by sending.
         live = self.view.live_members()
+        me = self.node_id
         out: dict[int, list[tuple[bytes, bytes]]] = {}
-        held = ((tid, st.digest()) for tid, st in self.tasks.items())
-        compacted = ((tid, stone.digest()) for tid, stone in self.tombstones.items())
-        for entries in (held, compacted):
-            for tid, digest in entries:
-                home = self.replicas.with_member(tid, live, partner)
-                if partner in home and self.node_id in home:
-                    out.setdefault(tid[0], []).append((tid, digest))
+        for tid, st in self.tasks.items():
+            home = self.replicas.with_member(tid, live, partner)
+            origin = st.record.origin if st.record is not None else None
+            if (partner in home and (me in home or origin == me)) or (
+                origin == partner and me in home
+            ):
+                out.setdefault(tid[0], []).append((tid, st.digest()))
+        for tid, stone in self.tombstones.items():
+            home = self.replicas.with_member(tid, live, partner)
+            if partner in home and me in home:
+                out.setdefault(tid[0], []).append((tid, stone.digest()))
         for shard in out.values():
             shard.sort()
         return out

@@ -10,7 +10,7 @@ Theory of operation (docs/design.md section 5, "Retention"; docs/decisions.md, d
   idempotency key digest, parent), and its stored objects are deleted in the same effects as
   the tombstone is stored (`PersistKind.FORGET_TASK` then `PersistKind.TOMBSTONE`: the host
   applies one call's persists in one transaction).
-- A tombstone dominates every merge: a record, claim, result, cancel or execution entry of a
+- A tombstone dominates every merge: a record, claim, result, cancel or epoch grant of a
   compacted task is dropped before its signature is checked and counted ("object of a
   compacted task"); asks, grants and "held" notices about it are ignored. Nothing resurrects it.
 - Anti-entropy: a tombstone's digest is taken in its own domain, so it never equals a live

@@ -80,7 +80,7 @@ async def submit_until_writes_fail(peer: Peer) -> tuple[list[str], list[str]]:
     async with peer.client() as client:
         for i in range(MAX_SUBMISSIONS):
             try:
-                answer = await client.submit("echo", INPUT, idempotency_key=f"fill-{i}")
+                answer = await client.submit("echo", INPUT, idempotency_key=f"fill-{i}", queue=True)
             except ApiError as exc:
                 assert exc.status == 503 and exc.title == "Service Unavailable", exc
                 refused.append(exc.detail)

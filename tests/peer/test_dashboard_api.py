@@ -132,7 +132,27 @@ async def test_without_a_session_the_page_says_how_to_get_in_and_shows_no_data(
             status, headers, _ = await get(f"{base(peer)}/v1/self", {}, cookie)
             assert status == 401
         status, _, page = await get(f"{base(peer)}/?token=wrong", PAGE)
-        assert status == 401 and "not valid" in page
+        assert status == 401 and "not valid" in page and "refresh" not in page
+
+
+async def test_a_page_reached_from_another_site_reloads_once_from_its_own(
+    tmp_path: Path,
+) -> None:
+    # A SameSite=Strict cookie stays home on cross-site navigations: the sign-in page then
+    # loads `/` again from its own origin, which sends the cookie; from there it does not.
+    async with serving(tmp_path / "data") as peer:
+        cross = {**PAGE, "Sec-Fetch-Site": "cross-site"}
+        status, _, page = await get(f"{base(peer)}/", cross)
+        assert status == 401 and '<meta http-equiv="refresh" content="0">' in page
+        for site in ("same-origin", "none"):
+            headers = {**PAGE, "Sec-Fetch-Site": site}
+            status, _, page = await get(f"{base(peer)}/", headers)
+            assert status == 401 and "refresh" not in page
+        cookie = await log_in(peer, login_url(peer), tmp_path / "data")
+        status, _, page = await get(
+            f"{base(peer)}/", {**PAGE, "Sec-Fetch-Site": "same-origin"}, cookie
+        )
+        assert status == 200 and "app.js" in page
         # A client that is not a browser gets the API's usual 401 problem at `/`.
         status, headers, _ = await get(f"{base(peer)}/", {"Accept": "application/json"})
         assert status == 401 and headers["Content-Type"].startswith("application/problem+json")

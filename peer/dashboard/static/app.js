@@ -140,7 +140,8 @@ async function loadMembers() {
   renderFilters();
 }
 
-function cell(label, ...content) { return el("td", { "data-label": label }, ...content); }
+// One table cell; its content is one element, so a phone's card layout keeps it together.
+function cell(label, ...content) { return el("td", { "data-label": label }, el("span", {}, ...content)); }
 
 function renderFleet() {
   const rows = state.members.map((m) => el("tr", { dataset: { member: m.id, status: m.status } },
