@@ -15,7 +15,6 @@ Invariants:
 from __future__ import annotations
 
 import argparse
-import asyncio
 from typing import Any
 
 from peer.cli import render
@@ -52,6 +51,8 @@ def register(commands: Subcommands) -> None:
 
 async def show_status(client: GrapevineClient, args: argparse.Namespace) -> int:
     """Fetch the three answers at once and print them (see the module invariants)."""
+    import asyncio  # here, not at the top: `grapevine --help` must not pay for it
+
     members, tasks, agents = await asyncio.gather(
         client.members(), client.task_stats(), client.agents()
     )
