@@ -266,10 +266,13 @@ async def _totals(peers: list[Peer]) -> tuple[int, int, int]:
     return out, verified, int(stats["totals"]["duplicates"])
 
 
-async def _done_everywhere(peers: list[Peer], ids: list[str]) -> tuple[bool, object]:
+async def _done_everywhere(
+    peers: list[Peer], ids: list[str], every: int = 0
+) -> tuple[bool, object]:
     """Whether every task is final as read at every peer (a peer that does not hold a task
-    asks its replica set): on a sample, since each read may cost a round trip."""
-    sample = ids[:: max(1, len(ids) // 50)]
+    asks its replica set): on every `every`-th task (default: a sample of about 50), since each
+    read may cost a round trip."""
+    sample = ids[:: every or max(1, len(ids) // 50)]
     pending = 0
     for peer in peers:
         for tid in sample:
@@ -404,6 +407,11 @@ async def grapevine_crash(root: Path, size: int, tasks: int, sleep: float) -> Cr
             await wait_ready([victim], timeout=30)
             ids = sorted(sent)
             await wait_for("final everywhere", lambda: _done_everywhere(peers, ids), PHASE_LIMIT)
+            # The sample above may miss a re-run still going (the victim resumes its claims
+            # when it restarts): every task must read final at the survivor counted below.
+            await wait_for(
+                "all final", lambda: _done_everywhere(survivors[:1], ids, 1), PHASE_LIMIT
+            )
         except TimeoutError as exc:
             row.note = str(exc)[:120]
         row.seconds = time.monotonic() - start
