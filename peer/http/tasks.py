@@ -432,7 +432,7 @@ class TaskApi:
                     "nothing was submitted, try again",
                 ) from None
         try:
-            task_id = self.driver.submit(
+            task_id = await self.driver.submit_durably(
                 role,
                 data,
                 priority=priority,

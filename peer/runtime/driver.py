@@ -42,7 +42,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Protocol, assert_never
+from typing import Any, Protocol, assert_never
 
 from peer.observability.lifecycle import TaskLifecycle
 from peer.observability.tracing import PeerTracing
@@ -144,6 +144,10 @@ class Driver:
         """Effects waiting for this turn's group commit (see `_apply`), in order."""
         self._commit: asyncio.Handle | None = None
         """The group commit scheduled for the end of this turn of the loop, if any."""
+        self._commit_waiters: list[asyncio.Future[bool]] = []
+        """Submissions waiting for this turn's group commit (see `submit_durably`)."""
+        self._retry_unwritten = False
+        """Whether this turn's group commit retries unwritten records (a submission waits)."""
         self.on_written: Callable[[list[Persist]], None] | None = None
         """Called with each batch of records once it is on disk, in order (the blob service
         indexes blob references and deletes the blobs of forgotten tasks)."""
@@ -272,6 +276,7 @@ class Driver:
         timeout: float = 0.0,
         created: float | None = None,
         traceparent: str = "",
+        durably: list[asyncio.Future[bool]] | None = None,
     ) -> bytes:
         """Submit a task here; return its id (`Node.submit`). `parent` is the id of the task
         that delegates this one (empty for a root task). `traceparent` is the submitter's W3C
@@ -305,10 +310,38 @@ class Driver:
             # be among the unwritten ones, so those are retried whatever the call brought.
             if fx.persists:
                 self.lifecycle.submitted(task_id)
-            # The client waits for this answer: commit now, with whatever else waits.
-            if not self._apply(fx, retry=True, commit_now=True):
-                raise NotDurable(task_id, self.degraded or "unknown")
+            if durably is None:
+                # The caller waits for this answer: commit now, with whatever else waits.
+                if not self._apply(fx, retry=True, commit_now=True):
+                    raise NotDurable(task_id, self.degraded or "unknown")
+            else:
+                durably.append(self._apply_then(fx))
         return task_id
+
+    async def submit_durably(self, role: str, data: bytes, **kwargs: Any) -> bytes:
+        """`submit`, but the write joins this turn's group commit, so the submissions of many
+        clients in one turn of the loop cost one fsync; returns once it is on disk.
+
+        Raises:
+            As `submit`.
+        """
+        commit: list[asyncio.Future[bool]] = []
+        task_id = self.submit(role, data, durably=commit, **kwargs)
+        if not await commit[0]:
+            raise NotDurable(task_id, self.degraded or "unknown")
+        return task_id
+
+    def _apply_then(self, fx: Effects) -> asyncio.Future[bool]:
+        """Apply `fx` with this turn's group commit (unwritten records retried); the future
+        says whether every record so far was then on disk."""
+        done: asyncio.Future[bool] = self._loop.create_future()
+        if not (fx.persists or self._pending):
+            done.set_result(self._apply(fx, retry=True))
+            return done
+        self._apply(fx)
+        self._commit_waiters.append(done)
+        self._retry_unwritten = True
+        return done
 
     def task_id_for(
         self,
@@ -470,10 +503,16 @@ class Driver:
             self._commit.cancel()
             self._commit = None
         pending, self._pending = self._pending, []
+        waiters, self._commit_waiters = self._commit_waiters, []
+        retry = retry or self._retry_unwritten
+        self._retry_unwritten = False
         records = [record for fx in pending for record in fx.persists]
         durable = self._persist(records, retry=retry)
         for fx in pending:
             self._deliver(fx, durable)
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(durable)
         return durable
 
     def _deliver(self, fx: Effects, durable: bool) -> None:

@@ -18,7 +18,8 @@ Invariants:
 - Handoff: a peer that joins (new, or restarted) into a network that holds tasks (its first
   summary received tells) sends its summary to every live member once, a moment later, so it
   pulls the shards it is now a replica of at once rather than one push-pull at a time.
-- Tombstones take part in digests (`protocol.tasks.retention`) but are never asked for or sent.
+- Tombstones take no part in anti-entropy: they are never asked for or sent, and every replica
+  compacts by itself (`protocol.tasks.retention`).
 """
 
 from __future__ import annotations
@@ -81,8 +82,10 @@ class Repair(TaskCore):
         # origin and the other a replica (an origin outside the replica set, whose sends were
         # lost while it was taken for dead, must still get its record to the replicas: task
         # campaign, seed 251). Both sides can tell, so in agreeing views both list exactly
-        # these, and their shards' digests match once repaired. Tombstones carry no origin:
-        # replicas only. A partner we do not see live yet (it just joined and pulls: see
+        # these, and their shards' digests match once repaired. Tombstones are left out: they
+        # are never sent or asked for (every replica compacts by itself), so comparing them
+        # repaired nothing, and with a week of them held it cost most of a busy peer's time
+        # (bench_soak). A partner we do not see live yet (it just joined and pulls: see
         # `_pull`) counts as live: it proved it is up by sending.
         live = self.view.live_members()
         me = self.node_id
@@ -94,10 +97,6 @@ class Repair(TaskCore):
                 origin == partner and me in home
             ):
                 out.setdefault(tid[0], []).append((tid, st.digest()))
-        for tid, stone in self.tombstones.items():
-            home = self.replicas.with_member(tid, live, partner)
-            if partner in home and me in home:
-                out.setdefault(tid[0], []).append((tid, stone.digest()))
         for shard in out.values():
             shard.sort()
         return out

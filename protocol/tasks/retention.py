@@ -13,10 +13,10 @@ Theory of operation (docs/design.md section 5, "Retention"; docs/decisions.md, d
 - A tombstone dominates every merge: a record, claim, result, cancel or epoch grant of a
   compacted task is dropped before its signature is checked and counted ("object of a
   compacted task"); asks, grants and "held" notices about it are ignored. Nothing resurrects it.
-- Anti-entropy: a tombstone's digest is taken in its own domain, so it never equals a live
-  state's; tombstones are not sent (they are not signed objects), and every replica compacts by
-  the same rule on its own clock, so replicas converge on the tombstone. A tombstone holder
-  neither asks for nor answers about the task.
+- Anti-entropy: tombstones are not compared or sent (they are not signed objects); every
+  replica compacts by the same rule on its own clock, so replicas converge on the tombstone. A
+  tombstone holder neither asks for nor answers about the task. Its digest (in its own domain,
+  never equal to a live state's) is kept for the API.
 - `tombstone_grace` seconds after compaction the tombstone is forgotten (`FORGET_TASK`).
 - Time is the node's clock. A task restored from the store counts its retention from the
   restore; a tombstone keeps the time it was made, or counts from the restore when that time is
