@@ -236,3 +236,27 @@ def fail(args: argparse.Namespace, message: str, code: int) -> int:
 def usage(args: argparse.Namespace, message: str) -> int:
     """Report a wrong command line the way `Parser.error` does; return `EXIT_USAGE`."""
     return fail(args, f"{message} (see `{args.prog} --help`)", EXIT_USAGE)
+
+
+class StatusLine:
+    """One status line on stderr: redrawn in place on a terminal, a line per update otherwise
+    (a log or a pipe keeps every step)."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.width = 0
+
+    def show(self, line: str) -> None:
+        """Replace the line (on a terminal) or add it."""
+        if self.tty:
+            sys.stderr.write("\r" + line.ljust(self.width))
+            self.width = len(line)
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        """End the line on a terminal, so what follows starts on its own."""
+        if self.tty and self.width:
+            sys.stderr.write("\n")
+            sys.stderr.flush()

@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from peer.cli import render
-from peer.cli.common import EXIT_OK, EXIT_USAGE, fail, warn
+from peer.cli.common import EXIT_OK, EXIT_USAGE, StatusLine, fail, warn
 from peer.client import GrapevineClient, JsonObject
 
 NETWORK_PAGE = 500
@@ -58,7 +58,7 @@ async def network_listing(client: GrapevineClient, args: argparse.Namespace) -> 
             break
         listed += rows
         if next_cursor:
-            progress.show(len(listed))
+            progress.count(len(listed))
     progress.close()
     if args.json:
         answer = {
@@ -96,23 +96,8 @@ def network_table(tasks: list[JsonObject]) -> str:
     return f"{render.table(header, rows)}\n{len(tasks)} tasks"
 
 
-class _Progress:
+class _Progress(StatusLine):
     """How many tasks are listed so far, on stderr: redrawn in place on a terminal."""
 
-    def __init__(self) -> None:
-        self.tty = sys.stderr.isatty()
-        self.width = 0
-
-    def show(self, count: int) -> None:
-        line = f"listed {count} tasks so far..."
-        if self.tty:
-            sys.stderr.write("\r" + line.ljust(self.width))
-            self.width = len(line)
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.tty and self.width:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+    def count(self, count: int) -> None:
+        self.show(f"listed {count} tasks so far...")

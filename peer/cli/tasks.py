@@ -34,6 +34,7 @@ from peer.cli.common import (
     EXIT_USAGE,
     ClientCommand,
     Parser,
+    StatusLine,
     Subcommands,
     add_command,
     api_option,
@@ -246,7 +247,7 @@ async def _submit(client: GrapevineClient, args: argparse.Namespace) -> int:
     print(f"{args.prog}: task {task_id} accepted; waiting for its result", file=sys.stderr)
     progress = _ProgressLine(task_id)
     async for event in client.watch_task(task_id):
-        progress.show(event)
+        progress.event(event)
     progress.close()
     task = await client.task(task_id)
     if args.json:
@@ -280,16 +281,15 @@ async def _report_result(
     return EXIT_OK
 
 
-class _ProgressLine:
+class _ProgressLine(StatusLine):
     """One progress line on stderr: redrawn in place on a terminal, a line per step otherwise."""
 
     def __init__(self, task_id: str) -> None:
+        super().__init__()
         self.prefix = f"task {task_id[:12]}"
-        self.tty = sys.stderr.isatty()
         self.start = time.monotonic()
-        self.width = 0
 
-    def show(self, event: JsonObject) -> None:
+    def event(self, event: JsonObject) -> None:
         kind = str(event.get("type", "?")).removeprefix("task-")
         who = render.short(event.get("owner") or event.get("by"))
         detail = {
@@ -299,18 +299,7 @@ class _ProgressLine:
             "result": f"result accepted: {event.get('outcome')} from {who}",
             "cancelled": f"cancelled by {who}",
         }.get(kind, kind)
-        line = f"{self.prefix}: {detail} [{time.monotonic() - self.start:.1f}s]"
-        if self.tty:
-            sys.stderr.write("\r" + line.ljust(self.width))
-            self.width = len(line)
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.tty and self.width:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+        self.show(f"{self.prefix}: {detail} [{time.monotonic() - self.start:.1f}s]")
 
 
 async def _tasks(client: GrapevineClient, args: argparse.Namespace) -> int:
