@@ -30,6 +30,7 @@ from scripts.local_cluster import (
     wait_ready,
     wait_views,
 )
+from tests.peer.test_cli_tasks import one_line_error
 
 AGENT_OUTPUT = {"agent": "writer-1", "answer": "Hello\nworld", "model": "m", "steps": 2}
 """What an agent's task outputs (peer.agents.ports.AgentOutput), echoed back by `echo`."""
@@ -66,14 +67,6 @@ def grapevine(peer: Peer | None, *args: str) -> subprocess.CompletedProcess[str]
         timeout=60,
         env=child_env(),
     )
-
-
-def one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
-    assert result.returncode == code, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def post(peer: Peer, path: str, body: object) -> tuple[int, dict[str, object]]:

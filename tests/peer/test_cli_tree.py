@@ -30,6 +30,7 @@ from scripts.local_cluster import (
     grapevine_command,
 )
 from tests.peer.inprocess import API_TOKEN, in_process_peer
+from tests.peer.test_cli_tasks import one_line_error
 from tests.peer.two_peers import joined_pair
 
 
@@ -49,14 +50,6 @@ def grapevine(target: list[str], *args: str) -> subprocess.CompletedProcess[str]
         timeout=60,
         env=child_env(),
     )
-
-
-def one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
-    assert result.returncode == code, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def test_tree_of_a_task_without_children(peer: Peer) -> None:
