@@ -59,6 +59,7 @@ from protocol.tasks.messages import (
 from protocol.tasks.plane import Tasks
 from protocol.timers import (
     GossipDue,
+    JoinSettleDue,
     ProbeDue,
     ProbeRoundEnd,
     ProbeTimeout,
@@ -428,6 +429,14 @@ class Node(NodeQueries):
                 targets = m.random_members(1, lambda x: x.status == Status.ALIVE)
                 if targets:
                     self._push_pull(targets[0].addr, join=False, reply=False)
+            case JoinSettleDue():
+                # The seed's answer is a snapshot: a peer that joined a moment later reaches
+                # us only by gossip, whose few retransmissions can all miss us, and then by
+                # the next periodic push-pull, 15 to 60 s away. memberlist accepts that wait;
+                # one early exchange with any member (the seed included) closes it.
+                targets = m.random_members(1, lambda x: x.status == Status.ALIVE)
+                if targets:
+                    self._push_pull(targets[0].addr, join=False, reply=False)
             case ReconnectDue():
                 self.port.schedule(now + self.config.gossip.reconnect_interval, ReconnectDue())
                 target = self.dissemination.reconnect_target()
@@ -484,6 +493,8 @@ class Node(NodeQueries):
                     # Known by now from its own state, at the address it signed.
                     seed = self.dissemination.reply_addr(sender, envelope.sender_addr)
                     self.port.note(JoinSucceeded(seed, self.membership.alive_count()))
+                    settle = now + self.config.swim.probe_interval
+                    self.port.schedule(settle, JoinSettleDue())
             case UserEvent():
                 self.user_events.apply(msg, raw)
             case PeerState():

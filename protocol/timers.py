@@ -55,6 +55,12 @@ class PushPullDue:
 
 
 @dataclass(frozen=True, slots=True)
+class JoinSettleDue:
+    """One probe interval after joining: one more full-state exchange, for the members that
+    joined (through the seed or elsewhere) while the seed was answering us."""
+
+
+@dataclass(frozen=True, slots=True)
 class ReconnectDue:
     """Time to try a dead member or a seed, so partitions heal."""
 
@@ -90,6 +96,7 @@ Timer = (
     | SuspicionDue
     | GossipDue
     | PushPullDue
+    | JoinSettleDue
     | ReconnectDue
     | ReapDue
     | TaskStandby

@@ -127,6 +127,20 @@ def test_join_spreads_to_everyone_through_gossip() -> None:
         assert all(m.status == Status.ALIVE for m in node.members())
 
 
+def test_a_joiner_exchanges_full_state_once_more_one_probe_interval_after_joining() -> None:
+    # Members that joined while the seed answered us would otherwise reach us only by gossip
+    # or by the periodic push-pull, which QUIET puts 1000 s away.
+    config = replace(QUIET, swim=replace(QUIET.swim, probe_interval=1.0))
+    link = Link(3, config)
+    link.join(1)
+    link.join(2)
+    link.advance(5.0)
+    pushes = [t for t, a, s in link.log if a == addr(1) and of_type(opened(s.data), PushPull)]
+    settles = [t for t in pushes if t > 0.0]
+    assert settles == [1.0]
+    assert {m.node_id for m in link.node(1).members()} >= {node_id(0), node_id(2)}
+
+
 def test_join_skips_our_own_address() -> None:
     link = Link(1)
     fx = link.node(0).join(0.0, [addr(0)])
