@@ -903,8 +903,8 @@ def test_shard_anti_entropy_repairs_a_replica_that_lost_a_task() -> None:
     a, b = [i for i in replicas(task_id, [0, 1, 2, 3]) if i != 0][:2]
     # Every task object on its way to b is lost (membership traffic goes through).
     task_kinds = (TaskRecord, Claim, Result, EpochGrant, TaskShards, TaskSync)
-    link.drop = lambda src, dst, data: dst == addr(b) and any(
-        isinstance(m, task_kinds) for m in opened(data)
+    link.drop = lambda src, dst, data: (
+        dst == addr(b) and any(isinstance(m, task_kinds) for m in opened(data))
     )
     assert submit(link, key="lost copy") == task_id
     link.advance(link.now + 1.0)
@@ -930,6 +930,7 @@ def test_shard_summaries_are_answered_at_most_once_a_second_per_partner() -> Non
     link.advance(link.now + 1.0)
     b = link.node(2)
     lying = TaskShards(0, tuple((s, b"\0" * 8) for s in range(256)), (), b"")
+
     def answers(fx: Effects) -> list[TaskShards]:
         return [m for s in fx.sends for m in opened(s.data) if isinstance(m, TaskShards)]
 
