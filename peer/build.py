@@ -279,7 +279,11 @@ async def build_peer(
 def _config(settings: AgentSettings, network_id: bytes) -> NodeConfig:
     """The protocol configuration: the settings' profile, network and task retention."""
     config = with_network(PROFILES[settings.profile](), network_id)
-    return replace(config, tasks=replace(config.tasks, retention=settings.task_retention))
+    retention = settings.task_retention
+    grace = settings.tombstone_grace if settings.tombstone_grace is not None else retention
+    return replace(
+        config, tasks=replace(config.tasks, retention=retention, tombstone_grace=grace)
+    )
 
 
 def _discard_outlived_copies(store: PeerStore, config: NodeConfig) -> None:

@@ -11,7 +11,9 @@ Invariants:
 - Relative paths in the config file are relative to the file's directory; relative paths from
   flags and the environment are relative to the working directory.
 - `[tasks] retention` is the config file's spelling of `task_retention` (`--task-retention`,
-  `GRAPEVINE_TASK_RETENTION`); durations are seconds or a number with s, m, h or d.
+  `GRAPEVINE_TASK_RETENTION`), and `[tasks] tombstone_grace` of `tombstone_grace`
+  (`--tombstone-grace`, `GRAPEVINE_TOMBSTONE_GRACE`; unset, it follows the retention);
+  durations are seconds or a number with s, m, h or d.
 - The agent host's tables — `[[agents]]`, `[limits]`, `[pool]`, `[llm]` — come only from the
   config file's top level; their errors name the file, the table, the index and the key:
   "config file peer.toml: agents[2].max_concurrent: must be an integer >= 1, got 0". With no
@@ -102,6 +104,10 @@ class AgentSettings:
     task_retention: float = TaskConfig().retention
     """Seconds a final task is kept whole before it is compacted to a tombstone
     (`protocol.config.TaskConfig.retention`); 24 hours by default."""
+    tombstone_grace: float | None = None
+    """Seconds a tombstone is kept before it is forgotten
+    (`protocol.config.TaskConfig.tombstone_grace`). None: as long as `task_retention`
+    (decision 37)."""
     agents: tuple[AgentSpec, ...] = ()
     """The agents this peer hosts (`[[agents]]`); none: only the built-in roles are served."""
     limits: TreeLimits = field(default_factory=TreeLimits)
@@ -289,6 +295,7 @@ _FIELDS: dict[str, _Field] = {
     "log_format": _Field("GRAPEVINE_LOG_FORMAT", "str", _log_format),
     "workspace": _Field("GRAPEVINE_WORKSPACE", "path"),
     "task_retention": _Field("GRAPEVINE_TASK_RETENTION", "duration"),
+    "tombstone_grace": _Field("GRAPEVINE_TOMBSTONE_GRACE", "duration"),
 }
 
 
@@ -431,13 +438,14 @@ def _read_config(
 
 def _tasks_table(tasks: object, label: str) -> dict[str, object]:
     """The settings a `[tasks]` table gives, under their own names (`retention` is
-    `task_retention`)."""
+    `task_retention`; `tombstone_grace` keeps its name)."""
     if not isinstance(tasks, dict):
         raise SettingsError(f"config file {label}: 'tasks' must be a table ([tasks])")
-    unknown = sorted(set(tasks) - {"retention"})
+    names = {"retention": "task_retention", "tombstone_grace": "tombstone_grace"}
+    unknown = sorted(set(tasks) - set(names))
     if unknown:
         raise SettingsError(
             f"config file {label}: unknown key(s) {', '.join(unknown)} in [tasks] "
-            "(known: retention)"
+            f"(known: {', '.join(names)})"
         )
-    return {"task_retention": tasks["retention"]} if "retention" in tasks else {}
+    return {names[key]: value for key, value in tasks.items()}

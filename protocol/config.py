@@ -143,13 +143,15 @@ class TaskConfig:
     `retention * task rate * k / N` whole tasks, so shorter bounds memory and disk more
     tightly. The peer's `--task-retention` sets it."""
 
-    tombstone_grace: float = 7 * 24 * 3600.0
+    tombstone_grace: float = 24 * 3600.0
     """Seconds a tombstone is kept after compaction before it is forgotten. While it is held,
     late objects of the task (a replica back from a partition, a delayed send) are dropped
     instead of resurrecting it; once it is gone they would be taken for a new task. So it must
     exceed the longest time a peer may be away and come back with its old copies: a peer whose
     data is older than `retention + tombstone_grace` discards them on return (decision 22).
-    Longer costs one small record (about 150 bytes) per task compacted in the window."""
+    Longer costs memory and disk for every task compacted in the window (measured about 1 KB
+    of each per tombstone). The peer's `--tombstone-grace` sets it, and defaults it to the
+    retention (decision 37)."""
 
     def validate(self) -> None:
         """Raise `LocalProtocolError` naming the first field with an impossible value."""

@@ -183,8 +183,14 @@ async def run_load(peers: list[Peer], soak: Soak, args: argparse.Namespace) -> N
 
     async def sampler() -> None:
         while True:
-            soak.samples.append(
-                Sample(time.monotonic() - start, len(finished), rss_mb(peers), data_mb(peers))
+            sample = Sample(time.monotonic() - start, len(finished), rss_mb(peers), data_mb(peers))
+            soak.samples.append(sample)
+            print(
+                f"  {sample.seconds:6.0f} s  {sample.completed:>9,} of {soak.tasks:,} done"
+                f"  ({sample.completed / max(sample.seconds, 1e-9):6.1f}/s)"
+                f"  RSS {sample.rss_mb:7.1f} MB  data {sample.data_mb:7.1f} MB",
+                file=sys.stderr,
+                flush=True,
             )
             dead = [p.name for p in peers if not p.running()]
             if dead:

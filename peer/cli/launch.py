@@ -46,6 +46,7 @@ _AGENT_FLAGS = (
     "log_level",
     "log_format",
     "task_retention",
+    "tombstone_grace",
 )
 """`grapevine agent` options passed to `peer.settings.load_settings` (only those given)."""
 
@@ -222,6 +223,15 @@ def _add_agent(commands: Subcommands) -> None:
         default=suppress,
         help="how long a finished task is kept whole before it is compacted to a tombstone: "
         "seconds, or a number with s, m, h or d (default 24h)",
+    )
+    agent.add_argument(
+        "--tombstone-grace",
+        metavar="DURATION",
+        dest="tombstone_grace",
+        default=suppress,
+        help="how long a compacted task's tombstone is kept; its late objects are refused "
+        "meanwhile, and a peer away for longer than retention + grace starts empty "
+        "(default: the task retention)",
     )
     agent.set_defaults(handler=_agent)
 

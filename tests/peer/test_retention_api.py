@@ -63,6 +63,16 @@ async def test_a_compacted_task_answers_410_with_its_tombstone(tmp_path: Path) -
         kinds = {kind for kind, key in store.records if key.startswith(tid)}
         assert kinds == {PersistKind.TOMBSTONE}
 
+        # Without --tombstone-grace the tombstone lives as long as the retention (decision
+        # 37): then the task is unknown, and its last stored trace is gone.
+        while (r := await client.get(f"/v1/tasks/{task_id}")).status == 410:
+            assert asyncio.get_running_loop().time() < deadline + 15, await r.text()
+            await asyncio.sleep(0.05)
+        assert r.status == 404, await r.text()
+        stats = (await (await client.get("/v1/tasks/stats")).json())["totals"]
+        assert stats["tombstones"] == 0
+        assert not any(key.startswith(tid) for _, key in store.records)
+
 
 def test_the_store_forgets_a_task_and_stores_its_tombstone_in_one_transaction(
     tmp_path: Path,

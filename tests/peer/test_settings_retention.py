@@ -67,3 +67,15 @@ def test_bad_values_give_one_clear_line(tmp_path: Path) -> None:
     config.write_text("tasks = 3\n")
     with pytest.raises(SettingsError, match=r"'tasks' must be a table"):
         load_settings({}, {}, config)
+
+
+def test_the_tombstone_grace_follows_the_retention_unless_given(tmp_path: Path) -> None:
+    assert load_settings({}, {}, None).tombstone_grace is None
+    config = tmp_path / "peer.toml"
+    config.write_text("[tasks]\nretention = '2h'\ntombstone_grace = '3d'\n")
+    env = {"GRAPEVINE_TOMBSTONE_GRACE": "5h"}
+    assert load_settings({}, {}, config).tombstone_grace == 3 * 86400.0
+    assert load_settings({}, env, config).tombstone_grace == 5 * 3600.0
+    assert load_settings({"tombstone_grace": "90s"}, env, config).tombstone_grace == 90.0
+    with pytest.raises(SettingsError, match="tombstone_grace from --tombstone-grace: '0' must"):
+        load_settings({"tombstone_grace": "0"}, {}, None)
