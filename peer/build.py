@@ -14,6 +14,8 @@ Invariants:
 - Roles: a seed-only peer (`no_agents`) serves none; with `[[agents]]` configured the agent
   host (`peer.agents.host.AgentHost`) installs its roles on the same executor after the replay
   and declares them in place of the built-ins-only set; one model client serves all its agents.
+  Python roles (`peer.python_api`) are on the executor from the start, next to the built-ins,
+  each adding its `max_concurrent` slots, and are declared with the others.
 - Teardown, after the body or after a part failed to start, undoes only what was started, in
   this order: the agent host (its timers stop before the executions do), the executor, the
   blob sweep, the driver (membership hints saved, waiters and task streams ended), the API
@@ -31,7 +33,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -42,6 +44,8 @@ from peer.api_token import TokenError, load_or_create_token, read_token_file
 from peer.http.app import PeerApi
 from peer.keys import load_network_keyring
 from peer.observability.metrics import PeerMetrics
+from peer.python_api.roles import Role
+from peer.python_api.serving import role_handlers, role_slots
 from peer.runtime.blob_store import BLOBS_DIR, BlobStore
 from peer.runtime.blobs import BlobService
 from peer.runtime.driver import Driver, RecordStore
@@ -67,11 +71,13 @@ RESTORE_KINDS = (
     PersistKind.TASK,
     PersistKind.EPOCH_GRANT,
     PersistKind.CLAIM,
+    PersistKind.CHECKPOINT,
     PersistKind.RESULT,
     PersistKind.CANCEL,
     PersistKind.GRANT,
 )
-"""Stored task objects, in replay order: a claim needs its record, a result its claim.
+"""Stored task objects, in replay order: a claim needs its record, a checkpoint or a result
+its claim.
 Tombstones (`PersistKind.TOMBSTONE`) are replayed before them, so a compacted task's objects
 (none should be left) are never replayed."""
 PROFILES = {"lan": lan, "local": local, "wan": wan}
@@ -136,6 +142,7 @@ async def build_peer(
     roles: Mapping[str, RoleHandler] | None = None,
     max_running: int = AGENT_SLOTS,
     rng: random.Random | None = None,
+    python_roles: Sequence[Role] = (),
 ) -> AsyncIterator[Peer]:
     """Start one peer, yield its parts, and stop it on exit (see the module invariants).
 
@@ -148,6 +155,8 @@ async def build_peer(
         roles: what the executor runs; by default the built-in roles.
         max_running: executions of `roles` at once.
         rng: the node's randomness (seeded in tests, so a run repeats); a fresh one by default.
+        python_roles: roles served by Python functions, on top of `roles` (checked against
+            the settings' agents first: `peer.python_api.serving.settings_with`).
 
     Raises:
         SettingsError: no usable network key or operator API token; an API beyond loopback
@@ -199,7 +208,11 @@ async def build_peer(
         driver.on_written = blobs.note_written  # blobs go with the tasks forgotten
         transport.on_receive = driver.receive
         driver.start()
-        executor = Executor(builtin_roles() if roles is None else roles, max_running, blobs=blobs)
+        handlers = dict(builtin_roles() if roles is None else roles)
+        port = DriverTaskPort(driver, blobs)
+        handlers.update(role_handlers(python_roles, port, settings.limits, driver.progress))
+        slots = role_slots(python_roles)
+        executor = Executor(handlers, max_running + sum(slots.values()), blobs=blobs)
         driver.attach(executor)
         _discard_outlived_copies(store, config)
         driver.restore((value for _, value in store.scan(PersistKind.TOMBSTONE)), tombstones=True)
@@ -209,7 +222,7 @@ async def build_peer(
         blobs.start()  # indexes the restored tasks' blobs, then deletes the ones none needs
         if settings.agents and not settings.no_agents:
             try:
-                host = _agent_host(settings, driver, blobs, signer)
+                host = _agent_host(settings, port, driver, signer, slots)
             except (ValueError, OSError) as exc:
                 raise PeerStartError(f"cannot host the agents: {exc}") from exc
         metrics = PeerMetrics(driver, transport, host)
@@ -331,7 +344,11 @@ def _nowhere(src: str, data: bytes) -> None:
 
 
 def _agent_host(
-    settings: AgentSettings, driver: Driver, blobs: BlobService, signer: Signer
+    settings: AgentSettings,
+    port: DriverTaskPort,
+    driver: Driver,
+    signer: Signer,
+    python_roles: Mapping[str, int],
 ) -> AgentHost:
     """The agent host of `settings.agents`, its roles installed on the driver's executor (not
     yet declared: `AgentHost.start` does that, after the replay)."""
@@ -349,11 +366,12 @@ def _agent_host(
         driver,
         settings.agents,
         client,
-        DriverTaskPort(driver, blobs),
+        port,
         signer=signer,
         limits=settings.limits,
         pool_settings=settings.pool,
         workspace=settings.workspace_dir(),
+        python_roles=python_roles,
         network_rpm=llm.network_requests_per_minute,
     )
     return host

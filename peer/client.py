@@ -268,6 +268,7 @@ class GrapevineClient:
         timeout: float = 0.0,
         wait: bool = False,
         queue: bool = False,
+        queue_timeout: float | None = None,
     ) -> JsonObject:
         """Submit a task (`POST /v1/tasks`); returns `{id}` once the peer made it durable and
         replicated, or with `wait` the task (as `task()` returns it) once it is final.
@@ -281,6 +282,9 @@ class GrapevineClient:
             timeout: seconds one execution may run (0: no limit); then its outcome is "timeout".
             wait: answer only when the task is done, failed or cancelled (no client timeout).
             queue: submit it even if no live peer serves `role` yet (otherwise refused, 422).
+            queue_timeout: with `queue`, seconds it may wait for a first claim before it ends
+                (cancelled, reason "queue timeout: ..."); None for the peer's default (600),
+                0 for no limit.
         """
         body: JsonObject = {"role": role, "input": input, "priority": priority, "timeout": timeout}
         if idempotency_key:
@@ -289,6 +293,8 @@ class GrapevineClient:
             body["wait"] = True
         if queue:
             body["queue"] = True
+        if queue_timeout is not None:
+            body["queue_timeout"] = queue_timeout
         return await self._request("POST", "/v1/tasks", body, None if wait else REQUEST_TIMEOUT)
 
     async def task(self, task_id: str) -> JsonObject:
@@ -381,10 +387,18 @@ class GrapevineClient:
         duplicates, takeovers, fenced, flips, signatures_verified}, here: {...}}`."""
         return await self._request("GET", "/v1/tasks/stats")
 
-    async def watch_task(self, task_id: str) -> AsyncIterator[JsonObject]:
+    async def watch_task(self, task_id: str, tree: bool = False) -> AsyncIterator[JsonObject]:
         """Yield a task's events (task-claimed, task-started, task-ended, task-result,
-        task-cancelled), history first; ends once the task is final."""
-        async for event in self._sse(f"/v1/tasks/{_task_path(task_id)}/watch", {}):
+        task-cancelled, and task-progress for each step of its executions at this peer),
+        history first; ends once the task is final.
+
+        Args:
+            task_id: 64 hex digits, or a unique prefix of at least 6.
+            tree: also the events of every task below it known at this peer, each announced
+                by a task-child event.
+        """
+        params = {"tree": "1"} if tree else {}
+        async for event in self._sse(f"/v1/tasks/{_task_path(task_id)}/watch", params):
             yield event
 
     async def task_events(self, follow: bool = True) -> AsyncIterator[JsonObject]:

@@ -21,10 +21,12 @@ from protocol import fields
 from protocol.errors import RemoteProtocolError
 from protocol.identity import NODE_ID_BYTES, PUBLIC_KEY_BYTES, SIGNATURE_BYTES
 from protocol.tasks.messages import (
+    MAX_CHECKPOINTS,
     MAX_NONCE,
     MAX_PAGE,
     SHARDS,
     Cancel,
+    Checkpoint,
     Claim,
     EpochGrant,
     Result,
@@ -159,6 +161,8 @@ def _to_fields(msg: Message) -> list[Any]:
             return [Kind.EPOCH_GRANT, task_id, epoch, grantee, arbiter_key, sig]
         case TaskGrant(task_id, epoch, grantee):
             return [Kind.TASK_GRANT, task_id, epoch, grantee]
+        case Checkpoint(task_id, epoch, seq, owner_key, data, sig):
+            return [Kind.CHECKPOINT, task_id, epoch, seq, owner_key, data, sig]
         case TaskList(request, after, limit, state, role):
             request, limit = fields.encodable(request), fields.encodable(limit)
             return [Kind.TASK_LIST, request, after, limit, state, role]
@@ -286,6 +290,8 @@ def decode_message(data: bytes) -> Message:
                 fields.signature(f[5]),
                 fields.key_hash(key),
             )
+        case Kind.CHECKPOINT:
+            return _checkpoint(f)
         case Kind.EXECUTION:
             raise RemoteProtocolError(f"retired message kind {kind.name}")
         case _:
@@ -317,12 +323,26 @@ ARITY: dict[Kind, int] = {
     Kind.TASK_ASK: 3,
     Kind.TASK_GRANT: 4,
     Kind.EPOCH_GRANT: 6,
+    Kind.CHECKPOINT: 7,
     Kind.TASK_SHARDS: 5,
     Kind.TASK_SYNC: 2,
     Kind.TASK_READ: 2,
     Kind.TASK_LIST: 6,
     Kind.TASK_PAGE: 4,
 }
+
+
+def _checkpoint(f: list[Any]) -> Checkpoint:
+    key = fields.public_key(f[4])
+    epoch, seq = fields.uint(f[2]), fields.uint(f[3])
+    if epoch < 1:
+        raise RemoteProtocolError("a checkpoint belongs to a claimed run: epoch 1 or more")
+    if not 1 <= seq <= MAX_CHECKPOINTS:
+        raise RemoteProtocolError(f"a checkpoint's sequence number runs 1 to {MAX_CHECKPOINTS}")
+    data = fields.inline_payload(f[5])
+    return Checkpoint(
+        fields.node_id(f[1]), epoch, seq, key, data, fields.signature(f[6]), fields.key_hash(key)
+    )
 
 
 def _alive(f: list[Any]) -> Alive:

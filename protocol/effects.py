@@ -37,6 +37,9 @@ class PersistKind(StrEnum):
     EPOCH_GRANT = "epoch-grant"
     """An arbiter's signed grant of a takeover epoch (`protocol.tasks.messages.EpochGrant`),
     by task id + epoch + grantee."""
+    CHECKPOINT = "checkpoint"
+    """A signed step of a run (`protocol.tasks.messages.Checkpoint`), by task id + epoch +
+    owner + sequence number."""
     GRANT = "grant"
     """A primary's grant of an epoch to a standby (see `protocol.tasks.grants`)."""
     TOMBSTONE = "tombstone"

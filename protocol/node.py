@@ -41,6 +41,7 @@ from protocol.tasks.core import STORE
 from protocol.tasks.listing import PageQuery
 from protocol.tasks.messages import (
     Cancel,
+    Checkpoint,
     Claim,
     EpochGrant,
     Result,
@@ -306,6 +307,19 @@ class Node(NodeQueries):
         self.tasks.complete(now, task_id, epoch, outcome, output, usage)
         return self._exit()
 
+    def checkpoint(
+        self, now: float, task_id: bytes, epoch: int, data: bytes
+    ) -> tuple[Effects, Checkpoint]:
+        """Record a step of this peer's run of `task_id` under `epoch`: signed, kept with the
+        task's replicas and audience, so a takeover resumes from it (`Tasks.checkpoint`).
+
+        Raises:
+            LocalProtocolError: not this peer's run, oversize data, or too many steps.
+        """
+        self._enter(now)
+        made = self.tasks.checkpoint(now, task_id, epoch, data)
+        return self._exit(), made
+
     def cancel(self, now: float, task_id: bytes, reason: str = "cancelled") -> Effects:
         """Cancel a task network-wide; it stops wherever it runs."""
         self._enter(now)
@@ -406,6 +420,7 @@ class Node(NodeQueries):
         match timer:
             case ProbeDue():
                 m.probes.on_probe_due(now)
+                self._resync_recovered()
                 if self._isolated(now):
                     # Quiet at least until the next probe, which looks again.
                     next_probe = m.awareness.scale(self.config.swim.probe_interval)
@@ -467,6 +482,7 @@ class Node(NodeQueries):
                 | Result()
                 | Cancel()
                 | EpochGrant()
+                | Checkpoint()
                 | TaskHeld()
                 | TaskShards()
                 | TaskSync()
@@ -505,6 +521,22 @@ class Node(NodeQueries):
     def _apply_state(self, now: float, state: PeerState, raw: bytes | None, src: str) -> None:
         if self.advertisements.apply(now, state, raw, src):
             self.tasks.view_changed()
+
+    def _resync_recovered(self) -> None:
+        # A member back from dead (a restart, a healed partition) may hold what we lack and
+        # lack what we hold: tasks finished on either side while apart are repaired by no
+        # replica sync (their rounds ran out) and, at random push-pull pairing, only after
+        # minutes at 30 peers (task campaign, seed 563). So exchange full state with each one
+        # soon, one per probe interval (a heal that brings back many costs one push-pull a
+        # second, not a storm).
+        port = self.port
+        while port.recovered:
+            node_id = next(iter(port.recovered))
+            del port.recovered[node_id]
+            member = self.membership.table.members.get(node_id)
+            if member is not None and member.status == Status.ALIVE:
+                self._push_pull(member.addr, join=False, reply=False)
+                return
 
     def _push_pull(self, addr: str, join: bool, reply: bool) -> None:
         states = tuple(self.advertisements.states.values())

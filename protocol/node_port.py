@@ -91,6 +91,9 @@ class NodePort:
         self._state_pending = False
         self._gossiped_full: bool | None = None
         """`live_members`, kept until a member's status changes (a notification says so)."""
+        self.recovered: dict[bytes, None] = {}
+        """Members back from dead (a restart, a healed partition) that we have not exchanged
+        full state with since, oldest first (`Node` takes one per probe interval)."""
 
     def take(self) -> Effects:
         """Hand over what was buffered since the last call, with the next timer's deadline."""
@@ -133,6 +136,8 @@ class NodePort:
             case MemberJoined(node_id) | MemberRecovered(node_id):
                 if self.advertisements.member_known(self.now, node_id):
                     self.tasks.view_changed()
+                if isinstance(note, MemberRecovered):
+                    self.recovered[node_id] = None
             case (
                 MemberUpdated()
                 | MemberSuspected()

@@ -24,7 +24,7 @@ from protocol.membership import Membership
 from protocol.node_port import NodePort
 from protocol.peer_states import PeerStates
 from protocol.tasks.listing import PageQuery
-from protocol.tasks.messages import TaskPage, TaskSummary
+from protocol.tasks.messages import Checkpoint, TaskPage, TaskSummary
 from protocol.tasks.plane import Tasks
 from protocol.tasks.state import TaskState
 from protocol.tasks.tombstone import Tombstone
@@ -45,6 +45,11 @@ class NodeQueries:
     def task(self, task_id: bytes) -> TaskState | None:
         """The state of a task held here, or None."""
         return self.tasks.tasks.get(task_id)
+
+    def checkpoints(self, task_id: bytes) -> list[Checkpoint]:
+        """The steps of the task's runs held here, by (epoch, owner, sequence number)."""
+        st = self.tasks.tasks.get(task_id)
+        return [c for _, c in sorted(st.checkpoints.items())] if st is not None else []
 
     def tombstone(self, task_id: bytes) -> Tombstone | None:
         """What is left of a task compacted here, or None (see `protocol.tasks.retention`)."""

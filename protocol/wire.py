@@ -75,6 +75,7 @@ class Kind(IntEnum):
     TASK_PAGE = 24
     EPOCH_GRANT = 25
     TASK_SHARDS = 26
+    CHECKPOINT = 27
 
 
 class Status(IntEnum):

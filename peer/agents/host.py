@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
@@ -127,6 +127,8 @@ class AgentHost:
         pool_settings: how many agents may be spawned, with which models and tools, when they
             retire and grow.
         workspace: the directory the file tools are jailed in (created if missing).
+        python_roles: roles served by Python functions (`peer.python_api`), already installed
+            on the executor, with their slots; the host declares them with its own.
         network_rpm: a network-wide requests-per-minute limit per model; 0 = none.
         clock: monotonic seconds (the node's clock; defaults to the loop's).
 
@@ -146,6 +148,7 @@ class AgentHost:
         limits: TreeLimits,
         pool_settings: PoolSettings,
         workspace: Path,
+        python_roles: Mapping[str, int] | None = None,
         network_rpm: float = 0.0,
         clock: Callable[[], float] | None = None,
     ) -> None:
@@ -161,6 +164,7 @@ class AgentHost:
         self.pool_settings = pool_settings
         self.allowed = SpawnAllowList.of(pool_settings, specs)
         self.workspace = workspace
+        self.python_roles = dict(python_roles or {})
         self._clock = clock or asyncio.get_running_loop().time
         self.roster = Roster(self._clock)
         self._port = HostTaskPort(port, self.roster)
@@ -207,14 +211,16 @@ class AgentHost:
         """The roles this peer declares, sorted."""
         roles = self.roster.served()
         roles.update(builtin_roles())
+        roles.update(self.python_roles)
         if self.spawned < self.pool_settings.max_spawned:
             roles.add(SPAWN_ROLE)
         return tuple(sorted(roles))
 
     @property
     def max_running(self) -> int:
-        """Executions run at once: every agent's `max_concurrent` + `BUILTIN_SLOTS`."""
-        return BUILTIN_SLOTS + self.roster.slots
+        """Executions run at once: every agent's `max_concurrent`, every Python role's, and
+        `BUILTIN_SLOTS`."""
+        return BUILTIN_SLOTS + self.roster.slots + sum(self.python_roles.values())
 
     @property
     def spawned(self) -> int:
@@ -261,6 +267,8 @@ class AgentHost:
             Toolbox.load(spec.tools),
             self.limits,
             self.workspace,
+            progress=self.driver.progress,
+            checkpoints=self.driver,
         )
         self.roster.add(HostedAgent(spec, runtime, spawned, self._clock()))
         for role in spec.roles:
@@ -270,7 +278,8 @@ class AgentHost:
     def _serve(self) -> None:
         served = self.roster.served()
         for role in list(self.executor.handlers):
-            if role not in served and role not in builtin_roles() and role != SPAWN_ROLE:
+            kept = role in builtin_roles() or role in self.python_roles or role == SPAWN_ROLE
+            if role not in served and not kept:
                 del self.executor.handlers[role]
         self.executor.handlers[SPAWN_ROLE] = self._spawn
         # Raising the limit lets executions waiting in the executor start at the next

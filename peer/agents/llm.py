@@ -299,6 +299,9 @@ class ModelClient:
         max_tokens: int | None,
     ) -> Completion:
         if model == OFFLINE_MODEL and not self.settings.offline_via_litellm:
+            thinking = self._offline.think_seconds(messages)
+            if thinking:
+                await self._sleep(thinking)
             reply = self._offline.reply(messages, tools)
             return Completion(
                 reply.content,

@@ -5,19 +5,27 @@ It is a tiny rule-based "model" that reads the conversation the way the agent lo
 step, applied to the whole conversation so far (it keeps no state between calls):
 
 1. Directives come from the system prompt, one per line, case-insensitive:
-   `Delegate to: ROLE`, `Parts: N` (default 3), `Spawn: ROLE`, `Save to: FILENAME`.
+   `Delegate to: ROLE`, `Parts: N` (default 3), `Spawn: ROLE`, `Save to: FILENAME`,
+   `Repeat: TOOL N`, `Think: SECONDS`.
    A request may override the parts with "in N parts" or "N sections" (not a request that is
    itself a section, so a split does not cascade down a delegation tree).
 2. Spawn: `spawn_agent` offered, a `Spawn:` directive, and no spawn_agent result yet →
    one spawn_agent call.
 3. Plan: `delegate` offered, a `Delegate to:` directive, and no delegate result yet →
    N delegate calls, one per section, each naming a distinct aspect of the request.
+3b. Repeat: a `Repeat: TOOL N` directive, TOOL offered and fewer than N results of it →
+   one TOOL call with {"round": results so far + 1}; so a task makes N + 1 model calls
+   (the durable-steps tests use it to have a task of a known number of steps). The answer
+   ends with "Rounds: " and the TOOL results in order.
 4. Compose the answer text: the merged delegate results (in the order of the calls) under
    headings with a one-line introduction, or else a 3-5 sentence paragraph from templates.
 5. Save: `write_file` offered, a `Save to:` directive and no write_file result yet →
    write_file(path, text) — the save comes before the answer, so the file exists when the
    task's result is accepted.
 6. Answer: a `final_answer` call if offered, else plain content.
+
+`Think: SECONDS` (at most `MAX_THINK`) makes every reply take that long (`think_seconds`; the
+callers wait), a stand-in for a real model's latency so a test can land a crash during a call.
 
 Invariants:
 - Deterministic: the same messages and tools give the same reply, byte for byte; every choice
@@ -31,11 +39,13 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
 import random
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +58,10 @@ LABEL = "[offline stand-in model] "
 DEFAULT_PARTS = 3
 MAX_PARTS = 24
 """More sections than this are cut: a request cannot make one task fan out without bound."""
+MAX_REPEAT = 64
+"""Most calls a `Repeat:` directive asks for."""
+MAX_THINK = 60.0
+"""Longest a `Think:` directive makes a reply take, in seconds."""
 
 ASPECTS = (
     "Goals",
@@ -65,7 +79,10 @@ ASPECTS = (
 )
 """The aspects a plan splits a request into, in the order a report presents them."""
 
-_DIRECTIVE = re.compile(r"^\s*(delegate to|parts|spawn|save to)\s*:\s*(.+?)\s*$", re.I | re.M)
+_DIRECTIVE = re.compile(
+    r"^\s*(delegate to|parts|spawn|save to|repeat|think)\s*:\s*(.+?)\s*$", re.I | re.M
+)
+_REPEAT = re.compile(r"([\w.:-]+)\s+(\d{1,3})")
 _PARTS_IN_REQUEST = re.compile(r"\bin\s+(\d{1,3})\s+parts\b|\b(\d{1,3})\s+sections\b", re.I)
 _SECTION = re.compile(r"^Section (\d+) of (\d+) — ([^:]+): ", re.S)
 _WORD = re.compile(r"[A-Za-zÀ-ÿ][A-Za-zÀ-ÿ'-]+")
@@ -101,10 +118,23 @@ class _Directives:
     parts: int
     spawn: str | None
     save_to: str | None
+    repeat: tuple[str, int] | None
 
 
 class OfflineModel:
     """The stand-in model; stateless, so one instance may serve any number of conversations."""
+
+    def think_seconds(self, messages: list[dict[str, Any]]) -> float:
+        """How long a reply to this conversation takes: its `Think:` directive, else 0."""
+        system = "\n".join(_text(m) for m in messages if m.get("role") == "system")
+        for key, value in _DIRECTIVE.findall(system):
+            if key.lower() == "think":
+                try:
+                    seconds = float(value)
+                except ValueError:
+                    return 0.0
+                return min(max(seconds, 0.0), MAX_THINK) if math.isfinite(seconds) else 0.0
+        return 0.0
 
     def reply(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> OfflineReply:
         """Answer a conversation in OpenAI chat format with the tools offered.
@@ -141,11 +171,20 @@ class OfflineModel:
                 call(i, "delegate", {"role": directives.delegate_to, "request": sub})
                 for i, sub in enumerate(_plan(request, directives.parts, seed))
             )
+        elif (
+            directives.repeat is not None
+            and directives.repeat[0] in offered
+            and len(results.get(directives.repeat[0], [])) < directives.repeat[1]
+        ):
+            name, _ = directives.repeat
+            planned = (call(0, name, {"round": len(results.get(name, [])) + 1}),)
         else:
             if "delegate" in results:
                 text = _combine(request, calls.get("delegate", []), results["delegate"])
             else:
                 text = _paragraph(request, seed)
+            if directives.repeat is not None and directives.repeat[0] in results:
+                text += " Rounds: " + "; ".join(results[directives.repeat[0]]) + "."
             if directives.save_to and "write_file" in offered and "write_file" not in results:
                 arguments = {"path": directives.save_to, "content": text}
                 planned = (call(0, "write_file", arguments),)
@@ -188,9 +227,11 @@ def _litellm_handler_class() -> type[Any]:
         """litellm's view of the offline model: OpenAI-format replies with usage."""
 
         def completion(self, *args: Any, **kwargs: Any) -> Any:
+            time.sleep(model.think_seconds(list(kwargs.get("messages") or [])))
             return _model_response(model, kwargs)
 
         async def acompletion(self, *args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(model.think_seconds(list(kwargs.get("messages") or [])))
             return _model_response(model, kwargs)
 
     return OfflineProvider
@@ -253,11 +294,13 @@ def _directives(system: str, request: str) -> _Directives:
     override = _PARTS_IN_REQUEST.search(request)
     if override and not _SECTION.match(request):
         parts = int(override.group(1) or override.group(2))
+    repeat = _REPEAT.fullmatch(found.get("repeat", ""))
     return _Directives(
         found.get("delegate to"),
         max(1, min(parts, MAX_PARTS)),
         found.get("spawn"),
         found.get("save to"),
+        (repeat.group(1), min(int(repeat.group(2)), MAX_REPEAT)) if repeat else None,
     )
 
 

@@ -46,12 +46,12 @@ def budget_for(given: Budget, spec: AgentSpec, limits: TreeLimits) -> Budget:
     """
     cap = spec.budget if spec.budget.tokens or spec.budget.cost_micro else limits.default_budget
     return Budget(
-        tokens=_tighter(given.tokens, cap.tokens),
-        cost_micro=_tighter(given.cost_micro, cap.cost_micro),
+        tokens=tighter_limit(given.tokens, cap.tokens),
+        cost_micro=tighter_limit(given.cost_micro, cap.cost_micro),
     )
 
 
-def _tighter(asked: int, cap: int) -> int:
+def tighter_limit(asked: int, cap: int) -> int:
     """The smaller of two limits where 0 means unlimited."""
     if not asked or not cap:
         return asked or cap

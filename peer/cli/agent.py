@@ -24,7 +24,8 @@ import contextlib
 import logging
 import signal
 import sys
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from bootstrap.join import join_with_retry, refresh_seeds
 from bootstrap.seeds import parse_seeds
@@ -34,6 +35,9 @@ from peer.observability.logs import configure_logging
 from peer.runtime.store import StoreError
 from peer.settings import AgentSettings, SettingsError
 from protocol.identity import short_id
+
+if TYPE_CHECKING:
+    from peer.python_api.roles import Role
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,7 @@ async def run_agent(
     *,
     stop: asyncio.Event | None = None,
     handle_signals: bool = True,
+    python_roles: Sequence[Role] = (),
 ) -> int:
     """Run one peer until it is told to stop, then leave gracefully.
 
@@ -52,6 +57,7 @@ async def run_agent(
         settings: validated settings (`peer.settings.load_settings`).
         stop: set it to make the peer leave and exit (tests; signals and the API do the same).
         handle_signals: leave on SIGINT/SIGTERM (needs the main thread).
+        python_roles: roles served by Python functions (`--handlers`, `peer.run`).
 
     Returns:
         The process exit status: 0 after a graceful exit, 1 if the peer could not start
@@ -59,7 +65,7 @@ async def run_agent(
     """
     stop = stop or asyncio.Event()
     try:
-        async with build_peer(settings, on_leave=stop.set) as peer:
+        async with build_peer(settings, on_leave=stop.set, python_roles=python_roles) as peer:
             await _run_until_stopped(settings, peer, stop, handle_signals)
     except SettingsError as exc:
         print(f"grapevine agent: {exc}", file=sys.stderr)
@@ -134,8 +140,12 @@ async def _run_until_stopped(
             log.warning("leave not confirmed within %.0f s; exiting anyway", LEAVE_TIMEOUT)
 
 
-def main_agent(settings: AgentSettings) -> int:
+def main_agent(settings: AgentSettings, python_roles: Sequence[Role] = ()) -> int:
     """Configure logging from `settings` and run the peer to completion (blocking).
+
+    Args:
+        settings: validated settings, code agents included.
+        python_roles: roles served by Python functions (`--handlers`, `peer.run`).
 
     Returns:
         The exit status `run_agent` returned (130 if interrupted before it could leave).
@@ -148,7 +158,7 @@ def main_agent(settings: AgentSettings) -> int:
             from peer.agents.llm import import_litellm
 
             import_litellm()
-        return asyncio.run(run_agent(settings))
+        return asyncio.run(run_agent(settings, python_roles=python_roles))
     except KeyboardInterrupt:
         return 130
 

@@ -6,6 +6,9 @@ Invariants:
 - `agent` passes to `peer.settings.load_settings` only the options the user gave, so the
   environment and the --config file fill the rest; a settings mistake exits 2, an environment
   problem (address in use, unreadable data directory) exits 1.
+- `agent --handlers` modules are imported before the peer starts (`peer.python_api.serving`):
+  a module that cannot be imported or serves nothing, or a role also served by an agent,
+  exits 2 with one line.
 - The peer runtime (`peer.cli.agent`, `peer.settings`) is imported only when `agent` runs, so
   the client commands start fast.
 """
@@ -233,6 +236,15 @@ def _add_agent(commands: Subcommands) -> None:
         "meanwhile, and a peer away for longer than retention + grace starts empty "
         "(default: the task retention)",
     )
+    agent.add_argument(
+        "--handlers",
+        metavar="MODULE",
+        action="append",
+        default=[],
+        help="Python module of roles to serve: every @peer.role function and peer.Agent at its "
+        "top level (docs/python.md); imported from the current directory or sys.path; repeat, "
+        "or give a comma-separated list, for several",
+    )
     agent.set_defaults(handler=_agent)
 
 
@@ -251,8 +263,18 @@ def _agent(args: argparse.Namespace) -> int:
     if settings.data_dir.exists() and not settings.data_dir.is_dir():
         wanted = "a directory for the peer's state (created if it does not exist)"
         return fail(args, not_a_directory(settings.data_dir, wanted), EXIT_USAGE)
+    modules = [name.strip() for value in args.handlers for name in value.split(",")]
+    served = None
+    if any(modules):
+        from peer.python_api.serving import ServeError, load_modules, settings_with
+
+        try:
+            served = load_modules([name for name in modules if name])
+            settings = settings_with(settings, served)
+        except ServeError as exc:
+            return fail(args, f"--handlers: {exc}", EXIT_USAGE)
     try:
-        return main_agent(settings)
+        return main_agent(settings, served.roles if served is not None else ())
     except OSError as exc:
         # An address in use, an unreadable data directory: the environment, not a bug.
         return fail(args, str(exc), EXIT_FAILED)

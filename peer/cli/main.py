@@ -23,7 +23,7 @@ import argparse
 import os
 import sys
 
-from peer.cli import launch, network, simulate, status, tasks
+from peer.cli import launch, network, simulate, status, tasks, watch
 from peer.cli.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     network.register(commands)
     status.register(commands)
     tasks.register(commands)
+    watch.register(commands)
     simulate.register(commands)
     _register_demo(commands)
     return parser

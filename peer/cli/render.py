@@ -36,7 +36,8 @@ def as_json(value: Any) -> str:
 
 def members_table(members: Sequence[JsonObject]) -> str:
     """The `grapevine members` table, ourselves first (marked "(self)"), then by address, and a
-    summary line such as "5 members: 4 alive, 1 dead"."""
+    summary line such as "5 members: 4 alive, 1 dead". SEEN is the local time this peer last
+    heard from the member ("-" for ourselves and for members not heard from since it started)."""
     ordered = sorted(members, key=lambda m: (not m.get("self"), str(m.get("address", ""))))
     rows = [
         [
@@ -48,10 +49,11 @@ def members_table(members: Sequence[JsonObject]) -> str:
             number(m.get("free_slots")),
             number(m.get("queue_len")),
             number(m.get("load")),
+            "-" if m.get("last_seen") is None else clock(m.get("last_seen")),
         ]
         for m in ordered
     ]
-    header = ["ID", "ADDRESS", "STATUS", "INC", "ROLES", "SLOTS", "QUEUE", "LOAD"]
+    header = ["ID", "ADDRESS", "STATUS", "INC", "ROLES", "SLOTS", "QUEUE", "LOAD", "SEEN"]
     counts: dict[str, int] = {}
     for m in members:
         status = str(m.get("status", "?"))

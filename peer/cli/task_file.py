@@ -167,6 +167,7 @@ async def _submit_all(
                     idempotency_key=spec.get("idempotency_key") or None,
                     timeout=float(spec.get("timeout", 0)),
                     queue=args.queue,
+                    queue_timeout=args.queue_timeout,
                 )
                 run.submitted[number] = str(answer["id"])
             except ApiError as exc:

@@ -14,7 +14,9 @@ Invariants:
   agent's answer, not the JSON object it travels in); `--json` prints the API's object.
 - `submit` names the task (its id, on stderr) as soon as the peer accepted it, before any wait,
   so an interrupted wait can be resumed with `grapevine task ID`. A role no live peer serves is
-  refused by the peer (exit 1, naming the roles served and the closest one) unless `--queue`.
+  refused by the peer (exit 1, naming the roles served and the closest one) unless `--queue`;
+  a queued task that no peer claimed within its queue timeout (`--queue-timeout`, default 600
+  s) ends with the reason, and the wait with it (exit 1, the reason on stderr).
 - rich (the tree, the progress bar of `submit --file`) is imported only by the commands that
   draw with it.
 """
@@ -43,6 +45,7 @@ from peer.cli.common import (
     json_option,
 )
 from peer.cli.network_tasks import network_listing
+from peer.cli.task_events import event_text
 from peer.client import ApiError, GrapevineClient, JsonObject
 
 STATES = ("pending", "running", "done", "failed", "cancelled")
@@ -68,6 +71,7 @@ def register(commands: Subcommands) -> None:
         "  grapevine submit --role echo 'hello'\n"
         "  grapevine submit --role sleep --timeout 5 --no-wait 10\n"
         "  grapevine submit --role summarize --queue 'text for a peer not started yet'\n"
+        "  grapevine submit --role summarize --queue --queue-timeout 60 'fail after a minute'\n"
         "  grapevine submit --file tasks.jsonl",
         parents,
     )
@@ -109,6 +113,17 @@ def register(commands: Subcommands) -> None:
         help="submit even if no live peer serves the role yet; it waits for one (without it, "
         "such a task is refused, naming the roles the network serves); with --file, for "
         "every line",
+    )
+    submit.add_argument(
+        "--queue-timeout",
+        dest="queue_timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --queue: if no peer claimed the task within SECONDS of its submission, it "
+        "ends (cancelled by its origin peer with the reason 'queue timeout: ...') and so "
+        "does any wait for it; default 600, 0 waits forever. Kept on the submitting peer's "
+        "disk: it holds across a restart of that peer, but not if that peer is gone for good",
     )
     client_command(submit, _submit)
 
@@ -200,13 +215,13 @@ def _add_by_id(
     parents: Sequence[Parser],
     command: ClientCommand,
 ) -> None:
-    """Add a command about one task, named by the ID argument that `_with_task_id` checks."""
+    """Add a command about one task, named by the ID argument that `with_task_id` checks."""
     parser = add_command(commands, name, summary, description, examples, parents)
     parser.add_argument("id", metavar="ID", help="task id (hex) or a unique prefix")
-    client_command(parser, _with_task_id(command))
+    client_command(parser, with_task_id(command))
 
 
-def _with_task_id(command: ClientCommand) -> ClientCommand:
+def with_task_id(command: ClientCommand) -> ClientCommand:
     """`command`, run once `args.id` is checked and lowered; a malformed ID exits 2 unsent."""
 
     async def checked(client: GrapevineClient, args: argparse.Namespace) -> int:
@@ -223,6 +238,8 @@ def _with_task_id(command: ClientCommand) -> ClientCommand:
 
 
 async def _submit(client: GrapevineClient, args: argparse.Namespace) -> int:
+    if args.queue_timeout is not None and not args.queue:
+        return fail(args, "--queue-timeout applies to a queued task: add --queue", EXIT_USAGE)
     if args.file is not None:
         if args.input is not None or args.role:
             return fail(args, "give either --file or --role with INPUT, not both", EXIT_USAGE)
@@ -239,6 +256,7 @@ async def _submit(client: GrapevineClient, args: argparse.Namespace) -> int:
         idempotency_key=args.idempotency_key,
         timeout=args.timeout,
         queue=args.queue,
+        queue_timeout=args.queue_timeout,
     )
     task_id = str(answer.get("id", ""))
     if args.no_wait:
@@ -252,16 +270,23 @@ async def _submit(client: GrapevineClient, args: argparse.Namespace) -> int:
     task = await client.task(task_id)
     if args.json:
         print(render.as_json(task))
-    return await _report_result(client, args, task, print_output=not args.json)
+    return await report_result(client, args, task, print_output=not args.json)
 
 
-async def _report_result(
+async def report_result(
     client: GrapevineClient, args: argparse.Namespace, task: JsonObject, print_output: bool
 ) -> int:
+    """Print a final task's output (unless not `print_output`) and return the exit code: 0 when
+    it is done, else 1 with why on stderr (its outcome, or the reason it was cancelled)."""
     result = task.get("result")
     state = task.get("state")
+    cancel = task.get("cancel")
     if not isinstance(result, dict):
-        return fail(args, f"task {task.get('id')} has no result yet (state {state})", EXIT_FAILED)
+        why = (
+            f": {cancel.get('reason')}" if isinstance(cancel, dict) and cancel.get("reason") else ""
+        )
+        message = f"task {task.get('id')} has no result yet (state {state}{why})"
+        return fail(args, message, EXIT_FAILED)
     if print_output:
         # The task plane's hashing comes with it: imported by the commands that print outputs.
         from protocol.blobs import parse_blob_ref
@@ -290,15 +315,7 @@ class _ProgressLine(StatusLine):
         self.start = time.monotonic()
 
     def event(self, event: JsonObject) -> None:
-        kind = str(event.get("type", "?")).removeprefix("task-")
-        who = render.short(event.get("owner") or event.get("by"))
-        detail = {
-            "claimed": f"claimed by {who} (epoch {event.get('epoch')})",
-            "started": f"running on {who} (epoch {event.get('epoch')})",
-            "ended": f"execution on {who} ended: {event.get('outcome')}",
-            "result": f"result accepted: {event.get('outcome')} from {who}",
-            "cancelled": f"cancelled by {who}",
-        }.get(kind, kind)
+        detail = event_text(event)
         self.show(f"{self.prefix}: {detail} [{time.monotonic() - self.start:.1f}s]")
 
 
@@ -346,7 +363,7 @@ async def _result(client: GrapevineClient, args: argparse.Namespace) -> int:
     task = await client.task(args.id)
     if args.json:
         print(render.as_json(task.get("result")))
-    return await _report_result(client, args, task, print_output=not args.json)
+    return await report_result(client, args, task, print_output=not args.json)
 
 
 async def _cancel(client: GrapevineClient, args: argparse.Namespace) -> int:

@@ -7,7 +7,8 @@ Invariants:
 - Each resource module owns its routes and reads the protocol only through the node's query
   facade; this module only builds them, orders their routes and runs the server.
 - Every request passes `peer.http.guard.RequestGuard` (Host, Origin, bearer token, JSON
-  bodies, UTF-8 URLs) before any handler; its refusals are problems like any other.
+  bodies, UTF-8 URLs) before any handler; its refusals are problems like any other, counted
+  by reason and shown by `GET /v1/metrics` ("api_refused") and `GET /metrics`.
 - Stopping ends the followed event streams (the driver's membership hub closes) before the
   server goes away.
 """
@@ -36,7 +37,8 @@ from peer.http.watch import WatchApi
 from peer.observability.metrics import PeerMetrics
 from peer.runtime.blobs import BlobService
 from peer.runtime.driver import Driver
-from peer.runtime.serving import host_port, serve
+from peer.runtime.queue_timeouts import QueueTimeouts
+from peer.runtime.serving import ServerLimits, host_port, open_connections, serve
 from peer.runtime.transport import Transport
 
 
@@ -63,6 +65,7 @@ class PeerApi:
         agents: returns the `GET /v1/agents` answer (the agent host's status); None for a peer
             without agents, which answers with its executor's roles.
         metrics: the peer's metrics, served at `GET /metrics`; None serves no such route.
+        limits: the API server's connection caps (tests lower them).
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class PeerApi:
         blobs: BlobService | None = None,
         agents: Callable[[], Json] | None = None,
         metrics: PeerMetrics | None = None,
+        limits: ServerLimits = API_LIMITS,
     ) -> None:
         self.driver = driver
         self.transport = transport
@@ -84,9 +88,13 @@ class PeerApi:
         self.address = ""
         """The "host:port" the API listens on, once started."""
         self._runner: web.AppRunner | None = None
-        self.tasks = TaskApi(driver, blobs)
+        self._limits = limits
+        self.guard = RequestGuard(token)
+        self.queue_timeouts = QueueTimeouts(driver, data_dir)
+        """Queued tasks' timeouts, kept in `data_dir` and enforced while the API serves."""
+        self.tasks = TaskApi(driver, blobs, queue_timeouts=self.queue_timeouts)
         resources: list[Resource] = [
-            MemberApi(driver, transport, lambda: self.address, on_leave),
+            MemberApi(driver, transport, lambda: self.address, on_leave, self.guard.refused),
             EventApi(driver, keepalive),
             KeyApi(transport, data_dir),
             WatchApi(driver, keepalive),  # /v1/tasks/watch before the tasks' /v1/tasks/{id}
@@ -97,7 +105,7 @@ class PeerApi:
         ]
         if metrics is not None:
             resources.append(MetricsApi(metrics))
-        self.guard = RequestGuard(token)
+            metrics.watch_api(self.guard.refused, self.connections)
         self.dashboard = DashboardApi(self.guard, token)
         """The web dashboard at `/` (its one-time login URL: `dashboard.login_url`)."""
         resources.append(self.dashboard)
@@ -115,14 +123,20 @@ class PeerApi:
         if host and not _is_ip(host):
             self.guard.names = frozenset({host})
         self._runner, bound_port = await serve(
-            self.app, host, port, limits=API_LIMITS, refused=self.guard.refused
+            self.app, host, port, limits=self._limits, refused=self.guard.refused
         )
         self.address = host_port(host, bound_port)
         self.guard.cookie = session_cookie_name(bound_port)
+        self.queue_timeouts.start()
+
+    def connections(self) -> int:
+        """Connections the API server holds now (0 when it is not serving)."""
+        return open_connections(self._runner) if self._runner is not None else 0
 
     async def stop(self) -> None:
         """Stop serving; open event streams end."""
         self.driver.hub.close()
+        await self.queue_timeouts.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -32,8 +32,13 @@ a request head has 10 s), and it is the first closed when a new connection would
 A trusted connection waits at most 30 s for its next request head. So half-sent requests from
 a process that does not hold the token, even on this machine (where every client's address is
 127.0.0.1), cannot keep the operator's requests out. An authenticated request's body must have
-arrived whole within `BODY_TIMEOUT` seconds, else 408. Refused and closed connections and late
-bodies are counted by reason in `RequestGuard.refused`.
+arrived whole within `BODY_TIMEOUT` seconds, else 408.
+
+Every refusal is counted by reason in `RequestGuard.refused` (the reasons are `API_REFUSALS`;
+`GET /metrics` exports them as `grapevine_api_refusals_total{reason}`): connections refused or
+closed over the caps, and requests turned away by a check above, cut off by the body deadline,
+or answered 400 (a malformed body or parameter) or 413 (a body over its size limit) by a
+handler. A request is counted once, under the first check it failed.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 from aiohttp import web
 
 from peer.http.common import Handler, Problem, bad_request, problem_response
-from peer.runtime.serving import ServerLimits, trust_connection
+from peer.runtime.serving import CONNECTION_REFUSALS, ServerLimits, trust_connection
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 BODY_METHODS = ("POST", "PUT", "PATCH")
@@ -80,6 +85,23 @@ BODY_TIMEOUT: Final = 60.0
 """Seconds an authenticated request's body may take to arrive in all: the largest submission
 (about 130 MB of JSON) at 2 MB/s. Shorter cuts a slow writer loose sooner; it can only be the
 operator's own client, as the body is read after the token check."""
+REQUEST_REFUSALS: Final = (
+    "foreign_host",
+    "foreign_origin",
+    "token_missing",
+    "token_wrong",
+    "unsupported_media_type",
+    "bad_request",
+    "body_too_large",
+    "body_timeout",
+)
+"""Why a request was refused, one per check: a `Host` not the API's (403), a foreign `Origin`
+(403), no token or a wrong one (401), a body not typed JSON (415), a request a check or a
+handler answered 400 or 413, a body that came too late (408)."""
+API_REFUSALS: Final = CONNECTION_REFUSALS + REQUEST_REFUSALS
+"""Every reason `RequestGuard.refused` counts (a fixed set: the metric's label values)."""
+_STATUS_REFUSALS = {400: "bad_request", 413: "body_too_large"}
+"""Answers of a handler (or of the text check) that count as refusals, by status."""
 
 
 def address_form(host: str, port: int) -> str:
@@ -158,21 +180,37 @@ class RequestGuard:
         """Host names the API was started on, accepted in `Host` besides its socket's address
         (set by `PeerApi.start`)."""
         self.refused: Counter[str] = Counter()
-        """Connections refused or closed over `API_LIMITS`, and bodies that came too late
-        ("body_timeout"), by reason."""
+        """Connections and requests refused, by reason (one of `API_REFUSALS`)."""
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Refuse `request` as the module invariants say, or else pass it to `handler`."""
+        try:
+            return await self._checked(request, handler)
+        except Problem as exc:
+            self._count_status(exc.status)
+            raise
+        except web.HTTPException as exc:
+            self._count_status(exc.status)
+            raise
+
+    def _count_status(self, status: int) -> None:
+        reason = _STATUS_REFUSALS.get(status)
+        if reason is not None:
+            self.refused[reason] += 1
+
+    async def _checked(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         allowed = self._allowed_hosts(request)
         host = request.headers.get("Host", "").strip().lower()
         if host not in allowed:
+            self.refused["foreign_host"] += 1
             raise forbidden(
                 f"Host {host[:100]!r} is not this API's address; use one of "
                 f"{', '.join(sorted(allowed))}"
             )
         origin = request.headers.get("Origin")
         if origin is not None and not _own_origin(origin, allowed):
+            self.refused["foreign_origin"] += 1
             raise forbidden(
                 f"requests from web pages of other origins ({origin[:100]!r}) are refused"
             )
@@ -181,12 +219,14 @@ class RequestGuard:
                 return await handler(request)
             missing = "Authorization" not in request.headers
             title = "the request carries no API token" if missing else "the API token is wrong"
+            self.refused["token_missing" if missing else "token_wrong"] += 1
             return problem_response(
                 401, "Unauthorized", f"{title}: {TOKEN_DETAIL}", {"WWW-Authenticate": REALM}
             )
         trust_connection(request)
         with_body = request.method in BODY_METHODS and request.body_exists
         if with_body and request.content_type != JSON_TYPE:
+            self.refused["unsupported_media_type"] += 1
             raise Problem(
                 415,
                 "Unsupported Media Type",

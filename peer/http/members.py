@@ -10,6 +10,9 @@ Invariants:
   answered or 502 naming each address and why it did not; either way the node keeps the seeds
   and retries them on its own, as for the seeds given at start.
 - A member this peer has no signed state for yet shows no roles and no free slots.
+- A member's `last_seen` is the unix time this peer last received an envelope the member
+  sent (`peer.runtime.contact.LastContact`, kept by the transport), null if none arrived
+  since this peer started, and null for this peer itself.
 - `POST /v1/leave` calls `on_leave` once, on the next loop turn, however often it is asked.
 - A peer whose last write to disk failed says so (`degraded`, its reason) in /v1/self and
   /v1/health, whose status is then "degraded" (unless "leaving"), so health checks see it.
@@ -18,6 +21,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
 
 from aiohttp import web
@@ -42,6 +46,7 @@ class MemberApi:
         transport: the peer's transport (its counters).
         address: the "host:port" the API listens on, once started ("" before).
         on_leave: called once when a client asks the peer to leave.
+        api_refused: the API's refusals by reason (`RequestGuard.refused`), for /v1/metrics.
     """
 
     def __init__(
@@ -50,9 +55,11 @@ class MemberApi:
         transport: Transport,
         address: Callable[[], str],
         on_leave: Callable[[], None],
+        api_refused: Counter[str],
     ) -> None:
         self.driver = driver
         self.transport = transport
+        self.api_refused = api_refused
         self._address = address
         self._on_leave = on_leave
         self._loop = asyncio.get_running_loop()
@@ -124,7 +131,12 @@ class MemberApi:
             "free_slots": state.free_slots if state is not None else 0,
             "queue_len": state.queue_len if state is not None else 0,
             "load": state.load if state is not None else 0.0,
+            "last_seen": None if m.node_id == node.node_id else self._last_seen(m.node_id),
         }
+
+    def _last_seen(self, node_id: bytes) -> float | None:
+        heard = self.transport.last_contact.get(node_id)
+        return None if heard is None else round(heard, 3)
 
     async def _join(self, request: web.Request) -> web.Response:
         body = await json_object(request, required={"seeds"}, optional=set())
@@ -161,6 +173,7 @@ class MemberApi:
         return web.json_response(
             {
                 "rejected": dict(sorted(t.rejected.items())),
+                "api_refused": dict(sorted((+self.api_refused).items())),
                 "dropped": node.dropped,
                 "messages_in": t.messages_in,
                 "messages_out": t.messages_out,

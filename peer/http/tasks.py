@@ -13,7 +13,10 @@ Invariants:
 - A submission that fails validation creates nothing: every field is checked before the node
   is called. A role no live member advertises is refused (422, naming the roles served and the
   closest one) unless the body asks to `queue`: a typo fails at once instead of waiting
-  forever. Without an idempotency key each submission gets a fresh random nonce (a new task);
+  forever. A queued task has a queue timeout (`queue_timeout`, by default
+  `DEFAULT_QUEUE_TIMEOUT`; 0 for none), made durable here before the task is submitted: if no
+  peer claimed it by then, this peer cancels it with the reason (`peer.runtime.queue_timeouts`).
+  Without an idempotency key each submission gets a fresh random nonce (a new task);
   with one, resubmitting the same spec at any peer names the same task, and another spec under
   the same key is answered 409 with the existing task's id (`task` in the problem details).
   A W3C `traceparent` header puts the submission in the client's trace (an invalid one is
@@ -39,10 +42,12 @@ import contextlib
 import difflib
 import math
 import os
+import sqlite3
 from collections.abc import AsyncGenerator
 
 from aiohttp import web
 
+from peer.agents.model_calls import ModelCalls, count_model_calls
 from peer.http.common import (
     MAX_BODY_BYTES,
     PROBLEM_TYPE,
@@ -57,6 +62,7 @@ from peer.http.task_pages import network_page
 from peer.runtime.blobs import BlobService, BlobUnavailable
 from peer.runtime.driver import Driver, NotDurable
 from peer.runtime.hub import NoteHub
+from peer.runtime.queue_timeouts import DEFAULT_QUEUE_TIMEOUT, QueueTimeouts
 from peer.runtime.task_listing import NetworkListing
 from protocol.blobs import BLOB_LIMIT, blob_ref
 from protocol.errors import LocalProtocolError
@@ -119,6 +125,21 @@ def usage_json(usage: tuple[int, int, int]) -> Json:
         "completion_tokens": completion,
         "cost_microdollars": cost,
     }
+
+
+def model_calls_json(calls: ModelCalls) -> Json:
+    """Return the API form of a task's model calls over its runs (`count_model_calls`)."""
+    return {
+        "model_calls": calls.model_calls,
+        "model_calls_repeated": calls.model_calls_repeated,
+        "model_tokens": calls.model_tokens,
+        "repeated_tokens": calls.repeated_tokens,
+    }
+
+
+def model_calls_of(driver: Driver, task_id: bytes) -> ModelCalls:
+    """The model calls logged in the checkpoints of a task held here."""
+    return count_model_calls(driver.checkpoints(task_id))
 
 
 def duplicates(st: TaskState) -> int:
@@ -246,6 +267,18 @@ def unserved_role(role: str, served: list[str]) -> web.Response:
     return web.json_response(body, status=422, content_type=PROBLEM_TYPE)
 
 
+def _seconds(body: Json, name: str, default: float) -> float:
+    """The number of seconds `body` gives as `name` (`default` when absent).
+
+    Raises:
+        Problem: 400 for anything but a number from 0 (none) to `MAX_TIMEOUT`.
+    """
+    value = body.get(name, default)
+    if type(value) not in (int, float) or not math.isfinite(value) or not 0 <= value <= MAX_TIMEOUT:
+        raise bad_request(f"{name} must be a number of seconds from 0 (none) to {MAX_TIMEOUT:g}")
+    return float(value)
+
+
 def _traceparent(request: web.Request) -> str:
     """The client's W3C `traceparent` header; "" when absent or not one (the specification says
     to ignore an invalid one and start a trace of our own)."""
@@ -330,6 +363,7 @@ class TaskApi:
         driver: the peer's driver.
         blobs: stores large inputs; None refuses inputs over the inline limit.
         replication_timeout: see `REPLICATION_TIMEOUT`.
+        queue_timeouts: where queued tasks' timeouts are kept and enforced.
     """
 
     def __init__(
@@ -337,8 +371,11 @@ class TaskApi:
         driver: Driver,
         blobs: BlobService | None,
         replication_timeout: float = REPLICATION_TIMEOUT,
+        *,
+        queue_timeouts: QueueTimeouts,
     ) -> None:
         self.driver = driver
+        self.queue_timeouts = queue_timeouts
         self.blobs = blobs
         self.replication_timeout = replication_timeout
         self.listing = NetworkListing(driver)
@@ -368,7 +405,14 @@ class TaskApi:
             body = await json_object(
                 request,
                 required={"role", "input"},
-                optional={"priority", "idempotency_key", "timeout", "wait", "queue"},
+                optional={
+                    "priority",
+                    "idempotency_key",
+                    "timeout",
+                    "wait",
+                    "queue",
+                    "queue_timeout",
+                },
             )
         except web.HTTPRequestEntityTooLarge:
             if blobs is None:
@@ -394,21 +438,16 @@ class TaskApi:
             raise bad_request(
                 f"idempotency_key must be a string of at most {MAX_NAME_CHARS} characters"
             )
-        timeout = body.get("timeout", 0)
-        if (
-            type(timeout) not in (int, float)
-            or not math.isfinite(timeout)
-            or not 0 <= timeout <= MAX_TIMEOUT
-        ):
-            raise bad_request(
-                f"timeout must be a number of seconds from 0 (none) to {MAX_TIMEOUT:g}"
-            )
+        timeout = _seconds(body, "timeout", 0)
         wait = body.get("wait", False)
         if not isinstance(wait, bool):
             raise bad_request("wait must be true or false")
         queue = body.get("queue", False)
         if not isinstance(queue, bool):
             raise bad_request("queue must be true or false")
+        if "queue_timeout" in body and not queue:
+            raise bad_request("queue_timeout applies to a queued task: add queue: true")
+        queue_timeout = _seconds(body, "queue_timeout", DEFAULT_QUEUE_TIMEOUT) if queue else 0
         if not queue and not self.driver.node.capable(role):
             return unserved_role(role, served_roles(self.driver.node))
         nonce = b"" if key else os.urandom(16)
@@ -431,7 +470,21 @@ class TaskApi:
                     f"the input could not be stored on this peer's disk ({exc.strerror or exc}); "
                     "nothing was submitted, try again",
                 ) from None
-        try:
+        created = self.driver.wall()
+        if queue_timeout:
+            queued_id = self.driver.task_id_for(
+                role, data, priority=priority, idempotency_key=key, nonce=nonce, timeout=timeout
+            )
+            try:  # before the task exists, so that no task runs without its timeout
+                self.queue_timeouts.hold(queued_id, role, float(queue_timeout), created)
+            except sqlite3.Error as exc:
+                raise Problem(
+                    503,
+                    "Service Unavailable",
+                    f"the queue timeout could not be stored on this peer's disk ({exc}); "
+                    "nothing was submitted, try again",
+                ) from None
+        try:  # no await between `hold` and here: the task exists before the deadline is looked at
             task_id = await self.driver.submit_durably(
                 role,
                 data,
@@ -439,6 +492,7 @@ class TaskApi:
                 idempotency_key=key,
                 nonce=nonce,
                 timeout=float(timeout),
+                created=created,
                 traceparent=_traceparent(request),
             )
         except IdempotencyConflict as exc:
@@ -523,6 +577,7 @@ class TaskApi:
         totals = dict.fromkeys(
             ("tasks", *STATES, "executions", "duplicates", "takeovers", "fenced"), 0
         )
+        totals.update(model_calls_json(ModelCalls()))
         node = self.driver.node
         for st in node.held_tasks():
             if st.record is None:
@@ -534,6 +589,10 @@ class TaskApi:
             if st.claim is not None:
                 totals["takeovers"] += st.claim.epoch - 1
             totals["fenced"] += sum(1 for run in st.runs() if run.outcome == "fenced")
+            if st.checkpoints:
+                calls = model_calls_json(model_calls_of(self.driver, st.task_id))
+                for field, count in calls.items():
+                    totals[field] += count
         counters = node.task_counters()
         totals["flips"] = counters.get("result flips", 0)
         totals["live"] = sum(1 for _ in node.held_tasks())

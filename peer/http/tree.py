@@ -5,6 +5,10 @@ Invariants:
 - Each task appears once (a forged parent chain cannot loop) and the tree stops
   `MAX_TREE_DEPTH` levels below the root, saying so with `truncated`.
 - Totals add up the tasks shown, so they match the tree a client draws.
+- A task that made steps at this peer (model calls, tool calls, delegations: it runs or ran
+  here) has their counts and its last step as `progress`; elsewhere `progress` is null.
+- Model calls (made, repeated after a takeover, their tokens, per run) are counted from the
+  task's checkpoints held here (`peer.agents.model_calls`): the same wherever they are held.
 """
 
 from __future__ import annotations
@@ -14,9 +18,18 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from peer.agents.model_calls import ModelCalls
 from peer.agents.ports import AgentOutput
 from peer.http.common import Json, node_id_text
-from peer.http.tasks import READ_TIMEOUT, duplicates, read_task, usage_json
+from peer.http.progress import progress_json
+from peer.http.tasks import (
+    READ_TIMEOUT,
+    duplicates,
+    model_calls_json,
+    model_calls_of,
+    read_task,
+    usage_json,
+)
 from peer.runtime.driver import Driver
 from protocol.tasks.state import TaskState
 
@@ -44,7 +57,15 @@ class TreeApi:
     async def _get(self, request: web.Request) -> web.Response:
         root = await read_task(self.driver, request.match_info["id"])
         await self._fetch_tree(root.task_id)
-        return web.json_response(tree_json(root, self.driver.node.children))
+        progress = self.driver.progress
+        return web.json_response(
+            tree_json(
+                root,
+                self.driver.node.children,
+                lambda t: progress_json(progress, t),
+                lambda t: model_calls_of(self.driver, t),
+            )
+        )
 
     async def _fetch_tree(self, root: bytes) -> None:
         # The children of a task are held by the peers that ran it (their origin) and their
@@ -65,12 +86,20 @@ class TreeApi:
             depth += 1
 
 
-def tree_json(root: TaskState, children_of: Callable[[bytes], list[TaskState]]) -> Json:
+def tree_json(
+    root: TaskState,
+    children_of: Callable[[bytes], list[TaskState]],
+    progress_of: Callable[[bytes], Json | None] = lambda _: None,
+    model_calls_of: Callable[[bytes], ModelCalls] = lambda _: ModelCalls(),
+) -> Json:
     """Return the API form of the task tree below `root` (see docs/http-api.md).
 
     Args:
         root: a task this peer holds the record of.
         children_of: the known children of a task, oldest first (`Node.children`).
+        progress_of: a task's steps here (`peer.http.progress.progress_json`); none by default.
+        model_calls_of: a task's model calls from its checkpoints (`model_calls_of`); none by
+            default.
     """
     totals = dict.fromkeys(
         (
@@ -80,6 +109,7 @@ def tree_json(root: TaskState, children_of: Callable[[bytes], list[TaskState]]) 
             "prompt_tokens",
             "completion_tokens",
             "cost_microdollars",
+            *model_calls_json(ModelCalls()),
         ),
         0,
     )
@@ -100,6 +130,9 @@ def tree_json(root: TaskState, children_of: Callable[[bytes], list[TaskState]]) 
                 totals[field] += amount
             output = AgentOutput.decode(acc.output)
             agent = output.agent if output is not None else None
+        calls = model_calls_of(st.task_id)
+        for field, count in model_calls_json(calls).items():
+            totals[field] += count
         children: list[Json] = []
         for child in children_of(st.task_id):
             if child.task_id in seen or child.record is None:
@@ -117,6 +150,20 @@ def tree_json(root: TaskState, children_of: Callable[[bytes], list[TaskState]]) 
             "agent": agent,
             "usage": usage,
             "duplicates": duplicates(st),
+            "progress": progress_of(st.task_id),
+            **model_calls_json(calls),
+            "model_calls_by_run": [
+                {
+                    "epoch": run.epoch,
+                    "owner": node_id_text(run.owner),
+                    "model_calls": run.model_calls,
+                    "model_calls_repeated": run.model_calls_repeated,
+                    "model_calls_resumed": run.model_calls_resumed,
+                    "model_tokens": run.model_tokens,
+                    "repeated_tokens": run.repeated_tokens,
+                }
+                for run in calls.runs
+            ],
             "children": children,
         }
 

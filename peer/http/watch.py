@@ -2,16 +2,22 @@
 
 Invariants:
 - `/v1/tasks/watch` shows the task hub's recent notes, or with `?follow=1` streams every task
-  note from the moment of the request; both in the form of `task_event_json`.
+  note and every step of an execution here (`peer.http.progress`) from the moment of the
+  request; notes in the form of `task_event_json`, steps as "task-progress" events.
 - Watching one task is driven by this peer's state, not only by notifications: the stream
-  re-reads the task on each of its notes and every `peer.http.tasks.WATCH_POLL` seconds
-  (`task_changes`) and reports each fact once, in causal order (claim, executions, result,
-  cancel). It ends once the task is final (done, failed or cancelled).
+  re-reads the task on each of its notes and steps and every `peer.http.tasks.WATCH_POLL`
+  seconds and reports each fact once, in causal order (claim, executions, result, cancel),
+  with the steps of its executions here in between as they happen. With `?tree=1` it does the
+  same for every task below it known here, announcing each with a "task-child" event before
+  its first fact. It ends once the watched task is final (done, failed or cancelled).
+- Steps are local to the peer that runs the task: through another peer a watcher sees the
+  signed facts only.
 - Every stream is written by `peer.http.common.stream_events`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import Any
 
@@ -20,15 +26,17 @@ from aiohttp import web
 from peer.http.common import (
     EventSource,
     Json,
+    bad_request,
     follow_requested,
     node_id_text,
     recent_json,
     stream_events,
-    stream_hub,
 )
-from peer.http.tasks import FINAL_STATES, REFRESH_INTERVAL, read_task, task_changes
+from peer.http.progress import merged, new_steps, step_json, task_or_step_changes
+from peer.http.tasks import FINAL_STATES, REFRESH_INTERVAL, WATCH_POLL, read_task
 from peer.runtime.driver import Driver
 from peer.runtime.hub import Observed
+from peer.runtime.progress import Step
 from protocol.effects import (
     CancelExecution,
     ResultAccepted,
@@ -38,6 +46,9 @@ from protocol.effects import (
     TaskReplicated,
 )
 from protocol.tasks.state import TaskState
+
+MAX_WATCHED = 1000
+"""Tasks one stream follows at most (the watched task and those below it)."""
 
 
 class WatchApi:
@@ -63,31 +74,102 @@ class WatchApi:
         hub = self.driver.task_hub
         if not follow_requested(request):
             return web.json_response({"events": recent_json(hub, task_event_json)})
-        return await stream_hub(request, hub, task_event_json, self.keepalive)
+        # Subscribed before the stream opens: a client that saw it open misses nothing after.
+        notes, steps = hub.subscribe(), self.driver.progress.subscribe()
+        try:
+            return await stream_events(request, self._everything(notes, steps))
+        finally:
+            hub.unsubscribe(notes)
+            self.driver.progress.unsubscribe(steps)
+
+    async def _everything(
+        self, notes: asyncio.Queue[Observed | None], steps: asyncio.Queue[Step | None]
+    ) -> EventSource:
+        feed = merged(notes, steps, self.keepalive)
+        async with contextlib.aclosing(feed):
+            async for item in feed:
+                if item is None:
+                    yield None
+                elif isinstance(item, Step):
+                    yield step_json(item)
+                elif (event := task_event_json(item)) is not None:
+                    yield event
 
     async def _watch_one(self, request: web.Request) -> web.StreamResponse:
+        tree = request.query.get("tree", "0")
+        if tree not in ("0", "1"):
+            raise bad_request(f"tree must be 0 or 1, got {tree[:20]!r}")
         st = await read_task(self.driver, request.match_info["id"])
-        return await stream_events(request, self._facts(st))
+        return await stream_events(request, self._facts(st, tree == "1"))
 
-    async def _facts(self, st: TaskState) -> EventSource:
-        seen: set[tuple[Any, ...]] = set()
-        changes = task_changes(self.driver.task_hub, st.task_id)
+    async def _facts(self, root: TaskState, tree: bool) -> EventSource:
+        seen: dict[bytes, set[tuple[Any, ...]]] = {}  # facts reported, per task
+        shown: dict[bytes, int] = {}
+        watched = [root]
+
+        def ids() -> set[bytes]:  # read at each change: the tree grows
+            return {st.task_id for st in watched}
+
+        changes = task_or_step_changes(self.driver, ids, WATCH_POLL)
         async with contextlib.aclosing(changes):
             asked = 0.0
             async for _ in changes:
-                for event in new_facts(st, seen, round(self.driver.wall(), 3)):
+                # Everything is read before the first yield: the task may end while a yield
+                # waits, and its end must not be skipped by the check below.
+                final = root.state in FINAL_STATES
+                when = round(self.driver.wall(), 3)
+                events: list[Json] = []
+                if tree:
+                    for parent, child in self._new_children(watched):
+                        watched.append(child)
+                        events.append(child_event(when, parent, child))
+                for st in watched:
+                    events += new_facts(st, seen.setdefault(st.task_id, set()), when)
+                    events += new_steps(self.driver.progress, st.task_id, shown)
+                for event in events:
                     yield event
-                if st.state in FINAL_STATES:
+                if final:
                     return
                 now = self.driver.wall()
-                if now - asked >= REFRESH_INTERVAL and not self.driver.node.told_of(st.task_id):
-                    asked = now  # not told of its news here: ask its holders now and then
-                    await self.driver.fetch([st.task_id], 0.0)
+                if now - asked >= REFRESH_INTERVAL:
+                    asked = now  # not told of their news here: ask their holders now and then
+                    node = self.driver.node
+                    unheard = [st.task_id for st in watched if not node.told_of(st.task_id)]
+                    if unheard:
+                        await self.driver.fetch(unheard, 0.0)
+
+    def _new_children(self, watched: list[TaskState]) -> list[tuple[TaskState, TaskState]]:
+        """(parent, child) for each task below the watched ones, known here and not watched
+        yet, parents first; at most `MAX_WATCHED` tasks are watched in all."""
+        known = {st.task_id for st in watched}
+        found: list[tuple[TaskState, TaskState]] = []
+        level = list(watched)
+        while level and len(known) < MAX_WATCHED:
+            following: list[TaskState] = []
+            for parent in level:
+                for child in self.driver.children_of(parent.task_id):
+                    if child.task_id in known or child.record is None:
+                        continue
+                    if len(known) >= MAX_WATCHED:
+                        return found
+                    known.add(child.task_id)
+                    found.append((parent, child))
+                    following.append(child)
+            level = following
+        return found
 
 
 def task_event(kind: str, when: float, task_id: bytes, **fields: Any) -> Json:
     """Return a task event: its type, time and task id, then `fields` in the order given."""
     return {"type": kind, "time": when, "id": task_id.hex(), **fields}
+
+
+def child_event(when: float, parent: TaskState, child: TaskState) -> Json:
+    """A "task-child" event: a task below the watched one, first seen."""
+    assert child.record is not None
+    return task_event(
+        "task-child", when, child.task_id, parent=parent.task_id.hex(), role=child.record.role
+    )
 
 
 def _claimed(when: float, task_id: bytes, owner: bytes, epoch: int) -> Json:

@@ -1,15 +1,16 @@
 """The metrics read at scrape time from counters and state the peer keeps anyway.
 
 `PeerCollector.collect` runs on the event loop when `/metrics` is scraped and reads the node's
-query facade, the transport's counters, the driver's write health, the executor and the agent
-host's roster and model client: the same sources as the JSON endpoints (/v1/metrics,
-/v1/tasks/stats, /v1/agents). Nothing is counted twice, and the hot paths pay nothing.
+query facade, the transport's counters, the driver's write health, the executor, the agent
+host's roster and model client and the workspace jail's refusals: the same sources as the
+JSON endpoints (/v1/metrics, /v1/tasks/stats, /v1/agents). Nothing is counted twice, and the
+hot paths pay nothing.
 
 Invariants:
 - Collecting only reads; it never changes the peer's state.
 - Label values come from fixed or operator-configured sets: member statuses, task states, the
-  transport's refusal codes, the task plane's counter names, served roles and configured
-  models. Never a task id, a node id or an address.
+  transport's and the jail's refusal reasons, the task plane's counter names, served roles and
+  configured models. Never a task id, a node id or an address.
 - Counters (`..._total`) only ever rise while the process runs; gauges are the state now.
 - The cost is linear in the tasks held (tasks by state), a few milliseconds for tens of
   thousands, so a scrape every second costs the peer well under 1% of its time.
@@ -19,11 +20,13 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from peer.agents.jail import JAIL_REFUSALS, refusals_in
 from peer.http.common import version
 from peer.http.tasks import STATES
 from peer.runtime.driver import Driver
@@ -74,6 +77,9 @@ class AgentHostView(Protocol):
     @property
     def client(self) -> Any: ...
 
+    @property
+    def workspace(self) -> Path: ...
+
 
 class PeerCollector(Collector):
     """Yields the scrape-time metrics of one peer (see the module invariants).
@@ -102,6 +108,7 @@ class PeerCollector(Collector):
         yield from self._slots()
         if self.host is not None:
             yield from self._models(self.host.client.status())
+            yield self._workspace(self.host.workspace)
 
     def _peer(self) -> Iterator[Metric]:
         node = self.driver.node
@@ -256,6 +263,19 @@ class PeerCollector(Collector):
             "Executions the node started that wait in the executor for a free slot.",
             value=executor.waiting if executor is not None else 0,
         )
+
+    def _workspace(self, workspace: Path) -> Metric:
+        refused = refusals_in(workspace)
+        family = CounterMetricFamily(
+            "grapevine_workspace_refusals",
+            "Agent file tool calls the workspace jail refused, by operation (read, write) and "
+            "reason (bad_path, link, not_regular, hard_link, too_large).",
+            labels=["operation", "reason"],
+        )
+        for operation in ("read", "write"):
+            for reason in JAIL_REFUSALS:
+                family.add_metric([operation, reason], refused[operation, reason])
+        return family
 
     def _models(self, status: dict[str, Any]) -> Iterator[Metric]:
         requests = CounterMetricFamily(

@@ -11,8 +11,12 @@ Invariants:
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from peer.observability.api_metrics import ApiCollector
 from peer.observability.collector import AgentHostView, PeerCollector
 from peer.observability.instruments import EventMetrics
 from peer.runtime.driver import Driver
@@ -36,6 +40,13 @@ class PeerMetrics:
         self.events = EventMetrics(self.registry)
         self.registry.register(PeerCollector(driver, transport, host))
         driver.lifecycle.metrics = self.events
+
+    def watch_api(self, refused: Counter[str], connections: Callable[[], int]) -> None:
+        """Export the local API's refusals (`RequestGuard.refused`) and open connections.
+
+        Call once, from the API of this peer.
+        """
+        self.registry.register(ApiCollector(refused, connections))
 
     def exposition(self) -> bytes:
         """Every metric now, in the Prometheus text format."""

@@ -18,7 +18,8 @@ Invariants:
 - Exactly one timer handle is armed, at the latest `wake_at`.
 - Notifications go to `notifications` (`peer.runtime.hub`): its subscriber hubs (`hub` for
   membership and user events, `task_hub` for task notes) and the waiters of `join`,
-  `wait_replicated` and `wait_result`.
+  `wait_replicated` and `wait_result`. The steps of executions running here (model calls,
+  tool calls, delegations) go to `progress`, local to this peer.
 - Executions: `StartExecution` and `CancelExecution` become work on the attached
   `peer.runtime.executor.Executor`; its completions come back through `complete`, a node call
   like any other. Without an executor nothing runs (seed-only peers serve no roles).
@@ -48,12 +49,13 @@ from peer.observability.lifecycle import TaskLifecycle
 from peer.observability.tracing import PeerTracing
 from peer.runtime.executor import Executor, Usage, Work
 from peer.runtime.hub import NoteHub, Notifications
+from peer.runtime.progress import ProgressLog
 from protocol.effects import CancelExecution, Command, Effects, Persist, StartExecution
 from protocol.errors import LocalProtocolError
 from protocol.identity import short_id
 from protocol.node import Node
 from protocol.tasks.listing import PageQuery
-from protocol.tasks.messages import Result, task_id_of
+from protocol.tasks.messages import Checkpoint, Result, task_id_of
 from protocol.tasks.state import TaskState
 from protocol.wire import Status
 
@@ -126,6 +128,8 @@ class Driver:
         self._timer: asyncio.TimerHandle | None = None
         self._save_timer: asyncio.TimerHandle | None = None
         self.notifications = Notifications(node, wall)
+        self.progress = ProgressLog(wall)
+        """The steps of the executions running here (local only: `peer.runtime.progress`)."""
         self.tracing = tracing or PeerTracing.from_environment(short_id(node.node_id))
         """Traces submissions here and this peer's claims and executions."""
         self.lifecycle = TaskLifecycle(node, self._clock, wall, self.tracing)
@@ -177,6 +181,7 @@ class Driver:
         self._persist([], retry=True)
         self.save_members()
         self.notifications.close()
+        self.progress.close()
         self.tracing.shutdown()
 
     # Inputs
@@ -436,6 +441,23 @@ class Driver:
             reason = f"the result was refused: {exc}".encode()
             fx = self.node.complete(self._clock(), task_id, epoch, "failed", reason, usage)
         self._apply(fx)
+
+    def checkpoint(self, task_id: bytes, epoch: int, data: bytes) -> int:
+        """Record step `data` of this peer's run of the task under `epoch` (`Node.checkpoint`):
+        signed, written with this turn's group commit and sent to the task's replicas and
+        audience, so whoever takes the task over resumes from it. Returns its sequence number.
+
+        Raises:
+            LocalProtocolError: this peer does not run the task under `epoch`, `data` is over
+                `MAX_CHECKPOINT_BYTES`, or the run has `MAX_CHECKPOINTS` already.
+        """
+        fx, made = self.node.checkpoint(self._clock(), task_id, epoch, data)
+        self._apply(fx)
+        return made.seq
+
+    def checkpoints(self, task_id: bytes) -> list[Checkpoint]:
+        """Every step of the task's runs held here, ordered by (epoch, owner, seq)."""
+        return self.node.checkpoints(task_id)
 
     async def leave(self, timeout: float = 3.0) -> bool:
         """Gossip our leave and wait until it was sent to enough peers or `timeout` passed.

@@ -39,6 +39,14 @@ from aiohttp import web
 
 SHUTDOWN_TIMEOUT = 1.0
 """Seconds in-flight requests get to finish when a server stops."""
+CONNECTION_REFUSALS = (
+    "too_many_connections",
+    "too_many_connections_from_source",
+    "unproven_evicted",
+    "unproven_timeout",
+)
+"""The reasons a server counts connections refused or closed over its `ServerLimits` under
+(the last two only with `prove_within`)."""
 
 _BUSY_TEXT = b"too_many_connections\n"
 _BUSY = (

@@ -55,6 +55,7 @@ from peer.runtime.blob_routes import (
     BlobTransferError,
     connect_reason,
 )
+from peer.runtime.contact import LastContact
 from peer.runtime.intake import (
     BODY_ERRORS,
     MAX_BUFFERED,
@@ -192,6 +193,8 @@ class Transport:
         """Sends that took the probe lane: posted at once, alone, on a probe connection."""
         self.probe_receives = 0
         """Envelopes received on the probe lane: handed on at once, ahead of bulk slices."""
+        self.last_contact = LastContact()
+        """When each sender's last accepted envelope arrived (`GET /v1/members` last_seen)."""
 
     # Lifecycle
 
@@ -467,8 +470,10 @@ class Transport:
             # Held (and counted against `max_buffered`) until handed on, queue wait included.
             with intake.buffering(length):
                 body = await intake.read_exactly(request.content, length - PREFIX_BYTES)
-                plaintext = self._opener.open(prefix + body, self._clock(), ROUTE_ENVELOPE)
+                now = self._clock()
+                plaintext = self._opener.open(prefix + body, now, ROUTE_ENVELOPE)
                 del body
+                self.last_contact.heard(plaintext, now)
                 self.messages_in += 1
                 self._envelope_bytes_in += length
                 if is_probe_class(plaintext):

@@ -38,10 +38,12 @@ from protocol.identity import VerifiedCache
 from protocol.sim.simulator import SimPeer, Simulator
 from protocol.sim.task_runner import Run, TaskRunner
 from protocol.tasks.messages import (
+    DOMAIN_CHECKPOINT,
     DOMAIN_CLAIM,
     DOMAIN_EPOCH_GRANT,
     DOMAIN_RESULT,
     DOMAIN_TASK,
+    Checkpoint,
     Claim,
     EpochGrant,
     Result,
@@ -269,6 +271,9 @@ def _bad_object(
             key, domain, payload, sig = obj.owner_key, DOMAIN_RESULT, obj.signed_payload(), obj.sig
         case EpochGrant():
             key, domain = obj.arbiter_key, DOMAIN_EPOCH_GRANT
+            payload, sig = obj.signed_payload(), obj.sig
+        case Checkpoint():
+            key, domain = obj.owner_key, DOMAIN_CHECKPOINT
             payload, sig = obj.signed_payload(), obj.sig
         case _:
             return None

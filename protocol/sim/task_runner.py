@@ -78,6 +78,7 @@ class TaskRunner:
                 self.log.append(run)
                 self._running[key] = run
                 duration = self.rng.uniform(self.min_duration, self.max_duration)
+                self.sim.at(now + duration / 2, lambda: self._step(run))
                 self.sim.at(now + duration, lambda: self._finish(run))
             case CancelExecution(task_id, epoch):
                 key = (p.index, task_id)
@@ -86,6 +87,17 @@ class TaskRunner:
                     self._end(key, "cancelled")
             case _:
                 assert_never(command)
+
+    def _step(self, run: Run) -> None:
+        # Halfway through, a run records one step (a checkpoint), as an agent does after each
+        # model call, so checkpoints travel, are stored and restored under every fault.
+        p = self.sim.peers[run.peer]
+        if self._running.get((run.peer, run.task_id)) is not run or p.node is None or p.paused:
+            return
+        if p.life != run.life or p.node.tasks.running.get(run.task_id) != run.epoch:
+            return
+        fx, _ = p.node.checkpoint(self.sim.now, run.task_id, run.epoch, b"halfway")
+        self.sim.apply(run.peer, fx)
 
     def _finish(self, run: Run) -> None:
         key = (run.peer, run.task_id)
@@ -113,11 +125,12 @@ STORED_ORDER = (
     PersistKind.CANCEL,
     PersistKind.EPOCH_GRANT,
     PersistKind.CLAIM,
+    PersistKind.CHECKPOINT,
     PersistKind.RESULT,
     PersistKind.GRANT,
 )
 """Kinds of durable task objects, in the order a restarted peer re-applies them: a claim needs
-its task and the claim of the epoch before; a result needs its claim."""
+its task and the claim of the epoch before; a checkpoint or a result needs its claim."""
 
 
 def restart(sim: Simulator, index: int, roles: tuple[str, ...], max_running: int) -> None:

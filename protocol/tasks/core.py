@@ -27,7 +27,7 @@ from protocol.effects import Command, Dropped
 from protocol.identity import Signer, VerifiedCache
 from protocol.membership import Port as MembershipPort
 from protocol.slots import SlotLedger
-from protocol.tasks.messages import Claim, EpochGrant, Result, TaskWant
+from protocol.tasks.messages import Checkpoint, Claim, EpochGrant, Result, TaskWant
 from protocol.tasks.placement import CandidateRankings, ReplicaSets, audience, top_by_score
 from protocol.tasks.state import TaskState
 from protocol.tasks.tombstone import Tombstone
@@ -43,8 +43,10 @@ SYNC_BATCH_BYTES = 512 * 1024
 """Task objects sent to one peer are split into batches of about this many bytes."""
 
 ParkedKey = tuple[str, bytes, int, bytes]
-"""("claim", "result" or "grant", task id, epoch, owner or grantee) of an object kept aside
-(see `merge`)."""
+"""("claim", "result", "grant" or "checkpoint", task id, epoch, owner or grantee (a
+checkpoint's owner and sequence number)) of an object kept aside (see `merge`)."""
+Parkable = Claim | Result | EpochGrant | Checkpoint
+"""The objects kept while they wait for what they build on (see `Merge._park`)."""
 
 
 class View(Protocol):
@@ -121,7 +123,7 @@ class TaskCore(ABC):
         self.counters: Counter[str] = Counter()
         self.last_down = 0.0
         """When a member last went down: the standby order of unclaimed tasks changed then."""
-        self.parked: dict[ParkedKey, tuple[Claim | Result | EpochGrant, bytes, str]] = {}
+        self.parked: dict[ParkedKey, tuple[Parkable, bytes, str]] = {}
         """Claims and results that arrived before what they build on (a claim, a grant, the
         record), oldest first."""
         self.parked_by_task: dict[bytes, list[ParkedKey]] = {}

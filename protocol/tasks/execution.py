@@ -35,10 +35,14 @@ from protocol.tasks.claim_rule import (
 from protocol.tasks.core import LOCAL
 from protocol.tasks.merge import Merge
 from protocol.tasks.messages import (
+    DOMAIN_CHECKPOINT,
     DOMAIN_CLAIM,
     DOMAIN_RESULT,
+    MAX_CHECKPOINT_BYTES,
+    MAX_CHECKPOINTS,
     MAX_INLINE_PAYLOAD,
     OUTCOMES,
+    Checkpoint,
     Claim,
     Result,
     TaskAsk,
@@ -130,6 +134,33 @@ class Executions(Merge):
         self._deliver_to_waiters(task_id, epoch, raw)
         self._slot_freed(now)
         return result
+
+    def checkpoint(self, now: float, task_id: bytes, epoch: int, data: bytes) -> Checkpoint:
+        """Record step `data` of this peer's run of `task_id` under `epoch`, numbered after
+        the steps of that epoch it already recorded (including those of earlier runs of the
+        same epoch, before a restart).
+
+        Raises:
+            LocalProtocolError: this peer does not run the task under `epoch` (not claimed
+                here, fenced, or ended), `data` is over `MAX_CHECKPOINT_BYTES`, or the run
+                has `MAX_CHECKPOINTS` already.
+        """
+        if len(data) > MAX_CHECKPOINT_BYTES:
+            raise LocalProtocolError(f"a checkpoint must be at most {MAX_CHECKPOINT_BYTES} bytes")
+        st = self.tasks.get(task_id)
+        if st is None or self.slots.running.get(task_id) != epoch:
+            raise LocalProtocolError("this peer does not run the task under that epoch")
+        seq = 1 + max(
+            (n for e, o, n in st.checkpoints if (e, o) == (epoch, self.node_id)), default=0
+        )
+        if seq > MAX_CHECKPOINTS:
+            raise LocalProtocolError(f"a run keeps at most {MAX_CHECKPOINTS} checkpoints")
+        payload = Checkpoint(task_id, epoch, seq, self.signer.public_key, data, b"", self.node_id)
+        signed = with_signature(
+            payload, self.signer.sign(DOMAIN_CHECKPOINT, payload.signed_payload())
+        )
+        self.apply_checkpoint(now, signed, encode_message(signed), src=LOCAL)
+        return signed
 
     def _deliver_to_waiters(self, task_id: bytes, epoch: int, raw: bytes) -> None:
         # The task's origin (where its client waits) and the owner of its parent task (waiting

@@ -41,15 +41,17 @@ from protocol.effects import (
     TaskClaimed,
     TaskReplicated,
 )
-from protocol.tasks.core import LOCAL, STORE, ParkedKey
+from protocol.tasks.core import LOCAL, STORE, Parkable, ParkedKey
 from protocol.tasks.idempotency import kept_record, spec_of
 from protocol.tasks.messages import (
     DOMAIN_CANCEL,
+    DOMAIN_CHECKPOINT,
     DOMAIN_CLAIM,
     DOMAIN_EPOCH_GRANT,
     DOMAIN_RESULT,
     DOMAIN_TASK,
     Cancel,
+    Checkpoint,
     Claim,
     EpochGrant,
     Result,
@@ -64,7 +66,7 @@ RUNS_PER_EPOCH = 16
 one per restart while its claim has no result; more are refused, so a member cannot grow a
 task's state without bound by re-signing its claim."""
 PARKED_MAX = 4096
-"""Claims and results kept while they wait for the claim they build on (see `_park`)."""
+"""Objects kept while they wait for what they build on (see `_park`)."""
 
 
 class Merge(Retention):
@@ -263,6 +265,32 @@ class Merge(Retention):
         self._unpark(now, g.task_id)
         self.unsettled[g.task_id] = None
 
+    def apply_checkpoint(self, now: float, c: Checkpoint, raw: bytes, src: str) -> None:
+        """Keep a step of a run (checked against its claim, then verified)."""
+        held = self.tasks.get(c.task_id)
+        key = (c.epoch, c.owner, c.seq)
+        if held is not None and key in held.checkpoints:
+            return
+        if held is None or not held.has_claim(c.epoch, c.owner):
+            # Only the owner of a run writes its steps, after its claim: without the claim
+            # held, it is forged or ahead of its claim, so ask its sender for the chain.
+            self.counters["checkpoint without its claim"] += 1
+            self.port.note(Dropped(src, "checkpoint without its claim"))
+            parked = ("checkpoint", c.task_id, c.epoch, c.owner + c.seq.to_bytes(4, "big"))
+            self._park(parked, c, raw, src)
+            return
+        if src != LOCAL and not self.verified(
+            DOMAIN_CHECKPOINT, c.owner_key, c.signed_payload(), c.sig, src, "checkpoint"
+        ):
+            return
+        held.checkpoints[key] = c
+        held.touch()
+        self.mark_changed(held.task_id, now)
+        at = c.epoch.to_bytes(8, "big") + c.owner + c.seq.to_bytes(4, "big")
+        self.port.persist(PersistKind.CHECKPOINT, c.task_id + at, raw)
+        if src == LOCAL:
+            self.spread(held, [raw])
+
     def apply_result(self, now: float, r: Result, raw: bytes, src: str) -> None:
         held = self.tasks.get(r.task_id)
         if held is not None and (r.epoch, r.owner) in held.results:
@@ -305,7 +333,7 @@ class Merge(Retention):
         if mine is not None:
             self.fence(now, r.task_id, mine, "a result was accepted")
 
-    def _park(self, key: ParkedKey, obj: Claim | Result | EpochGrant, raw: bytes, src: str) -> None:
+    def _park(self, key: ParkedKey, obj: Parkable, raw: bytes, src: str) -> None:
         # The node skips a message it saw recently, so the same bytes re-sent in answer to our
         # TaskWant would never reach us again: keep the early object until what it builds on
         # arrives (unverified: it is verified when applied). Bounded against floods; an evicted
@@ -334,6 +362,8 @@ class Merge(Retention):
                 self.apply_epoch_grant(now, obj, raw, src)
             elif isinstance(obj, Claim):
                 self.apply_claim(now, obj, raw, src)
+            elif isinstance(obj, Checkpoint):
+                self.apply_checkpoint(now, obj, raw, src)
             else:
                 self.apply_result(now, obj, raw, src)
 

@@ -34,6 +34,11 @@ DOMAIN_CLAIM = b"grapevine/claim/v1"
 DOMAIN_RESULT = b"grapevine/result/v1"
 DOMAIN_CANCEL = b"grapevine/cancel/v1"
 DOMAIN_EPOCH_GRANT = b"grapevine/epoch-grant/v1"
+DOMAIN_CHECKPOINT = b"grapevine/checkpoint/v1"
+MAX_CHECKPOINT_BYTES = MAX_INLINE_PAYLOAD
+"""Largest payload of one checkpoint (as large as an inline result)."""
+MAX_CHECKPOINTS = 256
+"""Most checkpoints of one owner's runs of one epoch: their sequence numbers run 1 to this."""
 
 OUTCOMES = ("ok", "failed", "timeout", "cancelled", "fenced")
 """The outcomes a result may carry."""
@@ -232,6 +237,27 @@ class EpochGrant:
         return bytes(msgpack.packb([self.task_id, self.epoch, self.grantee, self.arbiter_key]))
 
 
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Step `seq` of `owner`'s run of the task under `epoch`: `data` is opaque here (the
+    host's record of a model call or tool result, say), signed by the owner, held by the
+    task's replicas and audience, so whoever takes the task over resumes from it instead of
+    paying for the steps again."""
+
+    task_id: bytes
+    epoch: int
+    seq: int
+    owner_key: bytes
+    data: bytes
+    sig: bytes
+    owner: bytes  # derived
+
+    def signed_payload(self) -> bytes:
+        """The payload the owner's signature covers."""
+        fields = [self.task_id, self.epoch, self.seq, self.owner_key, self.data]
+        return bytes(msgpack.packb(fields))
+
+
 MAX_PAGE = 500
 """Most summaries in one `TaskPage`, and the cap on the limit a `TaskList` asks for: about
 140 KB at worst (a 128-character role in every row), far under the envelope limit."""
@@ -306,6 +332,7 @@ TaskMessage = (
     | Result
     | Cancel
     | EpochGrant
+    | Checkpoint
     | TaskHeld
     | TaskShards
     | TaskSync
@@ -318,7 +345,7 @@ TaskMessage = (
 )
 """Every message of the task plane (`protocol.tasks.plane.Tasks.dispatch` takes each one)."""
 
-Signed = TypeVar("Signed", TaskRecord, Claim, Result, Cancel, EpochGrant)
+Signed = TypeVar("Signed", TaskRecord, Claim, Result, Cancel, EpochGrant, Checkpoint)
 
 
 def with_signature(obj: Signed, sig: bytes) -> Signed:

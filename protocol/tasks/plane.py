@@ -38,6 +38,7 @@ from protocol.tasks.messages import (
     MAX_INLINE_PAYLOAD,
     MAX_NONCE,
     Cancel,
+    Checkpoint,
     Claim,
     EpochGrant,
     Result,
@@ -250,6 +251,8 @@ class Tasks(Executions, Grants):
                 self.apply_cancel(now, msg, raw, src)
             case EpochGrant():
                 self.apply_epoch_grant(now, msg, raw, src)
+            case Checkpoint():
+                self.apply_checkpoint(now, msg, raw, src)
             case TaskHeld(task_id):
                 self.on_held(task_id, sender)
             case TaskShards():

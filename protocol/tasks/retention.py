@@ -35,6 +35,7 @@ from dataclasses import replace
 from protocol.effects import Dropped, PersistKind
 from protocol.tasks.messages import (
     Cancel,
+    Checkpoint,
     Claim,
     EpochGrant,
     Result,
@@ -84,7 +85,7 @@ class Retention(Repair):
         task_id = task_of(msg)
         if task_id is None or task_id not in self.tombstones:
             return False
-        if isinstance(msg, TaskRecord | Claim | Result | Cancel | EpochGrant):
+        if isinstance(msg, TaskRecord | Claim | Result | Cancel | EpochGrant | Checkpoint):
             self.counters["object of a compacted task"] += 1
             self.port.note(Dropped(src, "object of a compacted task"))
         return True

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import msgpack
 
-from protocol.tasks.messages import Cancel, Claim, EpochGrant, Result, TaskRecord
+from protocol.tasks.messages import Cancel, Checkpoint, Claim, EpochGrant, Result, TaskRecord
 from protocol.wire import Message
 
 RunKey = tuple[int, bytes, int]
@@ -61,6 +61,7 @@ class TaskState:
         "claim",
         "claims",
         "epoch_grants",
+        "checkpoints",
         "results",
         "accepted",
         "cancel",
@@ -86,6 +87,9 @@ class TaskState:
         self.epoch_grants: dict[tuple[int, bytes], EpochGrant] = {}
         """The arbiter's signed grants of takeover epochs, by (epoch, grantee): a claim of
         epoch e > 1 is accepted only with the one naming its owner."""
+        self.checkpoints: dict[tuple[int, bytes, int], Checkpoint] = {}
+        """The steps of runs, by (epoch, owner, sequence number): a takeover resumes from
+        them."""
         self.results: dict[tuple[int, bytes], Result] = {}
         self.accepted: Result | None = None
         self.cancel: Cancel | None = None
@@ -118,6 +122,8 @@ class TaskState:
                 sorted([e, o] for e, o in self.results),
                 self.cancel is not None,
             ]
+            if self.checkpoints:
+                summary.append(sorted([e, o, n] for e, o, n in self.checkpoints))
             self._digest = hashlib.sha256(msgpack.packb(summary)).digest()[:8]
         return self._digest
 
@@ -128,6 +134,7 @@ class TaskState:
             out.append(self.record)
         out.extend(g for _, g in sorted(self.epoch_grants.items()))
         out.extend(c for _, c in sorted(self.claims.items()))
+        out.extend(c for _, c in sorted(self.checkpoints.items()))
         out.extend(r for _, r in sorted(self.results.items()))
         if self.cancel is not None:
             out.append(self.cancel)

@@ -141,6 +141,13 @@ def _check_page(driver: Any, peers: list[Peer], first_root: str) -> None:
         for r in driver.find_elements(By.CSS_SELECTOR, "#fleet-rows tr")
     }
     assert shown == {p.node_id for p in peers}
+    # "last seen" is the serving peer's last contact with each member (`last_seen`), which
+    # gossip keeps within a few seconds: never "never" for a live member.
+    seen = [
+        c.text
+        for c in driver.find_elements(By.CSS_SELECTOR, '#fleet-rows td[data-label="last seen"]')
+    ]
+    assert len(seen) == 3 and all(t == "now" or t.endswith(" ago") for t in seen), seen
     fleet_text = driver.find_element(By.ID, "fleet").text
     for role in ("boss", "admin", "worker"):
         assert role in fleet_text

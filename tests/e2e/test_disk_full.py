@@ -80,7 +80,11 @@ async def submit_until_writes_fail(peer: Peer) -> tuple[list[str], list[str]]:
     async with peer.client() as client:
         for i in range(MAX_SUBMISSIONS):
             try:
-                answer = await client.submit("echo", INPUT, idempotency_key=f"fill-{i}", queue=True)
+                # No queue timeout: its own small database would fill first, and this test is
+                # about the task store (a full queue database also answers 503, nothing kept).
+                answer = await client.submit(
+                    "echo", INPUT, idempotency_key=f"fill-{i}", queue=True, queue_timeout=0
+                )
             except ApiError as exc:
                 assert exc.status == 503 and exc.title == "Service Unavailable", exc
                 refused.append(exc.detail)

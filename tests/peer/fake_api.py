@@ -33,6 +33,7 @@ MEMBERS: list[dict[str, Any]] = [
         "free_slots": 2,
         "queue_len": 0,
         "load": 0.25,
+        "last_seen": 1_700_000_002.25,
     },
     {
         "id": SELF_ID,
@@ -45,6 +46,7 @@ MEMBERS: list[dict[str, Any]] = [
         "free_slots": 0,
         "queue_len": 0,
         "load": 0.0,
+        "last_seen": None,
     },
     {
         "id": DEAD_ID,
@@ -57,6 +59,7 @@ MEMBERS: list[dict[str, Any]] = [
         "free_slots": 0,
         "queue_len": 0,
         "load": 0.0,
+        "last_seen": 1_699_999_990.0,
     },
 ]
 

@@ -123,6 +123,7 @@ async def test_self_health_members(env: Env) -> None:
             "free_slots": 4,
             "queue_len": 0,
             "load": 0.0,
+            "last_seen": None,
         }
     ]
 

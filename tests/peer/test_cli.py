@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from peer.cli.main import build_parser
+from peer.cli.render import clock
 from tests.peer.fake_api import DEAD_ID, OTHER_ID, SELF_ID, ThreadedFakeApi
 
 REPO = Path(__file__).resolve().parents[2]
@@ -187,10 +188,17 @@ def test_members_table_marks_self_and_lists_every_member(api: str) -> None:
     result = grapevine("members", "--api", api)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["ID", "ADDRESS", "STATUS", "INC", "ROLES", "SLOTS", "QUEUE", "LOAD"]
+    header = ["ID", "ADDRESS", "STATUS", "INC", "ROLES", "SLOTS", "QUEUE", "LOAD", "SEEN"]
+    assert lines[0].split() == header
     assert lines[1].split()[:5] == [SELF_ID[:10], "(self)", "127.0.0.1:7001", "alive", "3"]
     assert lines[2].split()[:5] == [OTHER_ID[:10], "127.0.0.1:7002", "alive", "1", "writer,critic"]
     assert lines[3].split()[:3] == [DEAD_ID[:10], "127.0.0.1:7003", "dead"]
+    # SEEN: the local time of each member's last_seen; none for ourselves.
+    assert [line.split()[-1] for line in lines[1:4]] == [
+        "-",
+        clock(1_700_000_002.25),
+        clock(1_699_999_990.0),
+    ]
     assert lines[-1] == "3 members: 2 alive, 1 dead"
 
 

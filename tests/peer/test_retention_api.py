@@ -5,6 +5,7 @@ and the tombstone in one transaction."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from peer.http.app import PeerApi
-from peer.runtime.store import Store
+from peer.runtime.store import DB_NAME, FORGET_TASK_STATEMENT, TASK_KIND_NAMES, Store
 from protocol.effects import Persist, PersistKind
 from tests.peer.inprocess import API_HEADERS, API_TOKEN, MemoryStore, in_process_peer
 
@@ -105,3 +106,27 @@ def test_the_store_forgets_a_task_and_stores_its_tombstone_in_one_transaction(
         assert store.last_contact() == 200
         assert store.forget_kinds([PersistKind.TASK, PersistKind.TOMBSTONE]) == 1
         assert list(store.scan(PersistKind.TASK)) == []
+
+
+def test_forgetting_a_task_searches_the_primary_key_and_spares_its_neighbours(
+    tmp_path: Path,
+) -> None:
+    # A forget that scanned the whole table stalled a busy peer for seconds (decision 22).
+    tid, after = b"\x07" * 32, b"\x07" * 31 + b"\x08"
+    with Store.open(tmp_path) as store:
+        store.put_many(
+            [
+                Persist(PersistKind.CHECKPOINT, tid + b"\x00" * 44, b"step"),
+                Persist(PersistKind.TOMBSTONE, tid, b"stone"),
+                Persist(PersistKind.TASK, after, b"the next id"),
+            ]
+        )
+        plan = sqlite3.connect(tmp_path / DB_NAME).execute(
+            "EXPLAIN QUERY PLAN " + FORGET_TASK_STATEMENT,
+            (*TASK_KIND_NAMES, tid, tid + b"\x01"),
+        )
+        assert all("USING PRIMARY KEY" in row[3] for row in plan)
+        store.put_many([Persist(PersistKind.FORGET_TASK, tid, b"")])
+        assert store.get(PersistKind.CHECKPOINT, tid + b"\x00" * 44) is None
+        assert store.get(PersistKind.TOMBSTONE, tid) is None
+        assert store.get(PersistKind.TASK, after) == b"the next id"

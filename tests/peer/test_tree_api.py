@@ -27,7 +27,22 @@ from protocol.tasks.state import TaskState
 from tests.peer.inprocess import API_HEADERS, API_TOKEN, in_process_peer
 
 KEY = bytes(range(64, 96))
-NODE_FIELDS = {"id", "role", "state", "peer", "agent", "usage", "duplicates", "children"}
+NODE_FIELDS = {
+    "id",
+    "role",
+    "state",
+    "peer",
+    "agent",
+    "usage",
+    "duplicates",
+    "progress",
+    "model_calls",
+    "model_calls_repeated",
+    "model_tokens",
+    "repeated_tokens",
+    "model_calls_by_run",
+    "children",
+}
 
 
 async def writer(work: Work) -> Outcome:
@@ -126,6 +141,10 @@ async def test_tree_of_a_parent_and_two_children(env: Env) -> None:
             "prompt_tokens": 200,
             "completion_tokens": 40,
             "cost_microdollars": 14,
+            "model_calls": 0,
+            "model_calls_repeated": 0,
+            "model_tokens": 0,
+            "repeated_tokens": 0,
         }
         assert tree["truncated"] is False
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from protocol import fields
 from protocol.codec import decode_message, encode_message
-from protocol.envelope import PROTOCOL_VERSION, decode_envelope
+from protocol.envelope import PROTOCOL_VERSION, decode_envelope, encode_envelope, peek_sender
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.fields import ALLOCATION_FACTOR, MAX_DEPTH, check_shape
 from protocol.identity import DOMAIN_ALIVE, Signer
@@ -225,3 +225,14 @@ def test_a_message_passes_the_walk_and_decodes() -> None:
     data = encode_message(Suspect(NID, 7, NID))
     check_shape(data, max_depth=1)
     assert msgpack.unpackb(data)[0] == Kind.SUSPECT
+
+
+def test_peek_sender_reads_the_head_of_any_size_of_envelope_and_refuses_other_heads() -> None:
+    sender = bytes(range(32))
+    small = encode_envelope(sender, "127.0.0.1:1", [b"x"])
+    large = encode_envelope(sender, "127.0.0.1:1", [b"y" * 100_000])
+    assert peek_sender(small) == peek_sender(large) == sender
+    wrong_version = msgpack.packb([PROTOCOL_VERSION + 1, sender, "127.0.0.1:1", []])
+    short_id = encode_envelope(sender[:31], "127.0.0.1:1", [])
+    for head in (b"", b"\xc1", wrong_version, short_id, msgpack.packb([1, 2, 3])):
+        assert peek_sender(head) is None

@@ -282,6 +282,20 @@ def test_declared_dead_member_recovers_after_refuting() -> None:
     assert link.notes_of(0, MemberRecovered) == [MemberRecovered(node_id(1), addr(1), 1)]
 
 
+def test_a_member_back_from_dead_gets_a_full_state_exchange_within_a_probe_interval() -> None:
+    # Whatever either side finished while apart (tasks too ride the push-pull) is repaired at
+    # once, not when random push-pull pairing happens to join the two (QUIET: 1000 s away).
+    config = replace(QUIET, swim=replace(QUIET.swim, probe_interval=1.0))
+    link = mesh(3, config)
+    link.run(0, link.node(0).handle(link.now, addr(2), envelope(2, _dead(1, 0, 2))))
+    link.advance(link.now + 3.0)
+    [recovered_at] = link.when(0, MemberRecovered)
+    link.advance(link.now + 2.0)
+    later = [t for t in link.sent(0, 1, PushPull) if t >= recovered_at]
+    assert len(later) == 1 and later[0] <= recovered_at + 1.0
+    assert not [t for t in link.sent(0, 2, PushPull) if t >= recovered_at]
+
+
 def _dead(i: int, incarnation: int, accuser: int) -> Dead:
     return Dead(node_id(i), incarnation, node_id(accuser))
 

@@ -31,6 +31,7 @@ from protocol.errors import RemoteProtocolError
 from protocol.identity import DOMAIN_ALIVE, DOMAIN_PEER_STATE, Signer, node_id_of
 from protocol.tasks.messages import (
     Cancel,
+    Checkpoint,
     Claim,
     EpochGrant,
     Result,
@@ -144,6 +145,7 @@ SAMPLES: dict[Kind, Message] = {
     Kind.TASK_ASK: TaskAsk(nid(1), 2),
     Kind.TASK_GRANT: TaskGrant(nid(1), 1, nid(3)),
     Kind.EPOCH_GRANT: EpochGrant(nid(1), 2, nid(3), signer(4).public_key, SIG, nid(4)),
+    Kind.CHECKPOINT: Checkpoint(nid(1), 2, 3, signer(4).public_key, b"step", SIG, nid(4)),
     Kind.TASK_LIST: TaskList(7, nid(1), 50, "done", "echo"),
     Kind.TASK_PAGE: TaskPage(
         7,

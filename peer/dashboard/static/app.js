@@ -19,7 +19,6 @@ const STATS = ["tasks", "running", "done", "failed", "duplicates", "takeovers", 
 const state = {
   self: null,
   members: [],
-  lastSeen: new Map(), // member id -> ms when this page last saw it alive
   stats: [], // [{t, totals}]
   spend: [], // [{t, cost: {model: dollars}}]
   resultAt: new Map(), // task id -> unix s when its result was accepted here
@@ -130,9 +129,7 @@ function every(ms, job) {
 
 async function loadMembers() {
   const { members } = await api("/v1/members");
-  const now = Date.now();
   for (const m of members) {
-    if (m.status === "alive") state.lastSeen.set(m.id, now);
     for (const role of m.roles) state.roles.add(role);
   }
   state.members = members;
@@ -152,7 +149,8 @@ function renderFleet() {
     cell("free slots", m.free_slots),
     cell("queue", m.queue_len),
     cell("load", m.load.toFixed(2)),
-    cell("last seen", m.self ? "now" : ago(state.lastSeen.get(m.id)))));
+    // last_seen: unix s of the last envelope the serving peer received from the member.
+    cell("last seen", m.self ? "now" : ago(m.last_seen && m.last_seen * 1000))));
   $("fleet-rows").replaceChildren(...rows);
   const alive = state.members.filter((m) => m.status === "alive").length;
   $("fleet-summary").textContent = `${alive} of ${state.members.length} alive`;
@@ -469,9 +467,6 @@ async function start() {
     if (state.detail === event.id) showTask(event.id).catch(failed);
   });
   follow("/v1/events?follow=1", (event) => {
-    if (event.id && event.type !== "member-down" && event.type !== "member-left") {
-      state.lastSeen.set(event.id, Date.now());
-    }
     addToFeed(event, true);
     members.soon();
   });

@@ -1,0 +1,111 @@
+"""The API form of execution progress (`peer.runtime.progress`) and the change feed the task
+streams wait on.
+
+Invariants:
+- A step is shown as a "task-progress" event: `{type, time, id, epoch, seq, step, detail}`,
+  where `step` is one of `peer.runtime.progress.STEP_KINDS` and `detail` its fields.
+- Progress is local: only the peer that runs a task reports its steps, so a stream shows them
+  only at that peer (docs/tasks.md, "Following a task").
+- `merged` waits on the task notes and the steps at once and never leaves a getter behind:
+  each wait's pending gets are cancelled before it yields, and an item a get took is yielded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, Callable
+
+from peer.http.common import Json
+from peer.runtime.driver import Driver
+from peer.runtime.hub import Observed
+from peer.runtime.progress import ProgressLog, Step
+
+
+def step_json(step: Step) -> Json:
+    """Return the API form of one step."""
+    return {
+        "type": "task-progress",
+        "time": round(step.time, 3),
+        "id": step.task_id.hex(),
+        "epoch": step.epoch,
+        "seq": step.seq,
+        "step": step.kind,
+        "detail": dict(step.detail),
+    }
+
+
+def progress_json(log: ProgressLog, task_id: bytes) -> Json | None:
+    """A task's progress here for its tree node: counts by step kind and the last step; None
+    when it made no step at this peer."""
+    counts = log.counts(task_id)
+    if counts is None:
+        return None
+    steps = log.steps(task_id)
+    return {**counts, "last": step_json(steps[-1]) if steps else None}
+
+
+def new_steps(log: ProgressLog, task_id: bytes, shown: dict[bytes, int]) -> list[Json]:
+    """The steps of `task_id` not shown yet (recorded in `shown`: the last seq per task)."""
+    last = shown.get(task_id, 0)
+    fresh = [step for step in log.steps(task_id) if step.seq > last]
+    if fresh:
+        shown[task_id] = fresh[-1].seq
+    return [step_json(step) for step in fresh]
+
+
+async def merged(
+    notes: asyncio.Queue[Observed | None], steps: asyncio.Queue[Step | None], silence: float
+) -> AsyncGenerator[Observed | Step | None, None]:
+    """Yield each task note and step as it comes, or None after `silence` seconds with neither.
+
+    Ends when either subscription does (its hub dropped or closed it: the peer stops).
+    """
+    while True:
+        gets: list[asyncio.Future[Observed | Step | None]] = [
+            asyncio.ensure_future(notes.get()),
+            asyncio.ensure_future(steps.get()),
+        ]
+        try:
+            await asyncio.wait(gets, timeout=silence, return_when="FIRST_COMPLETED")
+        finally:
+            for get in gets:
+                get.cancel()  # a get cancelled before it completed took nothing from its queue
+        got = [get.result() for get in gets if get.done() and not get.cancelled()]
+        if not got:
+            yield None
+        for item in got:
+            if item is None:
+                return
+            yield item
+
+
+async def task_or_step_changes(
+    driver: Driver, watched: Callable[[], set[bytes]], poll: float
+) -> AsyncGenerator[None, None]:
+    """Yield now, then whenever a task note or a step about a task in `watched()` arrives, or
+    `poll` seconds passed without one (an execution-log entry from another peer is not noted).
+
+    Ends when the peer stops.
+    """
+    notes, steps = driver.task_hub.subscribe(), driver.progress.subscribe()
+    try:
+        yield None
+        feed = merged(notes, steps, poll)
+        async with contextlib.aclosing(feed):
+            async for item in feed:
+                if item is None:
+                    yield None
+                    continue
+                task_id = item.task_id if isinstance(item, Step) else task_of(item)
+                if task_id in watched():
+                    yield None
+    finally:
+        driver.task_hub.unsubscribe(notes)
+        driver.progress.unsubscribe(steps)
+
+
+def task_of(item: Observed) -> bytes | None:
+    """The task a note is about (None for a note about no task)."""
+    task_id = getattr(item.note, "task_id", None)
+    return task_id if isinstance(task_id, bytes) else None
