@@ -8,8 +8,10 @@ Invariants:
   (`[llm.models."m"]`), then `[llm]`'s. `api_base` and `api_key_env` are taken from the first
   level that gives them; `params` merge key by key in the same order.
 - A parameter the model client sets itself (the model, messages, tools, key, server, timeout,
-  retries, streaming, sampling) is refused in `params`, so every setting has one home and a
-  `params` entry cannot quietly undo the client's retry or credential rules.
+  retries, stream options, sampling) is refused in `params`, so every setting has one home and
+  a `params` entry cannot quietly undo the client's retry or credential rules.
+- `params.stream` (true or false) is the one parameter the client reads rather than passes:
+  it chooses how the client reads the reply (`ModelEndpoint.streams`), never what it returns.
 - Parse errors are one line starting with where the value is ("agents[0].api_key_env: ...").
 """
 
@@ -28,7 +30,7 @@ CLIENT_PARAMS = {
     "messages": "the conversation",
     "tools": "the agent's `tools`",
     "tool_choice": "the agent loop",
-    "stream": "the model client (it reads whole replies)",
+    "stream_options": "the model client (it asks for usage when `stream` is true)",
     "api_key": "`api_key_env` (the name of the environment variable holding the key)",
     "api_base": "`api_base`",
     "base_url": "`api_base`",
@@ -56,7 +58,7 @@ class ModelEndpoint:
     (OPENAI_API_KEY, ANTHROPIC_API_KEY, …), read by litellm itself."""
     params: Mapping[str, Any] = field(default_factory=dict, hash=False)
     """Extra keyword arguments of `litellm.acompletion` (e.g. `top_p`, `extra_headers`,
-    `reasoning_effort`), passed as written."""
+    `reasoning_effort`), passed as written; `stream = true` has replies streamed (`streams`)."""
 
     def over(self, base: ModelEndpoint) -> ModelEndpoint:
         """This endpoint, with what it leaves unset taken from `base`."""
@@ -66,13 +68,19 @@ class ModelEndpoint:
             {**base.params, **self.params},
         )
 
+    @property
+    def streams(self) -> bool:
+        """Whether calls read the reply as a stream (`params.stream`; default false)."""
+        return self.params.get("stream") is True
+
     def call_kwargs(self, env: Mapping[str, str]) -> dict[str, Any]:
-        """The `litellm.acompletion` keyword arguments of this endpoint.
+        """The `litellm.acompletion` keyword arguments of this endpoint, but `stream` (the
+        client sets it, with its stream options, when `streams`).
 
         Raises:
             MissingCredential: `api_key_env` names a variable that is not set (or empty).
         """
-        kwargs = dict(self.params)
+        kwargs = {key: value for key, value in self.params.items() if key != "stream"}
         if self.api_base is not None:
             kwargs["api_base"] = self.api_base
         if self.api_key_env is not None:
@@ -124,6 +132,9 @@ def parse_endpoint(where: str, table: Mapping[str, object]) -> ModelEndpoint:
             raise ValueError(f"{where}.params.{key}: set by {owner}, not in params")
         if key.startswith(("_", "mock_")):
             raise ValueError(f"{where}.params.{key}: litellm's internal parameters are refused")
+    stream = params.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ValueError(f"{where}.params.stream: must be true or false, got {stream!r}")
     return ModelEndpoint(api_base, api_key_env, dict(params))
 
 

@@ -1,8 +1,9 @@
 """The model client: every model call of the agent host goes through `ModelClient.complete`.
 
 A call is: resolve the endpoint (server, key, params; `peer.agents.endpoints`), wait for the
-model's circuit breaker and rate limits (`peer.agents.limits`), call `litellm.acompletion`,
-retry retryable provider errors with exponential backoff and jitter (or the provider's
+model's circuit breaker and rate limits (`peer.agents.limits`), call `litellm.acompletion`
+(streamed when the endpoint says `stream`: `peer.agents.streaming`), retry retryable provider
+errors with exponential backoff and jitter (or the provider's
 `Retry-After`), and turn the response into a provider-neutral `Completion`.
 
 Invariants:
@@ -16,6 +17,10 @@ Invariants:
 - Each call goes to the endpoint resolved for it (`LlmSettings.endpoint_for`); breakers and
   counters are per model and server, rate limits and network shares per model string.
 - This client owns retries: the SDK under litellm is told not to retry (`max_retries=0`).
+- A streamed call is one attempt from the request to the stream's end: limits, breaker,
+  retries and `Retry-After` treat it as they treat a whole reply, and a stream cut midway is
+  retried whole. Its `Completion` is the one the same reply unstreamed would give. The
+  offline model always answers whole.
 - Each attempt reserves one request and an estimate of its tokens; the reservation is
   corrected by the actual usage (or refunded when the attempt failed).
 - Time comes from the injected `clock`, waiting from the injected `sleep`, jitter from the
@@ -45,6 +50,7 @@ from peer.agents.model_settings import LlmSettings
 from peer.agents.offline import OFFLINE_MODEL, PROVIDER, OfflineModel
 from peer.agents.ports import Completion, ModelError, ToolCall
 from peer.agents.provider_errors import ErrorKind, classify, retry_after
+from peer.agents.streaming import streamed_completion
 from peer.observability.logs import adopt_litellm_loggers
 
 log = logging.getLogger(__name__)
@@ -160,6 +166,7 @@ class ModelClient:
         except MissingCredential as exc:
             raise ModelError(f"{model}: {exc}") from None
         stats = self._stats_for(model, resolved)
+        stream = resolved.streams and not model.startswith(f"{PROVIDER}/")
         estimate = _estimate_tokens(messages, tools) + (max_tokens or COMPLETION_ESTIMATE)
         attempt = 0
         while True:
@@ -169,7 +176,7 @@ class ModelClient:
             _forget_before(stats.starts, stats.starts[-1] - DEMAND_WINDOW)
             try:
                 completion = await self._attempt(
-                    model, connection, messages, tools, temperature, max_tokens
+                    model, connection, messages, tools, temperature, max_tokens, stream
                 )
             except asyncio.CancelledError:
                 stats.breaker.on_abandoned(self._clock())
@@ -297,6 +304,7 @@ class ModelClient:
         tools: list[dict[str, Any]],
         temperature: float | None,
         max_tokens: int | None,
+        stream: bool,
     ) -> Completion:
         if model == OFFLINE_MODEL and not self.settings.offline_via_litellm:
             thinking = self._offline.think_seconds(messages)
@@ -334,7 +342,10 @@ class ModelClient:
         if max_tokens is not None:
             kwargs["max_tokens"] = max_tokens
         kwargs.update(self._extra)
-        response = await litellm.acompletion(**kwargs)
+        if stream:
+            response = await streamed_completion(litellm, kwargs, self.settings.timeout)
+        else:
+            response = await litellm.acompletion(**kwargs)
         return _to_completion(litellm, model, response)
 
     def _import_litellm(self) -> Any:

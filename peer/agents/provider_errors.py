@@ -8,6 +8,9 @@ Invariants:
 - `Retry-After` is read as seconds or an HTTP date (RFC 9110 §10.2.3), and `retry-after-ms`
   as milliseconds (OpenAI, Azure); a value that is neither, or that lies in the past, is no
   value.
+- An error litellm wraps (a stream that failed midway, `MidStreamFallbackError`) is judged by
+  its own type and status, a retryable one, but its wait is read from the provider's error it
+  wraps: that one carries the response headers.
 """
 
 from __future__ import annotations
@@ -89,6 +92,11 @@ def retry_after(exc: BaseException, wall_now: float) -> float | None:
 
 
 def _headers(exc: BaseException) -> Mapping[str, Any] | None:
+    wrapped = getattr(exc, "original_exception", None)
+    if isinstance(wrapped, BaseException) and wrapped is not exc:
+        inner = _headers(wrapped)
+        if inner is not None:
+            return inner
     headers = getattr(exc, "litellm_response_headers", None)
     if headers is None:
         response = getattr(exc, "response", None)

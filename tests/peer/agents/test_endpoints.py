@@ -56,7 +56,8 @@ def test_retry_after(headers: dict[str, str] | None, expected: float | None) -> 
         ({"params": 1}, "x.params: must be a table"),
         ({"params": {"api_key": "k"}}, "x.params.api_key: set by `api_key_env`"),
         ({"params": {"max_retries": 2}}, "x.params.max_retries: set by `[llm] retries`"),
-        ({"params": {"stream": True}}, "x.params.stream: set by the model client"),
+        ({"params": {"stream_options": {}}}, "x.params.stream_options: set by the model client"),
+        ({"params": {"stream": "yes"}}, "x.params.stream: must be true or false"),
         ({"params": {"mock_response": "hi"}}, "x.params.mock_response: litellm's internal"),
     ],
 )
