@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -296,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.peers < 1 or args.agents < 3 or not 1 <= args.fanout <= MAX_PARTS:
         parser.error(f"need at least 1 peer, 3 agents per peer and a fan-out of 1 to {MAX_PARTS}")
+    # SIGTERM unwinds like Ctrl-C would, so LocalCluster ends every peer it started by pid
+    # and the data directory goes (without it, a terminated run left 100 peers running).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="bench-agents-") as tmp:
         try:
             report = asyncio.run(bench(args, Path(tmp)))
