@@ -22,7 +22,7 @@ from peer.agents.model_calls import ModelCalls
 from peer.agents.ports import AgentOutput
 from peer.http.common import Json, node_id_text
 from peer.http.progress import progress_json
-from peer.http.tasks import (
+from peer.http.task_views import (
     READ_TIMEOUT,
     duplicates,
     model_calls_json,

@@ -5,7 +5,7 @@ Invariants:
   note and every step of an execution here (`peer.http.progress`) from the moment of the
   request; notes in the form of `task_event_json`, steps as "task-progress" events.
 - Watching one task is driven by this peer's state, not only by notifications: the stream
-  re-reads the task on each of its notes and steps and every `peer.http.tasks.WATCH_POLL`
+  re-reads the task on each of its notes and steps and every `peer.http.task_views.WATCH_POLL`
   seconds and reports each fact once, in causal order (claim, executions, result, cancel),
   with the steps of its executions here in between as they happen. With `?tree=1` it does the
   same for every task below it known here, announcing each with a "task-child" event before
@@ -33,7 +33,7 @@ from peer.http.common import (
     stream_events,
 )
 from peer.http.progress import merged, new_steps, step_json, task_or_step_changes
-from peer.http.tasks import FINAL_STATES, REFRESH_INTERVAL, WATCH_POLL, read_task
+from peer.http.task_views import FINAL_STATES, REFRESH_INTERVAL, WATCH_POLL, read_task
 from peer.runtime.driver import Driver
 from peer.runtime.hub import Observed
 from peer.runtime.progress import Step

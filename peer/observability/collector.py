@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 
 from peer.agents.jail import JAIL_REFUSALS, refusals_in
 from peer.http.common import version
-from peer.http.tasks import STATES
+from peer.http.task_views import STATES
 from peer.runtime.driver import Driver
 from peer.runtime.transport import Transport
 from protocol.identity import short_id
