@@ -48,8 +48,9 @@ from peer.python_api.roles import Role
 from peer.python_api.serving import role_handlers, role_slots
 from peer.runtime.blob_store import BLOBS_DIR, BlobStore
 from peer.runtime.blobs import BlobService
-from peer.runtime.driver import Driver, RecordStore
+from peer.runtime.driver import Driver
 from peer.runtime.executor import Executor, RoleHandler, builtin_roles
+from peer.runtime.group_commit import RecordStore
 from peer.runtime.keyring import Keyring
 from peer.runtime.serving import host_port
 from peer.runtime.store import Store, StoreError
@@ -205,7 +206,7 @@ async def build_peer(
         driver = Driver(node, transport, store)
         blobs = BlobService(blob_store, transport, driver)
         transport.blob_store = blobs.holder  # pushes pass the designated-holder rule
-        driver.on_written = blobs.note_written  # blobs go with the tasks forgotten
+        driver.disk.on_written = blobs.note_written  # blobs go with the tasks forgotten
         transport.on_receive = driver.receive
         driver.start()
         handlers = dict(builtin_roles() if roles is None else roles)
@@ -294,9 +295,7 @@ def _config(settings: AgentSettings, network_id: bytes) -> NodeConfig:
     config = with_network(PROFILES[settings.profile](), network_id)
     retention = settings.task_retention
     grace = settings.tombstone_grace if settings.tombstone_grace is not None else retention
-    return replace(
-        config, tasks=replace(config.tasks, retention=retention, tombstone_grace=grace)
-    )
+    return replace(config, tasks=replace(config.tasks, retention=retention, tombstone_grace=grace))
 
 
 def _discard_outlived_copies(store: PeerStore, config: NodeConfig) -> None:

@@ -96,19 +96,19 @@ class MemberApi:
         )
 
     def _degraded(self) -> Json:
-        reason = self.driver.degraded
+        reason = self.driver.disk.degraded
         return {"degraded": reason is not None, "degraded_reason": reason}
 
     async def _health(self, request: web.Request) -> web.Response:
         alive = sum(1 for m in self.driver.node.members() if m.status == Status.ALIVE)
-        status = "ok" if self.driver.degraded is None else "degraded"
+        status = "ok" if self.driver.disk.degraded is None else "degraded"
         return web.json_response(
             {
                 "status": "leaving" if self.driver.leaving else status,
                 "members_alive": alive,
                 "uptime": self._uptime(),
                 **self._degraded(),
-                "write_failures": self.driver.write_failures,
+                "write_failures": self.driver.disk.write_failures,
             }
         )
 

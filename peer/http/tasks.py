@@ -66,7 +66,8 @@ from peer.http.task_views import (
     task_json,
 )
 from peer.runtime.blobs import BlobService, BlobUnavailable
-from peer.runtime.driver import Driver, NotDurable
+from peer.runtime.driver import Driver
+from peer.runtime.group_commit import NotDurable
 from peer.runtime.queue_timeouts import DEFAULT_QUEUE_TIMEOUT, QueueTimeouts
 from peer.runtime.task_listing import NetworkListing
 from protocol.blobs import BLOB_LIMIT, blob_ref

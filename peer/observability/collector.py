@@ -125,12 +125,12 @@ class PeerCollector(Collector):
         yield GaugeMetricFamily(
             "grapevine_degraded",
             "1 while the last write to disk failed (see /v1/health), else 0.",
-            value=0 if self.driver.degraded is None else 1,
+            value=0 if self.driver.disk.degraded is None else 1,
         )
         yield CounterMetricFamily(
             "grapevine_store_write_failures",
             "Writes to disk that failed.",
-            value=self.driver.write_failures,
+            value=self.driver.disk.write_failures,
         )
         yield CounterMetricFamily(
             "grapevine_signatures_verified",

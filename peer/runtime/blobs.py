@@ -97,7 +97,7 @@ class BlobTransport(Protocol):
 class BlobService:
     """Stores, spreads, fetches and deletes the blobs of one peer; the executor's and API's blob
     port. Serve `holder` on the transport (``transport.blob_store = service.holder``) and give
-    the driver `note_written` (``driver.on_written``).
+    the driver `note_written` (``driver.disk.on_written``).
 
     Args:
         store: this peer's blob store.
@@ -290,7 +290,7 @@ class BlobService:
     # Deletion
 
     def note_written(self, records: list[Persist]) -> None:
-        """The driver wrote `records` (`Driver.on_written`): index the blob references of the
+        """The driver wrote `records` (`GroupCommit.on_written`): index the blob references of the
         tasks and results among them, and release the blobs of the tasks forgotten."""
         now = self._wall()
         node = self.driver.node
@@ -331,7 +331,7 @@ class BlobService:
         Raises:
             OSError: the blob directory cannot be written.
         """
-        if self.driver.degraded is not None:
+        if self.driver.disk.degraded is not None:
             return []
         released = dict.fromkeys(self.references.take_released(), True)
         deleted = await asyncio.to_thread(self._delete_collectable, released)

@@ -3,16 +3,10 @@
 Invariants:
 - Everything runs on the event loop thread, and only this driver calls the node, so the
   protocol needs no locks. The clock is `loop.time()` (monotonic).
-- Effects are applied in order, fully: persists first, then sends, then notifications.
-  Persists are group-committed: the effects of every node call made in one turn of the event
-  loop that persist anything (and those that follow them in that turn) wait for one
-  `put_many` transaction at the end of the turn, so one fsync covers every envelope received
-  meanwhile, and nothing they send leaves before it is on disk (decision 24). If the persist
-  fails, the sends of those calls are not sent (they might announce a fact that is not
-  durable), the peer is `degraded` (the reason, shown by the API)
-  and the records are kept: they are written, before the newer ones, with the next call that
-  persists (or the next submit, or the periodic save), so disk catches up with the node's
-  memory once writes succeed again; the first write that succeeds ends `degraded`.
+- Effects are applied in order, fully: persists first, then sends, then notifications. The
+  persists are group-committed by `disk` (`peer.runtime.group_commit`, decision 24): one fsync
+  per turn of the loop, nothing sent before what it announces is on disk, and a failed write
+  makes the peer `degraded` until disk catches up.
 - A submission is acknowledged only on disk: `submit` raises `NotDurable` unless every record
   so far, its own included, is written.
 - Exactly one timer handle is armed, at the latest `wake_at`.
@@ -48,9 +42,10 @@ from typing import Any, Protocol, assert_never
 from peer.observability.lifecycle import TaskLifecycle
 from peer.observability.tracing import PeerTracing
 from peer.runtime.executor import Executor, Usage, Work
+from peer.runtime.group_commit import GroupCommit, NotDurable, RecordStore
 from peer.runtime.hub import NoteHub, Notifications
 from peer.runtime.progress import ProgressLog
-from protocol.effects import CancelExecution, Command, Effects, Persist, StartExecution
+from protocol.effects import CancelExecution, Command, Effects, StartExecution
 from protocol.errors import LocalProtocolError
 from protocol.identity import short_id
 from protocol.node import Node
@@ -67,33 +62,10 @@ FETCH_POLL = 0.02
 """Seconds between looks for the answer to a read of a task this peer does not hold."""
 
 
-class NotDurable(Exception):
-    """A task submitted here could not be written to disk: the node holds it in memory only
-    (it may still spread and run) and the driver retries the write with the next ones.
-
-    Attributes:
-        task_id: the task's id.
-        reason: why the write failed.
-    """
-
-    def __init__(self, task_id: bytes, reason: str) -> None:
-        super().__init__(f"task {task_id.hex()} could not be written to disk here: {reason}")
-        self.task_id = task_id
-        self.reason = reason
-
-
 class Sender(Protocol):
     """Where sends go (`peer.runtime.transport.Transport`, or a fake in tests)."""
 
     def send(self, addr: str, data: bytes) -> None: ...
-
-
-class RecordStore(Protocol):
-    """The durable side the driver needs (`peer.runtime.store.Store`, or a fake in tests)."""
-
-    def put_many(self, records: Iterable[Persist]) -> None: ...
-
-    def save_members(self, rows: Iterable[tuple[bytes, str, int]]) -> None: ...
 
 
 class Driver:
@@ -138,23 +110,9 @@ class Driver:
         self.leaving = False
         self.hints: set[str] = set()
         """Addresses remembered from a previous run: tried on join, never kept as seeds."""
-        self.degraded: str | None = None
-        """Why the last write to disk failed; None while writes succeed."""
-        self.write_failures = 0
-        """Writes to disk that failed since the start."""
-        self._unwritten: dict[tuple[str, bytes], Persist] = {}
-        """Records of failed writes, oldest first, the newest value for each key."""
-        self._pending: list[Effects] = []
-        """Effects waiting for this turn's group commit (see `_apply`), in order."""
-        self._commit: asyncio.Handle | None = None
-        """The group commit scheduled for the end of this turn of the loop, if any."""
-        self._commit_waiters: list[asyncio.Future[bool]] = []
-        """Submissions waiting for this turn's group commit (see `submit_durably`)."""
-        self._retry_unwritten = False
-        """Whether this turn's group commit retries unwritten records (a submission waits)."""
-        self.on_written: Callable[[list[Persist]], None] | None = None
-        """Called with each batch of records once it is on disk, in order (the blob service
-        indexes blob references and deletes the blobs of forgotten tasks)."""
+        self.disk = GroupCommit(store, self._loop, self._deliver)
+        """Writes the node's records, one fsync per turn of the loop, and holds back the
+        effects that wait for them (`degraded`, `write_failures`, `on_written` live there)."""
 
     @property
     def hub(self) -> NoteHub:
@@ -168,7 +126,7 @@ class Driver:
 
     def start(self) -> None:
         """Arm the node's timers and the periodic save of membership hints."""
-        self._apply(self.node.tick(self._clock()))
+        self.disk.apply(self.node.tick(self._clock()))
         self._save_timer = self._loop.call_later(MEMBER_SAVE_INTERVAL, self._periodic_save)
 
     def stop(self) -> None:
@@ -177,8 +135,8 @@ class Driver:
             if handle is not None:
                 handle.cancel()
         self._timer = self._save_timer = None
-        self._group_commit()
-        self._persist([], retry=True)
+        self.disk.commit()
+        self.disk.write([], retry=True)
         self.save_members()
         self.notifications.close()
         self.progress.close()
@@ -188,7 +146,7 @@ class Driver:
 
     def receive(self, src: str, data: bytes) -> None:
         """Hand one opened envelope from `src` to the node."""
-        self._apply(self.node.handle(self._clock(), src, data))
+        self.disk.apply(self.node.handle(self._clock(), src, data))
 
     def join_now(self, addrs: list[str]) -> None:
         """Ask `addrs` for their state without waiting for an answer. Addresses in `hints`
@@ -196,9 +154,9 @@ class Driver:
         seeds = [a for a in addrs if a not in self.hints]
         hinted = [a for a in addrs if a in self.hints]
         if seeds:
-            self._apply(self.node.join(self._clock(), seeds))
+            self.disk.apply(self.node.join(self._clock(), seeds))
         if hinted:
-            self._apply(self.node.join(self._clock(), hinted, remember=False))
+            self.disk.apply(self.node.join(self._clock(), hinted, remember=False))
 
     async def join(self, addrs: list[str], timeout: float) -> str | None:
         """Ask `addrs` to let us join; return the address of the first that answered.
@@ -214,14 +172,14 @@ class Driver:
         Raises:
             LocalProtocolError: the name or payload exceeds the wire limits.
         """
-        self._apply(self.node.broadcast(self._clock(), name, payload))
+        self.disk.apply(self.node.broadcast(self._clock(), name, payload))
         return self.node.node_id, self.node.ltime
 
     def set_state(
         self, roles: tuple[str, ...], free_slots: int, queue_len: int, load: float
     ) -> None:
         """Advertise this peer's roles and load (see `Node.set_state`)."""
-        self._apply(self.node.set_state(self._clock(), roles, free_slots, queue_len, load))
+        self.disk.apply(self.node.set_state(self._clock(), roles, free_slots, queue_len, load))
 
     def wall(self) -> float:
         """Wall-clock seconds, as shown to users."""
@@ -239,7 +197,7 @@ class Driver:
 
     def serve(self, roles: tuple[str, ...], max_running: int) -> None:
         """Declare the roles this peer executes and how many run at once (`Node.serve`)."""
-        self._apply(self.node.serve(self._clock(), roles, max_running))
+        self.disk.apply(self.node.serve(self._clock(), roles, max_running))
 
     def restore(self, raws: Iterable[bytes], *, tombstones: bool = False) -> int:
         """Replay stored task objects (`Node.restore`), or with `tombstones` stored tombstones
@@ -264,7 +222,7 @@ class Driver:
             # Replayed objects are old news: their notes are not lifecycle events.
             self.lifecycle.replaying = True
             try:
-                self._apply(merged)
+                self.disk.apply(merged)
             finally:
                 self.lifecycle.replaying = False
         return count
@@ -317,10 +275,10 @@ class Driver:
                 self.lifecycle.submitted(task_id)
             if durably is None:
                 # The caller waits for this answer: commit now, with whatever else waits.
-                if not self._apply(fx, retry=True, commit_now=True):
-                    raise NotDurable(task_id, self.degraded or "unknown")
+                if not self.disk.apply(fx, retry=True, commit_now=True):
+                    raise NotDurable(task_id, self.disk.degraded or "unknown")
             else:
-                durably.append(self._apply_then(fx))
+                durably.append(self.disk.apply_then(fx))
         return task_id
 
     async def submit_durably(self, role: str, data: bytes, **kwargs: Any) -> bytes:
@@ -333,20 +291,8 @@ class Driver:
         commit: list[asyncio.Future[bool]] = []
         task_id = self.submit(role, data, durably=commit, **kwargs)
         if not await commit[0]:
-            raise NotDurable(task_id, self.degraded or "unknown")
+            raise NotDurable(task_id, self.disk.degraded or "unknown")
         return task_id
-
-    def _apply_then(self, fx: Effects) -> asyncio.Future[bool]:
-        """Apply `fx` with this turn's group commit (unwritten records retried); the future
-        says whether every record so far was then on disk."""
-        done: asyncio.Future[bool] = self._loop.create_future()
-        if not (fx.persists or self._pending):
-            done.set_result(self._apply(fx, retry=True))
-            return done
-        self._apply(fx)
-        self._commit_waiters.append(done)
-        self._retry_unwritten = True
-        return done
 
     def task_id_for(
         self,
@@ -396,18 +342,18 @@ class Driver:
         running here."""
         if self.executor is not None:
             self.executor.suspend(task_id)  # first: work the node starts now finds the slot
-        self._apply(self.node.suspend(self._clock(), task_id))
+        self.disk.apply(self.node.suspend(self._clock(), task_id))
 
     def resume(self, task_id: bytes) -> None:
         """A suspended task goes on: it holds its slot again at once (`Node.resume`)."""
-        self._apply(self.node.resume(self._clock(), task_id))
+        self.disk.apply(self.node.resume(self._clock(), task_id))
         if self.executor is not None:
             self.executor.resume(task_id)
 
     async def fetch(self, task_ids: list[bytes], timeout: float) -> None:
         """Ask the peers holding these tasks for them (`Node.fetch`), and wait until each has a
         record here or `timeout` seconds passed: a read of a task this peer does not hold."""
-        self._apply(self.node.fetch(self._clock(), task_ids))
+        self.disk.apply(self.node.fetch(self._clock(), task_ids))
         deadline = self._clock() + timeout
         while self._clock() < deadline:
             if all((st := self.node.task(t)) is not None and st.record for t in task_ids):
@@ -418,12 +364,12 @@ class Driver:
         """Ask `peers` for their page of a network listing (`Node.ask_task_pages`); return the
         request id sent to each (its page: `Node.task_page`)."""
         fx, asked = self.node.ask_task_pages(self._clock(), peers, query)
-        self._apply(fx)
+        self.disk.apply(fx)
         return asked
 
     def cancel_task(self, task_id: bytes, reason: str = "cancelled") -> None:
         """Cancel a task network-wide (`Node.cancel`)."""
-        self._apply(self.node.cancel(self._clock(), task_id, reason))
+        self.disk.apply(self.node.cancel(self._clock(), task_id, reason))
 
     def complete(
         self, task_id: bytes, epoch: int, outcome: str, output: bytes, usage: Usage
@@ -440,7 +386,7 @@ class Driver:
             log.warning("task %s: the node refused its result: %s", task_id.hex()[:12], exc)
             reason = f"the result was refused: {exc}".encode()
             fx = self.node.complete(self._clock(), task_id, epoch, "failed", reason, usage)
-        self._apply(fx)
+        self.disk.apply(fx)
 
     def checkpoint(self, task_id: bytes, epoch: int, data: bytes) -> int:
         """Record step `data` of this peer's run of the task under `epoch` (`Node.checkpoint`):
@@ -452,7 +398,7 @@ class Driver:
                 `MAX_CHECKPOINT_BYTES`, or the run has `MAX_CHECKPOINTS` already.
         """
         fx, made = self.node.checkpoint(self._clock(), task_id, epoch, data)
-        self._apply(fx)
+        self.disk.apply(fx)
         return made.seq
 
     def checkpoints(self, task_id: bytes) -> list[Checkpoint]:
@@ -466,7 +412,7 @@ class Driver:
             True if the node reported the leave as done within the timeout.
         """
         self.leaving = True
-        self._apply(self.node.leave(self._clock()))
+        self.disk.apply(self.node.leave(self._clock()))
         deadline = self._clock() + timeout
         while not self.node.leave_done() and self._clock() < deadline:
             await asyncio.sleep(0.05)
@@ -488,7 +434,7 @@ class Driver:
             log.exception("saving membership hints failed")
 
     def _periodic_save(self) -> None:
-        self._persist([], retry=True)
+        self.disk.write([], retry=True)
         self.save_members()
         self._save_timer = self._loop.call_later(MEMBER_SAVE_INTERVAL, self._periodic_save)
 
@@ -496,46 +442,7 @@ class Driver:
 
     def _on_timer(self) -> None:
         self._timer = None
-        self._apply(self.node.tick(self._clock()))
-
-    def _apply(self, fx: Effects, *, retry: bool = False, commit_now: bool = False) -> bool:
-        """Apply `fx` (see the module invariants): at once if it persists nothing and nothing
-        waits for a commit, else with this turn's group commit (or at once, with everything
-        waiting, for `commit_now`). `retry` writes unwritten records even if nothing else is
-        to be written.
-
-        Returns:
-            Whether every record so far is on disk (as of this call, for a deferred one).
-        """
-        if not (fx.persists or self._pending or commit_now):
-            if retry:
-                self._persist([], retry=True)
-            self._deliver(fx, durable=True)
-            return not self._unwritten
-        self._pending.append(fx)
-        if commit_now:
-            return self._group_commit(retry=retry)
-        if self._commit is None:
-            self._commit = self._loop.call_soon(self._group_commit)
-        return not self._unwritten
-
-    def _group_commit(self, *, retry: bool = False) -> bool:
-        """Write every waiting record in one transaction, then deliver the waiting effects."""
-        if self._commit is not None:
-            self._commit.cancel()
-            self._commit = None
-        pending, self._pending = self._pending, []
-        waiters, self._commit_waiters = self._commit_waiters, []
-        retry = retry or self._retry_unwritten
-        self._retry_unwritten = False
-        records = [record for fx in pending for record in fx.persists]
-        durable = self._persist(records, retry=retry)
-        for fx in pending:
-            self._deliver(fx, durable)
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(durable)
-        return durable
+        self.disk.apply(self.node.tick(self._clock()))
 
     def _deliver(self, fx: Effects, durable: bool) -> None:
         if durable or not fx.persists:
@@ -549,33 +456,6 @@ class Driver:
             self._execute(command)
             self.notifications.observe(command)
         self._arm(fx.wake_at)
-
-    def _persist(self, records: list[Persist], *, retry: bool) -> bool:
-        """Write the unwritten records, then `records`, in one transaction; return whether
-        nothing is left unwritten. Without `records` the unwritten ones wait for `retry`."""
-        if not records and not (retry and self._unwritten):
-            return not self._unwritten
-        batch = [*self._unwritten.values(), *records]  # a later record for a key wins
-        try:
-            self._store.put_many(batch)
-        except Exception as exc:
-            for record in records:
-                self._unwritten[record.kind, record.key] = record
-            self.write_failures += 1
-            self.degraded = str(exc) or type(exc).__name__
-            log.error(
-                "writing %d records to disk failed, the peer is degraded: %s", len(batch), exc
-            )
-            return False
-        if self._unwritten:
-            log.warning(
-                "writing to disk works again (%d held records written)", len(self._unwritten)
-            )
-            self._unwritten.clear()
-        self.degraded = None
-        if self.on_written is not None:
-            self.on_written(batch)
-        return True
 
     def _arm(self, wake_at: float | None) -> None:
         if self._timer is not None:

@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from peer.demo.processes import child_env, grapevine_command
 from peer.http.app import PeerApi
-from peer.runtime.driver import NotDurable
+from peer.runtime.group_commit import NotDurable
 from peer.runtime.store import DB_NAME, Store
 from protocol.effects import Persist, PersistKind
 from scripts.local_cluster import keygen
@@ -117,8 +117,8 @@ async def test_a_submit_not_written_raises_and_is_written_with_the_next_write() 
         with pytest.raises(NotDurable, match="No space left on device") as raised:
             driver.submit("echo", b"x", idempotency_key="k")
         task_id = raised.value.task_id
-        assert "No space left" in str(driver.degraded)
-        assert driver.write_failures == 1
+        assert "No space left" in str(driver.disk.degraded)
+        assert driver.disk.write_failures == 1
         assert (PersistKind.TASK, task_id) not in store.records
         assert driver.node.task(task_id) is not None, "the node holds it in memory"
 
@@ -127,7 +127,7 @@ async def test_a_submit_not_written_raises_and_is_written_with_the_next_write() 
         store.fail = False
         assert driver.submit("echo", b"x", idempotency_key="k") == task_id
         assert (PersistKind.TASK, task_id) in store.records
-        assert driver.degraded is None and driver.write_failures == 2
+        assert driver.disk.degraded is None and driver.disk.write_failures == 2
 
 
 @pytest.mark.asyncio
