@@ -20,6 +20,7 @@ import msgpack
 from protocol import fields
 from protocol.errors import RemoteProtocolError
 from protocol.identity import NODE_ID_BYTES, PUBLIC_KEY_BYTES, SIGNATURE_BYTES
+from protocol.tasks import inventory
 from protocol.tasks.messages import (
     MAX_CHECKPOINTS,
     MAX_NONCE,
@@ -32,6 +33,7 @@ from protocol.tasks.messages import (
     Result,
     TaskAsk,
     TaskGrant,
+    TaskHave,
     TaskHeld,
     TaskList,
     TaskPage,
@@ -39,7 +41,6 @@ from protocol.tasks.messages import (
     TaskRecord,
     TaskShards,
     TaskSummary,
-    TaskSync,
     TaskWant,
     is_traceparent,
     task_id_of,
@@ -149,8 +150,8 @@ def _to_fields(msg: Message) -> list[Any]:
         case TaskShards(level, shards, entries, upto):
             rows = [list(e) for e in entries]
             return [Kind.TASK_SHARDS, level, [list(s) for s in shards], rows, upto]
-        case TaskSync(entries):
-            return [Kind.TASK_SYNC, [list(e) for e in entries]]
+        case TaskHave():
+            return [Kind.TASK_HAVE, *inventory.have_fields(msg)]
         case TaskRead(ids):
             return [Kind.TASK_READ, list(ids)]
         case TaskWant(ids):
@@ -263,7 +264,9 @@ def decode_message(data: bytes) -> Message:
         case Kind.TASK_DIGESTS:
             raise RemoteProtocolError(f"retired message kind {kind.name}")
         case Kind.TASK_SYNC:
-            return TaskSync(tuple(_digest_entry(e) for e in fields.array(f[1])))
+            raise RemoteProtocolError(f"retired message kind {kind.name}")
+        case Kind.TASK_HAVE:
+            return inventory.decode_have(f)
         case Kind.TASK_READ:
             return TaskRead(tuple(fields.node_id(t) for t in fields.array(f[1])))
         case Kind.TASK_WANT:
@@ -298,9 +301,10 @@ def decode_message(data: bytes) -> Message:
             assert_never(kind)
 
 
-RETIRED_KINDS = frozenset({Kind.EXECUTION, Kind.TASK_DIGESTS})
+RETIRED_KINDS = frozenset({Kind.EXECUTION, Kind.TASK_DIGESTS, Kind.TASK_SYNC})
 """Kinds no longer sent: v1's execution-log entries (a run is now its claim and its result,
-decision 23) and whole-history task digests (now `TaskShards`, decision 31). Decoding one is a
+decision 23), whole-history task digests (now `TaskShards`, decision 31) and replica syncs by
+digest (now inventories, `TaskHave`, decision 44). Decoding one is a
 protocol error, like an unknown kind."""
 
 ARITY: dict[Kind, int] = {
@@ -325,7 +329,7 @@ ARITY: dict[Kind, int] = {
     Kind.EPOCH_GRANT: 6,
     Kind.CHECKPOINT: 7,
     Kind.TASK_SHARDS: 5,
-    Kind.TASK_SYNC: 2,
+    Kind.TASK_HAVE: 3,
     Kind.TASK_READ: 2,
     Kind.TASK_LIST: 6,
     Kind.TASK_PAGE: 4,

@@ -47,6 +47,7 @@ from protocol.tasks.messages import (
     Result,
     TaskAsk,
     TaskGrant,
+    TaskHave,
     TaskHeld,
     TaskList,
     TaskMessage,
@@ -54,7 +55,6 @@ from protocol.tasks.messages import (
     TaskRead,
     TaskRecord,
     TaskShards,
-    TaskSync,
     TaskWant,
 )
 from protocol.tasks.plane import Tasks
@@ -485,7 +485,7 @@ class Node(NodeQueries):
                 | Checkpoint()
                 | TaskHeld()
                 | TaskShards()
-                | TaskSync()
+                | TaskHave()
                 | TaskRead()
                 | TaskWant()
                 | TaskAsk()

@@ -69,13 +69,14 @@ class Kind(IntEnum):
     TASK_WANT = 18
     TASK_ASK = 19
     TASK_GRANT = 20
-    TASK_SYNC = 21
+    TASK_SYNC = 21  # retired (decision 44): never sent, refused on decode
     TASK_READ = 22
     TASK_LIST = 23
     TASK_PAGE = 24
     EPOCH_GRANT = 25
     TASK_SHARDS = 26
     CHECKPOINT = 27
+    TASK_HAVE = 28
 
 
 class Status(IntEnum):

@@ -27,11 +27,21 @@ from protocol.effects import Command, Dropped
 from protocol.identity import Signer, VerifiedCache
 from protocol.membership import Port as MembershipPort
 from protocol.slots import SlotLedger
-from protocol.tasks.messages import Checkpoint, Claim, EpochGrant, Result, TaskWant
+from protocol.tasks.inventory import inventory_of
+from protocol.tasks.messages import (
+    Checkpoint,
+    Claim,
+    EpochGrant,
+    Inventory,
+    Result,
+    TaskHave,
+    TaskWant,
+)
 from protocol.tasks.placement import CandidateRankings, ReplicaSets, audience, top_by_score
 from protocol.tasks.state import TaskState
 from protocol.tasks.tombstone import Tombstone
 from protocol.timers import TaskStandby
+from protocol.wire import Message
 
 LOCAL, STORE = "", "store"
 """The `src` of objects made here (no address is empty, so no peer can pose as it), and of
@@ -41,6 +51,8 @@ MAX_WANT = 10_000
 """Task ids asked for, or compared, in one message."""
 SYNC_BATCH_BYTES = 512 * 1024
 """Task objects sent to one peer are split into batches of about this many bytes."""
+INVENTORY_BATCH_ROWS = 2048
+"""Inventory rows (tasks and their keys, about 60 bytes each) in one `TaskHave`."""
 
 ParkedKey = tuple[str, bytes, int, bytes]
 """("claim", "result", "grant" or "checkpoint", task id, epoch, owner or grantee (a
@@ -127,6 +139,8 @@ class TaskCore(ABC):
         """Claims and results that arrived before what they build on (a claim, a grant, the
         record), oldest first."""
         self.parked_by_task: dict[bytes, list[ParkedKey]] = {}
+        self.asked: dict[bytes, float] = {}
+        """When the sender of a task's parked objects was last asked for what they build on."""
         self.rankings = CandidateRankings()
         """Open tasks' candidates in HRW order (see `candidates`)."""
         self.pulled = False
@@ -194,27 +208,51 @@ class TaskCore(ABC):
         return False
 
     def ask_for(self, src: str, task_id: bytes) -> None:
-        """Ask the peer at `src` for every object of the task (not ourselves or the store)."""
-        if src not in (LOCAL, STORE):
+        """Ask the peer at `src` for what we lack of the task (not ourselves or the store):
+        our inventory where we hold some of it, so only the rest comes back, else all of it."""
+        if src in (LOCAL, STORE):
+            return
+        if task_id in self.tasks:
+            self.send_inventories(src, [task_id], reply=False)
+        else:
             self.port.send(src, [encode_message(TaskWant((task_id,)))], piggyback=False)
 
     def send_objects(self, addr: str, task_ids: Iterable[bytes]) -> None:
         """Send every object held of these tasks to `addr`, in batches."""
+        self.send_messages(
+            addr, (obj for tid in task_ids if (st := self.tasks.get(tid)) for obj in st.objects())
+        )
+
+    def send_messages(self, addr: str, messages: Iterable[Message]) -> None:
+        """Send these task objects to `addr`, in batches of about `SYNC_BATCH_BYTES`."""
         batch: list[bytes] = []
         size = 0
+        for obj in messages:
+            raw = encode_message(obj)
+            batch.append(raw)
+            size += len(raw)
+            if size > SYNC_BATCH_BYTES:
+                self.port.send(addr, batch, piggyback=False)
+                batch, size = [], 0
+        if batch:
+            self.port.send(addr, batch, piggyback=False)
+
+    def send_inventories(self, addr: str, task_ids: Iterable[bytes], reply: bool) -> None:
+        """Send our inventory of these held tasks to `addr` (`TaskHave`), in batches."""
+        batch: list[Inventory] = []
+        rows = 0
         for tid in task_ids:
             st = self.tasks.get(tid)
             if st is None:
                 continue
-            for obj in st.objects():
-                raw = encode_message(obj)
-                batch.append(raw)
-                size += len(raw)
-                if size > SYNC_BATCH_BYTES:
-                    self.port.send(addr, batch, piggyback=False)
-                    batch, size = [], 0
+            inv = inventory_of(st)
+            batch.append(inv)
+            rows += 1 + len(inv.claims) + len(inv.checkpoints) + len(inv.results)
+            if rows >= INVENTORY_BATCH_ROWS:
+                self.port.send(addr, [encode_message(TaskHave(tuple(batch), reply))], False)
+                batch, rows = [], 0
         if batch:
-            self.port.send(addr, batch, piggyback=False)
+            self.port.send(addr, [encode_message(TaskHave(tuple(batch), reply))], False)
 
     def candidates(self, st: TaskState, epoch: int) -> list[bytes]:
         """Live peers able to run `epoch` of the task in HRW order, its primary first (for a

@@ -67,6 +67,8 @@ one per restart while its claim has no result; more are refused, so a member can
 task's state without bound by re-signing its claim."""
 PARKED_MAX = 4096
 """Objects kept while they wait for what they build on (see `_park`)."""
+ASK_INTERVAL = 1.0
+"""Least seconds between two asks for what a task's parked objects build on (see `_park`)."""
 
 
 class Merge(Retention):
@@ -182,7 +184,7 @@ class Merge(Retention):
             # either forged or ahead of what reached us, so ask its sender for the chain.
             self.counters["claim skips an epoch"] += 1
             self.port.note(Dropped(src, "claim skips an epoch"))
-            self._park(("claim", c.task_id, c.epoch, c.owner), c, raw, src)
+            self._park(now, ("claim", c.task_id, c.epoch, c.owner), c, raw, src)
             return
         # Only a peer serving the task's role may own it. A peer whose advertisement has not
         # reached us yet is given the benefit of the doubt: its state follows.
@@ -200,7 +202,7 @@ class Merge(Retention):
             # ahead of the grant, so ask its sender for what it holds.
             self.counters["claim without its grant"] += 1
             self.port.note(Dropped(src, "takeover claim without the arbiter's grant"))
-            self._park(("claim", c.task_id, c.epoch, c.owner), c, raw, src)
+            self._park(now, ("claim", c.task_id, c.epoch, c.owner), c, raw, src)
             return
         if sum(1 for e, o, _ in claims if (e, o) == run[:2]) >= RUNS_PER_EPOCH:
             self.counters["claim beyond the runs kept per epoch"] += 1
@@ -245,7 +247,7 @@ class Merge(Retention):
             # record comes (asked for meanwhile), as a claim before its chain.
             self.counters["epoch grant before its record"] += 1
             self.port.note(Dropped(src, "epoch grant of a task whose record is not held"))
-            self._park(("grant", g.task_id, g.epoch, g.grantee), g, raw, src)
+            self._park(now, ("grant", g.task_id, g.epoch, g.grantee), g, raw, src)
             return
         if src != LOCAL and not self.may_arbitrate(g.task_id, g.arbiter):
             self.counters["epoch grant from a peer that is not the arbiter"] += 1
@@ -277,7 +279,7 @@ class Merge(Retention):
             self.counters["checkpoint without its claim"] += 1
             self.port.note(Dropped(src, "checkpoint without its claim"))
             parked = ("checkpoint", c.task_id, c.epoch, c.owner + c.seq.to_bytes(4, "big"))
-            self._park(parked, c, raw, src)
+            self._park(now, parked, c, raw, src)
             return
         if src != LOCAL and not self.verified(
             DOMAIN_CHECKPOINT, c.owner_key, c.signed_payload(), c.sig, src, "checkpoint"
@@ -300,7 +302,7 @@ class Merge(Retention):
             # without one is forged or ahead of its claim, so ask its sender for the chain.
             self.counters["result without its claim"] += 1
             self.port.note(Dropped(src, "result without its claim"))
-            self._park(("result", r.task_id, r.epoch, r.owner), r, raw, src)
+            self._park(now, ("result", r.task_id, r.epoch, r.owner), r, raw, src)
             return
         if src != LOCAL and not self.verified(
             DOMAIN_RESULT, r.owner_key, r.signed_payload(), r.sig, src, "result"
@@ -333,26 +335,34 @@ class Merge(Retention):
         if mine is not None:
             self.fence(now, r.task_id, mine, "a result was accepted")
 
-    def _park(self, key: ParkedKey, obj: Parkable, raw: bytes, src: str) -> None:
+    def _park(self, now: float, key: ParkedKey, obj: Parkable, raw: bytes, src: str) -> None:
         # The node skips a message it saw recently, so the same bytes re-sent in answer to our
-        # TaskWant would never reach us again: keep the early object until what it builds on
+        # ask would never reach us again: keep the early object until what it builds on
         # arrives (unverified: it is verified when applied). Bounded against floods; an evicted
-        # object comes back through anti-entropy.
+        # object comes back through anti-entropy. The sender is asked for what we lack at most
+        # once per `ASK_INTERVAL` per task: a run's steps arriving before its claim would
+        # otherwise each ask again (decision 44).
         if key in self.parked:
             return
+        task_id = key[1]
         self.parked[key] = (obj, raw, src)
-        self.parked_by_task.setdefault(key[1], []).append(key)
+        self.parked_by_task.setdefault(task_id, []).append(key)
         if len(self.parked) > PARKED_MAX:
             oldest = next(iter(self.parked))
             del self.parked[oldest]
             self.parked_by_task[oldest[1]].remove(oldest)
             if not self.parked_by_task[oldest[1]]:
                 del self.parked_by_task[oldest[1]]
+                self.asked.pop(oldest[1], None)
             self.counters["parked objects evicted"] += 1
-        self.ask_for(src, key[1])
+        last = self.asked.get(task_id)
+        if task_id in self.parked_by_task and (last is None or now - last >= ASK_INTERVAL):
+            self.asked[task_id] = now
+            self.ask_for(src, task_id)
 
     def _unpark(self, now: float, task_id: bytes) -> None:
         keys = self.parked_by_task.pop(task_id, None)
+        self.asked.pop(task_id, None)
         for key in keys or ():
             parked = self.parked.pop(key, None)
             if parked is None:

@@ -175,12 +175,41 @@ class TaskShards:
 
 
 @dataclass(frozen=True, slots=True)
-class TaskSync:
-    """Replica repair: (task id, digest of the objects held) for tasks that changed lately, sent
-    to the task's other replicas. Unlike `TaskShards` it lists only some tasks: a task the
-    receiver holds and the sender did not list says nothing."""
+class Inventory:
+    """What a peer holds of one task, by object key, not content (see `TaskHave`).
 
-    entries: tuple[tuple[bytes, bytes], ...]
+    `record` is the first 8 bytes of the SHA-256 of the held record's signature (empty: no
+    record); `checkpoints` lists (epoch, owner, first, last): every sequence number from first
+    to last is held."""
+
+    task_id: bytes
+    record: bytes
+    grants: tuple[tuple[int, bytes], ...]
+    claims: tuple[tuple[int, bytes, int], ...]
+    checkpoints: tuple[tuple[int, bytes, int, int], ...]
+    results: tuple[tuple[int, bytes], ...]
+    cancel: bool
+
+
+RECORD_TAG_BYTES = 8
+
+
+def record_tag(sig: bytes) -> bytes:
+    """A record's short name in an inventory: two records of one task (one idempotency key
+    submitted at two peers) differ in it."""
+    return hashlib.sha256(sig).digest()[:RECORD_TAG_BYTES]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskHave:
+    """The sender's inventory of some tasks (decision 44): a replica sync (`reply`: after a
+    task changes, to its other replicas and origin), or repair of tasks held differently.
+    The receiver sends back only the objects the sender lacks and, if `reply`, asks for the
+    tasks it holds none of and sends its own inventory of those where the sender holds
+    something it lacks."""
+
+    entries: tuple[Inventory, ...]
+    reply: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,7 +364,7 @@ TaskMessage = (
     | Checkpoint
     | TaskHeld
     | TaskShards
-    | TaskSync
+    | TaskHave
     | TaskRead
     | TaskWant
     | TaskAsk

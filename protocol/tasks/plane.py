@@ -44,6 +44,7 @@ from protocol.tasks.messages import (
     Result,
     TaskAsk,
     TaskGrant,
+    TaskHave,
     TaskHeld,
     TaskList,
     TaskMessage,
@@ -51,7 +52,6 @@ from protocol.tasks.messages import (
     TaskRead,
     TaskRecord,
     TaskShards,
-    TaskSync,
     TaskWant,
     is_traceparent,
     task_id_of,
@@ -257,8 +257,8 @@ class Tasks(Executions, Grants):
                 self.on_held(task_id, sender)
             case TaskShards():
                 self.on_shards(now, src, sender, msg)
-            case TaskSync():
-                self.on_sync(src, msg)
+            case TaskHave():
+                self.on_have(src, msg)
             case TaskWant(ids):
                 self.send_objects(src, ids)
             case TaskRead(ids):

@@ -6,10 +6,15 @@ Invariants:
   digest per shard (the first byte of the task id), at most 256, whatever the history. The
   partner answers, for the shards whose digests differ, with its (task id, digest) entries
   there (at most `SHARD_ENTRIES` per answer, by id; the rest waits for the next exchange), and
-  the first peer sends what differs or the partner lacks and asks for what it lacks (decision
-  31). Answers are rate-limited per partner.
-- Replica sync: after a task changes, its replicas (and its origin) compare digests of it a few
-  times, backing off (2, 8, 32 s), so an object lost on the way is repaired within seconds.
+  the first peer sends the tasks the partner lacks, asks for those it lacks, and sends its
+  inventory of those both hold differently (decision 31). Answers are rate-limited per partner.
+- Only the objects one side lacks travel: one side sends its inventory (`TaskHave`, object
+  keys, not contents), the other sends what the inventory lacks and, where it lacks something
+  itself, its own inventory back, once (decision 44). A whole task is sent only to a peer that
+  holds none of it.
+- Replica sync: after a task changes, its replicas (and its origin) send each other their
+  inventory of it a few times, backing off (2, 8, 32 s), so an object lost on the way is
+  repaired within seconds.
 - Audience repair: when the live membership changes, the arbiter of each open task (first of
   its replica set) sends what it holds to audience members that never got it.
 - Relay: the origin hands the claims and results it receives on to every peer it sent the
@@ -29,8 +34,10 @@ from collections.abc import Iterable
 
 from protocol.codec import encode_message
 from protocol.tasks.core import MAX_WANT, STORE, TaskCore
-from protocol.tasks.messages import TaskRead, TaskShards, TaskSync, TaskWant
+from protocol.tasks.inventory import holds_more, missing_from
+from protocol.tasks.messages import TaskHave, TaskRead, TaskShards, TaskWant
 from protocol.tasks.state import TaskState
+from protocol.wire import Message
 
 SHARD_ENTRIES = 4096
 """Most (task id, digest) entries in one anti-entropy answer (about 180 KB)."""
@@ -134,11 +141,10 @@ class Repair(TaskCore):
             if not msg.upto or tid <= msg.upto
         ]
         ours = dict(mine)
-        send = [tid for tid, d in mine if theirs.get(tid) != d and tid not in self.tombstones]
-        want = [
-            tid for tid, d in theirs.items() if tid not in self.tombstones and ours.get(tid) != d
-        ]
-        self.send_objects(src, send)
+        differ = [tid for tid, d in mine if theirs.get(tid) != d and tid not in self.tombstones]
+        self.send_objects(src, [tid for tid in differ if tid not in theirs])
+        self.send_inventories(src, [tid for tid in differ if tid in theirs], reply=True)
+        want = [tid for tid, d in theirs.items() if tid not in self.tombstones and tid not in ours]
         if want:
             self.port.send(src, [encode_message(TaskWant(tuple(want[:MAX_WANT])))], False)
 
@@ -180,13 +186,14 @@ class Repair(TaskCore):
         """Send the replica syncs that are due."""
         # A task object goes to each replica once, directly; one lost on the way would wait for
         # a random push-pull to pair the right two peers. So after a task changes, its replicas
-        # compare digests of it with each other (and with its origin) a few times, backing off
-        # (2, 8, 32 s): cheap where nothing was lost, and repair within seconds where it was.
+        # send each other (and its origin) their inventory of it a few times, backing off (2,
+        # 8, 32 s): one message where nothing was lost, and the missing objects in one round
+        # trip where something was (decision 44).
         due = sorted(t for t, (at, _) in self.sync_due.items() if at <= now)
         if not due:
             return
         live = self.view.live_members()
-        batches: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        batches: dict[bytes, list[bytes]] = {}
         for tid in due:
             _, interval = self.sync_due.pop(tid)
             st = self.tasks.get(tid)
@@ -199,29 +206,37 @@ class Repair(TaskCore):
             if self.node_id in replicas and st.record is not None:
                 targets.add(st.record.origin)
             for node_id in targets - {self.node_id}:
-                batches.setdefault(node_id, []).append((tid, st.digest()))
-        for node_id, entries in sorted(batches.items()):
+                batches.setdefault(node_id, []).append(tid)
+        for node_id, ids in sorted(batches.items()):
             addr = self.view.addr_of(node_id)
-            for k in range(0, len(entries), MAX_WANT):
-                if addr is not None:
-                    msg = encode_message(TaskSync(tuple(entries[k : k + MAX_WANT])))
-                    self.port.send(addr, [msg], piggyback=False)
+            if addr is not None:
+                self.send_inventories(addr, ids, reply=True)
 
-    def on_sync(self, src: str, msg: TaskSync) -> None:
-        """Answer a replica sync: send what differs, ask for what we lack."""
+    def on_have(self, src: str, msg: TaskHave) -> None:
+        """Answer a peer's inventories (a replica sync, or repair): send the objects it lacks;
+        if asked to (`reply`), ask for the tasks we hold none of and send our own inventory of
+        those where it holds what we lack."""
+        objects: list[Message] = []
+        back: list[bytes] = []
         want: list[bytes] = []
-        differ: list[bytes] = []
-        for tid, digest in msg.entries:
-            st = self.tasks.get(tid)
+        for inv in msg.entries[:MAX_WANT]:
+            tid = inv.task_id
             if tid in self.tombstones:
                 continue
-            if st is None or st.digest() != digest:
-                want.append(tid)
-                if st is not None:
-                    differ.append(tid)
-        self.send_objects(src, differ)
+            st = self.tasks.get(tid)
+            if st is None:
+                if msg.reply:
+                    want.append(tid)
+                continue
+            if st.inventory() == inv:
+                continue
+            objects.extend(missing_from(st, inv))
+            if msg.reply and holds_more(inv, st):
+                back.append(tid)
+        self.send_messages(src, objects)
+        self.send_inventories(src, back, reply=False)
         if want:
-            self.port.send(src, [encode_message(TaskWant(tuple(want[:MAX_WANT])))], False)
+            self.port.send(src, [encode_message(TaskWant(tuple(want)))], False)
 
     def relay(self, st: TaskState, raw: bytes, src: str, author: bytes) -> None:
         """As the task's origin, hand a received claim or result on to the record's holders."""

@@ -59,6 +59,7 @@ def task_of(msg: TaskMessage) -> bytes | None:
             | Result()
             | Cancel()
             | EpochGrant()
+            | Checkpoint()
             | TaskHeld()
             | TaskAsk()
             | TaskGrant()
@@ -192,6 +193,7 @@ class Retention(Repair):
                 del self.children[stone.parent]
         for key in self.parked_by_task.pop(task_id, ()):
             self.parked.pop(key, None)
+        self.asked.pop(task_id, None)
         self.tombstones[task_id] = stone
         heapq.heappush(self.expiry_due, (now + self.tombstone_grace, task_id))
         self.counters["tasks compacted"] += 1

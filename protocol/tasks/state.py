@@ -20,7 +20,16 @@ from dataclasses import dataclass
 
 import msgpack
 
-from protocol.tasks.messages import Cancel, Checkpoint, Claim, EpochGrant, Result, TaskRecord
+from protocol.tasks.messages import (
+    Cancel,
+    Checkpoint,
+    Claim,
+    EpochGrant,
+    Inventory,
+    Result,
+    TaskRecord,
+    record_tag,
+)
 from protocol.wire import Message
 
 RunKey = tuple[int, bytes, int]
@@ -73,6 +82,7 @@ class TaskState:
         "grants",
         "sent_to",
         "_digest",
+        "_inventory",
     )
 
     def __init__(self, task_id: bytes, now: float) -> None:
@@ -107,10 +117,12 @@ class TaskState:
         """Peers this peer sent the task's objects to as its author or arbiter (see
         `protocol.tasks.placement.audience`): repair after a membership change sends to the rest."""
         self._digest: bytes | None = None
+        self._inventory: Inventory | None = None
 
     def touch(self) -> None:
-        """Forget the cached digest after a change."""
+        """Forget the cached digest and inventory after a change."""
         self._digest = None
+        self._inventory = None
 
     def digest(self) -> bytes:
         """A short summary equal on two peers exactly when they hold the same objects."""
@@ -126,6 +138,28 @@ class TaskState:
                 summary.append(sorted([e, o, n] for e, o, n in self.checkpoints))
             self._digest = hashlib.sha256(msgpack.packb(summary)).digest()[:8]
         return self._digest
+
+    def inventory(self) -> Inventory:
+        """What this state holds, by key (`protocol.tasks.inventory`): checkpoints as ranges of
+        sequence numbers, the record as a tag of its signature."""
+        if self._inventory is None:
+            ranges: list[tuple[int, bytes, int, int]] = []
+            for epoch, owner, seq in sorted(self.checkpoints):
+                last = ranges[-1] if ranges else None
+                if last is not None and last[:2] == (epoch, owner) and last[3] + 1 == seq:
+                    ranges[-1] = (epoch, owner, last[2], seq)
+                else:
+                    ranges.append((epoch, owner, seq, seq))
+            self._inventory = Inventory(
+                self.task_id,
+                record_tag(self.record.sig) if self.record is not None else b"",
+                tuple(sorted(self.epoch_grants)),
+                tuple(sorted(self.claims)),
+                tuple(ranges),
+                tuple(sorted(self.results)),
+                self.cancel is not None,
+            )
+        return self._inventory
 
     def objects(self) -> list[Message]:
         """Every object held, in an order a receiver can apply directly."""

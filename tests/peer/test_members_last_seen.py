@@ -121,4 +121,3 @@ def test_the_table_keeps_the_latest_time_and_forgets_the_least_recent_sender() -
     assert [table.get(i) for i in ids] == [12.0, None, 13.0]
     table.heard(b"not an envelope", 14.0)
     assert [table.get(i) for i in ids] == [12.0, None, 13.0]
-

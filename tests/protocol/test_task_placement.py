@@ -15,7 +15,7 @@ import pytest
 
 from protocol.effects import TaskCancelled
 from protocol.errors import LocalProtocolError
-from protocol.tasks.messages import DOMAIN_CANCEL, Cancel, Claim, Result, TaskSync
+from protocol.tasks.messages import DOMAIN_CANCEL, Cancel, Claim, Result, TaskHave
 from protocol.tasks.placement import ReplicaSets, top_by_score
 from tests.protocol.fakes import addr, node_id, opened, signer
 from tests.protocol.test_tasks import (
@@ -127,7 +127,7 @@ def test_a_replica_that_lost_a_result_gets_it_from_the_replicas_sync() -> None:
     link.drop = lambda src, dst, data: False
     link.advance(link.now + 3.0)  # the first sync comes 2 s after the change
     assert link.node(victim).tasks.tasks[task_id].accepted is not None
-    assert any(link.sent(i, victim, TaskSync) for i in range(5))
+    assert any(link.sent(i, victim, TaskHave) for i in range(5))
 
 
 def test_the_origin_relays_a_claim_to_every_peer_it_sent_the_record_to() -> None:

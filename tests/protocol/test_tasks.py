@@ -27,6 +27,7 @@ from protocol.effects import (
 )
 from protocol.errors import LocalProtocolError
 from protocol.node import Node
+from protocol.tasks.inventory import inventory_of
 from protocol.tasks.messages import (
     DOMAIN_CLAIM,
     DOMAIN_EPOCH_GRANT,
@@ -37,10 +38,9 @@ from protocol.tasks.messages import (
     EpochGrant,
     Result,
     TaskAsk,
+    TaskHave,
     TaskRecord,
     TaskShards,
-    TaskSync,
-    TaskWant,
     task_id_of,
 )
 from protocol.tasks.plane import Tasks
@@ -343,7 +343,7 @@ def test_a_standby_behind_a_free_peer_waits_its_turn_then_asks() -> None:
     )
     task_id = submit(link, key="slow claim")
     # Replica syncs would repair the lost claim before the standby's turn: leave them out.
-    link.drop = lambda src, dst, data: any(isinstance(m, TaskSync) for m in opened(data))
+    link.drop = lambda src, dst, data: any(isinstance(m, TaskHave) for m in opened(data))
     link.advance(link.now + 4 * DELAY)
     assert starts(link, task_id) == [(primary, 1)]
     assert link.sent(order[1], primary, TaskAsk)
@@ -602,8 +602,28 @@ def test_claim_skipping_an_epoch_is_dropped_and_its_chain_asked_for() -> None:
     assert snapshot(link.node(target), task_id) == before
     assert link.node(target).tasks.counters["claim skips an epoch"] == 1
     [send] = fx.sends
-    assert send.addr == addr(order[2]) and opened(send.data) == [TaskWant((task_id,))]
+    # The target holds the task: it sends its inventory, so only what it lacks comes back.
+    held = inventory_of(link.node(target).tasks.tasks[task_id])
+    assert send.addr == addr(order[2]) and opened(send.data) == [TaskHave((held,), False)]
     assert not link.commands_of(owner, CancelExecution)
+
+
+def test_objects_kept_aside_ask_for_their_chain_once_a_second() -> None:
+    # A run's steps arriving before its claim each used to ask for the whole task again.
+    link, task_id, _, order = running_task()
+    target, sender = order[1], order[2]
+    node = link.node(target)
+
+    def asked(at: float, epoch: int) -> int:
+        fx = node.handle(at, addr(sender), envelope(sender, claim(2, task_id, epoch)))
+        # The ask is our inventory, asking nothing back (a replica sync asks a reply).
+        return sum(
+            isinstance(m, TaskHave) and not m.reply for s in fx.sends for m in opened(s.data)
+        )
+
+    assert [asked(link.now + k * 0.2, 3 + k) for k in range(3)] == [1, 0, 0]
+    assert asked(link.now + 1.5, 6) == 1
+    assert node.tasks.counters["claim skips an epoch"] == 4
 
 
 def test_replayed_old_claim_changes_nothing() -> None:
@@ -902,7 +922,7 @@ def test_shard_anti_entropy_repairs_a_replica_that_lost_a_task() -> None:
     task_id = submit(probe, key="lost copy")
     a, b = [i for i in replicas(task_id, [0, 1, 2, 3]) if i != 0][:2]
     # Every task object on its way to b is lost (membership traffic goes through).
-    task_kinds = (TaskRecord, Claim, Result, EpochGrant, TaskShards, TaskSync)
+    task_kinds = (TaskRecord, Claim, Result, EpochGrant, TaskShards, TaskHave)
     link.drop = lambda src, dst, data: (
         dst == addr(b) and any(isinstance(m, task_kinds) for m in opened(data))
     )

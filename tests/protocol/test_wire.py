@@ -34,9 +34,11 @@ from protocol.tasks.messages import (
     Checkpoint,
     Claim,
     EpochGrant,
+    Inventory,
     Result,
     TaskAsk,
     TaskGrant,
+    TaskHave,
     TaskHeld,
     TaskList,
     TaskPage,
@@ -44,7 +46,6 @@ from protocol.tasks.messages import (
     TaskRecord,
     TaskShards,
     TaskSummary,
-    TaskSync,
     TaskWant,
     task_id_of,
 )
@@ -139,7 +140,21 @@ SAMPLES: dict[Kind, Message] = {
     Kind.TASK_SHARDS: TaskShards(
         1, ((0, b"12345678"), (255, b"")), ((nid(1), b"12345678"),), nid(1)
     ),
-    Kind.TASK_SYNC: TaskSync(((nid(3), b"12345678"),)),
+    Kind.TASK_HAVE: TaskHave(
+        (
+            Inventory(
+                nid(1),
+                b"12345678",
+                ((2, nid(3)),),
+                ((1, nid(2), 0), (2, nid(3), 1)),
+                ((1, nid(2), 1, 4), (2, nid(3), 6, 6)),
+                ((2, nid(3)),),
+                False,
+            ),
+            Inventory(nid(2), b"", (), (), (), (), True),
+        ),
+        True,
+    ),
     Kind.TASK_READ: TaskRead((nid(4), nid(5))),
     Kind.TASK_WANT: TaskWant((nid(1), nid(2))),
     Kind.TASK_ASK: TaskAsk(nid(1), 2),
@@ -315,8 +330,19 @@ def test_rejects_wrong_arity(kind: Kind) -> None:
         [Kind.TASK_SHARDS, 1, [[1, b""], [1, b""]], [], b""],  # a shard repeated
         [Kind.TASK_SHARDS, 1, [], [[nid(1), b"short"]], b""],
         [Kind.TASK_SHARDS, 1, [], [nid(1)], b""],
+        [Kind.TASK_HAVE, [], 1],  # reply is a boolean
+        [Kind.TASK_HAVE, [[nid(1), b"short", [], [], [], [], False]], True],  # record tag
+        [Kind.TASK_HAVE, [[nid(1), b"", [], [], [], []]], True],  # an inventory's fields
+        [Kind.TASK_HAVE, [[nid(1), b"", [], [], [], [], 0]], True],  # cancel
+        [Kind.TASK_HAVE, [[nid(1), b"", [[1]], [], [], [], False]], True],  # a grant's key
+        [Kind.TASK_HAVE, [[nid(1), b"", [], [[1, nid(2), -1]], [], [], False]], True],
+        [Kind.TASK_HAVE, [[nid(1), b"", [], [], [[1, nid(2), 0, 1]], [], False]], True],
+        [Kind.TASK_HAVE, [[nid(1), b"", [], [], [[1, nid(2), 5, 4]], [], False]], True],
+        [Kind.TASK_HAVE, [[nid(1), b"", [], [], [[1, nid(2), 1, 257]], [], False]], True],
+        [Kind.TASK_HAVE, [[nid(1), b"", [], [], [], [[1, nid(2)]] * 1025, False]], True],
         # retired kinds, even well formed
         [Kind.TASK_DIGESTS, [[nid(1), b"12345678"]]],
+        [Kind.TASK_SYNC, [[nid(1), b"12345678"]]],
         [Kind.TASK_WANT, nid(1)],
         # booleans are not integers
         [Kind.ACK, True],
