@@ -38,6 +38,7 @@ JOIN_TIMEOUT = 3.0
 """Seconds `POST /v1/join` waits for a seed to answer before saying none did."""
 MAX_JOIN_SEEDS = 64
 
+
 class MemberApi:
     """The endpoints about this peer and the members it knows.
 

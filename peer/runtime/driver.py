@@ -60,6 +60,9 @@ MEMBER_SAVE_INTERVAL = 10.0
 """Seconds between saves of the membership hints used to re-join after a restart."""
 FETCH_POLL = 0.02
 """Seconds between looks for the answer to a read of a task this peer does not hold."""
+READ_BACKOFF = (1.0, 8.0)
+"""A wait for the result of a task this peer is not told of asks its holders after 1 s, then
+at doubling intervals up to 8 s (see `wait_result`)."""
 
 
 class Sender(Protocol):
@@ -324,13 +327,28 @@ class Driver:
     async def wait_result(self, task_id: bytes, timeout: float | None = None) -> Result | None:
         """Wait for the accepted result of a task (a child of a task running here, say).
 
-        The task need not be known yet: its record may still be on its way.
+        The task need not be known yet: its record may still be on its way. While this peer
+        is not in the task's audience, its news does not come here by itself (a parent taken
+        over waits on children its dead owner submitted), so it asks the task's holders now and
+        then (`READ_BACKOFF`).
 
         Returns:
             The accepted result, at once if there already is one; None if the task is
             cancelled with no accepted result, `timeout` seconds passed, or the driver stopped.
         """
-        return await self.notifications.wait_result(task_id, timeout)
+        deadline = None if timeout is None else self._clock() + timeout
+        interval = READ_BACKOFF[0]
+        while True:
+            step = interval if deadline is None else min(interval, deadline - self._clock())
+            result = await self.notifications.wait_result(task_id, max(step, 0.0))
+            st = self.node.task(task_id)
+            if result is not None or (st is not None and st.cancel is not None):
+                return result
+            if self.notifications.closed or (deadline is not None and self._clock() >= deadline):
+                return None
+            if not self.node.told_of(task_id):
+                self.disk.apply(self.node.fetch(self._clock(), [task_id]))
+            interval = min(interval * 2, READ_BACKOFF[1])
 
     def children_of(self, task_id: bytes) -> list[TaskState]:
         """The tasks whose record names `task_id` as parent, oldest first (created, then id)."""

@@ -204,6 +204,8 @@ class Notifications:
         self._joins: Waiters[None, str] = Waiters()
         self._replications: Waiters[bytes, None] = Waiters()
         self._results: Waiters[bytes, Result | None] = Waiters()
+        self.closed = False
+        """Whether `close` was called (the driver stopped): waits end at once."""
 
     @property
     def results_awaited(self) -> int:
@@ -249,7 +251,7 @@ class Notifications:
         state = self._node.task(task_id)
         if state is not None and state.accepted is not None:
             return state.accepted
-        if state is not None and state.cancel is not None:
+        if self.closed or (state is not None and state.cancel is not None):
             return None
         try:
             return await self._results.wait(task_id, timeout)
@@ -289,6 +291,7 @@ class Notifications:
 
     def close(self) -> None:
         """End every subscription and wait (see the module invariants)."""
+        self.closed = True
         self.members.close()
         self.tasks.close()
         self._replications.cancel_all()
