@@ -14,6 +14,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Callable
 
 from aiohttp import web
@@ -23,6 +24,7 @@ from peer.agents.ports import AgentOutput
 from peer.http.common import Json, node_id_text
 from peer.http.progress import progress_json
 from peer.http.task_views import (
+    FINAL_STATES,
     READ_TIMEOUT,
     duplicates,
     model_calls_json,
@@ -37,6 +39,10 @@ MAX_TREE_DEPTH = 64
 CHILDREN_POLL = 0.05
 CHILDREN_WAIT = 1.0
 """Seconds a tree read waits, per level, for the children its holders send."""
+SETTLED_KEPT = 65_536
+"""Tasks remembered as read, final or open (see `TreeApi._fetch_tree`)."""
+REREAD_OPEN = 3.0
+"""Least seconds between two reads of an open task for trees (see `TreeApi._fetch_tree`)."""
 """Levels of a task tree shown below its root; deeper tasks are left out (`truncated`)."""
 
 
@@ -49,6 +55,11 @@ class TreeApi:
 
     def __init__(self, driver: Driver) -> None:
         self.driver = driver
+        self._settled: OrderedDict[bytes, None] = OrderedDict()
+        """Final tasks whose children were read here after they ended (at most
+        `SETTLED_KEPT`, oldest forgotten first)."""
+        self._read_at: OrderedDict[bytes, float] = OrderedDict()
+        """When each open task was last read for a tree (at most `SETTLED_KEPT`)."""
 
     def routes(self) -> list[web.RouteDef]:
         """The routes of this resource."""
@@ -69,21 +80,57 @@ class TreeApi:
 
     async def _fetch_tree(self, root: bytes) -> None:
         # The children of a task are held by the peers that ran it (their origin) and their
-        # replicas, not necessarily here: ask level by level, each level once.
+        # replicas, not necessarily here: ask level by level, each level once. A read answers
+        # with every object of the task and its children, so only what may have changed is
+        # asked: not a task that ended and was read here since (its children are all made),
+        # nor an open one this peer owns (it made every child itself), nor an open one read
+        # less than `REREAD_OPEN` seconds ago. A dashboard or a script polling a thousand-task
+        # tree every two seconds otherwise made the network re-send the whole tree each time
+        # (bench_agents).
         node = self.driver.node
         level, depth = [root], 0
         while level and depth < MAX_TREE_DEPTH:
-            await self.driver.fetch(level, READ_TIMEOUT)
-            # Children arrive after the answer's first objects: wait until their number holds
-            # still for a few looks (at most CHILDREN_WAIT).
-            counts: list[int] = []
-            for _ in range(int(CHILDREN_WAIT / CHILDREN_POLL)):
-                counts.append(sum(len(node.children(t)) for t in level))
-                if len(counts) >= 3 and counts[-1] == counts[-3]:
-                    break
-                await asyncio.sleep(CHILDREN_POLL)
+            now = asyncio.get_running_loop().time()
+            ask = [t for t in level if self._needs_read(t, now)]
+            ended = [t for t in ask if _final(node.task(t))]
+            for t in ask:
+                self._read_at[t] = now
+                self._read_at.move_to_end(t)
+                if len(self._read_at) > SETTLED_KEPT:
+                    self._read_at.popitem(last=False)
+            if ask:
+                await self.driver.fetch(ask, READ_TIMEOUT)
+                # Children arrive after the answer's first objects: wait until their number
+                # holds still for a few looks (at most CHILDREN_WAIT).
+                counts: list[int] = []
+                for _ in range(int(CHILDREN_WAIT / CHILDREN_POLL)):
+                    counts.append(sum(len(node.children(t)) for t in ask))
+                    if len(counts) >= 3 and counts[-1] == counts[-3]:
+                        break
+                    await asyncio.sleep(CHILDREN_POLL)
+            for t in ended:
+                self._read_at.pop(t, None)
+                self._settled[t] = None
+                if len(self._settled) > SETTLED_KEPT:
+                    self._settled.popitem(last=False)
             level = [c.task_id for t in level for c in node.children(t)]
             depth += 1
+
+    def _needs_read(self, task_id: bytes, now: float) -> bool:
+        st = self.driver.node.task(task_id)
+        if st is None:
+            return True
+        if task_id in self._settled:
+            return False
+        if _final(st):
+            return True
+        if st.claim is not None and st.claim.owner == self.driver.node.node_id:
+            return False
+        return now - self._read_at.get(task_id, -REREAD_OPEN) >= REREAD_OPEN
+
+
+def _final(st: TaskState | None) -> bool:
+    return st is not None and st.state in FINAL_STATES
 
 
 def tree_json(

@@ -156,6 +156,32 @@ async def test_tree_of_a_parent_and_two_children(env: Env) -> None:
         assert (await client.tree(parent.hex()))["totals"]["tasks"] == 3
 
 
+async def test_a_finished_tree_read_once_is_not_asked_for_again(env: Env) -> None:
+    # A read answers with every object of a task and its children: a dashboard polling a
+    # finished tree must not make the network send the whole tree at each look.
+    a, b = env.drivers
+    parent = a.submit("writer", b"the report", nonce=os.urandom(16))
+    for k in range(3):
+        a.submit("echo", b"part %d" % k, parent=parent, nonce=os.urandom(16))
+    await _settled(env, parent.hex(), 1, lambda t: len(t["children"]) == 3 and _all_done(t))
+    asked: list[bytes] = []
+    fetch = b.node.fetch
+
+    def counting(now: float, task_ids: list[bytes]) -> Any:
+        asked.extend(task_ids)
+        return fetch(now, task_ids)
+
+    b.node.fetch = counting  # type: ignore[method-assign]
+    first = await env.tree(parent.hex(), 1)  # this look may read what ended during the last
+    asked.clear()
+    for _ in range(2):
+        assert await env.tree(parent.hex(), 1) == first
+    assert asked == []
+    # An unknown task is still asked for.
+    await env.clients[1].get(f"/v1/tasks/{os.urandom(32).hex()}/tree")
+    assert len(asked) == 1
+
+
 async def test_pending_task_has_no_peer_usage_or_agent(env: Env) -> None:
     a, _ = env.drivers
     lonely = a.submit("nobody serves this", b"x", nonce=os.urandom(16))
