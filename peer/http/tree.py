@@ -41,7 +41,7 @@ CHILDREN_WAIT = 1.0
 """Seconds a tree read waits, per level, for the children its holders send."""
 SETTLED_KEPT = 65_536
 """Tasks remembered as read, final or open (see `TreeApi._fetch_tree`)."""
-REREAD_OPEN = 3.0
+REREAD_OPEN = 10.0
 """Least seconds between two reads of an open task for trees (see `TreeApi._fetch_tree`)."""
 """Levels of a task tree shown below its root; deeper tasks are left out (`truncated`)."""
 

@@ -46,7 +46,10 @@ class Grants(TaskCore):
             return
         claim = st.claim
         if st.accepted is not None or st.cancel is not None or (claim and claim.epoch >= epoch):
-            self.send_objects(src, [task_id])  # what the asker missed answers it
+            # What the asker missed answers it: the claims, grants, result or cancel. Not the
+            # run's checkpoints, which a standby that is not to run it has no use for (a busy
+            # network's standbys ask often, and a long run holds many: bench_agents).
+            self.send_messages(src, st.objects(steps=False))
             return
         if epoch < 1 or (epoch > 1 and (claim is None or claim.epoch != epoch - 1)):
             self.ask_for(src, task_id)  # it knows a claim we lack

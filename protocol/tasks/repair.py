@@ -159,18 +159,23 @@ class Repair(TaskCore):
         return out
 
     def fetch(self, task_ids: list[bytes]) -> None:
-        """Ask the peers that hold these tasks for every object of them and of their children:
-        the replica set, and for a task held here its claim's owner and its origin (the
-        origins of its children, when they are delegated from its execution)."""
+        """Ask the peers that hold these tasks for every object of them and of their children.
+        For a task not held here: its replica set. For one held: its owner (which made its
+        children and holds them), or its origin while it has no claim here, and the first
+        of its replica set."""
+        # Each peer asked answers with everything it holds of the task and its children: asking
+        # the whole replica set as well as the owner and the origin had five peers send the same
+        # tree (bench_agents: 5 times the tree for a read at a peer that held none of it).
         live = self.view.live_members()
         targets: dict[bytes, list[bytes]] = {}
         for tid in task_ids[:MAX_WANT]:
-            peers = set(self.replicas.of(tid, live))
+            replicas = self.replicas.of(tid, live)
             st = self.tasks.get(tid)
-            if st is not None and st.record is not None:
-                peers.add(st.record.origin)
-            if st is not None and st.claim is not None:
-                peers.add(st.claim.owner)
+            if st is None or st.record is None:
+                peers = set(replicas)
+            else:
+                peers = set(replicas[:1])
+                peers.add(st.claim.owner if st.claim is not None else st.record.origin)
             for node_id in peers - {self.node_id}:
                 targets.setdefault(node_id, []).append(tid)
         for node_id, ids in sorted(targets.items()):

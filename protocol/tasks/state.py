@@ -161,14 +161,16 @@ class TaskState:
             )
         return self._inventory
 
-    def objects(self) -> list[Message]:
-        """Every object held, in an order a receiver can apply directly."""
+    def objects(self, steps: bool = True) -> list[Message]:
+        """Every object held (without the checkpoints unless `steps`), in an order a receiver
+        can apply directly."""
         out: list[Message] = []
         if self.record is not None:
             out.append(self.record)
         out.extend(g for _, g in sorted(self.epoch_grants.items()))
         out.extend(c for _, c in sorted(self.claims.items()))
-        out.extend(c for _, c in sorted(self.checkpoints.items()))
+        if steps:
+            out.extend(c for _, c in sorted(self.checkpoints.items()))
         out.extend(r for _, r in sorted(self.results.items()))
         if self.cancel is not None:
             out.append(self.cancel)
