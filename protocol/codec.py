@@ -22,6 +22,7 @@ from protocol.errors import RemoteProtocolError
 from protocol.identity import NODE_ID_BYTES, PUBLIC_KEY_BYTES, SIGNATURE_BYTES
 from protocol.tasks import inventory
 from protocol.tasks.messages import (
+    CANCEL_OUTCOMES,
     MAX_CHECKPOINTS,
     MAX_NONCE,
     MAX_PAGE,
@@ -143,8 +144,9 @@ def _to_fields(msg: Message) -> list[Any]:
             return [Kind.CLAIM, task_id, owner_key, incarnation, epoch, sig]
         case Result(task_id, epoch, owner_key, outcome, output, usage, sig):
             return [Kind.RESULT, task_id, epoch, owner_key, outcome, output, list(usage), sig]
-        case Cancel(task_id, by_key, reason, sig):
-            return [Kind.CANCEL, task_id, by_key, reason, sig]
+        case Cancel(task_id, by_key, reason, sig, _, outcome):
+            extra = [] if outcome == "cancelled" else [outcome]
+            return [Kind.CANCEL, task_id, by_key, reason, sig, *extra]
         case TaskHeld(task_id):
             return [Kind.TASK_HELD, task_id]
         case TaskShards(level, shards, entries, upto):
@@ -190,7 +192,7 @@ def decode_message(data: bytes) -> Message:
     if kind in RETIRED_KINDS:
         raise RemoteProtocolError(f"retired message kind {kind.name}")
     shape = ARITY[kind]
-    if len(row) != shape:
+    if len(row) != shape and len(row) != LONGER_FORM.get(kind):
         raise RemoteProtocolError(f"{kind.name} has {len(row)} fields, expected {shape}")
     f = row
     match kind:
@@ -250,12 +252,16 @@ def decode_message(data: bytes) -> Message:
             )
         case Kind.CANCEL:
             key = fields.public_key(f[2])
+            outcome = "cancelled" if len(f) == ARITY[kind] else f[5]
+            if len(f) > ARITY[kind] and outcome not in CANCEL_OUTCOMES[1:]:
+                raise RemoteProtocolError("a cancel's outcome, when given, must be 'failed'")
             return Cancel(
                 fields.node_id(f[1]),
                 key,
                 fields.reason(f[3]),
                 fields.signature(f[4]),
                 fields.key_hash(key),
+                outcome,
             )
         case Kind.TASK_HELD:
             return TaskHeld(fields.node_id(f[1]))
@@ -306,6 +312,10 @@ RETIRED_KINDS = frozenset({Kind.EXECUTION, Kind.TASK_DIGESTS, Kind.TASK_SYNC})
 decision 23), whole-history task digests (now `TaskShards`, decision 31) and replica syncs by
 digest (now inventories, `TaskHave`, decision 44). Decoding one is a
 protocol error, like an unknown kind."""
+
+LONGER_FORM: dict[Kind, int] = {Kind.CANCEL: 6}
+"""Kinds with a second, longer shape: a cancel whose outcome is not the default (`failed`,
+decision 45) carries it last; a plain one keeps the shape it had before."""
 
 ARITY: dict[Kind, int] = {
     Kind.PING: 4,

@@ -190,11 +190,13 @@ class ResultAccepted:
 
 @dataclass(frozen=True, slots=True)
 class TaskCancelled:
-    """A task was cancelled (here or by a peer): it runs nowhere once the cancel has spread."""
+    """A task was cancelled (here or by a peer): it runs nowhere once the cancel has spread.
+    It ended `outcome`: `cancelled`, or `failed` when its origin gave up on it."""
 
     task_id: bytes
     by: bytes
     reason: str
+    outcome: str = "cancelled"
 
 
 @dataclass(frozen=True, slots=True)

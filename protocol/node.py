@@ -320,15 +320,18 @@ class Node(NodeQueries):
         made = self.tasks.checkpoint(now, task_id, epoch, data)
         return self._exit(), made
 
-    def cancel(self, now: float, task_id: bytes, reason: str = "cancelled") -> Effects:
-        """Cancel a task network-wide; it stops wherever it runs."""
+    def cancel(
+        self, now: float, task_id: bytes, reason: str = "cancelled", outcome: str = "cancelled"
+    ) -> Effects:
+        """Cancel a task network-wide; it stops wherever it runs and ends `outcome`
+        (`cancelled`, or `failed` when its origin gives up on it: decision 45)."""
         self._enter(now)
-        self.tasks.cancel(now, task_id, reason)
+        self.tasks.cancel(now, task_id, reason, outcome)
         return self._exit()
 
     def fetch(self, now: float, task_ids: list[bytes]) -> Effects:
         """Ask for tasks this peer may not hold (a read at any peer): their replica sets, and
-        for tasks held, their owners and origins, which hold their children."""
+        for tasks held, their owner (or origin) and first replica (`Tasks.fetch`)."""
         self._enter(now)
         self.tasks.fetch(task_ids)
         return self._exit()

@@ -30,7 +30,8 @@ def event_text(event: JsonObject) -> str:
             return f"result accepted: {event.get('outcome', '?')} from {who}"
         case "cancelled":
             reason = event.get("reason")
-            return f"cancelled by {who}" + (f": {reason}" if reason else "")
+            verb = "failed, given up by" if event.get("outcome") == "failed" else "cancelled by"
+            return f"{verb} {who}" + (f": {reason}" if reason else "")
         case "child":
             return f"child task of {str(event.get('parent', '?'))[:10]}"
         case "progress":

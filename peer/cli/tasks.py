@@ -285,7 +285,12 @@ async def report_result(
         why = (
             f": {cancel.get('reason')}" if isinstance(cancel, dict) and cancel.get("reason") else ""
         )
-        message = f"task {task.get('id')} has no result yet (state {state}{why})"
+        if isinstance(cancel, dict):  # ended by a cancel: failed (given up) or cancelled
+            message = (
+                f"task {task.get('id')} {'failed' if state == 'failed' else 'was cancelled'}{why}"
+            )
+        else:
+            message = f"task {task.get('id')} has no result yet (state {state})"
         return fail(args, message, EXIT_FAILED)
     if print_output:
         # The task plane's hashing comes with it: imported by the commands that print outputs.

@@ -120,7 +120,9 @@ def task_json(st: TaskState) -> Json:
         "executions": executions,
         "duplicates": duplicates(st),
         "cancel": (
-            {"by": node_id_text(cancel.by), "reason": cancel.reason} if cancel is not None else None
+            {"by": node_id_text(cancel.by), "reason": cancel.reason, "outcome": cancel.outcome}
+            if cancel is not None
+            else None
         ),
     }
 

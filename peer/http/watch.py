@@ -196,8 +196,15 @@ def task_event_json(item: Observed) -> Json | None:
                 outcome=outcome,
                 flipped=flipped,
             )
-        case TaskCancelled(task_id, by, reason):
-            return task_event("task-cancelled", when, task_id, by=node_id_text(by), reason=reason)
+        case TaskCancelled(task_id, by, reason, outcome):
+            return task_event(
+                "task-cancelled",
+                when,
+                task_id,
+                by=node_id_text(by),
+                reason=reason,
+                outcome=outcome,
+            )
         case TaskReplicated(task_id, holders):
             return task_event("task-replicated", when, task_id, holders=holders)
         case _:
@@ -246,6 +253,7 @@ def new_facts(st: TaskState, seen: set[tuple[Any, ...]], when: float) -> list[Js
                 st.task_id,
                 by=node_id_text(st.cancel.by),
                 reason=st.cancel.reason,
+                outcome=st.cancel.outcome,
             )
         )
     return out

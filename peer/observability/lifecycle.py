@@ -145,9 +145,10 @@ class TaskLifecycle:
                 if metrics is not None:
                     metrics.submit_to_result.observe(seconds)
                 self._emit("result", task_id, rec.role, epoch, outcome=outcome, seconds=seconds)
-            case TaskCancelled(task_id=task_id, reason=reason):
+            case TaskCancelled(task_id=task_id, reason=reason, outcome=outcome):
                 epoch = self._epoch(task_id)
-                self._emit("cancelled", task_id, self._role(task_id), epoch, reason=reason)
+                role = self._role(task_id)
+                self._emit("cancelled", task_id, role, epoch, reason=reason, outcome=outcome)
             case Dropped(reason=reason):
                 if metrics is not None:
                     metrics.dropped.labels(drop_reason(reason)).inc()

@@ -385,9 +385,11 @@ class Driver:
         self.disk.apply(fx)
         return asked
 
-    def cancel_task(self, task_id: bytes, reason: str = "cancelled") -> None:
-        """Cancel a task network-wide (`Node.cancel`)."""
-        self.disk.apply(self.node.cancel(self._clock(), task_id, reason))
+    def cancel_task(
+        self, task_id: bytes, reason: str = "cancelled", outcome: str = "cancelled"
+    ) -> None:
+        """Cancel a task network-wide (`Node.cancel`); it ends `outcome`."""
+        self.disk.apply(self.node.cancel(self._clock(), task_id, reason, outcome))
 
     def complete(
         self, task_id: bytes, epoch: int, outcome: str, output: bytes, usage: Usage

@@ -5,9 +5,10 @@ Theory of operation. `POST /v1/tasks` with `queue: true` calls `hold` with the t
 queue timeout and creation time *before* it submits the task (whose record carries the same
 `created`). The deadline is `created + seconds`. `run` sleeps until the nearest deadline, then
 asks `expiry_reason`, the one home of the rule: a task still pending (no claim, no result, no
-cancel) whose origin is this peer is cancelled with the reason, through the existing signed
-`Cancel`, so every replica, stream and waiter sees it end; anything else (claimed, final,
-unknown, submitted elsewhere) is left alone. Either way its row is deleted.
+cancel) whose origin is this peer is ended `failed` with the reason, through the origin's
+signed `Cancel` with the outcome `failed` (decision 45), so every replica, stream and waiter
+sees it end; anything else (claimed, final, unknown, submitted elsewhere) is left alone.
+Either way its row is deleted.
 
 Invariants:
 - Durable before submitted: `hold` commits its row (SQLite, `synchronous=FULL`: fsynced)
@@ -173,7 +174,7 @@ class QueueTimeouts:
             reason = expiry_reason(node.task(task_id), node.node_id, queued, served)
             if reason is not None:
                 try:
-                    self.driver.cancel_task(task_id, reason)
+                    self.driver.cancel_task(task_id, reason, outcome="failed")
                     ended.append(task_id)
                     log.info("task %s: %s", task_id.hex()[:12], reason)
                 except LocalProtocolError as exc:

@@ -403,7 +403,7 @@ class Merge(Retention):
         self.mark_changed(st.task_id, now)
         self.open.discard(c.task_id)
         self.rankings.forget(c.task_id)
-        self.port.note(TaskCancelled(c.task_id, c.by, c.reason))
+        self.port.note(TaskCancelled(c.task_id, c.by, c.reason, c.outcome))
         self.port.persist(PersistKind.CANCEL, c.task_id, raw)
         if src == LOCAL:
             self.spread(st, [raw])

@@ -131,19 +131,30 @@ class Result:
         )
 
 
+CANCEL_OUTCOMES = ("cancelled", "failed")
+"""How a cancel ends a task: `cancelled` (asked for), or `failed` (its origin gave up on it:
+a queued task no peer claimed in time, decision 45)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Cancel:
-    """A request, signed by the peer that made it, to stop the task wherever it runs."""
+    """A request, signed by the peer that made it, to stop the task wherever it runs; the
+    task ends with `outcome` (see `CANCEL_OUTCOMES`)."""
 
     task_id: bytes
     by_key: bytes
     reason: str
     sig: bytes
     by: bytes  # derived
+    outcome: str = "cancelled"
 
     def signed_payload(self) -> bytes:
-        """The payload the canceller's signature covers."""
-        return bytes(msgpack.packb([self.task_id, self.by_key, self.reason]))
+        """The payload the canceller's signature covers (the outcome only where it is not the
+        default, so a plain cancel is signed as before decision 45)."""
+        fields: list[object] = [self.task_id, self.by_key, self.reason]
+        if self.outcome != "cancelled":
+            fields.append(self.outcome)
+        return bytes(msgpack.packb(fields))
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from protocol.tasks.grants import Grants
 from protocol.tasks.idempotency import IdempotencyConflict, spec_for, spec_of
 from protocol.tasks.listing import Listing
 from protocol.tasks.messages import (
+    CANCEL_OUTCOMES,
     DOMAIN_CANCEL,
     DOMAIN_TASK,
     MAX_INLINE_PAYLOAD,
@@ -144,12 +145,16 @@ class Tasks(Executions, Grants):
         assert st.record is not None
         return st.record
 
-    def cancel(self, now: float, task_id: bytes, reason: str) -> bool:
-        """Cancel a task network-wide; False if the task is unknown or already final.
+    def cancel(self, now: float, task_id: bytes, reason: str, outcome: str = "cancelled") -> bool:
+        """Cancel a task network-wide; False if the task is unknown or already final. It ends
+        `outcome`: `cancelled`, or `failed` (its origin gave up on it, decision 45).
 
         Raises:
-            LocalProtocolError: this peer is neither the task's origin nor its parent's owner.
+            LocalProtocolError: this peer is neither the task's origin nor its parent's owner,
+                or `outcome` is not one of `CANCEL_OUTCOMES`.
         """
+        if outcome not in CANCEL_OUTCOMES:
+            raise LocalProtocolError(f"a cancel ends a task {' or '.join(CANCEL_OUTCOMES)}")
         st = self.tasks.get(task_id)
         if st is None or st.accepted is not None or st.cancel is not None:
             return False
@@ -159,7 +164,7 @@ class Tasks(Executions, Grants):
                 f"only the task's origin (peer {origin}) or its parent's owner may cancel it"
             )
         payload = Cancel(
-            task_id, self.signer.public_key, reason[:MAX_NAME_CHARS], b"", self.node_id
+            task_id, self.signer.public_key, reason[:MAX_NAME_CHARS], b"", self.node_id, outcome
         )
         sig = self.signer.sign(DOMAIN_CANCEL, payload.signed_payload())
         cancel = with_signature(payload, sig)

@@ -186,7 +186,7 @@ class TaskState:
                 else ("cancelled" if self.accepted.outcome == "cancelled" else "failed")
             )
         if self.cancel is not None:
-            return "cancelled"
+            return self.cancel.outcome
         return "running" if self.claim is not None else "pending"
 
     def has_claim(self, epoch: int, owner: bytes) -> bool:

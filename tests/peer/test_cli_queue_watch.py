@@ -100,10 +100,11 @@ def test_a_queued_task_fails_at_its_queue_timeout(cluster: Cluster) -> None:
     accepted, *_, last = submitted.stderr.strip().splitlines()
     assert accepted.startswith("grapevine submit: task ") and "accepted" in accepted
     task_id = accepted.split()[3]
-    assert last == f"grapevine submit: task {task_id} has no result yet (state cancelled: {REASON})"
+    assert last == f"grapevine submit: task {task_id} failed: {REASON}"
 
     task = json.loads(grapevine(cluster.plain, "task", task_id, "--json").stdout)
-    assert (task["state"], task["cancel"]["reason"]) == ("cancelled", REASON)
+    assert (task["state"], task["cancel"]["reason"]) == ("failed", REASON)
+    assert task["cancel"]["outcome"] == "failed"
     watched = grapevine(cluster.plain, "watch", task_id)  # already over: it says so at once
     assert watched.returncode == 1 and REASON in watched.stdout
     assert REASON in one_line_error(watched, 1)

@@ -89,7 +89,7 @@ def test_cancel_and_errors(peer: Peer) -> None:
     assert json.loads(cancelled.stdout)["state"] == "cancelled"
     again = grapevine(peer, "cancel", task_id)
     assert "already cancelled" in one_line_error(again, 1)
-    assert "no result yet" in one_line_error(grapevine(peer, "result", task_id), 1)
+    assert "was cancelled: " in one_line_error(grapevine(peer, "result", task_id), 1)
     assert "not known" in one_line_error(grapevine(peer, "task", "ab" * 32), 1)
     assert "hex digits" in one_line_error(grapevine(peer, "task", "nothex"), 2)
     assert "--role" in one_line_error(grapevine(peer, "submit", "x"), 2)

@@ -35,7 +35,7 @@ def state(origin: bytes = ME, *, claimed: bool = False, cancelled: bool = False)
     if claimed:
         st.claim = cast(Claim, object())
     if cancelled:
-        st.cancel = cast(Cancel, object())
+        st.cancel = Cancel(task_id, KEY, "asked", b"", OTHER)
     return st
 
 
@@ -90,10 +90,11 @@ class FakeDriver:
     def wall(self) -> float:
         return self.now
 
-    def cancel_task(self, task_id: bytes, reason: str) -> None:
+    def cancel_task(self, task_id: bytes, reason: str, outcome: str = "cancelled") -> None:
+        assert outcome == "failed", "a queue timeout ends its task failed"
         self.cancelled.append((task_id, reason))
         st = self.node.tasks[task_id]
-        st.cancel = cast(Cancel, object())
+        st.cancel = Cancel(task_id, KEY, reason, b"", ME, outcome)
 
 
 def timeouts(fake: FakeDriver, data_dir: Path) -> QueueTimeouts:
@@ -224,5 +225,6 @@ async def test_a_queued_task_waited_on_ends_at_its_timeout(
     assert r.status == 200, await r.text()
     task = await r.json()
     assert 1.0 <= time.monotonic() - started < 8
-    assert task["state"] == "cancelled" and task["result"] is None
+    assert task["state"] == "failed" and task["result"] is None
+    assert task["cancel"]["outcome"] == "failed"
     assert task["cancel"]["reason"] == "queue timeout: no live peer served role 'nobody' for 1 s"
