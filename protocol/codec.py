@@ -2,7 +2,9 @@
 
 Invariants:
 - A message is the msgpack array ``[kind, field, ...]``; its shape is fixed by its `Kind`
-  (see `ARITY`), and the kind numbers are append-only (see `protocol.wire`).
+  (see `ARITY`; a kind may have one longer form, `LONGER_FORM`), and the kind numbers are
+  append-only (see `protocol.wire`). The larger task shapes are decoded in
+  `protocol.tasks.shapes` and `protocol.tasks.inventory`.
 - Decoding is strict: every field is checked by `protocol.fields`, derived fields (node ids,
   task ids) are computed here and never trusted from the sender, and any violation raises
   `RemoteProtocolError`; nothing else escapes `decode_message`.
@@ -12,21 +14,16 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
-import math
 from typing import Any, assert_never
 
 import msgpack
 
 from protocol import fields
 from protocol.errors import RemoteProtocolError
-from protocol.identity import NODE_ID_BYTES, PUBLIC_KEY_BYTES, SIGNATURE_BYTES
-from protocol.tasks import inventory
+from protocol.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES
+from protocol.tasks import inventory, shapes
 from protocol.tasks.messages import (
     CANCEL_OUTCOMES,
-    MAX_CHECKPOINTS,
-    MAX_NONCE,
-    MAX_PAGE,
-    SHARDS,
     Cancel,
     Checkpoint,
     Claim,
@@ -41,14 +38,10 @@ from protocol.tasks.messages import (
     TaskRead,
     TaskRecord,
     TaskShards,
-    TaskSummary,
     TaskWant,
-    is_traceparent,
-    task_id_of,
 )
 from protocol.wire import (
     MAX_MESSAGE_BYTES,
-    MAX_NAME_CHARS,
     MAX_ROLES,
     Ack,
     Alive,
@@ -170,7 +163,7 @@ def _to_fields(msg: Message) -> list[Any]:
             request, limit = fields.encodable(request), fields.encodable(limit)
             return [Kind.TASK_LIST, request, after, limit, state, role]
         case TaskPage(request, tasks, more):
-            rows = [_summary_fields(s) for s in tasks]
+            rows = [shapes.summary_fields(s) for s in tasks]
             return [Kind.TASK_PAGE, fields.encodable(request), rows, more]
         case _:
             assert_never(msg)
@@ -224,7 +217,7 @@ def decode_message(data: bytes) -> Message:
         case Kind.PEER_STATE:
             return _peer_state(f[1:])
         case Kind.TASK:
-            return _task(f)
+            return shapes.task_record(f)
         case Kind.CLAIM:
             key = fields.public_key(f[2])
             return Claim(
@@ -266,7 +259,7 @@ def decode_message(data: bytes) -> Message:
         case Kind.TASK_HELD:
             return TaskHeld(fields.node_id(f[1]))
         case Kind.TASK_SHARDS:
-            return _task_shards(f)
+            return shapes.task_shards_from(f)
         case Kind.TASK_DIGESTS:
             raise RemoteProtocolError(f"retired message kind {kind.name}")
         case Kind.TASK_SYNC:
@@ -282,10 +275,14 @@ def decode_message(data: bytes) -> Message:
         case Kind.TASK_GRANT:
             return TaskGrant(fields.node_id(f[1]), fields.uint(f[2]), fields.node_id(f[3]))
         case Kind.TASK_LIST:
-            after, state, role = _optional_id(f[2]), _optional_name(f[4]), _optional_name(f[5])
+            after, state, role = (
+                shapes.optional_id(f[2]),
+                shapes.optional_name(f[4]),
+                shapes.optional_name(f[5]),
+            )
             return TaskList(fields.uint(f[1]), after, fields.uint(f[3]), state, role)
         case Kind.TASK_PAGE:
-            return _task_page(f)
+            return shapes.task_page_from(f)
         case Kind.EPOCH_GRANT:
             key = fields.public_key(f[4])
             epoch = fields.uint(f[2])
@@ -300,7 +297,7 @@ def decode_message(data: bytes) -> Message:
                 fields.key_hash(key),
             )
         case Kind.CHECKPOINT:
-            return _checkpoint(f)
+            return shapes.checkpoint_from(f)
         case Kind.EXECUTION:
             raise RemoteProtocolError(f"retired message kind {kind.name}")
         case _:
@@ -344,19 +341,6 @@ ARITY: dict[Kind, int] = {
     Kind.TASK_LIST: 6,
     Kind.TASK_PAGE: 4,
 }
-
-
-def _checkpoint(f: list[Any]) -> Checkpoint:
-    key = fields.public_key(f[4])
-    epoch, seq = fields.uint(f[2]), fields.uint(f[3])
-    if epoch < 1:
-        raise RemoteProtocolError("a checkpoint belongs to a claimed run: epoch 1 or more")
-    if not 1 <= seq <= MAX_CHECKPOINTS:
-        raise RemoteProtocolError(f"a checkpoint's sequence number runs 1 to {MAX_CHECKPOINTS}")
-    data = fields.inline_payload(f[5])
-    return Checkpoint(
-        fields.node_id(f[1]), epoch, seq, key, data, fields.signature(f[6]), fields.key_hash(key)
-    )
 
 
 def _alive(f: list[Any]) -> Alive:
@@ -410,120 +394,4 @@ def _peer_state(f: Any) -> PeerState:
         load,
         fields.uint(incarnation),
         fields.signature(sig),
-    )
-
-
-def _task(f: list[Any]) -> TaskRecord:
-    key = fields.public_key(f[1])
-    created, timeout = f[2], f[9]
-    if type(created) is not float or type(timeout) is not float or not 0.0 <= timeout <= 1e9:
-        raise RemoteProtocolError("task created and timeout must be non-negative floats")
-    role, data, priority, parent = (
-        fields.name(f[3]),
-        fields.inline_payload(f[4]),
-        fields.uint(f[5]),
-        f[6],
-    )
-    if type(parent) is not bytes or len(parent) not in (0, NODE_ID_BYTES):
-        raise RemoteProtocolError("task parent must be a task id or empty")
-    idem, nonce = f[7], f[8]
-    if type(idem) is not str or len(idem) > MAX_NAME_CHARS:
-        raise RemoteProtocolError(f"idempotency key must be at most {MAX_NAME_CHARS} chars")
-    if type(nonce) is not bytes or len(nonce) > MAX_NONCE:
-        raise RemoteProtocolError(f"task nonce must be at most {MAX_NONCE} bytes")
-    traceparent = f[10]
-    if type(traceparent) is not str or not is_traceparent(traceparent):
-        raise RemoteProtocolError("task traceparent must be empty or a W3C traceparent (v00)")
-    origin = fields.key_hash(key)
-    task_id = task_id_of(
-        origin, idem, nonce, role, hashlib.sha256(data).digest(), priority, parent, timeout
-    )
-    return TaskRecord(
-        key,
-        created,
-        role,
-        data,
-        priority,
-        parent,
-        idem,
-        nonce,
-        timeout,
-        traceparent,
-        fields.signature(f[11]),
-        task_id,
-        origin,
-    )
-
-
-def _digest_entry(v: Any) -> tuple[bytes, bytes]:
-    if not isinstance(v, list) or len(v) != 2 or type(v[1]) is not bytes or len(v[1]) != 8:
-        raise RemoteProtocolError("a task digest entry is [task id, 8-byte digest]")
-    return (fields.node_id(v[0]), v[1])
-
-
-def _task_shards(f: list[Any]) -> TaskShards:
-    level = fields.uint(f[1])
-    if level > 1:
-        raise RemoteProtocolError("task shards level must be 0 (summary) or 1 (answer)")
-    shards: list[tuple[int, bytes]] = []
-    for row in fields.array(f[2]):
-        if not isinstance(row, list) or len(row) != 2 or type(row[1]) is not bytes:
-            raise RemoteProtocolError("a task shard is [shard, digest]")
-        shard = fields.uint(row[0])
-        if shard >= SHARDS or len(row[1]) not in (0, 8):
-            raise RemoteProtocolError("a task shard is [0-255, 8-byte or empty digest]")
-        shards.append((shard, row[1]))
-    if len({s for s, _ in shards}) != len(shards):
-        raise RemoteProtocolError("task shards repeat a shard")
-    entries = tuple(_digest_entry(e) for e in fields.array(f[3]))
-    return TaskShards(level, tuple(shards), entries, _optional_id(f[4]))
-
-
-def _optional_id(v: Any) -> bytes:
-    """A task or node id, or empty (a listing's first page, an unclaimed task's owner)."""
-    return b"" if v == b"" else fields.node_id(v)
-
-
-def _optional_name(v: Any) -> str:
-    """A name that may be empty (a listing's filters, a summary's outcome)."""
-    if type(v) is not str or len(v) > MAX_NAME_CHARS:
-        raise RemoteProtocolError(f"expected a string of at most {MAX_NAME_CHARS} chars")
-    return v
-
-
-def _summary_fields(s: TaskSummary) -> list[Any]:
-    return [
-        s.task_id,
-        s.role,
-        s.state,
-        s.outcome,
-        s.origin,
-        s.owner,
-        fields.encodable(s.epoch),
-        float(s.created),
-    ]
-
-
-def _task_page(f: list[Any]) -> TaskPage:
-    rows, more = fields.array(f[2]), f[3]
-    if len(rows) > MAX_PAGE or type(more) is not bool:
-        raise RemoteProtocolError(f"a task page has at most {MAX_PAGE} rows and a boolean more")
-    return TaskPage(fields.uint(f[1]), tuple(_summary(r) for r in rows), more)
-
-
-def _summary(v: Any) -> TaskSummary:
-    if not isinstance(v, list) or len(v) != 8:
-        raise RemoteProtocolError("a task summary has 8 fields")
-    task_id, role, state, outcome, origin, owner, epoch, created = v
-    if type(created) is not float or not math.isfinite(created):
-        raise RemoteProtocolError("a task summary's created time must be a finite float")
-    return TaskSummary(
-        fields.node_id(task_id),
-        fields.name(role),
-        fields.name(state),
-        _optional_name(outcome),
-        fields.node_id(origin),
-        _optional_id(owner),
-        fields.uint(epoch),
-        created,
     )

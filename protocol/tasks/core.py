@@ -51,8 +51,8 @@ MAX_WANT = 10_000
 """Task ids asked for, or compared, in one message."""
 SYNC_BATCH_BYTES = 512 * 1024
 """Task objects sent to one peer are split into batches of about this many bytes."""
-INVENTORY_BATCH_ROWS = 2048
-"""Inventory rows (tasks and their keys, about 60 bytes each) in one `TaskHave`."""
+INVENTORY_BATCH_BYTES = 256 * 1024
+"""Bytes of inventories (about 64 per task and 57 per key) in one `TaskHave`."""
 
 ParkedKey = tuple[str, bytes, int, bytes]
 """("claim", "result", "grant" or "checkpoint", task id, epoch, owner or grantee (a
@@ -240,17 +240,17 @@ class TaskCore(ABC):
     def send_inventories(self, addr: str, task_ids: Iterable[bytes], reply: bool) -> None:
         """Send our inventory of these held tasks to `addr` (`TaskHave`), in batches."""
         batch: list[Inventory] = []
-        rows = 0
+        size = 0
         for tid in task_ids:
             st = self.tasks.get(tid)
             if st is None:
                 continue
             inv = inventory_of(st)
             batch.append(inv)
-            rows += 1 + len(inv.claims) + len(inv.checkpoints) + len(inv.results)
-            if rows >= INVENTORY_BATCH_ROWS:
+            size += 64 + len(inv.keys)
+            if size >= INVENTORY_BATCH_BYTES:
                 self.port.send(addr, [encode_message(TaskHave(tuple(batch), reply))], False)
-                batch, rows = [], 0
+                batch, size = [], 0
         if batch:
             self.port.send(addr, [encode_message(TaskHave(tuple(batch), reply))], False)
 

@@ -10,17 +10,26 @@ holds that the inventory does not list.
 Invariants:
 - `inventory_of(st)` lists exactly the objects `st` holds: `missing_from(st, inventory_of(st))`
   is empty and `holds_more(inventory_of(a), b)` is false when `a` holds all `b` holds.
-- The wire shape is checked strictly (`decode_have`): any violation raises
-  `RemoteProtocolError`; list lengths are bounded by what one task may hold.
+- Decoding checks an inventory's shape strictly (`decode_have`: ids, an 8-byte digest, a tag,
+  keys a whole number of `INVENTORY_KEY` records, at most `MAX_KEYS`); its keys are parsed and
+  checked (`parse_keys`) only where the receiver's digest differs, and a malformed one raises
+  `RemoteProtocolError` then, changing nothing.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from protocol import fields
 from protocol.errors import RemoteProtocolError
 from protocol.tasks.messages import (
+    INVENTORY_KEY,
+    KEY_CANCEL,
+    KEY_CLAIM,
+    KEY_GRANT,
+    KEY_RESULT,
+    KEY_STEPS,
     MAX_CHECKPOINTS,
     RECORD_TAG_BYTES,
     Inventory,
@@ -28,13 +37,25 @@ from protocol.tasks.messages import (
     record_tag,
 )
 from protocol.tasks.state import TaskState
-from protocol.wire import Message
+from protocol.wire import MAX_UINT, Message
 
 StepKey = tuple[int, bytes, int]
 """A checkpoint's key: (epoch, owner, sequence number)."""
-MAX_INVENTORY_ROWS = 1024
-"""Most keys of one kind in one task's inventory: a bound on a hostile sender (an honest task
-holds a few claims and results, and its checkpoints come as ranges)."""
+MAX_KEYS = 4096
+"""Most keys in one task's inventory: a bound on a hostile sender (an honest task holds a few
+claims and results, and its checkpoints come as ranges)."""
+DIGEST_BYTES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """An inventory's keys, parsed (`parse_keys`)."""
+
+    grants: frozenset[tuple[int, bytes]]
+    claims: frozenset[tuple[int, bytes, int]]
+    checkpoints: tuple[tuple[int, bytes, int, int], ...]
+    results: frozenset[tuple[int, bytes]]
+    cancel: bool
 
 
 def inventory_of(st: TaskState) -> Inventory:
@@ -42,9 +63,37 @@ def inventory_of(st: TaskState) -> Inventory:
     return st.inventory()
 
 
-def _covered(inv: Inventory) -> dict[tuple[int, bytes], list[tuple[int, int]]]:
+def parse_keys(inv: Inventory) -> Keys:
+    """The keys of `inv`, checked.
+
+    Raises:
+        RemoteProtocolError: an unknown kind, a number out of range, a checkpoint range
+            outside 1..`MAX_CHECKPOINTS`, or a field that must be zero is not.
+    """
+    grants: set[tuple[int, bytes]] = set()
+    claims: set[tuple[int, bytes, int]] = set()
+    steps: list[tuple[int, bytes, int, int]] = []
+    results: set[tuple[int, bytes]] = set()
+    cancel = False
+    for kind, epoch, node, a, b in INVENTORY_KEY.iter_unpack(inv.keys):
+        if max(epoch, a, b) > MAX_UINT:
+            raise RemoteProtocolError("an inventory key's numbers are 63-bit")
+        if kind == KEY_CLAIM and b == 0:
+            claims.add((epoch, node, a))
+        elif kind == KEY_STEPS and 1 <= a <= b <= MAX_CHECKPOINTS:
+            steps.append((epoch, node, a, b))
+        elif kind in (KEY_GRANT, KEY_RESULT) and a == b == 0:
+            (grants if kind == KEY_GRANT else results).add((epoch, node))
+        elif kind == KEY_CANCEL and (epoch, node, a, b) == (0, bytes(32), 0, 0):
+            cancel = True
+        else:
+            raise RemoteProtocolError("an inventory key is malformed")
+    return Keys(frozenset(grants), frozenset(claims), tuple(steps), frozenset(results), cancel)
+
+
+def _covered(keys: Keys) -> dict[tuple[int, bytes], list[tuple[int, int]]]:
     out: dict[tuple[int, bytes], list[tuple[int, int]]] = {}
-    for epoch, owner, first, last in inv.checkpoints:
+    for epoch, owner, first, last in keys.checkpoints:
         out.setdefault((epoch, owner), []).append((first, last))
     return out
 
@@ -54,33 +103,42 @@ def _listed(covered: dict[tuple[int, bytes], list[tuple[int, int]]], key: StepKe
 
 
 def missing_from(st: TaskState, inv: Inventory) -> list[Message]:
-    """The objects `st` holds that `inv` does not list, in an order a receiver can apply."""
-    grants, claims, results = set(inv.grants), set(inv.claims), set(inv.results)
-    covered = _covered(inv)
+    """The objects `st` holds that `inv` does not list, in an order a receiver can apply.
+
+    Raises:
+        RemoteProtocolError: `inv`'s keys are malformed (`parse_keys`).
+    """
+    keys = parse_keys(inv)
+    covered = _covered(keys)
     out: list[Message] = []
     if st.record is not None and record_tag(st.record.sig) != inv.record:
         out.append(st.record)
-    out.extend(g for k, g in sorted(st.epoch_grants.items()) if k not in grants)
-    out.extend(c for k, c in sorted(st.claims.items()) if k not in claims)
+    out.extend(g for k, g in sorted(st.epoch_grants.items()) if k not in keys.grants)
+    out.extend(c for k, c in sorted(st.claims.items()) if k not in keys.claims)
     out.extend(c for k, c in sorted(st.checkpoints.items()) if not _listed(covered, k))
-    out.extend(r for k, r in sorted(st.results.items()) if k not in results)
-    if st.cancel is not None and not inv.cancel:
+    out.extend(r for k, r in sorted(st.results.items()) if k not in keys.results)
+    if st.cancel is not None and not keys.cancel:
         out.append(st.cancel)
     return out
 
 
 def holds_more(inv: Inventory, st: TaskState) -> bool:
-    """Whether `inv` lists an object `st` does not hold."""
+    """Whether `inv` lists an object `st` does not hold.
+
+    Raises:
+        RemoteProtocolError: `inv`'s keys are malformed (`parse_keys`).
+    """
+    keys = parse_keys(inv)
     record = record_tag(st.record.sig) if st.record is not None else b""
     return (
         (inv.record != b"" and inv.record != record)
-        or any(k not in st.epoch_grants for k in inv.grants)
-        or any(k not in st.claims for k in inv.claims)
-        or any(k not in st.results for k in inv.results)
-        or (inv.cancel and st.cancel is None)
+        or any(k not in st.epoch_grants for k in keys.grants)
+        or any(k not in st.claims for k in keys.claims)
+        or any(k not in st.results for k in keys.results)
+        or (keys.cancel and st.cancel is None)
         or any(
             (e, o, n) not in st.checkpoints
-            for e, o, first, last in inv.checkpoints
+            for e, o, first, last in keys.checkpoints
             for n in range(first, last + 1)
         )
     )
@@ -88,23 +146,12 @@ def holds_more(inv: Inventory, st: TaskState) -> bool:
 
 def have_fields(msg: TaskHave) -> list[Any]:
     """The wire fields of a `TaskHave` after its kind."""
-    rows = [
-        [
-            inv.task_id,
-            inv.record,
-            [list(k) for k in inv.grants],
-            [list(k) for k in inv.claims],
-            [list(k) for k in inv.checkpoints],
-            [list(k) for k in inv.results],
-            inv.cancel,
-        ]
-        for inv in msg.entries
-    ]
+    rows = [[inv.task_id, inv.digest, inv.record, inv.keys] for inv in msg.entries]
     return [rows, msg.reply]
 
 
 def decode_have(f: list[Any]) -> TaskHave:
-    """A `TaskHave` from its wire fields (the kind first).
+    """A `TaskHave` from its wire fields (the kind first); its keys are checked when parsed.
 
     Raises:
         RemoteProtocolError: any field out of shape or range.
@@ -115,39 +162,16 @@ def decode_have(f: list[Any]) -> TaskHave:
 
 
 def _inventory(row: Any) -> Inventory:
-    if not isinstance(row, list) or len(row) != 7:
-        raise RemoteProtocolError(
-            "an inventory is [task id, record, grants, claims, checkpoints, results, cancel]"
-        )
-    tid, record, grants, claims, checkpoints, results, cancel = row
+    if not isinstance(row, list) or len(row) != 4:
+        raise RemoteProtocolError("an inventory is [task id, digest, record tag, keys]")
+    tid, digest, record, keys = row
+    if type(digest) is not bytes or len(digest) != DIGEST_BYTES:
+        raise RemoteProtocolError("an inventory's digest is 8 bytes")
     if type(record) is not bytes or len(record) not in (0, RECORD_TAG_BYTES):
         raise RemoteProtocolError("an inventory's record is empty or an 8-byte tag")
-    if type(cancel) is not bool:
-        raise RemoteProtocolError("an inventory's cancel must be a boolean")
-    return Inventory(
-        fields.node_id(tid),
-        record,
-        tuple((fields.uint(e), fields.node_id(g)) for e, g in _rows(grants, 2)),
-        tuple((fields.uint(e), fields.node_id(o), fields.uint(i)) for e, o, i in _rows(claims, 3)),
-        tuple(_range(r) for r in _rows(checkpoints, 4)),
-        tuple((fields.uint(e), fields.node_id(o)) for e, o in _rows(results, 2)),
-        cancel,
-    )
-
-
-def _rows(v: Any, width: int) -> list[list[Any]]:
-    rows = fields.array(v)
-    if len(rows) > MAX_INVENTORY_ROWS:
-        raise RemoteProtocolError(f"an inventory lists at most {MAX_INVENTORY_ROWS} keys a kind")
-    for r in rows:
-        if not isinstance(r, list) or len(r) != width:
-            raise RemoteProtocolError(f"an inventory key has {width} fields")
-    return rows
-
-
-def _range(r: list[Any]) -> tuple[int, bytes, int, int]:
-    epoch, owner, first, last = fields.uint(r[0]), fields.node_id(r[1]), r[2], r[3]
-    first, last = fields.uint(first), fields.uint(last)
-    if not 1 <= first <= last <= MAX_CHECKPOINTS:
-        raise RemoteProtocolError(f"a checkpoint range runs within 1 to {MAX_CHECKPOINTS}")
-    return (epoch, owner, first, last)
+    size = INVENTORY_KEY.size
+    if type(keys) is not bytes or len(keys) % size or len(keys) > MAX_KEYS * size:
+        raise RemoteProtocolError(
+            f"an inventory's keys are at most {MAX_KEYS} records of {size} bytes"
+        )
+    return Inventory(fields.node_id(tid), digest, record, keys)

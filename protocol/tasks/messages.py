@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import struct
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -189,17 +190,25 @@ class TaskShards:
 class Inventory:
     """What a peer holds of one task, by object key, not content (see `TaskHave`).
 
-    `record` is the first 8 bytes of the SHA-256 of the held record's signature (empty: no
-    record); `checkpoints` lists (epoch, owner, first, last): every sequence number from first
-    to last is held."""
+    `digest` is the task's digest there (`TaskState.digest`): a receiver holding the same
+    digest stops at it. `record` is the 8-byte tag of the record held (`record_tag`; empty: no
+    record). `keys` names every other object held, one `INVENTORY_KEY` record each, in order:
+    grants (KEY_GRANT, epoch, grantee), claims (KEY_CLAIM, epoch, owner, incarnation),
+    checkpoints as ranges (KEY_STEPS, epoch, owner, first, last: every sequence number from
+    first to last is held), results (KEY_RESULT, epoch, owner) and the cancel (KEY_CANCEL);
+    unused fields are zero. The keys are parsed only where the digests differ
+    (`protocol.tasks.inventory.parse_keys`), so a sync of tasks held alike costs a comparison
+    of digests."""
 
     task_id: bytes
+    digest: bytes
     record: bytes
-    grants: tuple[tuple[int, bytes], ...]
-    claims: tuple[tuple[int, bytes, int], ...]
-    checkpoints: tuple[tuple[int, bytes, int, int], ...]
-    results: tuple[tuple[int, bytes], ...]
-    cancel: bool
+    keys: bytes
+
+
+INVENTORY_KEY = struct.Struct(">BQ32sQQ")
+"""One key of an inventory: kind, epoch, node id (owner or grantee), then two numbers."""
+KEY_GRANT, KEY_CLAIM, KEY_STEPS, KEY_RESULT, KEY_CANCEL = range(5)
 
 
 RECORD_TAG_BYTES = 8

@@ -33,6 +33,8 @@ import hashlib
 from collections.abc import Iterable
 
 from protocol.codec import encode_message
+from protocol.effects import Dropped
+from protocol.errors import RemoteProtocolError
 from protocol.tasks.core import MAX_WANT, STORE, TaskCore
 from protocol.tasks.inventory import holds_more, missing_from
 from protocol.tasks.messages import TaskHave, TaskRead, TaskShards, TaskWant
@@ -233,11 +235,15 @@ class Repair(TaskCore):
                 if msg.reply:
                     want.append(tid)
                 continue
-            if st.inventory() == inv:
-                continue
-            objects.extend(missing_from(st, inv))
-            if msg.reply and holds_more(inv, st):
-                back.append(tid)
+            if st.digest() == inv.digest:
+                continue  # held alike: the common case costs a comparison
+            try:
+                objects.extend(missing_from(st, inv))
+                if msg.reply and holds_more(inv, st):
+                    back.append(tid)
+            except RemoteProtocolError as exc:
+                self.counters["malformed inventories"] += 1
+                self.port.note(Dropped(src, f"malformed inventory: {exc}"))
         self.send_messages(src, objects)
         self.send_inventories(src, back, reply=False)
         if want:

@@ -21,6 +21,12 @@ from dataclasses import dataclass
 import msgpack
 
 from protocol.tasks.messages import (
+    INVENTORY_KEY,
+    KEY_CANCEL,
+    KEY_CLAIM,
+    KEY_GRANT,
+    KEY_RESULT,
+    KEY_STEPS,
     Cancel,
     Checkpoint,
     Claim,
@@ -150,15 +156,15 @@ class TaskState:
                     ranges[-1] = (epoch, owner, last[2], seq)
                 else:
                     ranges.append((epoch, owner, seq, seq))
-            self._inventory = Inventory(
-                self.task_id,
-                record_tag(self.record.sig) if self.record is not None else b"",
-                tuple(sorted(self.epoch_grants)),
-                tuple(sorted(self.claims)),
-                tuple(ranges),
-                tuple(sorted(self.results)),
-                self.cancel is not None,
-            )
+            pack = INVENTORY_KEY.pack
+            keys = [pack(KEY_GRANT, e, g, 0, 0) for e, g in sorted(self.epoch_grants)]
+            keys += [pack(KEY_CLAIM, e, o, i, 0) for e, o, i in sorted(self.claims)]
+            keys += [pack(KEY_STEPS, e, o, a, b) for e, o, a, b in ranges]
+            keys += [pack(KEY_RESULT, e, o, 0, 0) for e, o in sorted(self.results)]
+            if self.cancel is not None:
+                keys.append(pack(KEY_CANCEL, 0, bytes(32), 0, 0))
+            tag = record_tag(self.record.sig) if self.record is not None else b""
+            self._inventory = Inventory(self.task_id, self.digest(), tag, b"".join(keys))
         return self._inventory
 
     def objects(self, steps: bool = True) -> list[Message]:

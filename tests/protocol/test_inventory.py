@@ -7,11 +7,20 @@ tests drive real Nodes on the in-memory link and count what crosses it.
 
 from __future__ import annotations
 
-from protocol.tasks.inventory import holds_more, inventory_of, missing_from
-from protocol.tasks.messages import Checkpoint, Claim, TaskHave, TaskRecord
+from dataclasses import replace
+
+from protocol.tasks.inventory import holds_more, inventory_of, missing_from, parse_keys
+from protocol.tasks.messages import (
+    INVENTORY_KEY,
+    KEY_STEPS,
+    Checkpoint,
+    Claim,
+    TaskHave,
+    TaskRecord,
+)
 from protocol.tasks.state import TaskState
 from protocol.wire import Message
-from tests.protocol.fakes import Link, addr, opened
+from tests.protocol.fakes import Link, addr, envelope, opened
 from tests.protocol.test_checkpoints import running
 from tests.protocol.test_tasks import holders, replicas
 
@@ -37,7 +46,8 @@ def test_an_inventory_lists_exactly_what_a_task_holds() -> None:
     link.advance(link.now + 1.0)
     full = link.node(owner).tasks.tasks[task_id]
     inv = inventory_of(full)
-    assert inv.checkpoints == ((1, full.claim.owner if full.claim else b"", 1, 5),)
+    assert parse_keys(inv).checkpoints == ((1, full.claim.owner if full.claim else b"", 1, 5),)
+    assert inv.digest == full.digest()
     assert missing_from(full, inv) == [] and not holds_more(inv, full)
     # A state missing steps 2 and 4 lacks exactly those, and its inventory shows the gaps.
     partial = TaskState(task_id, 0.0)
@@ -47,7 +57,7 @@ def test_an_inventory_lists_exactly_what_a_task_holds() -> None:
     assert [c.seq for c in lacks if isinstance(c, Checkpoint)] == [2, 4] and len(lacks) == 2
     assert holds_more(inventory_of(full), partial)
     assert not holds_more(inventory_of(partial), full)
-    assert inventory_of(partial).checkpoints == tuple(
+    assert parse_keys(inventory_of(partial)).checkpoints == tuple(
         (1, full.claim.owner if full.claim else b"", n, n) for n in (1, 3, 5)
     )
     # Nothing held: everything is missing, in the order a receiver applies it.
@@ -106,3 +116,29 @@ def test_two_replicas_missing_different_steps_each_get_only_theirs() -> None:
         for n in holders(link, task_id)
         if n.node_id != link.node(owner).node_id
     )
+
+
+def test_a_malformed_inventory_is_counted_and_changes_nothing() -> None:
+    link, task_id, owner = running()
+    victim = next(i for i in replicas(task_id, list(range(5))) if i != owner)
+    node = link.node(victim)
+    held = inventory_of(node.tasks.tasks[task_id])
+    key = INVENTORY_KEY.pack(KEY_STEPS, 1, bytes(32), 5, 4)  # a range running backwards
+    bad = replace(held, digest=bytes(8), keys=held.keys + key)
+    before = node.tasks.tasks[task_id].digest()
+    fx = node.handle(link.now, addr(owner), envelope(owner, TaskHave((bad,), True)))
+    assert node.tasks.counters["malformed inventories"] == 1
+    assert node.tasks.tasks[task_id].digest() == before
+    assert not [m for s in fx.sends for m in opened(s.data) if isinstance(m, Checkpoint)]
+
+
+def test_an_inventory_held_alike_is_settled_by_its_digest_alone() -> None:
+    link, task_id, owner = running()
+    victim = next(i for i in replicas(task_id, list(range(5))) if i != owner)
+    node = link.node(victim)
+    held = inventory_of(node.tasks.tasks[task_id])
+    # Keys that would not even parse: the equal digest stops the comparison before them.
+    odd = replace(held, keys=b"\xff" * INVENTORY_KEY.size)
+    fx = node.handle(link.now, addr(owner), envelope(owner, TaskHave((odd,), True)))
+    assert node.tasks.counters["malformed inventories"] == 0
+    assert not [m for s in fx.sends for m in opened(s.data) if isinstance(m, TaskHave)]

@@ -30,6 +30,9 @@ from protocol.envelope import (
 from protocol.errors import RemoteProtocolError
 from protocol.identity import DOMAIN_ALIVE, DOMAIN_PEER_STATE, Signer, node_id_of
 from protocol.tasks.messages import (
+    INVENTORY_KEY,
+    KEY_CLAIM,
+    KEY_STEPS,
     Cancel,
     Checkpoint,
     Claim,
@@ -144,14 +147,12 @@ SAMPLES: dict[Kind, Message] = {
         (
             Inventory(
                 nid(1),
+                b"87654321",
                 b"12345678",
-                ((2, nid(3)),),
-                ((1, nid(2), 0), (2, nid(3), 1)),
-                ((1, nid(2), 1, 4), (2, nid(3), 6, 6)),
-                ((2, nid(3)),),
-                False,
+                INVENTORY_KEY.pack(KEY_CLAIM, 1, nid(2), 0, 0)
+                + INVENTORY_KEY.pack(KEY_STEPS, 1, nid(2), 1, 4),
             ),
-            Inventory(nid(2), b"", (), (), (), (), True),
+            Inventory(nid(2), b"abcdefgh", b"", b""),
         ),
         True,
     ),
@@ -331,15 +332,12 @@ def test_rejects_wrong_arity(kind: Kind) -> None:
         [Kind.TASK_SHARDS, 1, [], [[nid(1), b"short"]], b""],
         [Kind.TASK_SHARDS, 1, [], [nid(1)], b""],
         [Kind.TASK_HAVE, [], 1],  # reply is a boolean
-        [Kind.TASK_HAVE, [[nid(1), b"short", [], [], [], [], False]], True],  # record tag
-        [Kind.TASK_HAVE, [[nid(1), b"", [], [], [], []]], True],  # an inventory's fields
-        [Kind.TASK_HAVE, [[nid(1), b"", [], [], [], [], 0]], True],  # cancel
-        [Kind.TASK_HAVE, [[nid(1), b"", [[1]], [], [], [], False]], True],  # a grant's key
-        [Kind.TASK_HAVE, [[nid(1), b"", [], [[1, nid(2), -1]], [], [], False]], True],
-        [Kind.TASK_HAVE, [[nid(1), b"", [], [], [[1, nid(2), 0, 1]], [], False]], True],
-        [Kind.TASK_HAVE, [[nid(1), b"", [], [], [[1, nid(2), 5, 4]], [], False]], True],
-        [Kind.TASK_HAVE, [[nid(1), b"", [], [], [[1, nid(2), 1, 257]], [], False]], True],
-        [Kind.TASK_HAVE, [[nid(1), b"", [], [], [], [[1, nid(2)]] * 1025, False]], True],
+        [Kind.TASK_HAVE, [[nid(1), b"short", b"", b""]], True],  # the digest
+        [Kind.TASK_HAVE, [[nid(1), b"12345678", b"short", b""]], True],  # the record tag
+        [Kind.TASK_HAVE, [[nid(1), b"12345678", b"", b"\x01"]], True],  # part of a key
+        [Kind.TASK_HAVE, [[nid(1), b"12345678", b""]], True],  # an inventory's fields
+        [Kind.TASK_HAVE, [[nid(1), b"12345678", b"", "keys"]], True],
+        [Kind.TASK_HAVE, [[nid(1), b"12345678", b"", b"\x00" * 57 * 4097]], True],  # too many
         # retired kinds, even well formed
         [Kind.TASK_DIGESTS, [[nid(1), b"12345678"]]],
         [Kind.TASK_SYNC, [[nid(1), b"12345678"]]],
