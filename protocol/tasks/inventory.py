@@ -102,13 +102,14 @@ def _listed(covered: dict[tuple[int, bytes], list[tuple[int, int]]], key: StepKe
     return any(first <= key[2] <= last for first, last in covered.get(key[:2], ()))
 
 
-def missing_from(st: TaskState, inv: Inventory) -> list[Message]:
-    """The objects `st` holds that `inv` does not list, in an order a receiver can apply.
+def missing_from(st: TaskState, inv: Inventory, keys: Keys | None = None) -> list[Message]:
+    """The objects `st` holds that `inv` does not list, in an order a receiver can apply
+    (`keys`: `inv`'s, parsed already).
 
     Raises:
         RemoteProtocolError: `inv`'s keys are malformed (`parse_keys`).
     """
-    keys = parse_keys(inv)
+    keys = keys if keys is not None else parse_keys(inv)
     covered = _covered(keys)
     out: list[Message] = []
     if st.record is not None and record_tag(st.record.sig) != inv.record:
@@ -122,13 +123,13 @@ def missing_from(st: TaskState, inv: Inventory) -> list[Message]:
     return out
 
 
-def holds_more(inv: Inventory, st: TaskState) -> bool:
-    """Whether `inv` lists an object `st` does not hold.
+def holds_more(inv: Inventory, st: TaskState, keys: Keys | None = None) -> bool:
+    """Whether `inv` lists an object `st` does not hold (`keys`: `inv`'s, parsed already).
 
     Raises:
         RemoteProtocolError: `inv`'s keys are malformed (`parse_keys`).
     """
-    keys = parse_keys(inv)
+    keys = keys if keys is not None else parse_keys(inv)
     record = record_tag(st.record.sig) if st.record is not None else b""
     return (
         (inv.record != b"" and inv.record != record)

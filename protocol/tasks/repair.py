@@ -36,7 +36,7 @@ from protocol.codec import encode_message
 from protocol.effects import Dropped
 from protocol.errors import RemoteProtocolError
 from protocol.tasks.core import MAX_WANT, STORE, TaskCore
-from protocol.tasks.inventory import holds_more, missing_from
+from protocol.tasks.inventory import holds_more, missing_from, parse_keys
 from protocol.tasks.messages import TaskHave, TaskRead, TaskShards, TaskWant
 from protocol.tasks.state import TaskState
 from protocol.wire import Message
@@ -238,12 +238,14 @@ class Repair(TaskCore):
             if st.digest() == inv.digest:
                 continue  # held alike: the common case costs a comparison
             try:
-                objects.extend(missing_from(st, inv))
-                if msg.reply and holds_more(inv, st):
-                    back.append(tid)
+                keys = parse_keys(inv)
             except RemoteProtocolError as exc:
                 self.counters["malformed inventories"] += 1
                 self.port.note(Dropped(src, f"malformed inventory: {exc}"))
+                continue
+            objects.extend(missing_from(st, inv, keys))
+            if msg.reply and holds_more(inv, st, keys):
+                back.append(tid)
         self.send_messages(src, objects)
         self.send_inventories(src, back, reply=False)
         if want:
