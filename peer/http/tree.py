@@ -36,6 +36,7 @@ from peer.runtime.driver import Driver
 from protocol.tasks.state import TaskState
 
 MAX_TREE_DEPTH = 64
+"""Levels of a task tree shown below its root; deeper tasks are left out (`truncated`)."""
 CHILDREN_POLL = 0.05
 CHILDREN_WAIT = 1.0
 """Seconds a tree read waits, per level, for the children its holders send."""
@@ -43,7 +44,6 @@ SETTLED_KEPT = 65_536
 """Tasks remembered as read, final or open (see `TreeApi._fetch_tree`)."""
 REREAD_OPEN = 10.0
 """Least seconds between two reads of an open task for trees (see `TreeApi._fetch_tree`)."""
-"""Levels of a task tree shown below its root; deeper tasks are left out (`truncated`)."""
 
 
 class TreeApi:

@@ -27,7 +27,6 @@ from protocol.effects import Command, Dropped
 from protocol.identity import Signer, VerifiedCache
 from protocol.membership import Port as MembershipPort
 from protocol.slots import SlotLedger
-from protocol.tasks.inventory import inventory_of
 from protocol.tasks.messages import (
     Checkpoint,
     Claim,
@@ -245,7 +244,7 @@ class TaskCore(ABC):
             st = self.tasks.get(tid)
             if st is None:
                 continue
-            inv = inventory_of(st)
+            inv = st.inventory()
             batch.append(inv)
             size += 64 + len(inv.keys)
             if size >= INVENTORY_BATCH_BYTES:

@@ -8,8 +8,8 @@ An inventory names each object held in a few bytes; its receiver sends exactly t
 holds that the inventory does not list.
 
 Invariants:
-- `inventory_of(st)` lists exactly the objects `st` holds: `missing_from(st, inventory_of(st))`
-  is empty and `holds_more(inventory_of(a), b)` is false when `a` holds all `b` holds.
+- `st.inventory()` lists exactly the objects `st` holds: `missing_from(st, st.inventory())`
+  is empty and `holds_more(a.inventory(), b)` is false when `a` holds all `b` holds.
 - Decoding checks an inventory's shape strictly (`decode_have`: ids, an 8-byte digest, a tag,
   keys a whole number of `INVENTORY_KEY` records, at most `MAX_KEYS`); its keys are parsed and
   checked (`parse_keys`) only where the receiver's digest differs, and a malformed one raises
@@ -56,11 +56,6 @@ class Keys:
     checkpoints: tuple[tuple[int, bytes, int, int], ...]
     results: frozenset[tuple[int, bytes]]
     cancel: bool
-
-
-def inventory_of(st: TaskState) -> Inventory:
-    """What `st` holds, by key (cached on the state until it changes)."""
-    return st.inventory()
 
 
 def parse_keys(inv: Inventory) -> Keys:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from protocol.tasks.inventory import holds_more, inventory_of, missing_from, parse_keys
+from protocol.tasks.inventory import holds_more, missing_from, parse_keys
 from protocol.tasks.messages import (
     INVENTORY_KEY,
     KEY_STEPS,
@@ -45,7 +45,7 @@ def test_an_inventory_lists_exactly_what_a_task_holds() -> None:
     steps(link, owner, task_id, 5)
     link.advance(link.now + 1.0)
     full = link.node(owner).tasks.tasks[task_id]
-    inv = inventory_of(full)
+    inv = full.inventory()
     assert parse_keys(inv).checkpoints == ((1, full.claim.owner if full.claim else b"", 1, 5),)
     assert inv.digest == full.digest()
     assert missing_from(full, inv) == [] and not holds_more(inv, full)
@@ -53,15 +53,15 @@ def test_an_inventory_lists_exactly_what_a_task_holds() -> None:
     partial = TaskState(task_id, 0.0)
     partial.record, partial.claims = full.record, dict(full.claims)
     partial.checkpoints = {k: c for k, c in full.checkpoints.items() if k[2] in (1, 3, 5)}
-    lacks = missing_from(full, inventory_of(partial))
+    lacks = missing_from(full, partial.inventory())
     assert [c.seq for c in lacks if isinstance(c, Checkpoint)] == [2, 4] and len(lacks) == 2
-    assert holds_more(inventory_of(full), partial)
-    assert not holds_more(inventory_of(partial), full)
-    assert parse_keys(inventory_of(partial)).checkpoints == tuple(
+    assert holds_more(full.inventory(), partial)
+    assert not holds_more(partial.inventory(), full)
+    assert parse_keys(partial.inventory()).checkpoints == tuple(
         (1, full.claim.owner if full.claim else b"", n, n) for n in (1, 3, 5)
     )
     # Nothing held: everything is missing, in the order a receiver applies it.
-    empty = inventory_of(TaskState(task_id, 0.0))
+    empty = TaskState(task_id, 0.0).inventory()
     assert missing_from(full, empty) == full.objects()
 
 
@@ -122,7 +122,7 @@ def test_a_malformed_inventory_is_counted_and_changes_nothing() -> None:
     link, task_id, owner = running()
     victim = next(i for i in replicas(task_id, list(range(5))) if i != owner)
     node = link.node(victim)
-    held = inventory_of(node.tasks.tasks[task_id])
+    held = node.tasks.tasks[task_id].inventory()
     key = INVENTORY_KEY.pack(KEY_STEPS, 1, bytes(32), 5, 4)  # a range running backwards
     bad = replace(held, digest=bytes(8), keys=held.keys + key)
     before = node.tasks.tasks[task_id].digest()
@@ -136,7 +136,7 @@ def test_an_inventory_held_alike_is_settled_by_its_digest_alone() -> None:
     link, task_id, owner = running()
     victim = next(i for i in replicas(task_id, list(range(5))) if i != owner)
     node = link.node(victim)
-    held = inventory_of(node.tasks.tasks[task_id])
+    held = node.tasks.tasks[task_id].inventory()
     # Keys that would not even parse: the equal digest stops the comparison before them.
     odd = replace(held, keys=b"\xff" * INVENTORY_KEY.size)
     fx = node.handle(link.now, addr(owner), envelope(owner, TaskHave((odd,), True)))

@@ -27,7 +27,6 @@ from protocol.effects import (
 )
 from protocol.errors import LocalProtocolError
 from protocol.node import Node
-from protocol.tasks.inventory import inventory_of
 from protocol.tasks.messages import (
     DOMAIN_CLAIM,
     DOMAIN_EPOCH_GRANT,
@@ -603,7 +602,7 @@ def test_claim_skipping_an_epoch_is_dropped_and_its_chain_asked_for() -> None:
     assert link.node(target).tasks.counters["claim skips an epoch"] == 1
     [send] = fx.sends
     # The target holds the task: it sends its inventory, so only what it lacks comes back.
-    held = inventory_of(link.node(target).tasks.tasks[task_id])
+    held = link.node(target).tasks.tasks[task_id].inventory()
     assert send.addr == addr(order[2]) and opened(send.data) == [TaskHave((held,), False)]
     assert not link.commands_of(owner, CancelExecution)
 
