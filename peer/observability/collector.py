@@ -187,7 +187,7 @@ class PeerCollector(Collector):
         yield rejected
         yield CounterMetricFamily(
             "grapevine_gossip_send_failures",
-            "Sends that got no 2xx answer (refused, timed out, rejected).",
+            "Sends that failed: a probe with no 2xx answer, a channel refused, reset or timed out.",
             value=t.send_failures,
         )
         yield CounterMetricFamily(
@@ -195,6 +195,16 @@ class PeerCollector(Collector):
             "Sends dropped before leaving (queue full, peer unreachable, unsealable).",
             value=t.sends_dropped,
         )
+        channels = GaugeMetricFamily(
+            "grapevine_transport_channels",
+            "Channels (one WebSocket per peer pair carrying bulk envelopes) open now, to other "
+            "peers (out) and from them (in).",
+            labels=["direction"],
+        )
+        out, into = t.channels
+        channels.add_metric(["out"], out)
+        channels.add_metric(["in"], into)
+        yield channels
 
     def _tasks(self) -> Iterator[Metric]:
         node = self.driver.node

@@ -54,6 +54,8 @@ _STATUS_BY_REASON: Final = {
     "busy": 503,
     "blob_over_quota": 507,
     "bad_blob_request": 400,
+    "bad_channel_hello": 400,
+    "bad_channel_message": 400,
 }
 
 

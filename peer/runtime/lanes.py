@@ -9,11 +9,12 @@ So the transport carries two lanes:
   message (`PROBE_KINDS`: ping, indirect ping, ack, nack), with whatever gossip rode along
   (at most `GossipConfig.packet_budget` bytes). It is sent at once in a request of its own,
   over connections of its own, and handled as soon as it is read.
-- The bulk lane: everything else. It is sent coalesced per destination, one request at a
-  time, and on receipt handed on by `BulkLane` in slices, one per event-loop turn, in arrival
-  order, each sized to hold the loop about `SLICE_SECONDS`: every step of a probe's round trip
-  (a dozen loop turns or so: reading the request, handling it, posting the ack) then waits at
-  most one slice, instead of a whole envelope of task objects.
+- The bulk lane: everything else. It is sent coalesced per destination, on the
+  destination's channel (`peer.runtime.channels`), and on receipt handed on by `BulkLane` in
+  slices, one per event-loop turn, in arrival order, each sized to hold the loop about
+  `SLICE_SECONDS`: every step of a probe's round trip (a dozen loop turns or so: reading the
+  request, handling it, posting the ack) then waits at most one slice, instead of a whole
+  envelope of task objects.
 
 Invariants:
 - Classifying decodes the envelope (`protocol.envelope`; its messages stay encoded) and reads
@@ -24,8 +25,8 @@ Invariants:
   is handed on once, in order, under the envelope's sender, as if it had been sent in several
   envelopes. A malformed message then costs its slice, not the whole envelope.
 - `BulkLane` hands on at most one slice per loop turn, envelopes in arrival order; `handle`
-  returns once every slice of its envelope was handed on, so the request's answer still means
-  "handled" and a sender's next request waits for it (backpressure per sender).
+  returns once every slice of its envelope was handed on, so a channel's next message (or a
+  request's answer) waits for it (backpressure per sender).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""HTTP transport: one POST endpoint receives sealed frames; one pooled client sends them.
+"""The peer transport: sealed frames between peers, on channels and in requests.
 
 Invariants:
 - Nothing a remote sends can crash the server or reach the protocol unauthenticated: a body
@@ -12,11 +12,14 @@ Invariants:
   two pieces; `blob_timeout` in all for a blob), the server holds at most `ServerLimits`
   connections (per source IP and in all), and request bodies buffered at once are bounded by
   `max_buffered` bytes; beyond a limit a request gets 503 and is counted.
-- `send` never blocks and never raises: it seals the frame and hands it to a fire-and-forget
-  task. At most `max_in_flight` sends are outstanding per lane; beyond that a send is dropped
-  and counted in `sends_dropped`. A failed send (refused, timed out, non-2xx answer) is counted in
-  `send_failures` and remembered per address in `last_failure`, never raised into the caller.
-  No answer is read beyond `ANSWER_TEXT_BYTES`.
+- `send` never blocks and never raises. A bulk envelope joins what waits for its
+  destination's channel (`peer.runtime.channels`: one WebSocket per destination, decision
+  46); a probe-class one is sealed and posted in a fire-and-forget request. At most
+  `max_in_flight` channels are open, and as many probes outstanding; beyond, a send is
+  dropped and counted in `sends_dropped`. A failed send (a channel refused, reset or timed
+  out; a probe without a 2xx answer) is counted in `send_failures` and remembered per address
+  in `last_failure`, never raised into the caller. No answer is read beyond
+  `ANSWER_TEXT_BYTES`.
 - Every frame is sealed with the current keyring's primary key under this process's boot id,
   with sequence numbers that keep increasing across keyring replacements (so receivers never
   see a replay from us after a rotation), for the route it travels on (a frame captured on one
@@ -27,8 +30,8 @@ and posted at once, in a request of its own, over a connection pool of its own (
 with task objects, never queued behind a send outstanding to its address, never waiting for a
 pooled connection), and on receipt handed to `on_receive` as soon as it is read. Every other
 envelope goes to `on_receive` in slices, one per event-loop turn (`peer.runtime.lanes.BulkLane`),
-so a probe or ack read meanwhile waits at most one slice. The endpoint answers 204 once the
-whole envelope was handed on, so a sender's next request to us waits for it.
+so a probe or ack read meanwhile waits at most one slice. A channel's next message is read
+once the last one was handed on, so a slow receiver slows its senders (TCP flow control).
 
 Blobs travel over the same server, on two more routes, as sealed streams
 (`peer.runtime.blob_routes`); `push_blob` and `fetch_blob` are their client side.
@@ -55,6 +58,7 @@ from peer.runtime.blob_routes import (
     BlobTransferError,
     connect_reason,
 )
+from peer.runtime.channels import ChannelReceiver, ChannelSender
 from peer.runtime.contact import LastContact
 from peer.runtime.intake import (
     BODY_ERRORS,
@@ -78,12 +82,10 @@ MAX_FRAME_BYTES: Final = MAX_ENVELOPE_BYTES + OVERHEAD
 TRANSPORT_LIMITS: Final = ServerLimits()
 """The transport server's connection caps and idle timeout, by default."""
 _MAX_FAILURE_ADDRS = 4096
-_OUTBOX_BYTES: Final = 8 * 1024 * 1024
-"""Most bytes waiting for one address (with `coalesce`); later sends to it are dropped."""
 BULK_CONNECTIONS_PER_PEER: Final = 6
 PROBE_CONNECTIONS_PER_PEER: Final = 2
-"""Connections the bulk lane (envelopes and blobs) and the probe lane open to one address at
-most: 8 in all, as `peer.runtime.serving.ServerLimits.max_per_source` assumes. Two probe
+"""Connections the bulk lane (its channel and blobs) and the probe lane open to one address
+at most: 8 in all, as `peer.runtime.serving.ServerLimits.max_per_source` assumes. Two probe
 connections let an ack leave while a probe to the same peer is outstanding."""
 
 ReceiveCallback = Callable[[str, bytes], None]
@@ -127,12 +129,9 @@ class Transport:
         read_timeout: seconds a body may stall between two pieces (see `READ_TIMEOUT`).
         limits: the server's connection caps and idle timeout.
         max_buffered: bytes of request bodies held in memory at once (see `MAX_BUFFERED`).
-        coalesce: given, at most one send per address is outstanding; what is sent to that
-            address meanwhile waits and leaves with the next request, merged by `coalesce`
-            (a list of payloads, oldest first, to fewer payloads). Under load one HTTP
-            request then carries many envelopes: each request costs far more CPU than the
-            bytes it carries. Without it, every send is a request of its own. Probe-class
-            envelopes are never coalesced.
+        coalesce: merges what waited for an address's channel (a list of payloads, oldest
+            first) into fewer payloads; without it, every send is a channel message of its
+            own. Probe-class envelopes are never coalesced.
     """
 
     def __init__(
@@ -169,13 +168,31 @@ class Transport:
         self._max_in_flight = max_in_flight
         self._send_timeout = send_timeout
         self._limits = limits
-        self._in_flight: set[asyncio.Task[None]] = set()
         self._probes_in_flight: set[asyncio.Task[None]] = set()
         self._bulk = BulkLane(lambda source, data: self.on_receive(source, data))
-        self._coalesce = coalesce
-        self._outbox: dict[str, list[bytes]] = {}
-        """Payloads waiting for the outstanding send to their address (with `coalesce`)."""
-        self._outbox_bytes: dict[str, int] = {}
+        self._channels_out = ChannelSender(
+            keyring,
+            boot_id,
+            lambda: self._sealer,
+            lambda: self._session,
+            clock,
+            send_timeout,
+            coalesce,
+            self._sent,
+            self._failed,
+            refusal_reason,
+            max_in_flight,
+        )
+        self._channels_in = ChannelReceiver(
+            lambda: self._opener,
+            keyring,
+            self._intake,
+            self._bulk,
+            lambda source, data: self.on_receive(source, data),
+            self._accepted,
+            clock,
+            max_frame,
+        )
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._probe_session: aiohttp.ClientSession | None = None
@@ -185,8 +202,7 @@ class Transport:
         self._envelope_bytes_out = 0
         self.send_failures = 0
         """Sends that did not get a 2xx answer (refused, timed out, rejected)."""
-        self.sends_dropped = 0
-        """Sends refused locally because `max_in_flight` were outstanding."""
+        self._dropped = 0
         self.last_failure: dict[str, str] = {}
         """The most recent failure reason per destination address, cleared by a success."""
         self.probe_sends = 0
@@ -206,6 +222,7 @@ class Transport:
         """
         app = web.Application(client_max_size=self._max_frame)
         app.router.add_post(ENVELOPE_PATH, self._handle)
+        self._channels_in.add_to(app)
         self._blobs.add_to(app)
         self._runner, self.port = await serve(
             app, self.host, self.port, limits=self._limits, refused=self.rejected
@@ -223,7 +240,8 @@ class Transport:
 
     async def stop(self, grace: float = 1.0) -> None:
         """Let outstanding sends finish for up to `grace` seconds, then close everything."""
-        sends = self._in_flight | self._probes_in_flight
+        await self._channels_out.close(grace)
+        sends = set(self._probes_in_flight)
         if sends:
             await asyncio.wait(sends, timeout=grace)
         for task in sends:
@@ -234,6 +252,7 @@ class Transport:
             if session is not None:
                 await session.close()
         self._session = self._probe_session = None
+        await self._channels_in.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -258,6 +277,8 @@ class Transport:
         self._sealer = self._sealer.rekeyed(keyring)
         self._opener = self._opener.rekeyed(keyring)
         self._blobs.rekey(keyring)
+        self._channels_out.rekey(keyring)
+        self._channels_in.rekey(keyring)
 
     @property
     def rejected(self) -> Counter[str]:
@@ -266,7 +287,8 @@ class Transport:
         "length_required", "bad_length", "truncated", "read_timeout" and "busy" (over
         `max_buffered`) for bodies; "bad_blob_request", "blob_over_quota" and
         "blob_digest_mismatch" (bytes that did not hash to the digest they came under) for
-        blobs."""
+        blobs; "bad_channel_hello" and "bad_channel_message" for channels
+        (`peer.runtime.channels`), whose frames are counted by their `SealError.reason`."""
         return self._opener.rejected
 
     @property
@@ -305,8 +327,19 @@ class Transport:
 
     @property
     def in_flight(self) -> int:
-        """Sends currently outstanding, both lanes."""
-        return len(self._in_flight) + len(self._probes_in_flight)
+        """Sends outstanding: probes posted, and channels with envelopes waiting."""
+        return len(self._probes_in_flight) + self._channels_out.waiting
+
+    @property
+    def sends_dropped(self) -> int:
+        """Sends refused locally: `max_in_flight` probes outstanding, `max_in_flight`
+        channels open, or a channel's outbox full."""
+        return self._dropped + self._channels_out.dropped
+
+    @property
+    def channels(self) -> tuple[int, int]:
+        """Channels open now: (to other peers, from other peers)."""
+        return self._channels_out.open_channels, self._channels_in.open_channels
 
     @property
     def backlog(self) -> int:
@@ -316,78 +349,44 @@ class Transport:
     # Sending
 
     def send(self, addr: str, data: bytes) -> None:
-        """Seal `data` and post it to the peer at `addr` ("host:port") in the background.
+        """Seal `data` and send it to the peer at `addr` ("host:port") in the background.
 
         Never blocks and never raises; failures are counted (see the class invariants). A
         probe-class envelope (`peer.runtime.lanes.is_probe_class`) leaves at once on the probe
-        lane; anything else joins what waits for `addr`, with `coalesce`.
+        lane, in a request of its own; anything else joins what waits for `addr`'s channel
+        (`peer.runtime.channels`), merged with it by `coalesce`.
         """
         session = self._session
         if session is None or session.closed:
-            self.sends_dropped += 1
+            self._dropped += 1
             return
         if is_probe_class(data):
             self._send_probe(addr, data)
             return
-        waiting = self._outbox.get(addr)
-        if waiting is not None:
-            # A send to this address is outstanding: ride the next request.
-            if self._outbox_bytes[addr] + len(data) > _OUTBOX_BYTES:
-                self.sends_dropped += 1
-                return
-            waiting.append(data)
-            self._outbox_bytes[addr] += len(data)
-            return
-        if len(self._in_flight) >= self._max_in_flight:
-            self.sends_dropped += 1
-            return
-        if self._coalesce is None:
-            frame = self._seal(data)
-            if frame is not None:
-                self._spawn(self._post(session, addr, frame))
-            return
-        self._outbox[addr], self._outbox_bytes[addr] = [], 0
-        self._spawn(self._drain(session, addr, [data]))
+        self._channels_out.send(addr, data)
 
     def _send_probe(self, addr: str, data: bytes) -> None:
         session = self._probe_session
         if session is None or len(self._probes_in_flight) >= self._max_in_flight:
-            self.sends_dropped += 1
+            self._dropped += 1
             return
         frame = self._seal(data)
         if frame is not None:
             self.probe_sends += 1
             self._spawn(self._post(session, addr, frame), self._probes_in_flight)
 
-    def _spawn(
-        self, coro: Coroutine[Any, Any, None], lane: set[asyncio.Task[None]] | None = None
-    ) -> None:
-        tasks = self._in_flight if lane is None else lane
+    def _spawn(self, coro: Coroutine[Any, Any, None], lane: set[asyncio.Task[None]]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        lane.add(task)
+        task.add_done_callback(lane.discard)
 
     def _seal(self, data: bytes) -> bytes | None:
         try:
             return self._sealer.seal(data, self._clock())
         except OverflowError as exc:
             log.error("cannot seal a frame: %s", exc)
-            self.sends_dropped += 1
+            self._dropped += 1
             return None
-
-    async def _drain(self, session: aiohttp.ClientSession, addr: str, batch: list[bytes]) -> None:
-        # One request to `addr` at a time; whatever queued meanwhile goes next, merged.
-        assert self._coalesce is not None
-        try:
-            while batch:
-                for payload in self._coalesce(batch) if len(batch) > 1 else batch:
-                    frame = self._seal(payload)
-                    if frame is not None:
-                        await self._post(session, addr, frame)
-                batch = self._outbox[addr]
-                self._outbox[addr], self._outbox_bytes[addr] = [], 0
-        finally:
-            del self._outbox[addr], self._outbox_bytes[addr]
 
     async def _post(self, session: aiohttp.ClientSession, addr: str, frame: bytes) -> None:
         url = f"http://{addr}{ENVELOPE_PATH}"
@@ -408,9 +407,17 @@ class Transport:
             )
             self._failed(addr, reason)
             return
-        self.messages_out += 1
-        self._envelope_bytes_out += len(frame)
+        self._sent(len(frame))
         self.last_failure.pop(addr, None)
+
+    def _sent(self, frame_bytes: int) -> None:
+        self.messages_out += 1
+        self._envelope_bytes_out += frame_bytes
+
+    def _accepted(self, frame_bytes: int, plaintext: bytes) -> None:
+        self.last_contact.heard(plaintext, self._clock())
+        self.messages_in += 1
+        self._envelope_bytes_in += frame_bytes
 
     def _failed(self, addr: str, reason: str) -> None:
         self.send_failures += 1
@@ -470,12 +477,9 @@ class Transport:
             # Held (and counted against `max_buffered`) until handed on, queue wait included.
             with intake.buffering(length):
                 body = await intake.read_exactly(request.content, length - PREFIX_BYTES)
-                now = self._clock()
-                plaintext = self._opener.open(prefix + body, now, ROUTE_ENVELOPE)
+                plaintext = self._opener.open(prefix + body, self._clock(), ROUTE_ENVELOPE)
                 del body
-                self.last_contact.heard(plaintext, now)
-                self.messages_in += 1
-                self._envelope_bytes_in += length
+                self._accepted(length, plaintext)
                 if is_probe_class(plaintext):
                     self.probe_receives += 1
                     handled = hand_on(self.on_receive, source, plaintext)

@@ -281,7 +281,7 @@ async def test_a_probe_leaves_when_task_sends_fill_their_lane() -> None:
     try:
         to_self = f"127.0.0.1:{t.port}"
         t.send(to_self, envelope(*tasks(2)))
-        t.send(to_self, envelope(*tasks(2, first=2)))  # over the bulk lane's limit: dropped
+        t.send("127.0.0.1:9", envelope(*tasks(2, first=2)))  # a second channel: over the limit
         t.send(to_self, envelope(PING))
         assert t.sends_dropped == 1 and t.probe_sends == 1 and t.in_flight == 2
         await _wait(lambda: len(inbox.items) == 2)

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from peer.runtime.channels import OUTBOX_BYTES
 from peer.runtime.keyring import Keyring
 from peer.runtime.sealing import Sealer
 from peer.runtime.transport import ENVELOPE_PATH, Transport
@@ -170,14 +171,19 @@ async def test_key_rotation_keeps_traffic_and_replay_state(
         a.set_keyring(Keyring(OTHER_KEY))
 
 
-async def test_in_flight_limit_drops_and_counts() -> None:
+async def test_channels_beyond_the_limit_and_a_full_outbox_drop_and_count() -> None:
     inbox = Inbox()
     t = await _transport(Keyring(KEY), inbox, b"L" * 8, max_in_flight=2)
     try:
-        for _ in range(5):
-            t.send(f"127.0.0.1:{t.port}", b"x")
-        assert t.sends_dropped == 3
-        await inbox.wait(2)
+        # Two channels may be open at once: sends to three more addresses are dropped.
+        for addr in [f"127.0.0.1:{t.port}", "127.0.0.1:9", "127.0.0.1:7", "127.0.0.1:5"]:
+            t.send(addr, b"x")
+        t.send("127.0.0.1:3", b"x")
+        assert t.sends_dropped == 3 and t.channels[0] == 2
+        # What waits for one channel is bounded in bytes.
+        t.send(f"127.0.0.1:{t.port}", b"y" * OUTBOX_BYTES)
+        assert t.sends_dropped == 4
+        await inbox.wait(1)
     finally:
         await t.stop()
 
@@ -194,7 +200,7 @@ def socket_port() -> Iterator[int]:
         yield int(sock.getsockname()[1])
 
 
-async def test_with_coalesce_sends_to_one_peer_share_requests_in_order() -> None:
+async def test_with_coalesce_sends_to_one_peer_share_channel_messages_in_order() -> None:
     inbox_b = Inbox()
     merged: list[int] = []
 
@@ -207,12 +213,13 @@ async def test_with_coalesce_sends_to_one_peer_share_requests_in_order() -> None
     try:
         for i in range(50):
             a.send(f"127.0.0.1:{b.port}", b"m%d" % i)
-        assert a.in_flight == 1  # one request outstanding; the rest wait for it
-        await inbox_b.wait(2)
+        assert a.in_flight == 1  # one channel opening; everything waits for it
+        await inbox_b.wait(1)
         arrived = b"|".join(data for _, data in inbox_b.items).split(b"|")
         assert arrived == [b"m%d" % i for i in range(50)]
         await asyncio.sleep(0.05)
-        assert merged == [49] and a.messages_out == 2
+        assert merged == [50] and a.messages_out == 1 and a.channels == (1, 0)
+        assert b.channels == (0, 1)
     finally:
         await a.stop()
         await b.stop()

@@ -1,0 +1,441 @@
+"""Channels: one long-lived WebSocket per destination carries the bulk lane's envelopes.
+
+An HTTP request per envelope costs both peers about half a millisecond of CPU (aiohttp's
+client and server, measured at 260 and 214 us on this project's 2-core machine) against
+some 20 us for a message on an open WebSocket. With the task plane's objects addressed to a
+task's few holders, a network of 30 peers sent about 33 envelopes per task, so requests,
+not the task plane, were most of a task's CPU (decision 46). A channel is opened once per
+destination, on the transport's own port, and carries every bulk envelope to it in order.
+
+Invariants:
+- A channel is opened only by a peer holding the network key: the upgrade request carries a
+  hello, a frame sealed for `ROUTE_CHANNEL_HELLO` with the sender's ordinary sealer (so the
+  receiver's replay window and clock check apply), whose plaintext is a fresh random
+  channel id. Without a valid hello the upgrade is refused (403 or 400, with the reason in
+  the `REFUSED_HEADER` header and the body) before any WebSocket exists.
+- Every message on a channel is a frame sealed for the route `ROUTE_CHANNEL` + channel id,
+  numbered by a sealer of its own from 1. The receiver opens it with an opener of its own per
+  channel: a frame captured on one channel does not open on another, and a replayed one is
+  refused by that channel's window. A message that does not open ends the channel (close
+  code `REFUSAL_CODE`, the reason as the close message), counted by reason like any frame.
+- The receiver hands a message on before it reads the next one, so a slow receiver slows its
+  senders through TCP's flow control (as the answer to a request did).
+- A sender never waits on a channel: `ChannelSender.send` appends to the channel's outbox
+  (bounded in bytes; beyond, the send is dropped and counted) and wakes its writer, which
+  seals and writes what waited, merged by `coalesce`. A channel that fails (refused, reset,
+  timed out) counts one failure, drops what waited (the protocol repairs lost envelopes, as
+  with a failed request) and is gone; the next send opens a new one.
+- A channel idle for `IDLE_SECONDS` is closed by its sender; the receiver closes one silent
+  for `RECEIVE_IDLE_SECONDS`, so a channel holds a descriptor only while it is used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+import aiohttp
+from aiohttp import WSMsgType, web
+
+from peer.runtime.blob_routes import connect_reason
+from peer.runtime.intake import Busy, Intake, source_of
+from peer.runtime.keyring import Keyring
+from peer.runtime.lanes import BulkLane, hand_on, is_probe_class
+from peer.runtime.sealing import Opener, Sealer, SealError
+
+log = logging.getLogger(__name__)
+
+CHANNEL_PATH: Final = "/gv/v1/channel"
+HELLO_HEADER: Final = "X-Grapevine-Hello"
+REFUSED_HEADER: Final = "X-Grapevine-Refused"
+"""Why an upgrade was refused, in the words of `peer.runtime.intake` (the body says it too,
+but a WebSocket client sees only the status and headers of a refused handshake)."""
+ROUTE_CHANNEL_HELLO: Final = b"channel/hello"
+ROUTE_CHANNEL: Final = b"channel/"
+CHANNEL_ID_BYTES: Final = 16
+_MAX_HELLO_TEXT: Final = 256
+REFUSAL_CODE: Final = 4403
+"""Close code a receiver ends a channel with when a message was refused (reason in the
+message); 4000-4999 are the codes RFC 6455 leaves to applications."""
+IDLE_SECONDS: Final = 30.0
+RECEIVE_IDLE_SECONDS: Final = 90.0
+OUTBOX_BYTES: Final = 8 * 1024 * 1024
+"""Most bytes waiting for one channel's writer; later sends to it are dropped."""
+
+Coalesce = Callable[[list[bytes]], list[bytes]]
+
+
+def _identity(batch: list[bytes]) -> list[bytes]:
+    return batch
+
+
+def channel_route(channel_id: bytes) -> bytes:
+    """The route a channel's messages are sealed for."""
+    return ROUTE_CHANNEL + channel_id
+
+
+@dataclass
+class _Channel:
+    addr: str
+    outbox: list[bytes] = field(default_factory=list)
+    outbox_bytes: int = 0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    sealer: Sealer | None = None
+    closing: bool = False
+    refused: str | None = None
+    task: asyncio.Task[None] | None = None
+
+
+class ChannelRefused(Exception):
+    """A channel could not be opened or was ended by its receiver; `reason` says why in words
+    (`peer.runtime.transport.refusal_reason`'s)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ChannelSender:
+    """The sending side: one channel per destination address, opened on first use.
+
+    Args:
+        keyring: seals every channel's hello and messages (`rekey` replaces it).
+        boot_id: this process's boot id (the hello's sender and every channel's).
+        hello_sealer: the transport's sealer, for hellos (they share its sequence numbers).
+        session: returns the pooled client session channels are opened with (None: stopped).
+        clock: wall-clock seconds.
+        send_timeout: seconds to open a channel, and to write one batch.
+        coalesce: merges what waited for a channel into fewer envelopes.
+        on_sent: called with each frame's length once it is written.
+        on_failed: called with (address, reason) for each channel that failed.
+        refusal_reason: words for a refused upgrade's (status, reason text).
+        max_channels: channels open at once; sends to a further address are dropped.
+    """
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        boot_id: bytes,
+        hello_sealer: Callable[[], Sealer],
+        session: Callable[[], aiohttp.ClientSession | None],
+        clock: Callable[[], float],
+        send_timeout: float,
+        coalesce: Coalesce | None,
+        on_sent: Callable[[int], None],
+        on_failed: Callable[[str, str], None],
+        refusal_reason: Callable[[int, bytes], str],
+        max_channels: int,
+    ) -> None:
+        self._keyring = keyring
+        self._boot_id = boot_id
+        self._hello_sealer = hello_sealer
+        self._session = session
+        self._clock = clock
+        self._send_timeout = send_timeout
+        self._coalesce = coalesce or _identity
+        self._on_sent = on_sent
+        self._on_failed = on_failed
+        self._refusal_reason = refusal_reason
+        self._max_channels = max_channels
+        self._channels: dict[str, _Channel] = {}
+        self.dropped = 0
+        """Sends dropped: the outbox was full, or too many channels were open."""
+        self.opened = 0
+        """Channels opened so far."""
+
+    @property
+    def open_channels(self) -> int:
+        """Channels open or opening now."""
+        return len(self._channels)
+
+    @property
+    def waiting(self) -> int:
+        """Channels with envelopes waiting to be written."""
+        return sum(1 for channel in self._channels.values() if channel.outbox)
+
+    def send(self, addr: str, data: bytes) -> None:
+        """Queue `data` for the channel to `addr`, opening one if none is open."""
+        channel = self._channels.get(addr)
+        if channel is None:
+            if len(self._channels) >= self._max_channels:
+                self.dropped += 1
+                return
+            channel = self._channels[addr] = _Channel(addr)
+            channel.task = asyncio.get_running_loop().create_task(self._run(channel))
+        if channel.outbox_bytes + len(data) > OUTBOX_BYTES:
+            self.dropped += 1
+            return
+        channel.outbox.append(data)
+        channel.outbox_bytes += len(data)
+        channel.wake.set()
+
+    def rekey(self, keyring: Keyring) -> None:
+        """Seal with `keyring` from now on, on open channels too (they keep their numbers)."""
+        self._keyring = keyring
+        for channel in self._channels.values():
+            if channel.sealer is not None:
+                channel.sealer = channel.sealer.rekeyed(keyring)
+
+    async def close(self, grace: float) -> None:
+        """Let every channel write what waits for up to `grace` seconds, then end them all."""
+        tasks = [c.task for c in self._channels.values() if c.task is not None]
+        for channel in self._channels.values():
+            channel.closing = True
+            channel.wake.set()
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run(self, channel: _Channel) -> None:
+        ws: aiohttp.ClientWebSocketResponse | None = None
+        reader: asyncio.Task[None] | None = None
+        try:
+            ws, channel_id = await self._open(channel.addr)
+            self.opened += 1
+            channel.sealer = Sealer(self._keyring, self._boot_id)
+            reader = asyncio.get_running_loop().create_task(self._read(ws, channel))
+            await self._write(ws, channel, channel_route(channel_id))
+            if ws.closed:
+                await asyncio.wait({reader}, timeout=1.0)  # the close's reason, if any
+                if channel.refused is not None:
+                    raise ChannelRefused(channel.refused)
+                if channel.outbox:
+                    raise ChannelRefused("the channel was closed")
+        except ChannelRefused as exc:
+            self._on_failed(channel.addr, exc.reason)
+        except aiohttp.ClientConnectorError as exc:
+            self._on_failed(channel.addr, connect_reason(exc))
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            reason = (
+                "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+            )
+            self._on_failed(channel.addr, reason)
+        finally:
+            if self._channels.get(channel.addr) is channel:
+                del self._channels[channel.addr]
+            if ws is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(ws.close(), 1.0)
+            if reader is not None:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+
+    async def _open(self, addr: str) -> tuple[aiohttp.ClientWebSocketResponse, bytes]:
+        session = self._session()
+        if session is None or session.closed:
+            raise ChannelRefused("the transport is stopped")
+        channel_id = os.urandom(CHANNEL_ID_BYTES)
+        hello = self._hello_sealer().seal(channel_id, self._clock(), ROUTE_CHANNEL_HELLO)
+        try:
+            async with asyncio.timeout(self._send_timeout):
+                ws = await session.ws_connect(
+                    f"http://{addr}{CHANNEL_PATH}",
+                    headers={HELLO_HEADER: base64.urlsafe_b64encode(hello).decode("ascii")},
+                    autoclose=True,
+                    autoping=True,
+                    max_msg_size=1024,
+                )
+        except aiohttp.WSServerHandshakeError as exc:
+            why = exc.headers.get(REFUSED_HEADER, "") if exc.headers is not None else ""
+            raise ChannelRefused(self._refusal_reason(exc.status, why.encode())) from None
+        return ws, channel_id
+
+    async def _write(
+        self, ws: aiohttp.ClientWebSocketResponse, channel: _Channel, route: bytes
+    ) -> None:
+        while not ws.closed:
+            if not channel.outbox:
+                if channel.closing:
+                    return
+                channel.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(channel.wake.wait(), IDLE_SECONDS)
+                if not channel.outbox and not channel.wake.is_set():
+                    return  # idle: close; the next send opens a new channel
+                continue
+            batch, channel.outbox, channel.outbox_bytes = channel.outbox, [], 0
+            sealer = channel.sealer
+            assert sealer is not None
+            async with asyncio.timeout(self._send_timeout):
+                for payload in self._coalesce(batch) if len(batch) > 1 else batch:
+                    frame = sealer.seal(payload, self._clock(), route)
+                    await ws.send_bytes(frame)
+                    self._on_sent(len(frame))
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse, channel: _Channel) -> None:
+        # The receiver sends nothing but control frames; reading is what processes them. A
+        # close with `REFUSAL_CODE` says why it refused a message.
+        while True:
+            message = await ws.receive()
+            if message.type == WSMsgType.CLOSE and message.data == REFUSAL_CODE:
+                why = str(message.extra or "")[:80]
+                channel.refused = self._refusal_reason(403, why.encode())
+            if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                break
+            if message.type == WSMsgType.ERROR:
+                break
+        channel.wake.set()
+
+
+class ChannelReceiver:
+    """The receiving side: the `CHANNEL_PATH` route of the transport's server.
+
+    Args:
+        opener: the transport's opener (hellos are opened, and every refusal counted, there).
+        keyring: builds each channel's own opener (`rekey` replaces it).
+        intake: the transport's intake (refusals, logging, buffered bytes).
+        bulk: hands on bulk envelopes in slices.
+        on_receive: where probe-class envelopes go at once.
+        on_accepted: called with (frame length, plaintext) for every message accepted.
+        clock: wall-clock seconds.
+        max_frame: the largest message taken.
+    """
+
+    def __init__(
+        self,
+        opener: Callable[[], Opener],
+        keyring: Keyring,
+        intake: Intake,
+        bulk: BulkLane,
+        on_receive: Callable[[str, bytes], None],
+        on_accepted: Callable[[int, bytes], None],
+        clock: Callable[[], float],
+        max_frame: int,
+    ) -> None:
+        self._opener = opener
+        self._keyring = keyring
+        self._intake = intake
+        self._bulk = bulk
+        self._on_receive = on_receive
+        self._on_accepted = on_accepted
+        self._clock = clock
+        self._max_frame = max_frame
+        self._open: dict[web.WebSocketResponse, Opener] = {}
+        self.accepted = 0
+        """Channels accepted so far."""
+
+    @property
+    def open_channels(self) -> int:
+        """Channels open now."""
+        return len(self._open)
+
+    def add_to(self, app: web.Application) -> None:
+        """Serve the channel route on `app`."""
+        app.router.add_get(CHANNEL_PATH, self.handle)
+
+    def rekey(self, keyring: Keyring) -> None:
+        """Open with `keyring` from now on, on open channels too (keeping their windows)."""
+        self._keyring = keyring
+        for ws, opener in list(self._open.items()):
+            self._open[ws] = opener.rekeyed(keyring)
+
+    async def close(self) -> None:
+        """End every open channel."""
+        for ws in list(self._open):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 1.0)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Accept a channel with a valid hello, then hand on its messages one by one."""
+        source = source_of(request)
+        channel_id = self._hello(request, source)
+        if isinstance(channel_id, web.Response):
+            return channel_id
+        ws = web.WebSocketResponse(
+            max_msg_size=self._max_frame,
+            receive_timeout=RECEIVE_IDLE_SECONDS,
+            autoping=True,
+            compress=False,
+        )
+        await ws.prepare(request)
+        shared = self._opener()
+        opener = Opener(
+            self._keyring,
+            max_skew=shared.max_skew,
+            window=shared.window,
+            max_frame=self._max_frame,
+            max_senders=1,
+        )
+        opener.rejected = shared.rejected
+        self._open[ws] = opener
+        self.accepted += 1
+        try:
+            await self._receive(ws, source, channel_route(channel_id))
+        finally:
+            self._open.pop(ws, None)
+            if not ws.closed:
+                with contextlib.suppress(Exception):
+                    await ws.close()
+        return ws
+
+    def _hello(self, request: web.Request, source: str) -> bytes | web.Response:
+        text = request.headers.get(HELLO_HEADER)
+        if text is None or len(text) > _MAX_HELLO_TEXT:
+            return _tagged(self._intake.refuse(source, "bad_channel_hello", "no hello header"))
+        try:
+            hello = base64.urlsafe_b64decode(text.encode("ascii"))
+        except (binascii.Error, UnicodeEncodeError, ValueError):
+            return _tagged(self._intake.refuse(source, "bad_channel_hello", "not base64"))
+        try:
+            channel_id = self._opener().open(hello, self._clock(), ROUTE_CHANNEL_HELLO)
+        except SealError as exc:
+            return _tagged(self._intake.refused_frame(source, exc, "channel hello: "))
+        if len(channel_id) != CHANNEL_ID_BYTES:
+            return _tagged(self._intake.refuse(source, "bad_channel_hello", "bad channel id"))
+        return channel_id
+
+    async def _receive(self, ws: web.WebSocketResponse, source: str, route: bytes) -> None:
+        while True:
+            try:
+                message = await ws.receive()
+            except TimeoutError:
+                return  # silent for RECEIVE_IDLE_SECONDS: its sender has gone
+            if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return
+            if message.type == WSMsgType.ERROR:
+                # aiohttp refused it already (too large, a protocol violation)
+                self._intake.refuse(source, "bad_channel_message", str(message.data)[:80])
+                return
+            if message.type != WSMsgType.BINARY:
+                self._intake.refuse(source, "bad_channel_message", message.type.name)
+                await ws.close(code=REFUSAL_CODE, message=b"bad_channel_message")
+                return
+            frame: bytes = message.data
+            opener = self._open.get(ws)
+            if opener is None:
+                return
+            try:
+                plaintext = opener.open(frame, self._clock(), route)
+            except SealError as exc:
+                self._intake.log_refusal(source, f"channel message: {exc}")
+                await ws.close(code=REFUSAL_CODE, message=exc.reason.encode())
+                return
+            self._on_accepted(len(frame), plaintext)
+            if is_probe_class(plaintext):
+                handled = hand_on(self._on_receive, source, plaintext)
+            else:
+                try:
+                    with self._intake.buffering(len(frame)):
+                        handled = await self._bulk.handle(source, plaintext)
+                except Busy:
+                    self._intake.refuse(source, "busy", "too many bodies being read")
+                    await ws.close(code=REFUSAL_CODE, message=b"busy")
+                    return
+            if not handled:
+                log.warning("an envelope from %s failed to be handled", source)
+
+
+def _tagged(response: web.Response) -> web.Response:
+    """`response` (a refusal) with its reason in `REFUSED_HEADER` too."""
+    response.headers[REFUSED_HEADER] = response.text.strip() if response.text else ""
+    return response

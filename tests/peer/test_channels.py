@@ -1,0 +1,196 @@
+"""Channels (peer.runtime.channels): bulk envelopes over one WebSocket per destination.
+
+Driven over real sockets on 127.0.0.1, as a hostile sender would: no hello, a forged or
+replayed hello, messages that do not open, replayed or moved between channels, and text
+frames are refused, counted by reason, and hand nothing on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from peer.runtime import channels
+from peer.runtime.channels import (
+    CHANNEL_PATH,
+    HELLO_HEADER,
+    REFUSAL_CODE,
+    REFUSED_HEADER,
+    ROUTE_CHANNEL_HELLO,
+    channel_route,
+)
+from peer.runtime.keyring import Keyring
+from peer.runtime.sealing import Sealer
+from peer.runtime.transport import Transport
+
+pytestmark = pytest.mark.asyncio
+
+KEY = bytes(range(32))
+OTHER_KEY = bytes(range(1, 33))
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.items: list[bytes] = []
+
+    def __call__(self, src: str, data: bytes) -> None:
+        self.items.append(data)
+
+
+async def _until(check: object, timeout: float = 3.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():  # type: ignore[operator]
+            await asyncio.sleep(0.01)
+
+
+@pytest_asyncio.fixture
+async def receiver() -> AsyncIterator[tuple[Transport, Inbox]]:
+    inbox = Inbox()
+    t = Transport("127.0.0.1", 0, Keyring(KEY), b"R" * 8, inbox)
+    await t.start()
+    yield t, inbox
+    await t.stop()
+
+
+def _hello(sealer: Sealer, channel_id: bytes, at: float | None = None) -> dict[str, str]:
+    frame = sealer.seal(channel_id, time.time() if at is None else at, ROUTE_CHANNEL_HELLO)
+    return {HELLO_HEADER: base64.urlsafe_b64encode(frame).decode()}
+
+
+async def test_envelopes_travel_in_order_on_one_channel_that_closes_when_idle(
+    monkeypatch: pytest.MonkeyPatch, receiver: tuple[Transport, Inbox]
+) -> None:
+    monkeypatch.setattr(channels, "IDLE_SECONDS", 0.3)
+    b, inbox = receiver
+    a = Transport("127.0.0.1", 0, Keyring(KEY), b"A" * 8, Inbox())
+    await a.start()
+    try:
+        addr = f"127.0.0.1:{b.port}"
+        for i in range(20):
+            a.send(addr, b"m%d" % i)
+        await _until(lambda: len(inbox.items) == 20)
+        assert inbox.items == [b"m%d" % i for i in range(20)]
+        assert a.channels == (1, 0) and b.channels == (0, 1)
+        await _until(lambda: a.channels == (0, 0) and b.channels == (0, 0))  # idle: closed
+        a.send(addr, b"again")  # the next send opens a new channel
+        await _until(lambda: inbox.items[-1:] == [b"again"])
+        assert a._channels_out.opened == 2 and a.send_failures == 0
+    finally:
+        await a.stop()
+
+
+async def test_a_sender_with_another_key_is_refused_at_the_upgrade_and_told_why(
+    receiver: tuple[Transport, Inbox],
+) -> None:
+    b, inbox = receiver
+    network = Keyring(KEY).network_id
+    a = Transport("127.0.0.1", 0, Keyring(OTHER_KEY, network_id=network), b"A" * 8, Inbox())
+    await a.start()
+    try:
+        addr = f"127.0.0.1:{b.port}"
+        a.send(addr, b"let me in")
+        await _until(lambda: a.send_failures == 1)
+        assert "refused our network key" in a.last_failure[addr]
+        assert b.rejected["unknown_key"] == 1 and b.channels == (0, 0) and inbox.items == []
+    finally:
+        await a.stop()
+
+
+async def test_upgrades_without_a_valid_hello_are_refused_and_counted(
+    receiver: tuple[Transport, Inbox],
+) -> None:
+    b, inbox = receiver
+    url = f"http://127.0.0.1:{b.port}{CHANNEL_PATH}"
+    friend = Sealer(Keyring(KEY), b"F" * 8)
+    replayed = _hello(friend, b"c" * 16)
+    attempts = [
+        ({}, 400, "bad_channel_hello"),
+        ({HELLO_HEADER: "!!not base64!!"}, 400, "bad_channel_hello"),
+        ({HELLO_HEADER: "A" * 400}, 400, "bad_channel_hello"),
+        (_hello(friend, b"short"), 400, "bad_channel_hello"),
+        (_hello(friend, b"c" * 16, at=time.time() - 3600), 403, "stale_timestamp"),
+        (replayed, 101, ""),
+        (replayed, 403, "replay"),
+    ]
+    async with aiohttp.ClientSession() as http:
+        for headers, status, reason in attempts:
+            try:
+                async with http.ws_connect(url, headers=headers) as ws:
+                    assert status == 101
+                    await ws.close()
+            except aiohttp.WSServerHandshakeError as exc:
+                assert (exc.status, exc.headers and exc.headers[REFUSED_HEADER]) == (
+                    status,
+                    reason,
+                )
+    assert b.rejected == {"bad_channel_hello": 4, "stale_timestamp": 1, "replay": 1}
+    assert inbox.items == []
+
+
+async def test_channel_messages_that_do_not_open_end_the_channel_and_change_nothing(
+    receiver: tuple[Transport, Inbox],
+) -> None:
+    b, inbox = receiver
+    url = f"http://127.0.0.1:{b.port}{CHANNEL_PATH}"
+    friend = Sealer(Keyring(KEY), b"F" * 8)
+
+    async def refused(channel_id: bytes, message: bytes | str) -> tuple[int | None, str]:
+        hello = _hello(friend, channel_id)
+        async with aiohttp.ClientSession() as http, http.ws_connect(url, headers=hello) as ws:
+            if isinstance(message, str):
+                await ws.send_str(message)
+            else:
+                await ws.send_bytes(message)
+            closing = await ws.receive(timeout=3)
+            return closing.data, str(closing.extra)
+
+    first, second = b"1" * 16, b"2" * 16
+    in_first = Sealer(Keyring(KEY), b"F" * 8).seal(b"mine", time.time(), channel_route(first))
+    assert await refused(second, in_first) == (REFUSAL_CODE, "decrypt_failed")  # moved
+    assert await refused(b"3" * 16, b"garbage" * 20) == (REFUSAL_CODE, "bad_magic")
+    assert await refused(b"4" * 16, "text") == (REFUSAL_CODE, "bad_channel_message")
+    assert b.rejected == {"decrypt_failed": 1, "bad_magic": 1, "bad_channel_message": 1}
+    assert inbox.items == []
+
+
+async def test_a_message_replayed_within_its_channel_is_refused(
+    receiver: tuple[Transport, Inbox],
+) -> None:
+    b, inbox = receiver
+    url = f"http://127.0.0.1:{b.port}{CHANNEL_PATH}"
+    channel_id = b"9" * 16
+    message = Sealer(Keyring(KEY), b"F" * 8).seal(b"once", time.time(), channel_route(channel_id))
+    async with aiohttp.ClientSession() as http:
+        hello = _hello(Sealer(Keyring(KEY), b"F" * 8), channel_id)
+        async with http.ws_connect(url, headers=hello) as ws:
+            await ws.send_bytes(message)
+            await ws.send_bytes(message)
+            closing = await ws.receive(timeout=3)
+    assert (closing.data, closing.extra) == (REFUSAL_CODE, "replay")
+    assert inbox.items == [b"once"] and b.rejected == {"replay": 1}
+
+
+async def test_a_receiver_that_stops_costs_its_sender_one_failure_and_a_new_channel() -> None:
+    c_inbox = Inbox()
+    c = Transport("127.0.0.1", 0, Keyring(KEY), b"C" * 8, c_inbox)
+    await c.start()
+    a = Transport("127.0.0.1", 0, Keyring(KEY), b"A" * 8, Inbox())
+    await a.start()
+    try:
+        addr = f"127.0.0.1:{c.port}"
+        a.send(addr, b"before")
+        await _until(lambda: c_inbox.items == [b"before"])
+        await c.stop()
+        a.send(addr, b"lost")
+        await _until(lambda: a.channels[0] == 0)
+        a.send(addr, b"refused")
+        await _until(lambda: a.last_failure.get(addr) == "connection refused")
+        assert a.send_failures >= 1
+    finally:
+        await a.stop()
