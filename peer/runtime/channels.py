@@ -49,6 +49,7 @@ from peer.runtime.intake import Busy, Intake, source_of
 from peer.runtime.keyring import Keyring
 from peer.runtime.lanes import BulkLane, hand_on, is_probe_class
 from peer.runtime.sealing import Opener, Sealer, SealError
+from peer.runtime.serving import trust_connection
 
 log = logging.getLogger(__name__)
 
@@ -351,6 +352,7 @@ class ChannelReceiver:
         channel_id = self._hello(request, source)
         if isinstance(channel_id, web.Response):
             return channel_id
+        trust_connection(request)  # a keyholder's: exempt from the per-source cap
         ws = web.WebSocketResponse(
             max_msg_size=self._max_frame,
             receive_timeout=RECEIVE_IDLE_SECONDS,

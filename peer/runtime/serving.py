@@ -6,12 +6,13 @@ and clean up the runner if binding fails so no half-started server is left behin
 
 Invariants:
 - A server given `ServerLimits` never holds more than `max_connections` connections, nor more
-  than `max_per_source` from one IP address: a connection beyond either (unless an unproven
-  one makes room, below) is answered a canned 503 and closed at once, before aiohttp sees a
-  byte of it, and counted in the `refused` counter given. A connection that has not
-  completed a request within `idle_timeout` is closed (a stranger opening connections and
-  sending half a header holds each one that long at most), and one whose request was answered
-  before its body was read is closed within `linger` seconds.
+  than `max_per_source` from one IP address (unless `per_source_counts_vouched` is off: then
+  only those not yet vouched for count): a connection beyond either
+  (unless an unproven one makes room, below) is answered a canned 503 and closed at once,
+  before aiohttp sees a byte of it, and counted in the `refused` counter given. A connection
+  that has not completed a request within `idle_timeout` is closed (a stranger opening
+  connections and sending half a header holds each one that long at most), and one whose
+  request was answered before its body was read is closed within `linger` seconds.
 - A server whose limits set `prove_within` (the local API) holds a connection unproven until a
   handler vouches for it (`trust_connection`, after the API token checked out): an unproven one
   is closed `prove_within` seconds after it opened, and when a new connection would exceed a
@@ -64,10 +65,13 @@ class ServerLimits:
     descriptor limit (``ulimit -n``, often 1024) minus what the store, the blobs, the local API
     and outgoing connections need. Too low, and a busy network's peers get 503s."""
     max_per_source: int = 128
-    """Connections open at once from one IP address. Peers on one machine share 127.0.0.1:
-    each opens at most 8 connections to a peer (`peer.runtime.transport.Transport`), so 128
-    leaves room for 16 local peers while a single stranger holds at most a quarter of
-    `max_connections`."""
+    """Connections open at once from one IP address (see `per_source_counts_vouched`): a
+    single stranger holds at most a quarter of `max_connections`."""
+    per_source_counts_vouched: bool = True
+    """Whether connections a handler vouched for (`trust_connection`) count against
+    `max_per_source`. The local API: yes, a client holding the token is still one client.
+    The transport: no, it vouches once a frame on the connection authenticated, and peers on
+    one machine share 127.0.0.1 (100 of them keep some 300 connections to each other)."""
     idle_timeout: float = 30.0
     """Seconds a connection may wait for its next complete request (its headers) before it is
     closed. Above the sending pools' 15 s keep-alive, so a pooled connection is closed by its
@@ -122,11 +126,16 @@ class _Admission:
                 return True
         return False
 
-    def release(self, source: str) -> None:
-        self.total -= 1
+    def vouched(self, source: str) -> None:
+        """A connection of `source` was vouched for: it no longer counts against the source."""
         self.by_source[source] -= 1
         if self.by_source[source] <= 0:
             del self.by_source[source]
+
+    def release(self, source: str, vouched: bool) -> None:
+        self.total -= 1
+        if not vouched:
+            self.vouched(source)
 
 
 class _Gate(asyncio.Protocol):
@@ -140,6 +149,7 @@ class _Gate(asyncio.Protocol):
         self._deadline: asyncio.TimerHandle | None = None
         self.source = ""
         self.trusted = False
+        self._exempt = not admission.limits.per_source_counts_vouched
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -159,7 +169,10 @@ class _Gate(asyncio.Protocol):
         self._inner.connection_made(transport)
 
     def trust(self) -> None:
-        """A handler vouched for this connection: it is no longer closed to make room."""
+        """A handler vouched for this connection: it is no longer closed to make room, nor
+        counted against its source's `max_per_source`."""
+        if not self.trusted and self._transport is not None and self._exempt:
+            self._admission.vouched(self.source)
         self.trusted = True
         if self._deadline is not None:
             self._deadline.cancel()
@@ -178,7 +191,7 @@ class _Gate(asyncio.Protocol):
         if self._transport is not None:
             self._admission.gates.pop(self._transport, None)
             _GATE_OF.pop(self._transport, None)
-            self._admission.release(self.source)
+            self._admission.release(self.source, self.trusted and self._exempt)
             self._transport = None
         if self._deadline is not None:
             self._deadline.cancel()
@@ -283,8 +296,9 @@ async def serve(
 
 
 def trust_connection(request: web.Request) -> None:
-    """Vouch for the connection `request` arrived on (see `ServerLimits.prove_within`): it is
-    kept until it is idle for `idle_timeout` and never closed to make room for another."""
+    """Vouch for the connection `request` arrived on (see `ServerLimits.prove_within` and
+    `max_per_source`): it is kept until it is idle for `idle_timeout`, never closed to make
+    room for another, and no longer counted against its source IP's cap."""
     gate = _GATE_OF.get(request.transport) if request.transport is not None else None
     if gate is not None:
         gate.trust()

@@ -71,7 +71,7 @@ from peer.runtime.intake import (
 from peer.runtime.keyring import Keyring
 from peer.runtime.lanes import BulkLane, hand_on, is_probe_class
 from peer.runtime.sealing import OVERHEAD, PREFIX_BYTES, ROUTE_ENVELOPE, Opener, Sealer, SealError
-from peer.runtime.serving import ServerLimits, open_connections, serve
+from peer.runtime.serving import ServerLimits, open_connections, serve, trust_connection
 from protocol.wire import MAX_ENVELOPE_BYTES
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ log = logging.getLogger(__name__)
 ENVELOPE_PATH: Final = "/gv/v1/envelope"
 MAX_FRAME_BYTES: Final = MAX_ENVELOPE_BYTES + OVERHEAD
 """Largest request body accepted: the largest envelope the wire allows, sealed."""
-TRANSPORT_LIMITS: Final = ServerLimits()
+TRANSPORT_LIMITS: Final = ServerLimits(per_source_counts_vouched=False)
 """The transport server's connection caps and idle timeout, by default."""
 _MAX_FAILURE_ADDRS = 4096
 BULK_CONNECTIONS_PER_PEER: Final = 6
@@ -479,6 +479,7 @@ class Transport:
                 body = await intake.read_exactly(request.content, length - PREFIX_BYTES)
                 plaintext = self._opener.open(prefix + body, self._clock(), ROUTE_ENVELOPE)
                 del body
+                trust_connection(request)  # a keyholder's: exempt from the per-source cap
                 self._accepted(length, plaintext)
                 if is_probe_class(plaintext):
                     self.probe_receives += 1

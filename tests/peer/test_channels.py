@@ -27,6 +27,7 @@ from peer.runtime.channels import (
 )
 from peer.runtime.keyring import Keyring
 from peer.runtime.sealing import Sealer
+from peer.runtime.serving import ServerLimits
 from peer.runtime.transport import Transport
 
 pytestmark = pytest.mark.asyncio
@@ -194,3 +195,32 @@ async def test_a_receiver_that_stops_costs_its_sender_one_failure_and_a_new_chan
         assert a.send_failures >= 1
     finally:
         await a.stop()
+
+
+async def test_proven_channels_do_not_count_against_the_per_source_cap() -> None:
+    # Peers on one machine share 127.0.0.1: once a connection carried an authenticated hello
+    # it no longer counts against the source's cap, which still bounds silent strangers.
+    inbox = Inbox()
+    limits = ServerLimits(max_connections=10, max_per_source=2, per_source_counts_vouched=False)
+    b = Transport("127.0.0.1", 0, Keyring(KEY), b"B" * 8, inbox, limits=limits)
+    await b.start()
+    senders = [
+        Transport("127.0.0.1", 0, Keyring(KEY), bytes([65 + i]) * 8, Inbox()) for i in range(4)
+    ]
+    try:
+        for i, sender in enumerate(senders):
+            await sender.start()
+            sender.send(f"127.0.0.1:{b.port}", b"from %d" % i)
+            await _until(lambda i=i: len(inbox.items) == i + 1)
+        assert b.channels == (0, 4)
+        silent = [await asyncio.open_connection("127.0.0.1", b.port) for _ in range(2)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", b.port)
+        async with asyncio.timeout(3):
+            assert await reader.readline() == b"HTTP/1.1 503 Service Unavailable\r\n"
+        assert b.rejected["too_many_connections_from_source"] == 1
+        for _, w in [*silent, (reader, writer)]:
+            w.close()
+    finally:
+        for sender in senders:
+            await sender.stop()
+        await b.stop()
