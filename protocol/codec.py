@@ -79,6 +79,8 @@ def _state_fields(s: PeerState) -> list[Any]:
         float(s.load),
         fields.encodable(s.incarnation),
         s.sig,
+        fields.encodable(s.agents),
+        fields.encodable(s.spend_micro),
     ]
 
 
@@ -324,7 +326,7 @@ ARITY: dict[Kind, int] = {
     Kind.DEAD: 4,
     Kind.PUSH_PULL: 5,
     Kind.USER_EVENT: 5,
-    Kind.PEER_STATE: 9,
+    Kind.PEER_STATE: 11,
     Kind.TASK: 12,
     Kind.CLAIM: 6,
     Kind.RESULT: 8,
@@ -378,9 +380,9 @@ def _push_pull(f: list[Any]) -> PushPull:
 
 
 def _peer_state(f: Any) -> PeerState:
-    if not isinstance(f, list) or len(f) != 8:
-        raise RemoteProtocolError("peer state must have 8 fields")
-    node_id, version, roles, free_slots, queue_len, load, incarnation, sig = f
+    if not isinstance(f, list) or len(f) != 10:
+        raise RemoteProtocolError("peer state must have 10 fields")
+    node_id, version, roles, free_slots, queue_len, load, incarnation, sig, agents, spend = f
     if not isinstance(roles, list) or len(roles) > MAX_ROLES:
         raise RemoteProtocolError(f"peer state roles must be an array of at most {MAX_ROLES}")
     if type(load) is not float or not 0.0 <= load <= 1e9:
@@ -394,4 +396,6 @@ def _peer_state(f: Any) -> PeerState:
         load,
         fields.uint(incarnation),
         fields.signature(sig),
+        fields.uint(agents),
+        fields.uint(spend),
     )

@@ -76,6 +76,7 @@ from protocol.wire import (
     MAX_EVENT_PAYLOAD,
     MAX_NAME_CHARS,
     MAX_ROLES,
+    MAX_UINT,
     Ack,
     Alive,
     Dead,
@@ -248,6 +249,19 @@ class Node(NodeTaskCalls):
             raise LocalProtocolError("free_slots, queue_len and load must be non-negative")
         self._enter(now)
         self.advertisements.advertise(roles, free_slots, queue_len, load)
+        return self._exit()
+
+    def set_usage(self, now: float, agents: int, spend_micro: int) -> Effects:
+        """Advertise how many agents this peer hosts and what its model calls cost since it
+        started (micro-dollars), in our peer state (gossiped at a bounded rate: decision 47).
+
+        Raises:
+            LocalProtocolError: a number negative or beyond the wire's range.
+        """
+        if not 0 <= agents <= MAX_UINT or not 0 <= spend_micro <= MAX_UINT:
+            raise LocalProtocolError(f"agents and spend_micro must be within 0..{MAX_UINT}")
+        self._enter(now)
+        self.port.usage_changed(agents, spend_micro)
         return self._exit()
 
     # Internals.

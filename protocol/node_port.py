@@ -58,6 +58,14 @@ two. Every peer verifies every version, so a peer's cost is bounded by this budg
 the network's size and task rate, as in Cassandra's gossip of load (decision 23); others' view
 of whether we are full lags by that interval plus dissemination, and only steers hints (which
 standby a full primary hands its turn to, a pool's growth)."""
+USAGE_GOSSIP_INTERVAL = 5.0
+"""Least seconds between two versions of our state gossiped for a change of usage alone
+(agents hosted, model spend: `NodePort.usage_changed`)."""
+USAGE_GOSSIP_BUDGET = 5.0
+"""Versions gossiped per second by the whole network for usage alone, at most: each peer waits
+`live members / USAGE_GOSSIP_BUDGET` seconds (at least `USAGE_GOSSIP_INTERVAL`) between two.
+Usage steers nothing (dashboards and `grapevine status` read it), so it may lag: 20 s at 100
+peers (decision 47)."""
 
 
 class NodePort:
@@ -90,6 +98,8 @@ class NodePort:
         self._state_gossip_at = 0.0
         self._state_pending = False
         self._gossiped_full: bool | None = None
+        self._usage_gossip_at = 0.0
+        self._usage_pending = False
         """`live_members`, kept until a member's status changes (a notification says so)."""
         self.recovered: dict[bytes, None] = {}
         """Members back from dead (a restart, a healed partition) that we have not exchanged
@@ -202,8 +212,34 @@ class NodePort:
             self._gossiped(free)
         self._state_pending = changed and not due
 
+    def usage_changed(self, agents: int, spend_micro: int) -> None:
+        """Our usage (agents hosted, model spend) is now this: our next state carries it, and
+        one is gossiped for it at most every `USAGE_GOSSIP_INTERVAL` (within the network's
+        `USAGE_GOSSIP_BUDGET`); `flush_state` sends a waiting one when due."""
+        ads = self.advertisements
+        if ads.usage == (agents, spend_micro):
+            return
+        ads.usage = (agents, spend_micro)
+        state = ads.states.get(self.node_id)
+        if state is None:
+            return  # the first state we make carries it
+        due = self.now >= self._usage_gossip_at
+        ads.advertise(state.roles, state.free_slots, state.queue_len, state.load, due)
+        if due:
+            self._usage_gossiped()
+        self._usage_pending = not due
+
+    def _usage_gossiped(self) -> None:
+        members = len(self.live_members())
+        interval = max(USAGE_GOSSIP_INTERVAL, members / USAGE_GOSSIP_BUDGET)
+        self._usage_gossip_at = self.now + interval
+
     def flush_state(self) -> None:
         """Gossip our newest state if a rate-limited one waits and its turn came."""
+        if self._usage_pending and self.now >= self._usage_gossip_at:
+            self._usage_pending = False
+            self._usage_gossiped()
+            self.advertisements.gossip_own()
         if self._state_pending and self.now >= self._state_gossip_at:
             self._state_pending = False
             state = self.advertisements.states.get(self.node_id)

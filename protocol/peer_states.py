@@ -69,6 +69,8 @@ class PeerStates:
         self._early: dict[bytes, tuple[PeerState, str]] = {}
         self._full_since: dict[bytes, float] = {}
         self._order = (min(incarnation, MAX_INCARNATION), 0)
+        self.usage: tuple[int, int] = (0, 0)
+        """(agents, spend_micro) our states carry (`NodePort.usage_changed` sets it)."""
 
     def advertise(
         self,
@@ -83,12 +85,22 @@ class PeerStates:
         incarnation, version = self._order[0], self._order[1] + 1
         self._order = (incarnation, version)
         roles, load = tuple(roles), float(load)
+        agents, spend = self.usage
         payload = peer_state_payload(
-            self.node_id, incarnation, version, roles, free_slots, queue_len, load
+            self.node_id, incarnation, version, roles, free_slots, queue_len, load, agents, spend
         )
         sig = self.signer.sign(DOMAIN_PEER_STATE, payload)
         state = PeerState(
-            self.node_id, version, roles, free_slots, queue_len, load, incarnation, sig
+            self.node_id,
+            version,
+            roles,
+            free_slots,
+            queue_len,
+            load,
+            incarnation,
+            sig,
+            agents,
+            spend,
         )
         self.states[self.node_id] = state
         if gossip:

@@ -201,6 +201,11 @@ class PeerState:
     load: float
     incarnation: int
     sig: bytes
+    agents: int = 0
+    """LLM agents the peer hosts (0 for a peer of built-in or Python roles only)."""
+    spend_micro: int = 0
+    """Micro-dollars its model calls cost since it started (this incarnation): what a
+    dashboard at any peer sums into the network's spend."""
 
     @property
     def order(self) -> tuple[int, int]:
@@ -217,6 +222,8 @@ class PeerState:
             self.free_slots,
             self.queue_len,
             self.load,
+            self.agents,
+            self.spend_micro,
         )
 
 
@@ -240,7 +247,19 @@ def peer_state_payload(
     free_slots: int,
     queue_len: int,
     load: float,
+    agents: int,
+    spend_micro: int,
 ) -> bytes:
     """Canonical bytes a peer state's signature covers."""
-    fields = [node_id, incarnation, version, list(roles), free_slots, queue_len, float(load)]
+    fields = [
+        node_id,
+        incarnation,
+        version,
+        list(roles),
+        free_slots,
+        queue_len,
+        float(load),
+        agents,
+        spend_micro,
+    ]
     return bytes(msgpack.packb(fields))

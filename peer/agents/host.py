@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 BUILTIN_SLOTS = 4
 """Executions of the built-in roles (`echo`, `sleep`, `grapevine.spawn`) on top of the
 agents' slots (the `AGENT_SLOTS` of a peer without agents)."""
+USAGE_SECONDS = 2.0
+"""Seconds between two readings of this peer's agents and model spend for its peer state."""
 
 
 class HostModel(Model, Protocol):
@@ -72,6 +74,10 @@ class HostModel(Model, Protocol):
 
     def demand(self) -> dict[str, float]:
         """Per model, requests per minute wanted: calls started in the last minute + waiting."""
+        ...
+
+    def spend_micro(self) -> int:
+        """Micro-dollars every call so far cost, all models together."""
         ...
 
     def with_endpoint(self, endpoint: ModelEndpoint) -> Model:
@@ -190,6 +196,7 @@ class AgentHost:
         self._serve()
         loop = asyncio.get_running_loop()
         self._timers.append(loop.create_task(self._pool_loop()))
+        self._timers.append(loop.create_task(self._usage_loop()))
         if self.demand is not None:
             self._subscription = self.driver.hub.subscribe()
             self._timers.append(loop.create_task(self._demand_loop()))
@@ -203,6 +210,13 @@ class AgentHost:
             task.cancel()
         await asyncio.gather(*self._timers, return_exceptions=True)
         self._timers.clear()
+
+    async def _usage_loop(self) -> None:
+        # The peer state carries our agents and spend to every dashboard (decision 47); the
+        # node gossips a change at a bounded rate, so reading it this often costs nothing.
+        while True:
+            self.driver.set_usage(len(self.roster.agents), self.client.spend_micro())
+            await asyncio.sleep(USAGE_SECONDS)
 
     # Agents
 

@@ -235,6 +235,10 @@ class ModelClient:
             for model, s in sorted(self._stats.items())
         }
 
+    def spend_micro(self) -> int:
+        """Micro-dollars every model call here cost so far, all models together."""
+        return sum(s.cost_micro for s in self._stats.values())
+
     def demand(self) -> dict[str, float]:
         """Per model, requests per minute this peer would make if unlimited: the calls started
         in the last minute plus those waiting now (gossiped for `limits.NetworkShare`)."""

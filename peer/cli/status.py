@@ -1,15 +1,18 @@
 """`grapevine status`: the fleet overview in the terminal, as the local peer sees it.
 
-Members with their status, roles and free slots; the tasks this peer holds by state; its
-agents and model spend. It reads the JSON endpoints the other commands read (`/v1/members`,
-`/v1/tasks/stats`, `/v1/agents`), at once, and changes nothing.
+Members with their status, roles, free slots, agents and model spend (what each advertises in
+its peer state); the tasks this peer holds by state; its own agents and model calls. It reads
+the JSON endpoints the other commands read (`/v1/members`, `/v1/tasks/stats`, `/v1/agents`),
+at once, and changes nothing.
 
 Invariants:
 - `--json` prints `{members, tasks, agents}` exactly as the API sent each, plus `summary`, the
   figures the human view computes (`summarize`): scripts read the same numbers people do.
 - The human view is `render_status`, a pure function of the three answers; a field a peer did
   not send shows as "-" or "?" (`peer.cli.render`'s rule), never as an error.
-- Spend is the local peer's own model calls (`/v1/agents`): a peer knows no other peer's.
+- The network's agents and spend are the sums over alive members of what their signed peer
+  states advertise (`agents`, `spend_micro` in `/v1/members`; decision 47), refreshed every
+  few seconds; calls, tokens and the per-model table are the local peer's (`/v1/agents`).
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ def register(commands: Subcommands) -> None:
         commands,
         "status",
         "show the fleet at a glance: members, tasks, agents, spend",
-        "Show what the local peer sees of the network: every member with its status, roles "
-        "and free slots (alive members' free slots summed); the tasks this peer holds, by "
+        "Show what the local peer sees of the network: every member with its status, roles, "
+        "free slots, agents and model spend (summed over alive members); the tasks this peer "
+        "holds, by "
         "state, with executions, duplicates, takeovers and fenced runs; what runs here; its "
         "agents; and its model calls, tokens and spend. --json prints the three API answers "
         "it reads (members, tasks, agents) and the summary computed from them.",
@@ -66,16 +70,18 @@ async def show_status(client: GrapevineClient, args: argparse.Namespace) -> int:
 
 
 def summarize(members: list[JsonObject], tasks: JsonObject, agents: JsonObject) -> JsonObject:
-    """The figures of the overview: members by status, alive members' free slots and roles,
-    tasks held by state, and the model spend here (tokens and micro-dollars)."""
+    """The figures of the overview: members by status, alive members' free slots, roles,
+    agents and spend (what their peer states advertise), tasks held by state, and the model
+    spend here (tokens and micro-dollars)."""
     by_status = dict.fromkeys(MEMBER_STATUSES, 0)
-    free_slots, roles = 0, set()
+    free_slots, network_agents, network_spend, roles = 0, 0, 0, set()
     for member in members:
         status = str(member.get("status", "?"))
         by_status[status] = by_status.get(status, 0) + 1
         if status == "alive":
-            slots = member.get("free_slots")
-            free_slots += slots if isinstance(slots, int) else 0
+            free_slots += _count(member.get("free_slots"))
+            network_agents += _count(member.get("agents"))
+            network_spend += _count(member.get("spend_micro"))
             roles |= {str(role) for role in member.get("roles") or []}
     totals = _object(tasks.get("totals"))
     by_state = {state: _count(totals.get(state)) for state in TASK_STATES}
@@ -86,6 +92,8 @@ def summarize(members: list[JsonObject], tasks: JsonObject, agents: JsonObject) 
     return {
         "members": by_status,
         "free_slots": free_slots,
+        "agents": network_agents,
+        "spend_micro": network_spend,
         "roles": sorted(roles),
         "tasks": by_state,
         "spend": spend,
@@ -117,14 +125,17 @@ def _fleet(members: list[JsonObject], summary: JsonObject) -> str:
             render.number(m.get("free_slots")),
             render.number(m.get("queue_len")),
             render.number(m.get("load")),
+            render.number(m.get("agents")),
+            _dollars(m.get("spend_micro")),
         ]
         for m in ordered
     ]
-    header = ["MEMBER", "ADDRESS", "STATUS", "ROLES", "FREE", "QUEUE", "LOAD"]
+    header = ["MEMBER", "ADDRESS", "STATUS", "ROLES", "FREE", "QUEUE", "LOAD", "AGENTS", "SPEND"]
     roles = ", ".join(summary["roles"]) or "none"
     return (
         f"fleet: {len(members)} members ({counts or 'none'}); {summary['free_slots']} free "
-        f"slots on alive members; roles served: {roles}\n{render.table(header, rows)}"
+        f"slots, {summary['agents']} agents and {_dollars(summary['spend_micro'])} of model "
+        f"spend on alive members; roles served: {roles}\n{render.table(header, rows)}"
     )
 
 

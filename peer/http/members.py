@@ -132,6 +132,8 @@ class MemberApi:
             "free_slots": state.free_slots if state is not None else 0,
             "queue_len": state.queue_len if state is not None else 0,
             "load": state.load if state is not None else 0.0,
+            "agents": state.agents if state is not None else 0,
+            "spend_micro": state.spend_micro if state is not None else 0,
             "last_seen": None if m.node_id == node.node_id else self._last_seen(m.node_id),
         }
 

@@ -184,6 +184,10 @@ class Driver:
         """Advertise this peer's roles and load (see `Node.set_state`)."""
         self.disk.apply(self.node.set_state(self._clock(), roles, free_slots, queue_len, load))
 
+    def set_usage(self, agents: int, spend_micro: int) -> None:
+        """Advertise this peer's agents and model spend (see `Node.set_usage`)."""
+        self.disk.apply(self.node.set_usage(self._clock(), agents, spend_micro))
+
     def wall(self) -> float:
         """Wall-clock seconds, as shown to users."""
         return self._wall()

@@ -231,6 +231,10 @@ class Tasks(Executions, Grants):
         self.quiet_until = max(self.quiet_until, until + self.standby_delay)
         for task_id, epoch in list(self.slots.running.items()):
             self.fence(now, task_id, epoch, "isolated")
+            # Decided again once the quiet ends: if no one declared us dead meanwhile (our
+            # loop was only blocked, or the partition healed first), our claim still stands
+            # and no one else may take it over, so we resume it (the claim rule's Resume).
+            self.unsettled[task_id] = None
 
     def on_standby(self, now: float, task_id: bytes, at: float) -> None:
         """A wake-up (`TaskStandby`) fired: look at the task again unless superseded."""

@@ -148,6 +148,13 @@ def _check_page(driver: Any, peers: list[Peer], first_root: str) -> None:
         for c in driver.find_elements(By.CSS_SELECTOR, '#fleet-rows td[data-label="last seen"]')
     ]
     assert len(seen) == 3 and all(t == "now" or t.endswith(" ago") for t in seen), seen
+    # Every member's agents come from its signed peer state (decision 47): one agent each.
+    _wait(
+        driver,
+        "each member's agent in the fleet",
+        lambda d: _texts(d, '#fleet-rows td[data-label="agents"]') == ["1", "1", "1"],
+    )
+    assert " · 3 agents · " in driver.find_element(By.ID, "fleet-summary").text
     fleet_text = driver.find_element(By.ID, "fleet").text
     for role in ("boss", "admin", "worker"):
         assert role in fleet_text

@@ -110,7 +110,7 @@ class Attacker:
     def forged_state(self, node_id: bytes, incarnation: int) -> PeerState:
         """A state for `node_id` at the highest version, advertising no roles, signed with the
         attacker's own key (the only one it has)."""
-        fields = (node_id, incarnation, MAX_UINT, (), 0, 0, 0.0)
+        fields = (node_id, incarnation, MAX_UINT, (), 0, 0, 0.0, 0, 0)
         sig = self.signer.sign(DOMAIN_PEER_STATE, peer_state_payload(*fields))
         return PeerState(node_id, MAX_UINT, (), 0, 0, 0.0, incarnation, sig)
 

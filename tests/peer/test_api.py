@@ -110,6 +110,7 @@ async def test_self_health_members(env: Env) -> None:
         0,
     )
 
+    env.api.driver.set_usage(2, 1_500)  # what an agent host advertises (decision 47)
     members = (await (await env.client.get("/v1/members")).json())["members"]
     assert members == [
         {
@@ -123,6 +124,8 @@ async def test_self_health_members(env: Env) -> None:
             "free_slots": 4,
             "queue_len": 0,
             "load": 0.0,
+            "agents": 2,
+            "spend_micro": 1_500,
             "last_seen": None,
         }
     ]

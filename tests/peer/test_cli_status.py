@@ -69,6 +69,12 @@ async def test_status_shows_the_fleet_tasks_agents_and_spend(tmp_path: Path) -> 
         root = a.driver.submit("report", AgentInput("Parks").encode(), nonce=os.urandom(16))
         result = await a.driver.wait_result(root, timeout=30)
         assert result is not None and result.outcome == "ok"
+        # Each peer's agents reach the other in its peer state (decision 47).
+        states = a.node.peer_states()
+        while (s := states.get(b.node.node_id)) is None or s.agents != 1:
+            assert time.monotonic() < deadline, "the writer's usage never reached the lead"
+            await asyncio.sleep(0.05)
+            states = a.node.peer_states()
         api = PeerApi(
             a.driver, a.transport, tmp_path, lambda: None, token=API_TOKEN, agents=a.host.status
         )
@@ -90,6 +96,8 @@ async def test_status_shows_the_fleet_tasks_agents_and_spend(tmp_path: Path) -> 
     assert {"report", "section"} <= set(summary["roles"])
     alive_slots = sum(m["free_slots"] for m in shown["members"] if m["status"] == "alive")
     assert summary["free_slots"] == alive_slots > 0
+    assert [m["agents"] for m in shown["members"]] == [1, 1] and summary["agents"] == 2
+    assert summary["spend_micro"] == 0  # the offline model costs nothing
     assert summary["tasks"]["done"] == shown["tasks"]["totals"]["done"] >= 3  # root, 2 children
     assert summary["tasks"]["pending"] == summary["tasks"]["running"] == 0
     model = shown["agents"]["model"]["grapevine/offline"]
@@ -101,9 +109,11 @@ async def test_status_shows_the_fleet_tasks_agents_and_spend(tmp_path: Path) -> 
     assert human.strip() == render_status(shown["members"], shown["tasks"], shown["agents"])
     lines = human.splitlines()
     assert lines[0].startswith(
-        f"fleet: 2 members (2 alive); {alive_slots} free slots on alive members; roles served: "
+        f"fleet: 2 members (2 alive); {alive_slots} free slots, 2 agents and $0.000000 of model "
+        "spend on alive members; roles served: "
     )
-    assert lines[1].split() == ["MEMBER", "ADDRESS", "STATUS", "ROLES", "FREE", "QUEUE", "LOAD"]
+    header = ["MEMBER", "ADDRESS", "STATUS", "ROLES", "FREE", "QUEUE", "LOAD", "AGENTS", "SPEND"]
+    assert lines[1].split() == header
     assert lines[2].startswith(f"{ids[0]} (self)") and " alive " in lines[2]
     assert lines[3].startswith(ids[1]) and "section" in lines[3]
     done = summary["tasks"]["done"]
@@ -133,10 +143,27 @@ def test_a_peer_without_agents_and_missing_fields_render_without_errors() -> Non
     members = [{"id": "ab" * 32, "self": True, "status": "alive", "roles": ["echo"]}]
     text = render_status(members, {}, {"agents": [], "roles": ["echo"]})
     assert text.splitlines()[0] == (
-        "fleet: 1 members (1 alive); 0 free slots on alive members; roles served: echo"
+        "fleet: 1 members (1 alive); 0 free slots, 0 agents and $0.000000 of model spend on "
+        "alive members; roles served: echo"
     )
     assert "tasks held here: - (pending 0, running 0, done 0, failed 0, cancelled 0)" in text
     assert "agents here: none; roles served here: echo" in text
     assert text.endswith(
         "model spend here: $0.000000, 0 tokens (0 prompt, 0 completion) in 0 calls"
     )
+
+
+def test_the_network_spend_sums_what_alive_members_advertise() -> None:
+    def member(n: int, status: str, agents: int, spend: int) -> dict[str, Any]:
+        return {"id": f"{n:02d}" * 32, "status": status, "agents": agents, "spend_micro": spend}
+
+    members = [
+        member(1, "alive", 2, 1_500_000),
+        member(2, "alive", 3, 250),
+        member(3, "dead", 9, 7),
+    ]
+    summary = summarize(members, {}, {"agents": []})
+    assert (summary["agents"], summary["spend_micro"]) == (5, 1_500_250)
+    text = render_status(members, {}, {"agents": []})
+    assert "5 agents and $1.500250 of model spend on alive members" in text.splitlines()[0]
+    assert "$0.000250" in text and "$0.000007" in text  # each member's own, the dead one's too

@@ -66,13 +66,26 @@ def peer_state(
     queue_len: int = 0,
     load: float = 0.0,
     incarnation: int = 0,
+    agents: int = 0,
+    spend_micro: int = 0,
 ) -> PeerState:
     """Peer `i`'s state, signed by `i`."""
     payload = peer_state_payload(
-        node_id(i), incarnation, version, roles, free_slots, queue_len, load
+        node_id(i), incarnation, version, roles, free_slots, queue_len, load, agents, spend_micro
     )
     sig = signer(i).sign(DOMAIN_PEER_STATE, payload)
-    return PeerState(node_id(i), version, roles, free_slots, queue_len, load, incarnation, sig)
+    return PeerState(
+        node_id(i),
+        version,
+        roles,
+        free_slots,
+        queue_len,
+        load,
+        incarnation,
+        sig,
+        agents,
+        spend_micro,
+    )
 
 
 def envelope(i: int, *messages: Message | bytes) -> bytes:

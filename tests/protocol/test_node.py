@@ -28,8 +28,10 @@ from protocol.effects import (
 from protocol.envelope import decode_envelope, encode_envelope
 from protocol.errors import LocalProtocolError
 from protocol.node import Node
+from protocol.node_port import USAGE_GOSSIP_INTERVAL
 from protocol.probing import RELAY_TIMEOUT_FRACTION
 from protocol.wire import (
+    MAX_UINT,
     Ack,
     Alive,
     Dead,
@@ -509,6 +511,45 @@ def test_set_state_is_gossiped_and_stored_by_others() -> None:
     )
     for i in (1, 2):
         assert link.node(i).peer_states()[node_id(0)] == mine
+
+
+def test_usage_rides_our_state_to_others_at_a_bounded_rate() -> None:
+    link = mesh(3)
+    link.run(0, link.node(0).set_state(link.now, ("writer",), 2, 0, 0.0))
+    link.advance(link.now + 2.0)
+    link.run(0, link.node(0).set_usage(link.now, 3, 1_250))  # the first goes out at once
+    link.advance(link.now + 1.0)
+    for i in (1, 2):
+        seen = link.node(i).peer_states()[node_id(0)]
+        assert (seen.roles, seen.agents, seen.spend_micro) == (("writer",), 3, 1_250)
+    # A second change within USAGE_GOSSIP_INTERVAL is ours at once, gossiped when due.
+    link.run(0, link.node(0).set_usage(link.now, 3, 9_000))
+    link.advance(link.now + 1.0)
+    assert link.node(0).peer_states()[node_id(0)].spend_micro == 9_000
+    assert link.node(1).peer_states()[node_id(0)].spend_micro == 1_250
+    link.advance(link.now + USAGE_GOSSIP_INTERVAL)
+    for i in (1, 2):
+        assert link.node(i).peer_states()[node_id(0)].spend_micro == 9_000
+    # The same usage again makes no new version.
+    version = link.node(0).peer_states()[node_id(0)].version
+    link.run(0, link.node(0).set_usage(link.now, 3, 9_000))
+    assert link.node(0).peer_states()[node_id(0)].version == version
+
+
+@pytest.mark.parametrize("agents,spend", [(-1, 0), (0, -1), (MAX_UINT + 1, 0), (0, MAX_UINT + 1)])
+def test_usage_out_of_the_wire_range_is_refused(agents: int, spend: int) -> None:
+    with pytest.raises(LocalProtocolError):
+        lone().set_usage(0.0, agents, spend)
+
+
+def test_a_forged_usage_changes_nothing() -> None:
+    node = lone()
+    node.handle(0.0, addr(1), envelope(1, alive(1)))
+    honest = peer_state(1, 1, ("echo",), agents=2, spend_micro=10)
+    node.handle(0.1, addr(1), envelope(1, honest))
+    forged = replace(peer_state(1, 2, ("echo",), agents=2, spend_micro=10), spend_micro=10**9)
+    node.handle(0.2, addr(2), envelope(2, forged))
+    assert node.peer_states()[node_id(1)] == honest
 
 
 def test_peer_state_keeps_the_greatest_version() -> None:

@@ -518,6 +518,22 @@ def test_isolated_owner_fences_itself_and_claims_nothing_meanwhile() -> None:
     assert not any(m.node_id != node.node_id and not m.up for m in node.members())
 
 
+def test_an_owner_that_fenced_itself_while_isolated_resumes_if_no_one_took_over() -> None:
+    # Its loop was blocked (a slow import, a long GC) long enough to look isolated, but not
+    # long enough for the others to declare it dead: its claim still stands, so unless it
+    # runs the task again no one ever will.
+    link, task_id, owner, _ = running_task(5)
+    node = link.node(owner)
+    until = link.now + 1.0
+    node.tasks.on_isolated(link.now, until)  # what the node does when its probe finds so
+    link.advance(node.tasks.quiet_until + 1.0)
+    [cancel] = link.commands_of(owner, CancelExecution)
+    assert cancel == CancelExecution(task_id, 1, "isolated")
+    assert starts(link, task_id) == [(owner, 1), (owner, 1)]  # the same claim, run again
+    assert all(m.up for m in node.members())
+    assert {n.tasks.tasks[task_id].claim.owner for n in holders(link, task_id)} == {node.node_id}
+
+
 # Adversarial input: dropped, counted, state unchanged.
 
 

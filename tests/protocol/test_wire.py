@@ -111,8 +111,9 @@ def task_record(i: int = 1) -> TaskRecord:
 
 def peer_state(i: int) -> PeerState:
     roles = ("writer", "planner")
-    sig = signer(i).sign(DOMAIN_PEER_STATE, peer_state_payload(nid(i), 4, 7, roles, 2, 3, 0.25))
-    return PeerState(nid(i), 7, roles, 2, 3, 0.25, 4, sig)
+    payload = peer_state_payload(nid(i), 4, 7, roles, 2, 3, 0.25, 5, 6)
+    sig = signer(i).sign(DOMAIN_PEER_STATE, payload)
+    return PeerState(nid(i), 7, roles, 2, 3, 0.25, 4, sig, 5, 6)
 
 
 SAMPLES: dict[Kind, Message] = {

@@ -20,7 +20,8 @@ const state = {
   self: null,
   members: [],
   stats: [], // [{t, totals}]
-  spend: [], // [{t, cost: {model: dollars}}]
+  spend: [], // [{t, cost: {model: dollars}}], this peer's model calls
+  networkSpend: [], // [[t, dollars]], summed over the alive members' peer states
   resultAt: new Map(), // task id -> unix s when its result was accepted here
   created: new Map(), // task id -> unix s of its creation
   roles: new Set(),
@@ -133,8 +134,13 @@ async function loadMembers() {
     for (const role of m.roles) state.roles.add(role);
   }
   state.members = members;
+  const now = Date.now();
+  const alive = members.filter((m) => m.status === "alive");
+  state.networkSpend.push([now, alive.reduce((sum, m) => sum + (m.spend_micro || 0), 0) / 1e6]);
+  trim(state.networkSpend, now);
   renderFleet();
   renderFilters();
+  drawSpend();
 }
 
 // One table cell; its content is one element, so a phone's card layout keeps it together.
@@ -149,11 +155,17 @@ function renderFleet() {
     cell("free slots", m.free_slots),
     cell("queue", m.queue_len),
     cell("load", m.load.toFixed(2)),
+    // agents and spend_micro: what the member advertises in its signed peer state.
+    cell("agents", m.agents ?? 0),
+    cell("spend", dollars(m.spend_micro ?? 0)),
     // last_seen: unix s of the last envelope the serving peer received from the member.
     cell("last seen", m.self ? "now" : ago(m.last_seen && m.last_seen * 1000))));
   $("fleet-rows").replaceChildren(...rows);
-  const alive = state.members.filter((m) => m.status === "alive").length;
-  $("fleet-summary").textContent = `${alive} of ${state.members.length} alive`;
+  const alive = state.members.filter((m) => m.status === "alive");
+  const agents = alive.reduce((sum, m) => sum + (m.agents || 0), 0);
+  const spend = alive.reduce((sum, m) => sum + (m.spend_micro || 0), 0);
+  $("fleet-summary").textContent =
+    `${alive.length} of ${state.members.length} alive · ${agents} agents · ${dollars(spend)} model spend`;
 }
 
 // ---- totals and their trend ----------------------------------------------------------------
@@ -271,12 +283,17 @@ async function loadAgents() {
   $("agents-summary").textContent = `${status.agents.length} agents${slots}`;
   state.spend.push({ t: now, cost: Object.fromEntries(models.map(([n, m]) => [n, m.cost_micro / 1e6])) });
   trim(state.spend, now);
+  drawSpend();
+}
+
+// The network's spend (from the members' peer states) first, then this peer's by model.
+function drawSpend() {
   const names = [...new Set(state.spend.flatMap((s) => Object.keys(s.cost)))].sort();
-  const series = names.map((name) => ({
-    name, points: state.spend.filter((s) => name in s.cost).map((s) => [s.t, s.cost[name]]),
-  }));
+  const series = [{ name: "network", points: state.networkSpend }, ...names.map((name) => ({
+    name: `here: ${name}`, points: state.spend.filter((s) => name in s.cost).map((s) => [s.t, s.cost[name]]),
+  }))];
   chart($("plot-spend"), series, (v) => `$${v.toFixed(v < 1 ? 4 : 2)}`);
-  $("spend-legend").replaceChildren(...names.map((name, i) => el("span", { class: `key s${i % 5}` }, name)));
+  $("spend-legend").replaceChildren(...series.map((s, i) => el("span", { class: `key s${i % 5}` }, s.name)));
 }
 
 // ---- tasks ---------------------------------------------------------------------------------
