@@ -193,9 +193,10 @@ def _run_client(args: argparse.Namespace, command: ClientCommand) -> int:
             return await command(client, args)
 
     try:
-        import asyncio  # loaded by the commands that talk to a peer, not by `--help`
+        # loaded by the commands that talk to a peer, not by `--help`
+        from peer.interrupts import run_interruptible
 
-        return asyncio.run(run())
+        return run_interruptible(run())
     except TokenError as exc:
         return fail(args, f"{exc}; {TOKEN_HELP}", EXIT_USAGE)
     except WrongPort as exc:

@@ -23,7 +23,6 @@ Invariants:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -52,6 +51,7 @@ from peer.demo.network import (
 from peer.demo.options import OFFLINE_MODEL
 from peer.demo.report import final_report
 from peer.demo.team import config_text, team
+from peer.interrupts import run_interruptible
 from peer.runtime.keyring import encode_key, generate_network_key
 
 PROG = "grapevine demo"
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, root: Path, processes: DemoPeers) -> int:
     try:
-        report = asyncio.run(_demo(args, root, processes))
+        report = run_interruptible(_demo(args, root, processes))
     except KeyboardInterrupt:
         return _fail("interrupted; stopping the peers", EXIT_INTERRUPTED)
     except (DemoError, GrapevineError, OSError) as exc:

@@ -18,7 +18,10 @@ Invariants:
   channel: a frame captured on one channel does not open on another, and a replayed one is
   refused by that channel's window. A message that does not open ends the channel (close
   code `REFUSAL_CODE`, the reason as the close message), counted by reason like any frame.
-- The receiver hands a message on before it reads the next one, so a slow receiver slows its
+- A message fully received is handed to the bulk lane before the receiver yields (aiohttp
+  drops what it buffered when a connection is lost, so a SIGKILLed sender's last messages
+  would go otherwise); the lane hands them on in order. The receiver stops reading while more
+  than `PENDING_BYTES` of a channel's messages wait there, so a slow receiver slows its
   senders through TCP's flow control (as the answer to a request did).
 - A sender never waits on a channel: `ChannelSender.send` appends to the channel's outbox
   (bounded in bytes; beyond, the send is dropped and counted) and wakes its writer, which
@@ -37,15 +40,16 @@ import binascii
 import contextlib
 import logging
 import os
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
 import aiohttp
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from peer.runtime.blob_routes import connect_reason
-from peer.runtime.intake import Busy, Intake, source_of
+from peer.runtime.intake import Intake, source_of
 from peer.runtime.keyring import Keyring
 from peer.runtime.lanes import BulkLane, hand_on, is_probe_class
 from peer.runtime.sealing import Opener, Sealer, SealError
@@ -69,6 +73,9 @@ IDLE_SECONDS: Final = 30.0
 RECEIVE_IDLE_SECONDS: Final = 90.0
 OUTBOX_BYTES: Final = 8 * 1024 * 1024
 """Most bytes waiting for one channel's writer; later sends to it are dropped."""
+PENDING_BYTES: Final = 4 * 1024 * 1024
+"""Bytes of a channel's messages waiting in the bulk lane before its receiver stops reading
+more (and TCP slows the sender)."""
 
 Coalesce = Callable[[list[bytes]], list[bytes]]
 
@@ -87,7 +94,14 @@ class _Channel:
     addr: str
     outbox: list[bytes] = field(default_factory=list)
     outbox_bytes: int = 0
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    waker: asyncio.Future[bool] | None = None
+    """What the idle writer awaits: True when woken, False when its idle time ran out."""
+
+    def wake(self) -> None:
+        """Let the writer run at the next turn of the loop (a plain future: one hop, so what
+        was sent leaves before anything this turn's callers scheduled after it)."""
+        _resolve(self.waker, True)
+
     sealer: Sealer | None = None
     closing: bool = False
     refused: str | None = None
@@ -175,7 +189,7 @@ class ChannelSender:
             return
         channel.outbox.append(data)
         channel.outbox_bytes += len(data)
-        channel.wake.set()
+        channel.wake()
 
     def rekey(self, keyring: Keyring) -> None:
         """Seal with `keyring` from now on, on open channels too (they keep their numbers)."""
@@ -189,7 +203,7 @@ class ChannelSender:
         tasks = [c.task for c in self._channels.values() if c.task is not None]
         for channel in self._channels.values():
             channel.closing = True
-            channel.wake.set()
+            channel.wake()
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
         for task in tasks:
@@ -258,10 +272,15 @@ class ChannelSender:
             if not channel.outbox:
                 if channel.closing:
                     return
-                channel.wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(channel.wake.wait(), IDLE_SECONDS)
-                if not channel.outbox and not channel.wake.is_set():
+                loop = asyncio.get_running_loop()
+                waker = channel.waker = loop.create_future()
+                idle = loop.call_later(IDLE_SECONDS, _resolve, waker, False)
+                try:
+                    woken = await waker
+                finally:
+                    idle.cancel()
+                    channel.waker = None
+                if not woken and not channel.outbox:
                     return  # idle: close; the next send opens a new channel
                 continue
             batch, channel.outbox, channel.outbox_bytes = channel.outbox, [], 0
@@ -285,7 +304,12 @@ class ChannelSender:
                 break
             if message.type == WSMsgType.ERROR:
                 break
-        channel.wake.set()
+        channel.wake()
+
+
+def _resolve(future: asyncio.Future[bool] | None, value: bool) -> None:
+    if future is not None and not future.done():
+        future.set_result(value)
 
 
 class ChannelReceiver:
@@ -341,10 +365,10 @@ class ChannelReceiver:
             self._open[ws] = opener.rekeyed(keyring)
 
     async def close(self) -> None:
-        """End every open channel."""
-        for ws in list(self._open):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.close(), 1.0)
+        """End every open channel, all at once (each waits at most 1 s for its sender)."""
+        closes = [asyncio.wait_for(ws.close(), 1.0) for ws in list(self._open)]
+        if closes:
+            await asyncio.gather(*closes, return_exceptions=True)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Accept a channel with a valid hello, then hand on its messages one by one."""
@@ -397,44 +421,79 @@ class ChannelReceiver:
         return channel_id
 
     async def _receive(self, ws: web.WebSocketResponse, source: str, route: bytes) -> None:
-        while True:
-            try:
-                message = await ws.receive()
-            except TimeoutError:
-                return  # silent for RECEIVE_IDLE_SECONDS: its sender has gone
-            if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-                return
-            if message.type == WSMsgType.ERROR:
-                # aiohttp refused it already (too large, a protocol violation)
-                self._intake.refuse(source, "bad_channel_message", str(message.data)[:80])
-                return
-            if message.type != WSMsgType.BINARY:
-                self._intake.refuse(source, "bad_channel_message", message.type.name)
-                await ws.close(code=REFUSAL_CODE, message=b"bad_channel_message")
-                return
-            frame: bytes = message.data
-            opener = self._open.get(ws)
-            if opener is None:
-                return
-            try:
-                plaintext = opener.open(frame, self._clock(), route)
-            except SealError as exc:
-                self._intake.log_refusal(source, f"channel message: {exc}")
-                await ws.close(code=REFUSAL_CODE, message=exc.reason.encode())
-                return
-            self._on_accepted(len(frame), plaintext)
-            if is_probe_class(plaintext):
-                handled = hand_on(self._on_receive, source, plaintext)
-            else:
+        # Messages are taken off the socket without a pause while any are buffered: aiohttp
+        # drops what it buffered once the connection is lost (a SIGKILLed sender), so a
+        # message fully received must be handed to the bulk lane before this task yields.
+        # The lane hands them on in order; this task waits for it only when more than
+        # `PENDING_BYTES` wait there, which is what slows a fast sender down (TCP).
+        pending: deque[tuple[asyncio.Future[bool], int]] = deque()
+        waiting = 0
+        try:
+            while True:
                 try:
-                    with self._intake.buffering(len(frame)):
-                        handled = await self._bulk.handle(source, plaintext)
-                except Busy:
+                    message = await ws.receive()
+                except TimeoutError:
+                    return  # silent for RECEIVE_IDLE_SECONDS: its sender has gone
+                frame = self._frame(ws, source, message)
+                if frame is None:
+                    if not ws.closed and message.type == WSMsgType.TEXT:
+                        await ws.close(code=REFUSAL_CODE, message=b"bad_channel_message")
+                    return
+                plaintext = self._open_frame(ws, source, frame, route)
+                if isinstance(plaintext, SealError):
+                    await ws.close(code=REFUSAL_CODE, message=plaintext.reason.encode())
+                    return
+                self._on_accepted(len(frame), plaintext)
+                if is_probe_class(plaintext):
+                    hand_on(self._on_receive, source, plaintext)
+                    continue
+                if self._intake.buffered + len(frame) > self._intake.max_buffered:
                     self._intake.refuse(source, "busy", "too many bodies being read")
                     await ws.close(code=REFUSAL_CODE, message=b"busy")
                     return
-            if not handled:
-                log.warning("an envelope from %s failed to be handled", source)
+                pending.append((self._submit(source, plaintext, len(frame)), len(frame)))
+                waiting += len(frame)
+                while pending and (pending[0][0].done() or waiting > PENDING_BYTES):
+                    done, size = pending.popleft()
+                    waiting -= size
+                    if not await asyncio.shield(done):
+                        log.warning("an envelope from %s failed to be handed on", source)
+        finally:
+            pending.clear()  # the lane hands on what it holds, in order, whatever happens here
+
+    def _frame(self, ws: web.WebSocketResponse, source: str, message: WSMessage) -> bytes | None:
+        if message.type == WSMsgType.BINARY:
+            return bytes(message.data)
+        if message.type == WSMsgType.ERROR:
+            # aiohttp refused it already (too large, a protocol violation)
+            self._intake.refuse(source, "bad_channel_message", str(message.data)[:80])
+        elif message.type not in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+            self._intake.refuse(source, "bad_channel_message", message.type.name)
+        return None
+
+    def _open_frame(
+        self, ws: web.WebSocketResponse, source: str, frame: bytes, route: bytes
+    ) -> bytes | SealError:
+        opener = self._open.get(ws)
+        if opener is None:
+            return SealError("closed")
+        try:
+            return opener.open(frame, self._clock(), route)
+        except SealError as exc:
+            self._intake.log_refusal(source, f"channel message: {exc}")
+            return exc
+
+    def _submit(self, source: str, plaintext: bytes, size: int) -> asyncio.Future[bool]:
+        # Counted against the intake's `max_buffered` until handed on, like a request body.
+        intake = self._intake
+        intake.buffered += size
+        done = self._bulk.submit(source, plaintext)
+
+        def release(_: asyncio.Future[bool]) -> None:
+            intake.buffered -= size
+
+        done.add_done_callback(release)
+        return done
 
 
 def _tagged(response: web.Response) -> web.Response:

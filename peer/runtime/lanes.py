@@ -157,13 +157,18 @@ class BulkLane:
         Returns:
             False if handing on a slice of it failed, or the lane was closed first.
         """
+        # Shielded: an envelope whose sender gave up waiting is still handed on, in order.
+        return await asyncio.shield(self.submit(source, data))
+
+    def submit(self, source: str, data: bytes) -> asyncio.Future[bool]:
+        """Queue the envelope `data` from `source` without waiting; the future says, once all
+        of it was handed on, whether that went well (as `handle` returns)."""
         loop = asyncio.get_running_loop()
         batch = _Batch(source, data, loop.create_future())
         self._queue.append(batch)
         if self._worker is None:
             self._worker = loop.create_task(self._run())
-        # Shielded: an envelope whose sender gave up waiting is still handed on, in order.
-        return await asyncio.shield(batch.done)
+        return batch.done
 
     async def close(self) -> None:
         """Stop handing on; what is still queued is dropped (its `handle` returns False)."""

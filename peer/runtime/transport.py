@@ -30,8 +30,9 @@ and posted at once, in a request of its own, over a connection pool of its own (
 with task objects, never queued behind a send outstanding to its address, never waiting for a
 pooled connection), and on receipt handed to `on_receive` as soon as it is read. Every other
 envelope goes to `on_receive` in slices, one per event-loop turn (`peer.runtime.lanes.BulkLane`),
-so a probe or ack read meanwhile waits at most one slice. A channel's next message is read
-once the last one was handed on, so a slow receiver slows its senders (TCP flow control).
+so a probe or ack read meanwhile waits at most one slice. A channel stops reading while more
+than `channels.PENDING_BYTES` of its messages wait for the lane, so a slow receiver slows its
+senders (TCP flow control).
 
 Blobs travel over the same server, on two more routes, as sealed streams
 (`peer.runtime.blob_routes`); `push_blob` and `fetch_blob` are their client side.

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 import pytest_asyncio
+from aiohttp import WSMessage, WSMsgType
 
 from peer.runtime import channels
 from peer.runtime.channels import (
@@ -26,7 +27,7 @@ from peer.runtime.channels import (
     channel_route,
 )
 from peer.runtime.keyring import Keyring
-from peer.runtime.sealing import Sealer
+from peer.runtime.sealing import Opener, Sealer
 from peer.runtime.serving import ServerLimits
 from peer.runtime.transport import Transport
 
@@ -224,3 +225,42 @@ async def test_proven_channels_do_not_count_against_the_per_source_cap() -> None
         for sender in senders:
             await sender.stop()
         await b.stop()
+
+
+class _LosingWs:
+    """A channel's server side whose connection is lost at the next turn of the loop, with
+    `frames` already received: aiohttp then answers CLOSING and drops what it buffered."""
+
+    def __init__(self, frames: list[bytes]) -> None:
+        self.frames = list(frames)
+        self.closing = False
+        self.closed = False
+        asyncio.get_running_loop().call_soon(setattr, self, "closing", True)
+
+    async def receive(self) -> WSMessage:
+        if self.closing:
+            return WSMessage(WSMsgType.CLOSING, None, None)
+        if self.frames:
+            return WSMessage(WSMsgType.BINARY, self.frames.pop(0), None)
+        while not self.closing:  # nothing more arrives; the connection is lost
+            await asyncio.sleep(0.01)
+        return WSMessage(WSMsgType.CLOSING, None, None)
+
+    async def close(self, **_: object) -> None:
+        self.closed = True
+
+
+async def test_messages_received_before_the_connection_is_lost_are_all_handed_on() -> None:
+    # A SIGKILLed sender's last messages: received, buffered by aiohttp, then the connection
+    # goes. Each must reach the bulk lane before the receiver yields to the loop.
+    inbox = Inbox()
+    t = Transport("127.0.0.1", 0, Keyring(KEY), b"R" * 8, inbox)
+    channel_id = b"7" * 16
+    sealer = Sealer(Keyring(KEY), b"F" * 8)
+    frames = [sealer.seal(b"m%d" % i, time.time(), channel_route(channel_id)) for i in range(3)]
+    ws = _LosingWs(frames)
+    receiver = t._channels_in
+    receiver._open[ws] = Opener(Keyring(KEY))  # type: ignore[index]
+    await receiver._receive(ws, "127.0.0.1:1", channel_route(channel_id))  # type: ignore[arg-type]
+    await _until(lambda: len(inbox.items) == 3)
+    assert inbox.items == [b"m0", b"m1", b"m2"]
