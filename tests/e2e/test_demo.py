@@ -129,6 +129,10 @@ def test_default_output_shows_answer_tree_and_audit_line() -> None:
     assert not [pid for pid in started_pids(result.stderr) if running(pid)]
 
 
+def _sigint_by_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(
     ("signum", "delay"),
     [(signal.SIGINT, 0.0), (signal.SIGTERM, 2.0)],
@@ -142,6 +146,9 @@ def test_interrupt_stops_every_peer(signum: int, delay: float) -> None:
         stderr=subprocess.PIPE,
         text=True,
         env=demo_env(),
+        # As from a terminal: a suite started in the background (`... &`) would pass on an
+        # ignored SIGINT, and the Ctrl-C below would mean nothing.
+        preexec_fn=_sigint_by_default,
     )
     try:
         assert process.stderr is not None

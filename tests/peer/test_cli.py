@@ -289,6 +289,10 @@ def test_api_problem_details_are_printed_and_exit_1(api: str) -> None:
     assert assert_one_line_error(removed, 1).startswith("grapevine keys remove: Cannot remove")
 
 
+def _sigint_by_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_exits_130_quietly() -> None:
     # A listener that never answers keeps the client waiting until it is interrupted.
     with socket.socket() as silent:
@@ -302,6 +306,9 @@ def test_ctrl_c_exits_130_quietly() -> None:
             text=True,
             cwd=REPO,
             env=cli_env(),
+            # As from a terminal: a suite started in the background (`... &`) would pass on
+            # an ignored SIGINT, and the Ctrl-C below would mean nothing.
+            preexec_fn=_sigint_by_default,
         )
         try:
             time.sleep(1.5)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import Iterator
 
 import pytest
 
@@ -23,10 +24,25 @@ async def _swallowing() -> str:
     return "ran on"
 
 
+@pytest.fixture(autouse=True)
+def _sigint_as_from_a_terminal() -> Iterator[None]:
+    # A suite started in the background (`... &`) inherits an ignored SIGINT.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_raises_keyboard_interrupt_through_a_swallowed_cancellation() -> None:
     with pytest.raises(KeyboardInterrupt):
         run_interruptible(_swallowing())
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+def test_an_ignored_sigint_stays_ignored() -> None:
+    # A command started in the background keeps ignoring Ctrl-C, as the shell meant.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    loop_ran = run_interruptible(asyncio.sleep(0, "done"))
+    assert loop_ran == "done" and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_plain_asyncio_run_loses_that_ctrl_c() -> None:
