@@ -3,13 +3,14 @@
 `asyncio.run` (Python 3.11 and later) turns SIGINT into a cancellation of the main task. A
 cancellation can be lost: Python 3.11's `asyncio.wait_for` swallows one that arrives as the
 awaited future completes (CPython issue gh-86296), and code that catches it by mistake does
-the same. The user's Ctrl-C is then ignored and the command runs on (seen in tests: a demo
-that finished its job and exited 0, a `grapevine events --follow` that never stopped).
+the same. The user's Ctrl-C is then ignored and the command runs on
+(`tests/peer/test_interrupts.py` shows it with a coroutine that swallows its cancellation).
 
 Commands with nothing to wind down gracefully run their loop under a SIGINT handler that
 raises `KeyboardInterrupt` where the main thread is, as Python did before 3.11: it cannot be
 swallowed by a cancellation race, and `asyncio.run` still cancels and awaits the remaining
 tasks on its way out. `grapevine agent` keeps its own handling (it leaves the network first).
+A SIGINT the command was started ignoring (a background job's) stays ignored.
 """
 
 from __future__ import annotations
