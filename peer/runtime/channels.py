@@ -434,7 +434,7 @@ class ChannelReceiver:
                     message = await ws.receive()
                 except TimeoutError:
                     return  # silent for RECEIVE_IDLE_SECONDS: its sender has gone
-                frame = self._frame(ws, source, message)
+                frame = self._frame(source, message)
                 if frame is None:
                     if not ws.closed and message.type == WSMsgType.TEXT:
                         await ws.close(code=REFUSAL_CODE, message=b"bad_channel_message")
@@ -461,7 +461,7 @@ class ChannelReceiver:
         finally:
             pending.clear()  # the lane hands on what it holds, in order, whatever happens here
 
-    def _frame(self, ws: web.WebSocketResponse, source: str, message: WSMessage) -> bytes | None:
+    def _frame(self, source: str, message: WSMessage) -> bytes | None:
         if message.type == WSMsgType.BINARY:
             return bytes(message.data)
         if message.type == WSMsgType.ERROR:

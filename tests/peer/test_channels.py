@@ -65,6 +65,21 @@ def _hello(sealer: Sealer, channel_id: bytes, at: float | None = None) -> dict[s
     return {HELLO_HEADER: base64.urlsafe_b64encode(frame).decode()}
 
 
+async def _closing_after(
+    url: str, hello: dict[str, str], *messages: bytes | str
+) -> tuple[int | None, str]:
+    """Open a channel with `hello`, send `messages`, and return how the receiver closed it
+    (code, reason)."""
+    async with aiohttp.ClientSession() as http, http.ws_connect(url, headers=hello) as ws:
+        for message in messages:
+            if isinstance(message, str):
+                await ws.send_str(message)
+            else:
+                await ws.send_bytes(message)
+        closing = await ws.receive(timeout=3)
+        return closing.data, str(closing.extra)
+
+
 async def test_envelopes_travel_in_order_on_one_channel_that_closes_when_idle(
     monkeypatch: pytest.MonkeyPatch, receiver: tuple[Transport, Inbox]
 ) -> None:
@@ -143,14 +158,7 @@ async def test_channel_messages_that_do_not_open_end_the_channel_and_change_noth
     friend = Sealer(Keyring(KEY), b"F" * 8)
 
     async def refused(channel_id: bytes, message: bytes | str) -> tuple[int | None, str]:
-        hello = _hello(friend, channel_id)
-        async with aiohttp.ClientSession() as http, http.ws_connect(url, headers=hello) as ws:
-            if isinstance(message, str):
-                await ws.send_str(message)
-            else:
-                await ws.send_bytes(message)
-            closing = await ws.receive(timeout=3)
-            return closing.data, str(closing.extra)
+        return await _closing_after(url, _hello(friend, channel_id), message)
 
     first, second = b"1" * 16, b"2" * 16
     in_first = Sealer(Keyring(KEY), b"F" * 8).seal(b"mine", time.time(), channel_route(first))
@@ -168,13 +176,9 @@ async def test_a_message_replayed_within_its_channel_is_refused(
     url = f"http://127.0.0.1:{b.port}{CHANNEL_PATH}"
     channel_id = b"9" * 16
     message = Sealer(Keyring(KEY), b"F" * 8).seal(b"once", time.time(), channel_route(channel_id))
-    async with aiohttp.ClientSession() as http:
-        hello = _hello(Sealer(Keyring(KEY), b"F" * 8), channel_id)
-        async with http.ws_connect(url, headers=hello) as ws:
-            await ws.send_bytes(message)
-            await ws.send_bytes(message)
-            closing = await ws.receive(timeout=3)
-    assert (closing.data, closing.extra) == (REFUSAL_CODE, "replay")
+    hello = _hello(Sealer(Keyring(KEY), b"F" * 8), channel_id)
+    closing = await _closing_after(url, hello, message, message)
+    assert closing == (REFUSAL_CODE, "replay")
     assert inbox.items == [b"once"] and b.rejected == {"replay": 1}
 
 
