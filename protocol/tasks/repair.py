@@ -12,13 +12,16 @@ Invariants:
   keys, not contents), the other sends what the inventory lacks and, where it lacks something
   itself, its own inventory back, once (decision 44). A whole task is sent only to a peer that
   holds none of it.
-- Replica sync: after a task changes, its replicas (and its origin) send each other their
-  inventory of it a few times, backing off (2, 8, 32 s), so an object lost on the way is
-  repaired within seconds.
+- Replica sync: after a task changes, its holders exchange their inventory of it a few times,
+  backing off (2, 8, 32 s), so an object lost on the way is repaired within seconds. The
+  replicas sync in a ring (each with the next), the arbiter with the origin, any other holder
+  with the arbiter: every holder is joined to every other through the exchanges, each pair
+  once (`sync_partners`, decision 49).
 - Audience repair: when the live membership changes, the arbiter of each open task (first of
   its replica set) sends what it holds to audience members that never got it.
 - Relay: the origin hands the claims and results it receives on to every peer it sent the
-  record to, so no record holder misses the claim whatever the claimer's view.
+  record to or that told it it holds the record, so no record holder misses the claim
+  whatever the claimer's view.
 - Reads: a `TaskRead` is answered with the task and a bounded number of its children.
 - Handoff: a peer that joins (new, or restarted) into a network that holds tasks (its first
   summary received tells) sends its summary to every live member once, a moment later, so it
@@ -51,7 +54,7 @@ PULL_DELAY = 1.0
 peers they know, so the join must have spread first."""
 MAX_CHILDREN_SENT = 1024
 """Children of an asked-for task sent with it (a tree read; deeper levels are asked for)."""
-SYNC_TICK = 0.5
+SYNC_TICK = 2.0
 """How often due replica syncs are sent (seconds)."""
 SYNC_FIRST, SYNC_BACKOFF, SYNC_LAST = 2.0, 4.0, 32.0
 """A changed task's replicas compare it after 2 s, then 8 s, then 32 s (see `sync`)."""
@@ -192,10 +195,11 @@ class Repair(TaskCore):
     def sync(self, now: float) -> None:
         """Send the replica syncs that are due."""
         # A task object goes to each replica once, directly; one lost on the way would wait for
-        # a random push-pull to pair the right two peers. So after a task changes, its replicas
-        # send each other (and its origin) their inventory of it a few times, backing off (2,
-        # 8, 32 s): one message where nothing was lost, and the missing objects in one round
-        # trip where something was (decision 44).
+        # a random push-pull to pair the right two peers. So after a task changes, its holders
+        # send their inventory of it to their sync partners a few times, backing off (2, 8,
+        # 32 s): one message where nothing was lost, and the missing objects in one round trip
+        # where something was (decision 44). Every holder syncing with every other cost 9 to
+        # 15 inventories per task and stage; the ring costs 4 to 6 (decision 49).
         due = sorted(t for t, (at, _) in self.sync_due.items() if at <= now)
         if not due:
             return
@@ -255,11 +259,15 @@ class Repair(TaskCore):
         """As the task's origin, hand a received claim or result on to the record's holders."""
         # The origin sent the record to the audience of its view; a claimer's view of that
         # audience may differ (a peer's roles or liveness not yet known to it), and a record
-        # holder that never hears of the claim would claim too. Receivers drop known objects
-        # before verifying them: a copy costs bytes, not a signature check.
+        # holder that never hears of the claim would claim too. The peers that told us they
+        # hold the record (`TaskHeld`) are relayed to as well: one that was a replica in a
+        # view of a partition or a crash, and is not in the home once the views agree, gets
+        # no replica sync, and kept a superseded result for good (task campaign, seed 899 with
+        # a 1 s sync tick; decision 49). Receivers drop known objects before verifying them: a
+        # copy costs bytes, not a signature check.
         if src == STORE or st.record is None or st.record.origin != self.node_id:
             return
-        for node_id in sorted(st.sent_to - {author}):
+        for node_id in sorted((st.sent_to | st.holders) - {author}):
             addr = self.view.addr_of(node_id)
             if addr is not None and addr != src:
                 self.port.send(addr, [raw], piggyback=False)
@@ -305,6 +313,23 @@ class Repair(TaskCore):
             addr = self.view.addr_of(node_id)
             if addr is not None:
                 self.send_objects(addr, [task_id])
+
+
+def sync_partners(me: bytes, replicas: list[bytes], st: TaskState) -> set[bytes]:
+    """The peers `me` sends its inventory of `st` to in a replica sync (see `Repair.sync`).
+
+    The replicas form a ring, each syncing with the next; the first (the arbiter) also with the
+    origin; a holder outside the replica set (origin, executor) with the arbiter. Every pair the
+    exchange must join is joined once, through the ring or the arbiter."""
+    if me in replicas:
+        at = replicas.index(me)
+        partners = {replicas[(at + 1) % len(replicas)]}
+        if at == 0 and st.record is not None:
+            partners.add(st.record.origin)
+    else:
+        partners = set(replicas[:1])
+    partners.discard(me)
+    return partners
 
 
 def _shard_digest(entries: list[tuple[bytes, bytes]]) -> bytes:

@@ -153,9 +153,10 @@ def test_ask_sends_to_known_peers_only_never_to_itself() -> None:
     stranger = b"\x07" * 32
     fx, asked = node.ask_task_pages(link.now, [node_id(0), stranger, node_id(2)], PageQuery())
     assert set(asked) == {node_id(2)}
-    [send] = fx.sends
-    [msg] = opened(send.data)
-    assert send.addr == addr(2) and isinstance(msg, TaskList) and msg.request == asked[node_id(2)]
+    # Only the asks count: a replica sync may fall due in the same call.
+    asks = [(s.addr, m) for s in fx.sends for m in opened(s.data) if isinstance(m, TaskList)]
+    [(to, msg)] = asks
+    assert to == addr(2) and msg.request == asked[node_id(2)]
 
 
 # --- merging --------------------------------------------------------------------------------

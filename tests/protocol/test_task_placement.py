@@ -15,9 +15,9 @@ import pytest
 
 from protocol.effects import TaskCancelled
 from protocol.errors import LocalProtocolError
-from protocol.tasks.messages import DOMAIN_CANCEL, Cancel, Claim, Result, TaskHave
+from protocol.tasks.messages import DOMAIN_CANCEL, Cancel, Claim, Result, TaskHave, TaskHeld
 from protocol.tasks.placement import ReplicaSets, top_by_score
-from tests.protocol.fakes import addr, node_id, opened, signer
+from tests.protocol.fakes import addr, envelope, node_id, opened, signer
 from tests.protocol.test_tasks import (
     ROLE,
     claim,
@@ -150,3 +150,31 @@ def test_the_origin_relays_a_claim_to_every_peer_it_sent_the_record_to() -> None
     sent_to = link.node(0).tasks.tasks[task_id].sent_to
     assert relayed == {i for i in range(6) if node_id(i) in sent_to} - {owner}
     assert relayed
+
+
+def test_the_origin_relays_a_claim_to_a_peer_that_told_it_it_holds_the_record() -> None:
+    # A peer that was a replica in the view of a partition told the origin it holds the record;
+    # once the views agree it is outside the home and gets no replica sync: only the relay
+    # keeps its copy from holding a superseded claim for good (task campaign, seed 899).
+    link = cluster(6, serving=[1, 2, 3, 4, 5])
+    link.drop = lambda src, dst, data: (
+        dst == addr(0) and any(isinstance(m, Claim) for m in opened(data))
+    )
+    fx, task_id = link.node(0).submit(link.now, ROLE, b"x", idempotency_key="held")
+    link.run(0, fx)
+    link.advance(link.now + 1.0)
+    link.drop = lambda src, dst, data: False
+    [(owner, _)] = starts(link, task_id)
+    origin_state = link.node(0).tasks.tasks[task_id]
+    outsider = next(
+        i for i in range(1, 6) if node_id(i) not in origin_state.sent_to | {node_id(owner)}
+    )
+    link.run(
+        0, link.node(0).handle(link.now, addr(outsider), envelope(outsider, TaskHeld(task_id)))
+    )
+    assert node_id(outsider) in origin_state.holders
+    made = link.node(owner).tasks.tasks[task_id].claim
+    assert made is not None
+    mark = link.now
+    deliver(link, 0, owner, made)
+    assert any(t >= mark for t in link.sent(0, outsider, Claim))
