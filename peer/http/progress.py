@@ -62,18 +62,23 @@ async def merged(
     Ends when either subscription does (its hub dropped or closed it: the peer stops).
     """
     while True:
-        gets: list[asyncio.Future[Observed | Step | None]] = [
-            asyncio.ensure_future(notes.get()),
-            asyncio.ensure_future(steps.get()),
-        ]
-        try:
-            await asyncio.wait(gets, timeout=silence, return_when="FIRST_COMPLETED")
-        finally:
-            for get in gets:
-                get.cancel()  # a get cancelled before it completed took nothing from its queue
-        got = [get.result() for get in gets if get.done() and not get.cancelled()]
+        # What is queued already is taken as the wait below would (one of each, notes first)
+        # without it: two futures and a wait per event cost a busy peer's watch stream more
+        # than writing the event did.
+        got: list[Observed | Step | None] = [q.get_nowait() for q in (notes, steps) if q.qsize()]
         if not got:
-            yield None
+            gets: list[asyncio.Future[Observed | Step | None]] = [
+                asyncio.ensure_future(notes.get()),
+                asyncio.ensure_future(steps.get()),
+            ]
+            try:
+                await asyncio.wait(gets, timeout=silence, return_when="FIRST_COMPLETED")
+            finally:
+                for get in gets:
+                    get.cancel()  # cancelled before it completed, a get took nothing
+            got = [get.result() for get in gets if get.done() and not get.cancelled()]
+            if not got:
+                yield None
         for item in got:
             if item is None:
                 return

@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from peer.build import Peer
 from peer.http.app import PeerApi
+from peer.http.progress import merged
 from peer.runtime import progress as progress_module
 from peer.runtime.executor import Outcome, Work, builtin_roles
 from peer.runtime.progress import ProgressLog, Step
@@ -47,6 +48,23 @@ async def test_steps_are_numbered_counted_and_handed_to_subscribers() -> None:
     assert queue.get_nowait() is None
     with pytest.raises(ValueError, match="not 'thinking'"):
         log.report(b"a", 1, "thinking")
+
+
+async def test_merged_feeds_take_what_is_queued_one_of_each_then_wait_then_end() -> None:
+    notes: asyncio.Queue[Any] = asyncio.Queue()
+    steps: asyncio.Queue[Any] = asyncio.Queue()
+    for item in ("n1", "n2"):
+        notes.put_nowait(item)
+    steps.put_nowait("s1")
+    feed = merged(notes, steps, silence=0.05)
+    assert [await anext(feed) for _ in range(3)] == ["n1", "s1", "n2"]
+    assert await anext(feed) is None  # silence
+    asyncio.get_running_loop().call_later(0.01, steps.put_nowait, "s2")
+    assert await anext(feed) == "s2"  # a wait that an item ends
+    notes.put_nowait(None)  # the hub closed the subscription
+    with pytest.raises(StopAsyncIteration):
+        await anext(feed)
+    assert notes.empty() and steps.empty()
 
 
 async def test_memory_is_bounded_and_a_lagging_subscriber_is_ended(
