@@ -8,8 +8,9 @@ errors with exponential backoff and jitter (or the provider's
 
 Invariants:
 - litellm is imported on the first call that needs it, never at import time of this module
-  (it costs ~2.5 s and ~170 MB), with `LITELLM_LOCAL_MODEL_COST_MAP` set first so it never
-  downloads its price list. The first import also registers the offline provider.
+  (it costs ~2.5 s and ~170 MB), in a worker thread so the event loop keeps serving, with
+  `LITELLM_LOCAL_MODEL_COST_MAP` set first so it never downloads its price list. The first
+  import also registers the offline provider.
 - Waiting for a limit or an open breaker never fails a call; only a non-retryable provider
   error, a missing or rejected credential, a `Retry-After` past the task's deadline or
   exhausted retries do, as `ModelError`. A rejected credential (401, 403) is never retried and
@@ -136,6 +137,7 @@ class ModelClient:
         self._stats: dict[str, _ModelStats] = {}
         self._offline = OfflineModel()
         self._litellm: Any = None
+        self._importing: asyncio.Future[Any] | None = None
 
     async def complete(
         self,
@@ -323,7 +325,7 @@ class ModelClient:
                 0,
                 model,
             )
-        litellm = self._import_litellm()
+        litellm = await self._import_litellm()
         kwargs: dict[str, Any] = {
             "model": model,
             "messages": messages,
@@ -352,9 +354,14 @@ class ModelClient:
             response = await litellm.acompletion(**kwargs)
         return _to_completion(litellm, model, response)
 
-    def _import_litellm(self) -> Any:
+    async def _import_litellm(self) -> Any:
+        # In a worker thread: on the event loop, the import held it for seconds (measured 2.5 to
+        # 5 s), long enough for the node to find itself isolated and fence its runs (decision
+        # 48). The first callers share one import; a failed one fails each call that waited.
         if self._litellm is None:
-            self._litellm = import_litellm()
+            if self._importing is None:
+                self._importing = asyncio.ensure_future(asyncio.to_thread(import_litellm))
+            self._litellm = await asyncio.shield(self._importing)
         return self._litellm
 
     def _delay_before_retry(

@@ -271,6 +271,49 @@ def test_settings_from_table_rejects(table: dict[str, object], named: str) -> No
         LlmSettings.from_table(table)
 
 
+def test_the_first_calls_import_litellm_once_off_the_event_loop() -> None:
+    # A fresh interpreter, so the import really happens. A ticker on the loop measures the
+    # longest stall while two first calls wait for one import: an import on the loop stalls
+    # it for the whole import (seconds), one in a worker thread for a GIL switch at a time.
+    code = textwrap.dedent(
+        """
+        import asyncio, sys, time
+        from peer.agents.llm import LlmSettings, ModelClient
+
+        async def main():
+            client = ModelClient(LlmSettings(offline_via_litellm=True))
+            msgs = [{"role": "user", "content": "hi"}]
+            gaps, last = [], time.monotonic()
+            stop = False
+
+            async def tick():
+                nonlocal last
+                while not stop:
+                    await asyncio.sleep(0.01)
+                    now = time.monotonic()
+                    gaps.append(now - last)
+                    last = now
+
+            ticker = asyncio.create_task(tick())
+            began = time.monotonic()
+            replies = await asyncio.gather(
+                client.complete("grapevine/offline", msgs, []),
+                client.complete("grapevine/offline", msgs, []),
+            )
+            took = time.monotonic() - began
+            stop = True
+            await ticker
+            assert all(r.content.startswith("[offline stand-in model] ") for r in replies)
+            assert "litellm" in sys.modules
+            print(f"import {took:.2f} s, longest stall {max(gaps):.3f} s")
+            assert max(gaps) < took / 2, (max(gaps), took)
+
+        asyncio.run(main())
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_importing_the_model_layer_does_not_import_litellm() -> None:
     # A fresh interpreter: this test process has litellm loaded already.
     code = textwrap.dedent(
