@@ -57,6 +57,7 @@ from protocol.tasks.messages import (
 )
 from protocol.tasks.plane import Tasks
 from protocol.timers import (
+    ClaimsDue,
     GossipDue,
     JoinSettleDue,
     ProbeDue,
@@ -326,6 +327,8 @@ class Node(NodeTaskCalls):
                     self._push_pull(target, join=False, reply=False)
             case TaskStandby(task_id, at):
                 self.tasks.on_standby(now, task_id, at)
+            case ClaimsDue():
+                self.tasks.send_lingering(now)
             case RetentionDue(at):
                 self.tasks.on_retention_due(now, at)
             case ReapDue():

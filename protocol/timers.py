@@ -80,6 +80,12 @@ class TaskStandby:
 
 
 @dataclass(frozen=True, slots=True)
+class ClaimsDue:
+    """Time to send the claims made here that still wait for their run's first object (see
+    `protocol.tasks.core.CLAIM_LINGER`)."""
+
+
+@dataclass(frozen=True, slots=True)
 class RetentionDue:
     """Time to compact the tasks final for longer than the retention and forget the
     tombstones older than the grace, armed for `at`; only the one armed last counts (see
@@ -100,5 +106,6 @@ Timer = (
     | ReconnectDue
     | ReapDue
     | TaskStandby
+    | ClaimsDue
     | RetentionDue
 )

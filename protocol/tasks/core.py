@@ -9,7 +9,9 @@ Invariants:
   address is empty, so no peer can pose as it) and `STORE` objects re-applied from the store
   on restart (verified like any peer's).
 - Objects made here go to the task's audience (`protocol.tasks.placement.audience`) directly
-  and nowhere else; `TaskState.sent_to` remembers who got them.
+  and nowhere else; `TaskState.sent_to` remembers who got them. A claim made here waits up to
+  `CLAIM_LINGER` for the next object of the task sent from here (its run's result or first
+  checkpoint) and goes with it, or alone when the time is up.
 - Each task has at most one pending wake-up (`TaskStandby`), the earliest asked for.
 - Decisions wait for `settle`: tasks touched by an input are listed in `unsettled` and looked
   at once the whole input is applied.
@@ -39,7 +41,7 @@ from protocol.tasks.messages import (
 from protocol.tasks.placement import CandidateRankings, ReplicaSets, audience, top_by_score
 from protocol.tasks.state import TaskState
 from protocol.tasks.tombstone import Tombstone
-from protocol.timers import TaskStandby
+from protocol.timers import ClaimsDue, TaskStandby
 from protocol.wire import Message
 
 LOCAL, STORE = "", "store"
@@ -58,6 +60,14 @@ ParkedKey = tuple[str, bytes, int, bytes]
 checkpoint's owner and sequence number)) of an object kept aside (see `merge`)."""
 Parkable = Claim | Result | EpochGrant | Checkpoint
 """The objects kept while they wait for what they build on (see `Merge._park`)."""
+
+
+CLAIM_LINGER = 0.05
+"""Seconds a claim made here waits before it is sent alone. A short task's result follows its
+claim within milliseconds, and the two then travel in one envelope per destination: at 30
+peers a no-op task cost about four envelopes less (decision 50). Nothing waits on our claim
+in the meantime: no one else claims without our grant while we are the primary, and the
+claim is on our disk (a restart resumes it)."""
 
 
 class View(Protocol):
@@ -152,6 +162,8 @@ class TaskCore(ABC):
         """The pending wake-up (`TaskStandby`) of each task, by the time it is armed for."""
         self.unsettled: dict[bytes, None] = {}
         """Tasks to decide on once the current input is fully applied (see `settle`)."""
+        self.lingering: dict[bytes, tuple[float, bytes]] = {}
+        """Claims made here not sent yet, by task id: (when they go alone, encoded claim)."""
         # Retention (see `protocol.tasks.retention`).
         self.retention = retention
         self.tombstone_grace = tombstone_grace
@@ -303,10 +315,35 @@ class TaskCore(ABC):
         converge (decision 25)."""
         return node_id in top_by_score(task_id, self.view.known_members(), self.replicas.k)
 
+    def linger(self, now: float, st: TaskState, raw: bytes) -> None:
+        """Send our claim `raw` with the next object of the task spread from here, or alone
+        after `CLAIM_LINGER`."""
+        if not self.lingering:
+            self.port.schedule(now + CLAIM_LINGER, ClaimsDue())
+        self.lingering.pop(st.task_id, None)  # kept in the order of their times
+        self.lingering[st.task_id] = (now + CLAIM_LINGER, raw)
+
+    def send_lingering(self, now: float) -> None:
+        """Send the claims whose time to wait is up (`ClaimsDue` fired)."""
+        for task_id, (at, _) in list(self.lingering.items()):
+            if at > now:
+                self.port.schedule(at, ClaimsDue())  # claims are in the order of their times
+                return
+            st = self.tasks.get(task_id)
+            if st is None:
+                del self.lingering[task_id]
+            else:
+                self.spread(st, [])  # takes the claim out of `lingering`
+
     def spread(self, st: TaskState, raws: list[bytes]) -> None:
-        """Send objects made here to the task's audience."""
+        """Send objects made here to the task's audience (with our claim still waiting)."""
         # Directly, and nowhere else: gossiping them to every peer made a task cost O(N)
         # (decision 18).
+        waiting = self.lingering.pop(st.task_id, None)
+        if waiting is not None:
+            raws = [waiting[1], *raws]
+        if not raws:
+            return
         targets = self.audience(st)  # this peer excluded
         for node_id in sorted(targets):
             addr = self.view.addr_of(node_id)
