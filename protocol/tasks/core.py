@@ -63,11 +63,10 @@ Parkable = Claim | Result | EpochGrant | Checkpoint
 
 
 CLAIM_LINGER = 0.05
-"""Seconds a claim made here waits before it is sent alone. A short task's result follows its
-claim within milliseconds, and the two then travel in one envelope per destination: at 30
-peers a no-op task cost about four envelopes less (decision 50). Nothing waits on our claim
-in the meantime: no one else claims without our grant while we are the primary, and the
-claim is on our disk (a restart resumes it)."""
+"""Seconds a claim made here waits before it is sent alone (but to the next candidate, at once:
+see `TaskCore.linger`). A short task's result follows its claim within milliseconds, and the
+two then travel in one envelope per destination (decision 50). The claim is on our disk
+meanwhile (a restart resumes it)."""
 
 
 class View(Protocol):
@@ -162,8 +161,9 @@ class TaskCore(ABC):
         """The pending wake-up (`TaskStandby`) of each task, by the time it is armed for."""
         self.unsettled: dict[bytes, None] = {}
         """Tasks to decide on once the current input is fully applied (see `settle`)."""
-        self.lingering: dict[bytes, tuple[float, bytes]] = {}
-        """Claims made here not sent yet, by task id: (when they go alone, encoded claim)."""
+        self.lingering: dict[bytes, tuple[float, bytes, set[bytes]]] = {}
+        """Claims made here not sent to all yet, by task id: (when they go alone, encoded
+        claim, the peers told already)."""
         # Retention (see `protocol.tasks.retention`).
         self.retention = retention
         self.tombstone_grace = tombstone_grace
@@ -315,17 +315,30 @@ class TaskCore(ABC):
         converge (decision 25)."""
         return node_id in top_by_score(task_id, self.view.known_members(), self.replicas.k)
 
-    def linger(self, now: float, st: TaskState, raw: bytes) -> None:
-        """Send our claim `raw` with the next object of the task spread from here, or alone
-        after `CLAIM_LINGER`."""
+    def linger(self, now: float, st: TaskState, epoch: int, raw: bytes) -> None:
+        """Send our claim `raw` (of `epoch`) at once to the candidate ranked next after us,
+        and to the rest of the audience with the next object of the task spread from here,
+        or alone after `CLAIM_LINGER`."""
+        # The next candidate is who would claim the task at once if we were declared dead
+        # (truly, or by a forged rumour): knowing our claim, it can only take over, which
+        # needs the arbiter's grant and our death confirmed. Without it, a death heard within
+        # the linger started a second execution (e2e test_membership_attacks).
+        ranked = self.candidates(st, epoch)
+        at = ranked.index(self.node_id) + 1 if self.node_id in ranked else 0
+        told: set[bytes] = set()
+        if at < len(ranked):
+            addr = self.view.addr_of(ranked[at])
+            if addr is not None:
+                self.port.send(addr, [raw], piggyback=False)
+                told.add(ranked[at])
         if not self.lingering:
             self.port.schedule(now + CLAIM_LINGER, ClaimsDue())
         self.lingering.pop(st.task_id, None)  # kept in the order of their times
-        self.lingering[st.task_id] = (now + CLAIM_LINGER, raw)
+        self.lingering[st.task_id] = (now + CLAIM_LINGER, raw, told)
 
     def send_lingering(self, now: float) -> None:
         """Send the claims whose time to wait is up (`ClaimsDue` fired)."""
-        for task_id, (at, _) in list(self.lingering.items()):
+        for task_id, (at, _, _) in list(self.lingering.items()):
             if at > now:
                 self.port.schedule(at, ClaimsDue())  # claims are in the order of their times
                 return
@@ -340,16 +353,18 @@ class TaskCore(ABC):
         # Directly, and nowhere else: gossiping them to every peer made a task cost O(N)
         # (decision 18).
         waiting = self.lingering.pop(st.task_id, None)
-        if waiting is not None:
-            raws = [waiting[1], *raws]
-        if not raws:
-            return
         targets = self.audience(st)  # this peer excluded
         for node_id in sorted(targets):
             addr = self.view.addr_of(node_id)
-            if addr is not None:
+            if addr is None:
+                continue
+            if waiting is not None and node_id not in waiting[2]:
+                self.port.send(addr, [waiting[1], *raws], piggyback=False)
+            elif raws:
                 self.port.send(addr, raws, piggyback=False)
         st.sent_to |= targets
+        if waiting is not None:
+            st.sent_to |= waiting[2]
 
     # Timing.
 
