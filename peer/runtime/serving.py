@@ -19,6 +19,9 @@ Invariants:
   cap the oldest unproven one (of the same source, else of any) is closed in its place with
   the same 503, counted as "unproven_evicted". So connections that never send a whole
   authenticated request cannot keep out a client that does, even from the same address.
+- A request that does not parse as HTTP (a bad request line, header or chunk) is answered 400
+  by aiohttp before any handler runs; it is counted "malformed_http" in the `refused` counter
+  (through an access-log hook that logs nothing: aiohttp has no other).
 - Every server counts against its own limits only: the transport's strangers cannot use up the
   local API's connections, or the reverse. Descriptors are the one resource they share, so
   the transport's `max_connections` stays far below the usual descriptor limit (1024).
@@ -31,12 +34,16 @@ to aiohttp's request handler.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_protocol import ERROR as _UNPARSED
+from aiohttp.web_request import BaseRequest
 
 SHUTDOWN_TIMEOUT = 1.0
 """Seconds in-flight requests get to finish when a server stops."""
@@ -45,9 +52,11 @@ CONNECTION_REFUSALS = (
     "too_many_connections_from_source",
     "unproven_evicted",
     "unproven_timeout",
+    "malformed_http",
 )
-"""The reasons a server counts connections refused or closed over its `ServerLimits` under
-(the last two only with `prove_within`)."""
+"""The reasons a server counts under itself: connections refused or closed over its
+`ServerLimits` (the third and fourth only with `prove_within`), and requests that did not
+parse as HTTP (aiohttp answers them 400 before any handler runs)."""
 
 _BUSY_TEXT = b"too_many_connections\n"
 _BUSY = (
@@ -262,7 +271,8 @@ async def serve(
         limits: connection caps and the idle timeout; None: neither.
         refused: where connections refused or closed over `limits` are counted, by reason
             ("too_many_connections", "too_many_connections_from_source", and with
-            `prove_within`: "unproven_evicted", "unproven_timeout").
+            `prove_within`: "unproven_evicted", "unproven_timeout"), and requests that did
+            not parse as HTTP ("malformed_http"), with or without `limits`.
 
     Returns:
         The running runner (call `cleanup()` to stop) and the bound port (the OS's choice when
@@ -271,17 +281,23 @@ async def serve(
     Raises:
         OSError: the address cannot be bound (in use, not local, no permission).
     """
+    counted = Counter[str]() if refused is None else refused
     handler_args: dict[str, Any] = {}
     if limits is not None:
         handler_args["keepalive_timeout"] = limits.idle_timeout
         handler_args["lingering_time"] = limits.linger
-    runner = _Runner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT, **handler_args)
+    runner = _Runner(
+        app,
+        access_log=logging.getLogger(__name__),
+        access_log_class=_malformed_counter(counted),
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        **handler_args,
+    )
     await runner.setup()
     server = runner.server
     assert server is not None  # set by setup()
     factory: Callable[[], asyncio.Protocol] = server
     if limits is not None:
-        counted = Counter[str]() if refused is None else refused
         admission = runner.admission = _Admission(limits, counted)
 
         def factory() -> asyncio.Protocol:
@@ -293,6 +309,20 @@ async def serve(
         await runner.cleanup()
         raise
     return runner, int(runner.listener.sockets[0].getsockname()[1])
+
+
+def _malformed_counter(refused: Counter[str]) -> type[AbstractAccessLogger]:
+    """An access logger that logs nothing and counts the requests aiohttp could not parse: it
+    answers them 400 with its stand-in request (`aiohttp.web_protocol.ERROR`, relied on and so
+    pinned in pyproject.toml), whatever bytes came."""
+
+    class MalformedCounter(AbstractAccessLogger):
+        def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+            # The stand-in's own headers object (`Request.message` itself is deprecated).
+            if request.raw_headers is _UNPARSED.raw_headers:
+                refused["malformed_http"] += 1
+
+    return MalformedCounter
 
 
 def trust_connection(request: web.Request) -> None:

@@ -202,6 +202,16 @@ async def test_each_api_refusal_is_counted_in_metrics(tmp_path: Path) -> None:
         expected["body_timeout"] += 1
         assert await refusals(s) == expected
 
+        # Bytes that are not HTTP: aiohttp answers 400 before any handler; counted all the same.
+        line = await request(s, "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nNot A Header")
+        assert line.split()[1] == "400"
+        expected["malformed_http"] += 1
+        for _ in range(50):  # counted as the answer is logged, a moment after it is written
+            if await refusals(s) == expected:
+                break
+            await asyncio.sleep(0.02)
+        assert await refusals(s) == expected
+
         await no_connections(s)
         # Connection caps. Two trusted connections fill 127.0.0.1's share: a third is refused.
         first = [await trusted(s, "127.0.0.1"), await trusted(s, "127.0.0.1")]

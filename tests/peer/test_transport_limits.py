@@ -11,6 +11,7 @@ import hashlib
 import os
 import resource
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -269,3 +270,41 @@ async def test_pushes_over_the_quota_are_refused_and_counted(
 
 def _now() -> float:
     return time.time()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # a TLS hello
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header Line\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+)
+async def test_a_request_that_is_not_http_is_answered_400_and_counted(garbage: bytes) -> None:
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    refused: Counter[str] = Counter()
+    runner, port = await serve(app, "127.0.0.1", 0, refused=refused)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(garbage)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            status = await reader.readline()
+        writer.close()
+        assert status.split()[1] == b"400", status
+        async with asyncio.timeout(5):
+            while not refused["malformed_http"]:  # counted as the answer is logged
+                await asyncio.sleep(0.01)
+        assert refused == Counter(malformed_http=1)
+        async with (
+            ClientSession() as session,  # a well-formed request is not counted
+            session.get(f"http://127.0.0.1:{port}/") as answer,
+        ):
+            assert answer.status == 200
+        assert refused == Counter(malformed_http=1)
+    finally:
+        await runner.cleanup()
