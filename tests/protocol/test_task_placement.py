@@ -17,7 +17,7 @@ from protocol.effects import TaskCancelled
 from protocol.errors import LocalProtocolError
 from protocol.tasks.messages import DOMAIN_CANCEL, Cancel, Claim, Result, TaskHave, TaskHeld
 from protocol.tasks.placement import ReplicaSets, top_by_score
-from tests.protocol.fakes import addr, envelope, node_id, opened, signer
+from tests.protocol.fakes import Link, addr, envelope, node_id, opened, signer
 from tests.protocol.test_tasks import (
     ROLE,
     claim,
@@ -130,18 +130,25 @@ def test_a_replica_that_lost_a_result_gets_it_from_the_replicas_sync() -> None:
     assert any(link.sent(i, victim, TaskHave) for i in range(5))
 
 
-def test_the_origin_relays_a_claim_to_every_peer_it_sent_the_record_to() -> None:
+def claim_missed_by_origin(key: str) -> tuple[Link, bytes, int]:
+    """Six peers, 0 the origin serving nothing; a task whose claim missed the origin on its
+    way (its owner holds it, the origin does not)."""
     link = cluster(6, serving=[1, 2, 3, 4, 5])
-    # The claim misses the origin on its way: when it arrives later, the origin hands it on.
     link.drop = lambda src, dst, data: (
         dst == addr(0) and any(isinstance(m, Claim) for m in opened(data))
     )
-    fx, task_id = link.node(0).submit(link.now, ROLE, b"x", idempotency_key="relay")
+    fx, task_id = link.node(0).submit(link.now, ROLE, b"x", idempotency_key=key)
     link.run(0, fx)
     link.advance(link.now + 1.0)
     link.drop = lambda src, dst, data: False
     [(owner, _)] = starts(link, task_id)
     assert link.node(0).tasks.tasks[task_id].claim is None
+    return link, task_id, owner
+
+
+def test_the_origin_relays_a_claim_to_every_peer_it_sent_the_record_to() -> None:
+    # When the claim reaches the origin later, the origin hands it on.
+    link, task_id, owner = claim_missed_by_origin("relay")
     made = link.node(owner).tasks.tasks[task_id].claim
     assert made is not None
     mark = link.now
@@ -156,15 +163,7 @@ def test_the_origin_relays_a_claim_to_a_peer_that_told_it_it_holds_the_record() 
     # A peer that was a replica in the view of a partition told the origin it holds the record;
     # once the views agree it is outside the home and gets no replica sync: only the relay
     # keeps its copy from holding a superseded claim for good (task campaign, seed 899).
-    link = cluster(6, serving=[1, 2, 3, 4, 5])
-    link.drop = lambda src, dst, data: (
-        dst == addr(0) and any(isinstance(m, Claim) for m in opened(data))
-    )
-    fx, task_id = link.node(0).submit(link.now, ROLE, b"x", idempotency_key="held")
-    link.run(0, fx)
-    link.advance(link.now + 1.0)
-    link.drop = lambda src, dst, data: False
-    [(owner, _)] = starts(link, task_id)
+    link, task_id, owner = claim_missed_by_origin("held")
     origin_state = link.node(0).tasks.tasks[task_id]
     outsider = next(
         i for i in range(1, 6) if node_id(i) not in origin_state.sent_to | {node_id(owner)}
