@@ -9,9 +9,10 @@ Invariants:
   address is empty, so no peer can pose as it) and `STORE` objects re-applied from the store
   on restart (verified like any peer's).
 - Objects made here go to the task's audience (`protocol.tasks.placement.audience`) directly
-  and nowhere else; `TaskState.sent_to` remembers who got them. A claim made here waits up to
-  `CLAIM_LINGER` for the next object of the task sent from here (its run's result or first
-  checkpoint) and goes with it, or alone when the time is up.
+  and nowhere else; `TaskState.sent_to` remembers who got them. A claim made here goes at once
+  to the candidate ranked next after us; to the rest it waits up to `CLAIM_LINGER` for the next
+  object of the task sent from here (its run's result or first checkpoint) and goes with it,
+  or alone when the time is up.
 - Each task has at most one pending wake-up (`TaskStandby`), the earliest asked for.
 - Decisions wait for `settle`: tasks touched by an input are listed in `unsettled` and looked
   at once the whole input is applied.
@@ -22,7 +23,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from protocol.codec import encode_message
 from protocol.effects import Command, Dropped
@@ -60,6 +61,17 @@ ParkedKey = tuple[str, bytes, int, bytes]
 checkpoint's owner and sequence number)) of an object kept aside (see `merge`)."""
 Parkable = Claim | Result | EpochGrant | Checkpoint
 """The objects kept while they wait for what they build on (see `Merge._park`)."""
+
+
+class LingeringClaim(NamedTuple):
+    """A claim made here not sent to all of its audience yet (see `TaskCore.linger`)."""
+
+    due: float
+    """When it goes alone."""
+    raw: bytes
+    """The encoded claim."""
+    told: set[bytes]
+    """The peers sent it already (the next candidate)."""
 
 
 CLAIM_LINGER = 0.05
@@ -161,9 +173,8 @@ class TaskCore(ABC):
         """The pending wake-up (`TaskStandby`) of each task, by the time it is armed for."""
         self.unsettled: dict[bytes, None] = {}
         """Tasks to decide on once the current input is fully applied (see `settle`)."""
-        self.lingering: dict[bytes, tuple[float, bytes, set[bytes]]] = {}
-        """Claims made here not sent to all yet, by task id: (when they go alone, encoded
-        claim, the peers told already)."""
+        self.lingering: dict[bytes, LingeringClaim] = {}
+        """Claims made here not sent to all of their audience yet, by task id."""
         # Retention (see `protocol.tasks.retention`).
         self.retention = retention
         self.tombstone_grace = tombstone_grace
@@ -334,13 +345,13 @@ class TaskCore(ABC):
         if not self.lingering:
             self.port.schedule(now + CLAIM_LINGER, ClaimsDue())
         self.lingering.pop(st.task_id, None)  # kept in the order of their times
-        self.lingering[st.task_id] = (now + CLAIM_LINGER, raw, told)
+        self.lingering[st.task_id] = LingeringClaim(now + CLAIM_LINGER, raw, told)
 
     def send_lingering(self, now: float) -> None:
         """Send the claims whose time to wait is up (`ClaimsDue` fired)."""
-        for task_id, (at, _, _) in list(self.lingering.items()):
-            if at > now:
-                self.port.schedule(at, ClaimsDue())  # claims are in the order of their times
+        for task_id, waiting in list(self.lingering.items()):
+            if waiting.due > now:
+                self.port.schedule(waiting.due, ClaimsDue())  # in the order of their times
                 return
             st = self.tasks.get(task_id)
             if st is None:
@@ -358,13 +369,13 @@ class TaskCore(ABC):
             addr = self.view.addr_of(node_id)
             if addr is None:
                 continue
-            if waiting is not None and node_id not in waiting[2]:
-                self.port.send(addr, [waiting[1], *raws], piggyback=False)
+            if waiting is not None and node_id not in waiting.told:
+                self.port.send(addr, [waiting.raw, *raws], piggyback=False)
             elif raws:
                 self.port.send(addr, raws, piggyback=False)
         st.sent_to |= targets
         if waiting is not None:
-            st.sent_to |= waiting[2]
+            st.sent_to |= waiting.told
 
     # Timing.
 
