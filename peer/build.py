@@ -216,6 +216,8 @@ async def build_peer(
         executor = Executor(handlers, max_running + sum(slots.values()), blobs=blobs)
         driver.attach(executor)
         _discard_outlived_copies(store, config)
+        saved_members = store.load_members()
+        driver.remember_members(saved_members)
         driver.restore((value for _, value in store.scan(PersistKind.TOMBSTONE)), tombstones=True)
         restored = driver.restore(value for kind in RESTORE_KINDS for _, value in store.scan(kind))
         if restored:
@@ -249,7 +251,7 @@ async def build_peer(
                 raise PeerStartError(f"cannot serve the API on {settings.api}: {reason}") from exc
             api = serving
 
-        hints = [addr for _, addr, _ in store.load_members() if addr != advertise]
+        hints = [addr for _, addr, _ in saved_members if addr != advertise]
         driver.hints = set(hints)
         if settings.no_agents:
             driver.serve((), 0)

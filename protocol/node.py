@@ -209,6 +209,14 @@ class Node(NodeTaskCalls):
             self._push_pull(seed, join=True, reply=False)
         return self._exit()
 
+    def remember_members(self, now: float, members: list[tuple[bytes, float]]) -> None:
+        """Before joining after a restart: the members this peer knew before it, each as
+        (node id, seconds since it was last seen up). Until the table learns of them (or
+        `dead_retention` after they were last seen) they count among the members a task's
+        home is ranked from, so that a peer restarted where it reaches only some of the
+        network does not take itself for a task's arbiter (decision 51)."""
+        self.port.remember(now, members, self.config.swim.dead_retention)
+
     def leave(self, now: float) -> Effects:
         """Leave gracefully: gossip our departure now. The host keeps ticking until
         `leave_done()` (or its own timeout), then stops."""
@@ -335,6 +343,7 @@ class Node(NodeTaskCalls):
                 self.port.schedule(now + self.config.swim.gossip_to_the_dead, ReapDue())
                 for node_id in m.reap(now):
                     self.advertisements.forget(node_id)
+                self.port.forget_remembered(now)
             case _:
                 assert_never(timer)
 

@@ -101,6 +101,10 @@ class NodePort:
         self._usage_gossip_at = 0.0
         self._usage_pending = False
         """`live_members`, kept until a member's status changes (a notification says so)."""
+        self.remembered: dict[bytes, float] = {}
+        """Members this peer knew before a restart (the host's saved hints) that are not in
+        the table, each with when to forget it: they count in `known_members`, so a restarted
+        peer ranks a task's home among the members it knew, as the rest do (decision 51)."""
         self.recovered: dict[bytes, None] = {}
         """Members back from dead (a restart, a healed partition) that we have not exchanged
         full state with since, oldest first (`Node` takes one per probe interval)."""
@@ -284,8 +288,27 @@ class NodePort:
         return self._live
 
     def known_members(self) -> tuple[bytes, ...]:
-        """Every member in the table whatever its status (until reaped), this peer included."""
-        return tuple(self.membership.members)
+        """Every member in the table whatever its status (until reaped), this peer included,
+        and the members remembered from before a restart that the table lacks."""
+        table = self.membership.members
+        if not self.remembered:
+            return tuple(table)
+        return (*table, *(n for n in self.remembered if n not in table))
+
+    def remember(self, now: float, members: list[tuple[bytes, float]], keep: float) -> None:
+        """Remember `members` ((node id, seconds since last seen)) known before a restart,
+        each for `keep` seconds after it was last seen, as the table keeps a dead member."""
+        for node_id, age in members:
+            if node_id != self.node_id and age < keep:
+                self.remembered[node_id] = now + keep - age
+
+    def forget_remembered(self, now: float) -> None:
+        """Drop remembered members that are now in the table (it keeps and reaps them) or
+        whose time is up."""
+        table = self.membership.members
+        for node_id, until in list(self.remembered.items()):
+            if node_id in table or until <= now:
+                del self.remembered[node_id]
 
     def advertises(self, node_id: bytes, role: str) -> bool | None:
         """Whether `node_id` advertises `role`; None if its state is not known here."""

@@ -444,6 +444,14 @@ class Driver:
 
     # Membership hints
 
+    def remember_members(self, rows: Iterable[tuple[bytes, str, int]]) -> None:
+        """Hand the node the members saved before a restart (`Store.load_members` rows), so
+        it ranks tasks' homes among them until it learns of them again (decision 51)."""
+        wall = self._wall()
+        self.node.remember_members(
+            self._clock(), [(node_id, max(0.0, wall - seen)) for node_id, _, seen in rows]
+        )
+
     def save_members(self) -> None:
         """Save the members worth re-joining after a restart (all but us and those that left)."""
         now, wall = self._clock(), self._wall()

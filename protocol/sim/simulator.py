@@ -33,6 +33,7 @@ from protocol.identity import Signer, VerifiedCache
 from protocol.node import Node
 from protocol.sim.network import LinkModel, Network
 from protocol.sim.peer_cache import PeerCache
+from protocol.wire import Status
 
 _DELIVER, _WAKE, _RESUME, _ACTION = 0, 1, 2, 3
 _PAUSE_BUFFER = 65536
@@ -65,6 +66,9 @@ class SimPeer:
     seeds: list[str] = field(default_factory=list)
     joined: bool = False
     started_at: float = 0.0
+    last_seen: dict[bytes, float] = field(default_factory=dict)
+    """When each member the last life knew was last seen up, as the host's saved membership
+    hints (kept at the crash; a real peer saves them every few seconds)."""
 
     @property
     def running(self) -> bool:
@@ -127,6 +131,9 @@ class Simulator:
             cache = PeerCache(self.cache)
             self.peer_caches.append(cache)
         p.node = Node(self.config, p.signer, p.addr, rng, self.now, incarnation, cache)
+        if p.last_seen:
+            ages = [(n, self.now - at) for n, at in sorted(p.last_seen.items())]
+            p.node.remember_members(self.now, ages)
         p.paused, p.joined, p.started_at, p.next_wake = False, False, self.now, None
         p.seeds = [self.peers[s].addr for s in seeds if s != index]
         self._apply(p, p.node.tick(self.now))
@@ -141,6 +148,12 @@ class Simulator:
     def crash(self, index: int) -> None:
         """Kill peer `index` (kill -9): its in-memory state is gone, its durable records stay."""
         p = self.peers[index]
+        if p.node is not None:
+            p.last_seen = {
+                m.node_id: self.now if m.up else m.since
+                for m in p.node.members()
+                if m.node_id != p.signer.node_id and m.status != Status.LEFT
+            }
         p.node, p.paused, p.next_wake = None, False, None
         p.buffer.clear()
 

@@ -121,3 +121,21 @@ def test_the_table_keeps_the_latest_time_and_forgets_the_least_recent_sender() -
     assert [table.get(i) for i in ids] == [12.0, None, 13.0]
     table.heard(b"not an envelope", 14.0)
     assert [table.get(i) for i in ids] == [12.0, None, 13.0]
+
+
+async def test_a_restarted_peer_remembers_the_members_it_saved(tmp_path: Path) -> None:
+    # The saved membership hints also tell the node who was a member before the restart, so
+    # it ranks tasks' homes among them until it hears of them again (decision 51).
+    store = MemoryStore()
+    now = int(time.time())
+    recent, stale = os.urandom(32), os.urandom(32)
+    store.save_members([(recent, "127.0.0.1:9", now - 5), (stale, "127.0.0.1:10", 0)])
+    settings = AgentSettings(
+        bind="127.0.0.1:0", api="127.0.0.1:0", data_dir=tmp_path, profile="local"
+    )
+    async with build_peer(
+        settings, on_leave=lambda: None, keyring=Keyring(KEY), store=store, rng=random.Random(1)
+    ) as peer:
+        assert recent in peer.node.port.remembered
+        assert stale not in peer.node.port.remembered  # last seen before any retention
+        assert recent in peer.node.port.known_members()

@@ -4,7 +4,7 @@ Each test drives real nodes over the fake link: objects go to a task's audience,
 a claim from a peer not serving the role, a cancel from anyone but the origin or the parent's
 owner, and forged objects for unknown tasks change nothing and are counted; a lost result
 reaches a replica through the replicas' sync; the origin relays claims to every peer it sent
-the record to.
+the record to, and syncs with every holder it knows of.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from tests.protocol.test_tasks import (
     claim,
     cluster,
     deliver,
+    keyed_id,
     ranked,
     replicas,
     result,
@@ -159,6 +160,38 @@ def test_the_origin_relays_a_claim_to_every_peer_it_sent_the_record_to() -> None
     assert relayed
 
 
+def test_the_origin_syncs_with_a_holder_outside_the_home_that_missed_the_result() -> None:
+    # A former replica outside the home once the views agree gets the result through the
+    # origin's sync even when the relay's one copy is lost (decision 51).
+    link, task_id, owner = claim_missed_by_origin("sync-holder")
+    origin_state = link.node(0).tasks.tasks[task_id]
+    home = set(replicas(task_id, list(range(6))))
+    outsider = next(
+        i
+        for i in range(1, 6)
+        if i not in home and node_id(i) not in origin_state.sent_to | {node_id(owner)}
+    )
+    made = link.node(owner).tasks.tasks[task_id].claim
+    record = origin_state.record
+    assert made is not None and record is not None
+    deliver(link, outsider, 0, record, made)
+    link.run(
+        0, link.node(0).handle(link.now, addr(outsider), envelope(outsider, TaskHeld(task_id)))
+    )
+    link.advance(link.now + 60.0)  # the outsider's own syncs (2, 8, 32 s) are over
+    link.drop = lambda src, dst, data: (
+        dst == addr(outsider) and any(isinstance(m, Result) for m in opened(data))
+    )
+    epoch = made.epoch
+    link.run(owner, link.node(owner).complete(link.now, task_id, epoch, "ok", b"r"))
+    link.advance(link.now + 0.5)
+    assert link.node(outsider).tasks.tasks[task_id].accepted is None
+    link.drop = lambda src, dst, data: False
+    link.advance(link.now + 3.0)  # the origin's first sync comes 2 s after its change
+    assert link.node(outsider).tasks.tasks[task_id].accepted is not None
+    assert link.sent(0, outsider, TaskHave)
+
+
 def test_the_origin_relays_a_claim_to_a_peer_that_told_it_it_holds_the_record() -> None:
     # A peer that was a replica in the view of a partition told the origin it holds the record;
     # once the views agree it is outside the home and gets no replica sync: only the relay
@@ -177,3 +210,34 @@ def test_the_origin_relays_a_claim_to_a_peer_that_told_it_it_holds_the_record() 
     mark = link.now
     deliver(link, 0, owner, made)
     assert any(t >= mark for t in link.sent(0, outsider, Claim))
+
+
+def test_a_former_replica_compares_its_copy_with_the_home_after_a_member_joins() -> None:
+    # A replica whose copy missed the result, and whose own syncs are over, is pushed out of
+    # the home by a member that joins: no replica syncs with it any more, so it compares its
+    # copy with the new home itself (task campaign, seeds 773 and 2903; decision 51).
+    link = cluster(5, serving=[0, 1, 2, 3])
+    link.crash(4)
+    link.advance(link.now + 30.0)  # peer 4 is dead everywhere
+    key, task_id, former = next(
+        (key, tid, ranked(tid, [0, 1, 2, 3])[2])
+        for key in (f"former{n}" for n in range(500))
+        for tid in [keyed_id(key)]
+        if ranked(tid, [0, 1, 2, 3])[2] != 0
+        and ranked(tid, list(range(5)))[:3].count(4)
+        and ranked(tid, [0, 1, 2, 3])[2] not in ranked(tid, list(range(5)))[:3]
+    )
+    link.drop = lambda src, dst, data: (
+        dst == addr(former) and any(isinstance(m, Result) for m in opened(data))
+    )
+    submit(link, at=0, key=key)
+    [(owner, epoch)] = starts(link, task_id)
+    link.run(owner, link.node(owner).complete(link.now, task_id, epoch, "ok", b"r"))
+    link.advance(link.now + 60.0)  # every sync of the change is over, each result dropped
+    assert link.node(former).tasks.tasks[task_id].accepted is None
+    link.drop = lambda src, dst, data: False
+    link.start(4, incarnation=1)
+    link.join(4)
+    link.advance(link.now + 5.0)
+    assert link.node(former).tasks.tasks[task_id].accepted is not None
+    assert link.node(former).tasks.counters["copies outside the home synced again"] >= 1
