@@ -80,6 +80,14 @@ class HostModel(Model, Protocol):
         """Micro-dollars every call so far cost, all models together."""
         ...
 
+    def usage_totals(self) -> dict[str, dict[str, str | int | float]]:
+        """Per model and server, the running totals kept across restarts."""
+        ...
+
+    def restore_usage(self, saved: Mapping[str, Mapping[str, object]]) -> None:
+        """Count on from the totals of an earlier life."""
+        ...
+
     def with_endpoint(self, endpoint: ModelEndpoint) -> Model:
         """The client, calling an agent's own server with its key and params."""
         ...
@@ -177,6 +185,8 @@ class AgentHost:
         self._spawn_count = 0
         self._demand_sequence = 0
         self._timers: list[asyncio.Task[None]] = []
+        self._saved_usage: dict[str, dict[str, str | int | float]] = {}
+        """The model usage totals last saved (see `_save_usage`)."""
         self._subscription: asyncio.Queue[Any] | None = None
         self.network_rpm = network_rpm
         self.demand: DemandBoard | None = None
@@ -194,6 +204,10 @@ class AgentHost:
     def start(self) -> None:
         """Declare the roles (`Driver.serve`) and start the pool and demand timers."""
         self._serve()
+        # Calls, tokens and spend count on across restarts: the network's cost shown on
+        # every dashboard must not drop when a peer restarts (decision 52).
+        self.client.restore_usage(self.driver.load_model_usage())
+        self._saved_usage = self.client.usage_totals()
         loop = asyncio.get_running_loop()
         self._timers.append(loop.create_task(self._pool_loop()))
         self._timers.append(loop.create_task(self._usage_loop()))
@@ -210,13 +224,23 @@ class AgentHost:
             task.cancel()
         await asyncio.gather(*self._timers, return_exceptions=True)
         self._timers.clear()
+        self._save_usage()
 
     async def _usage_loop(self) -> None:
         # The peer state carries our agents and spend to every dashboard (decision 47); the
         # node gossips a change at a bounded rate, so reading it this often costs nothing.
         while True:
             self.driver.set_usage(len(self.roster.agents), self.client.spend_micro())
+            self._save_usage()
             await asyncio.sleep(USAGE_SECONDS)
+
+    def _save_usage(self) -> None:
+        """Save the model usage totals if they changed since the last save: a crash loses at
+        most `USAGE_SECONDS` of them."""
+        totals = self.client.usage_totals()
+        if totals != self._saved_usage:
+            self.driver.save_model_usage(totals)
+            self._saved_usage = totals
 
     # Agents
 

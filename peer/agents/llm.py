@@ -42,12 +42,12 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from peer.agents.endpoints import MissingCredential, ModelEndpoint
 from peer.agents.limits import CircuitBreaker, ModelLimiter
 from peer.agents.model_settings import LlmSettings
+from peer.agents.model_stats import ModelStats, restore_usage, stats_key, usage_totals
 from peer.agents.offline import OFFLINE_MODEL, PROVIDER, OfflineModel
 from peer.agents.ports import Completion, ModelError, ToolCall
 from peer.agents.provider_errors import ErrorKind, classify, retry_after
@@ -75,25 +75,6 @@ TASK_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 )
 """When the task the current model calls serve must end, on the client's clock; set by
 `ModelClient.task_deadline`."""
-
-
-@dataclass(slots=True)
-class _ModelStats:
-    model: str
-    breaker: CircuitBreaker
-    calls: int = 0
-    ok: int = 0
-    errors: int = 0
-    retries: int = 0
-    waits: int = 0
-    wait_seconds: float = 0.0
-    waiting: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_micro: int = 0
-    resume_at: float = 0.0
-    """No attempt before this (a provider's Retry-After), for every caller of the model."""
-    starts: deque[float] = field(default_factory=deque)
 
 
 class ModelClient:
@@ -134,7 +115,7 @@ class ModelClient:
         self._wall_clock = wall_clock
         self._credential_reported: set[str] = set()
         self._limiter = ModelLimiter(self.settings.limits, self.settings.default_limits)
-        self._stats: dict[str, _ModelStats] = {}
+        self._stats: dict[str, ModelStats] = {}
         self._offline = OfflineModel()
         self._litellm: Any = None
         self._importing: asyncio.Future[Any] | None = None
@@ -241,6 +222,15 @@ class ModelClient:
         """Micro-dollars every model call here cost so far, all models together."""
         return sum(s.cost_micro for s in self._stats.values())
 
+    def usage_totals(self) -> dict[str, dict[str, str | int | float]]:
+        """Per model and server, the running totals worth keeping across a restart
+        (`peer.agents.model_stats`)."""
+        return usage_totals(self._stats)
+
+    def restore_usage(self, saved: Mapping[str, Mapping[str, object]]) -> None:
+        """Count on from `saved` (`usage_totals` of an earlier life, from the store)."""
+        restore_usage(self._stats, saved, self._new_breaker)
+
     def demand(self) -> dict[str, float]:
         """Per model, requests per minute this peer would make if unlimited: the calls started
         in the last minute plus those waiting now (gossiped for `limits.NetworkShare`)."""
@@ -268,7 +258,7 @@ class ModelClient:
         finally:
             TASK_DEADLINE.reset(token)
 
-    async def _admit(self, model: str, stats: _ModelStats, estimate: int) -> None:
+    async def _admit(self, model: str, stats: ModelStats, estimate: int) -> None:
         """Wait until the provider's Retry-After has passed, the breaker lets the call through
         and the limits are reserved."""
         waited = False
@@ -365,7 +355,7 @@ class ModelClient:
         return self._litellm
 
     def _delay_before_retry(
-        self, model: str, stats: _ModelStats, attempt: int, exc: Exception, now: float
+        self, model: str, stats: ModelStats, attempt: int, exc: Exception, now: float
     ) -> float:
         """The backoff, or the provider's Retry-After when longer (which then holds every
         caller of the model).
@@ -397,7 +387,7 @@ class ModelClient:
         where = f" at {endpoint.api_base}" if endpoint.api_base else ""
         text = f"model {model}{where}: the provider rejected the credential (HTTP {status}); "
         text += f"check {variable}"
-        key = _stats_key(model, endpoint)
+        key = stats_key(model, endpoint)
         if key not in self._credential_reported:
             self._credential_reported.add(key)
             log.error("%s", text)
@@ -407,13 +397,15 @@ class ModelClient:
         delay = min(self.settings.backoff_max, self.settings.backoff_base * 2.0**attempt)
         return delay / 2 + self._rng.uniform(0, delay / 2)
 
-    def _stats_for(self, model: str, endpoint: ModelEndpoint) -> _ModelStats:
-        key = _stats_key(model, endpoint)
+    def _stats_for(self, model: str, endpoint: ModelEndpoint) -> ModelStats:
+        key = stats_key(model, endpoint)
         stats = self._stats.get(key)
         if stats is None:
-            breaker = CircuitBreaker(self.settings.breaker_errors, self.settings.breaker_cooldown)
-            stats = self._stats[key] = _ModelStats(model, breaker)
+            stats = self._stats[key] = ModelStats(model, self._new_breaker())
         return stats
+
+    def _new_breaker(self) -> CircuitBreaker:
+        return CircuitBreaker(self.settings.breaker_errors, self.settings.breaker_cooldown)
 
 
 class EndpointModel:
@@ -442,12 +434,6 @@ class EndpointModel:
             max_tokens=max_tokens,
             endpoint=self.endpoint,
         )
-
-
-def _stats_key(model: str, endpoint: ModelEndpoint) -> str:
-    """Breakers and counters are per model and server: one model name served by two local
-    servers must not share a breaker."""
-    return model if endpoint.api_base is None else f"{model}@{endpoint.api_base}"
 
 
 def import_litellm() -> Any:

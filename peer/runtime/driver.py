@@ -36,7 +36,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, assert_never
 
 from peer.observability.lifecycle import TaskLifecycle
@@ -464,6 +464,24 @@ class Driver:
             self._store.save_members(rows)
         except Exception:
             log.exception("saving membership hints failed")
+
+    # Model usage
+
+    def load_model_usage(self) -> dict[str, dict[str, object]]:
+        """The model usage totals saved before a restart (empty if none or unreadable)."""
+        try:
+            return self._store.load_model_usage()
+        except Exception:
+            log.exception("reading the saved model usage failed; counting from zero")
+            return {}
+
+    def save_model_usage(self, usage: Mapping[str, Mapping[str, object]]) -> None:
+        """Save the model usage totals (`ModelClient.usage_totals`); a failure is logged and
+        the next save tries again."""
+        try:
+            self._store.save_model_usage(usage)
+        except Exception:
+            log.exception("saving the model usage failed")
 
     def _periodic_save(self) -> None:
         self.disk.write([], retry=True)

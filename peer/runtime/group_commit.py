@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 from protocol.effects import Effects, Persist
@@ -47,6 +47,10 @@ class RecordStore(Protocol):
     def put_many(self, records: Iterable[Persist]) -> None: ...
 
     def save_members(self, rows: Iterable[tuple[bytes, str, int]]) -> None: ...
+
+    def save_model_usage(self, usage: Mapping[str, Mapping[str, object]]) -> None: ...
+
+    def load_model_usage(self) -> dict[str, dict[str, object]]: ...
 
 
 class GroupCommit:

@@ -38,10 +38,12 @@ from __future__ import annotations
 import base64
 import binascii
 import fcntl
+import json
+import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -50,6 +52,8 @@ from typing import Self
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocol.effects import Persist, PersistKind
+
+log = logging.getLogger(__name__)
 
 DB_NAME = "grapevine.db"
 IDENTITY_NAME = "identity.key"
@@ -76,6 +80,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             " PRIMARY KEY (kind, key)"
             ") WITHOUT ROWID"
         ),
+    ),
+    (
+        # Model usage totals per model and server (calls, tokens, spend), kept across
+        # restarts so what the network cost does not start over at zero (decision 52).
+        "CREATE TABLE model_usage (key TEXT PRIMARY KEY, totals TEXT NOT NULL) WITHOUT ROWID",
     ),
 )
 """Append-only schema migrations; each entry is the statements of one version step."""
@@ -289,6 +298,31 @@ class Store:
         with self._transaction():
             self._db.execute("DELETE FROM members")
             self._db.executemany("INSERT INTO members VALUES (?, ?, ?)", kept)
+
+    # Model usage
+
+    def save_model_usage(self, usage: Mapping[str, Mapping[str, object]]) -> None:
+        """Replace the saved model usage totals with `usage` (stats key -> JSON-able totals,
+        `peer.agents.llm.ModelClient.usage_totals`)."""
+        rows = [(key, json.dumps(dict(totals), sort_keys=True)) for key, totals in usage.items()]
+        with self._transaction():
+            self._db.execute("DELETE FROM model_usage")
+            self._db.executemany("INSERT INTO model_usage VALUES (?, ?)", rows)
+
+    def load_model_usage(self) -> dict[str, dict[str, object]]:
+        """Return the saved model usage totals; a row that is not a JSON object is skipped
+        (logged): usage is a tally, not worth refusing to start over."""
+        out: dict[str, dict[str, object]] = {}
+        for key, text in self._db.execute("SELECT key, totals FROM model_usage ORDER BY key"):
+            try:
+                totals = json.loads(text)
+            except ValueError:
+                totals = None
+            if not isinstance(totals, dict):
+                log.warning("ignoring unreadable saved model usage of %r", key)
+                continue
+            out[str(key)] = totals
+        return out
 
     def load_members(self) -> list[tuple[bytes, str, int]]:
         """Return the membership hints, most recently seen first."""

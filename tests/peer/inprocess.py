@@ -37,6 +37,7 @@ class MemoryStore:
         self.incarnation = incarnation
         self.records: dict[tuple[str, bytes], bytes] = {}
         self.members: list[tuple[bytes, str, int]] = []
+        self.model_usage: dict[str, dict[str, object]] = {}
 
     def load_or_create_identity(self) -> bytes:
         return self.identity
@@ -75,6 +76,12 @@ class MemoryStore:
 
     def load_members(self) -> list[tuple[bytes, str, int]]:
         return list(self.members)
+
+    def save_model_usage(self, usage: Mapping[str, Mapping[str, object]]) -> None:
+        self.model_usage = {key: dict(totals) for key, totals in usage.items()}
+
+    def load_model_usage(self) -> dict[str, dict[str, object]]:
+        return {key: dict(totals) for key, totals in self.model_usage.items()}
 
 
 @asynccontextmanager

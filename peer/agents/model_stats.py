@@ -1,0 +1,88 @@
+"""Per model and server: the counters and state the model client keeps, and the running totals
+that outlive a restart.
+
+Invariants:
+- One `ModelStats` per model and server (`stats_key`): one model name served by two local
+  servers must not share a breaker or a tally.
+- `usage_totals` gives the running totals (`USAGE_TOTALS`), JSON-able; `restore_usage` adds
+  saved totals back, skipping anything that is not a non-negative count, so a damaged tally
+  never stops a peer. The state of the moment (breaker, waiting calls, recent starts) is not
+  kept: it means nothing after a restart (decision 52).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from peer.agents.endpoints import ModelEndpoint
+from peer.agents.limits import CircuitBreaker
+
+USAGE_TOTALS = (
+    "calls",
+    "ok",
+    "errors",
+    "retries",
+    "waits",
+    "wait_seconds",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_micro",
+)
+"""The counters of `ModelStats` kept across restarts."""
+
+
+@dataclass(slots=True)
+class ModelStats:
+    """What the client counts and holds for one model on one server."""
+
+    model: str
+    breaker: CircuitBreaker
+    calls: int = 0
+    ok: int = 0
+    errors: int = 0
+    retries: int = 0
+    waits: int = 0
+    wait_seconds: float = 0.0
+    waiting: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_micro: int = 0
+    resume_at: float = 0.0
+    """No attempt before this (a provider's Retry-After), for every caller of the model."""
+    starts: deque[float] = field(default_factory=deque)
+
+
+def stats_key(model: str, endpoint: ModelEndpoint) -> str:
+    """The key of a model's stats: the model, and its server when it has its own."""
+    return model if endpoint.api_base is None else f"{model}@{endpoint.api_base}"
+
+
+def usage_totals(stats: Mapping[str, ModelStats]) -> dict[str, dict[str, str | int | float]]:
+    """Per stats key, the model and its running totals."""
+    return {
+        key: {"model": s.model, **{name: getattr(s, name) for name in USAGE_TOTALS}}
+        for key, s in sorted(stats.items())
+    }
+
+
+def restore_usage(
+    stats: dict[str, ModelStats],
+    saved: Mapping[str, Mapping[str, object]],
+    breaker: Callable[[], CircuitBreaker],
+) -> None:
+    """Add `saved` totals (`usage_totals` of an earlier life) to `stats`, creating the stats
+    of models not called yet in this life (each with a new `breaker()`)."""
+    for key, totals in saved.items():
+        model = totals.get("model")
+        if not isinstance(model, str) or not model:
+            continue
+        held = stats.get(key)
+        if held is None:
+            held = stats[key] = ModelStats(model, breaker())
+        for name in USAGE_TOTALS:
+            value = totals.get(name)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+                kind = type(getattr(held, name))
+                setattr(held, name, getattr(held, name) + kind(value))

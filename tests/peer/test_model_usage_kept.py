@@ -1,0 +1,97 @@
+"""Model usage counts on across a restart (issue 12; decision 52): a peer hosting an agent on
+the offline model runs a task, stops, starts again on the same data directory (a real SQLite
+store), and its calls and tokens start from where they were, then grow with the next task.
+The running totals are saved in the store's `model_usage` table (`peer.agents.model_stats`)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from peer.agents.limits import CircuitBreaker
+from peer.agents.model_stats import ModelStats, restore_usage, usage_totals
+from peer.agents.offline import OFFLINE_MODEL
+from peer.agents.ports import AgentInput
+from peer.agents.spec import AgentSpec
+from peer.build import Peer, build_peer
+from peer.runtime.keyring import Keyring
+from peer.runtime.store import DB_NAME, Store
+from peer.settings import AgentSettings
+
+KEY = bytes(range(40, 72))
+WRITER = AgentSpec("writer", ("section",))
+
+
+async def _run_one(peer: Peer, text: str) -> dict[str, Any]:
+    task = peer.driver.submit("section", AgentInput(text).encode(), nonce=os.urandom(16))
+    result = await peer.driver.wait_result(task, timeout=30)
+    assert result is not None and result.outcome == "ok"
+    assert peer.host is not None
+    model: dict[str, Any] = peer.host.status()["model"][OFFLINE_MODEL]
+    return model
+
+
+async def test_calls_and_tokens_count_on_after_a_restart(tmp_path: Path) -> None:
+    settings = AgentSettings(
+        bind="127.0.0.1:0", data_dir=tmp_path, profile="local", agents=(WRITER,)
+    )
+    async with build_peer(settings, keyring=Keyring(KEY)) as peer:
+        first = await _run_one(peer, "Parks")
+    assert first["calls"] >= 1 and first["prompt_tokens"] > 0
+
+    async with build_peer(settings, keyring=Keyring(KEY)) as peer:
+        assert peer.host is not None
+        peer.driver.join_now([peer.node.addr])  # restored, alone: as `grapevine agent` does
+        again = peer.host.status()["model"][OFFLINE_MODEL]
+        for name in ("calls", "ok", "prompt_tokens", "completion_tokens", "cost_micro"):
+            assert again[name] == first[name], name
+        assert again["breaker"] == "closed"  # the state of the moment starts afresh
+        later = await _run_one(peer, "Rivers")
+    assert later["calls"] > first["calls"]
+    assert later["prompt_tokens"] > first["prompt_tokens"]
+
+    with Store.open(tmp_path) as store:
+        saved = store.load_model_usage()
+    assert saved[OFFLINE_MODEL]["calls"] == later["calls"]
+
+
+def test_a_damaged_saved_tally_is_skipped_not_fatal(tmp_path: Path) -> None:
+    with Store.open(tmp_path) as store:
+        store.save_model_usage({"m": {"model": "m", "calls": 3}})
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    db.execute("INSERT INTO model_usage VALUES ('broken', 'not json')")
+    db.execute("INSERT INTO model_usage VALUES ('listed', '[1, 2]')")
+    db.commit()
+    db.close()
+    with Store.open(tmp_path) as store:
+        assert store.load_model_usage() == {"m": {"model": "m", "calls": 3}}
+        store.save_model_usage({})  # replaced, not merged
+        assert store.load_model_usage() == {}
+
+
+def test_restore_adds_counts_and_skips_what_is_not_a_count() -> None:
+    stats: dict[str, ModelStats] = {}
+    saved: dict[str, dict[str, object]] = {
+        "a@http://127.0.0.1:9": {
+            "model": "a",
+            "calls": 4,
+            "cost_micro": 250,
+            "wait_seconds": 1.5,
+            "errors": -1,  # not a count
+            "retries": True,  # not a count either
+            "waiting": 7,  # the state of the moment is not restored
+        },
+        "nameless": {"calls": 9},
+    }
+    restore_usage(stats, saved, lambda: CircuitBreaker(3, 10.0))
+    assert list(stats) == ["a@http://127.0.0.1:9"]
+    a = stats["a@http://127.0.0.1:9"]
+    assert (a.model, a.calls, a.cost_micro, a.wait_seconds) == ("a", 4, 250, 1.5)
+    assert (a.errors, a.retries, a.waiting) == (0, 0, 0)
+    restore_usage(stats, saved, lambda: CircuitBreaker(3, 10.0))
+    assert (a.calls, a.cost_micro) == (8, 500)  # added to what this life counted
+    totals = usage_totals(stats)
+    assert totals["a@http://127.0.0.1:9"]["calls"] == 8
+    assert totals["a@http://127.0.0.1:9"]["model"] == "a"
