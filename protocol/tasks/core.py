@@ -173,6 +173,9 @@ class TaskCore(ABC):
         """The pending wake-up (`TaskStandby`) of each task, by the time it is armed for."""
         self.unsettled: dict[bytes, None] = {}
         """Tasks to decide on once the current input is fully applied (see `settle`)."""
+        self.held_owed: dict[bytes, bytes] = {}
+        """Records received in the input being applied, by task id, with their origin: it is
+        told we hold them once the input is settled (`Merge.pay_held`)."""
         self.lingering: dict[bytes, LingeringClaim] = {}
         """Claims made here not sent to all of their audience yet, by task id."""
         # Retention (see `protocol.tasks.retention`).

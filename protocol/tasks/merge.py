@@ -108,9 +108,8 @@ class Merge(Retention):
         elif self.replica_set(rec.task_id)[:1] == [self.node_id]:
             st.sent_to = self.audience(st)  # the origin sent it there: repair only what changes
         if not local and rec.origin != self.node_id:
-            addr = self.view.addr_of(rec.origin)
-            if addr is not None:
-                self.port.send(addr, [encode_message(TaskHeld(rec.task_id))], piggyback=False)
+            # Told once the input is settled (`owe_held`): a claim we make then tells it too.
+            self.held_owed[rec.task_id] = rec.origin
         self.unsettled[rec.task_id] = None
 
     def _merge_record(
@@ -161,6 +160,23 @@ class Merge(Retention):
         alone has no one to hold a copy, so its submissions are never acknowledged."""
         others = len(self.view.live_members()) - 1
         return max(1, min(self.replication, others))
+
+    def pay_held(self) -> None:
+        """Tell the origins of the records received in this input that we hold them
+        (`TaskHeld`), except where we claimed the task meanwhile: the claim tells the origin
+        as much (`apply_claim`), and a no-op task's claim reaches it with its result, one
+        envelope instead of two (decision 53)."""
+        for task_id, origin in self.held_owed.items():
+            st = self.tasks.get(task_id)
+            if st is None:
+                continue
+            if any(owner == self.node_id for _, owner, _ in st.claims):
+                self.counters["records acknowledged by our claim"] += 1
+                continue
+            addr = self.view.addr_of(origin)
+            if addr is not None:
+                self.port.send(addr, [encode_message(TaskHeld(task_id))], piggyback=False)
+        self.held_owed.clear()
 
     def on_held(self, task_id: bytes, sender: bytes) -> None:
         st = self.tasks.get(task_id)
@@ -215,6 +231,10 @@ class Merge(Retention):
         st = self.state_of(c.task_id, now)
         st.claims[run] = c
         st.touch()
+        if src not in (LOCAL, STORE) and c.owner != self.node_id:
+            # A peer claims a task only holding its record, written with or before the claim:
+            # its claim doubles as its `TaskHeld` (decision 53).
+            self.on_held(c.task_id, c.owner)
         self.mark_changed(st.task_id, now)
         at = c.epoch.to_bytes(8, "big") + c.owner + c.owner_incarnation.to_bytes(8, "big")
         self.port.persist(PersistKind.CLAIM, c.task_id + at, raw)

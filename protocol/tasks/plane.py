@@ -196,6 +196,8 @@ class Tasks(Executions, Grants):
         self.unsettled.clear()
         for tid in sorted(touched, key=self.urgency):
             self.evaluate(now, self.tasks[tid])
+        if self.held_owed:
+            self.pay_held()
 
     def hold(self) -> None:
         """Restored from the store after a restart: our view of the network is empty, so every

@@ -38,6 +38,7 @@ from protocol.tasks.messages import (
     Result,
     TaskAsk,
     TaskHave,
+    TaskHeld,
     TaskRecord,
     TaskShards,
     task_id_of,
@@ -192,6 +193,21 @@ def test_submission_is_acknowledged_once_replicated() -> None:
     [note] = link.notes_of(0, TaskReplicated)
     assert note == TaskReplicated(task_id, 2)  # replication 2 by default
     assert link.node(0).tasks.tasks[task_id].holders <= {node_id(1), node_id(2)}
+
+
+def test_a_peer_that_claims_a_record_at_once_acknowledges_it_with_its_claim() -> None:
+    # The primary claims the record it just received: its claim tells the origin it holds
+    # the record, so it sends no `TaskHeld`; a replica that does not claim sends one
+    # (decision 53). The origin acknowledges with both counted.
+    link = cluster(3, serving=[1, 2])
+    task_id = submit(link)
+    [(owner, _)] = starts(link, task_id)
+    other = ({1, 2} - {owner}).pop()
+    assert not link.sent(owner, 0, TaskHeld)
+    assert link.sent(other, 0, TaskHeld)
+    assert link.node(0).tasks.tasks[task_id].holders == {node_id(1), node_id(2)}
+    assert link.notes_of(0, TaskReplicated) == [TaskReplicated(task_id, 2)]
+    assert link.node(owner).tasks.counters["records acknowledged by our claim"] == 1
 
 
 def test_replication_zero_acknowledges_at_once() -> None:
