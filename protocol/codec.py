@@ -43,13 +43,16 @@ from protocol.tasks.messages import (
 from protocol.wire import (
     MAX_MESSAGE_BYTES,
     MAX_ROLES,
+    MAX_STATE_MODELS,
     Ack,
     Alive,
+    Breaker,
     Dead,
     IndirectPing,
     Kind,
     MemberEntry,
     Message,
+    ModelUsage,
     Nack,
     PeerState,
     Ping,
@@ -57,6 +60,7 @@ from protocol.wire import (
     Status,
     Suspect,
     UserEvent,
+    model_usage_fields,
 )
 
 
@@ -81,6 +85,7 @@ def _state_fields(s: PeerState) -> list[Any]:
         s.sig,
         fields.encodable(s.agents),
         fields.encodable(s.spend_micro),
+        *([model_usage_fields(s.models)] if s.models else []),
     ]
 
 
@@ -312,9 +317,10 @@ decision 23), whole-history task digests (now `TaskShards`, decision 31) and rep
 digest (now inventories, `TaskHave`, decision 44). Decoding one is a
 protocol error, like an unknown kind."""
 
-LONGER_FORM: dict[Kind, int] = {Kind.CANCEL: 6}
+LONGER_FORM: dict[Kind, int] = {Kind.CANCEL: 6, Kind.PEER_STATE: 12}
 """Kinds with a second, longer shape: a cancel whose outcome is not the default (`failed`,
-decision 45) carries it last; a plain one keeps the shape it had before."""
+decision 45) carries it last, a peer state naming its models carries them last (decision 54);
+a plain one keeps the shape it had before."""
 
 ARITY: dict[Kind, int] = {
     Kind.PING: 4,
@@ -380,9 +386,10 @@ def _push_pull(f: list[Any]) -> PushPull:
 
 
 def _peer_state(f: Any) -> PeerState:
-    if not isinstance(f, list) or len(f) != 10:
-        raise RemoteProtocolError("peer state must have 10 fields")
-    node_id, version, roles, free_slots, queue_len, load, incarnation, sig, agents, spend = f
+    if not isinstance(f, list) or len(f) not in (10, 11):
+        raise RemoteProtocolError("peer state must have 10 or 11 fields")
+    node_id, version, roles, free_slots, queue_len, load, incarnation, sig, agents, spend = f[:10]
+    models = _model_usage(f[10]) if len(f) == 11 else ()
     if not isinstance(roles, list) or len(roles) > MAX_ROLES:
         raise RemoteProtocolError(f"peer state roles must be an array of at most {MAX_ROLES}")
     if type(load) is not float or not 0.0 <= load <= 1e9:
@@ -398,4 +405,23 @@ def _peer_state(f: Any) -> PeerState:
         fields.signature(sig),
         fields.uint(agents),
         fields.uint(spend),
+        models,
     )
+
+
+def _model_usage(f: Any) -> tuple[ModelUsage, ...]:
+    if not isinstance(f, list) or not 0 < len(f) <= MAX_STATE_MODELS:
+        raise RemoteProtocolError(
+            f"peer state models must be an array of 1..{MAX_STATE_MODELS} entries"
+        )
+    out: list[ModelUsage] = []
+    for entry in f:
+        if not isinstance(entry, list) or len(entry) != 3:
+            raise RemoteProtocolError("a peer state model must be [model, spend, breaker]")
+        model, spend, breaker = entry
+        if type(breaker) is not int or not 0 <= breaker < len(Breaker):
+            raise RemoteProtocolError(f"unknown breaker state {breaker!r}")
+        out.append(ModelUsage(fields.name(model), fields.uint(spend), Breaker(breaker)))
+    if len({m.model for m in out}) != len(out):
+        raise RemoteProtocolError("a peer state names a model twice")
+    return tuple(out)

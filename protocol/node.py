@@ -77,12 +77,14 @@ from protocol.wire import (
     MAX_EVENT_PAYLOAD,
     MAX_NAME_CHARS,
     MAX_ROLES,
+    MAX_STATE_MODELS,
     MAX_UINT,
     Ack,
     Alive,
     Dead,
     IndirectPing,
     Message,
+    ModelUsage,
     Nack,
     PeerState,
     Ping,
@@ -260,17 +262,28 @@ class Node(NodeTaskCalls):
         self.advertisements.advertise(roles, free_slots, queue_len, load)
         return self._exit()
 
-    def set_usage(self, now: float, agents: int, spend_micro: int) -> Effects:
-        """Advertise how many agents this peer hosts and what its model calls cost since it
-        started (micro-dollars), in our peer state (gossiped at a bounded rate: decision 47).
+    def set_usage(
+        self, now: float, agents: int, spend_micro: int, models: tuple[ModelUsage, ...] = ()
+    ) -> Effects:
+        """Advertise how many agents this peer hosts, what its model calls cost (micro-dollars)
+        and, for up to `MAX_STATE_MODELS` models, each one's spend and breaker, in our peer
+        state (gossiped at a bounded rate: decisions 47 and 54).
 
         Raises:
-            LocalProtocolError: a number negative or beyond the wire's range.
+            LocalProtocolError: a number negative or beyond the wire's range, more models
+                than a state carries, a model named twice or a name the wire refuses.
         """
         if not 0 <= agents <= MAX_UINT or not 0 <= spend_micro <= MAX_UINT:
             raise LocalProtocolError(f"agents and spend_micro must be within 0..{MAX_UINT}")
+        if len(models) > MAX_STATE_MODELS or len({m.model for m in models}) != len(models):
+            raise LocalProtocolError(
+                f"a peer state names at most {MAX_STATE_MODELS} models, each once"
+            )
+        for m in models:
+            if not 0 < len(m.model) <= MAX_NAME_CHARS or not 0 <= m.spend_micro <= MAX_UINT:
+                raise LocalProtocolError(f"model usage out of the wire's range: {m!r:.200}")
         self._enter(now)
-        self.port.usage_changed(agents, spend_micro)
+        self.port.usage_changed(agents, spend_micro, tuple(models))
         return self._exit()
 
     # Internals.

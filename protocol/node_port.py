@@ -46,7 +46,7 @@ from protocol.membership import Membership
 from protocol.peer_states import PeerStates
 from protocol.tasks.plane import Tasks
 from protocol.timers import Timer
-from protocol.wire import Status
+from protocol.wire import ModelUsage, Status
 
 STATE_GOSSIP_INTERVAL = 0.5
 """Least seconds between gossiped versions of our free-slot count (see
@@ -216,14 +216,17 @@ class NodePort:
             self._gossiped(free)
         self._state_pending = changed and not due
 
-    def usage_changed(self, agents: int, spend_micro: int) -> None:
-        """Our usage (agents hosted, model spend) is now this: our next state carries it, and
-        one is gossiped for it at most every `USAGE_GOSSIP_INTERVAL` (within the network's
-        `USAGE_GOSSIP_BUDGET`); `flush_state` sends a waiting one when due."""
+    def usage_changed(
+        self, agents: int, spend_micro: int, models: tuple[ModelUsage, ...] = ()
+    ) -> None:
+        """Our usage (agents hosted, model spend, spend and breaker by model) is now this: our
+        next state carries it, and one is gossiped for it at most every
+        `USAGE_GOSSIP_INTERVAL` (within the network's `USAGE_GOSSIP_BUDGET`); `flush_state`
+        sends a waiting one when due."""
         ads = self.advertisements
-        if ads.usage == (agents, spend_micro):
+        if ads.usage == (agents, spend_micro, models):
             return
-        ads.usage = (agents, spend_micro)
+        ads.usage = (agents, spend_micro, models)
         state = ads.states.get(self.node_id)
         if state is None:
             return  # the first state we make carries it

@@ -28,7 +28,13 @@ from protocol.codec import encode_message
 from protocol.effects import Dropped, Note
 from protocol.identity import DOMAIN_PEER_STATE, Signer, VerifiedCache
 from protocol.member_table import Member
-from protocol.wire import INCARNATION_STEP, MAX_INCARNATION, PeerState, peer_state_payload
+from protocol.wire import (
+    INCARNATION_STEP,
+    MAX_INCARNATION,
+    ModelUsage,
+    PeerState,
+    peer_state_payload,
+)
 
 _EARLY_STATES = 1024
 """Peer states held for members not yet known (oldest dropped first)."""
@@ -69,8 +75,9 @@ class PeerStates:
         self._early: dict[bytes, tuple[PeerState, str]] = {}
         self._full_since: dict[bytes, float] = {}
         self._order = (min(incarnation, MAX_INCARNATION), 0)
-        self.usage: tuple[int, int] = (0, 0)
-        """(agents, spend_micro) our states carry (`NodePort.usage_changed` sets it)."""
+        self.usage: tuple[int, int, tuple[ModelUsage, ...]] = (0, 0, ())
+        """(agents, spend_micro, models) our states carry (`NodePort.usage_changed` sets
+        it)."""
 
     def advertise(
         self,
@@ -85,9 +92,18 @@ class PeerStates:
         incarnation, version = self._order[0], self._order[1] + 1
         self._order = (incarnation, version)
         roles, load = tuple(roles), float(load)
-        agents, spend = self.usage
+        agents, spend, models = self.usage
         payload = peer_state_payload(
-            self.node_id, incarnation, version, roles, free_slots, queue_len, load, agents, spend
+            self.node_id,
+            incarnation,
+            version,
+            roles,
+            free_slots,
+            queue_len,
+            load,
+            agents,
+            spend,
+            models,
         )
         sig = self.signer.sign(DOMAIN_PEER_STATE, payload)
         state = PeerState(
@@ -101,6 +117,7 @@ class PeerStates:
             sig,
             agents,
             spend,
+            models,
         )
         self.states[self.node_id] = state
         if gossip:

@@ -33,6 +33,9 @@ MAX_NAME_CHARS = 128
 MAX_EVENT_PAYLOAD = 8 * 1024
 """Largest user event payload (Serf allows 512 bytes by default, 9 KiB at most)."""
 MAX_ROLES = 64
+MAX_STATE_MODELS = 8
+"""Most models a peer state names (`PeerState.models`): a peer calling more advertises those
+whose breaker is not closed first, then the costliest."""
 MAX_UINT = 2**63 - 1
 """Largest integer any field carries; decoders refuse more and encoders never make more."""
 MAX_INCARNATION = 2**62
@@ -186,6 +189,24 @@ class UserEvent:
     payload: bytes
 
 
+class Breaker(IntEnum):
+    """A model's circuit breaker at a peer, as its peer state advertises it."""
+
+    CLOSED = 0
+    OPEN = 1
+    HALF_OPEN = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ModelUsage:
+    """One model as a peer state advertises it: what the peer's calls of it cost so far, and
+    its breaker there now."""
+
+    model: str
+    spend_micro: int
+    breaker: Breaker
+
+
 @dataclass(frozen=True, slots=True)
 class PeerState:
     """A peer's small, bounded advertisement: what it can run and how busy it is, signed by
@@ -204,8 +225,11 @@ class PeerState:
     agents: int = 0
     """LLM agents the peer hosts (0 for a peer of built-in or Python roles only)."""
     spend_micro: int = 0
-    """Micro-dollars its model calls cost since it started (this incarnation): what a
+    """Micro-dollars its model calls cost (kept across its restarts: decision 52): what a
     dashboard at any peer sums into the network's spend."""
+    models: tuple[ModelUsage, ...] = ()
+    """Up to `MAX_STATE_MODELS` of the models it calls, with spend and breaker: a dashboard
+    at any peer shows the network's spend by model and every open breaker (decision 54)."""
 
     @property
     def order(self) -> tuple[int, int]:
@@ -224,6 +248,7 @@ class PeerState:
             self.load,
             self.agents,
             self.spend_micro,
+            self.models,
         )
 
 
@@ -249,9 +274,11 @@ def peer_state_payload(
     load: float,
     agents: int,
     spend_micro: int,
+    models: tuple[ModelUsage, ...] = (),
 ) -> bytes:
-    """Canonical bytes a peer state's signature covers."""
-    fields = [
+    """Canonical bytes a peer state's signature covers (the models only when there are any,
+    so a state without them signs as before decision 54)."""
+    fields: list[object] = [
         node_id,
         incarnation,
         version,
@@ -262,4 +289,11 @@ def peer_state_payload(
         agents,
         spend_micro,
     ]
+    if models:
+        fields.append(model_usage_fields(models))
     return bytes(msgpack.packb(fields))
+
+
+def model_usage_fields(models: tuple[ModelUsage, ...]) -> list[list[object]]:
+    """The wire form of `PeerState.models`."""
+    return [[m.model, m.spend_micro, int(m.breaker)] for m in models]

@@ -54,7 +54,7 @@ from peer.runtime.executor import Executor, Outcome, RoleHandler, Work, builtin_
 from protocol.effects import EventReceived
 from protocol.errors import LocalProtocolError
 from protocol.identity import Signer, short_id
-from protocol.wire import MAX_ROLES
+from protocol.wire import MAX_ROLES, ModelUsage
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,10 @@ class HostModel(Model, Protocol):
 
     def usage_totals(self) -> dict[str, dict[str, str | int | float]]:
         """Per model and server, the running totals kept across restarts."""
+        ...
+
+    def advertised_models(self) -> tuple[ModelUsage, ...]:
+        """Spend and breaker of the models the peer state names."""
         ...
 
     def restore_usage(self, saved: Mapping[str, Mapping[str, object]]) -> None:
@@ -230,7 +234,11 @@ class AgentHost:
         # The peer state carries our agents and spend to every dashboard (decision 47); the
         # node gossips a change at a bounded rate, so reading it this often costs nothing.
         while True:
-            self.driver.set_usage(len(self.roster.agents), self.client.spend_micro())
+            self.driver.set_usage(
+                len(self.roster.agents),
+                self.client.spend_micro(),
+                self.client.advertised_models(),
+            )
             self._save_usage()
             await asyncio.sleep(USAGE_SECONDS)
 

@@ -47,12 +47,19 @@ from typing import Any
 from peer.agents.endpoints import MissingCredential, ModelEndpoint
 from peer.agents.limits import CircuitBreaker, ModelLimiter
 from peer.agents.model_settings import LlmSettings
-from peer.agents.model_stats import ModelStats, restore_usage, stats_key, usage_totals
+from peer.agents.model_stats import (
+    ModelStats,
+    advertised,
+    restore_usage,
+    stats_key,
+    usage_totals,
+)
 from peer.agents.offline import OFFLINE_MODEL, PROVIDER, OfflineModel
 from peer.agents.ports import Completion, ModelError, ToolCall
 from peer.agents.provider_errors import ErrorKind, classify, retry_after
 from peer.agents.streaming import streamed_completion
 from peer.observability.logs import adopt_litellm_loggers
+from protocol.wire import ModelUsage
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +233,11 @@ class ModelClient:
         """Per model and server, the running totals worth keeping across a restart
         (`peer.agents.model_stats`)."""
         return usage_totals(self._stats)
+
+    def advertised_models(self) -> tuple[ModelUsage, ...]:
+        """What this peer's state says of its models: spend and breaker, the most telling
+        `MAX_STATE_MODELS` (`peer.agents.model_stats.advertised`)."""
+        return advertised(self._stats)
 
     def restore_usage(self, saved: Mapping[str, Mapping[str, object]]) -> None:
         """Count on from `saved` (`usage_totals` of an earlier life, from the store)."""

@@ -8,6 +8,9 @@ Invariants:
   saved totals back, skipping anything that is not a non-negative count, so a damaged tally
   never stops a peer. The state of the moment (breaker, waiting calls, recent starts) is not
   kept: it means nothing after a restart (decision 52).
+- `advertised` picks what the peer state carries (decision 54): per model name (its servers
+  summed, the worst breaker), those whose breaker is not closed first, then the costliest, at
+  most `MAX_STATE_MODELS`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 
 from peer.agents.endpoints import ModelEndpoint
 from peer.agents.limits import CircuitBreaker
+from protocol.wire import MAX_NAME_CHARS, MAX_STATE_MODELS, Breaker, ModelUsage
 
 USAGE_TOTALS = (
     "calls",
@@ -86,3 +90,21 @@ def restore_usage(
             if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
                 kind = type(getattr(held, name))
                 setattr(held, name, getattr(held, name) + kind(value))
+
+
+BREAKERS = {"closed": Breaker.CLOSED, "open": Breaker.OPEN, "half_open": Breaker.HALF_OPEN}
+"""`CircuitBreaker.state` as the wire names it."""
+
+
+def advertised(stats: Mapping[str, ModelStats]) -> tuple[ModelUsage, ...]:
+    """The models a peer state carries (see the module invariants)."""
+    spend: dict[str, int] = {}
+    worst: dict[str, Breaker] = {}
+    for s in stats.values():
+        if not 0 < len(s.model) <= MAX_NAME_CHARS:
+            continue  # a name the wire cannot carry is left out of the advertisement
+        spend[s.model] = spend.get(s.model, 0) + s.cost_micro
+        state = BREAKERS.get(s.breaker.state, Breaker.OPEN)
+        worst[s.model] = max(worst.get(s.model, Breaker.CLOSED), state)
+    ranked = sorted(spend, key=lambda m: (worst[m] == Breaker.CLOSED, -spend[m], m))
+    return tuple(ModelUsage(m, spend[m], worst[m]) for m in ranked[:MAX_STATE_MODELS])

@@ -134,6 +134,10 @@ class MemberApi:
             "load": state.load if state is not None else 0.0,
             "agents": state.agents if state is not None else 0,
             "spend_micro": state.spend_micro if state is not None else 0,
+            "models": [
+                {"model": u.model, "spend_micro": u.spend_micro, "breaker": u.breaker.name.lower()}
+                for u in (state.models if state is not None else ())
+            ],
             "last_seen": None if m.node_id == node.node_id else self._last_seen(m.node_id),
         }
 

@@ -52,7 +52,7 @@ from protocol.node import Node
 from protocol.tasks.listing import PageQuery
 from protocol.tasks.messages import Checkpoint, Result, task_id_of
 from protocol.tasks.state import TaskState
-from protocol.wire import Status
+from protocol.wire import ModelUsage, Status
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +184,10 @@ class Driver:
         """Advertise this peer's roles and load (see `Node.set_state`)."""
         self.disk.apply(self.node.set_state(self._clock(), roles, free_slots, queue_len, load))
 
-    def set_usage(self, agents: int, spend_micro: int) -> None:
-        """Advertise this peer's agents and model spend (see `Node.set_usage`)."""
-        self.disk.apply(self.node.set_usage(self._clock(), agents, spend_micro))
+    def set_usage(self, agents: int, spend_micro: int, models: tuple[ModelUsage, ...] = ()) -> None:
+        """Advertise this peer's agents, model spend and its models' spend and breakers (see
+        `Node.set_usage`)."""
+        self.disk.apply(self.node.set_usage(self._clock(), agents, spend_micro, models))
 
     def wall(self) -> float:
         """Wall-clock seconds, as shown to users."""

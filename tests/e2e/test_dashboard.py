@@ -155,6 +155,14 @@ def _check_page(driver: Any, peers: list[Peer], first_root: str) -> None:
         lambda d: _texts(d, '#fleet-rows td[data-label="agents"]') == ["1", "1", "1"],
     )
     assert " · 3 agents · " in driver.find_element(By.ID, "fleet-summary").text
+    # Each member's models ride its peer state too (decision 54): the network's spend by
+    # model is plotted from them, and no breaker is tripped anywhere.
+    assert _texts(driver, '#fleet-rows td[data-label="breakers"]') == ["–", "–", "–"]
+    _wait(
+        driver,
+        "the network's spend by model",
+        lambda d: "network: grapevine/offline" in _texts(d, "#spend-legend span"),
+    )
     fleet_text = driver.find_element(By.ID, "fleet").text
     for role in ("boss", "admin", "worker"):
         assert role in fleet_text

@@ -21,6 +21,7 @@ from peer.keys import keyring_path
 from peer.runtime.driver import Driver
 from peer.runtime.executor import builtin_roles
 from peer.runtime.keyring import Keyring, key_id_of, load_keyring_text
+from protocol.wire import Breaker, ModelUsage
 from tests.peer.inprocess import API_HEADERS, API_TOKEN, JSON_BODY, in_process_peer
 
 pytestmark = pytest.mark.asyncio
@@ -110,7 +111,8 @@ async def test_self_health_members(env: Env) -> None:
         0,
     )
 
-    env.api.driver.set_usage(2, 1_500)  # what an agent host advertises (decision 47)
+    # What an agent host advertises (decisions 47 and 54).
+    env.api.driver.set_usage(2, 1_500, (ModelUsage("openai/gpt-4o", 1_500, Breaker.OPEN),))
     members = (await (await env.client.get("/v1/members")).json())["members"]
     assert members == [
         {
@@ -126,6 +128,7 @@ async def test_self_health_members(env: Env) -> None:
             "load": 0.0,
             "agents": 2,
             "spend_micro": 1_500,
+            "models": [{"model": "openai/gpt-4o", "spend_micro": 1_500, "breaker": "open"}],
             "last_seen": None,
         }
     ]

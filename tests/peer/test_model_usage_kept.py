@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from peer.agents.limits import CircuitBreaker
-from peer.agents.model_stats import ModelStats, restore_usage, usage_totals
+from peer.agents.model_stats import ModelStats, advertised, restore_usage, usage_totals
 from peer.agents.offline import OFFLINE_MODEL
 from peer.agents.ports import AgentInput
 from peer.agents.spec import AgentSpec
@@ -19,6 +19,7 @@ from peer.build import Peer, build_peer
 from peer.runtime.keyring import Keyring
 from peer.runtime.store import DB_NAME, Store
 from peer.settings import AgentSettings
+from protocol.wire import MAX_STATE_MODELS, Breaker, ModelUsage
 
 KEY = bytes(range(40, 72))
 WRITER = AgentSpec("writer", ("section",))
@@ -95,3 +96,24 @@ def test_restore_adds_counts_and_skips_what_is_not_a_count() -> None:
     totals = usage_totals(stats)
     assert totals["a@http://127.0.0.1:9"]["calls"] == 8
     assert totals["a@http://127.0.0.1:9"]["model"] == "a"
+
+
+def test_the_peer_state_names_tripped_breakers_first_then_the_costliest_models() -> None:
+    def stats(model: str, cost: int, breaker: str = "closed") -> ModelStats:
+        s = ModelStats(model, CircuitBreaker(3, 10.0), cost_micro=cost)
+        s.breaker.state = breaker
+        return s
+
+    held = {
+        "cheap": stats("cheap", 1),
+        "dear": stats("dear", 900),
+        "dear@http://127.0.0.1:9": stats("dear", 100, "half_open"),  # one model, two servers
+        "down": stats("down", 0, "open"),
+        **{f"m{n}": stats(f"m{n}", 10 + n) for n in range(8)},
+    }
+    shown = advertised(held)
+    assert len(shown) == MAX_STATE_MODELS
+    # Breakers not closed first (the costliest of them first), whatever their spend.
+    assert shown[0] == ModelUsage("dear", 1_000, Breaker.HALF_OPEN)  # summed, the worst state
+    assert shown[1] == ModelUsage("down", 0, Breaker.OPEN)
+    assert [u.model for u in shown[2:]] == ["m7", "m6", "m5", "m4", "m3", "m2"]

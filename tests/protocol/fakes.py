@@ -26,7 +26,15 @@ from protocol.identity import DOMAIN_ALIVE, DOMAIN_PEER_STATE, Signer, VerifiedC
 from protocol.membership import Membership
 from protocol.node import Node
 from protocol.timers import Timer
-from protocol.wire import Alive, Message, PeerState, Ping, alive_payload, peer_state_payload
+from protocol.wire import (
+    Alive,
+    Message,
+    ModelUsage,
+    PeerState,
+    Ping,
+    alive_payload,
+    peer_state_payload,
+)
 
 NETWORK = lan().network_id
 N = TypeVar("N")
@@ -68,10 +76,20 @@ def peer_state(
     incarnation: int = 0,
     agents: int = 0,
     spend_micro: int = 0,
+    models: tuple[ModelUsage, ...] = (),
 ) -> PeerState:
     """Peer `i`'s state, signed by `i`."""
     payload = peer_state_payload(
-        node_id(i), incarnation, version, roles, free_slots, queue_len, load, agents, spend_micro
+        node_id(i),
+        incarnation,
+        version,
+        roles,
+        free_slots,
+        queue_len,
+        load,
+        agents,
+        spend_micro,
+        models,
     )
     sig = signer(i).sign(DOMAIN_PEER_STATE, payload)
     return PeerState(
@@ -85,6 +103,7 @@ def peer_state(
         sig,
         agents,
         spend_micro,
+        models,
     )
 
 

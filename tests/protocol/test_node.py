@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.codec import encode_message
+from protocol.codec import decode_message, encode_message
 from protocol.config import GossipConfig, NodeConfig, SwimConfig, lan, suspicion_min_timeout
 from protocol.dissemination import UNKNOWN_SENDER
 from protocol.effects import (
@@ -26,16 +26,20 @@ from protocol.effects import (
     StallDetected,
 )
 from protocol.envelope import decode_envelope, encode_envelope
-from protocol.errors import LocalProtocolError
+from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.node import Node
 from protocol.node_port import USAGE_GOSSIP_INTERVAL
 from protocol.probing import RELAY_TIMEOUT_FRACTION
 from protocol.wire import (
+    MAX_NAME_CHARS,
+    MAX_STATE_MODELS,
     MAX_UINT,
     Ack,
     Alive,
+    Breaker,
     Dead,
     IndirectPing,
+    ModelUsage,
     Nack,
     Ping,
     PushPull,
@@ -534,6 +538,65 @@ def test_usage_rides_our_state_to_others_at_a_bounded_rate() -> None:
     version = link.node(0).peer_states()[node_id(0)].version
     link.run(0, link.node(0).set_usage(link.now, 3, 9_000))
     assert link.node(0).peer_states()[node_id(0)].version == version
+
+
+def test_model_spend_and_breakers_ride_our_state_to_others() -> None:
+    # Up to MAX_STATE_MODELS models with their spend and breaker (decision 54): a dashboard
+    # at any peer shows the network's spend by model and every open breaker.
+    link = mesh(3)
+    link.run(0, link.node(0).set_state(link.now, ("writer",), 2, 0, 0.0))
+    models = (
+        ModelUsage("openai/gpt-4o", 5_000, Breaker.OPEN),
+        ModelUsage("grapevine/offline", 0, Breaker.CLOSED),
+    )
+    link.run(0, link.node(0).set_usage(link.now, 1, 5_000, models))
+    link.advance(link.now + 1.0)
+    for i in (1, 2):
+        seen = link.node(i).peer_states()[node_id(0)]
+        assert (seen.spend_micro, seen.models) == (5_000, models)
+
+
+@pytest.mark.parametrize(
+    "models",
+    [
+        tuple(ModelUsage(f"m{n}", 0, Breaker.CLOSED) for n in range(MAX_STATE_MODELS + 1)),
+        (ModelUsage("m", 0, Breaker.CLOSED), ModelUsage("m", 1, Breaker.OPEN)),
+        (ModelUsage("", 0, Breaker.CLOSED),),
+        (ModelUsage("m", -1, Breaker.CLOSED),),
+        (ModelUsage("x" * (MAX_NAME_CHARS + 1), 0, Breaker.CLOSED),),
+    ],
+)
+def test_model_usage_the_wire_cannot_carry_is_refused(models: tuple[ModelUsage, ...]) -> None:
+    with pytest.raises(LocalProtocolError):
+        lone().set_usage(0.0, 1, 0, models)
+
+
+def test_a_state_without_models_is_signed_and_encoded_as_before_them() -> None:
+    # Decision 54 appends the models only when there are any: a state without them keeps
+    # the ten fields (and the signed payload) of the states before, so mixed versions agree.
+    plain = peer_state(1, 1, ("echo",), agents=1, spend_micro=3)
+    assert len(msgpack.unpackb(encode_message(plain))) == 11  # kind + ten fields
+    with_models = peer_state(1, 2, ("echo",), models=(ModelUsage("m", 1, Breaker.HALF_OPEN),))
+    assert len(msgpack.unpackb(encode_message(with_models))) == 12
+    assert decode_message(encode_message(with_models)) == with_models
+
+
+@pytest.mark.parametrize(
+    "models",
+    [
+        [],  # present but empty: a state without models leaves the field out
+        [["m", 1, 3]],  # no such breaker state
+        [["m", 1, 0], ["m", 2, 0]],  # a model twice
+        [["m", 1]],  # not [model, spend, breaker]
+        [["", 1, 0]],  # no name
+        [["m", -1, 0]],  # negative spend
+        [[f"m{n}", 0, 0] for n in range(MAX_STATE_MODELS + 1)],
+    ],
+)
+def test_a_malformed_model_list_is_refused_by_the_decoder(models: list[object]) -> None:
+    fields = msgpack.unpackb(encode_message(peer_state(1, 1, ("echo",))))
+    with pytest.raises(RemoteProtocolError):
+        decode_message(msgpack.packb([*fields, models]))
 
 
 @pytest.mark.parametrize("agents,spend", [(-1, 0), (0, -1), (MAX_UINT + 1, 0), (0, MAX_UINT + 1)])

@@ -22,6 +22,7 @@ const state = {
   stats: [], // [{t, totals}]
   spend: [], // [{t, cost: {model: dollars}}], this peer's model calls
   networkSpend: [], // [[t, dollars]], summed over the alive members' peer states
+  networkModels: [], // [{t, cost: {model: dollars}}], the same by model (up to 8 per member)
   resultAt: new Map(), // task id -> unix s when its result was accepted here
   created: new Map(), // task id -> unix s of its creation
   roles: new Set(),
@@ -138,6 +139,12 @@ async function loadMembers() {
   const alive = members.filter((m) => m.status === "alive");
   state.networkSpend.push([now, alive.reduce((sum, m) => sum + (m.spend_micro || 0), 0) / 1e6]);
   trim(state.networkSpend, now);
+  const byModel = {};
+  for (const m of alive) {
+    for (const u of m.models || []) byModel[u.model] = (byModel[u.model] || 0) + u.spend_micro / 1e6;
+  }
+  state.networkModels.push({ t: now, cost: byModel });
+  trim(state.networkModels, now);
   renderFleet();
   renderFilters();
   drawSpend();
@@ -158,6 +165,8 @@ function renderFleet() {
     // agents and spend_micro: what the member advertises in its signed peer state.
     cell("agents", m.agents ?? 0),
     cell("spend", dollars(m.spend_micro ?? 0)),
+    // models: the member's breakers that are not closed (decision 54).
+    cell("breakers", breakers(m.models || [])),
     // last_seen: unix s of the last envelope the serving peer received from the member.
     cell("last seen", m.self ? "now" : ago(m.last_seen && m.last_seen * 1000))));
   $("fleet-rows").replaceChildren(...rows);
@@ -166,6 +175,14 @@ function renderFleet() {
   const spend = alive.reduce((sum, m) => sum + (m.spend_micro || 0), 0);
   $("fleet-summary").textContent =
     `${alive.length} of ${state.members.length} alive · ${agents} agents · ${dollars(spend)} model spend`;
+}
+
+// A member's open and half-open breakers by model, or a dash.
+function breakers(models) {
+  const tripped = models.filter((u) => u.breaker !== "closed");
+  if (!tripped.length) return "–";
+  return el("span", {}, ...tripped.map((u) =>
+    el("span", { class: `breaker ${u.breaker}` }, `${u.model} ${u.breaker.replace("_", " ")} `)));
 }
 
 // ---- totals and their trend ----------------------------------------------------------------
@@ -286,12 +303,18 @@ async function loadAgents() {
   drawSpend();
 }
 
-// The network's spend (from the members' peer states) first, then this peer's by model.
+// The network's spend, in all and by model (from the members' peer states), then this
+// peer's own by model.
 function drawSpend() {
-  const names = [...new Set(state.spend.flatMap((s) => Object.keys(s.cost)))].sort();
-  const series = [{ name: "network", points: state.networkSpend }, ...names.map((name) => ({
-    name: `here: ${name}`, points: state.spend.filter((s) => name in s.cost).map((s) => [s.t, s.cost[name]]),
-  }))];
+  const byModel = (samples, label) => {
+    const names = [...new Set(samples.flatMap((s) => Object.keys(s.cost)))].sort();
+    return names.map((name) => ({
+      name: `${label}: ${name}`,
+      points: samples.filter((s) => name in s.cost).map((s) => [s.t, s.cost[name]]),
+    }));
+  };
+  const series = [{ name: "network", points: state.networkSpend },
+    ...byModel(state.networkModels, "network"), ...byModel(state.spend, "here")];
   chart($("plot-spend"), series, (v) => `$${v.toFixed(v < 1 ? 4 : 2)}`);
   $("spend-legend").replaceChildren(...series.map((s, i) => el("span", { class: `key s${i % 5}` }, s.name)));
 }
