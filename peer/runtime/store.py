@@ -10,9 +10,8 @@ Invariants:
 - A database that cannot be read (corrupt, not a database, unreadable) is refused at `open`
   with a `StoreError` naming the file and what to do; `PRAGMA quick_check` runs at every open,
   so a damaged page is found then, not in the middle of a run.
-- The identity key file is created once, atomically (temporary file with mode 0600, fsync,
-  hard link into place), and never rewritten; a key file readable by group or others is
-  refused, not used.
+- The identity key file is created once, atomically, and never rewritten; a key file
+  readable by group or others is refused, not used (`peer.runtime.identity_file`).
 - The boot counter only increases, and the stored incarnation never decreases.
 - At most `MAX_MEMBERS` membership hints are kept, the most recently seen.
 
@@ -35,8 +34,6 @@ is refused.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import fcntl
 import json
 import logging
@@ -49,16 +46,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
+from peer.runtime.identity_file import IDENTITY_NAME, load_or_create_identity
+from peer.runtime.store_errors import StoreError, StoreWriteError
 from protocol.effects import Persist, PersistKind
+
+__all__ = ["IDENTITY_NAME", "Store", "StoreError", "StoreWriteError"]
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "grapevine.db"
-IDENTITY_NAME = "identity.key"
 LOCK_NAME = "lock"
-PRIVATE_KEY_BYTES = 32
 MAX_MEMBERS = 1024
 """Membership hints kept for re-joining after a restart; enough to find a live peer among
 a large network's most recently seen members."""
@@ -88,15 +85,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 """Append-only schema migrations; each entry is the statements of one version step."""
-
-
-class StoreError(Exception):
-    """The data directory cannot be used as it is; the message says what to fix."""
-
-
-class StoreWriteError(StoreError):
-    """A write was not committed (disk full, I/O error): nothing of it is on disk; the store
-    stays usable and a later write may succeed."""
 
 
 class Store:
@@ -187,63 +175,9 @@ class Store:
     # Identity
 
     def load_or_create_identity(self) -> bytes:
-        """Return this peer's raw 32-byte Ed25519 private key, creating it on first use.
-
-        The key lives in ``<data_dir>/identity.key`` as base64 text, mode 0600.
-
-        Returns:
-            The private key bytes (feed them to `protocol.identity.Signer`).
-
-        Raises:
-            StoreError: the key file is readable or writable by group or others (chmod 600
-                it), or does not hold a base64 32-byte key.
-            OSError: the file cannot be read or created.
-        """
-        path = self.data_dir / IDENTITY_NAME
-        try:
-            return self._read_identity(path)
-        except FileNotFoundError:
-            pass
-        key = Ed25519PrivateKey.generate().private_bytes_raw()
-        tmp = path.with_name(f"{IDENTITY_NAME}.tmp-{os.getpid()}")
-        tmp.unlink(missing_ok=True)  # left by a crash; O_EXCL below guarantees mode 0600
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, base64.b64encode(key) + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            # A hard link, unlike os.replace, never overwrites: if the file appeared meanwhile,
-            # the existing identity wins and ours is discarded.
-            os.link(tmp, path)
-        except FileExistsError:
-            return self._read_identity(path)
-        finally:
-            tmp.unlink()
-        _fsync_dir(self.data_dir)
-        return key
-
-    @staticmethod
-    def _read_identity(path: Path) -> bytes:
-        with open(path, "rb") as file:
-            mode = os.fstat(file.fileno()).st_mode
-            if mode & 0o077:
-                raise StoreError(
-                    f"{path} is accessible by group or others (mode {mode & 0o777:o}); it holds "
-                    f"this peer's private key: run `chmod 600 {path}`"
-                )
-            text = file.read()
-        try:
-            key = base64.b64decode(text.strip(), validate=True)
-        except binascii.Error:
-            key = b""
-        if len(key) != PRIVATE_KEY_BYTES:
-            raise StoreError(
-                f"{path} does not hold a base64 {PRIVATE_KEY_BYTES}-byte Ed25519 private key; "
-                "restore it from backup, or delete it to start as a new peer"
-            )
-        return key
+        """Return this peer's raw 32-byte Ed25519 private key, creating it on first use
+        (`peer.runtime.identity_file`)."""
+        return load_or_create_identity(self.data_dir)
 
     # Boot counter and incarnation
 
@@ -299,6 +233,15 @@ class Store:
             self._db.execute("DELETE FROM members")
             self._db.executemany("INSERT INTO members VALUES (?, ?, ?)", kept)
 
+    def load_members(self) -> list[tuple[bytes, str, int]]:
+        """Return the membership hints, most recently seen first."""
+        return [
+            (bytes(node_id), str(addr), int(last_seen))
+            for node_id, addr, last_seen in self._db.execute(
+                "SELECT node_id, addr, last_seen FROM members ORDER BY last_seen DESC, node_id"
+            )
+        ]
+
     # Model usage
 
     def save_model_usage(self, usage: Mapping[str, Mapping[str, object]]) -> None:
@@ -323,15 +266,6 @@ class Store:
                 continue
             out[str(key)] = totals
         return out
-
-    def load_members(self) -> list[tuple[bytes, str, int]]:
-        """Return the membership hints, most recently seen first."""
-        return [
-            (bytes(node_id), str(addr), int(last_seen))
-            for node_id, addr, last_seen in self._db.execute(
-                "SELECT node_id, addr, last_seen FROM members ORDER BY last_seen DESC, node_id"
-            )
-        ]
 
     # Records: the durable key-value space behind protocol.effects.Persist
 
@@ -524,11 +458,3 @@ def _prefix_end(prefix: bytes) -> bytes:
     if not stripped:
         return b"\xff" * (len(prefix) + 128)  # all 0xff: no task record key is this long
     return stripped[:-1] + bytes([stripped[-1] + 1])
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
