@@ -211,7 +211,7 @@ async def build_peer(
         driver.start()
         handlers = dict(builtin_roles() if roles is None else roles)
         port = DriverTaskPort(driver, blobs)
-        handlers.update(role_handlers(python_roles, port, settings.limits, driver.progress))
+        handlers.update(role_handlers(python_roles, port, settings.limits, driver.progress, driver))
         slots = role_slots(python_roles)
         executor = Executor(handlers, max_running + sum(slots.values()), blobs=blobs)
         driver.attach(executor)

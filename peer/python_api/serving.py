@@ -33,6 +33,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from peer.agents.checkpoints import CheckpointPort
 from peer.agents.ports import AgentInput, TaskPort
 from peer.agents.spec import AgentSpec, TreeLimits
 from peer.agents.tree import budget_for
@@ -143,7 +144,11 @@ def settings_with(settings: AgentSettings, served: Served) -> AgentSettings:
 
 
 def role_handlers(
-    roles: Sequence[Role], port: TaskPort, limits: TreeLimits, steps: ProgressLog | None = None
+    roles: Sequence[Role],
+    port: TaskPort,
+    limits: TreeLimits,
+    steps: ProgressLog | None = None,
+    checkpoints: CheckpointPort | None = None,
 ) -> dict[str, RoleHandler]:
     """One executor handler per Python role, running its function on a `Task`.
 
@@ -152,8 +157,9 @@ def role_handlers(
         port: the task network the tasks delegate through.
         limits: the tree limits (depth, fan-out, default budget).
         steps: where delegations are reported as they happen (`Driver.progress`).
+        checkpoints: where the tasks' durable steps are kept (the `Driver`); None keeps none.
     """
-    return {r.name: _handler(r, port, limits, steps) for r in roles}
+    return {r.name: _handler(r, port, limits, steps, checkpoints) for r in roles}
 
 
 def role_slots(roles: Iterable[Role]) -> dict[str, int]:
@@ -226,7 +232,11 @@ def _check_roles(roles: Sequence[Role], agents: Sequence[AgentSpec], where: str)
 
 
 def _handler(
-    role: Role, port: TaskPort, limits: TreeLimits, steps: ProgressLog | None
+    role: Role,
+    port: TaskPort,
+    limits: TreeLimits,
+    steps: ProgressLog | None,
+    checkpoints: CheckpointPort | None,
 ) -> RoleHandler:
     gate = asyncio.Semaphore(role.max_concurrent)
     cap = AgentSpec(role.name, (role.name,))
@@ -236,7 +246,8 @@ def _handler(
             given = AgentInput.decode(work.input)
         except ValueError as exc:
             return Outcome(f"bad input: {exc}".encode(), "failed")
-        task = Task(work, given, port, limits, budget_for(given.budget, cap, limits), steps)
+        budget = budget_for(given.budget, cap, limits)
+        task = Task(work, given, port, limits, budget, steps, checkpoints)
         async with gate:
             value = await role.function(task)
         return Outcome(encode_result(value))

@@ -25,6 +25,8 @@ Invariants:
 - Each child asked for is reported at once as a "delegation" step of the execution to the
   peer's `ProgressLog` (`peer.runtime.progress`), as an agent's are, so `grapevine watch`
   follows a Python role's tree as it grows.
+- `step(name, fn, ...)` runs `fn` once per task across takeovers and restarts: its result is
+  recorded as a checkpoint and replayed by a later run (`peer.python_api.steps`).
 - `progress` reports are "note" steps of the execution (so the watch stream and the tree show
   them as they happen), logged as task lifecycle events (`event=progress`, in the peer's log
   format) and added to the execution's trace span.
@@ -34,10 +36,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import trace
 
+from peer.agents.checkpoints import CheckpointPort
 from peer.agents.ports import AgentInput, AgentOutput, Budget, TaskPort
 from peer.agents.spec import TreeLimits
 from peer.agents.tree import (
@@ -49,6 +53,7 @@ from peer.agents.tree import (
     subtree_usage,
     tighter_limit,
 )
+from peer.python_api.steps import Steps
 from peer.runtime.executor import Work
 from peer.runtime.progress import ProgressLog
 
@@ -92,6 +97,8 @@ class Task:
         budget: what this task and its subtree may spend (0 = unlimited in that unit).
         steps: where its delegations are reported as they happen (the peer's
             `Driver.progress`); None reports nothing.
+        checkpoints: where its durable steps are recorded and read (the peer's `Driver`);
+            None keeps none (`step` then always runs its function).
     """
 
     def __init__(
@@ -102,7 +109,9 @@ class Task:
         limits: TreeLimits,
         budget: Budget,
         steps: ProgressLog | None = None,
+        checkpoints: CheckpointPort | None = None,
     ) -> None:
+        self._durable = Steps(checkpoints, work.task_id, work.epoch)
         self._work = work
         self._steps = steps
         self._given = given
@@ -185,6 +194,25 @@ class Task:
         trace.get_current_span().add_event("progress", {"message": message, **fields})
         if self._steps is not None:
             self._steps.report(self._work.task_id, self.epoch, "note", message=message, **fields)
+
+    async def step(self, name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run `fn(*args, **kwargs)` (awaited if it returns an awaitable) once for this task:
+        its result is recorded with the task's replicas, and a run after a takeover or a
+        restart gets the recorded result instead of calling `fn` again
+        (`peer.python_api.steps`). Put what must not be paid for twice in a step.
+
+        Args:
+            name: the step's name; a re-run replays recorded steps while the names of its
+                steps, in order, agree with the earlier run's.
+            fn: the work; its result must be JSON.
+
+        Returns:
+            `fn`'s result, or the one recorded by an earlier run of this task.
+
+        Raises:
+            TypeError: `fn`'s result is not JSON, or `name` is empty.
+        """
+        return await self._durable.run(name, fn, args, kwargs)
 
     async def delegate(self, role: str, input: Any, *, budget: Budget | None = None) -> str:
         """Run a child task of `role` on `input` somewhere in the network; return its answer.
