@@ -601,3 +601,22 @@ def test_merge_envelopes_joins_one_senders_messages_in_order_within_the_limit() 
     big = [encode_envelope(nid(1), "127.0.0.1:1", [bytes(600)]) for _ in range(4)]
     out = merge_envelopes(big, limit=1500)
     assert [len(decode_envelope(e).messages) for e in out] == [2, 2]
+
+
+def test_decoding_the_same_bytes_again_returns_the_envelope_decoded_last() -> None:
+    # A host decodes one received object in its lane classifier, its slicer and the node: the
+    # second and third decodes of that very object cost nothing, and change nothing.
+    data = encode_envelope(b"\x01" * 32, "10.0.0.1:7946", [b"\x91\x01", b"\x91\x02"])
+    first = decode_envelope(data)
+    assert decode_envelope(data) is first
+    copy = bytes(bytearray(data))
+    assert copy is not data
+    assert decode_envelope(copy) == first and decode_envelope(copy) is not first
+    mutable = bytearray(data)
+    assert decode_envelope(mutable) == first  # decoded, never kept: it could change
+    mutable[-1] ^= 0xFF
+    assert decode_envelope(bytes(mutable)) != first
+    with pytest.raises(RemoteProtocolError):
+        decode_envelope(b"\x93" + data[1:])
+    with pytest.raises(RemoteProtocolError):
+        decode_envelope(b"\x93" + data[1:])
