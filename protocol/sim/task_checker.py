@@ -9,10 +9,12 @@ Invariants checked (docs/design.md section 5), on every running peer:
   injected during the run was kept;
 - every duplicate execution is explained: between the task's submission and the new start,
   the peer starting it or a peer that ran it before crashed, was declared dead by some peer,
-  was held dead in the other's view (a declaration from before, not yet refuted), or a
-  partition was in effect (gossip then also wastes sends on the cut-off side, so a claim can
-  miss a standby on its own side). docs/design.md section 5: duplicates need a crash, a partition
-  or a stall longer than the failure-detection time.
+  was held dead in the other's view (a declaration from before, not yet refuted), the peer
+  starting it held dead a peer ranked above it for the task (so it was first in line in its
+  view: a primary that had handed its turn to another standby and was then declared dead, seed
+  2951), or a partition was in effect (gossip then also wastes sends on the cut-off side, so a
+  claim can miss a standby on its own side). docs/design.md section 5: duplicates need a
+  crash, a partition or a stall longer than the failure-detection time.
 
 Counted: executions, duplicates, result flips, fenced aborts, takeovers, lost tasks.
 """
@@ -50,7 +52,7 @@ from protocol.tasks.messages import (
     TaskRecord,
 )
 from protocol.tasks.placement import top_by_score
-from protocol.tasks.state import claim_rank
+from protocol.tasks.state import claim_rank, hrw_score
 
 
 @dataclass(slots=True)
@@ -233,7 +235,9 @@ class TaskChecker:
             for k, run in enumerate(runs[1:], start=1):
                 rep.duplicates += 1
                 since = self.submitted.get(task_id, 0.0)
-                if not any(self._explains(q.peer, run.peer, since, run.started) for q in runs[:k]):
+                if not any(
+                    self._explains(q.peer, run.peer, since, run.started) for q in runs[:k]
+                ) and not self._ranked_above_held_dead(task_id, run.peer, since, run.started):
                     rep.violations.append(
                         f"task {task_id.hex()[:8]}: execution at peer {run.peer} (epoch "
                         f"{run.epoch}) at {run.started:.2f}s follows peer {runs[k - 1].peer}'s "
@@ -252,6 +256,19 @@ class TaskChecker:
             or any(n in ids and t0 <= t <= t1 for t, n in self.downs)
             or any(start <= t1 and end >= t0 for start, end, _ in self.partitions)
         )
+
+
+    def _ranked_above_held_dead(self, task_id: bytes, peer: int, t0: float, t1: float) -> bool:
+        """Between t0 and t1, did `peer` hold dead a peer ranked above it to run the task? It
+        claims the task then as the first live candidate in its view (every campaign peer
+        serves the role): a declared death of the primary, whose grant of epoch 1 to another
+        peer it may not know of, lets two peers run it (seed 2951: the primary handed its
+        turn to one standby and was declared dead at another)."""
+        ids = [p.signer.node_id for p in self.sim.peers]
+        ranked = sorted(ids, key=lambda n: hrw_score(task_id, n), reverse=True)
+        above = set(ranked[: ranked.index(self.sim.peers[peer].signer.node_id)])
+        held = self.held_dead + [(o, n, t, math.inf) for (o, n), t in self._dead_since.items()]
+        return any(o == peer and n in above and t <= t1 and u >= t0 for o, n, t, u in held)
 
 
 def _unique_ids(sim: Simulator) -> list[str]:
