@@ -71,8 +71,8 @@ async def show_status(client: GrapevineClient, args: argparse.Namespace) -> int:
 
 def summarize(members: list[JsonObject], tasks: JsonObject, agents: JsonObject) -> JsonObject:
     """The figures of the overview: members by status, alive members' free slots, roles,
-    agents and spend (what their peer states advertise), tasks held by state, and the model
-    spend here (tokens and micro-dollars)."""
+    agents, spend and breakers not closed (what their peer states advertise: decision 54),
+    tasks held by state, and the model spend here (tokens and micro-dollars)."""
     by_status = dict.fromkeys(MEMBER_STATUSES, 0)
     free_slots, network_agents, network_spend, roles = 0, 0, 0, set()
     for member in members:
@@ -83,6 +83,17 @@ def summarize(members: list[JsonObject], tasks: JsonObject, agents: JsonObject) 
             network_agents += _count(member.get("agents"))
             network_spend += _count(member.get("spend_micro"))
             roles |= {str(role) for role in member.get("roles") or []}
+    breakers = [
+        {
+            "member": str(member.get("short_id") or member.get("id") or "?"),
+            "model": str(_object(use).get("model", "?")),
+            "breaker": str(_object(use).get("breaker", "?")),
+        }
+        for member in members
+        if member.get("status") == "alive"
+        for use in member.get("models") or []
+        if _object(use).get("breaker", "closed") != "closed"
+    ]
     totals = _object(tasks.get("totals"))
     by_state = {state: _count(totals.get(state)) for state in TASK_STATES}
     spend = dict.fromkeys(("calls", "prompt_tokens", "completion_tokens", "cost_micro"), 0)
@@ -95,6 +106,7 @@ def summarize(members: list[JsonObject], tasks: JsonObject, agents: JsonObject) 
         "agents": network_agents,
         "spend_micro": network_spend,
         "roles": sorted(roles),
+        "breakers": breakers,
         "tasks": by_state,
         "spend": spend,
     }
@@ -132,10 +144,14 @@ def _fleet(members: list[JsonObject], summary: JsonObject) -> str:
     ]
     header = ["MEMBER", "ADDRESS", "STATUS", "ROLES", "FREE", "QUEUE", "LOAD", "AGENTS", "SPEND"]
     roles = ", ".join(summary["roles"]) or "none"
+    tripped = "".join(
+        f"\nbreaker {b['breaker'].replace('_', ' ')}: {b['model']} at {render.short(b['member'])}"
+        for b in summary["breakers"]
+    )
     return (
         f"fleet: {len(members)} members ({counts or 'none'}); {summary['free_slots']} free "
         f"slots, {summary['agents']} agents and {_dollars(summary['spend_micro'])} of model "
-        f"spend on alive members; roles served: {roles}\n{render.table(header, rows)}"
+        f"spend on alive members; roles served: {roles}\n{render.table(header, rows)}{tripped}"
     )
 
 

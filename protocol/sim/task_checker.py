@@ -257,7 +257,6 @@ class TaskChecker:
             or any(start <= t1 and end >= t0 for start, end, _ in self.partitions)
         )
 
-
     def _ranked_above_held_dead(self, task_id: bytes, peer: int, t0: float, t1: float) -> bool:
         """Between t0 and t1, did `peer` hold dead a peer ranked above it to run the task? It
         claims the task then as the first live candidate in its view (every campaign peer

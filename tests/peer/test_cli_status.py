@@ -180,3 +180,24 @@ def test_the_network_spend_sums_what_alive_members_advertise() -> None:
     text = render_status(members, {}, {"agents": []})
     assert "5 agents and $1.500250 of model spend on alive members" in text.splitlines()[0]
     assert "$0.000250" in text and "$0.000007" in text  # each member's own, the dead one's too
+
+
+def test_status_names_every_alive_members_tripped_breakers() -> None:
+    # Breakers ride the members' peer states (decision 54): the overview lists the ones not
+    # closed under the fleet table, and leaves out dead members' and closed ones.
+    def member(short: str, status: str, models: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": short * 5, "short_id": short, "status": status, "models": models}
+
+    members = [
+        member("aaaa", "alive", [{"model": "m1", "spend_micro": 5, "breaker": "open"}]),
+        member("bbbb", "alive", [{"model": "m2", "spend_micro": 1, "breaker": "closed"}]),
+        member("cccc", "dead", [{"model": "m3", "spend_micro": 0, "breaker": "open"}]),
+        member("dddd", "alive", [{"model": "m4", "spend_micro": 0, "breaker": "half_open"}]),
+    ]
+    summary = summarize(members, {}, {})
+    assert summary["breakers"] == [
+        {"member": "aaaa", "model": "m1", "breaker": "open"},
+        {"member": "dddd", "model": "m4", "breaker": "half_open"},
+    ]
+    fleet = render_status(members, {}, {}).split("\n\n")[0].splitlines()
+    assert fleet[-2:] == ["breaker open: m1 at aaaa", "breaker half open: m4 at dddd"]
