@@ -204,11 +204,15 @@ class Journal:
         self._epoch = epoch
         self.stopped: str | None = None if port is not None else "no checkpoint port"
 
+    def held(self) -> Sequence[CheckpointView]:
+        """Every checkpoint of the task held here (none without a port)."""
+        return () if self._port is None else self._port.checkpoints(self._task_id)
+
     def load(self) -> Resume | None:
         """What this run resumes from (`Resume.load` over the checkpoints held here)."""
         if self._port is None:
             return None
-        return Resume.load(self._port.checkpoints(self._task_id), self._epoch)
+        return Resume.load(self.held(), self._epoch)
 
     def record(self, entry: dict[str, Any]) -> None:
         """Record one entry, unless recording has stopped."""

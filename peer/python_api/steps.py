@@ -80,7 +80,6 @@ class Steps:
     """
 
     def __init__(self, port: CheckpointPort | None, task_id: bytes, epoch: int) -> None:
-        self._port = port
         self._task_id = task_id
         self._epoch = epoch
         self._journal = Journal(port, task_id, epoch)
@@ -99,9 +98,7 @@ class Steps:
         if not isinstance(name, str) or not name:
             raise TypeError("a step's name must be non-empty text")
         if self._loaded is None:
-            found: tuple[int | None, list[tuple[str, Any]]] = (None, [])
-            if self._port is not None:
-                found = recorded_steps(self._port.checkpoints(self._task_id), self._epoch)
+            found = recorded_steps(self._journal.held(), self._epoch)
             if found[1]:
                 log.info(
                     "task %s epoch %d: %d steps recorded by the run of epoch %s can be replayed",
