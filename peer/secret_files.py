@@ -1,8 +1,8 @@
 """Reading a file that holds a secret (network key, API token): refused if others may use it.
 
 A secret that group or others can read is no longer a secret, and one they can write lets them
-choose it; so, like the identity file (`peer.runtime.store`), such a file is refused rather
-than used, with one line naming it and the fix.
+choose it; so such a file is refused rather than used, with one line naming it and the fix.
+The identity key file (`peer.runtime.identity_file`) is read through here too.
 
 Invariants:
 - The mode is checked on the opened descriptor (`fstat`), so the file checked is the file read

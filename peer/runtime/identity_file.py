@@ -18,6 +18,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from peer.runtime.store_errors import StoreError
+from peer.secret_files import ExposedSecretError, read_secret_file
 
 IDENTITY_NAME = "identity.key"
 PRIVATE_KEY_BYTES = 32
@@ -63,14 +64,10 @@ def load_or_create_identity(data_dir: Path) -> bytes:
 
 
 def _read_identity(path: Path) -> bytes:
-    with open(path, "rb") as file:
-        mode = os.fstat(file.fileno()).st_mode
-        if mode & 0o077:
-            raise StoreError(
-                f"{path} is accessible by group or others (mode {mode & 0o777:o}); it holds "
-                f"this peer's private key: run `chmod 600 {path}`"
-            )
-        text = file.read()
+    try:
+        text = read_secret_file(path, "this peer's private key")
+    except ExposedSecretError as exc:
+        raise StoreError(str(exc)) from None
     try:
         key = base64.b64decode(text.strip(), validate=True)
     except binascii.Error:
