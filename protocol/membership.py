@@ -33,6 +33,10 @@ Theory of operation (the rules, in the order memberlist's state.go applies them)
   another peer declared down is probed once more by us (`Prober.recheck`), so our own
   detector gets its say; when it agrees, the port hears `member_confirmed_down`.
 - Dead and left members are kept for `dead_retention`, contacted by reconnect, then forgotten.
+- A member held dead here that probes us is told so: the ack carries our death declaration of
+  it, so a falsely declared member refutes at its next probe of us. Otherwise it would hear of
+  its death only from gossip, whose few transmissions may all ride to other members, or at its
+  next push-pull, tens of seconds later (memberlist relies on those two alone).
 """
 
 from __future__ import annotations
@@ -362,13 +366,16 @@ class Membership:
                 m.suspicion.restart(now)
                 self._schedule_suspicion(m)
 
-    def dispatch(self, now: float, src: str, msg: MembershipMessage, raw: bytes) -> None:
-        """Apply one membership message received from `src`."""
+    def dispatch(
+        self, now: float, src: str, msg: MembershipMessage, raw: bytes, sender: bytes = b""
+    ) -> None:
+        """Apply one membership message received from `src`, sent by node `sender` (as its
+        envelope says; only used to tell a prober we hold dead that we do)."""
         if isinstance(msg, Suspect | Dead) and not self.credible(msg.node_id, msg.incarnation, src):
             return
         match msg:
             case Ping():
-                self.probes.on_ping(src, msg)
+                self.probes.on_ping(src, msg, self._death_of(sender))
             case IndirectPing():
                 self.probes.on_indirect_ping(now, src, msg)
             case Ack():
@@ -383,6 +390,13 @@ class Membership:
                 self.apply_dead(now, msg, raw)
             case _:
                 assert_never(msg)
+
+    def _death_of(self, node_id: bytes) -> bytes | None:
+        """Our death declaration of `node_id` if we hold it dead (not left), else None."""
+        m = self.members.get(node_id)
+        if m is None or m.status != Status.DEAD or node_id == self.node_id:
+            return None
+        return encode_message(Dead(node_id, m.incarnation, self.node_id))
 
     # Bookkeeping.
 

@@ -367,7 +367,7 @@ class Node(NodeTaskCalls):
         src = self.dissemination.reply_addr(sender, envelope.sender_addr)
         match msg:
             case Ping() | IndirectPing() | Ack() | Nack() | Alive() | Suspect() | Dead():
-                self.membership.dispatch(now, src, msg, raw)
+                self.membership.dispatch(now, src, msg, raw, sender)
             case (
                 TaskRecord()
                 | Claim()

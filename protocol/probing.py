@@ -180,11 +180,13 @@ class Prober:
         if target is not None:
             self.unanswered(now, target)
 
-    def on_ping(self, src: str, ping: Ping) -> None:
+    def on_ping(self, src: str, ping: Ping, death: bytes | None = None) -> None:
+        """Ack a ping; `death`, our declaration that the prober is dead, goes first."""
         if ping.target != self.table.me.node_id:
             self.port.note(Dropped(src, "ping addressed to another node id"))
             return
-        self.port.send(src, self._ack(ping.seq, ping.seen), piggyback=True)
+        told = [death] if death is not None else []
+        self.port.send(src, told + self._ack(ping.seq, ping.seen), piggyback=True)
 
     def _ack(self, seq: int, seen: int) -> list[bytes]:
         # A prober that knows us at an older incarnation missed our refutation: hand it over

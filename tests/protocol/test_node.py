@@ -302,6 +302,19 @@ def test_a_member_back_from_dead_gets_a_full_state_exchange_within_a_probe_inter
     assert not [t for t in link.sent(0, 2, PushPull) if t >= recovered_at]
 
 
+def test_a_member_held_dead_hears_it_in_the_ack_to_its_probe_and_refutes() -> None:
+    # The death's gossip transmissions may all go to other members (here: spent before any
+    # went out) and push-pull is far off (QUIET); the member still learns it was declared dead
+    # from the ack to its next probe of us, and refutes.
+    link = mesh(3, QUIET)
+    link.run(0, link.node(0).handle(link.now, addr(2), envelope(2, _dead(1, 0, 2))))
+    link.node(0).queue.get(1 << 20, limit=1)  # every broadcast handed out once, elsewhere
+    assert ("member", node_id(1)) not in link.node(0).queue
+    link.advance(link.now + 3.0)
+    assert link.node(1).incarnation == 1
+    assert link.notes_of(0, MemberRecovered) == [MemberRecovered(node_id(1), addr(1), 1)]
+
+
 def _dead(i: int, incarnation: int, accuser: int) -> Dead:
     return Dead(node_id(i), incarnation, node_id(accuser))
 

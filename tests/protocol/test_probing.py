@@ -10,7 +10,7 @@ from protocol.config import lan
 from protocol.effects import Dropped, MemberSuspected
 from protocol.probing import RELAY_TIMEOUT_FRACTION
 from protocol.timers import ProbeDue, ProbeRoundEnd, ProbeTimeout, RelayTimeout
-from protocol.wire import Ack, IndirectPing, Nack, Ping, Status, Suspect
+from protocol.wire import Ack, Dead, IndirectPing, Nack, Ping, Status, Suspect
 from tests.protocol.fakes import addr, membership, node_id, probe
 
 CFG = lan()
@@ -156,6 +156,24 @@ def test_ping_is_acked_to_sender() -> None:
     m, port = membership()
     m.probes.on_ping(addr(3), Ping(42, ME))
     assert port.sends == [(addr(3), [Ack(42)], True)]
+
+
+def test_ping_from_a_member_held_dead_is_acked_with_its_death_first() -> None:
+    m, port = membership(members=4)
+    prober = m.members[node_id(3)]
+    m.apply_dead(5.0, Dead(node_id(3), prober.incarnation, node_id(2)), None)
+    port.clear()
+    m.dispatch(6.0, addr(3), Ping(42, ME), b"", node_id(3))
+    assert port.sends == [(addr(3), [Dead(node_id(3), prober.incarnation, ME), Ack(42)], True)]
+
+
+def test_ping_from_a_member_alive_or_left_is_acked_alone() -> None:
+    m, port = membership(members=4)
+    m.apply_dead(5.0, Dead(node_id(2), 0, node_id(2)), None)  # left
+    port.clear()
+    m.dispatch(6.0, addr(2), Ping(1, ME), b"", node_id(2))
+    m.dispatch(6.0, addr(3), Ping(2, ME), b"", node_id(3))
+    assert port.sends == [(addr(2), [Ack(1)], True), (addr(3), [Ack(2)], True)]
 
 
 def test_ping_for_another_node_id_is_dropped() -> None:
