@@ -218,7 +218,7 @@ async def build_peer(
         _discard_outlived_copies(store, config)
         saved_members = store.load_members()
         driver.remember_members(saved_members)
-        driver.restore((value for _, value in store.scan(PersistKind.TOMBSTONE)), tombstones=True)
+        driver.restore_tombstones(store.scan(PersistKind.TOMBSTONE))
         restored = driver.restore(value for kind in RESTORE_KINDS for _, value in store.scan(kind))
         if restored:
             log.info("restored %d stored task objects", restored)

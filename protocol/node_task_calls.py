@@ -176,10 +176,11 @@ class NodeTaskCalls(NodeQueries, ABC):
             self.tasks.dispatch(now, STORE, self.node_id, msg, raw)
         return self._exit()
 
-    def restore_tombstone(self, now: float, raw: bytes) -> Effects:
-        """Re-apply a stored tombstone (`PersistKind.TOMBSTONE`) before any stored task object,
-        so that no object of a compacted task is replayed (see `protocol.tasks.retention`)."""
+    def restore_tombstone(self, now: float, task_id: bytes, raw: bytes) -> Effects:
+        """Re-apply the tombstone stored (`PersistKind.TOMBSTONE`) under `task_id` before any
+        stored task object, so that no object of a compacted task is replayed (see
+        `protocol.tasks.retention`)."""
         self._enter(now)
         self.tasks.hold()
-        self.tasks.restore_tombstone(now, raw)
+        self.tasks.restore_tombstone(now, task_id, raw)
         return self._exit()

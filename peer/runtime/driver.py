@@ -37,7 +37,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol, assert_never
+from typing import Any, Protocol, TypeVar, assert_never
 
 from peer.observability.lifecycle import TaskLifecycle
 from peer.observability.tracing import PeerTracing
@@ -53,6 +53,8 @@ from protocol.tasks.listing import PageQuery
 from protocol.tasks.messages import Checkpoint, Result, task_id_of
 from protocol.tasks.state import TaskState
 from protocol.wire import ModelUsage, Status
+
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -207,19 +209,25 @@ class Driver:
         """Declare the roles this peer executes and how many run at once (`Node.serve`)."""
         self.disk.apply(self.node.serve(self._clock(), roles, max_running))
 
-    def restore(self, raws: Iterable[bytes], *, tombstones: bool = False) -> int:
-        """Replay stored task objects (`Node.restore`), or with `tombstones` stored tombstones
-        (`Node.restore_tombstone`, replayed first), as one batch; return how many.
+    def restore(self, raws: Iterable[bytes]) -> int:
+        """Replay stored task objects (`Node.restore`) as one batch; return how many.
 
         Call it before joining and before `serve`, so that nothing is claimed on the strength
         of a partial replay.
         """
+        return self._replay(lambda now, raw: self.node.restore(now, raw), raws)
+
+    def restore_tombstones(self, rows: Iterable[tuple[bytes, bytes]]) -> int:
+        """Replay stored tombstones, (task id, stored form) each (`Node.restore_tombstone`),
+        as one batch, before `restore`; return how many."""
+        return self._replay(lambda now, row: self.node.restore_tombstone(now, *row), rows)
+
+    def _replay(self, replay: Callable[[float, _T], Effects], items: Iterable[_T]) -> int:
         now = self._clock()
         merged = Effects()
         count = 0
-        replay = self.node.restore_tombstone if tombstones else self.node.restore
-        for raw in raws:
-            fx = replay(now, raw)
+        for item in items:
+            fx = replay(now, item)
             merged.sends += fx.sends
             merged.persists += fx.persists
             merged.notes += fx.notes

@@ -83,6 +83,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # restarts so what the network cost does not start over at zero (decision 52).
         "CREATE TABLE model_usage (key TEXT PRIMARY KEY, totals TEXT NOT NULL) WITHOUT ROWID",
     ),
+    (
+        # Tombstones in a table of their own, keyed by task id alone: a peer keeps one for
+        # every task it compacted within the grace period, and the kind name repeated in each
+        # row of `records` was a tenth of a tombstone's size (decision 57).
+        ("CREATE TABLE tombstones ( task_id BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID"),
+        "INSERT INTO tombstones SELECT key, value FROM records WHERE kind = 'tombstone'",
+        "DELETE FROM records WHERE kind = 'tombstone'",
+    ),
 )
 """Append-only schema migrations; each entry is the statements of one version step."""
 
@@ -302,18 +310,25 @@ class Store:
                 if kind == PersistKind.FORGET_TASK:
                     self._forget_task(bytes(key))
                     continue
+                if kind == PersistKind.TOMBSTONE:
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO tombstones VALUES (?, ?)",
+                        (bytes(key), bytes(value)),
+                    )
+                    continue
                 self._db.execute(
                     "INSERT OR REPLACE INTO records VALUES (?, ?, ?)",
                     (kind, bytes(key), bytes(value)),
                 )
 
     def _forget_task(self, task_id: bytes) -> None:
-        # Every task record's key starts with the task id (objects, grants, tombstone): delete
+        # Every task record's key starts with the task id (objects, grants): delete
         # the key range [task_id, the next id) of each task kind in one statement; SQLite
         # searches the (kind, key) primary key once per kind of the IN list. A statement with
         # no kind constraint scanned the whole table (compacting thousands of tasks stalled
         # the peer for tens of seconds); one statement per kind cost half as much again.
         self._db.execute(FORGET_TASK_STATEMENT, (*TASK_KIND_NAMES, task_id, _prefix_end(task_id)))
+        self._db.execute("DELETE FROM tombstones WHERE task_id = ?", (task_id,))
 
     def last_contact(self) -> int | None:
         """When this peer last saw another member up (the newest membership hint, wall-clock
@@ -328,13 +343,21 @@ class Store:
             cursor = self._db.execute(
                 f"DELETE FROM records WHERE kind IN ({', '.join('?' * len(names))})", names
             )
-        return int(cursor.rowcount)
+            count = int(cursor.rowcount)
+            if PersistKind.TOMBSTONE in names:
+                count += int(self._db.execute("DELETE FROM tombstones").rowcount)
+        return count
 
     def get(self, kind: str, key: bytes) -> bytes | None:
         """Return the value stored under (`kind`, a `PersistKind`, and `key`), or None."""
-        row = self._db.execute(
-            "SELECT value FROM records WHERE kind = ? AND key = ?", (kind, bytes(key))
-        ).fetchone()
+        if kind == PersistKind.TOMBSTONE:
+            row = self._db.execute(
+                "SELECT value FROM tombstones WHERE task_id = ?", (bytes(key),)
+            ).fetchone()
+        else:
+            row = self._db.execute(
+                "SELECT value FROM records WHERE kind = ? AND key = ?", (kind, bytes(key))
+            ).fetchone()
         return None if row is None else bytes(row[0])
 
     def scan(self, kind: str) -> Iterator[tuple[bytes, bytes]]:
@@ -343,9 +366,14 @@ class Store:
         The rows are read when this is called, so writing to the store while iterating is
         safe and does not affect the iteration.
         """
-        rows = self._db.execute(
-            "SELECT key, value FROM records WHERE kind = ? ORDER BY key", (kind,)
-        ).fetchall()
+        if kind == PersistKind.TOMBSTONE:
+            rows = self._db.execute(
+                "SELECT task_id, value FROM tombstones ORDER BY task_id"
+            ).fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT key, value FROM records WHERE kind = ? ORDER BY key", (kind,)
+            ).fetchall()
         return iter([(bytes(key), bytes(value)) for key, value in rows])
 
     # Lifecycle
@@ -440,9 +468,9 @@ _TASK_KINDS = (
     PersistKind.EXECUTION,
     PersistKind.EPOCH_GRANT,
     PersistKind.GRANT,
-    PersistKind.TOMBSTONE,
 )
-"""The kinds whose keys start with a task id (what forgetting a task deletes)."""
+"""The kinds of `records` whose keys start with a task id (what forgetting a task deletes,
+with its tombstone, kept in a table of its own)."""
 TASK_KIND_NAMES = tuple(kind.value for kind in _TASK_KINDS)
 """The stored names of those kinds, the first parameters of `FORGET_TASK_STATEMENT`."""
 FORGET_TASK_STATEMENT = (

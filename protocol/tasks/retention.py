@@ -109,11 +109,11 @@ class Retention(Repair):
                 self.port.persist(PersistKind.FORGET_TASK, task_id, b"")
         self.arm_retention()
 
-    def restore_tombstone(self, now: float, raw: bytes) -> None:
-        """Re-apply a stored tombstone (before any stored task object, so that none of a
-        compacted task is replayed)."""
+    def restore_tombstone(self, now: float, task_id: bytes, raw: bytes) -> None:
+        """Re-apply the tombstone stored under `task_id` (before any stored task object, so
+        that none of a compacted task is replayed)."""
         try:
-            stone = decode_tombstone(raw)
+            stone = decode_tombstone(task_id, raw)
         except TombstoneError as exc:
             self.port.note(Dropped("store", f"unreadable stored tombstone: {exc}"))
             return

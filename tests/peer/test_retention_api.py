@@ -14,7 +14,13 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from peer.http.app import PeerApi
-from peer.runtime.store import DB_NAME, FORGET_TASK_STATEMENT, TASK_KIND_NAMES, Store
+from peer.runtime.store import (
+    DB_NAME,
+    FORGET_TASK_STATEMENT,
+    MIGRATIONS,
+    TASK_KIND_NAMES,
+    Store,
+)
 from protocol.effects import Persist, PersistKind
 from tests.peer.inprocess import API_HEADERS, API_TOKEN, MemoryStore, in_process_peer
 
@@ -55,8 +61,8 @@ async def test_a_compacted_task_answers_410_with_its_tombstone(tmp_path: Path) -
         assert body["status"] == 410 and body["title"] == "Gone"
         assert body["id"] == task_id and body["state"] == "done" and body["outcome"] == "ok"
         assert body["epoch"] == 1 and body["compacted"] is True
-        assert len(body["output_digest"]) == 64 and body["owner"]
-        assert len(body["idempotency_key_digest"]) == 64
+        assert len(body["output_digest"]) == 32 and body["owner"]  # 16 bytes of SHA-256
+        assert len(body["idempotency_key_digest"]) == 32
 
         stats = (await (await client.get("/v1/tasks/stats")).json())["totals"]
         assert stats["tombstones"] == 1 and stats["live"] == 0
@@ -130,3 +136,28 @@ def test_forgetting_a_task_searches_the_primary_key_and_spares_its_neighbours(
         assert store.get(PersistKind.CHECKPOINT, tid + b"\x00" * 44) is None
         assert store.get(PersistKind.TOMBSTONE, tid) is None
         assert store.get(PersistKind.TASK, after) == b"the next id"
+
+
+def test_tombstones_stored_by_the_previous_schema_move_to_their_own_table(
+    tmp_path: Path,
+) -> None:
+    # A data dir of schema version 2 kept tombstones among the records (decision 57).
+    tid = b"\x05" * 32
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    with db:
+        db.execute("CREATE TABLE schema_version (version INTEGER)")
+        db.execute("INSERT INTO schema_version VALUES (2)")
+        for statements in MIGRATIONS[:2]:
+            for statement in statements:
+                db.execute(statement)
+        db.execute("INSERT INTO records VALUES ('tombstone', ?, ?)", (tid, b"stone"))
+        db.execute("INSERT INTO records VALUES ('task', ?, ?)", (tid[:31] + b"\x06", b"live"))
+    db.close()
+    with Store.open(tmp_path) as store:
+        assert store.schema_version() == len(MIGRATIONS)
+        assert list(store.scan(PersistKind.TOMBSTONE)) == [(tid, b"stone")]
+        assert store.get(PersistKind.TOMBSTONE, tid) == b"stone"
+        assert list(store.scan(PersistKind.TASK)) == [(tid[:31] + b"\x06", b"live")]
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    assert db.execute("SELECT count(*) FROM records WHERE kind = 'tombstone'").fetchone() == (0,)
+    db.close()

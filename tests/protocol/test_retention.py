@@ -5,8 +5,10 @@ restore order. Real Nodes on the in-memory link, a fake clock, exact deadlines."
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import replace
 
+import msgpack
 import pytest
 
 from protocol.codec import encode_message
@@ -14,7 +16,7 @@ from protocol.config import NodeConfig, TaskConfig, lan
 from protocol.effects import Dropped, Persist, PersistKind, StartExecution
 from protocol.node import Node
 from protocol.tasks.retention import copies_outlived
-from protocol.tasks.tombstone import TombstoneError, decode_tombstone
+from protocol.tasks.tombstone import Tombstone, TombstoneError, decode_tombstone
 from tests.protocol.fakes import Link, addr, envelope, mesh, node_id, signer
 from tests.protocol.test_tasks import ROLE, claim, result
 
@@ -74,13 +76,15 @@ def test_a_final_task_is_compacted_exactly_after_the_retention() -> None:
         1,
         node_id(owner),
     )
-    assert stone.output_digest == hashlib.sha256(b"answer").digest()
+    assert stone.output_digest == hashlib.sha256(b"answer").digest()[:16]
     assert stone.compacted_at == done + RETENTION
     assert node.task_counters()["tasks compacted"] == 1
     # The objects go and the tombstone comes in the same call (one transaction at the host).
     last = [p for p in persists(link, owner) if p.key.startswith(task_id)][-2:]
     assert [p.kind for p in last] == [PersistKind.FORGET_TASK, PersistKind.TOMBSTONE]
-    assert decode_tombstone(last[1].value) == stone
+    assert decode_tombstone(task_id, last[1].value) == replace(
+        stone, compacted_at=math.ceil(stone.compacted_at)
+    )
     # The other peer became final a little later (the result's trip): it compacts on its own.
     link.advance(link.now + 1.0)
     assert link.node(1 - owner).tombstone(task_id) is not None
@@ -165,15 +169,18 @@ def test_restore_replays_tombstones_first_and_drops_the_compacted_tasks_objects(
     [stored] = [p.value for p in persists(link, owner) if p.kind == PersistKind.TOMBSTONE]
     now = link.now + 10.0
     node = Node(CONFIG, signer(owner), addr(owner), __import__("random").Random(1), now, 1)
-    node.restore_tombstone(now, stored)
+    node.restore_tombstone(now, task_id, stored)
     fx = node.restore(now, encode_message(record))
     assert node.task(task_id) is None
     assert node.task_counters()["object of a compacted task"] == 1
     assert not fx.persists
-    # Its grace still counts from the compaction: the timer is armed for that moment.
-    assert node.tick(done + RETENTION + GRACE - 0.001) is not None
+    # Its grace still counts from the compaction (stored in whole seconds, rounded up): the
+    # timer is armed for that moment.
+    compacted = math.ceil(done + RETENTION)
+    assert node.tombstone(task_id).compacted_at == compacted  # type: ignore[union-attr]
+    assert node.tick(compacted + GRACE - 0.001) is not None
     assert node.tombstone(task_id) is not None
-    node.tick(done + RETENTION + GRACE)
+    node.tick(compacted + GRACE)
     assert node.tombstone(task_id) is None
 
 
@@ -184,7 +191,7 @@ def test_a_tombstone_from_before_a_clock_restart_counts_its_grace_from_the_resto
     [stored] = [p.value for p in persists(link, owner) if p.kind == PersistKind.TOMBSTONE]
     now = 5.0  # the host's monotonic clock restarted with its machine
     node = Node(CONFIG, signer(owner), addr(owner), __import__("random").Random(1), now, 1)
-    node.restore_tombstone(now, stored)
+    node.restore_tombstone(now, task_id, stored)
     assert node.tombstone(task_id).compacted_at == now  # type: ignore[union-attr]
     node.tick(now + GRACE - 0.001)
     assert node.tombstone(task_id) is not None
@@ -194,12 +201,50 @@ def test_a_tombstone_from_before_a_clock_restart_counts_its_grace_from_the_resto
 
 def test_an_unreadable_stored_tombstone_is_dropped() -> None:
     node = Node(CONFIG, signer(0), addr(0), __import__("random").Random(1), 0.0)
-    fx = node.restore_tombstone(0.0, b"\x93\x01\x02\x03")
+    fx = node.restore_tombstone(0.0, bytes(32), b"\x93\x01\x02\x03")
     assert [n.reason for n in fx.notes if isinstance(n, Dropped)] == [
-        "unreadable stored tombstone: not a tombstone of format 1"
+        "unreadable stored tombstone: a tombstone of format 1 with 3 fields"
     ]
     with pytest.raises(TombstoneError):
-        decode_tombstone(b"\xc1")
+        decode_tombstone(bytes(32), b"\xc1")
+
+
+STONE = Tombstone(
+    bytes(range(32)), "failed", "error", 3, b"o" * 32, b"d" * 16, b"i" * 16, b"p" * 32, 7.0
+)
+
+
+def test_a_tombstone_is_stored_without_its_task_id_and_read_back_under_it() -> None:
+    raw = STONE.encode()
+    assert STONE.task_id not in raw and len(raw) < 120
+    assert decode_tombstone(STONE.task_id, raw) == STONE
+
+
+def test_a_format_one_tombstone_is_still_read_with_its_digests_cut_to_the_kept_length() -> None:
+    # What the previous release stored: the task id inside, full SHA-256 digests, float time.
+    old = msgpack.packb(
+        [1, STONE.task_id, "failed", "error", 3, b"o" * 32, b"d" * 32, b"i" * 32, b"p" * 32, 7.0]
+    )
+    stone = decode_tombstone(STONE.task_id, old)
+    assert stone == STONE and stone.digest() == STONE.digest()
+    with pytest.raises(TombstoneError, match="another task"):
+        decode_tombstone(bytes(32), old)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [2, 3, "error", 3, b"", b"", b"", b"", 7],  # no fourth state
+        [2, True, "error", 3, b"", b"", b"", b"", 7],  # a bool is not a state's position
+        [2, 0, 5, 3, b"", b"", b"", b"", 7],  # outcome not text
+        [2, 0, "ok", 3, b"", b"", b"", b"", "later"],  # time not a number
+        [2, 0, "ok", 3, b"", b"", b"", b""],  # a field short
+        [3, 0, "ok", 3, b"", b"", b"", b"", 7],  # a format from the future
+    ],
+)
+def test_a_malformed_stored_tombstone_is_refused(fields: list[object]) -> None:
+    with pytest.raises(TombstoneError):
+        decode_tombstone(STONE.task_id, msgpack.packb(fields))
 
 
 @pytest.mark.parametrize(
