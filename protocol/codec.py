@@ -103,6 +103,7 @@ def _task_fields(t: TaskRecord) -> list[Any]:
         float(t.timeout),
         t.traceparent,
         t.sig,
+        *([float(t.queue_timeout)] if t.queue_timeout else []),
     ]
 
 
@@ -317,10 +318,11 @@ decision 23), whole-history task digests (now `TaskShards`, decision 31) and rep
 digest (now inventories, `TaskHave`, decision 44). Decoding one is a
 protocol error, like an unknown kind."""
 
-LONGER_FORM: dict[Kind, int] = {Kind.CANCEL: 6, Kind.PEER_STATE: 12}
+LONGER_FORM: dict[Kind, int] = {Kind.CANCEL: 6, Kind.PEER_STATE: 12, Kind.TASK: 13}
 """Kinds with a second, longer shape: a cancel whose outcome is not the default (`failed`,
-decision 45) carries it last, a peer state naming its models carries them last (decision 54);
-a plain one keeps the shape it had before."""
+decision 45) carries it last, a peer state naming its models carries them last (decision 54),
+a task record with a queue timeout carries it last (decision 58); a plain one keeps the shape
+it had before."""
 
 ARITY: dict[Kind, int] = {
     Kind.PING: 4,

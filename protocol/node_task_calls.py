@@ -49,6 +49,7 @@ class NodeTaskCalls(NodeQueries, ABC):
         timeout: float = 0.0,
         created: float = 0.0,
         traceparent: str = "",
+        queue_timeout: float = 0.0,
     ) -> tuple[Effects, bytes]:
         """Submit a task here; returns the effects and the task id. `TaskReplicated` reports
         when `config.tasks.replication` other peers hold it (at once when replication is 0).
@@ -68,6 +69,7 @@ class NodeTaskCalls(NodeQueries, ABC):
             timeout=timeout,
             created=created,
             traceparent=traceparent,
+            queue_timeout=queue_timeout,
         )
         if self.config.tasks.replication == 0:
             self.tasks.acknowledge_unreplicated(record.task_id)
@@ -112,6 +114,13 @@ class NodeTaskCalls(NodeQueries, ABC):
         self._enter(now)
         self.tasks.cancel(now, task_id, reason, outcome)
         return self._exit()
+
+    def expire(self, now: float, task_id: bytes, reason: str) -> tuple[Effects, bool]:
+        """End a queued task nobody claimed as its arbiter (`Tasks.expire`, decision 58);
+        returns the effects and whether it was ended here."""
+        self._enter(now)
+        ended = self.tasks.expire(now, task_id, reason)
+        return self._exit(), ended
 
     def fetch(self, now: float, task_ids: list[bytes]) -> Effects:
         """Ask for tasks this peer may not hold (a read at any peer): their replica sets, and

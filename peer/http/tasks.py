@@ -301,6 +301,7 @@ class TaskApi:
                 timeout=float(timeout),
                 created=created,
                 traceparent=_traceparent(request),
+                queue_timeout=float(queue_timeout or 0),
             )
         except IdempotencyConflict as exc:
             return _key_conflict(exc.task_id)

@@ -255,6 +255,7 @@ class Driver:
         timeout: float = 0.0,
         created: float | None = None,
         traceparent: str = "",
+        queue_timeout: float = 0.0,
         durably: list[asyncio.Future[bool]] | None = None,
     ) -> bytes:
         """Submit a task here; return its id (`Node.submit`). `parent` is the id of the task
@@ -283,6 +284,7 @@ class Driver:
                 timeout=timeout,
                 created=self._wall() if created is None else created,
                 traceparent=traced.traceparent,
+                queue_timeout=queue_timeout,
             )
             traced.submitted(task_id)
             # A resubmission (same idempotency key) persists nothing: the record it names may
@@ -403,6 +405,12 @@ class Driver:
     ) -> None:
         """Cancel a task network-wide (`Node.cancel`); it ends `outcome`."""
         self.disk.apply(self.node.cancel(self._clock(), task_id, reason, outcome))
+
+    def expire_task(self, task_id: bytes, reason: str) -> bool:
+        """End a queued task nobody claimed, as its arbiter (`Node.expire`); whether it was."""
+        fx, ended = self.node.expire(self._clock(), task_id, reason)
+        self.disk.apply(fx)
+        return ended
 
     def complete(
         self, task_id: bytes, epoch: int, outcome: str, output: bytes, usage: Usage

@@ -20,8 +20,11 @@ Invariants:
   the wait for a first claim, not the run.
 - Deadlines are wall-clock seconds (the record's `created` is one), so they mean the same after
   a restart; a nap never exceeds `MAX_NAP`, so a wall clock set forward is noticed soon.
-- Only the origin cancels (`Node.cancel` refuses anyone else but a parent's owner); a task
-  whose origin is gone for good keeps waiting (docs/tasks.md, "Queued tasks").
+- The record carries the queue timeout (signed by the origin), so the task's home can end it
+  when its origin does not (gone for good, or restarted without the row): `expire_held` has
+  this peer, if it is the task's arbiter, end a task still pending `HOME_GRACE` seconds after
+  its deadline, through a failed `Cancel` it signs as a home member (decision 58). The origin
+  acts first, at the deadline, with the better reason (it kept whether the role was served).
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ DB_NAME = "queue.db"
 """The file in the data directory holding the queue timeouts."""
 MAX_NAP = 5.0
 """Longest sleep between looks at the deadlines, in seconds."""
+HOME_GRACE = 10.0
+"""Seconds past a queued task's deadline before its home's arbiter ends it: the origin, which
+acts at the deadline, gets the first word, and a home member whose wall clock runs a few
+seconds ahead of the origin's does not pre-empt it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,11 +84,15 @@ def expiry_reason(st: TaskState | None, me: bytes, queued: Queued, served: bool)
     """
     if st is None or st.record is None or st.state != "pending" or st.record.origin != me:
         return None
+    return _reason(queued.role, queued.seconds, served)
+
+
+def _reason(role: str, seconds: float, served: bool) -> str:
     if not served:
-        return f"queue timeout: no live peer served role {queued.role!r} for {queued.seconds:g} s"
+        return f"queue timeout: no live peer served role {role!r} for {seconds:g} s"
     return (
-        f"queue timeout: no peer claimed it within {queued.seconds:g} s "
-        f"(the peers serving {queued.role!r} were busy)"
+        f"queue timeout: no peer claimed it within {seconds:g} s "
+        f"(the peers serving {role!r} were busy)"
     )
 
 
@@ -186,6 +197,24 @@ class QueueTimeouts:
             del self._held[task_id]
         return ended
 
+    def expire_held(self, now: float) -> list[bytes]:
+        """As their arbiter, end the queued tasks held here that are still pending
+        `HOME_GRACE` seconds after their deadline (their origin did not); return their ids.
+        Whether this peer is the arbiter is the node's to say (`Node.expire`)."""
+        node = self.driver.node
+        ended: list[bytes] = []
+        for st in node.open_tasks():
+            rec = st.record
+            if rec is None or not rec.queue_timeout or st.state != "pending":
+                continue
+            if now < rec.created + rec.queue_timeout + HOME_GRACE:
+                continue
+            reason = _reason(rec.role, rec.queue_timeout, bool(node.capable(rec.role)))
+            if self.driver.expire_task(st.task_id, reason):
+                ended.append(st.task_id)
+                log.info("task %s: %s (ended by its home)", st.task_id.hex()[:12], reason)
+        return ended
+
     def start(self) -> None:
         """Read the stored deadlines and start enforcing them (the ones passed at once).
 
@@ -213,7 +242,11 @@ class QueueTimeouts:
         while True:
             self._wake.clear()
             now = self.driver.wall()
-            self.expire(now)
+            for step in (self.expire, self.expire_held):
+                try:
+                    step(now)
+                except Exception:  # a bug here must not end every later timeout with it
+                    log.exception("queue timeouts: %s failed", step.__name__)
             nap = MAX_NAP if not self._heap else min(MAX_NAP, max(0.0, self._heap[0][0] - now))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), nap)

@@ -74,12 +74,20 @@ ASK_INTERVAL = 1.0
 class Merge(Retention):
     """The receiver's checks and the merge of each kind of task object."""
 
-    def may_cancel(self, record: TaskRecord, by: bytes) -> bool:
-        """A cancel is honoured only from the task's origin or its parent's owner."""
+    def may_cancel(self, record: TaskRecord, by: bytes, outcome: str = "cancelled") -> bool:
+        """A cancel is honoured only from the task's origin or its parent's owner, or, ending
+        it `failed`, from a member of its home when its record has a queue timeout (decision
+        58: the home ends a queued task its origin no longer can)."""
         if by == record.origin:
             return True
         parent = self.tasks.get(record.parent) if record.parent else None
-        return parent is not None and parent.claim is not None and parent.claim.owner == by
+        if parent is not None and parent.claim is not None and parent.claim.owner == by:
+            return True
+        return (
+            outcome == "failed"
+            and record.queue_timeout > 0
+            and self.may_arbitrate(record.task_id, by)
+        )
 
     def apply_task(self, now: float, rec: TaskRecord, raw: bytes, local: bool) -> None:
         st = self.tasks.get(rec.task_id)
@@ -407,10 +415,14 @@ class Merge(Retention):
             self.port.note(Dropped(src, "cancel of a task whose record is not held"))
             self.ask_for(src, c.task_id)
             return
-        if not self.may_cancel(st.record, c.by):
+        if not self.may_cancel(st.record, c.by, c.outcome):
             self.counters["cancel by neither origin nor parent owner"] += 1
             self.port.note(
-                Dropped(src, "cancel signed by neither the origin nor the parent's owner")
+                Dropped(
+                    src,
+                    "cancel signed by neither the origin nor the parent's owner"
+                    " (nor, for a queued task failing, a member of its home)",
+                )
             )
             return
         if src != LOCAL and not self.verified(

@@ -69,12 +69,19 @@ class TaskRecord:
     sig: bytes
     task_id: bytes  # derived on decode, never sent
     origin: bytes  # sha256(origin_key); derived
+    queue_timeout: float = 0.0
+    """Seconds after `created` the task fails if no peer claimed it (`submit --queue`), or 0.
+    Signed, not part of the spec (nor of the id): the task's home members end it when its
+    origin cannot (decision 58)."""
 
     def signed_payload(self) -> bytes:
-        """The payload the origin's signature covers."""
+        """The payload the origin's signature covers (the queue timeout only when there is
+        one, so a record without one is signed as before decision 58)."""
         fields = [self.origin_key, float(self.created), self.role, self.input, self.priority]
         fields += [self.parent, self.idempotency_key, self.nonce, float(self.timeout)]
         fields.append(self.traceparent)
+        if self.queue_timeout:
+            fields.append(float(self.queue_timeout))
         return bytes(msgpack.packb(fields))
 
 

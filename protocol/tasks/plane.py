@@ -80,8 +80,13 @@ class Tasks(Executions, Grants):
         timeout: float = 0.0,
         created: float = 0.0,
         traceparent: str = "",
+        queue_timeout: float = 0.0,
     ) -> TaskRecord:
         """Create, sign and disseminate a task; an existing task with the same id is returned.
+
+        `queue_timeout` (seconds after `created`, 0 for none) goes into the record so that the
+        task's home can end it if no peer claimed it in time and its origin does not
+        (`expire`, decision 58).
 
         With an idempotency key the id names the key in its scope (the parent), whatever the
         peer: a task held here under that key with another spec is refused at once, and one
@@ -98,6 +103,8 @@ class Tasks(Executions, Grants):
             raise LocalProtocolError(f"task input must be at most {MAX_INLINE_PAYLOAD} bytes")
         if priority < 0 or timeout < 0 or len(nonce) > MAX_NONCE or len(parent) not in (0, 32):
             raise LocalProtocolError("priority and timeout must be >= 0, nonce <= 16 bytes")
+        if not 0.0 <= queue_timeout <= 1e9:
+            raise LocalProtocolError("a queue timeout must be 0 to 1e9 seconds")
         if not idempotency_key and not nonce:
             raise LocalProtocolError("a task needs an idempotency key or a nonce")
         if not is_traceparent(traceparent):
@@ -136,6 +143,7 @@ class Tasks(Executions, Grants):
             b"",
             task_id,
             self.node_id,
+            float(queue_timeout),
         )
         sig = self.signer.sign(DOMAIN_TASK, unsigned.signed_payload())
         record = with_signature(unsigned, sig)
@@ -158,7 +166,7 @@ class Tasks(Executions, Grants):
         st = self.tasks.get(task_id)
         if st is None or st.accepted is not None or st.cancel is not None:
             return False
-        if st.record is None or not self.may_cancel(st.record, self.node_id):
+        if st.record is None or not self.may_cancel(st.record, self.node_id, outcome):
             origin = st.record.origin.hex() if st.record is not None else "unknown"
             raise LocalProtocolError(
                 f"only the task's origin (peer {origin}) or its parent's owner may cancel it"
@@ -170,6 +178,19 @@ class Tasks(Executions, Grants):
         cancel = with_signature(payload, sig)
         self.apply_cancel(now, cancel, encode_message(cancel), src=LOCAL)
         return True
+
+    def expire(self, now: float, task_id: bytes, reason: str) -> bool:
+        """End a queued task no peer claimed, `failed` with `reason`, as its arbiter (decision
+        58). The host calls this once the record's queue timeout has passed on its wall clock
+        (with a grace that leaves the origin the first word); False, and nothing done, unless
+        the task is held here unclaimed and unfinished, its record has a queue timeout, and
+        this peer is its arbiter in our view (so one home member speaks, not all of them)."""
+        st = self.tasks.get(task_id)
+        if st is None or st.record is None or not st.record.queue_timeout:
+            return False
+        if st.state != "pending" or self.arbiter(st) != self.node_id:
+            return False
+        return self.cancel(now, task_id, reason, "failed")
 
     def reevaluate(self, now: float) -> None:
         """Look at every open task again, highest priority first (a slot freed, roles or

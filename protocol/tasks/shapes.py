@@ -65,6 +65,12 @@ def task_record(f: list[Any]) -> TaskRecord:
     traceparent = f[10]
     if type(traceparent) is not str or not is_traceparent(traceparent):
         raise RemoteProtocolError("task traceparent must be empty or a W3C traceparent (v00)")
+    queue_timeout = 0.0
+    if len(f) == 13:
+        queue_timeout = f[12]
+        # Present only when there is one: one encoding per record.
+        if type(queue_timeout) is not float or not 0.0 < queue_timeout <= 1e9:
+            raise RemoteProtocolError("a task's queue timeout must be a positive float")
     origin = fields.key_hash(key)
     task_id = task_id_of(
         origin, idem, nonce, role, hashlib.sha256(data).digest(), priority, parent, timeout
@@ -83,6 +89,7 @@ def task_record(f: list[Any]) -> TaskRecord:
         fields.signature(f[11]),
         task_id,
         origin,
+        queue_timeout,
     )
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from peer.runtime.queue_timeouts import HOME_GRACE, MAX_NAP
 from scripts.local_cluster import (
     LocalCluster,
     Peer,
@@ -149,6 +150,29 @@ def test_the_queue_timeout_survives_a_restart_of_the_origin(cluster: Cluster) ->
     assert time.monotonic() - started < 10
     task = json.loads(watched.stdout.strip().splitlines()[-1])
     assert task["cancel"]["reason"] == REASON.replace("2 s", "3 s")
+
+
+def test_a_queued_task_whose_origin_never_returns_is_failed_by_its_home(cluster: Cluster) -> None:
+    # The record carries the queue timeout, so the other peer, the task's arbiter once the
+    # origin is gone, ends it after the deadline and a grace (decision 58).
+    origin, other = cluster.plain, cluster.agents
+    submitted = grapevine(
+        origin, "submit", "--role", "summarize", "--queue", "--queue-timeout", "2", "--no-wait", "x"
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    task_id = submitted.stdout.strip()
+    cluster.cluster.kill(origin)  # SIGKILL, and it stays down until the task is over
+    try:
+        started = time.monotonic()
+        watched = grapevine(other, "watch", task_id, "--json", timeout=90)
+        assert watched.returncode == 1, watched.stderr
+        assert time.monotonic() - started < 2 + HOME_GRACE + MAX_NAP + 15
+        task = json.loads(watched.stdout.strip().splitlines()[-1])
+        assert (task["state"], task["cancel"]["reason"]) == ("failed", REASON)
+        assert task["cancel"]["outcome"] == "failed"
+    finally:
+        cluster.cluster.start(origin)
+        asyncio.run(known([cluster.agents, origin]))
 
 
 def test_watch_follows_an_agent_task_step_by_step(cluster: Cluster) -> None:

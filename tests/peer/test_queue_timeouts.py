@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,7 +16,13 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from peer.http.app import PeerApi
 from peer.runtime.driver import Driver
-from peer.runtime.queue_timeouts import DEFAULT_QUEUE_TIMEOUT, Queued, QueueTimeouts, expiry_reason
+from peer.runtime.queue_timeouts import (
+    DEFAULT_QUEUE_TIMEOUT,
+    HOME_GRACE,
+    Queued,
+    QueueTimeouts,
+    expiry_reason,
+)
 from protocol.tasks.messages import Cancel, Claim, TaskRecord
 from protocol.tasks.state import TaskState
 from tests.peer.inprocess import API_HEADERS, API_TOKEN, in_process_peer
@@ -80,6 +86,9 @@ class FakeNode:
     def capable(self, role: str) -> list[bytes]:
         return [ME] if role in self.roles else []
 
+    def open_tasks(self) -> list[TaskState]:
+        return [st for st in self.tasks.values() if st.cancel is None]
+
 
 @dataclass
 class FakeDriver:
@@ -95,6 +104,11 @@ class FakeDriver:
         self.cancelled.append((task_id, reason))
         st = self.node.tasks[task_id]
         st.cancel = Cancel(task_id, KEY, reason, b"", ME, outcome)
+
+    def expire_task(self, task_id: bytes, reason: str) -> bool:
+        # The node decides whether we are the arbiter; here: always.
+        self.cancel_task(task_id, reason, "failed")
+        return True
 
 
 def timeouts(fake: FakeDriver, data_dir: Path) -> QueueTimeouts:
@@ -157,6 +171,26 @@ async def test_the_loop_ends_a_task_at_its_deadline(tmp_path: Path) -> None:
         assert time.monotonic() - started < 3, "the deadline passed unnoticed"
         await asyncio.sleep(0.02)
     assert time.monotonic() - started >= 0.25
+    await queue.close()
+
+
+async def test_the_home_ends_a_queued_task_submitted_elsewhere_after_its_grace(
+    tmp_path: Path,
+) -> None:
+    fake = FakeDriver()
+    st = state(OTHER)  # its origin is another peer, whose own timeout never came
+    assert st.record is not None
+    st.record = replace(st.record, queue_timeout=5.0)  # created at 100
+    plain = state(OTHER)
+    plain.task_id = b"p" * 32
+    fake.node.tasks = {st.task_id: st, plain.task_id: plain}
+    queue = timeouts(fake, tmp_path)
+    assert queue.expire_held(105.0 + HOME_GRACE - 0.1) == []
+    assert queue.expire_held(105.0 + HOME_GRACE) == [st.task_id]
+    assert fake.cancelled == [
+        (st.task_id, "queue timeout: no live peer served role 'summarize' for 5 s")
+    ]
+    assert queue.expire_held(10_000.0) == []  # ended once; the one without a timeout: never
     await queue.close()
 
 
