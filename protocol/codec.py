@@ -418,12 +418,24 @@ def _model_usage(f: Any) -> tuple[ModelUsage, ...]:
         )
     out: list[ModelUsage] = []
     for entry in f:
-        if not isinstance(entry, list) or len(entry) != 3:
-            raise RemoteProtocolError("a peer state model must be [model, spend, breaker]")
-        model, spend, breaker = entry
+        if not isinstance(entry, list) or len(entry) not in (3, 6):
+            raise RemoteProtocolError(
+                "a peer state model must be [model, spend, breaker] or those and "
+                "[tokens, waits, waiting]"
+            )
+        model, spend, breaker = entry[:3]
         if type(breaker) is not int or not 0 <= breaker < len(Breaker):
             raise RemoteProtocolError(f"unknown breaker state {breaker!r}")
-        out.append(ModelUsage(fields.name(model), fields.uint(spend), Breaker(breaker)))
+        tokens, waits, waiting = (
+            (fields.uint(v) for v in entry[3:]) if len(entry) == 6 else (0, 0, 0)
+        )
+        if len(entry) == 6 and not (tokens or waits or waiting):
+            raise RemoteProtocolError("a peer state model's usage is sent only when not all 0")
+        out.append(
+            ModelUsage(
+                fields.name(model), fields.uint(spend), Breaker(breaker), tokens, waits, waiting
+            )
+        )
     if len({m.model for m in out}) != len(out):
         raise RemoteProtocolError("a peer state names a model twice")
     return tuple(out)

@@ -266,8 +266,9 @@ class Node(NodeTaskCalls):
         self, now: float, agents: int, spend_micro: int, models: tuple[ModelUsage, ...] = ()
     ) -> Effects:
         """Advertise how many agents this peer hosts, what its model calls cost (micro-dollars)
-        and, for up to `MAX_STATE_MODELS` models, each one's spend and breaker, in our peer
-        state (gossiped at a bounded rate: decisions 47 and 54).
+        and, for up to `MAX_STATE_MODELS` models, each one's spend, breaker, tokens and
+        rate-limit waits, in our peer state (gossiped at a bounded rate: decisions 47, 54
+        and 59).
 
         Raises:
             LocalProtocolError: a number negative or beyond the wire's range, more models
@@ -280,7 +281,10 @@ class Node(NodeTaskCalls):
                 f"a peer state names at most {MAX_STATE_MODELS} models, each once"
             )
         for m in models:
-            if not 0 < len(m.model) <= MAX_NAME_CHARS or not 0 <= m.spend_micro <= MAX_UINT:
+            counts = (m.spend_micro, m.tokens, m.waits, m.waiting)
+            if not 0 < len(m.model) <= MAX_NAME_CHARS or not all(
+                0 <= c <= MAX_UINT for c in counts
+            ):
                 raise LocalProtocolError(f"model usage out of the wire's range: {m!r:.200}")
         self._enter(now)
         self.port.usage_changed(agents, spend_micro, tuple(models))

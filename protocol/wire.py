@@ -199,12 +199,19 @@ class Breaker(IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class ModelUsage:
-    """One model as a peer state advertises it: what the peer's calls of it cost so far, and
-    its breaker there now."""
+    """One model as a peer state advertises it: what the peer's calls of it cost and used so
+    far, and its breaker and rate limit there now."""
 
     model: str
     spend_micro: int
     breaker: Breaker
+    tokens: int = 0
+    """Tokens (prompt and completion) its calls of the model used so far."""
+    waits: int = 0
+    """Times a call of the model waited for the peer's rate limit (or a provider's
+    Retry-After) so far."""
+    waiting: int = 0
+    """Calls of the model waiting for a rate limit now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,5 +302,13 @@ def peer_state_payload(
 
 
 def model_usage_fields(models: tuple[ModelUsage, ...]) -> list[list[object]]:
-    """The wire form of `PeerState.models`."""
-    return [[m.model, m.spend_micro, int(m.breaker)] for m in models]
+    """The wire form of `PeerState.models`: [model, spend, breaker], followed by [tokens,
+    waits, waiting] only when one of them is not 0 (decision 59), so a state of decision 54's
+    shape signs and encodes as it did."""
+    out: list[list[object]] = []
+    for m in models:
+        entry: list[object] = [m.model, m.spend_micro, int(m.breaker)]
+        if m.tokens or m.waits or m.waiting:
+            entry += [m.tokens, m.waits, m.waiting]
+        out.append(entry)
+    return out

@@ -100,11 +100,18 @@ def advertised(stats: Mapping[str, ModelStats]) -> tuple[ModelUsage, ...]:
     """The models a peer state carries (see the module invariants)."""
     spend: dict[str, int] = {}
     worst: dict[str, Breaker] = {}
+    usage: dict[str, tuple[int, int, int]] = {}
     for s in stats.values():
         if not 0 < len(s.model) <= MAX_NAME_CHARS:
             continue  # a name the wire cannot carry is left out of the advertisement
         spend[s.model] = spend.get(s.model, 0) + s.cost_micro
         state = BREAKERS.get(s.breaker.state, Breaker.OPEN)
         worst[s.model] = max(worst.get(s.model, Breaker.CLOSED), state)
+        tokens, waits, waiting = usage.get(s.model, (0, 0, 0))
+        usage[s.model] = (
+            tokens + s.prompt_tokens + s.completion_tokens,
+            waits + s.waits,
+            waiting + s.waiting,
+        )
     ranked = sorted(spend, key=lambda m: (worst[m] == Breaker.CLOSED, -spend[m], m))
-    return tuple(ModelUsage(m, spend[m], worst[m]) for m in ranked[:MAX_STATE_MODELS])
+    return tuple(ModelUsage(m, spend[m], worst[m], *usage[m]) for m in ranked[:MAX_STATE_MODELS])

@@ -12,7 +12,8 @@ Invariants:
   not send shows as "-" or "?" (`peer.cli.render`'s rule), never as an error.
 - The network's agents and spend are the sums over alive members of what their signed peer
   states advertise (`agents`, `spend_micro` in `/v1/members`; decision 47), refreshed every
-  few seconds; calls, tokens and the per-model table are the local peer's (`/v1/agents`).
+  few seconds, and so are the tokens, spend and rate-limit waits per model across the network
+  (decision 59); calls and the last per-model table are the local peer's (`/v1/agents`).
 """
 
 from __future__ import annotations
@@ -94,6 +95,16 @@ def summarize(members: list[JsonObject], tasks: JsonObject, agents: JsonObject) 
         for use in member.get("models") or []
         if _object(use).get("breaker", "closed") != "closed"
     ]
+    network_models: dict[str, dict[str, int]] = {}
+    for member in members:
+        if member.get("status") != "alive":
+            continue
+        for use in member.get("models") or []:
+            name = str(_object(use).get("model", "?"))
+            row = network_models.setdefault(name, dict.fromkeys(NETWORK_MODEL_COUNTS, 0))
+            row["peers"] += 1
+            for key in NETWORK_MODEL_COUNTS[1:]:
+                row[key] += _count(_object(use).get(key))
     totals = _object(tasks.get("totals"))
     by_state = {state: _count(totals.get(state)) for state in TASK_STATES}
     spend = dict.fromkeys(("calls", "prompt_tokens", "completion_tokens", "cost_micro"), 0)
@@ -107,9 +118,14 @@ def summarize(members: list[JsonObject], tasks: JsonObject, agents: JsonObject) 
         "spend_micro": network_spend,
         "roles": sorted(roles),
         "breakers": breakers,
+        "models": dict(sorted(network_models.items())),
         "tasks": by_state,
         "spend": spend,
     }
+
+
+NETWORK_MODEL_COUNTS = ("peers", "tokens", "spend_micro", "waits", "waiting")
+"""What `summarize` sums per model over the alive members' advertised models (decision 59)."""
 
 
 def render_status(members: list[JsonObject], tasks: JsonObject, agents: JsonObject) -> str:
@@ -148,10 +164,28 @@ def _fleet(members: list[JsonObject], summary: JsonObject) -> str:
         f"\nbreaker {b['breaker'].replace('_', ' ')}: {b['model']} at {render.short(b['member'])}"
         for b in summary["breakers"]
     )
-    return (
+    fleet = (
         f"fleet: {len(members)} members ({counts or 'none'}); {summary['free_slots']} free "
         f"slots, {summary['agents']} agents and {_dollars(summary['spend_micro'])} of model "
         f"spend on alive members; roles served: {roles}\n{render.table(header, rows)}{tripped}"
+    )
+    if not summary["models"]:
+        return fleet
+    model_rows = [
+        [
+            name,
+            render.number(use["peers"]),
+            render.number(use["tokens"]),
+            _dollars(use["spend_micro"]),
+            render.number(use["waits"]),
+            render.number(use["waiting"]),
+        ]
+        for name, use in summary["models"].items()
+    ]
+    model_header = ["MODEL", "PEERS", "TOKENS", "SPEND", "WAITS", "WAITING"]
+    return (
+        f"{fleet}\nmodels across the network (as alive members advertise them):\n"
+        f"{render.table(model_header, model_rows)}"
     )
 
 

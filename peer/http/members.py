@@ -135,7 +135,14 @@ class MemberApi:
             "agents": state.agents if state is not None else 0,
             "spend_micro": state.spend_micro if state is not None else 0,
             "models": [
-                {"model": u.model, "spend_micro": u.spend_micro, "breaker": u.breaker.name.lower()}
+                {
+                    "model": u.model,
+                    "spend_micro": u.spend_micro,
+                    "breaker": u.breaker.name.lower(),
+                    "tokens": u.tokens,
+                    "waits": u.waits,
+                    "waiting": u.waiting,
+                }
                 for u in (state.models if state is not None else ())
             ],
             "last_seen": None if m.node_id == node.node_id else self._last_seen(m.node_id),

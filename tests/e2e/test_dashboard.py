@@ -163,6 +163,19 @@ def _check_page(driver: Any, peers: list[Peer], first_root: str) -> None:
         "the network's spend by model",
         lambda d: "network: grapevine/offline" in _texts(d, "#spend-legend span"),
     )
+    # And each one's tokens and rate-limit waits (decision 59): one row per model, summed
+    # over the three members.
+    _wait(
+        driver,
+        "the offline model across the network",
+        lambda d: (
+            _texts(d, '#network-model-rows td[data-label="model"]') == ["grapevine/offline"]
+            and _texts(d, '#network-model-rows td[data-label="peers"]') == ["3"]
+        ),
+    )
+    [tokens] = _texts(driver, '#network-model-rows td[data-label="tokens"]')
+    assert tokens.isdigit() and int(tokens) > 0, tokens
+    assert _texts(driver, '#network-model-rows td[data-label="breakers"]') == ["all closed"]
     fleet_text = driver.find_element(By.ID, "fleet").text
     for role in ("boss", "admin", "worker"):
         assert role in fleet_text

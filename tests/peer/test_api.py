@@ -112,7 +112,9 @@ async def test_self_health_members(env: Env) -> None:
     )
 
     # What an agent host advertises (decisions 47 and 54).
-    env.api.driver.set_usage(2, 1_500, (ModelUsage("openai/gpt-4o", 1_500, Breaker.OPEN),))
+    env.api.driver.set_usage(
+        2, 1_500, (ModelUsage("openai/gpt-4o", 1_500, Breaker.OPEN, tokens=900, waits=2),)
+    )
     members = (await (await env.client.get("/v1/members")).json())["members"]
     assert members == [
         {
@@ -128,7 +130,16 @@ async def test_self_health_members(env: Env) -> None:
             "load": 0.0,
             "agents": 2,
             "spend_micro": 1_500,
-            "models": [{"model": "openai/gpt-4o", "spend_micro": 1_500, "breaker": "open"}],
+            "models": [
+                {
+                    "model": "openai/gpt-4o",
+                    "spend_micro": 1_500,
+                    "breaker": "open",
+                    "tokens": 900,
+                    "waits": 2,
+                    "waiting": 0,
+                }
+            ],
             "last_seen": None,
         }
     ]

@@ -200,4 +200,37 @@ def test_status_names_every_alive_members_tripped_breakers() -> None:
         {"member": "dddd", "model": "m4", "breaker": "half_open"},
     ]
     fleet = render_status(members, {}, {}).split("\n\n")[0].splitlines()
-    assert fleet[-2:] == ["breaker open: m1 at aaaa", "breaker half open: m4 at dddd"]
+    at = fleet.index("breaker open: m1 at aaaa")
+    assert fleet[at + 1] == "breaker half open: m4 at dddd"
+
+
+def test_status_sums_each_models_tokens_and_waits_over_the_alive_members() -> None:
+    # Decision 59: the members' peer states name each model's tokens and rate-limit waits.
+    def member(short: str, status: str, models: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": short * 5, "short_id": short, "status": status, "models": models}
+
+    def use(model: str, tokens: int, waits: int, waiting: int) -> dict[str, Any]:
+        return {
+            "model": model,
+            "spend_micro": 10,
+            "breaker": "closed",
+            "tokens": tokens,
+            "waits": waits,
+            "waiting": waiting,
+        }
+
+    members = [
+        member("aaaa", "alive", [use("m1", 100, 2, 1), use("m2", 5, 0, 0)]),
+        member("bbbb", "alive", [use("m1", 50, 1, 0)]),
+        member("cccc", "dead", [use("m1", 1_000, 9, 9)]),  # a dead member's are left out
+        member("dddd", "alive", [{"model": "m2", "spend_micro": 1, "breaker": "closed"}]),
+    ]
+    summary = summarize(members, {}, {})
+    assert summary["models"] == {
+        "m1": {"peers": 2, "tokens": 150, "spend_micro": 20, "waits": 3, "waiting": 1},
+        "m2": {"peers": 2, "tokens": 5, "spend_micro": 11, "waits": 0, "waiting": 0},
+    }
+    fleet = render_status(members, {}, {}).split("\n\n")[0].splitlines()
+    at = fleet.index("models across the network (as alive members advertise them):")
+    assert fleet[at + 1].split() == ["MODEL", "PEERS", "TOKENS", "SPEND", "WAITS", "WAITING"]
+    assert fleet[at + 2].split() == ["m1", "2", "150", "$0.000020", "3", "1"]

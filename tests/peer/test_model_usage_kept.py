@@ -117,3 +117,21 @@ def test_the_peer_state_names_tripped_breakers_first_then_the_costliest_models()
     assert shown[0] == ModelUsage("dear", 1_000, Breaker.HALF_OPEN)  # summed, the worst state
     assert shown[1] == ModelUsage("down", 0, Breaker.OPEN)
     assert [u.model for u in shown[2:]] == ["m7", "m6", "m5", "m4", "m3", "m2"]
+
+
+def test_the_peer_state_sums_each_models_tokens_and_rate_limit_waits_over_its_servers() -> None:
+    def stats(prompt: int, completion: int, waits: int, waiting: int) -> ModelStats:
+        return ModelStats(
+            "m",
+            CircuitBreaker(3, 10.0),
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            waits=waits,
+            waiting=waiting,
+            cost_micro=5,
+        )
+
+    held = {"m": stats(100, 20, 2, 1), "m@http://127.0.0.1:9": stats(7, 3, 1, 0)}
+    assert advertised(held) == (
+        ModelUsage("m", 10, Breaker.CLOSED, tokens=130, waits=3, waiting=1),
+    )

@@ -577,6 +577,8 @@ def test_model_spend_and_breakers_ride_our_state_to_others() -> None:
         (ModelUsage("", 0, Breaker.CLOSED),),
         (ModelUsage("m", -1, Breaker.CLOSED),),
         (ModelUsage("x" * (MAX_NAME_CHARS + 1), 0, Breaker.CLOSED),),
+        (ModelUsage("m", 0, Breaker.CLOSED, tokens=-1),),
+        (ModelUsage("m", 0, Breaker.CLOSED, waits=MAX_UINT + 1),),
     ],
 )
 def test_model_usage_the_wire_cannot_carry_is_refused(models: tuple[ModelUsage, ...]) -> None:
@@ -594,6 +596,24 @@ def test_a_state_without_models_is_signed_and_encoded_as_before_them() -> None:
     assert decode_message(encode_message(with_models)) == with_models
 
 
+def test_a_models_usage_travels_only_when_there_is_some_and_is_signed() -> None:
+    # Decision 59: tokens, waits and calls waiting now follow [model, spend, breaker] only
+    # when one is not 0, so an entry of decision 54's shape encodes and signs as before.
+    idle = ModelUsage("m", 1, Breaker.CLOSED)
+    busy = ModelUsage("m", 1, Breaker.CLOSED, tokens=1_500, waits=3, waiting=1)
+    plain = peer_state(0, 1, ("echo",), models=(idle,))
+    used = peer_state(0, 2, ("echo",), models=(busy,))
+    assert msgpack.unpackb(encode_message(plain))[-1] == [["m", 1, 0]]
+    assert msgpack.unpackb(encode_message(used))[-1] == [["m", 1, 0, 1_500, 3, 1]]
+    assert decode_message(encode_message(used)) == used
+    link = mesh(2)
+    forged = replace(used, models=(replace(busy, waits=0),))  # signed with waits=3
+    link.run(1, link.node(1).handle(link.now, addr(0), envelope(0, forged)))
+    assert link.node(1).peer_states().get(node_id(0)) is None
+    link.run(1, link.node(1).handle(link.now, addr(0), envelope(0, used)))
+    assert link.node(1).peer_states()[node_id(0)].models == (busy,)
+
+
 @pytest.mark.parametrize(
     "models",
     [
@@ -603,6 +623,9 @@ def test_a_state_without_models_is_signed_and_encoded_as_before_them() -> None:
         [["m", 1]],  # not [model, spend, breaker]
         [["", 1, 0]],  # no name
         [["m", -1, 0]],  # negative spend
+        [["m", 1, 0, 0, 0, 0]],  # usage all 0: sent in the short form only
+        [["m", 1, 0, 5, 1]],  # usage cut short
+        [["m", 1, 0, 5, -1, 0]],  # negative waits
         [[f"m{n}", 0, 0] for n in range(MAX_STATE_MODELS + 1)],
     ],
 )

@@ -175,6 +175,37 @@ function renderFleet() {
   const spend = alive.reduce((sum, m) => sum + (m.spend_micro || 0), 0);
   $("fleet-summary").textContent =
     `${alive.length} of ${state.members.length} alive · ${agents} agents · ${dollars(spend)} model spend`;
+  renderNetworkModels(alive);
+}
+
+// Per model, summed over the alive members' peer states (decision 59): every peer's own
+// counts and breakers, seen from here.
+function renderNetworkModels(alive) {
+  const byModel = new Map();
+  for (const m of alive) {
+    for (const u of m.models || []) {
+      const row = byModel.get(u.model) || { peers: 0, tokens: 0, spend: 0, waits: 0, waiting: 0, tripped: [] };
+      row.peers += 1;
+      row.tokens += u.tokens || 0;
+      row.spend += u.spend_micro || 0;
+      row.waits += u.waits || 0;
+      row.waiting += u.waiting || 0;
+      if (u.breaker !== "closed") row.tripped.push({ ...u, member: m.id });
+      byModel.set(u.model, row);
+    }
+  }
+  const names = [...byModel.keys()].sort((a, b) => byModel.get(b).spend - byModel.get(a).spend || a.localeCompare(b));
+  $("network-model-rows").replaceChildren(...names.map((name) => {
+    const r = byModel.get(name);
+    const tripped = r.tripped.length
+      ? el("span", {}, ...r.tripped.map((u) =>
+        el("span", { class: `breaker ${u.breaker}` }, `${u.breaker.replace("_", " ")} at ${short(u.member)} `)))
+      : "all closed";
+    return el("tr", { dataset: { networkModel: name } },
+      cell("model", name), cell("peers", r.peers), cell("tokens", r.tokens),
+      cell("cost", dollars(r.spend)), cell("rate-limit waits", r.waits), cell("waiting now", r.waiting),
+      cell("breakers", tripped));
+  }));
 }
 
 // A member's open and half-open breakers by model, or a dash.
