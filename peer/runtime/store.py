@@ -60,6 +60,12 @@ MAX_MEMBERS = 1024
 """Membership hints kept for re-joining after a restart; enough to find a live peer among
 a large network's most recently seen members."""
 
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
+"""Bytes the write-ahead log file is cut back to each time SQLite starts it over after a
+checkpoint (`PRAGMA journal_size_limit`). SQLite checkpoints at about 4 MB of log (1,000
+pages) but otherwise keeps the file at the largest size it ever reached: one large batch (a
+burst of compactions, a replica sync) left it there for the rest of the run, and the data
+directory crept up by megabytes per peer over a long soak."""
 SYNCHRONOUS_NAMES = {0: "off", 1: "normal", 2: "full", 3: "extra"}
 """SQLite's `PRAGMA synchronous` levels by number."""
 
@@ -437,6 +443,7 @@ def _connect(path: Path) -> sqlite3.Connection:
         if mode != "wal":
             raise StoreError(f"{path}: cannot enable WAL (got {mode!r})")
         db.execute("PRAGMA synchronous=FULL")
+        db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         problems = [str(row[0]) for row in db.execute("PRAGMA quick_check(3)")]
         if problems != ["ok"]:
             raise StoreError(_unusable(path, "; ".join(problems)))

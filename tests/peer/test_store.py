@@ -20,6 +20,7 @@ from peer.runtime.store import (
     IDENTITY_NAME,
     MAX_MEMBERS,
     MIGRATIONS,
+    WAL_SIZE_LIMIT,
     Store,
     StoreError,
 )
@@ -47,6 +48,19 @@ def test_every_commit_is_fsynced_synchronous_full(data_dir: Path) -> None:
         with Store.open(data_dir) as store:
             assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
             assert store.synchronous() == "full"
+
+
+def test_the_write_ahead_log_shrinks_back_after_a_large_batch(data_dir: Path) -> None:
+    # Without a size limit SQLite keeps the -wal file at the largest size it ever reached.
+    with Store.open(data_dir) as store:
+        assert store._db.execute("PRAGMA journal_size_limit").fetchone()[0] == WAL_SIZE_LIMIT
+        big = [Persist("task", i.to_bytes(4, "big"), os.urandom(4000)) for i in range(3000)]
+        store.put_many(big)  # about 12 MB of log in one transaction
+        wal = data_dir / f"{DB_NAME}-wal"
+        assert wal.stat().st_size > 2 * WAL_SIZE_LIMIT
+        for i in range(10):  # the log starts over at the next writes, and is cut back
+            store.put("incarnation", b"self", i.to_bytes(8, "big"))
+        assert wal.stat().st_size <= WAL_SIZE_LIMIT
 
 
 def test_reopen_keeps_schema_and_refuses_newer_schema(data_dir: Path) -> None:
