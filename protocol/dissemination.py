@@ -6,11 +6,13 @@ Invariants:
   retransmit limit (`protocol.gossip.BroadcastQueue`).
 - Gossip goes to up members and to members dead for less than `gossip_to_the_dead`, so a
   falsely declared peer hears of it and refutes.
-- Broadcast kinds (alive, suspect, dead, user event, peer state, task record, cancel,
-  execution entry) are idempotent under their merge rules, so byte-identical copies received
-  recently are skipped before decoding: the same fact arrives many times during dissemination,
-  and re-applying it would change nothing. Claims and results are not skipped: one dropped
-  because its predecessor had not arrived yet must be applied when it comes again.
+- Broadcast kinds (alive, suspect, dead, user event, peer state, task record) are idempotent
+  under their merge rules, so byte-identical copies received recently are skipped before
+  decoding: the same fact arrives many times during dissemination, and re-applying it would
+  change nothing. Claims, results and cancels are not skipped: one dropped because what it
+  builds on had not arrived yet (a claim's predecessor, a cancel's task record) must be
+  applied when it comes again. (A cancel that came before its record was skipped for good at
+  a quiet replica, whose recent set never turned over: the replicas disagreed forever.)
 - Seeds given to `join` with `remember` are tried again by reconnect for as long as they are
   not known up, so a partition that cut us off from everyone but a seed still heals.
 - Answers go to where the sender is known to be, never to where an envelope says it is
@@ -42,7 +44,6 @@ _BROADCAST_KINDS = frozenset(
         Kind.USER_EVENT,
         Kind.PEER_STATE,
         Kind.TASK,
-        Kind.CANCEL,
     }
 )
 _RECENT_CAPACITY = 4096

@@ -63,3 +63,22 @@ def test_a_cancel_whose_outcome_was_changed_on_the_way_is_refused() -> None:
     target.handle(link.now, "n0:1", envelope(0, forged))
     st = target.tasks.tasks[task_id]
     assert st.cancel is None and target.tasks.counters["bad signature: cancel"] == 1
+
+
+def test_a_cancel_that_came_before_its_record_is_applied_when_it_comes_again() -> None:
+    # Copies of broadcast kinds seen recently are skipped unread; a cancel must not be, or one
+    # dropped for lack of its record would be skipped for good at a quiet peer (a simulated
+    # run with loss left a replica pending next to two that held the task failed).
+    link = task_cluster(6, serving=[])
+    task_id = submit(link)
+    late = next(n for n in link.nodes.values() if task_id not in n.tasks.tasks)
+    s = signer(0)  # the origin
+    unsigned = Cancel(task_id, s.public_key, "gave up", b"", s.node_id, "failed")
+    cancel = replace(unsigned, sig=s.sign(DOMAIN_CANCEL, unsigned.signed_payload()))
+    record = link.node(0).tasks.tasks[task_id].record
+    assert record is not None
+    late.handle(link.now, "n0:1", envelope(0, cancel))
+    assert late.tasks.counters["cancel before its record"] == 1
+    late.handle(link.now, "n0:1", envelope(0, record))
+    late.handle(link.now, "n0:1", envelope(0, cancel))  # the very same bytes, again
+    assert late.tasks.tasks[task_id].state == "failed"
