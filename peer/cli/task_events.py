@@ -56,4 +56,7 @@ def _step_text(event: JsonObject) -> str:
         return f"delegated to {fields.get('role', '?')}: task {child}{reused}"
     if step == "note":
         return str(fields.get("message", ""))
+    if step == "step":
+        how = "replayed from an earlier run" if fields.get("replayed") else "done"
+        return f"step {fields.get('name', '?')}: {how}"
     return str(step)

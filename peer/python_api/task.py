@@ -26,7 +26,8 @@ Invariants:
   peer's `ProgressLog` (`peer.runtime.progress`), as an agent's are, so `grapevine watch`
   follows a Python role's tree as it grows.
 - `step(name, fn, ...)` runs `fn` once per task across takeovers and restarts: its result is
-  recorded as a checkpoint and replayed by a later run (`peer.python_api.steps`).
+  recorded as a checkpoint and replayed by a later run (`peer.python_api.steps`). Each step
+  is reported as a "step" step (its name, and whether it was replayed) when it completes.
 - `progress` reports are "note" steps of the execution (so the watch stream and the tree show
   them as they happen), logged as task lifecycle events (`event=progress`, in the peer's log
   format) and added to the execution's trace span.
@@ -212,7 +213,12 @@ class Task:
         Raises:
             TypeError: `fn`'s result is not JSON, or `name` is empty.
         """
-        return await self._durable.run(name, fn, args, kwargs)
+        resumed = self._durable.resumed
+        value = await self._durable.run(name, fn, args, kwargs)
+        if self._steps is not None:  # shown in the watch stream and the tree as it happens
+            replayed = self._durable.resumed > resumed
+            self._steps.report(self._work.task_id, self.epoch, "step", name=name, replayed=replayed)
+        return value
 
     async def delegate(self, role: str, input: Any, *, budget: Budget | None = None) -> str:
         """Run a child task of `role` on `input` somewhere in the network; return its answer.

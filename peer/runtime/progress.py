@@ -23,7 +23,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-STEP_KINDS = ("model-call", "tool-call", "delegation", "note")
+STEP_KINDS = ("model-call", "tool-call", "delegation", "note", "step")
 """What a step is: a model call answered, a tool call returned, a child task asked for, or a
 few words a Python role's function reported (`Task.progress`)."""
 TASKS_KEPT = 1000

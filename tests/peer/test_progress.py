@@ -41,7 +41,13 @@ async def test_steps_are_numbered_counted_and_handed_to_subscribers() -> None:
     assert first == Step(b"a", 1, 1, "model-call", 12.5, (("model", "m"), ("tokens", 3)))
     assert (second.seq, second.epoch) == (2, 2)
     assert [s.kind for s in log.steps(b"a")] == ["model-call", "delegation"]
-    assert log.counts(b"a") == {"model-call": 1, "tool-call": 0, "delegation": 1, "note": 0}
+    assert log.counts(b"a") == {
+        "model-call": 1,
+        "tool-call": 0,
+        "delegation": 1,
+        "note": 0,
+        "step": 0,
+    }
     assert log.counts(b"never") is None and log.steps(b"never") == []
     assert [queue.get_nowait() for _ in range(3)] == [first, log.steps(b"b")[0], second]
     log.close()
@@ -78,7 +84,13 @@ async def test_memory_is_bounded_and_a_lagging_subscriber_is_ended(
     for _ in range(5):
         log.report(b"a", 1, "tool-call")
     assert [s.seq for s in log.steps(b"a")] == [3, 4, 5]
-    assert log.counts(b"a") == {"model-call": 0, "tool-call": 5, "delegation": 0, "note": 0}
+    assert log.counts(b"a") == {
+        "model-call": 0,
+        "tool-call": 5,
+        "delegation": 0,
+        "note": 0,
+        "step": 0,
+    }
     log.report(b"b", 1, "tool-call")
     log.report(b"a", 1, "tool-call")  # a is the most recent again
     log.report(b"c", 1, "tool-call")  # b, the least recently reported, is forgotten
@@ -235,6 +247,7 @@ async def test_the_task_stream_shows_each_step_while_the_task_runs(
         "tool-call": 1,
         "delegation": 1,
         "note": 0,
+        "step": 0,
         "last": tree["progress"]["last"],
     }
     assert all(child["progress"] is None for child in tree["children"])  # echo made no step

@@ -22,6 +22,7 @@ from peer.python_api.steps import STEP_KIND
 from peer.python_api.task import Task
 from peer.runtime.executor import Work
 from peer.runtime.keyring import Keyring
+from peer.runtime.progress import ProgressLog
 from peer.settings import AgentSettings
 from protocol.errors import LocalProtocolError
 from tests.peer.inprocess import MemoryStore
@@ -95,6 +96,26 @@ async def test_a_takeover_replays_recorded_steps_and_runs_the_rest() -> None:
     for n, name in enumerate(("plan", "draft", "polish"), 1):
         assert await third.step(name, calls.make(name), n) == {name: n}
     assert calls.made == ["plan", "draft", "polish"]
+
+
+async def test_each_step_is_reported_as_it_completes_saying_whether_it_was_replayed() -> None:
+    # Steps appear in the watch stream and the tree as they happen (`ProgressLog`).
+    port, calls, log = Port(), Calls(), ProgressLog(lambda: 0.0)
+    work = Work(TASK, 1, "r", b"go")
+    first = Task(work, AgentInput("go"), Network(), TreeLimits(), Budget(), log, port)
+    await first.step("plan", calls.make("plan"), 1)
+    second = Task(
+        Work(TASK, 2, "r", b"go"), AgentInput("go"), Network(), TreeLimits(), Budget(), log, port
+    )
+    await second.step("plan", calls.make("plan"), 1)
+    await second.step("draft", calls.make("draft"), 2)
+    reported = [(s.epoch, s.kind, dict(s.detail)) for s in log.steps(TASK)]
+    assert reported == [
+        (1, "step", {"name": "plan", "replayed": False}),
+        (2, "step", {"name": "plan", "replayed": True}),
+        (2, "step", {"name": "draft", "replayed": False}),
+    ]
+    assert (log.counts(TASK) or {})["step"] == 3
 
 
 async def test_a_step_that_differs_runs_afresh_with_every_step_after_it() -> None:
