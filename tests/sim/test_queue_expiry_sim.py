@@ -10,6 +10,7 @@ the arbiter in its view acts. At the end every running peer holding one of the t
 
 from __future__ import annotations
 
+from peer.runtime.queue_timeouts import HOME_GRACE
 from protocol.sim.network import LinkModel
 from protocol.sim.simulator import Simulator
 from protocol.tasks.placement import top_by_score
@@ -18,7 +19,6 @@ from tests.sim.test_scenarios import joined
 PEERS = 12
 ORIGINS = (0, 1, 2, 3)
 QUEUE_TIMEOUT = 5.0
-GRACE = 10.0  # peer.runtime.queue_timeouts.HOME_GRACE (the protocol package cannot import peer)
 
 
 def expire_due(sim: Simulator, created: dict[bytes, float]) -> None:
@@ -26,7 +26,8 @@ def expire_due(sim: Simulator, created: dict[bytes, float]) -> None:
     for p in sim.running():
         assert p.node is not None
         for st in p.node.open_tasks():
-            if st.task_id in created and sim.now >= created[st.task_id] + QUEUE_TIMEOUT + GRACE:
+            due = created.get(st.task_id)
+            if due is not None and sim.now >= due + QUEUE_TIMEOUT + HOME_GRACE:
                 fx, _ = p.node.expire(sim.now, st.task_id, "queue timeout: no live peer")
                 sim.apply(p.index, fx)
     sim.at(sim.now + 1.0, lambda: expire_due(sim, created))
