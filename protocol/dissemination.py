@@ -22,6 +22,11 @@ Invariants:
   (`push_pull_answer_addr`).
 - Push-pull answers are rate-limited per address (`PUSH_PULL_ANSWER_INTERVAL`): a full state
   is the largest answer a peer gives, so no one can make us send it to anyone repeatedly.
+- Lazy messages (`send_lazy`: replica syncs, which only repair what a loss left short) wait
+  for the next envelope to their address and ride in front of its messages, so they keep
+  their order with what we send there later; `flush_lazy` sends what is still waiting, alone.
+  Never on a probe-class envelope (its lane must stay light), and never past
+  `LAZY_RIDE_BYTES` (decision 63).
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ _BROADCAST_KINDS = frozenset(
 )
 _RECENT_CAPACITY = 4096
 _ENVELOPE_OVERHEAD = 64
+_PROBE_KINDS = frozenset({Kind.PING, Kind.INDIRECT_PING, Kind.ACK, Kind.NACK})
+LAZY_RIDE_BYTES = 512 * 1024
+"""Most bytes of lazy messages that ride on one envelope (far below `MAX_ENVELOPE_BYTES`); the
+rest waits for the next one or `flush_lazy`."""
 
 UNKNOWN_SENDER = "unknown sender at "
 """How the reply address of a sender not known here starts (the address it claims follows, for
@@ -102,6 +111,8 @@ class Dissemination:
         self.leave_transmits = 0
         self._answered: dict[str, float] = {}
         """When each address last got a push-pull answer, oldest first (recent ones only)."""
+        self._lazy: dict[str, list[bytes]] = {}
+        """Lazy messages waiting for an envelope to their address (`send_lazy`)."""
 
     def reply_addr(self, sender: bytes, claimed: str) -> str:
         """Where answers to `sender` go: its address in the member table, or, for a sender not
@@ -145,7 +156,39 @@ class Dissemination:
         if piggyback:
             used = _ENVELOPE_OVERHEAD + sum(len(m) + MESSAGE_OVERHEAD for m in messages)
             messages = messages + self._broadcasts(self.config.gossip.packet_budget - used)
+        if addr in self._lazy and not any(len(m) > 1 and m[1] in _PROBE_KINDS for m in messages):
+            messages = self._riding(addr) + messages
         self.sink(Send(addr, encode_envelope(self.node_id, self.addr, messages)))
+
+    def send_lazy(self, addr: str, messages: list[bytes]) -> None:
+        """Send `messages` to `addr` with the next envelope that goes there, or alone at the
+        next `flush_lazy`."""
+        if addr.startswith(UNKNOWN_SENDER):
+            self.note(Dropped(addr, "no answer to a sender not known here"))
+            return
+        self._lazy.setdefault(addr, []).extend(messages)
+
+    def flush_lazy(self) -> None:
+        """Send every lazy message still waiting, in envelopes of their own."""
+        while self._lazy:
+            addr = next(iter(self._lazy))
+            self.sink(Send(addr, encode_envelope(self.node_id, self.addr, self._riding(addr))))
+
+    def _riding(self, addr: str) -> list[bytes]:
+        """Take the lazy messages for `addr` that fit in `LAZY_RIDE_BYTES` (at least one)."""
+        waiting = self._lazy[addr]
+        size, count = 0, 0
+        for m in waiting:
+            size += len(m) + MESSAGE_OVERHEAD
+            if count and size > LAZY_RIDE_BYTES:
+                break
+            count += 1
+        taken, rest = waiting[:count], waiting[count:]
+        if rest:
+            self._lazy[addr] = rest
+        else:
+            del self._lazy[addr]
+        return taken
 
     def seen_recently(self, raw: bytes) -> bool:
         """True if these exact bytes of a broadcast kind were received recently."""

@@ -435,7 +435,7 @@ class Node(NodeTaskCalls):
                 return
 
     def _push_pull(self, addr: str, join: bool, reply: bool) -> None:
-        states = tuple(self.advertisements.states.values())
+        states = self.advertisements.shared()
         msg = PushPull(join, reply, tuple(self.membership.entries()), states)
         messages = [encode_message(msg), *self.user_events.recent]
         if self.tasks.tasks:

@@ -66,6 +66,14 @@ USAGE_GOSSIP_BUDGET = 5.0
 `live members / USAGE_GOSSIP_BUDGET` seconds (at least `USAGE_GOSSIP_INTERVAL`) between two.
 Usage steers nothing (dashboards and `grapevine status` read it), so it may lag: 20 s at 100
 peers (decision 47)."""
+COUNT_REFRESH_INTERVAL = 30.0
+"""Least seconds between two versions of our state gossiped because our free-slot count alone
+changed (fullness unchanged): dashboards show it, nothing decides on it (decision 63)."""
+COUNT_REFRESH_BUDGET = 1.0
+"""Versions gossiped per second by the whole network for a free-slot count alone, at most:
+each peer waits `live members / COUNT_REFRESH_BUDGET` seconds (at least
+`COUNT_REFRESH_INTERVAL`) between two. Each version reaches every peer, about a hundred sends
+at 30 peers, so this costs the network a few hundred messages a minute."""
 
 
 class NodePort:
@@ -95,12 +103,13 @@ class NodePort:
         self._fx = Effects()
         self._timer_seq = 0
         self._live: tuple[bytes, ...] | None = None
+        """`live_members`, kept until a member's status changes (a notification says so)."""
         self._state_gossip_at = 0.0
         self._state_pending = False
         self._gossiped_full: bool | None = None
         self._usage_gossip_at = 0.0
         self._usage_pending = False
-        """`live_members`, kept until a member's status changes (a notification says so)."""
+        self._count_refresh_at = 0.0
         self.remembered: dict[bytes, float] = {}
         """Members this peer knew before a restart (the host's saved hints) that are not in
         the table, each with when to forget it: they count in `known_members`, so a restarted
@@ -126,6 +135,14 @@ class NodePort:
     def send(self, addr: str, messages: list[bytes], piggyback: bool) -> None:
         """Send `messages` to `addr` in one envelope, topped up with broadcasts if asked."""
         self.dissemination.send(addr, messages, piggyback)
+
+    def send_lazy(self, addr: str, messages: list[bytes]) -> None:
+        """Send `messages` to `addr` with our next envelope there (see `Dissemination`)."""
+        self.dissemination.send_lazy(addr, messages)
+
+    def flush_lazy(self) -> None:
+        """Send the lazy messages still waiting, alone."""
+        self.dissemination.flush_lazy()
 
     def deliver(self, send: Send) -> None:
         """Buffer one envelope for the host to send."""
@@ -202,7 +219,8 @@ class NodePort:
         at most one version every `STATE_GOSSIP_INTERVAL` (`flush_state` sends the newest
         when due). Every peer receives and verifies each version gossiped, and free slots
         change with every execution's start and end: gossiping each made a task cost O(N)
-        messages and signature checks (decision 18)."""
+        messages and signature checks (decision 18). A new count alone is gossiped at most
+        every `COUNT_REFRESH_INTERVAL` (`flush_state`), for dashboards."""
         state = self.advertisements.states.get(self.node_id)
         free = self.tasks.free_slots()
         if state is None or state.free_slots == free:
@@ -243,6 +261,7 @@ class NodePort:
 
     def flush_state(self) -> None:
         """Gossip our newest state if a rate-limited one waits and its turn came."""
+        self._refresh_count()
         if self._usage_pending and self.now >= self._usage_gossip_at:
             self._usage_pending = False
             self._usage_gossiped()
@@ -253,6 +272,19 @@ class NodePort:
             if state is not None and (state.free_slots == 0) != self._gossiped_full:
                 self._gossiped(state.free_slots)
                 self.advertisements.gossip_own()
+
+    def _refresh_count(self) -> None:
+        ads = self.advertisements
+        own, published = ads.states.get(self.node_id), ads.published
+        if own is None or published is None or own.free_slots == published.free_slots:
+            return
+        if self.now < self._count_refresh_at:
+            return
+        members = len(self.live_members())
+        self._count_refresh_at = self.now + max(
+            COUNT_REFRESH_INTERVAL, members / COUNT_REFRESH_BUDGET
+        )
+        ads.gossip_own()
 
     def _gossiped(self, free: int) -> None:
         self._gossiped_full = free == 0

@@ -16,6 +16,10 @@ Invariants:
 - Our own states carry the incarnation we started with and a version counting up from 1, so a
   restarted peer's states supersede those of its earlier lives; a record of an earlier life of
   ours is superseded rather than adopted.
+- Only our states that were gossiped leave this peer (`published`; push-pull carries that one,
+  `shared`): a version made for our own reading (every execution's start and end changes the
+  free slots) is new to every peer that receives it, and each one gossips it on, so sharing
+  it in push-pull spread one unplanned version per member and exchange (decision 63).
 - `full_since` remembers since when a peer has advertised no free slot (read by the task rules).
 """
 
@@ -75,6 +79,8 @@ class PeerStates:
         self._early: dict[bytes, tuple[PeerState, str]] = {}
         self._full_since: dict[bytes, float] = {}
         self._order = (min(incarnation, MAX_INCARNATION), 0)
+        self.published: PeerState | None = None
+        """Our newest state gossiped: the only one of ours other peers are given."""
         self.usage: tuple[int, int, tuple[ModelUsage, ...]] = (0, 0, ())
         """(agents, spend_micro, models) our states carry (`NodePort.usage_changed` sets
         it)."""
@@ -127,7 +133,13 @@ class PeerStates:
         """Queue our newest state for gossip (it replaces any older one still queued)."""
         state = self.states.get(self.node_id)
         if state is not None:
+            self.published = state
             self.port.gossip(("state", self.node_id), encode_message(state))
+
+    def shared(self) -> tuple[PeerState, ...]:
+        """The states a push-pull carries: every other peer's, and our newest gossiped one."""
+        others = tuple(s for n, s in self.states.items() if n != self.node_id)
+        return others if self.published is None else (*others, self.published)
 
     def apply(self, now: float, state: PeerState, raw: bytes | None, src: str) -> bool:
         """Merge a state received from `src` (`raw` its wire bytes, None to re-encode).

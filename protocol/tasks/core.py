@@ -102,6 +102,8 @@ class Port(MembershipPort, Protocol):
     ) -> None: ...
     def slots_changed(self) -> None: ...
     def command(self, command: Command) -> None: ...
+    def send_lazy(self, addr: str, messages: list[bytes]) -> None: ...
+    def flush_lazy(self) -> None: ...
 
 
 class TaskCore(ABC):
@@ -262,8 +264,12 @@ class TaskCore(ABC):
         if batch:
             self.port.send(addr, batch, piggyback=False)
 
-    def send_inventories(self, addr: str, task_ids: Iterable[bytes], reply: bool) -> None:
-        """Send our inventory of these held tasks to `addr` (`TaskHave`), in batches."""
+    def send_inventories(
+        self, addr: str, task_ids: Iterable[bytes], reply: bool, lazy: bool = False
+    ) -> None:
+        """Send our inventory of these held tasks to `addr` (`TaskHave`), in batches; `lazy`
+        ones ride with the next envelope there (`Port.send_lazy`)."""
+        send = self.port.send_lazy if lazy else lambda a, m: self.port.send(a, m, False)
         batch: list[Inventory] = []
         size = 0
         for tid in task_ids:
@@ -274,10 +280,10 @@ class TaskCore(ABC):
             batch.append(inv)
             size += 64 + len(inv.keys)
             if size >= INVENTORY_BATCH_BYTES:
-                self.port.send(addr, [encode_message(TaskHave(tuple(batch), reply))], False)
+                send(addr, [encode_message(TaskHave(tuple(batch), reply))])
                 batch, size = [], 0
         if batch:
-            self.port.send(addr, [encode_message(TaskHave(tuple(batch), reply))], False)
+            send(addr, [encode_message(TaskHave(tuple(batch), reply))])
 
     def candidates(self, st: TaskState, epoch: int) -> list[bytes]:
         """Live peers able to run `epoch` of the task in HRW order, its primary first (for a

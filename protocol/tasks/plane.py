@@ -212,6 +212,9 @@ class Tasks(Executions, Grants):
         self.repair(now)
         if now >= self.next_sync:
             self.next_sync = now + SYNC_TICK
+            # The last tick's syncs that found no envelope to ride go now; this tick's wait
+            # for one until the next (decision 63).
+            self.port.flush_lazy()
             self.sync(now)
         touched = [t for t in self.unsettled if t in self.tasks]
         self.unsettled.clear()

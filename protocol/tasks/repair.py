@@ -229,7 +229,7 @@ class Repair(TaskCore):
         for node_id, ids in sorted(batches.items()):
             addr = self.view.addr_of(node_id)
             if addr is not None:
-                self.send_inventories(addr, ids, reply=True)
+                self.send_inventories(addr, ids, reply=True, lazy=True)
 
     def on_have(self, src: str, msg: TaskHave) -> None:
         """Answer a peer's inventories (a replica sync, or repair): send the objects it lacks;
@@ -276,12 +276,15 @@ class Repair(TaskCore):
         # saved 1.3 envelopes of a task's 17 at 30 peers, but the task campaign then ended
         # with a peer outside the home short of a result (seed 119): the second copy is what
         # reaches a holder nobody tracks (decision 51).
+        # The author sent its object to the home it sees, so the copy relayed is a second one
+        # (or reaches a holder the author does not know): it waits for the next envelope to
+        # its peer, or the next sync tick, rather than costing one of its own (decision 63).
         if src == STORE or st.record is None or st.record.origin != self.node_id:
             return
         for node_id in sorted((st.sent_to | st.holders) - {author}):
             addr = self.view.addr_of(node_id)
             if addr is not None and addr != src:
-                self.port.send(addr, [raw], piggyback=False)
+                self.port.send_lazy(addr, [raw])
 
     def repair(self, now: float) -> None:
         """After a change of the live membership, send open tasks to their new audience."""

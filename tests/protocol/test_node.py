@@ -28,7 +28,7 @@ from protocol.effects import (
 from protocol.envelope import decode_envelope, encode_envelope
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.node import Node
-from protocol.node_port import USAGE_GOSSIP_INTERVAL
+from protocol.node_port import COUNT_REFRESH_INTERVAL, USAGE_GOSSIP_INTERVAL
 from protocol.probing import RELAY_TIMEOUT_FRACTION
 from protocol.wire import (
     MAX_NAME_CHARS,
@@ -551,6 +551,42 @@ def test_usage_rides_our_state_to_others_at_a_bounded_rate() -> None:
     version = link.node(0).peer_states()[node_id(0)].version
     link.run(0, link.node(0).set_usage(link.now, 3, 9_000))
     assert link.node(0).peer_states()[node_id(0)].version == version
+
+
+def test_a_push_pull_carries_only_our_gossiped_state() -> None:
+    # A version made for our own reading was new to every peer a push-pull gave it to, and
+    # each gossiped it on: one unplanned broadcast per member and exchange (decision 63).
+    link = mesh(3)
+    link.run(0, link.node(0).set_state(link.now, ("writer",), 2, 0, 0.0))
+    link.run(0, link.node(0).set_usage(link.now, 3, 1_250))  # gossiped at once
+    link.advance(link.now + 1.0)
+    link.run(0, link.node(0).set_usage(link.now, 3, 9_000))  # ours now, gossiped when due
+    assert link.node(0).peer_states()[node_id(0)].spend_micro == 9_000
+    fx = link.node(0).join(link.now, [addr(1)])
+    pulls = [m for s in fx.sends for m in opened(s.data) if isinstance(m, PushPull)]
+    assert pulls
+    ours = [st for st in pulls[0].states if st.node_id == node_id(0)]
+    assert [st.spend_micro for st in ours] == [1_250]
+
+
+def test_a_new_free_slot_count_alone_is_gossiped_at_most_every_refresh_interval() -> None:
+    link = mesh(3)
+    link.run(0, link.node(0).set_state(link.now, ("writer",), 4, 0, 0.0))
+    link.advance(link.now + 2.0)
+    ads = link.node(0).advertisements
+    # The first new count goes out at once; the next waits for COUNT_REFRESH_INTERVAL.
+    ads.advertise(("writer",), 3, 0, 0.0, gossip=False)
+    link.run(0, link.node(0).tick(link.now))
+    link.advance(link.now + 1.0)
+    assert link.node(1).peer_states()[node_id(0)].free_slots == 3
+    ads.advertise(("writer",), 2, 0, 0.0, gossip=False)
+    link.run(0, link.node(0).tick(link.now))
+    link.advance(link.now + COUNT_REFRESH_INTERVAL / 2)
+    assert link.node(0).peer_states()[node_id(0)].free_slots == 2
+    assert link.node(1).peer_states()[node_id(0)].free_slots == 3
+    link.advance(link.now + COUNT_REFRESH_INTERVAL)
+    for i in (1, 2):
+        assert link.node(i).peer_states()[node_id(0)].free_slots == 2
 
 
 def test_model_spend_and_breakers_ride_our_state_to_others() -> None:

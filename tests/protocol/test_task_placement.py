@@ -17,6 +17,7 @@ from protocol.effects import TaskCancelled
 from protocol.errors import LocalProtocolError
 from protocol.tasks.messages import DOMAIN_CANCEL, Cancel, Claim, Result, TaskHave, TaskHeld
 from protocol.tasks.placement import ReplicaSets, top_by_score
+from protocol.tasks.repair import SYNC_TICK
 from tests.protocol.fakes import Link, addr, envelope, node_id, opened, signer
 from tests.protocol.test_tasks import (
     ROLE,
@@ -126,7 +127,7 @@ def test_a_replica_that_lost_a_result_gets_it_from_the_replicas_sync() -> None:
     link.advance(link.now + 0.5)
     assert link.node(victim).tasks.tasks[task_id].accepted is None
     link.drop = lambda src, dst, data: False
-    link.advance(link.now + 3.0)  # the first sync comes 2 s after the change
+    link.advance(link.now + 5.0)  # the first sync, 2 s after the change, may wait a tick
     assert link.node(victim).tasks.tasks[task_id].accepted is not None
     assert any(link.sent(i, victim, TaskHave) for i in range(5))
 
@@ -154,6 +155,7 @@ def test_the_origin_relays_a_claim_to_every_peer_it_sent_the_record_to() -> None
     assert made is not None
     mark = link.now
     deliver(link, 0, owner, made)
+    link.advance(link.now + SYNC_TICK)  # a relayed copy waits at most a tick (decision 63)
     relayed = {j for j in range(6) if any(t >= mark for t in link.sent(0, j, Claim)) and j != owner}
     sent_to = link.node(0).tasks.tasks[task_id].sent_to
     assert relayed == {i for i in range(6) if node_id(i) in sent_to} - {owner}
@@ -187,7 +189,9 @@ def test_the_origin_syncs_with_a_holder_outside_the_home_that_missed_the_result(
     link.advance(link.now + 0.5)
     assert link.node(outsider).tasks.tasks[task_id].accepted is None
     link.drop = lambda src, dst, data: False
-    link.advance(link.now + 3.0)  # the origin's first sync comes 2 s after its change
+    # The origin's first sync comes 2 s after its change, then waits up to a tick for an
+    # envelope to ride on (decision 63).
+    link.advance(link.now + 5.0)
     assert link.node(outsider).tasks.tasks[task_id].accepted is not None
     assert link.sent(0, outsider, TaskHave)
 
@@ -209,6 +213,7 @@ def test_the_origin_relays_a_claim_to_a_peer_that_told_it_it_holds_the_record() 
     assert made is not None
     mark = link.now
     deliver(link, 0, owner, made)
+    link.advance(link.now + SYNC_TICK)  # a relayed copy waits at most a tick (decision 63)
     assert any(t >= mark for t in link.sent(0, outsider, Claim))
 
 
@@ -238,6 +243,6 @@ def test_a_former_replica_compares_its_copy_with_the_home_after_a_member_joins()
     link.drop = lambda src, dst, data: False
     link.start(4, incarnation=1)
     link.join(4)
-    link.advance(link.now + 5.0)
+    link.advance(link.now + 7.0)  # the join spreads, then a sync (2 s) that may wait a tick
     assert link.node(former).tasks.tasks[task_id].accepted is not None
     assert link.node(former).tasks.counters["copies outside the home synced again"] >= 1
