@@ -46,6 +46,10 @@ class NodeQueries:
         """The state of a task held here, or None."""
         return self.tasks.tasks.get(task_id)
 
+    def final_since(self, task_id: bytes) -> float | None:
+        """When (node time) this peer learned the held task `task_id` was final, or None."""
+        return self.tasks.final_at.get(task_id)
+
     def checkpoints(self, task_id: bytes) -> list[Checkpoint]:
         """The steps of the task's runs held here, by (epoch, owner, sequence number)."""
         st = self.tasks.tasks.get(task_id)

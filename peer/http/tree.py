@@ -9,6 +9,9 @@ Invariants:
   here) has their counts and its last step as `progress`; elsewhere `progress` is null.
 - Model calls (made, repeated after a takeover, their tokens, per run) are counted from the
   task's checkpoints held here (`peer.agents.model_calls`): the same wherever they are held.
+- `created` is the origin's wall clock in the record; `ended` is when this peer learned the
+  task was final (its wall clock), null while it is not: a node's duration is the difference,
+  give or take the clocks' skew and the result's way here.
 """
 
 from __future__ import annotations
@@ -75,8 +78,13 @@ class TreeApi:
                 self.driver.node.children,
                 lambda t: progress_json(progress, t),
                 lambda t: model_calls_of(self.driver, t),
+                self._ended,
             )
         )
+
+    def _ended(self, task_id: bytes) -> float | None:
+        final = self.driver.node.final_since(task_id)
+        return None if final is None else self.driver.wall_of(final)
 
     async def _fetch_tree(self, root: bytes) -> None:
         # The children of a task are held by the peers that ran it (their origin) and their
@@ -138,6 +146,7 @@ def tree_json(
     children_of: Callable[[bytes], list[TaskState]],
     progress_of: Callable[[bytes], Json | None] = lambda _: None,
     model_calls_of: Callable[[bytes], ModelCalls] = lambda _: ModelCalls(),
+    ended_of: Callable[[bytes], float | None] = lambda _: None,
 ) -> Json:
     """Return the API form of the task tree below `root` (see docs/http-api.md).
 
@@ -147,6 +156,7 @@ def tree_json(
         progress_of: a task's steps here (`peer.http.progress.progress_json`); none by default.
         model_calls_of: a task's model calls from its checkpoints (`model_calls_of`); none by
             default.
+        ended_of: when (wall clock) this peer learned a task was final; unknown by default.
     """
     totals = dict.fromkeys(
         (
@@ -193,6 +203,8 @@ def tree_json(
             "id": st.task_id.hex(),
             "role": rec.role if rec is not None else None,
             "state": st.state,
+            "created": rec.created if rec is not None else None,
+            "ended": ended_of(st.task_id),
             "peer": node_id_text(claim.owner) if claim is not None else None,
             "agent": agent,
             "usage": usage,

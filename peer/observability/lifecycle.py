@@ -18,7 +18,8 @@ Events (the `event` field of each line, logger `grapevine.tasks`), each from thi
 Invariants:
 - Every line carries task_id (hex), role, epoch, peer (this peer's short id) and trace_id
   (the trace id of the trace context the task's record carries, empty without one), as
-  `extra` fields the JSON format writes as keys; the text format has them in the message.
+  `extra` fields the JSON format writes as keys; the text format has them in the message
+  (`trace=` only when there is one).
 - The same events open and close this peer's spans of the task (`tracing`: a claim span, and
   an execution span from its start to its end or fence; `peer.observability.tracing`).
 - Nothing here changes the node: it only reads tasks' records (`Node.task`).
@@ -179,22 +180,24 @@ class TaskLifecycle:
         if not log.isEnabledFor(logging.INFO):
             return
         text = task_id.hex()
+        trace = trace_id_of(self._traceparent(task_id))
         detail = "".join(f" {key}={value}" for key, value in fields.items())
         log.info(
-            "task %s %s: role=%s epoch=%d peer=%s%s",
+            "task %s %s: role=%s epoch=%d peer=%s%s%s",
             text,
             event,
             role,
             epoch,
             self._peer,
             detail,
+            f" trace={trace}" if trace else "",
             extra={
                 "event": event,
                 "task_id": text,
                 "role": role,
                 "epoch": epoch,
                 "peer": self._peer,
-                "trace_id": trace_id_of(self._traceparent(task_id)),
+                "trace_id": trace,
                 **fields,
             },
         )

@@ -102,6 +102,7 @@ class Driver:
         self._loop = asyncio.get_running_loop()
         self._clock = clock or self._loop.time
         self._wall = wall
+        self._wall_offset: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._save_timer: asyncio.TimerHandle | None = None
         self.notifications = Notifications(node, wall)
@@ -194,6 +195,13 @@ class Driver:
     def wall(self) -> float:
         """Wall-clock seconds, as shown to users."""
         return self._wall()
+
+    def wall_of(self, node_time: float) -> float:
+        """The wall-clock time of a moment given in the node's (monotonic) time, by the
+        clocks' offset as first read (so one moment reads the same each time)."""
+        if self._wall_offset is None:
+            self._wall_offset = self._wall() - self._clock()
+        return node_time + self._wall_offset
 
     # Tasks
 

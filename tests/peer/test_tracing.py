@@ -174,6 +174,12 @@ async def test_a_delegation_tree_on_two_peers_is_one_trace_whose_spans_nest(
     assert {line["peer"] for line in lines} == peers
     assert {line["trace_id"] for line in lines} == {trace_id}
     assert {line["event"] for line in lines} >= {"submitted", "claimed", "started", "ended"}
+    # The text format (the default) shows it in the line itself.
+    assert all(
+        r.getMessage().endswith(f" trace={trace_id}")
+        for r in caplog.records
+        if vars(r).get("task_id") in tree_ids
+    )
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from typing import Any
@@ -31,6 +32,8 @@ NODE_FIELDS = {
     "id",
     "role",
     "state",
+    "created",
+    "ended",
     "peer",
     "agent",
     "usage",
@@ -132,6 +135,9 @@ async def test_tree_of_a_parent_and_two_children(env: Env) -> None:
         assert set(one) == set(two) == NODE_FIELDS
         assert (one["id"], two["id"]) == (first.hex(), second.hex()), "oldest first"
         assert one["agent"] == "writer-1" and one["children"] == []
+        # Created from the record; ended when this peer learned the result (its wall clock).
+        assert (one["created"], two["created"]) == (1000.0, 2000.0)
+        assert all(abs(n["ended"] - time.time()) < 60 for n in (tree, one, two))
         assert two["role"] == "echo" and two["agent"] is None
         assert two["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "cost_microdollars": 0}
         assert tree["totals"] == {
@@ -186,7 +192,7 @@ async def test_pending_task_has_no_peer_usage_or_agent(env: Env) -> None:
     a, _ = env.drivers
     lonely = a.submit("nobody serves this", b"x", nonce=os.urandom(16))
     tree = await env.tree(lonely.hex())
-    assert tree["state"] == "pending" and tree["peer"] is None
+    assert tree["state"] == "pending" and tree["peer"] is None and tree["ended"] is None
     assert tree["usage"] is None and tree["agent"] is None and tree["children"] == []
     assert tree["totals"]["executions"] == 0
 

@@ -353,8 +353,8 @@ function drawSpend() {
 // ---- tasks ---------------------------------------------------------------------------------
 
 function duration(task) {
-  const end = state.resultAt.get(task.id);
-  return end !== undefined && task.created ? end - task.created : null;
+  const end = state.resultAt.get(task.id) ?? task.ended;
+  return end !== undefined && end !== null && task.created ? end - task.created : null;
 }
 
 async function loadTasks() {
@@ -497,7 +497,7 @@ function treeNode(node) {
     el("span", { class: "tokens" }, tokens === null ? "– tokens" : `${tokens} tokens`),
     el("span", { class: "cost" }, usage ? dollars(usage.cost_microdollars) : "–"),
     el("span", { class: "duration", title: "submit → result, as seen here" },
-      seconds(duration({ id: node.id, created: state.created.get(node.id) }))),
+      seconds(duration({ id: node.id, created: node.created ?? state.created.get(node.id), ended: node.ended }))),
     node.duplicates ? el("span", { class: "warn" }, `${node.duplicates} duplicates`) : null);
   const children = node.children.length ? el("ul", {}, ...node.children.map(treeNode)) : null;
   return el("li", { class: "node", dataset: { task: node.id, state: node.state } }, row, children);
