@@ -221,7 +221,8 @@ def answer_text(output: str) -> str:
 
 def tree_totals(tree: JsonObject) -> str:
     """The line under `grapevine tree`, e.g. "3 tasks, 3 executions, 0 duplicates, 240 tokens
-    (200 prompt, 40 completion), cost $0.000014"."""
+    (200 prompt, 40 completion), cost $0.000014, 4 model calls (1 repeated after a takeover,
+    60 tokens)"."""
     totals = tree.get("totals")
     if not isinstance(totals, dict):
         totals = {}
@@ -232,7 +233,10 @@ def tree_totals(tree: JsonObject) -> str:
     line = (
         f"{number(totals.get('tasks'))} tasks, {number(totals.get('executions'))} executions, "
         f"{number(totals.get('duplicates'))} duplicates, {tokens} tokens ({number(prompt)} "
-        f"prompt, {number(completion)} completion), cost {dollars}"
+        f"prompt, {number(completion)} completion), cost {dollars}, "
+        f"{number(totals.get('model_calls'))} model calls "
+        f"({number(totals.get('model_calls_repeated'))} repeated after a takeover, "
+        f"{number(totals.get('repeated_tokens'))} tokens)"
     )
     if tree.get("truncated"):
         line += "; deeper tasks left out"

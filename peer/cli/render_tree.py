@@ -42,7 +42,8 @@ def task_tree(tree: JsonObject) -> Tree:
 
 
 def tree_label(node: JsonObject) -> Text:
-    """One task's line: role, short id, state, peer, agent, tokens, duplicates."""
+    """One task's line: role, short id, state, peer, agent, tokens, model calls (and those
+    repeated after a takeover), duplicates."""
     state = str(node.get("state", "?"))
     usage = node.get("usage") if isinstance(node.get("usage"), dict) else None
     label = Text.assemble(
@@ -57,6 +58,11 @@ def tree_label(node: JsonObject) -> Text:
     if usage is not None:
         tokens = sum(v for k, v in usage.items() if k.endswith("_tokens") and isinstance(v, int))
         label.append(f" {tokens} tokens")
+    calls, repeated = node.get("model_calls"), node.get("model_calls_repeated")
+    if isinstance(calls, int) and calls > 0:
+        label.append(f" {calls} model call{'s' if calls > 1 else ''}")
+        if isinstance(repeated, int) and repeated > 0:
+            label.append(f" ({repeated} repeated after a takeover)", "yellow")
     duplicates = node.get("duplicates")
     if isinstance(duplicates, int) and duplicates > 0:
         label.append(f" ({duplicates} duplicate{'s' if duplicates > 1 else ''})", "red")

@@ -197,9 +197,15 @@ def _tasks(tasks: JsonObject, summary: JsonObject) -> str:
         f"{render.number(totals.get(key))} {key}"
         for key in ("executions", "duplicates", "takeovers", "fenced")
     )
+    calls = (
+        f"{render.number(totals.get('model_calls'))} made, "
+        f"{render.number(totals.get('model_calls_repeated'))} repeated after a takeover "
+        f"({render.number(totals.get('repeated_tokens'))} tokens)"
+    )
     return (
         f"tasks held here: {render.number(totals.get('tasks'))} ({states})\n"
         f"runs of them: {runs}\n"
+        f"model calls of them: {calls}\n"
         f"executing here: {render.number(here.get('executor_running'))} running, "
         f"{render.number(here.get('executor_suspended'))} suspended, "
         f"{render.number(here.get('executor_waiting'))} waiting for a slot"

@@ -24,6 +24,7 @@ Invariants:
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -50,6 +51,9 @@ from peer.client import ApiError, GrapevineClient, JsonObject
 
 STATES = ("pending", "running", "done", "failed", "cancelled")
 """The task states `grapevine tasks --state` accepts."""
+_UNACKNOWLEDGED = re.compile(r"task ([0-9a-f]{64}) is durable at this peer")
+"""How a submission's 503 begins when the task exists here but too few peers hold a copy
+(`peer.http.tasks`): `submit` warns and follows the task."""
 LOCAL_LIMIT = 100
 """Tasks `grapevine tasks` lists without --limit (all of them with --network)."""
 
@@ -121,9 +125,9 @@ def register(commands: Subcommands) -> None:
         default=None,
         metavar="SECONDS",
         help="with --queue: if no peer claimed the task within SECONDS of its submission, it "
-        "ends (cancelled by its origin peer with the reason 'queue timeout: ...') and so "
-        "does any wait for it; default 600, 0 waits forever. Kept on the submitting peer's "
-        "disk: it holds across a restart of that peer, but not if that peer is gone for good",
+        "ends failed with the reason 'queue timeout: ...', and so does any wait for it; "
+        "default 600, 0 waits forever. The deadline travels in the signed task: the "
+        "submitting peer ends the task, or the peers that hold it if that peer is gone",
     )
     client_command(submit, _submit)
 
@@ -249,15 +253,24 @@ async def _submit(client: GrapevineClient, args: argparse.Namespace) -> int:
     if not args.role or args.input is None:
         return fail(args, "give --role ROLE and INPUT (or --file PATH)", EXIT_USAGE)
     text = sys.stdin.read() if args.input == "-" else args.input
-    answer = await client.submit(
-        args.role,
-        text,
-        priority=args.priority,
-        idempotency_key=args.idempotency_key,
-        timeout=args.timeout,
-        queue=args.queue,
-        queue_timeout=args.queue_timeout,
-    )
+    try:
+        answer = await client.submit(
+            args.role,
+            text,
+            priority=args.priority,
+            idempotency_key=args.idempotency_key,
+            timeout=args.timeout,
+            queue=args.queue,
+            queue_timeout=args.queue_timeout,
+        )
+    except ApiError as exc:
+        unacknowledged = _UNACKNOWLEDGED.match(exc.detail) if exc.status == 503 else None
+        if unacknowledged is None or args.no_wait:
+            raise
+        # The task exists and runs; only its copies elsewhere are missing. Say so, and follow
+        # it as for an acknowledged one (a lone peer's first try must still show the answer).
+        print(f"{args.prog}: warning: {exc.detail}", file=sys.stderr)
+        answer = {"id": unacknowledged.group(1)}
     task_id = str(answer.get("id", ""))
     if args.no_wait:
         print(render.as_json(answer) if args.json else task_id)

@@ -315,6 +315,15 @@ class TaskApi:
                 "still run it; with an idempotency_key, resubmitting here names the same task "
                 "(GET /v1/health says when writes work again)",
             ) from None
+        node = self.driver.node
+        if not any(m.up for m in node.members() if m.node_id != node.node_id):
+            raise Problem(
+                503,
+                "Service Unavailable",
+                f"task {task_id.hex()} is durable at this peer, which is alone in its network: "
+                "no other peer can hold a copy, so it is not acknowledged; it runs all the same "
+                "if this peer serves its role (start more peers with --join to replicate)",
+            )
         if not await self.driver.wait_replicated(task_id, self.replication_timeout):
             held = self._held(task_id).record
             assert held is not None

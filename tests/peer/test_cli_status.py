@@ -126,6 +126,8 @@ async def test_status_shows_the_fleet_tasks_agents_and_spend(tmp_path: Path) -> 
     done = summary["tasks"]["done"]
     assert f"tasks held here: {shown['tasks']['totals']['tasks']} (pending 0, running 0, " in human
     assert f"done {done}, failed 0, cancelled 0)" in human
+    calls = shown["tasks"]["totals"]["model_calls"]
+    assert calls > 0 and f"model calls of them: {calls} made, 0 repeated after" in human
     assert "agents here: 1; roles served here: " in human
     assert any(line.split()[:3] == ["lead", "report", "grapevine/offline"] for line in lines)
     tokens = model["prompt_tokens"] + model["completion_tokens"]

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from scripts.local_cluster import (
+    LocalCluster,
     Peer,
     child_env,
     grapevine_command,
+    wait_ready,
 )
 from tests.peer.two_peers import joined_pair
 
@@ -131,3 +135,21 @@ def test_submit_file_skips_bad_lines_with_numbers(peer: Peer, tmp_path: Path) ->
     ok = grapevine(peer, "submit", "--file", str(good))
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("3 lines, 0 bad lines, 3 submitted, 3 done")
+
+
+def test_a_lone_peer_runs_a_submission_and_says_it_is_not_acknowledged(tmp_path: Path) -> None:
+    # A new user's first try is often one peer: no other peer can hold a copy, so the task is
+    # not acknowledged (design: durable locally and at the replicas), but it runs and its
+    # answer is shown, with a warning saying why, at once rather than after a 5 s wait.
+    with LocalCluster(tmp_path, extra_args=()) as cluster:
+        alone = cluster.add()
+        asyncio.run(wait_ready([alone], timeout=30))
+        started = time.monotonic()
+        result = grapevine(alone, "submit", "--role", "echo", "hello")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "hello\n"
+        assert time.monotonic() - started < 4.0
+        warning = next(line for line in result.stderr.splitlines() if "warning" in line)
+        assert "alone in its network" in warning and "--join" in warning
+        refused = grapevine(alone, "submit", "--role", "echo", "--no-wait", "hello")
+        assert "alone in its network" in one_line_error(refused, 1)

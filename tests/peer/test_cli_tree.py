@@ -63,7 +63,8 @@ def test_tree_of_a_task_without_children(peer: Peer) -> None:
     assert first.startswith(f"echo {task_id[:12]} done on ")
     assert first.endswith(" 0 tokens")
     assert totals == (
-        "1 tasks, 1 executions, 0 duplicates, 0 tokens (0 prompt, 0 completion), cost $0.000000"
+        "1 tasks, 1 executions, 0 duplicates, 0 tokens (0 prompt, 0 completion), cost $0.000000, "
+        "0 model calls (0 repeated after a takeover, 0 tokens)"
     )
 
     as_json = json.loads(grapevine(peer.cli_flags(), "tree", task_id, "--json").stdout)
@@ -122,7 +123,7 @@ async def test_tree_of_a_parent_and_two_children_in_process(tmp_path: Any) -> No
     assert lines[2].startswith("└── echo ") and lines[2].endswith(" 0 tokens")
     assert lines[3] == (
         "3 tasks, 3 executions, 0 duplicates, 240 tokens (200 prompt, 40 completion), "
-        "cost $0.000014"
+        "cost $0.000014, 0 model calls (0 repeated after a takeover, 0 tokens)"
     )
 
 
@@ -135,20 +136,36 @@ def test_rendering_of_nested_duplicated_and_truncated_trees() -> None:
         "a",
         "running",
         [
-            node("b", "running", [node("c", "pending", [])], duplicates=2),
+            node(
+                "b",
+                "running",
+                [node("c", "pending", [], model_calls=1)],
+                duplicates=2,
+                model_calls=3,
+                model_calls_repeated=1,
+            ),
             node("[red]d", "done", []),
         ],
-        totals={"tasks": 4, "executions": 3, "duplicates": 2},
+        totals={
+            "tasks": 4,
+            "executions": 3,
+            "duplicates": 2,
+            "model_calls": 4,
+            "model_calls_repeated": 1,
+            "repeated_tokens": 30,
+        },
         truncated=True,
     )
     out = io.StringIO()
-    Console(file=out, soft_wrap=True, highlight=False).print(render_tree.task_tree(tree))
+    Console(file=out, width=200, soft_wrap=True, highlight=False).print(render_tree.task_tree(tree))
     assert out.getvalue().splitlines() == [
         "a aaaaaaaaaaaa running",
-        "├── b bbbbbbbbbbbb running (2 duplicates)",
-        "│   └── c cccccccccccc pending",
+        "├── b bbbbbbbbbbbb running 3 model calls (1 repeated after a takeover) (2 duplicates)",
+        "│   └── c cccccccccccc pending 1 model call",
         "└── [red]d [red]d[red]d done",
     ]
     totals = cli_render.tree_totals(tree)
     assert totals.startswith("4 tasks, 3 executions, 2 duplicates, 0 tokens")
-    assert totals.endswith("cost ?; deeper tasks left out")
+    assert totals.endswith(
+        "cost ?, 4 model calls (1 repeated after a takeover, 30 tokens); deeper tasks left out"
+    )
