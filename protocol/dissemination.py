@@ -156,9 +156,10 @@ class Dissemination:
         if piggyback:
             used = _ENVELOPE_OVERHEAD + sum(len(m) + MESSAGE_OVERHEAD for m in messages)
             messages = messages + self._broadcasts(self.config.gossip.packet_budget - used)
-        if addr in self._lazy and not any(len(m) > 1 and m[1] in _PROBE_KINDS for m in messages):
+        probe = any(len(m) > 1 and m[1] in _PROBE_KINDS for m in messages)
+        if addr in self._lazy and not probe:
             messages = self._riding(addr) + messages
-        self.sink(Send(addr, encode_envelope(self.node_id, self.addr, messages)))
+        self.sink(Send(addr, encode_envelope(self.node_id, self.addr, messages), probe))
 
     def send_lazy(self, addr: str, messages: list[bytes]) -> None:
         """Send `messages` to `addr` with the next envelope that goes there, or alone at the

@@ -16,10 +16,12 @@ from enum import StrEnum
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Deliver `data` (one encoded envelope) to the peer listening at `addr`."""
+    """Deliver `data` (one encoded envelope) to the peer listening at `addr`; `probe` when it
+    carries a probe, ack or nack (the host gives those a lane of their own)."""
 
     addr: str
     data: bytes
+    probe: bool = False
 
 
 class PersistKind(StrEnum):

@@ -89,7 +89,7 @@ class FloodNode:
         assert self.transport is not None
         self.sent_at[seq] = time.perf_counter()
         ping = encode_message(Ping(seq, target.node_id))
-        self.transport.send(target.addr, self.envelope([ping]))
+        self.transport.send(target.addr, self.envelope([ping]), probe=True)
 
     def __call__(self, src: str, data: bytes) -> None:
         envelope = decode_envelope(data)
@@ -104,7 +104,7 @@ class FloodNode:
             if isinstance(msg, Ping):
                 assert self.transport is not None
                 ack = self.envelope([encode_message(Ack(msg.seq))])
-                self.transport.send(envelope.sender_addr, ack)
+                self.transport.send(envelope.sender_addr, ack, probe=True)
             elif isinstance(msg, Ack) and msg.seq in self.sent_at:
                 self.rtts.setdefault(msg.seq, time.perf_counter() - self.sent_at[msg.seq])
 

@@ -70,7 +70,7 @@ at doubling intervals up to 8 s (see `wait_result`)."""
 class Sender(Protocol):
     """Where sends go (`peer.runtime.transport.Transport`, or a fake in tests)."""
 
-    def send(self, addr: str, data: bytes) -> None: ...
+    def send(self, addr: str, data: bytes, probe: bool = False) -> None: ...
 
 
 class Driver:
@@ -522,7 +522,7 @@ class Driver:
     def _deliver(self, fx: Effects, durable: bool) -> None:
         if durable or not fx.persists:
             for send in fx.sends:
-                self._sender.send(send.addr, send.data)
+                self._sender.send(send.addr, send.data, send.probe)
         for note in fx.notes:
             self.notifications.observe(note)
             self.lifecycle.observe(note)

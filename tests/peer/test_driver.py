@@ -134,7 +134,7 @@ class LoggingSender:
     def __init__(self, log: list[str]) -> None:
         self.log = log
 
-    def send(self, addr: str, data: bytes) -> None:
+    def send(self, addr: str, data: bytes, probe: bool = False) -> None:
         self.log.append(f"send {addr}")
 
 

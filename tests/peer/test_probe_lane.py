@@ -222,9 +222,9 @@ async def test_a_probe_is_never_coalesced_with_task_objects() -> None:
         for i in range(20):
             a.send(to_b, envelope(*tasks(50, first=50 * i)))
         ping = envelope(PING)
-        a.send(to_b, ping)
+        a.send(to_b, ping, probe=True)
         ack = envelope(encode_message(Ack(7)))
-        a.send(to_b, ack)
+        a.send(to_b, ack, probe=True)
         for i in range(20, 40):
             a.send(to_b, envelope(*tasks(50, first=50 * i)))
         # One task request outstanding, the rest waiting to be merged; the probes left at once.
@@ -282,7 +282,7 @@ async def test_a_probe_leaves_when_task_sends_fill_their_lane() -> None:
         to_self = f"127.0.0.1:{t.port}"
         t.send(to_self, envelope(*tasks(2)))
         t.send("127.0.0.1:9", envelope(*tasks(2, first=2)))  # a second channel: over the limit
-        t.send(to_self, envelope(PING))
+        t.send(to_self, envelope(PING), probe=True)
         assert t.sends_dropped == 1 and t.probe_sends == 1 and t.in_flight == 2
         await _wait(lambda: len(inbox.items) == 2)
         assert envelope(PING) in inbox.items

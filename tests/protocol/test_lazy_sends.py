@@ -51,6 +51,7 @@ def test_a_probe_class_envelope_carries_no_lazy_message() -> None:
     assert list(decode_envelope(sent[0].data).messages) == [ping]
     d.flush_lazy()
     assert [s.addr for s in sent] == [addr(1), addr(1)]
+    assert [s.probe for s in sent] == [True, False]  # the host's probe lane takes the first
     assert list(decode_envelope(sent[1].data).messages) == [_held(1)]
 
 
