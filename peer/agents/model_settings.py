@@ -12,7 +12,7 @@ Invariants:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -168,6 +168,25 @@ def check_credentials(
     Raises:
         ValueError: one line naming each model and variable that is missing.
     """
+    missing: list[str] = []
+    for where, model, endpoint in _models_used(agents, settings):
+        try:
+            endpoint.call_kwargs(env)
+        except MissingCredential as exc:
+            missing.append(f"{where} (model {model}): api_key_env {exc.variable} is not set")
+    if missing:
+        raise ValueError("; ".join(missing))
+
+
+OFFLINE_PREFIX = "grapevine/"
+"""Model strings of the offline stand-in (`peer.agents.offline.PROVIDER`; not imported here,
+it costs tens of milliseconds and settings load on the CLI's path)."""
+
+
+def _models_used(
+    agents: Sequence[AgentSpec], settings: LlmSettings
+) -> list[tuple[str, str, ModelEndpoint]]:
+    """(where it is configured, model, resolved endpoint) of every configured model."""
     used = [
         (f"agents[{i}]", spec.model, settings.endpoint_for(spec.model, spec.endpoint))
         for i, spec in enumerate(agents)
@@ -176,11 +195,40 @@ def check_credentials(
         (f"llm.models.{model!r}", model, settings.endpoint_for(model))
         for model in settings.endpoints
     ]
-    missing: list[str] = []
-    for where, model, endpoint in used:
+    return used
+
+
+def unset_provider_keys(
+    agents: Sequence[AgentSpec],
+    settings: LlmSettings,
+    validate: Callable[[str], Mapping[str, object]],
+) -> list[str]:
+    """One line per configured model whose provider's usual key variables are all unset
+    (`validate` is `litellm.validate_environment(model=...)`), for the peer to log at start.
+
+    Models with an `api_key_env` (checked by `check_credentials`) or an `api_base` (a local or
+    private server, which may need no key) and the offline model are left out, and so are
+    variables that name a server rather than a key (litellm lists `OLLAMA_API_BASE`). A
+    warning, not an error: a provider may take credentials from elsewhere (AWS profiles,
+    Google's default credentials), and a key that is set may still be refused; the first call
+    says so (decision 65).
+    """
+    lines: list[str] = []
+    for where, model, endpoint in _models_used(agents, settings):
+        if endpoint.api_key_env or endpoint.api_base or model.startswith(OFFLINE_PREFIX):
+            continue
         try:
-            endpoint.call_kwargs(env)
-        except MissingCredential as exc:
-            missing.append(f"{where} (model {model}): api_key_env {exc.variable} is not set")
-    if missing:
-        raise ValueError("; ".join(missing))
+            found = validate(model)
+        except Exception:  # litellm knows no such provider: the first call will say so
+            continue
+        missing = found.get("missing_keys")
+        if found.get("keys_in_environment") or not isinstance(missing, list):
+            continue
+        keys = [str(k) for k in missing if not str(k).endswith(("_API_BASE", "_BASE_URL"))]
+        if keys:
+            lines.append(
+                f"{where} (model {model}): {' or '.join(keys)} is not set, so its calls will "
+                "fail with an authentication error; set it, or name the variable that holds "
+                "the key with api_key_env"
+            )
+    return lines

@@ -156,8 +156,15 @@ def main_agent(settings: AgentSettings, python_roles: Sequence[Role] = ()) -> in
             # Importing litellm takes seconds of CPU; on the event loop that would stall the
             # peer long enough for others to suspect it, so pay it before the peer exists.
             from peer.agents.llm import import_litellm
+            from peer.agents.model_settings import LlmSettings, unset_provider_keys
 
-            import_litellm()
+            litellm = import_litellm()
+            for line in unset_provider_keys(
+                settings.agents,
+                settings.llm or LlmSettings(),
+                lambda model: dict(litellm.validate_environment(model=model)),
+            ):
+                log.warning("%s", line)
         return asyncio.run(run_agent(settings, python_roles=python_roles))
     except KeyboardInterrupt:
         return 130

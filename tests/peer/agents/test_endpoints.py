@@ -9,7 +9,13 @@ from typing import Any
 import pytest
 
 from peer.agents.endpoints import MissingCredential, ModelEndpoint, parse_endpoint
-from peer.agents.model_settings import LlmSettings, check_credentials
+from peer.agents.model_settings import (
+    OFFLINE_PREFIX,
+    LlmSettings,
+    check_credentials,
+    unset_provider_keys,
+)
+from peer.agents.offline import PROVIDER as OFFLINE_PROVIDER
 from peer.agents.provider_errors import retry_after
 from peer.agents.spec import AgentSpec, parse_agents
 
@@ -123,3 +129,51 @@ def test_check_credentials_names_each_model_and_variable_in_one_line() -> None:
         "llm.models.'anthropic/y' (model anthropic/y): api_key_env B_KEY is not set"
     )
     check_credentials(agents, llm, {"A_KEY": "1", "B_KEY": "2", "SET_KEY": "3"})
+
+
+def test_unset_provider_keys_names_each_model_whose_usual_key_is_missing() -> None:
+    # What litellm.validate_environment answers with no key in the environment.
+    answers: dict[str, dict[str, object]] = {
+        "openai/gpt-4o-mini": {"keys_in_environment": False, "missing_keys": ["OPENAI_API_KEY"]},
+        "gemini/g": {
+            "keys_in_environment": False,
+            "missing_keys": ["GOOGLE_API_KEY", "GEMINI_API_KEY"],
+        },
+        "ollama/llama3": {"keys_in_environment": False, "missing_keys": ["OLLAMA_API_BASE"]},
+        "anthropic/set": {"keys_in_environment": True, "missing_keys": []},
+    }
+    asked: list[str] = []
+
+    def validate(model: str) -> dict[str, object]:
+        asked.append(model)
+        if model not in answers:
+            raise ValueError("unknown provider")
+        return answers[model]
+
+    agents = (
+        AgentSpec("a", ("r",), model="openai/gpt-4o-mini"),
+        AgentSpec("b", ("s",), model="gemini/g"),
+        AgentSpec("c", ("t",), model="ollama/llama3"),  # a server, not a key: no warning
+        AgentSpec("d", ("u",), model="anthropic/set"),
+        AgentSpec("e", ("v",), model="openai/own", api_key_env="MINE"),  # check_credentials'
+        AgentSpec("f", ("w",), model="openai/local", api_base="http://127.0.0.1:8000/v1"),
+        AgentSpec("g", ("x",), model="grapevine/offline"),
+        AgentSpec("h", ("y",), model="nowhere/x"),  # litellm knows no such provider
+    )
+    lines = unset_provider_keys(agents, LlmSettings(), validate)
+    assert lines == [
+        "agents[0] (model openai/gpt-4o-mini): OPENAI_API_KEY is not set, so its calls will "
+        "fail with an authentication error; set it, or name the variable that holds the key "
+        "with api_key_env",
+        "agents[1] (model gemini/g): GOOGLE_API_KEY or GEMINI_API_KEY is not set, so its calls "
+        "will fail with an authentication error; set it, or name the variable that holds the "
+        "key with api_key_env",
+    ]
+    assert asked == [
+        "openai/gpt-4o-mini",
+        "gemini/g",
+        "ollama/llama3",
+        "anthropic/set",
+        "nowhere/x",
+    ]
+    assert f"{OFFLINE_PROVIDER}/" == OFFLINE_PREFIX
