@@ -2,7 +2,7 @@
 
 Invariants:
 - A message is the msgpack array ``[kind, field, ...]``; its shape is fixed by its `Kind`
-  (see `ARITY`; a kind may have one longer form, `LONGER_FORM`), and the kind numbers are
+  (see `ARITY`; a kind may have longer forms, `LONGER_FORM`), and the kind numbers are
   append-only (see `protocol.wire`). The larger task shapes are decoded in
   `protocol.tasks.shapes` and `protocol.tasks.inventory`.
 - Decoding is strict: every field is checked by `protocol.fields`, derived fields (node ids,
@@ -44,6 +44,7 @@ from protocol.wire import (
     MAX_MESSAGE_BYTES,
     MAX_ROLES,
     MAX_STATE_MODELS,
+    RUN_COUNTS,
     Ack,
     Alive,
     Breaker,
@@ -85,7 +86,8 @@ def _state_fields(s: PeerState) -> list[Any]:
         s.sig,
         fields.encodable(s.agents),
         fields.encodable(s.spend_micro),
-        *([model_usage_fields(s.models)] if s.models else []),
+        *([model_usage_fields(s.models)] if s.models or s.runs else []),
+        *([[fields.encodable(n) for n in s.runs]] if s.runs else []),
     ]
 
 
@@ -193,7 +195,7 @@ def decode_message(data: bytes) -> Message:
     if kind in RETIRED_KINDS:
         raise RemoteProtocolError(f"retired message kind {kind.name}")
     shape = ARITY[kind]
-    if len(row) != shape and len(row) != LONGER_FORM.get(kind):
+    if len(row) != shape and len(row) not in LONGER_FORM.get(kind, ()):
         raise RemoteProtocolError(f"{kind.name} has {len(row)} fields, expected {shape}")
     f = row
     match kind:
@@ -318,11 +320,15 @@ decision 23), whole-history task digests (now `TaskShards`, decision 31) and rep
 digest (now inventories, `TaskHave`, decision 44). Decoding one is a
 protocol error, like an unknown kind."""
 
-LONGER_FORM: dict[Kind, int] = {Kind.CANCEL: 6, Kind.PEER_STATE: 12, Kind.TASK: 13}
-"""Kinds with a second, longer shape: a cancel whose outcome is not the default (`failed`,
-decision 45) carries it last, a peer state naming its models carries them last (decision 54),
-a task record with a queue timeout carries it last (decision 58); a plain one keeps the shape
-it had before."""
+LONGER_FORM: dict[Kind, tuple[int, ...]] = {
+    Kind.CANCEL: (6,),
+    Kind.PEER_STATE: (12, 13),
+    Kind.TASK: (13,),
+}
+"""Kinds with longer shapes: a cancel whose outcome is not the default (`failed`, decision
+45) carries it last, a peer state naming its models carries them last (decision 54) and its
+run counts after them (decision 64), a task record with a queue timeout carries it last
+(decision 58); a plain one keeps the shape it had before."""
 
 ARITY: dict[Kind, int] = {
     Kind.PING: 4,
@@ -388,10 +394,12 @@ def _push_pull(f: list[Any]) -> PushPull:
 
 
 def _peer_state(f: Any) -> PeerState:
-    if not isinstance(f, list) or len(f) not in (10, 11):
-        raise RemoteProtocolError("peer state must have 10 or 11 fields")
+    if not isinstance(f, list) or len(f) not in (10, 11, 12):
+        raise RemoteProtocolError("peer state must have 10 to 12 fields")
     node_id, version, roles, free_slots, queue_len, load, incarnation, sig, agents, spend = f[:10]
-    models = _model_usage(f[10]) if len(f) == 11 else ()
+    runs = _run_counts(f[11]) if len(f) == 12 else ()
+    # Models may be empty only when run counts follow: one encoding per state.
+    models = _model_usage(f[10]) if len(f) > 10 and (f[10] != [] or not runs) else ()
     if not isinstance(roles, list) or len(roles) > MAX_ROLES:
         raise RemoteProtocolError(f"peer state roles must be an array of at most {MAX_ROLES}")
     if type(load) is not float or not 0.0 <= load <= 1e9:
@@ -408,7 +416,17 @@ def _peer_state(f: Any) -> PeerState:
         fields.uint(agents),
         fields.uint(spend),
         models,
+        runs,
     )
+
+
+def _run_counts(f: Any) -> tuple[int, ...]:
+    if not isinstance(f, list) or len(f) != len(RUN_COUNTS):
+        raise RemoteProtocolError(f"peer state run counts must be {len(RUN_COUNTS)} integers")
+    runs = tuple(fields.uint(n) for n in f)
+    if not any(runs):
+        raise RemoteProtocolError("peer state run counts of all zeros are left out")
+    return runs
 
 
 def _model_usage(f: Any) -> tuple[ModelUsage, ...]:

@@ -79,6 +79,7 @@ from protocol.wire import (
     MAX_ROLES,
     MAX_STATE_MODELS,
     MAX_UINT,
+    RUN_COUNTS,
     Ack,
     Alive,
     Dead,
@@ -288,6 +289,23 @@ class Node(NodeTaskCalls):
                 raise LocalProtocolError(f"model usage out of the wire's range: {m!r:.200}")
         self._enter(now)
         self.port.usage_changed(agents, spend_micro, tuple(models))
+        return self._exit()
+
+    def set_runs(self, now: float, runs: tuple[int, ...]) -> Effects:
+        """Advertise this peer's executions since it started, counted as `RUN_COUNTS` names
+        them, in our peer state, for dashboards to sum (gossiped at the slowest rate:
+        decision 64).
+
+        Raises:
+            LocalProtocolError: not one count per `RUN_COUNTS` name, or one out of the wire's
+                range.
+        """
+        if len(runs) != len(RUN_COUNTS) or not all(0 <= n <= MAX_UINT for n in runs):
+            raise LocalProtocolError(
+                f"run counts are {len(RUN_COUNTS)} integers within 0..{MAX_UINT}"
+            )
+        self._enter(now)
+        self.port.runs_changed(tuple(runs) if any(runs) else ())
         return self._exit()
 
     # Internals.

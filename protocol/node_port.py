@@ -66,14 +66,15 @@ USAGE_GOSSIP_BUDGET = 5.0
 `live members / USAGE_GOSSIP_BUDGET` seconds (at least `USAGE_GOSSIP_INTERVAL`) between two.
 Usage steers nothing (dashboards and `grapevine status` read it), so it may lag: 20 s at 100
 peers (decision 47)."""
-COUNT_REFRESH_INTERVAL = 30.0
-"""Least seconds between two versions of our state gossiped because our free-slot count alone
-changed (fullness unchanged): dashboards show it, nothing decides on it (decision 63)."""
+COUNT_REFRESH_INTERVAL = 10.0
+"""Least seconds between two versions of our state gossiped because our free-slot count or run
+counts alone changed (fullness unchanged): dashboards show them, nothing decides on them
+(decisions 63 and 64)."""
 COUNT_REFRESH_BUDGET = 1.0
-"""Versions gossiped per second by the whole network for a free-slot count alone, at most:
-each peer waits `live members / COUNT_REFRESH_BUDGET` seconds (at least
-`COUNT_REFRESH_INTERVAL`) between two. Each version reaches every peer, about a hundred sends
-at 30 peers, so this costs the network a few hundred messages a minute."""
+"""Versions gossiped per second by the whole network for free-slot or run counts alone, at
+most: each peer waits `live members / COUNT_REFRESH_BUDGET` seconds (at least
+`COUNT_REFRESH_INTERVAL`) between two: 10 s up to 10 peers, 30 s at 30. Each version reaches
+every peer, about a hundred sends at 30 peers: a hundred messages a second, network-wide."""
 
 
 class NodePort:
@@ -273,10 +274,25 @@ class NodePort:
                 self._gossiped(state.free_slots)
                 self.advertisements.gossip_own()
 
+    def runs_changed(self, runs: tuple[int, ...]) -> None:
+        """Our run counts are now `runs` (`RUN_COUNTS`, or () for none): our states carry them
+        from now on; one is gossiped for them as for a new free-slot count (`flush_state`)."""
+        ads = self.advertisements
+        if ads.runs == runs:
+            return
+        ads.runs = runs
+        state = ads.states.get(self.node_id)
+        if state is not None:
+            ads.advertise(state.roles, state.free_slots, state.queue_len, state.load, False)
+
     def _refresh_count(self) -> None:
+        # A new free-slot count or run counts alone: dashboards read them, nothing decides on
+        # them, so they go out at the slowest rate (decisions 63 and 64).
         ads = self.advertisements
         own, published = ads.states.get(self.node_id), ads.published
-        if own is None or published is None or own.free_slots == published.free_slots:
+        if own is None or published is None:
+            return
+        if (own.free_slots, own.runs) == (published.free_slots, published.runs):
             return
         if self.now < self._count_refresh_at:
             return

@@ -81,6 +81,8 @@ class PeerStates:
         self._order = (min(incarnation, MAX_INCARNATION), 0)
         self.published: PeerState | None = None
         """Our newest state gossiped: the only one of ours other peers are given."""
+        self.runs: tuple[int, ...] = ()
+        """Our run counts (`RUN_COUNTS`) our next state carries (`NodePort.runs_changed`)."""
         self.usage: tuple[int, int, tuple[ModelUsage, ...]] = (0, 0, ())
         """(agents, spend_micro, models) our states carry (`NodePort.usage_changed` sets
         it)."""
@@ -110,6 +112,7 @@ class PeerStates:
             agents,
             spend,
             models,
+            self.runs,
         )
         sig = self.signer.sign(DOMAIN_PEER_STATE, payload)
         state = PeerState(
@@ -124,6 +127,7 @@ class PeerStates:
             agents,
             spend,
             models,
+            self.runs,
         )
         self.states[self.node_id] = state
         if gossip:

@@ -36,6 +36,10 @@ MAX_ROLES = 64
 MAX_STATE_MODELS = 8
 """Most models a peer state names (`PeerState.models`): a peer calling more advertises those
 whose breaker is not closed first, then the costliest."""
+RUN_COUNTS = ("started", "ok", "failed", "duplicates", "takeovers", "fenced", "cancelled")
+"""What `PeerState.runs` counts, in order: executions started on the peer; ended ok; ended
+failed or timed out; started for a task another run had claimed before; claims of a later
+epoch than the first (takeovers); stopped by a fence; stopped by a cancel."""
 MAX_UINT = 2**63 - 1
 """Largest integer any field carries; decoders refuse more and encoders never make more."""
 MAX_INCARNATION = 2**62
@@ -237,6 +241,9 @@ class PeerState:
     models: tuple[ModelUsage, ...] = ()
     """Up to `MAX_STATE_MODELS` of the models it calls, with spend and breaker: a dashboard
     at any peer shows the network's spend by model and every open breaker (decision 54)."""
+    runs: tuple[int, ...] = ()
+    """The peer's executions since it started, counted as `RUN_COUNTS` names them, or () for
+    none yet: a dashboard at any peer sums them into the network's totals (decision 64)."""
 
     @property
     def order(self) -> tuple[int, int]:
@@ -256,6 +263,7 @@ class PeerState:
             self.agents,
             self.spend_micro,
             self.models,
+            self.runs,
         )
 
 
@@ -282,9 +290,11 @@ def peer_state_payload(
     agents: int,
     spend_micro: int,
     models: tuple[ModelUsage, ...] = (),
+    runs: tuple[int, ...] = (),
 ) -> bytes:
-    """Canonical bytes a peer state's signature covers (the models only when there are any,
-    so a state without them signs as before decision 54)."""
+    """Canonical bytes a peer state's signature covers (the models only when there are any or
+    run counts follow, the run counts only when there are any, so a state without them signs
+    as before decisions 54 and 64)."""
     fields: list[object] = [
         node_id,
         incarnation,
@@ -296,8 +306,10 @@ def peer_state_payload(
         agents,
         spend_micro,
     ]
-    if models:
+    if models or runs:
         fields.append(model_usage_fields(models))
+    if runs:
+        fields.append(list(runs))
     return bytes(msgpack.packb(fields))
 
 

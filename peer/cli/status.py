@@ -73,7 +73,8 @@ async def show_status(client: GrapevineClient, args: argparse.Namespace) -> int:
 def summarize(members: list[JsonObject], tasks: JsonObject, agents: JsonObject) -> JsonObject:
     """The figures of the overview: members by status, alive members' free slots, roles,
     agents, spend and breakers not closed (what their peer states advertise: decision 54),
-    tasks held by state, and the model spend here (tokens and micro-dollars)."""
+    every member's runs summed (decision 64), tasks held by state, and the model spend here
+    (tokens and micro-dollars)."""
     by_status = dict.fromkeys(MEMBER_STATUSES, 0)
     free_slots, network_agents, network_spend, roles = 0, 0, 0, set()
     for member in members:
@@ -105,6 +106,11 @@ def summarize(members: list[JsonObject], tasks: JsonObject, agents: JsonObject) 
             row["peers"] += 1
             for key in NETWORK_MODEL_COUNTS[1:]:
                 row[key] += _count(_object(use).get(key))
+    # Each member counts its own executions (decision 64): their sum is the network's.
+    runs = dict.fromkeys(RUN_NAMES, 0)
+    for member in members:
+        for key in RUN_NAMES:
+            runs[key] += _count(_object(member.get("runs")).get(key))
     totals = _object(tasks.get("totals"))
     by_state = {state: _count(totals.get(state)) for state in TASK_STATES}
     spend = dict.fromkeys(("calls", "prompt_tokens", "completion_tokens", "cost_micro"), 0)
@@ -119,11 +125,15 @@ def summarize(members: list[JsonObject], tasks: JsonObject, agents: JsonObject) 
         "roles": sorted(roles),
         "breakers": breakers,
         "models": dict(sorted(network_models.items())),
+        "runs": runs,
         "tasks": by_state,
         "spend": spend,
     }
 
 
+RUN_NAMES = ("started", "ok", "failed", "duplicates", "takeovers", "fenced", "cancelled")
+"""The run counts each member advertises (`runs` in GET /v1/members, `protocol.wire.RUN_COUNTS`;
+the CLI does not import the protocol)."""
 NETWORK_MODEL_COUNTS = ("peers", "tokens", "spend_micro", "waits", "waiting")
 """What `summarize` sums per model over the alive members' advertised models (decision 59)."""
 
@@ -164,10 +174,13 @@ def _fleet(members: list[JsonObject], summary: JsonObject) -> str:
         f"\nbreaker {b['breaker'].replace('_', ' ')}: {b['model']} at {render.short(b['member'])}"
         for b in summary["breakers"]
     )
+    runs = ", ".join(f"{render.number(summary['runs'].get(key))} {key}" for key in RUN_NAMES)
     fleet = (
         f"fleet: {len(members)} members ({counts or 'none'}); {summary['free_slots']} free "
         f"slots, {summary['agents']} agents and {_dollars(summary['spend_micro'])} of model "
-        f"spend on alive members; roles served: {roles}\n{render.table(header, rows)}{tripped}"
+        f"spend on alive members; roles served: {roles}\n"
+        f"runs across the network (as members last advertised them): {runs}\n"
+        f"{render.table(header, rows)}{tripped}"
     )
     if not summary["models"]:
         return fleet

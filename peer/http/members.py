@@ -32,7 +32,7 @@ from peer.http.common import Json, Problem, bad_request, json_object, node_id_te
 from peer.runtime.driver import Driver
 from peer.runtime.transport import Transport
 from protocol.member_table import Member
-from protocol.wire import Status
+from protocol.wire import RUN_COUNTS, Status
 
 JOIN_TIMEOUT = 3.0
 """Seconds `POST /v1/join` waits for a seed to answer before saying none did."""
@@ -145,6 +145,9 @@ class MemberApi:
                 }
                 for u in (state.models if state is not None else ())
             ],
+            "runs": dict(zip(RUN_COUNTS, state.runs or (0,) * len(RUN_COUNTS), strict=True))
+            if state is not None
+            else dict.fromkeys(RUN_COUNTS, 0),
             "last_seen": None if m.node_id == node.node_id else self._last_seen(m.node_id),
         }
 

@@ -49,6 +49,7 @@ from protocol.effects import (
 )
 from protocol.identity import short_id
 from protocol.node import Node
+from protocol.wire import RUN_COUNTS
 
 log = logging.getLogger("grapevine.tasks")
 
@@ -88,6 +89,13 @@ class TaskLifecycle:
         self.tracing = tracing
         self._peer = short_id(node.node_id)
         self._runs: dict[bytes, _Run] = {}
+        self.run_counts = dict.fromkeys(RUN_COUNTS, 0)
+        """This peer's executions since it started, as `RUN_COUNTS` names them (its peer
+        state carries them to every dashboard: decision 64)."""
+
+    def runs(self) -> tuple[int, ...]:
+        """`run_counts` in `RUN_COUNTS` order."""
+        return tuple(self.run_counts[name] for name in RUN_COUNTS)
 
     def submitted(self, task_id: bytes) -> None:
         """A new task was submitted here."""
@@ -99,6 +107,7 @@ class TaskLifecycle:
         if run is None or run.epoch != epoch:
             return  # fenced meanwhile: its end was logged then
         del self._runs[task_id]
+        self.run_counts["ok" if outcome == "ok" else "failed"] += 1
         self.tracing.execution_ended(task_id, epoch, outcome)
         if self.metrics is not None:
             self.metrics.executions.labels(outcome).inc()
@@ -113,6 +122,10 @@ class TaskLifecycle:
         match note:
             case StartExecution(task_id=task_id, epoch=epoch, role=role):
                 self._runs[task_id] = _Run(role, epoch, self._clock())
+                self.run_counts["started"] += 1
+                st = self._node.task(task_id)
+                if st is not None and st.execution_count() > 1:
+                    self.run_counts["duplicates"] += 1
                 self.tracing.execution_started(task_id, role, epoch, self._traceparent(task_id))
                 if metrics is not None:
                     self._observe_start(metrics, task_id)
@@ -123,6 +136,7 @@ class TaskLifecycle:
                     return
                 del self._runs[task_id]
                 outcome = "cancelled" if reason == "cancelled" else "fenced"
+                self.run_counts[outcome] += 1
                 self.tracing.execution_ended(task_id, epoch, outcome, reason)
                 if metrics is not None:
                     metrics.executions.labels(outcome).inc()
@@ -133,6 +147,8 @@ class TaskLifecycle:
                     return
                 if metrics is not None:
                     metrics.claims.inc()
+                if epoch > 1:
+                    self.run_counts["takeovers"] += 1
                 event = "takeover" if epoch > 1 else "claimed"
                 role = self._role(task_id)
                 self.tracing.claimed(task_id, role, epoch, self._traceparent(task_id))

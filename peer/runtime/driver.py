@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 
 MEMBER_SAVE_INTERVAL = 10.0
 """Seconds between saves of the membership hints used to re-join after a restart."""
+RUNS_INTERVAL = 2.0
+"""Seconds between two readings of this peer's run counts for its peer state (the node
+gossips a change at its slowest rate, decision 64)."""
 FETCH_POLL = 0.02
 """Seconds between looks for the answer to a read of a task this peer does not hold."""
 READ_BACKOFF = (1.0, 8.0)
@@ -105,6 +108,7 @@ class Driver:
         self._wall_offset: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._save_timer: asyncio.TimerHandle | None = None
+        self._runs_timer: asyncio.TimerHandle | None = None
         self.notifications = Notifications(node, wall)
         self.progress = ProgressLog(wall)
         """The steps of the executions running here (local only: `peer.runtime.progress`)."""
@@ -134,13 +138,14 @@ class Driver:
         """Arm the node's timers and the periodic save of membership hints."""
         self.disk.apply(self.node.tick(self._clock()))
         self._save_timer = self._loop.call_later(MEMBER_SAVE_INTERVAL, self._periodic_save)
+        self._runs_timer = self._loop.call_later(RUNS_INTERVAL, self._advertise_runs)
 
     def stop(self) -> None:
         """Disarm every timer, save membership hints and end subscriptions."""
-        for handle in (self._timer, self._save_timer):
+        for handle in (self._timer, self._save_timer, self._runs_timer):
             if handle is not None:
                 handle.cancel()
-        self._timer = self._save_timer = None
+        self._timer = self._save_timer = self._runs_timer = None
         self.disk.commit()
         self.disk.write([], retry=True)
         self.save_members()
@@ -507,6 +512,14 @@ class Driver:
             self._store.save_model_usage(usage)
         except Exception:
             log.exception("saving the model usage failed")
+
+    def set_runs(self, runs: tuple[int, ...]) -> None:
+        """Advertise this peer's run counts (see `Node.set_runs`)."""
+        self.disk.apply(self.node.set_runs(self._clock(), runs))
+
+    def _advertise_runs(self) -> None:
+        self.set_runs(self.lifecycle.runs())
+        self._runs_timer = self._loop.call_later(RUNS_INTERVAL, self._advertise_runs)
 
     def _periodic_save(self) -> None:
         self.disk.write([], retry=True)

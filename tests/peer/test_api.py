@@ -115,6 +115,8 @@ async def test_self_health_members(env: Env) -> None:
     env.api.driver.set_usage(
         2, 1_500, (ModelUsage("openai/gpt-4o", 1_500, Breaker.OPEN, tokens=900, waits=2),)
     )
+    # And its executions since it started (decision 64).
+    env.api.driver.set_runs((5, 3, 1, 1, 0, 0, 1))
     members = (await (await env.client.get("/v1/members")).json())["members"]
     assert members == [
         {
@@ -140,6 +142,15 @@ async def test_self_health_members(env: Env) -> None:
                     "waiting": 0,
                 }
             ],
+            "runs": {
+                "started": 5,
+                "ok": 3,
+                "failed": 1,
+                "duplicates": 1,
+                "takeovers": 0,
+                "fenced": 0,
+                "cancelled": 1,
+            },
             "last_seen": None,
         }
     ]

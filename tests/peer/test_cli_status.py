@@ -18,11 +18,12 @@ from typing import Any
 from peer.agents.ports import AgentInput
 from peer.agents.spec import AgentSpec
 from peer.build import Peer, build_peer
-from peer.cli.status import render_status, summarize
+from peer.cli.status import RUN_NAMES, render_status, summarize
 from peer.http.app import PeerApi
 from peer.runtime.keyring import Keyring
 from peer.settings import AgentSettings
 from protocol.identity import short_id
+from protocol.wire import RUN_COUNTS
 from scripts.local_cluster import child_env, grapevine_command
 from tests.peer.inprocess import API_TOKEN, MemoryStore
 
@@ -119,10 +120,17 @@ async def test_status_shows_the_fleet_tasks_agents_and_spend(tmp_path: Path) -> 
         f"fleet: 2 members (2 alive); {alive_slots} free slots, 2 agents and $0.000000 of model "
         "spend on alive members; roles served: "
     )
+    # Runs across the network: each member's own counts (decision 64), summed.
+    runs = summary["runs"]
+    assert runs == {key: sum(m["runs"][key] for m in shown["members"]) for key in RUN_NAMES}
+    assert RUN_NAMES == RUN_COUNTS  # the CLI's copy of the protocol's names
+    assert lines[1] == "runs across the network (as members last advertised them): " + ", ".join(
+        f"{runs[key]} {key}" for key in RUN_NAMES
+    )
     header = ["MEMBER", "ADDRESS", "STATUS", "ROLES", "FREE", "QUEUE", "LOAD", "AGENTS", "SPEND"]
-    assert lines[1].split() == header
-    assert lines[2].startswith(f"{ids[0]} (self)") and " alive " in lines[2]
-    assert lines[3].startswith(ids[1]) and "section" in lines[3]
+    assert lines[2].split() == header
+    assert lines[3].startswith(f"{ids[0]} (self)") and " alive " in lines[3]
+    assert lines[4].startswith(ids[1]) and "section" in lines[4]
     done = summary["tasks"]["done"]
     assert f"tasks held here: {shown['tasks']['totals']['tasks']} (pending 0, running 0, " in human
     assert f"done {done}, failed 0, cancelled 0)" in human

@@ -77,6 +77,7 @@ def peer_state(
     agents: int = 0,
     spend_micro: int = 0,
     models: tuple[ModelUsage, ...] = (),
+    runs: tuple[int, ...] = (),
 ) -> PeerState:
     """Peer `i`'s state, signed by `i`."""
     payload = peer_state_payload(
@@ -90,6 +91,7 @@ def peer_state(
         agents,
         spend_micro,
         models,
+        runs,
     )
     sig = signer(i).sign(DOMAIN_PEER_STATE, payload)
     return PeerState(
@@ -104,6 +106,7 @@ def peer_state(
         agents,
         spend_micro,
         models,
+        runs,
     )
 
 

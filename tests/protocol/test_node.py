@@ -34,6 +34,7 @@ from protocol.wire import (
     MAX_NAME_CHARS,
     MAX_STATE_MODELS,
     MAX_UINT,
+    RUN_COUNTS,
     Ack,
     Alive,
     Breaker,
@@ -669,6 +670,71 @@ def test_a_malformed_model_list_is_refused_by_the_decoder(models: list[object]) 
     fields = msgpack.unpackb(encode_message(peer_state(1, 1, ("echo",))))
     with pytest.raises(RemoteProtocolError):
         decode_message(msgpack.packb([*fields, models]))
+
+
+RUNS = (9, 7, 1, 1, 1, 0, 1)
+
+
+def test_run_counts_travel_after_the_models_and_are_signed() -> None:
+    # Decision 64: run counts follow the models (an empty list when there are none) and only
+    # when one is not 0, so a state without them encodes and signs as before.
+    plain = peer_state(0, 1, ("echo",))
+    counted = peer_state(0, 2, ("echo",), runs=RUNS)
+    both = peer_state(0, 3, ("echo",), models=(ModelUsage("m", 1, Breaker.CLOSED),), runs=RUNS)
+    assert len(msgpack.unpackb(encode_message(plain))) == 11
+    assert msgpack.unpackb(encode_message(counted))[-2:] == [[], list(RUNS)]
+    assert msgpack.unpackb(encode_message(both))[-2:] == [[["m", 1, 0]], list(RUNS)]
+    assert [decode_message(encode_message(s)) for s in (counted, both)] == [counted, both]
+    link = mesh(2)
+    forged = replace(counted, runs=(9, 9, 0, 0, 0, 0, 0))  # signed with other counts
+    link.run(1, link.node(1).handle(link.now, addr(0), envelope(0, forged)))
+    assert link.node(1).peer_states().get(node_id(0)) is None
+    link.run(1, link.node(1).handle(link.now, addr(0), envelope(0, counted)))
+    assert link.node(1).peer_states()[node_id(0)].runs == RUNS
+
+
+@pytest.mark.parametrize(
+    "runs",
+    [
+        [0] * len(RUN_COUNTS),  # all 0: left out
+        [1] * (len(RUN_COUNTS) - 1),  # one short
+        [1] * (len(RUN_COUNTS) + 1),
+        [1, -1, 0, 0, 0, 0, 0],
+        [1, "x", 0, 0, 0, 0, 0],
+        "1234567",
+    ],
+)
+def test_malformed_run_counts_are_refused_by_the_decoder(runs: object) -> None:
+    fields = msgpack.unpackb(encode_message(peer_state(1, 1, ("echo",))))
+    with pytest.raises(RemoteProtocolError):
+        decode_message(msgpack.packb([*fields, [], runs]))
+
+
+def test_a_peers_run_counts_reach_the_others_at_the_refresh_rate() -> None:
+    link = mesh(3)
+    link.run(0, link.node(0).set_state(link.now, ("writer",), 2, 0, 0.0))
+    link.advance(link.now + 2.0)
+    link.run(0, link.node(0).set_runs(link.now, RUNS))  # the first goes out at once
+    link.advance(link.now + 1.0)
+    assert [link.node(i).peer_states()[node_id(0)].runs for i in (1, 2)] == [RUNS, RUNS]
+    later = (10, 8, 1, 1, 1, 0, 1)
+    link.run(0, link.node(0).set_runs(link.now, later))
+    link.advance(link.now + 1.0)
+    assert link.node(0).peer_states()[node_id(0)].runs == later
+    assert link.node(1).peer_states()[node_id(0)].runs == RUNS
+    link.advance(link.now + COUNT_REFRESH_INTERVAL)
+    assert link.node(1).peer_states()[node_id(0)].runs == later
+    # No executions: no counts in the state.
+    link.run(0, link.node(0).set_runs(link.now, (0,) * len(RUN_COUNTS)))
+    assert link.node(0).peer_states()[node_id(0)].runs == ()
+
+
+@pytest.mark.parametrize(
+    "runs", [(1,) * (len(RUN_COUNTS) - 1), (-1, 0, 0, 0, 0, 0, 0), (MAX_UINT + 1, 0, 0, 0, 0, 0, 0)]
+)
+def test_run_counts_the_wire_cannot_carry_are_refused(runs: tuple[int, ...]) -> None:
+    with pytest.raises(LocalProtocolError):
+        lone().set_runs(0.0, runs)
 
 
 @pytest.mark.parametrize("agents,spend", [(-1, 0), (0, -1), (MAX_UINT + 1, 0), (0, MAX_UINT + 1)])

@@ -145,6 +145,7 @@ async function loadMembers() {
   }
   state.networkModels.push({ t: now, cost: byModel });
   trim(state.networkModels, now);
+  showTotals(now, networkTotals(members));
   renderFleet();
   renderFilters();
   drawSpend();
@@ -218,9 +219,19 @@ function breakers(models) {
 
 // ---- totals and their trend ----------------------------------------------------------------
 
-async function loadStats() {
-  const { totals } = await api("/v1/tasks/stats");
-  const now = Date.now();
+// Every member's peer state counts its own executions since it started (decision 64): their
+// sum over the members this peer knows, dead ones included, is the network's.
+function networkTotals(members) {
+  const sum = (name) => members.reduce((total, m) => total + ((m.runs || {})[name] || 0), 0);
+  const ended = sum("ok") + sum("failed") + sum("fenced") + sum("cancelled");
+  return {
+    tasks: sum("started"), running: Math.max(0, sum("started") - ended), done: sum("ok"),
+    failed: sum("failed"), duplicates: sum("duplicates"), takeovers: sum("takeovers"),
+    fenced: sum("fenced"), cancelled: sum("cancelled"),
+  };
+}
+
+function showTotals(now, totals) {
   state.stats.push({ t: now, totals });
   trim(state.stats, now);
   for (const name of STATS) {
@@ -522,7 +533,6 @@ async function start() {
   $("peer").textContent = `peer ${state.self.short_id} · ${state.self.api} · v${state.self.version}`;
   document.title = `Grapevine · ${state.self.short_id}`;
   const members = every(POLL_MS, loadMembers);
-  const stats = every(POLL_MS, loadStats);
   const agents = every(3000, loadAgents);
   const tasks = every(TASK_POLL_MS, loadTasks);
   const latency = every(POLL_MS, async () => drawLatency());
@@ -531,10 +541,10 @@ async function start() {
     const recent = await api("/v1/tasks/watch");
     for (const event of recent.events) noteTaskEvent(event, false);
   } catch (error) { failed(error); }
-  stats(); agents(); latency();
+  agents(); latency();
   follow("/v1/tasks/watch?follow=1", (event) => {
     noteTaskEvent(event, true);
-    stats.soon(); tasks.soon();
+    members.soon(); tasks.soon();
     if (state.detail === event.id) showTask(event.id).catch(failed);
   });
   follow("/v1/events?follow=1", (event) => {
