@@ -26,11 +26,14 @@ workers, one worker SIGKILLed mid-run and replaced
 visibility timeout at `--visibility` s so unacknowledged tasks come back), counting
 duplicates and unfinished tasks.
 
-`--metrics-cost` measures what Prometheus scraping costs instead (issue 12: at most 5% lower
-throughput with metrics on): at each size, `--metrics-runs` pairs of no-op rows, one with
-nobody reading `GET /metrics` and one with every peer scraped every `SCRAPE_INTERVAL` s, in
-alternating order so that drift of a shared machine hits both; it prints each pair's throughputs and
-ratio and the medians.
+`--metrics-cost` measures what observability costs instead (issue 12: at most 5% lower
+throughput with metrics on and tracing off): at each size, `--metrics-runs` triples of no-op
+rows: nobody reading `GET /metrics` and no tracing (off); every peer scraped every
+`SCRAPE_INTERVAL` s (metrics on); scraped and every peer tracing, its spans written by the
+console exporter (`OTEL_TRACES_EXPORTER=console`, to the peer's log: traced). The order turns
+at each run so that drift of a shared machine hits all three; it prints each triple's
+throughputs and ratios to the first, and the medians. (The peers' event-time metrics cannot be
+switched off; "off" is nobody scraping them.)
 
 Every phase is bounded in time; every process this script starts is ended by pid on exit.
 Needs `pip install -e '.[bench]'` and `apt-get install redis-server` for the Celery rows; without
@@ -321,13 +324,24 @@ async def _scrape_forever(peers: list[Peer], scrapes: list[int]) -> None:
 
 
 async def grapevine_row(
-    root: Path, size: int, tasks: int, in_flight: int, *, scrape: bool = False
+    root: Path, size: int, tasks: int, in_flight: int, *, scrape: bool = False, trace: bool = False
 ) -> Row:
-    row = Row("grapevine+scrape" if scrape else "grapevine", size, tasks)
+    row = Row(
+        "grapevine" + ("+scrape" if scrape else "") + ("+trace" if trace else ""), size, tasks
+    )
     rng = random.Random(size)
-    name = f"gv{size}{'-scraped' if scrape else ''}"
+    name = f"gv{size}{'-scraped' if scrape else ''}{'-traced' if trace else ''}"
     with LocalCluster(root / name, profile="local", extra_args=()) as cluster:
-        peers = await start_echo_cluster(cluster, size)
+        # The peers inherit this process's environment when they start (`child_env`).
+        saved = os.environ.get("OTEL_TRACES_EXPORTER")
+        os.environ["OTEL_TRACES_EXPORTER"] = "console" if trace else "none"
+        try:
+            peers = await start_echo_cluster(cluster, size)
+        finally:
+            if saved is None:
+                del os.environ["OTEL_TRACES_EXPORTER"]
+            else:
+                os.environ["OTEL_TRACES_EXPORTER"] = saved
         pids = [p.pid for p in peers if p.pid is not None]
         scrapes = [0]
         scraper = asyncio.create_task(_scrape_forever(peers, scrapes)) if scrape else None
@@ -767,34 +781,51 @@ def table(report: Report) -> str:
     return "\n".join(lines)
 
 
+MODES = ("off", "on", "traced")
+"""The rows of each --metrics-cost run: (scraped, traced) for each."""
+_MODE_FLAGS = {"off": (False, False), "on": (True, False), "traced": (True, True)}
+
+
 def metrics_cost(root: Path, sizes: list[int], tasks: int, in_flight: int, runs: int) -> str:
-    """Pairs of rows, unscraped then scraped every second, at each size: the table of
-    throughputs, each pair's ratio and the medians (see the module docstring)."""
-    lines = [f"{'N':>3} {'run':>3} {'off tasks/s':>11} {'on tasks/s':>10} {'on/off':>6}  note"]
+    """Triples of rows (off, metrics on, metrics on and tracing) at each size: the table of
+    throughputs, each one's ratio to off, and the medians (see the module docstring)."""
+    lines = [
+        f"{'N':>3} {'run':>3} {'off tasks/s':>11} {'on tasks/s':>10} {'traced':>7} "
+        f"{'on/off':>6} {'traced/off':>10}  note"
+    ]
     for size in sizes:
-        off: list[float] = []
-        on: list[float] = []
+        seen: dict[str, list[float]] = {mode: [] for mode in MODES}
         for run in range(runs):
             print(f"metrics cost N={size} run {run + 1}/{runs} ...", file=sys.stderr, flush=True)
             rows = {}
-            # Odd runs go scraped first, so that a trend of the machine favours neither.
-            for scrape in (False, True) if run % 2 == 0 else (True, False):
-                rows[scrape] = asyncio.run(
-                    grapevine_row(root / f"{run}-{scrape}", size, tasks, in_flight, scrape=scrape)
+            # The order turns at each run, so that a trend of the machine favours no mode.
+            turn = run % len(MODES)
+            for mode in MODES[turn:] + MODES[:turn]:
+                scrape, trace = _MODE_FLAGS[mode]
+                rows[mode] = asyncio.run(
+                    grapevine_row(
+                        root / f"{run}-{mode}", size, tasks, in_flight, scrape=scrape, trace=trace
+                    )
                 )
-            plain, scraped = rows[False], rows[True]
-            off.append(plain.throughput)
-            on.append(scraped.throughput)
-            ratio = scraped.throughput / plain.throughput if plain.throughput else 0.0
-            note = "; ".join(n for n in (plain.note, scraped.note) if n)
+            for mode in MODES:
+                seen[mode].append(rows[mode].throughput)
+            base = rows["off"].throughput
+            on, traced = rows["on"].throughput, rows["traced"].throughput
+            note = "; ".join(r.note for r in rows.values() if r.note)
+            on_ratio, traced_ratio = (on / base, traced / base) if base else (0.0, 0.0)
             lines.append(
-                f"{size:>3} {run + 1:>3} {plain.throughput:>11.1f} {scraped.throughput:>10.1f} "
-                f"{ratio:>6.3f}  {note}"
+                f"{size:>3} {run + 1:>3} {base:>11.1f} {on:>10.1f} {traced:>7.1f} "
+                f"{on_ratio:>6.3f} {traced_ratio:>10.3f}  {note}"
             )
-        ratios = [b / a for a, b in zip(off, on, strict=True) if a]
+        ratios = {
+            mode: [b / a for a, b in zip(seen["off"], seen[mode], strict=True) if a]
+            for mode in ("on", "traced")
+        }
+        medians = {mode: statistics.median(v) if v else 0.0 for mode, v in ratios.items()}
         lines.append(
-            f"{size:>3} {'med':>3} {statistics.median(off):>11.1f} {statistics.median(on):>10.1f} "
-            f"{statistics.median(ratios) if ratios else 0.0:>6.3f}  median of {runs} pairs"
+            f"{size:>3} {'med':>3} {statistics.median(seen['off']):>11.1f} "
+            f"{statistics.median(seen['on']):>10.1f} {statistics.median(seen['traced']):>7.1f} "
+            f"{medians['on']:>6.3f} {medians['traced']:>10.3f}  median of {runs} runs"
         )
     return "\n".join(lines)
 
@@ -832,10 +863,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--metrics-cost",
         action="store_true",
-        help="only compare Grapevine throughput unscraped vs /metrics scraped every second",
+        help="only compare Grapevine throughput: nobody scraping /metrics, scraped every "
+        "second, and scraped with every peer tracing (console exporter)",
     )
     parser.add_argument(
-        "--metrics-runs", type=int, default=3, help="pairs of rows per size for --metrics-cost"
+        "--metrics-runs", type=int, default=3, help="runs of three rows per size for --metrics-cost"
     )
     args = parser.parse_args(argv)
     sizes = [int(s) for s in (args.sizes or ("3,10" if args.quick else "3,10,30")).split(",")]
