@@ -163,7 +163,8 @@ def tasks_table(tasks: list[JsonObject]) -> str:
 
 
 def task_details(task: JsonObject) -> str:
-    """The `grapevine task` view: fields, execution log and result."""
+    """The `grapevine task` view: fields, execution log, result, and the cancel that ended
+    it (who, why) if one did."""
     result = task.get("result") if isinstance(task.get("result"), dict) else None
     lines = [
         f"id          {task.get('id')}",
@@ -188,6 +189,12 @@ def task_details(task: JsonObject) -> str:
         )
         answer = answer_text(str(result.get("output", "")))
         lines.append("output      " + answer.replace("\n", "\n" + " " * 12))
+    cancel = task.get("cancel") if isinstance(task.get("cancel"), dict) else None
+    if cancel is not None:
+        lines.append(
+            f"ended       {cancel.get('outcome')} by {short(cancel.get('by'))}: "
+            f"{cancel.get('reason')}"
+        )
     return "\n".join(lines)
 
 

@@ -32,7 +32,9 @@ FILE_CONCURRENCY = 16
 POLL_INTERVAL = 0.5
 """Seconds between checks of unfinished tasks while `submit --file` waits."""
 FINAL = ("done", "failed", "cancelled")
-_FILE_FIELDS = {"role", "input", "priority", "idempotency_key", "timeout"}
+_FILE_FIELDS = {"role", "input", "priority", "idempotency_key", "timeout", "queue", "queue_timeout"}
+"""What a line may carry: the API's submission fields (`queue` and `queue_timeout` override
+`--queue` and `--queue-timeout` for that line)."""
 
 
 @dataclass
@@ -94,6 +96,13 @@ def parse_task_line(line: str) -> JsonObject:
     timeout = spec.get("timeout", 0)
     if type(timeout) not in (int, float) or timeout < 0:
         raise ValueError("timeout must be a number of seconds, 0 or more")
+    if type(spec.get("queue", False)) is not bool:
+        raise ValueError("queue must be true or false")
+    queue_timeout = spec.get("queue_timeout")
+    if queue_timeout is not None and (type(queue_timeout) not in (int, float) or queue_timeout < 0):
+        raise ValueError("queue_timeout must be a number of seconds, 0 or more")
+    if queue_timeout is not None and spec.get("queue") is False:
+        raise ValueError("queue_timeout applies to a queued task: drop it or set queue to true")
     return spec
 
 
@@ -166,8 +175,8 @@ async def _submit_all(
                     priority=spec.get("priority", 0),
                     idempotency_key=spec.get("idempotency_key") or None,
                     timeout=float(spec.get("timeout", 0)),
-                    queue=args.queue,
-                    queue_timeout=args.queue_timeout,
+                    queue=bool(spec.get("queue", args.queue)),
+                    queue_timeout=spec.get("queue_timeout", args.queue_timeout),
                 )
                 run.submitted[number] = str(answer["id"])
             except ApiError as exc:

@@ -103,7 +103,9 @@ def register(commands: Subcommands) -> None:
         type=Path,
         default=None,
         metavar="PATH",
-        help="submit every task of a JSON Lines file (- for stdin)",
+        help="submit every task of a JSON Lines file (- for stdin): one object per line with "
+        "role and input, and optionally priority, idempotency_key, timeout, queue and "
+        "queue_timeout (these two override --queue and --queue-timeout for that line)",
     )
     submit.add_argument(
         "--no-wait",

@@ -232,7 +232,12 @@ def _check_page(driver: Any, peers: list[Peer], first_root: str) -> None:
         role = row.find_element(By.CSS_SELECTOR, ".role").text
         assert owner_of[role].node_id[:10] in row.find_element(By.CSS_SELECTOR, ".peer").text
         assert row.find_element(By.CSS_SELECTOR, ".tokens").text.split()[0].isdigit()
-    assert "7 tasks" in driver.find_element(By.ID, "tree-totals").text
+    totals = driver.find_element(By.ID, "tree-totals").text
+    assert "7 tasks" in totals and "(0 repeated after a takeover)" in totals, totals
+    # Every agent of the tree called the offline model at least once.
+    calls = driver.find_elements(By.CSS_SELECTOR, "#tree .calls")
+    assert len(calls) == TREE, [c.text for c in calls]
+    assert all(re.fullmatch(r"\d+ model calls?", c.text) for c in calls), [c.text for c in calls]
     driver.set_window_size(1280, 1200)  # the whole detail in view: a picture shows no more
     detail = driver.find_element(By.ID, "task-detail")
     driver.execute_script("arguments[0].scrollIntoView();", detail)

@@ -137,6 +137,32 @@ def test_submit_file_skips_bad_lines_with_numbers(peer: Peer, tmp_path: Path) ->
     assert ok.stdout.startswith("3 lines, 0 bad lines, 3 submitted, 3 done")
 
 
+def test_submit_file_lines_may_queue_with_their_own_timeout(peer: Peer, tmp_path: Path) -> None:
+    lines = [
+        json.dumps({"role": "echo", "input": "served"}),
+        json.dumps({"role": "nobody-serves", "input": "x", "queue": True, "queue_timeout": 1}),
+        json.dumps({"role": "echo", "input": "y", "queue": "yes"}),
+        json.dumps({"role": "echo", "input": "z", "queue": False, "queue_timeout": 5}),
+        json.dumps({"role": "nobody-serves", "input": "w"}),  # not queued: refused (422)
+    ]
+    path = tmp_path / "queued.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    result = grapevine(peer, "submit", "--file", str(path), "--json")
+    assert result.returncode == 1, result.stderr
+    assert "line 3: queue must be true or false" in result.stderr
+    assert "line 4: queue_timeout applies to a queued task" in result.stderr
+    assert "line 5: refused: no live peer serves the role 'nobody-serves'" in result.stderr
+    report = json.loads(result.stdout)
+    states = {t["line"]: t["state"] for t in report["tasks"]}
+    assert states == {1: "done", 2: "failed"}, report
+    queued = next(t for t in report["tasks"] if t["line"] == 2)
+    shown = json.loads(grapevine(peer, "task", queued["id"], "--json").stdout)
+    assert shown["cancel"]["outcome"] == "failed", shown
+    assert shown["cancel"]["reason"].startswith("queue timeout"), shown
+    text = grapevine(peer, "task", queued["id"]).stdout
+    assert "\nended       failed by " in text and ": queue timeout" in text, text
+
+
 def test_a_lone_peer_runs_a_submission_and_says_it_is_not_acknowledged(tmp_path: Path) -> None:
     # A new user's first try is often one peer: no other peer can hold a copy, so the task is
     # not acknowledged (design: durable locally and at the replicas), but it runs and its

@@ -485,7 +485,8 @@ async function showTask(id) {
   const totals = tree.totals;
   $("tree-totals").textContent = `${totals.tasks} tasks, ${totals.executions} executions, ` +
     `${totals.duplicates} duplicates, ${totals.prompt_tokens + totals.completion_tokens} tokens, ` +
-    `${dollars(totals.cost_microdollars)}${tree.truncated ? " (truncated)" : ""}`;
+    `${dollars(totals.cost_microdollars)}, ${totals.model_calls} model calls ` +
+    `(${totals.model_calls_repeated} repeated after a takeover)${tree.truncated ? " (truncated)" : ""}`;
   $("tree").replaceChildren(treeNode(tree));
 }
 
@@ -507,6 +508,10 @@ function treeNode(node) {
     el("span", { class: "agent", title: "agent" }, `agent ${node.agent || "–"}`),
     el("span", { class: "tokens" }, tokens === null ? "– tokens" : `${tokens} tokens`),
     el("span", { class: "cost" }, usage ? dollars(usage.cost_microdollars) : "–"),
+    node.model_calls ? el("span", { class: "calls", title: "model calls of every run" },
+      `${node.model_calls} model call${node.model_calls === 1 ? "" : "s"}`) : null,
+    node.model_calls_repeated ? el("span", { class: "warn", title: "calls that redid a step an earlier run had started" },
+      `${node.model_calls_repeated} repeated after a takeover`) : null,
     el("span", { class: "duration", title: "submit → result, as seen here" },
       seconds(duration({ id: node.id, created: node.created ?? state.created.get(node.id), ended: node.ended }))),
     node.duplicates ? el("span", { class: "warn" }, `${node.duplicates} duplicates`) : null);
