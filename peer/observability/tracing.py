@@ -77,6 +77,9 @@ class Scope:
 
 
 _SCOPE: contextvars.ContextVar[Scope | None] = contextvars.ContextVar("grapevine_trace_scope")
+_AGENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("grapevine_trace_agent")
+"""The agent running the current execution (`annotate_agent`): its model and tool spans name
+it too."""
 
 
 class Provider(Protocol):
@@ -332,9 +335,16 @@ def _otlp_exporter(environ: Mapping[str, str]) -> SpanExporter | None:
 
 
 def annotate_agent(name: str) -> None:
-    """Name the agent running the current execution on its span (`gen_ai.agent.name`)."""
+    """Name the agent running the current execution on its span (`gen_ai.agent.name`), and on
+    the model and tool spans it opens from now on."""
     if _SCOPE.get(None) is not None:
         trace.get_current_span().set_attribute("gen_ai.agent.name", name)
+        _AGENT.set(name)
+
+
+def _with_agent(attributes: dict[str, str]) -> dict[str, str]:
+    agent = _AGENT.get(None)
+    return attributes if agent is None else {**attributes, "gen_ai.agent.name": agent}
 
 
 class ModelCall:
@@ -376,7 +386,7 @@ def model_call(model: str) -> Iterator[ModelCall]:
         "grapevine.peer": scope.peer,
     }
     with scope.tracer.start_as_current_span(
-        f"chat {model}", kind=SpanKind.CLIENT, attributes=attributes
+        f"chat {model}", kind=SpanKind.CLIENT, attributes=_with_agent(attributes)
     ) as span:
         yield ModelCall(span)
 
@@ -395,5 +405,7 @@ def tool_call(name: str, call_id: str) -> Iterator[None]:
         "gen_ai.tool.call.id": call_id,
         "grapevine.peer": scope.peer,
     }
-    with scope.tracer.start_as_current_span(f"execute_tool {name}", attributes=attributes):
+    with scope.tracer.start_as_current_span(
+        f"execute_tool {name}", attributes=_with_agent(attributes)
+    ):
         yield

@@ -151,6 +151,8 @@ async def test_a_delegation_tree_on_two_peers_is_one_trace_whose_spans_nest(
     assert all(attr(s, "grapevine.cost_usd") == 0.0 for s in chats)
     delegates = [s for s in tree if s["name"] == "execute_tool delegate"]
     assert len(delegates) == 2 and all(parent(s) is execute for s in delegates)
+    # The agent is named on its model and tool spans too.
+    assert all(attr(s, "gen_ai.agent.name") == "lead" for s in chats + delegates)
     assert any(s["name"] == "execute_tool final_answer" for s in tree)
 
     for child in children:
@@ -166,8 +168,10 @@ async def test_a_delegation_tree_on_two_peers_is_one_trace_whose_spans_nest(
             "execute report",
             "submit report",
         ]
-        child_chat = [s for s in tree if s["name"] == "chat grapevine/offline"]
-        assert any(parent(s) is child_execute for s in child_chat)
+        child_chat = [
+            s for s in tree if s["name"] == "chat grapevine/offline" and parent(s) is child_execute
+        ]
+        assert child_chat and all(attr(s, "gen_ai.agent.name") == "writer" for s in child_chat)
 
     # The lifecycle log lines of every task of the tree, on both peers, carry its trace id.
     lines = [vars(r) for r in caplog.records if vars(r).get("task_id") in tree_ids]
