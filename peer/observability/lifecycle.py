@@ -49,6 +49,7 @@ from protocol.effects import (
 )
 from protocol.identity import short_id
 from protocol.node import Node
+from protocol.tasks.state import TaskState
 from protocol.wire import RUN_COUNTS
 
 log = logging.getLogger("grapevine.tasks")
@@ -122,13 +123,13 @@ class TaskLifecycle:
         match note:
             case StartExecution(task_id=task_id, epoch=epoch, role=role):
                 self._runs[task_id] = _Run(role, epoch, self._clock())
-                self.run_counts["started"] += 1
                 st = self._node.task(task_id)
-                if st is not None and st.execution_count() > 1:
-                    self.run_counts["duplicates"] += 1
+                duplicate = st is not None and st.execution_count() > 1
+                self.run_counts["started"] += 1
+                self.run_counts["duplicates"] += duplicate
                 self.tracing.execution_started(task_id, role, epoch, self._traceparent(task_id))
                 if metrics is not None:
-                    self._observe_start(metrics, task_id)
+                    self._observe_start(metrics, st, duplicate)
                 self._emit("started", task_id, role, epoch)
             case CancelExecution(task_id=task_id, epoch=epoch, reason=reason):
                 run = self._runs.get(task_id)
@@ -172,13 +173,11 @@ class TaskLifecycle:
             case _:
                 pass
 
-    def _observe_start(self, metrics: EventMetrics, task_id: bytes) -> None:
-        st = self._node.task(task_id)
-        if st is None or st.record is None:
-            return
-        metrics.submit_to_start.observe(max(0.0, self._wall() - st.record.created))
-        if st.execution_count() > 1:
+    def _observe_start(self, metrics: EventMetrics, st: TaskState | None, duplicate: bool) -> None:
+        if duplicate:
             metrics.duplicates.inc()
+        if st is not None and st.record is not None:
+            metrics.submit_to_start.observe(max(0.0, self._wall() - st.record.created))
 
     def _role(self, task_id: bytes) -> str:
         st = self._node.task(task_id)
