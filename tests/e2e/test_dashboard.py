@@ -34,7 +34,10 @@ from tests.e2e.test_agents_cluster import CONFIGS, TREE
 pytestmark = pytest.mark.e2e
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-from selenium.common.exceptions import WebDriverException  # noqa: E402
+from selenium.common.exceptions import (  # noqa: E402
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -42,6 +45,8 @@ REPO = Path(__file__).resolve().parents[2]
 SHOTS = REPO / "docs" / "img"
 LOGIN_LINE = re.compile(r"dashboard: (http://\S+/\?token=\S+)")
 PAGE_WAIT = 20.0
+STALE_RETRIES = 10
+"""Reads of a selector's texts while the page keeps replacing its elements (`_texts`)."""
 """Seconds the browser may take to show what the peers already know (polls run every 2 s)."""
 
 
@@ -116,13 +121,23 @@ def _run_tree(peers: list[Peer], key: str, expected: int) -> str:
 
 
 def _texts(driver: Any, css: str) -> list[str]:
+    # The page re-renders its tables as news comes (after every task and member event): an
+    # element found may be replaced before its text is read. Read them all again then.
+    for _ in range(STALE_RETRIES):
+        try:
+            return [e.text for e in driver.find_elements(By.CSS_SELECTOR, css)]
+        except StaleElementReferenceException:
+            time.sleep(0.05)
     return [e.text for e in driver.find_elements(By.CSS_SELECTOR, css)]
 
 
 def _wait(driver: Any, what: str, check: Any) -> Any:
-    return WebDriverWait(driver, PAGE_WAIT, poll_frequency=0.2).until(
-        check, message=f"the page did not show {what} within {PAGE_WAIT:g} s"
-    )
+    return WebDriverWait(
+        driver,
+        PAGE_WAIT,
+        poll_frequency=0.2,
+        ignored_exceptions=(StaleElementReferenceException,),
+    ).until(check, message=f"the page did not show {what} within {PAGE_WAIT:g} s")
 
 
 def _check_page(driver: Any, peers: list[Peer], first_root: str) -> None:
