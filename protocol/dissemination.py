@@ -53,7 +53,9 @@ _BROADCAST_KINDS = frozenset(
 )
 _RECENT_CAPACITY = 4096
 _ENVELOPE_OVERHEAD = 64
-_PROBE_KINDS = frozenset({Kind.PING, Kind.INDIRECT_PING, Kind.ACK, Kind.NACK})
+PROBE_KINDS = frozenset({Kind.PING, Kind.INDIRECT_PING, Kind.ACK, Kind.NACK})
+"""Message kinds that make an envelope probe-class: the SWIM failure detector's own traffic
+(`Send.probe`; the host's probe lane, `peer.runtime.lanes`)."""
 LAZY_RIDE_BYTES = 512 * 1024
 """Most bytes of lazy messages that ride on one envelope (far below `MAX_ENVELOPE_BYTES`); the
 rest waits for the next one or `flush_lazy`."""
@@ -156,7 +158,7 @@ class Dissemination:
         if piggyback:
             used = _ENVELOPE_OVERHEAD + sum(len(m) + MESSAGE_OVERHEAD for m in messages)
             messages = messages + self._broadcasts(self.config.gossip.packet_budget - used)
-        probe = any(len(m) > 1 and m[1] in _PROBE_KINDS for m in messages)
+        probe = any(len(m) > 1 and m[1] in PROBE_KINDS for m in messages)
         if addr in self._lazy and not probe:
             messages = self._riding(addr) + messages
         self.sink(Send(addr, encode_envelope(self.node_id, self.addr, messages), probe))

@@ -38,14 +38,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import Final
 
+from protocol.dissemination import PROBE_KINDS
 from protocol.envelope import Envelope, decode_envelope, encode_envelope
 from protocol.errors import RemoteProtocolError
-from protocol.wire import Kind
 
 log = logging.getLogger(__name__)
 
-PROBE_KINDS: Final = frozenset({Kind.PING, Kind.INDIRECT_PING, Kind.ACK, Kind.NACK})
-"""Message kinds that make an envelope probe-class: the SWIM failure detector's own traffic."""
 PROBE_ENVELOPE_BYTES: Final = 16 * 1024
 """Largest envelope the probe lane carries. A probe or ack with its piggybacked gossip is at
 most `GossipConfig.packet_budget` (8 KiB by default) plus an alive record; anything larger is
