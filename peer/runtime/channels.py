@@ -235,6 +235,11 @@ class ChannelSender:
                 "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
             )
             self._on_failed(channel.addr, reason)
+        except AssertionError:
+            # aiohttp's client asserts that the connection still has a transport after the
+            # upgrade's answer (3.14): a receiver that closes right then (it is stopping) trips
+            # it. That is a lost connection like any other, not a fault of ours.
+            self._on_failed(channel.addr, "the connection closed during the upgrade")
         finally:
             if self._channels.get(channel.addr) is channel:
                 del self._channels[channel.addr]
@@ -348,6 +353,8 @@ class ChannelReceiver:
         self._open: dict[web.WebSocketResponse, Opener] = {}
         self.accepted = 0
         """Channels accepted so far."""
+        self.lost_before_accepted = 0
+        """Upgrades whose sender was gone before the answer could be written."""
 
     @property
     def open_channels(self) -> int:
@@ -383,7 +390,14 @@ class ChannelReceiver:
             autoping=True,
             compress=False,
         )
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except ConnectionError:
+            # The sender went away before the upgrade was answered (it stopped, or its wait
+            # ran out): nothing was accepted. aiohttp writes the stand-in answer to a closed
+            # connection and ignores that; only a count is worth keeping.
+            self.lost_before_accepted += 1
+            return web.Response(status=499)
         shared = self._opener()
         opener = Opener(
             self._keyring,

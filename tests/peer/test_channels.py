@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -268,3 +269,62 @@ async def test_messages_received_before_the_connection_is_lost_are_all_handed_on
     await receiver._receive(ws, "127.0.0.1:1", channel_route(channel_id))  # type: ignore[arg-type]
     await _until(lambda: len(inbox.items) == 3)
     assert inbox.items == [b"m0", b"m1", b"m2"]
+
+
+async def test_a_connection_lost_during_the_upgrade_costs_one_failure_and_no_traceback(
+    monkeypatch: pytest.MonkeyPatch, receiver: tuple[Transport, Inbox]
+) -> None:
+    # Seen when a network stops: aiohttp's client asserts on a connection the receiver closed
+    # right after answering the upgrade. The sender counts a failure and opens a new channel
+    # on the next send; nothing escapes into the event loop as an unretrieved exception.
+    b, inbox = receiver
+    a = Transport("127.0.0.1", 0, Keyring(KEY), b"A" * 8, Inbox())
+    await a.start()
+    real_connect = aiohttp.ClientSession.ws_connect
+    unretrieved: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, ctx: unretrieved.append(ctx))
+
+    def tripping(self: aiohttp.ClientSession, *args: object, **kwargs: object) -> object:
+        async def trip() -> None:
+            raise AssertionError
+
+        return trip()
+
+    try:
+        addr = f"127.0.0.1:{b.port}"
+        monkeypatch.setattr(aiohttp.ClientSession, "ws_connect", tripping)
+        a.send(addr, b"lost")
+        await _until(lambda: a.send_failures == 1)
+        assert a.last_failure[addr] == "the connection closed during the upgrade"
+        assert a.channels == (0, 0)
+        monkeypatch.setattr(aiohttp.ClientSession, "ws_connect", real_connect)
+        a.send(addr, b"again")
+        await _until(lambda: inbox.items == [b"again"])
+        assert a.send_failures == 1 and unretrieved == []
+    finally:
+        await a.stop()
+
+
+async def test_a_sender_gone_before_the_upgrade_is_answered_is_counted_not_logged(
+    monkeypatch: pytest.MonkeyPatch,
+    receiver: tuple[Transport, Inbox],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The receiver's side of a stopping network: writing the upgrade's answer finds the
+    # connection closed. aiohttp logged that as an error with a traceback; it is counted.
+    b, inbox = receiver
+
+    async def gone(self: aiohttp.web.WebSocketResponse, request: object) -> None:
+        raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+
+    monkeypatch.setattr(aiohttp.web.WebSocketResponse, "prepare", gone)
+    a = Transport("127.0.0.1", 0, Keyring(KEY), b"A" * 8, Inbox())
+    await a.start()
+    try:
+        a.send(f"127.0.0.1:{b.port}", b"hello?")
+        await _until(lambda: a.send_failures == 1)
+        assert b._channels_in.lost_before_accepted == 1 and b.channels == (0, 0)
+        assert inbox.items == []
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        await a.stop()
