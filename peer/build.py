@@ -29,6 +29,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import random
@@ -172,6 +173,7 @@ async def build_peer(
         opened = store = _open_store(settings)
     transport: Transport | None = None
     driver: Driver | None = None
+    writer: concurrent.futures.ThreadPoolExecutor | None = None
     blobs: BlobService | None = None
     executor: Executor | None = None
     host: AgentHost | None = None
@@ -203,7 +205,11 @@ async def build_peer(
         config = _config(settings, keyring.network_id)
         loop = asyncio.get_running_loop()
         node = Node(config, signer, advertise, rng or random.Random(), loop.time(), incarnation)
-        driver = Driver(node, transport, store)
+        # One thread writes the task records, so the loop goes on while SQLite fsyncs. A store
+        # given by the caller (a test's fake) is written on the loop: it need not be thread-safe.
+        if opened is not None:
+            writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-writer")
+        driver = Driver(node, transport, store, writer=writer)
         blobs = BlobService(blob_store, transport, driver)
         transport.blob_store = blobs.holder  # pushes pass the designated-holder rule
         driver.disk.on_written = blobs.note_written  # blobs go with the tasks forgotten
@@ -283,7 +289,9 @@ async def build_peer(
         if blobs is not None:
             await blobs.close()
         if driver is not None:
-            driver.stop()
+            driver.stop()  # takes over the write in flight, then writes what waits
+        if writer is not None:
+            writer.shutdown()
         if api is not None:
             await api.stop()
         if transport is not None:

@@ -33,6 +33,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import logging
 import time
@@ -45,7 +46,7 @@ from peer.runtime.executor import Executor, Usage, Work
 from peer.runtime.group_commit import GroupCommit, NotDurable, RecordStore
 from peer.runtime.hub import NoteHub, Notifications
 from peer.runtime.progress import ProgressLog
-from protocol.effects import CancelExecution, Command, Effects, StartExecution
+from protocol.effects import CancelExecution, Command, Effects, Send, StartExecution
 from protocol.errors import LocalProtocolError
 from protocol.identity import short_id
 from protocol.node import Node
@@ -87,6 +88,7 @@ class Driver:
         wall: wall-clock seconds, for timestamps shown to users and membership hints.
         tracing: the peer's traces; by default what the `OTEL_*` environment configures
             (`PeerTracing.from_environment`: nothing, unless an exporter is named).
+        writer: where the group commits run (the peer's writer thread), or None: on the loop.
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class Driver:
         clock: Callable[[], float] | None = None,
         wall: Callable[[], float] = time.time,
         tracing: PeerTracing | None = None,
+        writer: concurrent.futures.Executor | None = None,
     ) -> None:
         self.node = node
         self._sender = sender
@@ -120,9 +123,10 @@ class Driver:
         self.leaving = False
         self.hints: set[str] = set()
         """Addresses remembered from a previous run: tried on join, never kept as seeds."""
-        self.disk = GroupCommit(store, self._loop, self._deliver)
-        """Writes the node's records, one fsync per turn of the loop, and holds back the
-        effects that wait for them (`degraded`, `write_failures`, `on_written` live there)."""
+        self.disk = GroupCommit(store, self._loop, self._deliver, writer, self._send)
+        """Writes the node's records, one fsync per turn of the loop (on `writer`, the peer's
+        writer thread, if given), and holds back the effects that wait for them (`degraded`,
+        `write_failures`, `on_written` live there)."""
 
     @property
     def hub(self) -> NoteHub:
@@ -371,6 +375,9 @@ class Driver:
             result = await self.notifications.wait_result(task_id, max(step, 0.0))
             st = self.node.task(task_id)
             if result is not None or (st is not None and st.cancel is not None):
+                # The node may hold it before it is on disk here (a commit in flight): a
+                # result this peer authored is not shown before it would survive a crash.
+                await self.disk.flushed()
                 return result
             if self.notifications.closed or (deadline is not None and self._clock() >= deadline):
                 return None
@@ -535,7 +542,7 @@ class Driver:
     def _deliver(self, fx: Effects, durable: bool) -> None:
         if durable or not fx.persists:
             for send in fx.sends:
-                self._sender.send(send.addr, send.data, send.probe)
+                self._send(send)
         for note in fx.notes:
             self.notifications.observe(note)
             self.lifecycle.observe(note)
@@ -544,6 +551,9 @@ class Driver:
             self._execute(command)
             self.notifications.observe(command)
         self._arm(fx.wake_at)
+
+    def _send(self, send: Send) -> None:
+        self._sender.send(send.addr, send.data, send.probe)
 
     def _arm(self, wake_at: float | None) -> None:
         if self._timer is not None:

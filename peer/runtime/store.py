@@ -22,10 +22,11 @@ crashes, not only the death of the process. That costs one fsync per commit (abo
 this project's test machine, milliseconds on slow disks); no setting lowers it, so that an
 acknowledgement means the same on every peer.
 
-Threading. A `Store` is used from the asyncio driver's single thread. Each call is one short
-transaction (a fraction of a millisecond with its fsync on an SSD), so it runs inline on the
-event loop rather than in an executor; should fsyncs on slow disks come to stall the loop, the
-writes should move to a dedicated writer thread that commits them in groups.
+Threading. A `Store` may be called from several threads, one call at a time: a lock
+serializes every use of the connection, so a transaction never interleaves with another. The
+peer writes its task records from one writer thread (`peer.runtime.group_commit`, decision
+66), so that fsyncs do not stall the event loop; its other calls (membership hints, usage) are
+few and run on the loop, waiting at most for the write in flight.
 
 Schema. `MIGRATIONS` is append-only: entry *i* brings the database from version *i* to *i + 1*.
 Add tables by appending an entry; never edit a released one. A database newer than this code
@@ -39,20 +40,32 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Concatenate, ParamSpec, Self, TypeVar
 
 from peer.runtime.identity_file import IDENTITY_NAME, load_or_create_identity
 from peer.runtime.store_errors import StoreError, StoreWriteError
+from peer.runtime.store_schema import MIGRATIONS, SYNCHRONOUS_NAMES, WAL_SIZE_LIMIT, connect
 from protocol.effects import Persist, PersistKind
 
-__all__ = ["IDENTITY_NAME", "Store", "StoreError", "StoreWriteError"]
+__all__ = [
+    "IDENTITY_NAME",
+    "MIGRATIONS",
+    "WAL_SIZE_LIMIT",
+    "Store",
+    "StoreError",
+    "StoreWriteError",
+]
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 DB_NAME = "grapevine.db"
 LOCK_NAME = "lock"
@@ -60,57 +73,31 @@ MAX_MEMBERS = 1024
 """Membership hints kept for re-joining after a restart; enough to find a live peer among
 a large network's most recently seen members."""
 
-WAL_SIZE_LIMIT = 4 * 1024 * 1024
-"""Bytes the write-ahead log file is cut back to each time SQLite starts it over after a
-checkpoint (`PRAGMA journal_size_limit`). SQLite checkpoints at about 4 MB of log (1,000
-pages) but otherwise keeps the file at the largest size it ever reached: one large batch (a
-burst of compactions, a replica sync) left it there for the rest of the run, and the data
-directory crept up by megabytes per peer over a long soak."""
-SYNCHRONOUS_NAMES = {0: "off", 1: "normal", 2: "full", 3: "extra"}
-"""SQLite's `PRAGMA synchronous` levels by number."""
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
-        (
-            "CREATE TABLE members ("
-            " node_id BLOB PRIMARY KEY, addr TEXT NOT NULL, last_seen INTEGER NOT NULL"
-            ") WITHOUT ROWID"
-        ),
-        (
-            "CREATE TABLE records ("
-            " kind TEXT NOT NULL, key BLOB NOT NULL, value BLOB NOT NULL,"
-            " PRIMARY KEY (kind, key)"
-            ") WITHOUT ROWID"
-        ),
-    ),
-    (
-        # Model usage totals per model and server (calls, tokens, spend), kept across
-        # restarts so what the network cost does not start over at zero (decision 52).
-        "CREATE TABLE model_usage (key TEXT PRIMARY KEY, totals TEXT NOT NULL) WITHOUT ROWID",
-    ),
-    (
-        # Tombstones in a table of their own, keyed by task id alone: a peer keeps one for
-        # every task it compacted within the grace period, and the kind name repeated in each
-        # row of `records` was a tenth of a tombstone's size (decision 57).
-        ("CREATE TABLE tombstones ( task_id BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID"),
-        "INSERT INTO tombstones SELECT key, value FROM records WHERE kind = 'tombstone'",
-        "DELETE FROM records WHERE kind = 'tombstone'",
-    ),
-)
-"""Append-only schema migrations; each entry is the statements of one version step."""
+def _serialized(method: Callable[Concatenate[Store, P], R]) -> Callable[Concatenate[Store, P], R]:
+    """`method`, holding the store's lock (see Threading in the module docstring)."""
+
+    def serialized(store: Store, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with store._mutex:
+            return method(store, *args, **kwargs)
+
+    serialized.__name__, serialized.__qualname__ = method.__name__, method.__qualname__
+    serialized.__doc__ = method.__doc__
+    return serialized
 
 
 class Store:
     """A peer's durable state; see the module docstring for its guarantees."""
 
-    __slots__ = ("_db", "_lock_fd", "data_dir", "on_write")
+    __slots__ = ("_db", "_lock_fd", "_mutex", "data_dir", "on_write")
 
     def __init__(self, data_dir: Path, db: sqlite3.Connection, lock_fd: int) -> None:
         """Wrap an already-open database; use `Store.open` instead."""
         self.data_dir = data_dir
         self._db = db
         self._lock_fd = lock_fd
+        self._mutex = threading.RLock()
+        """Held by every use of `_db` (see Threading in the module docstring)."""
         self.on_write: Callable[[float], None] | None = None
         """Called with the seconds each committed write transaction took (fsync included):
         the peer's `grapevine_store_write_seconds`."""
@@ -144,7 +131,7 @@ class Store:
                 "stop it or choose another --data-dir"
             ) from None
         try:
-            store = cls(data_dir, _connect(data_dir / DB_NAME), lock_fd)
+            store = cls(data_dir, connect(data_dir / DB_NAME), lock_fd)
             try:
                 store._migrate()
             except BaseException:
@@ -173,14 +160,17 @@ class Store:
             self._db.execute("DELETE FROM schema_version")
             self._db.execute("INSERT INTO schema_version VALUES (?)", (len(MIGRATIONS),))
 
+    @_serialized
     def schema_version(self) -> int:
         """Return the database's schema version (`len(MIGRATIONS)` once open)."""
         return int(self._db.execute("SELECT version FROM schema_version").fetchone()[0])
 
+    @_serialized
     def journal_mode(self) -> str:
         """Return SQLite's journal mode for the database ("wal")."""
         return str(self._db.execute("PRAGMA journal_mode").fetchone()[0])
 
+    @_serialized
     def synchronous(self) -> str:
         """Return SQLite's synchronous setting for the connection ("full")."""
         level = int(self._db.execute("PRAGMA synchronous").fetchone()[0])
@@ -223,6 +213,7 @@ class Store:
                 (incarnation,),
             )
 
+    @_serialized
     def load_incarnation(self) -> int:
         """Return the greatest incarnation ever saved, or 0."""
         row = self._db.execute("SELECT value FROM counters WHERE name = 'incarnation'").fetchone()
@@ -247,6 +238,7 @@ class Store:
             self._db.execute("DELETE FROM members")
             self._db.executemany("INSERT INTO members VALUES (?, ?, ?)", kept)
 
+    @_serialized
     def load_members(self) -> list[tuple[bytes, str, int]]:
         """Return the membership hints, most recently seen first."""
         return [
@@ -266,6 +258,7 @@ class Store:
             self._db.execute("DELETE FROM model_usage")
             self._db.executemany("INSERT INTO model_usage VALUES (?, ?)", rows)
 
+    @_serialized
     def load_model_usage(self) -> dict[str, dict[str, object]]:
         """Return the saved model usage totals; a row that is not a JSON object is skipped
         (logged): usage is a tally, not worth refusing to start over."""
@@ -336,6 +329,7 @@ class Store:
         self._db.execute(FORGET_TASK_STATEMENT, (*TASK_KIND_NAMES, task_id, _prefix_end(task_id)))
         self._db.execute("DELETE FROM tombstones WHERE task_id = ?", (task_id,))
 
+    @_serialized
     def last_contact(self) -> int | None:
         """When this peer last saw another member up (the newest membership hint, wall-clock
         seconds), or None if it never saw one."""
@@ -354,6 +348,7 @@ class Store:
                 count += int(self._db.execute("DELETE FROM tombstones").rowcount)
         return count
 
+    @_serialized
     def get(self, kind: str, key: bytes) -> bytes | None:
         """Return the value stored under (`kind`, a `PersistKind`, and `key`), or None."""
         if kind == PersistKind.TOMBSTONE:
@@ -366,6 +361,7 @@ class Store:
             ).fetchone()
         return None if row is None else bytes(row[0])
 
+    @_serialized
     def scan(self, kind: str) -> Iterator[tuple[bytes, bytes]]:
         """Return every (key, value) of `kind`, ordered by key.
 
@@ -388,25 +384,27 @@ class Store:
     def _transaction(self) -> Iterator[None]:
         # The connection runs with isolation_level=None so that transactions are exactly
         # the ones opened here, never implicit ones from the sqlite3 module.
-        began = time.perf_counter()
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._mutex:
+            began = time.perf_counter()
             try:
-                yield
-                self._db.execute("COMMIT")
-            except BaseException:
-                # A COMMIT that failed on a full disk may or may not have rolled back already
-                # (SQLite's documentation); left open, it would fail every later BEGIN.
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise StoreWriteError(
-                f"writing {self.data_dir / DB_NAME} failed: {exc}; nothing of it was stored"
-            ) from exc
-        if self.on_write is not None:
-            self.on_write(time.perf_counter() - began)
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    # A COMMIT that failed on a full disk may or may not have rolled back already
+                    # (SQLite's documentation); left open, it would fail every later BEGIN.
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StoreWriteError(
+                    f"writing {self.data_dir / DB_NAME} failed: {exc}; nothing of it was stored"
+                ) from exc
+            if self.on_write is not None:
+                self.on_write(time.perf_counter() - began)
 
+    @_serialized
     def close(self) -> None:
         """Close the database and release the data directory; idempotent."""
         if self._lock_fd < 0:
@@ -425,45 +423,6 @@ class Store:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    """Open the database at `path` in WAL mode with ``synchronous=FULL``, checked.
-
-    Raises:
-        StoreError: it cannot be opened or read, or `PRAGMA quick_check` finds damage; the
-            message names the file and says what to do.
-    """
-    try:
-        db = sqlite3.connect(path, isolation_level=None)
-    except sqlite3.Error as exc:
-        raise StoreError(_unusable(path, str(exc))) from exc
-    try:
-        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode != "wal":
-            raise StoreError(f"{path}: cannot enable WAL (got {mode!r})")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
-        problems = [str(row[0]) for row in db.execute("PRAGMA quick_check(3)")]
-        if problems != ["ok"]:
-            raise StoreError(_unusable(path, "; ".join(problems)))
-    except sqlite3.Error as exc:
-        db.close()
-        raise StoreError(_unusable(path, str(exc))) from exc
-    except BaseException:
-        db.close()
-        raise
-    return db
-
-
-def _unusable(path: Path, why: str) -> str:
-    """The one line that says a database cannot be used, why, and what to do about it."""
-    # The -wal and -shm files must go too: SQLite would replay an old log into a new database.
-    return (
-        f"the database {path} cannot be used ({why}); if it is damaged, move it and its -wal "
-        f"and -shm files out of {path.parent} and start again: the peer keeps its identity "
-        "and gets the network's tasks again"
-    )
 
 
 _TASK_KINDS = (
