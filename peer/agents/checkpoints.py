@@ -76,6 +76,11 @@ class CheckpointPort(Protocol):
         """Every checkpoint of the task held here, ordered by (epoch, seq)."""
         ...
 
+    async def saved(self) -> bool:
+        """Wait until every checkpoint recorded so far is on disk here and handed on to its
+        holders; whether every record so far is on disk."""
+        ...
+
 
 def encode(entry: dict[str, Any]) -> bytes:
     """The payload of one checkpoint (see the module docstring)."""
@@ -228,6 +233,12 @@ class Journal:
                 self._epoch,
                 exc,
             )
+
+    async def saved(self) -> None:
+        """Wait until what was recorded so far is on disk here and on its way to the task's
+        holders: a step reported or returned after this survives this peer's death."""
+        if self._port is not None:
+            await self._port.saved()
 
     def carry(self, resume: Resume) -> None:
         """Record again, as copies under this run's epoch, what it resumed from an earlier one."""

@@ -220,6 +220,7 @@ class AgentRuntime:
                 reply.cost_micro,
             )
         run.journal.record(reply_entry(step, reply))
+        await run.journal.saved()  # a step shown is one a takeover resumes from
         self._report(
             run,
             "model-call",
@@ -268,6 +269,7 @@ class AgentRuntime:
         if asked is not None and asked in run.charged:
             entry["charged"] = list(run.charged[asked])
         run.journal.record(entry)
+        await run.journal.saved()
         self._report(run, "tool-call", tool=call.name, chars=len(answer))
         return answer
 

@@ -137,6 +137,7 @@ class Steps:
             ) from None
         self.ran += 1
         self._record(n, name, value, copy=False)
+        await self._journal.saved()  # a step that returned is one a takeover replays
         return value
 
     def _record(self, n: int, name: str, result: Any, *, copy: bool) -> None:

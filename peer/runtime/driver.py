@@ -462,6 +462,11 @@ class Driver:
         self.disk.apply(fx)
         return made.seq
 
+    async def saved(self) -> bool:
+        """Wait until every effect applied so far is delivered: its records on disk here and
+        its sends handed to the transport (`GroupCommit.flushed`)."""
+        return await self.disk.flushed()
+
     def checkpoints(self, task_id: bytes) -> list[Checkpoint]:
         """Every step of the task's runs held here, ordered by (epoch, owner, seq)."""
         return self.node.checkpoints(task_id)
