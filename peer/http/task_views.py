@@ -206,7 +206,7 @@ async def read_task(driver: Driver, text: str) -> TaskState:
     Raises:
         Problem: as `find_task`.
     """
-    await driver.disk.flushed()  # what it shows is on disk here (a commit may be in flight)
+    await driver.saved()  # what it shows is on disk here (a commit may be in flight)
     try:
         return find_task(driver.node, text)
     except Problem as problem:

@@ -377,7 +377,7 @@ class Driver:
             if result is not None or (st is not None and st.cancel is not None):
                 # The node may hold it before it is on disk here (a commit in flight): a
                 # result this peer authored is not shown before it would survive a crash.
-                await self.disk.flushed()
+                await self.saved()
                 return result
             if self.notifications.closed or (deadline is not None and self._clock() >= deadline):
                 return None
