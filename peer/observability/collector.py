@@ -205,6 +205,11 @@ class PeerCollector(Collector):
         channels.add_metric(["out"], out)
         channels.add_metric(["in"], into)
         yield channels
+        yield CounterMetricFamily(
+            "grapevine_transport_channels_opened",
+            "Channels this peer opened to other peers.",
+            value=t.channels_opened,
+        )
 
     def _tasks(self) -> Iterator[Metric]:
         node = self.driver.node

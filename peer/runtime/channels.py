@@ -29,7 +29,9 @@ Invariants:
   timed out) counts one failure, drops what waited (the protocol repairs lost envelopes, as
   with a failed request) and is gone; the next send opens a new one.
 - A channel idle for `IDLE_SECONDS` is closed by its sender; the receiver closes one silent
-  for `RECEIVE_IDLE_SECONDS`, so a channel holds a descriptor only while it is used.
+  for `RECEIVE_IDLE_SECONDS`, so a channel holds a descriptor only while it is used. At
+  `max_channels` open, a send to a further address closes the least recently used channel
+  with nothing waiting (counted in `evicted`) rather than being dropped.
 """
 
 from __future__ import annotations
@@ -69,8 +71,14 @@ _MAX_HELLO_TEXT: Final = 256
 REFUSAL_CODE: Final = 4403
 """Close code a receiver ends a channel with when a message was refused (reason in the
 message); 4000-4999 are the codes RFC 6455 leaves to applications."""
-IDLE_SECONDS: Final = 30.0
-RECEIVE_IDLE_SECONDS: Final = 90.0
+IDLE_SECONDS: Final = 120.0
+"""Seconds a channel with nothing to send stays open. Gossip goes to random members, so at
+100 peers each pair exchanges an envelope every ~12 s on average; with 30 s, one gossip
+envelope in ten found its channel closed and opened a new one (connection, upgrade, hello:
+some 70 opens a second in all, a fifth of a busy peer's CPU; decision 67)."""
+RECEIVE_IDLE_SECONDS: Final = 180.0
+"""Seconds a receiver keeps a silent channel: above `IDLE_SECONDS`, so the sender, which knows
+it has nothing to send, is the one that closes."""
 OUTBOX_BYTES: Final = 8 * 1024 * 1024
 """Most bytes waiting for one channel's writer; later sends to it are dropped."""
 PENDING_BYTES: Final = 4 * 1024 * 1024
@@ -104,8 +112,9 @@ class _Channel:
 
     sealer: Sealer | None = None
     closing: bool = False
+    used: float = 0.0
+    """Loop time of the last send to this channel (the least recently used is evicted)."""
     refused: str | None = None
-    task: asyncio.Task[None] | None = None
 
 
 class ChannelRefused(Exception):
@@ -131,7 +140,9 @@ class ChannelSender:
         on_sent: called with each frame's length once it is written.
         on_failed: called with (address, reason) for each channel that failed.
         refusal_reason: words for a refused upgrade's (status, reason text).
-        max_channels: channels open at once; sends to a further address are dropped.
+        max_channels: channels open at once; a send to a further address closes the least
+            recently used idle one, or is dropped when every open channel has envelopes
+            waiting.
     """
 
     def __init__(
@@ -161,9 +172,12 @@ class ChannelSender:
         self._max_channels = max_channels
         self._channels: dict[str, _Channel] = {}
         self.dropped = 0
-        """Sends dropped: the outbox was full, or too many channels were open."""
+        """Sends dropped: the outbox was full, or too many channels were busy."""
         self.opened = 0
         """Channels opened so far."""
+        self.evicted = 0
+        """Idle channels closed to make room for a channel to another address."""
+        self._running: set[asyncio.Task[None]] = set()
 
     @property
     def open_channels(self) -> int:
@@ -178,18 +192,35 @@ class ChannelSender:
     def send(self, addr: str, data: bytes) -> None:
         """Queue `data` for the channel to `addr`, opening one if none is open."""
         channel = self._channels.get(addr)
+        loop = asyncio.get_running_loop()
         if channel is None:
-            if len(self._channels) >= self._max_channels:
+            if len(self._channels) >= self._max_channels and not self._evict_one():
                 self.dropped += 1
                 return
             channel = self._channels[addr] = _Channel(addr)
-            channel.task = asyncio.get_running_loop().create_task(self._run(channel))
+            task = loop.create_task(self._run(channel))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
         if channel.outbox_bytes + len(data) > OUTBOX_BYTES:
             self.dropped += 1
             return
+        channel.used = loop.time()
         channel.outbox.append(data)
         channel.outbox_bytes += len(data)
         channel.wake()
+
+    def _evict_one(self) -> bool:
+        """Close the least recently used channel with nothing waiting; False if there is none.
+        Its writer ends at its next turn; its address is free for a new channel at once."""
+        idle = [c for c in self._channels.values() if not c.outbox and not c.closing]
+        if not idle:
+            return False
+        channel = min(idle, key=lambda c: c.used)
+        channel.closing = True
+        del self._channels[channel.addr]
+        channel.wake()
+        self.evicted += 1
+        return True
 
     def rekey(self, keyring: Keyring) -> None:
         """Seal with `keyring` from now on, on open channels too (they keep their numbers)."""
@@ -200,7 +231,7 @@ class ChannelSender:
 
     async def close(self, grace: float) -> None:
         """Let every channel write what waits for up to `grace` seconds, then end them all."""
-        tasks = [c.task for c in self._channels.values() if c.task is not None]
+        tasks = list(self._running)  # evicted channels still closing too
         for channel in self._channels.values():
             channel.closing = True
             channel.wake()

@@ -343,6 +343,12 @@ class Transport:
         return self._channels_out.open_channels, self._channels_in.open_channels
 
     @property
+    def channels_opened(self) -> int:
+        """Channels this peer has opened to others so far (each costs a connection, an upgrade
+        and a hello: a count rising as fast as envelopes leave means channels do not last)."""
+        return self._channels_out.opened
+
+    @property
     def backlog(self) -> int:
         """Received envelopes not yet fully handed on (the bulk lane's queue)."""
         return self._bulk.backlog

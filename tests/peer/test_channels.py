@@ -328,3 +328,34 @@ async def test_a_sender_gone_before_the_upgrade_is_answered_is_counted_not_logge
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     finally:
         await a.stop()
+
+
+async def test_at_the_channel_cap_the_least_recently_used_idle_channel_makes_room() -> None:
+    inboxes = [Inbox(), Inbox(), Inbox()]
+    receivers = [
+        Transport("127.0.0.1", 0, Keyring(KEY), b"%d" % i * 8, inboxes[i]) for i in range(3)
+    ]
+    for r in receivers:
+        await r.start()
+    a = Transport("127.0.0.1", 0, Keyring(KEY), b"A" * 8, Inbox(), max_in_flight=2)
+    await a.start()
+    try:
+        addrs = [f"127.0.0.1:{r.port}" for r in receivers]
+        a.send(addrs[0], b"first")
+        await _until(lambda: inboxes[0].items == [b"first"])
+        a.send(addrs[1], b"second")
+        await _until(lambda: inboxes[1].items == [b"second"])
+        a.send(addrs[0], b"first again")  # the channel to 0 is now the more recently used
+        await _until(lambda: inboxes[0].items[-1:] == [b"first again"])
+        a.send(addrs[2], b"third")  # at the cap of 2: the channel to 1 is closed for it
+        await _until(lambda: inboxes[2].items == [b"third"])
+        await _until(lambda: receivers[1].channels == (0, 0))
+        assert a._channels_out.evicted == 1 and a.sends_dropped == 0
+        assert a.channels == (2, 0) and a.channels_opened == 3
+        a.send(addrs[1], b"second again")  # evicts the channel to 0, least recently used now
+        await _until(lambda: inboxes[1].items[-1:] == [b"second again"])
+        assert a._channels_out.evicted == 2 and a.sends_dropped == 0 and a.send_failures == 0
+    finally:
+        await a.stop()
+        for r in receivers:
+            await r.stop()
