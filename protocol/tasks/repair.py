@@ -15,7 +15,9 @@ Invariants:
 - Replica sync: after a task changes, its replicas (and its origin) send each other their
   inventory of it a few times, backing off (2, 8, 32 s), so an object lost on the way is
   repaired within seconds; the origin also sends its own to every peer it knows holds the
-  record, in the home or not. Due syncs go out every `SYNC_TICK`, one message per partner.
+  record, in the home or not. The origin of an open task, where its result is waited for,
+  goes on comparing it every 32 s until the result is here. Due syncs go out every
+  `SYNC_TICK`, one message per partner.
 - Audience repair: when the live membership changes, the arbiter of each open task (first of
   its replica set) sends what it holds to audience members that never got it, and every copy
   held outside its home (not as its origin) is compared with the home again (replica sync).
@@ -215,6 +217,8 @@ class Repair(TaskCore):
                 continue
             if interval * SYNC_BACKOFF <= SYNC_LAST:
                 self.sync_due[tid] = (now + interval * SYNC_BACKOFF, interval * SYNC_BACKOFF)
+            elif self._waits_on(st):
+                self.sync_due[tid] = (now + SYNC_LAST, SYNC_LAST)
             replicas = self.replicas.of(tid, live)
             targets = set(replicas)
             if st.record is not None and self.node_id in replicas:
@@ -230,6 +234,19 @@ class Repair(TaskCore):
             addr = self.view.addr_of(node_id)
             if addr is not None:
                 self.send_inventories(addr, ids, reply=True, lazy=True)
+
+    def _waits_on(self, st: TaskState) -> bool:
+        """Whether this peer is the origin of the open task (a client, or the run of its
+        parent, waits here for its result)."""
+        # The result goes to the origin directly, and the replicas compare with the origin
+        # three times after it lands (2, 8, 32 s); push-pull pairs two given peers by luck
+        # only (at 100 peers, minutes apart). Three lost copies left a lead waiting 6 minutes
+        # for its last worker (bench_agents, decision 68): who waits keeps asking, every
+        # SYNC_LAST, until the result is here. One inventory entry per open task per
+        # partner, batched with the rest.
+        return (
+            st.record is not None and st.record.origin == self.node_id and st.task_id in self.open
+        )
 
     def on_have(self, src: str, msg: TaskHave) -> None:
         """Answer a peer's inventories (a replica sync, or repair): send the objects it lacks;

@@ -843,6 +843,31 @@ def test_anti_entropy_repairs_a_peer_that_missed_every_task_message() -> None:
         assert len(accepted(link, task_id)) == 1 and None not in accepted(link, task_id)
 
 
+def test_an_origin_that_missed_every_copy_of_the_result_gets_it_while_it_waits() -> None:
+    # Replicas sync a changed task with its origin three times (2, 8, 32 s); push-pull pairs
+    # the origin with a replica by luck only. A parent agent waiting at the origin for a
+    # child whose result missed it waited minutes (bench_agents, 100 peers): the origin
+    # keeps comparing a task it waits on every SYNC_LAST until it holds the result.
+    no_push_pull = replace(lan(), gossip=GossipConfig(push_pull_interval=3600.0))
+    link = cluster(6, serving=[1, 2, 3, 4, 5], config=no_push_pull)
+    origin = 0
+
+    def results_to_origin(src: str, dst: str, data: bytes) -> bool:
+        return dst == addr(origin) and any(isinstance(m, Result) for m in opened(data))
+
+    link.drop = results_to_origin
+    task_id = submit(link, at=origin)
+    assert origin not in replicas(task_id, list(range(6)))
+    [(owner, epoch)] = starts(link, task_id)
+    link.run(owner, link.node(owner).complete(link.now, task_id, epoch, "ok", b"answer"))
+    link.advance(link.now + 60.0)  # every sync the result started has come and gone
+    assert link.node(origin).tasks.tasks[task_id].state == "running"
+    link.drop = lambda src, dst, data: False
+    link.advance(link.now + 40.0)
+    assert link.node(origin).tasks.tasks[task_id].state == "done"
+    assert accepted(link, task_id) == {(1, node_id(owner), b"answer")}
+
+
 def test_claims_compare_the_same_everywhere() -> None:
     task_id = bytes(32)
     a, b = node_id(1), node_id(2)
