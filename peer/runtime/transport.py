@@ -59,7 +59,8 @@ from peer.runtime.blob_routes import (
     BlobTransferError,
     connect_reason,
 )
-from peer.runtime.channels import ChannelReceiver, ChannelSender
+from peer.runtime.channel_receiver import ChannelReceiver
+from peer.runtime.channels import ChannelSender
 from peer.runtime.contact import LastContact
 from peer.runtime.intake import (
     BODY_ERRORS,
