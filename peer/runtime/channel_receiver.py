@@ -22,7 +22,6 @@ from peer.runtime.channels import (
     CHANNEL_ID_BYTES,
     CHANNEL_PATH,
     HELLO_HEADER,
-    MAX_HELLO_TEXT,
     PENDING_BYTES,
     RECEIVE_IDLE_SECONDS,
     REFUSAL_CODE,
@@ -37,6 +36,9 @@ from peer.runtime.sealing import Opener, SealError
 from peer.runtime.serving import trust_connection
 
 log = logging.getLogger(__name__)
+
+_MAX_HELLO_TEXT = 256
+"""Longest hello header taken (a sealed 16-byte channel id, base64)."""
 
 
 class ChannelReceiver:
@@ -142,7 +144,7 @@ class ChannelReceiver:
 
     def _hello(self, request: web.Request, source: str) -> bytes | web.Response:
         text = request.headers.get(HELLO_HEADER)
-        if text is None or len(text) > MAX_HELLO_TEXT:
+        if text is None or len(text) > _MAX_HELLO_TEXT:
             return _tagged(self._intake.refuse(source, "bad_channel_hello", "no hello header"))
         try:
             hello = base64.urlsafe_b64decode(text.encode("ascii"))

@@ -59,7 +59,6 @@ but a WebSocket client sees only the status and headers of a refused handshake).
 ROUTE_CHANNEL_HELLO: Final = b"channel/hello"
 ROUTE_CHANNEL: Final = b"channel/"
 CHANNEL_ID_BYTES: Final = 16
-MAX_HELLO_TEXT: Final = 256
 REFUSAL_CODE: Final = 4403
 """Close code a receiver ends a channel with when a message was refused (reason in the
 message); 4000-4999 are the codes RFC 6455 leaves to applications."""
