@@ -1,14 +1,10 @@
-"""What every `grapevine` command group shares: the parser, exit codes, messages, the API client.
+"""What the `grapevine` command groups share beyond parsing (`peer.cli.parsing`): the messages,
+the options of client commands and the API client.
 
 Invariants:
 - A user mistake (bad flag, unreachable peer, refused request, bad settings) is reported as one
   line on stderr, "grapevine <command>: <what went wrong>", never as a traceback: `fail`,
   `usage` and `warn` are the only writers of such lines, and `Parser.error` writes the same shape.
-- Flags are never abbreviated (`--rol` is not `--role`: every parser is made with
-  `allow_abbrev=False`), and a mistyped command, choice or flag gets a "did you mean" for the
-  closest known one (`difflib`).
-- Exit codes: 0 success, 1 the operation failed (peer unreachable, API problem, unhealthy peer),
-  2 the command line or the settings are wrong, 130 interrupted by Ctrl-C.
 - Every command that prints takes `--json` (`json_option`), which prints the API's own objects
   with the field names of docs/http-api.md, so scripts do not depend on the human layout.
 - Client commands find the peer through `--api` (`api_option`), else `$GRAPEVINE_API`, else
@@ -19,117 +15,23 @@ Invariants:
   saying so.
 - Importing this module (and the command groups) loads no HTTP server, rich, simulator or
   litellm: `grapevine --help` and the client commands stay fast (tests/peer/test_cli_imports.py).
-- Every subcommand's namespace carries `prog` ("grapevine members") and `parser`, set by
-  `add_command`, so messages name the command the user ran.
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
-import re
 import sys
-import textwrap
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeAlias
 
 from peer.api_token import TOKEN_HELP, TokenError
+from peer.cli.parsing import EXIT_FAILED, EXIT_USAGE, Parser
 from peer.client import DEFAULT_API, ApiError, ClientError, GrapevineClient, WrongPort
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 ClientCommand = Callable[[GrapevineClient, argparse.Namespace], Awaitable[int]]
 """A command that talks to the local peer: given an open client and the parsed arguments, it
 prints its answer and returns the exit code."""
-
-
-class ParagraphFormatter(argparse.HelpFormatter):
-    """Wraps prose paragraphs to the terminal; keeps indented lines (examples) as written."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        return "\n".join(
-            line
-            if not line or line.startswith(" ")
-            else textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
-            for line in text.splitlines()
-        )
-
-
-_INVALID_CHOICE = re.compile(r"invalid choice: '(?P<word>[^']*)'")
-_UNRECOGNIZED = "unrecognized arguments: "
-
-
-class Parser(argparse.ArgumentParser):
-    """An ArgumentParser that takes no abbreviated flag and whose errors are one line, with a
-    "did you mean" when a known word is close, and a pointer to --help, not a usage dump."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> NoReturn:
-        hint = self.suggestion(message)
-        hint = f"; did you mean {hint}?" if hint else ""
-        self.exit(EXIT_USAGE, f"{self.prog}: {message}{hint} (see `{self.prog} --help`)\n")
-
-    def suggestion(self, message: str) -> str | None:
-        """The known command, choice or flag closest to the mistyped one `message` names."""
-        match = _INVALID_CHOICE.search(message)
-        if match is not None:
-            word = match.group("word")
-            known = [str(c) for a in self._actions if a.choices for c in a.choices]
-        elif message.startswith(_UNRECOGNIZED):
-            flags = [w for w in message.removeprefix(_UNRECOGNIZED).split() if w.startswith("-")]
-            if not flags:
-                return None
-            word = flags[0].partition("=")[0]
-            known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
-        else:
-            return None
-        close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
-        return f"{close[0]!r}" if close else None
-
-
-Subcommands: TypeAlias = "argparse._SubParsersAction[Parser]"
-"""Where a command group adds its subcommands (`Parser.add_subparsers`)."""
-
-
-def add_command(
-    commands: Subcommands,
-    name: str,
-    summary: str,
-    description: str,
-    examples: str = "",
-    parents: Sequence[Parser] = (),
-) -> Parser:
-    """Add the subcommand `name` and return its parser.
-
-    Args:
-        commands: the group of subcommands to add it to.
-        name: the word the user types.
-        summary: one line for the list of commands.
-        description: the paragraph of its `--help`.
-        examples: indented command lines shown under "examples:" in its `--help`.
-        parents: option parsers it shares with other commands (`api_option`, `json_option`).
-
-    Returns:
-        The subcommand's parser; its namespace carries `prog` and `parser`.
-    """
-    parser = commands.add_parser(
-        name,
-        help=summary,
-        description=description,
-        epilog=f"examples:\n{examples}" if examples else None,
-        formatter_class=ParagraphFormatter,
-        parents=list(parents),
-    )
-    parser.set_defaults(prog=parser.prog, parser=parser)
-    return parser
 
 
 def api_option() -> Parser:

@@ -21,17 +21,8 @@ import os
 import sys
 from pathlib import Path
 
-from peer.cli.common import (
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_USAGE,
-    Subcommands,
-    add_command,
-    fail,
-    json_option,
-    not_a_directory,
-    warn,
-)
+from peer.cli.common import fail, json_option, not_a_directory, warn
+from peer.cli.parsing import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Subcommands, add_command
 from peer.client import DEFAULT_API
 from peer.runtime.keyring import encode_key, generate_network_key
 
@@ -67,7 +58,6 @@ def _add_keygen(commands: Subcommands) -> None:
     keygen = add_command(
         commands,
         "keygen",
-        "print a new network key",
         "Print a new random 32-byte network key in base64. Every peer of a network needs the "
         "same key (or keyring); a peer without it can neither read nor inject traffic. Keep it "
         "secret: --output writes it to a new file readable only by you.",
@@ -114,7 +104,6 @@ def _add_agent(commands: Subcommands) -> None:
     agent = add_command(
         commands,
         "agent",
-        "run a peer (and its agents) until stopped",
         "Run a Grapevine peer: join the network through the --join seeds, gossip membership and "
         "tasks, host this peer's agents, and serve the local HTTP API the other commands use. "
         "It runs until Ctrl-C, SIGTERM or `grapevine leave`. Each option may also come "

@@ -2,38 +2,32 @@
 
 Each command group registers its own subcommands: `launch` (keygen, agent), `network` (members,
 agents, join, leave, event, events, self, health, metrics, keys), `status` (the fleet
-overview), `tasks` (submit, tasks, task,
-tree, result, cancel), `simulate`, and the demo (options `peer.demo.options`, run by
-`peer.demo.command`). What they share, the exit codes and the one-line error messages included,
-is in `peer.cli.common`.
+overview), `tasks` (submit, tasks, task, tree, result, cancel), `watch`, `simulate` and `demo`.
+`peer.cli.catalog` names them all with their summaries, so a command line imports only the
+group of the command it runs. What they share, the exit codes and the one-line error messages
+included, is in `peer.cli.common`.
 
 Invariants:
 - `main` never lets an exception out as a traceback for Ctrl-C (exit 130) or a closed stdout
   (`grapevine events --follow | head`, exit 1); every other outcome is the handler's exit code.
 - An option the chosen subcommand does not know is reported by that subcommand's parser, so the
   message names the command the user ran. With no command, the help goes to stderr, exit 2.
-- `--help` lists the commands in the order they are registered here.
+- `--help` lists the commands in the order of `peer.cli.catalog`.
 - Building the parser imports no HTTP server, rich, simulator or litellm: what a command needs
-  beyond that is imported when it runs (tests/peer/test_cli_imports.py holds the line).
+  beyond that is imported when it runs (tests/peer/test_cli_imports.py holds the line). `main`
+  imports only the group of the command it runs; `--help` imports none.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+from collections.abc import Collection
 
-from peer.cli import launch, network, simulate, status, tasks, watch
-from peer.cli.common import (
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
-    EXIT_USAGE,
-    ParagraphFormatter,
-    Parser,
-    Subcommands,
-    add_command,
-)
-from peer.demo import options as demo_options
+from peer.cli import catalog
+from peer.cli.parsing import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, ParagraphFormatter, Parser
 from peer.version import installed_version
 
 
@@ -46,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The process exit code (see `peer.cli.common`).
     """
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(catalog.groups_for(argv))
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         # Reported by the subcommand's parser, so the message names the command the user ran.
@@ -68,8 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return the parser for every `grapevine` subcommand."""
+def build_parser(groups: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """Return the parser of `grapevine`.
+
+    Args:
+        groups: the command groups (modules, `peer.cli.catalog`) whose commands get their whole
+            parsers; every other command is listed by name and summary only, and its group is
+            not imported. None: all of them.
+    """
     parser = Parser(
         prog="grapevine",
         description="Grapevine: a peer-to-peer network of LLM agents. Every machine runs "
@@ -84,13 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action=PrintVersion)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
-    launch.register(commands)
-    network.register(commands)
-    status.register(commands)
-    tasks.register(commands)
-    watch.register(commands)
-    simulate.register(commands)
-    _register_demo(commands)
+    registered: set[str] = set()
+    for name, (group, summary) in catalog.COMMANDS.items():
+        if groups is not None and group not in groups:
+            commands.add_parser(name, help=summary)  # listed, and known to "did you mean"
+        elif group not in registered:
+            importlib.import_module(group).register(commands)  # all its commands, in order
+            registered.add(group)
     return parser
 
 
@@ -116,30 +117,6 @@ class PrintVersion(argparse.Action):
     ) -> None:
         print(f"grapevine {installed_version()}")
         parser.exit()
-
-
-def _register_demo(commands: Subcommands) -> None:
-    demo = add_command(
-        commands,
-        "demo",
-        "run a local network of agent peers on one job, end to end",
-        "Start 3 local peers (separate processes, a fresh network key, temporary data "
-        "directories) hosting a boss, admins and workers; submit one job that the boss splits "
-        "among admins and the admins among workers; show live progress, then the answer, the "
-        "task tree (which peer and agent ran each node), token counts and an audit line. The "
-        "offline model needs no network or key; --model takes any litellm model string. The "
-        "peers are stopped on exit and on Ctrl-C.",
-        "  grapevine demo\n  grapevine demo --json | jq .audit\n"
-        "  OPENAI_API_KEY=... grapevine demo --model openai/gpt-4o-mini",
-    )
-    demo_options.add_arguments(demo)
-    demo.set_defaults(handler=_run_demo)
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from peer.demo.command import run  # the demo's processes and live view: loaded to run it
-
-    return run(args)
 
 
 if __name__ == "__main__":

@@ -19,19 +19,8 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from peer.cli import render
-from peer.cli.common import (
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_USAGE,
-    ClientCommand,
-    Subcommands,
-    add_command,
-    api_option,
-    client_command,
-    fail,
-    json_option,
-    usage,
-)
+from peer.cli.common import ClientCommand, api_option, client_command, fail, json_option, usage
+from peer.cli.parsing import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Subcommands, add_command
 from peer.client import GrapevineClient, JsonObject
 from peer.runtime.keyring import decode_key, encode_key
 
@@ -47,7 +36,6 @@ def register(commands: Subcommands) -> None:
     members = add_command(
         commands,
         "members",
-        "list the members this peer knows",
         'List every member the local peer knows, itself included (marked "(self)"), with its '
         "status: alive, suspect (failing probes), dead (declared failed) or left (gracefully).",
         "  grapevine members\n  grapevine members --json | jq '.[] | select(.status == \"alive\")'",
@@ -58,7 +46,6 @@ def register(commands: Subcommands) -> None:
     agents = add_command(
         commands,
         "agents",
-        "list the local peer's agents and the roles it serves",
         "List the agents the local peer hosts: their roles, model, running and maximum "
         "concurrent tasks, suspended tasks (waiting on their children) and idle time; then the "
         "roles the peer serves. A peer without agents (--no-agents, or none configured) lists "
@@ -71,7 +58,6 @@ def register(commands: Subcommands) -> None:
     join = add_command(
         commands,
         "join",
-        "make the running peer join more seeds",
         "Ask the local peer to join the network through more seed peers (host:port, the "
         "address another peer's `grapevine agent --bind` or --advertise gave), as --join does "
         "at start: it contacts them at once and says which answered; it keeps every seed and "
@@ -85,7 +71,6 @@ def register(commands: Subcommands) -> None:
     leave = add_command(
         commands,
         "leave",
-        "make the peer leave the network and exit",
         "Ask the local peer to leave gracefully: it tells the network it is leaving (others "
         'mark it "left", not dead), then its process exits with status 0.',
         "  grapevine leave --api 127.0.0.1:8946",
@@ -96,7 +81,6 @@ def register(commands: Subcommands) -> None:
     event = add_command(
         commands,
         "event",
-        "broadcast a user event to every peer",
         "Broadcast a named user event with an optional UTF-8 payload to every peer in the "
         "network, as Serf's user events do. Delivery is best-effort gossip; every peer lists "
         "what it received with `grapevine events`.",
@@ -112,7 +96,6 @@ def register(commands: Subcommands) -> None:
     events = add_command(
         commands,
         "events",
-        "show user events and membership changes",
         "Show what the local peer received: user events and membership changes (joined, "
         "suspected, down, left, recovered). Without --follow, the recent buffer; with it, "
         "new ones as they arrive until Ctrl-C. --json prints one JSON object per line.",
@@ -127,7 +110,6 @@ def register(commands: Subcommands) -> None:
     self_ = add_command(
         commands,
         "self",
-        "show the local peer's identity",
         "Show the local peer's node id, addresses, incarnation, network id and version.",
         "  grapevine self --json",
         both,
@@ -137,7 +119,6 @@ def register(commands: Subcommands) -> None:
     health = add_command(
         commands,
         "health",
-        "check that the local peer is up",
         'Print the local peer\'s health. Exits 0 when it is "ok", 1 when it is leaving or '
         "cannot be reached, so it suits health checks and scripts.",
         "  grapevine health || restart-peer",
@@ -148,7 +129,6 @@ def register(commands: Subcommands) -> None:
     metrics = add_command(
         commands,
         "metrics",
-        "show the local peer's traffic counters",
         "Show the local peer's counters: messages and bytes in and out, dropped messages, "
         "traffic rejected by reason (e.g. sealed with an unknown network key), signature checks.",
         "  grapevine metrics --json",
@@ -159,7 +139,6 @@ def register(commands: Subcommands) -> None:
     keys = add_command(
         commands,
         "keys",
-        "inspect or rotate the network keyring",
         "Inspect or change the local peer's keyring. To rotate a network's key without "
         "downtime: `keys install NEW` on every peer, then `keys use NEW` on every peer, then "
         "`keys remove OLD` on every peer. KEY is base64 as `grapevine keygen` prints it, or "
@@ -172,10 +151,10 @@ def register(commands: Subcommands) -> None:
     keys_list = add_command(
         actions,
         "list",
-        "show the primary and accepted key ids",
         "Show the key ids of the "
         "primary key (seals outgoing traffic) and of the accepted keys (also open incoming).",
         parents=both,
+        summary="show the primary and accepted key ids",
     )
     client_command(keys_list, _show(GrapevineClient.keys, render.keyring_table))
     for action, summary in (
@@ -184,7 +163,7 @@ def register(commands: Subcommands) -> None:
         ("remove", "stop accepting KEY (rotation step 3; not the primary)"),
     ):
         sub = add_command(
-            actions, action, summary, summary[0].upper() + summary[1:] + ".", parents=both
+            actions, action, summary[0].upper() + summary[1:] + ".", parents=both, summary=summary
         )
         sub.add_argument("key", metavar="KEY", help="base64 key, or - to read it from stdin")
         sub.set_defaults(action=action)

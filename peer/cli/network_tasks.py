@@ -17,7 +17,8 @@ import argparse
 import sys
 
 from peer.cli import render
-from peer.cli.common import EXIT_OK, EXIT_USAGE, StatusLine, fail, warn
+from peer.cli.common import StatusLine, fail, warn
+from peer.cli.parsing import EXIT_OK, EXIT_USAGE
 from peer.client import GrapevineClient, JsonObject
 
 NETWORK_PAGE = 500

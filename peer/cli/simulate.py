@@ -22,7 +22,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, TextIO
 
-from peer.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Subcommands, add_command
+from peer.cli.parsing import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Subcommands, add_command
 from protocol.config import sim
 
 if TYPE_CHECKING:
@@ -68,7 +68,6 @@ def register(commands: Subcommands) -> None:
     simulate = add_command(
         commands,
         "simulate",
-        "run the real protocol on a simulated network",
         "Run many peers' protocol code on a deterministic simulated network (virtual clock, "
         "seeded loss and partitions) and report convergence and failure-detection figures.",
         "  grapevine simulate --nodes 1000 --loss 0.2 --partition 30s\n"

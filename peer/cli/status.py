@@ -22,14 +22,8 @@ import argparse
 from typing import Any
 
 from peer.cli import render
-from peer.cli.common import (
-    EXIT_OK,
-    Subcommands,
-    add_command,
-    api_option,
-    client_command,
-    json_option,
-)
+from peer.cli.common import api_option, client_command, json_option
+from peer.cli.parsing import EXIT_OK, Subcommands, add_command
 from peer.client import GrapevineClient, JsonObject
 
 TASK_STATES = ("pending", "running", "done", "failed", "cancelled")
@@ -41,7 +35,6 @@ def register(commands: Subcommands) -> None:
     status = add_command(
         commands,
         "status",
-        "show the fleet at a glance: members, tasks, agents, spend",
         "Show what the local peer sees of the network: every member with its status, roles, "
         "free slots, agents and model spend (summed over alive members); the tasks this peer "
         "holds, by "

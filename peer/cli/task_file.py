@@ -24,7 +24,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from peer.cli import render
-from peer.cli.common import EXIT_FAILED, EXIT_OK, fail
+from peer.cli.common import fail
+from peer.cli.parsing import EXIT_FAILED, EXIT_OK
 from peer.client import ApiError, GrapevineClient, JsonObject
 
 FILE_CONCURRENCY = 16

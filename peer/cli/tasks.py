@@ -31,21 +31,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from peer.cli import render
-from peer.cli.common import (
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_USAGE,
-    ClientCommand,
-    Parser,
-    StatusLine,
-    Subcommands,
-    add_command,
-    api_option,
-    client_command,
-    fail,
-    json_option,
-)
+from peer.cli.common import ClientCommand, StatusLine, api_option, client_command, fail, json_option
 from peer.cli.network_tasks import network_listing
+from peer.cli.parsing import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Parser, Subcommands, add_command
 from peer.cli.task_events import event_text
 from peer.client import ApiError, GrapevineClient, JsonObject
 
@@ -65,7 +53,6 @@ def register(commands: Subcommands) -> None:
     submit = add_command(
         commands,
         "submit",
-        "submit a task (or a file of tasks) and wait for the result",
         "Submit a task at the local peer. The peer acknowledges once the task is durable and "
         "held by another peer; by default this command then follows the task (progress on "
         "stderr) and prints its accepted output. With --file, submits one task per line of a "
@@ -136,7 +123,6 @@ def register(commands: Subcommands) -> None:
     tasks = add_command(
         commands,
         "tasks",
-        "list the tasks the local peer knows, or the whole network's",
         "List the tasks the local peer knows, newest first, with their state (pending, "
         "running, done, failed, cancelled), owner and epoch. With --network, list the tasks of "
         "the whole network in id order, gathered from every live peer's replica sets page by "
@@ -172,7 +158,6 @@ def register(commands: Subcommands) -> None:
     _add_by_id(
         commands,
         "task",
-        "show one task",
         "Show one task: its state, claim, execution log and accepted result. ID is the task "
         "id in hex or a unique prefix of at least 6 digits.",
         "  grapevine task 3f2a9c --json",
@@ -182,7 +167,6 @@ def register(commands: Subcommands) -> None:
     _add_by_id(
         commands,
         "tree",
-        "show a task and the tasks it delegated",
         "Show the tree of tasks below a task as the local peer knows it: one line per task "
         "(role, id, state, the peer running it, the agent that answered, tokens used), "
         "children under their parent, then totals over the tree. ID is the task id in hex or "
@@ -194,7 +178,6 @@ def register(commands: Subcommands) -> None:
     _add_by_id(
         commands,
         "result",
-        "print a task's accepted result",
         "Print the accepted output of a task; exits 1 if it has none yet or did not succeed.",
         "  grapevine result 3f2a9c",
         parents,
@@ -203,7 +186,6 @@ def register(commands: Subcommands) -> None:
     _add_by_id(
         commands,
         "cancel",
-        "cancel a task wherever it runs",
         "Cancel a task network-wide: whoever runs it stops. A task already final cannot be "
         "cancelled.",
         "  grapevine cancel 3f2a9c",
@@ -215,14 +197,13 @@ def register(commands: Subcommands) -> None:
 def _add_by_id(
     commands: Subcommands,
     name: str,
-    summary: str,
     description: str,
     examples: str,
     parents: Sequence[Parser],
     command: ClientCommand,
 ) -> None:
     """Add a command about one task, named by the ID argument that `with_task_id` checks."""
-    parser = add_command(commands, name, summary, description, examples, parents)
+    parser = add_command(commands, name, description, examples, parents)
     parser.add_argument("id", metavar="ID", help="task id (hex) or a unique prefix")
     client_command(parser, with_task_id(command))
 

@@ -18,7 +18,8 @@ import json
 import sys
 import time
 
-from peer.cli.common import Subcommands, add_command, api_option, client_command, json_option
+from peer.cli.common import api_option, client_command, json_option
+from peer.cli.parsing import Subcommands, add_command
 from peer.cli.task_events import event_text
 from peer.cli.tasks import report_result, with_task_id
 from peer.client import GrapevineClient
@@ -29,7 +30,6 @@ def register(commands: Subcommands) -> None:
     parser = add_command(
         commands,
         "watch",
-        "follow a task and the tasks it delegates as they run",
         "Follow a task and every task below it: one line per event as it happens (claims, "
         "executions, each model call, tool call and delegation of an agent's run, child "
         "tasks, the result), then the task's answer. Exits 0 when the task is done, 1 when it "
