@@ -157,8 +157,8 @@ def _to_fields(msg: Message) -> list[Any]:
             return [Kind.TASK_SHARDS, level, [list(s) for s in shards], rows, upto]
         case TaskHave():
             return [Kind.TASK_HAVE, *inventory.have_fields(msg)]
-        case TaskRead(ids, held):
-            return [Kind.TASK_READ, list(ids), [list(e) for e in held]]
+        case TaskRead(ids):
+            return [Kind.TASK_READ, list(ids)]
         case TaskWant(ids):
             return [Kind.TASK_WANT, list(ids)]
         case TaskAsk(task_id, epoch):
@@ -277,8 +277,7 @@ def decode_message(data: bytes) -> Message:
         case Kind.TASK_HAVE:
             return inventory.decode_have(f)
         case Kind.TASK_READ:
-            held = tuple(shapes.digest_entry(e) for e in fields.array(f[2]))
-            return TaskRead(tuple(fields.node_id(t) for t in fields.array(f[1])), held)
+            return TaskRead(tuple(fields.node_id(t) for t in fields.array(f[1])))
         case Kind.TASK_WANT:
             return TaskWant(tuple(fields.node_id(t) for t in fields.array(f[1])))
         case Kind.TASK_ASK:
@@ -354,7 +353,7 @@ ARITY: dict[Kind, int] = {
     Kind.CHECKPOINT: 7,
     Kind.TASK_SHARDS: 5,
     Kind.TASK_HAVE: 3,
-    Kind.TASK_READ: 3,
+    Kind.TASK_READ: 2,
     Kind.TASK_LIST: 6,
     Kind.TASK_PAGE: 4,
 }

@@ -241,14 +241,10 @@ class TaskHave:
 
 @dataclass(frozen=True, slots=True)
 class TaskRead:
-    """A read at a peer that may not hold these tasks: send the objects of them and of the
-    children held (their tree) that the reader lacks. `held` is the reader's (task id, digest)
-    of each of those tasks it holds (decision 69): one the answerer holds alike is not sent,
-    one held differently gets the answerer's inventory (`TaskHave`, reply), so the reader asks
-    for exactly what it lacks; one not listed comes whole, as for `TaskWant`."""
+    """A read at a peer that may not hold these tasks: send every object of them and of the
+    children held (their tree), as for `TaskWant`."""
 
     ids: tuple[bytes, ...]
-    held: tuple[tuple[bytes, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -296,8 +296,8 @@ class Tasks(Executions, Grants):
                 self.on_have(src, msg)
             case TaskWant(ids):
                 self.send_objects(src, ids)
-            case TaskRead(ids, held):
-                self.on_read(src, ids, held)
+            case TaskRead(ids):
+                self.send_objects(src, self.with_children(ids))
             case TaskAsk(task_id, epoch):
                 self.on_ask(now, src, sender, task_id, epoch)
             case TaskGrant(task_id, epoch, grantee):

@@ -24,10 +24,7 @@ Invariants:
 - Relay: the origin hands the claims and results it receives on to every peer it sent the
   record to or that told it it holds the record, so no record holder misses the claim
   whatever the claimer's view.
-- Reads: a `TaskRead` is answered with the task and a bounded number of its children, each
-  as the reader lacks it (decision 69): whole where the reader listed no digest of it, not at
-  all where its digest is ours, and as our inventory (`TaskHave`, reply) where it differs, so
-  the reader's answer asks for exactly the objects it lacks.
+- Reads: a `TaskRead` is answered with the task and a bounded number of its children.
 - Handoff: a peer that joins (new, or restarted) into a network that holds tasks (its first
   summary received tells) sends its summary to every live member once, a moment later, so it
   pulls the shards it is now a replica of at once rather than one push-pull at a time.
@@ -192,44 +189,7 @@ class Repair(TaskCore):
         for node_id, ids in sorted(targets.items()):
             addr = self.view.addr_of(node_id)
             if addr is not None:
-                read = TaskRead(tuple(ids), self._held_digests(ids))
-                self.port.send(addr, [encode_message(read)], piggyback=False)
-
-    def _held_digests(self, task_ids: list[bytes]) -> tuple[tuple[bytes, bytes], ...]:
-        """(task id, digest) of these tasks and their children, those held here (at most
-        `MAX_WANT`): what a read's answerer need not send again."""
-        # A tree polled by a dashboard or `wait` re-reads its open tasks every few seconds, and
-        # an answer of every object of the task and its children re-sent each agent's whole
-        # checkpoint history each time (bench_agents; decision 69).
-        held: list[tuple[bytes, bytes]] = []
-        for tid in self.with_children(task_ids):
-            st = self.tasks.get(tid)
-            if st is not None and st.record is not None:
-                held.append((tid, st.digest()))
-                if len(held) == MAX_WANT:
-                    break
-        return tuple(held)
-
-    def on_read(
-        self, src: str, task_ids: Iterable[bytes], held: Iterable[tuple[bytes, bytes]]
-    ) -> None:
-        """Answer a read: the tasks asked for and their children held here, each sent whole
-        where the reader holds none of it, as our inventory where it holds it differently, and
-        not at all where it holds the same."""
-        theirs = dict(held)
-        whole: list[bytes] = []
-        differ: list[bytes] = []
-        for tid in self.with_children(task_ids):
-            st = self.tasks.get(tid)
-            if st is None:
-                continue
-            digest = theirs.get(tid)
-            if digest is None:
-                whole.append(tid)
-            elif digest != st.digest():
-                differ.append(tid)
-        self.send_objects(src, whole)
-        self.send_inventories(src, differ, reply=True)
+                self.port.send(addr, [encode_message(TaskRead(tuple(ids)))], piggyback=False)
 
     def mark_changed(self, task_id: bytes, now: float) -> None:
         """The task changed here: its replicas compare it soon (see `sync`)."""

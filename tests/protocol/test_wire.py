@@ -157,7 +157,7 @@ SAMPLES: dict[Kind, Message] = {
         ),
         True,
     ),
-    Kind.TASK_READ: TaskRead((nid(4), nid(5)), ((nid(4), b"12345678"), (nid(6), b"abcdefgh"))),
+    Kind.TASK_READ: TaskRead((nid(4), nid(5))),
     Kind.TASK_WANT: TaskWant((nid(1), nid(2))),
     Kind.TASK_ASK: TaskAsk(nid(1), 2),
     Kind.TASK_GRANT: TaskGrant(nid(1), 1, nid(3)),
@@ -339,10 +339,6 @@ def test_rejects_wrong_arity(kind: Kind) -> None:
         [Kind.TASK_HAVE, [[nid(1), b"12345678", b""]], True],  # an inventory's fields
         [Kind.TASK_HAVE, [[nid(1), b"12345678", b"", "keys"]], True],
         [Kind.TASK_HAVE, [[nid(1), b"12345678", b"", b"\x00" * 57 * 4097]], True],  # too many
-        [Kind.TASK_READ, [nid(1)]],  # a read without the reader's digests
-        [Kind.TASK_READ, [nid(1)], [[nid(1), b"short"]]],
-        [Kind.TASK_READ, [nid(1)], [[b"short id", b"12345678"]]],
-        [Kind.TASK_READ, [nid(1)], [nid(1)]],
         # retired kinds, even well formed
         [Kind.TASK_DIGESTS, [[nid(1), b"12345678"]]],
         [Kind.TASK_SYNC, [[nid(1), b"12345678"]]],
