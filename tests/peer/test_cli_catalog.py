@@ -4,17 +4,13 @@ line imports only the group of the command it runs (`peer.cli.catalog`, issue 13
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from peer.cli import catalog
 from peer.cli.main import build_parser
+from tests.peer.test_cli_imports import run_probe
 
-REPO = Path(__file__).resolve().parents[2]
 GROUPS = sorted({group for group, _ in catalog.COMMANDS.values()})
 
 
@@ -63,16 +59,10 @@ print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
 
 def groups_loaded(*argv: str) -> tuple[object, list[str]]:
     """Run `grapevine ARGV` in a fresh interpreter: its exit code and the groups it imported."""
-    result = subprocess.run(
-        [sys.executable, "-c", PROBE, *argv],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
-    answer = json.loads(result.stdout.splitlines()[-1])
-    return answer["code"], [group for group in GROUPS if group in answer["modules"]]
+    answer = run_probe(PROBE, *argv)
+    modules = answer["modules"]
+    assert isinstance(modules, list)
+    return answer["code"], [group for group in GROUPS if group in modules]
 
 
 def test_help_and_version_import_no_group() -> None:

@@ -31,8 +31,13 @@ print(json.dumps({"parser": after_parser, "command": sorted(sys.modules), "code"
 
 
 def loaded(*argv: str) -> dict[str, object]:
+    return run_probe(PROBE, *argv)
+
+
+def run_probe(probe: str, *argv: str) -> dict[str, object]:
+    """Run `probe` in a fresh interpreter with `argv`; the JSON object it printed last."""
     result = subprocess.run(
-        [sys.executable, "-c", PROBE, *argv],
+        [sys.executable, "-c", probe, *argv],
         check=False,
         capture_output=True,
         text=True,
