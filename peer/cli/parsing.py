@@ -1,7 +1,7 @@
 """How `grapevine` parses a command line: the parser class, exit codes and `add_command`.
 
 Apart from `peer.cli.common` (the API client and the messages of client commands) so that
-`grapevine --help`, `keygen`, `simulate` and `demo` import no HTTP client or token code.
+`grapevine --help`, `simulate` and `demo` import no HTTP client or token code.
 
 Invariants:
 - Flags are never abbreviated (`--rol` is not `--role`: every parser is made with
