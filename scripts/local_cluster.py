@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import signal
 import socket
@@ -66,11 +67,14 @@ def free_port() -> int:
 
     Ports come from below the kernel's ephemeral range, so the outgoing connections of a
     hundred running peers cannot take a port between this check and the peer's own bind; the
-    scan starts at a random port so that concurrent harnesses rarely pick the same one.
+    scan starts at a random port so that concurrent harnesses rarely pick the same one. Under
+    pytest-xdist each worker scans a range of its own: a port handed out by one worker and not
+    yet bound by its peer would look free to another.
     """
     low, high = 20000, 32768
     with contextlib.suppress(OSError, ValueError, IndexError):
         high = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    low, high = _worker_range(low, high)
     start = random.randrange(low, high)
     for offset in range(high - low):
         port = low + (start - low + offset) % (high - low)
@@ -84,6 +88,19 @@ def free_port() -> int:
         _handed_out.add(port)
         return port
     raise RuntimeError(f"no free port between {low} and {high}")
+
+
+def _worker_range(low: int, high: int) -> tuple[int, int]:
+    """The share of [low, high) of this pytest-xdist worker ("gw3" of 4 takes the fourth
+    quarter); the whole range outside xdist."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    with contextlib.suppress(ValueError):
+        count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", ""))
+        index = int(worker.removeprefix("gw"))
+        if 0 <= index < count:
+            share = (high - low) // count
+            return low + index * share, low + (index + 1) * share
+    return low, high
 
 
 def keygen(path: Path) -> Path:

@@ -112,6 +112,7 @@ def _converged_facts(task: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
+@pytest.mark.slow
 def test_a_thousand_tasks_survive_a_sigkill_and_converge(tmp_path: Path) -> None:
     rng = random.Random(20240601)
     with LocalCluster(tmp_path / "cluster", profile="local", extra_args=()) as cluster:

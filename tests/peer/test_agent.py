@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +14,9 @@ from peer.cli.agent import run_agent
 from peer.keys import NO_KEY_HELP
 from peer.runtime.keyring import encode_key, generate_network_key
 from peer.settings import AgentSettings
+from scripts.local_cluster import free_port
 
 pytestmark = pytest.mark.asyncio
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _auth(peer: AgentSettings) -> dict[str, str]:
@@ -57,7 +51,7 @@ async def test_two_agents_join_leave_and_restart(tmp_path: Path, capsys: Any) ->
     key_file = tmp_path / "network.key"
     key_file.write_text(encode_key(generate_network_key()) + "\n")
     key_file.chmod(0o600)
-    ports = [_free_port() for _ in range(4)]
+    ports = [free_port() for _ in range(4)]
     seed = AgentSettings(
         bind=f"127.0.0.1:{ports[0]}",
         api=f"127.0.0.1:{ports[1]}",

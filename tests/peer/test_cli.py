@@ -23,6 +23,7 @@ import pytest
 
 from peer.cli.main import build_parser
 from peer.cli.render import clock
+from scripts.local_cluster import free_port
 from tests.peer.fake_api import DEAD_ID, OTHER_ID, SELF_ID, ThreadedFakeApi
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,13 +52,6 @@ def grapevine(
         cwd=REPO,
         env=cli_env(**env),
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
