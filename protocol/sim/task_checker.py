@@ -34,7 +34,6 @@ from protocol.effects import (
     MemberRecovered,
     Note,
     ResultAccepted,
-    StartExecution,
     TaskClaimed,
 )
 from protocol.identity import VerifiedCache
@@ -144,15 +143,6 @@ class TaskChecker:
     def _on_command(self, now: float, p: SimPeer, command: Command) -> None:
         if isinstance(command, CancelExecution):
             self.fenced += 1
-        elif isinstance(command, StartExecution) and p.node is not None:
-            # Who the starter holds down as it starts, however it came to: a peer that joins
-            # (or restarts) learns the members others hold dead from their full state, with
-            # no MemberDown of its own (seed 611: a peer restarted after a partition learned
-            # a paused primary dead from the seed, which still held it so, and ran the task).
-            view = p.node.tasks.view
-            for q in self.sim.peers:
-                if q.index != p.index and view.is_down(q.signer.node_id):
-                    self.held_dead.append((p.index, q.signer.node_id, now, now))
 
     def report(self) -> TaskReport:
         """Check the end state of every running peer; call after healing and quiescence."""

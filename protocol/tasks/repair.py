@@ -17,9 +17,7 @@ Invariants:
   repaired within seconds; the origin also sends its own to every peer it knows holds the
   record, in the home or not. The origin of an open task, where its result is waited for,
   goes on comparing it every 32 s until the result is here. Due syncs go out every
-  `SYNC_TICK`, one message per partner. A final task is not compared again with a peer whose
-  inventory showed the same digest (it holds every object we do), until our digest changes;
-  the answer to a sync of a final task held alike is our inventory, so that both sides know.
+  `SYNC_TICK`, one message per partner.
 - Audience repair: when the live membership changes, the arbiter of each open task (first of
   its replica set) sends what it holds to audience members that never got it, and every copy
   held outside its home (not as its origin) is compared with the home again (replica sync).
@@ -207,8 +205,6 @@ class Repair(TaskCore):
         # times the tasks in one message per partner (decision 49). A ring of replicas (each
         # syncing with the next) sent fewer still, but under the campaign's faults 14 seeds
         # of 1,500 ended with a holder short of a result: the redundancy is what repairs.
-        # Once a final task is known held alike by a partner, the later stages repair nothing
-        # there and are skipped (decision 71): each side's own changes restart its syncs.
         due = sorted(t for t, (at, _) in self.sync_due.items() if at <= now)
         if not due:
             return
@@ -233,8 +229,6 @@ class Repair(TaskCore):
                 # once the views agree is repaired here, not only by the relay's one copy.
                 targets |= st.sent_to | st.holders
             for node_id in targets - {self.node_id}:
-                if st.final and st.agreed.get(node_id) == st.digest():
-                    continue  # it showed us this very digest: nothing left to repair there
                 batches.setdefault(node_id, []).append(tid)
         for node_id, ids in sorted(batches.items()):
             addr = self.view.addr_of(node_id)
@@ -254,14 +248,12 @@ class Repair(TaskCore):
             st.record is not None and st.record.origin == self.node_id and st.task_id in self.open
         )
 
-    def on_have(self, src: str, sender: bytes, msg: TaskHave) -> None:
+    def on_have(self, src: str, msg: TaskHave) -> None:
         """Answer a peer's inventories (a replica sync, or repair): send the objects it lacks;
         if asked to (`reply`), ask for the tasks we hold none of and send our own inventory of
-        those where it holds what we lack, or of the final ones it holds alike (so that it
-        knows, too, and neither syncs them with the other again: see `sync`)."""
+        those where it holds what we lack."""
         objects: list[Message] = []
         back: list[bytes] = []
-        alike: list[bytes] = []
         want: list[bytes] = []
         for inv in msg.entries[:MAX_WANT]:
             tid = inv.task_id
@@ -273,12 +265,7 @@ class Repair(TaskCore):
                     want.append(tid)
                 continue
             if st.digest() == inv.digest:
-                # Held alike: the common case costs a comparison.
-                if st.final:
-                    st.agreed[sender] = inv.digest
-                    if msg.reply:
-                        alike.append(tid)
-                continue
+                continue  # held alike: the common case costs a comparison
             try:
                 keys = parse_keys(inv)
             except RemoteProtocolError as exc:
@@ -290,7 +277,6 @@ class Repair(TaskCore):
                 back.append(tid)
         self.send_messages(src, objects)
         self.send_inventories(src, back, reply=False)
-        self.send_inventories(src, alike, reply=False, lazy=True)
         if want:
             self.port.send(src, [encode_message(TaskWant(tuple(want)))], False)
 

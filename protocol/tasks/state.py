@@ -87,7 +87,6 @@ class TaskState:
         "submitted",
         "grants",
         "sent_to",
-        "agreed",
         "_digest",
         "_inventory",
     )
@@ -123,17 +122,8 @@ class TaskState:
         self.sent_to: set[bytes] = set()
         """Peers this peer sent the task's objects to as its author or arbiter (see
         `protocol.tasks.placement.audience`): repair after a membership change sends to the rest."""
-        self.agreed: dict[bytes, bytes] = {}
-        """Peers whose inventory of the task showed our digest, with that digest: once the
-        task is final, replica syncs skip them while our digest stays the same (see
-        `protocol.tasks.repair.Repair.sync`). Not part of the CRDT."""
         self._digest: bytes | None = None
         self._inventory: Inventory | None = None
-
-    @property
-    def final(self) -> bool:
-        """Whether the task has an accepted result or a cancel here."""
-        return self.accepted is not None or self.cancel is not None
 
     def touch(self) -> None:
         """Forget the cached digest and inventory after a change."""

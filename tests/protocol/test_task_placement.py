@@ -17,7 +17,7 @@ from protocol.effects import TaskCancelled
 from protocol.errors import LocalProtocolError
 from protocol.tasks.messages import DOMAIN_CANCEL, Cancel, Claim, Result, TaskHave, TaskHeld
 from protocol.tasks.placement import ReplicaSets, top_by_score
-from protocol.tasks.repair import SYNC_FIRST, SYNC_LAST, SYNC_TICK
+from protocol.tasks.repair import SYNC_TICK
 from tests.protocol.fakes import Link, addr, envelope, node_id, opened, signer
 from tests.protocol.test_tasks import (
     ROLE,
@@ -246,48 +246,3 @@ def test_a_former_replica_compares_its_copy_with_the_home_after_a_member_joins()
     link.advance(link.now + 7.0)  # the join spreads, then a sync (2 s) that may wait a tick
     assert link.node(former).tasks.tasks[task_id].accepted is not None
     assert link.node(former).tasks.counters["copies outside the home synced again"] >= 1
-
-
-def test_a_final_task_held_alike_is_not_compared_again_with_the_peers_that_showed_it() -> None:
-    # Replicas compare a changed task 2, 8 and 32 s after the change. Once a peer's inventory
-    # showed a final task's digest equal to ours (and ours showed it the same), the later
-    # comparisons between the two repair nothing: they are skipped (decision 71).
-    link = cluster(5, serving=[1, 2, 3, 4])
-    task_id = submit(link, at=0, key="alike")
-    [(owner, epoch)] = starts(link, task_id)
-    link.run(owner, link.node(owner).complete(link.now, task_id, epoch, "ok", b"r"))
-    link.advance(link.now + 2 * SYNC_FIRST + 2 * SYNC_TICK)  # first stage, its answers
-    holders = [i for i in range(5) if task_id in link.node(i).tasks.tasks]
-    states = {i: link.node(i).tasks.tasks[task_id] for i in holders}
-    assert all(st.final for st in states.values())
-    assert len({st.digest() for st in states.values()}) == 1
-    synced = {(i, j) for i in holders for j in holders if link.sent(i, j, TaskHave)}
-    assert synced, "the replicas compared the task once"
-    for i, j in synced:
-        assert states[i].agreed.get(node_id(j)) == states[i].digest()
-        assert states[j].agreed.get(node_id(i)) == states[j].digest()
-    mark = link.now
-    link.advance(link.now + 2 * SYNC_LAST)
-    later = [(i, j) for i, j in synced if any(t >= mark for t in link.sent(i, j, TaskHave))]
-    assert later == []
-
-
-def test_a_peer_held_alike_is_compared_again_once_our_copy_changes() -> None:
-    link = cluster(5, serving=[1, 2, 3, 4])
-    task_id = submit(link, at=0, key="alike-then-not")
-    [(owner, epoch)] = starts(link, task_id)
-    link.run(owner, link.node(owner).complete(link.now, task_id, epoch, "ok", b"r"))
-    link.advance(link.now + 2 * SYNC_FIRST + 2 * SYNC_TICK)
-    home = [i for i in replicas(task_id, list(range(5)))]
-    a, b = home[0], home[1]
-    st = link.node(a).tasks.tasks[task_id]
-    assert st.agreed.get(node_id(b)) == st.digest()
-    # A's copy changes (an object it held is forgotten, as by a lost write): its next sync
-    # goes to B again, and B's answer brings the object back.
-    del st.results[(epoch, node_id(owner))]
-    st.touch()
-    link.node(a).tasks.mark_changed(task_id, link.now)
-    mark = link.now
-    link.advance(link.now + SYNC_FIRST + 2 * SYNC_TICK)
-    assert any(t >= mark for t in link.sent(a, b, TaskHave))
-    assert (epoch, node_id(owner)) in st.results
