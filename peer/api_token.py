@@ -23,7 +23,6 @@ Invariants:
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +109,8 @@ def load_or_create_token(data_dir: Path) -> str:
     path = token_path(data_dir)
     if path.exists():
         return read_token_file(path)
+    import secrets  # the peer makes tokens; the client commands only read them (start-up)
+
     token = secrets.token_urlsafe(TOKEN_BYTES)
     scratch = data_dir / f".{TOKEN_FILE_NAME}.{os.getpid()}.{secrets.token_hex(4)}"
     try:

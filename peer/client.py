@@ -106,6 +106,10 @@ class GrapevineClient:
         token: the peer's API token; None: found when the client opens (module invariants).
         data_dir: the peer's data directory, whose `api.token` to send (when no `token`).
         token_file: a file holding the token to send (when no `token`; wins over `data_dir`).
+        blocking: use blocking sockets, with no event loop: the coroutines then never suspend,
+            and `peer.client_blocking.run_blocking` runs them (for one-shot programs such as
+            the `grapevine` client commands, which thereby skip importing asyncio). Such a
+            client serves one request at a time.
 
     Raises:
         ValueError: `api` is not a usable address or `token` not a usable token (raised by
@@ -120,8 +124,10 @@ class GrapevineClient:
         *,
         data_dir: Path | None = None,
         token_file: Path | None = None,
+        blocking: bool = False,
     ) -> None:
         self.api = api
+        self._blocking = blocking
         url = urlsplit(base_url(api))
         self._prefix = url.path.rstrip("/")
         self._host = url.hostname or ""
@@ -142,16 +148,26 @@ class GrapevineClient:
             if found is not None:
                 token, self.token_source = found.value, found.source
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-        # asyncio and h11 load when a client opens, not when this module is imported: the
+        # The HTTP layer loads when a client opens, not when this module is imported: the
         # `grapevine` command imports it to build its parser (`grapevine --help`).
-        from peer.client_http import Connections
+        from peer.client_http import Connections, Streams
 
+        streams: Streams
+        if self._blocking:
+            from peer.client_blocking import BlockingStreams
+
+            streams = BlockingStreams()
+        else:
+            from peer.client_streams import AsyncioStreams
+
+            streams = AsyncioStreams()
         self._connections = Connections(
             self.api,
             self._host,
             self._port,
             self._host_header,
             headers,
+            streams,
             tls=self._tls,
             connect_timeout=CONNECT_TIMEOUT,
         )

@@ -1,4 +1,4 @@
-"""HTTP/1.1 exchanges for the API client (`peer.client`): asyncio streams framed by h11.
+"""HTTP/1.1 exchanges for the API client (`peer.client`): byte streams framed by h11.
 
 Why not aiohttp's client: importing it costs more than 100 ms (it builds TLS contexts at
 import), which is most of the budget of a `grapevine` client command (150 ms in all, the
@@ -6,6 +6,11 @@ interpreter's start included). h11 is the sans-IO HTTP/1.1 state machine (the ho
 protocol code), so this module only moves bytes between it and a socket; `import h11` costs a
 few milliseconds. The API is a peer on the operator's machine, so a small pool of keep-alive
 connections is all the connection management it needs.
+
+The bytes move through a `Streams`: asyncio's (`peer.client_streams`) for programs with an
+event loop, or blocking sockets (`peer.client_blocking`) for the `grapevine` command's one-shot
+commands, which then need no event loop and skip importing asyncio (about a third of their
+start-up). The exchange logic here is the same for both.
 
 Invariants:
 - Every failure to exchange with the server, a timeout included, is a
@@ -24,13 +29,12 @@ Invariants:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import h11
 
@@ -57,22 +61,50 @@ class _Failed(Exception):
         self.reason = reason
 
 
+class Stream(Protocol):
+    """One connection's bytes, both ways."""
+
+    async def read(self, size: int) -> bytes:
+        """At most `size` bytes as they come; b"" once the server closed its side."""
+
+    async def write(self, data: bytes) -> None:
+        """Send all of `data`."""
+
+    def close(self) -> None:
+        """Close the connection (at once; nothing is awaited)."""
+
+
+class Streams(Protocol):
+    """How connections are opened and exchanges bounded in time."""
+
+    async def connect(self, host: str, port: int, tls: bool, timeout: float) -> Stream:
+        """A new connection.
+
+        Raises:
+            TimeoutError: not connected within `timeout` seconds.
+            OSError: the connection failed.
+        """
+
+    def deadline(self, seconds: float | None) -> contextlib.AbstractAsyncContextManager[object]:
+        """A block whose reads and writes raise `TimeoutError` once `seconds` have passed
+        (None: no bound)."""
+
+
 @dataclass(slots=True)
 class _Connection:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    stream: Stream
     state: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
     received: int = 0
     """Bytes received since the current request was sent."""
 
     def close(self) -> None:
-        self.writer.close()
+        self.stream.close()
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
         while True:
             event = self.state.next_event()
             if event is h11.NEED_DATA:
-                data = await self.reader.read(READ_BYTES)
+                data = await self.stream.read(READ_BYTES)
                 self.received += len(data)
                 self.state.receive_data(data)
                 continue
@@ -119,6 +151,7 @@ class Connections:
         port: its port.
         host_header: the Host header to send ("host:port" as the user gave it).
         headers: sent with every request (the API token).
+        streams: how to connect and bound exchanges in time (module docstring).
         tls: connect with TLS (an https:// address).
         connect_timeout: seconds to wait for a connection.
     """
@@ -130,6 +163,7 @@ class Connections:
         port: int,
         host_header: str,
         headers: dict[str, str],
+        streams: Streams,
         *,
         tls: bool = False,
         connect_timeout: float = 5.0,
@@ -138,6 +172,7 @@ class Connections:
         self.host, self.port, self.tls = host, port, tls
         self.headers = [("Host", host_header), *headers.items()]
         self.connect_timeout = connect_timeout
+        self.streams = streams
         self._idle: list[_Connection] = []
 
     async def close(self) -> None:
@@ -172,7 +207,7 @@ class Connections:
         connection: _Connection | None = None
         reusable = False
         try:
-            async with asyncio.timeout(timeout):
+            async with self.streams.deadline(timeout):
                 response = await self._exchange(method, target, body, headers or {})
                 connection = response._connection
                 yield response
@@ -215,8 +250,7 @@ class Connections:
             if body:
                 data += state.send(h11.Data(data=body)) or b""
             data += state.send(h11.EndOfMessage()) or b""
-            connection.writer.write(data)
-            await connection.writer.drain()
+            await connection.stream.write(data)
             event = await connection.next_event()
         except (ConnectionError, h11.RemoteProtocolError) as exc:
             if connection.received == 0:
@@ -238,15 +272,14 @@ class Connections:
 
     async def _connect(self) -> _Connection:
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                reader, writer = await asyncio.open_connection(
-                    self.host, self.port, ssl=_tls_context() if self.tls else None
-                )
+            stream = await self.streams.connect(
+                self.host, self.port, self.tls, self.connect_timeout
+            )
         except TimeoutError:
             raise _Failed("timed out") from None
         except OSError as exc:
             raise _Failed(_reason(exc)) from None
-        return _Connection(reader, writer)
+        return _Connection(stream)
 
     def _release(self, connection: _Connection, reusable: bool) -> None:
         state = connection.state
@@ -282,14 +315,15 @@ def _reason(exc: BaseException) -> str:
         if "closed" in str(exc):
             return "the peer closed the connection"
         return "the answer is not HTTP; is this a Grapevine API?"
-    if isinstance(exc, ConnectionError | asyncio.IncompleteReadError):
+    if isinstance(exc, ConnectionError):
         return "the peer closed the connection"
     if isinstance(exc, OSError) and exc.errno is not None:
         return os.strerror(exc.errno).lower()
     return str(exc) or type(exc).__name__
 
 
-def _tls_context() -> ssl.SSLContext:
+def tls_context() -> ssl.SSLContext:
+    """The client side of TLS for https:// addresses, checking the server's certificate."""
     import ssl  # only for https:// addresses: it costs milliseconds the usual case saves
 
     return ssl.create_default_context()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
+from peer.cli.main import console
 
-from peer.cli.main import main
-
-sys.exit(main())
+console()

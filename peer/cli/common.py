@@ -70,14 +70,29 @@ def json_option() -> Parser:
     return parser
 
 
-def client_command(parser: argparse.ArgumentParser, command: ClientCommand) -> None:
-    """Make `command` the handler of `parser`, run with a client of the peer `--api` names."""
-    parser.set_defaults(handler=lambda args: _run_client(args, command))
+def client_command(
+    parser: argparse.ArgumentParser,
+    command: ClientCommand,
+    needs_loop: Callable[[argparse.Namespace], bool] = lambda args: False,
+) -> None:
+    """Make `command` the handler of `parser`, run with a client of the peer `--api` names.
+
+    Args:
+        needs_loop: whether a command line runs work concurrently (asyncio.gather) and so
+            needs an event loop; otherwise the command runs on blocking sockets with no loop
+            and without importing asyncio (`peer.client_blocking`), which is most of what
+            keeps a client command under 150 ms.
+    """
+    # quick_exit: a client command leaves nothing for interpreter teardown (peer.cli.main)
+    parser.set_defaults(
+        handler=lambda args: _run_client(args, command, needs_loop(args)), quick_exit=True
+    )
 
 
-def _run_client(args: argparse.Namespace, command: ClientCommand) -> int:
+def _run_client(args: argparse.Namespace, command: ClientCommand, loop: bool) -> int:
     """Run `command` with a client of the peer API `args.api` names; return its exit code.
 
+    With `loop`, under an asyncio event loop; without, on blocking sockets.
     A bad address exits 2; an unreachable peer or a problem the API answered exits 1, each as
     one line on stderr.
     """
@@ -86,7 +101,9 @@ def _run_client(args: argparse.Namespace, command: ClientCommand) -> int:
         wanted = "the peer's data directory (whose api.token is sent)"
         return fail(args, not_a_directory(args.data_dir, wanted), EXIT_USAGE)
     try:
-        client = GrapevineClient(api, data_dir=args.data_dir, token_file=args.token_file)
+        client = GrapevineClient(
+            api, data_dir=args.data_dir, token_file=args.token_file, blocking=not loop
+        )
     except ValueError as exc:
         return fail(args, str(exc), EXIT_USAGE)
 
@@ -96,9 +113,13 @@ def _run_client(args: argparse.Namespace, command: ClientCommand) -> int:
 
     try:
         # loaded by the commands that talk to a peer, not by `--help`
-        from peer.interrupts import run_interruptible
+        if loop:
+            from peer.interrupts import run_interruptible
 
-        return run_interruptible(run())
+            return run_interruptible(run())
+        from peer.client_blocking import run_blocking
+
+        return run_blocking(run())
     except TokenError as exc:
         return fail(args, f"{exc}; {TOKEN_HELP}", EXIT_USAGE)
     except WrongPort as exc:

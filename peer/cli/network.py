@@ -22,7 +22,6 @@ from peer.cli import render
 from peer.cli.common import ClientCommand, api_option, client_command, fail, json_option, usage
 from peer.cli.parsing import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Subcommands, add_command
 from peer.client import GrapevineClient, JsonObject
-from peer.runtime.keyring import decode_key, encode_key
 
 Shown = TypeVar("Shown")
 
@@ -229,6 +228,8 @@ def _healthy(health: JsonObject) -> bool:
 
 
 async def _keys_change(client: GrapevineClient, args: argparse.Namespace) -> int:
+    from peer.runtime.keyring import decode_key, encode_key  # only for the keys commands
+
     text = sys.stdin.readline() if args.key == "-" else args.key
     try:
         key = encode_key(decode_key(text))

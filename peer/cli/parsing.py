@@ -17,9 +17,8 @@ Invariants:
 from __future__ import annotations
 
 import argparse
-import difflib
+import os
 import re
-import textwrap
 from collections.abc import Sequence
 from typing import Any, NoReturn, TypeAlias
 
@@ -32,15 +31,39 @@ EXIT_INTERRUPTED = 130
 
 
 class ParagraphFormatter(argparse.HelpFormatter):
-    """Wraps prose paragraphs to the terminal; keeps indented lines (examples) as written."""
+    """Wraps prose paragraphs to the terminal; keeps indented lines (examples) as written.
+
+    argparse builds a formatter for every option it adds (to check its help), and its own asks
+    `shutil` for the terminal's width; `terminal_width` asks the OS directly, so that the
+    commands that never print help skip importing shutil, and textwrap loads only for help.
+    """
+
+    def __init__(self, prog: str, **kwargs: Any) -> None:
+        kwargs.setdefault("width", terminal_width() - 2)  # argparse's own margin
+        super().__init__(prog, **kwargs)
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
         return "\n".join(
             line
             if not line or line.startswith(" ")
             else textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
             for line in text.splitlines()
         )
+
+
+def terminal_width() -> int:
+    """Columns of the terminal, as `shutil.get_terminal_size` finds them: $COLUMNS, else the
+    terminal on stdout, else 80."""
+    try:
+        return max(int(os.environ["COLUMNS"]), 1)
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(1).columns or 80
+    except (OSError, ValueError):
+        return 80
 
 
 _INVALID_CHOICE = re.compile(r"invalid choice: '(?P<word>[^']*)'")
@@ -53,6 +76,7 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", ParagraphFormatter)  # no shutil: see there
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
@@ -74,6 +98,8 @@ class Parser(argparse.ArgumentParser):
             known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
         else:
             return None
+        import difflib  # only on a mistake
+
         close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
         return f"{close[0]!r}" if close else None
 

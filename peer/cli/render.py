@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 
 from peer.client import JsonObject
@@ -265,6 +264,8 @@ def table(header: list[str], rows: Sequence[list[str]]) -> str:
 def clock(value: object) -> str:
     """Local time of day ("14:03:22") of a Unix timestamp or ISO 8601 string; "--:--:--" if
     it is neither."""
+    from datetime import datetime  # few commands show a time: `grapevine` starts faster
+
     try:
         if isinstance(value, int | float):
             return datetime.fromtimestamp(value).strftime("%H:%M:%S")

@@ -3,7 +3,8 @@
 Members with their status, roles, free slots, agents and model spend (what each advertises in
 its peer state); the tasks this peer holds by state; its own agents and model calls. It reads
 the JSON endpoints the other commands read (`/v1/members`, `/v1/tasks/stats`, `/v1/agents`),
-at once, and changes nothing.
+one after the other on one kept-alive connection (no event loop: `peer.client_blocking`), and
+changes nothing.
 
 Invariants:
 - `--json` prints `{members, tasks, agents}` exactly as the API sent each, plus `summary`, the
@@ -48,12 +49,10 @@ def register(commands: Subcommands) -> None:
 
 
 async def show_status(client: GrapevineClient, args: argparse.Namespace) -> int:
-    """Fetch the three answers at once and print them (see the module invariants)."""
-    import asyncio  # here, not at the top: `grapevine --help` must not pay for it
-
-    members, tasks, agents = await asyncio.gather(
-        client.members(), client.task_stats(), client.agents()
-    )
+    """Fetch the three answers and print them (see the module invariants)."""
+    members = await client.members()
+    tasks = await client.task_stats()
+    agents = await client.agents()
     if args.json:
         summary = summarize(members, tasks, agents)
         whole = {"members": members, "tasks": tasks, "agents": agents, "summary": summary}

@@ -118,7 +118,8 @@ def register(commands: Subcommands) -> None:
         "default 600, 0 waits forever. The deadline travels in the signed task: the "
         "submitting peer ends the task, or the peers that hold it if that peer is gone",
     )
-    client_command(submit, _submit)
+    # --file submits lines concurrently (asyncio.gather); one task needs no event loop
+    client_command(submit, _submit, needs_loop=lambda args: args.file is not None)
 
     tasks = add_command(
         commands,

@@ -71,6 +71,9 @@ def test_building_the_parser_loads_no_heavy_module() -> None:
         ("agents", "--json"),
         ("submit", "--role", "echo", "x"),
         ("task", "abcdef"),
+        ("status",),
+        ("watch", "abcdef"),
+        ("events", "--follow"),
     ],
     ids=lambda argv: argv[0],
 )
@@ -80,6 +83,17 @@ def test_a_client_command_loads_no_heavy_module(argv: tuple[str, ...]) -> None:
     assert answer["code"] == 1
     assert heavy_in(answer["command"]) == []
     assert "h11" in answer["command"]  # it did run its client
+    # ... on blocking sockets: asyncio alone is about a third of a command's start-up
+    assert "asyncio" not in answer["command"]
+
+
+def test_submitting_a_file_runs_an_event_loop(tmp_path: Path) -> None:
+    # The one client command that works concurrently; it shows the asyncio check can fail.
+    lines = tmp_path / "tasks.jsonl"
+    lines.write_text('{"role": "echo", "input": "x"}\n')
+    answer = loaded("submit", "--file", str(lines), "--api", f"127.0.0.1:{free_port()}")
+    assert "asyncio" in answer["command"]
+    assert heavy_in(answer["command"]) == ["rich"]  # --file draws its progress with rich
 
 
 def test_the_probe_catches_a_heavy_import() -> None:
@@ -89,3 +103,44 @@ def test_the_probe_catches_a_heavy_import() -> None:
     assert (demo["code"], heavy_in(demo["command"])) == (2, ["rich", "peer.demo.command"])
     simulate = loaded("simulate", "--nodes", "0")
     assert (simulate["code"], heavy_in(simulate["command"])) == (2, [])
+
+
+CONSOLE = """
+import atexit, sys
+atexit.register(lambda: print("teardown ran", flush=True))
+from peer.cli.main import console
+console()
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "teardown"),
+    [
+        (("--version",), 0, False),
+        (("members", "--api", "PORT"), 1, False),
+        (("membrs",), 2, False),
+        (("simulate", "--nodes", "0"), 2, True),
+    ],
+    ids=["version", "client", "usage", "simulate"],
+)
+def test_the_console_skips_teardown_only_where_nothing_needs_it(
+    argv: tuple[str, ...], code: int, teardown: bool
+) -> None:
+    # A client command and argparse's own exits end with os._exit (about 30 ms of teardown
+    # saved), their output flushed; the other commands exit normally, exit handlers and all.
+    argv = tuple(f"127.0.0.1:{free_port()}" if a == "PORT" else a for a in argv)
+    result = subprocess.run(
+        [sys.executable, "-c", CONSOLE, *argv],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert result.returncode == code
+    assert ("teardown ran" in result.stdout) == teardown
+    assert result.stdout.strip() or result.stderr.strip()  # what it printed got out
+    if argv[0] == "--version":
+        assert result.stdout.startswith("grapevine ")
+    if argv[0] == "members":
+        assert "connection refused" in result.stderr
