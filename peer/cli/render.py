@@ -6,7 +6,7 @@ Invariants:
   field a peer did not send is shown as "-" or "?".
 - `--json` output never comes from here except `as_json`, which keeps the API's field names.
 - Imports only the standard library: the client commands print through here and start fast
-  (the one rich rendering, the task tree, is `peer.cli.render_tree`).
+  (the task tree, drawn with box-drawing guides, is `peer.cli.render_tree`).
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ Invariants:
   refused by the peer (exit 1, naming the roles served and the closest one) unless `--queue`;
   a queued task that no peer claimed within its queue timeout (`--queue-timeout`, default 600
   s) ends with the reason, and the wait with it (exit 1, the reason on stderr).
-- rich (the tree, the progress bar of `submit --file`) is imported only by the commands that
-  draw with it.
+- rich (the progress bar of `submit --file`) is imported only by the command that draws with
+  it; the tree is plain text with ANSI colour on a terminal (`peer.cli.render_tree`).
 """
 
 from __future__ import annotations
@@ -352,11 +352,9 @@ async def _tree(client: GrapevineClient, args: argparse.Namespace) -> int:
     if args.json:
         print(render.as_json(tree))
         return EXIT_OK
-    from rich.console import Console  # only `tree` draws with rich: imported when used
+    from peer.cli.render_tree import tree_lines, wants_colour
 
-    from peer.cli.render_tree import task_tree
-
-    Console(soft_wrap=True, highlight=False).print(task_tree(tree))
+    print("\n".join(tree_lines(tree, colour=wants_colour(sys.stdout))))
     print(render.tree_totals(tree))
     return EXIT_OK
 

@@ -71,6 +71,7 @@ def test_building_the_parser_loads_no_heavy_module() -> None:
         ("agents", "--json"),
         ("submit", "--role", "echo", "x"),
         ("task", "abcdef"),
+        ("tree", "abcdef"),
         ("status",),
         ("watch", "abcdef"),
         ("events", "--follow"),

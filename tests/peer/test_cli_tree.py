@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
-from rich.console import Console
 
 from peer.agents.ports import AgentOutput
 from peer.cli import render as cli_render
@@ -156,9 +155,7 @@ def test_rendering_of_nested_duplicated_and_truncated_trees() -> None:
         },
         truncated=True,
     )
-    out = io.StringIO()
-    Console(file=out, width=200, soft_wrap=True, highlight=False).print(render_tree.task_tree(tree))
-    assert out.getvalue().splitlines() == [
+    assert render_tree.tree_lines(tree) == [
         "a aaaaaaaaaaaa running",
         "├── b bbbbbbbbbbbb running 3 model calls (1 repeated after a takeover) (2 duplicates)",
         "│   └── c cccccccccccc pending 1 model call",
@@ -169,3 +166,42 @@ def test_rendering_of_nested_duplicated_and_truncated_trees() -> None:
     assert totals.endswith(
         "cost ?, 4 model calls (1 repeated after a takeover, 30 tokens); deeper tasks left out"
     )
+
+
+def test_a_peers_text_cannot_drive_the_terminal_and_colour_is_opt_in() -> None:
+    tree = {
+        "id": "ab" * 32,
+        "role": "evil\x1b[2J\x1b]0;title\x07",
+        "state": "failed",
+        "peer": None,
+        "agent": "a\rb\x9bc",
+        "usage": {"prompt_tokens": 5, "completion_tokens": "x"},
+        "duplicates": 1,
+        "children": [{"id": "cd" * 32, "role": "leaf", "state": "done", "children": "junk"}],
+    }
+    plain = render_tree.tree_lines(tree)
+    assert plain == [
+        "evil[2J]0;title abababababab failed agent abc 5 tokens (1 duplicate)",
+        "└── leaf cdcdcdcdcdcd done",
+    ]
+    coloured = render_tree.tree_lines(tree, colour=True)
+    assert coloured[0].startswith("\x1b[1mevil[2J]0;title\x1b[0m ")
+    assert "\x1b[31mfailed\x1b[0m" in coloured[0]
+    assert "\x1b[32mdone\x1b[0m" in coloured[1]
+    assert [line.count("\x1b[") for line in coloured] == [8, 6]  # only our own codes
+
+
+def test_colour_only_for_a_terminal_that_wants_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    assert render_tree.wants_colour(Terminal())
+    assert not render_tree.wants_colour(io.StringIO())
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not render_tree.wants_colour(Terminal())
+    monkeypatch.delenv("NO_COLOR")
+    monkeypatch.setenv("TERM", "dumb")
+    assert not render_tree.wants_colour(Terminal())
