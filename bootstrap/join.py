@@ -8,6 +8,10 @@ Invariants:
   in lockstep against a recovering seed.
 - When no seed answers, the result (and a warning log line) names every address tried and why
   it failed: "no seed answered after 5 attempts: 10.0.0.1:7946 (connection refused), ...".
+- An attempt in which every seed resolved and every address answered with a refusal that
+  waiting cannot change (`final`: our network key, our clock, not a gossip port) ends the
+  retrying at once: the user reads why within one attempt (about 2 s), not after the whole
+  backoff (about 13 s). The node's own reconnecting goes on either way.
 - After the initial join the protocol node itself keeps re-contacting remembered seeds and dead
   members every `reconnect_interval`; this module only adds what the node cannot do without
   I/O: re-resolving DNS names periodically (`refresh_seeds`) and handing new addresses over.
@@ -58,7 +62,8 @@ class JoinResult:
         if self.joined_via is not None:
             return f"joined through {self.joined_via} after {self.attempts} attempt(s)"
         reasons = ", ".join(f"{addr} ({why})" for addr, why in self.failures.items())
-        return f"no seed answered after {self.attempts} attempts: {reasons or 'no seeds given'}"
+        tries = f"{self.attempts} attempt{'s' if self.attempts != 1 else ''}"
+        return f"no seed answered after {tries}: {reasons or 'no seeds given'}"
 
 
 def backoff_delay(
@@ -74,6 +79,7 @@ async def join_with_retry(
     *,
     hints: Sequence[str] = (),
     failure_reason: Callable[[str], str | None] = lambda addr: None,
+    final: Callable[[str], bool] = lambda reason: False,
     attempts: int = JOIN_ATTEMPTS,
     attempt_timeout: float = ATTEMPT_TIMEOUT,
     base: float = BACKOFF_BASE,
@@ -90,6 +96,8 @@ async def join_with_retry(
         hints: further addresses to try as they are (members known from a previous run).
         failure_reason: why sending to an address last failed, if known (the transport's
             `last_failure.get`); otherwise an address that stayed silent is reported as such.
+        final: whether a failure reason is a refusal that retrying soon will not change
+            (`peer.runtime.transport.is_final_refusal`); see the module invariants.
         attempts: attempts before giving up (at least 1).
         attempt_timeout: seconds to wait for an answer in each attempt.
         base, cap: backoff parameters (see the module docstring).
@@ -115,6 +123,10 @@ async def join_with_retry(
                 return result
             for addr in addresses:
                 failures[addr] = failure_reason(addr) or f"no answer within {attempt_timeout:g} s"
+            if not resolved.failures and all(final(failures[addr]) for addr in addresses):
+                result = JoinResult(None, attempt, failures)
+                log.warning("%s; will keep retrying in the background", result.message)
+                return result
         if attempt < attempts:
             delay = backoff_delay(attempt - 1, rng, base, cap)
             log.info("join attempt %d of %d failed; retrying in %.1f s", attempt, attempts, delay)

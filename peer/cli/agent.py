@@ -33,6 +33,7 @@ from peer.agents.offline import OFFLINE_MODEL
 from peer.build import Peer, PeerStartError, build_peer
 from peer.observability.logs import configure_logging
 from peer.runtime.store import StoreError
+from peer.runtime.transport import is_final_refusal
 from peer.settings import AgentSettings, SettingsError
 from protocol.identity import short_id
 
@@ -120,6 +121,7 @@ async def _run_until_stopped(
                     driver.join,
                     hints=peer.hints,
                     failure_reason=peer.transport.last_failure.get,
+                    final=is_final_refusal,
                 )
             )
         )

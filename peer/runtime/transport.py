@@ -102,6 +102,16 @@ _REFUSALS: Final = {
 }
 
 
+_NOT_GOSSIP = "not a peer's gossip port (is it a peer's API address?)"
+
+
+def is_final_refusal(reason: str) -> bool:
+    """Whether a failure `reason` (`last_failure`'s) is a peer's answer refusing us that
+    retrying soon will not change: our network key, our clock, or an address that is not a
+    gossip port. The initial join stops retrying on it (`bootstrap.join`)."""
+    return reason in _REFUSALS.values() or reason.endswith(_NOT_GOSSIP)
+
+
 def refusal_reason(status: int, answer: bytes) -> str:
     """Why a peer refused an envelope, in words (what `last_failure` and the join report say),
     from the status and the reason our intake answers with (`peer.runtime.intake`)."""
@@ -110,7 +120,7 @@ def refusal_reason(status: int, answer: bytes) -> str:
         return _REFUSALS[reason]
     if status in (401, 404, 405):
         # Our intake answers none of these: another server, most often a peer's API (401).
-        return f"HTTP {status}: not a peer's gossip port (is it a peer's API address?)"
+        return f"HTTP {status}: {_NOT_GOSSIP}"
     return f"HTTP {status} ({reason})" if reason and reason.isidentifier() else f"HTTP {status}"
 
 

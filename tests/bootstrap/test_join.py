@@ -6,8 +6,11 @@ import random
 import socket
 from typing import Any
 
+import pytest
+
 from bootstrap.join import backoff_delay, join_with_retry, refresh_seeds
 from bootstrap.seeds import Seed
+from peer.runtime.transport import is_final_refusal, refusal_reason
 
 
 class FixedRng(random.Random):
@@ -67,6 +70,58 @@ async def test_no_seed_answers_reports_every_address_and_reason() -> None:
         "no seed answered after 4 attempts: 10.0.0.1:7946 (connection refused), "
         "10.0.0.2:7000 (no answer within 2 s)"
     )
+
+
+async def test_an_attempt_every_seed_refused_for_good_ends_the_retrying() -> None:
+    sleep = FakeSleep()
+    asked: list[list[str]] = []
+
+    async def join_once(addrs: list[str], timeout: float) -> str | None:
+        asked.append(addrs)
+        return None
+
+    reasons = {
+        "10.0.0.1:7946": refusal_reason(403, b"unknown_key\n"),
+        "10.0.0.2:8946": refusal_reason(401, b"{}"),
+    }
+    result = await join_with_retry(
+        [Seed("10.0.0.1", 7946), Seed("10.0.0.2", 8946)],
+        join_once,
+        failure_reason=reasons.get,
+        final=is_final_refusal,
+        rng=FixedRng(),
+        sleep=sleep,
+    )
+    assert (result.ok, result.attempts, len(asked), sleep.delays) == (False, 1, 1, [])
+    assert result.message.startswith(
+        "no seed answered after 1 attempt: 10.0.0.1:7946 (it refused our network key"
+    )
+
+
+@pytest.mark.parametrize(
+    "other",
+    ["connection refused", None, "HTTP 503 (busy)", "HTTP 403 (replay)"],
+    ids=["refused-connection", "silent", "busy", "replay"],
+)
+async def test_one_seed_that_may_still_answer_keeps_the_retrying(other: str | None) -> None:
+    reasons = {"10.0.0.1:7946": refusal_reason(403, b"stale_timestamp\n")}
+    if other is not None:
+        reasons["10.0.0.2:7946"] = other
+    sleep = FakeSleep()
+
+    async def join_once(addrs: list[str], timeout: float) -> str | None:
+        return None
+
+    result = await join_with_retry(
+        [Seed("10.0.0.1", 7946), Seed("10.0.0.2", 7946)],
+        join_once,
+        failure_reason=reasons.get,
+        final=is_final_refusal,
+        attempts=3,
+        rng=FixedRng(),
+        sleep=sleep,
+    )
+    assert (result.attempts, sleep.delays) == (3, [0.5, 1.0])
 
 
 async def test_success_on_a_later_attempt_stops_retrying() -> None:

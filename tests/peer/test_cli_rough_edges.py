@@ -261,3 +261,25 @@ def test_a_data_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     assert line.startswith(f"grapevine agent: --data-dir {file} is a file, not a directory; ")
     client = one_line_error(grapevine(None, "members", "--data-dir", str(file)), 2)
     assert client.startswith(f"grapevine members: --data-dir {file} is a file, not a directory")
+
+
+def test_a_peer_started_with_the_wrong_key_says_so_within_one_join_attempt(
+    tmp_path: Path,
+) -> None:
+    # `grapevine agent --join SEED` whose seed refuses our key: one line naming the seed and
+    # the key, after the first attempt (about 2 s), not after the whole backoff (about 13 s).
+    with LocalCluster(tmp_path, extra_args=()) as peers:
+        seed = peers.add()
+        asyncio.run(wait_ready([seed], timeout=30))
+        stranger = peers.add(key_file=keygen(tmp_path / "other-network.key"), join=[seed])
+        deadline = time.monotonic() + 30
+        while "no seed answered" not in stranger.log_path.read_text(errors="replace"):
+            assert time.monotonic() < deadline, stranger.log_tail()
+            time.sleep(0.1)
+    line = next(
+        line
+        for line in stranger.log_path.read_text(errors="replace").splitlines()
+        if "no seed answered" in line
+    )
+    # one attempt: the retries and their backoff (about 13 s in all) are skipped
+    assert f"no seed answered after 1 attempt: {seed.bind} (it refused our network key" in line
