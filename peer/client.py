@@ -323,10 +323,16 @@ class GrapevineClient:
         return await self._request("GET", f"/v1/tasks/{_task_path(task_id)}")
 
     async def tasks(
-        self, state: str | None = None, role: str | None = None, limit: int | None = None
+        self,
+        state: str | None = None,
+        role: str | None = None,
+        limit: int | None = None,
+        owner: str | None = None,
     ) -> list[JsonObject]:
-        """Return the tasks this peer knows, newest first, optionally filtered by state/role."""
-        query = {k: str(v) for k, v in (("state", state), ("role", role), ("limit", limit)) if v}
+        """Return the tasks this peer knows, newest first, optionally filtered by state, role
+        and owner (a member's id)."""
+        pairs = (("state", state), ("role", role), ("limit", limit), ("owner", owner))
+        query = {k: str(v) for k, v in pairs if v}
         answer = await self._request("GET", "/v1/tasks", params=query)
         return _list_field(answer, "tasks", self.api)
 
@@ -338,6 +344,7 @@ class GrapevineClient:
         role: str | None = None,
         limit: int | None = None,
         cursor: str | None = None,
+        owner: str | None = None,
     ) -> JsonObject:
         """Return the listing answer (`GET /v1/tasks`) as the API gives it.
 
@@ -353,9 +360,10 @@ class GrapevineClient:
             role: only tasks of this role.
             limit: at most this many (local 1-10,000, network 1-500 a page).
             cursor: network only: list the tasks whose id is above this one.
+            owner: only tasks claimed by this member (its id as `members` shows it).
         """
         params = {"scope": scope}
-        for name, value in (("state", state), ("role", role), ("limit", limit)):
+        for name, value in (("state", state), ("role", role), ("limit", limit), ("owner", owner)):
             if value:
                 params[name] = str(value)
         if cursor:
@@ -371,12 +379,13 @@ class GrapevineClient:
         role: str | None = None,
         page_size: int | None = None,
         cursor: str | None = None,
+        owner: str | None = None,
     ) -> AsyncIterator[JsonObject]:
         """Yield the pages of the network listing from `cursor` on (the first by default),
         following `next_cursor` until the last page (see `list_tasks`)."""
         while True:
             page = await self.list_tasks(
-                "network", state=state, role=role, limit=page_size, cursor=cursor
+                "network", state=state, role=role, limit=page_size, cursor=cursor, owner=owner
             )
             yield page
             following = page.get("next_cursor")

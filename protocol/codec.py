@@ -169,9 +169,10 @@ def _to_fields(msg: Message) -> list[Any]:
             return [Kind.TASK_GRANT, task_id, epoch, grantee]
         case Checkpoint(task_id, epoch, seq, owner_key, data, sig):
             return [Kind.CHECKPOINT, task_id, epoch, seq, owner_key, data, sig]
-        case TaskList(request, after, limit, state, role):
+        case TaskList(request, after, limit, state, role, owner):
             request, limit = fields.encodable(request), fields.encodable(limit)
-            return [Kind.TASK_LIST, request, after, limit, state, role]
+            filtered = [owner] if owner else []  # the longer form only when filtering
+            return [Kind.TASK_LIST, request, after, limit, state, role, *filtered]
         case TaskPage(request, tasks, more):
             rows = [shapes.summary_fields(s) for s in tasks]
             return [Kind.TASK_PAGE, fields.encodable(request), rows, more]
@@ -290,7 +291,8 @@ def decode_message(data: bytes) -> Message:
                 shapes.optional_name(f[4]),
                 shapes.optional_name(f[5]),
             )
-            return TaskList(fields.uint(f[1]), after, fields.uint(f[3]), state, role)
+            owner = fields.node_id(f[6]) if len(f) > 6 else b""
+            return TaskList(fields.uint(f[1]), after, fields.uint(f[3]), state, role, owner)
         case Kind.TASK_PAGE:
             return shapes.task_page_from(f)
         case Kind.EPOCH_GRANT:
@@ -324,11 +326,13 @@ LONGER_FORM: dict[Kind, tuple[int, ...]] = {
     Kind.CANCEL: (6,),
     Kind.PEER_STATE: (12, 13),
     Kind.TASK: (13,),
+    Kind.TASK_LIST: (7,),
 }
 """Kinds with longer shapes: a cancel whose outcome is not the default (`failed`, decision
 45) carries it last, a peer state naming its models carries them last (decision 54) and its
 run counts after them (decision 64), a task record with a queue timeout carries it last
-(decision 58); a plain one keeps the shape it had before."""
+(decision 58), a network listing filtered by owner carries the owner last (decision 74); a
+plain one keeps the shape it had before."""
 
 ARITY: dict[Kind, int] = {
     Kind.PING: 4,

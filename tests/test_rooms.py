@@ -135,6 +135,10 @@ def _own_names(tree: ast.Module) -> set[str]:
     return names
 
 
+STDLIB_PUBLIC = {("os", "_exit")}
+"""Standard library names that start with an underscore and are documented public API."""
+
+
 def private_uses(root: Path) -> list[str]:
     """ "path:line: name" for every private name used outside the module that defines it."""
     modules = _modules(root)
@@ -150,6 +154,8 @@ def private_uses(root: Path) -> list[str]:
             if not isinstance(node, ast.Attribute) or not _is_private(node.attr):
                 continue
             if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                continue
+            if isinstance(node.value, ast.Name) and (node.value.id, node.attr) in STDLIB_PUBLIC:
                 continue
             if node.attr not in own:
                 found.append(f"{relative}:{node.lineno}: reads .{node.attr}")
@@ -219,6 +225,8 @@ def test_cycle_checker_finds_cycles(
         ),
         ({"peer/a.py": "def f(p):\n    return p._replace(a=1)\n"}, []),
         ({"peer/a.py": "from peer.b import __version__\n", "peer/b.py": ""}, []),
+        ({"peer/a.py": "import os\nos._exit(0)\n"}, []),
+        ({"peer/a.py": "import os\nos._wrap_close\n"}, ["peer/a.py:2: reads ._wrap_close"]),
     ],
 )
 def test_private_name_checker(tmp_path: Path, files: dict[str, str], expected: list[str]) -> None:

@@ -43,6 +43,7 @@ async def network_listing(client: GrapevineClient, args: argparse.Namespace) -> 
     pages = client.network_task_pages(
         state=args.state,
         role=args.role,
+        owner=args.owner,
         page_size=NETWORK_PAGE if wanted is None else min(NETWORK_PAGE, wanted),
         cursor=cursor,
     )

@@ -138,6 +138,12 @@ def register(commands: Subcommands) -> None:
     tasks.add_argument("--state", choices=STATES, help="only tasks in this state")
     tasks.add_argument("--role", help="only tasks of this role")
     tasks.add_argument(
+        "--owner",
+        metavar="ID",
+        default=None,
+        help="only tasks claimed by this member (its id as `grapevine members --json` shows it)",
+    )
+    tasks.add_argument(
         "--limit",
         type=int,
         default=None,
@@ -324,14 +330,28 @@ class _ProgressLine(StatusLine):
 async def _tasks(client: GrapevineClient, args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         return fail(args, "--limit must be at least 1", EXIT_USAGE)
+    if args.owner is not None and not _is_node_id(args.owner):
+        return fail(
+            args,
+            f"--owner is a member's id, 52 letters and digits as `grapevine members --json` "
+            f"shows it; got {args.owner[:70]!r}",
+            EXIT_USAGE,
+        )
     if args.network:
         return await network_listing(client, args)
     if args.cursor is not None:
         return fail(args, "--cursor pages a network listing: add --network", EXIT_USAGE)
     limit = LOCAL_LIMIT if args.limit is None else args.limit
-    tasks = await client.tasks(state=args.state, role=args.role, limit=limit)
+    tasks = await client.tasks(state=args.state, role=args.role, limit=limit, owner=args.owner)
     print(render.as_json(tasks) if args.json else render.tasks_table(tasks))
     return EXIT_OK
+
+
+def _is_node_id(text: str) -> bool:
+    """Whether `text` has the form of a node id in the API (base32, 52 characters); the peer
+    checks it again."""
+    clean = text.strip().lower()
+    return len(clean) == 52 and all(c in "abcdefghijklmnopqrstuvwxyz234567" for c in clean)
 
 
 async def _task(client: GrapevineClient, args: argparse.Namespace) -> int:

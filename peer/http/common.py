@@ -54,6 +54,27 @@ def node_id_text(node_id: bytes) -> str:
     return base64.b32encode(node_id).decode("ascii").lower().rstrip("=")
 
 
+NODE_ID_CHARS = 52
+"""Characters of a node id's API form (32 bytes in base32, unpadded)."""
+
+
+def parse_node_id(text: str, name: str) -> bytes:
+    """The node id whose API form (`node_id_text`) is `text`, named `name` in the error.
+
+    Raises:
+        Problem: 400, when `text` is not a node id's API form.
+    """
+    clean = text.strip().lower()
+    if len(clean) == NODE_ID_CHARS and all(c in "abcdefghijklmnopqrstuvwxyz234567" for c in clean):
+        raw = base64.b32decode(clean.upper() + "====")
+        if node_id_text(raw) == clean:
+            return raw
+    raise bad_request(
+        f"{name} must be a node id as the API shows it ({NODE_ID_CHARS} base32 "
+        f"characters, e.g. a member's id), got {text[:70]!r}"
+    )
+
+
 class Problem(Exception):
     """An error answer; raised inside handlers, turned into problem+json by `problems`."""
 

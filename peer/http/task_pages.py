@@ -1,7 +1,7 @@
 """The network scope of `GET /v1/tasks`: one page of a listing gathered from every live member.
 
 docs/http-api.md is the contract. `peer.http.tasks` routes `?scope=network` here once it has
-checked the filters both scopes share (`state`, `role`).
+checked the filters both scopes share (`state`, `role`, `owner`).
 
 Invariants:
 - Every parameter is checked before any peer is asked: `limit` is 1 to `MAX_PAGE` (default
@@ -42,13 +42,14 @@ def summary_json(s: TaskSummary) -> Json:
     }
 
 
-def page_query(params: Mapping[str, str], state: str, role: str) -> PageQuery:
+def page_query(params: Mapping[str, str], state: str, role: str, owner: bytes) -> PageQuery:
     """The page a network listing request names.
 
     Args:
         params: the request's query parameters (`limit`, `cursor`).
         state: the state filter, already checked ("" for any).
         role: the role filter ("" for any).
+        owner: the owner filter, a node id (b"" for any), already checked.
 
     Raises:
         Problem: 400, naming the parameter that is wrong.
@@ -66,18 +67,18 @@ def page_query(params: Mapping[str, str], state: str, role: str) -> PageQuery:
             f"cursor must be a full task id ({TASK_ID_DIGITS} hex digits), the next_cursor of "
             f"the previous page; got {cursor[:70]!r}"
         )
-    return PageQuery(bytes.fromhex(cursor), int(limit_text), state, role)
+    return PageQuery(bytes.fromhex(cursor), int(limit_text), state, role, owner)
 
 
 async def network_page(
-    listing: NetworkListing, params: Mapping[str, str], state: str, role: str
+    listing: NetworkListing, params: Mapping[str, str], state: str, role: str, owner: bytes
 ) -> web.Response:
     """Answer `GET /v1/tasks?scope=network` (see the module invariants).
 
     Raises:
         Problem: 400 for a bad `limit` or `cursor`.
     """
-    page = await listing.page(page_query(params, state, role))
+    page = await listing.page(page_query(params, state, role, owner))
     body: Json = {
         "tasks": [summary_json(s) for s in page.tasks],
         "next_cursor": page.next_cursor.hex() if page.next_cursor is not None else None,

@@ -52,6 +52,7 @@ from peer.http.common import (
     Problem,
     bad_request,
     json_object,
+    parse_node_id,
 )
 from peer.http.task_pages import network_page
 from peer.http.task_views import (
@@ -358,9 +359,11 @@ class TaskApi:
         if state and state not in STATES:
             raise bad_request(f"state must be one of {', '.join(STATES)}, got {state!r}")
         role = request.query.get("role", "")
+        owner_text = request.query.get("owner", "")
+        owner = parse_node_id(owner_text, "owner") if owner_text else b""
         scope = request.query.get("scope", "local")
         if scope == "network":
-            return await network_page(self.listing, request.query, state, role)
+            return await network_page(self.listing, request.query, state, role, owner)
         if scope != "local":
             raise bad_request(f"scope must be local or network, got {scope[:70]!r}")
         if "cursor" in request.query:
@@ -374,6 +377,7 @@ class TaskApi:
             if st.record is not None
             and (not state or st.state == state)
             and (not role or st.record.role == role)
+            and (not owner or (st.claim is not None and st.claim.owner == owner))
         ]
         chosen.sort(key=lambda st: (-st.record.created if st.record else 0.0, st.task_id))
         return web.json_response({"tasks": [task_json(st) for st in chosen[: int(limit_text)]]})

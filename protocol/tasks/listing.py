@@ -61,12 +61,14 @@ Entry = TypeVar("Entry")
 @dataclass(frozen=True, slots=True)
 class PageQuery:
     """What a page lists: ids strictly above `after` (b"": from the first), at most `limit`
-    (capped at `MAX_PAGE`), in `state` and of `role` unless those are empty."""
+    (capped at `MAX_PAGE`), in `state`, of `role` and claimed by `owner` unless those are
+    empty."""
 
     after: bytes = b""
     limit: int = MAX_PAGE
     state: str = ""
     role: str = ""
+    owner: bytes = b""
 
     @property
     def capped(self) -> int:
@@ -115,6 +117,8 @@ def page_of(
         rec = st.record
         if rec is None or (query.role and rec.role != query.role):
             continue
+        if query.owner and (st.claim is None or st.claim.owner != query.owner):
+            continue
         if (query.state and st.state != query.state) or not arbitrates(task_id):
             continue  # the arbiter last: it may hash the live members
         if len(found) == limit:
@@ -134,6 +138,8 @@ def page_fault(page: TaskPage, query: PageQuery) -> str | None:
         if s.task_id <= previous:
             return "rows out of order or not past the cursor"
         if (query.state and s.state != query.state) or (query.role and s.role != query.role):
+            return "a row outside the filters asked"
+        if query.owner and s.owner != query.owner:
             return "a row outside the filters asked"
         previous = s.task_id
     return None
@@ -230,7 +236,7 @@ class Listing:
             request = rng.randrange(1, MAX_UINT)
             self.pending[request] = Asked(peer, query, now)
             asked[peer] = request
-            msg = TaskList(request, query.after, query.capped, query.state, query.role)
+            msg = TaskList(request, query.after, query.capped, query.state, query.role, query.owner)
             core.port.send(addr, [encode_message(msg)], piggyback=False)
         _trim(self.pending)
         return asked
@@ -243,7 +249,7 @@ class Listing:
         if not self._take_token(now, sender):
             self._drop(src, "task list rate-limited")
             return
-        query = PageQuery(msg.after, msg.limit, msg.state, msg.role)
+        query = PageQuery(msg.after, msg.limit, msg.state, msg.role, msg.owner)
         rows, more = self.own_page(query)
         page = TaskPage(msg.request, rows, more)
         self.core.port.send(src, [encode_message(page)], piggyback=False)

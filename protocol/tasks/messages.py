@@ -323,14 +323,16 @@ MAX_PAGE = 500
 class TaskList:
     """Ask for a page of the tasks the receiver holds and arbitrates (it is the first of their
     replica set in its own view): ids strictly above `after` (b"" for the first page), in id
-    order, at most `limit`, in `state` and of `role` when those are not empty. Answered with a
-    `TaskPage` carrying `request` (see `protocol.tasks.listing`)."""
+    order, at most `limit`, in `state`, of `role` and claimed by `owner` when those are not
+    empty. Answered with a `TaskPage` carrying `request` (see `protocol.tasks.listing`)."""
 
     request: int
     after: bytes
     limit: int
     state: str
     role: str
+    owner: bytes = b""
+    """A node id: only tasks whose current claim is its (b"": any, unclaimed ones too)."""
 
 
 @dataclass(frozen=True, slots=True)

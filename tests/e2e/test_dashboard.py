@@ -39,7 +39,7 @@ from selenium.common.exceptions import (  # noqa: E402
     WebDriverException,
 )
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SHOTS = REPO / "docs" / "img"
@@ -227,6 +227,24 @@ def _check_page(driver: Any, peers: list[Peer], first_root: str) -> None:
         lambda d: len(d.find_elements(By.CSS_SELECTOR, '#task-rows tr[data-role="boss"]')) == 2,
     )
     driver.save_screenshot(str(SHOTS / "dashboard-fleet.png"))
+
+    # The peer filter is applied by the peers before the row limit (`owner=`): the workers'
+    # peer ran the eight worker tasks of the two trees, and only those are listed.
+    Select(driver.find_element(By.ID, "f-peer")).select_by_value(peers[2].node_id)
+    _wait(
+        driver,
+        "only the worker tasks of the workers' peer",
+        lambda d: (
+            _texts(d, "#task-rows tr td:nth-child(2)") == ["worker"] * (2 * 4)
+            and _texts(d, "#task-note") == ["8 shown"]
+        ),
+    )
+    Select(driver.find_element(By.ID, "f-peer")).select_by_value("")
+    _wait(
+        driver,
+        "both roots listed again",
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, '#task-rows tr[data-role="boss"]')) == 2,
+    )
 
     # A finished task's delegation tree, opened by clicking its row.
     driver.find_element(By.CSS_SELECTOR, f'#task-rows tr[data-task="{first_root}"]').click()

@@ -60,6 +60,22 @@ def test_lists_every_task_once_as_json_and_as_a_table(peer: tuple[Peer, list[str
     assert table.stdout.rstrip().endswith(f"{TASKS} tasks")
 
 
+def test_owner_lists_the_tasks_one_member_claimed(peer: tuple[Peer, list[str]]) -> None:
+    seed, ids = peer
+    whole = json.loads(grapevine(seed, "tasks", "--network", "--json").stdout)["tasks"]
+    assert [t["id"] for t in whole] == ids
+    owners = {t["owner"] for t in whole}
+    assert owners and all(owners)
+    for owner in owners:
+        mine = [t["id"] for t in whole if t["owner"] == owner]
+        listed = grapevine(seed, "tasks", "--network", "--owner", owner, "--limit", "2", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert [t["id"] for t in json.loads(listed.stdout)["tasks"]] == mine[:2]
+        local = grapevine(seed, "tasks", "--owner", owner, "--json")
+        assert local.returncode == 0, local.stderr
+        assert {t["owner"] for t in json.loads(local.stdout)} <= {owner}
+
+
 def test_limit_and_cursor_resume_a_listing(peer: tuple[Peer, list[str]]) -> None:
     seed, ids = peer
     seen: list[str] = []
@@ -100,6 +116,8 @@ def test_wrong_command_lines_exit_2_with_one_line(peer: tuple[Peer, list[str]]) 
         (("--network", "--cursor", ids[0][:10]), "64 hex digits"),
         (("--cursor", ids[0]), "--network"),
         (("--network", "--limit", "0"), "--limit"),
+        (("--owner", "peer-a"), "--owner"),
+        (("--network", "--owner", ids[0]), "--owner"),
     ]:
         result = grapevine(seed, "tasks", *args)
         assert result.returncode == 2, result.stderr

@@ -137,6 +137,30 @@ async def test_filters_apply_to_the_network_scope(net: Net) -> None:
     assert (await net.get(2, "scope=network&role=sleep"))["tasks"] == []
 
 
+async def test_the_owner_filter_applies_before_the_limit_in_both_scopes(net: Net) -> None:
+    ids = await submit_everywhere(net)
+    whole = await net.get(0, "scope=network&limit=500")
+    owners = {t["owner"] for t in whole["tasks"]}
+    for owner in owners:
+        mine = sorted(t["id"] for t in whole["tasks"] if t["owner"] == owner)
+        pages = await net.pages(1, f"limit=2&owner={owner}")
+        assert [t["id"] for p in pages for t in p["tasks"]] == mine
+        first = await net.get(2, f"scope=network&limit=1&owner={owner.upper()}")
+        assert [t["id"] for t in first["tasks"]] == mine[:1]  # the filter came before the limit
+        for at in range(PEERS):
+            local = await net.get(at, f"limit=1&owner={owner}")
+            held = await net.get(at, "limit=100")
+            expected = [t["id"] for t in held["tasks"] if t["owner"] == owner][:1]
+            assert [t["id"] for t in local["tasks"]] == expected
+    assert sum(len([t for t in whole["tasks"] if t["owner"] == o]) for o in owners) == len(ids)
+    stranger = node_id_text(bytes(32))
+    assert (await net.get(0, f"scope=network&owner={stranger}"))["tasks"] == []
+    assert (await net.get(0, f"owner={stranger}"))["tasks"] == []
+    for bad in ("peer-a", stranger[:-1], "0" * 52, stranger + "a", "é" * 52):
+        await net.problem(0, f"owner={bad}", "owner")
+        await net.problem(0, f"scope=network&owner={bad}", "owner")
+
+
 async def test_the_client_follows_every_page(net: Net) -> None:
     ids = await submit_everywhere(net)
     port = net.clients[1].server.port

@@ -126,6 +126,32 @@ def test_filters_and_cursor_select_the_rows() -> None:
     assert len(gather(link, 1, PageQuery(state="pending", role="writer"))[0]) == 12
 
 
+def test_the_owner_filter_selects_the_tasks_a_member_claimed() -> None:
+    link = mesh(PEERS)
+    for i in (2, 4):  # the only members serving the role: a claimed task is one of theirs
+        link.run(i, link.node(i).serve(link.now, ("writer",), 50))
+    for n in range(30):
+        fx, _ = link.node(n % PEERS).submit(link.now, "writer", b"%d" % n, nonce=b"%d" % n)
+        link.run(n % PEERS, fx)
+    link.advance(link.now + 10.0)
+    everything, _ = gather(link, 1, PageQuery())
+    by_owner = {
+        owner: [r.task_id for r in everything if r.owner == owner]
+        for owner in (node_id(2), node_id(4))
+    }
+    claimed = [r for r in everything if r.owner]
+    assert len(everything) == 30 and all(by_owner.values())
+    assert sum(len(ids) for ids in by_owner.values()) == len(claimed)  # unclaimed: in neither
+    for owner, ids in by_owner.items():
+        rows, _ = gather(link, 1, PageQuery(owner=owner))
+        assert [r.task_id for r in rows] == sorted(ids)
+        assert {r.owner for r in rows} == {owner}
+    assert gather(link, 1, PageQuery(owner=node_id(3)))[0] == []  # serves nothing, owns none
+    # The filter applies before the limit: a small page holds only the owner's tasks.
+    rows, cursor = gather(link, 1, PageQuery(limit=3, owner=node_id(4)))
+    assert [r.task_id for r in rows] == sorted(by_owner[node_id(4)])[:3] and cursor is not None
+
+
 def test_the_limit_is_capped_whatever_a_peer_asks() -> None:
     link = mesh(2)
     submitted = 0
@@ -244,6 +270,10 @@ def test_a_page_outside_the_filters_or_before_the_cursor_is_dropped() -> None:
     request = asked_of(link, 1, PageQuery(state="done", limit=3))
     answer(link, 1, TaskPage(request, (summary(4, "pending"),), False))
     assert "task page with a row outside the filters asked" in drops(link, 0)
+    assert link.node(0).task_page(request) is None
+    request = asked_of(link, 1, PageQuery(owner=node_id(2), limit=3))
+    answer(link, 1, TaskPage(request, (summary(4),), False))  # unclaimed: not node 2's
+    assert drops(link, 0).count("task page with a row outside the filters asked") == 2
     assert link.node(0).task_page(request) is None
 
 

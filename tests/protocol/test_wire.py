@@ -304,6 +304,17 @@ def test_rejects_ext_types_in_envelope() -> None:
         decode_envelope(pack([PROTOCOL_VERSION, nid(1), "h:1", [msgpack.ExtType(5, b"")]]))
 
 
+def test_a_listing_filtered_by_owner_takes_the_longer_form_and_round_trips() -> None:
+    plain = TaskList(7, b"", 50, "", "")
+    filtered = TaskList(7, b"", 50, "", "", owner=nid(9))
+    assert len(msgpack.unpackb(encode_message(plain))) == 6  # unchanged for older peers
+    assert len(msgpack.unpackb(encode_message(filtered))) == 7
+    assert decode_message(encode_message(filtered)) == filtered
+    for owner in (b"", b"x" * 31, "n" * 32, 5):
+        with pytest.raises(RemoteProtocolError):
+            decode_message(pack([Kind.TASK_LIST, 7, b"", 50, "", "", owner]))
+
+
 @pytest.mark.parametrize("kind", list(SAMPLES), ids=lambda k: k.name)
 def test_rejects_wrong_arity(kind: Kind) -> None:
     fields = msgpack.unpackb(encode_message(SAMPLES[kind]))

@@ -374,13 +374,15 @@ async function loadTasks() {
   if (scope === "network") query.set("scope", "network");
   if ($("f-state").value) query.set("state", $("f-state").value);
   if ($("f-role").value) query.set("role", $("f-role").value);
+  // Every filter is applied by the peers, before the row limit: a filter on the page after it
+  // would show only the matching rows among the first 500.
+  if ($("f-peer").value) query.set("owner", $("f-peer").value);
   const answer = await api(`/v1/tasks?${query}`);
-  const peer = $("f-peer").value;
   for (const t of answer.tasks) {
     state.roles.add(t.role);
     state.created.set(t.id, t.created);
   }
-  const tasks = answer.tasks.filter((t) => !peer || t.owner === peer);
+  const tasks = answer.tasks;
   $("task-rows").replaceChildren(...tasks.slice(0, 200).map((t) => el("tr", {
     class: "link", dataset: { task: t.id, state: t.state, role: t.role },
     onclick: () => { location.hash = `task/${t.id}`; },
