@@ -35,6 +35,7 @@ from protocol.tasks.messages import (
     TaskHeld,
     TaskList,
     TaskPage,
+    TaskProgress,
     TaskRead,
     TaskRecord,
     TaskShards,
@@ -173,6 +174,9 @@ def _to_fields(msg: Message) -> list[Any]:
             request, limit = fields.encodable(request), fields.encodable(limit)
             filtered = [owner] if owner else []  # the longer form only when filtering
             return [Kind.TASK_LIST, request, after, limit, state, role, *filtered]
+        case TaskProgress(task_id, epoch, kind, time, detail):
+            pairs = [[key, value] for key, value in detail]
+            return [Kind.TASK_PROGRESS, task_id, fields.encodable(epoch), kind, time, pairs]
         case TaskPage(request, tasks, more):
             rows = [shapes.summary_fields(s) for s in tasks]
             return [Kind.TASK_PAGE, fields.encodable(request), rows, more]
@@ -295,6 +299,8 @@ def decode_message(data: bytes) -> Message:
             return TaskList(fields.uint(f[1]), after, fields.uint(f[3]), state, role, owner)
         case Kind.TASK_PAGE:
             return shapes.task_page_from(f)
+        case Kind.TASK_PROGRESS:
+            return shapes.task_progress_from(f)
         case Kind.EPOCH_GRANT:
             key = fields.public_key(f[4])
             epoch = fields.uint(f[2])
@@ -360,6 +366,7 @@ ARITY: dict[Kind, int] = {
     Kind.TASK_READ: 2,
     Kind.TASK_LIST: 6,
     Kind.TASK_PAGE: 4,
+    Kind.TASK_PROGRESS: 6,
 }
 
 

@@ -202,6 +202,19 @@ class TaskCancelled:
 
 
 @dataclass(frozen=True, slots=True)
+class ProgressHeard:
+    """The peer running a task submitted here reported a step of its run under `epoch`
+    (`protocol.tasks.progress`): `kind` names it, `time` is when it was made there."""
+
+    task_id: bytes
+    epoch: int
+    owner: bytes
+    kind: str
+    time: float
+    detail: tuple[tuple[str, str | int | float | bool | None], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Dropped:
     """Input from `peer` was rejected for `reason`; no state changed."""
 
@@ -223,6 +236,7 @@ Note = (
     | TaskClaimed
     | ResultAccepted
     | TaskCancelled
+    | ProgressHeard
     | Dropped
 )
 

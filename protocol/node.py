@@ -50,6 +50,7 @@ from protocol.tasks.messages import (
     TaskHeld,
     TaskList,
     TaskPage,
+    TaskProgress,
     TaskRead,
     TaskRecord,
     TaskShards,
@@ -406,6 +407,7 @@ class Node(NodeTaskCalls):
                 | TaskGrant()
                 | TaskList()
                 | TaskPage()
+                | TaskProgress()
             ):
                 self.tasks.dispatch(now, src, sender, msg, raw)
             case PushPull():

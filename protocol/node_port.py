@@ -33,6 +33,7 @@ from protocol.effects import (
     Note,
     Persist,
     PersistKind,
+    ProgressHeard,
     ResultAccepted,
     Send,
     StallDetected,
@@ -180,6 +181,7 @@ class NodePort:
                 | TaskClaimed()
                 | ResultAccepted()
                 | TaskCancelled()
+                | ProgressHeard()
             ):
                 pass
             case _:

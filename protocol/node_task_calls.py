@@ -9,6 +9,7 @@ decided as `Effects` (see `Node._enter` and `Node._exit`); the node's other entr
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 from protocol.codec import decode_message
 from protocol.config import NodeConfig
@@ -91,6 +92,25 @@ class NodeTaskCalls(NodeQueries, ABC):
         """
         self._enter(now)
         self.tasks.complete(now, task_id, epoch, outcome, output, usage)
+        return self._exit()
+
+    def report_progress(
+        self,
+        now: float,
+        task_id: bytes,
+        epoch: int,
+        kind: str,
+        time: float,
+        detail: Sequence[tuple[str, object]],
+    ) -> Effects:
+        """Tell the task's origin of a step of this peer's run of `task_id` under `epoch`, if
+        it is another peer (`protocol.tasks.progress`): nothing is signed or stored.
+
+        Raises:
+            LocalProtocolError: not this peer's run, or `kind` or a field name is not a name.
+        """
+        self._enter(now)
+        self.tasks.progress.report(task_id, epoch, kind, time, detail)
         return self._exit()
 
     def checkpoint(

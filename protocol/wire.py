@@ -84,6 +84,7 @@ class Kind(IntEnum):
     TASK_SHARDS = 26
     CHECKPOINT = 27
     TASK_HAVE = 28
+    TASK_PROGRESS = 29
 
 
 class Status(IntEnum):

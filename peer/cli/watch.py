@@ -34,9 +34,9 @@ def register(commands: Subcommands) -> None:
         "executions, each model call, tool call and delegation of an agent's run, child "
         "tasks, the result), then the task's answer. Exits 0 when the task is done, 1 when it "
         "failed or was cancelled (a queued task's queue timeout included). Model calls, tool "
-        "calls and delegations are known only at the peer that runs the task: watch through "
-        "that peer (--api) to see them; elsewhere the other events only. ID is the task id "
-        "in hex or a unique prefix of at least 6 digits.",
+        "calls and delegations are known at the peer that runs the task and at the peer it "
+        "was submitted to (the running peer tells it of each); through any other peer, the "
+        "other events only. ID is the task id in hex or a unique prefix of at least 6 digits.",
         "  grapevine watch 3f2a9c\n  grapevine watch 3f2a9c --json | jq -c 'select(.type == "
         '"task-progress")\'',
         (api_option(), json_option()),

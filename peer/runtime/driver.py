@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import logging
 import time
@@ -45,7 +46,7 @@ from peer.observability.tracing import PeerTracing
 from peer.runtime.executor import Executor, Usage, Work
 from peer.runtime.group_commit import GroupCommit, NotDurable, RecordStore
 from peer.runtime.hub import NoteHub, Notifications
-from peer.runtime.progress import ProgressLog
+from peer.runtime.progress import ProgressLog, Step
 from protocol.effects import CancelExecution, Command, Effects, Send, StartExecution
 from protocol.errors import LocalProtocolError
 from protocol.identity import short_id
@@ -113,8 +114,9 @@ class Driver:
         self._save_timer: asyncio.TimerHandle | None = None
         self._runs_timer: asyncio.TimerHandle | None = None
         self.notifications = Notifications(node, wall)
-        self.progress = ProgressLog(wall)
-        """The steps of the executions running here (local only: `peer.runtime.progress`)."""
+        self.progress = ProgressLog(wall, forward=self._report_step)
+        """The steps of the executions running here and of the tasks submitted here
+        (`peer.runtime.progress`)."""
         self.tracing = tracing or PeerTracing.from_environment(short_id(node.node_id))
         """Traces submissions here and this peer's claims and executions."""
         self.lifecycle = TaskLifecycle(node, self._clock, wall, self.tracing)
@@ -551,11 +553,21 @@ class Driver:
         for note in fx.notes:
             self.notifications.observe(note)
             self.lifecycle.observe(note)
+            self.progress.observe(note)
         for command in fx.commands:
             self.lifecycle.observe(command)
             self._execute(command)
             self.notifications.observe(command)
         self._arm(fx.wake_at)
+
+    def _report_step(self, step: Step) -> None:
+        # Told to the task's origin (protocol.tasks.progress). A step made after its run ended
+        # here (a Python role's late report) stays this peer's own.
+        with contextlib.suppress(LocalProtocolError):
+            fx = self.node.report_progress(
+                self._clock(), step.task_id, step.epoch, step.kind, step.time, step.detail
+            )
+            self.disk.apply(fx)
 
     def _send(self, send: Send) -> None:
         self._sender.send(send.addr, send.data, send.probe)

@@ -1,14 +1,19 @@
-"""Progress of the executions running on this peer, as it happens: each model call, tool call
-and delegation of an agent's run (issue 13, "Task progress").
+"""Progress of the executions running on this peer, and of those of tasks submitted here, as it
+happens: each model call, tool call and delegation of an agent's run (issue 13, "Task
+progress").
 
 Theory of operation. The code that runs an execution here (`peer.agents.runtime`) reports each
-step to the peer's `ProgressLog` (`Driver.progress`) the moment it is done; the API's watch
-streams subscribe to it and the task tree summarises it. Steps are facts about one execution
-at one peer, not about the task: they are neither signed, sent nor stored.
+step to the peer's `ProgressLog` (`Driver.progress`) the moment it is done; the log hands it on
+(`forward`: the driver tells the task's origin, `protocol.tasks.progress`), and the origin
+records what it hears (`heard`). The API's watch streams subscribe to the log and the task tree
+summarises it. Steps are facts about one execution, not about the task: they are neither
+signed nor stored, and sent only to the origin, where its user follows the task.
 
 Invariants:
-- Local only: a step is known at the peer that ran it, in memory, until that peer restarts. A
-  watcher elsewhere sees the task's signed facts (claims, executions, result) but not its steps.
+- A step is known at the peer that ran it and at the task's origin, in memory, until that peer
+  restarts. Other peers see the task's signed facts (claims, executions, result) only.
+- A step heard from the running peer keeps its time there; it is numbered here (`seq`), and
+  never handed on again.
 - Bounded: the last `STEPS_KEPT` steps of each of the last `TASKS_KEPT` tasks reported (the
   task reported least recently is forgotten first); the per-kind counts cover every step.
 - Reporting never blocks or raises: each subscriber is a bounded queue, and one that falls
@@ -22,6 +27,8 @@ import asyncio
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from protocol.effects import Note, ProgressHeard
 
 STEP_KINDS = ("model-call", "tool-call", "delegation", "note", "step")
 """What a step is: a model call answered, a tool call returned, a child task asked for, or a
@@ -62,8 +69,12 @@ class ProgressLog:
         wall: wall-clock seconds, stamped on each step.
     """
 
-    def __init__(self, wall: Callable[[], float]) -> None:
+    def __init__(
+        self, wall: Callable[[], float], forward: Callable[[Step], None] | None = None
+    ) -> None:
         self._wall = wall
+        self.forward = forward
+        """Called with each step reported here (not those heard): the driver sends it on."""
         self._tasks: OrderedDict[bytes, _TaskSteps] = OrderedDict()
         self._subscribers: set[asyncio.Queue[Step | None]] = set()
 
@@ -75,14 +86,45 @@ class ProgressLog:
         """
         if kind not in STEP_KINDS:
             raise ValueError(f"a step is one of {', '.join(STEP_KINDS)}, not {kind!r}")
+        step = self._record(task_id, epoch, kind, self._wall(), tuple(detail.items()))
+        if self.forward is not None:
+            self.forward(step)
+        return step
+
+    def observe(self, note: Note) -> None:
+        """Record the step a `ProgressHeard` note carries (the node accepted it: the sender
+        runs the task, submitted here); ignore every other note."""
+        if isinstance(note, ProgressHeard):
+            self.heard(note.task_id, note.epoch, note.kind, note.time, note.detail)
+
+    def heard(
+        self,
+        task_id: bytes,
+        epoch: int,
+        kind: str,
+        time: float,
+        detail: tuple[tuple[str, Detail], ...],
+    ) -> Step | None:
+        """Record a step the peer running a task submitted here reported (its `time` there);
+        None, recording nothing, for a kind this version does not know."""
+        if kind not in STEP_KINDS:
+            return None
+        return self._record(task_id, epoch, kind, time, detail)
+
+    def _record(
+        self,
+        task_id: bytes,
+        epoch: int,
+        kind: str,
+        time: float,
+        detail: tuple[tuple[str, Detail], ...],
+    ) -> Step:
         steps = self._tasks.pop(task_id, None) or _TaskSteps()
         self._tasks[task_id] = steps  # most recently reported last
         while len(self._tasks) > TASKS_KEPT:
             self._tasks.popitem(last=False)
         steps.counts[kind] += 1
-        step = Step(
-            task_id, epoch, sum(steps.counts.values()), kind, self._wall(), tuple(detail.items())
-        )
+        step = Step(task_id, epoch, sum(steps.counts.values()), kind, time, detail)
         steps.recent.append(step)
         for queue in list(self._subscribers):
             if queue.qsize() >= SUBSCRIBER_QUEUE:

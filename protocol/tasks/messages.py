@@ -314,6 +314,29 @@ class Checkpoint:
         return bytes(msgpack.packb(fields))
 
 
+ProgressValue = str | int | float | bool | None
+"""What a progress detail's field holds: what JSON carries as it is."""
+MAX_PROGRESS_FIELDS = 16
+"""Fields in one progress report's detail."""
+MAX_PROGRESS_TEXT = 256
+"""Characters of one text field of a progress report (longer text is cut by the sender)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskProgress:
+    """A step of the sender's run of the task under `epoch`, told to the task's origin as it
+    happens (a model call answered, a tool call returned, a child asked for): `kind` names
+    it, `time` is when it was made (the sender's wall clock) and `detail` its fields. For
+    watchers only: neither signed, stored nor gossiped, and accepted only from the member
+    whose claim is the task's current one (`protocol.tasks.progress`)."""
+
+    task_id: bytes
+    epoch: int
+    kind: str
+    time: float
+    detail: tuple[tuple[str, ProgressValue], ...]
+
+
 MAX_PAGE = 500
 """Most summaries in one `TaskPage`, and the cap on the limit a `TaskList` asks for: about
 140 KB at worst (a 128-character role in every row), far under the envelope limit."""
@@ -400,6 +423,7 @@ TaskMessage = (
     | TaskGrant
     | TaskList
     | TaskPage
+    | TaskProgress
 )
 """Every message of the task plane (`protocol.tasks.plane.Tasks.dispatch` takes each one)."""
 

@@ -50,6 +50,7 @@ from protocol.tasks.messages import (
     TaskList,
     TaskMessage,
     TaskPage,
+    TaskProgress,
     TaskRead,
     TaskRecord,
     TaskShards,
@@ -58,6 +59,7 @@ from protocol.tasks.messages import (
     task_id_of,
     with_signature,
 )
+from protocol.tasks.progress import Progress
 from protocol.tasks.repair import SYNC_TICK
 from protocol.wire import MAX_NAME_CHARS
 
@@ -306,6 +308,8 @@ class Tasks(Executions, Grants):
                 self.listing.on_list(now, src, sender, msg)
             case TaskPage():
                 self.listing.on_page(now, src, sender, msg)
+            case TaskProgress():
+                self.progress.on_progress(src, sender, msg)
             case _:
                 assert_never(msg)
 
@@ -313,6 +317,11 @@ class Tasks(Executions, Grants):
     def listing(self) -> Listing:
         """Network listings: pages asked of peers and answered (`protocol.tasks.listing`)."""
         return Listing(self)
+
+    @cached_property
+    def progress(self) -> Progress:
+        """Progress reports of runs, to and from origins (`protocol.tasks.progress`)."""
+        return Progress(self, lambda task_id, epoch: self.slots.running.get(task_id) == epoch)
 
     def told_of(self, task_id: bytes) -> bool:
         """Whether this peer is in the task's audience (its news reaches it unasked)."""

@@ -19,16 +19,20 @@ from protocol.tasks.messages import (
     MAX_CHECKPOINTS,
     MAX_NONCE,
     MAX_PAGE,
+    MAX_PROGRESS_FIELDS,
+    MAX_PROGRESS_TEXT,
     SHARDS,
     Checkpoint,
+    ProgressValue,
     TaskPage,
+    TaskProgress,
     TaskRecord,
     TaskShards,
     TaskSummary,
     is_traceparent,
     task_id_of,
 )
-from protocol.wire import MAX_NAME_CHARS
+from protocol.wire import MAX_NAME_CHARS, MAX_UINT
 
 
 def checkpoint_from(f: list[Any]) -> Checkpoint:
@@ -140,6 +144,41 @@ def summary_fields(s: TaskSummary) -> list[Any]:
         fields.encodable(s.epoch),
         float(s.created),
     ]
+
+
+def task_progress_from(f: list[Any]) -> TaskProgress:
+    """A progress report: [kind, task id, epoch, step kind, time, [[key, value], ...]]."""
+    epoch, time = fields.uint(f[2]), f[4]
+    if epoch < 1:
+        raise RemoteProtocolError("a progress report's epoch starts at 1")
+    if type(time) is not float or not (math.isfinite(time) and time >= 0.0):
+        raise RemoteProtocolError("a progress report's time must be a non-negative float")
+    pairs = fields.array(f[5])
+    if len(pairs) > MAX_PROGRESS_FIELDS:
+        raise RemoteProtocolError(f"a progress report has at most {MAX_PROGRESS_FIELDS} fields")
+    detail: list[tuple[str, ProgressValue]] = []
+    for pair in pairs:
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise RemoteProtocolError("a progress field is a [key, value] pair")
+        detail.append((fields.name(pair[0]), _progress_value(pair[1])))
+    if len({key for key, _ in detail}) != len(detail):
+        raise RemoteProtocolError("a progress report names a field twice")
+    return TaskProgress(fields.node_id(f[1]), epoch, fields.name(f[3]), time, tuple(detail))
+
+
+def _progress_value(v: Any) -> ProgressValue:
+    if v is None or type(v) is bool:
+        return v
+    if type(v) is int and -MAX_UINT - 1 <= v <= MAX_UINT:
+        return v
+    if type(v) is float and math.isfinite(v):
+        return v
+    if type(v) is str and len(v) <= MAX_PROGRESS_TEXT:
+        return v
+    raise RemoteProtocolError(
+        f"a progress value is null, a boolean, a 64-bit integer, a finite float or a string "
+        f"of at most {MAX_PROGRESS_TEXT} chars"
+    )
 
 
 def task_page_from(f: list[Any]) -> TaskPage:

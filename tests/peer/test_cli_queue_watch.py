@@ -202,11 +202,31 @@ def test_watch_follows_an_agent_task_step_by_step(cluster: Cluster) -> None:
     assert steps[:3] == ["model-call", "delegation", "tool-call"]
     assert events[-1]["id"] == task_id and events[-1]["state"] == "done"  # the task, last
 
-    # Through the other peer: the facts, not the steps (they are local to the owner).
+    # Through a peer that neither runs nor submitted it: the facts, not the steps.
     elsewhere = grapevine(cluster.plain, "watch", task_id, "--json")
     assert elsewhere.returncode == 0
     kinds = {json.loads(line).get("type") for line in elsewhere.stdout.splitlines()}
     assert "task-result" in kinds and "task-progress" not in kinds
+
+
+def test_watch_at_the_origin_shows_the_steps_of_a_run_elsewhere(cluster: Cluster) -> None:
+    # Submitted at the plain peer, the boss task runs at the agents' peer; its steps are told
+    # to the origin (protocol.tasks.progress), where its user follows it.
+    submitted = grapevine(cluster.plain, "submit", "--role", "boss", "--no-wait", "a brief")
+    assert submitted.returncode == 0, submitted.stderr
+    task_id = submitted.stdout.strip()
+    as_json = grapevine(cluster.plain, "watch", task_id, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    events = [json.loads(line) for line in as_json.stdout.splitlines()]
+    steps = [e for e in events if e.get("type") == "task-progress" and e["id"] == task_id]
+    assert [e["step"] for e in steps][:3] == ["model-call", "delegation", "tool-call"], events
+    assert steps[0]["detail"]["model"] and steps[0]["epoch"] == 1
+    assert [e["seq"] for e in steps] == list(range(1, len(steps) + 1))
+    assert events[-1]["id"] == task_id and events[-1]["state"] == "done"  # the task, last
+    human = grapevine(cluster.plain, "watch", task_id[:10])
+    assert human.returncode == 0, human.stderr
+    boss = f"{task_id[:10]} boss: "
+    assert any(boss + "model call to " in line for line in human.stdout.splitlines())
 
 
 def test_watch_refuses_a_bad_id(cluster: Cluster) -> None:

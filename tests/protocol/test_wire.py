@@ -45,6 +45,7 @@ from protocol.tasks.messages import (
     TaskHeld,
     TaskList,
     TaskPage,
+    TaskProgress,
     TaskRead,
     TaskRecord,
     TaskShards,
@@ -164,6 +165,7 @@ SAMPLES: dict[Kind, Message] = {
     Kind.EPOCH_GRANT: EpochGrant(nid(1), 2, nid(3), signer(4).public_key, SIG, nid(4)),
     Kind.CHECKPOINT: Checkpoint(nid(1), 2, 3, signer(4).public_key, b"step", SIG, nid(4)),
     Kind.TASK_LIST: TaskList(7, nid(1), 50, "done", "echo"),
+    Kind.TASK_PROGRESS: TaskProgress(nid(1), 2, "model-call", 12.5, (("model", "m"), ("n", 3))),
     Kind.TASK_PAGE: TaskPage(
         7,
         (
