@@ -36,16 +36,20 @@ def loaded(*argv: str) -> dict[str, object]:
 
 def run_probe(probe: str, *argv: str) -> dict[str, object]:
     """Run `probe` in a fresh interpreter with `argv`; the JSON object it printed last."""
-    result = subprocess.run(
-        [sys.executable, "-c", probe, *argv],
+    answer: dict[str, object] = json.loads(python_c(probe, *argv).stdout.splitlines()[-1])
+    return answer
+
+
+def python_c(code: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter with `argv`, from the repository's root."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv],
         check=False,
         capture_output=True,
         text=True,
         timeout=60,
         cwd=REPO,
     )
-    answer: dict[str, object] = json.loads(result.stdout.splitlines()[-1])
-    return answer
 
 
 def free_port() -> int:
@@ -130,14 +134,7 @@ def test_the_console_skips_teardown_only_where_nothing_needs_it(
     # A client command and argparse's own exits end with os._exit (about 30 ms of teardown
     # saved), their output flushed; the other commands exit normally, exit handlers and all.
     argv = tuple(f"127.0.0.1:{free_port()}" if a == "PORT" else a for a in argv)
-    result = subprocess.run(
-        [sys.executable, "-c", CONSOLE, *argv],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
+    result = python_c(CONSOLE, *argv)
     assert result.returncode == code
     assert ("teardown ran" in result.stdout) == teardown
     assert result.stdout.strip() or result.stderr.strip()  # what it printed got out
