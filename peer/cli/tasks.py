@@ -36,6 +36,7 @@ from peer.cli.network_tasks import network_listing
 from peer.cli.parsing import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Parser, Subcommands, add_command
 from peer.cli.task_events import event_text
 from peer.client import ApiError, GrapevineClient, JsonObject
+from peer.node_ids import node_id_from_text
 
 STATES = ("pending", "running", "done", "failed", "cancelled")
 """The task states `grapevine tasks --state` accepts."""
@@ -330,7 +331,7 @@ class _ProgressLine(StatusLine):
 async def _tasks(client: GrapevineClient, args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         return fail(args, "--limit must be at least 1", EXIT_USAGE)
-    if args.owner is not None and not _is_node_id(args.owner):
+    if args.owner is not None and node_id_from_text(args.owner) is None:
         return fail(
             args,
             f"--owner is a member's id, 52 letters and digits as `grapevine members --json` "
@@ -345,13 +346,6 @@ async def _tasks(client: GrapevineClient, args: argparse.Namespace) -> int:
     tasks = await client.tasks(state=args.state, role=args.role, limit=limit, owner=args.owner)
     print(render.as_json(tasks) if args.json else render.tasks_table(tasks))
     return EXIT_OK
-
-
-def _is_node_id(text: str) -> bool:
-    """Whether `text` has the form of a node id in the API (base32, 52 characters); the peer
-    checks it again."""
-    clean = text.strip().lower()
-    return len(clean) == 52 and all(c in "abcdefghijklmnopqrstuvwxyz234567" for c in clean)
 
 
 async def _task(client: GrapevineClient, args: argparse.Namespace) -> int:

@@ -17,7 +17,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
@@ -26,6 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
+from peer.node_ids import NODE_ID_CHARS, node_id_from_text
 from peer.runtime.hub import NoteHub, Observed
 from peer.version import installed_version
 
@@ -49,26 +49,15 @@ def version() -> str:
     return installed_version()
 
 
-def node_id_text(node_id: bytes) -> str:
-    """Return the API form of a node id: lowercase base32 without padding."""
-    return base64.b32encode(node_id).decode("ascii").lower().rstrip("=")
-
-
-NODE_ID_CHARS = 52
-"""Characters of a node id's API form (32 bytes in base32, unpadded)."""
-
-
 def parse_node_id(text: str, name: str) -> bytes:
     """The node id whose API form (`node_id_text`) is `text`, named `name` in the error.
 
     Raises:
         Problem: 400, when `text` is not a node id's API form.
     """
-    clean = text.strip().lower()
-    if len(clean) == NODE_ID_CHARS and all(c in "abcdefghijklmnopqrstuvwxyz234567" for c in clean):
-        raw = base64.b32decode(clean.upper() + "====")
-        if node_id_text(raw) == clean:
-            return raw
+    raw = node_id_from_text(text)
+    if raw is not None:
+        return raw
     raise bad_request(
         f"{name} must be a node id as the API shows it ({NODE_ID_CHARS} base32 "
         f"characters, e.g. a member's id), got {text[:70]!r}"

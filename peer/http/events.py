@@ -17,10 +17,10 @@ from peer.http.common import (
     bad_request,
     follow_requested,
     json_object,
-    node_id_text,
     recent_json,
     stream_hub,
 )
+from peer.node_ids import node_id_text
 from peer.runtime.driver import Driver
 from peer.runtime.hub import Observed
 from protocol.effects import (

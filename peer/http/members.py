@@ -28,7 +28,8 @@ from aiohttp import web
 
 from bootstrap.join import join_with_retry
 from bootstrap.seeds import parse_seeds
-from peer.http.common import Json, Problem, bad_request, json_object, node_id_text, version
+from peer.http.common import Json, Problem, bad_request, json_object, version
+from peer.node_ids import node_id_text
 from peer.runtime.driver import Driver
 from peer.runtime.transport import Transport
 from protocol.member_table import Member

@@ -18,7 +18,8 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from peer.http.common import Json, bad_request, node_id_text
+from peer.http.common import Json, bad_request
+from peer.node_ids import node_id_text
 from peer.runtime.task_listing import NetworkListing
 from protocol.tasks.listing import PageQuery
 from protocol.tasks.messages import MAX_PAGE, TaskSummary

@@ -25,9 +25,9 @@ from peer.http.common import (
     Json,
     Problem,
     bad_request,
-    node_id_text,
     notes_or_silence,
 )
+from peer.node_ids import node_id_text
 from peer.runtime.driver import Driver
 from peer.runtime.hub import NoteHub
 from protocol.node import Node

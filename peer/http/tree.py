@@ -24,7 +24,7 @@ from aiohttp import web
 
 from peer.agents.model_calls import ModelCalls
 from peer.agents.ports import AgentOutput
-from peer.http.common import Json, node_id_text
+from peer.http.common import Json
 from peer.http.progress import progress_json
 from peer.http.task_views import (
     FINAL_STATES,
@@ -35,6 +35,7 @@ from peer.http.task_views import (
     read_task,
     usage_json,
 )
+from peer.node_ids import node_id_text
 from peer.runtime.driver import Driver
 from protocol.tasks.state import TaskState
 

@@ -28,12 +28,12 @@ from peer.http.common import (
     Json,
     bad_request,
     follow_requested,
-    node_id_text,
     recent_json,
     stream_events,
 )
 from peer.http.progress import merged, new_steps, step_json, task_or_step_changes
 from peer.http.task_views import FINAL_STATES, REFRESH_INTERVAL, WATCH_POLL, read_task
+from peer.node_ids import node_id_text
 from peer.runtime.driver import Driver
 from peer.runtime.hub import Observed
 from peer.runtime.progress import Step

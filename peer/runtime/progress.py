@@ -5,7 +5,7 @@ progress").
 Theory of operation. The code that runs an execution here (`peer.agents.runtime`) reports each
 step to the peer's `ProgressLog` (`Driver.progress`) the moment it is done; the log hands it on
 (`forward`: the driver tells the task's origin, `protocol.tasks.progress`), and the origin
-records what it hears (`heard`). The API's watch streams subscribe to the log and the task tree
+records what it hears (`observe`). The API's watch streams subscribe to the log and the task tree
 summarises it. Steps are facts about one execution, not about the task: they are neither
 signed nor stored, and sent only to the origin, where its user follows the task.
 
@@ -94,22 +94,9 @@ class ProgressLog:
     def observe(self, note: Note) -> None:
         """Record the step a `ProgressHeard` note carries (the node accepted it: the sender
         runs the task, submitted here); ignore every other note."""
-        if isinstance(note, ProgressHeard):
-            self.heard(note.task_id, note.epoch, note.kind, note.time, note.detail)
-
-    def heard(
-        self,
-        task_id: bytes,
-        epoch: int,
-        kind: str,
-        time: float,
-        detail: tuple[tuple[str, Detail], ...],
-    ) -> Step | None:
-        """Record a step the peer running a task submitted here reported (its `time` there);
-        None, recording nothing, for a kind this version does not know."""
-        if kind not in STEP_KINDS:
-            return None
-        return self._record(task_id, epoch, kind, time, detail)
+        # The running peer's time is kept; a kind this version does not know is not recorded.
+        if isinstance(note, ProgressHeard) and note.kind in STEP_KINDS:
+            self._record(note.task_id, note.epoch, note.kind, note.time, note.detail)
 
     def _record(
         self,

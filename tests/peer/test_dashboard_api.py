@@ -16,8 +16,8 @@ import pytest
 
 from peer.api_token import read_token_file, token_path
 from peer.build import Peer, build_peer
-from peer.http.common import node_id_text
 from peer.http.dashboard import ASSETS, browser_host, static_file
+from peer.node_ids import node_id_text
 from peer.runtime.keyring import Keyring
 from peer.settings import AgentSettings
 from tests.peer.inprocess import MemoryStore

@@ -17,7 +17,7 @@ import aiohttp
 
 from peer.api_token import load_or_create_token
 from peer.build import Peer, build_peer
-from peer.http.common import node_id_text
+from peer.node_ids import node_id_text
 from peer.runtime.contact import LastContact
 from peer.runtime.keyring import Keyring
 from peer.settings import AgentSettings

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from peer.client import GrapevineClient
 from peer.http.app import PeerApi
-from peer.http.common import node_id_text
+from peer.node_ids import node_id_text
 from peer.runtime.driver import Driver
 from tests.peer.inprocess import API_HEADERS, API_TOKEN, in_process_peer
 

@@ -1,0 +1,34 @@
+"""The text form of node ids (peer/node_ids.py), shared by the API and the command line."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from peer.node_ids import NODE_ID_CHARS, node_id_from_text, node_id_text
+
+ID = hashlib.sha256(b"a member").digest()
+
+
+def test_an_id_round_trips_in_any_case_and_with_blanks() -> None:
+    text = node_id_text(ID)
+    assert len(text) == NODE_ID_CHARS and text == text.lower()
+    assert node_id_from_text(text) == ID
+    assert node_id_from_text(f"  {text.upper()}\n") == ID
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        node_id_text(ID)[:-1],  # one character short
+        node_id_text(ID) + "a",  # one too many
+        "0" * NODE_ID_CHARS,  # not base32 letters
+        "é" * NODE_ID_CHARS,
+        node_id_text(ID)[:-1] + "7",  # the last character's unused bits set: not our form
+    ],
+    ids=["empty", "short", "long", "digits", "accents", "non-canonical"],
+)
+def test_what_is_not_an_id_is_none(text: str) -> None:
+    assert node_id_from_text(text) is None
