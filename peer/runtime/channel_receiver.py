@@ -79,6 +79,8 @@ class ChannelReceiver:
         """Channels accepted so far."""
         self.lost_before_accepted = 0
         """Upgrades whose sender was gone before the answer could be written."""
+        self.probes = 0
+        """Probe-class envelopes received (handed on at once, not through the bulk lane)."""
 
     @property
     def open_channels(self) -> int:
@@ -183,6 +185,7 @@ class ChannelReceiver:
                     return
                 self._on_accepted(len(frame), plaintext)
                 if is_probe_class(plaintext):
+                    self.probes += 1
                     hand_on(self._on_receive, source, plaintext)
                     continue
                 if self._intake.buffered + len(frame) > self._intake.max_buffered:

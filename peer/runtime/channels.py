@@ -1,4 +1,8 @@
-"""Channels: one long-lived WebSocket per destination carries the bulk lane's envelopes.
+"""Channels: long-lived WebSockets, one per destination and lane, carry the envelopes.
+
+The transport keeps two `ChannelSender`s: one for the bulk lane (task objects, gossip, merged
+by `coalesce`) and one for the probe lane (pings and acks, each a message of its own, so they
+never wait behind task objects in a socket: `peer.runtime.lanes`, decision 76).
 
 An HTTP request per envelope costs both peers about half a millisecond of CPU (aiohttp's
 client and server, measured at 260 and 214 us on this project's 2-core machine) against
@@ -128,7 +132,7 @@ class ChannelSender:
         clock: wall-clock seconds.
         send_timeout: seconds to open a channel, and to write one batch.
         coalesce: merges what waited for a channel into fewer envelopes.
-        on_sent: called with each frame's length once it is written.
+        on_sent: called with (address, frame length) for each frame once it is written.
         on_failed: called with (address, reason) for each channel that failed.
         refusal_reason: words for a refused upgrade's (status, reason text).
         max_channels: channels open at once; a send to a further address closes the least
@@ -145,7 +149,7 @@ class ChannelSender:
         clock: Callable[[], float],
         send_timeout: float,
         coalesce: Coalesce | None,
-        on_sent: Callable[[int], None],
+        on_sent: Callable[[str, int], None],
         on_failed: Callable[[str, str], None],
         refusal_reason: Callable[[int, bytes], str],
         max_channels: int,
@@ -317,7 +321,7 @@ class ChannelSender:
                 for payload in self._coalesce(batch) if len(batch) > 1 else batch:
                     frame = sealer.seal(payload, self._clock(), route)
                     await ws.send_bytes(frame)
-                    self._on_sent(len(frame))
+                    self._on_sent(channel.addr, len(frame))
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse, channel: _Channel) -> None:
         # The receiver sends nothing but control frames; reading is what processes them. A

@@ -7,8 +7,9 @@ So the transport carries two lanes:
 
 - The probe lane: an envelope of at most `PROBE_ENVELOPE_BYTES` that carries a probe-class
   message (`PROBE_KINDS`: ping, indirect ping, ack, nack), with whatever gossip rode along
-  (at most `GossipConfig.packet_budget` bytes). It is sent at once in a request of its own,
-  over connections of its own, and handled as soon as it is read.
+  (at most `GossipConfig.packet_budget` bytes). It is sent at once, alone, on the
+  destination's probe channel (a WebSocket of its own, over connections of its own: decision
+  76), and handled as soon as it is read.
 - The bulk lane: everything else. It is sent coalesced per destination, on the
   destination's channel (`peer.runtime.channels`), and on receipt handed on by `BulkLane` in
   slices, one per event-loop turn, in arrival order, each sized to hold the loop about

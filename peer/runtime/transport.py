@@ -12,23 +12,26 @@ Invariants:
   two pieces; `blob_timeout` in all for a blob), the server holds at most `ServerLimits`
   connections (per source IP and in all), and request bodies buffered at once are bounded by
   `max_buffered` bytes; beyond a limit a request gets 503 and is counted.
-- `send` never blocks and never raises. A bulk envelope joins what waits for its
-  destination's channel (`peer.runtime.channels`: one WebSocket per destination, decision
-  46); a probe-class one is sealed and posted in a fire-and-forget request. At most
-  `max_in_flight` channels are open, and as many probes outstanding; beyond, a send is
-  dropped and counted in `sends_dropped`. A failed send (a channel refused, reset or timed
-  out; a probe without a 2xx answer) is counted in `send_failures` and remembered per address
-  in `last_failure`, never raised into the caller. No answer is read beyond
-  `ANSWER_TEXT_BYTES`.
+- `send` never blocks and never raises. An envelope joins what waits for its destination's
+  channel (`peer.runtime.channels`: a WebSocket per destination, decision 46): a bulk one
+  the destination's bulk channel, a probe-class one its probe channel (decision 76). At most
+  `max_in_flight` channels of each lane are open; beyond, a send is dropped and counted in
+  `sends_dropped`. A failed send (a channel refused, reset or timed out) is counted in
+  `send_failures` and remembered per address in `last_failure`, never raised into the
+  caller.
 - Every frame is sealed with the current keyring's primary key under this process's boot id,
   with sequence numbers that keep increasing across keyring replacements (so receivers never
   see a replay from us after a rotation), for the route it travels on (a frame captured on one
   route does not open on another).
 
-Probe traffic has a lane of its own (`peer.runtime.lanes`): a probe-class envelope is sealed
-and posted at once, in a request of its own, over a connection pool of its own (never merged
-with task objects, never queued behind a send outstanding to its address, never waiting for a
-pooled connection), and on receipt handed to `on_receive` as soon as it is read. Every other
+Probe traffic has a lane of its own (`peer.runtime.lanes`): a probe-class envelope leaves at
+once on the destination's probe channel, a WebSocket of its own over a connection pool of its
+own (never merged with task objects, never queued behind task objects written to its address,
+never waiting for a pooled connection), and on receipt is handed to `on_receive` as soon as it
+is read. A probe channel costs each probe some 20 us at both ends where a request of its own
+cost half a millisecond and, with each member probed every N seconds, mostly a new TCP
+connection too (decision 76). Envelopes posted as requests (`ENVELOPE_PATH`) are still
+accepted, probe-class ones handed on at once as well. Every other
 envelope goes to `on_receive` in slices, one per event-loop turn (`peer.runtime.lanes.BulkLane`),
 so a probe or ack read meanwhile waits at most one slice. A channel stops reading while more
 than `channels.PENDING_BYTES` of its messages wait for the lane, so a slow receiver slows its
@@ -44,20 +47,18 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Final
 
 import aiohttp
 from aiohttp import web
 
 from peer.runtime.blob_routes import (
-    ANSWER_TEXT_BYTES,
     BLOB_TIMEOUT,
     NO_TASK,
     BlobHolder,
     BlobRoutes,
     BlobTransferError,
-    connect_reason,
 )
 from peer.runtime.channel_receiver import ChannelReceiver
 from peer.runtime.channels import ChannelSender
@@ -87,8 +88,8 @@ _MAX_FAILURE_ADDRS = 4096
 BULK_CONNECTIONS_PER_PEER: Final = 6
 PROBE_CONNECTIONS_PER_PEER: Final = 2
 """Connections the bulk lane (its channel and blobs) and the probe lane open to one address
-at most: 8 in all, as `peer.runtime.serving.ServerLimits.max_per_source` assumes. Two probe
-connections let an ack leave while a probe to the same peer is outstanding."""
+at most: 8 in all, as `peer.runtime.serving.ServerLimits.max_per_source` assumes. A probe
+channel holds one; the second lets a new one open while one closed idle is still closing."""
 
 ReceiveCallback = Callable[[str, bytes], None]
 
@@ -180,7 +181,6 @@ class Transport:
         self._max_in_flight = max_in_flight
         self._send_timeout = send_timeout
         self._limits = limits
-        self._probes_in_flight: set[asyncio.Task[None]] = set()
         self._bulk = BulkLane(lambda source, data: self.on_receive(source, data))
         self._channels_out = ChannelSender(
             keyring,
@@ -190,6 +190,19 @@ class Transport:
             clock,
             send_timeout,
             coalesce,
+            self._sent,
+            self._failed,
+            refusal_reason,
+            max_in_flight,
+        )
+        self._probe_channels = ChannelSender(
+            keyring,
+            boot_id,
+            lambda: self._sealer,
+            lambda: self._probe_session,
+            clock,
+            send_timeout,
+            None,  # a probe-class envelope is never merged: each is a message of its own
             self._sent,
             self._failed,
             refusal_reason,
@@ -218,9 +231,8 @@ class Transport:
         self.last_failure: dict[str, str] = {}
         """The most recent failure reason per destination address, cleared by a success."""
         self.probe_sends = 0
-        """Sends that took the probe lane: posted at once, alone, on a probe connection."""
-        self.probe_receives = 0
-        """Envelopes received on the probe lane: handed on at once, ahead of bulk slices."""
+        """Sends that took the probe lane: sent at once, alone, on a probe channel."""
+        self._probe_posts_in = 0
         self.last_contact = LastContact()
         """When each sender's last accepted envelope arrived (`GET /v1/members` last_seen)."""
 
@@ -252,14 +264,7 @@ class Transport:
 
     async def stop(self, grace: float = 1.0) -> None:
         """Let outstanding sends finish for up to `grace` seconds, then close everything."""
-        await self._channels_out.close(grace)
-        sends = set(self._probes_in_flight)
-        if sends:
-            await asyncio.wait(sends, timeout=grace)
-        for task in sends:
-            task.cancel()
-        if sends:
-            await asyncio.gather(*sends, return_exceptions=True)
+        await asyncio.gather(self._channels_out.close(grace), self._probe_channels.close(grace))
         for session in (self._session, self._probe_session):
             if session is not None:
                 await session.close()
@@ -290,6 +295,7 @@ class Transport:
         self._opener = self._opener.rekeyed(keyring)
         self._blobs.rekey(keyring)
         self._channels_out.rekey(keyring)
+        self._probe_channels.rekey(keyring)
         self._channels_in.rekey(keyring)
 
     @property
@@ -339,25 +345,32 @@ class Transport:
 
     @property
     def in_flight(self) -> int:
-        """Sends outstanding: probes posted, and channels with envelopes waiting."""
-        return len(self._probes_in_flight) + self._channels_out.waiting
+        """Sends outstanding: channels (of either lane) with envelopes waiting."""
+        return self._channels_out.waiting + self._probe_channels.waiting
 
     @property
     def sends_dropped(self) -> int:
-        """Sends refused locally: `max_in_flight` probes outstanding, `max_in_flight`
-        channels open, or a channel's outbox full."""
-        return self._dropped + self._channels_out.dropped
+        """Sends refused locally: `max_in_flight` channels of the lane open and busy, or a
+        channel's outbox full."""
+        return self._dropped + self._channels_out.dropped + self._probe_channels.dropped
+
+    @property
+    def probe_receives(self) -> int:
+        """Probe-class envelopes received: handed on at once, ahead of bulk slices."""
+        return self._probe_posts_in + self._channels_in.probes
 
     @property
     def channels(self) -> tuple[int, int]:
-        """Channels open now: (to other peers, from other peers)."""
-        return self._channels_out.open_channels, self._channels_in.open_channels
+        """Channels open now, both lanes: (to other peers, from other peers)."""
+        out = self._channels_out.open_channels + self._probe_channels.open_channels
+        return out, self._channels_in.open_channels
 
     @property
     def channels_opened(self) -> int:
-        """Channels this peer has opened to others so far (each costs a connection, an upgrade
-        and a hello: a count rising as fast as envelopes leave means channels do not last)."""
-        return self._channels_out.opened
+        """Channels this peer has opened to others so far, both lanes (each costs a connection,
+        an upgrade and a hello: a count rising as fast as envelopes leave means channels do not
+        last)."""
+        return self._channels_out.opened + self._probe_channels.opened
 
     @property
     def backlog(self) -> int:
@@ -371,10 +384,10 @@ class Transport:
 
         Never blocks and never raises; failures are counted (see the class invariants). A
         `probe` envelope (the node says so: `protocol.effects.Send.probe`) of at most
-        `PROBE_ENVELOPE_BYTES` leaves at once on the probe lane, in a request of its own;
-        anything else joins what waits for `addr`'s channel (`peer.runtime.channels`), merged
-        with it by `coalesce`. (Telling rather than decoding each envelope to look: that cost
-        a twentieth of a busy peer's CPU.)
+        `PROBE_ENVELOPE_BYTES` leaves at once on the probe lane, alone on `addr`'s probe
+        channel; anything else joins what waits for `addr`'s bulk channel
+        (`peer.runtime.channels`), merged with it by `coalesce`. (Telling rather than decoding
+        each envelope to look: that cost a twentieth of a busy peer's CPU.)
         """
         session = self._session
         if session is None or session.closed:
@@ -386,53 +399,16 @@ class Transport:
         self._channels_out.send(addr, data)
 
     def _send_probe(self, addr: str, data: bytes) -> None:
-        session = self._probe_session
-        if session is None or len(self._probes_in_flight) >= self._max_in_flight:
-            self._dropped += 1
-            return
-        frame = self._seal(data)
-        if frame is not None:
+        dropped = self._probe_channels.dropped
+        self._probe_channels.send(addr, data)
+        if self._probe_channels.dropped == dropped:
             self.probe_sends += 1
-            self._spawn(self._post(session, addr, frame), self._probes_in_flight)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], lane: set[asyncio.Task[None]]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        lane.add(task)
-        task.add_done_callback(lane.discard)
-
-    def _seal(self, data: bytes) -> bytes | None:
-        try:
-            return self._sealer.seal(data, self._clock())
-        except OverflowError as exc:
-            log.error("cannot seal a frame: %s", exc)
-            self._dropped += 1
-            return None
-
-    async def _post(self, session: aiohttp.ClientSession, addr: str, frame: bytes) -> None:
-        url = f"http://{addr}{ENVELOPE_PATH}"
-        try:
-            async with session.post(
-                url, data=frame, headers={"Content-Type": "application/octet-stream"}
-            ) as response:
-                answer = await response.content.read(ANSWER_TEXT_BYTES)
-                if response.status >= 300:
-                    self._failed(addr, refusal_reason(response.status, answer))
-                    return
-        except aiohttp.ClientConnectorError as exc:
-            self._failed(addr, connect_reason(exc))
-            return
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-            reason = (
-                "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
-            )
-            self._failed(addr, reason)
-            return
-        self._sent(len(frame))
-        self.last_failure.pop(addr, None)
-
-    def _sent(self, frame_bytes: int) -> None:
+    def _sent(self, addr: str, frame_bytes: int) -> None:
         self.messages_out += 1
         self._envelope_bytes_out += frame_bytes
+        if self.last_failure:
+            self.last_failure.pop(addr, None)
 
     def _accepted(self, frame_bytes: int, plaintext: bytes) -> None:
         self.last_contact.heard(plaintext, self._clock())
@@ -502,7 +478,7 @@ class Transport:
                 trust_connection(request)  # a keyholder's: exempt from the per-source cap
                 self._accepted(length, plaintext)
                 if is_probe_class(plaintext):
-                    self.probe_receives += 1
+                    self._probe_posts_in += 1
                     handled = hand_on(self.on_receive, source, plaintext)
                 else:
                     handled = await self._bulk.handle(source, plaintext)

@@ -227,8 +227,9 @@ async def test_a_probe_is_never_coalesced_with_task_objects() -> None:
         a.send(to_b, ack, probe=True)
         for i in range(20, 40):
             a.send(to_b, envelope(*tasks(50, first=50 * i)))
-        # One task request outstanding, the rest waiting to be merged; the probes left at once.
-        assert a.in_flight == 3 and a.probe_sends == 2
+        # The bulk channel holds the task objects, to be merged; the probes wait on a channel
+        # of their own.
+        assert a.in_flight == 2 and a.probe_sends == 2
         await _wait(lambda: sum(len(decode_envelope(d).messages) for d in inbox.items) == 2002)
     finally:
         await a.stop()
@@ -288,3 +289,25 @@ async def test_a_probe_leaves_when_task_sends_fill_their_lane() -> None:
         assert envelope(PING) in inbox.items
     finally:
         await t.stop()
+
+
+async def test_probes_to_a_peer_share_one_channel_of_their_own() -> None:
+    inbox = Inbox()
+    a = Transport("127.0.0.1", 0, Keyring(KEY), b"P" * 8, Inbox())
+    b = Transport("127.0.0.1", 0, Keyring(KEY), b"Q" * 8, inbox)
+    await a.start()
+    await b.start()
+    try:
+        to_b = f"127.0.0.1:{b.port}"
+        for seq in range(5):
+            a.send(to_b, envelope(encode_message(Ack(seq))), probe=True)
+            await _wait(lambda n=seq + 1: len(inbox.items) == n)  # type: ignore[misc]
+        # One connection, upgrade and hello for all five, not a request each.
+        assert a.channels_opened == 1 and a.channels == (1, 0) and b.channels == (0, 1)
+        assert a.probe_sends == 5 and b.probe_receives == 5
+        a.send(to_b, envelope(*tasks(1)))
+        await _wait(lambda: len(inbox.items) == 6)
+        assert a.channels_opened == 2  # task objects travel on a channel of their own
+    finally:
+        await a.stop()
+        await b.stop()
