@@ -27,7 +27,7 @@ from unittest import mock
 
 import msgpack
 
-from peer.runtime import lanes, transport
+from peer.runtime import channel_receiver, lanes, transport
 from peer.runtime.keyring import Keyring
 from peer.runtime.transport import Transport
 from protocol.codec import decode_message, encode_message
@@ -133,8 +133,15 @@ def without_lanes() -> Iterator[None]:
     async def whole(lane: lanes.BulkLane, source: str, data: bytes) -> bool:
         return lanes.hand_on(lane.receive, source, data)
 
+    send = transport.Transport.send
+
+    def bulk_send(self: transport.Transport, addr: str, data: bytes, probe: bool = False) -> None:
+        send(self, addr, data, False)
+
     with (
+        mock.patch.object(transport.Transport, "send", bulk_send),
         mock.patch.object(transport, "is_probe_class", lambda data: False),
+        mock.patch.object(channel_receiver, "is_probe_class", lambda data: False),
         mock.patch.object(lanes.BulkLane, "handle", whole),
     ):
         yield
