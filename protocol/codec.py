@@ -174,9 +174,11 @@ def _to_fields(msg: Message) -> list[Any]:
             request, limit = fields.encodable(request), fields.encodable(limit)
             filtered = [owner] if owner else []  # the longer form only when filtering
             return [Kind.TASK_LIST, request, after, limit, state, role, *filtered]
-        case TaskProgress(task_id, epoch, kind, time, detail):
+        case TaskProgress(task_id, epoch, kind, time, detail, owner, via, via_epoch):
             pairs = [[key, value] for key, value in detail]
-            return [Kind.TASK_PROGRESS, task_id, fields.encodable(epoch), kind, time, pairs]
+            relayed = [owner, via, fields.encodable(via_epoch)] if via else []
+            epoch = fields.encodable(epoch)
+            return [Kind.TASK_PROGRESS, task_id, epoch, kind, time, pairs, *relayed]
         case TaskPage(request, tasks, more):
             rows = [shapes.summary_fields(s) for s in tasks]
             return [Kind.TASK_PAGE, fields.encodable(request), rows, more]
@@ -333,12 +335,14 @@ LONGER_FORM: dict[Kind, tuple[int, ...]] = {
     Kind.PEER_STATE: (12, 13),
     Kind.TASK: (13,),
     Kind.TASK_LIST: (7,),
+    Kind.TASK_PROGRESS: (9,),
 }
 """Kinds with longer shapes: a cancel whose outcome is not the default (`failed`, decision
 45) carries it last, a peer state naming its models carries them last (decision 54) and its
 run counts after them (decision 64), a task record with a queue timeout carries it last
-(decision 58), a network listing filtered by owner carries the owner last (decision 74); a
-plain one keeps the shape it had before."""
+(decision 58), a network listing filtered by owner carries the owner last (decision 74), a
+progress step relayed up a task tree carries its runner and the task it travels through
+(decision 77); a plain one keeps the shape it had before."""
 
 ARITY: dict[Kind, int] = {
     Kind.PING: 4,

@@ -4,8 +4,9 @@ streams wait on.
 Invariants:
 - A step is shown as a "task-progress" event: `{type, time, id, epoch, seq, step, detail}`,
   where `step` is one of `peer.runtime.progress.STEP_KINDS` and `detail` its fields.
-- Steps are known at the peer that runs a task and at its origin, which the running peer
-  tells of each (`protocol.tasks.progress`); a stream elsewhere shows none (docs/tasks.md).
+- Steps are known at the peer that runs a task, at its origin, which the running peer tells
+  of each, and at the origins of the tasks above it, to which they are passed on
+  (`protocol.tasks.progress`); a stream elsewhere shows none (docs/tasks.md).
 - `merged` waits on the task notes and the steps at once and never leaves a getter behind:
   each wait's pending gets are cancelled before it yields, and an item a get took is yielded.
 """

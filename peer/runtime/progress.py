@@ -7,7 +7,8 @@ step to the peer's `ProgressLog` (`Driver.progress`) the moment it is done; the 
 (`forward`: the driver tells the task's origin, `protocol.tasks.progress`), and the origin
 records what it hears (`observe`). The API's watch streams subscribe to the log and the task tree
 summarises it. Steps are facts about one execution, not about the task: they are neither
-signed nor stored, and sent only to the origin, where its user follows the task.
+signed nor stored, and sent only to the origin, where its user follows the task (and from
+there up the task tree to the root's origin: decision 77).
 
 Invariants:
 - A step is known at the peer that ran it and at the task's origin, in memory, until that peer

@@ -326,15 +326,21 @@ MAX_PROGRESS_TEXT = 256
 class TaskProgress:
     """A step of the sender's run of the task under `epoch`, told to the task's origin as it
     happens (a model call answered, a tool call returned, a child asked for): `kind` names
-    it, `time` is when it was made (the sender's wall clock) and `detail` its fields. For
+    it, `time` is when it was made (the runner's wall clock) and `detail` its fields. For
     watchers only: neither signed, stored nor gossiped, and accepted only from the member
-    whose claim is the task's current one (`protocol.tasks.progress`)."""
+    whose claim is the task's current one (`protocol.tasks.progress`).
+
+    A relayed step (`via` set) is one of a descendant's, passed up the tree: the sender runs
+    `via` under `via_epoch`, the receiver submitted `via`, and `owner` ran the step."""
 
     task_id: bytes
     epoch: int
     kind: str
     time: float
     detail: tuple[tuple[str, ProgressValue], ...]
+    owner: bytes = b""
+    via: bytes = b""
+    via_epoch: int = 0
 
 
 MAX_PAGE = 500

@@ -147,7 +147,8 @@ def summary_fields(s: TaskSummary) -> list[Any]:
 
 
 def task_progress_from(f: list[Any]) -> TaskProgress:
-    """A progress report: [kind, task id, epoch, step kind, time, [[key, value], ...]]."""
+    """A progress report: [kind, task id, epoch, step kind, time, [[key, value], ...]], and
+    for a relayed one [runner, via task id, via epoch] after them."""
     epoch, time = fields.uint(f[2]), f[4]
     if epoch < 1:
         raise RemoteProtocolError("a progress report's epoch starts at 1")
@@ -163,7 +164,14 @@ def task_progress_from(f: list[Any]) -> TaskProgress:
         detail.append((fields.name(pair[0]), _progress_value(pair[1])))
     if len({key for key, _ in detail}) != len(detail):
         raise RemoteProtocolError("a progress report names a field twice")
-    return TaskProgress(fields.node_id(f[1]), epoch, fields.name(f[3]), time, tuple(detail))
+    owner, via, via_epoch = b"", b"", 0
+    if len(f) > 6:
+        owner, via, via_epoch = fields.node_id(f[6]), fields.node_id(f[7]), fields.uint(f[8])
+        if via_epoch < 1:
+            raise RemoteProtocolError("a relayed progress report's via epoch starts at 1")
+    return TaskProgress(
+        fields.node_id(f[1]), epoch, fields.name(f[3]), time, tuple(detail), owner, via, via_epoch
+    )
 
 
 def _progress_value(v: Any) -> ProgressValue:

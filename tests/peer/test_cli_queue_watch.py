@@ -223,10 +223,18 @@ def test_watch_at_the_origin_shows_the_steps_of_a_run_elsewhere(cluster: Cluster
     assert steps[0]["detail"]["model"] and steps[0]["epoch"] == 1
     assert [e["seq"] for e in steps] == list(range(1, len(steps) + 1))
     assert events[-1]["id"] == task_id and events[-1]["state"] == "done"  # the task, last
+    # The worker's run is the child's, submitted where the boss runs: the boss's runner
+    # passes its steps up to the boss's origin (decision 77).
+    [child] = {e["id"] for e in events if e.get("type") == "task-child"}
+    child_steps = [
+        e["step"] for e in events if e.get("type") == "task-progress" and e["id"] == child
+    ]
+    assert "model-call" in child_steps, events
     human = grapevine(cluster.plain, "watch", task_id[:10])
     assert human.returncode == 0, human.stderr
     boss = f"{task_id[:10]} boss: "
     assert any(boss + "model call to " in line for line in human.stdout.splitlines())
+    assert any(f"{child[:10]} worker: model call to " in line for line in human.stdout.splitlines())
 
 
 def test_watch_refuses_a_bad_id(cluster: Cluster) -> None:

@@ -158,3 +158,93 @@ def test_a_report_with_a_bad_epoch_time_or_kind_does_not_decode(
 def test_a_report_round_trips() -> None:
     msg = TaskProgress(bytes(32), 3, "tool-call", 2.5, (("tool", "search"), ("ok", False)))
     assert decode_message(encode_message(msg)) == msg
+
+
+def tree(depth: int) -> tuple[Link, list[bytes]]:
+    """Five peers; a root submitted at peer 0 and run by peer 1; below it a chain of `depth`
+    children, each run by the next of peers 3, 2, 4 and submitted by its parent's runner."""
+    roles, runners = ["lead", "writer", "reader", "checker"], [1, 3, 2, 4]
+    link = mesh(5)
+    for role, runner in zip(roles, runners, strict=True):
+        link.run(runner, link.node(runner).serve(link.now, (role,), 4))
+    link.advance(link.now + 2.0)
+    fx, task_id = link.node(0).submit(link.now, roles[0], b"root", nonce=b"r")
+    link.run(0, fx)
+    link.advance(link.now + 2.0)
+    ids = [task_id]
+    for level in range(1, depth + 1):
+        by = runners[level - 1]
+        fx, task_id = link.node(by).submit(
+            link.now, roles[level], b"child", nonce=bytes([level]), parent=ids[-1]
+        )
+        link.run(by, fx)
+        link.advance(link.now + 2.0)
+        assert task_id in link.node(runners[level]).running_here()
+        ids.append(task_id)
+    return link, ids
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_a_descendants_step_climbs_to_the_roots_origin(depth: int) -> None:
+    link, ids = tree(depth)
+    runner = [1, 3, 2, 4][depth]
+    fx = link.node(runner).report_progress(link.now, ids[-1], 1, "model-call", 3.0, [("n", 1)])
+    link.run(runner, fx)
+    link.advance(link.now + 0.5)
+    [note] = [n for n in heard(link, 0) if n.task_id == ids[-1]]
+    assert (note.epoch, note.owner, note.kind, note.detail) == (
+        1, node_id(runner), "model-call", (("n", 1),)
+    )  # fmt: skip
+    # Every origin on the way heard it once, and no one else.
+    on_the_way = {0, *[1, 3, 2, 4][:depth]}  # the origin of each level up to the root
+    for peer in range(5):
+        got = [n for n in heard(link, peer) if n.task_id == ids[-1]]
+        assert len(got) == (1 if peer in on_the_way else 0), peer
+
+
+def test_a_step_of_a_child_run_where_its_parent_runs_reaches_the_parents_origin() -> None:
+    link, [root] = tree(0)
+    link.run(1, link.node(1).serve(link.now, ("lead", "helper"), 4))
+    link.advance(link.now + 2.0)
+    fx, child = link.node(1).submit(link.now, "helper", b"c", nonce=b"h", parent=root)
+    link.run(1, fx)
+    link.advance(link.now + 2.0)
+    assert child in link.node(1).running_here()
+    fx = link.node(1).report_progress(link.now, child, 1, "tool-call", 4.0, [])
+    assert len(fx.sends) == 1  # submitted here: straight to the parent's origin
+    link.run(1, fx)
+    link.advance(link.now + 0.5)
+    [note] = heard(link, 0)
+    assert (note.task_id, note.owner, note.kind) == (child, node_id(1), "tool-call")
+
+
+@pytest.mark.parametrize(
+    ("sender", "via_epoch", "at", "reason"),
+    [
+        (2, 1, 0, "progress from a peer not running the task"),  # not the via task's runner
+        (1, 2, 0, "progress from a peer not running the task"),  # its runner, another epoch
+        (1, 1, 3, "progress relayed through a task not submitted here"),
+    ],
+)
+def test_a_relayed_report_that_breaks_a_rule_changes_nothing_and_is_counted(
+    sender: int, via_epoch: int, at: int, reason: str
+) -> None:
+    link, [root, child] = tree(1)
+    before = link.node(at).task_counters().get(reason, 0)
+    forged = TaskProgress(child, 1, "note", 1.0, (), node_id(3), root, via_epoch)
+    link.run(at, link.node(at).handle(link.now, addr(sender), envelope(sender, forged)))
+    assert [n for n in heard(link, at) if n.task_id == child] == []
+    assert reason in drops(link, at)
+    assert link.node(at).task_counters()[reason] == before + 1
+
+
+def test_a_relayed_report_round_trips_and_a_bad_via_epoch_does_not_decode() -> None:
+    import msgpack
+
+    from protocol.wire import Kind
+
+    msg = TaskProgress(bytes(32), 2, "note", 1.0, (), node_id(1), b"\x01" * 32, 3)
+    assert decode_message(encode_message(msg)) == msg
+    raw = [Kind.TASK_PROGRESS, bytes(32), 1, "note", 1.0, [], node_id(1), b"\x01" * 32, 0]
+    with pytest.raises(RemoteProtocolError):
+        decode_message(msgpack.packb(raw))
