@@ -15,8 +15,6 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
-
 from aiohttp import web
 
 from peer.agents.model_calls import ModelCalls, count_model_calls
@@ -25,11 +23,9 @@ from peer.http.common import (
     Json,
     Problem,
     bad_request,
-    notes_or_silence,
 )
 from peer.node_ids import node_id_text
 from peer.runtime.driver import Driver
-from peer.runtime.hub import NoteHub
 from protocol.node import Node
 from protocol.tasks.state import TaskState
 from protocol.tasks.tombstone import Tombstone
@@ -215,24 +211,3 @@ async def read_task(driver: Driver, text: str) -> TaskState:
             raise
         await driver.fetch([bytes.fromhex(text)], READ_TIMEOUT)
         return find_task(driver.node, text)
-
-
-async def task_changes(hub: NoteHub, task_id: bytes) -> AsyncGenerator[None, None]:
-    """Yield now, then whenever a note about `task_id` arrives or `WATCH_POLL` passed.
-
-    The poll is there because the node notes claims, accepted results and cancels, but not an
-    execution-log entry received from another peer. Ends when the peer shuts down (its task
-    notes stop).
-
-    Args:
-        hub: the driver's task hub.
-        task_id: the task to follow.
-    """
-    queue = hub.subscribe()
-    try:
-        yield None
-        async for item in notes_or_silence(queue, WATCH_POLL):
-            if item is None or getattr(item.note, "task_id", None) == task_id:
-                yield None
-    finally:
-        hub.unsubscribe(queue)

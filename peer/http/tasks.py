@@ -36,7 +36,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import difflib
 import math
 import os
@@ -58,12 +57,12 @@ from peer.http.task_pages import network_page
 from peer.http.task_views import (
     FINAL_STATES,
     STATES,
+    WATCH_POLL,
     TaskCompacted,
     duplicates,
     model_calls_json,
     model_calls_of,
     read_task,
-    task_changes,
     task_json,
 )
 from peer.runtime.blobs import BlobService, BlobUnavailable
@@ -340,11 +339,11 @@ class TaskApi:
             )
         if not wait:
             return web.json_response({"id": task_id.hex()}, status=202)
-        changes = task_changes(self.driver.task_hub, task_id)
-        async with contextlib.aclosing(changes):
-            async for _ in changes:
-                if self._held(task_id).state in FINAL_STATES:
-                    break
+        while self._held(task_id).state not in FINAL_STATES:
+            # A waiter keyed by this task, woken by its accepted result or cancel, and a
+            # re-read every WATCH_POLL s. A subscription to every task's notes, as before,
+            # woke each waiting submission for every note of every task (decision 78).
+            await self.driver.notifications.wait_result(task_id, WATCH_POLL)
         return web.json_response(task_json(self._held(task_id)))
 
     async def _get(self, request: web.Request) -> web.Response:
