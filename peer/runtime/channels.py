@@ -184,25 +184,27 @@ class ChannelSender:
         """Channels with envelopes waiting to be written."""
         return sum(1 for channel in self._channels.values() if channel.outbox)
 
-    def send(self, addr: str, data: bytes) -> None:
-        """Queue `data` for the channel to `addr`, opening one if none is open."""
+    def send(self, addr: str, data: bytes) -> bool:
+        """Queue `data` for the channel to `addr`, opening one if none is open; False if it was
+        dropped instead (counted in `dropped`)."""
         channel = self._channels.get(addr)
         loop = asyncio.get_running_loop()
         if channel is None:
             if len(self._channels) >= self._max_channels and not self._evict_one():
                 self.dropped += 1
-                return
+                return False
             channel = self._channels[addr] = _Channel(addr)
             task = loop.create_task(self._run(channel))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
         if channel.outbox_bytes + len(data) > OUTBOX_BYTES:
             self.dropped += 1
-            return
+            return False
         channel.used = loop.time()
         channel.outbox.append(data)
         channel.outbox_bytes += len(data)
         channel.wake()
+        return True
 
     def _evict_one(self) -> bool:
         """Close the least recently used channel with nothing waiting; False if there is none.

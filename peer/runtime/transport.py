@@ -182,32 +182,28 @@ class Transport:
         self._send_timeout = send_timeout
         self._limits = limits
         self._bulk = BulkLane(lambda source, data: self.on_receive(source, data))
-        self._channels_out = ChannelSender(
-            keyring,
-            boot_id,
-            lambda: self._sealer,
-            lambda: self._session,
-            clock,
-            send_timeout,
-            coalesce,
-            self._sent,
-            self._failed,
-            refusal_reason,
-            max_in_flight,
-        )
-        self._probe_channels = ChannelSender(
-            keyring,
-            boot_id,
-            lambda: self._sealer,
-            lambda: self._probe_session,
-            clock,
-            send_timeout,
-            None,  # a probe-class envelope is never merged: each is a message of its own
-            self._sent,
-            self._failed,
-            refusal_reason,
-            max_in_flight,
-        )
+
+        def channels(
+            session: Callable[[], aiohttp.ClientSession | None],
+            merge: Callable[[list[bytes]], list[bytes]] | None,
+        ) -> ChannelSender:
+            return ChannelSender(
+                keyring,
+                boot_id,
+                lambda: self._sealer,
+                session,
+                clock,
+                send_timeout,
+                merge,
+                self._sent,
+                self._failed,
+                refusal_reason,
+                max_in_flight,
+            )
+
+        self._channels_out = channels(lambda: self._session, coalesce)
+        # A probe-class envelope is never merged: each is a message of its own.
+        self._probe_channels = channels(lambda: self._probe_session, None)
         self._channels_in = ChannelReceiver(
             lambda: self._opener,
             keyring,
@@ -399,9 +395,7 @@ class Transport:
         self._channels_out.send(addr, data)
 
     def _send_probe(self, addr: str, data: bytes) -> None:
-        dropped = self._probe_channels.dropped
-        self._probe_channels.send(addr, data)
-        if self._probe_channels.dropped == dropped:
+        if self._probe_channels.send(addr, data):
             self.probe_sends += 1
 
     def _sent(self, addr: str, frame_bytes: int) -> None:

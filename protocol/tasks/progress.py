@@ -109,18 +109,21 @@ class Progress:
         if core.view.addr_of(sender) != src:
             self._drop(src, "progress from a sender not known here")
             return
-        if msg.via:
-            st = core.tasks.get(msg.via)
-            if st is None or st.record is None or st.record.origin != core.node_id:
-                self._drop(src, "progress relayed through a task not submitted here")
-                return
-            claim, epoch, owner = st.claim, msg.via_epoch, msg.owner
-        else:
-            st = core.tasks.get(msg.task_id)
-            if st is None or st.record is None or st.record.origin != core.node_id:
-                self._drop(src, "progress of a task not submitted here")
-                return
-            claim, epoch, owner = st.claim, msg.epoch, sender
+        # A relayed step is checked against the task it travels through, a direct one
+        # against its own task.
+        through, epoch, owner = (
+            (msg.via, msg.via_epoch, msg.owner) if msg.via else (msg.task_id, msg.epoch, sender)
+        )
+        st = core.tasks.get(through)
+        if st is None or st.record is None or st.record.origin != core.node_id:
+            self._drop(
+                src,
+                "progress relayed through a task not submitted here"
+                if msg.via
+                else "progress of a task not submitted here",
+            )
+            return
+        claim = st.claim
         if claim is None or (claim.epoch, claim.owner) != (epoch, sender):
             self._drop(src, "progress from a peer not running the task")
             return
