@@ -17,7 +17,7 @@ table ends with the total and the median of each column.
 Every process is started by a `LocalCluster` and ended by pid when the run ends.
 
     python scripts/bench_resume.py              # 20 runs
-    python scripts/bench_resume.py --runs 5 --kill-delay 0.3   # land the kill in call 4
+    python scripts/bench_resume.py --runs 5 --in-call   # land the kill in call 4
 """
 
 from __future__ import annotations
@@ -119,10 +119,16 @@ async def wait_rounds_known(peers: list[Peer]) -> None:
 
 
 async def run_scenario(
-    cluster: LocalCluster, peers: list[Peer], request: str, kill_delay: float = 0.0
+    cluster: LocalCluster,
+    peers: list[Peer],
+    request: str,
+    kill_delay: float = 0.0,
+    in_call: bool = False,
 ) -> Outcome:
     """Submit a `rounds` task at the first peer, kill its owner `kill_delay` seconds after its
-    third model call, and measure the takeover from a survivor's task tree.
+    third model call (with `in_call`, once a survivor holds the start of its fourth, so the
+    kill lands while that call is in flight), and measure the takeover from a survivor's
+    task tree.
 
     Raises:
         AssertionError: the result is not epoch 2's at a survivor, or not the whole answer.
@@ -155,6 +161,16 @@ async def run_scenario(
     await asyncio.wait_for(third_call(), timeout=KILL_AFTER * THINK + 10)
     if kill_delay:
         await asyncio.sleep(kill_delay)
+    if in_call:
+        # A fixed delay is not enough on a loaded machine: the call's start is a checkpoint
+        # that reaches the survivors a little later, and without it nothing was in flight.
+        async def next_call_known() -> tuple[bool, object]:
+            async with survivors[0].client() as client:
+                tree = await client.tree(task_id)
+            calls = {run["epoch"]: run["model_calls"] for run in tree["model_calls_by_run"]}
+            return calls.get(1, 0) > KILL_AFTER, calls
+
+        await wait_for("the 4th call's start at a survivor", next_call_known, 10, 0.02)
     cluster.kill(victim)
     killed_at = time.monotonic()
 
@@ -195,14 +211,15 @@ async def run_scenario(
     )
 
 
-def one_run(root: Path, index: int, kill_delay: float) -> Outcome:
+def one_run(root: Path, index: int, kill_delay: float, in_call: bool) -> Outcome:
     """The scenario once, in a fresh cluster under `root`."""
     with LocalCluster(root / f"run{index}", profile="local", extra_args=()) as cluster:
         peers = start_peers(cluster)
 
         async def scenario() -> Outcome:
             await wait_rounds_known(peers)
-            return await run_scenario(cluster, peers, f"Plan garden {index}", kill_delay)
+            request = f"Plan garden {index}"
+            return await run_scenario(cluster, peers, request, kill_delay, in_call)
 
         return asyncio.run(scenario())
 
@@ -237,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="seconds between the third model call and the kill (0)",
     )
+    parser.add_argument(
+        "--in-call",
+        action="store_true",
+        help="kill once a survivor holds the start of the fourth model call (in flight)",
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
     outcomes: list[Outcome] = []
@@ -247,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"time limit: {len(outcomes)} of {args.runs} runs done", flush=True)
                 break
             try:
-                outcome = one_run(Path(scratch), index, args.kill_delay)
+                outcome = one_run(Path(scratch), index, args.kill_delay, args.in_call)
             except (AssertionError, TimeoutError, GrapevineError) as exc:
                 failures += 1
                 print(f"run {index} failed: {exc}", flush=True)

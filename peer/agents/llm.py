@@ -51,6 +51,7 @@ from peer.agents.model_stats import (
     ModelStats,
     advertised,
     restore_usage,
+    shown_server,
     stats_key,
     usage_totals,
 )
@@ -396,7 +397,8 @@ class ModelClient:
         """The failure message of a rejected key; also logged, once per model and server."""
         status = getattr(exc, "status_code", None)
         variable = endpoint.api_key_env or "the provider's key variable, or set api_key_env"
-        where = f" at {endpoint.api_base}" if endpoint.api_base else ""
+        # The message becomes the task's signed result: the server without its credentials.
+        where = f" at {shown_server(endpoint.api_base)}" if endpoint.api_base else ""
         text = f"model {model}{where}: the provider rejected the credential (HTTP {status}); "
         text += f"check {variable}"
         key = stats_key(model, endpoint)

@@ -3,7 +3,8 @@ that outlive a restart.
 
 Invariants:
 - One `ModelStats` per model and server (`stats_key`): one model name served by two local
-  servers must not share a breaker or a tally.
+  servers must not share a breaker or a tally. A key never holds a credential of the
+  server's URL (`shown_server`), saved keys included once restored.
 - `usage_totals` gives the running totals (`USAGE_TOTALS`), JSON-able; `restore_usage` adds
   saved totals back, skipping anything that is not a non-negative count, so a damaged tally
   never stops a peer. The state of the moment (breaker, waiting calls, recent starts) is not
@@ -18,6 +19,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from peer.agents.endpoints import ModelEndpoint
 from peer.agents.limits import CircuitBreaker
@@ -59,8 +61,21 @@ class ModelStats:
 
 
 def stats_key(model: str, endpoint: ModelEndpoint) -> str:
-    """The key of a model's stats: the model, and its server when it has its own."""
-    return model if endpoint.api_base is None else f"{model}@{endpoint.api_base}"
+    """The key of a model's stats: the model, and its server when it has its own (as
+    `shown_server` shows it)."""
+    return model if endpoint.api_base is None else f"{model}@{shown_server(endpoint.api_base)}"
+
+
+def shown_server(api_base: str) -> str:
+    """`api_base` as stats keys show it (metrics labels, `/v1/agents`, the dashboard, the
+    saved totals): without the credentials a URL may carry (`user:password@`, a query such as
+    `?key=...`, a fragment), which those must never expose. Scheme, host, port and path stay,
+    so two servers stay apart."""
+    parts = urlsplit(api_base)
+    if not parts.scheme or not parts.netloc:
+        return api_base.split("?", 1)[0].split("#", 1)[0].rpartition("@")[2]
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}"
 
 
 def usage_totals(stats: Mapping[str, ModelStats]) -> dict[str, dict[str, str | int | float]]:
@@ -78,10 +93,11 @@ def restore_usage(
 ) -> None:
     """Add `saved` totals (`usage_totals` of an earlier life) to `stats`, creating the stats
     of models not called yet in this life (each with a new `breaker()`)."""
-    for key, totals in saved.items():
+    for saved_key, totals in saved.items():
         model = totals.get("model")
         if not isinstance(model, str) or not model:
             continue
+        key = _shown_key(saved_key, model)
         held = stats.get(key)
         if held is None:
             held = stats[key] = ModelStats(model, breaker())
@@ -90,6 +106,12 @@ def restore_usage(
             if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
                 kind = type(getattr(held, name))
                 setattr(held, name, getattr(held, name) + kind(value))
+
+
+def _shown_key(key: str, model: str) -> str:
+    # Totals saved before `shown_server` existed may be keyed by the whole api_base.
+    server = key.removeprefix(f"{model}@")
+    return key if server == key else f"{model}@{shown_server(server)}"
 
 
 BREAKERS = {"closed": Breaker.CLOSED, "open": Breaker.OPEN, "half_open": Breaker.HALF_OPEN}

@@ -10,8 +10,16 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from peer.agents.limits import CircuitBreaker
-from peer.agents.model_stats import ModelStats, advertised, restore_usage, usage_totals
+from peer.agents.model_stats import (
+    ModelStats,
+    advertised,
+    restore_usage,
+    shown_server,
+    usage_totals,
+)
 from peer.agents.offline import OFFLINE_MODEL
 from peer.agents.ports import AgentInput
 from peer.agents.spec import AgentSpec
@@ -96,6 +104,37 @@ def test_restore_adds_counts_and_skips_what_is_not_a_count() -> None:
     totals = usage_totals(stats)
     assert totals["a@http://127.0.0.1:9"]["calls"] == 8
     assert totals["a@http://127.0.0.1:9"]["model"] == "a"
+
+
+@pytest.mark.parametrize(
+    ("api_base", "shown"),
+    [
+        ("http://user:pw@host:8000/v1?key=abc#x", "http://host:8000/v1"),
+        ("https://api.example.com/v1", "https://api.example.com/v1"),
+        ("http://127.0.0.1:11434", "http://127.0.0.1:11434"),
+        ("http://h/v1/?api-key=z", "http://h/v1/"),
+        ("user:pw@host:80/v1?k=1", "host:80/v1"),  # no scheme
+        ("localhost:8000", "localhost:8000"),
+    ],
+)
+def test_a_server_is_shown_without_its_credentials(api_base: str, shown: str) -> None:
+    assert shown_server(api_base) == shown
+
+
+def test_totals_saved_under_a_url_with_credentials_come_back_without_them() -> None:
+    stats: dict[str, ModelStats] = {}
+    saved: dict[str, dict[str, object]] = {
+        "vertex/claude@20240229@http://u:secret@h:9/v1": {
+            "model": "vertex/claude@20240229",
+            "calls": 2,
+        },
+        "vertex/claude@20240229": {"model": "vertex/claude@20240229", "calls": 1},
+    }
+    restore_usage(stats, saved, lambda: CircuitBreaker(3, 10.0))
+    assert {key: s.calls for key, s in stats.items()} == {
+        "vertex/claude@20240229@http://h:9/v1": 2,
+        "vertex/claude@20240229": 1,
+    }
 
 
 def test_the_peer_state_names_tripped_breakers_first_then_the_costliest_models() -> None:

@@ -311,3 +311,17 @@ def test_an_unset_key_variable_is_a_one_line_configuration_error(tmp_path: Path)
     assert message == (
         f"config file {path}: agents[0] (model {MODEL}): api_key_env {KEY_ENV} is not set"
     )
+
+
+async def test_credentials_in_the_server_url_never_show(server: FakeOpenAI) -> None:
+    """A server URL may carry a password (`user:password@`; the OpenAI client refuses it next
+    to a key, so the call fails): neither the stats key (metrics labels, `/v1/agents`, the
+    dashboard, saved totals) nor the task's failure message shows it."""
+    host = server.base_url.split("://", 1)[1]
+    client = make_client(server, retries=0)
+    model = client.with_endpoint(ModelEndpoint(f"http://agent:hunter2@{host}", KEY_ENV))
+    with pytest.raises(ModelError) as info:
+        await model.complete(MODEL, MESSAGES, [])
+    assert "hunter2" not in str(info.value)
+    assert list(client.status()) == [f"{MODEL}@http://{host}"]
+    assert "hunter2" not in repr(client.status()) + repr(client.usage_totals())
