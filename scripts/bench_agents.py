@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -42,7 +43,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import aiohttp  # noqa: E402
+
 from peer.agents.offline import MAX_PARTS  # noqa: E402
+from peer.api_token import load_or_create_token  # noqa: E402
 from scripts.local_cluster import (  # noqa: E402
     GrapevineError,
     LocalCluster,
@@ -76,6 +80,8 @@ class Report:
     tokens: int
     agree: int
     checked: int
+    duplicate_causes: dict[str, int]
+    network_counters: dict[str, float]
 
 
 def peer_config(boss: bool, agents: int, fanout: int) -> str:
@@ -196,8 +202,10 @@ def _count_done(node: dict[str, Any]) -> int:
 
 
 async def check_agreement(peers: list[Peer], task_id: str, sample: int) -> tuple[int, int, Any]:
-    """How many of `sample` peers (spread over the list) hold the tree the boss's peer holds,
-    after giving the last results (the boss's own) a bounded time to spread."""
+    """How many of `sample` peers (spread over the list, the boss's first) hold the tree the
+    boss's peer holds, after giving the last objects a bounded time to spread. Every round
+    reads the boss's peer again: it may still be gathering the tree's last leaves when the job
+    ends (a run read it once, at 1,103 of 1,111 tasks, and counted every peer as differing)."""
     picked = peers[:: max(1, len(peers) // sample)][:sample]
 
     async def totals(peer: Peer) -> Any:
@@ -207,15 +215,14 @@ async def check_agreement(peers: list[Peer], task_id: str, sample: int) -> tuple
             return {"unreachable": str(exc)}
         return tree["totals"]
 
-    reference = await totals(picked[0])
-
     async def settled() -> tuple[bool, object]:
         views = [await totals(p) for p in picked]
-        return all(v == reference for v in views), views
+        return all(v == views[0] for v in views), views
 
     with contextlib.suppress(TimeoutError):
         await wait_for("every sampled peer holds the whole tree", settled, timeout=60, interval=1)
     views = [await totals(p) for p in picked]
+    reference = views[0]
     agree = sum(1 for v in views if v == reference)
     for peer, view in zip(picked, views, strict=True):
         if view != reference:
@@ -234,6 +241,8 @@ async def bench(args: argparse.Namespace, root: Path) -> Report:
         task_id, wall = await run_job(peers, args)
         cpu = cpu_seconds(pids) - cpu_start
         agree, checked, totals = await check_agreement(peers, task_id, sample=10)
+        causes = await duplicate_causes(peers[0], task_id)
+        counters = await network_counters(peers)
         stats = await query(peers[0], lambda c: c.task_stats())
         rss = [peak_rss_mb(pid) for pid in pids]
         tasks = int(totals["tasks"])
@@ -255,7 +264,90 @@ async def bench(args: argparse.Namespace, root: Path) -> Report:
             tokens=int(totals["prompt_tokens"]) + int(totals["completion_tokens"]),
             agree=agree,
             checked=checked,
+            duplicate_causes=causes,
+            network_counters=counters,
         )
+
+
+TASK_EVENTS = {
+    "grants handed on": "epoch-1 grants handed on",
+    "conflicting grants": "conflicting grants learned",
+    "declared dead and refuted": "deaths declared of a live peer (refuted)",
+    "first claims over a member down here": "first claims over a member held down",
+    "first claims over a member down here (declared by others only)": (
+        "  of which not confirmed by our own probe"
+    ),
+    "first claims within a minute of being declared dead": (
+        "first claims within a minute of a refuted death"
+    ),
+}
+"""Task plane counters (`grapevine_task_plane_events_total{event}`) and their row names."""
+COUNTED = {
+    "grapevine_suspicions_total": "suspicions started",
+    "grapevine_false_suspicions_refuted_total": "suspected members that proved alive",
+    "grapevine_refutations_total": "refutations of accusations about oneself",
+    "grapevine_task_takeovers_total": "takeover claims",
+    "grapevine_task_grants_total": "epoch-1 grants made by a primary",
+    **{
+        # The label as `peer.observability.collector` writes it.
+        f'grapevine_task_plane_events_total{{event="{key.replace(" ", "_")}"}}': name
+        for key, name in TASK_EVENTS.items()
+    },
+}
+"""Series of every peer's `GET /metrics` summed over the network, and their row names."""
+
+
+async def network_counters(peers: list[Peer]) -> dict[str, float]:
+    """The `COUNTED` series summed over every peer that answers (the failure detector's
+    false alarms and the claim races behind duplicate executions)."""
+    sums = dict.fromkeys(COUNTED.values(), 0.0)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        for peer in peers:
+            headers = {"Authorization": f"Bearer {load_or_create_token(peer.data_dir)}"}
+            try:
+                async with session.get(f"http://{peer.api}/metrics", headers=headers) as answer:
+                    text = await answer.text()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                print(f"  {peer.name}: /metrics unreadable ({exc})", file=sys.stderr)
+                continue
+            for line in text.splitlines():
+                series, _, value = line.rpartition(" ")
+                if series in COUNTED:
+                    sums[COUNTED[series]] += float(value)
+    return sums
+
+
+async def duplicate_causes(peer: Peer, task_id: str) -> dict[str, int]:
+    """Extra runs of the tree's tasks by cause, from each repeated task's executions:
+    `same epoch` (two owners claimed one epoch), `takeover` (a later epoch after the owner
+    was held dead), `restart` (one owner ran its epoch again in a new incarnation)."""
+    tree = await query(peer, lambda c: c.tree(task_id))
+    repeated: list[str] = []
+
+    def walk(node: dict[str, Any]) -> None:
+        if int(node.get("duplicates") or 0) > 0:
+            repeated.append(str(node["id"]))
+        for child in node.get("children", []):
+            walk(child)
+
+    walk(tree)
+    causes = {"same epoch": 0, "takeover": 0, "restart": 0}
+    for tid in repeated:
+        task = await query(peer, lambda c, tid=tid: c.task(tid))
+        runs = {(e["epoch"], e["owner"], e["incarnation"]) for e in task["executions"]}
+        seen_epochs: dict[int, set[str]] = {}
+        seen_pairs: set[tuple[int, str]] = set()
+        for epoch, owner, _inc in sorted(runs):
+            if (epoch, owner) in seen_pairs:
+                causes["restart"] += 1
+            elif epoch in seen_epochs:
+                causes["same epoch"] += 1
+            elif seen_epochs:
+                causes["takeover"] += 1
+            seen_pairs.add((epoch, owner))
+            seen_epochs.setdefault(epoch, set()).add(owner)
+        print(f"  repeated {tid[:12]}: {sorted(runs)}", file=sys.stderr)
+    return causes
 
 
 def table(r: Report) -> str:
@@ -267,6 +359,8 @@ def table(r: Report) -> str:
         ("duplicate executions", f"{r.duplicates}"),
         ("takeovers (all tasks, boss's peer view)", f"{r.takeovers}"),
         ("fenced executions (same view)", f"{r.fenced}"),
+        *((f"  repeated: {cause}", f"{n}") for cause, n in r.duplicate_causes.items()),
+        *((f"network: {name}", f"{n:,.0f}") for name, n in r.network_counters.items()),
         ("start-up (all peers joined) s", f"{r.start_s}"),
         ("job wall time s", f"{r.wall_s}"),
         ("tasks/s", f"{r.tasks_per_s}"),
@@ -294,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="wan", choices=("lan", "local", "wan"))
     parser.add_argument("--timeout", type=float, default=1800.0, help="job time limit, s")
     parser.add_argument("--out", type=Path, default=OUT / "bench_agents.json")
+    parser.add_argument(
+        "--keep-logs",
+        type=Path,
+        metavar="DIR",
+        help="copy every peer's log here at the end (to trace a duplicate to its cause)",
+    )
     args = parser.parse_args(argv)
     if args.peers < 1 or args.agents < 3 or not 1 <= args.fanout <= MAX_PARTS:
         parser.error(f"need at least 1 peer, 3 agents per peer and a fan-out of 1 to {MAX_PARTS}")
@@ -309,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("bench_agents: interrupted; every peer it started was stopped", file=sys.stderr)
             return 130
+        finally:
+            if args.keep_logs is not None:
+                args.keep_logs.mkdir(parents=True, exist_ok=True)
+                for log in Path(tmp).glob("*.log"):
+                    shutil.copy(log, args.keep_logs / log.name)
     print(table(report))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(asdict(report), indent=2) + "\n")
