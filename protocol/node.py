@@ -38,6 +38,7 @@ from protocol.membership import Membership
 from protocol.node_port import NodePort
 from protocol.node_task_calls import NodeTaskCalls
 from protocol.peer_states import PeerStates
+from protocol.tasks.claim_rule import DOWN_GRACE_PROBES
 from protocol.tasks.messages import (
     Cancel,
     Checkpoint,
@@ -160,6 +161,7 @@ class Node(NodeTaskCalls):
             port,
             retention=config.tasks.retention,
             tombstone_grace=config.tasks.tombstone_grace,
+            down_grace=DOWN_GRACE_PROBES * config.swim.probe_interval,
         )
         g = config.gossip
         port.schedule(now + rng.random() * config.swim.probe_interval, ProbeDue())

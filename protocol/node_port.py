@@ -370,6 +370,19 @@ class NodePort:
         state = self.advertisements.states.get(node_id)
         return None if state is None else role in state.roles
 
+    def down_since(self, node_id: bytes) -> float | None:
+        """When `node_id` was declared dead here (None: up, left, or not known)."""
+        m = self.membership.members.get(node_id)
+        return m.since if m is not None and m.status == Status.DEAD else None
+
+    def dead_since(self, after: float) -> list[bytes]:
+        """Members declared dead here at or after `after` (not those that left)."""
+        return [
+            nid
+            for nid, m in self.membership.members.items()
+            if m.status == Status.DEAD and m.since >= after
+        ]
+
     def full_since(self, node_id: bytes) -> float | None:
         """Since when `node_id` has advertised no free execution slot (None: it has one)."""
         return self.advertisements.full_since(node_id)

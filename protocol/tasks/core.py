@@ -40,7 +40,7 @@ from protocol.tasks.messages import (
     TaskWant,
 )
 from protocol.tasks.placement import CandidateRankings, ReplicaSets, audience, top_by_score
-from protocol.tasks.state import TaskState
+from protocol.tasks.state import TaskState, hrw_score
 from protocol.tasks.tombstone import Tombstone
 from protocol.timers import ClaimsDue, TaskStandby
 from protocol.wire import Message
@@ -89,6 +89,8 @@ class View(Protocol):
     def capable(self, role: str) -> list[bytes]: ...
     def addr_of(self, node_id: bytes) -> str | None: ...
     def full_since(self, node_id: bytes) -> float | None: ...
+    def down_since(self, node_id: bytes) -> float | None: ...
+    def dead_since(self, after: float) -> list[bytes]: ...
     def live_members(self) -> tuple[bytes, ...]: ...
     def known_members(self) -> tuple[bytes, ...]: ...
     def advertises(self, node_id: bytes, role: str) -> bool | None: ...
@@ -122,12 +124,17 @@ class TaskCore(ABC):
         *,
         retention: float,
         tombstone_grace: float,
+        down_grace: float,
     ) -> None:
         self.signer = signer
         self.node_id = signer.node_id
         self.network_id = network_id
         self.incarnation = incarnation
         self.standby_delay = standby_delay
+        self.down_grace = down_grace
+        """Seconds a member declared dead here keeps its place in line and its claims (see
+        `in_line` and `claim_rule`): a live member falsely declared dead refutes within
+        them."""
         self.replication = replication
         self.cache = cache
         self.port = port
@@ -293,6 +300,24 @@ class TaskCore(ABC):
         exclude = claim.owner if epoch > 1 and claim is not None else b""
         capable = self.view.capable(st.record.role)
         return self.rankings.rank(st.task_id, [n for n in capable if n != exclude])
+
+    def in_line(self, st: TaskState, epoch: int, now: float) -> list[bytes]:
+        """The peers in line to run `epoch` of the task, in HRW order: its candidates and,
+        for epoch 1, the members able to run it that were declared dead here within the last
+        `down_grace` seconds. Such a member may be alive and have claimed the task (a busy
+        peer is declared dead and refutes seconds later), so the next peer in line asks it
+        before claiming, as a standby asks its primary (decision 80)."""
+        ranked = self.candidates(st, epoch)
+        if epoch != 1 or self.last_down < now - self.down_grace:
+            return ranked
+        assert st.record is not None
+        role = st.record.role
+        lately = [
+            n for n in self.view.dead_since(now - self.down_grace) if self.view.advertises(n, role)
+        ]
+        if not lately:
+            return ranked
+        return sorted([*ranked, *lately], key=lambda n: hrw_score(st.task_id, n), reverse=True)
 
     # Placement: who receives a task's objects.
 

@@ -4,7 +4,8 @@ grant of a takeover epoch.
 Invariants:
 - A takeover epoch e > 1 is granted only by the task's arbiter in our view (the first live
   member of its home, the top k members by HRW whatever their status), only while it holds
-  the claim of e - 1, holds its owner down by its own failure detector and holds no result,
+  the claim of e - 1, holds its owner down by its own failure detector (for `down_grace` at
+  least: decision 80) and holds no result,
   to one peer at a time (another only once that one is down), durably and signed
   (`EpochGrant`, decision 25); every receiver checks the grant before it accepts the claim.
 - Only the task's primary in our view (first of its candidates for the epoch) grants, and it
@@ -82,6 +83,12 @@ class Grants(TaskCore):
             return  # not the arbiter in our view; the asker's view will catch up
         if not self.view.confirmed_down(claim.owner) or asker == claim.owner:
             return  # we do not hold the owner dead: no takeover
+        down = self.view.down_since(claim.owner)
+        if down is not None and now < down + self.down_grace:
+            # Declared dead here too lately: a busy owner refutes within the grace, and
+            # meanwhile it runs the task (decision 80). The asker asks again.
+            self.counters["takeover asked within the down grace"] += 1
+            return
         if asker != self.node_id and self.view.advertises(asker, rec.role) is False:
             self.counters["takeover asked by a peer not serving the role"] += 1
             return

@@ -27,8 +27,11 @@ from protocol.tasks.state import TaskState
 
 ROLE = "writer"
 DELAY = 2.0
+GRACE = 4.0
 TASK = b"t" * 32
 A, B, C = b"a" * 32, b"b" * 32, b"c" * 32
+D = b"d" * 32
+"""A member declared dead lately (`FakePeer.lately_dead`), ranked before A when in line."""
 ARBITER = b"r" * 32
 RANKED = [A, B, C]
 SEEN = 10.0
@@ -41,6 +44,8 @@ class FakeView:
     full: dict[bytes, float] = field(default_factory=dict)
     heard_only: set[bytes] = field(default_factory=set)
     """Declared down by another peer, not confirmed by this peer's own probes."""
+    down_at: dict[bytes, float] = field(default_factory=dict)
+    """When members in `down` were declared dead here (absent: long ago)."""
 
     def is_down(self, node_id: bytes) -> bool:
         return node_id in self.down or node_id in self.heard_only
@@ -51,6 +56,9 @@ class FakeView:
     def full_since(self, node_id: bytes) -> float | None:
         return self.full.get(node_id)
 
+    def down_since(self, node_id: bytes) -> float | None:
+        return self.down_at.get(node_id, -math.inf) if self.is_down(node_id) else None
+
 
 @dataclass
 class FakePeer:
@@ -59,8 +67,11 @@ class FakePeer:
     quiet_until: float = 0.0
     last_down: float = 0.0
     standby_delay: float = DELAY
+    down_grace: float = GRACE
     running: bool = False
     room: bool = True
+    lately_dead: list[bytes] = field(default_factory=list)
+    """Members declared dead within the grace, kept in line for epoch 1 (`in_line`)."""
 
     def is_running(self, task_id: bytes) -> bool:
         return self.running
@@ -68,9 +79,10 @@ class FakePeer:
     def has_room(self) -> bool:
         return self.room
 
-    def candidates(self, st: TaskState, epoch: int) -> list[bytes]:
+    def in_line(self, st: TaskState, epoch: int, now: float) -> list[bytes]:
         owner = st.claim.owner if epoch > 1 and st.claim is not None else b""
-        return [n for n in RANKED if n != owner]
+        ranked = [n for n in RANKED if n != owner]
+        return [*self.lately_dead, *ranked] if epoch == 1 else ranked
 
     def arbiter(self, st: TaskState) -> bytes:
         return ARBITER
@@ -264,6 +276,46 @@ ROWS: list[tuple[str, FakeView, TaskState, float, FakePeer, Decision]] = [
         16.0,
         FakePeer(C),
         Wait(15.0 + DELAY),
+    ),
+    (
+        "owner down within the grace -> wait until it has passed",
+        FakeView(down={A}, down_at={A: 18.0}),
+        task(claimed_by=A, owner_down_at=18.0),
+        20.0,
+        FakePeer(B),
+        Wait(18.0 + GRACE),
+    ),
+    (
+        "owner down for the grace -> ask the arbiter for epoch + 1",
+        FakeView(down={A}, down_at={A: 18.0}),
+        task(claimed_by=A, owner_down_at=18.0),
+        18.0 + GRACE,
+        FakePeer(B),
+        AskGrant(ARBITER, 2, 18.0 + GRACE + DELAY * ASK_RETRY),
+    ),
+    (
+        "first in line after a member dead lately -> its standby: wait a delay",
+        FakeView(),
+        task(),
+        SEEN + 1.0,
+        FakePeer(A, last_down=SEEN, lately_dead=[D]),
+        Wait(SEEN + DELAY),
+    ),
+    (
+        "first in line after a member dead lately -> then ask it, not claim",
+        FakeView(),
+        task(),
+        SEEN + DELAY,
+        FakePeer(A, last_down=SEEN, lately_dead=[D]),
+        AskGrant(D, 1, SEEN + DELAY + DELAY * ASK_RETRY),
+    ),
+    (
+        "granted by the member dead lately -> claim",
+        FakeView(),
+        task(grants={1: A}),
+        SEEN + DELAY,
+        FakePeer(A, last_down=SEEN, lately_dead=[D]),
+        MakeClaim(1),
     ),
     (
         "our own claim without our result -> resume it",

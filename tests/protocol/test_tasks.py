@@ -27,6 +27,7 @@ from protocol.effects import (
 )
 from protocol.errors import LocalProtocolError
 from protocol.node import Node
+from protocol.tasks.claim_rule import DOWN_GRACE_PROBES
 from protocol.tasks.messages import (
     DOMAIN_CLAIM,
     DOMAIN_EPOCH_GRANT,
@@ -46,11 +47,12 @@ from protocol.tasks.messages import (
 from protocol.tasks.plane import Tasks
 from protocol.tasks.state import claim_rank, hrw_score
 from protocol.timers import TaskStandby
-from protocol.wire import Kind, PeerState
+from protocol.wire import Dead, Kind, PeerState
 from tests.protocol.fakes import Link, addr, envelope, mesh, node_id, of_type, opened, signer
 
 ROLE = "writer"
 DELAY = lan().tasks.standby_delay
+GRACE = DOWN_GRACE_PROBES * lan().swim.probe_interval
 # Push-pull every 5 s so anti-entropy tests stay short; everything else is the LAN profile.
 FAST_SYNC = replace(lan(), gossip=GossipConfig(push_pull_interval=5.0, reconnect_interval=5.0))
 
@@ -470,12 +472,73 @@ def test_owner_crash_leads_to_one_takeover_under_epoch_2() -> None:
     assert starts(link, task_id) == sorted([(owner, 1), (heir, 2)])
     down_at = min(t for t in link.when(heir, MemberDown))
     [taken_at] = [t for t in link.when(heir, StartExecution) if t > crashed_at]
-    # The first-ranked heir asks the task's arbiter at once and claims with its grant.
-    assert down_at <= taken_at < down_at + 0.1
+    # The first-ranked heir asks the task's arbiter once the grace has passed (a busy owner
+    # falsely declared dead would have refuted by then) and claims with its grant.
+    assert down_at + GRACE <= taken_at < down_at + GRACE + 0.1
     assert link.node(heir).tasks.counters["takeovers"] == 1
     link.run(heir, link.node(heir).complete(link.now, task_id, 2, "ok", b"second"))
     link.advance(link.now + 2.0)
     assert accepted(link, task_id) == {(2, node_id(heir), b"second")}
+
+
+def test_a_primary_declared_dead_while_it_runs_is_asked_not_claimed_over() -> None:
+    # A busy primary is declared dead by a peer that holds the task's record but missed its
+    # claim. That peer is next in line: it must ask the primary, not claim at once (decision
+    # 80; bench_agents' duplicates at 100 peers were of this kind).
+    link = cluster(4)
+    key = next(
+        k
+        for k in (f"declared{n}" for n in range(50))
+        if 0 not in ranked(keyed_id(k), list(range(4)))[:2]
+    )
+    primary, nxt = ranked(keyed_id(key), list(range(4)))[:2]
+    holding_back = True
+
+    def claims_of_primary_to_next(src: str, dst: str, data: bytes) -> bool:
+        return (
+            holding_back
+            and dst == addr(nxt)
+            and any(c.owner == node_id(primary) for c in of_type(opened(data), Claim))
+        )
+
+    link.drop = claims_of_primary_to_next
+    task_id = submit(link, key=key)
+    st = link.node(nxt).tasks.tasks[task_id]
+    assert st.record is not None and st.claim is None and starts(link, task_id) == [(primary, 1)]
+    holding_back = False
+    accuser = next(i for i in range(4) if i not in (primary, nxt))
+    incarnation = link.node(primary).membership.incarnation
+    link.run(
+        nxt,
+        link.node(nxt).handle(
+            link.now,
+            addr(accuser),
+            envelope(accuser, Dead(node_id(primary), incarnation, node_id(accuser))),
+        ),
+    )
+    assert link.node(nxt).is_down(node_id(primary))
+    link.advance(link.now + 30.0)
+    assert starts(link, task_id) == [(primary, 1)]
+    assert (
+        link.node(nxt).tasks.tasks[task_id].claim == link.node(primary).tasks.tasks[task_id].claim
+    )
+
+
+def test_a_primary_that_crashed_before_claiming_is_replaced_once_the_grace_has_passed() -> None:
+    link = cluster(4)
+    key = next(
+        k
+        for k in (f"crashed{n}" for n in range(50))
+        if 0 not in ranked(keyed_id(k), list(range(4)))[:2]
+    )
+    primary, nxt = ranked(keyed_id(key), list(range(4)))[:2]
+    link.crash(primary)
+    task_id = submit(link, key=key)
+    link.advance(link.now + 60.0)
+    assert starts(link, task_id) == [(nxt, 1)]
+    down_at = min(t for t in link.when(nxt, MemberDown))
+    [started_at] = link.when(nxt, StartExecution)
+    assert down_at + GRACE <= started_at < down_at + GRACE + DELAY
 
 
 # Self-fencing.
