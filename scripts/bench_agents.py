@@ -272,14 +272,7 @@ async def bench(args: argparse.Namespace, root: Path) -> Report:
 TASK_EVENTS = {
     "grants handed on": "epoch-1 grants handed on",
     "conflicting grants": "conflicting grants learned",
-    "declared dead and refuted": "deaths declared of a live peer (refuted)",
-    "first claims over a member down here": "first claims over a member held down",
-    "first claims over a member down here (declared by others only)": (
-        "  of which not confirmed by our own probe"
-    ),
-    "first claims within a minute of being declared dead": (
-        "first claims within a minute of a refuted death"
-    ),
+    "takeover asked within the down grace": "takeovers refused within the down grace",
 }
 """Task plane counters (`grapevine_task_plane_events_total{event}`) and their row names."""
 COUNTED = {
@@ -288,6 +281,8 @@ COUNTED = {
     "grapevine_refutations_total": "refutations of accusations about oneself",
     "grapevine_task_takeovers_total": "takeover claims",
     "grapevine_task_grants_total": "epoch-1 grants made by a primary",
+    "grapevine_gossip_sends_dropped_total": "sends dropped before leaving",
+    "grapevine_gossip_send_failures_total": "sends failed (channel refused, reset, timed out)",
     **{
         # The label as `peer.observability.collector` writes it.
         f'grapevine_task_plane_events_total{{event="{key.replace(" ", "_")}"}}': name
@@ -335,7 +330,7 @@ async def duplicate_causes(peer: Peer, task_id: str) -> dict[str, int]:
     for tid in repeated:
         task = await query(peer, lambda c, tid=tid: c.task(tid))
         runs = {(e["epoch"], e["owner"], e["incarnation"]) for e in task["executions"]}
-        seen_epochs: dict[int, set[str]] = {}
+        seen_epochs: set[int] = set()
         seen_pairs: set[tuple[int, str]] = set()
         for epoch, owner, _inc in sorted(runs):
             if (epoch, owner) in seen_pairs:
@@ -345,7 +340,7 @@ async def duplicate_causes(peer: Peer, task_id: str) -> dict[str, int]:
             elif seen_epochs:
                 causes["takeover"] += 1
             seen_pairs.add((epoch, owner))
-            seen_epochs.setdefault(epoch, set()).add(owner)
+            seen_epochs.add(epoch)
         print(f"  repeated {tid[:12]}: {sorted(runs)}", file=sys.stderr)
     return causes
 

@@ -145,7 +145,7 @@ def result(
 
 
 def deliver(
-    link: Link, dst: int, src: int, *messages: Claim | Result | TaskRecord | EpochGrant
+    link: Link, dst: int, src: int, *messages: Claim | Result | TaskRecord | EpochGrant | Dead
 ) -> None:
     link.run(dst, link.node(dst).handle(link.now, addr(src), envelope(src, *messages)))
 
@@ -481,17 +481,22 @@ def test_owner_crash_leads_to_one_takeover_under_epoch_2() -> None:
     assert accepted(link, task_id) == {(2, node_id(heir), b"second")}
 
 
+def first_two_apart_from_origin(prefix: str, n: int) -> tuple[str, int, int]:
+    """A key (`prefix` and a number) whose task's first two in line among `n` peers are not
+    peer 0, where `submit` submits it; with those two peers."""
+    for k in (f"{prefix}{i}" for i in range(50)):
+        primary, nxt = ranked(keyed_id(k), list(range(n)))[:2]
+        if 0 not in (primary, nxt):
+            return k, primary, nxt
+    raise AssertionError(f"no key {prefix}0..49 keeps peer 0 out of the first two in line")
+
+
 def test_a_primary_declared_dead_while_it_runs_is_asked_not_claimed_over() -> None:
     # A busy primary is declared dead by a peer that holds the task's record but missed its
     # claim. That peer is next in line: it must ask the primary, not claim at once (decision
     # 80; bench_agents' duplicates at 100 peers were of this kind).
     link = cluster(4)
-    key = next(
-        k
-        for k in (f"declared{n}" for n in range(50))
-        if 0 not in ranked(keyed_id(k), list(range(4)))[:2]
-    )
-    primary, nxt = ranked(keyed_id(key), list(range(4)))[:2]
+    key, primary, nxt = first_two_apart_from_origin("declared", 4)
     holding_back = True
 
     def claims_of_primary_to_next(src: str, dst: str, data: bytes) -> bool:
@@ -508,14 +513,7 @@ def test_a_primary_declared_dead_while_it_runs_is_asked_not_claimed_over() -> No
     holding_back = False
     accuser = next(i for i in range(4) if i not in (primary, nxt))
     incarnation = link.node(primary).membership.incarnation
-    link.run(
-        nxt,
-        link.node(nxt).handle(
-            link.now,
-            addr(accuser),
-            envelope(accuser, Dead(node_id(primary), incarnation, node_id(accuser))),
-        ),
-    )
+    deliver(link, nxt, accuser, Dead(node_id(primary), incarnation, node_id(accuser)))
     assert link.node(nxt).is_down(node_id(primary))
     link.advance(link.now + 30.0)
     assert starts(link, task_id) == [(primary, 1)]
@@ -526,12 +524,7 @@ def test_a_primary_declared_dead_while_it_runs_is_asked_not_claimed_over() -> No
 
 def test_a_primary_that_crashed_before_claiming_is_replaced_once_the_grace_has_passed() -> None:
     link = cluster(4)
-    key = next(
-        k
-        for k in (f"crashed{n}" for n in range(50))
-        if 0 not in ranked(keyed_id(k), list(range(4)))[:2]
-    )
-    primary, nxt = ranked(keyed_id(key), list(range(4)))[:2]
+    key, primary, nxt = first_two_apart_from_origin("crashed", 4)
     link.crash(primary)
     task_id = submit(link, key=key)
     link.advance(link.now + 60.0)
