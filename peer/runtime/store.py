@@ -291,7 +291,8 @@ class Store:
             records: the `Persist` effects to apply, in order (a later record for the same
                 kind and key wins). A `PersistKind.FORGET_TASK` record is a deletion: every
                 record whose key starts with its key (a task id) is removed, in the same
-                transaction, at its place in the order.
+                transaction, at its place in the order; a `PersistKind.FORGET_TOMBSTONE` one
+                removes the tombstone stored under its key.
 
         Raises:
             TypeError: a record has a non-str kind or non-bytes key or value; nothing of the
@@ -308,6 +309,9 @@ class Store:
                     raise TypeError(f"a record's value must be bytes, got {type(value).__name__}")
                 if kind == PersistKind.FORGET_TASK:
                     self._forget_task(bytes(key))
+                    continue
+                if kind == PersistKind.FORGET_TOMBSTONE:
+                    self._db.execute("DELETE FROM tombstones WHERE task_id = ?", (bytes(key),))
                     continue
                 if kind == PersistKind.TOMBSTONE:
                     self._db.execute(
@@ -327,7 +331,6 @@ class Store:
         # no kind constraint scanned the whole table (compacting thousands of tasks stalled
         # the peer for tens of seconds); one statement per kind cost half as much again.
         self._db.execute(FORGET_TASK_STATEMENT, (*TASK_KIND_NAMES, task_id, _prefix_end(task_id)))
-        self._db.execute("DELETE FROM tombstones WHERE task_id = ?", (task_id,))
 
     @_serialized
     def last_contact(self) -> int | None:

@@ -126,6 +126,12 @@ class Grants(TaskCore):
             self._record_grant(st, epoch, grantee)
         elif grantee == self.node_id or self.view.is_down(grantee):
             return
+        elif st.grant_sent_at is not None and now < st.grant_sent_at + self.standby_delay:
+            # Sent lately; the wake below sends it again if the claim is still missing then.
+            # Sending at every decision about the task (each slot freed here decides again
+            # about every task passed) sent it about three times per task handed on, whole,
+            # in a 3-peer soak (decision 81).
+            return
         else:
             self.counters["grants sent again"] += 1  # the task or the grant may have been lost
         addr = self.view.addr_of(grantee)
@@ -137,6 +143,7 @@ class Grants(TaskCore):
         batch.append(encode_message(TaskGrant(st.task_id, epoch, grantee)))
         self.port.send(addr, batch, piggyback=False)
         st.sent_to.add(grantee)
+        st.grant_sent_at = now
         self.wake(st.task_id, now + self.standby_delay)
 
     def _record_grant(self, st: TaskState, epoch: int, grantee: bytes) -> None:

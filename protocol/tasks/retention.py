@@ -17,7 +17,7 @@ Theory of operation (docs/design.md section 5, "Retention"; docs/decisions.md, d
   replica compacts by the same rule on its own clock, so replicas converge on the tombstone. A
   tombstone holder neither asks for nor answers about the task. Its digest (in its own domain,
   never equal to a live state's) is kept for the API.
-- `tombstone_grace` seconds after compaction the tombstone is forgotten (`FORGET_TASK`).
+- `tombstone_grace` seconds after compaction the tombstone is forgotten (`FORGET_TOMBSTONE`).
 - Time is the node's clock. A task restored from the store counts its retention from the
   restore; a tombstone keeps the time it was made, or counts from the restore when that time is
   ahead of the clock (the host's clock restarted with its machine). A peer whose last contact
@@ -106,7 +106,7 @@ class Retention(Repair):
             if stone is not None and stone.compacted_at + self.tombstone_grace == due:
                 del self.tombstones[task_id]
                 self.counters["tombstones forgotten"] += 1
-                self.port.persist(PersistKind.FORGET_TASK, task_id, b"")
+                self.port.persist(PersistKind.FORGET_TOMBSTONE, task_id, b"")
         self.arm_retention()
 
     def restore_tombstone(self, now: float, task_id: bytes, raw: bytes) -> None:

@@ -86,6 +86,7 @@ class TaskState:
         "replicated",
         "submitted",
         "grants",
+        "grant_sent_at",
         "sent_to",
         "_digest",
         "_inventory",
@@ -119,6 +120,10 @@ class TaskState:
         self.grants: dict[int, bytes] = {}
         """Per epoch, the peer the task's primary let claim it (see `protocol.tasks.grants`):
         granted here if we are the primary, else learned from it. Not part of the CRDT."""
+        self.grant_sent_at: float | None = None
+        """When we, as the task's primary, last sent the grantee of epoch 1 the task with its
+        grant (`protocol.tasks.grants`): sent again `standby_delay` later if its claim is still
+        missing, not at every decision about the task. Not part of the CRDT."""
         self.sent_to: set[bytes] = set()
         """Peers this peer sent the task's objects to as its author or arbiter (see
         `protocol.tasks.placement.audience`): repair after a membership change sends to the rest."""

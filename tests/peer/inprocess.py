@@ -58,7 +58,10 @@ class MemoryStore:
         for record in records:
             if record.kind == PersistKind.FORGET_TASK:
                 for kind, key in [k for k in self.records if k[1].startswith(record.key)]:
-                    del self.records[kind, key]
+                    if kind != PersistKind.TOMBSTONE:
+                        del self.records[kind, key]
+            elif record.kind == PersistKind.FORGET_TOMBSTONE:
+                self.records.pop((PersistKind.TOMBSTONE, record.key), None)
             else:
                 self.records[record.kind, record.key] = record.value
 

@@ -104,7 +104,10 @@ def test_the_store_forgets_a_task_and_stores_its_tombstone_in_one_transaction(
         assert list(store.scan(PersistKind.TASK)) == [(other, b"other record")]
         assert list(store.scan(PersistKind.CLAIM)) == list(store.scan(PersistKind.GRANT)) == []
         assert list(store.scan(PersistKind.TOMBSTONE)) == [(tid, b"stone")]
+        # Forgetting the task again leaves its tombstone; the tombstone goes on its own.
         store.put_many([Persist(PersistKind.FORGET_TASK, tid, b"")])
+        assert list(store.scan(PersistKind.TOMBSTONE)) == [(tid, b"stone")]
+        store.put_many([Persist(PersistKind.FORGET_TOMBSTONE, tid, b"")])
         assert list(store.scan(PersistKind.TOMBSTONE)) == []
         assert store.get(PersistKind.INCARNATION, b"self") == b"\x01"
         assert store.last_contact() is None
@@ -134,7 +137,7 @@ def test_forgetting_a_task_searches_the_primary_key_and_spares_its_neighbours(
         assert all("USING PRIMARY KEY" in row[3] for row in plan)
         store.put_many([Persist(PersistKind.FORGET_TASK, tid, b"")])
         assert store.get(PersistKind.CHECKPOINT, tid + b"\x00" * 44) is None
-        assert store.get(PersistKind.TOMBSTONE, tid) is None
+        assert store.get(PersistKind.TOMBSTONE, tid) == b"stone"
         assert store.get(PersistKind.TASK, after) == b"the next id"
 
 

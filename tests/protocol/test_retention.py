@@ -138,7 +138,7 @@ def test_a_tombstone_is_forgotten_exactly_after_the_grace() -> None:
     link.advance(compacted + GRACE)
     assert link.node(owner).tombstone(task_id) is None
     assert link.node(owner).task_counters()["tombstones forgotten"] == 1
-    assert persists(link, owner)[-1] == Persist(PersistKind.FORGET_TASK, task_id, b"")
+    assert persists(link, owner)[-1] == Persist(PersistKind.FORGET_TOMBSTONE, task_id, b"")
 
 
 def test_tombstones_take_no_part_in_anti_entropy_and_differ_from_any_live_state() -> None:

@@ -38,6 +38,7 @@ from protocol.tasks.messages import (
     EpochGrant,
     Result,
     TaskAsk,
+    TaskGrant,
     TaskHave,
     TaskHeld,
     TaskRecord,
@@ -345,6 +346,43 @@ def test_a_standby_outside_the_audience_gets_the_task_only_from_the_full_primary
     assert starts(link, task_id) == [(standby, 1)]
     assert link.node(primary).tasks.counters["grants handed on"] == 1
     assert not link.sent(standby, primary, TaskAsk)
+
+
+def test_a_full_primary_sends_its_turn_again_on_its_timer_not_at_every_decision() -> None:
+    # Each slot freed at a primary decides again about every task it passed. Sending the
+    # handed-on task at each of those decisions sent it, whole, about three times per task
+    # handed on in a 3-peer soak (decision 81); a lost hand-on is still sent again.
+    first = keyed_id("held")
+    primary = ranked(first, list(range(4)))[0]
+    key = next(
+        f"handed on {k}"
+        for k in range(200)
+        if ranked(keyed_id(f"handed on {k}"), list(range(4)))[0] == primary
+    )
+    link = mesh(4)
+    for i in range(4):
+        link.run(i, link.node(i).serve(link.now, (ROLE,), 1 if i == primary else 4))
+    link.advance(link.now + 2.0)
+    held = submit(link, key="held")
+    assert starts(link, held) == [(primary, 1)]  # its only slot is taken
+    standby = ranked(keyed_id(key), list(range(4)))[1]
+    link.drop = lambda src, dst, data: (
+        src == addr(primary) and dst == addr(standby) and bool(of_type(opened(data), TaskGrant))
+    )  # every copy of the turn handed on is lost
+    at = link.now
+    task_id = submit(link, key=key)
+    tasks = link.node(primary).tasks
+    assert tasks.tasks[task_id].grants == {1: node_id(standby)}
+    handed = tasks.tasks[task_id].grant_sent_at
+    assert handed is not None and at <= handed < at + 0.1
+    link.run(primary, link.node(primary).complete(link.now, held, 1, "ok", b"done"))
+    assert tasks.counters["grants sent again"] == 0  # the freed slot decided again: not sent
+    link.advance(handed + DELAY - 0.01)
+    assert tasks.counters["grants sent again"] == 0
+    link.advance(handed + DELAY)
+    assert tasks.counters["grants sent again"] == 1
+    assert tasks.tasks[task_id].grant_sent_at == handed + DELAY
+    assert not starts(link, task_id)
 
 
 def test_a_standby_behind_a_free_peer_waits_its_turn_then_asks() -> None:
