@@ -135,25 +135,6 @@ def test_cache_remembers_only_successes() -> None:
     assert (cache.verified, cache.hits, cache.failures) == (0, 0, 3)
 
 
-def test_cache_evicts_least_recently_used() -> None:
-    s = signer()
-    sigs = {p: s.sign(DOMAIN_ALIVE, p) for p in (b"a", b"b", b"c")}
-    cache = VerifiedCache(capacity=2)
-
-    def check(payload: bytes) -> None:
-        assert cache.verify(DOMAIN_ALIVE, NET, s.public_key, payload, sigs[payload])
-
-    check(b"a")
-    check(b"b")
-    check(b"a")  # hit: a becomes the most recently used
-    check(b"c")  # evicts b
-    assert (cache.verified, cache.hits) == (3, 1)
-    check(b"a")  # still cached
-    assert (cache.verified, cache.hits) == (3, 2)
-    check(b"b")  # evicted: verified again
-    assert (cache.verified, cache.hits) == (4, 2)
-
-
 def test_node_id_of_is_sha256() -> None:
     assert node_id_of(b"\x01" * 32) == hashlib.sha256(b"\x01" * 32).digest()
 
@@ -165,3 +146,21 @@ def test_short_id() -> None:
     assert short_id(nid, 6) == short_id(nid)[:6]
     assert short_id(nid).isalnum() and short_id(nid) == short_id(nid).lower()
     assert short_id(node_id_of(signer(1).public_key)) != short_id(nid)
+
+
+def test_cache_forgets_the_oldest_generation_and_keeps_what_is_hit() -> None:
+    s = signer()
+    sigs = {p: s.sign(DOMAIN_ALIVE, p) for p in (b"p0", b"p1", b"p2", b"p3")}
+    cache = VerifiedCache(capacity=4)  # two generations of two digests
+
+    def check(payload: bytes) -> tuple[int, int]:
+        before = (cache.verified, cache.hits)
+        assert cache.verify(DOMAIN_ALIVE, NET, s.public_key, payload, sigs[payload])
+        return cache.verified - before[0], cache.hits - before[1]
+
+    assert [check(p) for p in (b"p0", b"p1")] == [(1, 0), (1, 0)]
+    assert check(b"p0") == (0, 1)  # in the older generation: a hit, and kept on
+    assert check(b"p2") == (1, 0)  # the recent generation is full: p1's goes
+    assert check(b"p0") == (0, 1)
+    assert check(b"p1") == (1, 0)  # forgotten: verified again
+    assert [check(p) for p in (b"p3", b"p2")] == [(1, 0), (1, 0)]  # p2 went with p0's turn
