@@ -119,6 +119,13 @@ class AskGrant:
 Decision = Nothing | Wait | Resume | MakeClaim | Pass | AskGrant
 
 
+def down_grace_ends(view: ClaimView, node_id: bytes, now: float, grace: float) -> float | None:
+    """When the down grace of `node_id` ends, if it was declared dead here less than `grace`
+    seconds before `now` (else None): until then its claims are not taken over."""
+    down = view.down_since(node_id)
+    return down + grace if down is not None and now < down + grace else None
+
+
 def decide(view: ClaimView, st: TaskState, now: float, me: ClaimStanding) -> Decision:
     """What `me` does next about the task `st` at `now` (see the module's invariants)."""
     rec = st.record
@@ -140,9 +147,9 @@ def decide(view: ClaimView, st: TaskState, now: float, me: ClaimStanding) -> Dec
         # alone (one forged DEAD message) costs the owner at most a refutation. And the grace
         # to have passed: a busy owner declared dead is still running the task.
         epoch, since = claim.epoch + 1, st.owner_down_at or now
-        down = view.down_since(claim.owner)
-        if down is not None and now < down + me.down_grace:
-            return Wait(down + me.down_grace)
+        grace_ends = down_grace_ends(view, claim.owner, now, me.down_grace)
+        if grace_ends is not None:
+            return Wait(grace_ends)
     else:
         return Nothing()
     ranked = me.in_line(st, epoch, now)

@@ -31,6 +31,7 @@ from dataclasses import replace
 
 from protocol.codec import encode_message
 from protocol.effects import PersistKind
+from protocol.tasks.claim_rule import down_grace_ends
 from protocol.tasks.core import LOCAL, STORE, TaskCore
 from protocol.tasks.messages import DOMAIN_EPOCH_GRANT, EpochGrant, TaskGrant
 from protocol.tasks.state import TaskState, hrw_score
@@ -83,8 +84,7 @@ class Grants(TaskCore):
             return  # not the arbiter in our view; the asker's view will catch up
         if not self.view.confirmed_down(claim.owner) or asker == claim.owner:
             return  # we do not hold the owner dead: no takeover
-        down = self.view.down_since(claim.owner)
-        if down is not None and now < down + self.down_grace:
+        if down_grace_ends(self.view, claim.owner, now, self.down_grace) is not None:
             # Declared dead here too lately: a busy owner refutes within the grace, and
             # meanwhile it runs the task (decision 80). The asker asks again.
             self.counters["takeover asked within the down grace"] += 1
