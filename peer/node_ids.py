@@ -14,9 +14,21 @@ NODE_ID_CHARS = 52
 _ALPHABET = frozenset("abcdefghijklmnopqrstuvwxyz234567")
 
 
+_TEXTS: dict[bytes, str] = {}
+"""Text forms already made: every task event names its owner, and a network has few peers."""
+_TEXTS_KEPT = 4096
+
+
 def node_id_text(node_id: bytes) -> str:
     """Return the text form of a node id: lowercase base32 without padding."""
-    return base64.b32encode(node_id).decode("ascii").lower().rstrip("=")
+    text = _TEXTS.get(node_id) if type(node_id) is bytes else None
+    if text is None:
+        text = base64.b32encode(node_id).decode("ascii").lower().rstrip("=")
+        if type(node_id) is bytes:
+            if len(_TEXTS) >= _TEXTS_KEPT:
+                _TEXTS.clear()  # ids seen once (a hostile or churning network) do not pile up
+            _TEXTS[node_id] = text
+    return text
 
 
 def node_id_from_text(text: str) -> bytes | None:

@@ -16,11 +16,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Callable
+from typing import TypeVar
 
 from peer.http.common import Json
 from peer.runtime.driver import Driver
 from peer.runtime.hub import Observed
 from peer.runtime.progress import ProgressLog, Step
+
+T = TypeVar("T")
+
+MERGED_BATCH = 256
+"""Most items taken from each subscription for one batch of `merged`: a stream that fell far
+behind catches up in writes of a bounded size."""
 
 
 def step_json(step: Step) -> Json:
@@ -57,16 +64,18 @@ def new_steps(log: ProgressLog, task_id: bytes, shown: dict[bytes, int]) -> list
 
 async def merged(
     notes: asyncio.Queue[Observed | None], steps: asyncio.Queue[Step | None], silence: float
-) -> AsyncGenerator[Observed | Step | None, None]:
-    """Yield each task note and step as it comes, or None after `silence` seconds with neither.
+) -> AsyncGenerator[list[Observed | Step] | None, None]:
+    """Yield what the task notes and steps queued, in batches (each queue's items in order,
+    at most `MERGED_BATCH` of each), or None after `silence` seconds with neither.
 
-    Ends when either subscription does (its hub dropped or closed it: the peer stops).
+    Ends, after yielding what came before, when either subscription does (its hub dropped or
+    closed it: the peer stops).
     """
     while True:
-        # What is queued already is taken as the wait below would (one of each, notes first)
-        # without it: two futures and a wait per event cost a busy peer's watch stream more
-        # than writing the event did.
-        got: list[Observed | Step | None] = [q.get_nowait() for q in (notes, steps) if q.qsize()]
+        # What is queued already is taken without waiting: two futures and a wait per event
+        # cost a busy peer's watch stream more than writing the event did. And all of it at
+        # once, so a stream writes it in one go rather than one system call per event.
+        got: list[Observed | Step | None] = [*_queued(notes), *_queued(steps)]
         if not got:
             gets: list[asyncio.Future[Observed | Step | None]] = [
                 asyncio.ensure_future(notes.get()),
@@ -80,10 +89,20 @@ async def merged(
             got = [get.result() for get in gets if get.done() and not get.cancelled()]
             if not got:
                 yield None
+                continue
+        batch: list[Observed | Step] = []
         for item in got:
             if item is None:
+                if batch:
+                    yield batch
                 return
-            yield item
+            batch.append(item)
+        yield batch
+
+
+def _queued(queue: asyncio.Queue[T]) -> list[T]:
+    """What `queue` holds now, up to `MERGED_BATCH` items, in order."""
+    return [queue.get_nowait() for _ in range(min(queue.qsize(), MERGED_BATCH))]
 
 
 async def task_or_step_changes(
@@ -99,12 +118,12 @@ async def task_or_step_changes(
         yield None
         feed = merged(notes, steps, poll)
         async with contextlib.aclosing(feed):
-            async for item in feed:
-                if item is None:
+            async for batch in feed:
+                if batch is None:
                     yield None
                     continue
-                task_id = item.task_id if isinstance(item, Step) else task_of(item)
-                if task_id in watched():
+                ids = {item.task_id if isinstance(item, Step) else task_of(item) for item in batch}
+                if not ids.isdisjoint(watched()):
                     yield None
     finally:
         driver.task_hub.unsubscribe(notes)

@@ -87,13 +87,15 @@ class WatchApi:
     ) -> EventSource:
         feed = merged(notes, steps, self.keepalive)
         async with contextlib.aclosing(feed):
-            async for item in feed:
-                if item is None:
+            async for batch in feed:
+                if batch is None:
                     yield None
-                elif isinstance(item, Step):
-                    yield step_json(item)
-                elif (event := task_event_json(item)) is not None:
-                    yield event
+                    continue
+                events = [
+                    step_json(item) if isinstance(item, Step) else task_event_json(item)
+                    for item in batch
+                ]
+                yield [event for event in events if event is not None]
 
     async def _watch_one(self, request: web.Request) -> web.StreamResponse:
         tree = request.query.get("tree", "0")

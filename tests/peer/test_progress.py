@@ -17,6 +17,7 @@ import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
 from peer.build import Peer
+from peer.http import progress as http_progress
 from peer.http.app import PeerApi
 from peer.http.progress import merged
 from peer.runtime import progress as progress_module
@@ -56,21 +57,38 @@ async def test_steps_are_numbered_counted_and_handed_to_subscribers() -> None:
         log.report(b"a", 1, "thinking")
 
 
-async def test_merged_feeds_take_what_is_queued_one_of_each_then_wait_then_end() -> None:
+async def test_merged_feeds_take_all_that_is_queued_at_once_then_wait_then_end() -> None:
     notes: asyncio.Queue[Any] = asyncio.Queue()
     steps: asyncio.Queue[Any] = asyncio.Queue()
     for item in ("n1", "n2"):
         notes.put_nowait(item)
     steps.put_nowait("s1")
     feed = merged(notes, steps, silence=0.05)
-    assert [await anext(feed) for _ in range(3)] == ["n1", "s1", "n2"]
+    assert await anext(feed) == ["n1", "n2", "s1"]  # one batch: one write for a stream
     assert await anext(feed) is None  # silence
     asyncio.get_running_loop().call_later(0.01, steps.put_nowait, "s2")
-    assert await anext(feed) == "s2"  # a wait that an item ends
-    notes.put_nowait(None)  # the hub closed the subscription
+    assert await anext(feed) == ["s2"]  # a wait that an item ends
+    notes.put_nowait("n3")
+    notes.put_nowait(None)  # the hub closed the subscription: what came before still goes
+    assert await anext(feed) == ["n3"]
     with pytest.raises(StopAsyncIteration):
         await anext(feed)
     assert notes.empty() and steps.empty()
+
+
+async def test_merged_batches_are_bounded_and_keep_each_queue_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(http_progress, "MERGED_BATCH", 2)
+    notes: asyncio.Queue[Any] = asyncio.Queue()
+    steps: asyncio.Queue[Any] = asyncio.Queue()
+    for item in ("n1", "n2", "n3"):
+        notes.put_nowait(item)
+    steps.put_nowait("s1")
+    feed = merged(notes, steps, silence=0.05)
+    assert await anext(feed) == ["n1", "n2", "s1"]
+    assert await anext(feed) == ["n3"]
+    assert await anext(feed) is None
 
 
 async def test_memory_is_bounded_and_a_lagging_subscriber_is_ended(
