@@ -104,6 +104,25 @@ def test_requests_reuse_one_kept_alive_connection(mode: str) -> None:
     assert server.requests[0] == b"GET /v1/health HTTP/1.1"
 
 
+def test_concurrent_requests_keep_their_connections_for_the_next_wave() -> None:
+    # A program sending 16 requests at once through one client: each wave after the first
+    # reuses the connections the last one opened, rather than connecting again for most of
+    # its requests (a peer accepting and closing a connection per request).
+    server = RawServer()
+    waves, width = 4, 16
+
+    async def body(blocking: bool) -> None:
+        async with GrapevineClient(api, token="t" * 32, blocking=blocking) as client:
+            for _ in range(waves):
+                answers = await asyncio.gather(*(client.health() for _ in range(width)))
+                assert answers == [{}] * width
+
+    with serving(server) as api:
+        drive("asyncio", body)
+    assert len(server.requests) == waves * width
+    assert server.connections == width
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_a_pooled_connection_the_server_dropped_is_replaced(mode: str) -> None:
     server = RawServer(close_after=True)
