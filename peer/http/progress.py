@@ -9,6 +9,8 @@ Invariants:
   (`protocol.tasks.progress`); a stream elsewhere shows none (docs/tasks.md).
 - `merged` waits on the task notes and the steps at once and never leaves a getter behind:
   each wait's pending gets are cancelled before it yields, and an item a get took is yielded.
+  What is queued already is yielded as one batch (each queue's items in their order), which a
+  stream writes in one go.
 """
 
 from __future__ import annotations
