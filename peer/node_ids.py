@@ -21,14 +21,18 @@ _TEXTS_KEPT = 4096
 
 def node_id_text(node_id: bytes) -> str:
     """Return the text form of a node id: lowercase base32 without padding."""
-    text = _TEXTS.get(node_id) if type(node_id) is bytes else None
+    if type(node_id) is not bytes:  # a bytearray or memoryview cannot be a key
+        return _text(node_id)
+    text = _TEXTS.get(node_id)
     if text is None:
-        text = base64.b32encode(node_id).decode("ascii").lower().rstrip("=")
-        if type(node_id) is bytes:
-            if len(_TEXTS) >= _TEXTS_KEPT:
-                _TEXTS.clear()  # ids seen once (a hostile or churning network) do not pile up
-            _TEXTS[node_id] = text
+        if len(_TEXTS) >= _TEXTS_KEPT:
+            _TEXTS.clear()  # ids seen once (a hostile or churning network) do not pile up
+        text = _TEXTS[node_id] = _text(node_id)
     return text
+
+
+def _text(node_id: bytes) -> str:
+    return base64.b32encode(node_id).decode("ascii").lower().rstrip("=")
 
 
 def node_id_from_text(text: str) -> bytes | None:
