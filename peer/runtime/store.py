@@ -28,6 +28,12 @@ peer writes its task records from one writer thread (`peer.runtime.group_commit`
 66), so that fsyncs do not stall the event loop; its other calls (membership hints, usage) are
 few and run on the loop, waiting at most for the write in flight.
 
+Layout. Task objects (`task_objects`) and tombstones (`task_tombstones`) are keyed first by a
+slot, a number given in the order a task's rows are first written (`peer.runtime.store_slots`):
+writes append at one edge of each B-tree and compaction deletes at the other, so a commit
+touches a few pages however many tasks are held (decision 83). Other records (`records`) are
+keyed by kind and key.
+
 Schema. `MIGRATIONS` is append-only: entry *i* brings the database from version *i* to *i + 1*.
 Add tables by appending an entry; never edit a released one. A database newer than this code
 is refused.
@@ -51,6 +57,7 @@ from typing import Concatenate, ParamSpec, Self, TypeVar
 from peer.runtime.identity_file import IDENTITY_NAME, load_or_create_identity
 from peer.runtime.store_errors import StoreError, StoreWriteError
 from peer.runtime.store_schema import MIGRATIONS, SYNCHRONOUS_NAMES, WAL_SIZE_LIMIT, connect
+from peer.runtime.store_slots import TASK_ID_BYTES, Slots
 from protocol.effects import Persist, PersistKind
 
 __all__ = [
@@ -89,7 +96,7 @@ def _serialized(method: Callable[Concatenate[Store, P], R]) -> Callable[Concaten
 class Store:
     """A peer's durable state; see the module docstring for its guarantees."""
 
-    __slots__ = ("_db", "_lock_fd", "_mutex", "data_dir", "on_write")
+    __slots__ = ("_db", "_lock_fd", "_mutex", "_slots", "data_dir", "on_write")
 
     def __init__(self, data_dir: Path, db: sqlite3.Connection, lock_fd: int) -> None:
         """Wrap an already-open database; use `Store.open` instead."""
@@ -98,6 +105,8 @@ class Store:
         self._lock_fd = lock_fd
         self._mutex = threading.RLock()
         """Held by every use of `_db` (see Threading in the module docstring)."""
+        self._slots = Slots()
+        """Where each task's rows sit (`peer.runtime.store_slots`); read at `open`."""
         self.on_write: Callable[[float], None] | None = None
         """Called with the seconds each committed write transaction took (fsync included):
         the peer's `grapevine_store_write_seconds`."""
@@ -134,6 +143,7 @@ class Store:
             store = cls(data_dir, connect(data_dir / DB_NAME), lock_fd)
             try:
                 store._migrate()
+                store._slots.load(store._db)
             except BaseException:
                 store._db.close()
                 raise
@@ -311,12 +321,22 @@ class Store:
                     self._forget_task(bytes(key))
                     continue
                 if kind == PersistKind.FORGET_TOMBSTONE:
-                    self._db.execute("DELETE FROM tombstones WHERE task_id = ?", (bytes(key),))
+                    slot = self._slots.pop(self._slots.tombstones, bytes(key))
+                    if slot is not None:
+                        self._db.execute(FORGET_TOMBSTONE_STATEMENT, (slot,))
                     continue
                 if kind == PersistKind.TOMBSTONE:
+                    key = bytes(key)
                     self._db.execute(
-                        "INSERT OR REPLACE INTO tombstones VALUES (?, ?)",
-                        (bytes(key), bytes(value)),
+                        "INSERT OR REPLACE INTO task_tombstones VALUES (?, ?, ?)",
+                        (self._slots.tombstone_slot(key), key, bytes(value)),
+                    )
+                    continue
+                if kind in TASK_KIND_NAMES:
+                    key = bytes(key)
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO task_objects VALUES (?, ?, ?, ?)",
+                        (self._slots.object_slot(key[:TASK_ID_BYTES]), kind, key, bytes(value)),
                     )
                     continue
                 self._db.execute(
@@ -325,12 +345,11 @@ class Store:
                 )
 
     def _forget_task(self, task_id: bytes) -> None:
-        # Every task record's key starts with the task id (objects, grants): delete
-        # the key range [task_id, the next id) of each task kind in one statement; SQLite
-        # searches the (kind, key) primary key once per kind of the IN list. A statement with
-        # no kind constraint scanned the whole table (compacting thousands of tasks stalled
-        # the peer for tens of seconds); one statement per kind cost half as much again.
-        self._db.execute(FORGET_TASK_STATEMENT, (*TASK_KIND_NAMES, task_id, _prefix_end(task_id)))
+        # A task's objects share its slot: one search of the primary key finds them all,
+        # at the old edge of the table where compaction works (decision 83).
+        slot = self._slots.pop(self._slots.objects, task_id)
+        if slot is not None:
+            self._db.execute(FORGET_TASK_STATEMENT, (slot,))
 
     @_serialized
     def last_contact(self) -> int | None:
@@ -342,22 +361,45 @@ class Store:
     def forget_kinds(self, kinds: Iterable[str]) -> int:
         """Delete every record of these kinds in one transaction; return how many."""
         names = [str(kind) for kind in kinds]
+        marks = ", ".join("?" * len(names))
         with self._transaction():
-            cursor = self._db.execute(
-                f"DELETE FROM records WHERE kind IN ({', '.join('?' * len(names))})", names
+            count = int(
+                self._db.execute(f"DELETE FROM records WHERE kind IN ({marks})", names).rowcount
             )
-            count = int(cursor.rowcount)
+            count += int(
+                self._db.execute(
+                    f"DELETE FROM task_objects WHERE kind IN ({marks})", names
+                ).rowcount
+            )
             if PersistKind.TOMBSTONE in names:
-                count += int(self._db.execute("DELETE FROM tombstones").rowcount)
+                count += int(self._db.execute("DELETE FROM task_tombstones").rowcount)
+        with self._mutex:  # read back once committed: the slots describe what is on disk
+            self._slots.load(self._db)
         return count
 
     @_serialized
     def get(self, kind: str, key: bytes) -> bytes | None:
         """Return the value stored under (`kind`, a `PersistKind`, and `key`), or None."""
+        key = bytes(key)
         if kind == PersistKind.TOMBSTONE:
-            row = self._db.execute(
-                "SELECT value FROM tombstones WHERE task_id = ?", (bytes(key),)
-            ).fetchone()
+            slot = self._slots.tombstones.get(key)
+            row = (
+                None
+                if slot is None
+                else self._db.execute(
+                    "SELECT value FROM task_tombstones WHERE slot = ? AND task_id = ?", (slot, key)
+                ).fetchone()
+            )
+        elif kind in TASK_KIND_NAMES:
+            slot = self._slots.objects.get(key[:TASK_ID_BYTES])
+            row = (
+                None
+                if slot is None
+                else self._db.execute(
+                    "SELECT value FROM task_objects WHERE slot = ? AND kind = ? AND key = ?",
+                    (slot, kind, key),
+                ).fetchone()
+            )
         else:
             row = self._db.execute(
                 "SELECT value FROM records WHERE kind = ? AND key = ?", (kind, bytes(key))
@@ -373,7 +415,11 @@ class Store:
         """
         if kind == PersistKind.TOMBSTONE:
             rows = self._db.execute(
-                "SELECT task_id, value FROM tombstones ORDER BY task_id"
+                "SELECT task_id, value FROM task_tombstones ORDER BY task_id"
+            ).fetchall()
+        elif kind in TASK_KIND_NAMES:
+            rows = self._db.execute(
+                "SELECT key, value FROM task_objects WHERE kind = ? ORDER BY key", (kind,)
             ).fetchall()
         else:
             rows = self._db.execute(
@@ -395,11 +441,13 @@ class Store:
                     yield
                     self._db.execute("COMMIT")
                 except BaseException:
+                    self._slots.rollback()
                     # A COMMIT that failed on a full disk may or may not have rolled back already
                     # (SQLite's documentation); left open, it would fail every later BEGIN.
                     if self._db.in_transaction:
                         self._db.execute("ROLLBACK")
                     raise
+                self._slots.commit()
             except sqlite3.Error as exc:
                 raise StoreWriteError(
                     f"writing {self.data_dir / DB_NAME} failed: {exc}; nothing of it was stored"
@@ -438,20 +486,11 @@ _TASK_KINDS = (
     PersistKind.EPOCH_GRANT,
     PersistKind.GRANT,
 )
-"""The kinds of `records` whose keys start with a task id (what forgetting a task deletes,
-with its tombstone, kept in a table of its own)."""
-TASK_KIND_NAMES = tuple(kind.value for kind in _TASK_KINDS)
-"""The stored names of those kinds, the first parameters of `FORGET_TASK_STATEMENT`."""
-FORGET_TASK_STATEMENT = (
-    f"DELETE FROM records WHERE kind IN ({', '.join('?' * len(_TASK_KINDS))})"
-    " AND key >= ? AND key < ?"
-)
-"""Forgetting a task: its key range of every task kind, one primary-key search per kind."""
-
-
-def _prefix_end(prefix: bytes) -> bytes:
-    """The least key greater than every key starting with `prefix` (BLOBs sort bytewise)."""
-    stripped = prefix.rstrip(b"\xff")
-    if not stripped:
-        return b"\xff" * (len(prefix) + 128)  # all 0xff: no task record key is this long
-    return stripped[:-1] + bytes([stripped[-1] + 1])
+"""The kinds of task object: stored in `task_objects` under their task's slot, and deleted
+together when the task is forgotten (its tombstone is kept in a table of its own)."""
+TASK_KIND_NAMES = frozenset(kind.value for kind in _TASK_KINDS)
+"""The stored names of those kinds."""
+FORGET_TASK_STATEMENT = "DELETE FROM task_objects WHERE slot = ?"
+"""Forgetting a task: every object in its slot, one primary-key search."""
+FORGET_TOMBSTONE_STATEMENT = "DELETE FROM task_tombstones WHERE slot = ?"
+"""Forgetting a tombstone: its slot, one primary-key search."""

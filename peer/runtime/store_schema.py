@@ -19,6 +19,12 @@ directory crept up by megabytes per peer over a long soak."""
 SYNCHRONOUS_NAMES = {0: "off", 1: "normal", 2: "full", 3: "extra"}
 """SQLite's `PRAGMA synchronous` levels by number."""
 
+_V4_TASK_KINDS = (
+    "'task', 'claim', 'checkpoint', 'result', 'cancel', 'execution', 'epoch-grant', 'grant'"
+)
+"""The kinds of task object stored when version 4 moved them to `task_objects` (literal: a
+released migration never changes)."""
+
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
@@ -46,6 +52,43 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ("CREATE TABLE tombstones ( task_id BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID"),
         "INSERT INTO tombstones SELECT key, value FROM records WHERE kind = 'tombstone'",
         "DELETE FROM records WHERE kind = 'tombstone'",
+    ),
+    (
+        # Task objects and tombstones keyed first by a slot number that grows with time, so
+        # writes append at one edge of the B-tree and compaction deletes at the other
+        # (`peer.runtime.store_slots`, decision 83). Rows already stored get slots in the
+        # order of their task ids: their arrival order was never kept.
+        (
+            "CREATE TABLE task_objects ("
+            " slot INTEGER NOT NULL, kind TEXT NOT NULL, key BLOB NOT NULL, value BLOB NOT NULL,"
+            " PRIMARY KEY (slot, kind, key)"
+            ") WITHOUT ROWID"
+        ),
+        (
+            "CREATE TABLE task_tombstones ("
+            " slot INTEGER NOT NULL, task_id BLOB NOT NULL, value BLOB NOT NULL,"
+            " PRIMARY KEY (slot, task_id)"
+            ") WITHOUT ROWID"
+        ),
+        "CREATE TEMP TABLE object_slots (task_id BLOB PRIMARY KEY, slot INTEGER) WITHOUT ROWID",
+        (
+            "INSERT INTO object_slots SELECT task_id, row_number() OVER (ORDER BY task_id)"
+            " FROM (SELECT DISTINCT substr(key, 1, 32) AS task_id FROM records"
+            f" WHERE kind IN ({_V4_TASK_KINDS}))"
+        ),
+        (
+            "INSERT INTO task_objects SELECT s.slot, r.kind, r.key, r.value"
+            " FROM records AS r JOIN object_slots AS s ON s.task_id = substr(r.key, 1, 32)"
+            f" WHERE r.kind IN ({_V4_TASK_KINDS})"
+        ),
+        (
+            "INSERT INTO task_tombstones SELECT"
+            " (SELECT count(*) FROM object_slots) + row_number() OVER (ORDER BY task_id),"
+            " task_id, value FROM tombstones"
+        ),
+        f"DELETE FROM records WHERE kind IN ({_V4_TASK_KINDS})",
+        "DROP TABLE object_slots",
+        "DROP TABLE tombstones",
     ),
 )
 """Append-only schema migrations; each entry is the statements of one version step."""

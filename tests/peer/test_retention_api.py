@@ -18,7 +18,6 @@ from peer.runtime.store import (
     DB_NAME,
     FORGET_TASK_STATEMENT,
     MIGRATIONS,
-    TASK_KIND_NAMES,
     Store,
 )
 from protocol.effects import Persist, PersistKind
@@ -131,8 +130,7 @@ def test_forgetting_a_task_searches_the_primary_key_and_spares_its_neighbours(
             ]
         )
         plan = sqlite3.connect(tmp_path / DB_NAME).execute(
-            "EXPLAIN QUERY PLAN " + FORGET_TASK_STATEMENT,
-            (*TASK_KIND_NAMES, tid, tid + b"\x01"),
+            "EXPLAIN QUERY PLAN " + FORGET_TASK_STATEMENT, (1,)
         )
         assert all("USING PRIMARY KEY" in row[3] for row in plan)
         store.put_many([Persist(PersistKind.FORGET_TASK, tid, b"")])
