@@ -104,6 +104,10 @@ _STATUS_REFUSALS = {400: "bad_request", 413: "body_too_large"}
 """Answers of a handler (or of the text check) that count as refusals, by status."""
 
 
+HOSTS_KEPT: Final = 64
+"""Socket addresses whose accepted `Host` values a guard keeps (`RequestGuard._allowed_hosts`)."""
+
+
 def address_form(host: str, port: int) -> str:
     """The "host:port" a client puts in `Host` for `host` (IPv6 bracketed), lowercase."""
     host = host.lower()
@@ -181,6 +185,10 @@ class RequestGuard:
         (set by `PeerApi.start`)."""
         self.refused: Counter[str] = Counter()
         """Connections and requests refused, by reason (one of `API_REFUSALS`)."""
+        self._hosts: dict[tuple[str, int, frozenset[str]], frozenset[str]] = {}
+        """`own_hosts` by socket address and names: parsing the address for every request was
+        about 1% of a busy peer's CPU. An API listens on a few addresses, so this stays small
+        (`HOSTS_KEPT` bounds it all the same)."""
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -266,7 +274,13 @@ class RequestGuard:
         sockname = request.transport.get_extra_info("sockname") if request.transport else None
         if not sockname:
             return frozenset()
-        return own_hosts(str(sockname[0]), int(sockname[1]), self.names)
+        key = (str(sockname[0]), int(sockname[1]), self.names)
+        hosts = self._hosts.get(key)
+        if hosts is None:
+            if len(self._hosts) >= HOSTS_KEPT:
+                self._hosts.clear()
+            hosts = self._hosts[key] = own_hosts(*key)
+        return hosts
 
     def authorized(self, request: web.Request) -> bool:
         """Whether `request` carries the token, or the session cookie in a safe request."""

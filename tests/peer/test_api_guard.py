@@ -21,6 +21,7 @@ import pytest
 from peer.api_token import find_token, read_token_file, token_path
 from peer.build import Peer, build_peer
 from peer.client import ApiError, GrapevineClient
+from peer.http.guard import HOSTS_KEPT, RequestGuard
 from peer.runtime.keyring import Keyring
 from peer.settings import AgentSettings, SettingsError, load_settings
 from tests.peer.inprocess import MemoryStore
@@ -345,3 +346,29 @@ def test_the_operators_token_file_comes_from_a_flag_the_environment_or_the_confi
     for api in ("0.0.0.0:1", "[::]:1", "10.0.0.1:1", "example.org:1"):
         with pytest.raises(SettingsError, match="--api-token-file"):
             load_settings({"api": api}, {}, None)
+
+
+def test_the_hosts_a_guard_accepts_follow_its_names_and_stay_few() -> None:
+    # The accepted Host values are kept per socket address (parsing it for every request was
+    # about 1% of a busy peer's CPU): a name given at start must still count, and a guard
+    # reached on many addresses keeps a bounded number.
+    class Transport:
+        def __init__(self, ip: str) -> None:
+            self.ip = ip
+
+        def get_extra_info(self, name: str) -> object:
+            return (self.ip, 8080) if name == "sockname" else None
+
+    class Request:
+        def __init__(self, ip: str) -> None:
+            self.transport = Transport(ip)
+
+    guard = RequestGuard("a-token")
+    assert guard._allowed_hosts(Request("10.0.0.1")) == {"10.0.0.1:8080"}  # type: ignore[arg-type]
+    guard.names = frozenset({"api.example"})
+    hosts = guard._allowed_hosts(Request("10.0.0.1"))  # type: ignore[arg-type]
+    assert hosts == {"10.0.0.1:8080", "api.example:8080"}
+    for n in range(HOSTS_KEPT * 2):
+        guard._allowed_hosts(Request(f"10.1.{n // 256}.{n % 256}"))  # type: ignore[arg-type]
+    assert 0 < len(guard._hosts) <= HOSTS_KEPT
+    assert "localhost:8080" in guard._allowed_hosts(Request("127.0.0.1"))  # type: ignore[arg-type]
