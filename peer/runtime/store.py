@@ -164,6 +164,15 @@ class Store:
                 )
             if version == len(MIGRATIONS):
                 return  # nothing to write, so a store on a full disk still opens for reading
+            if version > 0:
+                # Moving rows to new tables takes seconds per 100,000 tasks held: say why the
+                # peer is not up yet.
+                log.info(
+                    "upgrading %s from schema version %d to %d (once; a large store takes a while)",
+                    self.data_dir / DB_NAME,
+                    version,
+                    len(MIGRATIONS),
+                )
             for statements in MIGRATIONS[version:]:
                 for statement in statements:
                     self._db.execute(statement)

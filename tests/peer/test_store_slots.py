@@ -4,6 +4,7 @@ decision 83): appended at one edge of the B-tree, compacted at the other, whatev
 from __future__ import annotations
 
 import hashlib
+import logging
 import sqlite3
 from pathlib import Path
 
@@ -119,7 +120,9 @@ def test_forgetting_whole_kinds_keeps_the_slots_of_what_is_left(tmp_path: Path) 
         assert list(store.scan(PersistKind.GRANT)) == []
 
 
-def test_task_rows_and_tombstones_of_schema_3_move_to_the_slotted_tables(tmp_path: Path) -> None:
+def test_task_rows_and_tombstones_of_schema_3_move_to_the_slotted_tables(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     live, other, stone = tid(1), tid(2), tid(3)
     db = sqlite3.connect(tmp_path / DB_NAME)
     with db:
@@ -137,7 +140,8 @@ def test_task_rows_and_tombstones_of_schema_3_move_to_the_slotted_tables(tmp_pat
         db.executemany("INSERT INTO records VALUES (?, ?, ?)", rows)
         db.execute("INSERT INTO tombstones VALUES (?, ?)", (stone, b"stone"))
     db.close()
-    with Store.open(tmp_path) as store:
+    with caplog.at_level(logging.INFO, logger="peer.runtime.store"), Store.open(tmp_path) as store:
+        assert f"from schema version 3 to {len(MIGRATIONS)}" in caplog.text
         assert store.schema_version() == len(MIGRATIONS)
         assert list(store.scan(PersistKind.TASK)) == [(live, b"record")]
         assert list(store.scan(PersistKind.CLAIM)) == [(live + b"\x00" * 48, b"claim")]
