@@ -22,6 +22,7 @@ from peer.runtime.store import (
 )
 from protocol.effects import Persist, PersistKind
 from tests.peer.inprocess import API_HEADERS, API_TOKEN, MemoryStore, in_process_peer
+from tests.peer.old_stores import database_at_version
 
 KEY = bytes(range(32))
 RETENTION = 0.5
@@ -144,16 +145,14 @@ def test_tombstones_stored_by_the_previous_schema_move_to_their_own_table(
 ) -> None:
     # A data dir of schema version 2 kept tombstones among the records (decision 57).
     tid = b"\x05" * 32
-    db = sqlite3.connect(tmp_path / DB_NAME)
-    with db:
-        db.execute("CREATE TABLE schema_version (version INTEGER)")
-        db.execute("INSERT INTO schema_version VALUES (2)")
-        for statements in MIGRATIONS[:2]:
-            for statement in statements:
-                db.execute(statement)
-        db.execute("INSERT INTO records VALUES ('tombstone', ?, ?)", (tid, b"stone"))
-        db.execute("INSERT INTO records VALUES ('task', ?, ?)", (tid[:31] + b"\x06", b"live"))
-    db.close()
+    database_at_version(
+        tmp_path,
+        2,
+        [
+            ("INSERT INTO records VALUES ('tombstone', ?, ?)", (tid, b"stone")),
+            ("INSERT INTO records VALUES ('task', ?, ?)", (tid[:31] + b"\x06", b"live")),
+        ],
+    )
     with Store.open(tmp_path) as store:
         assert store.schema_version() == len(MIGRATIONS)
         assert list(store.scan(PersistKind.TOMBSTONE)) == [(tid, b"stone")]

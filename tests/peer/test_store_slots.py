@@ -12,6 +12,7 @@ import pytest
 
 from peer.runtime.store import DB_NAME, MIGRATIONS, Store
 from protocol.effects import Persist, PersistKind
+from tests.peer.old_stores import database_at_version
 
 
 def tid(n: int) -> bytes:
@@ -124,22 +125,18 @@ def test_task_rows_and_tombstones_of_schema_3_move_to_the_slotted_tables(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     live, other, stone = tid(1), tid(2), tid(3)
-    db = sqlite3.connect(tmp_path / DB_NAME)
-    with db:
-        db.execute("CREATE TABLE schema_version (version INTEGER)")
-        db.execute("INSERT INTO schema_version VALUES (3)")
-        for statements in MIGRATIONS[:3]:
-            for statement in statements:
-                db.execute(statement)
-        rows = [
-            ("task", live, b"record"),
-            ("claim", live + b"\x00" * 48, b"claim"),
-            ("epoch-grant", other + b"\x00" * 40, b"grant"),
-            ("incarnation", b"self", b"\x07"),
-        ]
-        db.executemany("INSERT INTO records VALUES (?, ?, ?)", rows)
-        db.execute("INSERT INTO tombstones VALUES (?, ?)", (stone, b"stone"))
-    db.close()
+    insert = "INSERT INTO records VALUES (?, ?, ?)"
+    database_at_version(
+        tmp_path,
+        3,
+        [
+            (insert, ("task", live, b"record")),
+            (insert, ("claim", live + b"\x00" * 48, b"claim")),
+            (insert, ("epoch-grant", other + b"\x00" * 40, b"grant")),
+            (insert, ("incarnation", b"self", b"\x07")),
+            ("INSERT INTO tombstones VALUES (?, ?)", (stone, b"stone")),
+        ],
+    )
     with caplog.at_level(logging.INFO, logger="peer.runtime.store"), Store.open(tmp_path) as store:
         assert f"from schema version 3 to {len(MIGRATIONS)}" in caplog.text
         assert store.schema_version() == len(MIGRATIONS)
