@@ -76,6 +76,24 @@ async def test_merged_feeds_take_all_that_is_queued_at_once_then_wait_then_end()
     assert notes.empty() and steps.empty()
 
 
+async def test_a_busy_merged_feed_gathers_what_comes_within_its_interval() -> None:
+    # A stream written as events came wrote about 5 events at a time at 2,000 events a second;
+    # a feed yields at most one batch per interval, and the first event of a quiet one at once.
+    notes: asyncio.Queue[Any] = asyncio.Queue()
+    steps: asyncio.Queue[Any] = asyncio.Queue()
+    feed = merged(notes, steps, silence=5.0, gather=1.0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    notes.put_nowait("n1")
+    assert await anext(feed) == ["n1"]
+    assert loop.time() - started < 0.9  # not held back: nothing was yielded before
+    loop.call_later(0.05, notes.put_nowait, "n2")
+    loop.call_later(0.1, steps.put_nowait, "s1")
+    assert await anext(feed) == ["n2", "s1"]  # one batch, though they came 50 ms apart
+    assert loop.time() - started >= 1.0
+    await feed.aclose()
+
+
 async def test_merged_batches_are_bounded_and_keep_each_queue_in_order(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
