@@ -85,7 +85,7 @@ async def merged(
     closed it: the peer stops).
     """
     loop = asyncio.get_running_loop()
-    last_batch = -gather
+    last_batch = float("-inf")  # none yet: the first batch goes at once
     while True:
         pause = last_batch + gather - loop.time()
         if pause > 0:

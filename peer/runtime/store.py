@@ -330,7 +330,7 @@ class Store:
                     self._forget_task(bytes(key))
                     continue
                 if kind == PersistKind.FORGET_TOMBSTONE:
-                    slot = self._slots.pop(self._slots.tombstones, bytes(key))
+                    slot = self._slots.forget_tombstone(bytes(key))
                     if slot is not None:
                         self._db.execute(FORGET_TOMBSTONE_STATEMENT, (slot,))
                     continue
@@ -356,7 +356,7 @@ class Store:
     def _forget_task(self, task_id: bytes) -> None:
         # A task's objects share its slot: one search of the primary key finds them all,
         # at the old edge of the table where compaction works (decision 83).
-        slot = self._slots.pop(self._slots.objects, task_id)
+        slot = self._slots.forget_objects(task_id)
         if slot is not None:
             self._db.execute(FORGET_TASK_STATEMENT, (slot,))
 
@@ -390,29 +390,23 @@ class Store:
     def get(self, kind: str, key: bytes) -> bytes | None:
         """Return the value stored under (`kind`, a `PersistKind`, and `key`), or None."""
         key = bytes(key)
+        params: tuple[object, ...]
         if kind == PersistKind.TOMBSTONE:
             slot = self._slots.tombstones.get(key)
-            row = (
-                None
-                if slot is None
-                else self._db.execute(
-                    "SELECT value FROM task_tombstones WHERE slot = ? AND task_id = ?", (slot, key)
-                ).fetchone()
-            )
+            if slot is None:
+                return None
+            query = "SELECT value FROM task_tombstones WHERE slot = ? AND task_id = ?"
+            params = (slot, key)
         elif kind in TASK_KIND_NAMES:
             slot = self._slots.objects.get(key[:TASK_ID_BYTES])
-            row = (
-                None
-                if slot is None
-                else self._db.execute(
-                    "SELECT value FROM task_objects WHERE slot = ? AND kind = ? AND key = ?",
-                    (slot, kind, key),
-                ).fetchone()
-            )
+            if slot is None:
+                return None
+            query = "SELECT value FROM task_objects WHERE slot = ? AND kind = ? AND key = ?"
+            params = (slot, kind, key)
         else:
-            row = self._db.execute(
-                "SELECT value FROM records WHERE kind = ? AND key = ?", (kind, bytes(key))
-            ).fetchone()
+            query = "SELECT value FROM records WHERE kind = ? AND key = ?"
+            params = (kind, key)
+        row = self._db.execute(query, params).fetchone()
         return None if row is None else bytes(row[0])
 
     @_serialized

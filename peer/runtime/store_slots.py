@@ -64,8 +64,15 @@ class Slots:
         """The slot of the task's tombstone, a new one (the next) if it has none."""
         return self._slot(self.tombstones, task_id)
 
-    def pop(self, slots: dict[bytes, int], task_id: bytes) -> int | None:
-        """Remove and return the task's slot in `slots` (`objects` or `tombstones`)."""
+    def forget_objects(self, task_id: bytes) -> int | None:
+        """Remove and return the slot of the task's objects (None: it has none)."""
+        return self._pop(self.objects, task_id)
+
+    def forget_tombstone(self, task_id: bytes) -> int | None:
+        """Remove and return the slot of the task's tombstone (None: it has none)."""
+        return self._pop(self.tombstones, task_id)
+
+    def _pop(self, slots: dict[bytes, int], task_id: bytes) -> int | None:
         slot = slots.pop(task_id, None)
         if slot is not None:
             self._undo.append((slots, task_id, slot))
