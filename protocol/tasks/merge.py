@@ -247,7 +247,7 @@ class Merge(Retention):
         at = c.epoch.to_bytes(8, "big") + c.owner + c.owner_incarnation.to_bytes(8, "big")
         self.port.persist(PersistKind.CLAIM, c.task_id + at, raw)
         if src == LOCAL:
-            self.linger(now, st, c.epoch, raw)
+            self.linger(now, st, raw)
         else:
             self.relay(st, raw, src, c.owner)
         self._unpark(now, c.task_id)
