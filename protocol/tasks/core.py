@@ -143,6 +143,9 @@ class TaskCore(ABC):
         """Tasks that changed lately -> (next replica sync, its interval); see `repair`."""
         self.next_sync = 0.0
         """When due replica syncs are next sent."""
+        self.alike: dict[bytes, tuple[bytes, set[bytes]]] = {}
+        """Tasks in their replica syncs -> (our digest, the peers whose inventory showed it
+        too): those need no inventory of ours while we hold the same (see `Repair.sync`)."""
         self.tasks: dict[bytes, TaskState] = {}
         self.slots: SlotLedger[bytes, int] = SlotLedger()
         """Tasks executing here, by id, with the epoch they run under; suspended ones (waiting

@@ -295,7 +295,7 @@ class Tasks(Executions, Grants):
             case TaskShards():
                 self.on_shards(now, src, sender, msg)
             case TaskHave():
-                self.on_have(src, msg)
+                self.on_have(src, sender, msg)
             case TaskWant(ids):
                 self.send_objects(src, ids)
             case TaskRead(ids):

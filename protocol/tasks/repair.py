@@ -221,6 +221,7 @@ class Repair(TaskCore):
             _, interval = self.sync_due.pop(tid)
             st = self.tasks.get(tid)
             if st is None:
+                self.alike.pop(tid, None)
                 continue
             if interval * SYNC_BACKOFF <= SYNC_LAST:
                 self.sync_due[tid] = (now + interval * SYNC_BACKOFF, interval * SYNC_BACKOFF)
@@ -235,12 +236,42 @@ class Repair(TaskCore):
                 # it holds it, in the home or not: a former replica left outside the home
                 # once the views agree is repaired here, not only by the relay's one copy.
                 targets |= st.sent_to | st.holders
-            for node_id in targets - {self.node_id}:
+            targets.discard(self.node_id)
+            targets -= self._alike_with(st)
+            for node_id in targets:
                 batches.setdefault(node_id, []).append(tid)
         for node_id, ids in sorted(batches.items()):
             addr = self.view.addr_of(node_id)
             if addr is not None:
                 self.send_inventories(addr, ids, reply=True, lazy=True)
+
+    def _alike_with(self, st: TaskState) -> set[bytes]:
+        """The peers whose inventory of the task, received since it last changed here, showed
+        what we hold."""
+        # Two replicas sync with each other after the same change, each on its own tick: the
+        # first inventory to arrive compares both ways (the receiver sends what the sender
+        # lacks and, asked to reply, asks for what it lacks itself), so the second is
+        # redundant and is not sent. That halves the inventories a steady load costs (at 30
+        # peers, about 4 TaskHave per task). A partner we heard nothing from, or whose copy
+        # differed, is still synced with: the redundancy that repairs losses stays
+        # (decision 86).
+        # One round only: a partner that changed after its inventory syncs with us itself,
+        # and should that be lost, our next round compares again (as the origin of an open
+        # task must, every SYNC_LAST, until its result is here: decision 68).
+        entry = self.alike.pop(st.task_id, None)
+        if entry is None or entry[0] != st.digest():
+            return set()
+        return entry[1]
+
+    def _note_alike(self, st: TaskState, sender: bytes) -> None:
+        if st.task_id not in self.sync_due:
+            return  # no sync of ours left to spare
+        digest = st.digest()
+        entry = self.alike.get(st.task_id)
+        if entry is None or entry[0] != digest:
+            self.alike[st.task_id] = (digest, {sender})
+        else:
+            entry[1].add(sender)
 
     def _waits_on(self, st: TaskState) -> bool:
         """Whether this peer is the origin of the open task (a client, or the run of its
@@ -255,7 +286,7 @@ class Repair(TaskCore):
             st.record is not None and st.record.origin == self.node_id and st.task_id in self.open
         )
 
-    def on_have(self, src: str, msg: TaskHave) -> None:
+    def on_have(self, src: str, sender: bytes, msg: TaskHave) -> None:
         """Answer a peer's inventories (a replica sync, or repair): send the objects it lacks;
         if asked to (`reply`), ask for the tasks we hold none of and send our own inventory of
         those where it holds what we lack."""
@@ -272,6 +303,7 @@ class Repair(TaskCore):
                     want.append(tid)
                 continue
             if st.digest() == inv.digest:
+                self._note_alike(st, sender)
                 continue  # held alike: the common case costs a comparison
             try:
                 keys = parse_keys(inv)
