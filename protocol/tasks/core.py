@@ -407,9 +407,9 @@ class TaskCore(ABC):
                 self.port.send(addr, [waiting.raw, *raws], piggyback=False)
             elif raws:
                 self.port.send(addr, raws, piggyback=False)
-        st.sent_to |= targets
+        st.add_sent_to(targets)
         if waiting is not None:
-            st.sent_to |= waiting.told
+            st.add_sent_to(waiting.told)
 
     # Timing.
 

@@ -329,7 +329,7 @@ class Repair(TaskCore):
             if missing:
                 self.counters["audience repairs"] += 1
                 self._send_objects_to(missing, tid)
-                st.sent_to |= missing
+                st.add_sent_to(missing)
         self._resync_outside_home(now, live)
 
     def _resync_outside_home(self, now: float, live: tuple[bytes, ...]) -> None:

@@ -16,7 +16,11 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -40,6 +44,35 @@ from protocol.wire import Message
 
 RunKey = tuple[int, bytes, int]
 """A run of a task: (epoch, owner, owner incarnation)."""
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+NOTHING_HELD: Mapping[Any, Any] = MappingProxyType({})
+"""The one empty mapping every `TaskState` starts its maps with, read-only so that no state
+writes into another's: a peer holds thousands of tasks, most of whose maps stay empty (an empty
+dict of each costs 64 bytes, and five per task)."""
+NO_PEERS: AbstractSet[bytes] = frozenset()
+"""The one empty set every `TaskState` starts its sets of peers with (an empty `set` costs 216
+bytes, and most tasks never name a holder)."""
+
+
+def _put(held: Mapping[K, V], key: K, value: V) -> dict[K, V]:
+    """`held` with `key` mapped to `value`: `held` itself once it is a dict of its own, a new
+    dict in place of the shared empty one."""
+    out = held if isinstance(held, dict) else dict(held)
+    out[key] = value
+    return out
+
+
+def _joined(held: AbstractSet[bytes], more: Collection[bytes]) -> AbstractSet[bytes]:
+    """`held` with `more` added: `held` itself once it is a set of its own (or nothing is
+    added), a new set in place of the shared empty one."""
+    if not more:
+        return held
+    out = held if isinstance(held, set) else set(held)
+    out.update(more)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,38 +130,72 @@ class TaskState:
         self.record: TaskRecord | None = None
         self.claim: Claim | None = None
         """The greatest claim held: the one that owns the task now."""
-        self.claims: dict[RunKey, Claim] = {}
+        self.claims: Mapping[RunKey, Claim] = NOTHING_HELD
         """Every claim held, by run (epoch, owner, incarnation): results and later epochs are
         checked against them, and anti-entropy hands them on so a peer that missed one can
         catch up."""
-        self.epoch_grants: dict[tuple[int, bytes], EpochGrant] = {}
+        self.epoch_grants: Mapping[tuple[int, bytes], EpochGrant] = NOTHING_HELD
         """The arbiter's signed grants of takeover epochs, by (epoch, grantee): a claim of
         epoch e > 1 is accepted only with the one naming its owner."""
-        self.checkpoints: dict[tuple[int, bytes, int], Checkpoint] = {}
+        self.checkpoints: Mapping[tuple[int, bytes, int], Checkpoint] = NOTHING_HELD
         """The steps of runs, by (epoch, owner, sequence number): a takeover resumes from
         them."""
-        self.results: dict[tuple[int, bytes], Result] = {}
+        self.results: Mapping[tuple[int, bytes], Result] = NOTHING_HELD
         self.accepted: Result | None = None
         self.cancel: Cancel | None = None
         self.first_seen = now
         self.owner_down_at: float | None = None
-        self.holders: set[bytes] = set()
+        self.holders: AbstractSet[bytes] = NO_PEERS
         self.replicated = False
         self.submitted = False
         """Submitted here (a client waits here for the acknowledgement), even if the record
         kept is another origin's (see `protocol.tasks.idempotency`)."""
-        self.grants: dict[int, bytes] = {}
+        self.grants: Mapping[int, bytes] = NOTHING_HELD
         """Per epoch, the peer the task's primary let claim it (see `protocol.tasks.grants`):
         granted here if we are the primary, else learned from it. Not part of the CRDT."""
         self.grant_sent_at: float | None = None
         """When we, as the task's primary, last sent the grantee of epoch 1 the task with its
         grant (`protocol.tasks.grants`): sent again `standby_delay` later if its claim is still
         missing, not at every decision about the task. Not part of the CRDT."""
-        self.sent_to: set[bytes] = set()
+        self.sent_to: AbstractSet[bytes] = NO_PEERS
         """Peers this peer sent the task's objects to as its author or arbiter (see
         `protocol.tasks.placement.audience`): repair after a membership change sends to the rest."""
         self._digest: bytes | None = None
         self._inventory: Inventory | None = None
+
+    # Every write to the maps and sets goes through these: they start as the shared empties
+    # above, which must never be written, and become containers of their own at the first
+    # entry. Callers `touch` after adding an object.
+
+    def add_claim(self, claim: Claim) -> None:
+        """Hold `claim`, by its run."""
+        run = (claim.epoch, claim.owner, claim.owner_incarnation)
+        self.claims = _put(self.claims, run, claim)
+
+    def add_epoch_grant(self, grant: EpochGrant) -> None:
+        """Hold the arbiter's `grant`, by (epoch, grantee)."""
+        self.epoch_grants = _put(self.epoch_grants, (grant.epoch, grant.grantee), grant)
+
+    def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Hold `checkpoint`, by (epoch, owner, sequence number)."""
+        key = (checkpoint.epoch, checkpoint.owner, checkpoint.seq)
+        self.checkpoints = _put(self.checkpoints, key, checkpoint)
+
+    def add_result(self, result: Result) -> None:
+        """Hold `result`, by (epoch, owner)."""
+        self.results = _put(self.results, (result.epoch, result.owner), result)
+
+    def set_grant(self, epoch: int, grantee: bytes) -> None:
+        """Note the peer the primary let claim `epoch` (see `protocol.tasks.grants`)."""
+        self.grants = _put(self.grants, epoch, grantee)
+
+    def add_holder(self, node_id: bytes) -> None:
+        """Note a peer that told us it holds the record."""
+        self.holders = _joined(self.holders, (node_id,))
+
+    def add_sent_to(self, node_ids: Collection[bytes]) -> None:
+        """Note peers we sent the task's objects to."""
+        self.sent_to = _joined(self.sent_to, node_ids)
 
     def touch(self) -> None:
         """Forget the cached digest and inventory after a change."""
