@@ -217,6 +217,7 @@ class Repair(TaskCore):
             return
         live = self.view.live_members()
         batches: dict[bytes, list[bytes]] = {}
+        settled: list[TaskState] = []
         for tid in due:
             _, interval = self.sync_due.pop(tid)
             st = self.tasks.get(tid)
@@ -226,6 +227,8 @@ class Repair(TaskCore):
                 self.sync_due[tid] = (now + interval * SYNC_BACKOFF, interval * SYNC_BACKOFF)
             elif self._waits_on(st):
                 self.sync_due[tid] = (now + SYNC_LAST, SYNC_LAST)
+            else:
+                settled.append(st)
             replicas = self.replicas.of(tid, live)
             targets = set(replicas)
             if st.record is not None and self.node_id in replicas:
@@ -241,6 +244,8 @@ class Repair(TaskCore):
             addr = self.view.addr_of(node_id)
             if addr is not None:
                 self.send_inventories(addr, ids, reply=True, lazy=True)
+        for st in settled:
+            st.forget_inventory()  # sent to every partner above, and rarely asked for again
 
     def _waits_on(self, st: TaskState) -> bool:
         """Whether this peer is the origin of the open task (a client, or the run of its

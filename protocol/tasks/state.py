@@ -248,27 +248,42 @@ class TaskState:
             self._digest = hashlib.sha256(msgpack.packb(summary)).digest()[:8]
         return self._digest
 
-    def inventory(self) -> Inventory:
+    def inventory(self, keep: bool = True) -> Inventory:
         """What this state holds, by key (`protocol.tasks.inventory`): checkpoints as ranges of
-        sequence numbers, the record as a tag of its signature."""
-        if self._inventory is None:
-            ranges: list[tuple[int, bytes, int, int]] = []
-            for epoch, owner, seq in sorted(self.checkpoints):
-                last = ranges[-1] if ranges else None
-                if last is not None and last[:2] == (epoch, owner) and last[3] + 1 == seq:
-                    ranges[-1] = (epoch, owner, last[2], seq)
-                else:
-                    ranges.append((epoch, owner, seq, seq))
-            pack = INVENTORY_KEY.pack
-            keys = [pack(KEY_GRANT, e, g, 0, 0) for e, g in sorted(self.epoch_grants)]
-            keys += [pack(KEY_CLAIM, e, o, i, 0) for e, o, i in sorted(self.claims)]
-            keys += [pack(KEY_STEPS, e, o, a, b) for e, o, a, b in ranges]
-            keys += [pack(KEY_RESULT, e, o, 0, 0) for e, o in sorted(self.results)]
-            if self.cancel is not None:
-                keys.append(pack(KEY_CANCEL, 0, bytes(32), 0, 0))
-            tag = record_tag(self.record.sig) if self.record is not None else b""
-            self._inventory = Inventory(self.task_id, self.digest(), tag, b"".join(keys))
-        return self._inventory
+        sequence numbers, the record as a tag of its signature. One built now is kept until
+        the next change (or `forget_inventory`) if `keep`."""
+        if self._inventory is not None:
+            return self._inventory
+        inventory = self._build_inventory()
+        if keep:
+            self._inventory = inventory
+        return inventory
+
+    def forget_inventory(self) -> None:
+        """Drop the inventory kept: the task's replicas compared it for the last time."""
+        # Building one costs some microseconds, and the replicas of a task that changed
+        # compare it three times within a minute (`Repair.sync`), to each of its replicas, so
+        # it is kept meanwhile. A settled task is rarely compared again but held for a day:
+        # its inventory kept cost about 300 bytes per held task, a tenth of what a task costs.
+        self._inventory = None
+
+    def _build_inventory(self) -> Inventory:
+        ranges: list[tuple[int, bytes, int, int]] = []
+        for epoch, owner, seq in sorted(self.checkpoints):
+            last = ranges[-1] if ranges else None
+            if last is not None and last[:2] == (epoch, owner) and last[3] + 1 == seq:
+                ranges[-1] = (epoch, owner, last[2], seq)
+            else:
+                ranges.append((epoch, owner, seq, seq))
+        pack = INVENTORY_KEY.pack
+        keys = [pack(KEY_GRANT, e, g, 0, 0) for e, g in sorted(self.epoch_grants)]
+        keys += [pack(KEY_CLAIM, e, o, i, 0) for e, o, i in sorted(self.claims)]
+        keys += [pack(KEY_STEPS, e, o, a, b) for e, o, a, b in ranges]
+        keys += [pack(KEY_RESULT, e, o, 0, 0) for e, o in sorted(self.results)]
+        if self.cancel is not None:
+            keys.append(pack(KEY_CANCEL, 0, bytes(32), 0, 0))
+        tag = record_tag(self.record.sig) if self.record is not None else b""
+        return Inventory(self.task_id, self.digest(), tag, b"".join(keys))
 
     def objects(self, steps: bool = True) -> list[Message]:
         """Every object held (without the checkpoints unless `steps`), in an order a receiver

@@ -13,7 +13,11 @@ import sys
 from collections.abc import Collection
 
 from protocol.tasks.messages import Checkpoint, Claim, EpochGrant, Result
+from protocol.tasks.repair import SYNC_BACKOFF, SYNC_FIRST, SYNC_LAST
 from protocol.tasks.state import TaskState
+from tests.protocol.test_checkpoints import running
+from tests.protocol.test_inventory import steps
+from tests.protocol.test_tasks import holders
 
 TASK = b"t" * 32
 OWNER = b"o" * 32
@@ -108,3 +112,25 @@ def test_a_second_key_turns_a_one_entry_map_into_a_dict_of_both() -> None:
     third = claim(3)
     st.add_claim(third)  # written in place now
     assert len(st.claims) == 3 and st.claims[(3, OWNER, 1)] is third
+
+
+def test_an_inventory_is_kept_while_the_replicas_compare_the_task_not_after() -> None:
+    # The replicas of a changed task compare it three times within a minute, so its inventory
+    # is kept meanwhile; a settled task is held for a day and rarely compared, so it is not.
+    # Kept, `inventory()` returns one object each time; not kept, an equal one built anew.
+    link, task_id, owner = running()
+    steps(link, owner, task_id, 3)
+    link.advance(link.now + 1.0 + SYNC_FIRST)
+    comparing = [n for n in holders(link, task_id) if task_id in n.tasks.sync_due]
+    assert comparing
+    for node in comparing:
+        st = node.tasks.tasks[task_id]
+        assert st.inventory() is st.inventory()
+    last_sync = SYNC_FIRST * (1 + SYNC_BACKOFF) + SYNC_LAST
+    link.advance(link.now + last_sync + SYNC_FIRST)
+    settled = [n for n in holders(link, task_id) if task_id not in n.tasks.sync_due]
+    assert settled  # all but the origin, which waits for the result
+    for node in settled:
+        st = node.tasks.tasks[task_id]
+        first, second = st.inventory(keep=False), st.inventory(keep=False)
+        assert first == second and first is not second
