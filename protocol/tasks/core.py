@@ -283,7 +283,8 @@ class TaskCore(ABC):
             st = self.tasks.get(tid)
             if st is None:
                 continue
-            inv = st.inventory()
+            # Kept while its replicas still compare it (`sync_due`), rebuilt when asked later.
+            inv = st.inventory(keep=tid in self.sync_due)
             batch.append(inv)
             size += 64 + len(inv.keys)
             if size >= INVENTORY_BATCH_BYTES:
@@ -401,7 +402,7 @@ class TaskCore(ABC):
                 self.port.send(addr, [waiting.raw, *raws], piggyback=False)
             elif raws:
                 self.port.send(addr, raws, piggyback=False)
-        st.sent_to |= targets
+        st.add_sent_to(targets)
 
     # Timing.
 

@@ -142,12 +142,12 @@ class Grants(TaskCore):
         batch = [encode_message(obj) for obj in st.objects()]
         batch.append(encode_message(TaskGrant(st.task_id, epoch, grantee)))
         self.port.send(addr, batch, piggyback=False)
-        st.sent_to.add(grantee)
+        st.add_sent_to((grantee,))
         st.grant_sent_at = now
         self.wake(st.task_id, now + self.standby_delay)
 
     def _record_grant(self, st: TaskState, epoch: int, grantee: bytes) -> None:
-        st.grants[epoch] = grantee
+        st.set_grant(epoch, grantee)
         raw = encode_message(TaskGrant(st.task_id, epoch, grantee))
         self.port.persist(PersistKind.GRANT, st.task_id + epoch.to_bytes(8, "big"), raw)
 
@@ -165,7 +165,7 @@ class Grants(TaskCore):
             self.counters["conflicting grants"] += 1
             if hrw_score(task_id, grantee) < hrw_score(task_id, known):
                 return
-        st.grants[epoch] = grantee
+        st.set_grant(epoch, grantee)
         if src == STORE:
             return  # a grant we made before a restart; nothing to decide until we join
         self.unsettled[task_id] = None

@@ -192,7 +192,7 @@ class Merge(Retention):
             return
         if not st.submitted and st.record.origin != self.node_id:
             return
-        st.holders.add(sender)
+        st.add_holder(sender)
         if not st.replicated and len(st.holders) >= self.copies_needed():
             st.replicated = True
             self.port.note(TaskReplicated(task_id, len(st.holders)))
@@ -237,7 +237,7 @@ class Merge(Retention):
         ):
             return
         st = self.state_of(c.task_id, now)
-        st.claims[run] = c
+        st.add_claim(c)
         st.touch()
         if src not in (LOCAL, STORE) and c.owner != self.node_id:
             # A peer claims a task only holding its record, written with or before the claim:
@@ -285,7 +285,7 @@ class Merge(Retention):
             DOMAIN_EPOCH_GRANT, g.arbiter_key, g.signed_payload(), g.sig, src, "epoch grant"
         ):
             return
-        st.epoch_grants[(g.epoch, g.grantee)] = g
+        st.add_epoch_grant(g)
         st.touch()
         self.mark_changed(st.task_id, now)
         key = g.task_id + g.epoch.to_bytes(8, "big") + g.grantee
@@ -313,7 +313,7 @@ class Merge(Retention):
             DOMAIN_CHECKPOINT, c.owner_key, c.signed_payload(), c.sig, src, "checkpoint"
         ):
             return
-        held.checkpoints[key] = c
+        held.add_checkpoint(c)
         held.touch()
         self.mark_changed(held.task_id, now)
         at = c.epoch.to_bytes(8, "big") + c.owner + c.seq.to_bytes(4, "big")
@@ -337,7 +337,7 @@ class Merge(Retention):
         ):
             return
         st = held
-        st.results[(r.epoch, r.owner)] = r
+        st.add_result(r)
         st.touch()
         self.mark_changed(st.task_id, now)
         self.port.persist(PersistKind.RESULT, r.task_id + r.epoch.to_bytes(8, "big") + r.owner, raw)

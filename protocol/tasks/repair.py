@@ -217,6 +217,7 @@ class Repair(TaskCore):
             return
         live = self.view.live_members()
         batches: dict[bytes, list[bytes]] = {}
+        settled: list[TaskState] = []
         for tid in due:
             _, interval = self.sync_due.pop(tid)
             st = self.tasks.get(tid)
@@ -227,6 +228,8 @@ class Repair(TaskCore):
                 self.sync_due[tid] = (now + interval * SYNC_BACKOFF, interval * SYNC_BACKOFF)
             elif self._waits_on(st):
                 self.sync_due[tid] = (now + SYNC_LAST, SYNC_LAST)
+            else:
+                settled.append(st)
             replicas = self.replicas.of(tid, live)
             targets = set(replicas)
             if st.record is not None and self.node_id in replicas:
@@ -244,6 +247,8 @@ class Repair(TaskCore):
             addr = self.view.addr_of(node_id)
             if addr is not None:
                 self.send_inventories(addr, ids, reply=True, lazy=True)
+        for st in settled:
+            st.forget_inventory()  # sent to every partner above, and rarely asked for again
 
     def _alike_with(self, st: TaskState) -> set[bytes]:
         """The peers whose inventory of the task, received since it last changed here, showed
@@ -361,7 +366,7 @@ class Repair(TaskCore):
             if missing:
                 self.counters["audience repairs"] += 1
                 self._send_objects_to(missing, tid)
-                st.sent_to |= missing
+                st.add_sent_to(missing)
         self._resync_outside_home(now, live)
 
     def _resync_outside_home(self, now: float, live: tuple[bytes, ...]) -> None:

@@ -112,18 +112,18 @@ def task(
     st.record = record() if held else None
     if claimed_by is not None:
         st.claim = claim(claimed_by, epoch)
-        st.claims[(epoch, claimed_by, st.claim.owner_incarnation)] = st.claim
+        st.add_claim(st.claim)
         st.owner_down_at = owner_down_at
     if result_by is not None:
         r = Result(TASK, epoch, b"k", "ok", b"", (0, 0, 0), b"", result_by)
-        st.results[(epoch, result_by)] = r
+        st.add_result(r)
         if accepted:
             st.accepted = r
     if cancelled:
         st.cancel = Cancel(TASK, b"k", "stop", b"", C)
     st.grants = dict(grants or {})
     for e, grantee in epoch_grants:
-        st.epoch_grants[(e, grantee)] = EpochGrant(TASK, e, grantee, b"k", b"", ARBITER)
+        st.add_epoch_grant(EpochGrant(TASK, e, grantee, b"k", b"", ARBITER))
     return st
 
 
