@@ -236,17 +236,17 @@ def decode_message(data: bytes) -> Message:
         case Kind.TASK:
             return shapes.task_record(f)
         case Kind.CLAIM:
-            key = fields.public_key(f[2])
+            key, author = fields.signer(f[2])
             return Claim(
                 fields.node_id(f[1]),
                 key,
                 fields.uint(f[3]),
                 fields.uint(f[4]),
                 fields.signature(f[5]),
-                fields.key_hash(key),
+                author,
             )
         case Kind.RESULT:
-            key = fields.public_key(f[3])
+            key, author = fields.signer(f[3])
             usage = f[6]
             if not isinstance(usage, list) or len(usage) != 3:
                 raise RemoteProtocolError("result usage must be 3 unsigned integers")
@@ -258,10 +258,10 @@ def decode_message(data: bytes) -> Message:
                 fields.inline_payload(f[5]),
                 (fields.uint(usage[0]), fields.uint(usage[1]), fields.uint(usage[2])),
                 fields.signature(f[7]),
-                fields.key_hash(key),
+                author,
             )
         case Kind.CANCEL:
-            key = fields.public_key(f[2])
+            key, author = fields.signer(f[2])
             outcome = "cancelled" if len(f) == ARITY[kind] else f[5]
             if len(f) > ARITY[kind] and outcome not in CANCEL_OUTCOMES[1:]:
                 raise RemoteProtocolError("a cancel's outcome, when given, must be 'failed'")
@@ -270,7 +270,7 @@ def decode_message(data: bytes) -> Message:
                 key,
                 fields.reason(f[3]),
                 fields.signature(f[4]),
-                fields.key_hash(key),
+                author,
                 outcome,
             )
         case Kind.TASK_HELD:
@@ -304,7 +304,7 @@ def decode_message(data: bytes) -> Message:
         case Kind.TASK_PROGRESS:
             return shapes.task_progress_from(f)
         case Kind.EPOCH_GRANT:
-            key = fields.public_key(f[4])
+            key, author = fields.signer(f[4])
             epoch = fields.uint(f[2])
             if epoch < 2:
                 raise RemoteProtocolError("an epoch grant is for a takeover: epoch 2 or more")
@@ -314,7 +314,7 @@ def decode_message(data: bytes) -> Message:
                 fields.node_id(f[3]),
                 key,
                 fields.signature(f[5]),
-                fields.key_hash(key),
+                author,
             )
         case Kind.CHECKPOINT:
             return shapes.checkpoint_from(f)

@@ -184,6 +184,33 @@ def key_hash(key: bytes) -> bytes:
     return hashlib.sha256(key).digest()
 
 
+KNOWN_SIGNERS = 4096
+"""Public keys `signer` remembers with their node ids: a network's members, many times over."""
+_signers: dict[bytes, tuple[bytes, bytes]] = {}
+
+
+def signer(v: Any) -> tuple[bytes, bytes]:
+    """A signed object's public key and the node id it names, both the very objects every
+    other decode of that key returned (while it is remembered).
+
+    Raises:
+        RemoteProtocolError: not a 32-byte key.
+    """
+    # A peer holds thousands of signed objects by a few hundred members, each with its own
+    # copy of its author's key and node id (about 360 bytes per held task), and derived that
+    # id with a sha256 per decode. Remembering the ids by key shares the copies and skips the
+    # hash. It is a memo of a pure function, so nothing decided depends on it; a flood of
+    # strangers' keys only empties it (`KNOWN_SIGNERS`).
+    known = _signers.get(v) if type(v) is bytes else None
+    if known is not None:
+        return known
+    key = public_key(v)
+    if len(_signers) >= KNOWN_SIGNERS:
+        _signers.clear()
+    known = _signers[key] = (key, key_hash(key))
+    return known
+
+
 def inline_payload(v: Any) -> bytes:
     """A task input or result output carried inline."""
     if type(v) is not bytes or len(v) > MAX_INLINE_PAYLOAD:

@@ -36,20 +36,18 @@ from protocol.wire import MAX_NAME_CHARS, MAX_UINT
 
 
 def checkpoint_from(f: list[Any]) -> Checkpoint:
-    key = fields.public_key(f[4])
+    key, author = fields.signer(f[4])
     epoch, seq = fields.uint(f[2]), fields.uint(f[3])
     if epoch < 1:
         raise RemoteProtocolError("a checkpoint belongs to a claimed run: epoch 1 or more")
     if not 1 <= seq <= MAX_CHECKPOINTS:
         raise RemoteProtocolError(f"a checkpoint's sequence number runs 1 to {MAX_CHECKPOINTS}")
     data = fields.inline_payload(f[5])
-    return Checkpoint(
-        fields.node_id(f[1]), epoch, seq, key, data, fields.signature(f[6]), fields.key_hash(key)
-    )
+    return Checkpoint(fields.node_id(f[1]), epoch, seq, key, data, fields.signature(f[6]), author)
 
 
 def task_record(f: list[Any]) -> TaskRecord:
-    key = fields.public_key(f[1])
+    key, origin = fields.signer(f[1])
     created, timeout = f[2], f[9]
     if type(created) is not float or type(timeout) is not float or not 0.0 <= timeout <= 1e9:
         raise RemoteProtocolError("task created and timeout must be non-negative floats")
@@ -75,7 +73,6 @@ def task_record(f: list[Any]) -> TaskRecord:
         # Present only when there is one: one encoding per record.
         if type(queue_timeout) is not float or not 0.0 < queue_timeout <= 1e9:
             raise RemoteProtocolError("a task's queue timeout must be a positive float")
-    origin = fields.key_hash(key)
     task_id = task_id_of(
         origin, idem, nonce, role, hashlib.sha256(data).digest(), priority, parent, timeout
     )

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from protocol import fields as field_checks
 from protocol.codec import RETIRED_KINDS, decode_message, encode_message
 from protocol.envelope import (
     PROTOCOL_VERSION,
@@ -204,6 +205,43 @@ def test_derived_fields_come_from_the_key() -> None:
     decoded = decode_message(encode_message(alive(7)))
     assert isinstance(decoded, Alive)
     assert decoded.node_id == hashlib.sha256(decoded.public_key).digest()
+
+
+@pytest.mark.parametrize(
+    "kind", [Kind.TASK, Kind.CLAIM, Kind.RESULT, Kind.CANCEL, Kind.EPOCH_GRANT, Kind.CHECKPOINT]
+)
+def test_signed_task_objects_of_one_author_share_its_key_and_node_id(kind: Kind) -> None:
+    # Decoded twice, from different bytes objects: the key and the node id derived from it
+    # are the same objects both times (a peer holds thousands of one author's objects).
+    data = encode_message(SAMPLES[kind])
+    first, second = decode_message(bytes(data)), decode_message(bytes(bytearray(data)))
+    assert first == second
+    keys = [getattr(m, name) for m in (first, second) for name in KEY_FIELDS[kind][:1]]
+    ids = [getattr(m, name) for m in (first, second) for name in KEY_FIELDS[kind][1:]]
+    assert keys[0] is keys[1] and ids[0] is ids[1]
+    assert ids[0] == hashlib.sha256(keys[0]).digest()
+
+
+KEY_FIELDS = {
+    Kind.TASK: ("origin_key", "origin"),
+    Kind.CLAIM: ("owner_key", "owner"),
+    Kind.RESULT: ("owner_key", "owner"),
+    Kind.CANCEL: ("by_key", "by"),
+    Kind.EPOCH_GRANT: ("arbiter_key", "arbiter"),
+    Kind.CHECKPOINT: ("owner_key", "owner"),
+}
+"""Per signed task object: (its public key's field, the node id derived from it)."""
+
+
+def test_the_signers_remembered_stay_bounded_and_are_still_checked() -> None:
+    for i in range(field_checks.KNOWN_SIGNERS + 10):
+        key, node = field_checks.signer(i.to_bytes(32, "big"))
+        assert node == hashlib.sha256(key).digest()
+    assert len(field_checks._signers) <= field_checks.KNOWN_SIGNERS
+    with pytest.raises(RemoteProtocolError):
+        field_checks.signer(b"short")
+    with pytest.raises(RemoteProtocolError):
+        field_checks.signer([1, 2])
 
 
 def test_alive_signature_covers_its_payload() -> None:
