@@ -222,7 +222,6 @@ class Repair(TaskCore):
             _, interval = self.sync_due.pop(tid)
             st = self.tasks.get(tid)
             if st is None:
-                self.alike.pop(tid, None)
                 continue
             if interval * SYNC_BACKOFF <= SYNC_LAST:
                 self.sync_due[tid] = (now + interval * SYNC_BACKOFF, interval * SYNC_BACKOFF)
