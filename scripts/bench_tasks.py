@@ -12,6 +12,11 @@ For each size N (default 3, 10 and 30) this measures, with the same no-op task (
   prefetch multiplier 1; tasks sent with `apply_async` from `--in-flight` threads. The task
   records its own start and end time; "accepted" is its end (the backend write follows).
 
+Each row first runs `--warmup` tasks that are not measured (default 500), for Grapevine and
+Celery alike: the first tasks between two Grapevine peers open the channel between them, which
+a network that has been running has open (870 of them at 30 peers; decision 89). `--warmup 0`
+measures a network that has just started, as this script did before.
+
 Figures: throughput (tasks/s from the first submission to the last result accepted where it
 was submitted; "all peers" is how long until every Grapevine peer held every result), latency
 submit→start and submit→accepted (p50/p99), messages per task (Grapevine: envelopes sent by
@@ -95,6 +100,9 @@ WORKER_SLOTS = 4
 concurrency."""
 PHASE_LIMIT = 180.0
 """Seconds any one phase may take before the run is reported as incomplete."""
+WARMUP_SETTLE = 1.0
+"""Seconds between the warm-up's last result and the measured run, for its last messages
+(replica syncs come later, 2 s after a change, and are part of any steady state)."""
 CRYPTO_RUNS = 5
 CRYPTO_OPS = 2000
 CRYPTO_MESSAGE_BYTES = 256
@@ -324,7 +332,14 @@ async def _scrape_forever(peers: list[Peer], scrapes: list[int]) -> None:
 
 
 async def grapevine_row(
-    root: Path, size: int, tasks: int, in_flight: int, *, scrape: bool = False, trace: bool = False
+    root: Path,
+    size: int,
+    tasks: int,
+    in_flight: int,
+    *,
+    warmup: int = 0,
+    scrape: bool = False,
+    trace: bool = False,
 ) -> Row:
     row = Row(
         "grapevine" + ("+scrape" if scrape else "") + ("+trace" if trace else ""), size, tasks
@@ -347,6 +362,13 @@ async def grapevine_row(
         scraper = asyncio.create_task(_scrape_forever(peers, scrapes)) if scrape else None
         watch = _Watch(peers)
         await asyncio.sleep(0.5)  # let every stream open
+        if warmup:
+            # Not measured: the first tasks between two peers open the channel between them
+            # (a connection, an upgrade and a hello each way), which a running network has
+            # open already; at 30 peers that is 870 channels (decision 89).
+            warm = await _submit(peers, warmup, in_flight, "echo", "noop", random.Random(-size))
+            await _done_at_origins(peers, warm, watch)
+            await asyncio.sleep(WARMUP_SETTLE)
         messages0, verified0, _ = await _totals(peers)
         cpu0, t0 = cpu_seconds(pids), time.time()
         done_at = t0
@@ -639,10 +661,13 @@ def _duplicates(client: Any, ids: Sequence[str]) -> int:
     return sum(max(0, int(c) - 1) for c in counts if c is not None)
 
 
-def celery_row(root: Path, workers: int, tasks: int, in_flight: int) -> Row:
+def celery_row(root: Path, workers: int, tasks: int, in_flight: int, warmup: int = 0) -> Row:
     row = Row("celery+redis", workers, tasks)
     with celery_cluster(root / f"celery{workers}", workers, visibility=3600.0) as (cel, client):
         app = sys.modules[cel.module].app
+        if warmup:  # as for Grapevine: connections open and workers running before we measure
+            _celery_collect(app, _celery_send(app, warmup, in_flight, 0.0), PHASE_LIMIT)
+            time.sleep(WARMUP_SETTLE)
         calls0, cpu0, t0 = _redis_calls(client), cpu_seconds(cel.pids()), time.time()
         sent = _celery_send(app, tasks, in_flight, 0.0)
         results = _celery_collect(app, sent, PHASE_LIMIT)
@@ -847,6 +872,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default=None, help="comma-separated N (default 3,10,30)")
     parser.add_argument("--tasks", type=int, default=None, help="tasks per row (default 1000)")
     parser.add_argument("--in-flight", type=int, default=32, help="concurrent submissions")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="tasks run and not measured before each row, Grapevine and Celery alike "
+        "(default 500, quick 100; 0 measures a network that has just started)",
+    )
     parser.add_argument("--quick", action="store_true", help="N = 3, 10; 300 tasks; short crash")
     parser.add_argument("--no-celery", action="store_true", help="only the Grapevine rows")
     parser.add_argument("--no-crash", action="store_true", help="skip the SIGKILL runs")
@@ -872,6 +904,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = [int(s) for s in (args.sizes or ("3,10" if args.quick else "3,10,30")).split(",")]
     tasks = args.tasks or (300 if args.quick else 1000)
+    warmup = args.warmup if args.warmup is not None else (100 if args.quick else 500)
+    if warmup < 0 or tasks < 1:
+        parser.error("--tasks must be at least 1 and --warmup at least 0")
     crash_tasks = args.crash_tasks or (40 if args.quick else 120)
     missing = None if args.no_celery else celery_missing()
     if missing:
@@ -889,11 +924,13 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         for size in sizes:
             print(f"grapevine N={size}: {tasks} tasks ...", file=sys.stderr, flush=True)
-            report.rows.append(asyncio.run(grapevine_row(root, size, tasks, args.in_flight)))
+            report.rows.append(
+                asyncio.run(grapevine_row(root, size, tasks, args.in_flight, warmup=warmup))
+            )
             print(f"  {report.rows[-1]}", file=sys.stderr, flush=True)
             if run_celery:
                 print(f"celery N={size}: {tasks} tasks ...", file=sys.stderr, flush=True)
-                report.rows.append(celery_row(root, size, tasks, args.in_flight))
+                report.rows.append(celery_row(root, size, tasks, args.in_flight, warmup))
                 print(f"  {report.rows[-1]}", file=sys.stderr, flush=True)
         if not args.no_crash:
             print("SIGKILL runs ...", file=sys.stderr, flush=True)
