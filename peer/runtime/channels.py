@@ -71,6 +71,14 @@ IDLE_SECONDS: Final = 120.0
 100 peers each pair exchanges an envelope every ~12 s on average; with 30 s, one gossip
 envelope in ten found its channel closed and opened a new one (connection, upgrade, hello:
 some 70 opens a second in all, a fifth of a busy peer's CPU; decision 67)."""
+OPEN_TIMEOUT: Final = 10.0
+"""Seconds opening a channel (connection, upgrade, hello) may take before it is abandoned.
+Above the send timeout on purpose: on a machine that runs many peers, the first tasks between
+peers that never exchanged a message open channels by the thousand at once, and opens slowed
+by that load past 2 s were abandoned after both sides had done most of their work, their
+envelopes dropped, and opened again by the next send: at 100 peers on 2 cores, 23,000 opens
+of which 8,700 were abandoned, in a storm that took the first minute of the job (decision 90).
+What waits for a channel being opened stays in its outbox meanwhile."""
 RECEIVE_IDLE_SECONDS: Final = 180.0
 """Seconds a receiver keeps a silent channel: above `IDLE_SECONDS`, so the sender, which knows
 it has nothing to send, is the one that closes."""
@@ -130,7 +138,8 @@ class ChannelSender:
         hello_sealer: the transport's sealer, for hellos (they share its sequence numbers).
         session: returns the pooled client session channels are opened with (None: stopped).
         clock: wall-clock seconds.
-        send_timeout: seconds to open a channel, and to write one batch.
+        send_timeout: seconds to write one batch.
+        open_timeout: seconds to open a channel (see `OPEN_TIMEOUT`).
         coalesce: merges what waited for a channel into fewer envelopes.
         on_sent: called with (address, frame length) for each frame once it is written.
         on_failed: called with (address, reason) for each channel that failed.
@@ -153,6 +162,7 @@ class ChannelSender:
         on_failed: Callable[[str, str], None],
         refusal_reason: Callable[[int, bytes], str],
         max_channels: int,
+        open_timeout: float = OPEN_TIMEOUT,
     ) -> None:
         self._keyring = keyring
         self._boot_id = boot_id
@@ -160,6 +170,7 @@ class ChannelSender:
         self._session = session
         self._clock = clock
         self._send_timeout = send_timeout
+        self._open_timeout = open_timeout
         self._coalesce = coalesce or _identity
         self._on_sent = on_sent
         self._on_failed = on_failed
@@ -285,7 +296,7 @@ class ChannelSender:
         channel_id = os.urandom(CHANNEL_ID_BYTES)
         hello = self._hello_sealer().seal(channel_id, self._clock(), ROUTE_CHANNEL_HELLO)
         try:
-            async with asyncio.timeout(self._send_timeout):
+            async with asyncio.timeout(self._open_timeout):
                 ws = await session.ws_connect(
                     f"http://{addr}{CHANNEL_PATH}",
                     headers={HELLO_HEADER: base64.urlsafe_b64encode(hello).decode("ascii")},

@@ -61,7 +61,7 @@ from peer.runtime.blob_routes import (
     BlobTransferError,
 )
 from peer.runtime.channel_receiver import ChannelReceiver
-from peer.runtime.channels import ChannelSender
+from peer.runtime.channels import OPEN_TIMEOUT, ChannelSender
 from peer.runtime.contact import LastContact
 from peer.runtime.intake import (
     BODY_ERRORS,
@@ -136,7 +136,8 @@ class Transport:
         on_receive: called with (source "ip:port", plaintext) for every accepted frame.
         clock: wall-clock seconds, stamped into frames and checked against theirs.
         max_in_flight: sends outstanding at once, per lane, before new ones are dropped.
-        send_timeout: seconds one send may take in total, connecting included.
+        send_timeout: seconds writing one batch of envelopes to a channel may take.
+        open_timeout: seconds opening a channel may take (`peer.runtime.channels.OPEN_TIMEOUT`).
         max_frame: largest envelope frame accepted.
         blob_timeout: seconds one blob push or fetch may take in total.
         read_timeout: seconds a body may stall between two pieces (see `READ_TIMEOUT`).
@@ -158,6 +159,7 @@ class Transport:
         clock: Callable[[], float] = time.time,
         max_in_flight: int = 256,
         send_timeout: float = 2.0,
+        open_timeout: float = OPEN_TIMEOUT,
         max_frame: int = MAX_FRAME_BYTES,
         blob_timeout: float = BLOB_TIMEOUT,
         read_timeout: float = READ_TIMEOUT,
@@ -179,7 +181,7 @@ class Transport:
         self._blobs = BlobRoutes(keyring, boot_id, self._intake, clock, blob_timeout)
         self._max_frame = max_frame
         self._max_in_flight = max_in_flight
-        self._send_timeout = send_timeout
+        self._open_timeout = open_timeout
         self._limits = limits
         self._bulk = BulkLane(lambda source, data: self.on_receive(source, data))
 
@@ -199,6 +201,7 @@ class Transport:
                 self._failed,
                 refusal_reason,
                 max_in_flight,
+                open_timeout,
             )
 
         self._channels_out = channels(lambda: self._session, coalesce)
@@ -254,7 +257,8 @@ class Transport:
         connector = aiohttp.TCPConnector(limit=self._max_in_flight, limit_per_host=per_host)
         return aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self._send_timeout),
+            # The channels' upgrade requests take this; the blobs' requests set their own.
+            timeout=aiohttp.ClientTimeout(total=self._open_timeout),
             skip_auto_headers=("User-Agent",),
         )
 

@@ -359,3 +359,40 @@ async def test_at_the_channel_cap_the_least_recently_used_idle_channel_makes_roo
         await a.stop()
         for r in receivers:
             await r.stop()
+
+
+@pytest.mark.parametrize(("open_timeout", "delivered"), [(3.0, True), (0.2, False)])
+async def test_a_slow_upgrade_is_waited_for_up_to_the_open_timeout_not_the_send_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+    receiver: tuple[Transport, Inbox],
+    open_timeout: float,
+    delivered: bool,
+) -> None:
+    # A receiver slowed by load answers the upgrade after 0.5 s, past the 0.2 s a write may
+    # take: the sender keeps waiting (what waits stays in the outbox) rather than abandon the
+    # work both sides did and open again at the next send (decision 90).
+    b, inbox = receiver
+    real_prepare = aiohttp.web.WebSocketResponse.prepare
+
+    async def slow(self: aiohttp.web.WebSocketResponse, request: aiohttp.web.Request) -> object:
+        await asyncio.sleep(0.5)
+        return await real_prepare(self, request)
+
+    monkeypatch.setattr(aiohttp.web.WebSocketResponse, "prepare", slow)
+    a = Transport(
+        "127.0.0.1", 0, Keyring(KEY), b"A" * 8, Inbox(), send_timeout=0.2, open_timeout=open_timeout
+    )
+    await a.start()
+    try:
+        addr = f"127.0.0.1:{b.port}"
+        for i in range(3):
+            a.send(addr, b"m%d" % i)
+        if delivered:
+            await _until(lambda: len(inbox.items) == 3)
+            assert inbox.items == [b"m0", b"m1", b"m2"]
+            assert a.send_failures == 0 and a._channels_out.opened == 1
+        else:
+            await _until(lambda: a.send_failures == 1)
+            assert a.last_failure[addr] == "timed out" and a._channels_out.opened == 0
+    finally:
+        await a.stop()
