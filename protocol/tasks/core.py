@@ -176,6 +176,13 @@ class TaskCore(ABC):
         """Whether this peer pulled its shards from the live members since it started."""
         self.pull_at: float | None = None
         """When this peer pulls its shards, once it has joined (see `repair`)."""
+        self.took_part = False
+        """Whether a peer sent us a task object before any anti-entropy summary came: we were
+        a member when the network's first tasks were made, so the pull is skipped (see
+        `Repair.on_shards`)."""
+        self.restored = False
+        """Whether this peer restored task objects or tombstones from its store (it restarted:
+        what changed while it was down is pulled, whatever came first)."""
         self.shard_answered: dict[bytes, float] = {}
         """When each partner's anti-entropy summary was last answered (see `repair`)."""
         self.armed: dict[bytes, float] = {}

@@ -27,7 +27,7 @@ from typing import assert_never
 
 from protocol.codec import encode_message
 from protocol.errors import LocalProtocolError
-from protocol.tasks.core import LOCAL
+from protocol.tasks.core import LOCAL, STORE
 from protocol.tasks.execution import Executions
 from protocol.tasks.grants import Grants
 from protocol.tasks.idempotency import IdempotencyConflict, spec_for, spec_of
@@ -229,6 +229,7 @@ class Tasks(Executions, Grants):
         """Restored from the store after a restart: our view of the network is empty, so every
         owner looks dead and every task unclaimed. Decide nothing until `release`."""
         self.quiet_until = math.inf
+        self.restored = True
 
     def release(self, now: float) -> None:
         """We joined: decide again after a standby delay, once what we missed has arrived."""
@@ -277,6 +278,10 @@ class Tasks(Executions, Grants):
         """Apply one task message (none about a compacted task: see `retention`)."""
         if self.tombstones and self.dominated(src, msg):
             return
+        if not (self.took_part or self.pulled or src in (LOCAL, STORE)) and isinstance(
+            msg, TaskRecord | Claim | Result | Cancel | EpochGrant | Checkpoint
+        ):
+            self.took_part = True
         match msg:
             case TaskRecord():
                 self.apply_task(now, msg, raw, local=False)

@@ -80,8 +80,17 @@ class Repair(TaskCore):
         if not self.pulled and self.pull_at is None:
             # The first summary after we started (the seed's answer to our join, in a network
             # that holds tasks): pull the rest, once our join has spread (members answer only
-            # peers they know).
-            self.pull_at = now + PULL_DELAY
+            # peers they know). Unless peers sent us task objects before any summary came: we
+            # were a member when the network's first tasks were made, and they came to us
+            # directly, so a summary to every member would find nothing to hand off, and in a
+            # network started all at once every peer's came at once, in the first minute of its
+            # first job (a tenth of bench_agents' envelopes then; decision 91). A restarted
+            # peer pulls whatever came first: what changed while it was down.
+            if self.took_part and not self.restored:
+                self.pulled = True
+                self.counters["handoff pulls skipped: a member from the first tasks"] += 1
+            else:
+                self.pull_at = now + PULL_DELAY
         if msg.level == 0:
             last = self.shard_answered.get(sender)
             if last is not None and now - last < SHARD_ANSWER_INTERVAL:
