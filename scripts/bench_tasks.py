@@ -362,17 +362,23 @@ async def grapevine_row(
         scraper = asyncio.create_task(_scrape_forever(peers, scrapes)) if scrape else None
         watch = _Watch(peers)
         await asyncio.sleep(0.5)  # let every stream open
-        if warmup:
-            # Not measured: the first tasks between two peers open the channel between them
-            # (a connection, an upgrade and a hello each way), which a running network has
-            # open already; at 30 peers that is 870 channels (decision 89).
-            warm = await _submit(peers, warmup, in_flight, "echo", "noop", random.Random(-size))
-            await _done_at_origins(peers, warm, watch)
-            await asyncio.sleep(WARMUP_SETTLE)
         messages0, verified0, _ = await _totals(peers)
         cpu0, t0 = cpu_seconds(pids), time.time()
         done_at = t0
+        sent: dict[str, tuple[str, float]] = {}
+        phase = "warm-up: " if warmup else ""
         try:
+            if warmup:
+                # Not measured: the first tasks between two peers open the channel between
+                # them (a connection, an upgrade and a hello each way), which a running
+                # network has open already; at 30 peers that is 870 channels (decision 89).
+                warm = await _submit(peers, warmup, in_flight, "echo", "noop", random.Random(-size))
+                await _done_at_origins(peers, warm, watch)
+                await asyncio.sleep(WARMUP_SETTLE)
+                messages0, verified0, _ = await _totals(peers)
+                cpu0, t0 = cpu_seconds(pids), time.time()
+                done_at = t0
+            phase = ""
             sent = await _submit(peers, tasks, in_flight, "echo", "noop", rng)
             done_at = await _done_at_origins(peers, sent, watch)
             # The cost of running the tasks: measured once every result is at its origin (and
@@ -387,7 +393,7 @@ async def grapevine_row(
             await wait_for("final everywhere", lambda: _done_everywhere(peers, ids), PHASE_LIMIT)
             row.converged_seconds = time.time() - t0
         except TimeoutError as exc:
-            row.note = str(exc)[:120]
+            row.note = (phase + str(exc))[:120]
             sent = {}
         await asyncio.sleep(0.3)
         await watch.close()

@@ -278,7 +278,7 @@ class Tasks(Executions, Grants):
         """Apply one task message (none about a compacted task: see `retention`)."""
         if self.tombstones and self.dominated(src, msg):
             return
-        if not (self.took_part or self.pulled or src in (LOCAL, STORE)) and isinstance(
+        if not (self.took_part or self.pulled or src == STORE) and isinstance(
             msg, TaskRecord | Claim | Result | Cancel | EpochGrant | Checkpoint
         ):
             self.took_part = True
