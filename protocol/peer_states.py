@@ -76,6 +76,9 @@ class PeerStates:
         self.member = member
         self.port = port
         self.states: dict[bytes, PeerState] = {}
+        self.roles_version = 0
+        """Counts changes to which other peers are held and the roles they advertise, so
+        `NodePort.capable` knows when its cached lists are stale."""
         self._early: dict[bytes, tuple[PeerState, str]] = {}
         self._full_since: dict[bytes, float] = {}
         self._order = (min(incarnation, MAX_INCARNATION), 0)
@@ -171,6 +174,8 @@ class PeerStates:
             self._order = max(self._order, state.order)
             return False
         self.states[state.node_id] = state
+        if known is None or known.roles != state.roles:
+            self.roles_version += 1
         self.port.gossip(("state", state.node_id), raw or encode_message(state))
         if state.free_slots > 0:
             self._full_since.pop(state.node_id, None)
@@ -210,7 +215,8 @@ class PeerStates:
 
     def forget(self, node_id: bytes) -> None:
         """Drop what we know of a member that was reaped."""
-        self.states.pop(node_id, None)
+        if self.states.pop(node_id, None) is not None:
+            self.roles_version += 1
         self._full_since.pop(node_id, None)
 
     def full_since(self, node_id: bytes) -> float | None:

@@ -24,6 +24,7 @@ from peer.runtime.channels import (
     HELLO_HEADER,
     PENDING_BYTES,
     RECEIVE_IDLE_SECONDS,
+    RECEIVE_SWEEP_SECONDS,
     REFUSAL_CODE,
     REFUSED_HEADER,
     ROUTE_CHANNEL_HELLO,
@@ -39,6 +40,18 @@ log = logging.getLogger(__name__)
 
 _MAX_HELLO_TEXT = 256
 """Longest hello header taken (a sealed 16-byte channel id, base64)."""
+
+
+class _Inbound:
+    """One accepted channel: its socket, its own opener, and when it last brought a message
+    (loop time)."""
+
+    __slots__ = ("ws", "opener", "heard")
+
+    def __init__(self, ws: web.WebSocketResponse, opener: Opener, heard: float) -> None:
+        self.ws = ws
+        self.opener = opener
+        self.heard = heard
 
 
 class ChannelReceiver:
@@ -74,7 +87,9 @@ class ChannelReceiver:
         self._on_accepted = on_accepted
         self._clock = clock
         self._max_frame = max_frame
-        self._open: dict[web.WebSocketResponse, Opener] = {}
+        self._open: set[_Inbound] = set()
+        self._sweep: asyncio.TimerHandle | None = None
+        self._closing: set[asyncio.Task[bool]] = set()
         self.accepted = 0
         """Channels accepted so far."""
         self.lost_before_accepted = 0
@@ -94,12 +109,15 @@ class ChannelReceiver:
     def rekey(self, keyring: Keyring) -> None:
         """Open with `keyring` from now on, on open channels too (keeping their windows)."""
         self._keyring = keyring
-        for ws, opener in list(self._open.items()):
-            self._open[ws] = opener.rekeyed(keyring)
+        for channel in self._open:
+            channel.opener = channel.opener.rekeyed(keyring)
 
     async def close(self) -> None:
         """End every open channel, all at once (each waits at most 1 s for its sender)."""
-        closes = [asyncio.wait_for(ws.close(), 1.0) for ws in list(self._open)]
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        closes = [asyncio.wait_for(channel.ws.close(), 1.0) for channel in list(self._open)]
         if closes:
             await asyncio.gather(*closes, return_exceptions=True)
 
@@ -110,9 +128,9 @@ class ChannelReceiver:
         if isinstance(channel_id, web.Response):
             return channel_id
         trust_connection(request)  # a keyholder's: exempt from the per-source cap
+        # No receive timeout: a timer per message; `_sweep_channels` closes silent channels.
         ws = web.WebSocketResponse(
             max_msg_size=self._max_frame,
-            receive_timeout=RECEIVE_IDLE_SECONDS,
             autoping=True,
             compress=False,
         )
@@ -133,16 +151,35 @@ class ChannelReceiver:
             max_senders=1,
         )
         opener.rejected = shared.rejected
-        self._open[ws] = opener
+        loop = asyncio.get_running_loop()
+        channel = _Inbound(ws, opener, loop.time())
+        self._open.add(channel)
+        if self._sweep is None:
+            self._sweep = loop.call_later(RECEIVE_SWEEP_SECONDS, self._sweep_channels)
         self.accepted += 1
         try:
-            await self._receive(ws, source, channel_route(channel_id))
+            await self._receive(channel, source, channel_route(channel_id))
         finally:
-            self._open.pop(ws, None)
+            self._open.discard(channel)
             if not ws.closed:
                 with contextlib.suppress(Exception):
                     await ws.close()
         return ws
+
+    def _sweep_channels(self) -> None:
+        """Close the channels silent for `RECEIVE_IDLE_SECONDS` (their senders have gone);
+        again in `RECEIVE_SWEEP_SECONDS` while any is open."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for channel in self._open:
+            if now - channel.heard >= RECEIVE_IDLE_SECONDS and not channel.ws.closed:
+                # Its `_receive` is handed a closing message and ends.
+                closing = loop.create_task(channel.ws.close())
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
+        self._sweep = (
+            loop.call_later(RECEIVE_SWEEP_SECONDS, self._sweep_channels) if self._open else None
+        )
 
     def _hello(self, request: web.Request, source: str) -> bytes | web.Response:
         text = request.headers.get(HELLO_HEADER)
@@ -160,7 +197,7 @@ class ChannelReceiver:
             return _tagged(self._intake.refuse(source, "bad_channel_hello", "bad channel id"))
         return channel_id
 
-    async def _receive(self, ws: web.WebSocketResponse, source: str, route: bytes) -> None:
+    async def _receive(self, channel: _Inbound, source: str, route: bytes) -> None:
         # Messages are taken off the socket without a pause while any are buffered: aiohttp
         # drops what it buffered once the connection is lost (a SIGKILLed sender), so a
         # message fully received must be handed to the bulk lane before this task yields.
@@ -168,18 +205,18 @@ class ChannelReceiver:
         # `PENDING_BYTES` wait there, which is what slows a fast sender down (TCP).
         pending: deque[tuple[asyncio.Future[bool], int]] = deque()
         waiting = 0
+        ws = channel.ws
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                try:
-                    message = await ws.receive()
-                except TimeoutError:
-                    return  # silent for RECEIVE_IDLE_SECONDS: its sender has gone
+                message = await ws.receive()
+                channel.heard = loop.time()
                 frame = self._frame(source, message)
                 if frame is None:
                     if not ws.closed and message.type == WSMsgType.TEXT:
                         await ws.close(code=REFUSAL_CODE, message=b"bad_channel_message")
                     return
-                plaintext = self._open_frame(ws, source, frame, route)
+                plaintext = self._open_frame(channel.opener, source, frame, route)
                 if isinstance(plaintext, SealError):
                     await ws.close(code=REFUSAL_CODE, message=plaintext.reason.encode())
                     return
@@ -213,11 +250,8 @@ class ChannelReceiver:
         return None
 
     def _open_frame(
-        self, ws: web.WebSocketResponse, source: str, frame: bytes, route: bytes
+        self, opener: Opener, source: str, frame: bytes, route: bytes
     ) -> bytes | SealError:
-        opener = self._open.get(ws)
-        if opener is None:
-            return SealError("closed")
         try:
             return opener.open(frame, self._clock(), route)
         except SealError as exc:

@@ -33,7 +33,9 @@ Invariants:
   timed out) counts one failure, drops what waited (the protocol repairs lost envelopes, as
   with a failed request) and is gone; the next send opens a new one.
 - A channel idle for `IDLE_SECONDS` is closed by its sender; the receiver closes one silent
-  for `RECEIVE_IDLE_SECONDS`, so a channel holds a descriptor only while it is used. At
+  for `RECEIVE_IDLE_SECONDS`, so a channel holds a descriptor only while it is used. Both,
+  and the sender's limit on writing a batch, are checked by one sweep per side every
+  `SWEEP_SECONDS` (`RECEIVE_SWEEP_SECONDS`), not by a timer per message (decision 93). At
   `max_channels` open, a send to a further address closes the least recently used channel
   with nothing waiting (counted in `evicted`) rather than being dropped.
 """
@@ -82,6 +84,14 @@ What waits for a channel being opened stays in its outbox meanwhile."""
 RECEIVE_IDLE_SECONDS: Final = 180.0
 """Seconds a receiver keeps a silent channel: above `IDLE_SECONDS`, so the sender, which knows
 it has nothing to send, is the one that closes."""
+SWEEP_SECONDS: Final = 0.5
+"""How often a sender looks for channels idle too long and batches written too long, while it
+has channels. A timer per message (the send timeout around each batch, the idle wait after
+it) and a receive timeout per message were a third of a 30-peer network's timers, each
+costing a heap push, a cancel and a cleanup on the event loop (decision 93); one sweep costs
+a comparison per channel."""
+RECEIVE_SWEEP_SECONDS: Final = 15.0
+"""How often a receiver looks for channels silent for `RECEIVE_IDLE_SECONDS`."""
 OUTBOX_BYTES: Final = 8 * 1024 * 1024
 """Most bytes waiting for one channel's writer; later sends to it are dropped."""
 PENDING_BYTES: Final = 4 * 1024 * 1024
@@ -100,13 +110,16 @@ def channel_route(channel_id: bytes) -> bytes:
     return ROUTE_CHANNEL + channel_id
 
 
-@dataclass
+@dataclass(eq=False)
 class _Channel:
     addr: str
     outbox: list[bytes] = field(default_factory=list)
     outbox_bytes: int = 0
     waker: asyncio.Future[bool] | None = None
     """What the idle writer awaits: True when woken, False when its idle time ran out."""
+    writing: asyncio.Timeout | None = None
+    """The scope of the batch being written, ended by the sweep once `send_timeout` passes."""
+    writing_since: float = 0.0
 
     def wake(self) -> None:
         """Let the writer run at the next turn of the loop (a plain future: one hop, so what
@@ -184,6 +197,9 @@ class ChannelSender:
         self.evicted = 0
         """Idle channels closed to make room for a channel to another address."""
         self._running: set[asyncio.Task[None]] = set()
+        self._writing: set[_Channel] = set()
+        """Channels writing a batch now (an evicted one may still be writing)."""
+        self._sweep: asyncio.TimerHandle | None = None
 
     @property
     def open_channels(self) -> int:
@@ -208,6 +224,8 @@ class ChannelSender:
             task = loop.create_task(self._run(channel))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+            if self._sweep is None:
+                self._sweep = loop.call_later(SWEEP_SECONDS, self._sweep_channels)
         if channel.outbox_bytes + len(data) > OUTBOX_BYTES:
             self.dropped += 1
             return False
@@ -216,6 +234,23 @@ class ChannelSender:
         channel.outbox_bytes += len(data)
         channel.wake()
         return True
+
+    def _sweep_channels(self) -> None:
+        """End the batches written for longer than the send timeout, and wake the writers
+        idle for `IDLE_SECONDS` to close; again in `SWEEP_SECONDS` while any channel is left."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for channel in self._writing:
+            if channel.writing is not None and now - channel.writing_since >= self._send_timeout:
+                channel.writing.reschedule(now)  # the writer sees TimeoutError, as at a timer
+        for channel in self._channels.values():
+            if channel.waker is not None and now - channel.used >= IDLE_SECONDS:
+                _resolve(channel.waker, False)
+        self._sweep = (
+            loop.call_later(SWEEP_SECONDS, self._sweep_channels)
+            if self._channels or self._writing
+            else None
+        )
 
     def _evict_one(self) -> bool:
         """Close the least recently used channel with nothing waiting; False if there is none.
@@ -239,6 +274,9 @@ class ChannelSender:
 
     async def close(self, grace: float) -> None:
         """Let every channel write what waits for up to `grace` seconds, then end them all."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         tasks = list(self._running)  # evicted channels still closing too
         for channel in self._channels.values():
             channel.closing = True
@@ -316,13 +354,10 @@ class ChannelSender:
             if not channel.outbox:
                 if channel.closing:
                     return
-                loop = asyncio.get_running_loop()
-                waker = channel.waker = loop.create_future()
-                idle = loop.call_later(IDLE_SECONDS, _resolve, waker, False)
+                waker = channel.waker = asyncio.get_running_loop().create_future()
                 try:
-                    woken = await waker
+                    woken = await waker  # False: the sweep found it idle
                 finally:
-                    idle.cancel()
                     channel.waker = None
                 if not woken and not channel.outbox:
                     return  # idle: close; the next send opens a new channel
@@ -330,11 +365,18 @@ class ChannelSender:
             batch, channel.outbox, channel.outbox_bytes = channel.outbox, [], 0
             sealer = channel.sealer
             assert sealer is not None
-            async with asyncio.timeout(self._send_timeout):
-                for payload in self._coalesce(batch) if len(batch) > 1 else batch:
-                    frame = sealer.seal(payload, self._clock(), route)
-                    await ws.send_bytes(frame)
-                    self._on_sent(channel.addr, len(frame))
+            # No deadline of its own: the sweep ends the scope once the send timeout passes.
+            async with asyncio.timeout(None) as scope:
+                channel.writing, channel.writing_since = scope, asyncio.get_running_loop().time()
+                self._writing.add(channel)
+                try:
+                    for payload in self._coalesce(batch) if len(batch) > 1 else batch:
+                        frame = sealer.seal(payload, self._clock(), route)
+                        await ws.send_bytes(frame)
+                        self._on_sent(channel.addr, len(frame))
+                finally:
+                    channel.writing = None
+                    self._writing.discard(channel)
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse, channel: _Channel) -> None:
         # The receiver sends nothing but control frames; reading is what processes them. A

@@ -18,7 +18,8 @@ import pytest
 import pytest_asyncio
 from aiohttp import WSMessage, WSMsgType
 
-from peer.runtime import channels
+from peer.runtime import channel_receiver, channels
+from peer.runtime.channel_receiver import _Inbound
 from peer.runtime.channels import (
     CHANNEL_PATH,
     HELLO_HEADER,
@@ -264,9 +265,8 @@ async def test_messages_received_before_the_connection_is_lost_are_all_handed_on
     sealer = Sealer(Keyring(KEY), b"F" * 8)
     frames = [sealer.seal(b"m%d" % i, time.time(), channel_route(channel_id)) for i in range(3)]
     ws = _LosingWs(frames)
-    receiver = t._channels_in
-    receiver._open[ws] = Opener(Keyring(KEY))  # type: ignore[index]
-    await receiver._receive(ws, "127.0.0.1:1", channel_route(channel_id))  # type: ignore[arg-type]
+    channel = _Inbound(ws, Opener(Keyring(KEY)), 0.0)  # type: ignore[arg-type]
+    await t._channels_in._receive(channel, "127.0.0.1:1", channel_route(channel_id))
     await _until(lambda: len(inbox.items) == 3)
     assert inbox.items == [b"m0", b"m1", b"m2"]
 
@@ -396,3 +396,46 @@ async def test_a_slow_upgrade_is_waited_for_up_to_the_open_timeout_not_the_send_
             assert a.last_failure[addr] == "timed out" and a._channels_out.opened == 0
     finally:
         await a.stop()
+
+
+async def test_a_batch_written_past_the_send_timeout_ends_its_channel_with_one_failure(
+    monkeypatch: pytest.MonkeyPatch, receiver: tuple[Transport, Inbox]
+) -> None:
+    # The receiver accepts the channel and never reads: the socket's buffers fill and the
+    # write blocks. The sender's sweep (no timer per batch, decision 93) ends that write
+    # once the send timeout has passed: one failure, "timed out", and the channel is gone.
+    monkeypatch.setattr(channels, "SWEEP_SECONDS", 0.05)
+    b, _ = receiver
+
+    async def never_reads(*_: object) -> None:
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(b._channels_in, "_receive", never_reads)
+    a = Transport("127.0.0.1", 0, Keyring(KEY), b"A" * 8, Inbox(), send_timeout=0.3)
+    await a.start()
+    try:
+        addr = f"127.0.0.1:{b.port}"
+        async with asyncio.timeout(10):
+            while a.send_failures == 0:
+                a.send(addr, b"x" * 1024 * 1024)
+                await asyncio.sleep(0.02)
+        assert a.last_failure[addr] == "timed out"
+        await _until(lambda: a.channels == (0, 0))
+    finally:
+        await a.stop()
+
+
+async def test_a_receiver_closes_a_channel_that_stays_silent(
+    monkeypatch: pytest.MonkeyPatch, receiver: tuple[Transport, Inbox]
+) -> None:
+    monkeypatch.setattr(channel_receiver, "RECEIVE_IDLE_SECONDS", 0.3)
+    monkeypatch.setattr(channel_receiver, "RECEIVE_SWEEP_SECONDS", 0.1)
+    b, _ = receiver
+    url = f"http://127.0.0.1:{b.port}{CHANNEL_PATH}"
+    hello = _hello(Sealer(Keyring(KEY), b"S" * 8), b"s" * 16)
+    async with aiohttp.ClientSession() as http, http.ws_connect(url, headers=hello) as ws:
+        await _until(lambda: b.channels == (0, 1))
+        closing = await ws.receive(timeout=3)  # nothing sent: the receiver ends it
+        assert closing.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING)
+    await _until(lambda: b.channels == (0, 0))
+    assert sum(b.rejected.values()) == 0

@@ -16,8 +16,9 @@ import pytest
 from protocol.effects import TaskCancelled
 from protocol.errors import LocalProtocolError
 from protocol.tasks.messages import DOMAIN_CANCEL, Cancel, Claim, Result, TaskHave, TaskHeld
-from protocol.tasks.placement import ReplicaSets, top_by_score
+from protocol.tasks.placement import ReplicaSets, scored, top_by_score
 from protocol.tasks.repair import SYNC_TICK
+from protocol.tasks.state import hrw_score
 from tests.protocol.fakes import Link, addr, envelope, node_id, opened, signer
 from tests.protocol.test_tasks import (
     ROLE,
@@ -44,6 +45,33 @@ def test_replica_set_is_the_top_k_by_score_and_moves_only_with_its_members() -> 
     assert sets.of(task_id, fewer) == chosen, "a member outside the set leaving moves nothing"
     without_first = tuple(m for m in members if m != chosen[0])
     assert sets.of(task_id, without_first)[:2] == chosen[1:]
+
+
+def test_the_inlined_scores_are_the_hrw_scores() -> None:
+    members = [node_id(i) for i in range(12)]
+    for task_id in (bytes(32), bytes(range(32)), b"\xff" * 32):
+        assert scored(task_id, members) == [(hrw_score(task_id, n), n) for n in members]
+        by_key = sorted(members, key=lambda n: hrw_score(task_id, n), reverse=True)
+        assert top_by_score(task_id, members, 4) == by_key[:4]
+
+
+def test_capable_peers_follow_roles_and_deaths_through_the_cache() -> None:
+    link = cluster(5, serving=[1, 2, 3, 4])
+    observer = link.node(0)
+    assert sorted(observer.capable(ROLE)) == sorted(node_id(i) for i in (1, 2, 3, 4))
+    first = observer.capable(ROLE)
+    first.clear()  # a caller's copy: the next answer is whole
+    assert len(observer.capable(ROLE)) == 4
+    link.run(2, link.node(2).serve(link.now, ("other",), 4))  # stops serving ROLE
+    link.advance(link.now + 5.0)
+    assert sorted(observer.capable(ROLE)) == sorted(node_id(i) for i in (1, 3, 4))
+    assert observer.capable("other") == [node_id(2)]
+    link.crash(3)
+    link.advance(link.now + 60.0)
+    assert observer.is_down(node_id(3))
+    assert sorted(observer.capable(ROLE)) == sorted(node_id(i) for i in (1, 4))
+    link.run(0, observer.serve(link.now, (ROLE,), 4))  # this peer serves it too now
+    assert sorted(observer.capable(ROLE)) == sorted(node_id(i) for i in (0, 1, 4))
 
 
 def test_objects_reach_only_the_audience_in_a_larger_network() -> None:
