@@ -76,6 +76,21 @@ class NodeTaskCalls(NodeQueries, ABC):
             self.tasks.acknowledge_unreplicated(record.task_id)
         return self._exit(), record.task_id
 
+    def nonce_near_home(
+        self,
+        nonce: bytes,
+        role: str,
+        input_digest: bytes,
+        *,
+        priority: int = 0,
+        parent: bytes = b"",
+        timeout: float = 0.0,
+    ) -> bytes:
+        """The nonce to submit a task without an idempotency key under, from the `nonce` the
+        host drew: one whose id makes this peer one of the task's replicas when one of a few
+        does (`protocol.tasks.plane.Tasks.nonce_near_home`). Changes nothing."""
+        return self.tasks.nonce_near_home(nonce, role, input_digest, priority, parent, timeout)
+
     def complete(
         self,
         now: float,

@@ -17,7 +17,8 @@ Invariants:
   forever. A queued task has a queue timeout (`queue_timeout`, by default
   `DEFAULT_QUEUE_TIMEOUT`; 0 for none), made durable here before the task is submitted: if no
   peer claimed it by then, this peer cancels it with the reason (`peer.runtime.queue_timeouts`).
-  Without an idempotency key each submission gets a fresh random nonce (a new task);
+  Without an idempotency key each submission gets a fresh random nonce (a new task), or a
+  variant of it that makes this peer one of the task's replicas (decision 94);
   with one, resubmitting the same spec at any peer names the same task, and another spec under
   the same key is answered 409 with the existing task's id (`task` in the problem details).
   A W3C `traceparent` header puts the submission in the client's trace (an invalid one is
@@ -257,10 +258,10 @@ class TaskApi:
         queue_timeout = _seconds(body, "queue_timeout", DEFAULT_QUEUE_TIMEOUT) if queue else 0
         if not queue and not self.driver.node.capable(role):
             return unserved_role(role, served_roles(self.driver.node))
-        nonce = b"" if key else os.urandom(16)
         if blobs is not None and len(data) > MAX_INLINE_PAYLOAD:
             # The blob goes to its task's designated holders, so the task id comes first.
             ref = await asyncio.to_thread(blob_ref, data)
+            nonce = self._nonce(key, role, ref, priority, timeout)
             task_id = self.driver.task_id_for(
                 role, ref, priority=priority, idempotency_key=key, nonce=nonce, timeout=timeout
             )
@@ -277,6 +278,8 @@ class TaskApi:
                     f"the input could not be stored on this peer's disk ({exc.strerror or exc}); "
                     "nothing was submitted, try again",
                 ) from None
+        else:
+            nonce = self._nonce(key, role, data, priority, timeout)
         created = self.driver.wall()
         if queue_timeout:
             queued_id = self.driver.task_id_for(
@@ -345,6 +348,15 @@ class TaskApi:
             # woke each waiting submission for every note of every task (decision 78).
             await self.driver.notifications.wait_result(task_id, WATCH_POLL)
         return web.json_response(task_json(self._held(task_id)))
+
+    def _nonce(self, key: str, role: str, data: bytes, priority: int, timeout: float) -> bytes:
+        """Empty with an idempotency key (the key names the task); else a fresh random one,
+        or a variant of it that makes this peer one of the task's replicas (decision 94)."""
+        if key:
+            return b""
+        return self.driver.nonce_near_home(
+            os.urandom(16), role, data, priority=priority, timeout=timeout
+        )
 
     async def _get(self, request: web.Request) -> web.Response:
         try:

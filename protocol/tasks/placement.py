@@ -46,6 +46,33 @@ def scored(task_id: bytes, members: Iterable[bytes]) -> list[tuple[int, bytes]]:
 
 _score = operator.itemgetter(0)
 
+NONCE_TRIES = 64
+"""Nonces tried for a task submitted without an idempotency key before its origin settles for
+the first (`nonce_variant`): at 30 peers and 3 replicas one in 15 puts the origin among the
+task's replicas below its arbiter; at 100, one in 50."""
+
+
+def nonce_variant(nonce: bytes, i: int) -> bytes:
+    """The `i`th nonce tried for a submission whose host drew `nonce`: `nonce` itself first,
+    then 16 bytes derived from it (unique per submission as the nonce is)."""
+    if i == 0:
+        return nonce
+    return hashlib.sha256(b"grapevine/nonce-variant/v1" + bytes([i]) + nonce).digest()[:16]
+
+
+def members_above(task_id: bytes, member: bytes, members: Iterable[bytes], k: int) -> int:
+    """How many of `members` score above `member` for `task_id`, counted up to `k` (the
+    count stops there: most ids put `member` far down, and a few hashes tell)."""
+    sha256, from_bytes = hashlib.sha256, int.from_bytes
+    mine = from_bytes(sha256(task_id + member).digest()[:8], "big")
+    above = 0
+    for n in members:
+        if n != member and from_bytes(sha256(task_id + n).digest()[:8], "big") > mine:
+            above += 1
+            if above == k:
+                break
+    return above
+
 
 class ReplicaSets:
     """Replica sets of held tasks, cached while the live membership is unchanged.

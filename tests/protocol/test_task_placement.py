@@ -9,6 +9,7 @@ the record to, and syncs with every holder it knows of.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from protocol.effects import TaskCancelled
 from protocol.errors import LocalProtocolError
 from protocol.tasks.messages import DOMAIN_CANCEL, Cancel, Claim, Result, TaskHave, TaskHeld
-from protocol.tasks.placement import ReplicaSets, scored, top_by_score
+from protocol.tasks.placement import ReplicaSets, members_above, scored, top_by_score
 from protocol.tasks.repair import SYNC_TICK
 from protocol.tasks.state import hrw_score
 from tests.protocol.fakes import Link, addr, envelope, node_id, opened, signer
@@ -72,6 +73,46 @@ def test_capable_peers_follow_roles_and_deaths_through_the_cache() -> None:
     assert sorted(observer.capable(ROLE)) == sorted(node_id(i) for i in (1, 4))
     link.run(0, observer.serve(link.now, (ROLE,), 4))  # this peer serves it too now
     assert sorted(observer.capable(ROLE)) == sorted(node_id(i) for i in (0, 1, 4))
+
+
+def test_members_above_counts_the_better_scores_up_to_k() -> None:
+    members = [node_id(i) for i in range(12)]
+    for task_id in (bytes(32), bytes(range(32)), b"\x07" * 32):
+        order = top_by_score(task_id, members, len(members))
+        for rank, member in enumerate(order):
+            assert members_above(task_id, member, members, 3) == min(rank, 3)
+
+
+def test_a_task_without_a_key_is_placed_with_its_origin_among_its_replicas() -> None:
+    link = cluster(10)
+    origin = link.node(0)
+    digest = hashlib.sha256(b"input").digest()
+    placed = 0
+    ids = []
+    for n in range(20):
+        drawn = hashlib.sha256(b"drawn %d" % n).digest()[:16]
+        nonce = origin.nonce_near_home(drawn, ROLE, digest)
+        assert nonce == origin.nonce_near_home(drawn, ROLE, digest), "a pure function"
+        assert len(nonce) == 16
+        fx, task_id = origin.submit(link.now, ROLE, b"input", nonce=nonce)
+        link.run(0, fx)
+        ids.append(task_id)
+        home = origin.replica_set(task_id)
+        if nonce != drawn or node_id(0) in home:
+            assert node_id(0) in home and home[0] != node_id(0), "a replica, not the arbiter"
+            placed += 1
+    assert placed >= 18  # 64 tries at 1 in 4 each: a miss is all but impossible
+    counted = origin.task_counters()
+    assert counted["task ids placed with their origin among the replicas"] >= 18
+    link.advance(link.now + 5.0)
+    runners = [peer for task_id in ids for peer, _ in starts(link, task_id)]
+    assert len(runners) == 20 and len(set(runners)) > 3 and 0 not in runners, "run elsewhere"
+
+
+def test_a_network_no_larger_than_a_replica_set_keeps_the_drawn_nonce() -> None:
+    link = cluster(3)
+    drawn = b"d" * 16
+    assert link.node(0).nonce_near_home(drawn, ROLE, bytes(32)) == drawn
 
 
 def test_objects_reach_only_the_audience_in_a_larger_network() -> None:
