@@ -120,6 +120,7 @@ class _Channel:
     writing: asyncio.Timeout | None = None
     """The scope of the batch being written, ended by the sweep once `send_timeout` passes."""
     writing_since: float = 0.0
+    """Loop time the batch being written started."""
 
     def wake(self) -> None:
         """Let the writer run at the next turn of the loop (a plain future: one hop, so what
