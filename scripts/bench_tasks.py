@@ -12,6 +12,10 @@ For each size N (default 3, 10 and 30) this measures, with the same no-op task (
   prefetch multiplier 1; tasks sent with `apply_async` from `--in-flight` threads. The task
   records its own start and end time; "accepted" is its end (the backend write follows).
 
+Both systems log at `--log-level` (default warning: neither logs anything per task; Celery's
+workers always ran at WARNING here, while the peers logged four lines per task at INFO until
+2026-12-01).
+
 Each row first runs `--warmup` tasks that are not measured (default 500), for Grapevine and
 Celery alike: the first tasks between two Grapevine peers open the channel between them, which
 a network that has been running has open (870 of them at 30 peers; decision 89). `--warmup 0`
@@ -100,6 +104,9 @@ WORKER_SLOTS = 4
 concurrency."""
 PHASE_LIMIT = 180.0
 """Seconds any one phase may take before the run is reported as incomplete."""
+LOG_LEVEL = "warning"
+"""The peers' and the Celery workers' log level alike (`--log-level`): at WARNING neither logs
+anything per task; at INFO a Grapevine peer logs each task's events, as a Celery worker does."""
 WARMUP_SETTLE = 1.0
 """Seconds between the warm-up's last result and the measured run, for its last messages
 (replica syncs come later, 2 s after a change, and are part of any steady state)."""
@@ -340,13 +347,16 @@ async def grapevine_row(
     warmup: int = 0,
     scrape: bool = False,
     trace: bool = False,
+    log_level: str = LOG_LEVEL,
 ) -> Row:
     row = Row(
         "grapevine" + ("+scrape" if scrape else "") + ("+trace" if trace else ""), size, tasks
     )
     rng = random.Random(size)
     name = f"gv{size}{'-scraped' if scrape else ''}{'-traced' if trace else ''}"
-    with LocalCluster(root / name, profile="local", extra_args=()) as cluster:
+    with LocalCluster(
+        root / name, profile="local", extra_args=("--log-level", log_level)
+    ) as cluster:
         # The peers inherit this process's environment when they start (`child_env`).
         saved = os.environ.get("OTEL_TRACES_EXPORTER")
         os.environ["OTEL_TRACES_EXPORTER"] = "console" if trace else "none"
@@ -430,10 +440,14 @@ async def grapevine_row(
     return row
 
 
-async def grapevine_crash(root: Path, size: int, tasks: int, sleep: float) -> CrashRow:
+async def grapevine_crash(
+    root: Path, size: int, tasks: int, sleep: float, log_level: str = LOG_LEVEL
+) -> CrashRow:
     row = CrashRow("grapevine", size, tasks)
     rng = random.Random(7)
-    with LocalCluster(root / "gv-crash", profile="local", extra_args=()) as cluster:
+    with LocalCluster(
+        root / "gv-crash", profile="local", extra_args=("--log-level", log_level)
+    ) as cluster:
         peers = await start_echo_cluster(cluster, size)
         victim = peers[-1]
         start = time.monotonic()
@@ -498,8 +512,9 @@ CELERY_APP = textwrap.dedent(
 class Celery:
     """A redis-server and Celery worker processes started (and ended, by pid) by this script."""
 
-    def __init__(self, root: Path, visibility: float) -> None:
+    def __init__(self, root: Path, visibility: float, log_level: str = LOG_LEVEL) -> None:
         self.root = root
+        self.log_level = log_level
         self.module = f"bench_celery_{root.name.replace('-', '_')}"
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -555,7 +570,7 @@ class Celery:
                 "--concurrency",
                 str(WORKER_SLOTS),
                 "--loglevel",
-                "WARNING",
+                self.log_level.upper(),
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",
@@ -580,10 +595,12 @@ class Celery:
 
 
 @contextlib.contextmanager
-def celery_cluster(root: Path, workers: int, visibility: float) -> Iterator[tuple[Celery, Any]]:
+def celery_cluster(
+    root: Path, workers: int, visibility: float, log_level: str = LOG_LEVEL
+) -> Iterator[tuple[Celery, Any]]:
     import redis  # the bench extra; checked by the caller
 
-    cel = Celery(root, visibility)
+    cel = Celery(root, visibility, log_level)
     try:
         cel.start_redis()
         client = redis.Redis.from_url(cel.url)
@@ -667,9 +684,16 @@ def _duplicates(client: Any, ids: Sequence[str]) -> int:
     return sum(max(0, int(c) - 1) for c in counts if c is not None)
 
 
-def celery_row(root: Path, workers: int, tasks: int, in_flight: int, warmup: int = 0) -> Row:
+def celery_row(
+    root: Path,
+    workers: int,
+    tasks: int,
+    in_flight: int,
+    warmup: int = 0,
+    log_level: str = LOG_LEVEL,
+) -> Row:
     row = Row("celery+redis", workers, tasks)
-    with celery_cluster(root / f"celery{workers}", workers, visibility=3600.0) as (cel, client):
+    with celery_cluster(root / f"celery{workers}", workers, 3600.0, log_level) as (cel, client):
         app = sys.modules[cel.module].app
         if warmup:  # as for Grapevine: connections open and workers running before we measure
             _celery_collect(app, _celery_send(app, warmup, in_flight, 0.0), PHASE_LIMIT)
@@ -693,9 +717,16 @@ def celery_row(root: Path, workers: int, tasks: int, in_flight: int, warmup: int
     return row
 
 
-def celery_crash(root: Path, workers: int, tasks: int, sleep: float, visibility: float) -> CrashRow:
+def celery_crash(
+    root: Path,
+    workers: int,
+    tasks: int,
+    sleep: float,
+    visibility: float,
+    log_level: str = LOG_LEVEL,
+) -> CrashRow:
     row = CrashRow("celery+redis", workers, tasks)
-    with celery_cluster(root / "celery-crash", workers, visibility) as (cel, client):
+    with celery_cluster(root / "celery-crash", workers, visibility, log_level) as (cel, client):
         app = sys.modules[cel.module].app
         start = time.monotonic()
         sent = _celery_send(app, tasks, 16, sleep)
@@ -817,7 +848,9 @@ MODES = ("off", "on", "traced")
 _MODE_FLAGS = {"off": (False, False), "on": (True, False), "traced": (True, True)}
 
 
-def metrics_cost(root: Path, sizes: list[int], tasks: int, in_flight: int, runs: int) -> str:
+def metrics_cost(
+    root: Path, sizes: list[int], tasks: int, in_flight: int, runs: int, log_level: str
+) -> str:
     """Triples of rows (off, metrics on, metrics on and tracing) at each size: the table of
     throughputs, each one's ratio to off, and the medians (see the module docstring)."""
     lines = [
@@ -835,7 +868,13 @@ def metrics_cost(root: Path, sizes: list[int], tasks: int, in_flight: int, runs:
                 scrape, trace = _MODE_FLAGS[mode]
                 rows[mode] = asyncio.run(
                     grapevine_row(
-                        root / f"{run}-{mode}", size, tasks, in_flight, scrape=scrape, trace=trace
+                        root / f"{run}-{mode}",
+                        size,
+                        tasks,
+                        in_flight,
+                        scrape=scrape,
+                        trace=trace,
+                        log_level=log_level,
                     )
                 )
             for mode in MODES:
@@ -897,6 +936,13 @@ def main(argv: list[str] | None = None) -> int:
         default=10.0,
         help="Redis visibility timeout for the Celery crash run, seconds",
     )
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default=LOG_LEVEL,
+        help="log level of the Grapevine peers and of the Celery workers alike (default "
+        "warning: neither logs per task; at info a peer logs each task's events)",
+    )
     parser.add_argument("--json", action="store_true", help="also print the raw results")
     parser.add_argument(
         "--metrics-cost",
@@ -922,7 +968,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.metrics_cost:
         with tempfile.TemporaryDirectory(prefix="bench-metrics-") as tmp:
-            print(metrics_cost(Path(tmp), sizes, tasks, args.in_flight, args.metrics_runs))
+            cost_table = metrics_cost(
+                Path(tmp), sizes, tasks, args.in_flight, args.metrics_runs, args.log_level
+            )
+            print(cost_table)
         return 0
     report = Report(crypto=crypto_rows())
     print(crypto_table(report.crypto), end="\n\n", flush=True)
@@ -931,22 +980,37 @@ def main(argv: list[str] | None = None) -> int:
         for size in sizes:
             print(f"grapevine N={size}: {tasks} tasks ...", file=sys.stderr, flush=True)
             report.rows.append(
-                asyncio.run(grapevine_row(root, size, tasks, args.in_flight, warmup=warmup))
+                asyncio.run(
+                    grapevine_row(
+                        root, size, tasks, args.in_flight, warmup=warmup, log_level=args.log_level
+                    )
+                )
             )
             print(f"  {report.rows[-1]}", file=sys.stderr, flush=True)
             if run_celery:
                 print(f"celery N={size}: {tasks} tasks ...", file=sys.stderr, flush=True)
-                report.rows.append(celery_row(root, size, tasks, args.in_flight, warmup))
+                report.rows.append(
+                    celery_row(root, size, tasks, args.in_flight, warmup, args.log_level)
+                )
                 print(f"  {report.rows[-1]}", file=sys.stderr, flush=True)
         if not args.no_crash:
             print("SIGKILL runs ...", file=sys.stderr, flush=True)
             report.crashes.append(
-                asyncio.run(grapevine_crash(root, args.crash_size, crash_tasks, args.crash_sleep))
+                asyncio.run(
+                    grapevine_crash(
+                        root, args.crash_size, crash_tasks, args.crash_sleep, args.log_level
+                    )
+                )
             )
             if run_celery:
                 report.crashes.append(
                     celery_crash(
-                        root, args.crash_size, crash_tasks, args.crash_sleep, args.visibility
+                        root,
+                        args.crash_size,
+                        crash_tasks,
+                        args.crash_sleep,
+                        args.visibility,
+                        args.log_level,
                     )
                 )
     print(table(report))
