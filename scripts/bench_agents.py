@@ -273,6 +273,7 @@ TASK_EVENTS = {
     "grants handed on": "epoch-1 grants handed on",
     "conflicting grants": "conflicting grants learned",
     "takeover asked within the down grace": "takeovers refused within the down grace",
+    "asks answered lately": "standby asks read again within half an ask interval",
 }
 """Task plane counters (`grapevine_task_plane_events_total{event}`) and their row names."""
 COUNTED = {
@@ -281,6 +282,7 @@ COUNTED = {
     "grapevine_refutations_total": "refutations of accusations about oneself",
     "grapevine_task_takeovers_total": "takeover claims",
     "grapevine_task_grants_total": "epoch-1 grants made by a primary",
+    "grapevine_task_grant_requests_total": "grants asked by standbys",
     "grapevine_gossip_sends_dropped_total": "sends dropped before leaving",
     "grapevine_gossip_send_failures_total": "sends failed (channel refused, reset, timed out)",
     **{

@@ -194,6 +194,12 @@ class TaskCore(ABC):
         told we hold them once the input is settled (`Merge.pay_held`)."""
         self.lingering: dict[bytes, LingeringClaim] = {}
         """Claims made here not sent to all of their audience yet, by task id."""
+        self.asks_made: dict[bytes, tuple[bytes, int, float]] = {}
+        """Per task this peer asks a grant of: (whom it asks, asks made to it in a row, when
+        it may ask again), see `Executions.ask`."""
+        self.asks_answered: dict[tuple[bytes, bytes], float] = {}
+        """When each (task id, asker) was last answered, oldest first, recent ones only
+        (`Grants.on_ask`)."""
         # Retention (see `protocol.tasks.retention`).
         self.retention = retention
         self.tombstone_grace = tombstone_grace

@@ -30,6 +30,7 @@ from protocol.tasks.claim_rule import (
     Pass,
     Resume,
     Wait,
+    ask_retry_after,
     decide,
 )
 from protocol.tasks.core import LOCAL
@@ -74,7 +75,10 @@ class Executions(Merge):
 
     def evaluate(self, now: float, st: TaskState) -> None:
         """Decide what to do about the task (see `claim_rule`) and do it."""
-        match decide(self.view, st, now, self):
+        decision = decide(self.view, st, now, self)
+        if not isinstance(decision, AskGrant):
+            self.asks_made.pop(st.task_id, None)
+        match decision:
             case Nothing():
                 if st.grants:
                     self.hand_on(now, st)  # our grantee may not have got the task yet
@@ -94,14 +98,30 @@ class Executions(Merge):
                     self.grant_takeover(now, st, epoch, self.node_id, None)
                     self.wake(st.task_id, retry_at)
                     return
-                addr = self.view.addr_of(grantor)
-                if addr is not None:
-                    self.counters["grants asked"] += 1
-                    msg = encode_message(TaskAsk(st.task_id, epoch))
-                    self.port.send(addr, [msg], piggyback=False)
-                self.wake(st.task_id, retry_at)
+                self.ask(now, st, grantor, epoch, retry_at - now)
             case _ as unreachable:
                 assert_never(unreachable)
+
+    def ask(self, now: float, st: TaskState, grantor: bytes, epoch: int, span: float) -> None:
+        """Ask `grantor` for a grant of `epoch`, unless we asked it lately, and look again when
+        the next ask is due: `span` after the first ask to it, then twice, four times, up to
+        `ASK_BACKOFF_MAX` times as long (decision 95)."""
+        # The claim rule looks at a waiting task whenever anything it depends on changes, and
+        # an unanswered ask mostly waits in a crowded peer's input: asking again at once, or
+        # every `span` for as long as it waits, only lengthens that queue.
+        prior = self.asks_made.get(st.task_id)
+        if prior is not None and prior[0] == grantor and now < prior[2]:
+            self.wake(st.task_id, prior[2])
+            return
+        in_a_row = prior[1] + 1 if prior is not None and prior[0] == grantor else 1
+        next_at = now + span * ask_retry_after(in_a_row)
+        self.asks_made[st.task_id] = (grantor, in_a_row, next_at)
+        addr = self.view.addr_of(grantor)
+        if addr is not None:
+            self.counters["grants asked"] += 1
+            msg = encode_message(TaskAsk(st.task_id, epoch))
+            self.port.send(addr, [msg], piggyback=False)
+        self.wake(st.task_id, next_at)
 
     def complete(
         self,

@@ -179,7 +179,14 @@ class Retention(Repair):
             self.fence(now, task_id, running, "compacted")  # final tasks are fenced already
         stone = tombstone_of(st, now)
         del self.tasks[task_id]
-        for table in (self.final_at, self.sync_due, self.armed, self.unsettled, self.alike):
+        for table in (
+            self.final_at,
+            self.sync_due,
+            self.armed,
+            self.unsettled,
+            self.alike,
+            self.asks_made,
+        ):
             table.pop(task_id, None)
         self.open.discard(task_id)
         self.passed.discard(task_id)
