@@ -21,7 +21,9 @@ Invariants:
   Anyone else claims only with the primary's grant: its turn comes at once when every peer
   ranked before it is full, else `standby_delay * rank` after the task (or the last member
   down, or the owner's death) was seen; then it asks the primary, with a free slot, and asks
-  again after `ASK_RETRY` standby delays.
+  again after `ASK_RETRY` standby delays, then after twice and four times that while the same
+  peer leaves it unanswered (`ask_retry_after`; the host sends no ask between two: decision
+  95).
 - A grant of the epoch to another live peer means nothing for us.
 """
 
