@@ -12,7 +12,7 @@ from protocol.tasks.claim_rule import ASK_BACKOFF_MAX, ASK_RETRY, ask_retry_afte
 from protocol.tasks.messages import Claim, TaskAsk
 from protocol.wire import PeerState
 from tests.protocol.fakes import Link, addr, envelope, node_id, opened
-from tests.protocol.test_tasks import DELAY, cluster, ranked, starts, submit
+from tests.protocol.test_tasks import DELAY, passed_by_a_full_primary, starts
 
 
 @pytest.mark.parametrize(("asks", "spans"), [(1, 1), (2, 2), (3, 4), (4, 4), (40, 4)])
@@ -26,17 +26,7 @@ def _standby_left_asking() -> tuple[Link, bytes, int, int]:
     the primary frees its slot and claims the task, but neither its claim nor its free slot
     reaches the standby, nor does any ask the standby sends (campaign seed 601's losses, and
     the asks lost too): the standby, its own slot freed, asks and asks again."""
-    link = cluster(3, serving=[1, 2], max_running=1)
-    busy = [submit(link, key="busy-a"), submit(link, key="busy-b")]
-    running = {i: next(iter(link.node(i).tasks.running)) for i in (1, 2)}
-    assert sorted(running.values()) == sorted(busy)
-    for k in range(20):
-        task_id = submit(link, key=f"t{k}")
-        if not starts(link, task_id):
-            break
-    primary = ranked(task_id, [1, 2])[0]
-    standby = 3 - primary
-    assert task_id in link.node(primary).tasks.passed
+    link, task_id, running, primary, standby = passed_by_a_full_primary()
 
     def lost(src: str, dst: str, data: bytes) -> bool:
         msgs = opened(data)

@@ -428,9 +428,9 @@ def test_a_primary_that_granted_does_not_claim_when_its_slot_frees() -> None:
     assert starts(link, task_id) == [(standby, 1)]
 
 
-def test_a_stale_full_view_and_a_lost_claim_cause_no_second_execution() -> None:
-    # Campaign seed 601 before grants: the primary freed a slot and claimed, but neither its
-    # free slot nor its claim reached the standby, which then stepped in too.
+def passed_by_a_full_primary() -> tuple[Link, bytes, dict[int, bytes], int, int]:
+    """Two serving peers (1 and 2), one slot each, both busy, and a task its primary passed:
+    (link, task id, the task each peer runs, primary, standby)."""
     link = cluster(3, serving=[1, 2], max_running=1)
     busy = [submit(link, key="busy-a"), submit(link, key="busy-b")]
     running = {i: next(iter(link.node(i).tasks.running)) for i in (1, 2)}
@@ -442,6 +442,13 @@ def test_a_stale_full_view_and_a_lost_claim_cause_no_second_execution() -> None:
     primary = ranked(task_id, [1, 2])[0]
     standby = 3 - primary
     assert task_id in link.node(primary).tasks.passed
+    return link, task_id, running, primary, standby
+
+
+def test_a_stale_full_view_and_a_lost_claim_cause_no_second_execution() -> None:
+    # Campaign seed 601 before grants: the primary freed a slot and claimed, but neither its
+    # free slot nor its claim reached the standby, which then stepped in too.
+    link, task_id, running, primary, standby = passed_by_a_full_primary()
 
     def stale(src: str, dst: str, data: bytes) -> bool:
         return dst == addr(standby) and (
