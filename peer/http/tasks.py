@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import hashlib
 import math
 import os
 import sqlite3
@@ -354,8 +355,9 @@ class TaskApi:
         or a variant of it that makes this peer one of the task's replicas (decision 94)."""
         if key:
             return b""
-        return self.driver.nonce_near_home(
-            os.urandom(16), role, data, priority=priority, timeout=timeout
+        digest = hashlib.sha256(data).digest()
+        return self.driver.node.nonce_near_home(
+            os.urandom(16), role, digest, priority=priority, timeout=float(timeout)
         )
 
     async def _get(self, request: web.Request) -> web.Response:

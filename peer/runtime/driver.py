@@ -331,24 +331,6 @@ class Driver:
             raise NotDurable(task_id, self.disk.degraded or "unknown")
         return task_id
 
-    def nonce_near_home(
-        self,
-        nonce: bytes,
-        role: str,
-        data: bytes,
-        *,
-        priority: int = 0,
-        parent: bytes = b"",
-        timeout: float = 0.0,
-    ) -> bytes:
-        """The nonce to submit a task without an idempotency key under, from a fresh random
-        `nonce`: one that makes this peer one of the task's replicas when one of a few does
-        (`protocol.node_task_calls.NodeTaskCalls.nonce_near_home`)."""
-        digest = hashlib.sha256(data).digest()
-        return self.node.nonce_near_home(
-            nonce, role, digest, priority=priority, parent=parent, timeout=float(timeout)
-        )
-
     def task_id_for(
         self,
         role: str,
