@@ -4,10 +4,11 @@ in memory, no API (tests serve one through aiohttp's test client when they need 
 
 from __future__ import annotations
 
+import asyncio
 import random
 import tempfile
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -129,3 +130,15 @@ async def in_process_peer(
             rng=random.Random(index),
         ) as peer:
             yield peer
+
+
+async def joined_peers(stack: AsyncExitStack, count: int, key: bytes) -> list[Peer]:
+    """`count` in-process peers (stopped when `stack` closes), each joined through the first,
+    once every one sees every peer serving "echo" (so all rank a task's candidates alike)."""
+    peers = [await stack.enter_async_context(in_process_peer(i, key)) for i in range(count)]
+    for other in peers[1:]:
+        assert await other.driver.join([peers[0].driver.node.addr], timeout=5.0) is not None
+    async with asyncio.timeout(10):
+        while any(len(p.driver.node.capable("echo")) < count for p in peers):
+            await asyncio.sleep(0.05)
+    return peers

@@ -14,7 +14,7 @@ from contextlib import AsyncExitStack
 import pytest
 import pytest_asyncio
 
-from tests.peer.inprocess import Peer, in_process_peer
+from tests.peer.inprocess import Peer, joined_peers
 
 pytestmark = pytest.mark.asyncio
 
@@ -25,13 +25,7 @@ PEERS = 6
 @pytest_asyncio.fixture
 async def six() -> AsyncIterator[list[Peer]]:
     async with AsyncExitStack() as stack:
-        peers = [await stack.enter_async_context(in_process_peer(i, KEY)) for i in range(PEERS)]
-        for other in peers[1:]:
-            assert await other.driver.join([peers[0].driver.node.addr], timeout=5.0) is not None
-        async with asyncio.timeout(10):
-            while any(len(p.driver.node.capable("echo")) < PEERS for p in peers):
-                await asyncio.sleep(0.05)
-        yield peers
+        yield await joined_peers(stack, PEERS, KEY)
 
 
 async def test_a_peer_outside_the_audience_gets_the_result_it_waits_for(six: list[Peer]) -> None:

@@ -4,7 +4,6 @@ of its replicas, below its arbiter, so the tasks still run at the other peers.""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -16,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from peer.http.app import PeerApi
 from peer.runtime.driver import Driver
-from tests.peer.inprocess import API_HEADERS, API_TOKEN, in_process_peer
+from tests.peer.inprocess import API_HEADERS, API_TOKEN, joined_peers
 
 pytestmark = pytest.mark.asyncio
 
@@ -28,12 +27,7 @@ TASKS = 12
 @pytest_asyncio.fixture
 async def origin(tmp_path: Path) -> AsyncIterator[tuple[TestClient[Any, Any], Driver]]:
     async with AsyncExitStack() as stack:
-        peers = [await stack.enter_async_context(in_process_peer(i, KEY)) for i in range(PEERS)]
-        for other in peers[1:]:
-            assert await other.driver.join([peers[0].driver.node.addr], timeout=5.0) is not None
-        async with asyncio.timeout(10):
-            while any(len(p.driver.node.capable("echo")) < PEERS for p in peers):
-                await asyncio.sleep(0.05)
+        peers = await joined_peers(stack, PEERS, KEY)
         first = peers[0]
         api = PeerApi(first.driver, first.transport, tmp_path, lambda: None, token=API_TOKEN)
         client: TestClient[Any, Any] = TestClient(TestServer(api.app), headers=API_HEADERS)
