@@ -167,30 +167,53 @@ class Tasks(Executions, Grants):
     ) -> bytes:
         """A nonce for a task submitted here without an idempotency key (`nonce` or one of
         its variants, `placement.nonce_variant`) whose id puts this peer in the task's
-        replica set, below its arbiter, in our view of who is live; `nonce` if none of
-        `NONCE_TRIES` does, or every member is in every replica set.
+        replica set in our view of who is live: at its top when this peer would run it now
+        (`runs_here_first`), else below its arbiter; `nonce` if none of `NONCE_TRIES` does,
+        or every member is in every replica set and this peer would not run it.
 
         The origin holds its task's objects whatever the replica set (its client waits
         there), so being one of its replicas costs it nothing, and spares the task a record
         sent, an acknowledgement and a result: 5 envelopes per no-op task in a large network
-        instead of 8. Below the arbiter, because the arbiter is first in line to run the task
-        when every peer serves its role, and a peer that submits many tasks should not run
-        them all (decision 94).
+        instead of 8 (decision 94). At the top, the origin is the task's arbiter and first in
+        line to run it, so the record, the claim and the result start here and go out
+        together. Only while half its slots for the role are free, so a peer that submits
+        many tasks runs a few and the rest run across the network (decision 96).
         """
         k = self.replicas.k
         live = self.view.live_members()
-        if k < 2 or len(live) <= k:
+        first = self.runs_here_first(role)
+        if len(live) < 2 or (not first and (k < 2 or len(live) <= k)):
             return nonce
+        below: bytes | None = None
         for i in range(NONCE_TRIES):
             candidate = nonce_variant(nonce, i)
             task_id = task_id_of(
                 self.node_id, "", candidate, role, input_digest, priority, parent, float(timeout)
             )
-            if 0 < members_above(task_id, self.node_id, live, k) < k:
-                self.counters["task ids placed with their origin among the replicas"] += 1
+            above = members_above(task_id, self.node_id, live, k)
+            if above == 0 and first:
+                self.counters["task ids placed to run at their origin"] += 1
                 return candidate
+            if 0 < above < k:
+                if not first:
+                    self.counters["task ids placed with their origin among the replicas"] += 1
+                    return candidate
+                below = candidate if below is None else below
+        if below is not None:
+            self.counters["task ids placed with their origin among the replicas"] += 1
+            return below
         self.counters["task ids placed without their origin among the replicas"] += 1
         return nonce
+
+    def runs_here_first(self, role: str) -> bool:
+        """Whether a task of `role` submitted here now should be placed to run here: this
+        peer serves the role, has joined, and at least half its slots are free (decision
+        96). The half left is for the tasks the network's placement brings here."""
+        return (
+            role in self.roles
+            and self.quiet_until != math.inf
+            and 2 * self.free_slots() >= max(1, self.max_running)
+        )
 
     def cancel(self, now: float, task_id: bytes, reason: str, outcome: str = "cancelled") -> bool:
         """Cancel a task network-wide; False if the task is unknown or already final. It ends

@@ -1,6 +1,8 @@
-"""Where a task submitted without an idempotency key lives (decision 94), through the API of a
-real in-process peer among six over loopback: its id makes the peer it was submitted at one
-of its replicas, below its arbiter, so the tasks still run at the other peers."""
+"""Where a task submitted without an idempotency key lives, through the API of a real
+in-process peer among six over loopback: while half its slots are free its id puts the peer it
+was submitted at on top of its replica set, and the task runs there (decision 96); beyond that
+the peer is one of its replicas below its arbiter, and the tasks run at the other peers
+(decision 94)."""
 
 from __future__ import annotations
 
@@ -36,26 +38,46 @@ async def origin(tmp_path: Path) -> AsyncIterator[tuple[TestClient[Any, Any], Dr
         yield client, first.driver
 
 
-async def test_tasks_without_a_key_have_their_origin_among_their_replicas(
+async def test_tasks_submitted_one_at_a_time_run_where_they_were_submitted(
+    origin: tuple[TestClient[Any, Any], Driver],
+) -> None:
+    client, driver = origin
+    me = driver.node.node_id
+    for n in range(TASKS):
+        r = await client.post(
+            "/v1/tasks", json={"role": "echo", "input": f"task {n}", "wait": True}
+        )
+        assert r.status == 200, await r.text()
+        task_id = bytes.fromhex((await r.json())["id"])
+        assert driver.node.replica_set(task_id)[0] == me, "on top of its replica set"
+        result = await driver.wait_result(task_id, timeout=10)
+        assert result is not None and result.owner == me, "run here"
+    counted = driver.node.task_counters()
+    assert counted["task ids placed to run at their origin"] == TASKS
+
+
+async def test_tasks_beyond_half_the_slots_run_elsewhere_with_their_origin_a_replica(
     origin: tuple[TestClient[Any, Any], Driver],
 ) -> None:
     client, driver = origin
     me = driver.node.node_id
     ids = []
-    for n in range(TASKS):
-        r = await client.post("/v1/tasks", json={"role": "echo", "input": f"task {n}"})
+    for n in range(TASKS):  # 1 s runs: the first few are still running as the rest arrive
+        r = await client.post("/v1/tasks", json={"role": "sleep", "input": f"1.{n:02d}"})
         assert r.status == 202, await r.text()
         ids.append(bytes.fromhex((await r.json())["id"]))
-    owners = []
+    here, elsewhere = [], []
     for task_id in ids:
         home = driver.node.replica_set(task_id)
-        assert me in home and home[0] != me, "a replica, below the arbiter"
-        result = await driver.wait_result(task_id, timeout=10)
+        assert me in home, "a replica in either case"
+        result = await driver.wait_result(task_id, timeout=20)
         assert result is not None and result.outcome == "ok"
-        owners.append(result.owner)
-    assert me not in owners and len(set(owners)) > 1, "they run at the other peers"
+        (here if home[0] == me else elsewhere).append(result.owner)
+    slots = driver.node.tasks.max_running
+    assert len(here) == slots - slots // 2 + 1 and set(here) == {me}
+    assert me not in elsewhere and len(set(elsewhere)) > 1, "the rest run at the other peers"
     counted = driver.node.task_counters()
-    assert counted["task ids placed with their origin among the replicas"] == TASKS
+    assert counted["task ids placed with their origin among the replicas"] == len(elsewhere)
 
 
 async def test_a_task_with_a_key_keeps_the_id_its_key_names(

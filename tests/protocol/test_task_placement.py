@@ -83,13 +83,13 @@ def test_members_above_counts_the_better_scores_up_to_k() -> None:
             assert members_above(task_id, member, members, 3) == min(rank, 3)
 
 
-def test_a_task_without_a_key_is_placed_with_its_origin_among_its_replicas() -> None:
-    link = cluster(10)
+def test_a_task_without_a_key_runs_at_its_origin_while_half_its_slots_are_free() -> None:
+    link = cluster(10)  # every peer serves ROLE with 4 slots; the fake runs never end
     origin = link.node(0)
     digest = hashlib.sha256(b"input").digest()
-    placed = 0
-    ids = []
+    at_top, below, ids = [], [], []
     for n in range(20):
+        first = origin.tasks.runs_here_first(ROLE)
         drawn = hashlib.sha256(b"drawn %d" % n).digest()[:16]
         nonce = origin.nonce_near_home(drawn, ROLE, digest)
         assert nonce == origin.nonce_near_home(drawn, ROLE, digest), "a pure function"
@@ -98,19 +98,53 @@ def test_a_task_without_a_key_is_placed_with_its_origin_among_its_replicas() -> 
         link.run(0, fx)
         ids.append(task_id)
         home = origin.replica_set(task_id)
-        if nonce != drawn or node_id(0) in home:
-            assert node_id(0) in home and home[0] != node_id(0), "a replica, not the arbiter"
-            placed += 1
-    assert placed >= 18  # 64 tries at 1 in 4 each: a miss is all but impossible
-    counted = origin.task_counters()
-    assert counted["task ids placed with their origin among the replicas"] >= 18
+        if home[0] == node_id(0):
+            assert first, "the top only while half the slots are free"
+            at_top.append(task_id)
+        elif node_id(0) in home:
+            assert not first or nonce == drawn, "the top when it was free, if a try found it"
+            below.append(task_id)
+    # 4 slots: the first three runs leave 4, 3 and 2 free when placed; the fourth finds 1.
+    assert len(at_top) == 3 and len(below) >= 16  # 64 tries at 1 in 4: a miss is rare
+    counted = origin.task_counters()  # two calls per submission
+    assert counted["task ids placed to run at their origin"] == 6
+    assert counted["task ids placed with their origin among the replicas"] >= 32
     link.advance(link.now + 5.0)
-    runners = [peer for task_id in ids for peer, _ in starts(link, task_id)]
-    assert len(runners) == 20 and len(set(runners)) > 3 and 0 not in runners, "run elsewhere"
+    runner = {task_id: peer for task_id in ids for peer, _ in starts(link, task_id)}
+    assert len(runner) == 20
+    assert all(runner[t] == 0 for t in at_top), "run where it was submitted, at once"
+    elsewhere = {runner[t] for t in below}
+    assert 0 not in elsewhere and len(elsewhere) > 3, "the rest run across the network"
+
+
+def test_an_origin_not_serving_the_role_places_its_tasks_below_the_arbiter() -> None:
+    link = cluster(10, serving=range(1, 10))
+    origin = link.node(0)
+    assert not origin.tasks.runs_here_first(ROLE)
+    placed = 0
+    for n in range(10):
+        drawn = hashlib.sha256(b"drawn %d" % n).digest()[:16]
+        nonce = origin.nonce_near_home(drawn, ROLE, hashlib.sha256(b"x").digest())
+        fx, task_id = origin.submit(link.now, ROLE, b"x", nonce=nonce)
+        link.run(0, fx)
+        home = origin.replica_set(task_id)
+        assert home[0] != node_id(0), "never the arbiter of what it cannot run"
+        placed += node_id(0) in home
+    assert placed >= 8, "still among the replicas, below the arbiter"
+
+
+def test_a_network_of_two_or_three_places_at_the_origin_only_to_run_there() -> None:
+    link = cluster(3)
+    origin = link.node(0)
+    nonce = origin.nonce_near_home(b"d" * 16, ROLE, hashlib.sha256(b"x").digest())
+    fx, task_id = origin.submit(link.now, ROLE, b"x", nonce=nonce)
+    link.run(0, fx)
+    assert origin.replica_set(task_id)[0] == node_id(0)
+    assert [peer for peer, _ in starts(link, task_id)] == [0]
 
 
 def test_a_network_no_larger_than_a_replica_set_keeps_the_drawn_nonce() -> None:
-    link = cluster(3)
+    link = cluster(3, serving=[1, 2])
     drawn = b"d" * 16
     assert link.node(0).nonce_near_home(drawn, ROLE, bytes(32)) == drawn
 
