@@ -11,7 +11,8 @@ Invariants:
 - Objects made here go to the task's audience (`protocol.tasks.placement.audience`) directly
   and nowhere else; `TaskState.sent_to` remembers who got them. A claim made here waits up to
   `CLAIM_LINGER` for the next object of the task sent from here (its run's result or first
-  checkpoint) and goes with it, or alone when the time is up.
+  checkpoint) and goes with it, or alone when the time is up. A record submitted here waits
+  for the input to settle, and goes with our claim if we claimed the task meanwhile.
 - Each task has at most one pending wake-up (`TaskStandby`), the earliest asked for.
 - Decisions wait for `settle`: tasks touched by an input are listed in `unsettled` and looked
   at once the whole input is applied.
@@ -67,8 +68,8 @@ class LingeringClaim(NamedTuple):
 
     due: float
     """When it goes alone."""
-    raw: bytes
-    """The encoded claim."""
+    raws: tuple[bytes, ...]
+    """The encoded claim, after the task's record when it was submitted here."""
 
 
 CLAIM_LINGER = 0.05
@@ -194,6 +195,9 @@ class TaskCore(ABC):
         told we hold them once the input is settled (`Merge.pay_held`)."""
         self.lingering: dict[bytes, LingeringClaim] = {}
         """Claims made here not sent to all of their audience yet, by task id."""
+        self.unspread: dict[bytes, bytes] = {}
+        """Records submitted here in the input being applied, by task id: they go out once
+        it is settled, with our claim if we made one (`spread_submitted`)."""
         self.asks_made: dict[bytes, tuple[bytes, int, float]] = {}
         """Per task this peer asks a grant of: (whom it asks, asks made to it in a row, when
         it may ask again), see `Executions.ask`."""
@@ -387,7 +391,23 @@ class TaskCore(ABC):
         if not self.lingering:
             self.port.schedule(now + CLAIM_LINGER, ClaimsDue())
         self.lingering.pop(st.task_id, None)  # kept in the order of their times
-        self.lingering[st.task_id] = LingeringClaim(now + CLAIM_LINGER, raw)
+        self.lingering[st.task_id] = LingeringClaim(now + CLAIM_LINGER, (raw,))
+
+    def spread_submitted(self) -> None:
+        """Send the records submitted in the input just settled: each with our claim, when
+        we claimed its task meanwhile, else alone at once."""
+        # A task submitted here while we have a slot to spare is placed to run here (decision
+        # 96): its record, claim and result then reach each replica in one envelope, not two.
+        # The client's acknowledgement waits for the replicas to hold the record, so it waits
+        # for the claim's linger at most.
+        for task_id, raw in self.unspread.items():
+            st = self.tasks.get(task_id)
+            waiting = self.lingering.get(task_id)
+            if waiting is not None:
+                self.lingering[task_id] = waiting._replace(raws=(raw, *waiting.raws))
+            elif st is not None:
+                self.spread(st, [raw])
+        self.unspread.clear()
 
     def send_lingering(self, now: float) -> None:
         """Send the claims whose time to wait is up (`ClaimsDue` fired)."""
@@ -412,7 +432,7 @@ class TaskCore(ABC):
             if addr is None:
                 continue
             if waiting is not None:
-                self.port.send(addr, [waiting.raw, *raws], piggyback=False)
+                self.port.send(addr, [*waiting.raws, *raws], piggyback=False)
             elif raws:
                 self.port.send(addr, raws, piggyback=False)
         st.add_sent_to(targets)

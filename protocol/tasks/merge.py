@@ -112,7 +112,7 @@ class Merge(Retention):
         self.port.persist(PersistKind.TASK, rec.task_id, raw)
         self._unpark(now, rec.task_id)  # grants that came before the record
         if local:
-            self.spread(st, [raw])
+            self.unspread[rec.task_id] = raw  # sent once settled (`spread_submitted`)
         elif self.replica_set(rec.task_id)[:1] == [self.node_id]:
             st.sent_to = self.audience(st)  # the origin sent it there: repair only what changes
         if not local and rec.origin != self.node_id:

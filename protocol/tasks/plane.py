@@ -282,6 +282,8 @@ class Tasks(Executions, Grants):
         self.unsettled.clear()
         for tid in sorted(touched, key=self.urgency):
             self.evaluate(now, self.tasks[tid])
+        if self.unspread:
+            self.spread_submitted()
         if self.held_owed:
             self.pay_held()
 

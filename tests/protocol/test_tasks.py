@@ -28,6 +28,7 @@ from protocol.effects import (
 from protocol.errors import LocalProtocolError
 from protocol.node import Node
 from protocol.tasks.claim_rule import DOWN_GRACE_PROBES
+from protocol.tasks.core import CLAIM_LINGER
 from protocol.tasks.messages import (
     DOMAIN_CLAIM,
     DOMAIN_EPOCH_GRANT,
@@ -183,11 +184,35 @@ def test_submit_signs_persists_and_sends_the_record_to_its_audience_not_by_gossi
         DOMAIN_TASK, lan().network_id, record.origin_key, record.signed_payload(), record.sig
     )
     assert ("task", task_id) not in link.node(0).queue
-    sent_to = {s.addr for s in fx.sends if of_type(opened(s.data), TaskRecord)}
-    assert sent_to == {addr(1), addr(2)}  # with 3 peers the audience is everyone
+    assert not [s for s in fx.sends if of_type(opened(s.data), TaskRecord)], "with its claim"
     link.run(0, fx)
+    assert starts(link, task_id) == [(0, 1)], "node 0 is first in line for key 'a'"
+    link.advance(link.now + CLAIM_LINGER)
+    sends = [s for t, src, s in link.log if src == addr(0) and of_type(opened(s.data), TaskRecord)]
+    assert {s.addr for s in sends} == {addr(1), addr(2)}  # with 3 peers the audience is everyone
+    assert all(of_type(opened(s.data), Claim) for s in sends), "one envelope: record and claim"
     link.advance(link.now + 1.0)
     assert all(task_id in node.tasks.tasks for node in link.nodes.values())
+
+
+def test_a_record_submitted_here_and_run_elsewhere_goes_at_once() -> None:
+    link = cluster(3, serving=[1, 2])
+    fx, _ = link.node(0).submit(link.now, ROLE, b"x", idempotency_key="a")
+    sent_to = {s.addr for s in fx.sends if of_type(opened(s.data), TaskRecord)}
+    assert sent_to == {addr(1), addr(2)}
+
+
+def test_a_short_run_here_sends_record_claim_and_result_in_one_envelope_per_replica() -> None:
+    link = cluster(3)
+    fx, task_id = link.node(0).submit(link.now, ROLE, b"x", idempotency_key="a")
+    link.run(0, fx)
+    [(owner, epoch)] = starts(link, task_id)
+    assert owner == 0
+    link.run(0, link.node(0).complete(link.now + 0.01, task_id, epoch, "ok", b"done"))
+    sends = [s for t, src, s in link.log if src == addr(0) and of_type(opened(s.data), TaskRecord)]
+    assert {s.addr for s in sends} == {addr(1), addr(2)}
+    assert all(of_type(opened(s.data), Claim) and of_type(opened(s.data), Result) for s in sends)
+    assert accepted(link, task_id) == {(1, node_id(0), b"done")}, "every replica has it"
 
 
 def test_submission_is_acknowledged_once_replicated() -> None:
