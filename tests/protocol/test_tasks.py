@@ -930,6 +930,30 @@ def test_restart_resumes_own_claim_under_the_same_epoch() -> None:
     assert accepted(link, task_id) == {(1, node_id(owner), b"resumed")}
 
 
+def test_an_origin_that_crashed_before_its_record_left_sends_it_after_its_restart() -> None:
+    # Decision 96: the record of a task its origin runs waits for the claim's linger. A crash
+    # inside it leaves the task on the origin's disk alone (its client has no answer yet);
+    # resumed after the restart, the claim reaches the replicas, which get the record too.
+    link = cluster(3)
+    fx, task_id = link.node(0).submit(link.now, ROLE, b"x", idempotency_key="a")
+    link.run(0, fx)
+    assert starts(link, task_id) == [(0, 1)]
+    assert all(task_id not in link.node(i).tasks.tasks for i in (1, 2)), "nothing left yet"
+    stored = [p.value for a, fx in link.effects if a == addr(0) for p in fx.persists]
+    link.crash(0)
+    node = link.start(0, incarnation=1)
+    for raw in stored:
+        link.run(0, node.restore(link.now, raw))
+    link.run(0, node.serve(link.now, (ROLE,), 4))
+    link.join(0, seed=1)
+    link.advance(link.now + DELAY + 0.5)
+    assert node.tasks.running == {task_id: 1}, "resumed under the same epoch"
+    link.run(0, node.complete(link.now, task_id, 1, "ok", b"after"))
+    link.advance(link.now + 3.0)
+    assert accepted(link, task_id) == {(1, node_id(0), b"after")}
+    assert all(link.node(i).tasks.tasks[task_id].record is not None for i in (1, 2))
+
+
 def test_restart_after_the_result_does_not_resume() -> None:
     link, task_id, owner, _ = running_task()
     link.run(owner, link.node(owner).complete(link.now, task_id, 1, "ok", b"done"))
