@@ -352,7 +352,8 @@ class TaskApi:
 
     def _nonce(self, key: str, role: str, data: bytes, priority: int, timeout: float) -> bytes:
         """Empty with an idempotency key (the key names the task); else a fresh random one,
-        or a variant of it that makes this peer one of the task's replicas (decision 94)."""
+        or a variant of it that puts this peer on top of the task's replica set while it has
+        half its slots free (decision 96), else among its replicas (decision 94)."""
         if key:
             return b""
         digest = hashlib.sha256(data).digest()
