@@ -82,6 +82,7 @@ class Report:
     checked: int
     duplicate_causes: dict[str, int]
     network_counters: dict[str, float]
+    per_task: dict[str, float]
 
 
 def peer_config(boss: bool, agents: int, fanout: int) -> str:
@@ -238,8 +239,10 @@ async def bench(args: argparse.Namespace, root: Path) -> Report:
         pids = [p.pid for p in peers if p.pid is not None]
         cpu_start = cpu_seconds(pids)
         print(f"{len(peers)} peers up in {start_s:.0f} s; submitting", file=sys.stderr)
+        before = await network_counters(peers, PER_TASK)
         task_id, wall = await run_job(peers, args)
         cpu = cpu_seconds(pids) - cpu_start
+        after = await network_counters(peers, PER_TASK)
         agree, checked, totals = await check_agreement(peers, task_id, sample=10)
         causes = await duplicate_causes(peers[0], task_id)
         counters = await network_counters(peers)
@@ -266,6 +269,10 @@ async def bench(args: argparse.Namespace, root: Path) -> Report:
             checked=checked,
             duplicate_causes=causes,
             network_counters=counters,
+            per_task={
+                name: round((after[name] - before[name]) / max(1, tasks), 1)
+                for name in PER_TASK.values()
+            },
         )
 
 
@@ -292,12 +299,21 @@ COUNTED = {
     },
 }
 """Series of every peer's `GET /metrics` summed over the network, and their row names."""
+PER_TASK = {
+    'grapevine_gossip_messages_total{direction="out"}': "envelopes sent per task",
+    "grapevine_signatures_verified_total": "signatures verified per task",
+    "grapevine_task_grant_requests_total": "grants asked per task",
+}
+"""Series read before and after the job: what the job itself cost the network, per task
+(the totals above include the start-up)."""
 
 
-async def network_counters(peers: list[Peer]) -> dict[str, float]:
-    """The `COUNTED` series summed over every peer that answers (the failure detector's
-    false alarms and the claim races behind duplicate executions)."""
-    sums = dict.fromkeys(COUNTED.values(), 0.0)
+async def network_counters(
+    peers: list[Peer], counted: dict[str, str] = COUNTED
+) -> dict[str, float]:
+    """The `counted` series (default `COUNTED`) summed over every peer that answers (the
+    failure detector's false alarms and the claim races behind duplicate executions)."""
+    sums = dict.fromkeys(counted.values(), 0.0)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
         for peer in peers:
             headers = {"Authorization": f"Bearer {load_or_create_token(peer.data_dir)}"}
@@ -309,8 +325,8 @@ async def network_counters(peers: list[Peer]) -> dict[str, float]:
                 continue
             for line in text.splitlines():
                 series, _, value = line.rpartition(" ")
-                if series in COUNTED:
-                    sums[COUNTED[series]] += float(value)
+                if series in counted:
+                    sums[counted[series]] += float(value)
     return sums
 
 
@@ -364,6 +380,7 @@ def table(r: Report) -> str:
         ("peak RSS per peer, median MB", f"{r.rss_peak_median_mb}"),
         ("peak RSS per peer, max MB", f"{r.rss_peak_max_mb}"),
         ("CPU during the job, all peers s", f"{r.cpu_s}"),
+        *((f"job: {name}", f"{n:,.1f}") for name, n in r.per_task.items()),
         ("CPU before the job (start-up) s", f"{r.cpu_start_s}"),
         ("tokens (offline estimate)", f"{r.tokens:,}"),
         ("sampled peers agreeing on the tree", f"{r.agree} of {r.checked}"),

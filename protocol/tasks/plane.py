@@ -190,11 +190,14 @@ class Tasks(Executions, Grants):
             task_id = task_id_of(
                 self.node_id, "", candidate, role, input_digest, priority, parent, float(timeout)
             )
-            above = members_above(task_id, self.node_id, live, k)
+            # Once a nonce below the arbiter is in hand only the top is worth a try, and one
+            # member scoring above us rules that out: most tries stop after a hash or two.
+            limit = 1 if first and below is not None else k
+            above = members_above(task_id, self.node_id, live, limit)
             if above == 0 and first:
                 self.counters["task ids placed to run at their origin"] += 1
                 return candidate
-            if 0 < above < k:
+            if 0 < above < limit:
                 if not first:
                     self.counters["task ids placed with their origin among the replicas"] += 1
                     return candidate
