@@ -59,9 +59,9 @@ from protocol.tasks.messages import (
 )
 from protocol.tasks.plane import Tasks
 from protocol.timers import (
-    ClaimsDue,
     GossipDue,
     JoinSettleDue,
+    LingerDue,
     ProbeDue,
     ProbeRoundEnd,
     ProbeTimeout,
@@ -373,7 +373,7 @@ class Node(NodeTaskCalls):
                     self._push_pull(target, join=False, reply=False)
             case TaskStandby(task_id, at):
                 self.tasks.on_standby(now, task_id, at)
-            case ClaimsDue():
+            case LingerDue():
                 self.tasks.send_lingering(now)
             case RetentionDue(at):
                 self.tasks.on_retention_due(now, at)

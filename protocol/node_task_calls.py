@@ -8,6 +8,7 @@ decided as `Effects` (see `Node._enter` and `Node._exit`); the node's other entr
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -140,6 +141,13 @@ class NodeTaskCalls(NodeQueries, ABC):
         self._enter(now)
         made = self.tasks.checkpoint(now, task_id, epoch, data)
         return self._exit(), made
+
+    def send_lingering(self, now: float) -> Effects:
+        """Send the claims and checkpoints made here that still wait for more of their run
+        (`LINGER`) now, to survive this peer's death: a step is about to be shown."""
+        self._enter(now)
+        self.tasks.send_lingering(math.inf)
+        return self._exit()
 
     def cancel(
         self, now: float, task_id: bytes, reason: str = "cancelled", outcome: str = "cancelled"

@@ -80,9 +80,9 @@ class TaskStandby:
 
 
 @dataclass(frozen=True, slots=True)
-class ClaimsDue:
-    """Time to send the claims made here that still wait for their run's first object (see
-    `protocol.tasks.core.CLAIM_LINGER`)."""
+class LingerDue:
+    """Time to send the claims and checkpoints made here that still wait for more of their run
+    (see `protocol.tasks.core.LINGER`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +106,6 @@ Timer = (
     | ReconnectDue
     | ReapDue
     | TaskStandby
-    | ClaimsDue
+    | LingerDue
     | RetentionDue
 )

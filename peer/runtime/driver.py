@@ -454,7 +454,8 @@ class Driver:
     def checkpoint(self, task_id: bytes, epoch: int, data: bytes) -> int:
         """Record step `data` of this peer's run of the task under `epoch` (`Node.checkpoint`):
         signed, written with this turn's group commit and sent to the task's replicas and
-        audience, so whoever takes the task over resumes from it. Returns its sequence number.
+        audience with the run's next objects (at `saved`, or `LINGER` later at the latest), so
+        whoever takes the task over resumes from it. Returns its sequence number.
 
         Raises:
             LocalProtocolError: this peer does not run the task under `epoch`, `data` is over
@@ -466,7 +467,9 @@ class Driver:
 
     async def saved(self) -> bool:
         """Wait until every effect applied so far is delivered: its records on disk here and
-        its sends handed to the transport (`GroupCommit.flushed`)."""
+        its sends handed to the transport (`GroupCommit.flushed`), the claims and checkpoints
+        still waiting for more of their run (`protocol.tasks.core.LINGER`) included."""
+        self.disk.apply(self.node.send_lingering(self._clock()))
         return await self.disk.flushed()
 
     def checkpoints(self, task_id: bytes) -> list[Checkpoint]:

@@ -9,10 +9,10 @@ Invariants:
   address is empty, so no peer can pose as it) and `STORE` objects re-applied from the store
   on restart (verified like any peer's).
 - Objects made here go to the task's audience (`protocol.tasks.placement.audience`) directly
-  and nowhere else; `TaskState.sent_to` remembers who got them. A claim made here waits up to
-  `CLAIM_LINGER` for the next object of the task sent from here (its run's result or first
-  checkpoint) and goes with it, or alone when the time is up. A record submitted here waits
-  for the input to settle, and goes with our claim if we claimed the task meanwhile.
+  and nowhere else; `TaskState.sent_to` remembers who got them. A claim or checkpoint made
+  here waits up to `LINGER` for the next objects of its run made here and goes with them: all
+  at once with the run's result, or when the first one's time is up. A record submitted here
+  waits for the input to settle, and goes with our claim if we claimed the task meanwhile.
 - Each task has at most one pending wake-up (`TaskStandby`), the earliest asked for.
 - Decisions wait for `settle`: tasks touched by an input are listed in `unsettled` and looked
   at once the whole input is applied.
@@ -42,7 +42,7 @@ from protocol.tasks.messages import (
 from protocol.tasks.placement import CandidateRankings, ReplicaSets, audience, top_by_score
 from protocol.tasks.state import TaskState, hrw_score
 from protocol.tasks.tombstone import Tombstone
-from protocol.timers import ClaimsDue, TaskStandby
+from protocol.timers import LingerDue, TaskStandby
 from protocol.wire import Message
 
 LOCAL, STORE = "", "store"
@@ -63,20 +63,24 @@ Parkable = Claim | Result | EpochGrant | Checkpoint
 """The objects kept while they wait for what they build on (see `Merge._park`)."""
 
 
-class LingeringClaim(NamedTuple):
-    """A claim made here not sent to all of its audience yet (see `TaskCore.linger`)."""
+class Lingering(NamedTuple):
+    """Objects of a run made here not sent to the task's audience yet (see `TaskCore.linger`)."""
 
     due: float
-    """When it goes alone."""
+    """When they go without waiting for more (`LINGER` after the first)."""
     raws: tuple[bytes, ...]
-    """The encoded claim, after the task's record when it was submitted here."""
+    """The encoded claim and checkpoints in the order made, after the task's record when it
+    was submitted here."""
+    extras: tuple[tuple[bytes, bytes], ...] = ()
+    """(node id, message) sent to one peer only, after the objects: progress reports of the
+    run's steps (`TaskCore.send_with_run`)."""
 
 
-CLAIM_LINGER = 0.05
-"""Seconds a claim made here waits before it is sent alone (see `TaskCore.linger`). A short
-task's result follows its claim within milliseconds, and the two then travel in one envelope
-per destination (decisions 50 and 85). The claim is on our disk meanwhile (a restart resumes
-it)."""
+LINGER = 0.05
+"""Seconds the first claim or checkpoint of a run made here waits for more before it is sent
+(see `TaskCore.linger`). A short task's steps and result follow its claim within
+milliseconds, and then travel in one envelope per destination (decisions 50, 85 and 97). They
+are on our disk meanwhile (a restart resumes them)."""
 
 
 class View(Protocol):
@@ -193,8 +197,9 @@ class TaskCore(ABC):
         self.held_owed: dict[bytes, bytes] = {}
         """Records received in the input being applied, by task id, with their origin: it is
         told we hold them once the input is settled (`Merge.pay_held`)."""
-        self.lingering: dict[bytes, LingeringClaim] = {}
-        """Claims made here not sent to all of their audience yet, by task id."""
+        self.lingering: dict[bytes, Lingering] = {}
+        """Claims and checkpoints made here not sent to the audience yet, by task id, in the
+        order of their times to go."""
         self.unspread: dict[bytes, bytes] = {}
         """Records submitted here in the input being applied, by task id: they go out once
         it is settled, with our claim if we made one (`spread_submitted`)."""
@@ -379,19 +384,24 @@ class TaskCore(ABC):
         return node_id in top_by_score(task_id, self.view.known_members(), self.replicas.k)
 
     def linger(self, now: float, st: TaskState, raw: bytes) -> None:
-        """Send our claim `raw` to the task's audience with the next object of the task spread
-        from here, or alone after `CLAIM_LINGER`."""
+        """Send our claim or checkpoint `raw` to the task's audience with the next objects of
+        its run made here: the result, or whatever lingers `LINGER` after the first."""
         # To every member of the audience alike. The candidate ranked next after us used to
         # get the claim at once, lest a death of ours heard within the linger (a forged
         # rumour, or a busy peer falsely declared dead) had it claim too (decision 50). Since
         # decision 80 a member declared dead keeps its place in line for `down_grace`: the
         # next candidate asks us and gets the claim in the answer. The envelope that claim
         # cost at once, before its run's result, was one of about eleven per task at 30 peers
-        # (decision 85).
+        # (decision 85). An agent's run writes a checkpoint before and after each model call:
+        # sent at once, each cost one envelope per replica, 15 of a task's 126 at 100 peers;
+        # lingering, a short run's steps go with its result (decision 97).
+        waiting = self.lingering.get(st.task_id)
+        if waiting is not None:
+            self.lingering[st.task_id] = waiting._replace(raws=(*waiting.raws, raw))
+            return
         if not self.lingering:
-            self.port.schedule(now + CLAIM_LINGER, ClaimsDue())
-        self.lingering.pop(st.task_id, None)  # kept in the order of their times
-        self.lingering[st.task_id] = LingeringClaim(now + CLAIM_LINGER, (raw,))
+            self.port.schedule(now + LINGER, LingerDue())
+        self.lingering[st.task_id] = Lingering(now + LINGER, (raw,))
 
     def spread_submitted(self) -> None:
         """Send the records submitted in the input just settled: each with our claim, when
@@ -410,32 +420,47 @@ class TaskCore(ABC):
         self.unspread.clear()
 
     def send_lingering(self, now: float) -> None:
-        """Send the claims whose time to wait is up (`ClaimsDue` fired)."""
+        """Send the lingering objects whose time to wait is up at `now` (`LingerDue` fired;
+        every one at `math.inf`)."""
         for task_id, waiting in list(self.lingering.items()):
             if waiting.due > now:
-                self.port.schedule(waiting.due, ClaimsDue())  # in the order of their times
+                self.port.schedule(waiting.due, LingerDue())  # in the order of their times
                 return
             st = self.tasks.get(task_id)
             if st is None:
                 del self.lingering[task_id]
             else:
-                self.spread(st, [])  # takes the claim out of `lingering`
+                self.spread(st, [])  # takes them out of `lingering`
 
     def spread(self, st: TaskState, raws: list[bytes]) -> None:
-        """Send objects made here to the task's audience (with our claim still waiting)."""
+        """Send objects made here to the task's audience (after those still lingering, and
+        with the messages waiting for them: `send_with_run`)."""
         # Directly, and nowhere else: gossiping them to every peer made a task cost O(N)
         # (decision 18).
         waiting = self.lingering.pop(st.task_id, None)
         targets = self.audience(st)  # this peer excluded
-        for node_id in sorted(targets):
+        objects = [*waiting.raws, *raws] if waiting is not None else raws
+        extras: dict[bytes, list[bytes]] = {}
+        for node_id, raw in waiting.extras if waiting is not None else ():
+            extras.setdefault(node_id, []).append(raw)
+        for node_id in sorted(targets | extras.keys()):
             addr = self.view.addr_of(node_id)
-            if addr is None:
-                continue
-            if waiting is not None:
-                self.port.send(addr, [*waiting.raws, *raws], piggyback=False)
-            elif raws:
-                self.port.send(addr, raws, piggyback=False)
+            messages = [*(objects if node_id in targets else ()), *extras.get(node_id, ())]
+            if addr is not None and messages:
+                self.port.send(addr, messages, piggyback=False)
         st.add_sent_to(targets)
+
+    def send_with_run(self, task_id: bytes, node_id: bytes, addr: str, raw: bytes) -> None:
+        """Send `raw` (a progress report) to `node_id` at `addr` with the objects of our run of
+        the task still lingering, or at once if none linger."""
+        # A step is reported once its checkpoint is written: sent ahead of it, the report
+        # cost an envelope of its own, and showed watchers a step that a takeover would not
+        # resume from had we died within the linger (decision 97).
+        waiting = self.lingering.get(task_id)
+        if waiting is None:
+            self.port.send(addr, [raw], piggyback=False)
+            return
+        self.lingering[task_id] = waiting._replace(extras=(*waiting.extras, (node_id, raw)))
 
     # Timing.
 

@@ -319,7 +319,7 @@ class Merge(Retention):
         at = c.epoch.to_bytes(8, "big") + c.owner + c.seq.to_bytes(4, "big")
         self.port.persist(PersistKind.CHECKPOINT, c.task_id + at, raw)
         if src == LOCAL:
-            self.spread(held, [raw])
+            self.linger(now, held, raw)
 
     def apply_result(self, now: float, r: Result, raw: bytes, src: str) -> None:
         held = self.tasks.get(r.task_id)

@@ -10,7 +10,8 @@ unsigned, sent once, straight to the origin, and never stored.
 Invariants:
 - Only the peer running the task under an epoch reports its steps (`report` refuses
   otherwise), and only to the task's origin, when that is another peer it knows the address
-  of; nothing is sent for a task submitted here.
+  of; nothing is sent for a task submitted here. A report travels with the run's claim and
+  checkpoints still lingering here (`TaskCore.send_with_run`), never ahead of them.
 - A report is accepted (the `ProgressHeard` note) only at the task's origin, from a known
   member whose claim is the task's current one under that very epoch. Anything else changes
   nothing and is dropped with its reason, counted. The sender is the envelope's, trusted as
@@ -100,7 +101,7 @@ class Progress:
         addr = self.core.view.addr_of(st.record.origin)
         if addr is None:
             return False
-        self.core.port.send(addr, [encode_message(msg)], piggyback=False)
+        self.core.send_with_run(task_id, st.record.origin, addr, encode_message(msg))
         return True
 
     def on_progress(self, src: str, sender: bytes, msg: TaskProgress) -> None:
@@ -148,7 +149,9 @@ class Progress:
                 if addr is None:
                     return False
                 relayed = replace(step, owner=owner, via=parent.task_id, via_epoch=claim.epoch)
-                core.port.send(addr, [encode_message(relayed)], piggyback=False)
+                core.send_with_run(
+                    parent.task_id, parent.record.origin, addr, encode_message(relayed)
+                )
                 return True
             st = parent  # submitted here too: its own origin's is the one to tell
         return False

@@ -28,7 +28,7 @@ from protocol.effects import (
 from protocol.errors import LocalProtocolError
 from protocol.node import Node
 from protocol.tasks.claim_rule import DOWN_GRACE_PROBES
-from protocol.tasks.core import CLAIM_LINGER
+from protocol.tasks.core import LINGER
 from protocol.tasks.messages import (
     DOMAIN_CLAIM,
     DOMAIN_EPOCH_GRANT,
@@ -187,7 +187,7 @@ def test_submit_signs_persists_and_sends_the_record_to_its_audience_not_by_gossi
     assert not [s for s in fx.sends if of_type(opened(s.data), TaskRecord)], "with its claim"
     link.run(0, fx)
     assert starts(link, task_id) == [(0, 1)], "node 0 is first in line for key 'a'"
-    link.advance(link.now + CLAIM_LINGER)
+    link.advance(link.now + LINGER)
     sends = [s for t, src, s in link.log if src == addr(0) and of_type(opened(s.data), TaskRecord)]
     assert {s.addr for s in sends} == {addr(1), addr(2)}  # with 3 peers the audience is everyone
     assert all(of_type(opened(s.data), Claim) for s in sends), "one envelope: record and claim"
